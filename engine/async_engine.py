@@ -1,0 +1,143 @@
+"""asyncio front of the engine: the compute loop runs in its own thread, never on the event loop."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+from engine.engine_config import EngineConfig
+from engine.errors import EngineDeadError, InvalidRequestError
+from engine.llm_engine import LLMEngine
+from engine.outputs import RequestOutput
+from engine.sampling_params import SamplingParams
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class _Add:
+    request_id: str
+    token_ids: list[int]
+    params: SamplingParams
+    priority: int
+
+
+@dataclass(frozen=True)
+class _Abort:
+    request_id: str
+
+
+_STOP = object()
+
+
+class AsyncEngine:
+    """`async for out in await engine.add_request(id, prompt, params)` streams a request's outputs;
+    `await engine.abort(id)` cancels it and frees its blocks."""
+
+    def __init__(self, config: EngineConfig | None = None, engine: LLMEngine | None = None) -> None:
+        self.engine = engine or LLMEngine(config)
+        self._commands: queue.SimpleQueue[object] = queue.SimpleQueue()
+        self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue[RequestOutput | BaseException]]] = {}
+        self._lock = threading.Lock()
+        self._dead: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="tandem-engine", daemon=True)
+        self._thread.start()
+
+    @property
+    def tokenizer(self):
+        return self.engine.tokenizer
+
+    async def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams | None = None,
+                          priority: int = 0) -> AsyncIterator[RequestOutput]:
+        """Validate and enqueue a request (InvalidRequestError is raised here, before any stream)."""
+        if self._dead is not None:
+            raise EngineDeadError(f"engine loop died: {self._dead!r}")
+        params = params or SamplingParams()
+        token_ids = self.engine.encode_prompt(prompt)
+        self.engine._validate_prompt(token_ids)
+        outputs: asyncio.Queue[RequestOutput | BaseException] = asyncio.Queue()
+        with self._lock:
+            if request_id in self._streams:
+                raise InvalidRequestError(f"request id {request_id!r} is already in use")
+            self._streams[request_id] = (asyncio.get_running_loop(), outputs)
+        self._commands.put(_Add(request_id, token_ids, params, priority))
+        return self._stream(request_id, outputs)
+
+    async def _stream(self, request_id: str, outputs: asyncio.Queue[RequestOutput | BaseException]
+                      ) -> AsyncIterator[RequestOutput]:
+        finished = False
+        try:
+            while not finished:
+                item = await outputs.get()
+                if isinstance(item, BaseException):
+                    raise item
+                finished = item.finished
+                yield item
+        finally:
+            if not finished:  # the consumer went away (cancelled, closed): free the request's blocks
+                self._commands.put(_Abort(request_id))
+
+    async def generate(self, request_id: str, prompt: str | list[int], params: SamplingParams | None = None
+                       ) -> RequestOutput:
+        """The final output of one request."""
+        final = None
+        async for out in await self.add_request(request_id, prompt, params):
+            final = out
+        assert final is not None and final.finished
+        return final
+
+    async def abort(self, request_id: str) -> None:
+        self._commands.put(_Abort(request_id))
+
+    def shutdown(self, timeout: float = 10.0) -> None:
+        self._commands.put(_STOP)
+        self._thread.join(timeout)
+
+    # -- the engine thread ------------------------------------------------------------------------------
+    def _deliver(self, request_id: str, item: RequestOutput | BaseException, last: bool) -> None:
+        with self._lock:
+            target = self._streams.pop(request_id, None) if last else self._streams.get(request_id)
+        if target is not None:
+            loop, outputs = target
+            loop.call_soon_threadsafe(outputs.put_nowait, item)
+
+    def _apply(self, command: object) -> bool:
+        if command is _STOP:
+            return False
+        if isinstance(command, _Add):
+            try:
+                self.engine.add_request(command.request_id, command.token_ids, command.params, command.priority)
+            except Exception as exc:
+                self._deliver(command.request_id, exc, last=True)
+        elif isinstance(command, _Abort):
+            final = self.engine.abort_request(command.request_id)
+            if final is not None:
+                self._deliver(command.request_id, final, last=True)
+        return True
+
+    def _run(self) -> None:
+        try:
+            while True:
+                block = not self.engine.has_unfinished_requests()
+                try:
+                    command = self._commands.get(block=block)
+                    if not self._apply(command):
+                        return
+                    while True:  # drain everything queued before stepping
+                        if not self._apply(self._commands.get_nowait()):
+                            return
+                except queue.Empty:
+                    pass
+                for out in self.engine.step():
+                    self._deliver(out.request_id, out, last=out.finished)
+        except BaseException as exc:
+            log.exception("engine loop died")
+            self._dead = exc
+            with self._lock:
+                streams, self._streams = self._streams, {}
+            for loop, outputs in streams.values():
+                loop.call_soon_threadsafe(outputs.put_nowait, EngineDeadError(f"engine loop died: {exc!r}"))

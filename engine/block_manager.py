@@ -1,0 +1,166 @@
+"""KV block allocation with automatic prefix caching.
+
+A full block is identified by a chained hash of its tokens and of the hash of the block before
+it, so equal hashes mean equal whole prefixes. Hashes are blake2b over little-endian int64s:
+deterministic across processes and machines (no per-process seed), so the router, prefill and
+decode workers agree on them.
+
+Invariants (checked by `check_integrity`):
+- every block is either free (ref_count 0, in the LRU free list) or used (ref_count > 0, not free);
+- `cached` maps a hash to the block holding it, and that block's `hash` is that key;
+- free blocks keep their hash (and stay findable) until they are reused: eviction is LRU.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import struct
+from collections import OrderedDict
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+ROOT_HASH = 0
+
+
+def hash_block(parent_hash: int, token_ids: Sequence[int]) -> int:
+    digest = hashlib.blake2b(struct.pack("<q", parent_hash), digest_size=8)
+    digest.update(np.asarray(token_ids, dtype="<i8").tobytes())
+    return int.from_bytes(digest.digest(), "little", signed=True)
+
+
+def hash_blocks(token_ids: Sequence[int], block_size: int, parent_hash: int = ROOT_HASH) -> list[int]:
+    """Chained hashes of every full block of `token_ids`."""
+    hashes = []
+    for start in range(0, len(token_ids) - block_size + 1, block_size):
+        parent_hash = hash_block(parent_hash, token_ids[start:start + block_size])
+        hashes.append(parent_hash)
+    return hashes
+
+
+@dataclass
+class Block:
+    block_id: int
+    ref_count: int = 0
+    hash: int | None = None
+    token_ids: tuple[int, ...] = field(default=())  # kept with the hash to rule out collisions
+
+
+class NoFreeBlocksError(RuntimeError):
+    """Internal: the scheduler asked for more blocks than `can_allocate` promised."""
+
+
+class BlockManager:
+    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool) -> None:
+        self.block_size = block_size
+        self.enable_prefix_caching = enable_prefix_caching
+        self.blocks = [Block(i) for i in range(num_blocks)]
+        self.free: OrderedDict[int, None] = OrderedDict((i, None) for i in range(num_blocks))
+        self.cached: dict[int, int] = {}
+        self.stats_hit_blocks = 0
+        self.stats_queried_blocks = 0
+
+    @property
+    def num_blocks(self) -> int:
+        return len(self.blocks)
+
+    @property
+    def num_free_blocks(self) -> int:
+        return len(self.free)
+
+    def usage(self) -> float:
+        return 1.0 - len(self.free) / len(self.blocks)
+
+    def blocks_needed(self, num_tokens: int) -> int:
+        return -(-num_tokens // self.block_size)
+
+    # -- prefix cache -------------------------------------------------------------------------------
+    def find_cached_prefix(self, block_hashes: Sequence[int], token_ids: Sequence[int]) -> list[int]:
+        """Block ids holding the longest cached prefix among `block_hashes` (not yet referenced)."""
+        if not self.enable_prefix_caching:
+            return []
+        hits: list[int] = []
+        for i, h in enumerate(block_hashes):
+            block_id = self.cached.get(h)
+            tokens = tuple(token_ids[i * self.block_size:(i + 1) * self.block_size])
+            if block_id is None or self.blocks[block_id].token_ids != tokens:
+                break
+            hits.append(block_id)
+        self.stats_queried_blocks += len(block_hashes)
+        self.stats_hit_blocks += len(hits)
+        return hits
+
+    def num_evictable_among(self, block_ids: Iterable[int]) -> int:
+        """How many of `block_ids` currently sit in the free list (and so cost a free block to take)."""
+        return sum(1 for b in block_ids if b in self.free)
+
+    def take_cached(self, block_ids: Iterable[int]) -> None:
+        """Add a reference to each cached block (from `find_cached_prefix`)."""
+        for block_id in block_ids:
+            block = self.blocks[block_id]
+            if block.ref_count == 0:
+                del self.free[block_id]
+            block.ref_count += 1
+
+    def register_full_block(self, block_id: int, block_hash: int, token_ids: Sequence[int]) -> None:
+        """Make a block whose KV is complete findable by its hash (first writer wins)."""
+        if not self.enable_prefix_caching or block_hash in self.cached:
+            return
+        block = self.blocks[block_id]
+        assert block.hash is None and block.ref_count > 0, "only a fresh, owned block can be registered"
+        block.hash = block_hash
+        block.token_ids = tuple(token_ids)
+        self.cached[block_hash] = block_id
+
+    # -- allocation ---------------------------------------------------------------------------------
+    def allocate(self, count: int) -> list[int]:
+        if count > len(self.free):
+            raise NoFreeBlocksError(f"asked for {count} blocks, {len(self.free)} free")
+        out = []
+        for _ in range(count):
+            block_id, _ = self.free.popitem(last=False)  # least recently freed first
+            block = self.blocks[block_id]
+            if block.hash is not None:  # evict its cached contents
+                del self.cached[block.hash]
+                block.hash = None
+                block.token_ids = ()
+            block.ref_count = 1
+            out.append(block_id)
+        return out
+
+    def release(self, block_ids: Sequence[int]) -> None:
+        """Drop one reference to each block; blocks reaching 0 become free (most recent last).
+
+        Blocks are released tail first so that a sequence's later blocks are evicted before its
+        earlier ones (a prefix is useless without the blocks before it)."""
+        for block_id in reversed(block_ids):
+            block = self.blocks[block_id]
+            assert block.ref_count > 0, f"double free of block {block_id}"
+            block.ref_count -= 1
+            if block.ref_count == 0:
+                self.free[block_id] = None
+
+    def reset_prefix_cache(self) -> None:
+        for block_hash, block_id in list(self.cached.items()):
+            block = self.blocks[block_id]
+            if block.ref_count == 0:
+                block.hash = None
+                block.token_ids = ()
+                del self.cached[block_hash]
+
+    def check_integrity(self, expected_refs: dict[int, int] | None = None) -> None:
+        """Raise AssertionError if the pool's bookkeeping is inconsistent. With `expected_refs`
+        (block id → references held by live sequences), also check reference counts exactly."""
+        for block in self.blocks:
+            in_free = block.block_id in self.free
+            assert (block.ref_count == 0) == in_free, f"block {block.block_id}: ref {block.ref_count}, free {in_free}"
+            assert block.ref_count >= 0
+            if block.hash is not None:
+                assert self.cached.get(block.hash) == block.block_id, f"block {block.block_id} hash not indexed"
+        for block_hash, block_id in self.cached.items():
+            assert self.blocks[block_id].hash == block_hash
+        if expected_refs is not None:
+            for block in self.blocks:
+                want = expected_refs.get(block.block_id, 0)
+                assert block.ref_count == want, f"block {block.block_id}: ref {block.ref_count}, expected {want}"

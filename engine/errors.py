@@ -1,0 +1,17 @@
+"""Exceptions the engine raises. Request errors are `ValueError`s so callers can map them to 400."""
+
+
+class TandemError(Exception):
+    """Base class of every error the engine raises on purpose."""
+
+
+class InvalidRequestError(TandemError, ValueError):
+    """A request (prompt or sampling parameters) the engine refuses; the message says what to change."""
+
+
+class ModelLoadError(TandemError, ValueError):
+    """A model path or file that cannot be loaded (missing, unsupported or corrupt)."""
+
+
+class EngineDeadError(TandemError, RuntimeError):
+    """The engine's compute loop failed; no further requests will be served."""

@@ -1,0 +1,89 @@
+"""The paged KV cache: one preallocated pool of fixed-size blocks shared by every sequence.
+
+Layout: `[num_layers, num_blocks, block_size, 2 (k, v), num_kv_heads, head_dim]`.
+Invariants the rest of Tandem relies on:
+- one block of one layer (all its tokens, K and V, all heads) is one contiguous byte range, and
+  consecutive block ids are adjacent, so a run of blocks is a single descriptor for kv_transfer;
+- a slot is `block_id * block_size + offset`; slot s of layer l holds the K/V of exactly one token.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+
+KVCacheDtype = Literal["auto", "bfloat16", "float16", "float32", "fp8_e4m3"]
+
+_STORAGE_DTYPES: dict[str, torch.dtype] = {
+    "bfloat16": torch.bfloat16,
+    "float16": torch.float16,
+    "float32": torch.float32,
+    "fp8_e4m3": torch.float8_e4m3fn,
+}
+_FP8_MAX = 448.0  # largest finite float8_e4m3fn value; K/V are clamped into range before the cast
+
+
+def resolve_kv_dtype(kv_dtype: KVCacheDtype, compute_dtype: torch.dtype) -> torch.dtype:
+    return compute_dtype if kv_dtype == "auto" else _STORAGE_DTYPES[kv_dtype]
+
+
+@dataclass(frozen=True)
+class KVCacheSpec:
+    num_layers: int
+    num_blocks: int
+    block_size: int
+    num_kv_heads: int
+    head_dim: int
+    dtype: torch.dtype
+
+    def __post_init__(self) -> None:
+        if self.num_blocks < 1 or self.block_size < 1:
+            raise ValueError(f"KV cache needs >= 1 block of >= 1 token, got {self.num_blocks}x{self.block_size}")
+
+    @property
+    def bytes_per_token_per_layer(self) -> int:
+        return 2 * self.num_kv_heads * self.head_dim * torch.empty((), dtype=self.dtype).element_size()
+
+    @property
+    def bytes_per_block(self) -> int:
+        """Bytes of one block across all layers."""
+        return self.num_layers * self.block_size * self.bytes_per_token_per_layer
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return (self.num_layers, self.num_blocks, self.block_size, 2, self.num_kv_heads, self.head_dim)
+
+
+class KVCachePool:
+    """Owns the KV tensor; writes new tokens' K/V into slots and gathers blocks for attention."""
+
+    def __init__(self, spec: KVCacheSpec, device: torch.device, compute_dtype: torch.dtype) -> None:
+        self.spec = spec
+        self.compute_dtype = compute_dtype
+        self.is_fp8 = spec.dtype == torch.float8_e4m3fn
+        self.tensor = torch.zeros(spec.shape, dtype=spec.dtype, device=device)
+        # Per layer, one row per block: the unit of gathering and of transfer.
+        self._rows = self.tensor.view(spec.num_layers, spec.num_blocks, -1)
+        self._slots = self.tensor.view(spec.num_layers, spec.num_blocks * spec.block_size,
+                                       2, spec.num_kv_heads, spec.head_dim)
+
+    def write(self, layer: int, slot_mapping: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Store K/V `[T, kv_heads, head_dim]` of T tokens into their slots."""
+        kv = torch.stack((k, v), dim=1)
+        if self.is_fp8:
+            kv = kv.clamp(-_FP8_MAX, _FP8_MAX)
+        self._slots[layer].index_copy_(0, slot_mapping, kv.to(self.spec.dtype))
+
+    def gather(self, layer: int, block_ids: torch.Tensor) -> torch.Tensor:
+        """Blocks `block_ids` (any shape S) of one layer as `[*S, block_size, 2, kv_heads, head_dim]`
+        in the compute dtype."""
+        rows = self._rows[layer].index_select(0, block_ids.reshape(-1))
+        if rows.dtype != self.compute_dtype:
+            rows = rows.to(self.compute_dtype)
+        return rows.view(*block_ids.shape, self.spec.block_size, 2, self.spec.num_kv_heads, self.spec.head_dim)
+
+    def block_bytes(self, layer: int, block_id: int) -> torch.Tensor:
+        """Raw bytes of one block of one layer (a view, for transfer and tests)."""
+        return self._rows[layer, block_id].view(torch.uint8)

@@ -1,0 +1,154 @@
+"""Load a Hugging Face checkpoint directory (config.json + safetensors) into fp32 tensors."""
+
+from __future__ import annotations
+
+import json
+import pathlib
+from typing import Any, Literal
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file
+
+from engine.config import ModelConfig, RopeScaling
+from engine.errors import ModelLoadError
+
+_ARCHITECTURES: dict[str, Literal["llama", "qwen2", "mistral"]] = {
+    "LlamaForCausalLM": "llama",
+    "MistralForCausalLM": "mistral",
+    "Qwen2ForCausalLM": "qwen2",
+}
+_SINGLE_FILE = "model.safetensors"
+_INDEX_FILE = "model.safetensors.index.json"
+# Non-parameter buffers some checkpoints carry; the model recomputes them.
+_IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
+
+
+def read_json(path: pathlib.Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ModelLoadError(f"{path} is not a readable JSON file: {exc}") from exc
+    if not isinstance(data, dict):
+        raise ModelLoadError(f"{path} must hold a JSON object")
+    return data
+
+
+def load_hf_config(directory: pathlib.Path) -> ModelConfig:
+    """ModelConfig from config.json (plus generation_config.json's eos ids, which generation uses)."""
+    config_path = directory / "config.json"
+    if not config_path.is_file():
+        raise ModelLoadError(f"{directory} has no config.json; pass a Hugging Face checkpoint directory")
+    raw = read_json(config_path)
+    archs = raw.get("architectures") or []
+    arch = next((_ARCHITECTURES[a] for a in archs if a in _ARCHITECTURES), None)
+    if arch is None:
+        raise ModelLoadError(
+            f"{config_path}: architectures {archs} not supported; use one of {', '.join(_ARCHITECTURES)}")
+    if raw.get("hidden_act", "silu") != "silu":
+        raise ModelLoadError(f"{config_path}: hidden_act {raw['hidden_act']!r} is not supported (only silu)")
+    _reject_sliding_window(raw, arch, config_path)
+    try:
+        hidden = int(raw["hidden_size"])
+        num_heads = int(raw["num_attention_heads"])
+        rope = _rope_parameters(raw)
+        generation_path = directory / "generation_config.json"
+        generation = read_json(generation_path) if generation_path.is_file() else {}
+        return ModelConfig(
+            architecture=arch,
+            vocab_size=int(raw["vocab_size"]),
+            hidden_size=hidden,
+            intermediate_size=int(raw["intermediate_size"]),
+            num_layers=int(raw["num_hidden_layers"]),
+            num_heads=num_heads,
+            num_kv_heads=int(raw.get("num_key_value_heads") or num_heads),
+            head_dim=int(raw.get("head_dim") or hidden // num_heads),
+            max_position_embeddings=int(raw["max_position_embeddings"]),
+            rms_norm_eps=float(raw.get("rms_norm_eps", 1e-6)),
+            rope_theta=float(rope.get("rope_theta", 10000.0)),
+            rope_scaling=_rope_scaling(rope, config_path),
+            tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),
+            attention_bias=arch == "qwen2" or bool(raw.get("attention_bias", False)),
+            name=directory.resolve().name,
+            eos_token_ids=_eos_ids(raw.get("eos_token_id"), generation.get("eos_token_id")),
+        )
+    except KeyError as exc:
+        raise ModelLoadError(f"{config_path}: required field {exc.args[0]!r} is missing") from exc
+    except (TypeError, ValueError) as exc:
+        raise ModelLoadError(f"{config_path}: invalid value: {exc}") from exc
+
+
+def _reject_sliding_window(raw: dict[str, Any], arch: str, config_path: pathlib.Path) -> None:
+    window = raw.get("sliding_window")
+    uses_window = raw.get("use_sliding_window", False) if arch == "qwen2" else window is not None
+    if uses_window and window is not None and window < raw.get("max_position_embeddings", 0):
+        raise ModelLoadError(f"{config_path}: sliding-window attention ({window}) is not supported")
+
+
+def _rope_parameters(raw: dict[str, Any]) -> dict[str, Any]:
+    """transformers >= 5 writes `rope_parameters`; older configs have `rope_theta` + `rope_scaling`."""
+    params = dict(raw.get("rope_scaling") or {})
+    params.update(raw.get("rope_parameters") or {})
+    if "rope_theta" in raw and "rope_theta" not in params:
+        params["rope_theta"] = raw["rope_theta"]
+    return params
+
+
+def _rope_scaling(rope: dict[str, Any], config_path: pathlib.Path) -> RopeScaling | None:
+    kind = rope.get("rope_type", rope.get("type", "default"))
+    if kind in (None, "default"):
+        return None
+    if kind != "llama3":
+        raise ModelLoadError(f"{config_path}: rope scaling type {kind!r} is not supported (only llama3 is)")
+    return RopeScaling(
+        factor=float(rope["factor"]),
+        low_freq_factor=float(rope["low_freq_factor"]),
+        high_freq_factor=float(rope["high_freq_factor"]),
+        original_max_position_embeddings=int(rope["original_max_position_embeddings"]),
+    )
+
+
+def _eos_ids(*values: int | list[int] | None) -> tuple[int, ...]:
+    ids: list[int] = []
+    for value in values:
+        if value is None:
+            continue
+        ids.extend([value] if isinstance(value, int) else [int(v) for v in value])
+    return tuple(dict.fromkeys(ids))
+
+
+def safetensors_files(directory: pathlib.Path) -> list[pathlib.Path]:
+    index_path = directory / _INDEX_FILE
+    if index_path.is_file():
+        weight_map = read_json(index_path).get("weight_map")
+        if not isinstance(weight_map, dict) or not weight_map:
+            raise ModelLoadError(f"{index_path} has no weight_map")
+        files = [directory / name for name in sorted(set(weight_map.values()))]
+        missing = [str(f) for f in files if not f.is_file()]
+        if missing:
+            raise ModelLoadError(f"{index_path} names shard files that do not exist: {', '.join(missing)}")
+        return files
+    if (directory / _SINGLE_FILE).is_file():
+        return [directory / _SINGLE_FILE]
+    raise ModelLoadError(
+        f"{directory} has no {_SINGLE_FILE} or {_INDEX_FILE}; only safetensors checkpoints are supported")
+
+
+def load_hf(directory: pathlib.Path) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
+    """Config and fp32 weights; a tied model's stored `lm_head.weight`, if any, is dropped."""
+    config = load_hf_config(directory)
+    weights: dict[str, torch.Tensor] = {}
+    for file in safetensors_files(directory):
+        try:
+            shard = load_file(str(file))
+        except (SafetensorError, OSError) as exc:
+            raise ModelLoadError(f"{file} is not a readable safetensors file: {exc}") from exc
+        for name, tensor in shard.items():
+            if name.endswith(_IGNORED_SUFFIXES):
+                continue
+            if name in weights:
+                raise ModelLoadError(f"{file}: tensor {name} appears in more than one shard")
+            weights[name] = tensor.to(torch.float32)
+    if config.tie_word_embeddings:
+        weights.pop("lm_head.weight", None)
+    return config, weights

@@ -1,0 +1,84 @@
+"""Builds everything an engine needs from its config: weights, model, KV pool, sampler, runner."""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+
+import torch
+
+from engine.engine_config import EngineConfig
+from engine.errors import ModelLoadError
+from engine.kv_cache import KVCachePool, KVCacheSpec, resolve_kv_dtype
+from engine.loader.api import LoadedModel, load_model, load_tokenizer
+from engine.model_runner import ModelRunner
+from engine.models.llama import LlamaForCausalLM
+from engine.platform import Platform, detect_platform
+from engine.sampler import Sampler
+from engine.tokenizer import Tokenizer
+
+log = logging.getLogger(__name__)
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DEFAULT_MAX_MODEL_LEN = 8192
+
+
+@dataclass(frozen=True)
+class LoadedEngineParts:
+    platform: Platform
+    model: LlamaForCausalLM
+    tokenizer: Tokenizer
+    pool: KVCachePool
+    runner: ModelRunner
+    max_model_len: int
+    load_seconds: float
+    quantized_layers: tuple[str, ...]
+
+    @property
+    def device(self) -> torch.device:
+        return self.platform.device
+
+
+def build_model(loaded: LoadedModel, platform: Platform, dtype: torch.dtype) -> LlamaForCausalLM:
+    with torch.device("meta"):
+        model = LlamaForCausalLM(loaded.config)  # no random init: every weight comes from the checkpoint
+    model = model.to_empty(device=platform.device)
+    model.load_hf_weights(loaded.weights)
+    model = model.to(dtype).eval().requires_grad_(False)
+    model.rope.build_tables(platform.device)  # after the dtype cast: the rotary tables stay fp32
+    return model
+
+
+def build_engine_parts(config: EngineConfig) -> LoadedEngineParts:
+    started = time.perf_counter()
+    if config.num_threads is not None:
+        torch.set_num_threads(config.num_threads)
+    platform = detect_platform(config.device)
+    loaded = load_model(config.model)
+    tokenizer = load_tokenizer(config.model)
+    dtype = platform.default_dtype if config.dtype == "auto" else _DTYPES[config.dtype]
+    model = build_model(loaded, platform, dtype)
+    quantized: list[str] = []
+    if config.quantization is not None:
+        from engine.quant import quantize_model
+        quantized = quantize_model(model, config.quantization)
+    cfg = loaded.config
+    max_model_len = min(config.max_model_len or DEFAULT_MAX_MODEL_LEN, cfg.max_position_embeddings)
+    kv_dtype = resolve_kv_dtype(config.kv_cache_dtype, dtype)
+    probe = KVCacheSpec(cfg.num_layers, 1, config.block_size, cfg.num_kv_heads, cfg.head_dim, kv_dtype)
+    num_blocks = config.num_kv_blocks or max(config.kv_cache_memory_bytes // probe.bytes_per_block, 1)
+    if num_blocks * config.block_size < max_model_len:
+        if config.max_model_len is not None:
+            raise ModelLoadError(
+                f"the KV cache holds {num_blocks * config.block_size} tokens, less than max_model_len "
+                f"{max_model_len}: give more KV memory or a smaller max_model_len")
+        max_model_len = num_blocks * config.block_size
+    spec = KVCacheSpec(cfg.num_layers, num_blocks, config.block_size, cfg.num_kv_heads, cfg.head_dim, kv_dtype)
+    pool = KVCachePool(spec, platform.device, dtype)
+    sampler = Sampler(cfg.vocab_size, platform.device)
+    runner = ModelRunner(model, pool, sampler, platform.device)
+    seconds = time.perf_counter() - started
+    log.info("engine ready in %.1fs: %s on %s, %s, %d KV blocks x %d tokens (%s)", seconds, cfg.name,
+             platform.device, dtype, num_blocks, config.block_size, kv_dtype)
+    return LoadedEngineParts(platform, model, tokenizer, pool, runner, max_model_len, seconds, tuple(quantized))

@@ -1,0 +1,125 @@
+"""Turns a `SchedulerOutput` into tensors, runs the model and samples.
+
+The runner owns the model, the KV pool and the sampler; it never decides what runs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from engine.attention.metadata import AttentionMetadata, DecodeBatch, Segment
+from engine.attention.torch_backend import TorchAttention
+from engine.kv_cache import KVCachePool
+from engine.models.llama import LlamaForCausalLM
+from engine.sampler import Sampler, TokenLogprobs
+from engine.scheduler import ScheduledSequence, SchedulerOutput
+
+
+@dataclass(frozen=True)
+class StepInputs:
+    input_ids: torch.Tensor
+    positions: torch.Tensor
+    attention: AttentionMetadata
+    sample_rows: tuple[tuple[ScheduledSequence, int, int], ...]  # (item, first logits row, row count)
+    logits_indices: torch.Tensor
+
+
+@dataclass(frozen=True)
+class SequenceResult:
+    token_ids: list[int]  # accepted drafts followed by the newly sampled token
+    logprobs: list[TokenLogprobs | None]
+
+
+class ModelRunner:
+    def __init__(self, model: LlamaForCausalLM, pool: KVCachePool, sampler: Sampler, device: torch.device) -> None:
+        self.model = model
+        self.pool = pool
+        self.sampler = sampler
+        self.device = device
+        self.block_size = pool.spec.block_size
+        cfg = model.config
+        self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+
+    def prepare(self, out: SchedulerOutput) -> StepInputs:
+        ids: list[int] = []
+        positions: list[int] = []
+        slots: list[int] = []
+        sample_rows: list[tuple[ScheduledSequence, int, int]] = []
+        logits_rows: list[int] = []
+        for item in out.scheduled:
+            start_token = len(ids)
+            ids.extend(item.input_token_ids())
+            span = range(item.start, item.start + item.num_tokens)
+            positions.extend(span)
+            table = item.seq.block_table
+            slots.extend(table[p // self.block_size] * self.block_size + p % self.block_size for p in span)
+            if item.samples:
+                rows = len(item.draft_token_ids) + 1
+                sample_rows.append((item, len(logits_rows), rows))
+                logits_rows.extend(range(start_token + item.num_tokens - rows, start_token + item.num_tokens))
+        meta = AttentionMetadata(
+            slot_mapping=self._tensor(slots),
+            decode=self._decode_batch(out.decodes) if out.decodes else None,
+            segments=self._segments(out),
+            num_tokens=len(ids),
+        )
+        return StepInputs(self._tensor(ids), self._tensor(positions), meta, tuple(sample_rows),
+                          self._tensor(logits_rows))
+
+    def _tensor(self, values: list[int]) -> torch.Tensor:
+        return torch.tensor(values, dtype=torch.int64, device=self.device)
+
+    def _decode_batch(self, decodes: tuple[ScheduledSequence, ...]) -> DecodeBatch:
+        lens = [d.start + 1 for d in decodes]
+        width = -(-max(lens) // self.block_size)
+        tables = [d.seq.block_table[:width] + [0] * (width - min(len(d.seq.block_table), width)) for d in decodes]
+        context_lens = self._tensor(lens)
+        span = torch.arange(width * self.block_size, device=self.device)
+        bias = torch.zeros(len(decodes), 1, width * self.block_size, dtype=self.pool.compute_dtype, device=self.device)
+        bias.masked_fill_((span[None, :] >= context_lens[:, None]).unsqueeze(1), float("-inf"))
+        return DecodeBatch(self._tensor([t for t in tables]).view(len(decodes), width), context_lens, bias)
+
+    def _segments(self, out: SchedulerOutput) -> tuple[Segment, ...]:
+        segments = []
+        token_start = len(out.decodes)
+        for item in out.segments:
+            context_len = item.start + item.num_tokens
+            mask = None
+            if item.start > 0:
+                q_pos = torch.arange(item.start, context_len, device=self.device)
+                mask = torch.arange(context_len, device=self.device)[None, :] <= q_pos[:, None]
+            blocks = item.seq.block_table[: -(-context_len // self.block_size)]
+            segments.append(Segment(token_start, item.num_tokens, context_len, self._tensor(blocks), mask))
+            token_start += item.num_tokens
+        return tuple(segments)
+
+    @torch.inference_mode()
+    def execute(self, out: SchedulerOutput) -> dict[str, SequenceResult]:
+        inputs = self.prepare(out)
+        attn = TorchAttention(self.pool, self.num_heads, self.num_kv_heads, self.head_dim, inputs.attention)
+        hidden = self.model(inputs.input_ids, inputs.positions, attn)
+        if not inputs.sample_rows:
+            return {}
+        logits = self.model.compute_logits(hidden.index_select(0, inputs.logits_indices))
+        return self._sample(logits, inputs.sample_rows)
+
+    def _sample(self, logits: torch.Tensor, rows: tuple[tuple[ScheduledSequence, int, int], ...]
+                ) -> dict[str, SequenceResult]:
+        results: dict[str, SequenceResult] = {}
+        plain = [(item, first) for item, first, count in rows if count == 1]
+        if plain:
+            index = self._tensor([first for _, first in plain])
+            sampled = self.sampler(logits.index_select(0, index), [item.seq.sampling_state for item, _ in plain])
+            for (item, _), token, lp in zip(plain, sampled.token_ids, sampled.logprobs, strict=True):
+                results[item.seq.request_id] = SequenceResult([token], [lp])
+        for item, first, count in rows:
+            if count > 1:  # greedy verification of n-gram drafts: keep the agreeing prefix + 1 token
+                best = logits[first:first + count].argmax(dim=-1).tolist()
+                accepted = 0
+                while accepted < count - 1 and item.draft_token_ids[accepted] == best[accepted]:
+                    accepted += 1
+                tokens = [*list(item.draft_token_ids[:accepted]), best[accepted]]
+                results[item.seq.request_id] = SequenceResult(tokens, [None] * len(tokens))
+        return results

@@ -1,0 +1,130 @@
+"""The Llama family (Llama 2/3, SmolLM2, Mistral, Qwen2) in plain torch.
+
+The model knows nothing of serving: it sees a flat list of token ids, their positions and an
+attention function; the paged cache, batching and sampling live outside it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from engine.attention.metadata import AttentionFn
+from engine.config import ModelConfig
+from engine.models.rope import RotaryEmbedding
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, size: int, eps: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(size))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(x.dtype)
+
+
+class Attention(nn.Module):
+    def __init__(self, config: ModelConfig, layer: int, rope: RotaryEmbedding) -> None:
+        super().__init__()
+        self.layer = layer
+        self.q_size = config.num_heads * config.head_dim
+        self.kv_size = config.num_kv_heads * config.head_dim
+        self.qkv_proj = nn.Linear(config.hidden_size, self.q_size + 2 * self.kv_size, bias=config.attention_bias)
+        self.o_proj = nn.Linear(self.q_size, config.hidden_size, bias=False)
+        self.rope = rope
+
+    def forward(self, positions: torch.Tensor, x: torch.Tensor, attn: AttentionFn) -> torch.Tensor:
+        q, k, v = self.qkv_proj(x).split((self.q_size, self.kv_size, self.kv_size), dim=-1)
+        q, k = self.rope(positions, q, k)
+        return self.o_proj(attn(self.layer, q, k, v.contiguous()))
+
+
+class MLP(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.intermediate = config.intermediate_size
+        self.gate_up_proj = nn.Linear(config.hidden_size, 2 * config.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up_proj(x).split(self.intermediate, dim=-1)
+        return self.down_proj(F.silu(gate) * up)
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, config: ModelConfig, layer: int, rope: RotaryEmbedding) -> None:
+        super().__init__()
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.self_attn = Attention(config, layer, rope)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.mlp = MLP(config)
+
+    def forward(self, positions: torch.Tensor, x: torch.Tensor, attn: AttentionFn) -> torch.Tensor:
+        x = x + self.self_attn(positions, self.input_layernorm(x), attn)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class LlamaForCausalLM(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.rope = rope = RotaryEmbedding(config.head_dim, config.max_position_embeddings, config.rope_theta,
+                                           config.rope_scaling)
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(config, i, rope) for i in range(config.num_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        if config.tie_word_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, attn: AttentionFn) -> torch.Tensor:
+        """Hidden states `[T, hidden]` of a flat batch of T tokens."""
+        x = self.embed_tokens(input_ids)
+        for layer in self.layers:
+            x = layer(positions, x, attn)
+        return self.norm(x)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(hidden).float()
+
+    def load_hf_weights(self, weights: Mapping[str, torch.Tensor]) -> None:
+        """Load a Hugging Face-named state dict, merging q/k/v and gate/up into one matrix each."""
+        own = dict(self.named_parameters(remove_duplicate=False))
+        loaded: set[str] = set()
+
+        def put(name: str, value: torch.Tensor) -> None:
+            if name not in own:
+                raise KeyError(f"checkpoint tensor {name} has no place in the model")
+            param = own[name]
+            if param.shape != value.shape:
+                raise ValueError(f"{name}: checkpoint shape {tuple(value.shape)} != model {tuple(param.shape)}")
+            with torch.no_grad():
+                param.copy_(value)
+            loaded.add(name)
+
+        for i in range(self.config.num_layers):
+            pre = f"model.layers.{i}"
+            for suffix in ("weight", "bias") if self.config.attention_bias else ("weight",):
+                parts = [weights[f"{pre}.self_attn.{p}_proj.{suffix}"] for p in "qkv"]
+                put(f"layers.{i}.self_attn.qkv_proj.{suffix}", torch.cat(parts))
+            put(f"layers.{i}.mlp.gate_up_proj.weight",
+                torch.cat([weights[f"{pre}.mlp.gate_proj.weight"], weights[f"{pre}.mlp.up_proj.weight"]]))
+            for hf, ours in (("self_attn.o_proj", "self_attn.o_proj"), ("mlp.down_proj", "mlp.down_proj"),
+                             ("input_layernorm", "input_layernorm"),
+                             ("post_attention_layernorm", "post_attention_layernorm")):
+                put(f"layers.{i}.{ours}.weight", weights[f"{pre}.{hf}.weight"])
+        if self.config.tie_word_embeddings:  # re-tie: moving modules (e.g. `to_empty`) may have split them
+            self.lm_head.weight = self.embed_tokens.weight
+        put("embed_tokens.weight", weights["model.embed_tokens.weight"])
+        put("norm.weight", weights["model.norm.weight"])
+        if not self.config.tie_word_embeddings:
+            put("lm_head.weight", weights["lm_head.weight"])
+        missing = set(own) - loaded - ({"lm_head.weight"} if self.config.tie_word_embeddings else set())
+        if missing:
+            raise ValueError(f"checkpoint lacks tensors for: {sorted(missing)[:5]}")

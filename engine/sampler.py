@@ -1,0 +1,249 @@
+"""Batched token sampling from a logits tensor [B, V], one row per sequence (vLLM semantics).
+
+Order per row: penalties, min_tokens masking of eos/stop ids, then greedy argmax or
+temperature -> top-k / top-p / min-p -> sample. Logprobs come from the raw logits.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from engine.errors import InvalidRequestError
+from engine.penalties import PenaltyState, apply_penalties
+from engine.sampling_params import SamplingParams
+
+# Top-k without top-p reads the k-th largest value with `torch.topk` up to this k; beyond it (or
+# with top-p) one value sort of the rows is cheaper.
+_TOPK_DIRECT_MAX = 256
+
+
+@dataclass(frozen=True)
+class TokenLogprobs:
+    """Logprob of the sampled token and the `top` most likely (token_id, logprob), best first."""
+
+    token_id: int
+    logprob: float
+    top: tuple[tuple[int, float], ...]
+
+
+@dataclass(frozen=True)
+class SamplerOutput:
+    token_ids: list[int]
+    logprobs: list[TokenLogprobs | None]  # None where the request did not ask for logprobs
+
+
+class SequenceSamplingState:
+    """Sampling state of one request; lives as long as the request.
+
+    Invariant: `num_generated` (and the penalty counts, when the params need them) account for
+    exactly the tokens passed to `append`.
+    """
+
+    def __init__(self, params: SamplingParams, prompt_token_ids: Sequence[int], vocab_size: int,
+                 device: torch.device, eos_token_ids: Sequence[int]) -> None:
+        self.params = params
+        self.vocab_size = vocab_size
+        self.num_generated = 0
+        self.penalties = (PenaltyState(prompt_token_ids, vocab_size, device)
+                          if params.needs_penalties else None)
+        bad = [t for t in params.stop_token_ids if t >= vocab_size]
+        if bad:
+            raise InvalidRequestError(f"stop_token_ids must be < vocab size {vocab_size}, got {bad}")
+        # Token ids forbidden while num_generated < min_tokens.
+        self.min_tokens_blocked: tuple[int, ...] = (
+            tuple(sorted(set(eos_token_ids) | set(params.stop_token_ids))) if params.min_tokens else ())
+        self.generator: torch.Generator | None = None
+        if params.seed is not None and not params.is_greedy:
+            self.generator = torch.Generator(device=device)
+            self.generator.manual_seed(params.seed)
+
+    def append(self, token_id: int) -> None:
+        """Record a generated token (O(1))."""
+        if not 0 <= token_id < self.vocab_size:
+            raise ValueError(f"token id {token_id} outside vocabulary [0, {self.vocab_size})")
+        self.num_generated += 1
+        if self.penalties is not None:
+            self.penalties.append(token_id)
+
+    @property
+    def blocks_stop_tokens(self) -> bool:
+        return self.num_generated < self.params.min_tokens and bool(self.min_tokens_blocked)
+
+    @property
+    def is_plain_greedy(self) -> bool:
+        """True when the row's token is the argmax of its raw logits and nothing else is needed."""
+        return (self.params.is_greedy and self.penalties is None and self.params.logprobs is None
+                and not self.blocks_stop_tokens)
+
+
+class Sampler:
+    """Picks one token per row of a logits batch. Unseeded rows share one sampler-wide generator;
+    seeded rows draw only from their own, so their tokens do not depend on the rest of the batch."""
+
+    def __init__(self, vocab_size: int, device: torch.device, seed: int | None = None) -> None:
+        self.vocab_size = vocab_size
+        self.device = torch.device(device)
+        self.generator = torch.Generator(device=self.device)
+        if seed is None:
+            self.generator.seed()
+        else:
+            self.generator.manual_seed(seed)
+
+    @torch.inference_mode()
+    def __call__(self, logits: torch.Tensor, states: Sequence[SequenceSamplingState]) -> SamplerOutput:
+        if logits.dim() != 2 or logits.shape[0] != len(states) or logits.shape[1] != self.vocab_size:
+            raise ValueError(f"logits must be [{len(states)}, {self.vocab_size}], got {list(logits.shape)}")
+        batch = len(states)
+        if all(s.is_plain_greedy for s in states):
+            return SamplerOutput(logits.argmax(dim=-1).tolist(), [None] * batch)
+
+        needs_edit = any(s.penalties is not None or s.blocks_stop_tokens for s in states)
+        x = logits.to(torch.float32, copy=needs_edit)
+        self._penalize(x, states)
+        self._mask_stop_tokens(x, states)
+
+        greedy_rows = [i for i, s in enumerate(states) if s.params.is_greedy]
+        random_rows = [i for i, s in enumerate(states) if not s.params.is_greedy]
+        tokens = torch.empty(batch, dtype=torch.long, device=x.device)
+        if greedy_rows:
+            _put(tokens, greedy_rows, _take(x, greedy_rows).argmax(dim=-1))
+        if random_rows:
+            _put(tokens, random_rows, self._sample(_take(x, random_rows), [states[i] for i in random_rows]))
+        token_ids = tokens.tolist()
+        return SamplerOutput(token_ids, _logprobs(logits, tokens, token_ids, states))
+
+    def _penalize(self, x: torch.Tensor, states: Sequence[SequenceSamplingState]) -> None:
+        rows = [i for i, s in enumerate(states) if s.penalties is not None]
+        if not rows:
+            return
+        tracked = [s.penalties for s in states if s.penalties is not None]
+        params = [states[i].params for i in rows]
+        repetition = [p.repetition_penalty for p in params]
+        frequency = [p.frequency_penalty for p in params]
+        presence = [p.presence_penalty for p in params]
+        use_repetition = any(r != 1.0 for r in repetition)
+        x[_index(rows, x.device)] = apply_penalties(
+            _take(x, rows),
+            torch.stack([p.prompt_mask for p in tracked]) if use_repetition else None,
+            torch.stack([p.output_counts for p in tracked]),
+            _floats(repetition, x.device) if use_repetition else None,
+            _floats(frequency, x.device) if any(frequency) else None,
+            _floats(presence, x.device) if any(presence) else None)
+
+    def _mask_stop_tokens(self, x: torch.Tensor, states: Sequence[SequenceSamplingState]) -> None:
+        rows: list[int] = []
+        cols: list[int] = []
+        for i, s in enumerate(states):
+            if s.blocks_stop_tokens:
+                rows.extend([i] * len(s.min_tokens_blocked))
+                cols.extend(s.min_tokens_blocked)
+        if rows:
+            x[_index(rows, x.device), _index(cols, x.device)] = -math.inf
+
+    def _sample(self, x: torch.Tensor, states: Sequence[SequenceSamplingState]) -> torch.Tensor:
+        """Token ids [R] sampled from rows x [R, V] by inverse CDF with one uniform per row."""
+        x = x / _floats([s.params.temperature for s in states], x.device).unsqueeze(1)
+        threshold = _filter_thresholds(x, [s.params for s in states])
+        if threshold is not None:
+            x.masked_fill_(x < threshold.unsqueeze(1), -math.inf)
+        cdf = x.softmax(dim=-1).cumsum(dim=-1)
+        total = cdf[:, -1:]
+        uniform = torch.rand(len(states), generator=self.generator, device=x.device)
+        for j, s in enumerate(states):
+            if s.generator is not None:
+                uniform[j] = torch.rand((), generator=s.generator, device=x.device)
+        # target < total, so the first cdf entry above it belongs to a token of nonzero probability.
+        target = torch.minimum(uniform.unsqueeze(1) * total, torch.nextafter(total, torch.zeros_like(total)))
+        return torch.searchsorted(cdf, target, right=True).squeeze(1).clamp_(max=x.shape[1] - 1)
+
+
+def _filter_thresholds(x: torch.Tensor, params: Sequence[SamplingParams]) -> torch.Tensor | None:
+    """Per-row logit threshold [R] below which tokens are dropped (top-k, top-p, min-p), or None.
+
+    Tokens tied with the threshold are kept. min-p compares probabilities to the row's largest,
+    which in logit space is `max + log(min_p)`; it commutes with top-k/top-p, which keep the max.
+    """
+    vocab = x.shape[1]
+    kp_rows = [j for j, p in enumerate(params) if 0 < p.top_k < vocab or p.top_p < 1.0]
+    use_min_p = any(p.min_p > 0 for p in params)
+    if not kp_rows and not use_min_p:
+        return None
+    if use_min_p:
+        threshold = x.amax(dim=-1) + torch.log(_floats([p.min_p for p in params], x.device))
+    else:
+        threshold = torch.full((len(params),), -math.inf, device=x.device)
+    if kp_rows:
+        sub = [params[j] for j in kp_rows]
+        top_k = [p.top_k if 0 < p.top_k < vocab else vocab for p in sub]
+        top_p = [p.top_p if p.top_p < 1.0 else math.inf for p in sub]
+        idx = _index(kp_rows, x.device)
+        kp_threshold = _top_k_top_p_threshold(_take(x, kp_rows), top_k, top_p)
+        threshold[idx] = torch.maximum(threshold[idx], kp_threshold)
+    return threshold
+
+
+def _top_k_top_p_threshold(x: torch.Tensor, top_k: list[int], top_p: list[float]) -> torch.Tensor:
+    """Smallest kept logit per row [N]: top-k first, then the smallest prefix of the (renormalized)
+    top-k whose probability reaches top_p. top_k == V and top_p == inf mean off."""
+    k = _index(top_k, x.device).unsqueeze(1)
+    if all(math.isinf(p) for p in top_p) and max(top_k) <= _TOPK_DIRECT_MAX:
+        return x.topk(max(top_k), dim=-1).values.gather(1, k - 1).squeeze(1)
+    ranked = _sorted_descending(x)
+    positions = torch.arange(x.shape[1], device=x.device).unsqueeze(0)
+    ranked.masked_fill_(positions >= k, -math.inf)
+    mass = ranked.softmax(dim=-1).cumsum(dim=-1)
+    # mass_before[i] = probability of the tokens ranked above i; nondecreasing, so `keep` is a prefix.
+    mass_before = torch.cat([torch.zeros_like(mass[:, :1]), mass[:, :-1]], dim=1)
+    keep = mass_before < _floats(top_p, x.device).unsqueeze(1)
+    n_keep = torch.minimum(keep.sum(dim=-1, keepdim=True).clamp_(min=1), k)
+    return ranked.gather(1, n_keep - 1).squeeze(1)
+
+
+def _sorted_descending(x: torch.Tensor) -> torch.Tensor:
+    """Row values sorted descending (a new tensor). On CPU, numpy's value-only sort is ~20x
+    faster than `torch.sort`, which also computes indices."""
+    if x.device.type == "cpu":
+        return torch.from_numpy(-np.sort(-x.numpy(), axis=-1))
+    return torch.sort(x, dim=-1, descending=True).values
+
+
+def _logprobs(logits: torch.Tensor, tokens: torch.Tensor, token_ids: list[int],
+              states: Sequence[SequenceSamplingState]) -> list[TokenLogprobs | None]:
+    rows = [i for i, s in enumerate(states) if s.params.logprobs is not None]
+    result: list[TokenLogprobs | None] = [None] * len(states)
+    if not rows:
+        return result
+    lp = _take(logits, rows).float().log_softmax(dim=-1)
+    chosen = lp.gather(1, _take(tokens, rows).unsqueeze(1)).squeeze(1).tolist()
+    n_top = [states[i].params.logprobs or 0 for i in rows]
+    top_values: list[list[float]] = [[] for _ in rows]
+    top_ids: list[list[int]] = [[] for _ in rows]
+    if max(n_top):
+        values, ids = lp.topk(max(n_top), dim=-1)
+        top_values, top_ids = values.tolist(), ids.tolist()
+    for j, i in enumerate(rows):
+        top = tuple(zip(top_ids[j][:n_top[j]], top_values[j][:n_top[j]], strict=True))
+        result[i] = TokenLogprobs(token_ids[i], chosen[j], top)
+    return result
+
+
+def _index(values: list[int], device: torch.device) -> torch.Tensor:
+    return torch.tensor(values, dtype=torch.long, device=device)
+
+
+def _floats(values: list[float], device: torch.device) -> torch.Tensor:
+    return torch.tensor(values, dtype=torch.float32, device=device)
+
+
+def _take(x: torch.Tensor, rows: list[int]) -> torch.Tensor:
+    """Rows of x in the given (ascending, unique) order; x itself when that is every row."""
+    return x if len(rows) == x.shape[0] else x[_index(rows, x.device)]
+
+
+def _put(out: torch.Tensor, rows: list[int], values: torch.Tensor) -> None:
+    out[_index(rows, out.device)] = values

@@ -1,0 +1,154 @@
+"""Per-request sampling parameters (vLLM semantics). Importable without torch."""
+
+from __future__ import annotations
+
+import math
+import numbers
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+from engine.errors import InvalidRequestError
+
+MAX_LOGPROBS = 20
+_PENALTY_RANGE = 2.0
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How to pick each generated token and when to stop.
+
+    temperature 0 means greedy. top_k -1 or 0, top_p 1 and min_p 0 disable those filters.
+    `logprobs=n` returns the chosen token's logprob plus the n most likely tokens (n may be 0).
+    `stop` strings and `stop_token_ids` end the sequence; `min_tokens` forbids eos and stop
+    tokens until that many tokens were generated.
+    """
+
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = -1
+    min_p: float = 0.0
+    seed: int | None = None
+    repetition_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    max_tokens: int = 16
+    min_tokens: int = 0
+    stop: tuple[str, ...] = ()
+    stop_token_ids: tuple[int, ...] = ()
+    ignore_eos: bool = False
+    logprobs: int | None = None
+    skip_special_tokens: bool = True
+
+    def __post_init__(self) -> None:
+        self._normalize_sequences()
+        self._check_floats()
+        self._check_ints()
+
+    @classmethod
+    def greedy(cls, max_tokens: int = 16, **kwargs: Any) -> SamplingParams:
+        """Greedy decoding (argmax) with the other fields as given."""
+        return cls(temperature=0.0, max_tokens=max_tokens, **kwargs)
+
+    @property
+    def is_greedy(self) -> bool:
+        return self.temperature == 0.0
+
+    @property
+    def needs_penalties(self) -> bool:
+        return (self.repetition_penalty != 1.0 or self.presence_penalty != 0.0
+                or self.frequency_penalty != 0.0)
+
+    @property
+    def top_k_enabled(self) -> bool:
+        return self.top_k > 0
+
+    def _normalize_sequences(self) -> None:
+        stop: Any = self.stop
+        if isinstance(stop, str):
+            stop = (stop,)
+        if stop is None:
+            stop = ()
+        if not isinstance(stop, Iterable):
+            raise InvalidRequestError(f"stop must be a string or a list of strings, got {stop!r}")
+        stop = tuple(stop)
+        for s in stop:
+            if not isinstance(s, str):
+                raise InvalidRequestError(f"stop must contain only strings, got {s!r}")
+            if not s:
+                raise InvalidRequestError("stop must not contain empty strings; remove them")
+        object.__setattr__(self, "stop", stop)
+
+        ids: Any = self.stop_token_ids
+        if ids is None:
+            ids = ()
+        if not isinstance(ids, Iterable) or isinstance(ids, (str, bytes)):
+            raise InvalidRequestError(f"stop_token_ids must be a list of integers, got {ids!r}")
+        ids = tuple(ids)
+        for i in ids:
+            if not _is_int(i) or i < 0:
+                raise InvalidRequestError(f"stop_token_ids must be non-negative integers, got {i!r}")
+        object.__setattr__(self, "stop_token_ids", tuple(int(i) for i in ids))
+
+    def _check_floats(self) -> None:
+        temperature = _as_float("temperature", self.temperature)
+        if temperature < 0:
+            raise InvalidRequestError(f"temperature must be >= 0 (0 means greedy), got {temperature}")
+        top_p = _as_float("top_p", self.top_p)
+        if not 0.0 < top_p <= 1.0:
+            raise InvalidRequestError(f"top_p must be in (0, 1] (1 disables it), got {top_p}")
+        min_p = _as_float("min_p", self.min_p)
+        if not 0.0 <= min_p <= 1.0:
+            raise InvalidRequestError(f"min_p must be in [0, 1] (0 disables it), got {min_p}")
+        repetition = _as_float("repetition_penalty", self.repetition_penalty)
+        if repetition <= 0:
+            raise InvalidRequestError(
+                f"repetition_penalty must be > 0 (1 disables it), got {repetition}")
+        for name in ("presence_penalty", "frequency_penalty"):
+            value = _as_float(name, getattr(self, name))
+            if not -_PENALTY_RANGE <= value <= _PENALTY_RANGE:
+                raise InvalidRequestError(f"{name} must be in [-2, 2] (0 disables it), got {value}")
+            object.__setattr__(self, name, value)
+        object.__setattr__(self, "temperature", temperature)
+        object.__setattr__(self, "top_p", top_p)
+        object.__setattr__(self, "min_p", min_p)
+        object.__setattr__(self, "repetition_penalty", repetition)
+
+    def _check_ints(self) -> None:
+        for name in ("max_tokens", "min_tokens", "top_k"):
+            if not _is_int(getattr(self, name)):
+                raise InvalidRequestError(f"{name} must be an integer, got {getattr(self, name)!r}")
+            object.__setattr__(self, name, int(getattr(self, name)))
+        if self.max_tokens < 1:
+            raise InvalidRequestError(f"max_tokens must be >= 1, got {self.max_tokens}")
+        if not 0 <= self.min_tokens <= self.max_tokens:
+            raise InvalidRequestError(
+                f"min_tokens must be in [0, max_tokens={self.max_tokens}], got {self.min_tokens}")
+        if self.top_k < -1:
+            raise InvalidRequestError(f"top_k must be >= 1, or -1 or 0 to disable it, got {self.top_k}")
+        if self.logprobs is not None and (
+                not _is_int(self.logprobs) or not 0 <= self.logprobs <= MAX_LOGPROBS):
+            raise InvalidRequestError(
+                f"logprobs must be an integer in [0, {MAX_LOGPROBS}] or None, got {self.logprobs!r}")
+        if self.seed is not None and not _is_int(self.seed):
+            raise InvalidRequestError(f"seed must be an integer or None, got {self.seed!r}")
+        for name in ("logprobs", "seed"):
+            if getattr(self, name) is not None:
+                object.__setattr__(self, name, int(getattr(self, name)))
+        for name in ("ignore_eos", "skip_special_tokens"):
+            if not isinstance(getattr(self, name), bool):
+                raise InvalidRequestError(f"{name} must be a boolean, got {getattr(self, name)!r}")
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _as_float(name: str, value: object) -> float:
+    """The value as a finite float, or InvalidRequestError naming the field."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise InvalidRequestError(f"{name} must be a number, got {value!r}")
+    result = float(value)
+    if not math.isfinite(result):
+        raise InvalidRequestError(f"{name} must be a finite number, got {value!r}")
+    return result

@@ -1,0 +1,225 @@
+"""Continuous batching under a per-step token budget, with chunked prefill and preemption.
+
+Each step the scheduler first serves running sequences (a decode token each, or the next chunk
+of a prefill, plus speculative draft tokens), preempting the lowest-priority running sequence
+(by recompute: its blocks are released, it waits again) when blocks run out; then it admits
+waiting sequences, reusing cached prefix blocks. Its only product is a `SchedulerOutput`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Literal
+
+from engine.block_manager import BlockManager, hash_block, hash_blocks
+from engine.sequence import FinishReason, Sequence, SequenceStatus
+
+SchedulingPolicy = Literal["fcfs", "priority"]
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    max_num_seqs: int = 128
+    max_num_batched_tokens: int = 2048
+    max_model_len: int = 8192
+    enable_chunked_prefill: bool = True
+    policy: SchedulingPolicy = "fcfs"
+
+    def __post_init__(self) -> None:
+        if self.max_num_seqs < 1 or self.max_num_batched_tokens < 1 or self.max_model_len < 2:
+            raise ValueError(f"invalid scheduler limits: {self}")
+        if not self.enable_chunked_prefill and self.max_num_batched_tokens < self.max_model_len:
+            raise ValueError("without chunked prefill, max_num_batched_tokens must be >= max_model_len "
+                             f"({self.max_num_batched_tokens} < {self.max_model_len})")
+
+
+@dataclass(frozen=True)
+class ScheduledSequence:
+    seq: Sequence
+    start: int  # position of the first token fed (== seq.num_computed_tokens when scheduled)
+    num_tokens: int  # tokens fed this step, drafts included
+    draft_token_ids: tuple[int, ...]
+
+    @property
+    def samples(self) -> bool:
+        """Whether this step reaches the end of the known tokens, so the model's output is sampled."""
+        return self.start + self.num_tokens - len(self.draft_token_ids) == len(self.seq.token_ids)
+
+    def input_token_ids(self) -> list[int]:
+        known = self.num_tokens - len(self.draft_token_ids)
+        return self.seq.token_ids[self.start:self.start + known] + list(self.draft_token_ids)
+
+
+@dataclass(frozen=True)
+class SchedulerOutput:
+    """The one scheduler → runner contract. Decodes (one token each) come first in token order."""
+
+    decodes: tuple[ScheduledSequence, ...]
+    segments: tuple[ScheduledSequence, ...]
+    preempted: tuple[Sequence, ...]
+
+    @property
+    def scheduled(self) -> tuple[ScheduledSequence, ...]:
+        return self.decodes + self.segments
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(s.num_tokens for s in self.scheduled)
+
+    @property
+    def is_empty(self) -> bool:
+        return not self.decodes and not self.segments
+
+
+class Scheduler:
+    def __init__(self, config: SchedulerConfig, block_manager: BlockManager) -> None:
+        self.config = config
+        self.blocks = block_manager
+        self.waiting: list[Sequence] = []
+        self.running: list[Sequence] = []
+        self.num_preemptions_total = 0
+
+    # -- queue ------------------------------------------------------------------------------------------
+    def _rank(self, seq: Sequence) -> tuple[float, ...]:
+        if self.config.policy == "priority":
+            return (seq.priority, seq.arrival_time)
+        return (seq.arrival_time,)
+
+    def add(self, seq: Sequence) -> None:
+        self.waiting.append(seq)
+        self.waiting.sort(key=self._rank)
+
+    @property
+    def num_unfinished(self) -> int:
+        return len(self.waiting) + len(self.running)
+
+    def finish(self, seq: Sequence, reason: FinishReason) -> None:
+        """End a sequence wherever it is and give back its blocks."""
+        if seq.status is SequenceStatus.RUNNING:
+            self.running.remove(seq)
+        elif seq.status is SequenceStatus.WAITING:
+            self.waiting.remove(seq)
+        self.blocks.release(seq.block_table)
+        seq.block_table = []
+        seq.status = SequenceStatus.FINISHED
+        seq.finish_reason = reason
+
+    def _preempt(self, seq: Sequence) -> None:
+        self.running.remove(seq)
+        self.blocks.release(seq.block_table)
+        seq.block_table, seq.block_hashes, seq.spec_token_ids = [], [], []
+        seq.num_computed_tokens = 0
+        seq.num_preemptions += 1
+        self.num_preemptions_total += 1
+        seq.status = SequenceStatus.WAITING
+        self.waiting.insert(0, seq)
+        self.waiting.sort(key=self._rank)
+
+    # -- scheduling -------------------------------------------------------------------------------------
+    def schedule(self) -> SchedulerOutput:
+        budget = self.config.max_num_batched_tokens
+        scheduled: list[ScheduledSequence] = []
+        preempted: list[Sequence] = []
+        for seq in sorted(self.running, key=self._rank):
+            if seq.status is not SequenceStatus.RUNNING or budget == 0:
+                continue
+            item = self._plan_running(seq, budget)
+            if item is None:
+                continue
+            if not self._reserve(seq, item.start + item.num_tokens, preempted):
+                continue
+            scheduled.append(item)
+            budget -= item.num_tokens
+        if not preempted:
+            budget = self._admit_waiting(budget, scheduled)
+        decodes = tuple(s for s in scheduled if s.num_tokens == 1)
+        segments = tuple(s for s in scheduled if s.num_tokens > 1)
+        return SchedulerOutput(decodes, segments, tuple(preempted))
+
+    def _plan_running(self, seq: Sequence, budget: int) -> ScheduledSequence | None:
+        remaining = len(seq.token_ids) - seq.num_computed_tokens
+        drafts = tuple(seq.spec_token_ids)
+        if remaining + len(drafts) <= budget:
+            return ScheduledSequence(seq, seq.num_computed_tokens, remaining + len(drafts), drafts)
+        if not self.config.enable_chunked_prefill and remaining > budget:
+            return None
+        return ScheduledSequence(seq, seq.num_computed_tokens, min(remaining, budget), ())
+
+    def _reserve(self, seq: Sequence, num_tokens: int, preempted: list[Sequence]) -> bool:
+        """Give `seq` blocks for `num_tokens` tokens, preempting lower-ranked sequences if needed.
+        Returns False if `seq` itself had to be preempted."""
+        need = self.blocks.blocks_needed(num_tokens) - len(seq.block_table)
+        while need > self.blocks.num_free_blocks:
+            victim = max(self.running, key=self._rank)
+            self._preempt(victim)
+            preempted.append(victim)
+            if victim is seq:
+                return False
+        if need > 0:
+            seq.block_table.extend(self.blocks.allocate(need))
+        return True
+
+    def _admit_waiting(self, budget: int, scheduled: list[ScheduledSequence]) -> int:
+        while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
+            seq = self.waiting[0]
+            # Keep at least the last token to compute: its logits produce the next token.
+            hashes = hash_blocks(seq.token_ids[:len(seq.token_ids) - 1], self.blocks.block_size)
+            hits = self.blocks.find_cached_prefix(hashes, seq.token_ids)
+            computed = len(hits) * self.blocks.block_size
+            remaining = len(seq.token_ids) - computed
+            if remaining > budget and not self.config.enable_chunked_prefill:
+                break
+            num_tokens = min(remaining, budget)
+            need = self.blocks.blocks_needed(computed + num_tokens) - len(hits)
+            if need + self.blocks.num_evictable_among(hits) > self.blocks.num_free_blocks:
+                break
+            self.waiting.pop(0)
+            self.blocks.take_cached(hits)
+            seq.block_table = hits + self.blocks.allocate(need)
+            seq.block_hashes = hashes[:len(hits)]
+            seq.num_computed_tokens = computed
+            if seq.num_preemptions == 0:
+                seq.num_cached_tokens = computed
+            seq.status = SequenceStatus.RUNNING
+            self.running.append(seq)
+            scheduled.append(ScheduledSequence(seq, computed, num_tokens, ()))
+            budget -= num_tokens
+        return budget
+
+    # -- after the step ---------------------------------------------------------------------------------
+    def commit(self, item: ScheduledSequence, accepted_token_ids: list[int],
+               on_token: Callable[[Sequence, int], None] | None = None) -> None:
+        """Record a step's result for one sequence: `accepted_token_ids` are the new tokens (accepted
+        drafts then the sampled one; empty for a prefill chunk that does not reach the end)."""
+        seq = item.seq
+        known = item.num_tokens - len(item.draft_token_ids)
+        num_drafts_accepted = max(len(accepted_token_ids) - 1, 0)
+        seq.num_computed_tokens = item.start + known + num_drafts_accepted
+        seq.spec_token_ids = []
+        if item.start < seq.num_prompt_tokens:
+            seq.num_computed_prompt_tokens_total += min(known, seq.num_prompt_tokens - item.start)
+        for token_id in accepted_token_ids:
+            seq.token_ids.append(token_id)
+            if on_token is not None:
+                on_token(seq, token_id)
+        self._register_full_blocks(seq)
+
+    def _register_full_blocks(self, seq: Sequence) -> None:
+        size = self.blocks.block_size
+        if not self.blocks.enable_prefix_caching:
+            return
+        for i in range(len(seq.block_hashes), seq.num_computed_tokens // size):
+            tokens = seq.token_ids[i * size:(i + 1) * size]
+            parent = seq.block_hashes[-1] if seq.block_hashes else 0
+            block_hash = hash_block(parent, tokens)
+            seq.block_hashes.append(block_hash)
+            self.blocks.register_full_block(seq.block_table[i], block_hash, tokens)
+
+    def held_block_refs(self) -> dict[int, int]:
+        """Block id → number of live sequences holding it (for integrity checks)."""
+        refs: dict[int, int] = {}
+        for seq in self.running + self.waiting:
+            for block_id in seq.block_table:
+                refs[block_id] = refs.get(block_id, 0) + 1
+        return refs

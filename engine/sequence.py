@@ -1,0 +1,73 @@
+"""A request's state inside the engine."""
+
+from __future__ import annotations
+
+import enum
+import time
+from typing import TYPE_CHECKING, Literal
+
+if TYPE_CHECKING:
+    from engine.sampler import SequenceSamplingState
+    from engine.sampling_params import SamplingParams
+
+FinishReason = Literal["stop", "length", "abort"]
+
+
+class SequenceStatus(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+class Sequence:
+    """Token ids, computed-token count and block table of one request.
+
+    Invariants: `num_computed_tokens <= len(token_ids)`; `block_table` covers at least
+    `num_computed_tokens` slots; `block_hashes[i]` is the chained hash of full block i of
+    `token_ids` and exists only once block i's KV is computed and registered.
+    """
+
+    def __init__(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
+                 sampling_state: SequenceSamplingState, priority: int = 0, arrival_time: float | None = None) -> None:
+        self.request_id = request_id
+        self.prompt_token_ids = prompt_token_ids
+        self.token_ids: list[int] = list(prompt_token_ids)
+        self.params = params
+        self.sampling_state = sampling_state
+        self.priority = priority
+        self.arrival_time = time.monotonic() if arrival_time is None else arrival_time
+        self.status = SequenceStatus.WAITING
+        self.num_computed_tokens = 0
+        self.num_cached_tokens = 0  # prompt tokens served from the prefix cache at first admission
+        self.num_computed_prompt_tokens_total = 0  # prompt tokens the model actually ran (all attempts)
+        self.block_table: list[int] = []
+        self.block_hashes: list[int] = []
+        self.spec_token_ids: list[int] = []  # draft tokens proposed for the next step
+        self.num_preemptions = 0
+        self.finish_reason: FinishReason | None = None
+        self.stop_reason: int | str | None = None
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        return len(self.prompt_token_ids)
+
+    @property
+    def output_token_ids(self) -> list[int]:
+        return self.token_ids[len(self.prompt_token_ids):]
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.token_ids) - len(self.prompt_token_ids)
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status is SequenceStatus.FINISHED
+
+    @property
+    def in_prefill(self) -> bool:
+        """True while tokens other than the newest sampled one still await computing."""
+        return self.num_computed_tokens < len(self.token_ids) - 1
+
+    def __repr__(self) -> str:
+        return (f"Sequence({self.request_id!r}, {self.status.value}, tokens={len(self.token_ids)}, "
+                f"computed={self.num_computed_tokens}, blocks={len(self.block_table)})")

@@ -1,0 +1,80 @@
+"""Shared fixtures: the default model's path and tiny random Llama / Qwen2 checkpoints (with tokenizers)."""
+
+from __future__ import annotations
+
+import pathlib
+
+import pytest
+import torch
+from tokenizers import Tokenizer as RawTokenizer
+from tokenizers import decoders, models, pre_tokenizers, processors, trainers
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
+
+from engine.loader.default_model import default_model_path as _default_model_path
+
+TINY_VOCAB = 512
+CHATML_TEMPLATE = (
+    "{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\n' + m['content'] + '<|im_end|>\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
+_SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<s>"]
+_CORPUS = [
+    "The quick brown fox jumps over the lazy dog. 0123456789",
+    "Hello, world! Paris is the capital of France; Berlin of Germany.",
+    "def f(x):\n    return x * 2  # code\n",
+    "naïve café résumé — “quotes” 日本語のテキスト 中文 한국어 🎉🚀",
+] * 20 + [f"token{i} number {i * 7919} item_{i % 13}" for i in range(300)]
+
+
+def build_tiny_tokenizer(directory: pathlib.Path, add_bos: bool) -> PreTrainedTokenizerFast:
+    """A byte-level BPE of TINY_VOCAB ids (0..3 special) saved into `directory`; BOS added if `add_bos`."""
+    raw = RawTokenizer(models.BPE())
+    raw.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    raw.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=TINY_VOCAB, special_tokens=_SPECIAL, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    raw.train_from_iterator(_CORPUS, trainer)
+    assert raw.get_vocab_size() == TINY_VOCAB
+    if add_bos:
+        raw.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 3)])
+    else:
+        raw.post_processor = processors.ByteLevel(trim_offsets=False)
+    tok = PreTrainedTokenizerFast(tokenizer_object=raw, bos_token="<s>", eos_token="<|im_end|>",
+                                  unk_token="<|endoftext|>", pad_token="<|endoftext|>")
+    tok.chat_template = CHATML_TEMPLATE
+    tok.save_pretrained(str(directory))
+    return tok
+
+
+def _common(**extra: object) -> dict[str, object]:
+    return dict(vocab_size=TINY_VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, rms_norm_eps=1e-5,
+                eos_token_id=2, bos_token_id=3, pad_token_id=0, **extra)
+
+
+@pytest.fixture(scope="session")
+def default_model_path() -> pathlib.Path:
+    return _default_model_path()
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_dir(tmp_path_factory: pytest.TempPathFactory) -> pathlib.Path:
+    """Untied Llama, theta 10000, tokenizer adds BOS. Treat as read-only."""
+    directory = tmp_path_factory.mktemp("tiny_llama")
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(**_common(tie_word_embeddings=False)))  # type: ignore[arg-type]
+    model.save_pretrained(str(directory))
+    build_tiny_tokenizer(directory, add_bos=True)
+    return directory
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen2_dir(tmp_path_factory: pytest.TempPathFactory) -> pathlib.Path:
+    """Tied Qwen2 (q/k/v biases), theta 1e6, tokenizer adds no BOS. Treat as read-only."""
+    directory = tmp_path_factory.mktemp("tiny_qwen2")
+    torch.manual_seed(1)
+    config = Qwen2Config(**_common(tie_word_embeddings=True, rope_theta=1e6))  # type: ignore[arg-type]
+    model = Qwen2ForCausalLM(config)
+    model.save_pretrained(str(directory))
+    build_tiny_tokenizer(directory, add_bos=False)
+    return directory
