@@ -57,29 +57,41 @@ class KVCacheSpec:
 
 
 class KVCachePool:
-    """Owns the KV tensor; writes new tokens' K/V into slots and gathers blocks for attention."""
+    """Owns the KV tensor; writes new tokens' K/V into slots and gathers blocks for attention.
+
+    The tensor holds one block more than `spec.num_blocks`: block `scratch_block` (the last) is never
+    handed out; padded rows of captured CUDA graphs write into it.
+    """
 
     def __init__(self, spec: KVCacheSpec, device: torch.device, compute_dtype: torch.dtype) -> None:
         self.spec = spec
         self.compute_dtype = compute_dtype
         self.is_fp8 = spec.dtype == torch.float8_e4m3fn
-        self.tensor = torch.zeros(spec.shape, dtype=spec.dtype, device=device)
+        shape = list(spec.shape)
+        shape[1] += 1
+        self.tensor = torch.zeros(shape, dtype=spec.dtype, device=device)
+        self.scratch_block = spec.num_blocks
+        self.scratch_slot = spec.num_blocks * spec.block_size
+        # CPU kernels do not index fp8 tensors: move fp8 values as their bytes.
+        stored = self.tensor.view(torch.uint8) if self.is_fp8 else self.tensor
         # Per layer, one row per block: the unit of gathering and of transfer.
-        self._rows = self.tensor.view(spec.num_layers, spec.num_blocks, -1)
-        self._slots = self.tensor.view(spec.num_layers, spec.num_blocks * spec.block_size,
-                                       2, spec.num_kv_heads, spec.head_dim)
+        self._rows = stored.view(spec.num_layers, spec.num_blocks + 1, -1)
+        self._slots = stored.view(spec.num_layers, (spec.num_blocks + 1) * spec.block_size,
+                                  2, spec.num_kv_heads, spec.head_dim)
 
     def write(self, layer: int, slot_mapping: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         """Store K/V `[T, kv_heads, head_dim]` of T tokens into their slots."""
         kv = torch.stack((k, v), dim=1)
         if self.is_fp8:
-            kv = kv.clamp(-_FP8_MAX, _FP8_MAX)
-        self._slots[layer].index_copy_(0, slot_mapping, kv.to(self.spec.dtype))
+            kv = kv.clamp(-_FP8_MAX, _FP8_MAX).to(self.spec.dtype).view(torch.uint8)
+        self._slots[layer].index_copy_(0, slot_mapping, kv.to(self._slots.dtype))
 
     def gather(self, layer: int, block_ids: torch.Tensor) -> torch.Tensor:
         """Blocks `block_ids` (any shape S) of one layer as `[*S, block_size, 2, kv_heads, head_dim]`
         in the compute dtype."""
         rows = self._rows[layer].index_select(0, block_ids.reshape(-1))
+        if self.is_fp8:
+            rows = rows.view(self.spec.dtype)
         if rows.dtype != self.compute_dtype:
             rows = rows.to(self.compute_dtype)
         return rows.view(*block_ids.shape, self.spec.block_size, 2, self.spec.num_kv_heads, self.spec.head_dim)

@@ -57,7 +57,6 @@ class LLM:
     def chat(self, messages: Messages | Sequence[Messages],
              params: SamplingParams | Sequence[SamplingParams] | None = None) -> list[RequestOutput]:
         """Apply the model's chat template to each conversation and generate the assistant reply."""
-        if messages and isinstance(messages[0], dict):
-            messages = [messages]  # type: ignore[list-item]
-        prompts: list[Prompt] = [self.tokenizer.apply_chat_template(list(m)) for m in messages]  # type: ignore[arg-type]
+        conversations = [messages] if messages and isinstance(messages[0], dict) else messages
+        prompts: list[Prompt] = [self.tokenizer.apply_chat_template(list(m)) for m in conversations]  # type: ignore[arg-type]
         return self.generate(prompts, params)

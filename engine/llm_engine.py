@@ -95,6 +95,7 @@ class LLMEngine:
         if req is None:
             return None
         self.scheduler.finish(req.seq, "abort")
+        self._release_held_text(req)
         return self._output(req)
 
     def has_unfinished_requests(self) -> bool:
@@ -124,6 +125,7 @@ class LLMEngine:
                         break
             self.scheduler.commit(item, accepted)
             if req.seq.finish_reason is not None and not req.seq.is_finished:
+                self._release_held_text(req)
                 self.scheduler.finish(req.seq, req.seq.finish_reason)
             if accepted or req.seq.is_finished:
                 outputs.append(self._output(req))
@@ -157,6 +159,13 @@ class LLMEngine:
             seq.finish_reason = "length"
             return True
         return False
+
+    @staticmethod
+    def _release_held_text(req: _Request) -> None:
+        """At the end, text held back for an incomplete UTF-8 character is final (unless a stop
+        string already cut the text)."""
+        if not isinstance(req.seq.stop_reason, str):
+            req.text += req.detokenizer.flush()
 
     def _output(self, req: _Request) -> RequestOutput:
         seq = req.seq

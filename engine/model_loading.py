@@ -61,8 +61,8 @@ def build_engine_parts(config: EngineConfig) -> LoadedEngineParts:
     model = build_model(loaded, platform, dtype)
     quantized: list[str] = []
     if config.quantization is not None:
-        from engine.quant import quantize_model
-        quantized = quantize_model(model, config.quantization)
+        from engine.quant_loading import quantize_loaded_model
+        quantized = quantize_loaded_model(model, config.quantization, loaded.source)
     cfg = loaded.config
     max_model_len = min(config.max_model_len or DEFAULT_MAX_MODEL_LEN, cfg.max_position_embeddings)
     kv_dtype = resolve_kv_dtype(config.kv_cache_dtype, dtype)
@@ -76,8 +76,9 @@ def build_engine_parts(config: EngineConfig) -> LoadedEngineParts:
         max_model_len = num_blocks * config.block_size
     spec = KVCacheSpec(cfg.num_layers, num_blocks, config.block_size, cfg.num_kv_heads, cfg.head_dim, kv_dtype)
     pool = KVCachePool(spec, platform.device, dtype)
-    sampler = Sampler(cfg.vocab_size, platform.device)
-    runner = ModelRunner(model, pool, sampler, platform.device)
+    sampler = Sampler(cfg.vocab_size, platform.device, seed=config.seed)
+    graphs = None if config.enforce_eager or not platform.is_cuda else config.max_num_seqs
+    runner = ModelRunner(model, pool, sampler, platform.device, config.attention_backend, graphs, max_model_len)
     seconds = time.perf_counter() - started
     log.info("engine ready in %.1fs: %s on %s, %s, %d KV blocks x %d tokens (%s)", seconds, cfg.name,
              platform.device, dtype, num_blocks, config.block_size, kv_dtype)

@@ -5,12 +5,16 @@ The runner owns the model, the KV pool and the sampler; it never decides what ru
 
 from __future__ import annotations
 
+import importlib.util
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 
-from engine.attention.metadata import AttentionMetadata, DecodeBatch, Segment
+from engine.attention.flash_backend import FlashAttention, flash_attention_supported
+from engine.attention.metadata import AttentionFn, AttentionMetadata, DecodeBatch, Segment
 from engine.attention.torch_backend import TorchAttention
+from engine.cuda_graphs import CudaGraphDecoder
 from engine.kv_cache import KVCachePool
 from engine.models.llama import LlamaForCausalLM
 from engine.sampler import Sampler, TokenLogprobs
@@ -32,8 +36,13 @@ class SequenceResult:
     logprobs: list[TokenLogprobs | None]
 
 
+AttentionBackendName = Literal["auto", "torch", "flash"]
+
+
 class ModelRunner:
-    def __init__(self, model: LlamaForCausalLM, pool: KVCachePool, sampler: Sampler, device: torch.device) -> None:
+    def __init__(self, model: LlamaForCausalLM, pool: KVCachePool, sampler: Sampler, device: torch.device,
+                 backend: AttentionBackendName = "auto", cuda_graph_max_batch: int | None = None,
+                 max_model_len: int = 8192) -> None:
         self.model = model
         self.pool = pool
         self.sampler = sampler
@@ -41,6 +50,24 @@ class ModelRunner:
         self.block_size = pool.spec.block_size
         cfg = model.config
         self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        self.use_flash = self._pick_flash(backend)
+        self.graphs: CudaGraphDecoder | None = None
+        if self.use_flash and cuda_graph_max_batch:
+            self.graphs = CudaGraphDecoder(model, pool, cuda_graph_max_batch, max_model_len)
+
+    def _pick_flash(self, backend: AttentionBackendName) -> bool:
+        if backend == "torch":
+            return False
+        supported = flash_attention_supported(self.pool) and importlib.util.find_spec("vllm_flash_attn") is not None
+        if backend == "flash" and not supported:
+            raise ValueError("attention_backend='flash' needs CUDA, vllm-flash-attn, a fp16/bf16 KV cache in the "
+                             "compute dtype and a block size that is a multiple of 16")
+        return supported
+
+    def _attention(self, meta: AttentionMetadata) -> AttentionFn:
+        if self.use_flash:
+            return FlashAttention(self.pool, self.num_heads, self.num_kv_heads, self.head_dim, meta)
+        return TorchAttention(self.pool, self.num_heads, self.num_kv_heads, self.head_dim, meta)
 
     def prepare(self, out: SchedulerOutput) -> StepInputs:
         ids: list[int] = []
@@ -74,12 +101,14 @@ class ModelRunner:
     def _decode_batch(self, decodes: tuple[ScheduledSequence, ...]) -> DecodeBatch:
         lens = [d.start + 1 for d in decodes]
         width = -(-max(lens) // self.block_size)
+        # Pad with block 0: positions past a sequence's context are masked by `bias`.
         tables = [d.seq.block_table[:width] + [0] * (width - min(len(d.seq.block_table), width)) for d in decodes]
         context_lens = self._tensor(lens)
         span = torch.arange(width * self.block_size, device=self.device)
         bias = torch.zeros(len(decodes), 1, width * self.block_size, dtype=self.pool.compute_dtype, device=self.device)
         bias.masked_fill_((span[None, :] >= context_lens[:, None]).unsqueeze(1), float("-inf"))
-        return DecodeBatch(self._tensor([t for t in tables]).view(len(decodes), width), context_lens, bias)
+        block_tables = torch.tensor(tables, dtype=torch.int64, device=self.device)
+        return DecodeBatch(block_tables, context_lens, bias)
 
     def _segments(self, out: SchedulerOutput) -> tuple[Segment, ...]:
         segments = []
@@ -98,8 +127,10 @@ class ModelRunner:
     @torch.inference_mode()
     def execute(self, out: SchedulerOutput) -> dict[str, SequenceResult]:
         inputs = self.prepare(out)
-        attn = TorchAttention(self.pool, self.num_heads, self.num_kv_heads, self.head_dim, inputs.attention)
-        hidden = self.model(inputs.input_ids, inputs.positions, attn)
+        if self.graphs is not None and self.graphs.can_run(inputs.attention):
+            hidden = self.graphs.run(inputs.input_ids, inputs.positions, inputs.attention)
+        else:
+            hidden = self.model(inputs.input_ids, inputs.positions, self._attention(inputs.attention))
         if not inputs.sample_rows:
             return {}
         logits = self.model.compute_logits(hidden.index_select(0, inputs.logits_indices))

@@ -4,7 +4,8 @@ Kernel conventions (torch 2.13, read from aten/src/ATen/native/cpu/int4mm_kernel
 numerically in tests/test_quant.py):
 
 - int8: `torch._weight_int8pack_mm(x [M, K], q int8 [N, K], scale [N])` = x @ (q * scale).T; the
-  scale dtype must equal x's. On an AVX2 CPU it is fast only with bf16 activations.
+  scale dtype must equal x's; K % 8 != 0 crashes the process (segfault), so it is refused here.
+  On an AVX2 CPU it is fast only with bf16 activations.
 - int4 (CPU): `_convert_weight_to_int4pack_for_cpu(q int32 [N, K] in 0..15)` → uint8 [N, K / 2] in
   a layout that depends on the CPU's ISA (AVX512 and AVX2 pack differently: pack where you run);
   `_weight_int4pack_mm_for_cpu(x, packed, G, scales_and_zeros [K / G, N, 2])` computes x @ w.T with
@@ -229,6 +230,8 @@ class Int8Linear(nn.Module):
     def __init__(self, weights: Int8Weights, bias: torch.Tensor | None = None) -> None:
         super().__init__()
         self.out_features, self.in_features = weights.shape
+        if self.in_features % 8:  # the CPU kernel reads K in steps of 8 and segfaults otherwise
+            raise UnsupportedShapeError(f"int8 needs in_features divisible by 8, got {self.in_features}")
         self.register_buffer("q", weights.q.contiguous())
         self.register_buffer("scale", weights.scale.to(_KERNEL_DTYPE))
         self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)

@@ -106,13 +106,15 @@ def test_bias_and_leading_dims(weight: torch.Tensor) -> None:
     assert Int4Linear.from_linear(linear)(torch.zeros(0, K)).shape == (0, N)
 
 
-def test_int4_rejects_shapes_the_kernel_cannot_take() -> None:
+def test_layers_reject_shapes_the_kernels_cannot_take() -> None:
     with pytest.raises(ValueError, match="group_size"):
         Int4Linear.from_linear(nn.Linear(64, 32), group_size=16)
     with pytest.raises(ValueError, match="multiple of group"):
         Int4Linear.from_linear(nn.Linear(48, 32), group_size=32)
     with pytest.raises(ValueError, match="multiple of 16"):
         Int4Linear.from_linear(nn.Linear(64, 40), group_size=32)
+    with pytest.raises(ValueError, match="divisible by 8"):  # the int8 kernel would segfault
+        Int8Linear.from_linear(nn.Linear(20, 16))
     with pytest.raises(ValueError, match="float32"):
         Int4Weights(torch.zeros(16, 64, dtype=torch.uint8), torch.zeros(16, 1), torch.zeros(16, 2), 32)
 
@@ -171,7 +173,7 @@ def test_row_permutation_and_concat_act_on_rows(weight: torch.Tensor) -> None:
 def small_model() -> nn.Sequential:
     torch.manual_seed(3)
     return nn.Sequential(nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 48), nn.Linear(48, 32),
-                         nn.Sequential(nn.Linear(32, 64)))
+                         nn.Sequential(nn.Linear(32, 64)), nn.Linear(64, 20), nn.Linear(20, 16))
 
 
 def test_quantize_model_replaces_linears_keeps_skipped_and_unsupported() -> None:
@@ -179,14 +181,15 @@ def test_quantize_model_replaces_linears_keeps_skipped_and_unsupported() -> None
     x = torch.randn(3, 64)
     ref = model(x).detach()
     replaced = quantize_model(model, "int4", skip=lambda name: name == "4.0")
-    # "3" has in_features 48, not a multiple of 32: it stays float, as does the skipped "4.0".
+    # "3" (in 48 % 32), "5" (out 20 % 16), "6" (in 20 % 32) stay float, as does the skipped "4.0".
     assert replaced == ["0", "2"]
     assert isinstance(model[0], Int4Linear) and isinstance(model[2], Int4Linear)
     assert type(model[3]) is nn.Linear and type(model.get_submodule("4.0")) is nn.Linear
     assert rel_err(model(x), ref) < 0.2
 
     model = small_model()
-    assert quantize_model(model, "int8") == ["0", "2", "3", "4.0"]
+    assert quantize_model(model, "int8") == ["0", "2", "3", "4.0", "5"]  # "6": in 20 % 8
+    assert type(model[6]) is nn.Linear
     assert isinstance(model.get_submodule("4.0"), Int8Linear)
     assert rel_err(model(x), ref) < 0.03
 

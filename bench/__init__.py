@@ -1,0 +1,1 @@
+"""Benchmarks and load generators for Tandem (`python -m bench.throughput`)."""

@@ -1,0 +1,122 @@
+"""Where an `engine.step()` spends its time: timers wrapped around the engine's parts, never edits to them.
+
+Timed parts: `scheduler.schedule`, `runner.prepare`, the model (`model.forward`, `model.compute_logits`
+and a CUDA-graph replay where the runner has one) and `runner.sampler(...)`. The rest of the step is
+commit/detokenize plus the runner's glue. Every wrapper is removed on exit.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from engine.llm_engine import LLMEngine
+
+PARTS = ("schedule", "prepare", "forward", "sample")
+
+
+@dataclass(frozen=True)
+class StepProfile:
+    batch_size: int
+    decode_steps: int
+    step_ms: float  # mean wall time of one engine.step()
+    forward_ms: float  # mean model forward + logits
+    forward_share: float
+    outside_share: float  # 1 - forward_share = the sum of the four shares below
+    schedule_share: float
+    prepare_share: float
+    sample_share: float
+    other_share: float  # commit, detokenize and runner glue: the step minus every timed part
+
+
+class _SamplerProxy:
+    """Stands in for `runner.sampler`: `__call__` is looked up on the type, so it cannot be patched."""
+
+    def __init__(self, sampler: Any, timed_call: Callable[..., Any]) -> None:
+        self._sampler = sampler
+        self._timed_call = timed_call
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self._timed_call(*args, **kwargs)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._sampler, name)
+
+
+class StepProfiler:
+    """Use as a context manager; bracket each step with `begin_step()` / `end_step(seconds)`."""
+
+    def __init__(self, engine: LLMEngine, sync: Callable[[], None]) -> None:
+        self._engine = engine
+        self._sync = sync
+        self._current = dict.fromkeys(PARTS, 0.0)
+        self._totals = dict.fromkeys((*PARTS, "step"), 0.0)
+        self._steps = 0
+        self._undo: list[Callable[[], None]] = []
+
+    def __enter__(self) -> StepProfiler:
+        runner, model = self._engine.runner, self._engine.parts.model
+        self._patch(self._engine.scheduler, "schedule", "schedule")
+        self._patch(runner, "prepare", "prepare")
+        self._patch(model, "forward", "forward")
+        self._patch(model, "compute_logits", "forward")
+        graphs = getattr(runner, "graphs", None)
+        if graphs is not None:
+            self._patch(graphs, "run", "forward")
+        sampler = runner.sampler
+        runner.sampler = _SamplerProxy(sampler, self._timed(sampler.__call__, "sample"))  # type: ignore[assignment]
+        self._undo.append(lambda: setattr(runner, "sampler", sampler))
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        while self._undo:
+            self._undo.pop()()
+
+    def _timed(self, fn: Callable[..., Any], part: str) -> Callable[..., Any]:
+        def timed(*args: Any, **kwargs: Any) -> Any:
+            started = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                self._sync()
+                self._current[part] += time.perf_counter() - started
+        return timed
+
+    def _patch(self, owner: object, name: str, part: str) -> None:
+        own = vars(owner)
+        had_own, previous = name in own, own.get(name)
+        setattr(owner, name, self._timed(getattr(owner, name), part))
+
+        def undo() -> None:
+            if had_own:
+                setattr(owner, name, previous)
+            else:
+                delattr(owner, name)
+        self._undo.append(undo)
+
+    def begin_step(self) -> None:
+        self._current = dict.fromkeys(PARTS, 0.0)
+
+    def end_step(self, step_seconds: float, counted: bool) -> None:
+        """Close the step; only `counted` steps (pure decode steps) enter the totals."""
+        if not counted:
+            return
+        for part in PARTS:
+            self._totals[part] += self._current[part]
+        self._totals["step"] += step_seconds
+        self._steps += 1
+
+    def result(self, batch_size: int) -> StepProfile:
+        if self._steps == 0:
+            raise RuntimeError("no decode step was profiled: give more than one output token")
+        t = self._totals
+        share = {part: t[part] / t["step"] for part in PARTS}
+        outside = 1.0 - share["forward"]
+        return StepProfile(
+            batch_size=batch_size, decode_steps=self._steps, step_ms=1e3 * t["step"] / self._steps,
+            forward_ms=1e3 * t["forward"] / self._steps, forward_share=share["forward"],
+            outside_share=outside,
+            schedule_share=share["schedule"], prepare_share=share["prepare"], sample_share=share["sample"],
+            other_share=outside - share["schedule"] - share["prepare"] - share["sample"])
