@@ -78,3 +78,17 @@ def tiny_qwen2_dir(tmp_path_factory: pytest.TempPathFactory) -> pathlib.Path:
     model.save_pretrained(str(directory))
     build_tiny_tokenizer(directory, add_bos=False)
     return directory
+
+
+@pytest.fixture(scope="session")
+def tiny_llama3_scaled_dir(tmp_path_factory: pytest.TempPathFactory) -> pathlib.Path:
+    """Llama with llama3-style RoPE scaling whose original context (64) is shorter than the prompts."""
+    directory = tmp_path_factory.mktemp("tiny_llama3")
+    torch.manual_seed(2)
+    scaling = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+               "original_max_position_embeddings": 64}
+    config = LlamaConfig(**_common(tie_word_embeddings=False, rope_theta=500000.0,  # type: ignore[arg-type]
+                                   rope_scaling=scaling))
+    LlamaForCausalLM(config).save_pretrained(str(directory))
+    build_tiny_tokenizer(directory, add_bos=True)
+    return directory

@@ -44,12 +44,25 @@ def test_default_model_matches_transformers(name, default_model_path, default_ll
     assert llm.engine.block_manager.num_free_blocks == llm.engine.block_manager.num_blocks
 
 
-@pytest.mark.parametrize("fixture", ["tiny_llama_dir", "tiny_qwen2_dir"])
-def test_tiny_checkpoints_match_transformers(fixture, request) -> None:
+TINY_CONFIGS = {
+    "default": {"max_num_batched_tokens": 32},
+    "no_chunked_prefill": {"enable_chunked_prefill": False, "max_model_len": 200},
+    "no_prefix_cache": {"enable_prefix_caching": False},
+    "speculative": {"speculative": SpeculativeConfig(num_draft_tokens=3, max_running_seqs=64)},
+    "preemption": {"num_kv_blocks": 12, "max_num_batched_tokens": 24, "max_model_len": 190},
+}
+
+
+@pytest.mark.parametrize("name", list(TINY_CONFIGS))
+@pytest.mark.parametrize("fixture", ["tiny_llama_dir", "tiny_qwen2_dir", "tiny_llama3_scaled_dir"])
+def test_tiny_checkpoints_match_transformers(fixture, name, request) -> None:
     path = str(request.getfixturevalue(fixture))
-    llm = LLM(path, num_kv_blocks=64, max_num_batched_tokens=32)
-    prompts = [[(7 * i + j) % 500 + 3 for j in range(n)] for i, n in enumerate((1, 3, 16, 17, 40, 90))]
+    llm = LLM(path, **{"num_kv_blocks": 64, **TINY_CONFIGS[name]})
+    # Repetitive prompts give the n-gram drafter something to propose.
+    prompts = [[(7 * i + j % (5 + i)) % 500 + 3 for j in range(n)] for i, n in enumerate((1, 3, 16, 17, 40, 90, 150))]
     outputs = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=12, ignore_eos=True))
     for out, prompt in zip(outputs, prompts, strict=True):
         assert out.token_ids == hf_greedy(path, prompt, 12, eos_ids=())
     llm.engine.check_integrity()
+    if name == "preemption":
+        assert llm.engine.scheduler.num_preemptions_total > 0

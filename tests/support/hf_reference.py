@@ -21,9 +21,15 @@ def load_hf_model(path: str) -> torch.nn.Module:
     return model.eval()
 
 
-@torch.inference_mode()
 def hf_greedy(path: str, prompt_ids: Sequence[int], max_new_tokens: int, eos_ids: Sequence[int]) -> list[int]:
-    """Greedy continuation with transformers' own KV cache; stops after an eos token (kept)."""
+    """Greedy continuation with transformers' own KV cache; stops after an eos token (kept).
+    Memoized: many engine configurations are checked against the same references."""
+    return list(_hf_greedy(path, tuple(prompt_ids), max_new_tokens, tuple(eos_ids)))
+
+
+@functools.cache
+@torch.inference_mode()
+def _hf_greedy(path: str, prompt_ids: tuple[int, ...], max_new_tokens: int, eos_ids: tuple[int, ...]) -> tuple[int, ...]:
     model = load_hf_model(path)
     out = model(torch.tensor([list(prompt_ids)]), use_cache=True)
     cache = out.past_key_values
@@ -35,4 +41,4 @@ def hf_greedy(path: str, prompt_ids: Sequence[int], max_new_tokens: int, eos_ids
             break
         out = model(torch.tensor([[token]]), past_key_values=cache, use_cache=True)
         cache = out.past_key_values
-    return generated
+    return tuple(generated)

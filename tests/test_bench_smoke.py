@@ -1,0 +1,126 @@
+"""The throughput benchmark, run in-process on a tiny model: its JSON is complete and self-consistent."""
+
+from __future__ import annotations
+
+import json
+import math
+import pathlib
+from collections.abc import Iterator
+
+import pytest
+import torch
+
+from bench.throughput import EngineBench, PromptSource, greedy_agreement, main
+from engine import LLM
+
+BATCHES = (1, 2)
+MAX_TOKENS = 8
+TINY = ["--batch-sizes", *map(str, BATCHES), "--prompt-len", "16", "--max-tokens", str(MAX_TOKENS),
+        "--prefill-len", "32", "--prefill-prompts", "2", "--profile-batch", "2", "--num-threads", "1"]
+
+
+@pytest.fixture(autouse=True)
+def _restore_threads() -> Iterator[None]:
+    threads = torch.get_num_threads()  # --num-threads sets torch's process-wide thread count
+    yield
+    torch.set_num_threads(threads)
+
+
+def _run(model_dir: pathlib.Path, tmp_path: pathlib.Path, *extra: str) -> dict:
+    out = tmp_path / "result.json"
+    returned = main([*TINY, "--model", str(model_dir), "--json", str(out), *extra])
+    written = json.loads(out.read_text())
+    assert written == json.loads(json.dumps(returned))
+    return written
+
+
+def _check_decode(runs: list[dict], engine: bool) -> None:
+    assert [r["batch_size"] for r in runs] == list(BATCHES)
+    for r in runs:
+        assert r["output_tokens"] == r["batch_size"] * MAX_TOKENS
+        assert r["prefill_s"] > 0 and r["total_s"] > r["prefill_s"]
+        assert r["decode_tok_s"] > 0
+        assert math.isclose(r["overall_tok_s"], r["output_tokens"] / r["total_s"], rel_tol=1e-9)
+        if engine:
+            assert r["cached_prompt_tokens"] == 0
+            assert r["prefill_phase_tokens"] >= r["batch_size"]
+            assert r["prefill_phase_tokens"] + r["decode_tokens"] == r["output_tokens"]
+            assert math.isclose(r["prefill_s"] + r["decode_s"], r["total_s"], rel_tol=1e-9)
+            assert r["decode_steps"] == MAX_TOKENS - 1  # these prompts prefill in one step
+
+
+def _check_engine(result: dict) -> None:
+    machine = result["machine"]
+    assert machine["torch_threads"] == 1 and machine["usable_cores"] >= 1
+    assert machine["cpu_model"] and machine["torch_version"] == torch.__version__ and machine["date"]
+    eng = result["engine"]
+    assert eng["dtype"] in ("float32", "bfloat16", "float16")
+    _check_decode(eng["decode"], engine=True)
+    pre = eng["prefill"]
+    assert (pre["num_prompts"], pre["prompt_len"]) == (2, 32)
+    assert math.isclose(pre["tok_s"], 64 / pre["seconds"], rel_tol=1e-9)
+    prof = eng["step_profile"]
+    assert prof["batch_size"] == 2 and prof["decode_steps"] == MAX_TOKENS - 1
+    assert 0 < prof["forward_ms"] <= prof["step_ms"]
+    shares = [prof[k] for k in ("forward_share", "outside_share", "schedule_share", "prepare_share",
+                                "sample_share", "other_share")]
+    assert all(0 <= s <= 1 for s in shares)
+    assert math.isclose(prof["forward_share"] + prof["outside_share"], 1.0)
+    parts = prof["schedule_share"] + prof["prepare_share"] + prof["sample_share"] + prof["other_share"]
+    assert math.isclose(parts, prof["outside_share"], abs_tol=1e-9)
+    assert prof["schedule_share"] > 0 and prof["prepare_share"] > 0 and prof["sample_share"] > 0
+
+
+def test_engine_only(tiny_llama_dir: pathlib.Path, tmp_path: pathlib.Path) -> None:
+    result = _run(tiny_llama_dir, tmp_path, "--skip-hf")
+    _check_engine(result)
+    assert result["hf"] is None and result["agreement"] is None
+
+
+def test_with_transformers_baseline(tiny_llama_dir: pathlib.Path, tmp_path: pathlib.Path) -> None:
+    result = _run(tiny_llama_dir, tmp_path, "--hf-batch-sizes", *map(str, BATCHES))
+    _check_engine(result)
+    hf = result["hf"]
+    assert hf["dtype"] == result["engine"]["dtype"]
+    _check_decode(hf["decode"], engine=False)
+    assert (hf["prefill"]["num_prompts"], hf["prefill"]["prompt_len"]) == (2, 32)
+    assert hf["prefill"]["tok_s"] > 0
+
+
+def test_quantized_reports_agreement(tiny_llama_dir: pathlib.Path, tmp_path: pathlib.Path) -> None:
+    result = _run(tiny_llama_dir, tmp_path, "--skip-hf", "--quantization", "int8", "--agreement-tokens", "8")
+    _check_engine(result)
+    assert result["engine"]["quantization"] == "int8" and result["engine"]["quantized_layers"] > 0
+    agreement = result["agreement"]
+    assert (agreement["prompts"], agreement["tokens_per_prompt"]) == (8, 8)
+    assert 0 <= agreement["prefix_agreement"] <= agreement["token_agreement"] <= 1
+
+
+def test_profiler_restores_the_engine(tiny_llama_dir: pathlib.Path) -> None:
+    llm = LLM(str(tiny_llama_dir), num_kv_blocks=16, num_threads=1)
+    engine = llm.engine
+    sampler, model = engine.runner.sampler, engine.parts.model
+    bench = EngineBench(llm)
+    profile = bench.profile(PromptSource(engine.model_config.vocab_size, 0).take(2, 8), 4)
+    assert profile.decode_steps == 3
+    assert engine.runner.sampler is sampler
+    for owner, name in ((model, "forward"), (model, "compute_logits"), (engine.runner, "prepare"),
+                        (engine.scheduler, "schedule")):
+        assert name not in vars(owner)
+    engine.check_integrity()
+
+
+def test_prompts_never_repeat_and_avoid_special_ids() -> None:
+    source = PromptSource(vocab_size=50, seed=3)
+    batches = [source.take(4, 16) for _ in range(3)]
+    rows = [tuple(row) for batch in batches for row in batch]
+    assert len(set(rows)) == len(rows)
+    assert all(10 <= t < 50 for row in rows for t in row)
+    assert PromptSource(50, 3).take(4, 16) == batches[0]  # seeded: the same stream each invocation
+
+
+def test_greedy_agreement_counts_positions_and_prefixes() -> None:
+    reference = [[1, 2, 3, 4], [5, 6, 7, 8]]
+    quantized = [[1, 2, 9, 4], [5, 6, 7, 8]]
+    assert greedy_agreement(quantized, reference) == {
+        "prompts": 2, "tokens_per_prompt": 4, "token_agreement": 7 / 8, "prefix_agreement": (2 / 4 + 1) / 2}
