@@ -28,10 +28,10 @@ def _gguf_int4_blocks(path: pathlib.Path, config: ModelConfig) -> dict[str, Int4
     for tensor in GGUFReader(path).tensors:
         name = gguf_to_hf_name(tensor.name)
         qtype = GGMLQuantizationType(tensor.tensor_type)
-        if name is None:
+        if name is None or len(tensor.shape) != 2:
             continue
         shape = (int(tensor.shape[1]), int(tensor.shape[0]))  # ggml lists dimensions innermost first
-        if qtype in _Q4 and len(tensor.shape) == 2:
+        if qtype in _Q4:
             weights = int4_from_gguf(tensor.data, qtype, shape)
             if config.architecture in PERMUTED_QK_ARCHITECTURES and ".q_proj." in name:
                 weights = weights.map_rows(lambda a: unpermute_qk_rows(a, config.num_heads))

@@ -25,6 +25,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from engine.config import ModelConfig, RopeScaling
+from engine.env import tandem_cache_dir
 
 logger = logging.getLogger(__name__)
 
@@ -36,9 +37,8 @@ _QUANT_META = "tandem.quant_types"
 
 
 def cache_dir() -> pathlib.Path:
-    """`$TANDEM_CACHE_DIR`, default `~/.cache/tandem`."""
-    configured = os.environ.get("TANDEM_CACHE_DIR")
-    return pathlib.Path(configured) if configured else pathlib.Path.home() / ".cache" / "tandem"
+    """`$TANDEM_CACHE_DIR`, default `~/.cache/tandem` (see engine.env)."""
+    return tandem_cache_dir()
 
 
 @dataclass(frozen=True)

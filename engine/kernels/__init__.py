@@ -1,0 +1,57 @@
+"""Small C kernels for the CPU hot path, compiled on first use with the system C compiler.
+
+The shared object is cached under the Tandem cache directory, keyed by the source's hash and the
+compiler flags. Without a compiler (or with TANDEM_DISABLE_C_KERNELS=1) every caller falls back
+to its torch implementation: the kernels are an optimization, never a requirement.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import logging
+import os
+import pathlib
+import shutil
+import subprocess
+import tempfile
+
+from engine.env import c_kernels_disabled, tandem_cache_dir
+
+log = logging.getLogger(__name__)
+_SOURCE = pathlib.Path(__file__).with_name("paged_decode_attention.c")
+_FLAGS = ["-O3", "-march=native", "-fopenmp", "-fPIC", "-shared", "-std=c11"]
+
+
+def _build(target: pathlib.Path) -> None:
+    compiler = shutil.which(os.environ.get("CC", "cc")) or shutil.which("gcc")
+    if compiler is None:
+        raise OSError("no C compiler found")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+        built = pathlib.Path(tmp) / target.name
+        subprocess.run([compiler, *_FLAGS, str(_SOURCE), "-o", str(built), "-lm"], check=True,
+                       capture_output=True, timeout=120)
+        os.replace(built, target)  # atomic: concurrent builders never see a half-written file
+
+
+@functools.cache
+def decode_attention_kernel() -> ctypes.CDLL | None:
+    """The loaded library, or None when C kernels are disabled or cannot be built here."""
+    if c_kernels_disabled():
+        return None
+    digest = hashlib.sha256(_SOURCE.read_bytes() + " ".join(_FLAGS).encode()).hexdigest()[:16]
+    target = tandem_cache_dir() / "kernels" / f"paged_decode_attention-{digest}.so"
+    try:
+        if not target.exists():
+            _build(target)
+        lib = ctypes.CDLL(str(target))
+    except (OSError, subprocess.SubprocessError) as exc:
+        log.warning("C decode-attention kernel unavailable (%s); using the torch path", exc)
+        return None
+    fn = lib.paged_decode_attention
+    fn.restype = ctypes.c_int
+    fn.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p,
+                   ctypes.c_void_p, *([ctypes.c_int] * 6), ctypes.c_float, ctypes.c_int]
+    return lib
