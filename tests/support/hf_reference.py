@@ -29,7 +29,8 @@ def hf_greedy(path: str, prompt_ids: Sequence[int], max_new_tokens: int, eos_ids
 
 @functools.cache
 @torch.inference_mode()
-def _hf_greedy(path: str, prompt_ids: tuple[int, ...], max_new_tokens: int, eos_ids: tuple[int, ...]) -> tuple[int, ...]:
+def _hf_greedy(path: str, prompt_ids: tuple[int, ...], max_new_tokens: int,
+               eos_ids: tuple[int, ...]) -> tuple[int, ...]:
     model = load_hf_model(path)
     out = model(torch.tensor([list(prompt_ids)]), use_cache=True)
     cache = out.past_key_values
