@@ -21,7 +21,7 @@ from engine.env import c_kernels_disabled, tandem_cache_dir
 
 log = logging.getLogger(__name__)
 _SOURCE = pathlib.Path(__file__).with_name("paged_decode_attention.c")
-_FLAGS = ["-O3", "-march=native", "-fopenmp", "-fPIC", "-shared", "-std=c11"]
+_FLAGS = ["-O3", "-march=native", "-fopenmp", "-fno-math-errno", "-fPIC", "-shared", "-std=c11"]
 
 
 def _build(target: pathlib.Path) -> None:
