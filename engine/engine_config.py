@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Literal
 
 from engine.kv_cache import KVCacheDtype
@@ -50,7 +50,6 @@ class EngineConfig:
     enforce_eager: bool = False  # no CUDA graphs
     seed: int = 0
     num_threads: int | None = None  # torch intra-op threads on CPU; None = torch's default
-    extra: dict[str, str] = field(default_factory=dict, compare=False, hash=False)
 
     def __post_init__(self) -> None:
         if self.block_size < 1 or self.block_size & (self.block_size - 1):

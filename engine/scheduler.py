@@ -197,8 +197,6 @@ class Scheduler:
         num_drafts_accepted = max(len(accepted_token_ids) - 1, 0)
         seq.num_computed_tokens = item.start + known + num_drafts_accepted
         seq.spec_token_ids = []
-        if item.start < seq.num_prompt_tokens:
-            seq.num_computed_prompt_tokens_total += min(known, seq.num_prompt_tokens - item.start)
         for token_id in accepted_token_ids:
             seq.token_ids.append(token_id)
             if on_token is not None:

@@ -39,7 +39,6 @@ class Sequence:
         self.status = SequenceStatus.WAITING
         self.num_computed_tokens = 0
         self.num_cached_tokens = 0  # prompt tokens served from the prefix cache at first admission
-        self.num_computed_prompt_tokens_total = 0  # prompt tokens the model actually ran (all attempts)
         self.block_table: list[int] = []
         self.block_hashes: list[int] = []
         self.spec_token_ids: list[int] = []  # draft tokens proposed for the next step
