@@ -54,6 +54,8 @@ class LLMEngine:
         self.requests: dict[str, _Request] = {}
         self.num_steps = 0
         self.num_computed_tokens_total = 0
+        self.num_draft_tokens_proposed = 0
+        self.num_draft_tokens_accepted = 0
 
     # -- requests -----------------------------------------------------------------------------------
     def encode_prompt(self, prompt: str | list[int]) -> list[int]:
@@ -123,6 +125,9 @@ class LLMEngine:
                     accepted.append(token_id)
                     if self._on_token(req, token_id, lp):
                         break
+            if item.draft_token_ids:
+                self.num_draft_tokens_proposed += len(item.draft_token_ids)
+                self.num_draft_tokens_accepted += max(len(accepted) - 1, 0)
             self.scheduler.commit(item, accepted)
             if req.seq.finish_reason is not None and not req.seq.is_finished:
                 self._release_held_text(req)

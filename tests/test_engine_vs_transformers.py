@@ -66,3 +66,17 @@ def test_tiny_checkpoints_match_transformers(fixture, name, request) -> None:
     llm.engine.check_integrity()
     if name == "preemption":
         assert llm.engine.scheduler.num_preemptions_total > 0
+
+
+def test_speculative_drafts_are_accepted_and_switch_off_under_load(tiny_llama_dir) -> None:
+    spec = SpeculativeConfig(num_draft_tokens=4, max_running_seqs=2)
+    llm = LLM(str(tiny_llama_dir), num_kv_blocks=64, speculative=spec)
+    params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
+    repetitive = [[5, 6, 7, 8] * 10]
+    out = llm.generate(repetitive, params)[0]
+    engine = llm.engine
+    assert engine.num_draft_tokens_proposed > 0 and engine.num_draft_tokens_accepted > 0
+    assert out.token_ids == hf_greedy(str(tiny_llama_dir), repetitive[0], 24, eos_ids=())
+    before = engine.num_draft_tokens_proposed
+    llm.generate(repetitive * 3, params)  # three running sequences > max_running_seqs: no drafts
+    assert engine.num_draft_tokens_proposed == before
