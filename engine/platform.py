@@ -3,14 +3,11 @@
 from __future__ import annotations
 
 import functools
-import importlib.util
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
 import torch
-
-DeviceKind = Literal["cpu", "cuda"]
 
 
 @dataclass(frozen=True)
@@ -19,7 +16,6 @@ class Platform:
     # bf16 matmuls run natively (AVX512-BF16/AMX on CPU, any CUDA GPU). On AVX2-only CPUs bf16 is
     # emulated and ~10x slower than fp32, so the compute dtype falls back to fp32 there.
     fast_bf16: bool
-    flash_attn_available: bool
 
     @property
     def is_cuda(self) -> bool:
@@ -50,11 +46,9 @@ def detect_platform(device: Literal["auto", "cpu", "cuda"] = "auto") -> Platform
         return Platform(
             device=torch.device("cuda", torch.cuda.current_device()),
             fast_bf16=torch.cuda.is_bf16_supported(),
-            flash_attn_available=importlib.util.find_spec("vllm_flash_attn") is not None,
         )
     flags = _cpu_flags()
     return Platform(
         device=torch.device("cpu"),
         fast_bf16=bool({"avx512_bf16", "amx_bf16"} & flags),
-        flash_attn_available=False,
     )

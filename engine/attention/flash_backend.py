@@ -30,7 +30,7 @@ class FlashMetadata:
     max_seqlen_k: int
 
     @staticmethod
-    def from_attention(meta: AttentionMetadata, block_size: int) -> FlashMetadata:
+    def from_attention(meta: AttentionMetadata) -> FlashMetadata:
         q_lens: list[int] = []
         ctx_lens: list[int] = []
         tables: list[torch.Tensor] = []
@@ -62,7 +62,7 @@ class FlashAttention:
         self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
         self.scale = head_dim ** -0.5
         self.meta = metadata
-        self.flash = flash or FlashMetadata.from_attention(metadata, pool.spec.block_size)
+        self.flash = flash or FlashMetadata.from_attention(metadata)
 
     def __call__(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         k = k.view(-1, self.num_kv_heads, self.head_dim)

@@ -39,7 +39,6 @@ class TorchAttention:
         self.meta = metadata
         self.c_kernel = _cpu_decode_kernel(pool)
 
-
     def __call__(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         meta = self.meta
         k = k.view(-1, self.num_kv_heads, self.head_dim)
