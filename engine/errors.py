@@ -15,3 +15,7 @@ class ModelLoadError(TandemError, ValueError):
 
 class EngineDeadError(TandemError, RuntimeError):
     """The engine's compute loop failed; no further requests will be served."""
+
+
+class OutOfKVBlocksError(TandemError):
+    """Not enough free KV blocks to reserve for a request right now (retry later or elsewhere)."""

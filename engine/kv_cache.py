@@ -56,6 +56,11 @@ class KVCacheSpec:
         return (self.num_layers, self.num_blocks, self.block_size, 2, self.num_kv_heads, self.head_dim)
 
 
+def tensor_bytes(spec: KVCacheSpec) -> int:
+    """Bytes of the pool tensor: `spec.num_blocks` blocks plus the scratch block."""
+    return (spec.num_blocks + 1) * spec.bytes_per_block
+
+
 class KVCachePool:
     """Owns the KV tensor; writes new tokens' K/V into slots and gathers blocks for attention.
 
@@ -63,13 +68,22 @@ class KVCachePool:
     handed out; padded rows of captured CUDA graphs write into it.
     """
 
-    def __init__(self, spec: KVCacheSpec, device: torch.device, compute_dtype: torch.dtype) -> None:
+    def __init__(self, spec: KVCacheSpec, device: torch.device, compute_dtype: torch.dtype,
+                 storage: torch.Tensor | None = None) -> None:
+        """`storage`, when given, is a flat uint8 tensor of exactly `tensor_bytes(spec)` on `device`
+        that the pool lives in (e.g. host memory other processes can map); it is zeroed."""
         self.spec = spec
         self.compute_dtype = compute_dtype
         self.is_fp8 = spec.dtype == torch.float8_e4m3fn
         shape = list(spec.shape)
         shape[1] += 1
-        self.tensor = torch.zeros(shape, dtype=spec.dtype, device=device)
+        if storage is None:
+            self.tensor = torch.zeros(shape, dtype=spec.dtype, device=device)
+        else:
+            wrong_device = storage.device.type != device.type
+            if storage.dtype != torch.uint8 or storage.numel() != tensor_bytes(spec) or wrong_device:
+                raise ValueError(f"KV storage must be {tensor_bytes(spec)} uint8 bytes on {device}")
+            self.tensor = storage.zero_().view(spec.dtype).view(shape)
         self.scratch_block = spec.num_blocks
         self.scratch_slot = spec.num_blocks * spec.block_size
         # CPU kernels do not index fp8 tensors: move fp8 values as their bytes.

@@ -9,8 +9,10 @@ from dataclasses import dataclass, field
 from engine.block_manager import BlockManager
 from engine.detokenizer import IncrementalDetokenizer, find_stop
 from engine.engine_config import EngineConfig
-from engine.errors import InvalidRequestError
+from engine.errors import InvalidRequestError, OutOfKVBlocksError
+from engine.kv_hooks import KVStepHook, KVStorageAllocator
 from engine.model_loading import LoadedEngineParts, build_engine_parts
+from engine.model_runner import SequenceResult
 from engine.ngram import propose_ngram_drafts
 from engine.outputs import RequestOutput
 from engine.sampler import SequenceSamplingState, TokenLogprobs
@@ -34,9 +36,10 @@ class _Request:
 
 
 class LLMEngine:
-    def __init__(self, config: EngineConfig | None = None, parts: LoadedEngineParts | None = None) -> None:
+    def __init__(self, config: EngineConfig | None = None, parts: LoadedEngineParts | None = None,
+                 kv_storage: KVStorageAllocator | None = None) -> None:
         self.config = config or EngineConfig()
-        self.parts = parts or build_engine_parts(self.config)
+        self.parts = parts or build_engine_parts(self.config, kv_storage)
         self.tokenizer = self.parts.tokenizer
         self.model_config = self.parts.model.config
         self.max_model_len = self.parts.max_model_len
@@ -56,6 +59,7 @@ class LLMEngine:
         self.num_computed_tokens_total = 0
         self.num_draft_tokens_proposed = 0
         self.num_draft_tokens_accepted = 0
+        self.kv_hook: KVStepHook | None = None
 
     # -- requests -----------------------------------------------------------------------------------
     def encode_prompt(self, prompt: str | list[int]) -> list[int]:
@@ -67,6 +71,10 @@ class LLMEngine:
 
     def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams | None = None,
                     priority: int = 0) -> None:
+        self.scheduler.add(self._new_request(request_id, prompt, params, priority))
+
+    def _new_request(self, request_id: str, prompt: str | list[int], params: SamplingParams | None,
+                     priority: int) -> Sequence:
         params = params or SamplingParams()
         if request_id in self.requests:
             raise InvalidRequestError(f"request id {request_id!r} is already in use")
@@ -78,7 +86,40 @@ class LLMEngine:
         detok = IncrementalDetokenizer(self.tokenizer, token_ids, params.skip_special_tokens)
         holdback = max((len(s) for s in params.stop), default=1) - 1
         self.requests[request_id] = _Request(seq, detok, holdback)
-        self.scheduler.add(seq)
+        return seq
+
+    # -- remote prefill (decode role) -----------------------------------------------------------------
+    def add_remote_prefill_request(self, request_id: str, prompt: str | list[int],
+                                   params: SamplingParams | None = None, priority: int = 0) -> list[int]:
+        """Reserve KV blocks for a prompt another engine will prefill; returns their ids in token
+        order (block i holds tokens [i*block_size, (i+1)*block_size)). Raises OutOfKVBlocksError
+        when the blocks are not free now. The request then waits for `finish_remote_prefill`
+        (or `abort_request`)."""
+        seq = self._new_request(request_id, prompt, params, priority)
+        try:
+            self.scheduler.park_for_remote_kv(seq)
+        except OutOfKVBlocksError:
+            del self.requests[request_id]
+            raise
+        return list(seq.block_table)
+
+    def finish_remote_prefill(self, request_id: str, first_token_id: int,
+                              logprobs: TokenLogprobs | None = None) -> RequestOutput:
+        """The prompt's KV is in the reserved blocks and `first_token_id` was sampled remotely: the
+        request joins the batch as if this engine had run its prefill."""
+        req = self.requests.get(request_id)
+        if req is None:
+            raise InvalidRequestError(f"no request {request_id!r} is waiting for remote KV")
+        if not 0 <= first_token_id < self.model_config.vocab_size:
+            raise InvalidRequestError(f"first token id {first_token_id} is outside the vocabulary")
+        item = self.scheduler.resume_remote_kv(req.seq)
+        plan = SchedulerOutput(decodes=(), segments=(item,), preempted=())
+        outputs = self._commit(plan, {request_id: SequenceResult([first_token_id], [logprobs])})
+        return outputs[0]
+
+    def set_kv_hook(self, hook: KVStepHook | None) -> None:
+        """Plug a KV connector into the step loop (see engine.kv_hooks)."""
+        self.kv_hook = hook
 
     def _validate_prompt(self, token_ids: list[int]) -> None:
         if not token_ids:
@@ -109,10 +150,22 @@ class LLMEngine:
         plan = self.scheduler.schedule()
         if plan.is_empty:
             return []
-        results = self.runner.execute(plan)
+        hook = self.kv_hook
+        if hook is None:
+            results = self.runner.execute(plan)
+        else:
+            self.runner.layer_observer = hook.layer_written if hook.begin_step(plan) else None
+            try:
+                results = self.runner.execute(plan)
+            finally:
+                self.runner.layer_observer = None
+                hook.wait_for_save(plan)
         self.num_steps += 1
         self.num_computed_tokens_total += plan.num_tokens
-        return self._commit(plan, results)
+        outputs = self._commit(plan, results)
+        if hook is not None:
+            hook.step_committed(outputs)
+        return outputs
 
     def _commit(self, plan: SchedulerOutput, results: dict) -> list[RequestOutput]:
         outputs = []

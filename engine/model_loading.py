@@ -10,7 +10,8 @@ import torch
 
 from engine.engine_config import EngineConfig
 from engine.errors import ModelLoadError
-from engine.kv_cache import KVCachePool, KVCacheSpec, resolve_kv_dtype
+from engine.kv_cache import KVCachePool, KVCacheSpec, resolve_kv_dtype, tensor_bytes
+from engine.kv_hooks import KVStorageAllocator
 from engine.loader.api import LoadedModel, load_model, load_tokenizer
 from engine.model_runner import ModelRunner
 from engine.models.llama import LlamaForCausalLM
@@ -62,7 +63,8 @@ def _use_onednn_lm_head(model: LlamaForCausalLM, platform: Platform) -> None:
     model.lm_head = MkldnnLinear(head, torch.float32)  # type: ignore[assignment]
 
 
-def build_engine_parts(config: EngineConfig) -> LoadedEngineParts:
+def build_engine_parts(config: EngineConfig, kv_storage: KVStorageAllocator | None = None) -> LoadedEngineParts:
+    """`kv_storage`, when given, allocates the memory the KV pool lives in (see KVCachePool)."""
     started = time.perf_counter()
     if config.num_threads is not None:
         torch.set_num_threads(config.num_threads)
@@ -88,7 +90,8 @@ def build_engine_parts(config: EngineConfig) -> LoadedEngineParts:
                 f"{max_model_len}: give more KV memory or a smaller max_model_len")
         max_model_len = num_blocks * config.block_size
     spec = KVCacheSpec(cfg.num_layers, num_blocks, config.block_size, cfg.num_kv_heads, cfg.head_dim, kv_dtype)
-    pool = KVCachePool(spec, platform.device, dtype)
+    storage = None if kv_storage is None else kv_storage(tensor_bytes(spec))
+    pool = KVCachePool(spec, platform.device, dtype, storage)
     sampler = Sampler(cfg.vocab_size, platform.device, seed=config.seed)
     graphs = None if config.enforce_eager or not platform.is_cuda else config.max_num_seqs
     runner = ModelRunner(model, pool, sampler, platform.device, config.attention_backend, graphs, max_model_len)

@@ -6,6 +6,7 @@ The runner owns the model, the KV pool and the sampler; it never decides what ru
 from __future__ import annotations
 
 import importlib.util
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
 
@@ -16,6 +17,7 @@ from engine.attention.metadata import AttentionFn, AttentionMetadata, DecodeBatc
 from engine.attention.torch_backend import TorchAttention
 from engine.cuda_graphs import CudaGraphDecoder
 from engine.kv_cache import KVCachePool
+from engine.kv_hooks import ObservedAttention
 from engine.models.llama import LlamaForCausalLM
 from engine.sampler import Sampler, TokenLogprobs
 from engine.scheduler import ScheduledSequence, SchedulerOutput
@@ -52,6 +54,7 @@ class ModelRunner:
         self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         self.use_flash = self._pick_flash(backend)
         self.graphs: CudaGraphDecoder | None = None
+        self.layer_observer: Callable[[int], None] | None = None  # set for one step by a KV push hook
         if self.use_flash and cuda_graph_max_batch:
             self.graphs = CudaGraphDecoder(model, pool, cuda_graph_max_batch, max_model_len)
 
@@ -127,10 +130,14 @@ class ModelRunner:
     @torch.inference_mode()
     def execute(self, out: SchedulerOutput) -> dict[str, SequenceResult]:
         inputs = self.prepare(out)
-        if self.graphs is not None and self.graphs.can_run(inputs.attention):
+        observer = self.layer_observer
+        if observer is None and self.graphs is not None and self.graphs.can_run(inputs.attention):
             hidden = self.graphs.run(inputs.input_ids, inputs.positions, inputs.attention)
         else:
-            hidden = self.model(inputs.input_ids, inputs.positions, self._attention(inputs.attention))
+            attn = self._attention(inputs.attention)
+            if observer is not None:
+                attn = ObservedAttention(attn, observer, self.device.type == "cuda")
+            hidden = self.model(inputs.input_ids, inputs.positions, attn)
         if not inputs.sample_rows:
             return {}
         logits = self.model.compute_logits(hidden.index_select(0, inputs.logits_indices))

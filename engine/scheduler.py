@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from engine.block_manager import BlockManager, hash_block, hash_blocks
+from engine.errors import OutOfKVBlocksError
 from engine.sequence import FinishReason, Sequence, SequenceStatus
 
 SchedulingPolicy = Literal["fcfs", "priority"]
@@ -78,6 +79,7 @@ class Scheduler:
         self.blocks = block_manager
         self.waiting: list[Sequence] = []
         self.running: list[Sequence] = []
+        self.parked: list[Sequence] = []  # WAITING_FOR_REMOTE_KV: outside the batch, holding blocks
         self.num_preemptions_total = 0
 
     # -- queue ------------------------------------------------------------------------------------------
@@ -100,10 +102,35 @@ class Scheduler:
             self.running.remove(seq)
         elif seq.status is SequenceStatus.WAITING:
             self.waiting.remove(seq)
+        elif seq.status is SequenceStatus.WAITING_FOR_REMOTE_KV:
+            self.parked.remove(seq)
         self.blocks.release(seq.block_table)
         seq.block_table = []
         seq.status = SequenceStatus.FINISHED
         seq.finish_reason = reason
+
+    # -- remote prefill (disaggregated decode) ------------------------------------------------------
+    def park_for_remote_kv(self, seq: Sequence) -> None:
+        """Reserve fresh blocks for every token of `seq` (a prompt another engine prefills into
+        them); it stays out of the batch until `resume_remote_kv`."""
+        need = self.blocks.blocks_needed(len(seq.token_ids))
+        if need > self.blocks.num_free_blocks:
+            raise OutOfKVBlocksError(f"request {seq.request_id!r} needs {need} KV blocks, "
+                                     f"{self.blocks.num_free_blocks} are free")
+        seq.block_table = self.blocks.allocate(need)
+        seq.status = SequenceStatus.WAITING_FOR_REMOTE_KV
+        self.parked.append(seq)
+
+    def resume_remote_kv(self, seq: Sequence) -> ScheduledSequence:
+        """The remote prefill of `seq` landed: it joins the running batch. Returns the step the
+        remote engine ran for it, for `commit`. (It joins even past max_num_seqs: its blocks are
+        already held.)"""
+        if seq.status is not SequenceStatus.WAITING_FOR_REMOTE_KV:
+            raise ValueError(f"request {seq.request_id!r} is not waiting for remote KV")
+        self.parked.remove(seq)
+        seq.status = SequenceStatus.RUNNING
+        self.running.append(seq)
+        return ScheduledSequence(seq, 0, len(seq.token_ids), ())
 
     def _preempt(self, seq: Sequence) -> None:
         self.running.remove(seq)
@@ -217,7 +244,7 @@ class Scheduler:
     def held_block_refs(self) -> dict[int, int]:
         """Block id → number of live sequences holding it (for integrity checks)."""
         refs: dict[int, int] = {}
-        for seq in self.running + self.waiting:
+        for seq in self.running + self.waiting + self.parked:
             for block_id in seq.block_table:
                 refs[block_id] = refs.get(block_id, 0) + 1
         return refs

@@ -15,6 +15,7 @@ FinishReason = Literal["stop", "length", "abort"]
 
 class SequenceStatus(enum.Enum):
     WAITING = "waiting"
+    WAITING_FOR_REMOTE_KV = "waiting_for_remote_kv"  # holds blocks another engine is filling
     RUNNING = "running"
     FINISHED = "finished"
 

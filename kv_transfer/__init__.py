@@ -1,0 +1,25 @@
+"""Tandem's transfer engine: move KV-cache pages between processes and hosts."""
+
+from kv_transfer.batch import BatchHandle, NotifySpec
+from kv_transfer.config import TransferEngineConfig
+from kv_transfer.datatypes import BatchStatus, Notification, Ranges, SegmentDescriptor, TransferOp, TransferRequest
+from kv_transfer.engine import RemoteSegment, TransferEngine
+from kv_transfer.errors import (
+    BackendUnavailableError,
+    HandshakeError,
+    InvalidTransferError,
+    MetadataStoreError,
+    PeerLostError,
+    RemoteRejectedError,
+    SegmentNotFoundError,
+    TransferError,
+    TransferTimeoutError,
+)
+from kv_transfer.metadata import EtcdStore, InProcessStore, MetadataStore
+
+__all__ = [
+    "BackendUnavailableError", "BatchHandle", "BatchStatus", "EtcdStore", "HandshakeError", "InProcessStore",
+    "InvalidTransferError", "MetadataStore", "MetadataStoreError", "Notification", "NotifySpec", "PeerLostError",
+    "Ranges", "RemoteRejectedError", "RemoteSegment", "SegmentDescriptor", "SegmentNotFoundError", "TransferEngine",
+    "TransferEngineConfig", "TransferError", "TransferOp", "TransferRequest", "TransferTimeoutError",
+]

@@ -1,0 +1,83 @@
+"""Shared memory between two processes on one host: the initiator maps the peer's memfd-backed
+segment and copies directly with torch (one-sided, like RDMA), then notifies the peer."""
+
+from __future__ import annotations
+
+import logging
+import mmap
+import queue
+import threading
+
+import torch
+
+from kv_transfer.backends.base import Backend, BackendContext
+from kv_transfer.batch import Batch
+from kv_transfer.datatypes import SegmentDescriptor, TransferOp
+from kv_transfer.errors import TransferError
+from kv_transfer.segment import LocalSegment, map_peer_buffer
+from kv_transfer.tensor_copy import copy_ranges
+
+log = logging.getLogger(__name__)
+
+
+class SharedMemoryBackend(Backend):
+    name = "shm"
+
+    def __init__(self, ctx: BackendContext) -> None:
+        super().__init__(ctx)
+        self._lock = threading.Lock()
+        self._mapped: dict[tuple[str, str], tuple[mmap.mmap, torch.Tensor]] = {}  # (owner, segment) → mapping
+        self._queue: queue.SimpleQueue[Batch | None] = queue.SimpleQueue()
+        self._worker = threading.Thread(target=self._run, name="kv-shm-copy", daemon=True)
+        self._worker.start()
+
+    def segment_endpoint(self, segment: LocalSegment) -> dict | None:
+        return segment.shared.endpoint(segment.data) if segment.shared is not None else None
+
+    def can_reach(self, local: LocalSegment, remote: SegmentDescriptor) -> bool:
+        if local.device != "cpu" or remote.device != "cpu" or "shm" not in remote.endpoints:
+            return False
+        try:
+            self.connect(remote)
+        except (OSError, TransferError):
+            return False
+        return True
+
+    def connect(self, remote: SegmentDescriptor) -> None:
+        key = (remote.owner, remote.name)
+        with self._lock:
+            if key in self._mapped:
+                return
+        mapping = map_peer_buffer(dict(remote.endpoints["shm"]), remote.length)
+        with self._lock:
+            self._mapped.setdefault(key, mapping)
+
+    def disconnect(self, remote: SegmentDescriptor) -> None:
+        with self._lock:
+            self._mapped.pop((remote.owner, remote.name), None)  # the mapping closes with its last view
+
+    def start(self, batch: Batch) -> None:
+        self._queue.put(batch)
+
+    def _run(self) -> None:
+        while (batch := self._queue.get()) is not None:
+            if batch.remaining() <= 0 or batch.status.value != "pending":
+                continue
+            with self._lock:
+                mapped = self._mapped.get((batch.remote.owner, batch.remote.name))
+            if mapped is None:
+                batch.fail(TransferError(f"segment {batch.remote.name!r} is not mapped (open it first)"))
+                continue
+            remote = mapped[1]
+            r = batch.ranges
+            if batch.op is TransferOp.WRITE:
+                copy_ranges(remote, r.remote_offsets, batch.local.data, r.local_offsets, r.lengths)
+            else:
+                copy_ranges(batch.local.data, r.local_offsets, remote, r.remote_offsets, r.lengths)
+            self.finish_one_sided(batch)
+
+    def close(self) -> None:
+        self._queue.put(None)
+        self._worker.join(timeout=5)
+        with self._lock:
+            self._mapped.clear()

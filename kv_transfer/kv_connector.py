@@ -1,0 +1,144 @@
+"""The KV connector: an engine's paged KV pool as a transfer-engine segment.
+
+Both roles share it. The prefill side pushes pages with `KVPusher` (kv_push.py); the decode side
+reserves blocks in its engine and waits on a `KVReceipt` until every layer of every block has
+landed and the final note (with the first sampled token) has arrived.
+
+Notes travel as batch notifications tagged `kv/<request id>`: one per layer batch, then a final
+one sent only after every layer batch succeeded (or carrying the error that stopped them).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+from engine.config import ModelConfig
+from engine.kv_cache import KVCachePool
+from kv_transfer.datatypes import Notification, Ranges
+from kv_transfer.engine import RemoteSegment, TransferEngine
+from kv_transfer.errors import HandshakeError, TransferError
+from kv_transfer.kv_layout import KVLayout, block_ranges
+from kv_transfer.notifications import Subscription
+
+
+def kv_tag(request_id: str) -> str:
+    return f"kv/{request_id}"
+
+
+def _layout_key(prefix: str, segment: str) -> str:
+    return f"{prefix.rstrip('/')}/kv_layouts/{segment}"
+
+
+@dataclass(frozen=True)
+class KVPushNote:
+    """What a batch of pushed KV pages means: layers × block indexes [block_start, block_end) of
+    the request's reserved block list. `final` closes the push."""
+
+    request_id: str
+    layers: tuple[int, ...]
+    block_start: int
+    block_end: int
+    final: bool = False
+    first_token_id: int | None = None
+    error: str | None = None
+
+    def encode(self) -> bytes:
+        return json.dumps(asdict(self)).encode()
+
+    @classmethod
+    def decode(cls, raw: bytes) -> KVPushNote:
+        body = json.loads(raw)
+        body["layers"] = tuple(body["layers"])
+        return cls(**body)
+
+
+@dataclass(frozen=True)
+class PeerKV:
+    """A peer engine's KV segment after a successful handshake."""
+
+    segment: RemoteSegment
+    layout: KVLayout
+
+
+class KVConnector:
+    def __init__(self, transfer: TransferEngine, pool: KVCachePool, model: ModelConfig, segment_name: str,
+                 tp_size: int = 1, tp_rank: int = 0) -> None:
+        self.transfer = transfer
+        self.pool = pool
+        self.segment_name = segment_name
+        self.layout = KVLayout.of_pool(pool, model, tp_size, tp_rank)
+        self._peers: dict[str, PeerKV] = {}
+
+    async def publish(self) -> None:
+        """Register the pool as a segment and publish its layout (call once, before peers connect)."""
+        await self.transfer.register_segment(self.segment_name, self.pool.tensor)
+        await self.transfer.store.put(_layout_key(self.transfer.config.metadata_prefix, self.segment_name),
+                                      self.layout.to_json())
+
+    async def connect(self, peer_segment: str) -> PeerKV:
+        """Open a peer's KV segment and compare layouts; raises HandshakeError before any byte moves."""
+        known = self._peers.get(peer_segment)
+        if known is not None and self.transfer.link.is_connected(known.segment.owner):
+            return known
+        remote = await self.transfer.open_segment(peer_segment)
+        raw = await self.transfer.store.get(_layout_key(self.transfer.config.metadata_prefix, peer_segment))
+        if raw is None:
+            raise HandshakeError(f"segment {peer_segment!r} publishes no KV layout: it is not a KV pool")
+        peer = PeerKV(remote, KVLayout.from_json(raw))
+        self.layout.check_compatible(peer.layout)
+        self._peers[peer_segment] = peer
+        return peer
+
+    def ranges(self, peer: PeerKV, layers: list[int], local_blocks: list[int], remote_blocks: list[int]) -> Ranges:
+        return block_ranges(self.layout, peer.layout, layers, local_blocks, remote_blocks)
+
+    def expect(self, request_id: str, peer_engine: str, num_blocks: int) -> KVReceipt:
+        """Decode side: start collecting the notes of `request_id` (call before asking for the push)."""
+        return KVReceipt(self.transfer.subscribe(kv_tag(request_id), peer_engine), self.layout.num_layers,
+                         num_blocks)
+
+
+class KVReceipt:
+    """Tracks which (layer, block) pages of one request have landed. Complete only when the final
+    note arrived and every layer of every block was covered by a successful batch."""
+
+    def __init__(self, subscription: Subscription, num_layers: int, num_blocks: int) -> None:
+        self._sub = subscription
+        self.landed = np.zeros((num_layers, num_blocks), dtype=bool)
+        self.final: KVPushNote | None = None
+
+    @property
+    def complete(self) -> bool:
+        return self.final is not None and bool(self.landed.all())
+
+    def completed_layers(self) -> list[int]:
+        return [int(i) for i in np.flatnonzero(self.landed.all(axis=1))]
+
+    def _absorb(self, notification: Notification) -> None:
+        note = KVPushNote.decode(notification.message)
+        if not notification.ok or note.error is not None:
+            raise TransferError(f"KV push of {note.request_id!r} from {notification.peer} failed: "
+                                f"{notification.error or note.error}")
+        if note.final:
+            self.final = note
+        else:
+            self.landed[list(note.layers), note.block_start:note.block_end] = True
+
+    async def wait(self, timeout_s: float) -> int:
+        """Until complete; returns the first sampled token. Raises TransferError (PeerLostError,
+        TransferTimeoutError, or the sender's reported failure) otherwise."""
+        try:
+            while not self.complete:
+                self._absorb(await self._sub.get_async(timeout_s))
+        finally:
+            self._sub.close()
+        assert self.final is not None
+        if self.final.first_token_id is None:
+            raise TransferError("the final KV note carries no first token")
+        return self.final.first_token_id
+
+    def close(self) -> None:
+        self._sub.close()

@@ -1,0 +1,114 @@
+"""Prefill side: push each layer's freshly written pages to the decode engine's reserved blocks
+while the next layer computes (an `engine.kv_hooks.KVStepHook`)."""
+
+from __future__ import annotations
+
+import logging
+import threading
+from dataclasses import dataclass, field
+
+from engine.outputs import RequestOutput
+from engine.scheduler import SchedulerOutput
+from kv_transfer.batch import BatchHandle, NotifySpec
+from kv_transfer.datatypes import Ranges, TransferOp
+from kv_transfer.errors import TransferError
+from kv_transfer.kv_connector import KVConnector, KVPushNote, PeerKV, kv_tag
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class _Target:
+    request_id: str
+    peer: PeerKV
+    remote_blocks: list[int]
+    timeout_s: float
+    next_block: int = 0  # blocks before this were pushed complete (the last partial one is re-pushed)
+    error: str | None = None
+    step_blocks: tuple[int, int, list[int], list[int]] | None = None  # (start, end, local ids, remote ids)
+    handles: list[BatchHandle] = field(default_factory=list)
+
+
+class KVPusher:
+    """Attach with `engine.set_kv_hook(pusher)`; call `expect` before adding each request to push."""
+
+    def __init__(self, connector: KVConnector, block_size: int) -> None:
+        self.connector = connector
+        self.block_size = block_size
+        self._targets: dict[str, _Target] = {}
+        self._active: list[_Target] = []
+        self._lock = threading.Lock()
+
+    def expect(self, request_id: str, peer: PeerKV, remote_blocks: list[int], timeout_s: float = 30.0) -> None:
+        with self._lock:
+            self._targets[request_id] = _Target(request_id, peer, list(remote_blocks), timeout_s)
+
+    def forget(self, request_id: str) -> None:
+        with self._lock:
+            self._targets.pop(request_id, None)
+
+    # -- KVStepHook -----------------------------------------------------------------------------------
+    def begin_step(self, plan: SchedulerOutput) -> bool:
+        self._active = []
+        with self._lock:
+            for item in plan.scheduled:
+                target = self._targets.get(item.seq.request_id)
+                if target is None or target.error is not None:
+                    continue
+                end_token = item.start + item.num_tokens - len(item.draft_token_ids)
+                start = min(target.next_block, item.start // self.block_size)
+                end = min(-(-end_token // self.block_size), len(target.remote_blocks))
+                if end <= start:
+                    continue
+                target.step_blocks = (start, end, item.seq.block_table[start:end], target.remote_blocks[start:end])
+                target.next_block = end_token // self.block_size
+                self._active.append(target)
+        return bool(self._active)
+
+    def layer_written(self, layer: int) -> None:
+        for target in self._active:
+            assert target.step_blocks is not None
+            start, end, local, remote = target.step_blocks
+            note = KVPushNote(target.request_id, (layer,), start, end)
+            try:
+                ranges = self.connector.ranges(target.peer, [layer], local, remote)
+                target.handles.append(self._submit(target, ranges, note))
+            except TransferError as e:
+                target.error = target.error or str(e)
+
+    def wait_for_save(self, plan: SchedulerOutput) -> None:
+        for target in self._active:
+            for handle in target.handles:
+                try:
+                    handle.wait()
+                except TransferError as e:
+                    target.error = target.error or str(e)
+                finally:
+                    handle.release()
+            target.handles.clear()
+            target.step_blocks = None
+        self._active = []
+
+    def step_committed(self, outputs: list[RequestOutput]) -> None:
+        for out in outputs:
+            with self._lock:
+                target = self._targets.get(out.request_id)
+            if target is None or not (out.token_ids or out.finished):
+                continue
+            self.forget(out.request_id)
+            first = out.token_ids[0] if out.token_ids else None
+            error = target.error if first is not None else (target.error or "the prefill ended without a token")
+            total = len(target.remote_blocks)
+            note = KVPushNote(target.request_id, tuple(range(self.connector.layout.num_layers)), 0, total,
+                              final=True, first_token_id=first, error=error)
+            empty = self.connector.ranges(target.peer, [], [], [])
+            try:
+                with self._submit(target, empty, note) as handle:
+                    handle.wait()
+            except TransferError as e:
+                log.warning("could not deliver the final KV note of %s: %s", out.request_id, e)
+
+    def _submit(self, target: _Target, ranges: Ranges, note: KVPushNote) -> BatchHandle:
+        return self.connector.transfer.submit_ranges(
+            TransferOp.WRITE, self.connector.segment_name, target.peer.segment.name, ranges,
+            notify=NotifySpec(kv_tag(target.request_id), note.encode()), timeout_s=target.timeout_s)

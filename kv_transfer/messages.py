@@ -1,0 +1,123 @@
+"""Messages on the peer link (the control connection between two engines), and their framing.
+
+Frame: 4-byte big-endian length, then a JSON object whose "kind" names the message class.
+Binary fields travel base64-encoded. Payload bytes of the TCP backend follow their header frame
+raw, outside this framing.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import socket
+import struct
+from dataclasses import asdict, dataclass, fields
+from typing import Any, ClassVar, Literal
+
+from kv_transfer.errors import PeerLostError, TransferTimeoutError
+
+MAX_FRAME = 64 << 20
+_LEN = struct.Struct("!I")
+
+
+@dataclass(frozen=True)
+class Hello:
+    """First frame of every connection: who is calling and what the connection is for."""
+
+    engine: str
+    purpose: Literal["control", "data"]
+    kind: ClassVar[str] = "hello"
+
+
+@dataclass(frozen=True)
+class Notify:
+    """A batch towards one of the receiver's segments ended (sent by the initiator)."""
+
+    batch_id: str
+    segment: str
+    tag: str
+    message: bytes
+    ok: bool
+    error: str | None = None
+    kind: ClassVar[str] = "notify"
+
+
+@dataclass(frozen=True)
+class XferHeader:
+    """TCP backend: the initiator asks to move `num_ranges` ranges of `segment`; the (offset, length)
+    int64 pairs follow this frame as raw bytes."""
+
+    batch_id: str
+    op: Literal["read", "write"]
+    segment: str
+    num_ranges: int
+    total_bytes: int
+    tag: str
+    message: bytes
+    timeout_s: float  # how long the target may wait for the payload
+    kind: ClassVar[str] = "xfer"
+
+
+@dataclass(frozen=True)
+class XferReply:
+    """TCP backend: the target's answer to a header ("accept"/"reject") or to a payload ("done")."""
+
+    status: Literal["accept", "reject", "done"]
+    error: str | None = None
+    kind: ClassVar[str] = "xfer_reply"
+
+
+Message = Hello | Notify | XferHeader | XferReply
+_BY_KIND: dict[str, type] = {cls.kind: cls for cls in (Hello, Notify, XferHeader, XferReply)}
+_BYTES_FIELDS = {"message"}
+
+
+def encode(msg: Message) -> bytes:
+    body: dict[str, Any] = asdict(msg)
+    for name in _BYTES_FIELDS & body.keys():
+        body[name] = base64.b64encode(body[name]).decode()
+    body["kind"] = msg.kind
+    raw = json.dumps(body).encode()
+    return _LEN.pack(len(raw)) + raw
+
+
+def decode(raw: bytes) -> Message:
+    body = json.loads(raw)
+    cls = _BY_KIND.get(body.pop("kind", None))
+    if cls is None:
+        raise ValueError("unknown message kind")
+    names = {f.name for f in fields(cls)}
+    if body.keys() - names:
+        raise ValueError(f"unexpected fields {sorted(body.keys() - names)} in {cls.__name__}")
+    for name in _BYTES_FIELDS & body.keys():
+        body[name] = base64.b64decode(body[name])
+    return cls(**body)  # type: ignore[no-any-return]
+
+
+def send_message(sock: socket.socket, msg: Message) -> None:
+    sock.sendall(encode(msg))
+
+
+def recv_message(sock: socket.socket) -> Message:
+    """Read one frame; raises PeerLostError on EOF or a broken connection."""
+    (length,) = _LEN.unpack(recv_exact(sock, _LEN.size))
+    if length > MAX_FRAME:
+        raise PeerLostError(f"peer sent a {length}-byte frame (limit {MAX_FRAME}): dropping the connection")
+    return decode(recv_exact(sock, length))
+
+
+def recv_exact(sock: socket.socket, n: int) -> bytes:
+    buf = bytearray(n)
+    view = memoryview(buf)
+    got = 0
+    while got < n:
+        try:
+            k = sock.recv_into(view[got:])
+        except TimeoutError as e:
+            raise TransferTimeoutError("peer did not send in time") from e
+        except OSError as e:
+            raise PeerLostError(f"connection to peer failed: {e}") from e
+        if k == 0:
+            raise PeerLostError("peer closed the connection")
+        got += k
+    return bytes(buf)

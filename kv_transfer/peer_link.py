@@ -1,0 +1,172 @@
+"""The peer link: one listening socket per engine, control connections between engines.
+
+Every connection starts with a `Hello`. Control connections carry `Notify` messages and tell
+each side at once when the other goes away (a SIGKILLed process's sockets are closed by the
+kernel, so EOF arrives immediately on one host; across hosts, TCP keepalive bounds it). Data
+connections are handed to the backend that asked for them (the TCP backend).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import socket
+import threading
+from collections.abc import Callable
+
+from kv_transfer.errors import PeerLostError, TransferError
+from kv_transfer.messages import Hello, Message, Notify, recv_message, send_message
+
+log = logging.getLogger(__name__)
+
+DataHandler = Callable[[socket.socket, str], None]
+_CONNECT_TIMEOUT_S = 5.0
+
+
+def tune_socket(sock: socket.socket, buffer_bytes: int = 4 << 20) -> None:
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+    for opt in (socket.SO_SNDBUF, socket.SO_RCVBUF):
+        sock.setsockopt(socket.SOL_SOCKET, opt, buffer_bytes)
+    if hasattr(socket, "TCP_KEEPIDLE"):
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, 5)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, 2)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, 3)
+
+
+def parse_address(address: str) -> tuple[str, int]:
+    host, _, port = address.rpartition(":")
+    return host.strip("[]"), int(port)
+
+
+class PeerLink:
+    def __init__(self, engine_id: str, host: str, port: int, on_notify: Callable[[str, Notify], None],
+                 on_peer_lost: Callable[[str, str], None]) -> None:
+        self.engine_id = engine_id
+        self._on_notify = on_notify
+        self._on_peer_lost = on_peer_lost
+        self._data_handler: DataHandler | None = None
+        self._server = socket.create_server((host, port), backlog=128)
+        self.address = f"{host}:{self._server.getsockname()[1]}"
+        self._lock = threading.Lock()
+        self._outgoing: dict[str, socket.socket] = {}  # peer id → our control connection to it
+        self._send_locks: dict[str, threading.Lock] = {}
+        self._sockets: set[socket.socket] = set()
+        self._closed = False
+        threading.Thread(target=self._accept_loop, name=f"peer-link-{engine_id}", daemon=True).start()
+
+    def set_data_handler(self, handler: DataHandler) -> None:
+        self._data_handler = handler
+
+    # -- outgoing -------------------------------------------------------------------------------------
+    def connect(self, peer: str, address: str) -> None:
+        """Open (once) our control connection to `peer`; raises PeerLostError if it is unreachable."""
+        with self._lock:
+            if peer in self._outgoing:
+                return
+        sock = self.open(address, "control")
+        with self._lock:
+            if peer in self._outgoing:  # lost a race with another thread: keep the first
+                sock.close()
+                return
+            self._outgoing[peer] = sock
+            self._send_locks[peer] = threading.Lock()
+        threading.Thread(target=self._read_loop, args=(sock, peer), daemon=True).start()
+
+    def open(self, address: str, purpose: str) -> socket.socket:
+        host, port = parse_address(address)
+        try:
+            sock = socket.create_connection((host, port), timeout=_CONNECT_TIMEOUT_S)
+        except OSError as e:
+            raise PeerLostError(f"cannot reach peer engine at {address}: {e}") from e
+        tune_socket(sock)
+        sock.settimeout(None)
+        send_message(sock, Hello(engine=self.engine_id, purpose=purpose))  # type: ignore[arg-type]
+        self._track(sock)
+        return sock
+
+    def is_connected(self, peer: str) -> bool:
+        with self._lock:
+            return peer in self._outgoing
+
+    def send(self, peer: str, msg: Message) -> None:
+        with self._lock:
+            sock, lock = self._outgoing.get(peer), self._send_locks.get(peer)
+        if sock is None or lock is None:
+            raise PeerLostError(f"no control connection to peer {peer}")
+        try:
+            with lock:
+                send_message(sock, msg)
+        except OSError as e:
+            self._drop(sock, peer, f"send failed: {e}")
+            raise PeerLostError(f"peer {peer} is gone: {e}") from e
+
+    # -- incoming -------------------------------------------------------------------------------------
+    def _accept_loop(self) -> None:
+        while not self._closed:
+            try:
+                sock, _ = self._server.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._serve, args=(sock,), daemon=True).start()
+
+    def _serve(self, sock: socket.socket) -> None:
+        tune_socket(sock)
+        self._track(sock)
+        try:
+            hello = recv_message(sock)
+        except (TransferError, ValueError) as e:
+            log.warning("dropping a connection that did not say hello: %s", e)
+            self._untrack_close(sock)
+            return
+        if not isinstance(hello, Hello):
+            self._untrack_close(sock)
+            return
+        if hello.purpose == "data" and self._data_handler is not None:
+            try:
+                self._data_handler(sock, hello.engine)
+            finally:
+                self._untrack_close(sock)
+            return
+        self._read_loop(sock, hello.engine)
+
+    def _read_loop(self, sock: socket.socket, peer: str) -> None:
+        while True:
+            try:
+                msg = recv_message(sock)
+            except (TransferError, ValueError, OSError) as e:
+                self._drop(sock, peer, str(e))
+                return
+            if isinstance(msg, Notify):
+                self._on_notify(peer, msg)
+
+    def _drop(self, sock: socket.socket, peer: str, reason: str) -> None:
+        with self._lock:
+            if self._outgoing.get(peer) is sock:
+                del self._outgoing[peer]
+        self._untrack_close(sock)
+        if not self._closed:
+            self._on_peer_lost(peer, reason)
+
+    # -- lifecycle ------------------------------------------------------------------------------------
+    def _track(self, sock: socket.socket) -> None:
+        with self._lock:
+            self._sockets.add(sock)
+
+    def _untrack_close(self, sock: socket.socket) -> None:
+        with self._lock:
+            self._sockets.discard(sock)
+        with contextlib.suppress(OSError):
+            sock.close()
+
+    def close(self) -> None:
+        self._closed = True
+        with contextlib.suppress(OSError):
+            self._server.shutdown(socket.SHUT_RDWR)
+        self._server.close()
+        with self._lock:
+            sockets = list(self._sockets)
+        for sock in sockets:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+            sock.close()

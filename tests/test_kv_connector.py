@@ -1,0 +1,127 @@
+"""The KV connector between two engines in two OS processes: a real prefill's KV pages pushed
+layer by layer into the decode engine's reserved blocks, whose greedy continuation must equal
+transformers' (and so the single engine's)."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator
+
+import pytest
+
+from engine.kv_cache import KVCachePool, KVCacheSpec
+from engine.loader.api import load_tokenizer
+from kv_transfer.errors import HandshakeError
+from kv_transfer.kv_layout import KVLayout, block_ranges
+from tests.support.etcd import running_etcd
+from tests.support.hf_reference import hf_greedy
+from tests.support.kv_peers import PeerProcess
+from tests.support.prompts import text_of_about
+
+BACKENDS = ["shm", "tcp", "nixl"]
+MAX_TOKENS = 12
+
+
+def _engine_peer(etcd: str, name: str, backend: str, model: str, prefix: str, **extra: int) -> PeerProcess:
+    args = ["--etcd", etcd, "--name", name, "--backend", backend, "--model", model, "--prefix", prefix]
+    for key, value in extra.items():
+        args += [f"--{key.replace('_', '-')}", str(value)]
+    return PeerProcess("tests.support.kv_engine_peer", args, name)
+
+
+@pytest.fixture(scope="module")
+def etcd() -> Iterator[str]:
+    with running_etcd() as endpoint:
+        yield endpoint
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_pushed_prefill_decodes_like_transformers(backend: str, etcd: str, default_model_path) -> None:
+    if backend == "nixl":
+        from tests.test_kv_transfer_processes import _nixl_available
+
+        if not _nixl_available():
+            pytest.skip("NIXL is not available here")
+    model = str(default_model_path)
+    prefix = f"/tandem/test-{uuid.uuid4().hex[:8]}"
+    # The prefill engine runs 40-token chunks, so a long prompt is pushed over several steps (each
+    # step re-pushes the block its previous chunk left partly filled); the decode pool is sized
+    # differently, so block ids and layer strides differ on the two sides.
+    prefill = _engine_peer(etcd, f"p-{backend}", backend, model, prefix, num_blocks=96, max_batched_tokens=40)
+    decode = _engine_peer(etcd, f"d-{backend}", backend, model, prefix, num_blocks=160)
+    try:
+        tokenizer = load_tokenizer(model)
+        prompts = [text_of_about(tokenizer, n, seed) for n, seed in ((5, 1), (16, 2), (83, 3), (200, 4))]
+        for i, prompt in enumerate(prompts):
+            rid = f"r{i}"
+            reserved = decode.call(cmd="reserve", request_id=rid, prompt=prompt, max_tokens=MAX_TOKENS)
+            assert reserved["ok"], reserved
+            decode.send(cmd="decode", request_id=rid, peer=prefill.engine_id, timeout=60)
+            pushed = prefill.call(cmd="prefill", request_id=rid, prompt=prompt, peer_segment=decode.name,
+                                  blocks=reserved["blocks"], timeout=120)
+            assert pushed["ok"], pushed
+            result = decode.read(timeout=120)
+            assert result["ok"], result
+            expected = hf_greedy(model, prompt, MAX_TOKENS, tokenizer.eos_token_ids)
+            assert result["tokens"] == expected, f"prompt {i} ({len(prompt)} tokens)"
+            assert result["tokens"][0] == pushed["first_token"]
+            assert result["layers"] == list(range(30))
+    finally:
+        prefill.close()
+        decode.close()
+
+
+def test_handshake_refuses_a_different_block_size_before_moving_bytes(etcd: str, default_model_path) -> None:
+    prefix = f"/tandem/test-{uuid.uuid4().hex[:8]}"
+    a = _engine_peer(etcd, "hs-a", "tcp", str(default_model_path), prefix, num_blocks=64)
+    b = _engine_peer(etcd, "hs-b", "tcp", str(default_model_path), prefix, num_blocks=64, block_size=32)
+    try:
+        result = a.call(cmd="connect", segment=b.name)
+        assert not result["ok"] and result["error"] == "HandshakeError"
+        assert "block_size: ours 16, peer's 32" in result["message"]
+    finally:
+        a.close()
+        b.close()
+
+
+def _layout(num_blocks: int, **changes: object) -> KVLayout:
+    import torch
+
+    from engine.config import ModelConfig
+
+    spec = KVCacheSpec(num_layers=3, num_blocks=num_blocks, block_size=4, num_kv_heads=2, head_dim=8,
+                       dtype=torch.float32)
+    model = ModelConfig(architecture="llama", vocab_size=100, hidden_size=32, intermediate_size=64, num_layers=3,
+                        num_heads=4, num_kv_heads=2, head_dim=8, max_position_embeddings=64, rms_norm_eps=1e-5,
+                        rope_theta=10000.0)
+    layout = KVLayout.of_pool(KVCachePool(spec, torch.device("cpu"), torch.float32), model)
+    return KVLayout(**{**layout.__dict__, **changes})
+
+
+def test_block_ranges_coalesce_runs_and_match_the_pool_bytes() -> None:
+    import torch
+
+    local, remote = _layout(10), _layout(20)
+    ranges = block_ranges(local, remote, [0, 2], [3, 4, 5, 9, 1], [7, 8, 9, 10, 2])
+    # runs: (3,4,5)->(7,8,9); (9)->(10); (1)->(2): three ranges per layer
+    assert len(ranges) == 6
+    b = local.block_bytes
+    assert ranges.lengths.tolist() == [3 * b, b, b] * 2
+    assert ranges.local_offsets[:3].tolist() == [3 * b, 9 * b, 1 * b]
+    assert ranges.remote_offsets[3:].tolist() == [(2 * 21 + 7) * b, (2 * 21 + 10) * b, (2 * 21 + 2) * b]
+    # the offsets address exactly KVCachePool.block_bytes(layer, block) in a real pool
+    spec = KVCacheSpec(3, 10, 4, 2, 8, torch.float32)
+    pool = KVCachePool(spec, torch.device("cpu"), torch.float32)
+    pool.tensor.copy_(torch.randn_like(pool.tensor))
+    flat = pool.tensor.view(-1).view(torch.uint8)
+    off = int(ranges.local_offsets[4])  # layer 2, block 9
+    assert torch.equal(flat[off:off + b], pool.block_bytes(2, 9))
+
+
+def test_layout_mismatch_names_every_difference() -> None:
+    ours = _layout(10)
+    with pytest.raises(HandshakeError, match=r"dtype: ours 'float32', peer's 'bfloat16'.*tp_size: ours 1, peer's 2"):
+        ours.check_compatible(_layout(12, dtype="bfloat16", tp_size=2))
+    ours.check_compatible(_layout(12))  # pool sizes may differ
+
