@@ -9,11 +9,11 @@ from collections.abc import Iterator
 
 import pytest
 
+from cluster.local_etcd import running_etcd
 from engine.kv_cache import KVCachePool, KVCacheSpec
 from engine.loader.api import load_tokenizer
 from kv_transfer.errors import HandshakeError
 from kv_transfer.kv_layout import KVLayout, block_ranges
-from tests.support.etcd import running_etcd
 from tests.support.hf_reference import hf_greedy
 from tests.support.kv_peers import PeerProcess
 from tests.support.prompts import text_of_about
@@ -59,7 +59,7 @@ def test_pushed_prefill_decodes_like_transformers(backend: str, etcd: str, defau
             assert reserved["ok"], reserved
             decode.send(cmd="decode", request_id=rid, peer=prefill.engine_id, timeout=60)
             pushed = prefill.call(cmd="prefill", request_id=rid, prompt=prompt, peer_segment=decode.name,
-                                  blocks=reserved["blocks"], timeout=120)
+                                  blocks=reserved["blocks"], reply_within=180)
             assert pushed["ok"], pushed
             result = decode.read(timeout=120)
             assert result["ok"], result

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import signal
 import time
 import uuid
 from collections.abc import Iterator
@@ -10,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.support.etcd import running_etcd
+from cluster.local_etcd import running_etcd
 from tests.support.kv_peer import initial_bytes
 from tests.support.kv_peers import KVPeer
 
@@ -122,3 +123,22 @@ def test_target_killed_mid_stream_fails_the_waiting_initiator(pair: tuple[KVPeer
     assert not result["ok"] and result["error"] in ("PeerLostError", "TransferTimeoutError"), result
     assert result["done"] > 0  # it was streaming when the peer died
     assert waited < 11, f"the initiator learned of the loss after {waited:.1f} s (deadline 10 s)"
+
+
+def test_stopped_peer_hits_the_deadline_not_a_hang(etcd: str) -> None:
+    """A peer that is alive but frozen (SIGSTOP) never answers: the batch fails at its deadline."""
+    prefix = f"/tandem/test-{uuid.uuid4().hex[:8]}"
+    a = KVPeer(etcd, "a-stop", SIZE, seed=1, backends=["tcp"], prefix=prefix)
+    b = KVPeer(etcd, "b-stop", SIZE, seed=2, backends=["tcp"], prefix=prefix)
+    try:
+        assert a.call(cmd="open", segment=b.name)["ok"]
+        b.proc.send_signal(signal.SIGSTOP)
+        started = time.monotonic()
+        result = a.call(cmd="submit", op="write", remote=b.name, ranges=[[0, 0, SIZE]], count=50, timeout=1.5)
+        waited = time.monotonic() - started
+        assert not result["ok"] and result["error"] == "TransferTimeoutError", result
+        assert waited < 1.5 * 2 + 1, waited
+    finally:
+        b.proc.send_signal(signal.SIGCONT)
+        a.close()
+        b.close()

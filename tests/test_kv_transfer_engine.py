@@ -1,0 +1,114 @@
+"""The transfer engine in one process: errors, validation on both sides, metrics, lifecycle."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+from prometheus_client import REGISTRY
+
+from cluster.local_etcd import free_port
+from kv_transfer import (
+    EtcdStore,
+    InProcessStore,
+    InvalidTransferError,
+    MetadataStoreError,
+    NotifySpec,
+    Ranges,
+    RemoteRejectedError,
+    SegmentNotFoundError,
+    TransferEngine,
+    TransferEngineConfig,
+    TransferOp,
+    TransferRequest,
+)
+from kv_transfer.engine import RemoteSegment
+
+
+def _metric(name: str, **labels: str) -> float:
+    return REGISTRY.get_sample_value(name, labels) or 0.0
+
+
+async def _pair(backend: str) -> tuple[TransferEngine, TransferEngine, torch.Tensor, torch.Tensor]:
+    store = InProcessStore()
+    a = TransferEngine(store, TransferEngineConfig(backends=(backend,)))  # type: ignore[arg-type]
+    b = TransferEngine(store, TransferEngineConfig(backends=(backend,)))  # type: ignore[arg-type]
+    mem_a, mem_b = a.allocate_host_buffer(1 << 16), b.allocate_host_buffer(1 << 16)
+    mem_a.copy_(torch.randint(0, 256, (1 << 16,), dtype=torch.uint8))
+    await a.register_segment("a", mem_a)
+    await b.register_segment("b", mem_b)
+    await a.open_segment("b")
+    return a, b, mem_a, mem_b
+
+
+@pytest.mark.parametrize("backend", ["shm", "tcp"])
+async def test_mixed_read_write_batch_notifies_and_counts(backend: str) -> None:
+    a, b, mem_a, mem_b = await _pair(backend)
+    before = _metric("tandem_kv_transfer_bytes_total", backend=backend, peer=b.engine_id, op="write")
+    expect_b = mem_b.clone()
+    expect_b[1000:1100] = mem_a[0:100]
+    expect_a = mem_a.clone()
+    expect_a[5000:5010] = mem_b[0:10]
+    sub = b.subscribe("t", peer=a.engine_id)
+    handle = a.submit("a", [TransferRequest(TransferOp.WRITE, 0, "b", 1000, 100),
+                            TransferRequest(TransferOp.READ, 5000, "b", 0, 10)], notify=NotifySpec("t", b"m"))
+    await handle.wait_async(5)
+    assert torch.equal(mem_b, expect_b) and torch.equal(mem_a, expect_a)
+    notes = [await sub.get_async(5), await sub.get_async(5)]
+    assert {n.batch_id for n in notes} == set(handle.batch_ids) and all(n.ok and n.message == b"m" for n in notes)
+    assert _metric("tandem_kv_transfer_bytes_total", backend=backend, peer=b.engine_id, op="write") == before + 100
+    assert _metric("tandem_kv_transfer_seconds_count", backend=backend, peer=b.engine_id, op="read") >= 1
+    await a.close()
+    await b.close()
+
+
+async def test_out_of_range_and_unopened_segments_are_refused_before_moving() -> None:
+    a, b, _, mem_b = await _pair("tcp")
+    snapshot = mem_b.clone()
+    bad = [((1 << 16) - 5, 10, 0), (0, 10, (1 << 16) - 5), (0, 0, -1), (0, 0, 0)]
+    for local_off, length, remote_off in bad:
+        with pytest.raises(InvalidTransferError):
+            a.submit("a", [TransferRequest(TransferOp.WRITE, local_off, "b", remote_off, length)])
+    with pytest.raises(InvalidTransferError, match="not open"):
+        a.submit("a", [TransferRequest(TransferOp.WRITE, 0, "elsewhere", 0, 1)])
+    with pytest.raises(InvalidTransferError, match="not registered"):
+        a.submit("nope", [TransferRequest(TransferOp.WRITE, 0, "b", 0, 1)])
+    assert torch.equal(mem_b, snapshot)
+    await a.close()
+    await b.close()
+
+
+async def test_target_rejects_ranges_outside_its_segment_even_if_the_descriptor_lies() -> None:
+    """The owner validates too: an initiator with a stale or forged descriptor gets a clear refusal."""
+    a, b, _, mem_b = await _pair("tcp")
+    snapshot = mem_b.clone()
+    real = a._remotes["b"]
+    forged = dataclasses.replace(real.descriptor, length=1 << 20)
+    a._remotes["b"] = RemoteSegment(forged, real.backends)
+    ranges = Ranges(np.array([0]), np.array([(1 << 16) - 8]), np.array([64]))
+    handle = a.submit_ranges(TransferOp.WRITE, "a", "b", ranges)
+    with pytest.raises(RemoteRejectedError, match="outside segment 'b'"):
+        await handle.wait_async(5)
+    assert torch.equal(mem_b, snapshot)
+    ok = a.submit_ranges(TransferOp.WRITE, "a", "b", Ranges(np.array([0]), np.array([0]), np.array([8])))
+    await ok.wait_async(5)  # the connection survives a refusal
+    await a.close()
+    await b.close()
+
+
+async def test_missing_segment_and_unreachable_store_name_the_segment() -> None:
+    engine = TransferEngine(InProcessStore())
+    with pytest.raises(SegmentNotFoundError, match="'kv-pool-7'"):
+        await engine.open_segment("kv-pool-7")
+    await engine.close()
+    store = EtcdStore(f"127.0.0.1:{free_port()}", timeout_s=1.0)
+    engine = TransferEngine(store)
+    with pytest.raises(MetadataStoreError, match="kv-pool-7"):
+        await asyncio.wait_for(engine.open_segment("kv-pool-7"), 10)
+    with pytest.raises(MetadataStoreError, match="unreachable"):
+        await asyncio.wait_for(engine.register_segment("mine", torch.zeros(16, dtype=torch.uint8)), 10)
+    await engine.close()
+
