@@ -74,6 +74,7 @@ class TransferEngine:
         self._segments: dict[str, LocalSegment] = {}
         self._shared: list[SharedHostBuffer] = []
         self._remotes: dict[str, RemoteSegment] = {}
+        self._lost: dict[str, str] = {}  # remote segment → why its owner was lost (until re-opened)
         self._routes: dict[tuple[str, str], Backend] = {}  # (local, remote segment) → backend
         self._pending: set[Batch] = set()
         ctx = BackendContext(self.engine_id, self.config, self.link, self.inbox, self._local_segment)
@@ -153,6 +154,7 @@ class TransferEngine:
         remote = await asyncio.to_thread(self._connect, descriptor)
         with self._lock:
             self._remotes[name] = remote
+            self._lost.pop(name, None)
             self._routes = {k: v for k, v in self._routes.items() if k[1] != name}
         return remote
 
@@ -224,6 +226,9 @@ class TransferEngine:
         with self._lock:
             remote = self._remotes.get(remote_name)
         if remote is None:
+            lost = self._lost.get(remote_name)
+            if lost is not None:
+                raise PeerLostError(f"the owner of segment {remote_name!r} went away ({lost}); open it again")
             raise InvalidTransferError(f"remote segment {remote_name!r} is not open (call open_segment first)")
         ranges.check_within(local.length, remote.descriptor.length, remote_name)
         chosen = self._route(local, remote, backend)
@@ -276,6 +281,7 @@ class TransferEngine:
             gone = [r for r in self._remotes.values() if r.owner == peer]
             for remote in gone:
                 del self._remotes[remote.name]
+                self._lost[remote.name] = reason
             self._routes = {k: v for k, v in self._routes.items() if k[1] not in {r.name for r in gone}}
         for batch in doomed:
             if batch.status is BatchStatus.PENDING:

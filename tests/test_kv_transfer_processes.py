@@ -123,6 +123,8 @@ def test_target_killed_mid_stream_fails_the_waiting_initiator(pair: tuple[KVPeer
     assert not result["ok"] and result["error"] in ("PeerLostError", "TransferTimeoutError"), result
     assert result["done"] > 0  # it was streaming when the peer died
     assert waited < 11, f"the initiator learned of the loss after {waited:.1f} s (deadline 10 s)"
+    again = a.call(cmd="submit", op="write", remote=b.name, ranges=[[0, 0, 16]])
+    assert not again["ok"] and again["error"] == "PeerLostError", again
 
 
 def test_stopped_peer_hits_the_deadline_not_a_hang(etcd: str) -> None:
