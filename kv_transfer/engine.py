@@ -261,7 +261,8 @@ class TransferEngine:
             with self._lock:
                 overdue = [b for b in self._pending if b.deadline <= now]
             for batch in overdue:
-                batch.expire_if_overdue(now)
+                if batch.expire_if_overdue(now) and batch.backend != "tcp":
+                    self.backends[batch.backend].notify_failure(batch, str(batch.error))  # type: ignore[index]
 
     # -- notifications --------------------------------------------------------------------------------
     def subscribe(self, tag: str, peer: str | None = None) -> Subscription:

@@ -22,10 +22,11 @@ _LEN = struct.Struct("!I")
 
 @dataclass(frozen=True)
 class Hello:
-    """First frame of every connection: who is calling and what the connection is for."""
+    """First frame of every connection: who is calling and what the connection is for: "control",
+    or a data purpose naming the backend that serves it ("data:tcp": TCP, "data:nccl": NCCL)."""
 
     engine: str
-    purpose: Literal["control", "data"]
+    purpose: str
     kind: ClassVar[str] = "hello"
 
 
@@ -44,7 +45,7 @@ class Notify:
 
 @dataclass(frozen=True)
 class XferHeader:
-    """TCP backend: the initiator asks to move `num_ranges` ranges of `segment`; the (offset, length)
+    """TCP and NCCL backends: the initiator asks to move `num_ranges` ranges of `segment`; the (offset, length)
     int64 pairs follow this frame as raw bytes."""
 
     batch_id: str
@@ -60,15 +61,31 @@ class XferHeader:
 
 @dataclass(frozen=True)
 class XferReply:
-    """TCP backend: the target's answer to a header ("accept"/"reject") or to a payload ("done")."""
+    """TCP and NCCL backends: the target's answer to a header ("accept"/"reject") or to a payload ("done")."""
 
     status: Literal["accept", "reject", "done"]
     error: str | None = None
     kind: ClassVar[str] = "xfer_reply"
 
 
-Message = Hello | Notify | XferHeader | XferReply
-_BY_KIND: dict[str, type] = {cls.kind: cls for cls in (Hello, Notify, XferHeader, XferReply)}
+@dataclass(frozen=True)
+class GroupSetup:
+    """NCCL backend, first frame of a data connection: the initiator hosts a TCPStore at
+    `store_host:store_port`; the target joins the two-rank process group under `prefix` as rank 1,
+    on `device` ("cpu": Gloo, "cuda:N": NCCL). Both cut payloads into `chunk_bytes` messages.
+    The target answers accept | reject, then done once its side of the group is built."""
+
+    store_host: str
+    store_port: int
+    prefix: str
+    device: str
+    chunk_bytes: int
+    timeout_s: float  # how long building the group may take
+    kind: ClassVar[str] = "group_setup"
+
+
+Message = Hello | Notify | XferHeader | XferReply | GroupSetup
+_BY_KIND: dict[str, type] = {cls.kind: cls for cls in (Hello, Notify, XferHeader, XferReply, GroupSetup)}
 _BYTES_FIELDS = {"message"}
 
 

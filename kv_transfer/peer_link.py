@@ -2,8 +2,9 @@
 
 Every connection starts with a `Hello`. Control connections carry `Notify` messages and tell
 each side at once when the other goes away (a SIGKILLed process's sockets are closed by the
-kernel, so EOF arrives immediately on one host; across hosts, TCP keepalive bounds it). Data
-connections are handed to the backend that asked for them (the TCP backend).
+kernel, so EOF arrives immediately on one host; across hosts, TCP keepalive bounds it). Any other
+purpose names a data connection, handed to the backend registered for that purpose ("data:tcp": TCP,
+"data:nccl": NCCL); a connection whose purpose nobody serves is closed.
 """
 
 from __future__ import annotations
@@ -45,7 +46,7 @@ class PeerLink:
         self.engine_id = engine_id
         self._on_notify = on_notify
         self._on_peer_lost = on_peer_lost
-        self._data_handler: DataHandler | None = None
+        self._data_handlers: dict[str, DataHandler] = {}  # Hello purpose → backend serving it
         self._server = socket.create_server((host, port), backlog=128)
         self.address = f"{host}:{self._server.getsockname()[1]}"
         self._lock = threading.Lock()
@@ -55,8 +56,11 @@ class PeerLink:
         self._closed = False
         threading.Thread(target=self._accept_loop, name=f"peer-link-{engine_id}", daemon=True).start()
 
-    def set_data_handler(self, handler: DataHandler) -> None:
-        self._data_handler = handler
+    def set_data_handler(self, handler: DataHandler, purpose: str) -> None:
+        """Serve incoming connections whose Hello names `purpose` with `handler` (one handler each)."""
+        if purpose == "control":
+            raise ValueError("the control purpose is served by the peer link itself")
+        self._data_handlers[purpose] = handler
 
     # -- outgoing -------------------------------------------------------------------------------------
     def connect(self, peer: str, address: str) -> None:
@@ -81,7 +85,7 @@ class PeerLink:
             raise PeerLostError(f"cannot reach peer engine at {address}: {e}") from e
         tune_socket(sock)
         sock.settimeout(None)
-        send_message(sock, Hello(engine=self.engine_id, purpose=purpose))  # type: ignore[arg-type]
+        send_message(sock, Hello(engine=self.engine_id, purpose=purpose))
         self._track(sock)
         return sock
 
@@ -122,13 +126,18 @@ class PeerLink:
         if not isinstance(hello, Hello):
             self._untrack_close(sock)
             return
-        if hello.purpose == "data" and self._data_handler is not None:
-            try:
-                self._data_handler(sock, hello.engine)
-            finally:
-                self._untrack_close(sock)
+        if hello.purpose == "control":
+            self._read_loop(sock, hello.engine)
             return
-        self._read_loop(sock, hello.engine)
+        handler = self._data_handlers.get(hello.purpose) if isinstance(hello.purpose, str) else None
+        if handler is None:  # a data connection for a backend this engine does not run
+            log.info("closing a %r connection from %s: no backend here serves it", hello.purpose, hello.engine)
+            self._untrack_close(sock)
+            return
+        try:
+            handler(sock, hello.engine)
+        finally:
+            self._untrack_close(sock)
 
     def _read_loop(self, sock: socket.socket, peer: str) -> None:
         while True:

@@ -10,7 +10,6 @@ os.environ.setdefault("UCX_MODULES", "^ib")
 
 import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
 
 import numpy as np
 import pytest
@@ -28,19 +27,10 @@ from kv_transfer import (
     TransferRequest,
 )
 from kv_transfer.backends.nixl import NixlBackend, decode_notif, encode_notif
+from tests.support.engine_pair import PAGE, PAGES, Pair
 
 pytestmark = pytest.mark.skipif(not NixlBackend.is_available(), reason="NIXL is not usable here")
 
-PAGE = 4096
-PAGES = 64
-
-
-@dataclass
-class Pair:
-    a: TransferEngine  # initiator
-    b: TransferEngine  # target
-    src: torch.Tensor  # a's segment "a"
-    dst: torch.Tensor  # b's segment "b"
 
 
 @pytest.fixture

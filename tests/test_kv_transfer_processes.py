@@ -15,7 +15,7 @@ from cluster.local_etcd import running_etcd
 from tests.support.kv_peer import initial_bytes
 from tests.support.kv_peers import KVPeer
 
-BACKENDS = ["shm", "tcp", "nixl"]
+BACKENDS = ["shm", "tcp", "nixl", "nccl"]  # nccl runs its Gloo path on CPU
 SIZE = 4 << 20
 
 

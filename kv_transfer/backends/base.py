@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import abc
+import contextlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import ClassVar
@@ -73,6 +74,12 @@ class Backend(abc.ABC):
         msg = Notify(batch_id=batch.batch_id, segment=batch.remote.name, tag=batch.notify.tag,
                      message=batch.notify.message, ok=ok, error=error)
         self.ctx.link.send(batch.remote.owner, msg)
+
+    def notify_failure(self, batch: Batch, error: str) -> None:
+        """Best effort: tell the segment owner the batch failed (one-sided transports; the TCP
+        target learns it from its own connection)."""
+        with contextlib.suppress(PeerLostError):
+            self.notify_peer(batch, ok=False, error=error)
 
     def finish_one_sided(self, batch: Batch) -> None:
         """After a one-sided copy: the batch is DONE only once its peer has been told."""

@@ -26,7 +26,6 @@ at the Python API's settings), so the poller drives UCX progress on both sides.
 from __future__ import annotations
 
 import base64
-import contextlib
 import logging
 import os
 import struct
@@ -296,7 +295,7 @@ class NixlBackend(Backend):
                     live = True
                 elif self._release(xfer.handle):  # the batch expired or was released: cancelled
                     self._active.remove(xfer)
-                    self._tell_failed(xfer.batch, str(xfer.batch.error))
+                    self.notify_failure(xfer.batch, str(xfer.batch.error))
                 else:
                     xfer.next_check = now + _ABANDONED_POLL_S
                 continue
@@ -308,10 +307,12 @@ class NixlBackend(Backend):
                 self._fail(xfer.batch)
         return live
 
+    # NIXL sends a transfer's notification only once all its bytes moved: after an error or a
+    # cancel the target hears nothing from NIXL, so it is told through the peer link.
     def _fail(self, batch: Batch) -> None:
         error = self._error(batch, "failed", None)
         if batch.fail(error):
-            self._tell_failed(batch, str(error))
+            self.notify_failure(batch, str(error))
 
     def _error(self, batch: Batch, what: str, cause: Exception | None) -> TransferError:
         """PeerLostError when NIXL or the peer link says the peer is gone, else TransferError."""
@@ -322,12 +323,6 @@ class NixlBackend(Backend):
         if gone or not self.ctx.link.is_connected(batch.remote.owner):
             return PeerLostError(text)
         return TransferError(text)
-
-    def _tell_failed(self, batch: Batch, error: str) -> None:
-        """NIXL sends a transfer's notification only once all its bytes moved: after an error or a
-        cancel the target hears nothing from NIXL, so it is told through the peer link."""
-        with contextlib.suppress(PeerLostError):
-            self.notify_peer(batch, ok=False, error=error)
 
     def _release(self, handle: Any) -> bool:
         with self._agent_lock:

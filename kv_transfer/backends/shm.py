@@ -66,7 +66,9 @@ class SharedMemoryBackend(Backend):
             with self._lock:
                 mapped = self._mapped.get((batch.remote.owner, batch.remote.name))
             if mapped is None:
-                batch.fail(TransferError(f"segment {batch.remote.name!r} is not mapped (open it first)"))
+                error = TransferError(f"segment {batch.remote.name!r} is not mapped (open it first)")
+                if batch.fail(error):
+                    self.notify_failure(batch, str(error))
                 continue
             remote = mapped[1]
             r = batch.ranges

@@ -19,8 +19,9 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 
 from kv_transfer.backends.base import Backend, BackendContext
+from kv_transfer.backends.two_sided import check_ranges, no_payload, serve_batch
 from kv_transfer.batch import Batch
-from kv_transfer.datatypes import Notification, SegmentDescriptor, TransferOp
+from kv_transfer.datatypes import SegmentDescriptor, TransferOp
 from kv_transfer.errors import RemoteRejectedError, TransferError
 from kv_transfer.messages import XferHeader, XferReply, recv_exact, recv_message, send_message
 from kv_transfer.segment import LocalSegment
@@ -28,6 +29,7 @@ from kv_transfer.socket_io import recv_ranges, send_ranges, tensor_memoryview
 
 log = logging.getLogger(__name__)
 _MAX_RANGES = 1 << 22
+PURPOSE = "data:tcp"  # the Hello purpose of this backend's data connections
 _TARGET_MIN_TIMEOUT_S = 1.0
 
 
@@ -36,7 +38,7 @@ class TcpBackend(Backend):
 
     def __init__(self, ctx: BackendContext) -> None:
         super().__init__(ctx)
-        ctx.link.set_data_handler(self._serve)
+        ctx.link.set_data_handler(self._serve, PURPOSE)
         self._pool = ThreadPoolExecutor(ctx.config.tcp_parallel_batches, thread_name_prefix="kv-tcp")
         self._idle: dict[str, list[socket.socket]] = {}  # peer address → idle data connections
         self._lock = threading.Lock()
@@ -103,7 +105,7 @@ class TcpBackend(Backend):
             idle = self._idle.get(address)
             if idle:
                 return idle.pop()
-        return self.ctx.link.open(address, "data")
+        return self.ctx.link.open(address, PURPOSE)
 
     def _checkin(self, address: str, sock: socket.socket) -> None:
         sock.settimeout(None)
@@ -131,33 +133,15 @@ class TcpBackend(Backend):
     def _serve_batch(self, sock: socket.socket, peer: str, header: XferHeader, pairs: np.ndarray) -> bool:
         """One batch; returns False when the connection must be dropped."""
         segment = self.ctx.local_segment(header.segment)
-        problem = _validate(segment, header, pairs)
-        try:
-            if problem is not None:
-                send_message(sock, XferReply(status="reject", error=problem))
-                return True
-            assert segment is not None
-            send_message(sock, XferReply(status="accept"))
-            sock.settimeout(header.timeout_s)
-            view = tensor_memoryview(segment.data)
-            offsets, lengths = pairs[:, 0].copy(), pairs[:, 1].copy()
-            if header.op == "write":
-                recv_ranges(sock, view, offsets, lengths)
-                send_message(sock, XferReply(status="done"))
-            else:
-                send_ranges(sock, view, offsets, lengths)
-                reply = recv_message(sock)
-                if not (isinstance(reply, XferReply) and reply.status == "done"):
-                    raise TransferError("initiator did not confirm the read")
-        except (TransferError, OSError) as e:
-            self._deliver(peer, header, ok=False, error=f"TCP {header.op} from {peer} broke off: {e}")
-            return False
-        self._deliver(peer, header, ok=True, error=None)
-        return True
-
-    def _deliver(self, peer: str, header: XferHeader, ok: bool, error: str | None) -> None:
-        self.ctx.inbox.deliver(Notification(peer=peer, batch_id=header.batch_id, tag=header.tag,
-                                            message=header.message, ok=ok, error=error))
+        problem = check_ranges(segment, header, pairs)
+        if problem is None and segment is not None and segment.device != "cpu":
+            problem = f"segment {header.segment!r} is not in host memory"
+        if problem is not None or segment is None:
+            return serve_batch(sock, self.ctx.inbox, peer, header, pairs, problem, no_payload, no_payload, "TCP")
+        view = tensor_memoryview(segment.data)
+        return serve_batch(sock, self.ctx.inbox, peer, header, pairs, None,
+                           lambda offsets, lengths: recv_ranges(sock, view, offsets, lengths),
+                           lambda offsets, lengths: send_ranges(sock, view, offsets, lengths), "TCP")
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
@@ -167,19 +151,3 @@ class TcpBackend(Backend):
                     sock.close()
             self._idle.clear()
 
-
-def _validate(segment: LocalSegment | None, header: XferHeader, pairs: np.ndarray) -> str | None:
-    if segment is None:
-        return f"segment {header.segment!r} is not registered here"
-    if segment.device != "cpu":
-        return f"segment {header.segment!r} is not in host memory"
-    if header.op not in ("read", "write"):
-        return f"unknown op {header.op!r}"
-    if len(pairs) == 0:
-        return None if header.total_bytes == 0 else "byte count does not match the ranges"
-    offsets, lengths = pairs[:, 0], pairs[:, 1]
-    if (lengths <= 0).any() or (offsets < 0).any() or int((offsets + lengths).max()) > segment.length:
-        return f"a range falls outside segment {header.segment!r} ({segment.length} bytes)"
-    if int(lengths.sum()) != header.total_bytes:
-        return "byte count does not match the ranges"
-    return None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import select
@@ -56,9 +57,11 @@ class PeerProcess:
         self.proc.send_signal(signal.SIGKILL)
         t = time.monotonic()
         self.proc.wait(timeout=10)
+        self._close_pipes()
         return t
 
     def close(self) -> None:
+        """End the child (stdin EOF, then SIGKILL after 10 s) and close our pipes."""
         if self.proc.poll() is None:
             assert self.proc.stdin is not None
             self.proc.stdin.close()
@@ -67,6 +70,13 @@ class PeerProcess:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
+        self._close_pipes()
+
+    def _close_pipes(self) -> None:
+        for pipe in (self.proc.stdin, self.proc.stdout):
+            if pipe is not None and not pipe.closed:
+                with contextlib.suppress(BrokenPipeError):
+                    pipe.close()
 
 
 class KVPeer(PeerProcess):

@@ -1,0 +1,283 @@
+"""The NCCL backend in one process: two engines, WRITE and READ of scattered pages, notifications,
+refusals, a peer that dies or stalls mid-batch. On CPU the same code runs over Gloo (only when the
+config names "nccl"); the CUDA variant needs two GPUs (NCCL puts no two ranks on one device)."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "2")  # read when a NCCL group is built
+
+import socket
+import threading
+import time
+from collections.abc import AsyncIterator, Callable
+
+import numpy as np
+import pytest
+import torch
+
+import kv_transfer.backends.nccl as nccl_module
+from kv_transfer import (
+    BackendUnavailableError,
+    BatchStatus,
+    InProcessStore,
+    InvalidTransferError,
+    NotifySpec,
+    PeerLostError,
+    Ranges,
+    RemoteRejectedError,
+    TransferEngine,
+    TransferEngineConfig,
+    TransferOp,
+    TransferRequest,
+    TransferTimeoutError,
+)
+from kv_transfer.backends.nccl import PURPOSE, NcclBackend
+from kv_transfer.backends.pair_group import PairGroup, join_store, plan_chunks
+from kv_transfer.messages import GroupSetup, XferHeader, XferReply, recv_exact, recv_message, send_message
+from tests.support.engine_pair import PAGE, PAGES, Pair
+
+pytestmark = pytest.mark.skipif(not NcclBackend.is_available(), reason="torch.distributed has neither Gloo nor NCCL")
+
+NCCL_ONLY = TransferEngineConfig(backends=("nccl",), default_timeout_s=10.0)
+
+
+async def make_pair(device: str) -> Pair:
+    store = InProcessStore()
+    a, b = TransferEngine(store, NCCL_ONLY), TransferEngine(store, NCCL_ONLY)
+    src = torch.randint(0, 256, (PAGES * PAGE,), dtype=torch.uint8).to(device.replace("*", "0"))
+    dst = torch.randint(0, 256, (PAGES * PAGE,), dtype=torch.uint8).to(device.replace("*", "1"))
+    await a.register_segment("a", src)
+    await b.register_segment("b", dst)
+    remote = await a.open_segment("b")
+    assert remote.backends == ("nccl",)
+    return Pair(a, b, src, dst)
+
+
+@pytest.fixture
+async def pair() -> AsyncIterator[Pair]:
+    p = await make_pair("cpu")
+    yield p
+    await p.a.close()
+    await p.b.close()
+
+
+def random_pages(seed: int, count: int) -> tuple[np.ndarray, np.ndarray]:
+    """`count` distinct local pages and `count` distinct remote pages, in random order."""
+    rng = np.random.default_rng(seed)
+    return rng.choice(PAGES, count, replace=False), rng.choice(PAGES, count, replace=False)
+
+
+def page_ranges(local_pages: np.ndarray, remote_pages: np.ndarray) -> Ranges:
+    return Ranges(local_pages * PAGE, remote_pages * PAGE, np.full(len(local_pages), PAGE))
+
+
+def assert_pages(dst: torch.Tensor, before: torch.Tensor, src: torch.Tensor, dst_pages: np.ndarray,
+                 src_pages: np.ndarray) -> None:
+    """`dst` holds `src`'s pages at `dst_pages` and is otherwise unchanged from `before`."""
+    expected = before.cpu().clone().view(PAGES, PAGE)
+    expected[torch.from_numpy(dst_pages)] = src.cpu().view(PAGES, PAGE)[torch.from_numpy(src_pages)]
+    assert torch.equal(dst.cpu().view(PAGES, PAGE), expected)
+
+
+async def check_write_and_read(p: Pair) -> None:
+    local_pages, remote_pages = random_pages(1, 12)
+    before = p.dst.clone()
+    with p.b.subscribe("w1", peer=p.a.engine_id) as sub:
+        handle = p.a.submit_ranges(TransferOp.WRITE, "a", "b", page_ranges(local_pages, remote_pages),
+                                   notify=NotifySpec("w1", b"\x00write\xff"))
+        handle.wait(10)
+        assert handle.status is BatchStatus.DONE and handle.backends == ["nccl"]
+        note = sub.get(5)
+    assert (note.peer, note.tag, note.message, note.ok) == (p.a.engine_id, "w1", b"\x00write\xff", True)
+    assert note.batch_id == handle.batch_ids[0]
+    assert_pages(p.dst, before, p.src, remote_pages, local_pages)
+    handle.release()
+
+    local_pages, remote_pages = random_pages(2, 9)
+    before = p.src.clone()
+    with p.b.subscribe("r1") as sub:
+        requests = [TransferRequest(TransferOp.READ, int(lp) * PAGE, "b", int(rp) * PAGE, PAGE)
+                    for lp, rp in zip(local_pages, remote_pages, strict=True)]
+        with p.a.submit("a", requests, notify=NotifySpec("r1", b"read")) as handle:
+            handle.wait(10)
+        note = sub.get(5)
+    assert (note.peer, note.message, note.ok) == (p.a.engine_id, b"read", True)
+    assert_pages(p.src, before, p.dst, local_pages, remote_pages)
+
+
+async def test_write_and_read_scattered_pages_with_notifications(pair: Pair) -> None:
+    await check_write_and_read(pair)
+
+
+async def test_out_of_range_is_refused_before_any_byte_moves(pair: Pair) -> None:
+    before = pair.dst.clone()
+    requests = [TransferRequest(TransferOp.WRITE, 0, "b", 0, PAGE),
+                TransferRequest(TransferOp.WRITE, 0, "b", PAGES * PAGE - 10, 100)]
+    with pytest.raises(InvalidTransferError):
+        pair.a.submit("a", requests)
+    time.sleep(0.05)
+    assert torch.equal(pair.dst, before)
+
+
+async def test_random_lengths_across_chunk_boundaries(pair: Pair, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Chunks of 3000 bytes: ranges split over chunks, and chunks packing several ranges (staged)."""
+    monkeypatch.setattr(nccl_module, "CHUNK_BYTES", 3000)  # read when the channel builds its group
+    rng = np.random.default_rng(5)
+    size, n, longest = PAGES * PAGE, 24, 5000
+    expected_dst, expected_src = pair.dst.clone(), pair.src.clone()
+    for op in (TransferOp.WRITE, TransferOp.READ):
+        slot = size // n
+        lengths = rng.integers(1, longest + 1, n)
+        local = rng.permutation(np.arange(n) * slot) + rng.integers(0, slot - longest, n)
+        remote = rng.permutation(np.arange(n) * slot) + rng.integers(0, slot - longest, n)
+        with pair.a.submit_ranges(op, "a", "b", Ranges(local, remote, lengths)) as handle:
+            handle.wait(10)
+        for lo, ro, k in zip(local.tolist(), remote.tolist(), lengths.tolist(), strict=True):
+            if op is TransferOp.WRITE:
+                expected_dst[ro:ro + k] = expected_src[lo:lo + k]
+            else:
+                expected_src[lo:lo + k] = expected_dst[ro:ro + k]
+    assert torch.equal(pair.dst, expected_dst) and torch.equal(pair.src, expected_src)
+
+
+def test_chunk_plan_covers_the_stream_in_order() -> None:
+    plan = plan_chunks(np.array([100, 0, 50]), np.array([7, 3, 5]), 4)
+    pieces = [list(zip(*(a.tolist() for a in plan.chunk(k)), strict=True)) for k in range(len(plan))]
+    assert pieces == [[(100, 4)], [(104, 3), (0, 1)], [(1, 2), (50, 2)], [(52, 3)]]
+
+
+async def test_concurrent_batches_in_both_directions(pair: Pair) -> None:
+    """Both engines initiate at once (one channel each way), several batches queued per channel."""
+    await pair.b.register_segment("b-src", pair.dst)
+    await pair.a.open_segment("b")
+    await pair.b.open_segment("a")
+    src_a, dst_b = pair.src.clone(), pair.dst.clone()
+    handles = []
+    for i in range(4):  # a writes pages 0..15 of a into b's pages 32..47; b writes its 16..31 into a's 48..63
+        handles.append(pair.a.submit_ranges(TransferOp.WRITE, "a", "b", page_ranges(
+            np.arange(4 * i, 4 * i + 4), np.arange(32 + 4 * i, 36 + 4 * i))))
+        handles.append(pair.b.submit_ranges(TransferOp.WRITE, "b-src", "a", page_ranges(
+            np.arange(16 + 4 * i, 20 + 4 * i), np.arange(48 + 4 * i, 52 + 4 * i))))
+    for handle in handles:
+        handle.wait(10)
+        handle.release()
+    assert torch.equal(pair.dst.view(PAGES, PAGE)[32:48], src_a.view(PAGES, PAGE)[:16])
+    assert torch.equal(pair.src.view(PAGES, PAGE)[48:], dst_b.view(PAGES, PAGE)[16:32])
+
+
+async def test_cpu_pairs_use_gloo_only_when_asked_for() -> None:
+    store = InProcessStore()
+    a, b = TransferEngine(store), TransferEngine(store)  # every backend, nccl included
+    try:
+        await a.register_segment("a", torch.zeros(PAGE, dtype=torch.uint8))
+        await b.register_segment("b", torch.zeros(PAGE, dtype=torch.uint8))
+        remote = await a.open_segment("b")
+        assert "nccl" in remote.backends and remote.descriptor.endpoints["nccl"] == {"device": "cpu"}
+        with a.submit("a", [TransferRequest(TransferOp.WRITE, 0, "b", 0, PAGE)]) as handle:
+            handle.wait(10)
+            assert handle.backends != ["nccl"]
+        with pytest.raises(BackendUnavailableError):
+            a.submit("a", [TransferRequest(TransferOp.WRITE, 0, "b", 0, PAGE)], backend="nccl")
+    finally:
+        await a.close()
+        await b.close()
+
+
+async def test_refused_batch_leaves_the_channel_usable(pair: Pair) -> None:
+    await pair.b.register_segment("b2", torch.zeros(PAGE, dtype=torch.uint8))
+    await pair.a.open_segment("b2")
+    await pair.b.unregister_segment("b2")  # a still holds its descriptor
+    with pytest.raises(RemoteRejectedError):
+        pair.a.submit("a", [TransferRequest(TransferOp.WRITE, 0, "b2", 0, PAGE)]).wait(10)
+    await check_write_and_read(pair)
+
+
+ScriptedTarget = Callable[[socket.socket, PairGroup], None]
+
+
+def script_first_connection(engine: TransferEngine, script: ScriptedTarget) -> None:
+    """`engine` serves its next NCCL connection with `script` (after a real group setup and an
+    accepted header), later ones normally."""
+    real = engine.backends["nccl"]._serve  # type: ignore[attr-defined]
+    used = threading.Event()
+
+    def serve(sock: socket.socket, peer: str) -> None:
+        if used.is_set():
+            real(sock, peer)
+            return
+        used.set()
+        setup = recv_message(sock)
+        assert isinstance(setup, GroupSetup)
+        send_message(sock, XferReply(status="accept"))
+        store = join_store(setup.store_host, setup.store_port, setup.timeout_s)
+        group = PairGroup.build(store, 1, torch.device(setup.device), "127.0.0.1", setup.prefix, setup.timeout_s,
+                                setup.chunk_bytes)
+        send_message(sock, XferReply(status="done"))
+        header = recv_message(sock)
+        assert isinstance(header, XferHeader)
+        recv_exact(sock, 16 * header.num_ranges)
+        send_message(sock, XferReply(status="accept"))
+        script(sock, group)
+
+    engine.link.set_data_handler(serve, PURPOSE)
+
+
+async def test_peer_dying_mid_read_fails_fast_then_the_channel_rebuilds(pair: Pair) -> None:
+    def die(sock: socket.socket, group: PairGroup) -> None:
+        group.close()  # its sockets close, as a killed process's would
+        sock.close()
+
+    script_first_connection(pair.b, die)
+    started = time.monotonic()
+    handle = pair.a.submit_ranges(TransferOp.READ, "a", "b", page_ranges(np.arange(8), np.arange(8)), timeout_s=10)
+    with pytest.raises(PeerLostError):
+        handle.wait(10)
+    assert time.monotonic() - started < 3
+    await check_write_and_read(pair)
+
+
+async def test_stalled_peer_fails_at_the_deadline_then_the_channel_rebuilds(pair: Pair) -> None:
+    release = threading.Event()
+
+    def stall(sock: socket.socket, group: PairGroup) -> None:
+        release.wait(10)
+        group.close()
+
+    script_first_connection(pair.b, stall)
+    started = time.monotonic()
+    handle = pair.a.submit_ranges(TransferOp.READ, "a", "b", page_ranges(np.arange(8), np.arange(8)), timeout_s=1.0)
+    with pytest.raises(TransferTimeoutError):
+        handle.wait(10)
+    assert time.monotonic() - started < 2
+    release.set()
+    await check_write_and_read(pair)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.device_count() < 2, reason="needs two CUDA devices")
+async def test_cuda_to_cuda_write_and_read(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(nccl_module, "CHUNK_BYTES", 3 * PAGE)  # chunks of several pages: staged
+    p = await make_pair("cuda:*")
+    try:
+        await check_write_and_read(p)
+    finally:
+        await p.a.close()
+        await p.b.close()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+async def test_cuda_segments_on_one_gpu_are_not_reachable_through_nccl() -> None:
+    store = InProcessStore()
+    a, b = TransferEngine(store, NCCL_ONLY), TransferEngine(store, NCCL_ONLY)
+    try:
+        await a.register_segment("a", torch.zeros(PAGE, dtype=torch.uint8, device="cuda:0"))
+        await b.register_segment("b", torch.zeros(PAGE, dtype=torch.uint8, device="cuda:0"))
+        await a.open_segment("b")
+        with pytest.raises(BackendUnavailableError):
+            a.submit("a", [TransferRequest(TransferOp.WRITE, 0, "b", 0, PAGE)])
+    finally:
+        await a.close()
+        await b.close()
