@@ -11,8 +11,9 @@ metadata through a local etcd. Payloads (WRITE, initiator → owner):
   - `kv-scattered`: the same pages with random block ids on both sides (nothing coalesces).
 Ceilings: one torch copy between two memfd buffers of two processes (the owner's mapped here),
 and a raw loopback socket `sendall` into the owner's `recv_into`. Also the end-to-end time to
-push a 512-token prompt's KV the way the prefill worker does (one WRITE batch per layer, all
-waited). GB/s are bytes / median wall time of `--repeats` runs after one warm-up.
+push a 512-token prompt's KV the way the prefill worker does: WRITE batches of finished layers,
+grouped to >= 4 MiB (`KVPusher`'s default), all waited. GB/s are bytes / median wall time of
+`--repeats` runs after one warm-up.
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ from cluster.processes import die_with_parent
 from engine.loader.api import load_model
 from kv_transfer import EtcdStore, Ranges, TransferEngine, TransferEngineConfig, TransferOp
 from kv_transfer.kv_layout import POOL_LAYOUT, KVLayout, block_ranges
+from kv_transfer.kv_push import DEFAULT_MIN_BATCH_BYTES, should_flush
 from kv_transfer.peer_link import tune_socket
 from kv_transfer.segment import map_peer_buffer
 
@@ -53,6 +55,10 @@ class Row:
     descriptors: int
     median_s: float
     gb_per_s: float
+
+
+def progress(what: str) -> None:
+    print(f"[bench.transfer] {what}", file=sys.stderr, flush=True)
 
 
 def timed(fn: Callable[[], None], repeats: int) -> float:
@@ -119,13 +125,16 @@ async def run(args: argparse.Namespace) -> dict:
                                 preexec_fn=die_with_parent)
         assert peer.stdout is not None
         ready = json.loads(peer.stdout.readline())
+        progress(f"peer ready: {ready}")
         store = EtcdStore(etcd)
         engine = TransferEngine(store, TransferEngineConfig(engine_id="bench-initiator", metadata_prefix=prefix))
         try:
             return await measure(args, engine, ready, size, rng)
         finally:
+            progress("closing")
             await engine.close()
             await store.close()
+            progress("closed")
             assert peer.stdin is not None
             peer.stdin.close()
             peer.wait(timeout=30)
@@ -154,13 +163,20 @@ async def measure(args: argparse.Namespace, engine: TransferEngine, ready: dict,
                 with engine.submit_ranges(TransferOp.WRITE, "bench-initiator", "bench-target", ranges,
                                           backend=backend, timeout_s=120) as handle:  # type: ignore[arg-type]
                     handle.wait()
+            progress(f"{backend} {payload}")
             t = timed(once, args.repeats)
             rows.append(Row(backend, payload, ranges.total_bytes, len(ranges), t, ranges.total_bytes / t / 1e9))
 
     prompt = []
     blocks = list(range(BLOCKS_PER_REQUEST))
+    groups: list[list[int]] = [[]]
+    for layer in range(layout.num_layers):  # the prefill worker's grouping of finished layers
+        groups[-1].append(layer)
+        pending = len(groups[-1]) * len(blocks) * layout.block_bytes
+        if should_flush(layer, layout.num_layers, pending, DEFAULT_MIN_BATCH_BYTES) and layer + 1 < layout.num_layers:
+            groups.append([])
     for backend in backends:
-        per_layer = [block_ranges(layout, layout, [layer], blocks, blocks) for layer in range(layout.num_layers)]
+        per_layer = [block_ranges(layout, layout, group, blocks, blocks) for group in groups]
 
         def push(per_layer: list[Ranges] = per_layer, backend: str = backend) -> None:
             handles = [engine.submit_ranges(TransferOp.WRITE, "bench-initiator", "bench-target", r,

@@ -4,6 +4,7 @@ temporary data dir, dying with the process that started it (tests, benchmarks, `
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import signal
 import socket
@@ -14,6 +15,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from cluster.processes import die_with_parent
+
+log = logging.getLogger(__name__)
 
 
 def etcd_binary() -> str:
@@ -43,22 +46,31 @@ def running_etcd() -> Iterator[str]:
                "--initial-advertise-peer-urls", f"http://127.0.0.1:{peer}",
                "--initial-cluster", f"test=http://127.0.0.1:{peer}",
                "--heartbeat-interval", "10", "--election-timeout", "50", "--log-level", "error"]
-        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, preexec_fn=die_with_parent)
+        log_path = os.path.join(data, "etcd.log")  # a file, not a pipe nobody reads (a full pipe blocks etcd)
+        with open(log_path, "wb") as log_file:
+            proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=log_file, preexec_fn=die_with_parent)
         try:
-            _wait_ready(proc, client)
+            _wait_ready(proc, client, log_path)
             yield f"127.0.0.1:{client}"
         finally:
+            if proc.poll() is not None:
+                log.warning("etcd exited early (rc=%s): %s", proc.returncode, _tail(log_path))
             proc.send_signal(signal.SIGKILL)
             proc.wait(timeout=10)
 
 
-def _wait_ready(proc: subprocess.Popen, port: int, timeout: float = 15.0) -> None:
+def _tail(path: str, limit: int = 4000) -> str:
+    with open(path, "rb") as f:
+        return f.read()[-limit:].decode(errors="replace")
+
+
+def _wait_ready(proc: subprocess.Popen, port: int, log_path: str, timeout: float = 15.0) -> None:
     import urllib.request
 
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise RuntimeError(f"etcd exited: {proc.stderr.read().decode() if proc.stderr else ''}")
+            raise RuntimeError(f"etcd exited (rc={proc.returncode}): {_tail(log_path)}")
         try:
             with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=0.5) as r:
                 if b"true" in r.read():

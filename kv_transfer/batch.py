@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import threading
 import time
 import uuid
@@ -12,6 +13,10 @@ from dataclasses import dataclass, field
 from kv_transfer.datatypes import BatchStatus, Ranges, SegmentDescriptor, TransferOp
 from kv_transfer.errors import TransferError, TransferTimeoutError
 from kv_transfer.segment import LocalSegment
+
+# Batch ids are unique per process (a random prefix, then a counter): peers see (initiator, id).
+_ID_PREFIX = uuid.uuid4().hex[:8] + "-"
+_ID_COUNTER = itertools.count()
 
 
 @dataclass(frozen=True)
@@ -40,7 +45,7 @@ class Batch:
     notify: NotifySpec
     backend: str
     timeout_s: float
-    batch_id: str = field(default_factory=lambda: uuid.uuid4().hex)
+    batch_id: str = field(default_factory=lambda: f"{_ID_PREFIX}{next(_ID_COUNTER):x}")
     submitted_at: float = field(default_factory=time.monotonic)
     status: BatchStatus = BatchStatus.PENDING
     error: TransferError | None = None

@@ -109,6 +109,17 @@ class Ranges:
     def check_within(self, local_length: int, remote_length: int, remote_name: str) -> None:
         if len(self) == 0:
             return
+        if len(self) <= 8:  # the common per-layer case: Python ints beat numpy reductions here
+            for lo, ro, k in zip(self.local_offsets.tolist(), self.remote_offsets.tolist(), self.lengths.tolist(),
+                                 strict=True):
+                if k <= 0:
+                    raise InvalidTransferError("every range needs a positive length")
+                if lo < 0 or lo + k > local_length:
+                    raise InvalidTransferError(f"a range falls outside the local segment ({local_length} bytes)")
+                if ro < 0 or ro + k > remote_length:
+                    raise InvalidTransferError(
+                        f"a range falls outside remote segment {remote_name!r} ({remote_length} bytes)")
+            return
         if (self.lengths <= 0).any():
             raise InvalidTransferError("every range needs a positive length")
         if (self.local_offsets < 0).any() or int((self.local_offsets + self.lengths).max()) > local_length:

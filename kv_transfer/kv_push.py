@@ -29,14 +29,31 @@ class _Target:
     handles: list[BatchHandle] = field(default_factory=list)
 
 
-class KVPusher:
-    """Attach with `engine.set_kv_hook(pusher)`; call `expect` before adding each request to push."""
+DEFAULT_MIN_BATCH_BYTES = 4 << 20
 
-    def __init__(self, connector: KVConnector, block_size: int) -> None:
+
+def should_flush(layer: int, num_layers: int, pending_bytes: int, min_batch_bytes: int) -> bool:
+    """Layers are pushed in groups of at least `min_batch_bytes` (every batch costs a notification
+    and a few hundred µs of overhead), and always at the last layer."""
+    return layer == num_layers - 1 or pending_bytes >= min_batch_bytes
+
+
+class KVPusher:
+    """Attach with `engine.set_kv_hook(pusher)`; call `expect` before adding each request to push.
+
+    As layers finish, their pages go out in groups of at least `min_batch_bytes` (0: one batch
+    per layer): a WRITE per request per group, whose note names the layers and blocks it carries.
+    """
+
+    def __init__(self, connector: KVConnector, block_size: int,
+                 min_batch_bytes: int = DEFAULT_MIN_BATCH_BYTES) -> None:
         self.connector = connector
         self.block_size = block_size
+        self.min_batch_bytes = min_batch_bytes
         self._targets: dict[str, _Target] = {}
         self._active: list[_Target] = []
+        self._pending_layers: list[int] = []
+        self._step_layer_bytes = 0  # bytes of one layer's pages across the step's active targets
         self._lock = threading.Lock()
 
     def expect(self, request_id: str, peer: PeerKV, remote_blocks: list[int], timeout_s: float = 30.0) -> None:
@@ -63,15 +80,23 @@ class KVPusher:
                 target.step_blocks = (start, end, item.seq.block_table[start:end], target.remote_blocks[start:end])
                 target.next_block = end_token // self.block_size
                 self._active.append(target)
+        self._pending_layers = []
+        self._step_layer_bytes = sum(t.step_blocks[1] - t.step_blocks[0] for t in self._active
+                                     if t.step_blocks is not None) * self.connector.layout.block_bytes
         return bool(self._active)
 
     def layer_written(self, layer: int) -> None:
+        self._pending_layers.append(layer)
+        pending_bytes = len(self._pending_layers) * self._step_layer_bytes
+        if not should_flush(layer, self.connector.layout.num_layers, pending_bytes, self.min_batch_bytes):
+            return
+        layers, self._pending_layers = self._pending_layers, []
         for target in self._active:
             assert target.step_blocks is not None
             start, end, local, remote = target.step_blocks
-            note = KVPushNote(target.request_id, (layer,), start, end)
+            note = KVPushNote(target.request_id, tuple(layers), start, end)
             try:
-                ranges = self.connector.ranges(target.peer, [layer], local, remote)
+                ranges = self.connector.ranges(target.peer, layers, local, remote)
                 target.handles.append(self._submit(target, ranges, note))
             except TransferError as e:
                 target.error = target.error or str(e)

@@ -11,7 +11,7 @@ import base64
 import json
 import socket
 import struct
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass, fields
 from typing import Any, ClassVar, Literal
 
 from kv_transfer.errors import PeerLostError, TransferTimeoutError
@@ -89,8 +89,41 @@ _BY_KIND: dict[str, type] = {cls.kind: cls for cls in (Hello, Notify, XferHeader
 _BYTES_FIELDS = {"message"}
 
 
+# Notify is on the data path (one per batch): a binary frame, b"N" then a fixed header and the
+# variable fields, instead of JSON + base64 (~10x cheaper to build). Every other frame is JSON.
+_NOTIFY_MARK = b"N"
+_NOTIFY_HEADER = struct.Struct("!?HHHIi")  # ok, len(batch_id), len(segment), len(tag), len(message), len(error) or -1
+
+
+def _encode_notify(msg: Notify) -> bytes:
+    error = None if msg.error is None else msg.error.encode()
+    parts = [msg.batch_id.encode(), msg.segment.encode(), msg.tag.encode()]
+    head = _NOTIFY_HEADER.pack(msg.ok, *(len(p) for p in parts), len(msg.message), -1 if error is None else len(error))
+    raw = b"".join((_NOTIFY_MARK, head, *parts, msg.message, error or b""))
+    return _LEN.pack(len(raw)) + raw
+
+
+def _decode_notify(raw: bytes) -> Notify:
+    try:
+        ok, *lengths, error_len = _NOTIFY_HEADER.unpack_from(raw, 1)
+    except struct.error as e:
+        raise ValueError(f"malformed notify frame: {e}") from e
+    pos = 1 + _NOTIFY_HEADER.size
+    fields_: list[bytes] = []
+    for n in (*lengths, max(error_len, 0)):
+        fields_.append(raw[pos:pos + n])
+        pos += n
+    if pos != len(raw):
+        raise ValueError("malformed notify frame")
+    batch_id, segment, tag, message, error = fields_
+    return Notify(batch_id=batch_id.decode(), segment=segment.decode(), tag=tag.decode(), message=message, ok=ok,
+                  error=None if error_len < 0 else error.decode())
+
+
 def encode(msg: Message) -> bytes:
-    body: dict[str, Any] = asdict(msg)
+    if isinstance(msg, Notify):
+        return _encode_notify(msg)
+    body: dict[str, Any] = {f.name: getattr(msg, f.name) for f in fields(msg)}  # flat: no deep copy
     for name in _BYTES_FIELDS & body.keys():
         body[name] = base64.b64encode(body[name]).decode()
     body["kind"] = msg.kind
@@ -99,6 +132,8 @@ def encode(msg: Message) -> bytes:
 
 
 def decode(raw: bytes) -> Message:
+    if raw[:1] == _NOTIFY_MARK:
+        return _decode_notify(raw)
     body = json.loads(raw)
     cls = _BY_KIND.get(body.pop("kind", None))
     if cls is None:

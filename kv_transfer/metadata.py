@@ -10,11 +10,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from typing import Protocol
+from collections.abc import Coroutine
+from typing import Any, Protocol, TypeVar
 
 from kv_transfer.errors import MetadataStoreError
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 class MetadataStore(Protocol):
@@ -82,10 +84,8 @@ class EtcdStore:
 
     async def _call(self, coro, what: str, key: str):
         try:
-            return await asyncio.wait_for(coro, self._timeout)
-        except (TimeoutError, OSError, Exception) as e:
-            if isinstance(e, asyncio.CancelledError):
-                raise
+            return await bounded(coro, self._timeout)
+        except Exception as e:
             raise MetadataStoreError(
                 f"etcd at {self.endpoint} is unreachable or failed ({what} {key!r}): {type(e).__name__}: {e}") from e
 
@@ -100,7 +100,7 @@ class EtcdStore:
             await asyncio.sleep(self._ttl / 3)
             try:
                 assert self._lease is not None
-                await asyncio.wait_for(self._lease.refresh(), self._timeout)
+                await bounded(self._lease.refresh(), self._timeout)
             except Exception as e:  # keep trying: the key expires only if etcd stays away for a TTL
                 log.warning("refreshing the segment lease at %s failed: %s", self.endpoint, e)
 
@@ -119,14 +119,35 @@ class EtcdStore:
         await self._call(client.delete(key.encode()), "delete", key)
 
     async def close(self) -> None:
+        """Revoke the lease (the descriptors vanish now) and close the client, each within the timeout."""
         if self._keepalive is not None:
             self._keepalive.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._keepalive
         if self._client is not None:
             with contextlib.suppress(Exception):
                 if self._lease is not None:
-                    await asyncio.wait_for(self._lease.revoke(), self._timeout)
+                    await bounded(self._lease.revoke(), self._timeout)
             with contextlib.suppress(Exception):
-                await self._client.close()
+                await bounded(self._client.close(), self._timeout)
         self._client = self._lease = self._keepalive = None
+
+
+async def bounded(coro: Coroutine[Any, Any, T], timeout: float) -> T:
+    """Await `coro` for at most `timeout` seconds, then raise TimeoutError. Unlike
+    `asyncio.wait_for`, it never waits for the cancelled call to wind down: a gRPC call that
+    ignores cancellation (seen with aetcd's lease calls) cannot hang the caller."""
+    task = asyncio.ensure_future(coro)
+    try:
+        done, _ = await asyncio.wait({task}, timeout=timeout)
+    except asyncio.CancelledError:
+        task.cancel()
+        raise
+    if not done:
+        task.add_done_callback(_consume)  # it may still end with an error nobody awaits
+        task.cancel()
+        raise TimeoutError(f"no answer within {timeout:.3g} s")
+    return task.result()
+
+
+def _consume(task: asyncio.Future) -> None:
+    if not task.cancelled():
+        task.exception()

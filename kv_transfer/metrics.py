@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 from prometheus_client import Counter, Histogram
 
 from kv_transfer.batch import Batch
@@ -17,14 +19,22 @@ LATENCY = Histogram("tandem_kv_transfer_seconds", "Submit-to-completion time of 
                              0.5, 1.0, 2.5, 5.0, 10.0))
 
 
+@functools.lru_cache(maxsize=4096)
+def _ok_children(backend: str, peer: str, op: str) -> tuple[Counter, Counter, Histogram]:
+    """Label lookups cost more than the updates themselves: resolve them once per (backend, peer, op)."""
+    return (TRANSFERS.labels(backend, peer, op, "ok"), TRANSFER_BYTES.labels(backend, peer, op),
+            LATENCY.labels(backend, peer, op))
+
+
 def record(batch: Batch) -> None:
     """Account for a batch that just ended (a done-callback)."""
     labels = (batch.backend, batch.remote.owner, batch.op.value)
-    ok = batch.status is BatchStatus.DONE
-    TRANSFERS.labels(*labels, "ok" if ok else "failed").inc()
-    if ok:
-        TRANSFER_BYTES.labels(*labels).inc(batch.ranges.total_bytes)
+    if batch.status is BatchStatus.DONE:
+        transfers, nbytes, latency = _ok_children(*labels)
+        transfers.inc()
+        nbytes.inc(batch.ranges.total_bytes)
         assert batch.finished_at is not None
-        LATENCY.labels(*labels).observe(batch.finished_at - batch.submitted_at)
+        latency.observe(batch.finished_at - batch.submitted_at)
     else:
+        TRANSFERS.labels(*labels, "failed").inc()
         FAILURES.labels(*labels, type(batch.error).__name__).inc()

@@ -112,3 +112,20 @@ async def test_missing_segment_and_unreachable_store_name_the_segment() -> None:
         await asyncio.wait_for(engine.register_segment("mine", torch.zeros(16, dtype=torch.uint8)), 10)
     await engine.close()
 
+
+
+def test_peer_link_frames_round_trip_and_reject_garbage() -> None:
+    from kv_transfer.messages import Hello, Notify, XferHeader, decode, encode
+
+    for msg in (Notify("b-1", "kv", "kv/r", b"\x00\xff note", True), Notify("", "s", "", b"", False, "boom é"),
+                Hello("e1", "data:tcp"), XferHeader("b", "write", "kv", 3, 30, "t", b"\x01", 2.5)):
+        raw = encode(msg)
+        assert int.from_bytes(raw[:4], "big") == len(raw) - 4
+        assert decode(raw[4:]) == msg
+    truncated = encode(Notify("b-1", "kv", "kv/r", b"note", True))[4:-2]
+    with pytest.raises(ValueError):
+        decode(truncated)
+    with pytest.raises(ValueError):
+        decode(b"N\x01")
+    with pytest.raises(ValueError):
+        decode(b'{"kind": "nope"}')
