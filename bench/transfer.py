@@ -36,7 +36,7 @@ import numpy as np
 import torch
 
 from cluster.local_etcd import running_etcd
-from cluster.processes import die_with_parent
+from cluster.processes import spawn
 from engine.loader.api import load_model
 from kv_transfer import EtcdStore, Ranges, TransferEngine, TransferEngineConfig, TransferOp
 from kv_transfer.kv_layout import POOL_LAYOUT, KVLayout, block_ranges
@@ -120,9 +120,8 @@ async def run(args: argparse.Namespace) -> dict:
     rng = np.random.default_rng(0)
     prefix = f"/tandem/bench-{uuid.uuid4().hex[:8]}"
     with running_etcd() as etcd:
-        peer = subprocess.Popen([sys.executable, "-m", "bench.transfer_peer", "--etcd", etcd, "--prefix", prefix,
-                                 "--size", str(size)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
-                                preexec_fn=die_with_parent)
+        peer = spawn([sys.executable, "-m", "bench.transfer_peer", "--etcd", etcd, "--prefix", prefix,
+                      "--size", str(size)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
         assert peer.stdout is not None
         ready = json.loads(peer.stdout.readline())
         progress(f"peer ready: {ready}")

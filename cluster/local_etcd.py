@@ -14,7 +14,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-from cluster.processes import die_with_parent
+from cluster.processes import spawn
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +48,7 @@ def running_etcd() -> Iterator[str]:
                "--heartbeat-interval", "10", "--election-timeout", "50", "--log-level", "error"]
         log_path = os.path.join(data, "etcd.log")  # a file, not a pipe nobody reads (a full pipe blocks etcd)
         with open(log_path, "wb") as log_file:
-            proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=log_file, preexec_fn=die_with_parent)
+            proc = spawn(cmd, stdout=subprocess.DEVNULL, stderr=log_file)
         try:
             _wait_ready(proc, client, log_path)
             yield f"127.0.0.1:{client}"

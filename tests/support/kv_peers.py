@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from cluster.processes import die_with_parent
+from cluster.processes import spawn
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -26,9 +26,8 @@ class PeerProcess:
         self.name = name
         env = {**os.environ, "PYTHONPATH": str(REPO), "UCX_NET_DEVICES": "lo", "UCX_MODULES": "^ib",
                "OMP_NUM_THREADS": str(threads)}
-        self.proc = subprocess.Popen([sys.executable, "-m", module, *args], stdin=subprocess.PIPE,
-                                     stdout=subprocess.PIPE, text=True, cwd=REPO, env=env,
-                                     preexec_fn=die_with_parent)
+        self.proc = spawn([sys.executable, "-m", module, *args], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                          text=True, cwd=REPO, env=env)
         ready = self.read(timeout=120)
         assert "ready" in ready, ready
         self.engine_id = ready["ready"]
