@@ -4,6 +4,7 @@ transformers' (and so the single engine's)."""
 
 from __future__ import annotations
 
+import time
 import uuid
 from collections.abc import Iterator
 
@@ -125,3 +126,32 @@ def test_layout_mismatch_names_every_difference() -> None:
         ours.check_compatible(_layout(12, dtype="bfloat16", tp_size=2))
     ours.check_compatible(_layout(12))  # pool sizes may differ
 
+
+
+@pytest.mark.slow
+def test_prefill_killed_mid_push_fails_the_decode_request_and_frees_its_blocks(etcd: str, default_model_path) -> None:
+    """The decode engine waits for a long chunked push; the prefill process dies part way. The
+    receipt must fail (never complete with partial pages) and the reserved blocks must be freed."""
+    model = str(default_model_path)
+    prefix = f"/tandem/test-{uuid.uuid4().hex[:8]}"
+    # 1000 tokens in 16-token chunks: ~60 steps, several seconds on a 2-core CPU; killed after 1 s
+    prefill = _engine_peer(etcd, "p-kill", "tcp", model, prefix, num_blocks=96, max_batched_tokens=16)
+    decode = _engine_peer(etcd, "d-kill", "tcp", model, prefix, num_blocks=96)
+    try:
+        prompt = text_of_about(load_tokenizer(model), 1000, seed=5)
+        reserved = decode.call(cmd="reserve", request_id="long", prompt=prompt, max_tokens=4)
+        assert reserved["ok"], reserved
+        decode.send(cmd="decode", request_id="long", peer=prefill.engine_id, timeout=60)
+        prefill.send(cmd="prefill", request_id="long", prompt=prompt, peer_segment=decode.name,
+                     blocks=reserved["blocks"])
+        time.sleep(1.0)
+        prefill.kill()
+        result = decode.read(timeout=30)
+        assert not result["ok"] and result["error"] == "PeerLostError", result
+        assert result["layers"] != list(range(30))  # the push was partial, and it was not taken as complete
+        # the decode engine freed the reserved blocks (check_integrity ran in the peer) and still serves
+        again = decode.call(cmd="reserve", request_id="next", prompt=prompt[:20], max_tokens=2)
+        assert again["ok"], again
+    finally:
+        prefill.close()
+        decode.close()
