@@ -1,0 +1,111 @@
+"""Worker discovery against a real etcd: registration, clean and unclean exits, lease loss."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from cluster.discovery import WorkerDirectory, WorkerRecord, WorkerRegistration, worker_key
+from cluster.local_etcd import running_etcd
+from cluster.processes import spawn
+
+REPO = Path(__file__).resolve().parents[1]
+TTL_S = 2
+
+
+def _record(worker_id: str, role: str = "decode") -> WorkerRecord:
+    return WorkerRecord(worker_id=worker_id, role=role, address=f"127.0.0.1:{5000 + len(worker_id)}",  # type: ignore[arg-type]
+                        model="smollm2", max_num_seqs=8, num_kv_blocks=64, block_size=16,
+                        transfer={"engine_id": f"xfer-{worker_id}", "segment": f"kv-{worker_id}"})
+
+
+@pytest.fixture(scope="module")
+def etcd() -> Iterator[str]:
+    with running_etcd() as endpoint:
+        yield endpoint
+
+
+def _ids(directory: WorkerDirectory, role: str | None = None) -> list[str]:
+    return [w.worker_id for w in directory.workers(role)]  # type: ignore[arg-type]
+
+
+async def test_workers_appear_and_a_clean_stop_removes_them_at_once(etcd: str) -> None:
+    directory = WorkerDirectory(etcd, "c1")
+    await directory.start()
+    p = WorkerRegistration(etcd, "c1", _record("p1", "prefill"), ttl_s=TTL_S)
+    d = WorkerRegistration(etcd, "c1", _record("d1", "decode"), ttl_s=TTL_S)
+    await p.start()
+    await d.start()
+    await directory.wait_until(lambda x: _ids(x) == ["d1", "p1"], 5)
+    assert _ids(directory, "prefill") == ["p1"] and directory.workers("decode")[0] == _record("d1")
+    started = time.monotonic()
+    await p.stop()
+    await directory.wait_until(lambda x: _ids(x) == ["d1"], 5)
+    assert time.monotonic() - started < 1.0  # revoked, not expired
+    await asyncio.sleep(TTL_S + 0.5)  # the survivor's keep-alive holds it past its TTL
+    assert _ids(directory) == ["d1"]
+    await d.stop()
+    await directory.stop()
+
+
+async def test_killed_worker_leaves_within_ttl_plus_two_seconds(etcd: str) -> None:
+    directory = WorkerDirectory(etcd, "c2")
+    await directory.start()
+    script = ("import asyncio, json, sys\n"
+              "from cluster.discovery import WorkerRecord, WorkerRegistration\n"
+              "async def main():\n"
+              f"    r = WorkerRegistration({etcd!r}, 'c2', WorkerRecord(**json.loads(sys.argv[1])), ttl_s={TTL_S})\n"
+              "    await r.start(); print('up', flush=True); await asyncio.sleep(60)\n"
+              "asyncio.run(main())\n")
+    from dataclasses import asdict
+    proc = spawn([sys.executable, "-c", script, json.dumps(asdict(_record("doomed")))], cwd=REPO,
+                 stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None and proc.stdout.readline().strip() == "up"
+        await directory.wait_until(lambda x: _ids(x) == ["doomed"], 5)
+        proc.kill()
+        killed = time.monotonic()
+        await directory.wait_until(lambda x: _ids(x) == [], TTL_S + 2)
+        assert time.monotonic() - killed <= TTL_S + 2
+    finally:
+        proc.kill()
+        proc.wait()
+        if proc.stdout is not None:
+            proc.stdout.close()
+        await directory.stop()
+
+
+async def test_a_lost_lease_is_noticed_and_the_worker_registers_again(etcd: str) -> None:
+    import aetcd
+
+    directory = WorkerDirectory(etcd, "c3")
+    await directory.start()
+    reg = WorkerRegistration(etcd, "c3", _record("w1"), ttl_s=TTL_S)
+    await reg.start()
+    await directory.wait_until(lambda x: _ids(x) == ["w1"], 5)
+    host, _, port = etcd.rpartition(":")
+    async with aetcd.Client(host, int(port)) as admin:  # as if the lease had expired (a long pause)
+        await admin.revoke_lease(reg._lease.id)
+    await directory.wait_until(lambda x: _ids(x) == [], 5)
+    await directory.wait_until(lambda x: _ids(x) == ["w1"], TTL_S + 3)
+    assert reg.registrations == 2
+    await reg.stop()
+    await directory.wait_until(lambda x: _ids(x) == [], 5)
+    await directory.stop()
+
+
+def test_records_validate_and_round_trip() -> None:
+    record = _record("x")
+    assert WorkerRecord.from_json(record.to_json()) == record
+    assert worker_key("prod", record) == "/tandem/prod/workers/decode/x"
+    with pytest.raises(ValueError, match="role"):
+        WorkerRecord("x", "router", "a:1", "m", 1, 1, 1)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="'/'"):
+        _record("a/b")
