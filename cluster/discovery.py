@@ -15,9 +15,9 @@ import json
 import logging
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from typing import Any, Literal
+from typing import Literal
 
-from kv_transfer.metadata import bounded
+from kv_transfer.etcd_lease import LeasedKeys, bounded, etcd_client
 
 log = logging.getLogger(__name__)
 
@@ -60,72 +60,32 @@ def worker_key(cluster: str, record: WorkerRecord) -> str:
     return f"{workers_prefix(cluster)}{record.role}/{record.worker_id}"
 
 
-def _client(endpoint: str, timeout_s: float) -> Any:
-    import aetcd
-
-    host, _, port = endpoint.rpartition(":")
-    return aetcd.Client(host, int(port), timeout=timeout_s, connect_wait_timeout=max(int(timeout_s), 1))
-
-
 class WorkerRegistration:
     """Keeps one worker's record in etcd for as long as the worker runs."""
 
     def __init__(self, endpoint: str, cluster: str, record: WorkerRecord, ttl_s: int = 3,
                  timeout_s: float = 2.0) -> None:
-        if ttl_s < 2:
-            raise ValueError("etcd's minimum lease TTL is 2 s")
-        self.endpoint, self.cluster, self.record = endpoint, cluster, record
+        self.record = record
         self.key = worker_key(cluster, record)
-        self._ttl, self._timeout = ttl_s, timeout_s
-        self._client: Any = None
-        self._lease: Any = None
-        self._task: asyncio.Task | None = None
-        self.registrations = 0  # how many times the key was (re)written
+        self._keys = LeasedKeys(endpoint, ttl_s, timeout_s)
 
     async def start(self) -> None:
-        """Register once (raises if etcd is unreachable), then keep the lease alive in the background."""
-        await self._register()
-        self._task = asyncio.create_task(self._keep_alive(), name=f"etcd-lease-{self.record.worker_id}")
+        """Register (raises if etcd is unreachable); the lease is then kept alive in the background,
+        and the record written again whenever the lease was lost."""
+        await self._keys.put(self.key, self.record.to_json())
 
-    async def _register(self) -> None:
-        if self._client is None:
-            self._client = _client(self.endpoint, self._timeout)
-        self._lease = await bounded(self._client.lease(self._ttl), self._timeout)
-        await bounded(self._client.put(self.key.encode(), self.record.to_json(), lease=self._lease), self._timeout)
-        self.registrations += 1
+    @property
+    def registrations(self) -> int:
+        """How many leases the record was written under (1 + recoveries)."""
+        return self._keys.grants
 
-    async def _keep_alive(self) -> None:
-        while True:
-            await asyncio.sleep(self._ttl / 3)
-            try:
-                reply = await bounded(self._lease.refresh(), self._timeout)
-                if reply is not None and reply.TTL > 0:
-                    continue
-                log.warning("lease of %s expired: registering again", self.key)
-            except Exception as e:
-                log.warning("keeping %s alive failed (%s): registering again", self.key, e)
-            try:
-                await self._reconnect_and_register()
-            except Exception as e:  # etcd still away: try again next round
-                log.warning("registering %s failed: %s", self.key, e)
-
-    async def _reconnect_and_register(self) -> None:
-        old, self._client = self._client, None
-        if old is not None:
-            with contextlib.suppress(Exception):
-                await bounded(old.close(), self._timeout)
-        await self._register()
+    @property
+    def lease_id(self) -> int | None:
+        return self._keys.lease_id
 
     async def stop(self) -> None:
         """Revoke the lease (the key vanishes now) and close the client."""
-        if self._task is not None:
-            self._task.cancel()
-        if self._client is not None:
-            with contextlib.suppress(Exception):
-                await bounded(self._lease.revoke(), self._timeout)
-            with contextlib.suppress(Exception):
-                await bounded(self._client.close(), self._timeout)
-        self._client = self._task = None
+        await self._keys.close()
 
 
 class WorkerDirectory:
@@ -163,7 +123,7 @@ class WorkerDirectory:
 
     async def _run(self) -> None:
         while True:
-            client = _client(self.endpoint, self._timeout)
+            client = etcd_client(self.endpoint, self._timeout)
             try:
                 listed = await bounded(client.get_prefix(self._prefix.encode()), self._timeout)
                 self._replace({kv.key.decode(): kv.value for kv in listed})

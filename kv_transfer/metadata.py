@@ -1,21 +1,18 @@
 """Where segment descriptors are published: etcd in a cluster, an in-process store in unit tests.
 
-Keys are `<prefix>/segments/<name>`. The etcd store attaches every key to one lease that a
-background task keeps alive, so the descriptors of a process that dies vanish after the TTL, and
-`close()` revokes the lease so they vanish at once.
+Keys are `<prefix>/segments/<name>`. The etcd store keeps them under one lease
+(kv_transfer.etcd_lease.LeasedKeys): a killed process's descriptors vanish after the TTL,
+`close()` makes them vanish at once, and they are written again after etcd loses the lease.
 """
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
-import logging
 from collections.abc import Coroutine
 from typing import Any, Protocol, TypeVar
 
 from kv_transfer.errors import MetadataStoreError
+from kv_transfer.etcd_lease import LeasedKeys, bounded
 
-log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 
@@ -54,100 +51,31 @@ class InProcessStore:
 
 class EtcdStore:
     """etcd v3 through aetcd. Every call has a deadline; failures raise MetadataStoreError naming
-    the endpoint and the key."""
+    the endpoint and the key. Published keys live under one kept-alive lease (see LeasedKeys)."""
 
     def __init__(self, endpoint: str, lease_ttl_s: int = 10, timeout_s: float = 5.0) -> None:
-        host, _, port = endpoint.rpartition(":")
-        if not host or not port.isdigit():
-            raise ValueError(f"etcd endpoint must be host:port, got {endpoint!r}")
-        if lease_ttl_s < 2:
-            raise ValueError("etcd's minimum lease TTL is 2 s")
         self.endpoint = endpoint
-        self._host, self._port = host, int(port)
-        self._ttl = lease_ttl_s
         self._timeout = timeout_s
-        self._client = None
-        self._lease = None
-        self._keepalive: asyncio.Task | None = None
-        self._lock = asyncio.Lock()
+        self.keys = LeasedKeys(endpoint, lease_ttl_s, timeout_s)
 
-    async def _connected(self, key: str):  # -> aetcd.Client
-        import aetcd
-
-        async with self._lock:
-            if self._client is None:
-                client = aetcd.Client(self._host, self._port, timeout=self._timeout,
-                                      connect_wait_timeout=max(int(self._timeout), 1))
-                await self._call(client.connect(), "connect", key)
-                self._client = client
-            return self._client
-
-    async def _call(self, coro, what: str, key: str):
+    async def _call(self, coro: Coroutine[Any, Any, T], what: str, key: str) -> T:
         try:
             return await bounded(coro, self._timeout)
         except Exception as e:
             raise MetadataStoreError(
                 f"etcd at {self.endpoint} is unreachable or failed ({what} {key!r}): {type(e).__name__}: {e}") from e
 
-    async def _ensure_lease(self, client, key: str):
-        if self._lease is None:
-            self._lease = await self._call(client.lease(self._ttl), "lease grant for", key)
-            self._keepalive = asyncio.create_task(self._keep_alive(), name="etcd-segment-lease")
-        return self._lease
-
-    async def _keep_alive(self) -> None:
-        while True:
-            await asyncio.sleep(self._ttl / 3)
-            try:
-                assert self._lease is not None
-                await bounded(self._lease.refresh(), self._timeout)
-            except Exception as e:  # keep trying: the key expires only if etcd stays away for a TTL
-                log.warning("refreshing the segment lease at %s failed: %s", self.endpoint, e)
-
     async def put(self, key: str, value: bytes) -> None:
-        client = await self._connected(key)
-        lease = await self._ensure_lease(client, key)
-        await self._call(client.put(key.encode(), value, lease=lease), "put", key)
+        await self._call(self.keys.put(key, value), "put", key)
 
     async def get(self, key: str) -> bytes | None:
-        client = await self._connected(key)
+        client = await self.keys.client()
         result = await self._call(client.get(key.encode()), "get", key)
         return None if result is None else bytes(result.value)
 
     async def delete(self, key: str) -> None:
-        client = await self._connected(key)
-        await self._call(client.delete(key.encode()), "delete", key)
+        await self._call(self.keys.delete(key), "delete", key)
 
     async def close(self) -> None:
-        """Revoke the lease (the descriptors vanish now) and close the client, each within the timeout."""
-        if self._keepalive is not None:
-            self._keepalive.cancel()
-        if self._client is not None:
-            with contextlib.suppress(Exception):
-                if self._lease is not None:
-                    await bounded(self._lease.revoke(), self._timeout)
-            with contextlib.suppress(Exception):
-                await bounded(self._client.close(), self._timeout)
-        self._client = self._lease = self._keepalive = None
-
-
-async def bounded(coro: Coroutine[Any, Any, T], timeout: float) -> T:
-    """Await `coro` for at most `timeout` seconds, then raise TimeoutError. Unlike
-    `asyncio.wait_for`, it never waits for the cancelled call to wind down: a gRPC call that
-    ignores cancellation (seen with aetcd's lease calls) cannot hang the caller."""
-    task = asyncio.ensure_future(coro)
-    try:
-        done, _ = await asyncio.wait({task}, timeout=timeout)
-    except asyncio.CancelledError:
-        task.cancel()
-        raise
-    if not done:
-        task.add_done_callback(_consume)  # it may still end with an error nobody awaits
-        task.cancel()
-        raise TimeoutError(f"no answer within {timeout:.3g} s")
-    return task.result()
-
-
-def _consume(task: asyncio.Future) -> None:
-    if not task.cancelled():
-        task.exception()
+        """Revoke the lease (the descriptors vanish now) and close the client."""
+        await self.keys.close()

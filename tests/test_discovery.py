@@ -92,7 +92,7 @@ async def test_a_lost_lease_is_noticed_and_the_worker_registers_again(etcd: str)
     await directory.wait_until(lambda x: _ids(x) == ["w1"], 5)
     host, _, port = etcd.rpartition(":")
     async with aetcd.Client(host, int(port)) as admin:  # as if the lease had expired (a long pause)
-        await admin.revoke_lease(reg._lease.id)
+        await admin.revoke_lease(reg.lease_id)
     await directory.wait_until(lambda x: _ids(x) == [], 5)
     await directory.wait_until(lambda x: _ids(x) == ["w1"], TTL_S + 3)
     assert reg.registrations == 2

@@ -129,3 +129,26 @@ def test_peer_link_frames_round_trip_and_reject_garbage() -> None:
         decode(b"N\x01")
     with pytest.raises(ValueError):
         decode(b'{"kind": "nope"}')
+
+
+async def test_etcd_store_publishes_again_after_losing_its_lease() -> None:
+    import aetcd
+
+    from cluster.local_etcd import running_etcd
+
+    with running_etcd() as endpoint:
+        store = EtcdStore(endpoint, lease_ttl_s=2)
+        await store.put("/t/segments/a", b"descriptor")
+        host, _, port = endpoint.rpartition(":")
+        async with aetcd.Client(host, int(port)) as admin:  # as if etcd had lost the lease
+            await admin.revoke_lease(store.keys.lease_id)
+        assert await store.get("/t/segments/a") is None
+        for _ in range(50):
+            if await store.get("/t/segments/a") == b"descriptor":
+                break
+            await asyncio.sleep(0.1)
+        assert await store.get("/t/segments/a") == b"descriptor" and store.keys.grants == 2
+        await store.close()
+        reader = EtcdStore(endpoint)
+        assert await reader.get("/t/segments/a") is None  # close revoked the lease
+        await reader.close()
