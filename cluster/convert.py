@@ -1,0 +1,42 @@
+"""Between the wire (tandem.v1 protos) and the engine's dataclasses. Validation stays in the
+engine: a bad value raises its InvalidRequestError / ValueError, which servers map to
+INVALID_ARGUMENT."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from engine.outputs import RequestOutput
+from engine.sampling_params import SamplingParams
+from tandem.v1 import inference_pb2 as pb
+
+_OPTIONAL = ("temperature", "top_p", "top_k", "min_p", "max_tokens", "min_tokens", "presence_penalty",
+             "frequency_penalty", "repetition_penalty", "seed", "logprobs", "skip_special_tokens")
+_FINISH = {None: pb.FINISH_REASON_UNSPECIFIED, "stop": pb.FINISH_REASON_STOP, "length": pb.FINISH_REASON_LENGTH,
+           "abort": pb.FINISH_REASON_ABORT}
+
+
+def sampling_from_proto(msg: pb.SamplingParameters) -> SamplingParams:
+    """Fields the client left unset keep the engine's defaults."""
+    kwargs: dict[str, Any] = {name: getattr(msg, name) for name in _OPTIONAL if msg.HasField(name)}
+    kwargs.update(stop=tuple(msg.stop), stop_token_ids=tuple(msg.stop_token_ids), ignore_eos=msg.ignore_eos)
+    return SamplingParams(**kwargs)
+
+
+def response_from_output(out: RequestOutput) -> pb.GenerateResponse:
+    """One stream chunk: what `out` added since the previous one; usage and reason at the end."""
+    msg = pb.GenerateResponse(request_id=out.request_id, token_ids=out.new_token_ids, text=out.new_text,
+                              finish_reason=_FINISH[out.finish_reason])
+    if out.logprobs is not None:
+        for lp in out.logprobs[len(out.token_ids) - len(out.new_token_ids):]:
+            if lp is not None:
+                msg.logprobs.append(pb.TokenLogprob(token_id=lp.token_id, logprob=lp.logprob, top=[
+                    pb.TopLogprob(token_id=t, logprob=v) for t, v in lp.top]))
+    if isinstance(out.stop_reason, str):
+        msg.stop_string = out.stop_reason
+    elif isinstance(out.stop_reason, int):
+        msg.stop_token_id = out.stop_reason
+    if out.finished:
+        msg.usage.CopyFrom(pb.Usage(prompt_tokens=len(out.prompt_token_ids), completion_tokens=len(out.token_ids),
+                                    cached_prompt_tokens=out.num_cached_tokens))
+    return msg
