@@ -20,10 +20,8 @@ import torch
 import kv_transfer.backends.nccl as nccl_module
 from kv_transfer import (
     BackendUnavailableError,
-    BatchStatus,
     InProcessStore,
     InvalidTransferError,
-    NotifySpec,
     PeerLostError,
     Ranges,
     RemoteRejectedError,
@@ -36,7 +34,7 @@ from kv_transfer import (
 from kv_transfer.backends.nccl import PURPOSE, NcclBackend
 from kv_transfer.backends.pair_group import PairGroup, join_store, plan_chunks
 from kv_transfer.messages import GroupSetup, XferHeader, XferReply, recv_exact, recv_message, send_message
-from tests.support.engine_pair import PAGE, PAGES, Pair
+from tests.support.engine_pair import PAGE, PAGES, Pair, check_write_then_read, page_ranges
 
 pytestmark = pytest.mark.skipif(not NcclBackend.is_available(), reason="torch.distributed has neither Gloo nor NCCL")
 
@@ -63,52 +61,8 @@ async def pair() -> AsyncIterator[Pair]:
     await p.b.close()
 
 
-def random_pages(seed: int, count: int) -> tuple[np.ndarray, np.ndarray]:
-    """`count` distinct local pages and `count` distinct remote pages, in random order."""
-    rng = np.random.default_rng(seed)
-    return rng.choice(PAGES, count, replace=False), rng.choice(PAGES, count, replace=False)
-
-
-def page_ranges(local_pages: np.ndarray, remote_pages: np.ndarray) -> Ranges:
-    return Ranges(local_pages * PAGE, remote_pages * PAGE, np.full(len(local_pages), PAGE))
-
-
-def assert_pages(dst: torch.Tensor, before: torch.Tensor, src: torch.Tensor, dst_pages: np.ndarray,
-                 src_pages: np.ndarray) -> None:
-    """`dst` holds `src`'s pages at `dst_pages` and is otherwise unchanged from `before`."""
-    expected = before.cpu().clone().view(PAGES, PAGE)
-    expected[torch.from_numpy(dst_pages)] = src.cpu().view(PAGES, PAGE)[torch.from_numpy(src_pages)]
-    assert torch.equal(dst.cpu().view(PAGES, PAGE), expected)
-
-
-async def check_write_and_read(p: Pair) -> None:
-    local_pages, remote_pages = random_pages(1, 12)
-    before = p.dst.clone()
-    with p.b.subscribe("w1", peer=p.a.engine_id) as sub:
-        handle = p.a.submit_ranges(TransferOp.WRITE, "a", "b", page_ranges(local_pages, remote_pages),
-                                   notify=NotifySpec("w1", b"\x00write\xff"))
-        handle.wait(10)
-        assert handle.status is BatchStatus.DONE and handle.backends == ["nccl"]
-        note = sub.get(5)
-    assert (note.peer, note.tag, note.message, note.ok) == (p.a.engine_id, "w1", b"\x00write\xff", True)
-    assert note.batch_id == handle.batch_ids[0]
-    assert_pages(p.dst, before, p.src, remote_pages, local_pages)
-    handle.release()
-
-    local_pages, remote_pages = random_pages(2, 9)
-    before = p.src.clone()
-    with p.b.subscribe("r1") as sub:
-        requests = [TransferRequest(TransferOp.READ, int(lp) * PAGE, "b", int(rp) * PAGE, PAGE)
-                    for lp, rp in zip(local_pages, remote_pages, strict=True)]
-        with p.a.submit("a", requests, notify=NotifySpec("r1", b"read")) as handle:
-            handle.wait(10)
-        note = sub.get(5)
-    assert (note.peer, note.message, note.ok) == (p.a.engine_id, b"read", True)
-    assert_pages(p.src, before, p.dst, local_pages, remote_pages)
-
-
 async def test_write_and_read_scattered_pages_with_notifications(pair: Pair) -> None:
-    await check_write_and_read(pair)
+    check_write_then_read(pair, "nccl")
 
 
 async def test_out_of_range_is_refused_before_any_byte_moves(pair: Pair) -> None:
@@ -191,7 +145,7 @@ async def test_refused_batch_leaves_the_channel_usable(pair: Pair) -> None:
     await pair.b.unregister_segment("b2")  # a still holds its descriptor
     with pytest.raises(RemoteRejectedError):
         pair.a.submit("a", [TransferRequest(TransferOp.WRITE, 0, "b2", 0, PAGE)]).wait(10)
-    await check_write_and_read(pair)
+    check_write_then_read(pair, "nccl")
 
 
 ScriptedTarget = Callable[[socket.socket, PairGroup], None]
@@ -235,7 +189,7 @@ async def test_peer_dying_mid_read_fails_fast_then_the_channel_rebuilds(pair: Pa
     with pytest.raises(PeerLostError):
         handle.wait(10)
     assert time.monotonic() - started < 3
-    await check_write_and_read(pair)
+    check_write_then_read(pair, "nccl")
 
 
 async def test_stalled_peer_fails_at_the_deadline_then_the_channel_rebuilds(pair: Pair) -> None:
@@ -252,7 +206,7 @@ async def test_stalled_peer_fails_at_the_deadline_then_the_channel_rebuilds(pair
         handle.wait(10)
     assert time.monotonic() - started < 2
     release.set()
-    await check_write_and_read(pair)
+    check_write_then_read(pair, "nccl")
 
 
 @pytest.mark.gpu
@@ -261,7 +215,7 @@ async def test_cuda_to_cuda_write_and_read(monkeypatch: pytest.MonkeyPatch) -> N
     monkeypatch.setattr(nccl_module, "CHUNK_BYTES", 3 * PAGE)  # chunks of several pages: staged
     p = await make_pair("cuda:*")
     try:
-        await check_write_and_read(p)
+        check_write_then_read(p, "nccl")
     finally:
         await p.a.close()
         await p.b.close()

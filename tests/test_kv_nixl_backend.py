@@ -16,10 +16,8 @@ import pytest
 import torch
 
 from kv_transfer import (
-    BatchStatus,
     InProcessStore,
     InvalidTransferError,
-    NotifySpec,
     Ranges,
     TransferEngine,
     TransferEngineConfig,
@@ -27,7 +25,7 @@ from kv_transfer import (
     TransferRequest,
 )
 from kv_transfer.backends.nixl import NixlBackend, decode_notif, encode_notif
-from tests.support.engine_pair import PAGE, PAGES, Pair
+from tests.support.engine_pair import PAGE, PAGES, Pair, check_write_then_read
 
 pytestmark = pytest.mark.skipif(not NixlBackend.is_available(), reason="NIXL is not usable here")
 
@@ -50,50 +48,8 @@ async def pair() -> AsyncIterator[Pair]:
     await b.close()
 
 
-def random_pages(seed: int, count: int) -> tuple[np.ndarray, np.ndarray]:
-    """`count` distinct local pages and `count` distinct remote pages, in random order."""
-    rng = np.random.default_rng(seed)
-    return rng.choice(PAGES, count, replace=False), rng.choice(PAGES, count, replace=False)
-
-
-def page_ranges(local_pages: np.ndarray, remote_pages: np.ndarray) -> Ranges:
-    return Ranges(local_pages * PAGE, remote_pages * PAGE, np.full(len(local_pages), PAGE))
-
-
-def assert_pages(dst: torch.Tensor, before: torch.Tensor, src: torch.Tensor, dst_pages: np.ndarray,
-                 src_pages: np.ndarray) -> None:
-    """`dst` holds `src`'s pages at `dst_pages` and is otherwise unchanged from `before`."""
-    expected = before.clone().view(PAGES, PAGE)
-    expected[torch.from_numpy(dst_pages)] = src.view(PAGES, PAGE)[torch.from_numpy(src_pages)]
-    assert torch.equal(dst.view(PAGES, PAGE), expected)
-
-
-async def test_write_scattered_pages_and_notify(pair: Pair) -> None:
-    local_pages, remote_pages = random_pages(1, 12)
-    before = pair.dst.clone()
-    with pair.b.subscribe("w1", peer=pair.a.engine_id) as sub:
-        handle = pair.a.submit_ranges(TransferOp.WRITE, "a", "b", page_ranges(local_pages, remote_pages),
-                                      notify=NotifySpec("w1", b"\x00write\xff"))
-        handle.wait(10)
-        assert handle.status is BatchStatus.DONE and handle.backends == ["nixl"]
-        note = sub.get(5)
-    assert (note.peer, note.tag, note.message, note.ok) == (pair.a.engine_id, "w1", b"\x00write\xff", True)
-    assert note.batch_id == handle.batch_ids[0]
-    assert_pages(pair.dst, before, pair.src, remote_pages, local_pages)
-    handle.release()
-
-
-async def test_read_scattered_pages_notifies_target(pair: Pair) -> None:
-    local_pages, remote_pages = random_pages(2, 9)
-    before = pair.src.clone()
-    with pair.b.subscribe("r1") as sub:
-        requests = [TransferRequest(TransferOp.READ, int(lp) * PAGE, "b", int(rp) * PAGE, PAGE)
-                    for lp, rp in zip(local_pages, remote_pages, strict=True)]
-        with pair.a.submit("a", requests, notify=NotifySpec("r1", b"read")) as handle:
-            handle.wait(10)
-        note = sub.get(5)
-    assert (note.peer, note.message, note.ok) == (pair.a.engine_id, b"read", True)
-    assert_pages(pair.src, before, pair.dst, local_pages, remote_pages)
+async def test_write_then_read_scattered_pages_with_notifications(pair: Pair) -> None:
+    check_write_then_read(pair, "nixl")
 
 
 async def test_out_of_range_is_refused_before_any_byte_moves(pair: Pair) -> None:
