@@ -91,7 +91,7 @@ class LocalSegment:
 
     @property
     def device_id(self) -> int:
-        return self.data.device.index or 0 if self.data.is_cuda else 0
+        return (self.data.device.index or 0) if self.data.is_cuda else 0
 
 
 def flat_bytes(tensor: torch.Tensor) -> torch.Tensor:

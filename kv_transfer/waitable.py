@@ -81,12 +81,6 @@ class WaitableQueue(Generic[T]):
             with self._cond:
                 self._async_waiters.remove(entry)
 
-    def drain(self) -> list[T]:
-        with self._cond:
-            items = list(self._items)
-            self._items.clear()
-            return items
-
 
 def _timeout(what: str, timeout: float) -> BaseException:
     from kv_transfer.errors import TransferTimeoutError

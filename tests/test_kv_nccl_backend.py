@@ -21,7 +21,6 @@ import kv_transfer.backends.nccl as nccl_module
 from kv_transfer import (
     BackendUnavailableError,
     InProcessStore,
-    InvalidTransferError,
     PeerLostError,
     Ranges,
     RemoteRejectedError,
@@ -34,7 +33,7 @@ from kv_transfer import (
 from kv_transfer.backends.nccl import PURPOSE, NcclBackend
 from kv_transfer.backends.pair_group import PairGroup, join_store, plan_chunks
 from kv_transfer.messages import GroupSetup, XferHeader, XferReply, recv_exact, recv_message, send_message
-from tests.support.engine_pair import PAGE, PAGES, Pair, check_write_then_read, page_ranges
+from tests.support.engine_pair import PAGE, PAGES, Pair, check_out_of_range_refused, check_write_then_read, page_ranges
 
 pytestmark = pytest.mark.skipif(not NcclBackend.is_available(), reason="torch.distributed has neither Gloo nor NCCL")
 
@@ -66,13 +65,7 @@ async def test_write_and_read_scattered_pages_with_notifications(pair: Pair) -> 
 
 
 async def test_out_of_range_is_refused_before_any_byte_moves(pair: Pair) -> None:
-    before = pair.dst.clone()
-    requests = [TransferRequest(TransferOp.WRITE, 0, "b", 0, PAGE),
-                TransferRequest(TransferOp.WRITE, 0, "b", PAGES * PAGE - 10, 100)]
-    with pytest.raises(InvalidTransferError):
-        pair.a.submit("a", requests)
-    time.sleep(0.05)
-    assert torch.equal(pair.dst, before)
+    check_out_of_range_refused(pair)
 
 
 async def test_random_lengths_across_chunk_boundaries(pair: Pair, monkeypatch: pytest.MonkeyPatch) -> None:

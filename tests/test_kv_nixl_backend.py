@@ -17,7 +17,6 @@ import torch
 
 from kv_transfer import (
     InProcessStore,
-    InvalidTransferError,
     Ranges,
     TransferEngine,
     TransferEngineConfig,
@@ -25,7 +24,7 @@ from kv_transfer import (
     TransferRequest,
 )
 from kv_transfer.backends.nixl import NixlBackend, decode_notif, encode_notif
-from tests.support.engine_pair import PAGE, PAGES, Pair, check_write_then_read
+from tests.support.engine_pair import PAGE, PAGES, Pair, check_out_of_range_refused, check_write_then_read
 
 pytestmark = pytest.mark.skipif(not NixlBackend.is_available(), reason="NIXL is not usable here")
 
@@ -53,13 +52,7 @@ async def test_write_then_read_scattered_pages_with_notifications(pair: Pair) ->
 
 
 async def test_out_of_range_is_refused_before_any_byte_moves(pair: Pair) -> None:
-    before = pair.dst.clone()
-    requests = [TransferRequest(TransferOp.WRITE, 0, "b", 0, PAGE),
-                TransferRequest(TransferOp.WRITE, 0, "b", PAGES * PAGE - 10, 100)]
-    with pytest.raises(InvalidTransferError):
-        pair.a.submit("a", requests)
-    time.sleep(0.05)
-    assert torch.equal(pair.dst, before)
+    check_out_of_range_refused(pair)
 
 
 async def test_segments_opened_in_reverse_registration_order(pair: Pair) -> None:

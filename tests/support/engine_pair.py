@@ -2,12 +2,22 @@
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 import numpy as np
+import pytest
 import torch
 
-from kv_transfer import BatchStatus, NotifySpec, Ranges, TransferEngine, TransferOp, TransferRequest
+from kv_transfer import (
+    BatchStatus,
+    InvalidTransferError,
+    NotifySpec,
+    Ranges,
+    TransferEngine,
+    TransferOp,
+    TransferRequest,
+)
 
 PAGE = 4096
 PAGES = 64
@@ -64,3 +74,14 @@ def check_write_then_read(p: Pair, backend: str) -> None:
         note = sub.get(5)
     assert (note.peer, note.message, note.ok) == (p.a.engine_id, b"read", True)
     assert_pages(p.src, before, p.dst, local_pages, remote_pages)
+
+
+def check_out_of_range_refused(p: Pair) -> None:
+    """A batch with one range past the end of the remote segment is refused whole: nothing moves."""
+    before = p.dst.clone()
+    requests = [TransferRequest(TransferOp.WRITE, 0, "b", 0, PAGE),
+                TransferRequest(TransferOp.WRITE, 0, "b", PAGES * PAGE - 10, 100)]
+    with pytest.raises(InvalidTransferError):
+        p.a.submit("a", requests)
+    time.sleep(0.05)
+    assert torch.equal(p.dst, before)
