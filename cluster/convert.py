@@ -7,6 +7,7 @@ from __future__ import annotations
 from typing import Any
 
 from engine.outputs import RequestOutput
+from engine.sampler import TokenLogprobs
 from engine.sampling_params import SamplingParams
 from tandem.v1 import inference_pb2 as pb
 
@@ -30,8 +31,7 @@ def response_from_output(out: RequestOutput) -> pb.GenerateResponse:
     if out.logprobs is not None:
         for lp in out.logprobs[len(out.token_ids) - len(out.new_token_ids):]:
             if lp is not None:
-                msg.logprobs.append(pb.TokenLogprob(token_id=lp.token_id, logprob=lp.logprob, top=[
-                    pb.TopLogprob(token_id=t, logprob=v) for t, v in lp.top]))
+                msg.logprobs.append(logprob_to_proto(lp))
     if isinstance(out.stop_reason, str):
         msg.stop_string = out.stop_reason
     elif isinstance(out.stop_reason, int):
@@ -40,3 +40,12 @@ def response_from_output(out: RequestOutput) -> pb.GenerateResponse:
         msg.usage.CopyFrom(pb.Usage(prompt_tokens=len(out.prompt_token_ids), completion_tokens=len(out.token_ids),
                                     cached_prompt_tokens=out.num_cached_tokens))
     return msg
+
+
+def logprob_to_proto(lp: TokenLogprobs) -> pb.TokenLogprob:
+    return pb.TokenLogprob(token_id=lp.token_id, logprob=lp.logprob,
+                           top=[pb.TopLogprob(token_id=t, logprob=v) for t, v in lp.top])
+
+
+def logprob_from_proto(msg: pb.TokenLogprob) -> TokenLogprobs:
+    return TokenLogprobs(msg.token_id, msg.logprob, tuple((t.token_id, t.logprob) for t in msg.top))

@@ -36,6 +36,7 @@ class WorkerRecord:
     max_num_seqs: int
     num_kv_blocks: int
     block_size: int
+    max_model_len: int = 0  # 0: unknown
     transfer: dict[str, str] = field(default_factory=dict)  # e.g. {"engine_id": ..., "segment": ...}
 
     def __post_init__(self) -> None:

@@ -48,7 +48,8 @@ def running_etcd() -> Iterator[str]:
                "--heartbeat-interval", "10", "--election-timeout", "50", "--log-level", "error"]
         log_path = os.path.join(data, "etcd.log")  # a file, not a pipe nobody reads (a full pipe blocks etcd)
         with open(log_path, "wb") as log_file:
-            proc = spawn(cmd, stdout=subprocess.DEVNULL, stderr=log_file)
+            # own process group: a Ctrl-C meant for the parent must not kill etcd before the parent's cleanup
+            proc = spawn(cmd, stdout=subprocess.DEVNULL, stderr=log_file, process_group=0)
         try:
             _wait_ready(proc, client, log_path)
             yield f"127.0.0.1:{client}"

@@ -1,64 +1,87 @@
-"""The Worker gRPC service of a decode (or aggregated, role "both") worker, around an AsyncEngine.
-
-Implemented: Generate with local prefill, Abort, Status. Remote prefill (the `prefill` targets
-of a request), Prefill and KVEvents are the next step of the disaggregated flow and answer
-UNIMPLEMENTED (the generated base class) until then.
-"""
+"""The Worker service of a decode worker (role "decode": prefills remotely when it pays, see
+remote_prefill.py) or of an aggregated one (role "both": always prefills locally)."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import AsyncIterator
 
 import grpc
 
 from cluster.convert import response_from_output, sampling_from_proto
+from cluster.kv_events import KVEventHub
+from cluster.worker_base import WorkerServicerBase
+from cluster.worker_metrics import DISAGGREGATION, GENERATED_TOKENS, PREFILL_TOKENS, WORKER_REQUESTS
+from decode_worker.remote_prefill import Decision, DisaggregationPolicy, RemotePrefiller
 from engine.async_engine import AsyncEngine
 from engine.errors import EngineDeadError
+from engine.outputs import RequestOutput
+from engine.sampling_params import SamplingParams
 from tandem.v1 import inference_pb2 as pb
-from tandem.v1 import worker_pb2, worker_pb2_grpc
+from tandem.v1 import worker_pb2
 
 log = logging.getLogger(__name__)
 
 
-class DecodeWorkerServicer(worker_pb2_grpc.WorkerServicer):
-    def __init__(self, engine: AsyncEngine, worker_id: str, role: str) -> None:
-        self.engine = engine
-        self.worker_id = worker_id
-        self.role = role
+class DecodeWorkerServicer(WorkerServicerBase):
+    def __init__(self, engine: AsyncEngine, worker_id: str, role: str, events: KVEventHub,
+                 remote: RemotePrefiller | None = None, policy: DisaggregationPolicy | None = None) -> None:
+        super().__init__(engine, worker_id, role, events)
+        self.remote = remote
+        self.policy = policy or DisaggregationPolicy(0)
 
     async def Generate(self, request: worker_pb2.WorkerGenerateRequest,
                        context: grpc.aio.ServicerContext) -> AsyncIterator[pb.GenerateResponse]:
-        if request.prefill:
-            await context.abort(grpc.StatusCode.UNIMPLEMENTED, "remote prefill is not implemented yet")
+        timeout = request.timeout_seconds or None
+        deadline = None if timeout is None else time.monotonic() + timeout
+        if request.resume_token_ids:
+            await self._fail(context, grpc.StatusCode.UNIMPLEMENTED, "resuming a migrated request is not supported yet")
         try:
             params = sampling_from_proto(request.sampling)
-            stream = await self.engine.add_request(request.request_id, list(request.prompt_token_ids), params,
-                                                   request.priority)
-        except ValueError as e:  # InvalidRequestError included: the worker stays up
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
-        except EngineDeadError as e:
-            await context.abort(grpc.StatusCode.UNAVAILABLE, str(e))
-        timeout = request.timeout_seconds or None
-        try:
+            self.engine.engine._validate_prompt(list(request.prompt_token_ids))
             async with asyncio.timeout(timeout):
+                decision, stream = await self._start(request, params, deadline)
+        except ValueError as e:  # InvalidRequestError included: the worker stays up
+            await self._fail(context, grpc.StatusCode.INVALID_ARGUMENT, str(e))
+        except EngineDeadError as e:
+            await self._fail(context, grpc.StatusCode.UNAVAILABLE, str(e))
+        except TimeoutError:
+            await self._fail(context, grpc.StatusCode.DEADLINE_EXCEEDED,
+                             f"request {request.request_id!r} ran past its {timeout} s deadline before prefill")
+        DISAGGREGATION.labels(self.worker_id, decision).inc()
+        try:
+            async with asyncio.timeout(None if deadline is None else deadline - time.monotonic()):
+                first = True
                 async for out in stream:  # leaving early (cancel, deadline) aborts the request in the engine
+                    if first and decision != "remote":
+                        self._count_local_prefill(out)
+                    first = False
+                    GENERATED_TOKENS.labels(self.worker_id).inc(len(out.new_token_ids))
                     yield response_from_output(out)
         except TimeoutError:
-            await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED,
-                                f"request {request.request_id!r} ran past its {timeout} s deadline")
+            await self._fail(context, grpc.StatusCode.DEADLINE_EXCEEDED,
+                             f"request {request.request_id!r} ran past its {timeout} s deadline")
+        WORKER_REQUESTS.labels(self.worker_id, "Generate", "ok").inc()
 
-    async def Abort(self, request: worker_pb2.AbortRequest,
-                    context: grpc.aio.ServicerContext) -> worker_pb2.AbortResponse:
-        found = request.request_id in self.engine.engine.requests
-        await self.engine.abort(request.request_id)
-        return worker_pb2.AbortResponse(found=found)
+    async def _start(self, request: worker_pb2.WorkerGenerateRequest, params: SamplingParams,
+                     deadline: float | None) -> tuple[Decision, AsyncIterator[RequestOutput]]:
+        prompt = list(request.prompt_token_ids)
+        if self.remote is not None:
+            has_targets = len(request.prefill) > 0
+            cached = await self.remote.cached_prompt_tokens(prompt) if has_targets else 0
+            decision = self.policy.decide(len(prompt), cached, has_targets)
+            if decision == "remote":
+                return await self.remote.start(request, params, deadline)
+        else:
+            decision = "local_no_prefill_worker"
+        return decision, await self.engine.add_request(request.request_id, prompt, params, request.priority)
 
-    async def Status(self, request: worker_pb2.StatusRequest,
-                     context: grpc.aio.ServicerContext) -> worker_pb2.WorkerStatus:
-        engine = self.engine.engine  # read from another thread: counts may be one step stale
-        return worker_pb2.WorkerStatus(
-            worker_id=self.worker_id, role=self.role, running=len(engine.scheduler.running),
-            waiting=len(engine.scheduler.waiting), free_blocks=engine.block_manager.num_free_blocks,
-            total_blocks=engine.block_manager.num_blocks)
+    def _count_local_prefill(self, out: RequestOutput) -> None:
+        PREFILL_TOKENS.labels(self.worker_id, "cached").inc(out.num_cached_tokens)
+        PREFILL_TOKENS.labels(self.worker_id, "computed").inc(len(out.prompt_token_ids) - out.num_cached_tokens)
+
+    async def _fail(self, context: grpc.aio.ServicerContext, code: grpc.StatusCode, message: str) -> None:
+        WORKER_REQUESTS.labels(self.worker_id, "Generate", code.name.lower()).inc()
+        await context.abort(code, message)

@@ -6,13 +6,15 @@ import asyncio
 import logging
 import queue
 import threading
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
+from typing import Any, TypeVar
 
 from engine.engine_config import EngineConfig
 from engine.errors import EngineDeadError, InvalidRequestError
 from engine.llm_engine import LLMEngine
 from engine.outputs import RequestOutput
+from engine.sampler import TokenLogprobs
 from engine.sampling_params import SamplingParams
 
 log = logging.getLogger(__name__)
@@ -31,7 +33,24 @@ class _Abort:
     request_id: str
 
 
+@dataclass(frozen=True)
+class _Call:
+    fn: Callable[[LLMEngine], Any]
+    loop: asyncio.AbstractEventLoop
+    future: asyncio.Future[Any]
+
+
 _STOP = object()
+T = TypeVar("T")
+
+
+def _settle(future: asyncio.Future[Any], result: Any, error: BaseException | None) -> None:
+    if future.done():  # the caller was cancelled meanwhile
+        return
+    if error is not None:
+        future.set_exception(error)
+    else:
+        future.set_result(result)
 
 
 class AsyncEngine:
@@ -54,9 +73,14 @@ class AsyncEngine:
     async def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams | None = None,
                           priority: int = 0) -> AsyncIterator[RequestOutput]:
         """Validate and enqueue a request (InvalidRequestError is raised here, before any stream)."""
+        token_ids, outputs = self._open_stream(request_id, prompt)
+        self._commands.put(_Add(request_id, token_ids, params or SamplingParams(), priority))
+        return self._stream(request_id, outputs)
+
+    def _open_stream(self, request_id: str, prompt: str | list[int]
+                     ) -> tuple[list[int], asyncio.Queue[RequestOutput | BaseException]]:
         if self._dead is not None:
             raise EngineDeadError(f"engine loop died: {self._dead!r}")
-        params = params or SamplingParams()
         token_ids = self.engine.encode_prompt(prompt)
         self.engine._validate_prompt(token_ids)
         outputs: asyncio.Queue[RequestOutput | BaseException] = asyncio.Queue()
@@ -64,8 +88,43 @@ class AsyncEngine:
             if request_id in self._streams:
                 raise InvalidRequestError(f"request id {request_id!r} is already in use")
             self._streams[request_id] = (asyncio.get_running_loop(), outputs)
-        self._commands.put(_Add(request_id, token_ids, params, priority))
-        return self._stream(request_id, outputs)
+        return token_ids, outputs
+
+    async def call(self, fn: Callable[[LLMEngine], T]) -> T:
+        """Run `fn(engine)` on the engine thread between two steps (the only safe place to touch
+        the engine's state); its exception is raised here."""
+        if self._dead is not None:
+            raise EngineDeadError(f"engine loop died: {self._dead!r}")
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[T] = loop.create_future()
+        self._commands.put(_Call(fn, loop, future))
+        return await future
+
+    # -- remote prefill (decode role) -------------------------------------------------------------------
+    async def reserve_remote_prefill(self, request_id: str, prompt: list[int], params: SamplingParams,
+                                     priority: int = 0) -> tuple[list[int], AsyncIterator[RequestOutput]]:
+        """Reserve KV blocks for a prompt another engine prefills (see
+        `LLMEngine.add_remote_prefill_request`); returns the block ids and the request's stream,
+        which starts once `finish_remote_prefill` or `prefill_locally` is called. Leaving the
+        stream early aborts the request and frees its blocks, parked or not."""
+        token_ids, outputs = self._open_stream(request_id, prompt)
+        try:
+            blocks = await self.call(lambda e: e.add_remote_prefill_request(request_id, token_ids, params, priority))
+        except BaseException:
+            with self._lock:
+                self._streams.pop(request_id, None)
+            raise
+        return blocks, self._stream(request_id, outputs)
+
+    async def finish_remote_prefill(self, request_id: str, first_token_id: int,
+                                    logprobs: TokenLogprobs | None = None) -> None:
+        def finish(engine: LLMEngine) -> None:
+            out = engine.finish_remote_prefill(request_id, first_token_id, logprobs)
+            self._deliver(request_id, out, last=out.finished)
+        await self.call(finish)
+
+    async def prefill_locally(self, request_id: str) -> None:
+        await self.call(lambda e: e.prefill_locally(request_id))
 
     async def _stream(self, request_id: str, outputs: asyncio.Queue[RequestOutput | BaseException]
                       ) -> AsyncIterator[RequestOutput]:
@@ -90,8 +149,15 @@ class AsyncEngine:
         assert final is not None and final.finished
         return final
 
-    async def abort(self, request_id: str) -> None:
-        self._commands.put(_Abort(request_id))
+    async def abort(self, request_id: str) -> bool:
+        """Abort a request and return once the engine has (between two steps, so no step is still
+        using its blocks); True if it was live. Its stream, if any, ends with finish reason abort."""
+        def abort(engine: LLMEngine) -> bool:
+            final = engine.abort_request(request_id)
+            if final is not None:
+                self._deliver(request_id, final, last=True)
+            return final is not None
+        return await self.call(abort)
 
     def shutdown(self, timeout: float = 10.0) -> None:
         self._commands.put(_STOP)
@@ -113,6 +179,12 @@ class AsyncEngine:
                 self.engine.add_request(command.request_id, command.token_ids, command.params, command.priority)
             except Exception as exc:
                 self._deliver(command.request_id, exc, last=True)
+        elif isinstance(command, _Call):
+            try:
+                result, error = command.fn(self.engine), None
+            except Exception as exc:
+                result, error = None, exc
+            command.loop.call_soon_threadsafe(_settle, command.future, result, error)
         elif isinstance(command, _Abort):
             final = self.engine.abort_request(command.request_id)
             if final is not None:
@@ -139,5 +211,13 @@ class AsyncEngine:
             self._dead = exc
             with self._lock:
                 streams, self._streams = self._streams, {}
+            dead = EngineDeadError(f"engine loop died: {exc!r}")
             for loop, outputs in streams.values():
-                loop.call_soon_threadsafe(outputs.put_nowait, EngineDeadError(f"engine loop died: {exc!r}"))
+                loop.call_soon_threadsafe(outputs.put_nowait, dead)
+            while True:  # calls queued before the death would otherwise wait forever
+                try:
+                    command = self._commands.get_nowait()
+                except queue.Empty:
+                    break
+                if isinstance(command, _Call):
+                    command.loop.call_soon_threadsafe(_settle, command.future, None, dead)

@@ -47,6 +47,16 @@ class Block:
     token_ids: tuple[int, ...] = field(default=())  # kept with the hash to rule out collisions
 
 
+@dataclass(frozen=True)
+class KVCacheEvents:
+    """Changes to the set of cached block hashes since the previous drain (for KV-aware routing).
+    A hash stored and then evicted inside one drain appears in both, in that order of meaning:
+    apply `stored` first, then `removed`."""
+
+    stored: tuple[int, ...]
+    removed: tuple[int, ...]
+
+
 class NoFreeBlocksError(RuntimeError):
     """Internal: the scheduler asked for more blocks than `can_allocate` promised."""
 
@@ -60,6 +70,9 @@ class BlockManager:
         self.cached: dict[int, int] = {}
         self.stats_hit_blocks = 0
         self.stats_queried_blocks = 0
+        self.record_events = False  # set by a worker that publishes KV events
+        self._stored: list[int] = []
+        self._removed: list[int] = []
 
     @property
     def num_blocks(self) -> int:
@@ -78,6 +91,13 @@ class BlockManager:
     # -- prefix cache -------------------------------------------------------------------------------
     def find_cached_prefix(self, block_hashes: Sequence[int], token_ids: Sequence[int]) -> list[int]:
         """Block ids holding the longest cached prefix among `block_hashes` (not yet referenced)."""
+        hits = self.peek_cached_prefix(block_hashes, token_ids)
+        self.stats_queried_blocks += len(block_hashes)
+        self.stats_hit_blocks += len(hits)
+        return hits
+
+    def peek_cached_prefix(self, block_hashes: Sequence[int], token_ids: Sequence[int]) -> list[int]:
+        """`find_cached_prefix` without counting it as a lookup (for routing decisions)."""
         if not self.enable_prefix_caching:
             return []
         hits: list[int] = []
@@ -87,8 +107,6 @@ class BlockManager:
             if block_id is None or self.blocks[block_id].token_ids != tokens:
                 break
             hits.append(block_id)
-        self.stats_queried_blocks += len(block_hashes)
-        self.stats_hit_blocks += len(hits)
         return hits
 
     def num_evictable_among(self, block_ids: Iterable[int]) -> int:
@@ -112,6 +130,8 @@ class BlockManager:
         block.hash = block_hash
         block.token_ids = tuple(token_ids)
         self.cached[block_hash] = block_id
+        if self.record_events:
+            self._stored.append(block_hash)
 
     # -- allocation ---------------------------------------------------------------------------------
     def allocate(self, count: int) -> list[int]:
@@ -122,9 +142,7 @@ class BlockManager:
             block_id, _ = self.free.popitem(last=False)  # least recently freed first
             block = self.blocks[block_id]
             if block.hash is not None:  # evict its cached contents
-                del self.cached[block.hash]
-                block.hash = None
-                block.token_ids = ()
+                self._forget(block)
             block.ref_count = 1
             out.append(block_id)
         return out
@@ -142,12 +160,24 @@ class BlockManager:
                 self.free[block_id] = None
 
     def reset_prefix_cache(self) -> None:
-        for block_hash, block_id in list(self.cached.items()):
+        for block_id in list(self.cached.values()):
             block = self.blocks[block_id]
             if block.ref_count == 0:
-                block.hash = None
-                block.token_ids = ()
-                del self.cached[block_hash]
+                self._forget(block)
+
+    def _forget(self, block: Block) -> None:
+        assert block.hash is not None
+        del self.cached[block.hash]
+        if self.record_events:
+            self._removed.append(block.hash)
+        block.hash = None
+        block.token_ids = ()
+
+    def drain_events(self) -> KVCacheEvents:
+        events = KVCacheEvents(tuple(self._stored), tuple(self._removed))
+        self._stored.clear()
+        self._removed.clear()
+        return events
 
     def check_integrity(self, expected_refs: dict[int, int] | None = None) -> None:
         """Raise AssertionError if the pool's bookkeeping is inconsistent. With `expected_refs`

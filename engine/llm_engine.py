@@ -117,6 +117,32 @@ class LLMEngine:
         outputs = self._commit(plan, {request_id: SequenceResult([first_token_id], [logprobs])})
         return outputs[0]
 
+    def detach_remote_blocks(self, request_id: str, key: str) -> None:
+        """Hold a parked request's reserved blocks apart from it under `key`, because a remote
+        engine may still write into them (its prefill failed or was given up). The request then
+        gets fresh blocks (`rereserve_remote_blocks`), is prefilled here (`prefill_locally`) or
+        aborted; `release_detached_blocks(key)` frees the old ones once no write can come."""
+        self.scheduler.detach_remote_blocks(self._parked(request_id), key)
+
+    def rereserve_remote_blocks(self, request_id: str) -> list[int]:
+        """Fresh blocks for the next remote prefill attempt (OutOfKVBlocksError if none free)."""
+        seq = self._parked(request_id)
+        self.scheduler.rereserve_remote_kv(seq)
+        return list(seq.block_table)
+
+    def prefill_locally(self, request_id: str) -> None:
+        """Give up on the remote prefill of a parked request (blocks detached): prefill it here."""
+        self.scheduler.unpark_for_local_prefill(self._parked(request_id))
+
+    def release_detached_blocks(self, key: str) -> None:
+        self.scheduler.release_detached(key)
+
+    def _parked(self, request_id: str) -> Sequence:
+        req = self.requests.get(request_id)
+        if req is None:
+            raise InvalidRequestError(f"no request {request_id!r} is waiting for remote KV")
+        return req.seq
+
     def set_kv_hook(self, hook: KVStepHook | None) -> None:
         """Plug a KV connector into the step loop (see engine.kv_hooks)."""
         self.kv_hook = hook

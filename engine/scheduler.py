@@ -80,6 +80,8 @@ class Scheduler:
         self.waiting: list[Sequence] = []
         self.running: list[Sequence] = []
         self.parked: list[Sequence] = []  # WAITING_FOR_REMOTE_KV: outside the batch, holding blocks
+        # blocks a remote engine may still be writing into, by a caller's key (see detach_remote_blocks)
+        self.detached: dict[str, list[int]] = {}
         self.num_preemptions_total = 0
 
     # -- queue ------------------------------------------------------------------------------------------
@@ -113,13 +115,22 @@ class Scheduler:
     def park_for_remote_kv(self, seq: Sequence) -> None:
         """Reserve fresh blocks for every token of `seq` (a prompt another engine prefills into
         them); it stays out of the batch until `resume_remote_kv`."""
+        self._reserve_fresh(seq)
+        seq.status = SequenceStatus.WAITING_FOR_REMOTE_KV
+        self.parked.append(seq)
+
+    def rereserve_remote_kv(self, seq: Sequence) -> None:
+        """A parked `seq` whose blocks were detached (a failed attempt) gets fresh ones for the next."""
+        if seq.status is not SequenceStatus.WAITING_FOR_REMOTE_KV or seq.block_table:
+            raise ValueError(f"request {seq.request_id!r} is not parked without blocks")
+        self._reserve_fresh(seq)
+
+    def _reserve_fresh(self, seq: Sequence) -> None:
         need = self.blocks.blocks_needed(len(seq.token_ids))
         if need > self.blocks.num_free_blocks:
             raise OutOfKVBlocksError(f"request {seq.request_id!r} needs {need} KV blocks, "
                                      f"{self.blocks.num_free_blocks} are free")
         seq.block_table = self.blocks.allocate(need)
-        seq.status = SequenceStatus.WAITING_FOR_REMOTE_KV
-        self.parked.append(seq)
 
     def resume_remote_kv(self, seq: Sequence) -> ScheduledSequence:
         """The remote prefill of `seq` landed: it joins the running batch. Returns the step the
@@ -131,6 +142,29 @@ class Scheduler:
         seq.status = SequenceStatus.RUNNING
         self.running.append(seq)
         return ScheduledSequence(seq, 0, len(seq.token_ids), ())
+
+    def detach_remote_blocks(self, seq: Sequence, key: str) -> None:
+        """A remote prefill into `seq`'s reserved blocks was given up (it failed, timed out or was
+        cancelled) but the remote side may still be writing: the blocks move to `detached[key]`,
+        still held, until `release_detached(key)`. `seq` stays parked, with no blocks."""
+        if seq.status is not SequenceStatus.WAITING_FOR_REMOTE_KV:
+            raise ValueError(f"request {seq.request_id!r} is not waiting for remote KV")
+        if key in self.detached:
+            raise ValueError(f"detached blocks {key!r} already exist")
+        self.detached[key] = seq.block_table
+        seq.block_table = []
+
+    def release_detached(self, key: str) -> None:
+        self.blocks.release(self.detached.pop(key, []))
+
+    def unpark_for_local_prefill(self, seq: Sequence) -> None:
+        """The remote prefill of `seq` was given up (its blocks detached): queue it (first) to be
+        prefilled here like a new request."""
+        if seq.block_table:
+            raise ValueError(f"detach the blocks of {seq.request_id!r} before prefilling it locally")
+        self.parked.remove(seq)
+        seq.status = SequenceStatus.WAITING
+        self.waiting.insert(0, seq)
 
     def _preempt(self, seq: Sequence) -> None:
         self.running.remove(seq)
@@ -246,5 +280,8 @@ class Scheduler:
         refs: dict[int, int] = {}
         for seq in self.running + self.waiting + self.parked:
             for block_id in seq.block_table:
+                refs[block_id] = refs.get(block_id, 0) + 1
+        for block_ids in self.detached.values():
+            for block_id in block_ids:
                 refs[block_id] = refs.get(block_id, 0) + 1
         return refs

@@ -9,9 +9,11 @@ from collections.abc import AsyncIterator
 import grpc
 import pytest
 
+from cluster.kv_events import KVEventHub
 from decode_worker.servicer import DecodeWorkerServicer
 from engine import LLM, EngineConfig, SamplingParams
 from engine.async_engine import AsyncEngine
+from engine.block_manager import hash_blocks
 from tandem.v1 import inference_pb2 as pb
 from tandem.v1 import worker_pb2, worker_pb2_grpc
 
@@ -22,13 +24,16 @@ PROMPTS = [[5, 9, 13, 17], [40, 41, 42, 43, 44, 45, 46, 47, 48, 49, 50], [7] * 2
 async def worker(tiny_llama_dir) -> AsyncIterator[tuple[worker_pb2_grpc.WorkerStub, AsyncEngine]]:
     engine = AsyncEngine(EngineConfig(model=str(tiny_llama_dir), num_kv_blocks=64, block_size=4))
     server = grpc.aio.server()
-    worker_pb2_grpc.add_WorkerServicer_to_server(DecodeWorkerServicer(engine, "w1", "both"), server)
+    events = KVEventHub(engine, interval_s=0.01)
+    worker_pb2_grpc.add_WorkerServicer_to_server(DecodeWorkerServicer(engine, "w1", "both", events), server)
     port = server.add_insecure_port("127.0.0.1:0")
     await server.start()
+    events.start()
     channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
     yield worker_pb2_grpc.WorkerStub(channel), engine
     await channel.close()
     await server.stop(grace=None)
+    await events.stop()
     engine.shutdown()
 
 
@@ -100,3 +105,30 @@ async def test_logprobs_and_stop_reasons_travel(worker) -> None:
     request = worker_pb2.WorkerGenerateRequest(request_id="st", prompt_token_ids=PROMPTS[0], sampling=sampling)
     last = (await _collect(stub, request))[-1]
     assert last.finish_reason == pb.FINISH_REASON_STOP and last.stop_token_id == stop_at
+
+
+async def test_kv_events_report_what_the_prefix_cache_holds(worker) -> None:
+    """A subscriber first gets a snapshot (`cleared`), then each block a prompt leaves cached, and
+    the hashes are the ones the router computes for the same tokens."""
+    stub, _ = worker
+    stream = stub.KVEvents(worker_pb2.KVEventsRequest())
+    first = await asyncio.wait_for(stream.read(), 10)
+    assert first.cleared
+    held = set(first.stored_block_hashes)
+    prompt = list(range(20, 33))  # 13 tokens: 3 full blocks of 4
+    await _collect(stub, _request("cached", prompt, max_tokens=1))
+    expected = set(hash_blocks(prompt, 4))
+    while not expected <= held:
+        batch = await asyncio.wait_for(stream.read(), 10)
+        held |= set(batch.stored_block_hashes)
+        held -= set(batch.removed_block_hashes)
+    stream.cancel()
+    status = await stub.Status(worker_pb2.StatusRequest())
+    assert status.pool_integrity_ok and status.free_blocks == status.total_blocks
+
+
+async def test_a_prefill_call_on_a_decode_worker_is_refused(worker) -> None:
+    stub, _ = worker
+    with pytest.raises(grpc.aio.AioRpcError) as failure:
+        await stub.Prefill(worker_pb2.PrefillRequest(request_id="p", prompt_token_ids=[1, 2]))
+    assert failure.value.code() == grpc.StatusCode.FAILED_PRECONDITION

@@ -1,0 +1,33 @@
+"""The public gRPC service, tandem.v1.Inference, on the router."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import AsyncIterator
+
+import grpc
+
+from cluster.router_core import RouterCore, RouterError
+from tandem.v1 import inference_pb2 as pb
+from tandem.v1 import inference_pb2_grpc
+
+
+class InferenceServicer(inference_pb2_grpc.InferenceServicer):
+    def __init__(self, core: RouterCore) -> None:
+        self.core = core
+
+    async def Generate(self, request: pb.GenerateRequest,
+                       context: grpc.aio.ServicerContext) -> AsyncIterator[pb.GenerateResponse]:
+        try:
+            remaining = context.time_remaining()  # None, or huge, when the client set no deadline
+            prepared = self.core.prepare(request, remaining if remaining is not None and remaining < 1e8 else None)
+            async with contextlib.aclosing(self.core.generate(prepared)) as chunks:
+                async for chunk in chunks:  # a client that goes away cancels this task: the workers abort
+                    yield chunk
+        except RouterError as e:
+            await context.abort(e.code, e.message)
+
+    async def ListModels(self, request: pb.ListModelsRequest,
+                         context: grpc.aio.ServicerContext) -> pb.ListModelsResponse:
+        return pb.ListModelsResponse(models=[pb.ModelInfo(id=self.core.model_name,
+                                                          max_model_len=self.core.max_model_len)])

@@ -1,0 +1,75 @@
+"""KV events: a worker tells routers which block hashes its prefix cache holds.
+
+Each subscriber first gets a snapshot (`cleared` + every cached hash), then the changes, in the
+order the engine made them. Snapshot and changes are read together on the engine thread, so a
+subscriber's view is exact as of each batch it received."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import logging
+from collections.abc import AsyncIterator
+
+from engine.async_engine import AsyncEngine
+from engine.llm_engine import LLMEngine
+from tandem.v1 import worker_pb2
+
+log = logging.getLogger(__name__)
+
+
+class KVEventHub:
+    def __init__(self, engine: AsyncEngine, interval_s: float = 0.05) -> None:
+        self.engine = engine
+        self.interval_s = interval_s
+        self._subscribers: list[asyncio.Queue[worker_pb2.KVEventBatch]] = []
+        self._joining: list[asyncio.Queue[worker_pb2.KVEventBatch]] = []
+        self._task: asyncio.Task[None] | None = None
+        engine.engine.block_manager.record_events = True
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name="kv-event-hub")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+
+    async def subscribe(self) -> AsyncIterator[worker_pb2.KVEventBatch]:
+        queue: asyncio.Queue[worker_pb2.KVEventBatch] = asyncio.Queue()
+        self._joining.append(queue)
+        try:
+            while True:
+                yield await queue.get()
+        finally:
+            for group in (self._joining, self._subscribers):
+                if queue in group:
+                    group.remove(queue)
+
+    async def _run(self) -> None:
+        while True:
+            await asyncio.sleep(self.interval_s)
+            joining, self._joining = self._joining, []
+            try:
+                events, snapshot = await self.engine.call(functools.partial(_read, with_snapshot=bool(joining)))
+            except Exception:
+                log.exception("could not read KV events; retrying")
+                self._joining.extend(joining)
+                continue
+            if events.stored or events.removed:
+                batch = worker_pb2.KVEventBatch(stored_block_hashes=events.stored,
+                                                removed_block_hashes=events.removed)
+                for queue in self._subscribers:
+                    queue.put_nowait(batch)
+            if joining:
+                first = worker_pb2.KVEventBatch(stored_block_hashes=snapshot, cleared=True)
+                for queue in joining:
+                    queue.put_nowait(first)
+                self._subscribers.extend(joining)
+
+
+def _read(engine: LLMEngine, with_snapshot: bool):  # type: ignore[no-untyped-def]
+    events = engine.block_manager.drain_events()
+    return events, (list(engine.block_manager.cached) if with_snapshot else [])

@@ -1,0 +1,167 @@
+"""`tandem up`: a whole local cluster as separate OS processes — etcd (unless one is given), the
+workers, the router — until Ctrl-C / SIGTERM, which stops them all (router first, so no request
+is sent to a worker that is already gone).
+
+Output, one line each (scripts and tests parse them):
+  etcd <host:port>
+  worker <id> <role> <grpc address> pid=<pid> metrics=<port>
+  router grpc=<host:port> http=<url> pid=<pid>
+  READY
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import signal
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+from cluster.flags import described
+from cluster.local_etcd import running_etcd
+from cluster.processes import spawn
+from cluster.routing import PolicyName
+from engine.engine_config import ComputeDtype
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class UpSettings:
+    prefill: int = field(default=1, metadata=described("prefill workers"))
+    decode: int = field(default=1, metadata=described("decode workers"))
+    both: int = field(default=0, metadata=described("aggregated workers (prefill and decode in one)"))
+    etcd: str = field(default="", metadata=described("existing etcd host:port; empty: start a local one"))
+    cluster: str = field(default="default", metadata=described("cluster name"))
+    model: str | None = field(default=None, metadata=described("HF folder or .gguf; default SmolLM2-135M-Instruct"))
+    dtype: ComputeDtype = field(default="auto", metadata=described("compute dtype of the workers"))
+    num_kv_blocks: int | None = field(default=None, metadata=described("KV blocks per worker"))
+    max_num_seqs: int = field(default=64, metadata=described("most sequences in one worker's batch"))
+    min_remote_prefill_tokens: int = field(default=32, metadata=described("shorter prompts prefill on decode"))
+    kv_backends: str = field(default="", metadata=described("transfer backends, comma separated; empty: all"))
+    policy: PolicyName = field(default="kv_aware", metadata=described("routing policy"))
+    host: str = field(default="127.0.0.1", metadata=described("address every component binds"))
+    http_port: int = field(default=8000, metadata=described("OpenAI-compatible HTTP port"))
+    grpc_port: int = field(default=50051, metadata=described("tandem.v1.Inference gRPC port"))
+    lease_ttl_s: int = field(default=3, metadata=described("etcd lease of each worker record"))
+    grace_s: float = field(default=10.0, metadata=described("on stop: seconds in-flight requests get"))
+    start_timeout_s: float = field(default=600.0, metadata=described("how long the processes get to start"))
+
+    def __post_init__(self) -> None:
+        if min(self.prefill, self.decode, self.both) < 0 or self.decode + self.both == 0:
+            raise ValueError("need at least one decode or aggregated worker, and no negative counts")
+
+    def worker_args(self, role: str, etcd: str) -> list[str]:
+        args = ["worker", "--role", role, "--etcd", etcd, "--cluster", self.cluster, "--dtype", self.dtype,
+                "--host", self.host, "--max-num-seqs", str(self.max_num_seqs), "--lease-ttl-s", str(self.lease_ttl_s),
+                "--min-remote-prefill-tokens", str(self.min_remote_prefill_tokens), "--grace-s", str(self.grace_s)]
+        for flag, value in (("--model", self.model), ("--num-kv-blocks", self.num_kv_blocks),
+                            ("--kv-backends", self.kv_backends or None)):
+            if value is not None:
+                args += [flag, str(value)]
+        return args
+
+    def router_args(self, etcd: str) -> list[str]:
+        args = ["router", "--etcd", etcd, "--cluster", self.cluster, "--host", self.host, "--policy", self.policy,
+                "--http-port", str(self.http_port), "--grpc-port", str(self.grpc_port), "--grace-s", str(self.grace_s)]
+        return args + (["--model", self.model] if self.model else [])
+
+
+@dataclass
+class _Child:
+    name: str
+    proc: subprocess.Popen
+    ready: list[str] = field(default_factory=list)
+
+
+def _start(name: str, args: list[str]) -> _Child:
+    # its own process group: a terminal's Ctrl-C reaches only the launcher, which stops the children in order
+    proc = spawn([sys.executable, "-m", "cluster.cli", *args], stdout=subprocess.PIPE, text=True, process_group=0)
+    return _Child(name, proc)
+
+
+def _await_ready(children: list[_Child], timeout_s: float) -> None:
+    """Every child printed its READY line; raises if one exited or the time ran out."""
+    def read(child: _Child) -> None:
+        assert child.proc.stdout is not None
+        for line in child.proc.stdout:
+            if line.startswith("READY "):
+                child.ready = line.split()[1:]
+                return
+    threads = [threading.Thread(target=read, args=(c,), daemon=True) for c in children]
+    for t in threads:
+        t.start()
+    deadline = time.monotonic() + timeout_s
+    for child, thread in zip(children, threads, strict=True):
+        thread.join(max(deadline - time.monotonic(), 0.0))
+        if not child.ready:
+            raise RuntimeError(f"{child.name} did not start (exit code {child.proc.poll()}); see its log above")
+
+
+def _await_workers(http_url: str, count: int, timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        with contextlib.suppress(OSError, ValueError), \
+                urllib.request.urlopen(f"{http_url}/health", timeout=2) as reply:
+            if json.load(reply).get("workers") == count:
+                return
+        time.sleep(0.2)
+    raise RuntimeError(f"the router did not see all {count} workers within {timeout_s} s")
+
+
+def _stop(children: list[_Child], grace_s: float) -> None:
+    for child in children:  # router first: it stops taking requests before the workers go
+        if child.proc.poll() is None:
+            child.proc.send_signal(signal.SIGTERM)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            child.proc.wait(grace_s + 5)
+        if child.proc.poll() is None:
+            child.proc.kill()
+            child.proc.wait()
+
+
+@contextlib.contextmanager
+def _etcd(endpoint: str) -> Iterator[str]:
+    if endpoint:
+        yield endpoint
+    else:
+        with running_etcd() as started:
+            yield started
+
+
+def up(settings: UpSettings) -> int:
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    with _etcd(settings.etcd) as etcd:
+        print(f"etcd {etcd}", flush=True)
+        roles = ["prefill"] * settings.prefill + ["decode"] * settings.decode + ["both"] * settings.both
+        workers = [_start(f"{role} worker {i}", settings.worker_args(role, etcd)) for i, role in enumerate(roles)]
+        router = _start("router", settings.router_args(etcd))
+        children = [router, *workers]
+        try:
+            _await_ready([*workers, router], settings.start_timeout_s)
+            for child, role in zip(workers, roles, strict=True):
+                worker_id, address, metrics = child.ready
+                print(f"worker {worker_id} {role} {address} pid={child.proc.pid} metrics={metrics}", flush=True)
+            _, grpc_address, http_url = router.ready
+            print(f"router grpc={grpc_address} http={http_url} pid={router.proc.pid}", flush=True)
+            _await_workers(http_url, len(workers), settings.start_timeout_s)
+            print("READY", flush=True)
+            print(f"OpenAI API: {http_url}/v1 (model list at {http_url}/v1/models); Ctrl-C stops the cluster",
+                  file=sys.stderr, flush=True)
+            while not stop.wait(0.5):
+                if router.proc.poll() is not None:
+                    raise RuntimeError(f"the router exited (code {router.proc.returncode})")
+            return 0
+        except RuntimeError as e:
+            print(f"tandem up: {e}", file=sys.stderr, flush=True)
+            return 1
+        finally:
+            _stop(children, settings.grace_s)

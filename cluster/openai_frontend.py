@@ -1,0 +1,131 @@
+"""The OpenAI-compatible HTTP API of the router (aiohttp): /v1/completions, /v1/chat/completions
+(SSE streaming or not), /v1/models, /health, /metrics.
+
+Errors are OpenAI-shaped JSON ({"error": {"message", "type", "code"}}) with the HTTP status of the
+router's gRPC status. A streamed request's status is settled before the first byte: the handler
+waits for the first chunk, so 429/503 arrive as statuses, not inside the stream."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import time
+from typing import Any
+
+import grpc
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from cluster.openai_protocol import BadRequest, OpenAIRequest, ResponseBuilder, parse_chat, parse_completion
+from cluster.router_core import RouterCore, RouterError, healthy
+
+log = logging.getLogger(__name__)
+
+HTTP_STATUS = {grpc.StatusCode.INVALID_ARGUMENT: 400, grpc.StatusCode.NOT_FOUND: 404,
+               grpc.StatusCode.RESOURCE_EXHAUSTED: 429, grpc.StatusCode.UNAVAILABLE: 503,
+               grpc.StatusCode.DEADLINE_EXCEEDED: 504, grpc.StatusCode.UNIMPLEMENTED: 501,
+               grpc.StatusCode.CANCELLED: 499}
+_ERROR_TYPE = {400: "invalid_request_error", 404: "not_found_error", 429: "rate_limit_error",
+               503: "service_unavailable", 504: "timeout_error"}
+
+
+def error_body(status: int, message: str) -> dict[str, Any]:
+    return {"error": {"message": message, "type": _ERROR_TYPE.get(status, "server_error"), "param": None,
+                      "code": status}}
+
+
+def error_response(status: int, message: str) -> web.Response:
+    return web.json_response(error_body(status, message), status=status)
+
+
+class OpenAIFrontend:
+    def __init__(self, core: RouterCore) -> None:
+        self.core = core
+
+    def app(self) -> web.Application:
+        app = web.Application(client_max_size=16 << 20)
+        app.add_routes([web.post("/v1/completions", self.completions),
+                        web.post("/v1/chat/completions", self.chat_completions),
+                        web.get("/v1/models", self.models), web.get("/health", self.health),
+                        web.get("/metrics", self.metrics)])
+        return app
+
+    async def completions(self, request: web.Request) -> web.StreamResponse:
+        return await self._serve(request, parse_completion)
+
+    async def chat_completions(self, request: web.Request) -> web.StreamResponse:
+        return await self._serve(request, parse_chat)
+
+    async def _serve(self, request: web.Request, parse: Any) -> web.StreamResponse:
+        try:
+            body = await request.json()
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            return error_response(400, "the request body is not valid JSON")
+        try:
+            parsed: OpenAIRequest = parse(body)
+            prepared = self.core.prepare(parsed.generate)
+        except BadRequest as e:
+            return error_response(400, str(e))
+        except RouterError as e:
+            return error_response(HTTP_STATUS.get(e.code, 500), e.message)
+        if parsed.kind == "chat" and not prepared.sampling.HasField("max_tokens") and self.core.max_model_len:
+            prepared.sampling.max_tokens = self.core.max_model_len - len(prepared.prompt_token_ids)
+        builder = ResponseBuilder(parsed, self.core.model_name, self._token_text)
+        async with contextlib.aclosing(self.core.generate(prepared)) as chunks:  # closing cancels the request
+            try:
+                first = await anext(chunks)
+            except RouterError as e:
+                return error_response(HTTP_STATUS.get(e.code, 500), e.message)
+            except StopAsyncIteration:
+                return error_response(500, "the worker ended the stream without a result")
+            if not parsed.stream:
+                return await self._whole(builder, first, chunks)
+            return await self._sse(request, parsed, builder, first, chunks)
+
+    async def _whole(self, builder: ResponseBuilder, first: Any, chunks: Any) -> web.Response:
+        builder.absorb(first)
+        try:
+            async for chunk in chunks:
+                builder.absorb(chunk)
+        except RouterError as e:
+            return error_response(HTTP_STATUS.get(e.code, 500), e.message)
+        return web.json_response(builder.final())
+
+    async def _sse(self, request: web.Request, parsed: OpenAIRequest, builder: ResponseBuilder, first: Any,
+                   chunks: Any) -> web.StreamResponse:
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
+        await response.prepare(request)
+        try:
+            await _event(response, builder.stream_chunk(first, first=True))
+            async for chunk in chunks:
+                await _event(response, builder.stream_chunk(chunk, first=False))
+            if parsed.include_usage:
+                await _event(response, builder.usage_chunk())
+        except RouterError as e:
+            await _event(response, error_body(HTTP_STATUS.get(e.code, 500), e.message))
+        await response.write(b"data: [DONE]\n\n")
+        await response.write_eof()
+        return response
+
+    def _token_text(self, token_id: int) -> str:
+        return self.core.tokenizer.decode([token_id], skip_special_tokens=False)
+
+    async def models(self, request: web.Request) -> web.Response:
+        return web.json_response({"object": "list", "data": [{
+            "id": self.core.model_name, "object": "model", "created": int(time.time()), "owned_by": "tandem",
+            "max_model_len": self.core.max_model_len}]})
+
+    async def health(self, request: web.Request) -> web.Response:
+        if healthy(self.core.pool):
+            return web.json_response({"status": "ok", "workers": len(self.core.pool.workers())})
+        return error_response(503, "no decode (or aggregated) worker is available")
+
+    async def metrics(self, request: web.Request) -> web.Response:
+        response = web.Response(body=generate_latest())
+        response.content_type = CONTENT_TYPE_LATEST.split(";")[0]
+        return response
+
+
+async def _event(response: web.StreamResponse, body: dict[str, Any]) -> None:
+    await response.write(f"data: {json.dumps(body, ensure_ascii=False)}\n\n".encode())

@@ -1,0 +1,237 @@
+"""OpenAI-compatible request bodies → tandem.v1 GenerateRequest, and our chunks → OpenAI response
+objects. Anything we cannot honour exactly (n > 1, echo, best_of, several prompts) is refused with
+a message rather than silently ignored."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from tandem.v1 import inference_pb2 as pb
+
+_FINISH = {pb.FINISH_REASON_STOP: "stop", pb.FINISH_REASON_LENGTH: "length", pb.FINISH_REASON_ABORT: "abort"}
+# OpenAI name → (SamplingParameters field, type); vLLM's extensions included
+_SAMPLING_FIELDS: dict[str, tuple[str, type | tuple[type, ...]]] = {
+    "temperature": ("temperature", (int, float)), "top_p": ("top_p", (int, float)), "top_k": ("top_k", int),
+    "min_p": ("min_p", (int, float)), "min_tokens": ("min_tokens", int), "seed": ("seed", int),
+    "presence_penalty": ("presence_penalty", (int, float)), "frequency_penalty": ("frequency_penalty", (int, float)),
+    "repetition_penalty": ("repetition_penalty", (int, float)), "skip_special_tokens": ("skip_special_tokens", bool)}
+
+
+class BadRequest(ValueError):
+    pass
+
+
+def _field(body: dict[str, Any], name: str, kind: type | tuple[type, ...], default: Any = None) -> Any:
+    value = body.get(name, default)
+    if value is None:
+        return default
+    if isinstance(value, bool) and kind is not bool and bool not in (kind if isinstance(kind, tuple) else (kind,)):
+        raise BadRequest(f"'{name}' must be {_kind_name(kind)}, got a boolean")
+    if not isinstance(value, kind):
+        raise BadRequest(f"'{name}' must be {_kind_name(kind)}, got {type(value).__name__}")
+    return value
+
+
+def _kind_name(kind: type | tuple[type, ...]) -> str:
+    kinds = kind if isinstance(kind, tuple) else (kind,)
+    return " or ".join({"int": "an integer", "float": "a number", "str": "a string", "bool": "a boolean",
+                        "list": "an array", "dict": "an object"}.get(k.__name__, k.__name__) for k in kinds)
+
+
+def _sampling(body: dict[str, Any], default_max_tokens: int | None) -> pb.SamplingParameters:
+    params = pb.SamplingParameters()
+    for name, (target, kind) in _SAMPLING_FIELDS.items():
+        value = _field(body, name, kind)
+        if value is not None:
+            if name == "seed" and value < 0:
+                raise BadRequest("'seed' must be >= 0")
+            if name in ("top_k", "min_tokens") and value < 0 and not (name == "top_k" and value == -1):
+                raise BadRequest(f"'{name}' must be >= 0")
+            if name == "top_k" and value == -1:
+                continue  # vLLM's "no top-k"
+            setattr(params, target, value)
+    max_tokens = _field(body, "max_completion_tokens", int, _field(body, "max_tokens", int, default_max_tokens))
+    if max_tokens is not None:
+        if max_tokens < 1:
+            raise BadRequest("'max_tokens' must be >= 1")
+        params.max_tokens = max_tokens
+    stop = body.get("stop")
+    if stop is not None:
+        stops = [stop] if isinstance(stop, str) else stop
+        if not isinstance(stops, list) or not all(isinstance(s, str) and s for s in stops):
+            raise BadRequest("'stop' must be a non-empty string or an array of them")
+        params.stop.extend(stops)
+    stop_ids = _field(body, "stop_token_ids", list, [])
+    if not all(isinstance(t, int) and not isinstance(t, bool) for t in stop_ids):
+        raise BadRequest("'stop_token_ids' must be an array of integers")
+    params.stop_token_ids.extend(stop_ids)
+    params.ignore_eos = _field(body, "ignore_eos", bool, False)
+    if _field(body, "n", int, 1) != 1:
+        raise BadRequest("'n' must be 1: send one request per completion")
+    if _field(body, "best_of", int, 1) != 1:
+        raise BadRequest("'best_of' is not supported")
+    return params
+
+
+@dataclass(frozen=True)
+class OpenAIRequest:
+    kind: str  # "completion" or "chat"
+    generate: pb.GenerateRequest
+    stream: bool
+    include_usage: bool
+    logprobs: int | None  # top alternatives per token when asked
+    model: str = ""
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def _common(body: Any, kind: str, default_max_tokens: int | None) -> tuple[pb.GenerateRequest, dict[str, Any]]:
+    if not isinstance(body, dict):
+        raise BadRequest("the request body must be a JSON object")
+    request = pb.GenerateRequest(model=_field(body, "model", str, ""), sampling=_sampling(body, default_max_tokens))
+    request_id = _field(body, "request_id", str, "")
+    if request_id:
+        request.request_id = request_id
+    timeout = _field(body, "timeout", (int, float))
+    if timeout is not None:
+        request.timeout_seconds = float(timeout)
+    request.priority = _field(body, "priority", int, 0)
+    return request, body
+
+
+def _stream_flags(body: dict[str, Any]) -> tuple[bool, bool]:
+    stream = _field(body, "stream", bool, False)
+    options = _field(body, "stream_options", dict, {})
+    return stream, bool(stream and options.get("include_usage"))
+
+
+def parse_completion(body: Any) -> OpenAIRequest:
+    request, body = _common(body, "completion", 16)
+    prompt = body.get("prompt")
+    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
+        prompt = prompt[0]  # a batch of one
+    if isinstance(prompt, str):
+        request.text = prompt
+    elif isinstance(prompt, list) and prompt and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+        request.token_ids.ids.extend(prompt)
+    elif isinstance(prompt, list) and len(prompt) > 1:
+        raise BadRequest("send one prompt per request ('prompt' holds several)")
+    else:
+        raise BadRequest("'prompt' must be a non-empty string or an array of token ids")
+    if _field(body, "echo", bool, False):
+        raise BadRequest("'echo' is not supported")
+    logprobs = _field(body, "logprobs", int)
+    if logprobs is not None:
+        if not 0 <= logprobs <= 20:
+            raise BadRequest("'logprobs' must be between 0 and 20")
+        request.sampling.logprobs = logprobs
+    stream, usage = _stream_flags(body)
+    return OpenAIRequest("completion", request, stream, usage, logprobs, request.model)
+
+
+def parse_chat(body: Any) -> OpenAIRequest:
+    request, body = _common(body, "chat", None)
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise BadRequest("'messages' must be a non-empty array")
+    for i, message in enumerate(messages):
+        if not isinstance(message, dict) or not isinstance(message.get("role"), str):
+            raise BadRequest(f"messages[{i}] must be an object with a string 'role'")
+        request.chat.messages.append(pb.ChatMessage(role=message["role"], content=_content(message.get("content"), i)))
+    logprobs = None
+    if _field(body, "logprobs", bool, False):
+        logprobs = _field(body, "top_logprobs", int, 0)
+        if not 0 <= logprobs <= 20:
+            raise BadRequest("'top_logprobs' must be between 0 and 20")
+        request.sampling.logprobs = logprobs
+    stream, usage = _stream_flags(body)
+    return OpenAIRequest("chat", request, stream, usage, logprobs, request.model)
+
+
+def _content(content: Any, index: int) -> str:
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list) and all(isinstance(p, dict) and p.get("type") == "text"
+                                         and isinstance(p.get("text"), str) for p in content):
+        return "".join(p["text"] for p in content)
+    raise BadRequest(f"messages[{index}].content must be a string or an array of text parts")
+
+
+# -- responses ---------------------------------------------------------------------------------------------
+class ResponseBuilder:
+    """Turns the chunks of one request into OpenAI objects (streamed chunks or one final object)."""
+
+    def __init__(self, request: OpenAIRequest, model: str, token_text: Callable[[int], str]) -> None:
+        self.request = request
+        self.model = model
+        self.token_text = token_text
+        self.created = int(time.time())
+        self.id = ""
+        self.text: list[str] = []
+        self.logprobs: list[pb.TokenLogprob] = []
+        self.finish_reason: str | None = None
+        self.usage: dict[str, Any] | None = None
+
+    def absorb(self, chunk: pb.GenerateResponse) -> None:
+        prefix = "chatcmpl-" if self.request.kind == "chat" else "cmpl-"
+        self.id = self.id or prefix + chunk.request_id
+        self.text.append(chunk.text)
+        self.logprobs.extend(chunk.logprobs)
+        if chunk.finish_reason != pb.FINISH_REASON_UNSPECIFIED:
+            self.finish_reason = _FINISH[chunk.finish_reason]
+        if chunk.HasField("usage"):
+            u = chunk.usage
+            self.usage = {"prompt_tokens": u.prompt_tokens, "completion_tokens": u.completion_tokens,
+                          "total_tokens": u.prompt_tokens + u.completion_tokens,
+                          "prompt_tokens_details": {"cached_tokens": u.cached_prompt_tokens}}
+
+    def _head(self, object_name: str) -> dict[str, Any]:
+        return {"id": self.id, "object": object_name, "created": self.created, "model": self.model}
+
+    def _logprobs(self, items: list[pb.TokenLogprob]) -> dict[str, Any] | None:
+        if self.request.logprobs is None:
+            return None
+        if self.request.kind == "chat":
+            return {"content": [{"token": self.token_text(lp.token_id), "logprob": lp.logprob,
+                                 "bytes": list(self.token_text(lp.token_id).encode()),
+                                 "top_logprobs": [{"token": self.token_text(t.token_id), "logprob": t.logprob,
+                                                   "bytes": list(self.token_text(t.token_id).encode())}
+                                                  for t in lp.top]} for lp in items]}
+        return {"tokens": [self.token_text(lp.token_id) for lp in items],
+                "token_logprobs": [lp.logprob for lp in items],
+                "top_logprobs": [{self.token_text(t.token_id): t.logprob for t in lp.top} for lp in items],
+                "text_offset": []}
+
+    def final(self) -> dict[str, Any]:
+        text = "".join(self.text)
+        if self.request.kind == "chat":
+            body = self._head("chat.completion")
+            choice: dict[str, Any] = {"index": 0, "message": {"role": "assistant", "content": text}}
+        else:
+            body = self._head("text_completion")
+            choice = {"index": 0, "text": text}
+        choice.update(logprobs=self._logprobs(self.logprobs), finish_reason=self.finish_reason)
+        body.update(choices=[choice], usage=self.usage)
+        return body
+
+    def stream_chunk(self, chunk: pb.GenerateResponse, first: bool) -> dict[str, Any]:
+        self.absorb(chunk)
+        reason = _FINISH.get(chunk.finish_reason)
+        if self.request.kind == "chat":
+            body = self._head("chat.completion.chunk")
+            delta: dict[str, Any] = {"role": "assistant"} if first else {}
+            delta["content"] = chunk.text
+            choice: dict[str, Any] = {"index": 0, "delta": delta}
+        else:
+            body = self._head("text_completion")
+            choice = {"index": 0, "text": chunk.text}
+        choice.update(logprobs=self._logprobs(list(chunk.logprobs)), finish_reason=reason)
+        body["choices"] = [choice]
+        return body
+
+    def usage_chunk(self) -> dict[str, Any]:
+        body = self._head("chat.completion.chunk" if self.request.kind == "chat" else "text_completion")
+        body.update(choices=[], usage=self.usage)
+        return body

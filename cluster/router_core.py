@@ -1,0 +1,226 @@
+"""The router's request path, shared by the gRPC and the HTTP front: validate and tokenize once,
+admit, route (cluster/routing.py), stream from the decode worker, account.
+
+Errors reach the fronts as RouterError(status, message): invalid input INVALID_ARGUMENT, unknown
+model NOT_FOUND, no worker UNAVAILABLE, overload RESOURCE_EXHAUSTED, deadline DEADLINE_EXCEEDED.
+A decode worker that cannot be reached before any token is replaced by another one.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import AsyncGenerator, AsyncIterator
+from dataclasses import dataclass
+
+import grpc
+
+from cluster import router_metrics as m
+from cluster.convert import sampling_from_proto
+from cluster.routing import Route, RoutingPolicy
+from cluster.worker_pool import WorkerHandle, WorkerPool
+from engine.block_manager import hash_blocks
+from engine.tokenizer import Tokenizer
+from tandem.v1 import inference_pb2 as pb
+from tandem.v1 import worker_pb2
+
+# worker statuses a client should see as they are; any other becomes UNAVAILABLE
+_PASS_THROUGH = {grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.RESOURCE_EXHAUSTED,
+                 grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED, grpc.StatusCode.UNIMPLEMENTED}
+_MAX_DECODE_ATTEMPTS = 3
+
+
+class RouterError(Exception):
+    def __init__(self, code: grpc.StatusCode, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+@dataclass(frozen=True)
+class PreparedRequest:
+    request_id: str  # the client's, or one the router made up
+    internal_id: str  # unique per attempt set: what the workers see
+    prompt_token_ids: list[int]
+    sampling: pb.SamplingParameters
+    timeout_s: float
+    priority: int
+
+
+class RouterCore:
+    def __init__(self, pool: WorkerPool, tokenizer: Tokenizer, policy: RoutingPolicy, served_model_name: str,
+                 max_inflight: int, request_timeout_s: float) -> None:
+        self.pool = pool
+        self.tokenizer = tokenizer
+        self.policy = policy
+        self._served_name = served_model_name
+        self.max_inflight = max_inflight
+        self.request_timeout_s = request_timeout_s
+        self.inflight = 0
+
+    # -- models ---------------------------------------------------------------------------------------
+    @property
+    def model_name(self) -> str:
+        if self._served_name:
+            return self._served_name
+        workers = self.pool.workers()
+        return workers[0].record.model if workers else "tandem"
+
+    @property
+    def max_model_len(self) -> int:
+        lengths = [w.record.max_model_len for w in self.pool.workers() if w.record.max_model_len]
+        return min(lengths) if lengths else 0
+
+    def block_size(self) -> int:
+        workers = self.pool.workers()
+        return workers[0].record.block_size if workers else 16
+
+    # -- validation -------------------------------------------------------------------------------------
+    def prepare(self, request: pb.GenerateRequest, time_remaining: float | None = None) -> PreparedRequest:
+        """Validate and tokenize; raises RouterError(INVALID_ARGUMENT or NOT_FOUND)."""
+        if request.model and request.model != self.model_name:
+            raise RouterError(grpc.StatusCode.NOT_FOUND,
+                              f"model {request.model!r} is not served here; this cluster serves {self.model_name!r}")
+        try:
+            tokens = self._tokens(request)
+            sampling_from_proto(request.sampling)  # the same validation the worker will apply
+        except ValueError as e:
+            raise RouterError(grpc.StatusCode.INVALID_ARGUMENT, str(e)) from e
+        limit = self.max_model_len
+        if limit and len(tokens) >= limit:
+            raise RouterError(grpc.StatusCode.INVALID_ARGUMENT,
+                              f"prompt has {len(tokens)} tokens but the context holds {limit} "
+                              f"(prompt + at least one generated token): shorten the prompt")
+        timeouts = [self.request_timeout_s]
+        if request.HasField("timeout_seconds"):
+            if request.timeout_seconds <= 0:
+                raise RouterError(grpc.StatusCode.INVALID_ARGUMENT, "timeout_seconds must be positive")
+            timeouts.append(request.timeout_seconds)
+        if time_remaining is not None:
+            timeouts.append(time_remaining)
+        internal = uuid.uuid4().hex
+        return PreparedRequest(request.request_id or internal, internal, tokens, request.sampling, min(timeouts),
+                               request.priority)
+
+    def _tokens(self, request: pb.GenerateRequest) -> list[int]:
+        kind = request.WhichOneof("input")
+        if kind == "text":
+            if not request.text:
+                raise ValueError("the prompt text is empty")
+            tokens = self.tokenizer.encode(request.text)
+        elif kind == "token_ids":
+            tokens = list(request.token_ids.ids)
+            bad = next((t for t in tokens if t < 0), None)
+            if bad is not None:
+                raise ValueError(f"token id {bad} is negative")
+        elif kind == "chat":
+            tokens = self.tokenizer.apply_chat_template(
+                [{"role": msg.role, "content": msg.content} for msg in request.chat.messages])
+        else:
+            raise ValueError("the request has no input: set text, token_ids or chat")
+        if not tokens:
+            raise ValueError("the prompt is empty")
+        return tokens
+
+    # -- serving ------------------------------------------------------------------------------------------
+    async def generate(self, req: PreparedRequest) -> AsyncGenerator[pb.GenerateResponse, None]:
+        """Stream the request's chunks (request ids rewritten to the client's). Closing the
+        iterator early cancels the request on the workers."""
+        if self.inflight >= self.max_inflight:
+            m.REQUESTS.labels("resource_exhausted").inc()
+            raise RouterError(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                              f"the router has {self.inflight} requests in flight (limit {self.max_inflight}): "
+                              f"retry later")
+        arrival = time.monotonic()
+        deadline = arrival + req.timeout_s
+        self.inflight += 1
+        m.INFLIGHT.inc()
+        outcome = "cancelled"
+        try:
+            m.PROMPT_TOKENS.inc(len(req.prompt_token_ids))
+            async for chunk in self._stream(req, arrival, deadline):
+                yield chunk
+            outcome = "ok"
+        except RouterError as e:
+            outcome = e.code.name.lower()
+            raise
+        finally:
+            self.inflight -= 1
+            m.INFLIGHT.dec()
+            m.REQUESTS.labels(outcome).inc()
+
+    async def _stream(self, req: PreparedRequest, arrival: float, deadline: float
+                      ) -> AsyncIterator[pb.GenerateResponse]:
+        hashes = hash_blocks(req.prompt_token_ids, self.block_size())
+        tried: set[str] = set()
+        last_token_at: float | None = None
+        for attempt in range(_MAX_DECODE_ATTEMPTS):
+            route = self._route(hashes, tried)
+            tried.add(route.decode.worker_id)
+            sent_any = False
+            route.decode.inflight += 1
+            for p in route.prefill[:1]:
+                p.inflight += 1
+            call = route.decode.stub.Generate(self._worker_request(req, route, deadline, attempt),
+                                              timeout=max(deadline - time.monotonic(), 0.001))
+            try:
+                async for chunk in call:
+                    now = time.monotonic()
+                    if chunk.token_ids:
+                        if last_token_at is None:
+                            m.TTFT.observe(now - arrival)
+                        else:
+                            m.ITL.observe((now - last_token_at) / len(chunk.token_ids))
+                        last_token_at = now
+                        m.GENERATION_TOKENS.inc(len(chunk.token_ids))
+                    if chunk.finish_reason != pb.FINISH_REASON_UNSPECIFIED:
+                        m.E2E.observe(now - arrival)
+                    chunk.request_id = req.request_id
+                    sent_any = True
+                    yield chunk
+                return
+            except grpc.aio.AioRpcError as e:
+                code = e.code()
+                if code == grpc.StatusCode.UNAVAILABLE and not sent_any and attempt + 1 < _MAX_DECODE_ATTEMPTS \
+                        and time.monotonic() < deadline:
+                    m.RETRIES.labels(code.name.lower()).inc()
+                    continue
+                if code not in _PASS_THROUGH:
+                    code = grpc.StatusCode.UNAVAILABLE
+                raise RouterError(code, f"decode worker {route.decode.worker_id}: {e.details()}") from e
+            finally:
+                call.cancel()  # no-op once finished; otherwise the workers abort and free the blocks
+                route.decode.inflight -= 1
+                for p in route.prefill[:1]:
+                    p.inflight -= 1
+        raise RouterError(grpc.StatusCode.UNAVAILABLE, "no decode worker could take the request")
+
+    def _route(self, hashes: list[int], exclude: set[str]) -> Route:
+        decode_pool = [w for w in self.pool.workers("decode", "both") if w.worker_id not in exclude]
+        if not decode_pool:
+            raise RouterError(grpc.StatusCode.UNAVAILABLE, "no decode (or aggregated) worker is available")
+        route = self.policy.route(decode_pool, self.pool.workers("prefill"), hashes)
+        m.ROUTED.labels("decode", route.decode.worker_id).inc()
+        first = route.prefill[0] if route.prefill else route.decode
+        if route.prefill:
+            m.ROUTED.labels("prefill", first.worker_id).inc()
+        m.PREFIX_OVERLAP.labels(first.worker_id).inc(route.overlap_blocks)
+        return route
+
+    @staticmethod
+    def _worker_request(req: PreparedRequest, route: Route, deadline: float, attempt: int
+                        ) -> worker_pb2.WorkerGenerateRequest:
+        targets = [worker_pb2.PrefillTarget(prefill_address=p.record.address,
+                                            prefill_engine_id=p.record.transfer.get("engine_id", ""))
+                   for p in route.prefill]
+        return worker_pb2.WorkerGenerateRequest(
+            request_id=f"{req.internal_id}-{attempt}", prompt_token_ids=req.prompt_token_ids, sampling=req.sampling,
+            timeout_seconds=max(deadline - time.monotonic(), 0.001), priority=req.priority, prefill=targets)
+
+
+def healthy(pool: WorkerPool) -> bool:
+    """The cluster can serve: at least one decode or aggregated worker."""
+    return bool(pool.workers("decode", "both"))
+
+
+__all__ = ["PreparedRequest", "RouterCore", "RouterError", "WorkerHandle", "healthy"]

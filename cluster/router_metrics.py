@@ -1,0 +1,25 @@
+"""Prometheus metrics of the router (latency histograms in seconds, per the design contract)."""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Gauge, Histogram
+
+_LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
+_TOKEN_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2, 0.3, 0.5, 1.0, 2.5)
+
+REQUESTS = Counter("tandem_requests", "Requests ended at the router, by outcome (ok, or the status code)",
+                   ["outcome"])
+INFLIGHT = Gauge("tandem_router_inflight_requests", "Requests in flight at the router")
+TTFT = Histogram("tandem_time_to_first_token_seconds", "Arrival at the router to the first token sent",
+                 buckets=_LATENCY_BUCKETS)
+ITL = Histogram("tandem_inter_token_latency_seconds", "Time between two streamed chunks, per token",
+                buckets=_TOKEN_BUCKETS)
+E2E = Histogram("tandem_e2e_request_latency_seconds", "Arrival at the router to the last token",
+                buckets=_LATENCY_BUCKETS)
+PROMPT_TOKENS = Counter("tandem_prompt_tokens", "Prompt tokens of requests the router accepted")
+GENERATION_TOKENS = Counter("tandem_generation_tokens_router", "Tokens streamed to clients")
+ROUTED = Counter("tandem_router_routed", "Requests routed, by pool and worker", ["pool", "worker"])
+PREFIX_OVERLAP = Counter("tandem_router_prefix_overlap_blocks", "Prompt blocks the chosen worker already "
+                         "held in its prefix cache (from its KV events), by worker", ["worker"])
+RETRIES = Counter("tandem_router_retries", "Requests sent again to another decode worker before any token, "
+                  "by the error of the first", ["error"])

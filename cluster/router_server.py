@@ -1,0 +1,66 @@
+"""The router process: tandem.v1.Inference over gRPC (with health checking and reflection) and the
+OpenAI-compatible HTTP API, both on one event loop, over a live view of the workers in etcd.
+SIGTERM: health goes NOT_SERVING, new requests are refused, in-flight ones get `grace_s`."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import pathlib
+import signal
+
+import grpc
+from aiohttp import web
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from cluster.grpc_frontend import InferenceServicer
+from cluster.openai_frontend import OpenAIFrontend
+from cluster.router_core import RouterCore
+from cluster.router_settings import RouterSettings
+from cluster.routing import RoutingPolicy
+from cluster.worker_pool import WorkerPool
+from engine.loader.default_model import default_model_path
+from engine.tokenizer import Tokenizer
+from tandem.v1 import inference_pb2, inference_pb2_grpc
+
+log = logging.getLogger(__name__)
+
+
+async def serve(settings: RouterSettings) -> None:
+    tokenizer = Tokenizer.from_source(pathlib.Path(settings.model) if settings.model else default_model_path())
+    pool = WorkerPool(settings.etcd, settings.cluster)
+    await pool.start()
+    core = RouterCore(pool, tokenizer, RoutingPolicy(settings.policy, settings.kv_overlap_weight),
+                      settings.served_model_name, settings.max_inflight, settings.request_timeout_s)
+    server = grpc.aio.server()
+    inference_pb2_grpc.add_InferenceServicer_to_server(InferenceServicer(core), server)
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection((inference_pb2.DESCRIPTOR.services_by_name["Inference"].full_name,
+                                         health.SERVICE_NAME, reflection.SERVICE_NAME), server)
+    grpc_port = server.add_insecure_port(f"{settings.host}:{settings.grpc_port}")
+    await server.start()
+    runner = web.AppRunner(OpenAIFrontend(core).app(), handler_cancellation=True, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, settings.host, settings.http_port)
+    await site.start()
+    http_port = runner.addresses[0][1]
+    await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    log.info("router: gRPC on %s:%d, HTTP on %s:%d, policy %s", settings.host, grpc_port, settings.host, http_port,
+             settings.policy)
+    print(f"READY router {settings.host}:{grpc_port} http://{settings.host}:{http_port}", flush=True)
+    await stop.wait()
+    log.info("router draining")
+    await health_servicer.enter_graceful_shutdown()
+    await site.stop()  # no new HTTP connections
+    deadline = loop.time() + settings.grace_s
+    while core.inflight and loop.time() < deadline:
+        await asyncio.sleep(0.1)
+    await server.stop(grace=max(deadline - loop.time(), 0.0))
+    await runner.cleanup()
+    await pool.stop()

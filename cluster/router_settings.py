@@ -1,0 +1,31 @@
+"""Settings of the router process. Flags and TANDEM_* variables map onto these fields."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from cluster.flags import described
+from cluster.routing import POLICIES, PolicyName
+
+
+@dataclass(frozen=True)
+class RouterSettings:
+    etcd: str = field(metadata=described("etcd endpoint host:port"))
+    cluster: str = field(default="default", metadata=described("cluster name: the etcd key prefix"))
+    model: str | None = field(default=None, metadata=described("model path (for the tokenizer); default SmolLM2"))
+    served_model_name: str = field(default="", metadata=described("model id clients use; empty: the workers' model"))
+    host: str = field(default="127.0.0.1", metadata=described("address to bind"))
+    grpc_port: int = field(default=50051, metadata=described("tandem.v1.Inference port; 0: any free port"))
+    http_port: int = field(default=8000, metadata=described("OpenAI-compatible HTTP port; 0: any free port"))
+    policy: PolicyName = field(default="kv_aware", metadata=described("routing policy"))
+    kv_overlap_weight: float = field(default=1.0, metadata=described("kv_aware: cost of one block to prefill, "
+                                                                    "in units of one in-flight request"))
+    max_inflight: int = field(default=512, metadata=described("requests in flight before RESOURCE_EXHAUSTED / 429"))
+    request_timeout_s: float = field(default=600.0, metadata=described("deadline of a request that sets none"))
+    grace_s: float = field(default=30.0, metadata=described("SIGTERM: seconds in-flight requests get to finish"))
+
+    def __post_init__(self) -> None:
+        if self.policy not in POLICIES:
+            raise ValueError(f"policy must be one of {POLICIES}, got {self.policy!r}")
+        if self.max_inflight < 1 or self.request_timeout_s <= 0 or self.kv_overlap_weight < 0:
+            raise ValueError("max_inflight must be >= 1, request_timeout_s > 0 and kv_overlap_weight >= 0")

@@ -1,0 +1,63 @@
+"""Routing policies: which decode worker serves a request, and which prefill workers (in order of
+preference; later ones are retries) prefill it.
+
+`kv_aware` prices each candidate in blocks of prefill work: blocks of the prompt its prefix cache
+lacks, times `overlap_weight`, plus the requests it already has in flight. Decode workers that
+prefill themselves (role both) are priced the same way; pure decode workers by load alone.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+from cluster.worker_pool import WorkerHandle
+
+PolicyName = Literal["kv_aware", "least_loaded", "round_robin"]
+POLICIES: tuple[PolicyName, ...] = ("kv_aware", "least_loaded", "round_robin")
+
+
+@dataclass(frozen=True)
+class Route:
+    decode: WorkerHandle
+    prefill: tuple[WorkerHandle, ...]  # empty: the decode worker prefills itself
+    overlap_blocks: int  # prompt blocks the first prefill worker (or the decode worker) holds
+
+
+class RoutingPolicy:
+    def __init__(self, name: PolicyName, overlap_weight: float = 1.0, prefill_retries: int = 1) -> None:
+        if name not in POLICIES:
+            raise ValueError(f"routing policy must be one of {POLICIES}, got {name!r}")
+        self.name = name
+        self.overlap_weight = overlap_weight
+        self.prefill_retries = prefill_retries
+        self._turn = itertools.count()
+
+    def route(self, decode_pool: Sequence[WorkerHandle], prefill_pool: Sequence[WorkerHandle],
+              block_hashes: list[int]) -> Route:
+        """`decode_pool` must not be empty."""
+        assert decode_pool
+        decode = self._rank(decode_pool, block_hashes)[0]
+        if decode.record.role == "both" or not prefill_pool:
+            return Route(decode, (), decode.overlap_blocks(block_hashes))
+        ranked = self._rank(prefill_pool, block_hashes)
+        prefill = tuple(ranked[:1 + self.prefill_retries])
+        return Route(decode, prefill, prefill[0].overlap_blocks(block_hashes))
+
+    def _rank(self, pool: Sequence[WorkerHandle], block_hashes: list[int]) -> list[WorkerHandle]:
+        workers = sorted(pool, key=lambda w: w.worker_id)
+        start = next(self._turn) % len(workers)
+        rotated = workers[start:] + workers[:start]  # ties go round-robin
+        if self.name == "round_robin":
+            return rotated
+        if self.name == "least_loaded":
+            return sorted(rotated, key=lambda w: w.inflight)
+        return sorted(rotated, key=lambda w: self.cost(w, block_hashes))
+
+    def cost(self, worker: WorkerHandle, block_hashes: list[int]) -> float:
+        if worker.record.role == "decode":
+            return worker.inflight
+        missing = len(block_hashes) - worker.overlap_blocks(block_hashes)
+        return self.overlap_weight * missing + worker.inflight

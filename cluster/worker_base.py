@@ -1,0 +1,58 @@
+"""What every worker's gRPC service answers whatever its role: Abort, Status, KVEvents. A role
+answers FAILED_PRECONDITION to the calls of another role."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+import grpc
+
+from cluster.kv_events import KVEventHub
+from engine.async_engine import AsyncEngine
+from engine.llm_engine import LLMEngine
+from tandem.v1 import inference_pb2 as pb
+from tandem.v1 import worker_pb2, worker_pb2_grpc
+
+
+class WorkerServicerBase(worker_pb2_grpc.WorkerServicer):
+    def __init__(self, engine: AsyncEngine, worker_id: str, role: str, events: KVEventHub) -> None:
+        self.engine = engine
+        self.worker_id = worker_id
+        self.role = role
+        self.events = events
+
+    async def Generate(self, request: worker_pb2.WorkerGenerateRequest,
+                       context: grpc.aio.ServicerContext) -> AsyncIterator[pb.GenerateResponse]:
+        await context.abort(grpc.StatusCode.FAILED_PRECONDITION, f"a {self.role} worker does not serve Generate")
+        yield pb.GenerateResponse()  # pragma: no cover (abort raises)
+
+    async def Prefill(self, request: worker_pb2.PrefillRequest,
+                      context: grpc.aio.ServicerContext) -> worker_pb2.PrefillResponse:
+        await context.abort(grpc.StatusCode.FAILED_PRECONDITION, f"a {self.role} worker does not serve Prefill")
+        raise AssertionError("unreachable")
+
+    async def Abort(self, request: worker_pb2.AbortRequest,
+                    context: grpc.aio.ServicerContext) -> worker_pb2.AbortResponse:
+        """Returns once the engine has dropped the request (no step is using its blocks any more)."""
+        return worker_pb2.AbortResponse(found=await self.engine.abort(request.request_id))
+
+    async def Status(self, request: worker_pb2.StatusRequest,
+                     context: grpc.aio.ServicerContext) -> worker_pb2.WorkerStatus:
+        return await self.engine.call(self._status)
+
+    def _status(self, engine: LLMEngine) -> worker_pb2.WorkerStatus:
+        try:
+            engine.check_integrity()
+            error = ""
+        except AssertionError as e:
+            error = str(e) or "integrity check failed"
+        return worker_pb2.WorkerStatus(
+            worker_id=self.worker_id, role=self.role, running=len(engine.scheduler.running),
+            waiting=len(engine.scheduler.waiting) + len(engine.scheduler.parked),
+            free_blocks=engine.block_manager.num_free_blocks, total_blocks=engine.block_manager.num_blocks,
+            pool_integrity_ok=not error, integrity_error=error)
+
+    async def KVEvents(self, request: worker_pb2.KVEventsRequest,
+                       context: grpc.aio.ServicerContext) -> AsyncIterator[worker_pb2.KVEventBatch]:
+        async for batch in self.events.subscribe():
+            yield batch

@@ -1,0 +1,100 @@
+"""The router's live view of the workers: etcd discovery, one gRPC channel per worker, the
+requests the router has in flight on each, and the block hashes each one's prefix cache holds
+(followed through its KVEvents stream)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from dataclasses import dataclass, field
+
+import grpc
+
+from cluster.discovery import WorkerDirectory, WorkerRecord, WorkerRole
+from tandem.v1 import worker_pb2, worker_pb2_grpc
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(eq=False)
+class WorkerHandle:
+    record: WorkerRecord
+    channel: grpc.aio.Channel
+    stub: worker_pb2_grpc.WorkerStub
+    inflight: int = 0  # requests this router has on the worker now
+    cached_blocks: set[int] = field(default_factory=set)  # block hashes in its prefix cache
+    events_task: asyncio.Task[None] | None = None
+
+    @property
+    def worker_id(self) -> str:
+        return self.record.worker_id
+
+    def overlap_blocks(self, block_hashes: list[int]) -> int:
+        """Leading blocks of a prompt its prefix cache holds (a prefix needs every block before it)."""
+        count = 0
+        for h in block_hashes:
+            if h not in self.cached_blocks:
+                break
+            count += 1
+        return count
+
+
+class WorkerPool:
+    def __init__(self, etcd: str, cluster: str, events_retry_s: float = 0.5) -> None:
+        self.directory = WorkerDirectory(etcd, cluster, on_change=self._sync)
+        self.events_retry_s = events_retry_s
+        self._handles: dict[str, WorkerHandle] = {}  # by worker id
+
+    async def start(self) -> None:
+        await self.directory.start()
+
+    def workers(self, *roles: WorkerRole) -> list[WorkerHandle]:
+        return [h for h in self._handles.values() if not roles or h.record.role in roles]
+
+    def _sync(self) -> None:
+        current = {w.worker_id: w for w in self.directory.workers()}
+        for worker_id in list(self._handles):
+            handle = self._handles[worker_id]
+            if current.get(worker_id) != handle.record:
+                del self._handles[worker_id]
+                asyncio.get_running_loop().create_task(self._close(handle))
+        for worker_id, record in current.items():
+            if worker_id not in self._handles:
+                channel = grpc.aio.insecure_channel(record.address)
+                handle = WorkerHandle(record, channel, worker_pb2_grpc.WorkerStub(channel))
+                handle.events_task = asyncio.get_running_loop().create_task(self._follow_events(handle))
+                self._handles[worker_id] = handle
+                log.info("worker %s (%s) at %s joined", worker_id, record.role, record.address)
+
+    async def _follow_events(self, handle: WorkerHandle) -> None:
+        while self._handles.get(handle.worker_id) is handle:
+            try:
+                async for batch in handle.stub.KVEvents(worker_pb2.KVEventsRequest()):
+                    if batch.cleared:
+                        handle.cached_blocks.clear()
+                    handle.cached_blocks.update(batch.stored_block_hashes)
+                    handle.cached_blocks.difference_update(batch.removed_block_hashes)
+            except grpc.aio.AioRpcError as e:
+                log.debug("KV events of %s: %s", handle.worker_id, e.code().name)
+            await asyncio.sleep(self.events_retry_s)
+
+    async def _close(self, handle: WorkerHandle, drain_s: float = 600.0) -> None:
+        """A worker that left may still be finishing (draining) this router's streams: its channel
+        closes once they ended, or after `drain_s`."""
+        log.info("worker %s left", handle.worker_id)
+        if handle.events_task is not None:
+            handle.events_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await handle.events_task
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + drain_s
+        while handle.inflight > 0 and loop.time() < deadline:
+            await asyncio.sleep(0.2)
+        await handle.channel.close(grace=None)
+
+    async def stop(self) -> None:
+        await self.directory.stop()
+        handles, self._handles = list(self._handles.values()), {}
+        for handle in handles:
+            await self._close(handle, drain_s=0.0)

@@ -1,0 +1,53 @@
+"""Settings of one worker process (any role). Flags and TANDEM_* variables map onto these fields
+(cluster/flags.py)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from cluster.discovery import ROLES, WorkerRole
+from cluster.flags import described
+from engine.engine_config import ComputeDtype, EngineConfig
+
+
+@dataclass(frozen=True)
+class WorkerSettings:
+    etcd: str = field(metadata=described("etcd endpoint host:port"))
+    role: WorkerRole = field(default="both", metadata=described("prefill, decode, or both (aggregated)"))
+    cluster: str = field(default="default", metadata=described("cluster name: the etcd key prefix"))
+    worker_id: str = field(default="", metadata=described("unique id; empty: <role>-<host>-<port>"))
+    model: str | None = field(default=None, metadata=described("HF folder or .gguf; default SmolLM2-135M-Instruct"))
+    dtype: ComputeDtype = field(default="auto", metadata=described("compute dtype; auto: bf16 where fast"))
+    host: str = field(default="127.0.0.1", metadata=described("address to bind and to advertise"))
+    grpc_port: int = field(default=0, metadata=described("0: any free port"))
+    metrics_port: int = field(default=0, metadata=described("Prometheus /metrics port; 0: any free port"))
+    num_kv_blocks: int | None = field(default=None, metadata=described("KV cache size in blocks; default from memory"))
+    max_num_seqs: int = field(default=64, metadata=described("most sequences in one batch"))
+    max_model_len: int | None = field(default=None, metadata=described("context length cap"))
+    grace_s: float = field(default=30.0, metadata=described("SIGTERM: seconds in-flight requests get to finish"))
+    lease_ttl_s: int = field(default=3, metadata=described("etcd lease of the worker's record"))
+    kv_backends: str = field(default="", metadata=described("transfer backends in order, comma separated; "
+                                                            "empty: every one available"))
+    min_remote_prefill_tokens: int = field(default=32, metadata=described(
+        "decode role: prompts with fewer uncached tokens than this prefill locally"))
+    prefill_timeout_s: float = field(default=30.0, metadata=described("decode role: deadline of one remote prefill"))
+
+    def __post_init__(self) -> None:
+        if self.role not in ROLES:
+            raise ValueError(f"role must be one of {ROLES}, got {self.role!r}")
+        if self.grace_s < 0 or self.lease_ttl_s < 2:
+            raise ValueError("grace_s must be >= 0 and lease_ttl_s >= 2")
+        if self.min_remote_prefill_tokens < 0 or self.prefill_timeout_s <= 0:
+            raise ValueError("min_remote_prefill_tokens must be >= 0 and prefill_timeout_s > 0")
+
+    @property
+    def disaggregated(self) -> bool:
+        return self.role != "both"
+
+    @property
+    def backends(self) -> tuple[str, ...]:
+        return tuple(b.strip() for b in self.kv_backends.split(",") if b.strip())
+
+    def engine_config(self) -> EngineConfig:
+        return EngineConfig(model=self.model, dtype=self.dtype, num_kv_blocks=self.num_kv_blocks,
+                            max_num_seqs=self.max_num_seqs, max_model_len=self.max_model_len)

@@ -1,0 +1,173 @@
+"""Decode side of a disaggregated prefill: reserve blocks, ask a prefill worker to fill them, wait
+until every page has landed, then let the request join the batch.
+
+Invariants:
+- A reserved block is never reused while a prefill worker may still write into it: after a failed,
+  late or cancelled attempt its blocks are detached (still held) and freed only once that worker
+  confirmed the abort, or its transfer link is gone, or `quarantine_s` has passed.
+- Every attempt that fails falls through to the next prefill target, then to a local prefill; a
+  request never ends because a prefill worker did.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Literal
+
+import grpc
+
+from cluster.convert import logprob_from_proto
+from cluster.worker_metrics import REMOTE_PREFILL_FAILURES
+from engine.async_engine import AsyncEngine
+from engine.block_manager import hash_blocks
+from engine.errors import OutOfKVBlocksError
+from engine.outputs import RequestOutput
+from engine.sampling_params import SamplingParams
+from kv_transfer import TransferError
+from kv_transfer.kv_connector import KVConnector
+from tandem.v1 import worker_pb2, worker_pb2_grpc
+
+log = logging.getLogger(__name__)
+
+Decision = Literal["remote", "local_short", "local_cached", "local_no_prefill_worker", "local_no_blocks", "fallback"]
+
+
+@dataclass(frozen=True)
+class DisaggregationPolicy:
+    """Prefill remotely only when it saves this worker real work: at least `min_remote_prefill_tokens`
+    prompt tokens that its own prefix cache does not already hold."""
+
+    min_remote_prefill_tokens: int
+
+    def decide(self, num_prompt_tokens: int, num_cached_tokens: int, has_targets: bool) -> Decision:
+        if not has_targets:
+            return "local_no_prefill_worker"
+        if num_prompt_tokens < self.min_remote_prefill_tokens:
+            return "local_short"
+        if num_prompt_tokens - num_cached_tokens < self.min_remote_prefill_tokens:
+            return "local_cached"
+        return "remote"
+
+
+class RemotePrefillFailed(Exception):
+    pass
+
+
+class RemotePrefiller:
+    def __init__(self, engine: AsyncEngine, connector: KVConnector, worker_id: str, timeout_s: float,
+                 quarantine_s: float = 60.0) -> None:
+        self.engine = engine
+        self.connector = connector
+        self.worker_id = worker_id
+        self.timeout_s = timeout_s
+        self.quarantine_s = quarantine_s
+        self.block_size = engine.engine.config.block_size
+        self._channels: dict[str, grpc.aio.Channel] = {}
+        self._background: set[asyncio.Task[None]] = set()
+
+    async def cached_prompt_tokens(self, prompt: list[int]) -> int:
+        hashes = hash_blocks(prompt, self.block_size)
+        hits = await self.engine.call(lambda e: e.block_manager.peek_cached_prefix(hashes, prompt))
+        return len(hits) * self.block_size
+
+    async def start(self, request: worker_pb2.WorkerGenerateRequest, params: SamplingParams,
+                    deadline: float | None) -> tuple[Decision, AsyncIterator[RequestOutput]]:
+        """Prefill `request` on its targets in turn, else here; returns the decision and the stream."""
+        rid, prompt = request.request_id, list(request.prompt_token_ids)
+        attempt = 0
+        try:
+            try:
+                blocks, stream = await self.engine.reserve_remote_prefill(rid, prompt, params, request.priority)
+            except OutOfKVBlocksError:  # the scheduler queues it until blocks free up
+                return "local_no_blocks", await self.engine.add_request(rid, prompt, params, request.priority)
+            for attempt, target in enumerate(request.prefill):
+                if attempt > 0:
+                    blocks = await self.engine.call(lambda e: e.rereserve_remote_blocks(rid))
+                try:
+                    await self._prefill_on(target, request, blocks, deadline)
+                    return "remote", stream
+                except RemotePrefillFailed as e:
+                    log.warning("remote prefill of %s on %s failed: %s", rid, target.prefill_address, e)
+                    await self._give_up(rid, attempt, target)
+            await self.engine.prefill_locally(rid)
+            return "fallback", stream
+        except BaseException:  # cancelled, or this engine failed: free everything, safely
+            self._spawn(self._cancel(rid, attempt, request.prefill[attempt] if request.prefill else None))
+            raise
+
+    async def _prefill_on(self, target: worker_pb2.PrefillTarget, request: worker_pb2.WorkerGenerateRequest,
+                          blocks: list[int], deadline: float | None) -> None:
+        rid = request.request_id
+        timeout = self.timeout_s if deadline is None else min(self.timeout_s, deadline - time.monotonic())
+        if timeout <= 0:
+            raise RemotePrefillFailed("no time left before the request's deadline")
+        started = time.monotonic()
+        receipt = self.connector.expect(rid, target.prefill_engine_id, len(blocks))
+        try:
+            stub = worker_pb2_grpc.WorkerStub(self._channel(target.prefill_address))
+            response = await stub.Prefill(worker_pb2.PrefillRequest(
+                request_id=rid, prompt_token_ids=request.prompt_token_ids, sampling=request.sampling,
+                decode_segment=self.connector.segment_name, decode_block_ids=blocks, timeout_seconds=timeout),
+                timeout=timeout)
+            first = await receipt.wait(max(timeout - (time.monotonic() - started), 0.5))
+        except grpc.aio.AioRpcError as e:
+            REMOTE_PREFILL_FAILURES.labels(self.worker_id, e.code().name.lower()).inc()
+            raise RemotePrefillFailed(f"{e.code().name}: {e.details()}") from e
+        except TransferError as e:
+            REMOTE_PREFILL_FAILURES.labels(self.worker_id, type(e).__name__).inc()
+            raise RemotePrefillFailed(f"{type(e).__name__}: {e}") from e
+        finally:
+            receipt.close()
+        if first != response.first_token_id:
+            REMOTE_PREFILL_FAILURES.labels(self.worker_id, "first_token_mismatch").inc()
+            raise RemotePrefillFailed(f"the reply says first token {response.first_token_id}, the KV note {first}")
+        logprob = logprob_from_proto(response.first_logprob) if response.HasField("first_logprob") else None
+        await self.engine.finish_remote_prefill(rid, first, logprob)
+
+    async def _give_up(self, rid: str, attempt: int, target: worker_pb2.PrefillTarget) -> None:
+        key = f"{rid}#{attempt}"
+        await self.engine.call(lambda e: e.detach_remote_blocks(rid, key))
+        self._spawn(self._release_when_safe(rid, key, target))
+
+    async def _cancel(self, rid: str, attempt: int, target: worker_pb2.PrefillTarget | None) -> None:
+        key = f"{rid}#{attempt}"
+        with contextlib.suppress(Exception):  # not parked any more (finished or already detached)
+            await self.engine.call(lambda e: e.detach_remote_blocks(rid, key))
+        await self.engine.abort(rid)
+        if target is not None:
+            await self._release_when_safe(rid, key, target)
+        else:
+            await self.engine.call(lambda e: e.release_detached_blocks(key))
+
+    async def _release_when_safe(self, rid: str, key: str, target: worker_pb2.PrefillTarget) -> None:
+        stub = worker_pb2_grpc.WorkerStub(self._channel(target.prefill_address))
+        try:
+            await stub.Abort(worker_pb2.AbortRequest(request_id=rid), timeout=5.0)  # returns once P dropped it
+        except grpc.aio.AioRpcError as e:
+            if self.connector.transfer.link.is_connected(target.prefill_engine_id):
+                log.warning("prefill worker %s did not confirm the abort of %s (%s): holding its blocks %.0f s",
+                            target.prefill_address, rid, e.code().name, self.quarantine_s)
+                await asyncio.sleep(self.quarantine_s)
+        await self.engine.call(lambda e: e.release_detached_blocks(key))
+
+    def _spawn(self, coro) -> None:  # type: ignore[no-untyped-def]
+        task = asyncio.create_task(coro)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    def _channel(self, address: str) -> grpc.aio.Channel:
+        channel = self._channels.get(address)
+        if channel is None:
+            channel = self._channels[address] = grpc.aio.insecure_channel(address)
+        return channel
+
+    async def close(self) -> None:
+        for task in list(self._background):
+            task.cancel()
+        for channel in self._channels.values():
+            await channel.close()

@@ -1,0 +1,94 @@
+"""The Worker service of a prefill worker: `Prefill` runs a prompt and pushes its KV, layer by
+layer, into the blocks a decode worker reserved (kv_transfer.kv_push.KVPusher); it returns the
+first sampled token (also carried by the push's final note)."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+
+import grpc
+
+from cluster.convert import logprob_to_proto, sampling_from_proto
+from cluster.kv_events import KVEventHub
+from cluster.worker_base import WorkerServicerBase
+from cluster.worker_metrics import PREFILL_TOKENS, WORKER_REQUESTS
+from engine.async_engine import AsyncEngine
+from engine.errors import EngineDeadError
+from engine.outputs import RequestOutput
+from kv_transfer import TransferError
+from kv_transfer.errors import HandshakeError
+from kv_transfer.kv_connector import KVConnector
+from kv_transfer.kv_push import KVPusher
+from tandem.v1 import worker_pb2
+
+log = logging.getLogger(__name__)
+
+
+class PrefillWorkerServicer(WorkerServicerBase):
+    def __init__(self, engine: AsyncEngine, worker_id: str, events: KVEventHub, connector: KVConnector,
+                 pusher: KVPusher) -> None:
+        super().__init__(engine, worker_id, "prefill", events)
+        self.connector = connector
+        self.pusher = pusher
+        self.block_size = engine.engine.config.block_size
+
+    async def Prefill(self, request: worker_pb2.PrefillRequest,
+                      context: grpc.aio.ServicerContext) -> worker_pb2.PrefillResponse:
+        rid, prompt = request.request_id, list(request.prompt_token_ids)
+        outcome = "error"
+        try:
+            params = sampling_from_proto(request.sampling)
+            # one token: the first; stop strings and lengths are the decode worker's business
+            params = dataclasses.replace(params, max_tokens=1, min_tokens=min(params.min_tokens, 1), stop=())
+            need = -(-len(prompt) // self.block_size)
+            if len(request.decode_block_ids) != need:
+                raise ValueError(f"a {len(prompt)}-token prompt needs {need} blocks of {self.block_size} tokens, "
+                                 f"{len(request.decode_block_ids)} were given")
+            peer = await self.connector.connect(request.decode_segment)
+        except HandshakeError as e:
+            await self._fail(context, grpc.StatusCode.FAILED_PRECONDITION, str(e))
+        except TransferError as e:
+            await self._fail(context, grpc.StatusCode.UNAVAILABLE, f"cannot reach {request.decode_segment!r}: {e}")
+        except ValueError as e:
+            await self._fail(context, grpc.StatusCode.INVALID_ARGUMENT, str(e))
+        timeout = request.timeout_seconds or None
+        self.pusher.expect(rid, peer, list(request.decode_block_ids), timeout_s=timeout or 30.0)
+        try:
+            stream = await self.engine.add_request(rid, prompt, params)
+            final: RequestOutput | None = None
+            async with asyncio.timeout(timeout):
+                async for out in stream:  # leaving early (cancel, deadline) aborts the request in the engine
+                    final = out
+        except ValueError as e:
+            await self._fail(context, grpc.StatusCode.INVALID_ARGUMENT, str(e))
+        except EngineDeadError as e:
+            await self._fail(context, grpc.StatusCode.UNAVAILABLE, str(e))
+        except TimeoutError:
+            await self._fail(context, grpc.StatusCode.DEADLINE_EXCEEDED, f"prefill of {rid!r} ran past {timeout} s")
+        finally:
+            self.pusher.forget(rid)
+        assert final is not None
+        if not final.token_ids:
+            await self._fail(context, grpc.StatusCode.ABORTED, f"prefill of {rid!r} was aborted")
+        cached = final.num_cached_tokens
+        PREFILL_TOKENS.labels(self.worker_id, "cached").inc(cached)
+        PREFILL_TOKENS.labels(self.worker_id, "computed").inc(len(prompt) - cached)
+        response = worker_pb2.PrefillResponse(first_token_id=final.token_ids[0], num_cached_tokens=cached)
+        if final.logprobs and final.logprobs[0] is not None:
+            response.first_logprob.CopyFrom(logprob_to_proto(final.logprobs[0]))
+        outcome = "ok"
+        WORKER_REQUESTS.labels(self.worker_id, "Prefill", outcome).inc()
+        return response
+
+    async def _fail(self, context: grpc.aio.ServicerContext, code: grpc.StatusCode, message: str) -> None:
+        WORKER_REQUESTS.labels(self.worker_id, "Prefill", code.name.lower()).inc()
+        await context.abort(code, message)
+
+    async def Abort(self, request: worker_pb2.AbortRequest,
+                    context: grpc.aio.ServicerContext) -> worker_pb2.AbortResponse:
+        """After this returns no more KV of the request is written: the engine drops it between
+        steps, and each step waits for its pushes before ending."""
+        self.pusher.forget(request.request_id)
+        return await super().Abort(request, context)

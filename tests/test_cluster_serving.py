@@ -1,0 +1,49 @@
+"""The whole cluster (`tandem up`: etcd, router, workers as OS processes) answers 32 concurrent
+greedy requests of mixed lengths exactly as the engine alone does, through gRPC and through the
+OpenAI API (official client, streaming and not), disaggregated 1P+1D and 2P+1D and aggregated.
+Afterwards every worker's block pool is back to free or cached."""
+
+from __future__ import annotations
+
+import openai
+import pytest
+
+from tests.support.cluster import assert_pools_clean, metric, tandem_up, worker_metrics
+from tests.support.cluster_workload import Expected, gather_limited, reference, run_grpc, run_openai, workload
+
+CONFIGS = {"1P+1D": ("--prefill", "1", "--decode", "1"), "2P+1D": ("--prefill", "2", "--decode", "1"),
+           "aggregated": ("--prefill", "0", "--decode", "0", "--both", "1")}
+
+
+@pytest.fixture(scope="module")
+def jobs():  # type: ignore[no-untyped-def]
+    return workload()
+
+
+@pytest.fixture(scope="module")
+def expected(tiny_llama_dir, jobs) -> list[Expected]:  # type: ignore[no-untyped-def]
+    return reference(str(tiny_llama_dir), jobs)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("config", list(CONFIGS))
+async def test_cluster_equals_engine_alone(config: str, tiny_llama_dir, jobs, expected) -> None:  # type: ignore[no-untyped-def]
+    with tandem_up(*CONFIGS[config], "--model", str(tiny_llama_dir), "--dtype", "float32",
+                   "--num-kv-blocks", "256", "--min-remote-prefill-tokens", "8") as cluster:
+        got = await gather_limited([run_grpc(cluster.grpc_address, job) for job in jobs])
+        for i, (g, e) in enumerate(zip(got, expected, strict=True)):
+            assert g == e, f"gRPC request {i} ({jobs[i].kind}, {len(jobs[i].ids)} ids)"
+
+        client = openai.AsyncOpenAI(base_url=f"{cluster.http_url}/v1", api_key="unused", max_retries=0)
+        model = (await client.models.list()).data[0].id
+        answers = await gather_limited([run_openai(client, model, job, stream=i % 2 == 1)
+                                        for i, job in enumerate(jobs)])
+        for i, ((text, reason, used), e) in enumerate(zip(answers, expected, strict=True)):
+            assert (text, reason, used) == (e.text, e.finish_reason, len(e.token_ids)), f"OpenAI request {i}"
+        await client.close()
+
+        for decode in cluster.role("decode"):  # the disaggregated path was really taken
+            assert metric(worker_metrics(decode), "tandem_disaggregation_decisions_total", decision="remote") > 0
+        for prefill in cluster.role("prefill"):
+            assert metric(worker_metrics(prefill), "tandem_prefill_tokens_total", kind="computed") > 0
+        await assert_pools_clean(cluster)
