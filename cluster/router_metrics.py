@@ -21,5 +21,7 @@ GENERATION_TOKENS = Counter("tandem_generation_tokens_router", "Tokens streamed 
 ROUTED = Counter("tandem_router_routed", "Requests routed, by pool and worker", ["pool", "worker"])
 PREFIX_OVERLAP = Counter("tandem_router_prefix_overlap_blocks", "Prompt blocks the chosen worker already "
                          "held in its prefix cache (from its KV events), by worker", ["worker"])
+CACHED_BLOCKS = Gauge("tandem_router_worker_cached_blocks", "Blocks in a worker's prefix cache, as the router "
+                      "knows them from its KV events", ["worker"])
 RETRIES = Counter("tandem_router_retries", "Requests sent again to another decode worker before any token, "
                   "by the error of the first", ["error"])

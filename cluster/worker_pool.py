@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 import grpc
 
 from cluster.discovery import WorkerDirectory, WorkerRecord, WorkerRole
+from cluster.router_metrics import CACHED_BLOCKS
 from tandem.v1 import worker_pb2, worker_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -75,6 +76,7 @@ class WorkerPool:
                         handle.cached_blocks.clear()
                     handle.cached_blocks.update(batch.stored_block_hashes)
                     handle.cached_blocks.difference_update(batch.removed_block_hashes)
+                    CACHED_BLOCKS.labels(handle.worker_id).set(len(handle.cached_blocks))
             except grpc.aio.AioRpcError as e:
                 log.debug("KV events of %s: %s", handle.worker_id, e.code().name)
             await asyncio.sleep(self.events_retry_s)
@@ -83,6 +85,8 @@ class WorkerPool:
         """A worker that left may still be finishing (draining) this router's streams: its channel
         closes once they ended, or after `drain_s`."""
         log.info("worker %s left", handle.worker_id)
+        with contextlib.suppress(KeyError):
+            CACHED_BLOCKS.remove(handle.worker_id)
         if handle.events_task is not None:
             handle.events_task.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):

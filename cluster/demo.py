@@ -1,0 +1,54 @@
+"""The README's main job: start a local cluster (`tandem up`: etcd, one prefill worker, one decode
+worker, the router), send a chat request through the official `openai` client, print the answer,
+stop the cluster. Extra arguments go to `tandem up` (e.g. `--prefill 2`, `--model PATH`)."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import time
+
+import openai
+
+from cluster.processes import spawn
+
+QUESTION = "What is the capital of France?"
+
+
+def main(argv: list[str]) -> int:
+    started = time.monotonic()
+    up = spawn([sys.executable, "-m", "cluster.cli", "up", "--http-port", "0", "--grpc-port", "0", *argv],
+               stdout=subprocess.PIPE, text=True)
+    assert up.stdout is not None
+    try:
+        http_url = ""
+        for line in up.stdout:
+            print(f"  {line.rstrip()}", flush=True)
+            if line.startswith("router "):
+                http_url = dict(p.split("=", 1) for p in line.split()[1:])["http"]
+            if line.strip() == "READY":
+                break
+        else:
+            print(f"tandem up exited with {up.wait()}", file=sys.stderr)
+            return 1
+        print(f"cluster ready in {time.monotonic() - started:.1f} s\n")
+        client = openai.OpenAI(base_url=f"{http_url}/v1", api_key="not-needed")
+        model = client.models.list().data[0].id
+        sent = time.monotonic()
+        reply = client.chat.completions.create(model=model, messages=[{"role": "user", "content": QUESTION}],
+                                               max_tokens=48, temperature=0)
+        took = time.monotonic() - sent
+        print(f"user: {QUESTION}\n{model}: {reply.choices[0].message.content}")
+        usage = reply.usage
+        assert usage is not None
+        print(f"\n({usage.prompt_tokens} prompt + {usage.completion_tokens} completion tokens in {took:.2f} s, "
+              f"finish reason {reply.choices[0].finish_reason})")
+        return 0
+    finally:
+        up.send_signal(signal.SIGTERM)
+        up.wait(60)
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

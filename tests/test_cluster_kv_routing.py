@@ -1,0 +1,77 @@
+"""KV-aware routing across two prefill workers: a prompt sharing a long prefix with an earlier one
+goes to the prefill worker whose cache holds it, which computes only the new tokens; a prompt the
+decode worker itself already holds (but for a few tokens) is prefilled there (conditional
+disaggregation). Checked through the router's and the workers' metrics."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+
+import pytest
+
+from tandem.v1 import inference_pb2 as pb
+from tandem.v1 import inference_pb2_grpc
+from tests.support.cluster import Cluster, assert_pools_clean, metric, tandem_up, worker_metrics
+from tests.support.cluster_workload import grpc_channel
+
+BLOCK = 16
+
+
+async def _generate(cluster: Cluster, ids: list[int]) -> list[int]:
+    request = pb.GenerateRequest(token_ids=pb.TokenIds(ids=ids),
+                                 sampling=pb.SamplingParameters(temperature=0.0, max_tokens=2, ignore_eos=True))
+    async with grpc_channel(cluster.grpc_address) as channel:
+        return [t async for c in inference_pb2_grpc.InferenceStub(channel).Generate(request, timeout=60)
+                for t in c.token_ids]
+
+
+def _routed(cluster: Cluster) -> dict[str, float]:
+    text = cluster.router_metrics()
+    return {p.worker_id: metric(text, "tandem_router_routed_total", pool="prefill", worker=p.worker_id)
+            for p in cluster.role("prefill")}
+
+
+def _computed(worker) -> tuple[float, float]:  # type: ignore[no-untyped-def]
+    text = worker_metrics(worker)
+    return (metric(text, "tandem_prefill_tokens_total", kind="computed"),
+            metric(text, "tandem_prefill_tokens_total", kind="cached"))
+
+
+async def _until_router_sees_cached(cluster: Cluster, worker_id: str, blocks: int) -> None:
+    for _ in range(100):
+        if metric(cluster.router_metrics(), "tandem_router_worker_cached_blocks", worker=worker_id) >= blocks:
+            return
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"the router never saw {blocks} cached blocks on {worker_id}")
+
+
+@pytest.mark.slow
+async def test_shared_prefix_goes_to_the_prefill_worker_holding_it(tiny_llama_dir) -> None:
+    rng = random.Random(7)
+    with tandem_up("--prefill", "2", "--decode", "1", "--model", str(tiny_llama_dir), "--dtype", "float32",
+                   "--num-kv-blocks", "256", "--min-remote-prefill-tokens", "16") as cluster:
+        prefix = [rng.randrange(4, 512) for _ in range(10 * BLOCK)]  # 160 tokens: 10 full blocks
+        before = _routed(cluster)
+        await _generate(cluster, prefix)
+        after = _routed(cluster)
+        holder = next(w for w in after if after[w] > before[w])
+        await _until_router_sees_cached(cluster, holder, 10)
+
+        for round_ in range(3):  # every time to the holder, whatever the round-robin tie-break would say
+            worker = next(p for p in cluster.role("prefill") if p.worker_id == holder)
+            computed0, cached0 = _computed(worker)
+            new = [rng.randrange(4, 512) for _ in range(30)]
+            before = _routed(cluster)
+            await _generate(cluster, prefix[:9 * BLOCK] + new)  # shares 9 blocks with the first prompt
+            after = _routed(cluster)
+            assert {w: after[w] - before[w] for w in after} == {w: float(w == holder) for w in after}, round_
+            computed1, cached1 = _computed(worker)
+            assert (computed1 - computed0, cached1 - cached0) == (30, 9 * BLOCK), round_
+
+        decode = cluster.role("decode")[0]
+        local0 = metric(worker_metrics(decode), "tandem_disaggregation_decisions_total", decision="local_cached")
+        await _generate(cluster, [*prefix, 5, 6, 7])  # the decode worker holds the 160-token prefix itself
+        local1 = metric(worker_metrics(decode), "tandem_disaggregation_decisions_total", decision="local_cached")
+        assert local1 - local0 == 1
+        await assert_pools_clean(cluster)
