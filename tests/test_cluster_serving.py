@@ -9,7 +9,7 @@ import openai
 import pytest
 
 from tests.support.cluster import assert_pools_clean, metric, tandem_up, worker_metrics
-from tests.support.cluster_workload import Expected, gather_limited, reference, run_grpc, run_openai, workload
+from tests.support.cluster_workload import Expected, Job, gather_limited, reference, run_grpc, run_openai, workload
 
 CONFIGS = {"1P+1D": ("--prefill", "1", "--decode", "1"), "2P+1D": ("--prefill", "2", "--decode", "1"),
            "aggregated": ("--prefill", "0", "--decode", "0", "--both", "1")}
@@ -46,4 +46,27 @@ async def test_cluster_equals_engine_alone(config: str, tiny_llama_dir, jobs, ex
             assert metric(worker_metrics(decode), "tandem_disaggregation_decisions_total", decision="remote") > 0
         for prefill in cluster.role("prefill"):
             assert metric(worker_metrics(prefill), "tandem_prefill_tokens_total", kind="computed") > 0
+        await assert_pools_clean(cluster)
+
+
+@pytest.mark.slow
+async def test_default_model_cluster_answers_like_the_engine(default_model_path) -> None:
+    """SmolLM2-135M-Instruct itself, 1P+1D, chat through the official client: the same greedy text
+    as the engine alone, and the prompts were prefilled on the prefill worker."""
+    questions = ["What is the capital of France?", "Name three primary colors.",
+                 "Write a haiku about autumn leaves falling on a quiet river.", "What is 12 times 12?"]
+    jobs = [Job("chat", text=q, max_tokens=12, ignore_eos=False) for q in questions]
+    expected = reference(str(default_model_path), jobs)
+    with tandem_up("--prefill", "1", "--decode", "1", "--dtype", "float32", "--num-kv-blocks", "64",
+                   "--min-remote-prefill-tokens", "16") as cluster:
+        client = openai.AsyncOpenAI(base_url=f"{cluster.http_url}/v1", api_key="unused", max_retries=0)
+        model = (await client.models.list()).data[0].id
+        assert model == "SmolLM2-135M-Instruct"
+        answers = await gather_limited([run_openai(client, model, job, stream=i % 2 == 0)
+                                        for i, job in enumerate(jobs)])
+        await client.close()
+        assert answers == [(e.text, e.finish_reason, len(e.token_ids)) for e in expected]
+        assert "Paris" in answers[0][0]
+        decode = worker_metrics(cluster.role("decode")[0])
+        assert metric(decode, "tandem_disaggregation_decisions_total", decision="remote") == len(jobs)
         await assert_pools_clean(cluster)
