@@ -53,11 +53,24 @@ def add_settings_flags(parser: argparse.ArgumentParser, cls: type, skip: tuple[s
         convert, choices = _parser_for(hints[f.name])
         env = os.environ.get(env_name(f.name))
         has_default = f.default is not MISSING
-        default = convert(env) if env is not None else (f.default if has_default else None)
-        doc = f.metadata.get("help", "")
+        default = _from_env(parser, f.name, env, convert, choices) if env is not None else (
+            f.default if has_default else None)
+        doc = f"{f.metadata.get('help', '')} (env {env_name(f.name)}; default {default!r})".strip()
         parser.add_argument(f"--{f.name.replace('_', '-')}", type=convert, choices=choices, default=default,
                             required=env is None and not has_default,
-                            help=f"{doc} (env {env_name(f.name)}; default {default!r})".strip())
+                            help=doc.replace("%", "%%"))  # argparse %-formats help text
+
+
+def _from_env(parser: argparse.ArgumentParser, name: str, raw: str, convert: Any,
+              choices: tuple[str, ...] | None) -> Any:
+    """A variable's value, checked as strictly as the flag's (argparse does not check defaults)."""
+    try:
+        value = convert(raw)
+    except (ValueError, argparse.ArgumentTypeError) as e:
+        parser.error(f"{env_name(name)}={raw!r}: {e}")
+    if choices is not None and value not in choices:
+        parser.error(f"{env_name(name)}={raw!r}: expected one of {', '.join(choices)}")
+    return value
 
 
 def settings_from_args(cls: type[T], args: argparse.Namespace, **overrides: Any) -> T:

@@ -107,12 +107,26 @@ def _stream_flags(body: dict[str, Any]) -> tuple[bool, bool]:
     return stream, bool(stream and options.get("include_usage"))
 
 
+def _bad_values_are_bad_requests(parse: Callable[[Any], OpenAIRequest]) -> Callable[[Any], OpenAIRequest]:
+    """protobuf raises a plain ValueError for an integer out of its field's range: that is the
+    client's error too."""
+    def checked(body: Any) -> OpenAIRequest:
+        try:
+            return parse(body)
+        except BadRequest:
+            raise
+        except (ValueError, TypeError) as e:
+            raise BadRequest(f"a value is out of range or of the wrong type: {e}") from e
+    return checked
+
+
+@_bad_values_are_bad_requests
 def parse_completion(body: Any) -> OpenAIRequest:
     request, body = _common(body, "completion", 16)
     prompt = body.get("prompt")
     if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
         prompt = prompt[0]  # a batch of one
-    if isinstance(prompt, str):
+    if isinstance(prompt, str) and prompt:
         request.text = prompt
     elif isinstance(prompt, list) and prompt and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
         request.token_ids.ids.extend(prompt)
@@ -131,6 +145,7 @@ def parse_completion(body: Any) -> OpenAIRequest:
     return OpenAIRequest("completion", request, stream, usage, logprobs, request.model)
 
 
+@_bad_values_are_bad_requests
 def parse_chat(body: Any) -> OpenAIRequest:
     request, body = _common(body, "chat", None)
     messages = body.get("messages")

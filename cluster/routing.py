@@ -33,22 +33,22 @@ class RoutingPolicy:
         self.name = name
         self.overlap_weight = overlap_weight
         self.prefill_retries = prefill_retries
-        self._turn = itertools.count()
+        self._turns = {"decode": itertools.count(), "prefill": itertools.count()}  # one per pool: fair ties
 
     def route(self, decode_pool: Sequence[WorkerHandle], prefill_pool: Sequence[WorkerHandle],
               block_hashes: list[int]) -> Route:
         """`decode_pool` must not be empty."""
         assert decode_pool
-        decode = self._rank(decode_pool, block_hashes)[0]
+        decode = self._rank(decode_pool, block_hashes, "decode")[0]
         if decode.record.role == "both" or not prefill_pool:
             return Route(decode, (), decode.overlap_blocks(block_hashes))
-        ranked = self._rank(prefill_pool, block_hashes)
+        ranked = self._rank(prefill_pool, block_hashes, "prefill")
         prefill = tuple(ranked[:1 + self.prefill_retries])
         return Route(decode, prefill, prefill[0].overlap_blocks(block_hashes))
 
-    def _rank(self, pool: Sequence[WorkerHandle], block_hashes: list[int]) -> list[WorkerHandle]:
+    def _rank(self, pool: Sequence[WorkerHandle], block_hashes: list[int], pool_name: str) -> list[WorkerHandle]:
         workers = sorted(pool, key=lambda w: w.worker_id)
-        start = next(self._turn) % len(workers)
+        start = next(self._turns[pool_name]) % len(workers)
         rotated = workers[start:] + workers[:start]  # ties go round-robin
         if self.name == "round_robin":
             return rotated

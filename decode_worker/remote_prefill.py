@@ -87,7 +87,10 @@ class RemotePrefiller:
                 return "local_no_blocks", await self.engine.add_request(rid, prompt, params, request.priority)
             for attempt, target in enumerate(request.prefill):
                 if attempt > 0:
-                    blocks = await self.engine.call(lambda e: e.rereserve_remote_blocks(rid))
+                    try:
+                        blocks = await self.engine.call(lambda e: e.rereserve_remote_blocks(rid))
+                    except OutOfKVBlocksError:  # the failed attempts still hold theirs: wait in the queue
+                        break
                 try:
                     await self._prefill_on(target, request, blocks, deadline)
                     return "remote", stream

@@ -136,8 +136,8 @@ class Scheduler:
         """The remote prefill of `seq` landed: it joins the running batch. Returns the step the
         remote engine ran for it, for `commit`. (It joins even past max_num_seqs: its blocks are
         already held.)"""
-        if seq.status is not SequenceStatus.WAITING_FOR_REMOTE_KV:
-            raise ValueError(f"request {seq.request_id!r} is not waiting for remote KV")
+        if seq.status is not SequenceStatus.WAITING_FOR_REMOTE_KV or not seq.block_table:
+            raise ValueError(f"request {seq.request_id!r} is not waiting for remote KV in reserved blocks")
         self.parked.remove(seq)
         seq.status = SequenceStatus.RUNNING
         self.running.append(seq)
@@ -160,6 +160,8 @@ class Scheduler:
     def unpark_for_local_prefill(self, seq: Sequence) -> None:
         """The remote prefill of `seq` was given up (its blocks detached): queue it (first) to be
         prefilled here like a new request."""
+        if seq.status is not SequenceStatus.WAITING_FOR_REMOTE_KV:
+            raise ValueError(f"request {seq.request_id!r} is not waiting for remote KV")
         if seq.block_table:
             raise ValueError(f"detach the blocks of {seq.request_id!r} before prefilling it locally")
         self.parked.remove(seq)

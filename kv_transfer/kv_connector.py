@@ -10,6 +10,7 @@ one sent only after every layer batch succeeded (or carrying the error that stop
 
 from __future__ import annotations
 
+import asyncio
 import json
 from dataclasses import asdict, dataclass
 
@@ -71,6 +72,7 @@ class KVConnector:
         self.segment_name = segment_name
         self.layout = KVLayout.of_pool(pool, model, tp_size, tp_rank)
         self._peers: dict[str, PeerKV] = {}
+        self._connecting: dict[str, asyncio.Lock] = {}
 
     async def publish(self) -> None:
         """Register the pool as a segment and publish its layout (call once, before peers connect)."""
@@ -83,6 +85,14 @@ class KVConnector:
         known = self._peers.get(peer_segment)
         if known is not None and self.transfer.link.is_connected(known.segment.owner):
             return known
+        lock = self._connecting.setdefault(peer_segment, asyncio.Lock())
+        async with lock:  # many requests from a new peer arrive at once: connect once
+            known = self._peers.get(peer_segment)
+            if known is not None and self.transfer.link.is_connected(known.segment.owner):
+                return known
+            return await self._handshake(peer_segment)
+
+    async def _handshake(self, peer_segment: str) -> PeerKV:
         remote = await self.transfer.open_segment(peer_segment)
         raw = await self.transfer.store.get(_layout_key(self.transfer.config.metadata_prefix, peer_segment))
         if raw is None:
