@@ -44,6 +44,7 @@ class UpSettings:
     num_kv_blocks: int | None = field(default=None, metadata=described("KV blocks per worker"))
     max_num_seqs: int = field(default=64, metadata=described("most sequences in one worker's batch"))
     min_remote_prefill_tokens: int = field(default=32, metadata=described("shorter prompts prefill on decode"))
+    prefill_timeout_s: float = field(default=30.0, metadata=described("deadline of one remote prefill"))
     kv_backends: str = field(default="", metadata=described("transfer backends, comma separated; empty: all"))
     policy: PolicyName = field(default="kv_aware", metadata=described("routing policy"))
     host: str = field(default="127.0.0.1", metadata=described("address every component binds"))
@@ -60,7 +61,8 @@ class UpSettings:
     def worker_args(self, role: str, etcd: str) -> list[str]:
         args = ["worker", "--role", role, "--etcd", etcd, "--cluster", self.cluster, "--dtype", self.dtype,
                 "--host", self.host, "--max-num-seqs", str(self.max_num_seqs), "--lease-ttl-s", str(self.lease_ttl_s),
-                "--min-remote-prefill-tokens", str(self.min_remote_prefill_tokens), "--grace-s", str(self.grace_s)]
+                "--min-remote-prefill-tokens", str(self.min_remote_prefill_tokens), "--grace-s", str(self.grace_s),
+                "--prefill-timeout-s", str(self.prefill_timeout_s)]
         for flag, value in (("--model", self.model), ("--num-kv-blocks", self.num_kv_blocks),
                             ("--kv-backends", self.kv_backends or None)):
             if value is not None:

@@ -148,14 +148,24 @@ class RemotePrefiller:
             await self.engine.call(lambda e: e.release_detached_blocks(key))
 
     async def _release_when_safe(self, rid: str, key: str, target: worker_pb2.PrefillTarget) -> None:
+        """Free detached blocks once the prefill worker confirmed it dropped the request (its Abort
+        returns only then), or its transfer link is gone (a dead process writes nothing), or after
+        `quarantine_s` (a worker unreachable for that long is given up on)."""
         stub = worker_pb2_grpc.WorkerStub(self._channel(target.prefill_address))
-        try:
-            await stub.Abort(worker_pb2.AbortRequest(request_id=rid), timeout=5.0)  # returns once P dropped it
-        except grpc.aio.AioRpcError as e:
-            if self.connector.transfer.link.is_connected(target.prefill_engine_id):
-                log.warning("prefill worker %s did not confirm the abort of %s (%s): holding its blocks %.0f s",
-                            target.prefill_address, rid, e.code().name, self.quarantine_s)
-                await asyncio.sleep(self.quarantine_s)
+        loop = asyncio.get_running_loop()
+        give_up_at = loop.time() + self.quarantine_s
+        while True:
+            try:
+                await stub.Abort(worker_pb2.AbortRequest(request_id=rid), timeout=2.0)
+                break
+            except grpc.aio.AioRpcError as e:
+                if not self.connector.transfer.link.is_linked(target.prefill_engine_id):
+                    break
+                if loop.time() >= give_up_at:
+                    log.warning("prefill worker %s never confirmed the abort of %s (%s): freeing its blocks "
+                                "after %.0f s", target.prefill_address, rid, e.code().name, self.quarantine_s)
+                    break
+                await asyncio.sleep(0.5)
         await self.engine.call(lambda e: e.release_detached_blocks(key))
 
     def _spawn(self, coro) -> None:  # type: ignore[no-untyped-def]

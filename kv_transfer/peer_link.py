@@ -51,6 +51,7 @@ class PeerLink:
         self.address = f"{host}:{self._server.getsockname()[1]}"
         self._lock = threading.Lock()
         self._outgoing: dict[str, socket.socket] = {}  # peer id → our control connection to it
+        self._incoming: dict[str, int] = {}  # peer id → its live control connections to us
         self._send_locks: dict[str, threading.Lock] = {}
         self._sockets: set[socket.socket] = set()
         self._closed = False
@@ -90,8 +91,15 @@ class PeerLink:
         return sock
 
     def is_connected(self, peer: str) -> bool:
+        """We hold a control connection to `peer` (we can notify it)."""
         with self._lock:
             return peer in self._outgoing
+
+    def is_linked(self, peer: str) -> bool:
+        """A control connection joins us either way: `peer`'s process was alive at its last
+        message (a dead process's connections end at once with EOF)."""
+        with self._lock:
+            return peer in self._outgoing or self._incoming.get(peer, 0) > 0
 
     def send(self, peer: str, msg: Message) -> None:
         with self._lock:
@@ -140,10 +148,14 @@ class PeerLink:
             self._untrack_close(sock)
 
     def _read_loop(self, sock: socket.socket, peer: str) -> None:
+        with self._lock:
+            self._incoming[peer] = self._incoming.get(peer, 0) + 1
         while True:
             try:
                 msg = recv_message(sock)
             except (TransferError, ValueError, OSError) as e:
+                with self._lock:
+                    self._incoming[peer] -= 1
                 self._drop(sock, peer, str(e))
                 return
             if isinstance(msg, Notify):

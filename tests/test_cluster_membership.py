@@ -15,7 +15,16 @@ import time
 import pytest
 
 from cluster.processes import spawn
-from tests.support.cluster import REPO, Cluster, assert_pools_clean, fetch, metric, tandem_up, worker_metrics
+from tests.support.cluster import (
+    REPO,
+    Cluster,
+    assert_pools_clean,
+    fetch,
+    metric,
+    tandem_up,
+    worker_metrics,
+    worker_status,
+)
 from tests.support.cluster_workload import gather_limited, reference, run_grpc, workload
 
 TTL = 2
@@ -78,4 +87,30 @@ async def test_a_killed_prefill_worker_costs_only_a_fallback(tiny_llama_dir) -> 
         cluster.workers.remove(victim)
         decode = worker_metrics(cluster.role("decode")[0])
         assert metric(decode, "tandem_remote_prefill_failures_total", error="unavailable") > 0
+        await assert_pools_clean(cluster)
+
+
+@pytest.mark.slow
+async def test_a_stalled_prefill_worker_is_waited_for_then_bypassed(tiny_llama_dir) -> None:
+    """A SIGSTOPped prefill worker: each request waits --prefill-timeout-s, then the decode worker
+    prefills it itself (exact output). The blocks the stalled worker might still write stay held
+    until it is back and confirms the abort; then every pool is clean."""
+    jobs = [j for j in workload(count=16, seed=9) if len(j.ids) >= 17][:3]
+    expected = reference(str(tiny_llama_dir), jobs)
+    with tandem_up("--prefill", "1", "--decode", "1", "--model", str(tiny_llama_dir), "--dtype", "float32",
+                   "--min-remote-prefill-tokens", "4", "--prefill-timeout-s", "2", "--num-kv-blocks", "256") as cluster:
+        assert await run_grpc(cluster.grpc_address, jobs[0]) == expected[0]  # the transfer link is up
+        prefill, decode = cluster.role("prefill")[0], cluster.role("decode")[0]
+        os.kill(prefill.pid, signal.SIGSTOP)
+        try:
+            started = time.monotonic()
+            assert await gather_limited([run_grpc(cluster.grpc_address, job) for job in jobs]) == expected
+            assert time.monotonic() - started >= 2
+            text = worker_metrics(decode)
+            assert metric(text, "tandem_disaggregation_decisions_total", decision="fallback") == len(jobs)
+            status = await worker_status(decode)
+            assert status.pool_integrity_ok and status.running == 0
+            assert status.free_blocks < status.total_blocks  # held for the stalled worker, not reused
+        finally:
+            os.kill(prefill.pid, signal.SIGCONT)
         await assert_pools_clean(cluster)
