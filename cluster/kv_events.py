@@ -51,13 +51,15 @@ class KVEventHub:
     async def _run(self) -> None:
         while True:
             await asyncio.sleep(self.interval_s)
-            joining, self._joining = self._joining, []
+            # a subscriber may leave while the engine answers: only those still joining after it are admitted
+            wanted = bool(self._joining)
             try:
-                events, snapshot = await self.engine.call(functools.partial(_read, with_snapshot=bool(joining)))
+                events, snapshot = await self.engine.call(functools.partial(_read, with_snapshot=wanted))
             except Exception:
                 log.exception("could not read KV events; retrying")
-                self._joining.extend(joining)
                 continue
+            joining = [q for q in self._joining if wanted]
+            self._joining = [q for q in self._joining if q not in joining]
             if events.stored or events.removed:
                 batch = worker_pb2.KVEventBatch(stored_block_hashes=events.stored,
                                                 removed_block_hashes=events.removed)

@@ -78,7 +78,8 @@ class RouterCore:
     # -- validation -------------------------------------------------------------------------------------
     def prepare(self, request: pb.GenerateRequest, time_remaining: float | None = None) -> PreparedRequest:
         """Validate and tokenize; raises RouterError(INVALID_ARGUMENT or NOT_FOUND)."""
-        if request.model and request.model != self.model_name:
+        known = bool(self._served_name or self.pool.workers())  # with no worker yet, generate says UNAVAILABLE
+        if request.model and known and request.model != self.model_name:
             raise RouterError(grpc.StatusCode.NOT_FOUND,
                               f"model {request.model!r} is not served here; this cluster serves {self.model_name!r}")
         try:
@@ -159,13 +160,16 @@ class RouterCore:
             tried.add(route.decode.worker_id)
             sent_any = False
             route.decode.inflight += 1
-            for p in route.prefill[:1]:
+            prefilling = list(route.prefill[:1])  # counted against the prefill worker until the first token
+            for p in prefilling:
                 p.inflight += 1
             call = route.decode.stub.Generate(self._worker_request(req, route, deadline, attempt),
                                               timeout=max(deadline - time.monotonic(), 0.001))
             try:
                 async for chunk in call:
                     now = time.monotonic()
+                    while prefilling:
+                        prefilling.pop().inflight -= 1
                     if chunk.token_ids:
                         if last_token_at is None:
                             m.TTFT.observe(now - arrival)
@@ -191,7 +195,7 @@ class RouterCore:
             finally:
                 call.cancel()  # no-op once finished; otherwise the workers abort and free the blocks
                 route.decode.inflight -= 1
-                for p in route.prefill[:1]:
+                for p in prefilling:
                     p.inflight -= 1
         raise RouterError(grpc.StatusCode.UNAVAILABLE, "no decode worker could take the request")
 

@@ -77,14 +77,19 @@ class RemotePrefiller:
 
     async def start(self, request: worker_pb2.WorkerGenerateRequest, params: SamplingParams,
                     deadline: float | None) -> tuple[Decision, AsyncIterator[RequestOutput]]:
-        """Prefill `request` on its targets in turn, else here; returns the decision and the stream."""
+        """Prefill `request` on its targets in turn, else here; returns the decision and the stream.
+        Attempt i runs under the id "<request id>#i" on the prefill worker and in the KV notes, so
+        a late note of an abandoned attempt can never count for the next one."""
         rid, prompt = request.request_id, list(request.prompt_token_ids)
-        attempt = 0
+        attempt, clean_up = 0, True
         try:
             try:
                 blocks, stream = await self.engine.reserve_remote_prefill(rid, prompt, params, request.priority)
             except OutOfKVBlocksError:  # the scheduler queues it until blocks free up
                 return "local_no_blocks", await self.engine.add_request(rid, prompt, params, request.priority)
+            except ValueError:  # InvalidRequestError (e.g. the id is in use by another request): nothing reserved
+                clean_up = False
+                raise
             for attempt, target in enumerate(request.prefill):
                 if attempt > 0:
                     try:
@@ -92,62 +97,66 @@ class RemotePrefiller:
                     except OutOfKVBlocksError:  # the failed attempts still hold theirs: wait in the queue
                         break
                 try:
-                    await self._prefill_on(target, request, blocks, deadline)
+                    await self._prefill_on(target, request, blocks, deadline, f"{rid}#{attempt}")
                     return "remote", stream
                 except RemotePrefillFailed as e:
                     log.warning("remote prefill of %s on %s failed: %s", rid, target.prefill_address, e)
-                    await self._give_up(rid, attempt, target)
+                    await self._give_up(rid, f"{rid}#{attempt}", target)
             await self.engine.prefill_locally(rid)
             return "fallback", stream
         except BaseException:  # cancelled, or this engine failed: free everything, safely
-            self._spawn(self._cancel(rid, attempt, request.prefill[attempt] if request.prefill else None))
+            if clean_up:
+                target = request.prefill[attempt] if request.prefill else None
+                self._spawn(self._cancel(rid, f"{rid}#{attempt}", target))
             raise
 
     async def _prefill_on(self, target: worker_pb2.PrefillTarget, request: worker_pb2.WorkerGenerateRequest,
-                          blocks: list[int], deadline: float | None) -> None:
-        rid = request.request_id
+                          blocks: list[int], deadline: float | None, attempt_id: str) -> None:
         timeout = self.timeout_s if deadline is None else min(self.timeout_s, deadline - time.monotonic())
         if timeout <= 0:
             raise RemotePrefillFailed("no time left before the request's deadline")
         started = time.monotonic()
-        receipt = self.connector.expect(rid, target.prefill_engine_id, len(blocks))
+        receipt = self.connector.expect(attempt_id, target.prefill_engine_id, len(blocks))
         try:
             stub = worker_pb2_grpc.WorkerStub(self._channel(target.prefill_address))
             response = await stub.Prefill(worker_pb2.PrefillRequest(
-                request_id=rid, prompt_token_ids=request.prompt_token_ids, sampling=request.sampling,
+                request_id=attempt_id, prompt_token_ids=request.prompt_token_ids, sampling=request.sampling,
                 decode_segment=self.connector.segment_name, decode_block_ids=blocks, timeout_seconds=timeout),
                 timeout=timeout)
             first = await receipt.wait(max(timeout - (time.monotonic() - started), 0.5))
         except grpc.aio.AioRpcError as e:
-            REMOTE_PREFILL_FAILURES.labels(self.worker_id, e.code().name.lower()).inc()
-            raise RemotePrefillFailed(f"{e.code().name}: {e.details()}") from e
+            raise self._failed(e.code().name.lower(), f"{e.code().name}: {e.details()}") from e
         except TransferError as e:
-            REMOTE_PREFILL_FAILURES.labels(self.worker_id, type(e).__name__).inc()
-            raise RemotePrefillFailed(f"{type(e).__name__}: {e}") from e
+            raise self._failed(type(e).__name__, f"{type(e).__name__}: {e}") from e
         finally:
             receipt.close()
         if first != response.first_token_id:
-            REMOTE_PREFILL_FAILURES.labels(self.worker_id, "first_token_mismatch").inc()
-            raise RemotePrefillFailed(f"the reply says first token {response.first_token_id}, the KV note {first}")
+            raise self._failed("first_token_mismatch",
+                               f"the reply says first token {response.first_token_id}, the KV note {first}")
         logprob = logprob_from_proto(response.first_logprob) if response.HasField("first_logprob") else None
-        await self.engine.finish_remote_prefill(rid, first, logprob)
+        try:
+            await self.engine.finish_remote_prefill(request.request_id, first, logprob)
+        except ValueError as e:  # e.g. a first token outside the vocabulary: the prefill worker's fault
+            raise self._failed("bad_result", str(e)) from e
 
-    async def _give_up(self, rid: str, attempt: int, target: worker_pb2.PrefillTarget) -> None:
-        key = f"{rid}#{attempt}"
-        await self.engine.call(lambda e: e.detach_remote_blocks(rid, key))
-        self._spawn(self._release_when_safe(rid, key, target))
+    def _failed(self, error: str, message: str) -> RemotePrefillFailed:
+        REMOTE_PREFILL_FAILURES.labels(self.worker_id, error).inc()
+        return RemotePrefillFailed(message)
 
-    async def _cancel(self, rid: str, attempt: int, target: worker_pb2.PrefillTarget | None) -> None:
-        key = f"{rid}#{attempt}"
+    async def _give_up(self, rid: str, attempt_id: str, target: worker_pb2.PrefillTarget) -> None:
+        await self.engine.call(lambda e: e.detach_remote_blocks(rid, attempt_id))
+        self._spawn(self._release_when_safe(attempt_id, target))
+
+    async def _cancel(self, rid: str, attempt_id: str, target: worker_pb2.PrefillTarget | None) -> None:
         with contextlib.suppress(Exception):  # not parked any more (finished or already detached)
-            await self.engine.call(lambda e: e.detach_remote_blocks(rid, key))
+            await self.engine.call(lambda e: e.detach_remote_blocks(rid, attempt_id))
         await self.engine.abort(rid)
         if target is not None:
-            await self._release_when_safe(rid, key, target)
+            await self._release_when_safe(attempt_id, target)
         else:
-            await self.engine.call(lambda e: e.release_detached_blocks(key))
+            await self.engine.call(lambda e: e.release_detached_blocks(attempt_id))
 
-    async def _release_when_safe(self, rid: str, key: str, target: worker_pb2.PrefillTarget) -> None:
+    async def _release_when_safe(self, attempt_id: str, target: worker_pb2.PrefillTarget) -> None:
         """Free detached blocks once the prefill worker confirmed it dropped the request (its Abort
         returns only then), or its transfer link is gone (a dead process writes nothing), or after
         `quarantine_s` (a worker unreachable for that long is given up on)."""
@@ -156,17 +165,17 @@ class RemotePrefiller:
         give_up_at = loop.time() + self.quarantine_s
         while True:
             try:
-                await stub.Abort(worker_pb2.AbortRequest(request_id=rid), timeout=2.0)
+                await stub.Abort(worker_pb2.AbortRequest(request_id=attempt_id), timeout=2.0)
                 break
             except grpc.aio.AioRpcError as e:
                 if not self.connector.transfer.link.is_linked(target.prefill_engine_id):
                     break
                 if loop.time() >= give_up_at:
                     log.warning("prefill worker %s never confirmed the abort of %s (%s): freeing its blocks "
-                                "after %.0f s", target.prefill_address, rid, e.code().name, self.quarantine_s)
+                                "after %.0f s", target.prefill_address, attempt_id, e.code().name, self.quarantine_s)
                     break
                 await asyncio.sleep(0.5)
-        await self.engine.call(lambda e: e.release_detached_blocks(key))
+        await self.engine.call(lambda e: e.release_detached_blocks(attempt_id))
 
     def _spawn(self, coro) -> None:  # type: ignore[no-untyped-def]
         task = asyncio.create_task(coro)

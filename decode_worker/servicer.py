@@ -31,9 +31,35 @@ class DecodeWorkerServicer(WorkerServicerBase):
         super().__init__(engine, worker_id, role, events)
         self.remote = remote
         self.policy = policy or DisaggregationPolicy(0)
+        self._handlers: dict[str, asyncio.Task] = {}  # request id → the Generate call serving it
 
     async def Generate(self, request: worker_pb2.WorkerGenerateRequest,
                        context: grpc.aio.ServicerContext) -> AsyncIterator[pb.GenerateResponse]:
+        task = asyncio.current_task()
+        if task is not None and request.request_id not in self._handlers:
+            self._handlers[request.request_id] = task
+            try:
+                async for chunk in self._generate(request, context):
+                    yield chunk
+            finally:
+                del self._handlers[request.request_id]
+        else:  # a duplicate id: the engine refuses it with INVALID_ARGUMENT
+            async for chunk in self._generate(request, context):
+                yield chunk
+
+    async def Abort(self, request: worker_pb2.AbortRequest,
+                    context: grpc.aio.ServicerContext) -> worker_pb2.AbortResponse:
+        """Cancelling the Generate call runs its own clean-up, which is the safe one: blocks a
+        prefill worker may still be writing stay held until it confirms (remote_prefill.py)."""
+        task = self._handlers.get(request.request_id)
+        if task is None:
+            return await super().Abort(request, context)
+        task.cancel()
+        await asyncio.wait({task}, timeout=10)
+        return worker_pb2.AbortResponse(found=True)
+
+    async def _generate(self, request: worker_pb2.WorkerGenerateRequest,
+                        context: grpc.aio.ServicerContext) -> AsyncIterator[pb.GenerateResponse]:
         timeout = request.timeout_seconds or None
         deadline = None if timeout is None else time.monotonic() + timeout
         if request.resume_token_ids:

@@ -74,30 +74,35 @@ class AsyncEngine:
                           priority: int = 0) -> AsyncIterator[RequestOutput]:
         """Validate and enqueue a request (InvalidRequestError is raised here, before any stream)."""
         token_ids, outputs = self._open_stream(request_id, prompt)
-        self._commands.put(_Add(request_id, token_ids, params or SamplingParams(), priority))
+        with self._lock:
+            self._raise_if_dead()
+            self._commands.put(_Add(request_id, token_ids, params or SamplingParams(), priority))
         return self._stream(request_id, outputs)
 
     def _open_stream(self, request_id: str, prompt: str | list[int]
                      ) -> tuple[list[int], asyncio.Queue[RequestOutput | BaseException]]:
-        if self._dead is not None:
-            raise EngineDeadError(f"engine loop died: {self._dead!r}")
         token_ids = self.engine.encode_prompt(prompt)
         self.engine._validate_prompt(token_ids)
         outputs: asyncio.Queue[RequestOutput | BaseException] = asyncio.Queue()
-        with self._lock:
+        with self._lock:  # the engine thread marks itself dead under this lock: no stream is left unanswered
+            self._raise_if_dead()
             if request_id in self._streams:
                 raise InvalidRequestError(f"request id {request_id!r} is already in use")
             self._streams[request_id] = (asyncio.get_running_loop(), outputs)
         return token_ids, outputs
 
+    def _raise_if_dead(self) -> None:
+        if self._dead is not None:
+            raise EngineDeadError(f"engine loop died: {self._dead!r}")
+
     async def call(self, fn: Callable[[LLMEngine], T]) -> T:
         """Run `fn(engine)` on the engine thread between two steps (the only safe place to touch
         the engine's state); its exception is raised here."""
-        if self._dead is not None:
-            raise EngineDeadError(f"engine loop died: {self._dead!r}")
         loop = asyncio.get_running_loop()
         future: asyncio.Future[T] = loop.create_future()
-        self._commands.put(_Call(fn, loop, future))
+        with self._lock:
+            self._raise_if_dead()
+            self._commands.put(_Call(fn, loop, future))
         return await future
 
     # -- remote prefill (decode role) -------------------------------------------------------------------
@@ -208,8 +213,8 @@ class AsyncEngine:
                     self._deliver(out.request_id, out, last=out.finished)
         except BaseException as exc:
             log.exception("engine loop died")
-            self._dead = exc
             with self._lock:
+                self._dead = exc
                 streams, self._streams = self._streams, {}
             dead = EngineDeadError(f"engine loop died: {exc!r}")
             for loop, outputs in streams.values():

@@ -50,8 +50,8 @@ class Block:
 @dataclass(frozen=True)
 class KVCacheEvents:
     """Changes to the set of cached block hashes since the previous drain (for KV-aware routing).
-    A hash stored and then evicted inside one drain appears in both, in that order of meaning:
-    apply `stored` first, then `removed`."""
+    Apply `stored`, then `removed`: the result is exact whatever the order of the changes was (a
+    hash evicted and cached again within one drain is only in `stored`)."""
 
     stored: tuple[int, ...]
     removed: tuple[int, ...]
@@ -132,6 +132,8 @@ class BlockManager:
         self.cached[block_hash] = block_id
         if self.record_events:
             self._stored.append(block_hash)
+            if block_hash in self._removed:  # evicted and cached again since the last drain: it is held
+                self._removed.remove(block_hash)
 
     # -- allocation ---------------------------------------------------------------------------------
     def allocate(self, count: int) -> list[int]:

@@ -6,6 +6,8 @@ import logging
 import time
 from dataclasses import dataclass, field
 
+import torch
+
 from engine.block_manager import BlockManager
 from engine.detokenizer import IncrementalDetokenizer, find_stop
 from engine.engine_config import EngineConfig
@@ -113,6 +115,10 @@ class LLMEngine:
         if not 0 <= first_token_id < self.model_config.vocab_size:
             raise InvalidRequestError(f"first token id {first_token_id} is outside the vocabulary")
         item = self.scheduler.resume_remote_kv(req.seq)
+        state = req.seq.sampling_state
+        if state.generator is not None and not req.seq.params.is_greedy:
+            # the remote engine drew one uniform for the first token: keep this request's stream in step
+            torch.rand((), generator=state.generator, device=self.parts.device)
         plan = SchedulerOutput(decodes=(), segments=(item,), preempted=())
         outputs = self._commit(plan, {request_id: SequenceResult([first_token_id], [logprobs])})
         return outputs[0]

@@ -70,6 +70,9 @@ class NotificationInbox:
                     self._unclaimed.popitem(last=False)
                     self.num_dropped += 1
                 return
+            if sub.peer is not None and notification.peer != sub.peer:  # not the sender it waits for
+                self.num_dropped += 1
+                return
         sub.queue.put(notification)
 
     def peer_lost(self, peer: str, reason: str) -> None:

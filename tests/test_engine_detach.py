@@ -425,3 +425,36 @@ async def test_abort_of_a_detached_parked_request_keeps_the_old_blocks(async_eng
     await async_engine.call(lambda e: e.check_integrity())
     await async_engine.call(lambda e: e.release_detached_blocks("k"))
     assert await async_engine.call(lambda e: e.block_manager.num_free_blocks) == NUM_BLOCKS
+
+
+async def test_seeded_sampling_after_a_remote_prefill_matches_the_engine_alone(async_engine: AsyncEngine) -> None:
+    """The remote engine drew the first token's uniform from the request's seeded generator: the
+    decode engine skips that draw, so the rest of the stream is the engine alone's."""
+    seeded = SamplingParams(max_tokens=8, temperature=1.0, seed=1234, ignore_eos=True)
+    plain = await async_engine.generate("plain", FULL_PROMPT, seeded)
+    blocks, stream = await async_engine.reserve_remote_prefill("r", FULL_PROMPT, seeded)
+    await async_engine.call(lambda e: copy_cached_prompt_kv(e, FULL_PROMPT, blocks))
+    await async_engine.finish_remote_prefill("r", plain.token_ids[0])
+    outputs = await asyncio.wait_for(collect(stream), timeout=30)
+    assert outputs[-1].token_ids == plain.token_ids
+
+
+def test_a_block_evicted_and_cached_again_within_one_drain_is_reported_held() -> None:
+    """Applying `stored` then `removed` gives the exact final set, whatever the order of changes."""
+    bm = BlockManager(2, BLOCK, enable_prefix_caching=True)
+    bm.record_events = True
+    tokens = (1, 2, 3, 4)
+    [h] = hash_blocks(tokens, BLOCK)
+    [first] = bm.allocate(1)
+    bm.register_full_block(first, h, tokens)
+    bm.release([first])
+    bm.drain_events()
+    bm.allocate(2)  # evicts h
+    bm.release([0, 1])
+    [again] = bm.allocate(1)
+    bm.register_full_block(again, h, tokens)  # cached again before the next drain
+    events = bm.drain_events()
+    held: set[int] = {h}
+    held |= set(events.stored)
+    held -= set(events.removed)
+    assert held == set(bm.cached) == {h}

@@ -152,3 +152,16 @@ async def test_etcd_store_publishes_again_after_losing_its_lease() -> None:
         reader = EtcdStore(endpoint)
         assert await reader.get("/t/segments/a") is None  # close revoked the lease
         await reader.close()
+
+
+def test_a_subscription_for_one_peer_ignores_notes_from_another() -> None:
+    """A note with the awaited tag but from another engine (e.g. an abandoned attempt) is dropped."""
+    from kv_transfer.datatypes import Notification
+    from kv_transfer.notifications import NotificationInbox
+
+    inbox = NotificationInbox()
+    with inbox.subscribe("kv/r", peer="p2") as sub:
+        inbox.deliver(Notification("p1", "b1", "kv/r", b"stale", True))
+        inbox.deliver(Notification("p2", "b2", "kv/r", b"fresh", True))
+        assert sub.get(1).message == b"fresh"
+    assert inbox.num_dropped == 1
