@@ -47,8 +47,10 @@ class WorkerPool:
         self.events_retry_s = events_retry_s
         self._handles: dict[str, WorkerHandle] = {}  # by worker id
 
-    async def start(self) -> None:
+    async def start(self, timeout_s: float = 10.0) -> None:
+        """Returns once the workers registered now are known (the first etcd listing is done)."""
         await self.directory.start()
+        await self.directory.wait_until(lambda d: d.relists > 0, timeout_s)
 
     def workers(self, *roles: WorkerRole) -> list[WorkerHandle]:
         return [h for h in self._handles.values() if not roles or h.record.role in roles]
