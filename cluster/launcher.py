@@ -44,6 +44,7 @@ class UpSettings:
     num_kv_blocks: int | None = field(default=None, metadata=described("KV blocks per worker"))
     max_num_seqs: int = field(default=64, metadata=described("most sequences in one worker's batch"))
     min_remote_prefill_tokens: int = field(default=32, metadata=described("shorter prompts prefill on decode"))
+    num_threads: int | None = field(default=None, metadata=described("torch threads per worker on CPU"))
     prefill_timeout_s: float = field(default=30.0, metadata=described("deadline of one remote prefill"))
     kv_backends: str = field(default="", metadata=described("transfer backends, comma separated; empty: all"))
     policy: PolicyName = field(default="kv_aware", metadata=described("routing policy"))
@@ -64,6 +65,7 @@ class UpSettings:
                 "--min-remote-prefill-tokens", str(self.min_remote_prefill_tokens), "--grace-s", str(self.grace_s),
                 "--prefill-timeout-s", str(self.prefill_timeout_s)]
         for flag, value in (("--model", self.model), ("--num-kv-blocks", self.num_kv_blocks),
+                            ("--num-threads", self.num_threads),
                             ("--kv-backends", self.kv_backends or None)):
             if value is not None:
                 args += [flag, str(value)]

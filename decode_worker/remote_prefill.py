@@ -135,7 +135,7 @@ class RemotePrefiller:
                                f"the reply says first token {response.first_token_id}, the KV note {first}")
         logprob = logprob_from_proto(response.first_logprob) if response.HasField("first_logprob") else None
         try:
-            await self.engine.finish_remote_prefill(request.request_id, first, logprob)
+            await self.engine.finish_remote_prefill(request.request_id, first, logprob, response.num_cached_tokens)
         except ValueError as e:  # e.g. a first token outside the vocabulary: the prefill worker's fault
             raise self._failed("bad_result", str(e)) from e
 

@@ -122,9 +122,9 @@ class AsyncEngine:
         return blocks, self._stream(request_id, outputs)
 
     async def finish_remote_prefill(self, request_id: str, first_token_id: int,
-                                    logprobs: TokenLogprobs | None = None) -> None:
+                                    logprobs: TokenLogprobs | None = None, num_cached_tokens: int = 0) -> None:
         def finish(engine: LLMEngine) -> None:
-            out = engine.finish_remote_prefill(request_id, first_token_id, logprobs)
+            out = engine.finish_remote_prefill(request_id, first_token_id, logprobs, num_cached_tokens)
             self._deliver(request_id, out, last=out.finished)
         await self.call(finish)
 

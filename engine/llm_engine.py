@@ -105,16 +105,18 @@ class LLMEngine:
             raise
         return list(seq.block_table)
 
-    def finish_remote_prefill(self, request_id: str, first_token_id: int,
-                              logprobs: TokenLogprobs | None = None) -> RequestOutput:
+    def finish_remote_prefill(self, request_id: str, first_token_id: int, logprobs: TokenLogprobs | None = None,
+                              num_cached_tokens: int = 0) -> RequestOutput:
         """The prompt's KV is in the reserved blocks and `first_token_id` was sampled remotely: the
-        request joins the batch as if this engine had run its prefill."""
+        request joins the batch as if this engine had run its prefill. `num_cached_tokens`: prompt
+        tokens the remote engine's prefix cache served (reported in the request's usage)."""
         req = self.requests.get(request_id)
         if req is None:
             raise InvalidRequestError(f"no request {request_id!r} is waiting for remote KV")
         if not 0 <= first_token_id < self.model_config.vocab_size:
             raise InvalidRequestError(f"first token id {first_token_id} is outside the vocabulary")
         item = self.scheduler.resume_remote_kv(req.seq)
+        req.seq.num_cached_tokens = num_cached_tokens
         state = req.seq.sampling_state
         if state.generator is not None and not req.seq.params.is_greedy:
             # the remote engine drew one uniform for the first token: keep this request's stream in step

@@ -1,0 +1,1 @@
+"""`python -m bench.serve`: a serving benchmark against a running cluster (see __main__.py)."""
