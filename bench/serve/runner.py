@@ -56,7 +56,10 @@ async def run(sessions: list[Session], spec: RunSpec) -> tuple[list[RequestResul
     total_turns = sum(len(s.turns) for s in sessions)
     bar = tqdm(total=total_turns, disable=not spec.progress, unit="req", leave=False)
     start = time.perf_counter()
-    http = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) if spec.api == "openai" else None
+    # a fresh connection per request: servers that close idle keep-alive connections (llama-server)
+    # would otherwise fail requests sent on a connection they just closed
+    http = (aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0, force_close=True))
+            if spec.api == "openai" else None)
     channel = grpc.aio.insecure_channel(spec.target) if spec.api == "grpc" else None
 
     async def one(index: int, session: Session) -> None:
