@@ -37,7 +37,6 @@ class PrefillWorkerServicer(WorkerServicerBase):
     async def Prefill(self, request: worker_pb2.PrefillRequest,
                       context: grpc.aio.ServicerContext) -> worker_pb2.PrefillResponse:
         rid, prompt = request.request_id, list(request.prompt_token_ids)
-        outcome = "error"
         try:
             params = sampling_from_proto(request.sampling)
             # one token: the first; stop strings and lengths are the decode worker's business
@@ -78,8 +77,7 @@ class PrefillWorkerServicer(WorkerServicerBase):
         response = worker_pb2.PrefillResponse(first_token_id=final.token_ids[0], num_cached_tokens=cached)
         if final.logprobs and final.logprobs[0] is not None:
             response.first_logprob.CopyFrom(logprob_to_proto(final.logprobs[0]))
-        outcome = "ok"
-        WORKER_REQUESTS.labels(self.worker_id, "Prefill", outcome).inc()
+        WORKER_REQUESTS.labels(self.worker_id, "Prefill", "ok").inc()
         return response
 
     async def _fail(self, context: grpc.aio.ServicerContext, code: grpc.StatusCode, message: str) -> None:
