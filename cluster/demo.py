@@ -4,36 +4,23 @@ stop the cluster. Extra arguments go to `tandem up` (e.g. `--prefill 2`, `--mode
 
 from __future__ import annotations
 
-import signal
-import subprocess
 import sys
 import time
 
 import openai
 
-from cluster.processes import spawn
+from cluster.local_cluster import tandem_up
 
 QUESTION = "What is the capital of France?"
 
 
 def main(argv: list[str]) -> int:
     started = time.monotonic()
-    up = spawn([sys.executable, "-m", "cluster.cli", "up", "--http-port", "0", "--grpc-port", "0", *argv],
-               stdout=subprocess.PIPE, text=True)
-    assert up.stdout is not None
-    try:
-        http_url = ""
-        for line in up.stdout:
+    with tandem_up(*argv, timeout_s=600) as cluster:
+        for line in cluster.output:
             print(f"  {line.rstrip()}", flush=True)
-            if line.startswith("router "):
-                http_url = dict(p.split("=", 1) for p in line.split()[1:])["http"]
-            if line.strip() == "READY":
-                break
-        else:
-            print(f"tandem up exited with {up.wait()}", file=sys.stderr)
-            return 1
         print(f"cluster ready in {time.monotonic() - started:.1f} s\n")
-        client = openai.OpenAI(base_url=f"{http_url}/v1", api_key="not-needed")
+        client = openai.OpenAI(base_url=f"{cluster.http_url}/v1", api_key="not-needed")
         model = client.models.list().data[0].id
         sent = time.monotonic()
         reply = client.chat.completions.create(model=model, messages=[{"role": "user", "content": QUESTION}],
@@ -44,10 +31,7 @@ def main(argv: list[str]) -> int:
         assert usage is not None
         print(f"\n({usage.prompt_tokens} prompt + {usage.completion_tokens} completion tokens in {took:.2f} s, "
               f"finish reason {reply.choices[0].finish_reason})")
-        return 0
-    finally:
-        up.send_signal(signal.SIGTERM)
-        up.wait(60)
+    return 0
 
 
 if __name__ == "__main__":

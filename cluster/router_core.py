@@ -18,7 +18,7 @@ import grpc
 from cluster import router_metrics as m
 from cluster.convert import sampling_from_proto
 from cluster.routing import Route, RoutingPolicy
-from cluster.worker_pool import WorkerHandle, WorkerPool
+from cluster.worker_pool import WorkerPool
 from engine.block_manager import hash_blocks
 from engine.tokenizer import Tokenizer
 from tandem.v1 import inference_pb2 as pb
@@ -226,5 +226,3 @@ def healthy(pool: WorkerPool) -> bool:
     """The cluster can serve: at least one decode or aggregated worker."""
     return bool(pool.workers("decode", "both"))
 
-
-__all__ = ["PreparedRequest", "RouterCore", "RouterError", "WorkerHandle", "healthy"]

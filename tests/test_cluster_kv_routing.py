@@ -8,12 +8,12 @@ from __future__ import annotations
 import asyncio
 import random
 
+import grpc
 import pytest
 
 from tandem.v1 import inference_pb2 as pb
 from tandem.v1 import inference_pb2_grpc
 from tests.support.cluster import Cluster, assert_pools_clean, metric, tandem_up, worker_metrics
-from tests.support.cluster_workload import grpc_channel
 
 BLOCK = 16
 
@@ -21,7 +21,7 @@ BLOCK = 16
 async def _generate(cluster: Cluster, ids: list[int]) -> list[int]:
     request = pb.GenerateRequest(token_ids=pb.TokenIds(ids=ids),
                                  sampling=pb.SamplingParameters(temperature=0.0, max_tokens=2, ignore_eos=True))
-    async with grpc_channel(cluster.grpc_address) as channel:
+    async with grpc.aio.insecure_channel(cluster.grpc_address) as channel:
         return [t async for c in inference_pb2_grpc.InferenceStub(channel).Generate(request, timeout=60)
                 for t in c.token_ids]
 

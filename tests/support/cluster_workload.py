@@ -82,16 +82,12 @@ async def run_grpc(address: str, job: Job) -> Expected:
         request.chat.messages.extend(pb.ChatMessage(**m) for m in job.messages())
     ids: list[int] = []
     text, reason = "", ""
-    async with grpc_channel(address) as channel:
+    async with grpc.aio.insecure_channel(address) as channel:
         async for chunk in inference_pb2_grpc.InferenceStub(channel).Generate(request, timeout=120):
             ids += chunk.token_ids
             text += chunk.text
             reason = _REASONS.get(chunk.finish_reason, reason)
     return Expected(tuple(ids), text, reason)
-
-
-def grpc_channel(address: str) -> grpc.aio.Channel:
-    return grpc.aio.insecure_channel(address)
 
 
 async def run_openai(client: openai.AsyncOpenAI, model: str, job: Job, stream: bool) -> tuple[str, str, int]:
