@@ -3,11 +3,13 @@ admit, route (cluster/routing.py), stream from the decode worker, account.
 
 Errors reach the fronts as RouterError(status, message): invalid input INVALID_ARGUMENT, unknown
 model NOT_FOUND, no worker UNAVAILABLE, overload RESOURCE_EXHAUSTED, deadline DEADLINE_EXCEEDED.
-A decode worker that cannot be reached before any token is replaced by another one.
+A decode worker lost before any token is replaced by another one; one lost mid-stream too, which
+continues after the tokens already streamed (migration).
 """
 
 from __future__ import annotations
 
+import logging
 import time
 import uuid
 from collections.abc import AsyncGenerator, AsyncIterator
@@ -24,9 +26,13 @@ from engine.tokenizer import Tokenizer
 from tandem.v1 import inference_pb2 as pb
 from tandem.v1 import worker_pb2
 
+log = logging.getLogger(__name__)
+
 # worker statuses a client should see as they are; any other becomes UNAVAILABLE
 _PASS_THROUGH = {grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.RESOURCE_EXHAUSTED,
                  grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED, grpc.StatusCode.UNIMPLEMENTED}
+# a decode worker failing with these is gone (killed, unreachable, its stream reset): try another
+_WORKER_LOST = {grpc.StatusCode.UNAVAILABLE}
 _MAX_DECODE_ATTEMPTS = 3
 
 
@@ -152,18 +158,22 @@ class RouterCore:
 
     async def _stream(self, req: PreparedRequest, arrival: float, deadline: float
                       ) -> AsyncIterator[pb.GenerateResponse]:
+        """Invariant: `streamed` is exactly the token ids the client has been sent, in order. A decode
+        worker lost before any token is replaced (retry); one lost mid-stream is replaced by another
+        that recomputes prompt + `streamed` and continues after them (migration), so the client's
+        stream goes on with no token repeated or lost."""
         hashes = hash_blocks(req.prompt_token_ids, self.block_size())
         tried: set[str] = set()
+        streamed: list[int] = []
         last_token_at: float | None = None
         for attempt in range(_MAX_DECODE_ATTEMPTS):
-            route = self._route(hashes, tried)
+            route = self._route(hashes, tried, with_prefill=not streamed)
             tried.add(route.decode.worker_id)
-            sent_any = False
             route.decode.inflight += 1
             prefilling = list(route.prefill[:1])  # counted against the prefill worker until the first token
             for p in prefilling:
                 p.inflight += 1
-            call = route.decode.stub.Generate(self._worker_request(req, route, deadline, attempt),
+            call = route.decode.stub.Generate(self._worker_request(req, route, deadline, attempt, streamed),
                                               timeout=max(deadline - time.monotonic(), 0.001))
             try:
                 async for chunk in call:
@@ -180,14 +190,16 @@ class RouterCore:
                     if chunk.finish_reason != pb.FINISH_REASON_UNSPECIFIED:
                         m.E2E.observe(now - arrival)
                     chunk.request_id = req.request_id
-                    sent_any = True
+                    streamed.extend(chunk.token_ids)
                     yield chunk
                 return
             except grpc.aio.AioRpcError as e:
                 code = e.code()
-                if code == grpc.StatusCode.UNAVAILABLE and not sent_any and attempt + 1 < _MAX_DECODE_ATTEMPTS \
-                        and time.monotonic() < deadline:
-                    m.RETRIES.labels(code.name.lower()).inc()
+                if code in _WORKER_LOST and attempt + 1 < _MAX_DECODE_ATTEMPTS and time.monotonic() < deadline:
+                    (m.MIGRATIONS if streamed else m.RETRIES).labels(code.name.lower()).inc()
+                    log.warning("decode worker %s failed (%s) after %d tokens of request %s: %s",
+                                route.decode.worker_id, code.name, len(streamed), req.request_id,
+                                "migrating" if streamed else "retrying")
                     continue
                 if code not in _PASS_THROUGH:
                     code = grpc.StatusCode.UNAVAILABLE
@@ -199,11 +211,11 @@ class RouterCore:
                     p.inflight -= 1
         raise RouterError(grpc.StatusCode.UNAVAILABLE, "no decode worker could take the request")
 
-    def _route(self, hashes: list[int], exclude: set[str]) -> Route:
+    def _route(self, hashes: list[int], exclude: set[str], with_prefill: bool) -> Route:
         decode_pool = [w for w in self.pool.workers("decode", "both") if w.worker_id not in exclude]
         if not decode_pool:
             raise RouterError(grpc.StatusCode.UNAVAILABLE, "no decode (or aggregated) worker is available")
-        route = self.policy.route(decode_pool, self.pool.workers("prefill"), hashes)
+        route = self.policy.route(decode_pool, self.pool.workers("prefill") if with_prefill else [], hashes)
         m.ROUTED.labels("decode", route.decode.worker_id).inc()
         first = route.prefill[0] if route.prefill else route.decode
         if route.prefill:
@@ -212,14 +224,15 @@ class RouterCore:
         return route
 
     @staticmethod
-    def _worker_request(req: PreparedRequest, route: Route, deadline: float, attempt: int
+    def _worker_request(req: PreparedRequest, route: Route, deadline: float, attempt: int, streamed: list[int]
                         ) -> worker_pb2.WorkerGenerateRequest:
         targets = [worker_pb2.PrefillTarget(prefill_address=p.record.address,
                                             prefill_engine_id=p.record.transfer.get("engine_id", ""))
                    for p in route.prefill]
         return worker_pb2.WorkerGenerateRequest(
             request_id=f"{req.internal_id}-{attempt}", prompt_token_ids=req.prompt_token_ids, sampling=req.sampling,
-            timeout_seconds=max(deadline - time.monotonic(), 0.001), priority=req.priority, prefill=targets)
+            timeout_seconds=max(deadline - time.monotonic(), 0.001), priority=req.priority, prefill=targets,
+            resume_token_ids=streamed)
 
 
 def healthy(pool: WorkerPool) -> bool:

@@ -25,3 +25,5 @@ CACHED_BLOCKS = Gauge("tandem_router_worker_cached_blocks", "Blocks in a worker'
                       "knows them from its KV events", ["worker"])
 RETRIES = Counter("tandem_router_retries", "Requests sent again to another decode worker before any token, "
                   "by the error of the first", ["error"])
+MIGRATIONS = Counter("tandem_router_migrations", "Streams moved to another decode worker (with the tokens already "
+                     "streamed) after theirs failed mid-stream, by the error", ["error"])

@@ -17,8 +17,9 @@ GENERATED_TOKENS = Counter("tandem_generation_tokens", "Tokens generated (stream
 WORKER_REQUESTS = Counter("tandem_worker_requests", "Requests ended on this worker, by RPC and outcome",
                           ["worker", "rpc", "outcome"])
 DISAGGREGATION = Counter("tandem_disaggregation_decisions", "Where a decode worker prefilled a prompt: remote, "
-                         "local_short, local_cached, local_no_prefill_worker, local_no_blocks, or fallback "
-                         "(after every remote prefill attempt failed)", ["worker", "decision"])
+                         "local_short, local_cached, local_no_prefill_worker, local_no_blocks, fallback "
+                         "(after every remote prefill attempt failed), or local_resume (a migrated request)",
+                         ["worker", "decision"])
 REMOTE_PREFILL_FAILURES = Counter("tandem_remote_prefill_failures", "Remote prefill attempts that failed, by error",
                                   ["worker", "error"])
 

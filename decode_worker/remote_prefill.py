@@ -34,7 +34,9 @@ from tandem.v1 import worker_pb2, worker_pb2_grpc
 
 log = logging.getLogger(__name__)
 
-Decision = Literal["remote", "local_short", "local_cached", "local_no_prefill_worker", "local_no_blocks", "fallback"]
+# local_resume: a migrated request (resume_token_ids) recomputes prompt + streamed tokens here
+Decision = Literal["remote", "local_short", "local_cached", "local_no_prefill_worker", "local_no_blocks", "fallback",
+                   "local_resume"]
 
 
 @dataclass(frozen=True)

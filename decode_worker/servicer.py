@@ -62,8 +62,6 @@ class DecodeWorkerServicer(WorkerServicerBase):
                         context: grpc.aio.ServicerContext) -> AsyncIterator[pb.GenerateResponse]:
         timeout = request.timeout_seconds or None
         deadline = None if timeout is None else time.monotonic() + timeout
-        if request.resume_token_ids:
-            await self._fail(context, grpc.StatusCode.UNIMPLEMENTED, "resuming a migrated request is not supported yet")
         try:
             params = sampling_from_proto(request.sampling)
             self.engine.engine._validate_prompt(list(request.prompt_token_ids))
@@ -89,11 +87,16 @@ class DecodeWorkerServicer(WorkerServicerBase):
         except TimeoutError:
             await self._fail(context, grpc.StatusCode.DEADLINE_EXCEEDED,
                              f"request {request.request_id!r} ran past its {timeout} s deadline")
+        except ValueError as e:  # the engine refused the request after queueing it (e.g. a resume it cannot replay)
+            await self._fail(context, grpc.StatusCode.INVALID_ARGUMENT, str(e))
         WORKER_REQUESTS.labels(self.worker_id, "Generate", "ok").inc()
 
     async def _start(self, request: worker_pb2.WorkerGenerateRequest, params: SamplingParams,
                      deadline: float | None) -> tuple[Decision, AsyncIterator[RequestOutput]]:
         prompt = list(request.prompt_token_ids)
+        if request.resume_token_ids:  # migrated: prompt + streamed tokens are recomputed here, none is sent again
+            return "local_resume", await self.engine.add_request(request.request_id, prompt, params, request.priority,
+                                                                 list(request.resume_token_ids))
         if self.remote is not None:
             has_targets = len(request.prefill) > 0
             cached = await self.remote.cached_prompt_tokens(prompt) if has_targets else 0

@@ -26,6 +26,7 @@ class _Add:
     token_ids: list[int]
     params: SamplingParams
     priority: int
+    resume_token_ids: list[int]
 
 
 @dataclass(frozen=True)
@@ -71,12 +72,18 @@ class AsyncEngine:
         return self.engine.tokenizer
 
     async def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams | None = None,
-                          priority: int = 0) -> AsyncIterator[RequestOutput]:
-        """Validate and enqueue a request (InvalidRequestError is raised here, before any stream)."""
+                          priority: int = 0, resume_token_ids: list[int] | None = None
+                          ) -> AsyncIterator[RequestOutput]:
+        """Validate and enqueue a request (InvalidRequestError is raised here, before any stream).
+        `resume_token_ids`: see LLMEngine.add_request (a migrated request)."""
+        params = params or SamplingParams()
+        resumed = list(resume_token_ids or ())
+        if resumed:
+            self.engine.validate_resume(self.engine.encode_prompt(prompt), params, resumed)
         token_ids, outputs = self._open_stream(request_id, prompt)
         with self._lock:
             self._raise_if_dead()
-            self._commands.put(_Add(request_id, token_ids, params or SamplingParams(), priority))
+            self._commands.put(_Add(request_id, token_ids, params, priority, resumed))
         return self._stream(request_id, outputs)
 
     def _open_stream(self, request_id: str, prompt: str | list[int]
@@ -181,7 +188,8 @@ class AsyncEngine:
             return False
         if isinstance(command, _Add):
             try:
-                self.engine.add_request(command.request_id, command.token_ids, command.params, command.priority)
+                self.engine.add_request(command.request_id, command.token_ids, command.params, command.priority,
+                                        command.resume_token_ids)
             except Exception as exc:
                 self._deliver(command.request_id, exc, last=True)
         elif isinstance(command, _Call):

@@ -72,8 +72,17 @@ class LLMEngine:
         return list(prompt)
 
     def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams | None = None,
-                    priority: int = 0) -> None:
-        self.scheduler.add(self._new_request(request_id, prompt, params, priority))
+                    priority: int = 0, resume_token_ids: list[int] | None = None) -> None:
+        """Queue a request. `resume_token_ids`: tokens another engine already generated (and streamed)
+        for it before it was lost — this engine continues after them without emitting them again."""
+        seq = self._new_request(request_id, prompt, params, priority)
+        if resume_token_ids:
+            try:
+                self._replay_streamed(self.requests[request_id], resume_token_ids)
+            except InvalidRequestError:
+                del self.requests[request_id]
+                raise
+        self.scheduler.add(seq)
 
     def _new_request(self, request_id: str, prompt: str | list[int], params: SamplingParams | None,
                      priority: int) -> Sequence:
@@ -89,6 +98,37 @@ class LLMEngine:
         holdback = max((len(s) for s in params.stop), default=1) - 1
         self.requests[request_id] = _Request(seq, detok, holdback)
         return seq
+
+    def validate_resume(self, prompt_token_ids: list[int], params: SamplingParams,
+                        resume_token_ids: list[int]) -> None:
+        """Raise InvalidRequestError unless a request could continue after `resume_token_ids`."""
+        bad = next((t for t in resume_token_ids if not 0 <= t < self.model_config.vocab_size), None)
+        if bad is not None:
+            raise InvalidRequestError(f"resumed token id {bad} is outside the vocabulary")
+        if len(resume_token_ids) >= params.max_tokens:
+            raise InvalidRequestError(f"{len(resume_token_ids)} tokens were already generated: max_tokens "
+                                      f"({params.max_tokens}) leaves nothing to resume")
+        if len(prompt_token_ids) + len(resume_token_ids) >= self.max_model_len:
+            raise InvalidRequestError(f"prompt and resumed tokens ({len(prompt_token_ids)} + "
+                                      f"{len(resume_token_ids)}) fill the context ({self.max_model_len})")
+
+    def _replay_streamed(self, req: _Request, token_ids: list[int]) -> None:
+        """Account for tokens another engine generated as if this one had: sampling state (penalties,
+        min/max tokens), the seeded generator's position, detokenizer and stop-string state. The
+        text they produced counts as already emitted, exactly as far as `_output` would have streamed
+        it after their last token, so the next chunk starts where the client's text ends."""
+        seq = req.seq
+        self.validate_resume(seq.prompt_token_ids, seq.params, token_ids)
+        state = seq.sampling_state
+        for token_id in token_ids:
+            if self._on_token(req, token_id, None):
+                raise InvalidRequestError(f"the resumed tokens already end the request "
+                                          f"({seq.finish_reason}): there is nothing to resume")
+            seq.token_ids.append(token_id)
+            if state.generator is not None and not seq.params.is_greedy:
+                torch.rand((), generator=state.generator, device=self.parts.device)  # the draw it cost
+        req.emitted_tokens = len(token_ids)
+        req.emitted_chars = max(len(req.text) - req.stop_holdback, 0)
 
     # -- remote prefill (decode role) -----------------------------------------------------------------
     def add_remote_prefill_request(self, request_id: str, prompt: str | list[int],
