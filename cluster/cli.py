@@ -3,6 +3,8 @@
   tandem up      etcd (unless --etcd), workers and the router on this machine
   tandem worker  one worker (role prefill, decode or both) against an existing etcd
   tandem router  the router (gRPC tandem.v1.Inference + OpenAI HTTP) against an existing etcd
+  tandem profile measure a cluster's (or a worker's) capacity: the planner's profile (JSON)
+  tandem planner the SLO planner, scaling the pools' Kubernetes Deployments (`up --planner true`: local)
 
 Every flag can also be set by an environment variable TANDEM_<FLAG> (e.g. TANDEM_ETCD).
 """
@@ -17,6 +19,7 @@ import sys
 
 from cluster.flags import add_settings_flags, settings_from_args
 from cluster.launcher import UpSettings, up
+from cluster.planner.settings import PlannerServiceSettings, PlannerSettings, ProfileSettings
 from cluster.router_settings import RouterSettings
 from cluster.worker_settings import WorkerSettings
 
@@ -26,9 +29,14 @@ def _parser() -> argparse.ArgumentParser:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     for name, cls, text in (("up", UpSettings, "a local cluster"), ("worker", WorkerSettings, "one worker"),
-                            ("router", RouterSettings, "the router")):
-        add_settings_flags(sub.add_parser(name, help=text, description=f"tandem {name}: {text}. Every flag "
-                                          "can also be set as TANDEM_<FLAG>."), cls)
+                            ("router", RouterSettings, "the router"),
+                            ("profile", ProfileSettings, "measure capacity for the planner"),
+                            ("planner", PlannerServiceSettings, "the SLO planner (Kubernetes)")):
+        command = sub.add_parser(name, help=text, description=f"tandem {name}: {text}. Every flag "
+                                 "can also be set as TANDEM_<FLAG>.")
+        add_settings_flags(command, cls)
+        if name == "up":  # the planner's flags, used with --planner true
+            add_settings_flags(command, PlannerSettings)
     return parser
 
 
@@ -38,7 +46,12 @@ def main(argv: list[str] | None = None) -> None:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     os.environ.setdefault("UCX_NET_DEVICES", "lo")  # NIXL/UCX: stay on loopback unless told otherwise
     if args.command == "up":
-        sys.exit(up(settings_from_args(UpSettings, args)))
+        settings = settings_from_args(UpSettings, args)
+        sys.exit(up(settings, settings_from_args(PlannerSettings, args) if settings.planner else None))
+    if args.command in ("profile", "planner"):
+        from cluster.planner import profiler, service  # grpc clients, kubernetes: only these commands
+        sys.exit(profiler.run(settings_from_args(ProfileSettings, args)) if args.command == "profile"
+                 else service.serve(settings_from_args(PlannerServiceSettings, args)))
     if args.command == "worker":
         from cluster.worker_server import serve as serve_worker  # imports torch: not needed by `up`
         asyncio.run(serve_worker(settings_from_args(WorkerSettings, args)))

@@ -17,9 +17,12 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Literal
 
+from kv_transfer.etcd_access import EtcdAccess
 from kv_transfer.etcd_lease import LeasedKeys, bounded, etcd_client
 
 log = logging.getLogger(__name__)
+
+_RELIST_MIN_S, _RELIST_MAX_S = 0.2, 1.0  # spacing of the directory's listings while etcd is unreachable
 
 WorkerRole = Literal["prefill", "decode", "both"]
 ROLES: tuple[WorkerRole, ...] = ("prefill", "decode", "both")
@@ -38,6 +41,7 @@ class WorkerRecord:
     block_size: int
     max_model_len: int = 0  # 0: unknown
     transfer: dict[str, str] = field(default_factory=dict)  # e.g. {"engine_id": ..., "segment": ...}
+    tls: bool = False  # its Worker service takes only mutual-TLS calls (cluster.tls)
 
     def __post_init__(self) -> None:
         if self.role not in ROLES:
@@ -65,10 +69,10 @@ class WorkerRegistration:
     """Keeps one worker's record in etcd for as long as the worker runs."""
 
     def __init__(self, endpoint: str, cluster: str, record: WorkerRecord, ttl_s: int = 3,
-                 timeout_s: float = 2.0) -> None:
+                 timeout_s: float = 2.0, access: EtcdAccess | None = None) -> None:
         self.record = record
         self.key = worker_key(cluster, record)
-        self._keys = LeasedKeys(endpoint, ttl_s, timeout_s)
+        self._keys = LeasedKeys(endpoint, ttl_s, timeout_s, access)
 
     async def start(self) -> None:
         """Register (raises if etcd is unreachable); the lease is then kept alive in the background,
@@ -93,8 +97,8 @@ class WorkerDirectory:
     """The router's live view of the workers of one cluster."""
 
     def __init__(self, endpoint: str, cluster: str, timeout_s: float = 2.0,
-                 on_change: Callable[[], None] | None = None) -> None:
-        self.endpoint, self.cluster = endpoint, cluster
+                 on_change: Callable[[], None] | None = None, access: EtcdAccess | None = None) -> None:
+        self.endpoint, self.cluster, self.access = endpoint, cluster, access
         self._prefix = workers_prefix(cluster)
         self._timeout = timeout_s
         self._on_change = on_change
@@ -123,12 +127,23 @@ class WorkerDirectory:
                 await asyncio.wait_for(self._changed.wait(), left)
 
     async def _run(self) -> None:
+        """List, then watch from the listed revision; after any failure list again on a fresh client.
+
+        Invariant: the view changes only through a complete listing or a watch event, never through
+        a failure. While etcd is unreachable the router keeps routing on its last view (a worker that
+        died meanwhile costs a retry elsewhere, not an outage) and re-lists as soon as etcd answers:
+        attempts are spaced 0.2 s, doubling up to 1 s, so a long outage is no request storm."""
+        retry_s, failures = _RELIST_MIN_S, 0
         while True:
-            client = etcd_client(self.endpoint, self._timeout)
+            client = etcd_client(self.endpoint, self._timeout, self.access)
             try:
                 listed = await bounded(client.get_prefix(self._prefix.encode()), self._timeout)
                 self._replace({kv.key.decode(): kv.value for kv in listed})
                 self.relists += 1
+                if failures:
+                    log.warning("etcd at %s is back after %d failed listings: %d workers", self.endpoint, failures,
+                                len(self._workers))
+                retry_s, failures = _RELIST_MIN_S, 0
                 watch = await bounded(client.watch_prefix(self._prefix.encode(),
                                                           start_revision=listed.header.revision + 1), self._timeout)
                 async for event in watch:
@@ -137,8 +152,12 @@ class WorkerDirectory:
             except asyncio.CancelledError:
                 raise
             except Exception as e:  # etcd restarted or unreachable: list again from scratch
-                log.info("worker watch on %s failed (%s): listing again", self.endpoint, e)
-                await asyncio.sleep(0.2)
+                failures += 1
+                log.log(logging.WARNING if failures == 1 else logging.DEBUG,
+                        "worker watch on %s failed (%s): keeping the last view of %d workers, listing again",
+                        self.endpoint, e, len(self._workers))
+                await asyncio.sleep(retry_s)
+                retry_s = min(2 * retry_s, _RELIST_MAX_S)
             finally:
                 with contextlib.suppress(Exception):
                     await bounded(client.close(), self._timeout)

@@ -14,9 +14,10 @@ from typing import Any, TypeVar, get_args, get_origin
 T = TypeVar("T")
 
 
-def described(text: str) -> dict[str, str]:
-    """`field(metadata=described("..."))`: the flag's help text."""
-    return {"help": text}
+def described(text: str, secret: bool = False) -> dict[str, Any]:
+    """`field(metadata=described("..."))`: the flag's help text. A secret's value (e.g. from its
+    variable) is never shown in --help."""
+    return {"help": text, "secret": secret}
 
 
 def env_name(field_name: str) -> str:
@@ -47,7 +48,7 @@ def _parse_bool(raw: str) -> bool:
 
 def add_settings_flags(parser: argparse.ArgumentParser, cls: type, skip: tuple[str, ...] = ()) -> None:
     hints = typing.get_type_hints(cls)
-    for f in fields(cls):
+    for f in sorted(fields(cls), key=lambda f: f.kw_only is True):  # a base's keyword-only fields go last
         if f.name in skip:
             continue
         convert, choices = _parser_for(hints[f.name])
@@ -55,7 +56,8 @@ def add_settings_flags(parser: argparse.ArgumentParser, cls: type, skip: tuple[s
         has_default = f.default is not MISSING
         default = _from_env(parser, f.name, env, convert, choices) if env is not None else (
             f.default if has_default else None)
-        doc = f"{f.metadata.get('help', '')} (env {env_name(f.name)}; default {default!r})".strip()
+        shown = "<hidden>" if f.metadata.get("secret") and default else repr(default)
+        doc = f"{f.metadata.get('help', '')} (env {env_name(f.name)}; default {shown})".strip()
         parser.add_argument(f"--{f.name.replace('_', '-')}", type=convert, choices=choices, default=default,
                             required=env is None and not has_default,
                             help=doc.replace("%", "%%"))  # argparse %-formats help text

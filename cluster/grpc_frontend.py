@@ -11,6 +11,9 @@ from cluster.router_core import RouterCore, RouterError
 from tandem.v1 import inference_pb2 as pb
 from tandem.v1 import inference_pb2_grpc
 
+# refusals a client should retry after the router's retry-after (seconds, in the trailing metadata)
+_RETRYABLE = {grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.UNAVAILABLE}
+
 
 class InferenceServicer(inference_pb2_grpc.InferenceServicer):
     def __init__(self, core: RouterCore) -> None:
@@ -25,6 +28,8 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
                 async for chunk in chunks:  # a client that goes away cancels this task: the workers abort
                     yield chunk
         except RouterError as e:
+            if e.code in _RETRYABLE:
+                context.set_trailing_metadata((("retry-after", str(self.core.retry_after_s)),))
             await context.abort(e.code, e.message)
 
     async def ListModels(self, request: pb.ListModelsRequest,

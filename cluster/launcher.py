@@ -5,8 +5,16 @@ is sent to a worker that is already gone).
 Output, one line each (scripts and tests parse them):
   etcd <host:port>
   worker <id> <role> <grpc address> pid=<pid> metrics=<port>
-  router grpc=<host:port> http=<url> pid=<pid>
+  router grpc=<host:port> http=<url> pid=<pid>      (url: https://... with TLS)
+  planner metrics=<port>                             (with --planner true)
   READY
+  worker <id> <role> <grpc address> pid=<pid> metrics=<port>   (later: one the planner started)
+
+With --planner true the SLO planner (cluster/planner) sizes the prefill and decode pools: it starts
+workers, and stops them with SIGTERM, which drains them.
+
+Every child gets the security settings (cluster.security_settings): file paths as flags, secrets
+(etcd password, API keys) as TANDEM_* variables, never in argv.
 """
 
 from __future__ import annotations
@@ -14,7 +22,9 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import os
 import signal
+import ssl
 import subprocess
 import sys
 import threading
@@ -23,17 +33,23 @@ import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
+from cluster.api_keys import ApiKeys
 from cluster.flags import described
 from cluster.local_etcd import running_etcd
+from cluster.planner.local_actuator import LocalProcessActuator
+from cluster.planner.loop import PlannerLoop, observation_source
+from cluster.planner.settings import PlannerSettings, Pool
 from cluster.processes import spawn
 from cluster.routing import PolicyName
+from cluster.security_settings import SecuritySettings
+from cluster.tls import client_ssl_context
 from engine.engine_config import ComputeDtype
 
 log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
-class UpSettings:
+class UpSettings(SecuritySettings):
     prefill: int = field(default=1, metadata=described("prefill workers"))
     decode: int = field(default=1, metadata=described("decode workers"))
     both: int = field(default=0, metadata=described("aggregated workers (prefill and decode in one)"))
@@ -46,6 +62,8 @@ class UpSettings:
     min_remote_prefill_tokens: int = field(default=32, metadata=described("shorter prompts prefill on decode"))
     num_threads: int | None = field(default=None, metadata=described("torch threads per worker on CPU"))
     prefill_timeout_s: float = field(default=30.0, metadata=described("deadline of one remote prefill"))
+    max_queued_requests: int = field(default=256, metadata=described("requests a worker queues beyond a full batch"))
+    max_inflight: int = field(default=512, metadata=described("requests in flight at the router before 429"))
     kv_backends: str = field(default="", metadata=described("transfer backends, comma separated; empty: all"))
     policy: PolicyName = field(default="kv_aware", metadata=described("routing policy"))
     host: str = field(default="127.0.0.1", metadata=described("address every component binds"))
@@ -54,27 +72,51 @@ class UpSettings:
     lease_ttl_s: int = field(default=3, metadata=described("etcd lease of each worker record"))
     grace_s: float = field(default=10.0, metadata=described("on stop: seconds in-flight requests get"))
     start_timeout_s: float = field(default=600.0, metadata=described("how long the processes get to start"))
+    api_keys_file: str | None = field(default=None, metadata=described("the router's API key file (see router)"))
+    api_keys: str = field(default="", repr=False, metadata=described(
+        "the router's API keys, comma separated; handed on as a variable, not a flag", secret=True))
+    planner: bool = field(default=False, metadata=described(
+        "run the SLO planner: it scales the prefill and decode pools (its flags: --itl-target-s, ...)"))
 
     def __post_init__(self) -> None:
+        super().__post_init__()
+        ApiKeys.load(self.api_keys_file, self.api_keys)
+        etcd_access = self.etcd_access()
+        if not self.etcd and (etcd_access.tls or etcd_access.user is not None):
+            raise ValueError("etcd TLS and user options need --etcd: the local etcd is plaintext, without auth")
         if min(self.prefill, self.decode, self.both) < 0 or self.decode + self.both == 0:
             raise ValueError("need at least one decode or aggregated worker, and no negative counts")
+        if self.planner and self.both:
+            raise ValueError("the planner scales the prefill and decode pools: no aggregated workers with it")
 
     def worker_args(self, role: str, etcd: str) -> list[str]:
         args = ["worker", "--role", role, "--etcd", etcd, "--cluster", self.cluster, "--dtype", self.dtype,
                 "--host", self.host, "--max-num-seqs", str(self.max_num_seqs), "--lease-ttl-s", str(self.lease_ttl_s),
                 "--min-remote-prefill-tokens", str(self.min_remote_prefill_tokens), "--grace-s", str(self.grace_s),
-                "--prefill-timeout-s", str(self.prefill_timeout_s)]
+                "--prefill-timeout-s", str(self.prefill_timeout_s),
+                "--max-queued-requests", str(self.max_queued_requests)]
         for flag, value in (("--model", self.model), ("--num-kv-blocks", self.num_kv_blocks),
                             ("--num-threads", self.num_threads),
                             ("--kv-backends", self.kv_backends or None)):
             if value is not None:
                 args += [flag, str(value)]
-        return args
+        return args + self.security_args()
 
     def router_args(self, etcd: str) -> list[str]:
         args = ["router", "--etcd", etcd, "--cluster", self.cluster, "--host", self.host, "--policy", self.policy,
-                "--http-port", str(self.http_port), "--grpc-port", str(self.grpc_port), "--grace-s", str(self.grace_s)]
-        return args + (["--model", self.model] if self.model else [])
+                "--http-port", str(self.http_port), "--grpc-port", str(self.grpc_port), "--grace-s", str(self.grace_s),
+                "--max-inflight", str(self.max_inflight)]
+        args += ["--model", self.model] if self.model else []
+        args += ["--api-keys-file", self.api_keys_file] if self.api_keys_file else []
+        return args + self.security_args()
+
+    def router_env(self) -> dict[str, str]:
+        """Secrets for the router, as variables: argv is world-readable."""
+        return {**self.security_env(), **({"TANDEM_API_KEYS": self.api_keys} if self.api_keys else {})}
+
+    def https_context(self) -> ssl.SSLContext | None:
+        files = self.tls_files()
+        return None if files is None else client_ssl_context(files)
 
 
 @dataclass
@@ -84,9 +126,10 @@ class _Child:
     ready: list[str] = field(default_factory=list)
 
 
-def _start(name: str, args: list[str]) -> _Child:
+def _start(name: str, args: list[str], env: dict[str, str]) -> _Child:
     # its own process group: a terminal's Ctrl-C reaches only the launcher, which stops the children in order
-    proc = spawn([sys.executable, "-m", "cluster.cli", *args], stdout=subprocess.PIPE, text=True, process_group=0)
+    proc = spawn([sys.executable, "-m", "cluster.cli", *args], stdout=subprocess.PIPE, text=True, process_group=0,
+                 env={**os.environ, **env})
     return _Child(name, proc)
 
 
@@ -108,11 +151,11 @@ def _await_ready(children: list[_Child], timeout_s: float) -> None:
             raise RuntimeError(f"{child.name} did not start (exit code {child.proc.poll()}); see its log above")
 
 
-def _await_workers(http_url: str, count: int, timeout_s: float) -> None:
+def _await_workers(http_url: str, count: int, timeout_s: float, context: ssl.SSLContext | None) -> None:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         with contextlib.suppress(OSError, ValueError), \
-                urllib.request.urlopen(f"{http_url}/health", timeout=2) as reply:
+                urllib.request.urlopen(f"{http_url}/health", timeout=2, context=context) as reply:
             if json.load(reply).get("workers") == count:
                 return
         time.sleep(0.2)
@@ -139,16 +182,37 @@ def _etcd(endpoint: str) -> Iterator[str]:
             yield started
 
 
-def up(settings: UpSettings) -> int:
+def _local_planner(settings: UpSettings, planner: PlannerSettings, etcd: str, workers: list[_Child],
+                   roles: list[str], http_url: str) -> tuple[PlannerLoop, LocalProcessActuator]:
+    """The planner over this launcher's workers; it prints a worker line for each worker it starts."""
+    def start(pool: Pool) -> subprocess.Popen:
+        return _start(f"{pool} worker", settings.worker_args(pool, etcd), settings.security_env()).proc
+
+    def announce(pool: Pool, proc: subprocess.Popen, ready: list[str]) -> None:
+        worker_id, address, metrics = ready
+        print(f"worker {worker_id} {pool} {address} pid={proc.pid} metrics={metrics}", flush=True)
+    actuator = LocalProcessActuator(start, announce)
+    for child, role in zip(workers, roles, strict=True):
+        actuator.adopt("prefill" if role == "prefill" else "decode", child.proc)
+    loop = PlannerLoop(planner, observation_source(planner, f"{http_url}/metrics", settings.https_context()),
+                       actuator)
+    print(f"planner metrics={loop.metrics.serve(planner.planner_metrics_port, settings.host)}", flush=True)
+    return loop, actuator
+
+
+def up(settings: UpSettings, planner: PlannerSettings | None = None) -> int:
+    """`planner`: run the SLO planner over the prefill and decode pools (settings.planner)."""
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
     with _etcd(settings.etcd) as etcd:
         print(f"etcd {etcd}", flush=True)
         roles = ["prefill"] * settings.prefill + ["decode"] * settings.decode + ["both"] * settings.both
-        workers = [_start(f"{role} worker {i}", settings.worker_args(role, etcd)) for i, role in enumerate(roles)]
-        router = _start("router", settings.router_args(etcd))
+        workers = [_start(f"{role} worker {i}", settings.worker_args(role, etcd), settings.security_env())
+                   for i, role in enumerate(roles)]
+        router = _start("router", settings.router_args(etcd), settings.router_env())
         children = [router, *workers]
+        scaled: LocalProcessActuator | None = None
         try:
             _await_ready([*workers, router], settings.start_timeout_s)
             for child, role in zip(workers, roles, strict=True):
@@ -156,16 +220,21 @@ def up(settings: UpSettings) -> int:
                 print(f"worker {worker_id} {role} {address} pid={child.proc.pid} metrics={metrics}", flush=True)
             _, grpc_address, http_url = router.ready
             print(f"router grpc={grpc_address} http={http_url} pid={router.proc.pid}", flush=True)
-            _await_workers(http_url, len(workers), settings.start_timeout_s)
+            _await_workers(http_url, len(workers), settings.start_timeout_s, settings.https_context())
+            loop, scaled = (None, None) if planner is None else _local_planner(settings, planner, etcd, workers,
+                                                                                roles, http_url)
             print("READY", flush=True)
             print(f"OpenAI API: {http_url}/v1 (model list at {http_url}/v1/models); Ctrl-C stops the cluster",
                   file=sys.stderr, flush=True)
             while not stop.wait(0.5):
                 if router.proc.poll() is not None:
                     raise RuntimeError(f"the router exited (code {router.proc.returncode})")
+                if loop is not None:
+                    loop.tick()
             return 0
         except RuntimeError as e:
             print(f"tandem up: {e}", file=sys.stderr, flush=True)
             return 1
         finally:
-            _stop(children, settings.grace_s)
+            started = [p for p in scaled.processes() if p not in {c.proc for c in children}] if scaled else []
+            _stop(children + [_Child("planner's worker", p) for p in started], settings.grace_s)

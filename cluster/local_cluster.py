@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import re
-import signal
+import ssl
 import subprocess
 import sys
 import threading
@@ -13,7 +14,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from cluster.processes import spawn
+from cluster.processes import spawn, stop
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -44,8 +45,8 @@ class Cluster:
         return fetch(f"{self.http_url}/metrics")
 
 
-def fetch(url: str) -> str:
-    with urllib.request.urlopen(url, timeout=10) as reply:
+def fetch(url: str, context: ssl.SSLContext | None = None) -> str:
+    with urllib.request.urlopen(url, timeout=10, context=context) as reply:
         return reply.read().decode()
 
 
@@ -75,10 +76,12 @@ def worker_metrics(worker: WorkerInfo) -> str:
 
 
 @contextmanager
-def tandem_up(*args: str, timeout_s: float = 300.0, stderr: int | None = None) -> Iterator[Cluster]:
-    """`tandem up --http-port 0 --grpc-port 0 ARGS` until READY; SIGTERM and a clean exit after."""
+def tandem_up(*args: str, timeout_s: float = 300.0, stderr: int | None = None,
+              env: dict[str, str] | None = None) -> Iterator[Cluster]:
+    """`tandem up --http-port 0 --grpc-port 0 ARGS` until READY (with `env` added to the
+    environment); SIGTERM and a clean exit after."""
     proc = spawn([sys.executable, "-m", "cluster.cli", "up", "--http-port", "0", "--grpc-port", "0", *args],
-                 cwd=REPO, stdout=subprocess.PIPE, stderr=stderr, text=True)
+                 cwd=REPO, stdout=subprocess.PIPE, stderr=stderr, text=True, env={**os.environ, **(env or {})})
     cluster = Cluster(proc)
     ready = threading.Event()
 
@@ -97,13 +100,7 @@ def tandem_up(*args: str, timeout_s: float = 300.0, stderr: int | None = None) -
             raise RuntimeError(f"tandem up did not get ready (exit code {proc.poll()}): {''.join(cluster.output)}")
         yield cluster
     finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-        try:
-            rc = proc.wait(60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            rc = proc.wait()
+        rc = stop(proc, 60)
         reader.join(5)
     if rc != 0:
         raise RuntimeError(f"tandem up exited with {rc}")

@@ -34,30 +34,60 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+class EtcdServer:
+    """One etcd process on loopback ports and in a data dir that outlive it: `stop()` then `start()`
+    is an etcd restart that keeps its data (fault tests). The process dies with its starter."""
+
+    def __init__(self, data_dir: str) -> None:
+        self.data_dir = data_dir
+        self.client_port, self.peer_port = free_port(), free_port()
+        self.log_path = os.path.join(data_dir, "etcd.log")  # a file, not a pipe nobody reads (a full pipe blocks etcd)
+        self.proc: subprocess.Popen | None = None
+
+    @property
+    def endpoint(self) -> str:
+        return f"127.0.0.1:{self.client_port}"
+
+    def start(self) -> None:
+        """Start etcd and wait until it is healthy; raises if it exits or does not become healthy."""
+        assert self.proc is None, "etcd is running"
+        client, peer = f"http://127.0.0.1:{self.client_port}", f"http://127.0.0.1:{self.peer_port}"
+        cmd = [etcd_binary(), "--name", "test", "--data-dir", os.path.join(self.data_dir, "data"),
+               "--listen-client-urls", client, "--advertise-client-urls", client,
+               "--listen-peer-urls", peer, "--initial-advertise-peer-urls", peer,
+               "--initial-cluster", f"test={peer}",
+               "--heartbeat-interval", "10", "--election-timeout", "50", "--log-level", "error"]
+        with open(self.log_path, "ab") as log_file:
+            # own process group: a Ctrl-C meant for the parent must not kill etcd before the parent's cleanup
+            self.proc = spawn(cmd, stdout=subprocess.DEVNULL, stderr=log_file, process_group=0)
+        _wait_ready(self.proc, self.client_port, self.log_path)
+
+    def stop(self, sig: signal.Signals = signal.SIGKILL, timeout_s: float = 10.0) -> None:
+        """Send `sig` (SIGKILL: a crash; SIGTERM: a clean stop) and wait for the exit."""
+        if self.proc is None:
+            return
+        if self.proc.poll() is not None:
+            log.warning("etcd exited early (rc=%s): %s", self.proc.returncode, _tail(self.log_path))
+        else:
+            self.proc.send_signal(sig)
+        try:
+            self.proc.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(timeout=timeout_s)
+        self.proc = None
+
+
 @contextlib.contextmanager
 def running_etcd() -> Iterator[str]:
     """Yields the client endpoint "127.0.0.1:port" of a fresh etcd."""
-    client, peer = free_port(), free_port()
     with tempfile.TemporaryDirectory(prefix="tandem-etcd-") as data:
-        cmd = [etcd_binary(), "--name", "test", "--data-dir", data,
-               "--listen-client-urls", f"http://127.0.0.1:{client}",
-               "--advertise-client-urls", f"http://127.0.0.1:{client}",
-               "--listen-peer-urls", f"http://127.0.0.1:{peer}",
-               "--initial-advertise-peer-urls", f"http://127.0.0.1:{peer}",
-               "--initial-cluster", f"test=http://127.0.0.1:{peer}",
-               "--heartbeat-interval", "10", "--election-timeout", "50", "--log-level", "error"]
-        log_path = os.path.join(data, "etcd.log")  # a file, not a pipe nobody reads (a full pipe blocks etcd)
-        with open(log_path, "wb") as log_file:
-            # own process group: a Ctrl-C meant for the parent must not kill etcd before the parent's cleanup
-            proc = spawn(cmd, stdout=subprocess.DEVNULL, stderr=log_file, process_group=0)
+        server = EtcdServer(data)
         try:
-            _wait_ready(proc, client, log_path)
-            yield f"127.0.0.1:{client}"
+            server.start()
+            yield server.endpoint
         finally:
-            if proc.poll() is not None:
-                log.warning("etcd exited early (rc=%s): %s", proc.returncode, _tail(log_path))
-            proc.send_signal(signal.SIGKILL)
-            proc.wait(timeout=10)
+            server.stop()
 
 
 def _tail(path: str, limit: int = 4000) -> str:

@@ -1,5 +1,5 @@
 """The OpenAI-compatible HTTP API of the router (aiohttp): /v1/completions, /v1/chat/completions
-(SSE streaming or not), /v1/models, /health, /metrics.
+(SSE streaming or not), /v1/models, /health, /metrics, and its OpenAPI description at /openapi.json.
 
 Errors are OpenAI-shaped JSON ({"error": {"message", "type", "code"}}) with the HTTP status of the
 router's gRPC status. A streamed request's status is settled before the first byte: the handler
@@ -8,6 +8,7 @@ waits for the first chunk, so 429/503 arrive as statuses, not inside the stream.
 from __future__ import annotations
 
 import contextlib
+import importlib.resources
 import json
 import logging
 import time
@@ -17,17 +18,21 @@ import grpc
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from cluster.json_body import decode_json
 from cluster.openai_protocol import BadRequest, OpenAIRequest, ResponseBuilder, parse_chat, parse_completion
 from cluster.router_core import RouterCore, RouterError, healthy
 
 log = logging.getLogger(__name__)
+# this API's OpenAPI 3.1 description, served at /openapi.json (tests/test_openapi_schema.py keeps it true)
+OPENAPI_SCHEMA = importlib.resources.files("cluster").joinpath("openapi.json").read_bytes()
 
 HTTP_STATUS = {grpc.StatusCode.INVALID_ARGUMENT: 400, grpc.StatusCode.NOT_FOUND: 404,
                grpc.StatusCode.RESOURCE_EXHAUSTED: 429, grpc.StatusCode.UNAVAILABLE: 503,
                grpc.StatusCode.DEADLINE_EXCEEDED: 504, grpc.StatusCode.UNIMPLEMENTED: 501,
                grpc.StatusCode.CANCELLED: 499}
-_ERROR_TYPE = {400: "invalid_request_error", 404: "not_found_error", 429: "rate_limit_error",
-               503: "service_unavailable", 504: "timeout_error"}
+_RETRYABLE = {429, 503}  # statuses that carry Retry-After
+_ERROR_TYPE = {400: "invalid_request_error", 404: "not_found_error", 413: "invalid_request_error",
+               429: "rate_limit_error", 503: "service_unavailable", 504: "timeout_error"}
 
 
 def error_body(status: int, message: str) -> dict[str, Any]:
@@ -35,8 +40,9 @@ def error_body(status: int, message: str) -> dict[str, Any]:
                       "code": status}}
 
 
-def error_response(status: int, message: str) -> web.Response:
-    return web.json_response(error_body(status, message), status=status)
+def error_response(status: int, message: str, retry_after_s: int | None = None) -> web.Response:
+    headers = {"Retry-After": str(retry_after_s)} if retry_after_s is not None and status in _RETRYABLE else None
+    return web.json_response(error_body(status, message), status=status, headers=headers)
 
 
 class OpenAIFrontend:
@@ -48,7 +54,7 @@ class OpenAIFrontend:
         app.add_routes([web.post("/v1/completions", self.completions),
                         web.post("/v1/chat/completions", self.chat_completions),
                         web.get("/v1/models", self.models), web.get("/health", self.health),
-                        web.get("/metrics", self.metrics)])
+                        web.get("/metrics", self.metrics), web.get("/openapi.json", self.openapi)])
         return app
 
     async def completions(self, request: web.Request) -> web.StreamResponse:
@@ -59,24 +65,30 @@ class OpenAIFrontend:
 
     async def _serve(self, request: web.Request, parse: Any) -> web.StreamResponse:
         try:
-            body = await request.json()
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            return error_response(400, "the request body is not valid JSON")
+            raw = await request.read()  # stops at client_max_size
+        except web.HTTPRequestEntityTooLarge:
+            return error_response(413, f"the request body is over the limit of {request.client_max_size} bytes")
+        context = self.core.max_model_len  # 0: no worker yet (generate will say so)
         try:
-            parsed: OpenAIRequest = parse(body)
+            parsed: OpenAIRequest = parse(decode_json(raw))
+            # chat without max_tokens runs to the end of the context: validated as the context's length
+            # (min_tokens may be above 16), then cut to what the prompt leaves
+            to_the_end = parsed.kind == "chat" and not parsed.generate.sampling.HasField("max_tokens") and context
+            if to_the_end:
+                parsed.generate.sampling.max_tokens = context
             prepared = self.core.prepare(parsed.generate)
         except BadRequest as e:
             return error_response(400, str(e))
         except RouterError as e:
-            return error_response(HTTP_STATUS.get(e.code, 500), e.message)
-        if parsed.kind == "chat" and not prepared.sampling.HasField("max_tokens") and self.core.max_model_len:
-            prepared.sampling.max_tokens = self.core.max_model_len - len(prepared.prompt_token_ids)
+            return self._refusal(e)
+        if to_the_end:
+            prepared.sampling.max_tokens = context - len(prepared.prompt_token_ids)
         builder = ResponseBuilder(parsed, self.core.model_name, self._token_text)
         async with contextlib.aclosing(self.core.generate(prepared)) as chunks:  # closing cancels the request
             try:
                 first = await anext(chunks)
             except RouterError as e:
-                return error_response(HTTP_STATUS.get(e.code, 500), e.message)
+                return self._refusal(e)
             except StopAsyncIteration:
                 return error_response(500, "the worker ended the stream without a result")
             if not parsed.stream:
@@ -89,7 +101,7 @@ class OpenAIFrontend:
             async for chunk in chunks:
                 builder.absorb(chunk)
         except RouterError as e:
-            return error_response(HTTP_STATUS.get(e.code, 500), e.message)
+            return self._refusal(e)
         return web.json_response(builder.final())
 
     async def _sse(self, request: web.Request, parsed: OpenAIRequest, builder: ResponseBuilder, first: Any,
@@ -108,6 +120,9 @@ class OpenAIFrontend:
         await response.write_eof()
         return response
 
+    def _refusal(self, e: RouterError) -> web.Response:
+        return error_response(HTTP_STATUS.get(e.code, 500), e.message, self.core.retry_after_s)
+
     def _token_text(self, token_id: int) -> str:
         return self.core.tokenizer.decode([token_id], skip_special_tokens=False)
 
@@ -119,7 +134,10 @@ class OpenAIFrontend:
     async def health(self, request: web.Request) -> web.Response:
         if healthy(self.core.pool):
             return web.json_response({"status": "ok", "workers": len(self.core.pool.workers())})
-        return error_response(503, "no decode (or aggregated) worker is available")
+        return error_response(503, "no decode (or aggregated) worker is available", self.core.retry_after_s)
+
+    async def openapi(self, request: web.Request) -> web.Response:
+        return web.Response(body=OPENAPI_SCHEMA, content_type="application/json")
 
     async def metrics(self, request: web.Request) -> web.Response:
         response = web.Response(body=generate_latest())

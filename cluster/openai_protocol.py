@@ -4,11 +4,15 @@ a message rather than silently ignored."""
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from google.protobuf.descriptor import FieldDescriptor
+
+from engine.sampling_params import SamplingParams
 from tandem.v1 import inference_pb2 as pb
 
 _FINISH = {pb.FINISH_REASON_STOP: "stop", pb.FINISH_REASON_LENGTH: "length", pb.FINISH_REASON_ABORT: "abort"}
@@ -20,19 +24,46 @@ _SAMPLING_FIELDS: dict[str, tuple[str, type | tuple[type, ...]]] = {
     "repetition_penalty": ("repetition_penalty", (int, float)), "skip_special_tokens": ("skip_special_tokens", bool)}
 
 
+_FLOAT32_MAX = 3.4028234663852886e38  # SamplingParameters' float fields hold no more
+_INT_RANGES = {FieldDescriptor.CPPTYPE_INT32: "-2147483648 to 2147483647", FieldDescriptor.CPPTYPE_UINT32:
+               "0 to 4294967295", FieldDescriptor.CPPTYPE_UINT64: "0 to 18446744073709551615"}
+
+
 class BadRequest(ValueError):
     pass
+
+
+def _is_finite(value: Any) -> bool:
+    try:
+        return math.isfinite(value)
+    except OverflowError:  # an int too large for a double
+        return False
 
 
 def _field(body: dict[str, Any], name: str, kind: type | tuple[type, ...], default: Any = None) -> Any:
     value = body.get(name, default)
     if value is None:
         return default
-    if isinstance(value, bool) and kind is not bool and bool not in (kind if isinstance(kind, tuple) else (kind,)):
+    kinds = kind if isinstance(kind, tuple) else (kind,)
+    if isinstance(value, bool) and bool not in kinds:
         raise BadRequest(f"'{name}' must be {_kind_name(kind)}, got a boolean")
     if not isinstance(value, kind):
         raise BadRequest(f"'{name}' must be {_kind_name(kind)}, got {type(value).__name__}")
+    if float in kinds and not _is_finite(value):
+        raise BadRequest(f"'{name}' must be a finite number in a double's range")
     return value
+
+
+def _set(message: Any, target: str, value: Any, name: str) -> None:
+    """protobuf raises ValueError for an integer outside its field's range and stores a float
+    outside a float32's as infinity: both are the client's error, named."""
+    if isinstance(value, float) and abs(value) > _FLOAT32_MAX:
+        raise BadRequest(f"'{name}' is out of range: {value:g}")
+    try:
+        setattr(message, target, value)
+    except ValueError as e:
+        kind = message.DESCRIPTOR.fields_by_name[target].cpp_type
+        raise BadRequest(f"'{name}' is out of range ({_INT_RANGES.get(kind, 'for its field')})") from e
 
 
 def _kind_name(kind: type | tuple[type, ...]) -> str:
@@ -43,6 +74,7 @@ def _kind_name(kind: type | tuple[type, ...]) -> str:
 
 def _sampling(body: dict[str, Any], default_max_tokens: int | None) -> pb.SamplingParameters:
     params = pb.SamplingParameters()
+    floats: dict[str, Any] = {}
     for name, (target, kind) in _SAMPLING_FIELDS.items():
         value = _field(body, name, kind)
         if value is not None:
@@ -52,12 +84,18 @@ def _sampling(body: dict[str, Any], default_max_tokens: int | None) -> pb.Sampli
                 raise BadRequest(f"'{name}' must be >= 0")
             if name == "top_k" and value == -1:
                 continue  # vLLM's "no top-k"
-            setattr(params, target, value)
+            if isinstance(kind, tuple) and float in kind:
+                value = floats[target] = float(value)
+            _set(params, target, value, name)
+    try:  # the engine's ranges, on the numbers as sent: float32 rounds top_p 1.00000001 into (0, 1]
+        SamplingParams(**floats)
+    except ValueError as e:
+        raise BadRequest(str(e)) from e
     max_tokens = _field(body, "max_completion_tokens", int, _field(body, "max_tokens", int, default_max_tokens))
     if max_tokens is not None:
         if max_tokens < 1:
             raise BadRequest("'max_tokens' must be >= 1")
-        params.max_tokens = max_tokens
+        _set(params, "max_tokens", max_tokens, "max_tokens")
     stop = body.get("stop")
     if stop is not None:
         stops = [stop] if isinstance(stop, str) else stop
@@ -67,6 +105,9 @@ def _sampling(body: dict[str, Any], default_max_tokens: int | None) -> pb.Sampli
     stop_ids = _field(body, "stop_token_ids", list, [])
     if not all(isinstance(t, int) and not isinstance(t, bool) for t in stop_ids):
         raise BadRequest("'stop_token_ids' must be an array of integers")
+    for token_id in stop_ids:
+        if not -2**31 <= token_id < 2**31:
+            raise BadRequest("'stop_token_ids' holds an id outside the int32 range")
     params.stop_token_ids.extend(stop_ids)
     params.ignore_eos = _field(body, "ignore_eos", bool, False)
     if _field(body, "n", int, 1) != 1:
@@ -97,14 +138,14 @@ def _common(body: Any, kind: str, default_max_tokens: int | None) -> tuple[pb.Ge
     timeout = _field(body, "timeout", (int, float))
     if timeout is not None:
         request.timeout_seconds = float(timeout)
-    request.priority = _field(body, "priority", int, 0)
+    _set(request, "priority", _field(body, "priority", int, 0), "priority")
     return request, body
 
 
 def _stream_flags(body: dict[str, Any]) -> tuple[bool, bool]:
     stream = _field(body, "stream", bool, False)
-    options = _field(body, "stream_options", dict, {})
-    return stream, bool(stream and options.get("include_usage"))
+    usage = _field(_field(body, "stream_options", dict, {}), "include_usage", bool, False)
+    return stream, stream and usage
 
 
 def _bad_values_are_bad_requests(parse: Callable[[Any], OpenAIRequest]) -> Callable[[Any], OpenAIRequest]:
@@ -115,7 +156,7 @@ def _bad_values_are_bad_requests(parse: Callable[[Any], OpenAIRequest]) -> Calla
             return parse(body)
         except BadRequest:
             raise
-        except (ValueError, TypeError) as e:
+        except (ValueError, TypeError, OverflowError) as e:
             raise BadRequest(f"a value is out of range or of the wrong type: {e}") from e
     return checked
 
@@ -129,11 +170,14 @@ def parse_completion(body: Any) -> OpenAIRequest:
     if isinstance(prompt, str) and prompt:
         request.text = prompt
     elif isinstance(prompt, list) and prompt and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+        bad = next((t for t in prompt if not -2**31 <= t < 2**31), None)  # negatives: the router says so
+        if bad is not None:
+            raise BadRequest("'prompt' holds a token id outside the int32 range")
         request.token_ids.ids.extend(prompt)
-    elif isinstance(prompt, list) and len(prompt) > 1:
+    elif isinstance(prompt, list) and len(prompt) > 1 and all(isinstance(p, (str, list)) for p in prompt):
         raise BadRequest("send one prompt per request ('prompt' holds several)")
     else:
-        raise BadRequest("'prompt' must be a non-empty string or an array of token ids")
+        raise BadRequest("'prompt' must be a non-empty string or an array of token ids (integers)")
     if _field(body, "echo", bool, False):
         raise BadRequest("'echo' is not supported")
     logprobs = _field(body, "logprobs", int)
@@ -156,10 +200,11 @@ def parse_chat(body: Any) -> OpenAIRequest:
             raise BadRequest(f"messages[{i}] must be an object with a string 'role'")
         request.chat.messages.append(pb.ChatMessage(role=message["role"], content=_content(message.get("content"), i)))
     logprobs = None
+    top_logprobs = _field(body, "top_logprobs", int, 0)
+    if not 0 <= top_logprobs <= 20:
+        raise BadRequest("'top_logprobs' must be between 0 and 20")
     if _field(body, "logprobs", bool, False):
-        logprobs = _field(body, "top_logprobs", int, 0)
-        if not 0 <= logprobs <= 20:
-            raise BadRequest("'top_logprobs' must be between 0 and 20")
+        logprobs = top_logprobs
         request.sampling.logprobs = logprobs
     stream, usage = _stream_flags(body)
     return OpenAIRequest("chat", request, stream, usage, logprobs, request.model)

@@ -29,3 +29,15 @@ def spawn(cmd: list[str], **popen_kwargs: Any) -> subprocess.Popen:
     if setpriv is not None:
         return subprocess.Popen([setpriv, "--pdeathsig", "KILL", "--", *cmd], **popen_kwargs)
     return subprocess.Popen(cmd, preexec_fn=die_with_parent, **popen_kwargs)
+
+
+def stop(proc: subprocess.Popen, timeout_s: float) -> int:
+    """SIGTERM `proc` (if still running) and wait up to `timeout_s` for it; SIGKILL after that.
+    Returns its exit code (negative: the signal that ended it)."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+    try:
+        return proc.wait(timeout_s)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        return proc.wait()

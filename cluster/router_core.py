@@ -10,6 +10,7 @@ continues after the tokens already streamed (migration).
 from __future__ import annotations
 
 import logging
+import math
 import time
 import uuid
 from collections.abc import AsyncGenerator, AsyncIterator
@@ -55,13 +56,14 @@ class PreparedRequest:
 
 class RouterCore:
     def __init__(self, pool: WorkerPool, tokenizer: Tokenizer, policy: RoutingPolicy, served_model_name: str,
-                 max_inflight: int, request_timeout_s: float) -> None:
+                 max_inflight: int, request_timeout_s: float, retry_after_s: int = 1) -> None:
         self.pool = pool
         self.tokenizer = tokenizer
         self.policy = policy
         self._served_name = served_model_name
         self.max_inflight = max_inflight
         self.request_timeout_s = request_timeout_s
+        self.retry_after_s = retry_after_s  # what the fronts tell a client refused with 429 / 503
         self.inflight = 0
 
     # -- models ---------------------------------------------------------------------------------------
@@ -100,8 +102,9 @@ class RouterCore:
                               f"(prompt + at least one generated token): shorten the prompt")
         timeouts = [self.request_timeout_s]
         if request.HasField("timeout_seconds"):
-            if request.timeout_seconds <= 0:
-                raise RouterError(grpc.StatusCode.INVALID_ARGUMENT, "timeout_seconds must be positive")
+            if not 0 < request.timeout_seconds < math.inf:  # NaN fails too
+                raise RouterError(grpc.StatusCode.INVALID_ARGUMENT,
+                                  f"timeout_seconds must be positive and finite, got {request.timeout_seconds}")
             timeouts.append(request.timeout_seconds)
         if time_remaining is not None:
             timeouts.append(time_remaining)
@@ -165,9 +168,13 @@ class RouterCore:
         hashes = hash_blocks(req.prompt_token_ids, self.block_size())
         tried: set[str] = set()
         streamed: list[int] = []
-        last_token_at: float | None = None
+        latency = _Latency(arrival)
+        refused: RouterError | None = None  # the last decode worker's refusal, if every one refuses
         for attempt in range(_MAX_DECODE_ATTEMPTS):
-            route = self._route(hashes, tried, with_prefill=not streamed)
+            try:
+                route = self._route(hashes, tried, with_prefill=not streamed)
+            except RouterError as no_worker:
+                raise (refused or no_worker) from None
             tried.add(route.decode.worker_id)
             route.decode.inflight += 1
             prefilling = list(route.prefill[:1])  # counted against the prefill worker until the first token
@@ -177,39 +184,32 @@ class RouterCore:
                                               timeout=max(deadline - time.monotonic(), 0.001))
             try:
                 async for chunk in call:
-                    now = time.monotonic()
                     while prefilling:
                         prefilling.pop().inflight -= 1
-                    if chunk.token_ids:
-                        if last_token_at is None:
-                            m.TTFT.observe(now - arrival)
-                        else:
-                            m.ITL.observe((now - last_token_at) / len(chunk.token_ids))
-                        last_token_at = now
-                        m.GENERATION_TOKENS.inc(len(chunk.token_ids))
-                    if chunk.finish_reason != pb.FINISH_REASON_UNSPECIFIED:
-                        m.E2E.observe(now - arrival)
+                    latency.observe(chunk)
                     chunk.request_id = req.request_id
                     streamed.extend(chunk.token_ids)
                     yield chunk
                 return
             except grpc.aio.AioRpcError as e:
-                code = e.code()
+                code, worker = e.code(), route.decode.worker_id
+                if code == grpc.StatusCode.RESOURCE_EXHAUSTED and not streamed:  # its queue is full: try another
+                    m.RETRIES.labels(code.name.lower()).inc()
+                    refused = RouterError(code, f"every decode worker is busy ({worker}: {e.details()})")
+                    continue
                 if code in _WORKER_LOST and attempt + 1 < _MAX_DECODE_ATTEMPTS and time.monotonic() < deadline:
                     (m.MIGRATIONS if streamed else m.RETRIES).labels(code.name.lower()).inc()
-                    log.warning("decode worker %s failed (%s) after %d tokens of request %s: %s",
-                                route.decode.worker_id, code.name, len(streamed), req.request_id,
-                                "migrating" if streamed else "retrying")
+                    log.warning("decode worker %s failed (%s) after %d tokens of request %s: %s", worker, code.name,
+                                len(streamed), req.request_id, "migrating" if streamed else "retrying")
                     continue
-                if code not in _PASS_THROUGH:
-                    code = grpc.StatusCode.UNAVAILABLE
-                raise RouterError(code, f"decode worker {route.decode.worker_id}: {e.details()}") from e
+                raise RouterError(code if code in _PASS_THROUGH else grpc.StatusCode.UNAVAILABLE,
+                                  f"decode worker {worker}: {e.details()}") from e
             finally:
                 call.cancel()  # no-op once finished; otherwise the workers abort and free the blocks
                 route.decode.inflight -= 1
                 for p in prefilling:
                     p.inflight -= 1
-        raise RouterError(grpc.StatusCode.UNAVAILABLE, "no decode worker could take the request")
+        raise refused or RouterError(grpc.StatusCode.UNAVAILABLE, "no decode worker could take the request")
 
     def _route(self, hashes: list[int], exclude: set[str], with_prefill: bool) -> Route:
         decode_pool = [w for w in self.pool.workers("decode", "both") if w.worker_id not in exclude]
@@ -233,6 +233,26 @@ class RouterCore:
             request_id=f"{req.internal_id}-{attempt}", prompt_token_ids=req.prompt_token_ids, sampling=req.sampling,
             timeout_seconds=max(deadline - time.monotonic(), 0.001), priority=req.priority, prefill=targets,
             resume_token_ids=streamed)
+
+
+class _Latency:
+    """The router's latency histograms for one request, across every decode worker it went to."""
+
+    def __init__(self, arrival: float) -> None:
+        self.arrival = arrival
+        self.last_token_at: float | None = None
+
+    def observe(self, chunk: pb.GenerateResponse) -> None:
+        now = time.monotonic()
+        if chunk.token_ids:
+            if self.last_token_at is None:
+                m.TTFT.observe(now - self.arrival)
+            else:
+                m.ITL.observe((now - self.last_token_at) / len(chunk.token_ids))
+            self.last_token_at = now
+            m.GENERATION_TOKENS.inc(len(chunk.token_ids))
+        if chunk.finish_reason != pb.FINISH_REASON_UNSPECIFIED:
+            m.E2E.observe(now - self.arrival)
 
 
 def healthy(pool: WorkerPool) -> bool:

@@ -27,3 +27,4 @@ RETRIES = Counter("tandem_router_retries", "Requests sent again to another decod
                   "by the error of the first", ["error"])
 MIGRATIONS = Counter("tandem_router_migrations", "Streams moved to another decode worker (with the tokens already "
                      "streamed) after theirs failed mid-stream, by the error", ["error"])
+WORKERS = Gauge("tandem_router_workers", "Workers the router routes to, by pool (prefill, decode, both)", ["pool"])

@@ -1,5 +1,7 @@
 """The router process: tandem.v1.Inference over gRPC (with health checking and reflection) and the
 OpenAI-compatible HTTP API, both on one event loop, over a live view of the workers in etcd.
+With TLS settings both serve TLS and the workers are called over mutual TLS (cluster.tls); with
+API keys both refuse calls without one (cluster.api_keys).
 SIGTERM: health goes NOT_SERVING, new requests are refused, in-flight ones get `grace_s`."""
 
 from __future__ import annotations
@@ -14,11 +16,14 @@ from aiohttp import web
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from cluster.api_keys import ApiKeyInterceptor, http_middleware
+from cluster.grpc_decoding import RejectUndecodable
 from cluster.grpc_frontend import InferenceServicer
 from cluster.openai_frontend import OpenAIFrontend
 from cluster.router_core import RouterCore
 from cluster.router_settings import RouterSettings
 from cluster.routing import RoutingPolicy
+from cluster.tls import channel_credentials, server_credentials, server_ssl_context
 from cluster.worker_pool import WorkerPool
 from engine.loader.default_model import default_model_path
 from engine.tokenizer import Tokenizer
@@ -29,21 +34,30 @@ log = logging.getLogger(__name__)
 
 async def serve(settings: RouterSettings) -> None:
     tokenizer = Tokenizer.from_source(pathlib.Path(settings.model) if settings.model else default_model_path())
-    pool = WorkerPool(settings.etcd, settings.cluster)
+    tls, keys = settings.tls_files(), settings.api_key_set()
+    pool = WorkerPool(settings.etcd, settings.cluster, access=settings.etcd_access(),
+                      credentials=None if tls is None else channel_credentials(tls))
     await pool.start()
     core = RouterCore(pool, tokenizer, RoutingPolicy(settings.policy, settings.kv_overlap_weight),
-                      settings.served_model_name, settings.max_inflight, settings.request_timeout_s)
-    server = grpc.aio.server()
+                      settings.served_model_name, settings.max_inflight, settings.request_timeout_s,
+                      settings.retry_after_s)
+    server = grpc.aio.server(interceptors=[*([] if keys is None else [ApiKeyInterceptor(keys)]), RejectUndecodable()])
     inference_pb2_grpc.add_InferenceServicer_to_server(InferenceServicer(core), server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection((inference_pb2.DESCRIPTOR.services_by_name["Inference"].full_name,
                                          health.SERVICE_NAME, reflection.SERVICE_NAME), server)
-    grpc_port = server.add_insecure_port(f"{settings.host}:{settings.grpc_port}")
+    address = f"{settings.host}:{settings.grpc_port}"
+    grpc_port = (server.add_insecure_port(address) if tls is None
+                 else server.add_secure_port(address, server_credentials(tls, require_client_cert=False)))
     await server.start()
-    runner = web.AppRunner(OpenAIFrontend(core).app(), handler_cancellation=True, access_log=None)
+    app = OpenAIFrontend(core).app()
+    if keys is not None:
+        app.middlewares.append(http_middleware(keys))
+    runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
     await runner.setup()
-    site = web.TCPSite(runner, settings.host, settings.http_port)
+    site = web.TCPSite(runner, settings.host, settings.http_port,
+                       ssl_context=None if tls is None else server_ssl_context(tls))
     await site.start()
     http_port = runner.addresses[0][1]
     await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
@@ -51,9 +65,11 @@ async def serve(settings: RouterSettings) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    log.info("router: gRPC on %s:%d, HTTP on %s:%d, policy %s", settings.host, grpc_port, settings.host, http_port,
-             settings.policy)
-    print(f"READY router {settings.host}:{grpc_port} http://{settings.host}:{http_port}", flush=True)
+    scheme = "http" if tls is None else "https"
+    log.info("router: gRPC on %s:%d, %s on %s:%d, policy %s, TLS %s, API keys %s", settings.host, grpc_port,
+             scheme.upper(), settings.host, http_port, settings.policy, "on" if tls else "off",
+             "off" if keys is None else f"on ({len(keys.digests)})")
+    print(f"READY router {settings.host}:{grpc_port} {scheme}://{settings.host}:{http_port}", flush=True)
     await stop.wait()
     log.info("router draining")
     await health_servicer.enter_graceful_shutdown()

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from cluster.api_keys import ApiKeys
 from cluster.flags import described
 from cluster.routing import POLICIES, PolicyName
+from cluster.security_settings import SecuritySettings
 
 
 @dataclass(frozen=True)
-class RouterSettings:
+class RouterSettings(SecuritySettings):
     etcd: str = field(metadata=described("etcd endpoint host:port"))
     cluster: str = field(default="default", metadata=described("cluster name: the etcd key prefix"))
     model: str | None = field(default=None, metadata=described("model path (for the tokenizer); default SmolLM2"))
@@ -22,10 +24,25 @@ class RouterSettings:
                                                                     "in units of one in-flight request"))
     max_inflight: int = field(default=512, metadata=described("requests in flight before RESOURCE_EXHAUSTED / 429"))
     request_timeout_s: float = field(default=600.0, metadata=described("deadline of a request that sets none"))
+    retry_after_s: int = field(default=1, metadata=described(
+        "seconds an overloaded (429 / RESOURCE_EXHAUSTED) or unavailable (503) client is told to wait: "
+        "HTTP Retry-After, gRPC retry-after trailer"))
     grace_s: float = field(default=30.0, metadata=described("SIGTERM: seconds in-flight requests get to finish"))
+    api_keys_file: str | None = field(default=None, metadata=described(
+        "API keys of the public APIs, one per line (# comments); with api_keys: either is accepted"))
+    api_keys: str = field(default="", repr=False, metadata=described(
+        "API keys, comma separated; prefer the variable to the flag (flags show in `ps`)", secret=True))
 
     def __post_init__(self) -> None:
+        super().__post_init__()
+        self.api_key_set()
         if self.policy not in POLICIES:
             raise ValueError(f"policy must be one of {POLICIES}, got {self.policy!r}")
         if self.max_inflight < 1 or self.request_timeout_s <= 0 or self.kv_overlap_weight < 0:
             raise ValueError("max_inflight must be >= 1, request_timeout_s > 0 and kv_overlap_weight >= 0")
+        if self.retry_after_s < 0:
+            raise ValueError("retry_after_s must be >= 0")
+
+    def api_key_set(self) -> ApiKeys | None:
+        """None: the public APIs are open."""
+        return ApiKeys.load(self.api_keys_file, self.api_keys)

@@ -1,13 +1,17 @@
 """What every worker's gRPC service answers whatever its role: Abort, Status, KVEvents. A role
-answers FAILED_PRECONDITION to the calls of another role."""
+answers FAILED_PRECONDITION to the calls of another role. Admission: a worker takes at most
+`max_admitted` Generate / Prefill calls at once (running or queued in its engine) and refuses the
+next at once with RESOURCE_EXHAUSTED, so its queue, and the latency of what it accepted, stay bounded."""
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import AsyncIterator
 
 import grpc
 
 from cluster.kv_events import KVEventHub
+from cluster.worker_metrics import WORKER_REQUESTS
 from engine.async_engine import AsyncEngine
 from engine.llm_engine import LLMEngine
 from tandem.v1 import inference_pb2 as pb
@@ -15,11 +19,28 @@ from tandem.v1 import worker_pb2, worker_pb2_grpc
 
 
 class WorkerServicerBase(worker_pb2_grpc.WorkerServicer):
-    def __init__(self, engine: AsyncEngine, worker_id: str, role: str, events: KVEventHub) -> None:
+    def __init__(self, engine: AsyncEngine, worker_id: str, role: str, events: KVEventHub,
+                 max_admitted: int | None = None) -> None:
         self.engine = engine
         self.worker_id = worker_id
         self.role = role
         self.events = events
+        self.max_admitted = max_admitted  # None: no limit
+        self.admitted = 0  # Generate / Prefill calls between admission and their end
+
+    @contextlib.asynccontextmanager
+    async def admission(self, context: grpc.aio.ServicerContext, rpc: str) -> AsyncIterator[None]:
+        """Hold one admission slot for the body, or abort the call with RESOURCE_EXHAUSTED."""
+        if self.max_admitted is not None and self.admitted >= self.max_admitted:
+            WORKER_REQUESTS.labels(self.worker_id, rpc, "resource_exhausted").inc()
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                                f"worker {self.worker_id} has {self.admitted} requests admitted "
+                                f"(limit {self.max_admitted}): retry later or elsewhere")
+        self.admitted += 1
+        try:
+            yield
+        finally:
+            self.admitted -= 1
 
     async def Generate(self, request: worker_pb2.WorkerGenerateRequest,
                        context: grpc.aio.ServicerContext) -> AsyncIterator[pb.GenerateResponse]:

@@ -1,6 +1,7 @@
 """The router's live view of the workers: etcd discovery, one gRPC channel per worker, the
 requests the router has in flight on each, and the block hashes each one's prefix cache holds
-(followed through its KVEvents stream)."""
+(followed through its KVEvents stream). Workers whose TLS setting differs from the router's are
+left out (cluster.tls: the cluster is all-TLS or all-plaintext)."""
 
 from __future__ import annotations
 
@@ -11,8 +12,10 @@ from dataclasses import dataclass, field
 
 import grpc
 
-from cluster.discovery import WorkerDirectory, WorkerRecord, WorkerRole
-from cluster.router_metrics import CACHED_BLOCKS
+from cluster.discovery import ROLES, WorkerDirectory, WorkerRecord, WorkerRole
+from cluster.router_metrics import CACHED_BLOCKS, WORKERS
+from cluster.tls import open_channel
+from kv_transfer.etcd_access import EtcdAccess
 from tandem.v1 import worker_pb2, worker_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -42,10 +45,13 @@ class WorkerHandle:
 
 
 class WorkerPool:
-    def __init__(self, etcd: str, cluster: str, events_retry_s: float = 0.5) -> None:
-        self.directory = WorkerDirectory(etcd, cluster, on_change=self._sync)
+    def __init__(self, etcd: str, cluster: str, events_retry_s: float = 0.5, access: EtcdAccess | None = None,
+                 credentials: grpc.ChannelCredentials | None = None) -> None:
+        self.directory = WorkerDirectory(etcd, cluster, on_change=self._sync, access=access)
         self.events_retry_s = events_retry_s
+        self.credentials = credentials  # None: plaintext to workers
         self._handles: dict[str, WorkerHandle] = {}  # by worker id
+        self._mismatched: set[str] = set()  # worker ids already warned about
 
     async def start(self, timeout_s: float = 10.0) -> None:
         """Returns once the workers registered now are known (the first etcd listing is done)."""
@@ -56,7 +62,7 @@ class WorkerPool:
         return [h for h in self._handles.values() if not roles or h.record.role in roles]
 
     def _sync(self) -> None:
-        current = {w.worker_id: w for w in self.directory.workers()}
+        current = {w.worker_id: w for w in self.directory.workers() if self._tls_matches(w)}
         for worker_id in list(self._handles):
             handle = self._handles[worker_id]
             if current.get(worker_id) != handle.record:
@@ -64,11 +70,22 @@ class WorkerPool:
                 asyncio.get_running_loop().create_task(self._close(handle))
         for worker_id, record in current.items():
             if worker_id not in self._handles:
-                channel = grpc.aio.insecure_channel(record.address)
+                channel = open_channel(record.address, self.credentials)
                 handle = WorkerHandle(record, channel, worker_pb2_grpc.WorkerStub(channel))
                 handle.events_task = asyncio.get_running_loop().create_task(self._follow_events(handle))
                 self._handles[worker_id] = handle
                 log.info("worker %s (%s) at %s joined", worker_id, record.role, record.address)
+        for role in ROLES:  # every pool, empty ones at 0: alerts on a pool with no workers need the zero
+            WORKERS.labels(role).set(len(self.workers(role)))
+
+    def _tls_matches(self, record: WorkerRecord) -> bool:
+        if record.tls == (self.credentials is not None):
+            return True
+        if record.worker_id not in self._mismatched:
+            self._mismatched.add(record.worker_id)
+            log.warning("ignoring worker %s at %s: it %s TLS, this router %s", record.worker_id, record.address,
+                        "serves" if record.tls else "does not serve", "does not" if record.tls else "does")
+        return False
 
     async def _follow_events(self, handle: WorkerHandle) -> None:
         while self._handles.get(handle.worker_id) is handle:

@@ -24,7 +24,9 @@ from grpc_reflection.v1alpha import reflection
 from prometheus_client import REGISTRY, start_http_server
 
 from cluster.discovery import WorkerRecord, WorkerRegistration
+from cluster.grpc_decoding import RejectUndecodable
 from cluster.kv_events import KVEventHub
+from cluster.tls import channel_credentials, server_credentials
 from cluster.worker_base import WorkerServicerBase
 from cluster.worker_metrics import EngineCollector
 from cluster.worker_settings import WorkerSettings
@@ -63,8 +65,9 @@ async def _build(settings: WorkerSettings, worker_id: str, stack: AsyncExitStack
         engine = AsyncEngine(settings.engine_config())
         stack.callback(engine.shutdown)
         events = KVEventHub(engine)
-        return _Parts(engine, DecodeWorkerServicer(engine, worker_id, "both", events), {})
-    store = EtcdStore(settings.etcd)
+        return _Parts(engine, DecodeWorkerServicer(engine, worker_id, "both", events,
+                                                   max_admitted=settings.max_admitted), {})
+    store = EtcdStore(settings.etcd, access=settings.etcd_access())
     stack.push_async_callback(store.close)
     transfer = TransferEngine(store, TransferEngineConfig(
         engine_id=worker_id, host=settings.host, backends=settings.backends,  # type: ignore[arg-type]
@@ -82,18 +85,24 @@ async def _build(settings: WorkerSettings, worker_id: str, stack: AsyncExitStack
     if settings.role == "prefill":
         pusher = KVPusher(connector, core.config.block_size)
         core.set_kv_hook(pusher)
-        servicer = PrefillWorkerServicer(engine, worker_id, events, connector, pusher)
+        servicer = PrefillWorkerServicer(engine, worker_id, events, connector, pusher, settings.max_admitted)
     else:
-        remote = RemotePrefiller(engine, connector, worker_id, settings.prefill_timeout_s)
+        tls = settings.tls_files()
+        remote = RemotePrefiller(engine, connector, worker_id, settings.prefill_timeout_s,
+                                 credentials=None if tls is None else channel_credentials(tls))
         stack.push_async_callback(remote.close)
         servicer = DecodeWorkerServicer(engine, worker_id, "decode", events, remote,
-                                        DisaggregationPolicy(settings.min_remote_prefill_tokens))
+                                        DisaggregationPolicy(settings.min_remote_prefill_tokens),
+                                        settings.max_admitted)
     return _Parts(engine, servicer, {"engine_id": transfer.engine_id, "segment": connector.segment_name})
 
 
 async def serve(settings: WorkerSettings, ready: asyncio.Event | None = None) -> None:
-    server = grpc.aio.server()
-    port = server.add_insecure_port(f"{settings.host}:{settings.grpc_port}")
+    server = grpc.aio.server(interceptors=[RejectUndecodable()])  # garbage bytes: INVALID_ARGUMENT, not UNKNOWN
+    tls = settings.tls_files()
+    address = f"{settings.host}:{settings.grpc_port}"
+    port = (server.add_insecure_port(address) if tls is None
+            else server.add_secure_port(address, server_credentials(tls, require_client_cert=True)))
     worker_id = settings.worker_id or f"{settings.role}-{settings.host}-{port}"
     async with AsyncExitStack() as stack:
         parts = await _build(settings, worker_id, stack)
@@ -115,8 +124,9 @@ async def serve(settings: WorkerSettings, ready: asyncio.Event | None = None) ->
         record = WorkerRecord(worker_id=worker_id, role=settings.role, address=f"{settings.host}:{port}",
                               model=served_model_id(settings.model), max_num_seqs=core.config.max_num_seqs,
                               num_kv_blocks=core.block_manager.num_blocks, block_size=core.config.block_size,
-                              max_model_len=core.max_model_len, transfer=parts.transfer)
-        registration = WorkerRegistration(settings.etcd, settings.cluster, record, ttl_s=settings.lease_ttl_s)
+                              max_model_len=core.max_model_len, transfer=parts.transfer, tls=tls is not None)
+        registration = WorkerRegistration(settings.etcd, settings.cluster, record, ttl_s=settings.lease_ttl_s,
+                                          access=settings.etcd_access())
         await registration.start()
         await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
         stop = asyncio.Event()

@@ -7,11 +7,12 @@ from dataclasses import dataclass, field
 
 from cluster.discovery import ROLES, WorkerRole
 from cluster.flags import described
+from cluster.security_settings import SecuritySettings
 from engine.engine_config import ComputeDtype, EngineConfig
 
 
 @dataclass(frozen=True)
-class WorkerSettings:
+class WorkerSettings(SecuritySettings):
     etcd: str = field(metadata=described("etcd endpoint host:port"))
     role: WorkerRole = field(default="both", metadata=described("prefill, decode, or both (aggregated)"))
     cluster: str = field(default="default", metadata=described("cluster name: the etcd key prefix"))
@@ -32,14 +33,24 @@ class WorkerSettings:
     min_remote_prefill_tokens: int = field(default=32, metadata=described(
         "decode role: prompts with fewer uncached tokens than this prefill locally"))
     prefill_timeout_s: float = field(default=30.0, metadata=described("decode role: deadline of one remote prefill"))
+    max_queued_requests: int = field(default=256, metadata=described(
+        "requests admitted beyond --max-num-seqs (queued in the engine) before RESOURCE_EXHAUSTED"))
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if self.role not in ROLES:
             raise ValueError(f"role must be one of {ROLES}, got {self.role!r}")
         if self.grace_s < 0 or self.lease_ttl_s < 2:
             raise ValueError("grace_s must be >= 0 and lease_ttl_s >= 2")
         if self.min_remote_prefill_tokens < 0 or self.prefill_timeout_s <= 0:
             raise ValueError("min_remote_prefill_tokens must be >= 0 and prefill_timeout_s > 0")
+        if self.max_queued_requests < 0:
+            raise ValueError("max_queued_requests must be >= 0")
+
+    @property
+    def max_admitted(self) -> int:
+        """Generate / Prefill calls a worker takes at once: a full batch plus the queue."""
+        return self.max_num_seqs + self.max_queued_requests
 
     @property
     def disaggregated(self) -> bool:

@@ -22,6 +22,7 @@ from typing import Literal
 import grpc
 
 from cluster.convert import logprob_from_proto
+from cluster.tls import open_channel
 from cluster.worker_metrics import REMOTE_PREFILL_FAILURES
 from engine.async_engine import AsyncEngine
 from engine.block_manager import hash_blocks
@@ -62,13 +63,14 @@ class RemotePrefillFailed(Exception):
 
 class RemotePrefiller:
     def __init__(self, engine: AsyncEngine, connector: KVConnector, worker_id: str, timeout_s: float,
-                 quarantine_s: float = 60.0) -> None:
+                 quarantine_s: float = 60.0, credentials: grpc.ChannelCredentials | None = None) -> None:
         self.engine = engine
         self.connector = connector
         self.worker_id = worker_id
         self.timeout_s = timeout_s
         self.quarantine_s = quarantine_s
         self.block_size = engine.engine.config.block_size
+        self._credentials = credentials  # cluster TLS: prefill workers take only mutual-TLS calls
         self._channels: dict[str, grpc.aio.Channel] = {}
         self._background: set[asyncio.Task[None]] = set()
 
@@ -187,7 +189,7 @@ class RemotePrefiller:
     def _channel(self, address: str) -> grpc.aio.Channel:
         channel = self._channels.get(address)
         if channel is None:
-            channel = self._channels[address] = grpc.aio.insecure_channel(address)
+            channel = self._channels[address] = open_channel(address, self._credentials)
         return channel
 
     async def close(self) -> None:

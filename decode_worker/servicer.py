@@ -27,25 +27,27 @@ log = logging.getLogger(__name__)
 
 class DecodeWorkerServicer(WorkerServicerBase):
     def __init__(self, engine: AsyncEngine, worker_id: str, role: str, events: KVEventHub,
-                 remote: RemotePrefiller | None = None, policy: DisaggregationPolicy | None = None) -> None:
-        super().__init__(engine, worker_id, role, events)
+                 remote: RemotePrefiller | None = None, policy: DisaggregationPolicy | None = None,
+                 max_admitted: int | None = None) -> None:
+        super().__init__(engine, worker_id, role, events, max_admitted)
         self.remote = remote
         self.policy = policy or DisaggregationPolicy(0)
         self._handlers: dict[str, asyncio.Task] = {}  # request id → the Generate call serving it
 
     async def Generate(self, request: worker_pb2.WorkerGenerateRequest,
                        context: grpc.aio.ServicerContext) -> AsyncIterator[pb.GenerateResponse]:
-        task = asyncio.current_task()
-        if task is not None and request.request_id not in self._handlers:
-            self._handlers[request.request_id] = task
-            try:
+        async with self.admission(context, "Generate"):
+            task = asyncio.current_task()
+            if task is not None and request.request_id not in self._handlers:
+                self._handlers[request.request_id] = task
+                try:
+                    async for chunk in self._generate(request, context):
+                        yield chunk
+                finally:
+                    del self._handlers[request.request_id]
+            else:  # a duplicate id: the engine refuses it with INVALID_ARGUMENT
                 async for chunk in self._generate(request, context):
                     yield chunk
-            finally:
-                del self._handlers[request.request_id]
-        else:  # a duplicate id: the engine refuses it with INVALID_ARGUMENT
-            async for chunk in self._generate(request, context):
-                yield chunk
 
     async def Abort(self, request: worker_pb2.AbortRequest,
                     context: grpc.aio.ServicerContext) -> worker_pb2.AbortResponse:

@@ -1,4 +1,8 @@
-"""Tandem's transfer engine: move KV-cache pages between processes and hosts."""
+"""Tandem's transfer engine: move KV-cache pages between processes and hosts.
+
+The data plane (NIXL/UCX, NCCL, TCP, shared memory) is neither encrypted nor authenticated; the
+cluster's TLS (cluster/tls.py) covers the control plane only. Keep it on a trusted network. Only
+its etcd metadata client honours TLS and auth (kv_transfer.etcd_access)."""
 
 from kv_transfer.batch import BatchHandle, NotifySpec
 from kv_transfer.config import TransferEngineConfig

@@ -11,6 +11,7 @@ from collections.abc import Coroutine
 from typing import Any, Protocol, TypeVar
 
 from kv_transfer.errors import MetadataStoreError
+from kv_transfer.etcd_access import EtcdAccess
 from kv_transfer.etcd_lease import LeasedKeys, bounded
 
 T = TypeVar("T")
@@ -53,10 +54,11 @@ class EtcdStore:
     """etcd v3 through aetcd. Every call has a deadline; failures raise MetadataStoreError naming
     the endpoint and the key. Published keys live under one kept-alive lease (see LeasedKeys)."""
 
-    def __init__(self, endpoint: str, lease_ttl_s: int = 10, timeout_s: float = 5.0) -> None:
+    def __init__(self, endpoint: str, lease_ttl_s: int = 10, timeout_s: float = 5.0,
+                 access: EtcdAccess | None = None) -> None:
         self.endpoint = endpoint
         self._timeout = timeout_s
-        self.keys = LeasedKeys(endpoint, lease_ttl_s, timeout_s)
+        self.keys = LeasedKeys(endpoint, lease_ttl_s, timeout_s, access)
 
     async def _call(self, coro: Coroutine[Any, Any, T], what: str, key: str) -> T:
         try:

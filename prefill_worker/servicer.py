@@ -28,14 +28,19 @@ log = logging.getLogger(__name__)
 
 class PrefillWorkerServicer(WorkerServicerBase):
     def __init__(self, engine: AsyncEngine, worker_id: str, events: KVEventHub, connector: KVConnector,
-                 pusher: KVPusher) -> None:
-        super().__init__(engine, worker_id, "prefill", events)
+                 pusher: KVPusher, max_admitted: int | None = None) -> None:
+        super().__init__(engine, worker_id, "prefill", events, max_admitted)
         self.connector = connector
         self.pusher = pusher
         self.block_size = engine.engine.config.block_size
 
     async def Prefill(self, request: worker_pb2.PrefillRequest,
                       context: grpc.aio.ServicerContext) -> worker_pb2.PrefillResponse:
+        async with self.admission(context, "Prefill"):
+            return await self._prefill(request, context)
+
+    async def _prefill(self, request: worker_pb2.PrefillRequest,
+                       context: grpc.aio.ServicerContext) -> worker_pb2.PrefillResponse:
         rid, prompt = request.request_id, list(request.prompt_token_ids)
         try:
             params = sampling_from_proto(request.sampling)

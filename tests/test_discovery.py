@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import signal
 import subprocess
 import sys
 import time
@@ -13,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from cluster.discovery import WorkerDirectory, WorkerRecord, WorkerRegistration, worker_key
-from cluster.local_etcd import running_etcd
+from cluster.local_etcd import EtcdServer, running_etcd
 from cluster.processes import spawn
 
 REPO = Path(__file__).resolve().parents[1]
@@ -99,6 +100,39 @@ async def test_a_lost_lease_is_noticed_and_the_worker_registers_again(etcd: str)
     await reg.stop()
     await directory.wait_until(lambda x: _ids(x) == [], 5)
     await directory.stop()
+
+
+async def test_an_etcd_restart_keeps_the_view_and_every_worker_registered(tmp_path: Path) -> None:
+    """etcd crashes, stays away longer than the lease TTL, and comes back on the same port and data:
+    meanwhile the directory keeps its last view; after it, the registration is written again (new
+    lease) without ever leaving the view, and a worker registering right after the restart connects
+    at once (no reconnect backoff left over from the outage)."""
+    server = EtcdServer(str(tmp_path))
+    server.start()
+    views: list[list[str]] = []
+    directory = WorkerDirectory(server.endpoint, "c4", on_change=lambda: views.append(_ids(directory)))
+    reg = WorkerRegistration(server.endpoint, "c4", _record("w1"), ttl_s=TTL_S)
+    late = WorkerRegistration(server.endpoint, "c4", _record("w2"), ttl_s=TTL_S)
+    try:
+        await directory.start()
+        await reg.start()
+        await directory.wait_until(lambda x: _ids(x) == ["w1"], 5)
+        server.stop(signal.SIGKILL)
+        await asyncio.sleep(TTL_S + 1)
+        assert _ids(directory) == ["w1"]
+        server.start()
+        started = time.monotonic()
+        await late.start()
+        assert time.monotonic() - started < 1.0
+        await directory.wait_until(lambda x: _ids(x) == ["w1", "w2"], 5)
+        await asyncio.sleep(TTL_S + 1)  # both leases are kept alive
+        assert _ids(directory) == ["w1", "w2"] and reg.registrations == 2
+        assert all("w1" in view for view in views[1:]), views
+    finally:
+        await late.stop()
+        await reg.stop()
+        await directory.stop()
+        server.stop()
 
 
 def test_records_validate_and_round_trip() -> None:

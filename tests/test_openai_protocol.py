@@ -7,6 +7,7 @@ from typing import Any
 
 import pytest
 
+from cluster.json_body import decode_json
 from cluster.openai_protocol import BadRequest, OpenAIRequest, ResponseBuilder, parse_chat, parse_completion
 from tandem.v1 import inference_pb2 as pb
 
@@ -166,7 +167,8 @@ def test_body_must_be_an_object(parse: Any, body: Any) -> None:
     ({"prompt": 5}, "'prompt' must be"),
     ({"prompt": ["a", "b"]}, "one prompt per request"),
     ({"prompt": [[1], [2]]}, "one prompt per request"),
-    ({"prompt": [True, False]}, "one prompt per request"),
+    ({"prompt": [True, False]}, "'prompt' must be a non-empty string or an array of token ids"),
+    ({"prompt": [155, 6099.0, 3381]}, r"an array of token ids \(integers\)"),  # found by tests/test_fuzz_http.py
     ({"prompt": "x", "n": 2}, "'n' must be 1"),
     ({"prompt": "x", "echo": True}, "'echo' is not supported"),
     ({"prompt": "x", "best_of": 2}, "'best_of' is not supported"),
@@ -221,6 +223,51 @@ def test_out_of_range_integers_are_bad_requests(body: dict[str, Any]) -> None:
     """Integers too large for their field are refused as BadRequest."""
     with pytest.raises(BadRequest):
         parse_completion(body)
+
+
+# found by tests/test_fuzz_http.py: each of these was a 500 or was accepted
+@pytest.mark.parametrize(("body", "needle"), [
+    ({"prompt": "x", "timeout": 10**400}, "'timeout' must be a finite number"),  # OverflowError: a 500
+    ({"prompt": "x", "temperature": 10**400}, "'temperature' must be a finite number"),
+    ({"prompt": "x", "temperature": 1e39}, "'temperature' is out of range"),  # a float32 holds no more
+    ({"prompt": "x", "timeout": float("nan")}, "'timeout' must be a finite number"),
+    ({"prompt": "x", "seed": 2**64}, r"'seed' is out of range \(0 to 18446744073709551615\)"),
+    ({"prompt": "x", "top_k": 2**31}, r"'top_k' is out of range \(-2147483648 to 2147483647\)"),
+    ({"prompt": "x", "priority": -(2**31) - 1}, "'priority' is out of range"),
+    ({"prompt": "x", "max_tokens": 2**32}, "'max_tokens' is out of range"),
+    ({"prompt": [2**31]}, "'prompt' holds a token id outside the int32 range"),
+    ({"prompt": "x", "stop_token_ids": [2**31]}, "'stop_token_ids' holds an id outside the int32 range"),
+    ({"prompt": "x", "top_p": 1.00000001}, "top_p must be in"),  # float32 rounded it to 1.0: accepted
+    ({"prompt": "x", "presence_penalty": -2.0000001}, "presence_penalty must be in"),
+    ({"prompt": "x", "stream_options": {"include_usage": "yes"}}, "'include_usage' must be a boolean"),
+])
+def test_values_out_of_range_are_refused_by_name(body: dict[str, Any], needle: str) -> None:
+    with pytest.raises(BadRequest, match=needle):
+        parse_completion(body)
+
+
+def test_top_logprobs_is_checked_without_logprobs() -> None:
+    """The schema bounds top_logprobs whatever logprobs says (found by tests/test_openapi_schema.py)."""
+    with pytest.raises(BadRequest, match="'top_logprobs' must be between 0 and 20"):
+        chat(top_logprobs=21)
+
+
+@pytest.mark.parametrize(("raw", "needle"), [
+    (b'{"prompt": "x", "temperature": NaN}', "NaN is not a JSON value"),
+    (b'{"prompt": "x", "temperature": -Infinity}', "-Infinity is not a JSON value"),
+    (b'{"prompt": "x", "temperature": 1e999}', "the number 1e999 is out of range"),
+    (b'{"prompt": "x", "seed": ' + b"1" * 5000 + b"}", "a number has too many digits"),  # a ValueError: a 500
+    (b"[" * 100_000 + b"]" * 100_000, "it nests too deeply"),  # a RecursionError: a 500
+    (b'{"prompt": "\xff"}', "not UTF-8"),
+    (b"{", "not valid JSON"),
+])
+def test_bodies_that_are_not_strict_json_are_refused(raw: bytes, needle: str) -> None:
+    with pytest.raises(BadRequest, match=needle):
+        decode_json(raw)
+
+
+def test_strict_json_decodes() -> None:
+    assert decode_json(rb'{"a": [1, 2.5, "\u00e9", null, true]}') == {"a": [1, 2.5, "é", None, True]}
 
 
 # -- responses -------------------------------------------------------------------------------------

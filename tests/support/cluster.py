@@ -9,23 +9,27 @@ import time
 import grpc
 
 from cluster.local_cluster import REPO, Cluster, WorkerInfo, fetch, metric, tandem_up, worker_metrics
+from cluster.tls import open_channel
 from tandem.v1 import worker_pb2, worker_pb2_grpc
 
 __all__ = ["REPO", "Cluster", "WorkerInfo", "assert_pools_clean", "fetch", "metric", "tandem_up", "worker_metrics",
            "worker_status"]
 
 
-async def worker_status(worker: WorkerInfo) -> worker_pb2.WorkerStatus:
-    async with grpc.aio.insecure_channel(worker.address) as channel:
+async def worker_status(worker: WorkerInfo,
+                        credentials: grpc.ChannelCredentials | None = None) -> worker_pb2.WorkerStatus:
+    """Its Status, over mutual TLS when given the cluster's `credentials`."""
+    async with open_channel(worker.address, credentials) as channel:
         return await worker_pb2_grpc.WorkerStub(channel).Status(worker_pb2.StatusRequest(), timeout=10)
 
 
-async def assert_pools_clean(cluster: Cluster, settle_s: float = 10.0) -> None:
+async def assert_pools_clean(cluster: Cluster, settle_s: float = 10.0,
+                             credentials: grpc.ChannelCredentials | None = None) -> None:
     """Every worker's pool is consistent and holds no block for a live request: all are free or cached."""
     deadline = time.monotonic() + settle_s
     for worker in cluster.workers:
         while True:
-            status = await worker_status(worker)
+            status = await worker_status(worker, credentials)
             assert status.pool_integrity_ok, f"{worker.worker_id}: {status.integrity_error}"
             idle = status.running == status.waiting == 0 and status.free_blocks == status.total_blocks
             if idle or time.monotonic() > deadline:

@@ -1,0 +1,171 @@
+"""The planner's policy: from one observation and the pools' current sizes, the desired size of
+each pool. Pure apart from its per-pool memory (last scaling, start of the comfortable streak);
+time is passed in, so tests drive it with synthetic observations.
+
+Each pool is sized on its own signal: prefill on TTFT and prompt tokens/s, decode on ITL and
+concurrent streams, each against the load one worker carries at the target (PoolModel).
+
+  grow    latency over target → one more worker; load over scale_up_utilization of the pool's
+          capacity → as many as the load needs (the larger of the two; a missed target is named
+          the reason when there is one)
+  shrink  by one, only when, for scale_down_delay_s without a break, the latency is under
+          scale_down_latency_ratio of the target both now and as projected for one worker less,
+          and the remaining workers would carry under scale_down_utilization of their capacity
+  always  cooldown_s after a pool was scaled it is left alone; sizes stay within the pool's
+          bounds (a size outside them is corrected at once); growth that would take the total
+          past max_total_workers is cut, the least urgent pool's first
+
+No oscillation on steady load: growing needs the pool over its target, shrinking needs the pool
+as it would be after shrinking under a lower bar (the utilization and latency bands), so a load
+that made a pool grow from n to n+1 projects above the bar for n and never shrinks it back. The
+projection scales the observed latency by the profile's ratio between the two loads per worker,
+so a cluster slower than its profile by a constant factor is projected right too.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, replace
+from typing import Literal
+
+from cluster.planner.capacity import CapacityProfile
+from cluster.planner.observation import Observation
+from cluster.planner.pool_model import PoolModel
+from cluster.planner.settings import POOLS, PlannerSettings, Pool
+
+Action = Literal["scale_up", "scale_down", "hold"]
+Reason = Literal[
+    "below_min", "above_max",  # bounds, corrected at once
+    "ttft_over_target", "itl_over_target", "prompt_load", "stream_load",  # scale_up
+    "underloaded",  # scale_down
+    "no_data", "within_target", "stabilizing", "cooldown", "at_max", "at_min", "budget",  # hold
+]
+_LATENCY_REASON: dict[Pool, Reason] = {"prefill": "ttft_over_target", "decode": "itl_over_target"}
+_LOAD_REASON: dict[Pool, Reason] = {"prefill": "prompt_load", "decode": "stream_load"}
+_EPS = 1e-9  # a load of exactly k workers' worth needs k, not k + 1
+
+
+@dataclass(frozen=True)
+class Decision:
+    pool: Pool
+    current: int
+    desired: int
+    action: Action
+    reason: Reason
+    detail: str  # the numbers behind the reason
+    observation: Observation | None
+    urgency: float = 0.0  # latency / target (or load / capacity): who keeps growth when the budget is short
+
+    def line(self) -> str:
+        seen = self.observation.describe() if self.observation is not None else "no observation"
+        return (f"{self.pool} {self.current}->{self.desired} {self.action} reason={self.reason} "
+                f"({self.detail}) {seen}")
+
+
+@dataclass
+class _PoolMemory:
+    last_scaled_at: float | None = None
+    comfortable_since: float | None = None  # start of the unbroken streak of shrinkable observations
+
+
+class Policy:
+    def __init__(self, settings: PlannerSettings, profile: CapacityProfile | None) -> None:
+        self.settings = settings
+        self.models = {pool: PoolModel(pool, profile, settings.target_s(pool), settings.latency_quantile)
+                       for pool in POOLS}
+        self._memory = {pool: _PoolMemory() for pool in POOLS}
+
+    def decide(self, now: float, observation: Observation | None, current: Mapping[Pool, int]) -> list[Decision]:
+        """One decision per pool (prefill, decode); the caller applies those that are not holds."""
+        proposals = [self._propose(pool, now, observation, current[pool]) for pool in POOLS]
+        decisions = self._within_budget(proposals)
+        for d in decisions:
+            if d.action != "hold":
+                self._memory[d.pool] = _PoolMemory(last_scaled_at=now)
+        return decisions
+
+    def _propose(self, pool: Pool, now: float, obs: Observation | None, n: int) -> Decision:
+        s, memory, model = self.settings, self._memory[pool], self.models[pool]
+        bounds = s.bounds(pool)
+
+        streak, memory.comfortable_since = memory.comfortable_since, None  # kept only on the way to shrinking
+
+        def decision(desired: int, action: Action, reason: Reason, detail: str, urgency: float = 0.0) -> Decision:
+            return Decision(pool, n, desired, action, reason, detail, obs, urgency)
+
+        if n < bounds.min:
+            return decision(bounds.min, "scale_up", "below_min", f"min={bounds.min}")
+        if n > bounds.max:
+            return decision(bounds.max, "scale_down", "above_max", f"max={bounds.max}")
+        if obs is None:
+            return decision(n, "hold", "no_data", "no whole window observed yet")
+        target, latency, load = s.target_s(pool), obs.latency_s(pool), obs.load(pool)
+        need = model.workers_needed(load)
+        cooling = memory.last_scaled_at is not None and now - memory.last_scaled_at < s.cooldown_s
+        facts = (f"target={target:.4f}s q{s.latency_quantile:g}="
+                 f"{'none' if latency is None else f'{latency:.4f}s'} load={load:.2f} "
+                 f"capacity/worker={'unknown' if model.capacity is None else f'{model.capacity:.2f}'}")
+
+        wish, reason = n, None  # growth; a missed target is the reason even when the load asks for more
+        if need is not None and math.ceil(need / s.scale_up_utilization - _EPS) > wish:
+            wish, reason = math.ceil(need / s.scale_up_utilization - _EPS), _LOAD_REASON[pool]
+        if latency is not None and latency > target:
+            wish, reason = max(wish, n + 1), _LATENCY_REASON[pool]
+        if reason is not None:
+            urgency = max(latency / target if latency is not None else 0.0, (need or 0.0) / max(n, 1))
+            if n >= bounds.max:
+                return decision(n, "hold", "at_max", f"wants {wish}; {facts}", urgency)
+            if cooling:
+                return decision(n, "hold", "cooldown", f"wants {wish}; {facts}", urgency)
+            return decision(min(wish, bounds.max), "scale_up", reason, facts, urgency)
+
+        if n <= bounds.min:
+            return decision(n, "hold", "at_min", facts)
+        why_not = self._why_not_shrink(pool, obs, n)
+        if why_not is not None:
+            return decision(n, "hold", "within_target", f"{why_not}; {facts}")
+        memory.comfortable_since = now if streak is None else streak
+        if now - memory.comfortable_since < s.scale_down_delay_s:
+            return decision(n, "hold", "stabilizing",
+                            f"comfortable for {now - memory.comfortable_since:.0f}s; {facts}")
+        if cooling:
+            return decision(n, "hold", "cooldown", f"wants {n - 1}; {facts}")
+        return decision(n - 1, "scale_down", "underloaded", facts)
+
+    def _why_not_shrink(self, pool: Pool, obs: Observation, n: int) -> str | None:
+        """None if the pool, one worker smaller, would stay comfortably under its target."""
+        s, model = self.settings, self.models[pool]
+        load, latency = obs.load(pool), obs.latency_s(pool)
+        bar = s.scale_down_latency_ratio * s.target_s(pool)
+        need = model.workers_needed(load)
+        if n == 1:  # to none (a prefill pool may be empty: decode workers prefill themselves)
+            return None if load <= 0 else f"the last worker has load {load:.2f}"
+        if need is not None and need / (n - 1) > s.scale_down_utilization:
+            return f"{n - 1} workers would run at {need / (n - 1):.0%} of capacity"
+        if latency is None:
+            return None  # no traffic to judge by: the load alone decides
+        if latency > bar:
+            return f"latency {latency:.4f}s over the scale-down bar {bar:.4f}s"
+        projected = latency * model.latency_factor(load / n, load / (n - 1))
+        if projected > bar:
+            return f"latency projected for {n - 1} workers {projected:.4f}s over the scale-down bar {bar:.4f}s"
+        return None
+
+    def _within_budget(self, proposals: list[Decision]) -> list[Decision]:
+        """Cut growth (least urgent pool first) until the total fits max_total_workers; growth to a
+        pool's minimum is never cut (the minimums fit the budget, PlannerSettings checks it)."""
+        excess = sum(d.desired for d in proposals) - self.settings.max_total_workers
+        result = {d.pool: d for d in proposals}
+        for d in sorted((d for d in proposals if d.action == "scale_up" and d.reason != "below_min"),
+                        key=lambda d: d.urgency):
+            if excess <= 0:
+                break
+            cut = min(excess, d.desired - d.current)
+            excess -= cut
+            desired = d.desired - cut
+            budget_note = f"budget {self.settings.max_total_workers} workers in all; {d.detail}"
+            result[d.pool] = (replace(d, desired=desired, detail=budget_note) if desired > d.current
+                              else replace(d, desired=d.current, action="hold", reason="budget",
+                                           detail=f"wants {d.desired}; {budget_note}"))
+        return [result[pool] for pool in POOLS]

@@ -1,0 +1,197 @@
+"""A 1P+1D cluster (`tandem up`) with TLS everywhere, mutual TLS to the workers, API keys on the
+public APIs, and an etcd that takes only client certificates and a user with a password: requests
+over TLS answer like the engine alone; plaintext clients, clients outside the cluster PKI and
+clients without the right key are refused; no key and no prompt reach the cluster's output."""
+
+from __future__ import annotations
+
+import http.client
+import json
+import ssl
+import subprocess
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+import openai
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from tandem.v1 import inference_pb2 as pb
+from tandem.v1 import inference_pb2_grpc, worker_pb2, worker_pb2_grpc
+from tests.support.certs import Pki, make_pki
+from tests.support.cluster import Cluster, assert_pools_clean, fetch, metric, tandem_up, worker_metrics
+from tests.support.cluster_workload import Job, reference, run_openai
+from tests.support.secure_etcd import etcdctl_binary, secure_etcd
+
+pytestmark = pytest.mark.slow
+
+FILE_KEY, ENV_KEY, ETCD_PASSWORD = "tk-file-4f1c9b7e", "tk-env-77d2a0c3", "etcd-pw-93be1f"
+PROMPT = "Canary prompt: the violet heron counts quietly to eleven beside the river"
+
+
+@dataclass(frozen=True)
+class Secure:
+    cluster: Cluster
+    pki: Pki
+    rogue: Pki
+
+    def credentials(self, pki: Pki | None = None, with_cert: bool = True) -> grpc.ChannelCredentials:
+        """Trusts the cluster CA; presents `pki`'s certificate (the cluster's by default)."""
+        ca = self.pki.ca.read_bytes()
+        if not with_cert:
+            return grpc.ssl_channel_credentials(root_certificates=ca)
+        _, cert, key = (pki or self.pki).read()
+        return grpc.ssl_channel_credentials(root_certificates=ca, private_key=key, certificate_chain=cert)
+
+    def https(self) -> ssl.SSLContext:
+        return ssl.create_default_context(cafile=str(self.pki.ca))
+
+
+@pytest.fixture(scope="module")
+def secure(tiny_llama_dir, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Secure]:  # type: ignore[no-untyped-def]
+    if not etcdctl_binary().exists():
+        pytest.skip(f"no etcdctl beside the etcd binary ({etcdctl_binary()})")
+    folder = tmp_path_factory.mktemp("pki")
+    pki, rogue = make_pki(folder, "cluster"), make_pki(folder, "rogue")
+    keys_file = folder / "api-keys"
+    keys_file.write_text(f"# keys of the test clients\n\n  {FILE_KEY}  \n# retired: tk-old\n")
+    with secure_etcd(pki, "tandem", ETCD_PASSWORD) as etcd, tandem_up(
+            "--prefill", "1", "--decode", "1", "--model", str(tiny_llama_dir), "--dtype", "float32",
+            "--num-kv-blocks", "128", "--min-remote-prefill-tokens", "4", *pki.flags(), "--api-keys-file",
+            str(keys_file), "--etcd", etcd, "--etcd-ca", str(pki.ca), "--etcd-cert", str(pki.cert),
+            "--etcd-key", str(pki.key), "--etcd-user", "tandem", stderr=subprocess.STDOUT,
+            env={"TANDEM_API_KEYS": ENV_KEY, "TANDEM_ETCD_PASSWORD": ETCD_PASSWORD}) as cluster:
+        yield Secure(cluster, pki, rogue)
+
+
+def _bearer(key: str) -> tuple[tuple[str, str], ...]:
+    return (("authorization", f"Bearer {key}"),)
+
+
+async def _generate_text(secure: Secure, job: Job, key: str) -> str:
+    request = pb.GenerateRequest(text=job.text, sampling=pb.SamplingParameters(
+        temperature=0.0, max_tokens=job.max_tokens, ignore_eos=job.ignore_eos))
+    async with grpc.aio.secure_channel(secure.cluster.grpc_address, secure.credentials(with_cert=False)) as channel:
+        stub = inference_pb2_grpc.InferenceStub(channel)
+        return "".join([c.text async for c in stub.Generate(request, metadata=_bearer(key), timeout=60)])
+
+
+def _get(url: str, context: ssl.SSLContext, headers: dict[str, str] | None = None) -> tuple[int, dict, str]:
+    """(status, headers, body) of a GET, error statuses included."""
+    try:
+        with urllib.request.urlopen(urllib.request.Request(url, headers=headers or {}), timeout=30,
+                                    context=context) as reply:
+            return reply.status, dict(reply.headers), reply.read().decode()
+    except urllib.error.HTTPError as e:
+        return e.code, dict(e.headers), e.read().decode()
+
+
+async def test_tls_answers_like_the_engine_alone(secure: Secure, tiny_llama_dir: Path) -> None:
+    """gRPC over TLS and the official OpenAI client over HTTPS (either key) give the engine's greedy
+    text; the prompts were prefilled on the prefill worker (decode → prefill over mutual TLS)."""
+    jobs = [Job("text", text=PROMPT, max_tokens=8), Job("chat", text=PROMPT, max_tokens=6)]
+    expected = reference(str(tiny_llama_dir), jobs)
+    assert await _generate_text(secure, jobs[0], FILE_KEY) == expected[0].text
+    client = openai.AsyncOpenAI(base_url=f"{secure.cluster.http_url}/v1", api_key=ENV_KEY, max_retries=0,
+                                http_client=openai.DefaultAsyncHttpxClient(verify=secure.https()))
+    assert secure.cluster.http_url.startswith("https://")
+    model = (await client.models.list()).data[0].id
+    for stream in (False, True):
+        for job, want in zip(jobs, expected, strict=True):
+            text, _, used = await run_openai(client, model, job, stream=stream)
+            assert (text, used) == (want.text, len(want.token_ids)), (job.kind, stream)
+    await client.close()
+    decode = secure.cluster.role("decode")[0]
+    assert metric(worker_metrics(decode), "tandem_disaggregation_decisions_total", decision="remote") > 0
+    await assert_pools_clean(secure.cluster, credentials=secure.credentials())
+
+
+async def test_plaintext_and_untrusting_clients_fail(secure: Secure) -> None:
+    async with grpc.aio.insecure_channel(secure.cluster.grpc_address) as channel:
+        with pytest.raises(grpc.aio.AioRpcError) as failure:
+            await inference_pb2_grpc.InferenceStub(channel).ListModels(
+                pb.ListModelsRequest(), metadata=_bearer(FILE_KEY), timeout=10)
+    assert failure.value.code() == grpc.StatusCode.UNAVAILABLE
+    plain_url = secure.cluster.http_url.replace("https://", "http://")
+    with pytest.raises((OSError, http.client.HTTPException)):
+        urllib.request.urlopen(f"{plain_url}/health", timeout=10)
+    with pytest.raises(urllib.error.URLError) as refused:  # the system's CAs did not sign the router's certificate
+        urllib.request.urlopen(f"{secure.cluster.http_url}/health", timeout=10, context=ssl.create_default_context())
+    assert isinstance(refused.value.reason, ssl.SSLCertVerificationError)
+
+
+async def test_workers_take_calls_only_from_cluster_members(secure: Secure) -> None:
+    """A worker's Worker service answers a caller with a cluster certificate; without a client
+    certificate, with one from another CA, or in plaintext, the handshake fails."""
+    outsiders = {"no client cert": secure.credentials(with_cert=False),
+                 "other CA's cert": secure.credentials(pki=secure.rogue)}
+    for worker in secure.cluster.workers:
+        async with grpc.aio.secure_channel(worker.address, secure.credentials()) as channel:
+            status = await worker_pb2_grpc.WorkerStub(channel).Status(worker_pb2.StatusRequest(), timeout=10)
+            assert status.worker_id == worker.worker_id and status.pool_integrity_ok
+        for name, credentials in outsiders.items():
+            async with grpc.aio.secure_channel(worker.address, credentials) as channel:
+                with pytest.raises(grpc.aio.AioRpcError) as failure:
+                    await worker_pb2_grpc.WorkerStub(channel).Abort(worker_pb2.AbortRequest(request_id="x"),
+                                                                   timeout=10)
+                assert failure.value.code() == grpc.StatusCode.UNAVAILABLE, name
+        async with grpc.aio.insecure_channel(worker.address) as channel:
+            with pytest.raises(grpc.aio.AioRpcError) as failure:
+                await worker_pb2_grpc.WorkerStub(channel).Status(worker_pb2.StatusRequest(), timeout=10)
+            assert failure.value.code() == grpc.StatusCode.UNAVAILABLE
+
+
+async def test_grpc_api_keys(secure: Secure) -> None:
+    """No key, a wrong key or another scheme: UNAUTHENTICATED for both Inference methods; either
+    configured key works; health checking needs none."""
+    async with grpc.aio.secure_channel(secure.cluster.grpc_address, secure.credentials(with_cert=False)) as channel:
+        stub = inference_pb2_grpc.InferenceStub(channel)
+        refused = {"missing": (), "wrong": _bearer("tk-guess"), "basic": (("authorization", f"Basic {FILE_KEY}"),)}
+        for name, metadata in refused.items():
+            with pytest.raises(grpc.aio.AioRpcError) as failure:
+                await stub.ListModels(pb.ListModelsRequest(), metadata=metadata, timeout=10)
+            assert failure.value.code() == grpc.StatusCode.UNAUTHENTICATED, name
+            with pytest.raises(grpc.aio.AioRpcError) as failure:
+                async for _ in stub.Generate(pb.GenerateRequest(text=PROMPT), metadata=metadata, timeout=10):
+                    pass
+            assert failure.value.code() == grpc.StatusCode.UNAUTHENTICATED, name
+            assert "API key" in (failure.value.details() or "")
+        for key in (FILE_KEY, ENV_KEY):
+            models = await stub.ListModels(pb.ListModelsRequest(), metadata=_bearer(key), timeout=10)
+            assert models.models
+        health = await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=10)
+        assert health.status == health_pb2.HealthCheckResponse.SERVING
+
+
+async def test_http_api_keys(secure: Secure) -> None:
+    """401 with an OpenAI-style error and `WWW-Authenticate: Bearer` without the right key (the
+    official client raises AuthenticationError); /health, /metrics and /openapi.json stay open."""
+    url, context = secure.cluster.http_url, secure.https()
+    for headers in ({}, {"Authorization": "Bearer tk-guess"}, {"Authorization": FILE_KEY}):
+        status, reply_headers, body = _get(f"{url}/v1/models", context, headers)
+        assert status == 401, headers
+        assert reply_headers["WWW-Authenticate"].startswith("Bearer")
+        error = json.loads(body)["error"]
+        assert error["type"] == "invalid_request_error" and error["code"] == "invalid_api_key"
+    status, _, _ = _get(f"{url}/v1/models", context, {"Authorization": f"bearer {FILE_KEY}"})
+    assert status == 200
+    assert _get(f"{url}/health", context)[0] == _get(f"{url}/openapi.json", context)[0] == 200
+    assert "tandem_" in fetch(f"{url}/metrics", context)
+    client = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="tk-guess", max_retries=0,
+                                http_client=openai.DefaultAsyncHttpxClient(verify=context))
+    with pytest.raises(openai.AuthenticationError):
+        await client.completions.create(model="", prompt=PROMPT, max_tokens=2)
+    await client.close()
+
+
+def test_no_key_password_or_prompt_in_the_output(secure: Secure) -> None:
+    """Everything the cluster printed (the launcher, and its children's logs at the default level)
+    names neither a key, nor the etcd password, nor the prompt text. Runs last."""
+    output = "".join(secure.cluster.output)
+    assert "router: gRPC on" in output  # the children's logs are in it
+    for secret in (FILE_KEY, ENV_KEY, ETCD_PASSWORD, PROMPT, PROMPT[:20]):
+        assert secret not in output, secret
