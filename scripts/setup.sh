@@ -4,6 +4,23 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
+# promtool (Debian's prometheus package) for the checks of deploy/prometheus/ in tests/test_deploy.py;
+# without root or sudo, or offline, those tests skip and say why.
+if ! command -v promtool >/dev/null 2>&1; then
+  if [ "$(id -u)" -eq 0 ]; then
+    sudo=""
+  elif command -v sudo >/dev/null 2>&1 && sudo -n true 2>/dev/null; then
+    sudo="sudo -n"
+  else
+    sudo="none"
+  fi
+  if [ "$sudo" != none ]; then
+    if ! { $sudo apt-get update -qq && DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq \
+        --no-install-recommends prometheus >/dev/null; }; then
+      echo "setup.sh: could not install promtool (apt-get failed); the deploy/prometheus tests will skip" >&2
+    fi
+  fi
+fi
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
 stamp=.venv/.tandem-setup
 want=$(cat requirements.txt requirements-dev.txt scripts/setup.sh | sha256sum | cut -d' ' -f1)

@@ -1,0 +1,166 @@
+"""The SLO planner end to end on a local cluster (tiny Llama, fp32). First, on one decode worker,
+the ITL p90 the router reports under a light and under a heavy load, and `tandem profile`'s
+capacity profile. Then, with an ITL target between the two, `tandem up --planner true` grows decode
+from 1 to 2 workers when the heavy load pushes the ITL p90 past the target, and shrinks it back
+(draining the worker with SIGTERM) once the load falls, while every request succeeds."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+import random
+import re
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+
+import grpc
+import pytest
+
+from cluster.local_cluster import Cluster
+from cluster.planner.capacity import CapacityProfile
+from cluster.planner.sources import RouterScrapeSource
+from tandem.v1 import inference_pb2 as pb
+from tandem.v1 import inference_pb2_grpc
+from tests.support.cluster import REPO, fetch, metric, tandem_up
+
+TOKENS = 32
+HEAVY = 48  # concurrent streams of the heavy phase
+
+
+class Load:
+    """`streams` concurrent clients, each sending one greedy request after another. Lowering the
+    count lets the extra clients finish their request first: none is cancelled."""
+
+    def __init__(self, address: str) -> None:
+        self.channel = grpc.aio.insecure_channel(address)
+        self.stub = inference_pb2_grpc.InferenceStub(self.channel)
+        self.streams, self.ok = 0, 0
+        self.errors: list[Exception] = []
+        self.tasks: list[asyncio.Task[None]] = []  # client i runs while i < streams
+        self.rng = random.Random(7)
+
+    def set(self, streams: int) -> None:
+        self.streams = streams
+        for i in range(streams):
+            if i == len(self.tasks):
+                self.tasks.append(asyncio.create_task(self._client(i)))
+            elif self.tasks[i].done():
+                self.tasks[i] = asyncio.create_task(self._client(i))
+
+    async def _client(self, index: int) -> None:
+        while index < self.streams:
+            request = pb.GenerateRequest(token_ids=pb.TokenIds(ids=[self.rng.randrange(4, 500) for _ in range(8)]),
+                                         sampling=pb.SamplingParameters(temperature=0.0, max_tokens=TOKENS,
+                                                                        ignore_eos=True), timeout_seconds=60)
+            try:
+                tokens = [t async for chunk in self.stub.Generate(request, timeout=60) for t in chunk.token_ids]
+                assert len(tokens) == TOKENS, f"{len(tokens)} tokens"
+                self.ok += 1
+            except (grpc.aio.AioRpcError, AssertionError) as e:
+                self.errors.append(e)
+
+    async def stop(self) -> None:
+        self.streams = 0
+        await asyncio.gather(*self.tasks)
+        await self.channel.close()
+
+
+async def _until(condition: Callable[[], bool], timeout_s: float, what: str) -> float:
+    started = time.monotonic()
+    while not condition():
+        assert time.monotonic() - started < timeout_s, f"{what} did not happen within {timeout_s} s"
+        await asyncio.sleep(0.25)
+    return time.monotonic() - started
+
+
+async def _router_itl_p90(cluster: Cluster, streams: int, seconds: float) -> float:
+    """The ITL p90 the router's histogram shows (as the planner reads it) under `streams` clients."""
+    load, source = Load(cluster.grpc_address), RouterScrapeSource(f"{cluster.http_url}/metrics", 0.9, 3600)
+    load.set(streams)
+    try:
+        await asyncio.sleep(1)  # the batch fills
+        await asyncio.to_thread(source.observe)
+        await asyncio.sleep(seconds)
+        seen = await asyncio.to_thread(source.observe)
+    finally:
+        await load.stop()
+    assert seen is not None and seen.itl_s is not None and not load.errors
+    return seen.itl_s
+
+
+def _planner_metrics(cluster: Cluster) -> str:
+    port = next(m.group(1) for line in cluster.output if (m := re.match(r"planner metrics=(\d+)", line)))
+    return fetch(f"http://127.0.0.1:{port}/metrics")
+
+
+def _decisions(cluster: Cluster, action: str, reason: str) -> float:
+    return metric(_planner_metrics(cluster), "tandem_planner_decisions_total", pool="decode", action=action,
+                  reason=reason)
+
+
+def _decode_workers(cluster: Cluster) -> float:
+    return metric(cluster.router_metrics(), "tandem_router_workers", pool="decode")
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+async def test_the_planner_grows_and_shrinks_decode_with_the_load(tiny_llama_dir, tmp_path) -> None:
+    common = ("--prefill", "0", "--decode", "1", "--model", str(tiny_llama_dir), "--dtype", "float32",
+              "--num-kv-blocks", "1024", "--num-threads", "1")
+    profile_path = tmp_path / "profile.json"
+    with tandem_up(*common) as cluster:
+        light, heavy = await _router_itl_p90(cluster, 1, 3), await _router_itl_p90(cluster, HEAVY, 3)
+        subprocess.run([sys.executable, "-m", "cluster.cli", "profile", "--address", cluster.grpc_address,
+                        "--output", str(profile_path), "--prefill-s", "0", "--decode-batches", "1,8",
+                        "--decode-tokens", str(TOKENS), "--decode-prompt-tokens", "8", "--step-s", "2"],
+                       cwd=REPO, check=True, timeout=120)
+    profile = CapacityProfile.load(profile_path)
+    assert [p.batch for p in profile.decode] == [1, 8] and profile.prefill_tokens_per_s is None
+    assert heavy > 2 * light, (light, heavy)
+    # the target is as far (a ratio) over the light load's ITL, counting the 0.7 scale-down bar, as
+    # it is under the heavy load's: a margin against a slow or noisy machine both ways
+    target = math.sqrt(heavy * light / 0.7)
+
+    planner = ("--planner", "true", "--itl-target-s", f"{target:.5f}", "--capacity-profile", str(profile_path),
+               "--planner-interval-s", "1", "--planner-window-s", "4", "--cooldown-s", "4",
+               "--scale-down-delay-s", "4", "--min-prefill-workers", "0", "--max-prefill-workers", "0",
+               "--min-decode-workers", "1", "--max-decode-workers", "2", "--max-total-workers", "2",
+               "--grace-s", "20")
+    with tandem_up(*common, *planner) as cluster:
+        load = Load(cluster.grpc_address)
+        try:
+            load.set(1)
+            await asyncio.sleep(3)  # a light load: no reason to scale
+            assert _decisions(cluster, "scale_up", "itl_over_target") == 0
+            load.set(HEAVY)
+            await _until(lambda: _decisions(cluster, "scale_up", "itl_over_target") == 1, 30, "scale-up")
+            await _until(lambda: _decode_workers(cluster) == 2 and len(cluster.role("decode")) == 2, 60,
+                         "the second decode worker joining")
+            new = cluster.role("decode")[-1]
+
+            def routed_to_new() -> bool:
+                return metric(cluster.router_metrics(), "tandem_router_routed_total", pool="decode",
+                              worker=new.worker_id) > 0
+            await _until(routed_to_new, 20, "traffic to the new worker")
+            load.set(1)
+            await _until(lambda: _decisions(cluster, "scale_down", "underloaded") == 1, 40, "scale-down")
+            await _until(lambda: _decode_workers(cluster) == 1, 20, "the drained worker leaving")
+            await asyncio.sleep(2)  # still serving on one worker
+        finally:
+            await load.stop()
+        text = _planner_metrics(cluster)
+        assert metric(text, "tandem_planner_current_replicas", pool="decode") == 1
+        assert metric(text, "tandem_planner_desired_replicas", pool="decode") == 1
+        scaling = {(a, r): v for a in ("scale_up", "scale_down")
+                   for r in ("itl_over_target", "stream_load", "underloaded", "below_min", "above_max")
+                   if (v := metric(text, "tandem_planner_decisions_total", pool="decode", action=a, reason=r))}
+        assert scaling == {("scale_up", "itl_over_target"): 1, ("scale_down", "underloaded"): 1}
+        assert not load.errors, load.errors[:3]
+        router = cluster.router_metrics()
+        outcomes = {m.group(1): float(m.group(2))
+                    for m in re.finditer(r'tandem_requests_total\{outcome="(\w+)"\} (\S+)', router)}
+        assert outcomes == {"ok": load.ok}, outcomes
+        print(json.dumps({"itl_target_s": target, "light_itl_p90": light, "heavy_itl_p90": heavy, "ok": load.ok}))
