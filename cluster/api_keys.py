@@ -31,7 +31,8 @@ WRONG = "invalid API key"
 
 
 def _digest(key: str) -> bytes:
-    return hashlib.sha256(key.encode()).digest()
+    # surrogateescape: a header with non-UTF-8 bytes (aiohttp keeps them as lone surrogates) is just a wrong key
+    return hashlib.sha256(key.encode("utf-8", "surrogateescape")).digest()
 
 
 @dataclass(frozen=True)

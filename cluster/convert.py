@@ -17,6 +17,10 @@ _FINISH = {None: pb.FINISH_REASON_UNSPECIFIED, "stop": pb.FINISH_REASON_STOP, "l
            "abort": pb.FINISH_REASON_ABORT}
 
 
+# trailing metadata of a worker's admission refusal (RESOURCE_EXHAUSTED): tells it apart from gRPC's own
+# RESOURCE_EXHAUSTED (a message over the size limit), which retrying on another worker would not cure
+QUEUE_FULL = "tandem-queue-full"
+
 def sampling_from_proto(msg: pb.SamplingParameters) -> SamplingParams:
     """Fields the client left unset keep the engine's defaults."""
     kwargs: dict[str, Any] = {name: getattr(msg, name) for name in _OPTIONAL if msg.HasField(name)}

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import grpc
 
 from cluster import router_metrics as m
-from cluster.convert import sampling_from_proto
+from cluster.convert import QUEUE_FULL, sampling_from_proto
 from cluster.routing import Route, RoutingPolicy
 from cluster.worker_pool import WorkerPool
 from engine.block_manager import hash_blocks
@@ -166,14 +166,18 @@ class RouterCore:
         that recomputes prompt + `streamed` and continues after them (migration), so the client's
         stream goes on with no token repeated or lost."""
         hashes = hash_blocks(req.prompt_token_ids, self.block_size())
-        tried: set[str] = set()
+        tried: set[str] = set()  # each decode worker is tried at most once
         streamed: list[int] = []
         latency = _Latency(arrival)
-        refused: RouterError | None = None  # the last decode worker's refusal, if every one refuses
-        for attempt in range(_MAX_DECODE_ATTEMPTS):
+        refused: RouterError | None = None  # the last admission refusal (a full queue)
+        attempt = losses = 0
+        while True:
             try:
                 route = self._route(hashes, tried, with_prefill=not streamed)
             except RouterError as no_worker:
+                if streamed:
+                    raise RouterError(grpc.StatusCode.UNAVAILABLE, f"the decode worker was lost after {len(streamed)} "
+                                      f"tokens and none could continue: {(refused or no_worker).message}") from None
                 raise (refused or no_worker) from None
             tried.add(route.decode.worker_id)
             route.decode.inflight += 1
@@ -182,6 +186,7 @@ class RouterCore:
                 p.inflight += 1
             call = route.decode.stub.Generate(self._worker_request(req, route, deadline, attempt, streamed),
                                               timeout=max(deadline - time.monotonic(), 0.001))
+            attempt += 1
             try:
                 async for chunk in call:
                     while prefilling:
@@ -190,18 +195,23 @@ class RouterCore:
                     chunk.request_id = req.request_id
                     streamed.extend(chunk.token_ids)
                     yield chunk
+                    if chunk.finish_reason != pb.FINISH_REASON_UNSPECIFIED:
+                        return  # complete: whatever the call's status turns out to be
                 return
             except grpc.aio.AioRpcError as e:
                 code, worker = e.code(), route.decode.worker_id
-                if code == grpc.StatusCode.RESOURCE_EXHAUSTED and not streamed:  # its queue is full: try another
+                if _queue_full(e):  # refused at once, nothing generated: another worker may have room
                     m.RETRIES.labels(code.name.lower()).inc()
                     refused = RouterError(code, f"every decode worker is busy ({worker}: {e.details()})")
                     continue
-                if code in _WORKER_LOST and attempt + 1 < _MAX_DECODE_ATTEMPTS and time.monotonic() < deadline:
+                if code in _WORKER_LOST and losses + 1 < _MAX_DECODE_ATTEMPTS and time.monotonic() < deadline:
+                    losses += 1
                     (m.MIGRATIONS if streamed else m.RETRIES).labels(code.name.lower()).inc()
-                    log.warning("decode worker %s failed (%s) after %d tokens of request %s: %s", worker, code.name,
+                    log.warning("decode worker %s failed (%s) after %d tokens of request %r: %s", worker, code.name,
                                 len(streamed), req.request_id, "migrating" if streamed else "retrying")
                     continue
+                if code == grpc.StatusCode.RESOURCE_EXHAUSTED:  # gRPC's own: the request is over a size limit
+                    code = grpc.StatusCode.INVALID_ARGUMENT
                 raise RouterError(code if code in _PASS_THROUGH else grpc.StatusCode.UNAVAILABLE,
                                   f"decode worker {worker}: {e.details()}") from e
             finally:
@@ -209,7 +219,6 @@ class RouterCore:
                 route.decode.inflight -= 1
                 for p in prefilling:
                     p.inflight -= 1
-        raise refused or RouterError(grpc.StatusCode.UNAVAILABLE, "no decode worker could take the request")
 
     def _route(self, hashes: list[int], exclude: set[str], with_prefill: bool) -> Route:
         decode_pool = [w for w in self.pool.workers("decode", "both") if w.worker_id not in exclude]
@@ -233,6 +242,12 @@ class RouterCore:
             request_id=f"{req.internal_id}-{attempt}", prompt_token_ids=req.prompt_token_ids, sampling=req.sampling,
             timeout_seconds=max(deadline - time.monotonic(), 0.001), priority=req.priority, prefill=targets,
             resume_token_ids=streamed)
+
+
+def _queue_full(e: grpc.aio.AioRpcError) -> bool:
+    """A worker's admission refusal (cluster.worker_base), not gRPC's own RESOURCE_EXHAUSTED."""
+    return e.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and any(
+        key == QUEUE_FULL for key, _ in (e.trailing_metadata() or ()))
 
 
 class _Latency:

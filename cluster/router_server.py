@@ -69,6 +69,9 @@ async def serve(settings: RouterSettings) -> None:
     log.info("router: gRPC on %s:%d, %s on %s:%d, policy %s, TLS %s, API keys %s", settings.host, grpc_port,
              scheme.upper(), settings.host, http_port, settings.policy, "on" if tls else "off",
              "off" if keys is None else f"on ({len(keys.digests)})")
+    if keys is not None and tls is None:
+        log.warning("API keys without TLS: keys cross the network in clear, and the workers' plaintext gRPC "
+                    "can be called directly, bypassing them; give every component --tls-ca/--tls-cert/--tls-key")
     print(f"READY router {settings.host}:{grpc_port} {scheme}://{settings.host}:{http_port}", flush=True)
     await stop.wait()
     log.info("router draining")

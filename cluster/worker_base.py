@@ -10,6 +10,7 @@ from collections.abc import AsyncIterator
 
 import grpc
 
+from cluster.convert import QUEUE_FULL
 from cluster.kv_events import KVEventHub
 from cluster.worker_metrics import WORKER_REQUESTS
 from engine.async_engine import AsyncEngine
@@ -33,6 +34,7 @@ class WorkerServicerBase(worker_pb2_grpc.WorkerServicer):
         """Hold one admission slot for the body, or abort the call with RESOURCE_EXHAUSTED."""
         if self.max_admitted is not None and self.admitted >= self.max_admitted:
             WORKER_REQUESTS.labels(self.worker_id, rpc, "resource_exhausted").inc()
+            context.set_trailing_metadata(((QUEUE_FULL, "1"),))
             await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
                                 f"worker {self.worker_id} has {self.admitted} requests admitted "
                                 f"(limit {self.max_admitted}): retry later or elsewhere")

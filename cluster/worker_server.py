@@ -42,6 +42,7 @@ from prefill_worker.servicer import PrefillWorkerServicer
 from tandem.v1 import worker_pb2, worker_pb2_grpc
 
 log = logging.getLogger(__name__)
+MAX_REQUEST_BYTES = 64 << 20
 
 
 def served_model_id(model: str | None) -> str:
@@ -98,7 +99,9 @@ async def _build(settings: WorkerSettings, worker_id: str, stack: AsyncExitStack
 
 
 async def serve(settings: WorkerSettings, ready: asyncio.Event | None = None) -> None:
-    server = grpc.aio.server(interceptors=[RejectUndecodable()])  # garbage bytes: INVALID_ARGUMENT, not UNKNOWN
+    # garbage bytes: INVALID_ARGUMENT, not UNKNOWN; a request the router's 16 MiB HTTP limit let through fits
+    server = grpc.aio.server(interceptors=[RejectUndecodable()],
+                             options=[("grpc.max_receive_message_length", MAX_REQUEST_BYTES)])
     tls = settings.tls_files()
     address = f"{settings.host}:{settings.grpc_port}"
     port = (server.add_insecure_port(address) if tls is None

@@ -16,7 +16,7 @@ from cluster.worker_base import WorkerServicerBase
 from cluster.worker_metrics import DISAGGREGATION, GENERATED_TOKENS, PREFILL_TOKENS, WORKER_REQUESTS
 from decode_worker.remote_prefill import Decision, DisaggregationPolicy, RemotePrefiller
 from engine.async_engine import AsyncEngine
-from engine.errors import EngineDeadError
+from engine.errors import EngineDeadError, InvalidRequestError
 from engine.outputs import RequestOutput
 from engine.sampling_params import SamplingParams
 from tandem.v1 import inference_pb2 as pb
@@ -89,7 +89,7 @@ class DecodeWorkerServicer(WorkerServicerBase):
         except TimeoutError:
             await self._fail(context, grpc.StatusCode.DEADLINE_EXCEEDED,
                              f"request {request.request_id!r} ran past its {timeout} s deadline")
-        except ValueError as e:  # the engine refused the request after queueing it (e.g. a resume it cannot replay)
+        except InvalidRequestError as e:  # refused after queueing it (e.g. a resume it cannot replay)
             await self._fail(context, grpc.StatusCode.INVALID_ARGUMENT, str(e))
         WORKER_REQUESTS.labels(self.worker_id, "Generate", "ok").inc()
 

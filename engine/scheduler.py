@@ -243,7 +243,8 @@ class Scheduler:
             seq.block_hashes = hashes[:len(hits)]
             seq.num_computed_tokens = computed
             if seq.num_preemptions == 0:
-                seq.num_cached_tokens = computed
+                # a resumed request (migration) may find its generated tokens cached too: count the prompt's only
+                seq.num_cached_tokens = min(computed, seq.num_prompt_tokens)
             seq.status = SequenceStatus.RUNNING
             self.running.append(seq)
             scheduled.append(ScheduledSequence(seq, computed, num_tokens, ()))

@@ -98,9 +98,10 @@ class LeasedKeys:
             self._keys[key] = value
 
     async def delete(self, key: str) -> None:
-        self._keys.pop(key, None)
-        client = await self.client()
-        await bounded(client.delete(key.encode()), self._timeout)
+        async with self._write_lock:  # a concurrent recovery must not write the key back
+            self._keys.pop(key, None)
+            client = await self.client()
+            await bounded(client.delete(key.encode()), self._timeout)
 
     async def _grant(self, client: Any) -> None:
         self._lease = await bounded(client.lease(self._ttl), self._timeout)

@@ -102,3 +102,18 @@ def test_async_engine_refuses_a_bad_resume_before_any_stream(tiny_llama_dir) -> 
         finally:
             engine.shutdown()
     asyncio.run(main())
+
+
+def test_resume_where_the_generated_tokens_are_cached_counts_only_the_prompt(tiny_llama_dir) -> None:
+    """A migration target that served the same request before holds prompt + output blocks in its
+    prefix cache: the resumed request reuses them, but its cached-token usage stays within the prompt."""
+    params = CASES["greedy"]
+    engine = new_engine(tiny_llama_dir)
+    reference, _ = stream(engine, params)  # leaves prompt + output blocks cached
+    streamed = [t for ids, _ in reference[:12] for t in ids]
+    engine.add_request("again", PROMPT, params, resume_token_ids=streamed)
+    outputs = []
+    while engine.has_unfinished_requests():
+        outputs += [o for o in engine.step() if o.request_id == "again"]
+    assert streamed + outputs[-1].token_ids[len(streamed):] == [t for ids, _ in reference for t in ids]
+    assert 0 < outputs[-1].num_cached_tokens <= len(PROMPT)

@@ -88,6 +88,14 @@ def test_api_keys_from_a_file_and_a_variable(tmp_path: Path) -> None:
 
 
 # -- secrets in flags, reprs and child processes ---------------------------------------------------------
+def test_a_key_with_non_utf8_bytes_is_just_wrong() -> None:
+    """aiohttp keeps undecodable header bytes as lone surrogates: a wrong key, never a 500."""
+    keys = ApiKeys.load(None, "s3cret")
+    assert keys is not None
+    assert not keys.accepts("Bearer \udcff")
+    assert keys.accepts("Bearer s3cret")
+
+
 def test_secrets_stay_out_of_help_and_reprs(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("TANDEM_ETCD_PASSWORD", PASSWORD)
     monkeypatch.setenv("TANDEM_API_KEYS", "key-from-env")
