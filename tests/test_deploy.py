@@ -24,6 +24,7 @@ import yaml
 from cluster.cli import _parser
 from cluster.flags import settings_from_args
 from cluster.launcher import UpSettings
+from cluster.planner.settings import PlannerServiceSettings
 from cluster.router_settings import RouterSettings
 from cluster.worker_settings import WorkerSettings
 from tests.support.deploy import (
@@ -47,7 +48,7 @@ BIN = Path(sys.executable).parent
 SCHEMAS = {("monitoring.coreos.com/v1", "ServiceMonitor"): "servicemonitor.monitoring.coreos.com.v1.json",
            ("keda.sh/v1alpha1", "ScaledObject"): "scaledobject.keda.sh.v1alpha1.json"}
 BUILTIN_GROUPS = {"", "apps", "policy", "autoscaling", "rbac.authorization.k8s.io", "batch", "networking.k8s.io"}
-SETTINGS = {"up": UpSettings, "worker": WorkerSettings, "router": RouterSettings}
+SETTINGS = {"up": UpSettings, "worker": WorkerSettings, "router": RouterSettings, "planner": PlannerServiceSettings}
 DOCKERFILES = sorted((DEPLOY / "docker").glob("Dockerfile.*"))
 VERSION = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["version"]
 
@@ -135,7 +136,7 @@ def test_containers_run_real_command_lines(build: str, monkeypatch: pytest.Monke
     that subcommand, TANDEM_* variables it knows, and the whole parses into valid settings."""
     commands, direct = subcommands(), direct_env_names()
     containers = list(tandem_containers(build))
-    assert {c.workload["metadata"]["name"] for c in containers} >= {"router", "prefill", "decode"}
+    assert {c.workload["metadata"]["name"] for c in containers} >= {"router", "prefill", "decode", "planner"}
     for container in containers:
         assert "command" not in container.spec, f"{container.name}: leave the image's ENTRYPOINT (tandem)"
         argv = command_line(container)
@@ -161,11 +162,20 @@ def test_containers_run_real_command_lines(build: str, monkeypatch: pytest.Monke
 @pytest.mark.parametrize("build", BUILDS)
 def test_ports_probes_and_pod_ip(build: str) -> None:
     """Ports named grpc/http/metrics are the flags' ports; probes ask gRPC health on the gRPC port
-    (TCP where TLS is on: the kubelet's gRPC probe has no TLS); workers bind and advertise their
-    pod IP under their pod name; Prometheus annotations name the metrics port."""
+    (TCP where TLS is on: the kubelet's gRPC probe has no TLS), the planner's (no gRPC) GET its
+    /metrics; workers bind and advertise their pod IP under their pod name; Prometheus annotations
+    name the metrics port."""
     tls = "tls" in build
     for c in tandem_containers(build):
         env, role = environment(c), c.flag("--role")
+        annotations = c.workload["spec"]["template"]["metadata"]["annotations"]
+        if c.spec["args"][0] == "planner":
+            port = c.port("metrics")
+            assert port == int(c.flag("--planner-metrics-port") or 0) == int(annotations["prometheus.io/port"])
+            assert c.flag("--planner-metrics-host") == "0.0.0.0" and annotations["prometheus.io/scrape"] == "true"
+            for kind in ("startupProbe", "readinessProbe", "livenessProbe"):
+                assert c.spec[kind]["httpGet"] == {"path": "/metrics", "port": "metrics"}, f"{c.name}: {kind}"
+            continue
         assert c.port("grpc") == int(c.flag("--grpc-port") or 0), c.name
         for kind in ("startupProbe", "readinessProbe", "livenessProbe"):
             probe = c.spec[kind]
@@ -173,7 +183,6 @@ def test_ports_probes_and_pod_ip(build: str) -> None:
                 assert probe.get("tcpSocket") == {"port": "grpc"} and "grpc" not in probe, f"{c.name}: {kind}"
             else:
                 assert probe["grpc"] == {"port": c.port("grpc")}, f"{c.name}: {kind} {probe}"
-        annotations = c.workload["spec"]["template"]["metadata"]["annotations"]
         assert annotations["prometheus.io/scrape"] == "true"
         if c.spec["args"][0] == "worker":
             assert role in ("prefill", "decode", "both") and c.workload["metadata"]["name"] == role
@@ -193,7 +202,8 @@ def test_drain_fits_the_grace_period(build: str) -> None:
     docs = render(build)
     for c in tandem_containers(build):
         pre_stop = c.spec.get("lifecycle", {}).get("preStop", {}).get("sleep", {}).get("seconds", 0)
-        grace = float(c.flag("--grace-s") or environment(c).get("TANDEM_GRACE_S", "30"))
+        default = "0" if c.spec["args"][0] == "planner" else "30"  # the planner has no --grace-s: no drain
+        grace = float(c.flag("--grace-s") or environment(c).get("TANDEM_GRACE_S", default))
         assert c.pod["terminationGracePeriodSeconds"] >= pre_stop + grace + 5, c.name
     for workload in (d for d in docs if d["kind"] in WORKLOADS):
         labels = workload["spec"]["template"]["metadata"]["labels"]
@@ -235,6 +245,48 @@ def test_planner_rbac() -> None:
     [binding] = find(docs, "RoleBinding", "tandem-planner")
     assert binding["subjects"] == [{"kind": "ServiceAccount", "name": "tandem-planner", "namespace": "tandem"}]
     assert binding["roleRef"]["name"] == "tandem-planner" and find(docs, "ServiceAccount", "tandem-planner")
+
+
+@pytest.mark.parametrize("build", BUILDS)
+def test_planner_deployment(build: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """One planner, as the RoleBinding's ServiceAccount (with its token: in-cluster config, its own
+    namespace), scaling Deployments that exist and that its Role names, from the router Service's
+    /metrics or from Prometheus; keda and hpa replace it (0 replicas); no other pod has its identity."""
+    docs = render(build)
+    [deployment] = find(docs, "Deployment", "planner")
+    pod = deployment["spec"]["template"]["spec"]
+    [binding] = find(docs, "RoleBinding", "tandem-planner")
+    [role] = find(docs, "Role", "tandem-planner")
+    assert [{"kind": "ServiceAccount", "name": pod["serviceAccountName"]}] == [
+        {k: s[k] for k in ("kind", "name")} for s in binding["subjects"]]
+    assert pod["automountServiceAccountToken"] is True and deployment["spec"]["strategy"]["type"] == "Recreate"
+    others = [d for d in docs if d["kind"] in WORKLOADS and d is not deployment]
+    assert all(d["spec"]["template"]["spec"].get("serviceAccountName") in (None, "default") for d in others)
+    scaler = {"keda", "hpa"} & set(build.replace("+", "/").split("/"))
+    assert deployment["spec"]["replicas"] == (0 if scaler else 1), build
+    [container] = [c for c in tandem_containers(build) if c.workload is deployment]
+    for name, value in environment(container).items():
+        monkeypatch.setenv(name, value)
+    settings = settings_from_args(PlannerServiceSettings, _parser().parse_args(command_line(container)))
+    assert settings.kube_api_server == "" and settings.kube_namespace == ""
+    scaled = {settings.prefill_deployment, settings.decode_deployment}
+    assert scaled == {"prefill", "decode"} and all(find(docs, "Deployment", n) for n in scaled)
+    assert scaled <= {n for rule in role["rules"] for n in rule.get("resourceNames", [])}
+    if settings.prometheus_url:
+        assert "namespace=" in settings.prometheus_selector, "one Tandem cluster per namespace"
+    else:  # the router Service's HTTP port; a single router: a Service over several would mix counters
+        match = re.fullmatch(r"http://([a-z0-9-]+):(\d+)/metrics", settings.router_metrics_url)
+        assert match, settings.router_metrics_url
+        [service] = find(docs, "Service", match.group(1))
+        assert any(p["port"] == int(match.group(2)) and p["name"] == "http" for p in service["spec"]["ports"])
+        assert find(docs, "Deployment", "router")[0]["spec"].get("replicas", 1) == 1, build
+    if "tls" in build:  # the router serves HTTPS; `tandem planner` scrapes it over plain HTTP only
+        assert settings.prometheus_url, build
+    for monitor in find(docs, "ServiceMonitor"):
+        if monitor["spec"]["selector"].get("matchLabels", {}).get("app.kubernetes.io/component") == "planner":
+            break
+    else:
+        assert not find(docs, "ServiceMonitor"), f"{build}: ServiceMonitors, but none for the planner"
 
 
 def test_scrapers_and_scalers_point_at_real_objects() -> None:
