@@ -1,6 +1,6 @@
 """`tandem` — run a Tandem cluster or one of its parts.
 
-  tandem up      etcd (unless --etcd), workers and the router on this machine
+  tandem up      etcd (unless --etcd), workers and the router on this machine (--ray: as Ray actors)
   tandem worker  one worker (role prefill, decode or both) against an existing etcd
   tandem router  the router (gRPC tandem.v1.Inference + OpenAI HTTP) against an existing etcd
   tandem profile measure a cluster's (or a worker's) capacity: the planner's profile (JSON)
@@ -44,10 +44,16 @@ def main(argv: list[str] | None = None) -> None:
     args = _parser().parse_args(argv if argv is None else argv + sys.argv[1:])
     logging.basicConfig(level=os.environ.get("TANDEM_LOG_LEVEL", "INFO"),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    os.environ.setdefault("UCX_NET_DEVICES", "lo")  # NIXL/UCX: stay on loopback unless told otherwise
     if args.command == "up":
         settings = settings_from_args(UpSettings, args)
-        sys.exit(up(settings, settings_from_args(PlannerSettings, args) if settings.planner else None))
+        planner = settings_from_args(PlannerSettings, args) if settings.planner else None
+        if settings.ray:  # the actors' nodes have their own network: UCX settings are the user's or the nodes'
+            from cluster.ray_backend.launcher import up_on_ray
+
+            sys.exit(up_on_ray(settings, planner))
+        os.environ.setdefault("UCX_NET_DEVICES", "lo")  # NIXL/UCX: stay on loopback unless told otherwise
+        sys.exit(up(settings, planner))
+    os.environ.setdefault("UCX_NET_DEVICES", "lo")
     if args.command in ("profile", "planner"):
         from cluster.planner import profiler, service  # grpc clients, kubernetes: only these commands
         sys.exit(profiler.run(settings_from_args(ProfileSettings, args)) if args.command == "profile"

@@ -79,3 +79,10 @@ def settings_from_args(cls: type[T], args: argparse.Namespace, **overrides: Any)
     values = {f.name: getattr(args, f.name) for f in fields(cls) if hasattr(args, f.name)}  # type: ignore[arg-type]
     values.update(overrides)
     return cls(**values)
+
+
+def settings_from_argv(cls: type[T], argv: list[str], **overrides: Any) -> T:
+    """`cls` as a process given `argv` (its flags) and this environment would build it."""
+    parser = argparse.ArgumentParser(prog=cls.__name__, exit_on_error=False)
+    add_settings_flags(parser, cls)
+    return settings_from_args(cls, parser.parse_args(argv), **overrides)

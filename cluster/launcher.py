@@ -34,15 +34,18 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 from cluster.api_keys import ApiKeys
-from cluster.flags import described
+from cluster.flags import described, settings_from_argv
 from cluster.local_etcd import running_etcd
 from cluster.planner.local_actuator import LocalProcessActuator
 from cluster.planner.loop import PlannerLoop, observation_source
 from cluster.planner.settings import PlannerSettings, Pool
 from cluster.processes import spawn
+from cluster.ray_backend.placement import PLACEMENT_MODES, PlacementMode
+from cluster.router_settings import RouterSettings
 from cluster.routing import PolicyName
 from cluster.security_settings import SecuritySettings
 from cluster.tls import client_ssl_context
+from cluster.worker_settings import WorkerSettings
 from engine.engine_config import ComputeDtype
 
 log = logging.getLogger(__name__)
@@ -77,6 +80,16 @@ class UpSettings(SecuritySettings):
         "the router's API keys, comma separated; handed on as a variable, not a flag", secret=True))
     planner: bool = field(default=False, metadata=described(
         "run the SLO planner: it scales the prefill and decode pools (its flags: --itl-target-s, ...)"))
+    ray: str = field(default="", metadata=described(
+        "a Ray cluster's address (host:port, or auto): the router and the pools run as Ray actors there "
+        "(docs/deployment-ray.md); empty: local processes"))
+    ray_placement: PlacementMode = field(default="auto", metadata=described(
+        "with --ray: resources (custom resources prefill / decode / router), gpus (one per worker), any, "
+        "or auto (resources if defined, else gpus if any, else any)"))
+    ray_worker_cpus: float = field(default=1.0, metadata=described(
+        "with --ray: CPUs each worker actor reserves (on CPU nodes also its torch threads)"))
+    ray_max_restarts: int | None = field(default=None, metadata=described(
+        "with --ray: restarts Ray gives an actor that died before replacing it; default unlimited"))
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -88,6 +101,10 @@ class UpSettings(SecuritySettings):
             raise ValueError("need at least one decode or aggregated worker, and no negative counts")
         if self.planner and self.both:
             raise ValueError("the planner scales the prefill and decode pools: no aggregated workers with it")
+        if self.ray_placement not in PLACEMENT_MODES:
+            raise ValueError(f"ray_placement must be one of {PLACEMENT_MODES}, got {self.ray_placement!r}")
+        if not self.ray_worker_cpus >= 0 or (self.ray_max_restarts is not None and self.ray_max_restarts < 0):
+            raise ValueError("ray_worker_cpus and ray_max_restarts must be >= 0")
 
     def worker_args(self, role: str, etcd: str) -> list[str]:
         args = ["worker", "--role", role, "--etcd", etcd, "--cluster", self.cluster, "--dtype", self.dtype,
@@ -110,6 +127,14 @@ class UpSettings(SecuritySettings):
         args += ["--api-keys-file", self.api_keys_file] if self.api_keys_file else []
         return args + self.security_args()
 
+    def worker_settings(self, role: str, etcd: str) -> WorkerSettings:
+        """What `tandem worker` with worker_args and security_env would run (for in-process workers)."""
+        return settings_from_argv(WorkerSettings, self.worker_args(role, etcd)[1:], etcd_password=self.etcd_password)
+
+    def router_settings(self, etcd: str) -> RouterSettings:
+        return settings_from_argv(RouterSettings, self.router_args(etcd)[1:], etcd_password=self.etcd_password,
+                                  api_keys=self.api_keys)
+
     def router_env(self) -> dict[str, str]:
         """Secrets for the router, as variables: argv is world-readable."""
         return {**self.security_env(), **({"TANDEM_API_KEYS": self.api_keys} if self.api_keys else {})}
@@ -117,6 +142,20 @@ class UpSettings(SecuritySettings):
     def https_context(self) -> ssl.SSLContext | None:
         files = self.tls_files()
         return None if files is None else client_ssl_context(files)
+
+
+def print_worker_line(ready: list[str], role: str, pid: int, **extra: str) -> None:
+    """The worker's output line, from its READY fields (id, address, metrics port)."""
+    worker_id, address, metrics = ready
+    print(" ".join([f"worker {worker_id} {role} {address} pid={pid} metrics={metrics}",
+                    *(f"{k}={v}" for k, v in extra.items())]), flush=True)
+
+
+def print_router_line(ready: list[str], pid: int, **extra: str) -> None:
+    """The router's output line, from its READY fields ("router", gRPC address, HTTP URL)."""
+    _, grpc_address, http_url = ready
+    print(" ".join([f"router grpc={grpc_address} http={http_url} pid={pid}", *(f"{k}={v}" for k, v in extra.items())]),
+          flush=True)
 
 
 @dataclass
@@ -151,7 +190,7 @@ def _await_ready(children: list[_Child], timeout_s: float) -> None:
             raise RuntimeError(f"{child.name} did not start (exit code {child.proc.poll()}); see its log above")
 
 
-def _await_workers(http_url: str, count: int, timeout_s: float, context: ssl.SSLContext | None) -> None:
+def await_workers(http_url: str, count: int, timeout_s: float, context: ssl.SSLContext | None) -> None:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         with contextlib.suppress(OSError, ValueError), \
@@ -174,11 +213,12 @@ def _stop(children: list[_Child], grace_s: float) -> None:
 
 
 @contextlib.contextmanager
-def _etcd(endpoint: str) -> Iterator[str]:
+def etcd_endpoint(endpoint: str, host: str = "127.0.0.1") -> Iterator[str]:
+    """`endpoint`, or else a local etcd listening on `host`, stopped after."""
     if endpoint:
         yield endpoint
     else:
-        with running_etcd() as started:
+        with running_etcd(host) as started:
             yield started
 
 
@@ -189,8 +229,7 @@ def _local_planner(settings: UpSettings, planner: PlannerSettings, etcd: str, wo
         return _start(f"{pool} worker", settings.worker_args(pool, etcd), settings.security_env()).proc
 
     def announce(pool: Pool, proc: subprocess.Popen, ready: list[str]) -> None:
-        worker_id, address, metrics = ready
-        print(f"worker {worker_id} {pool} {address} pid={proc.pid} metrics={metrics}", flush=True)
+        print_worker_line(ready, pool, proc.pid)
     actuator = LocalProcessActuator(start, announce)
     for child, role in zip(workers, roles, strict=True):
         actuator.adopt("prefill" if role == "prefill" else "decode", child.proc)
@@ -205,7 +244,7 @@ def up(settings: UpSettings, planner: PlannerSettings | None = None) -> int:
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
-    with _etcd(settings.etcd) as etcd:
+    with etcd_endpoint(settings.etcd) as etcd:
         print(f"etcd {etcd}", flush=True)
         roles = ["prefill"] * settings.prefill + ["decode"] * settings.decode + ["both"] * settings.both
         workers = [_start(f"{role} worker {i}", settings.worker_args(role, etcd), settings.security_env())
@@ -216,11 +255,10 @@ def up(settings: UpSettings, planner: PlannerSettings | None = None) -> int:
         try:
             _await_ready([*workers, router], settings.start_timeout_s)
             for child, role in zip(workers, roles, strict=True):
-                worker_id, address, metrics = child.ready
-                print(f"worker {worker_id} {role} {address} pid={child.proc.pid} metrics={metrics}", flush=True)
-            _, grpc_address, http_url = router.ready
-            print(f"router grpc={grpc_address} http={http_url} pid={router.proc.pid}", flush=True)
-            _await_workers(http_url, len(workers), settings.start_timeout_s, settings.https_context())
+                print_worker_line(child.ready, role, child.proc.pid)
+            print_router_line(router.ready, router.proc.pid)
+            http_url = router.ready[2]
+            await_workers(http_url, len(workers), settings.start_timeout_s, settings.https_context())
             loop, scaled = (None, None) if planner is None else _local_planner(settings, planner, etcd, workers,
                                                                                 roles, http_url)
             print("READY", flush=True)

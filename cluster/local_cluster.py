@@ -26,6 +26,8 @@ class WorkerInfo:
     address: str
     pid: int
     metrics_port: int
+    node: str = ""  # on Ray: the node's id and the actor's name
+    actor: str = ""
 
 
 @dataclass
@@ -113,7 +115,8 @@ def _parse(cluster: Cluster, parts: list[str]) -> None:
         cluster.etcd = parts[1]
     elif parts[0] == "worker":
         values = dict(p.split("=", 1) for p in parts[4:])
-        cluster.workers.append(WorkerInfo(parts[1], parts[2], parts[3], int(values["pid"]), int(values["metrics"])))
+        cluster.workers.append(WorkerInfo(parts[1], parts[2], parts[3], int(values["pid"]), int(values["metrics"]),
+                                          values.get("node", ""), values.get("actor", "")))
     elif parts[0] == "router":
         values = dict(p.split("=", 1) for p in parts[1:])
         cluster.grpc_address, cluster.http_url = values["grpc"], values["http"]

