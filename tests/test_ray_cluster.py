@@ -3,11 +3,12 @@ with the custom resources prefill and router, node D with decode. tests/support/
 and reports; this test checks the report:
 
 - set up wrong (a missing model, GPUs asked of a CPU cluster), `tandem up --ray` exits 1 with the cause;
-- `tandem up --ray`: prefill actors land on P, decode actors on D, the router on P (its resource);
+- `tandem up --ray --planner true`: prefill actors land on P, decode actors on D, the router on P (its resource);
   greedy outputs equal the engine alone;
 - under continuous load, a decode actor's process SIGKILLed is restarted by Ray (new pid, same
   actor, on D) and the prefill actor killed for good is replaced by a new actor (on P): every
-  request of the load succeeds with the engine's output; pools are clean after;
+  request of the load succeeds with the engine's output; pools are clean after; the planner
+  (bounds holding 1 prefill, 2 decode) reads the pools' sizes from the fleet;
 - the fleet as the planner's actuator: decode 1 → 2 adds a worker the router uses, 2 → 1 drains
   the newest while streams run on it: they finish exactly, without migration, and the actor ends.
 """
@@ -92,6 +93,10 @@ def _check_tandem_up(a: dict, expected_jobs: int) -> None:
     assert all(o["equal"] for o in load), [o for o in load if not o["equal"]][:5]
     assert all(p["integrity_ok"] and p["idle"] for p in a["pools"]), a["pools"]
     assert len(a["pools"]) == 3
+    assert a["planner"] == {"current_replicas/prefill": 1, "current_replicas/decode": 2,
+                            "desired_replicas/prefill": 1, "desired_replicas/decode": 2,
+                            "decisions/decode": a["planner"]["decisions/decode"]}
+    assert a["planner"]["decisions/decode"] >= 5  # it ran through the kills, scaling nothing beyond its bounds
 
 
 def _check_actuator(b: dict) -> None:

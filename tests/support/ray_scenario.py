@@ -3,7 +3,8 @@ machine's routed address otherwise). It starts a two-node Ray cluster (node "P" 
 resources prefill and router, node "D" with decode: 2; both on 127.0.0.1, so "the driver's node" is
 ambiguous here and the router goes by its resource), then
 
-  A. `tandem up --ray` (1 prefill + 2 decode workers): where each actor landed, the workload's
+  A. `tandem up --ray --planner true` (1 prefill + 2 decode workers, the planner's bounds holding
+     those sizes): where each actor landed, the workload's
      outputs, and under continuous load: a decode actor's process SIGKILLed (Ray restarts it in
      place) and the prefill actor killed for good (`ray.kill`, the driver replaces it);
   B. ActorFleet as the planner's actuator, driven here: decode grown 1 → 2, then shrunk back while
@@ -31,7 +32,7 @@ from typing import Any
 import grpc
 
 from cluster.launcher import UpSettings
-from cluster.local_cluster import Cluster, WorkerInfo, fetch, metric, tandem_up
+from cluster.local_cluster import Cluster, WorkerInfo, fetch, metric, metric_sum, tandem_up
 from cluster.local_etcd import running_etcd
 from tandem.v1 import inference_pb2 as pb
 from tandem.v1 import inference_pb2_grpc
@@ -138,7 +139,10 @@ async def phase_a(ray_address: str, model: str, jobs: list[Job], expected: list[
     out: dict[str, Any] = {}
     with tandem_up("--ray", ray_address, "--model", model, "--dtype", "float32", "--prefill", "1", "--decode", "2",
                    "--min-remote-prefill-tokens", "4", "--num-kv-blocks", "128", "--grace-s", "5",
-                   timeout_s=240, env=NODE_ENV) as cluster:
+                   # the planner on Ray, held at these sizes by its bounds: it sees the fleet's counts
+                   "--planner", "true", "--planner-interval-s", "1", "--planner-window-s", "2",
+                   "--min-decode-workers", "2", "--max-decode-workers", "2", "--min-prefill-workers", "1",
+                   "--max-prefill-workers", "1", timeout_s=240, env=NODE_ENV) as cluster:
         ray.init(address=ray_address, namespace="tandem-default", log_to_driver=False)
         out["nodes"] = {n["NodeID"]: n["Resources"] for n in ray.nodes() if n["Alive"]}
         out["placement"] = [asdict(w) for w in cluster.workers]
@@ -174,6 +178,11 @@ async def phase_a(ray_address: str, model: str, jobs: list[Job], expected: list[
                                                 "tandem_generation_tokens_total")
         out["pools"] = await pools_report(live)
         out["migrations"] = metric(cluster.router_metrics(), "tandem_router_migrations_total", error="unavailable")
+        planner_port = next(line.split("=")[1].strip() for line in cluster.output if line.startswith("planner "))
+        planner = fetch(f"http://127.0.0.1:{planner_port}/metrics")
+        out["planner"] = {f"{name}/{pool}": metric(planner, f"tandem_planner_{name}", pool=pool)
+                          for name in ("current_replicas", "desired_replicas") for pool in ("prefill", "decode")}
+        out["planner"]["decisions/decode"] = metric_sum(planner, "tandem_planner_decisions_total", pool="decode")
         out["output_lines"] = cluster.output
     out["tandem_up_exit"] = 0  # tandem_up raises on any other exit code
     ray.shutdown()
