@@ -8,6 +8,7 @@ import socket
 import pytest
 
 from cluster.launcher import UpSettings
+from cluster.local_cluster import REPO
 from cluster.ray_backend.launcher import check_reachable, forwarded_env
 from cluster.ray_backend.placement import ActorPlacement, plan_placement
 
@@ -21,6 +22,14 @@ def test_resources_when_the_cluster_defines_them() -> None:
     assert placement.for_component("decode") == ActorPlacement(2.0, resources={"decode": 1.0})
     assert placement.for_component("both") == ActorPlacement(2.0, resources={"decode": 1.0})
     assert placement.for_component("router") == ActorPlacement(near_node="node-a")  # no "router" resource
+
+
+def test_with_gpus_each_worker_takes_one_besides_its_resource() -> None:
+    placement = plan_placement("auto", {**BOTH_POOLS, "GPU": 8.0}, ["prefill", "decode"], 4.0, "n")
+    assert placement.mode == "resources"
+    assert placement.for_component("decode") == ActorPlacement(4.0, 1.0, {"decode": 1.0})
+    assert plan_placement("any", {**BOTH_POOLS, "GPU": 8.0}, ["decode"], 1.0, "n").for_component(
+        "decode") == ActorPlacement(1.0)  # any: the user's choice, no device reserved
 
 
 def test_auto_falls_back_to_gpus_then_anywhere() -> None:
@@ -89,3 +98,22 @@ def test_an_unreachable_ray_address_fails_fast() -> None:
         with pytest.raises(RuntimeError, match=f"no Ray cluster at 127.0.0.1:{port}"):
             check_reachable(f"127.0.0.1:{port}", timeout_s=2)
     check_reachable("auto")  # left to Ray
+
+
+def test_the_ray_cluster_config_is_valid_and_gives_every_pool_its_resource() -> None:
+    """deploy/ray/cluster.yaml against the cluster launcher's own schema (Ray's validate_config)."""
+    import copy
+
+    import yaml
+    from ray.autoscaler._private.util import prepare_config, validate_config
+
+    config = yaml.safe_load((REPO / "deploy" / "ray" / "cluster.yaml").read_text())
+    validate_config(prepare_config(copy.deepcopy(config)))
+    types = config["available_node_types"]
+    head = types[config["head_node_type"]]["resources"]
+    assert head == {"router": 1, "CPU": 0}  # the router's node takes no worker
+    pools = {name: t["resources"] for name, t in types.items() if name != config["head_node_type"]}
+    totals = {r: sum(res.get(r, 0) * types[n]["min_workers"] for n, res in pools.items())
+              for r in ("prefill", "decode")}
+    placement = plan_placement("auto", {**totals, "router": 1, "GPU": 5}, ["router", "prefill", "decode"], 1.0, "n")
+    assert placement.mode == "resources" and placement.router == ActorPlacement(resources={"router": 1.0})

@@ -1,7 +1,8 @@
 """Where Ray places each actor of a Tandem cluster, and what it reserves there.
 
   resources  prefill workers need the custom resource {"prefill": 1}, decode and aggregated
-             workers {"decode": 1}: start the nodes of each pool with `ray start --resources`
+             workers {"decode": 1}: start the nodes of each pool with `ray start --resources`;
+             in a cluster with GPUs each worker also takes one GPU
   gpus       every worker needs one GPU (Ray sets CUDA_VISIBLE_DEVICES for it)
   any        workers go wherever their CPUs fit
   auto       resources when the cluster defines every one needed, else gpus when it has GPUs,
@@ -47,14 +48,14 @@ class ActorPlacement:
 class Placement:
     mode: Literal["resources", "gpus", "any"]  # what "auto" resolved to
     worker_cpus: float
+    worker_gpus: float  # 1 or 0: a worker uses one device
     router: ActorPlacement
 
     def for_component(self, component: Component) -> ActorPlacement:
         if component == "router":
             return self.router
-        if self.mode == "resources":
-            return ActorPlacement(self.worker_cpus, resources={POOL_RESOURCE[component]: 1.0})
-        return ActorPlacement(self.worker_cpus, num_gpus=1.0 if self.mode == "gpus" else 0.0)
+        resources = {POOL_RESOURCE[component]: 1.0} if self.mode == "resources" else {}
+        return ActorPlacement(self.worker_cpus, self.worker_gpus, resources)
 
 
 def plan_placement(mode: PlacementMode, cluster_resources: Mapping[str, float], roles: Iterable[Component],
@@ -76,4 +77,4 @@ def plan_placement(mode: PlacementMode, cluster_resources: Mapping[str, float], 
         router = ActorPlacement(resources={"router": 1.0})
     else:
         router = ActorPlacement(near_node=driver_node)
-    return Placement(resolved, worker_cpus, router)
+    return Placement(resolved, worker_cpus, 1.0 if resolved != "any" and has_gpus else 0.0, router)
