@@ -11,7 +11,8 @@ Output, one line each (scripts and tests parse them):
   worker <id> <role> <grpc address> pid=<pid> metrics=<port>   (later: one the planner started)
 
 With --planner true the SLO planner (cluster/planner) sizes the prefill and decode pools: it starts
-workers, and stops them with SIGTERM, which drains them.
+workers, and stops them with SIGTERM, which drains them. With --ray the same cluster runs as Ray
+actors instead (cluster/ray_backend/launcher.py).
 
 Every child gets the security settings (cluster.security_settings): file paths as flags, secrets
 (etcd password, API keys) as TANDEM_* variables, never in argv.
@@ -190,9 +191,13 @@ def _await_ready(children: list[_Child], timeout_s: float) -> None:
             raise RuntimeError(f"{child.name} did not start (exit code {child.proc.poll()}); see its log above")
 
 
-def await_workers(http_url: str, count: int, timeout_s: float, context: ssl.SSLContext | None) -> None:
+def await_workers(http_url: str, count: int, timeout_s: float, context: ssl.SSLContext | None,
+                  stop: threading.Event | None = None) -> None:
+    """The router's /health counts `count` workers; raises RuntimeError past `timeout_s` or once `stop` is set."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
+        if stop is not None and stop.is_set():
+            raise RuntimeError("stopped while waiting for the workers")
         with contextlib.suppress(OSError, ValueError), \
                 urllib.request.urlopen(f"{http_url}/health", timeout=2, context=context) as reply:
             if json.load(reply).get("workers") == count:

@@ -102,6 +102,7 @@ def _check_tandem_up(a: dict, expected_jobs: int) -> None:
 def _check_actuator(b: dict) -> None:
     assert b["replicas_after_up"] == 2 and b["replicas_after_down"] == 1
     assert all(c < 150 for c in b["cut_at"]), f"streams finished before the drain: {b['cut_at']}"
+    assert b["drained_running"] >= 1, "no stream ran on the drained worker"
     assert b["streams"] == ["ok"] * 4 and all(b["equal"]), b
     assert b["migrations"] == 0  # drained, not lost: the streams finished where they ran
     assert b["drained_actor"] == "dead" and b["workers_after_down"] == 2

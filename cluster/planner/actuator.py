@@ -1,9 +1,8 @@
 """What the planner scales through: one interface, one implementation per platform.
 
   LocalProcessActuator  (cluster.planner.local_actuator) worker processes of `tandem up`
+  ActorFleet            (cluster.ray_backend.fleet) worker actors of `tandem up --ray`
   KubernetesActuator    (here) the scale subresource of each pool's Deployment
-
-(Ray actors: not written; a Ray launcher would implement the same two methods.)
 """
 
 from __future__ import annotations

@@ -9,7 +9,7 @@ Invariants:
 - the server binds and advertises its Ray node's IP address, whatever `host` the driver had.
 
 Imports nothing of Ray at module level: the Ray worker process has it; the driver decorates
-`ServerActor` with `ray.remote` (cluster.ray_backend.members).
+`ServerActor` with `ray.remote` (cluster.ray_backend.launcher).
 """
 
 from __future__ import annotations
@@ -81,11 +81,11 @@ class _ServerThread:
         return self._fields
 
     def stop(self, timeout_s: float) -> bool:
-        """Drain (as on SIGTERM); True once the server returned within `timeout_s`."""
+        """Drain (as on SIGTERM); True once the server returned cleanly within `timeout_s`."""
         self._stopping = True
         self._loop.call_soon_threadsafe(self._lifecycle.stop.set)
         self._thread.join(timeout_s)
-        return not self._thread.is_alive()
+        return not self._thread.is_alive() and self._error is None
 
 
 def _runner(component: Component, settings: WorkerSettings | RouterSettings) -> Callable[[Lifecycle], Awaitable[None]]:

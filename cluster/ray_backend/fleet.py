@@ -4,8 +4,9 @@ actuator.Actuator): growing a pool creates worker actors, shrinking drains the n
 
 Failures: an actor whose process dies is restarted by Ray in place (`max_restarts`); its new
 incarnation (a new worker id, pid, maybe node) is announced when it serves. An actor Ray gave up
-on (restarts used up, killed for good) is replaced by a new actor, at most once per
-`replace_backoff_s` per component. Shrinking and stopping drain first (health NOT_SERVING, etcd
+on (restarts used up, killed for good) is replaced by a new actor at once; further replacements
+of that component wait `replace_backoff_s`, doubled for each replacement in a row that died
+before it served (up to `max_backoff_s`). Shrinking and stopping drain first (health NOT_SERVING, etcd
 record revoked, in-flight requests finish), then kill the actor without restart.
 
 Every method is called from one thread (the driver's main loop); none blocks, except
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import threading
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
@@ -44,12 +46,13 @@ class Member:
 
 class ActorFleet:
     def __init__(self, new_actor: NewActor, announce: Announce, drain_timeout_s: float,
-                 poll_interval_s: float = 1.0, replace_backoff_s: float = 5.0,
+                 poll_interval_s: float = 1.0, replace_backoff_s: float = 5.0, max_backoff_s: float = 60.0,
                  clock: Callable[[], float] = time.monotonic) -> None:
         self._new_actor, self._announce = new_actor, announce
-        self.drain_timeout_s, self.poll_interval_s, self.replace_backoff_s = drain_timeout_s, poll_interval_s, \
-            replace_backoff_s
+        self.drain_timeout_s, self.poll_interval_s = drain_timeout_s, poll_interval_s
+        self.replace_backoff_s, self.max_backoff_s = replace_backoff_s, max_backoff_s
         self._clock = clock
+        self._failed_starts: dict[Component, int] = {}  # replacements in a row that died before serving
         self._serial = itertools.count()
         self._members: list[Member] = []  # oldest first
         self._desired: dict[Component, int] = {}
@@ -85,22 +88,28 @@ class ActorFleet:
             self._start_drain(member)
 
     # -- the driver's loop ---------------------------------------------------------------------------
-    def wait_ready(self, timeout_s: float) -> None:
-        """Every member serves; raises RuntimeError (with the actor's error) if one failed to start."""
+    def wait_ready(self, timeout_s: float, stop: threading.Event | None = None) -> None:
+        """Every member serves; raises RuntimeError (with the actor's error) if one failed to start,
+        the time ran out, or `stop` was set."""
         import ray
 
         deadline = self._clock() + timeout_s
-        for member in self.serving():
-            if member.info is not None:
-                continue
-            try:
-                info = ray.get(member.handle.info.remote(), timeout=max(deadline - self._clock(), 0.0))
-            except ray.exceptions.GetTimeoutError:
-                raise RuntimeError(f"actor {member.name} did not start within {timeout_s} s "
-                                   "(is there a node with the resources it needs? `ray status`)") from None
-            except ray.exceptions.RayError as e:
-                raise RuntimeError(f"actor {member.name} failed to start: {_cause(e)}") from None
-            self._serves(member, info)
+        pending = {m.handle.info.remote(): m for m in self.serving() if m.info is None}
+        while pending:
+            if stop is not None and stop.is_set():
+                raise RuntimeError("stopped while the actors were starting")
+            if self._clock() > deadline:
+                names = ", ".join(m.name for m in pending.values())
+                raise RuntimeError(f"actors {names} did not start within {timeout_s} s (still loading, or no "
+                                   "node has the resources they need: `ray status`)")
+            done, _ = ray.wait(list(pending), num_returns=1, timeout=0.5)
+            for ref in done:
+                member = pending.pop(ref)
+                try:
+                    info = ray.get(ref)
+                except ray.exceptions.RayError as e:
+                    raise RuntimeError(f"actor {member.name} failed to start: {_cause(e)}") from None
+                self._serves(member, info)
 
     def supervise(self) -> None:
         """Announce new incarnations, replace actors Ray gave up on, finish drains."""
@@ -131,6 +140,8 @@ class ActorFleet:
                 self.replaced += 1
                 log.warning("replacing a %s actor (%d replaced so far)", component, self.replaced)
                 self._add(component)
+                backoff = self.replace_backoff_s * 2 ** self._failed_starts.get(component, 0)
+                self._replace_at[component] = now + min(backoff, self.max_backoff_s)
 
     def stop(self, first: Iterable[Component] = ("router",)) -> None:
         """Drain everything: the `first` components, then the rest together; then kill every actor."""
@@ -138,12 +149,12 @@ class ActorFleet:
 
         first = tuple(first)
         for wave in ([m for m in self.serving() if m.component in first],
-                     [m for m in self.serving() if m.component not in first]):
+                     [m for m in self.members() if m.component not in first]):  # drains under way too
             for member in wave:
                 self._start_drain(member)
             refs = [m.drain for m in wave]
-            if refs:
-                ray.wait(refs, num_returns=len(refs), timeout=self.drain_timeout_s)
+            if refs:  # the actor's own drain gives up after drain_timeout_s: a margin to hear its answer
+                ray.wait(refs, num_returns=len(refs), timeout=self.drain_timeout_s + 5.0)
         self._finish_drains(float("inf"))
         self._desired.clear()
 
@@ -156,6 +167,7 @@ class ActorFleet:
         return member
 
     def _serves(self, member: Member, info: ServerInfo) -> None:
+        self._failed_starts[member.component] = 0
         if member.info is not None:
             log.warning("actor %s was restarted: pid %d -> %d on node %s", member.name, member.info.pid, info.pid,
                         info.node_id[:8])
@@ -163,9 +175,13 @@ class ActorFleet:
         self._announce(member)
 
     def _lost(self, member: Member, error: Exception) -> None:
+        import ray
+
         log.error("actor %s is gone for good: %s", member.name, _cause(error))
+        ray.kill(member.handle, no_restart=True)  # "died" may still be restarted (a preempted node): not untracked
         self._members.remove(member)
-        self._replace_at[member.component] = self._clock() + self.replace_backoff_s
+        if member.info is None:
+            self._failed_starts[member.component] = self._failed_starts.get(member.component, 0) + 1
 
     def _start_drain(self, member: Member) -> None:
         if member.drain is None:
@@ -181,7 +197,9 @@ class ActorFleet:
             if done or now >= member.drain_deadline:
                 ray.kill(member.handle, no_restart=True)
                 self._members.remove(member)
-                log.info("actor %s %s", member.name, "drained and stopped" if done else "killed (drain timed out)")
+                drained = bool(done) and _succeeded(done[0])
+                log.info("actor %s %s", member.name, "drained and stopped" if drained else "killed (drain failed or "
+                         "timed out)")
 
 
 def _cause(error: Exception) -> str:
@@ -189,3 +207,13 @@ def _cause(error: Exception) -> str:
     the actor's constructor, the exception itself)."""
     lines = [line.strip() for line in str(error).splitlines() if line.strip()]
     return lines[-1] if lines else type(error).__name__
+
+
+def _succeeded(drain_ref: Any) -> bool:
+    """Whether a finished drain() call reports the server stopped in time."""
+    import ray
+
+    try:
+        return bool(ray.get(drain_ref, timeout=0))
+    except ray.exceptions.RayError:
+        return False

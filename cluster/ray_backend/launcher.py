@@ -82,7 +82,7 @@ def check_reachable(address: str, timeout_s: float = 5.0) -> None:
     if not sep or not port.isdigit() or "://" in address:
         return
     try:
-        socket.create_connection((host, int(port)), timeout=timeout_s).close()
+        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s).close()  # [v6]:port too
     except OSError as e:
         raise RuntimeError(f"no Ray cluster at {address} ({e}): start one with `ray start --head`") from None
 
@@ -95,20 +95,24 @@ def up_on_ray(settings: UpSettings, planner: PlannerSettings | None = None) -> i
     except RuntimeError as e:
         print(f"tandem up: {e}", file=sys.stderr, flush=True)
         return 1
-    ray.init(address=settings.ray, namespace=namespace(settings.cluster), log_to_driver=True)
+    try:
+        ray.init(address=settings.ray, namespace=namespace(settings.cluster), log_to_driver=True)
+    except (ConnectionError, RuntimeError, ValueError) as e:
+        print(f"tandem up: could not connect to the Ray cluster at {settings.ray!r}: {e}", file=sys.stderr, flush=True)
+        return 1
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):  # after ray.init, which installs its own
         signal.signal(sig, lambda *_: stop.set())
     try:
         host = ray.util.get_node_ip_address()
+        counts: dict[Component, int] = {"router": 1, "prefill": settings.prefill, "decode": settings.decode,
+                                        "both": settings.both}
+        placement = plan_placement(settings.ray_placement, ray.cluster_resources(),
+                                   [c for c, n in counts.items() if n or (planner and c != "both")],
+                                   settings.ray_worker_cpus, ray.get_runtime_context().get_node_id())
+        log.info("Ray placement: %s", placement.mode)
         with etcd_endpoint(settings.etcd, host) as etcd:
             print(f"etcd {etcd}", flush=True)
-            counts: dict[Component, int] = {"router": 1, "prefill": settings.prefill, "decode": settings.decode,
-                                            "both": settings.both}
-            placement = plan_placement(settings.ray_placement, ray.cluster_resources(),
-                                       [c for c, n in counts.items() if n or (planner and c != "both")],
-                                       settings.ray_worker_cpus, ray.get_runtime_context().get_node_id())
-            log.info("Ray placement: %s", placement.mode)
             fleet = ActorFleet(_ActorFactory(settings, etcd, placement), _announce, settings.grace_s + 5.0)
             try:
                 fleet.start(counts)
@@ -126,12 +130,12 @@ def up_on_ray(settings: UpSettings, planner: PlannerSettings | None = None) -> i
 def _serve(settings: UpSettings, planner: PlannerSettings | None, fleet: ActorFleet, host: str,
            stop: threading.Event) -> None:
     """Once every actor serves and the router sees every worker: READY, then supervise until `stop`."""
-    fleet.wait_ready(settings.start_timeout_s)
+    fleet.wait_ready(settings.start_timeout_s, stop)
     router = fleet.serving("router")[0].info
     assert router is not None
     http_url = router.fields[2]
     await_workers(http_url, settings.prefill + settings.decode + settings.both, settings.start_timeout_s,
-                  settings.https_context())
+                  settings.https_context(), stop)
     loop = None
     if planner is not None:
         loop = PlannerLoop(planner, observation_source(planner, f"{http_url}/metrics", settings.https_context()),

@@ -177,7 +177,6 @@ async def phase_a(ray_address: str, model: str, jobs: list[Job], expected: list[
         out["restarted_worker_tokens"] = metric(fetch(f"http://127.0.0.1:{restarted.metrics_port}/metrics"),
                                                 "tandem_generation_tokens_total")
         out["pools"] = await pools_report(live)
-        out["migrations"] = metric(cluster.router_metrics(), "tandem_router_migrations_total", error="unavailable")
         planner_port = next(line.split("=")[1].strip() for line in cluster.output if line.startswith("planner "))
         planner = fetch(f"http://127.0.0.1:{planner_port}/metrics")
         out["planner"] = {f"{name}/{pool}": metric(planner, f"tandem_planner_{name}", pool=pool)
@@ -242,6 +241,11 @@ async def phase_b(ray_address: str, model: str, streams: list[Job], expected: li
                 tasks = [asyncio.create_task(consume(i, stub)) for i in range(len(streams))]
                 await asyncio.wait_for(started.wait(), 60)
                 drained = fleet.serving("decode")[-1]
+                assert drained.info is not None
+                worker_id, address, metrics_port = drained.info.fields
+                status = await worker_status(WorkerInfo(worker_id, "decode", address, drained.info.pid,
+                                                        int(metrics_port)))
+                out["drained_running"] = status.running  # streams on the worker about to be drained
                 fleet.scale("decode", 1)
                 out["replicas_after_down"] = fleet.current_replicas("decode")
                 out["cut_at"] = [len(r) for r in received]
