@@ -25,8 +25,9 @@ async def serve(args: argparse.Namespace) -> None:
     store = EtcdStore(args.etcd)
     transfer = TransferEngine(store, TransferEngineConfig(engine_id=args.name, backends=(args.backend,),
                                                           metadata_prefix=args.prefix))
+    # fp32: its outputs are compared with transformers fp32 (bf16 flips near-ties)
     config = EngineConfig(model=args.model, num_kv_blocks=args.num_blocks, block_size=args.block_size,
-                          max_num_batched_tokens=args.max_batched_tokens, max_model_len=1024)
+                          max_num_batched_tokens=args.max_batched_tokens, max_model_len=1024, dtype="float32")
     engine = LLMEngine(config, kv_storage=lambda n: transfer.allocate_host_buffer(n, "kv"))
     connector = KVConnector(transfer, engine.parts.pool, engine.model_config, args.name)
     await connector.publish()
