@@ -54,7 +54,7 @@ def _announce(member: Member) -> None:
         print_worker_line(list(info.fields), info.component, info.pid, **extra)
 
 
-class _ActorFactory:
+class ActorFactory:
     """Creates the named ServerActors of one cluster: settings, placement and restart policy."""
 
     def __init__(self, settings: UpSettings, etcd: str, placement: Placement) -> None:
@@ -113,7 +113,7 @@ def up_on_ray(settings: UpSettings, planner: PlannerSettings | None = None) -> i
         log.info("Ray placement: %s", placement.mode)
         with etcd_endpoint(settings.etcd, host) as etcd:
             print(f"etcd {etcd}", flush=True)
-            fleet = ActorFleet(_ActorFactory(settings, etcd, placement), _announce, settings.grace_s + 5.0)
+            fleet = ActorFleet(ActorFactory(settings, etcd, placement), _announce, settings.grace_s + 5.0)
             try:
                 fleet.start(counts)
                 _serve(settings, planner, fleet, host, stop)

@@ -193,7 +193,7 @@ async def phase_b(ray_address: str, model: str, streams: list[Job], expected: li
     import ray
 
     from cluster.ray_backend.fleet import ActorFleet, Member
-    from cluster.ray_backend.launcher import _ActorFactory, namespace
+    from cluster.ray_backend.launcher import ActorFactory, namespace
     from cluster.ray_backend.placement import plan_placement
 
     out: dict[str, Any] = {}
@@ -205,7 +205,7 @@ async def phase_b(ray_address: str, model: str, streams: list[Job], expected: li
     with running_etcd() as etcd:
         placement = plan_placement("auto", ray.cluster_resources(), ["router", "prefill", "decode"], 1.0,
                                    ray.get_runtime_context().get_node_id())
-        fleet = ActorFleet(_ActorFactory(settings, etcd, placement), announced.append, settings.grace_s + 5)
+        fleet = ActorFleet(ActorFactory(settings, etcd, placement), announced.append, settings.grace_s + 5)
         try:
             fleet.start({"router": 1, "prefill": 1, "decode": 1})
             await asyncio.to_thread(fleet.wait_ready, 240)
