@@ -6,7 +6,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 from prometheus_client import Counter
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from engine.async_engine import AsyncEngine
@@ -25,12 +25,13 @@ REMOTE_PREFILL_FAILURES = Counter("tandem_remote_prefill_failures", "Remote pref
 
 
 class EngineCollector(Collector):
-    """Gauges read from the engine at scrape time (from another thread: may be one step stale)."""
+    """Gauges and the scheduler's counters, read from the engine at scrape time (from another
+    thread: may be one step stale)."""
 
     def __init__(self, engine: AsyncEngine, worker_id: str) -> None:
         self.engine, self.worker_id = engine, worker_id
 
-    def collect(self) -> Iterator[GaugeMetricFamily]:
+    def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
         core = self.engine.engine
         for name, doc, value in (
                 ("tandem_running_sequences", "Sequences in the running batch", len(core.scheduler.running)),
@@ -43,3 +44,7 @@ class EngineCollector(Collector):
             family = GaugeMetricFamily(name, doc, labels=["worker"])
             family.add_metric([self.worker_id], value)
             yield family
+        preemptions = CounterMetricFamily("tandem_preemptions", "Running sequences preempted (their KV blocks "
+                                          "freed, to be recomputed) to make room in the KV cache", labels=["worker"])
+        preemptions.add_metric([self.worker_id], core.scheduler.num_preemptions_total)
+        yield preemptions

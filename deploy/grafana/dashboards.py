@@ -212,7 +212,11 @@ def pools_dashboard() -> dict:
                          "{{pool}} mean")],
                   thresholds=[(KV_NEARLY_FULL_RATIO, "red")]),
         PanelSpec("Free KV blocks", "Blocks free per worker, evictable cached ones included.", "short",
-                  [Query(f"max by (worker) (tandem_kv_free_blocks{{{NS}}})", "{{worker}}")]),
+                  [Query(f"max by (worker) (tandem_kv_free_blocks{{{NS}}})", "{{worker}}")], width=6),
+        PanelSpec("Preemptions", "Sequences preempted per second to make room in the KV cache (recomputed "
+                  "later): a steady rate means the cache is too small for the batch.", "short",
+                  [Query(f"sum by (worker) (rate(tandem_preemptions_total{{{NS}}}[{RATE}]))", "{{worker}}")],
+                  width=6),
         PanelSpec("Worker calls by outcome", "Generate (decode) and Prefill calls that ended on the workers, "
                   "per second: ok, or the gRPC status (resource_exhausted: the worker's queue was full).", "reqps",
                   [Query(f"sum by (rpc, outcome) (rate(tandem_worker_requests_total{{{NS}}}[{RATE}]))",
