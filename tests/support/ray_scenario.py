@@ -216,8 +216,10 @@ async def phase_b(ray_address: str, model: str, streams: list[Job], expected: li
 
             fleet.scale("decode", 2)
             out["replicas_after_up"] = fleet.current_replicas("decode")
-            await asyncio.to_thread(wait_for, lambda: (fleet.supervise(), health_workers(http_url) == 3)[1], 120,
-                                    "the router to see the added decode worker")
+            # the router sees the new worker in etcd; the fleet hears of it on its next poll of the actor
+            await asyncio.to_thread(wait_for, lambda: (fleet.supervise(), health_workers(http_url) == 3
+                                                       and all(m.info for m in fleet.serving()))[1], 120,
+                                    "the added decode worker, seen by the router and by the fleet")
             newest = fleet.serving("decode")[-1]
             out["added_node"] = newest.info.node_id if newest.info else ""
 
