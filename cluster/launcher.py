@@ -145,18 +145,20 @@ class UpSettings(SecuritySettings):
         return None if files is None else client_ssl_context(files)
 
 
+def _print_line(head: str, extra: dict[str, str]) -> None:
+    print(" ".join([head, *(f"{k}={v}" for k, v in extra.items())]), flush=True)
+
+
 def print_worker_line(ready: list[str], role: str, pid: int, **extra: str) -> None:
     """The worker's output line, from its READY fields (id, address, metrics port)."""
     worker_id, address, metrics = ready
-    print(" ".join([f"worker {worker_id} {role} {address} pid={pid} metrics={metrics}",
-                    *(f"{k}={v}" for k, v in extra.items())]), flush=True)
+    _print_line(f"worker {worker_id} {role} {address} pid={pid} metrics={metrics}", extra)
 
 
 def print_router_line(ready: list[str], pid: int, **extra: str) -> None:
     """The router's output line, from its READY fields ("router", gRPC address, HTTP URL)."""
     _, grpc_address, http_url = ready
-    print(" ".join([f"router grpc={grpc_address} http={http_url} pid={pid}", *(f"{k}={v}" for k, v in extra.items())]),
-          flush=True)
+    _print_line(f"router grpc={grpc_address} http={http_url} pid={pid}", extra)
 
 
 @dataclass

@@ -29,7 +29,6 @@ def test_quantized_engine_agrees_with_float(default_model_path, method, min_agre
             if a != b:
                 break  # count the agreeing prefix: after a fork, the texts differ by construction
             same += 1
-    print(f"{method}: {same}/{total} greedy tokens agree with the float engine")
     assert same / total >= min_agreement, f"{method}: {same}/{total} greedy tokens agree"
     # int8 still knows the capital. int4 did on an AMD EPYC (AVX512-BF16), but not on an Intel Xeon with
     # AMX ("L'Étoile, la Marseillaise, ..."): bf16 rounding differs between the two and Q4 sits on a near-tie

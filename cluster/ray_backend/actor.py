@@ -38,7 +38,6 @@ class ServerInfo:
     fields: tuple[str, ...]  # READY fields: worker id, address, metrics port / "router", gRPC address, HTTP URL
     pid: int
     node_id: str
-    node_ip: str
 
 
 class _ServerThread:
@@ -119,7 +118,7 @@ class ServerActor:
                 logging.shutdown()
                 os._exit(1)
             raise
-        self._info = ServerInfo(component, tuple(fields), os.getpid(), context.get_node_id(), node_ip)
+        self._info = ServerInfo(component, tuple(fields), os.getpid(), context.get_node_id())
 
     def info(self) -> ServerInfo:
         return self._info
