@@ -138,7 +138,7 @@ class EngineBench:
         self.sync()
         start = time.perf_counter()
         for request_id, prompt in zip(ids, prompts, strict=True):
-            self.engine.add_request(request_id, prompt, params)
+            self.engine.add_request(self.engine.make_request(request_id, prompt, params))
         while self.engine.has_unfinished_requests():
             decode_phase = len(started_ids) == len(ids)
             if profiler is not None:
@@ -227,7 +227,7 @@ def _greedy(llm: LLM, num_tokens: int) -> list[list[int]]:
     prompts: list[str | list[int]] = [tok.apply_chat_template([{"role": "user", "content": q}])
                                       for q in AGREEMENT_QUESTIONS]
     params = SamplingParams(temperature=0, max_tokens=num_tokens, ignore_eos=True)
-    return [out.token_ids for out in llm.generate(prompts, params)]
+    return [out.token_ids for out in llm.generate(llm.make_request(prompts, params))]
 
 
 def greedy_agreement(quantized: list[list[int]], reference: list[list[int]]) -> dict[str, float | int]:

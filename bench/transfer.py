@@ -35,8 +35,9 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import torch
 
-from cluster.local_etcd import running_etcd
-from cluster.processes import spawn
+from common.etcd.local import running_etcd
+from common.processes import spawn
+from common.settings import apply_ucx_defaults
 from engine.loader.api import load_model
 from kv_transfer import EtcdStore, Ranges, TransferEngine, TransferEngineConfig, TransferOp
 from kv_transfer.kv_layout import POOL_LAYOUT, KVLayout, block_ranges
@@ -197,8 +198,7 @@ def main() -> None:
     parser.add_argument("--backends", nargs="+", default=["shm", "tcp", "nixl"])
     parser.add_argument("--json", help="write results here")
     args = parser.parse_args()
-    os.environ.setdefault("UCX_NET_DEVICES", "lo")
-    os.environ.setdefault("UCX_MODULES", "^ib")
+    apply_ucx_defaults()
     result = asyncio.run(run(args))
     result["machine"] = {"cpus": os.cpu_count(), "platform": platform.platform(), "torch_threads":
                          torch.get_num_threads(), "date": time.strftime("%Y-%m-%d")}

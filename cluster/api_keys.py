@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import grpc
 from aiohttp import web
 
-from kv_transfer.etcd_access import read_file
+from common.files import read_file
 
 OPEN_HTTP_PATHS = frozenset({"/health", "/metrics", "/openapi.json"})
 PROTECTED_GRPC_PREFIX = "/tandem.v1.Inference/"

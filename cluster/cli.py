@@ -13,15 +13,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import logging
-import os
 import sys
 
-from cluster.flags import add_settings_flags, settings_from_args
-from cluster.launcher import UpSettings, up
+from cluster.launcher import up
 from cluster.planner.settings import PlannerServiceSettings, PlannerSettings, ProfileSettings
 from cluster.router_settings import RouterSettings
-from cluster.worker_settings import WorkerSettings
+from cluster.up_settings import UpSettings
+from common.settings import add_settings_flags, apply_ucx_defaults, configure_logging, settings_from_args
+from worker_runtime.settings import WorkerSettings
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -42,8 +41,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> None:
     args = _parser().parse_args(argv if argv is None else argv + sys.argv[1:])
-    logging.basicConfig(level=os.environ.get("TANDEM_LOG_LEVEL", "INFO"),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_logging()
     if args.command == "up":
         settings = settings_from_args(UpSettings, args)
         planner = settings_from_args(PlannerSettings, args) if settings.planner else None
@@ -51,15 +49,15 @@ def main(argv: list[str] | None = None) -> None:
             from cluster.ray_backend.launcher import up_on_ray
 
             sys.exit(up_on_ray(settings, planner))
-        os.environ.setdefault("UCX_NET_DEVICES", "lo")  # NIXL/UCX: stay on loopback unless told otherwise
+        apply_ucx_defaults()  # NIXL/UCX: stay on loopback unless told otherwise
         sys.exit(up(settings, planner))
-    os.environ.setdefault("UCX_NET_DEVICES", "lo")
+    apply_ucx_defaults()
     if args.command in ("profile", "planner"):
         from cluster.planner import profiler, service  # grpc clients, kubernetes: only these commands
         sys.exit(profiler.run(settings_from_args(ProfileSettings, args)) if args.command == "profile"
                  else service.serve(settings_from_args(PlannerServiceSettings, args)))
     if args.command == "worker":
-        from cluster.worker_server import serve as serve_worker  # imports torch: not needed by `up`
+        from cluster.worker_roles import serve_worker  # imports torch: not needed by `up`
         asyncio.run(serve_worker(settings_from_args(WorkerSettings, args)))
     else:
         from cluster.router_server import serve as serve_router

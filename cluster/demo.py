@@ -9,7 +9,7 @@ import time
 
 import openai
 
-from cluster.local_cluster import tandem_up
+from cluster.up_process import tandem_up
 
 QUESTION = "What is the capital of France?"
 
@@ -17,8 +17,9 @@ QUESTION = "What is the capital of France?"
 def main(argv: list[str]) -> int:
     started = time.monotonic()
     with tandem_up(*argv, timeout_s=600) as cluster:
-        for line in cluster.output:
-            print(f"  {line.rstrip()}", flush=True)
+        assert cluster.router is not None
+        for line in [w.text() for w in cluster.workers] + [cluster.router.text()]:
+            print(f"  {line}", flush=True)
         print(f"cluster ready in {time.monotonic() - started:.1f} s\n")
         client = openai.OpenAI(base_url=f"{cluster.http_url}/v1", api_key="not-needed")
         model = client.models.list().data[0].id

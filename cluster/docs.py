@@ -8,15 +8,12 @@ TANDEM_* variable, type, default and help, and the variables read outside the fl
 from __future__ import annotations
 
 import argparse
-import contextlib
-import os
 import re
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 from cluster.cli import _parser
-from cluster.flags import _parse_bool, env_name
+from common.settings import _parse_bool, env_name, without_tandem_variables
 
 OUTPUT = Path(__file__).resolve().parents[1] / "docs" / "configuration.md"
 
@@ -39,16 +36,6 @@ OTHER_VARIABLES = {
 
 _ENV_SUFFIX = re.compile(r"\s*\(env TANDEM_[A-Z0-9_]+; default .*\)$", re.DOTALL)
 _TYPES: dict[type, str] = {int: "integer", float: "number", str: "string"}
-
-
-@contextlib.contextmanager
-def _without_tandem_environment() -> Iterator[None]:
-    """The parser takes TANDEM_* values as defaults: document the built-in ones."""
-    saved = {k: os.environ.pop(k) for k in list(os.environ) if k.startswith("TANDEM_")}
-    try:
-        yield
-    finally:
-        os.environ.update(saved)
 
 
 def _cell(text: str) -> str:
@@ -84,7 +71,7 @@ def _command(name: str, summary: str, parser: argparse.ArgumentParser) -> list[s
 
 
 def render() -> str:
-    with _without_tandem_environment():
+    with without_tandem_variables():
         parser = _parser()
     commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
     summaries = {a.dest: a.help or "" for a in commands._choices_actions}

@@ -19,13 +19,14 @@ from dataclasses import dataclass
 import grpc
 
 from cluster import router_metrics as m
-from cluster.convert import QUEUE_FULL, sampling_from_proto
 from cluster.routing import Route, RoutingPolicy
 from cluster.worker_pool import WorkerPool
+from common.wire import QUEUE_FULL
 from engine.block_manager import hash_blocks
 from engine.tokenizer import Tokenizer
 from tandem.v1 import inference_pb2 as pb
 from tandem.v1 import worker_pb2
+from worker_runtime.convert import sampling_from_proto
 
 log = logging.getLogger(__name__)
 
@@ -245,7 +246,7 @@ class RouterCore:
 
 
 def _queue_full(e: grpc.aio.AioRpcError) -> bool:
-    """A worker's admission refusal (cluster.worker_base), not gRPC's own RESOURCE_EXHAUSTED."""
+    """A worker's admission refusal (worker_runtime.servicer_base), not gRPC's own RESOURCE_EXHAUSTED."""
     return e.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and any(
         key == QUEUE_FULL for key, _ in (e.trailing_metadata() or ()))
 

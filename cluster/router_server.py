@@ -1,6 +1,6 @@
 """The router process: tandem.v1.Inference over gRPC (with health checking and reflection) and the
 OpenAI-compatible HTTP API, both on one event loop, over a live view of the workers in etcd.
-With TLS settings both serve TLS and the workers are called over mutual TLS (cluster.tls); with
+With TLS settings both serve TLS and the workers are called over mutual TLS (common.tls); with
 API keys both refuse calls without one (cluster.api_keys).
 SIGTERM: health goes NOT_SERVING, new requests are refused, in-flight ones get `grace_s`."""
 
@@ -16,15 +16,15 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from cluster.api_keys import ApiKeyInterceptor, http_middleware
-from cluster.grpc_decoding import RejectUndecodable
 from cluster.grpc_frontend import InferenceServicer
-from cluster.lifecycle import Lifecycle
 from cluster.openai_frontend import OpenAIFrontend
 from cluster.router_core import RouterCore
 from cluster.router_settings import RouterSettings
 from cluster.routing import RoutingPolicy
-from cluster.tls import channel_credentials, server_credentials, server_ssl_context
 from cluster.worker_pool import WorkerPool
+from common.grpc_decoding import RejectUndecodable
+from common.lifecycle import Lifecycle
+from common.tls import channel_credentials, server_credentials, server_ssl_context
 from engine.loader.default_model import default_model_path
 from engine.tokenizer import Tokenizer
 from tandem.v1 import inference_pb2, inference_pb2_grpc

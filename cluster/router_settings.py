@@ -5,9 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from cluster.api_keys import ApiKeys
-from cluster.flags import described
 from cluster.routing import POLICIES, PolicyName
-from cluster.security_settings import SecuritySettings
+from common.security import SecuritySettings
+from common.settings import described
 
 
 @dataclass(frozen=True)

@@ -1,7 +1,7 @@
 """The router's live view of the workers: etcd discovery, one gRPC channel per worker, the
 requests the router has in flight on each, and the block hashes each one's prefix cache holds
 (followed through its KVEvents stream). Workers whose TLS setting differs from the router's are
-left out (cluster.tls: the cluster is all-TLS or all-plaintext)."""
+left out (common.tls: the cluster is all-TLS or all-plaintext)."""
 
 from __future__ import annotations
 
@@ -12,10 +12,11 @@ from dataclasses import dataclass, field
 
 import grpc
 
-from cluster.discovery import ROLES, WorkerDirectory, WorkerRecord, WorkerRole
+from cluster.discovery import WorkerDirectory
 from cluster.router_metrics import CACHED_BLOCKS, WORKERS
-from cluster.tls import open_channel
-from kv_transfer.etcd_access import EtcdAccess
+from common.etcd.access import EtcdAccess
+from common.tls import open_channel
+from common.worker_record import ROLES, WorkerRecord, WorkerRole
 from tandem.v1 import worker_pb2, worker_pb2_grpc
 
 log = logging.getLogger(__name__)

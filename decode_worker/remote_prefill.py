@@ -3,8 +3,8 @@ until every page has landed, then let the request join the batch.
 
 Invariants:
 - A reserved block is never reused while a prefill worker may still write into it: after a failed,
-  late or cancelled attempt its blocks are detached (still held) and freed only once that worker
-  confirmed the abort, or its transfer link is gone, or `quarantine_s` has passed.
+  late or cancelled attempt its blocks are detached (still held, engine.remote_kv) and freed only
+  once that worker confirmed the abort, or its transfer link is gone, or `quarantine_s` has passed.
 - Every attempt that fails falls through to the next prefill target, then to a local prefill; a
   request never ends because a prefill worker did.
 """
@@ -21,23 +21,23 @@ from typing import Literal
 
 import grpc
 
-from cluster.convert import logprob_from_proto
-from cluster.tls import open_channel
-from cluster.worker_metrics import REMOTE_PREFILL_FAILURES
+from common.tls import open_channel
 from engine.async_engine import AsyncEngine
-from engine.block_manager import hash_blocks
 from engine.errors import OutOfKVBlocksError
 from engine.outputs import RequestOutput
-from engine.sampling_params import SamplingParams
+from engine.remote_kv import RemotePrefillResult
+from engine.request import EngineRequest
 from kv_transfer import TransferError
 from kv_transfer.kv_connector import KVConnector
 from tandem.v1 import worker_pb2, worker_pb2_grpc
+from worker_runtime.convert import logprob_from_proto
+from worker_runtime.metrics import REMOTE_PREFILL_FAILURES
 
 log = logging.getLogger(__name__)
 
 # local_resume: a migrated request (resume_token_ids) recomputes prompt + streamed tokens here
-Decision = Literal["remote", "local_short", "local_cached", "local_no_prefill_worker", "local_no_blocks", "fallback",
-                   "local_resume"]
+PrefillDecision = Literal["remote", "local_short", "local_cached", "local_no_prefill_worker", "local_no_blocks",
+                          "fallback", "local_resume"]
 
 
 @dataclass(frozen=True)
@@ -47,7 +47,7 @@ class DisaggregationPolicy:
 
     min_remote_prefill_tokens: int
 
-    def decide(self, num_prompt_tokens: int, num_cached_tokens: int, has_targets: bool) -> Decision:
+    def decide(self, num_prompt_tokens: int, num_cached_tokens: int, has_targets: bool) -> PrefillDecision:
         if not has_targets:
             return "local_no_prefill_worker"
         if num_prompt_tokens < self.min_remote_prefill_tokens:
@@ -65,39 +65,34 @@ class RemotePrefiller:
     def __init__(self, engine: AsyncEngine, connector: KVConnector, worker_id: str, timeout_s: float,
                  quarantine_s: float = 60.0, credentials: grpc.ChannelCredentials | None = None) -> None:
         self.engine = engine
+        self.remote_kv = engine.remote_kv
         self.connector = connector
         self.worker_id = worker_id
         self.timeout_s = timeout_s
         self.quarantine_s = quarantine_s
-        self.block_size = engine.engine.config.block_size
         self._credentials = credentials  # cluster TLS: prefill workers take only mutual-TLS calls
         self._channels: dict[str, grpc.aio.Channel] = {}
         self._background: set[asyncio.Task[None]] = set()
 
-    async def cached_prompt_tokens(self, prompt: list[int]) -> int:
-        hashes = hash_blocks(prompt, self.block_size)
-        hits = await self.engine.call(lambda e: e.block_manager.peek_cached_prefix(hashes, prompt))
-        return len(hits) * self.block_size
-
-    async def start(self, request: worker_pb2.WorkerGenerateRequest, params: SamplingParams,
-                    deadline: float | None) -> tuple[Decision, AsyncIterator[RequestOutput]]:
-        """Prefill `request` on its targets in turn, else here; returns the decision and the stream.
-        Attempt i runs under the id "<request id>#i" on the prefill worker and in the KV notes, so
-        a late note of an abandoned attempt can never count for the next one."""
-        rid, prompt = request.request_id, list(request.prompt_token_ids)
+    async def start(self, request: worker_pb2.WorkerGenerateRequest, engine_request: EngineRequest,
+                    deadline: float | None) -> tuple[PrefillDecision, AsyncIterator[RequestOutput]]:
+        """Prefill `request` (validated as `engine_request`) on its targets in turn, else here; returns
+        the decision and the stream. Attempt i runs under the id "<request id>#i" on the prefill
+        worker and in the KV notes, so a late note of an abandoned attempt never counts for the next."""
+        rid = request.request_id
         attempt, clean_up = 0, True
         try:
             try:
-                blocks, stream = await self.engine.reserve_remote_prefill(rid, prompt, params, request.priority)
+                blocks, stream = await self.remote_kv.reserve(engine_request)
             except OutOfKVBlocksError:  # the scheduler queues it until blocks free up
-                return "local_no_blocks", await self.engine.add_request(rid, prompt, params, request.priority)
+                return "local_no_blocks", await self.engine.add_request(engine_request)
             except ValueError:  # InvalidRequestError (e.g. the id is in use by another request): nothing reserved
                 clean_up = False
                 raise
             for attempt, target in enumerate(request.prefill):
                 if attempt > 0:
                     try:
-                        blocks = await self.engine.call(lambda e: e.rereserve_remote_blocks(rid))
+                        blocks = await self.remote_kv.rereserve(rid)
                     except OutOfKVBlocksError:  # the failed attempts still hold theirs: wait in the queue
                         break
                 try:
@@ -106,7 +101,7 @@ class RemotePrefiller:
                 except RemotePrefillFailed as e:
                     log.warning("remote prefill of %s on %s failed: %s", rid, target.prefill_address, e)
                     await self._give_up(rid, f"{rid}#{attempt}", target)
-            await self.engine.prefill_locally(rid)
+            await self.remote_kv.prefill_locally(rid)
             return "fallback", stream
         except BaseException:  # cancelled, or this engine failed: free everything, safely
             if clean_up:
@@ -139,7 +134,8 @@ class RemotePrefiller:
                                f"the reply says first token {response.first_token_id}, the KV note {first}")
         logprob = logprob_from_proto(response.first_logprob) if response.HasField("first_logprob") else None
         try:
-            await self.engine.finish_remote_prefill(request.request_id, first, logprob, response.num_cached_tokens)
+            await self.remote_kv.resume(request.request_id,
+                                        RemotePrefillResult(first, logprob, response.num_cached_tokens))
         except ValueError as e:  # e.g. a first token outside the vocabulary: the prefill worker's fault
             raise self._failed("bad_result", str(e)) from e
 
@@ -148,22 +144,23 @@ class RemotePrefiller:
         return RemotePrefillFailed(message)
 
     async def _give_up(self, rid: str, attempt_id: str, target: worker_pb2.PrefillTarget) -> None:
-        await self.engine.call(lambda e: e.detach_remote_blocks(rid, attempt_id))
+        await self.remote_kv.detach(rid, attempt_id, self.quarantine_s)
         self._spawn(self._release_when_safe(attempt_id, target))
 
     async def _cancel(self, rid: str, attempt_id: str, target: worker_pb2.PrefillTarget | None) -> None:
         with contextlib.suppress(Exception):  # not parked any more (finished or already detached)
-            await self.engine.call(lambda e: e.detach_remote_blocks(rid, attempt_id))
+            await self.remote_kv.detach(rid, attempt_id, self.quarantine_s)
         await self.engine.abort(rid)
         if target is not None:
             await self._release_when_safe(attempt_id, target)
         else:
-            await self.engine.call(lambda e: e.release_detached_blocks(attempt_id))
+            await self.remote_kv.release(attempt_id)
 
     async def _release_when_safe(self, attempt_id: str, target: worker_pb2.PrefillTarget) -> None:
         """Free detached blocks once the prefill worker confirmed it dropped the request (its Abort
-        returns only then), or its transfer link is gone (a dead process writes nothing), or after
-        `quarantine_s` (a worker unreachable for that long is given up on)."""
+        returns only then), or its transfer link is gone (a dead process writes nothing). After
+        `quarantine_s` (a worker unreachable for that long is given up on) the engine frees them
+        itself (engine.remote_kv), and this stops asking."""
         stub = worker_pb2_grpc.WorkerStub(self._channel(target.prefill_address))
         loop = asyncio.get_running_loop()
         give_up_at = loop.time() + self.quarantine_s
@@ -179,7 +176,7 @@ class RemotePrefiller:
                                 "after %.0f s", target.prefill_address, attempt_id, e.code().name, self.quarantine_s)
                     break
                 await asyncio.sleep(0.5)
-        await self.engine.call(lambda e: e.release_detached_blocks(attempt_id))
+        await self.remote_kv.release(attempt_id)
 
     def _spawn(self, coro) -> None:  # type: ignore[no-untyped-def]
         task = asyncio.create_task(coro)

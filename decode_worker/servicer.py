@@ -10,17 +10,17 @@ from collections.abc import AsyncIterator
 
 import grpc
 
-from cluster.convert import response_from_output, sampling_from_proto
-from cluster.kv_events import KVEventHub
-from cluster.worker_base import WorkerServicerBase
-from cluster.worker_metrics import DISAGGREGATION, GENERATED_TOKENS, PREFILL_TOKENS, WORKER_REQUESTS
-from decode_worker.remote_prefill import Decision, DisaggregationPolicy, RemotePrefiller
+from decode_worker.remote_prefill import DisaggregationPolicy, PrefillDecision, RemotePrefiller
 from engine.async_engine import AsyncEngine
 from engine.errors import EngineDeadError, InvalidRequestError
 from engine.outputs import RequestOutput
-from engine.sampling_params import SamplingParams
+from engine.request import EngineRequest
 from tandem.v1 import inference_pb2 as pb
 from tandem.v1 import worker_pb2
+from worker_runtime.convert import response_from_output, sampling_from_proto
+from worker_runtime.kv_events import KVEventHub
+from worker_runtime.metrics import DISAGGREGATION, GENERATED_TOKENS, PREFILL_TOKENS, WORKER_REQUESTS
+from worker_runtime.servicer_base import WorkerServicerBase
 
 log = logging.getLogger(__name__)
 
@@ -65,10 +65,11 @@ class DecodeWorkerServicer(WorkerServicerBase):
         timeout = request.timeout_seconds or None
         deadline = None if timeout is None else time.monotonic() + timeout
         try:
-            params = sampling_from_proto(request.sampling)
-            self.engine.engine._validate_prompt(list(request.prompt_token_ids))
+            engine_request = self.engine.make_request(
+                request.request_id, list(request.prompt_token_ids), sampling_from_proto(request.sampling),
+                request.priority, list(request.resume_token_ids))
             async with asyncio.timeout(timeout):
-                decision, stream = await self._start(request, params, deadline)
+                decision, stream = await self._start(request, engine_request, deadline)
         except ValueError as e:  # InvalidRequestError included: the worker stays up
             await self._fail(context, grpc.StatusCode.INVALID_ARGUMENT, str(e))
         except EngineDeadError as e:
@@ -93,21 +94,19 @@ class DecodeWorkerServicer(WorkerServicerBase):
             await self._fail(context, grpc.StatusCode.INVALID_ARGUMENT, str(e))
         WORKER_REQUESTS.labels(self.worker_id, "Generate", "ok").inc()
 
-    async def _start(self, request: worker_pb2.WorkerGenerateRequest, params: SamplingParams,
-                     deadline: float | None) -> tuple[Decision, AsyncIterator[RequestOutput]]:
-        prompt = list(request.prompt_token_ids)
-        if request.resume_token_ids:  # migrated: prompt + streamed tokens are recomputed here, none is sent again
-            return "local_resume", await self.engine.add_request(request.request_id, prompt, params, request.priority,
-                                                                 list(request.resume_token_ids))
+    async def _start(self, request: worker_pb2.WorkerGenerateRequest, engine_request: EngineRequest,
+                     deadline: float | None) -> tuple[PrefillDecision, AsyncIterator[RequestOutput]]:
+        if engine_request.resume_token_ids:  # migrated: prompt + streamed tokens are recomputed here, none sent again
+            return "local_resume", await self.engine.add_request(engine_request)
+        decision: PrefillDecision = "local_no_prefill_worker"
         if self.remote is not None:
+            prompt = engine_request.prompt_token_ids
             has_targets = len(request.prefill) > 0
-            cached = await self.remote.cached_prompt_tokens(prompt) if has_targets else 0
+            cached = await self.engine.remote_kv.cached_prefix_tokens(prompt) if has_targets else 0
             decision = self.policy.decide(len(prompt), cached, has_targets)
             if decision == "remote":
-                return await self.remote.start(request, params, deadline)
-        else:
-            decision = "local_no_prefill_worker"
-        return decision, await self.engine.add_request(request.request_id, prompt, params, request.priority)
+                return await self.remote.start(request, engine_request, deadline)
+        return decision, await self.engine.add_request(engine_request)
 
     def _count_local_prefill(self, out: RequestOutput) -> None:
         PREFILL_TOKENS.labels(self.worker_id, "cached").inc(out.num_cached_tokens)

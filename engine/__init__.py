@@ -6,14 +6,15 @@
 """
 
 from engine.async_engine import AsyncEngine
-from engine.engine_config import EngineConfig, SpeculativeConfig
-from engine.errors import EngineDeadError, InvalidRequestError, ModelLoadError, TandemError
+from engine.config import EngineConfig, SpeculativeConfig
+from engine.errors import EngineDeadError, InvalidRequestError, ModelLoadError, PoolIntegrityError, TandemError
 from engine.llm import LLM
 from engine.llm_engine import LLMEngine
 from engine.outputs import RequestOutput
+from engine.request import EngineRequest
 from engine.sampling_params import SamplingParams
 
 __all__ = [
-    "LLM", "AsyncEngine", "EngineConfig", "EngineDeadError", "InvalidRequestError", "LLMEngine",
-    "ModelLoadError", "RequestOutput", "SamplingParams", "SpeculativeConfig", "TandemError",
+    "LLM", "AsyncEngine", "EngineConfig", "EngineDeadError", "EngineRequest", "InvalidRequestError", "LLMEngine",
+    "ModelLoadError", "PoolIntegrityError", "RequestOutput", "SamplingParams", "SpeculativeConfig", "TandemError",
 ]

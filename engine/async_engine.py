@@ -1,4 +1,8 @@
-"""asyncio front of the engine: the compute loop runs in its own thread, never on the event loop."""
+"""asyncio front of the engine: the compute loop runs in its own thread, never on the event loop.
+
+Everything that touches the engine's state runs on that thread, between two steps, as a command;
+callers use the typed methods below (and `remote_kv`, engine.async_remote_kv), never the engine
+itself."""
 
 from __future__ import annotations
 
@@ -6,27 +10,27 @@ import asyncio
 import logging
 import queue
 import threading
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-from engine.engine_config import EngineConfig
+from engine.block_manager import KVCacheEvents
+from engine.config import EngineConfig, ModelConfig
 from engine.errors import EngineDeadError, InvalidRequestError
+from engine.kv_cache import KVCachePool
+from engine.kv_hooks import KVStepHook, KVStorageAllocator
 from engine.llm_engine import LLMEngine
-from engine.outputs import RequestOutput
-from engine.sampler import TokenLogprobs
+from engine.outputs import EngineStats, EngineStatus, RequestOutput
+from engine.request import EngineRequest
 from engine.sampling_params import SamplingParams
+from engine.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
 class _Add:
-    request_id: str
-    token_ids: list[int]
-    params: SamplingParams
-    priority: int
-    resume_token_ids: list[int]
+    request: EngineRequest
 
 
 @dataclass(frozen=True)
@@ -43,6 +47,7 @@ class _Call:
 
 _STOP = object()
 T = TypeVar("T")
+Outputs = asyncio.Queue[RequestOutput | BaseException]
 
 
 def _settle(future: asyncio.Future[Any], result: Any, error: BaseException | None) -> None:
@@ -55,108 +60,63 @@ def _settle(future: asyncio.Future[Any], result: Any, error: BaseException | Non
 
 
 class AsyncEngine:
-    """`async for out in await engine.add_request(id, prompt, params)` streams a request's outputs;
-    `await engine.abort(id)` cancels it and frees its blocks."""
+    """`async for out in await engine.add_request(engine.make_request(id, prompt, params))` streams a
+    request's outputs; `await engine.abort(id)` cancels it and frees its blocks."""
 
-    def __init__(self, config: EngineConfig | None = None, engine: LLMEngine | None = None) -> None:
-        self.engine = engine or LLMEngine(config)
+    def __init__(self, config: EngineConfig | None = None, engine: LLMEngine | None = None,
+                 kv_storage: KVStorageAllocator | None = None) -> None:
+        from engine.async_remote_kv import AsyncRemoteKV
+
+        self._llm = engine or LLMEngine(config, kv_storage=kv_storage)
         self._commands: queue.SimpleQueue[object] = queue.SimpleQueue()
-        self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue[RequestOutput | BaseException]]] = {}
+        self._streams: dict[str, tuple[asyncio.AbstractEventLoop, Outputs]] = {}
         self._lock = threading.Lock()
         self._dead: BaseException | None = None
+        self._stats = self._llm.stats()
+        self.remote_kv = AsyncRemoteKV(self)
         self._thread = threading.Thread(target=self._run, name="tandem-engine", daemon=True)
         self._thread.start()
 
+    # -- what never changes after start -----------------------------------------------------------------
     @property
-    def tokenizer(self):
-        return self.engine.tokenizer
+    def tokenizer(self) -> Tokenizer:
+        return self._llm.tokenizer
 
-    async def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams | None = None,
-                          priority: int = 0, resume_token_ids: list[int] | None = None
-                          ) -> AsyncIterator[RequestOutput]:
-        """Validate and enqueue a request (InvalidRequestError is raised here, before any stream).
-        `resume_token_ids`: see LLMEngine.add_request (a migrated request)."""
-        params = params or SamplingParams()
-        resumed = list(resume_token_ids or ())
-        if resumed:
-            self.engine.validate_resume(self.engine.encode_prompt(prompt), params, resumed)
-        token_ids, outputs = self._open_stream(request_id, prompt)
+    @property
+    def config(self) -> EngineConfig:
+        return self._llm.config
+
+    @property
+    def model_config(self) -> ModelConfig:
+        return self._llm.model_config
+
+    @property
+    def max_model_len(self) -> int:
+        return self._llm.max_model_len
+
+    @property
+    def kv_pool(self) -> KVCachePool:
+        """The paged KV pool (for a KV connector to register as a transfer segment)."""
+        return self._llm.kv_pool
+
+    # -- requests ---------------------------------------------------------------------------------------
+    def make_request(self, request_id: str, prompt: str | Sequence[int], params: SamplingParams | None = None,
+                     priority: int = 0, resume_token_ids: Sequence[int] | None = None) -> EngineRequest:
+        """Validate a request once, where it enters (InvalidRequestError says what to change)."""
+        return self._llm.make_request(request_id, prompt, params, priority, resume_token_ids)
+
+    async def add_request(self, request: EngineRequest) -> AsyncIterator[RequestOutput]:
+        """Enqueue a validated request; returns its stream (a duplicate id raises here)."""
+        outputs = self._open_stream(request.request_id)
         with self._lock:
             self._raise_if_dead()
-            self._commands.put(_Add(request_id, token_ids, params, priority, resumed))
-        return self._stream(request_id, outputs)
+            self._commands.put(_Add(request))
+        return self._stream(request.request_id, outputs)
 
-    def _open_stream(self, request_id: str, prompt: str | list[int]
-                     ) -> tuple[list[int], asyncio.Queue[RequestOutput | BaseException]]:
-        token_ids = self.engine.encode_prompt(prompt)
-        self.engine._validate_prompt(token_ids)
-        outputs: asyncio.Queue[RequestOutput | BaseException] = asyncio.Queue()
-        with self._lock:  # the engine thread marks itself dead under this lock: no stream is left unanswered
-            self._raise_if_dead()
-            if request_id in self._streams:
-                raise InvalidRequestError(f"request id {request_id!r} is already in use")
-            self._streams[request_id] = (asyncio.get_running_loop(), outputs)
-        return token_ids, outputs
-
-    def _raise_if_dead(self) -> None:
-        if self._dead is not None:
-            raise EngineDeadError(f"engine loop died: {self._dead!r}")
-
-    async def call(self, fn: Callable[[LLMEngine], T]) -> T:
-        """Run `fn(engine)` on the engine thread between two steps (the only safe place to touch
-        the engine's state); its exception is raised here."""
-        loop = asyncio.get_running_loop()
-        future: asyncio.Future[T] = loop.create_future()
-        with self._lock:
-            self._raise_if_dead()
-            self._commands.put(_Call(fn, loop, future))
-        return await future
-
-    # -- remote prefill (decode role) -------------------------------------------------------------------
-    async def reserve_remote_prefill(self, request_id: str, prompt: list[int], params: SamplingParams,
-                                     priority: int = 0) -> tuple[list[int], AsyncIterator[RequestOutput]]:
-        """Reserve KV blocks for a prompt another engine prefills (see
-        `LLMEngine.add_remote_prefill_request`); returns the block ids and the request's stream,
-        which starts once `finish_remote_prefill` or `prefill_locally` is called. Leaving the
-        stream early aborts the request and frees its blocks, parked or not."""
-        token_ids, outputs = self._open_stream(request_id, prompt)
-        try:
-            blocks = await self.call(lambda e: e.add_remote_prefill_request(request_id, token_ids, params, priority))
-        except BaseException:
-            with self._lock:
-                self._streams.pop(request_id, None)
-            raise
-        return blocks, self._stream(request_id, outputs)
-
-    async def finish_remote_prefill(self, request_id: str, first_token_id: int,
-                                    logprobs: TokenLogprobs | None = None, num_cached_tokens: int = 0) -> None:
-        def finish(engine: LLMEngine) -> None:
-            out = engine.finish_remote_prefill(request_id, first_token_id, logprobs, num_cached_tokens)
-            self._deliver(request_id, out, last=out.finished)
-        await self.call(finish)
-
-    async def prefill_locally(self, request_id: str) -> None:
-        await self.call(lambda e: e.prefill_locally(request_id))
-
-    async def _stream(self, request_id: str, outputs: asyncio.Queue[RequestOutput | BaseException]
-                      ) -> AsyncIterator[RequestOutput]:
-        finished = False
-        try:
-            while not finished:
-                item = await outputs.get()
-                if isinstance(item, BaseException):
-                    raise item
-                finished = item.finished
-                yield item
-        finally:
-            if not finished:  # the consumer went away (cancelled, closed): free the request's blocks
-                self._commands.put(_Abort(request_id))
-
-    async def generate(self, request_id: str, prompt: str | list[int], params: SamplingParams | None = None
-                       ) -> RequestOutput:
+    async def generate(self, request: EngineRequest) -> RequestOutput:
         """The final output of one request."""
         final = None
-        async for out in await self.add_request(request_id, prompt, params):
+        async for out in await self.add_request(request):
             final = out
         assert final is not None and final.finished
         return final
@@ -169,11 +129,69 @@ class AsyncEngine:
             if final is not None:
                 self._deliver(request_id, final, last=True)
             return final is not None
-        return await self.call(abort)
+        return await self._call(abort)
+
+    # -- observation and plumbing ------------------------------------------------------------------------
+    def stats(self) -> EngineStats:
+        """Counters as of the last step (any thread; never waits for the engine)."""
+        return self._stats
+
+    async def status(self) -> EngineStatus:
+        """Counters and the pool's integrity, read on the engine thread between two steps."""
+        return await self._call(lambda e: EngineStatus(e.stats(), e.integrity_error()))
+
+    async def drain_kv_events(self, with_snapshot: bool = False) -> KVCacheEvents:
+        """Prefix-cache changes since the last drain (needs config.record_kv_events)."""
+        return await self._call(lambda e: e.drain_kv_events(with_snapshot))
+
+    async def set_kv_hook(self, hook: KVStepHook | None) -> None:
+        """Plug a KV connector's step hook in (engine.kv_hooks), between two steps."""
+        await self._call(lambda e: e.set_kv_hook(hook))
 
     def shutdown(self, timeout: float = 10.0) -> None:
         self._commands.put(_STOP)
         self._thread.join(timeout)
+
+    # -- for engine.async_remote_kv ---------------------------------------------------------------------
+    def _open_stream(self, request_id: str) -> Outputs:
+        outputs: Outputs = asyncio.Queue()
+        with self._lock:  # the engine thread marks itself dead under this lock: no stream is left unanswered
+            self._raise_if_dead()
+            if request_id in self._streams:
+                raise InvalidRequestError(f"request id {request_id!r} is already in use")
+            self._streams[request_id] = (asyncio.get_running_loop(), outputs)
+        return outputs
+
+    def _close_stream(self, request_id: str) -> None:
+        with self._lock:
+            self._streams.pop(request_id, None)
+
+    def _raise_if_dead(self) -> None:
+        if self._dead is not None:
+            raise EngineDeadError(f"engine loop died: {self._dead!r}")
+
+    async def _call(self, fn: Callable[[LLMEngine], T]) -> T:
+        """Run `fn(engine)` on the engine thread between two steps (the only safe place to touch
+        the engine's state); its exception is raised here."""
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[T] = loop.create_future()
+        with self._lock:
+            self._raise_if_dead()
+            self._commands.put(_Call(fn, loop, future))
+        return await future
+
+    async def _stream(self, request_id: str, outputs: Outputs) -> AsyncIterator[RequestOutput]:
+        finished = False
+        try:
+            while not finished:
+                item = await outputs.get()
+                if isinstance(item, BaseException):
+                    raise item
+                finished = item.finished
+                yield item
+        finally:
+            if not finished:  # the consumer went away (cancelled, closed): free the request's blocks
+                self._commands.put(_Abort(request_id))
 
     # -- the engine thread ------------------------------------------------------------------------------
     def _deliver(self, request_id: str, item: RequestOutput | BaseException, last: bool) -> None:
@@ -188,49 +206,65 @@ class AsyncEngine:
             return False
         if isinstance(command, _Add):
             try:
-                self.engine.add_request(command.request_id, command.token_ids, command.params, command.priority,
-                                        command.resume_token_ids)
+                self._llm.add_request(command.request)
             except Exception as exc:
-                self._deliver(command.request_id, exc, last=True)
+                self._deliver(command.request.request_id, exc, last=True)
         elif isinstance(command, _Call):
             try:
-                result, error = command.fn(self.engine), None
+                result, error = command.fn(self._llm), None
             except Exception as exc:
                 result, error = None, exc
             command.loop.call_soon_threadsafe(_settle, command.future, result, error)
         elif isinstance(command, _Abort):
-            final = self.engine.abort_request(command.request_id)
+            final = self._llm.abort_request(command.request_id)
             if final is not None:
                 self._deliver(command.request_id, final, last=True)
         return True
 
+    def _next_command(self) -> object | None:
+        """The next command; waits while there is nothing to step (at most until detached blocks expire)."""
+        if self._llm.has_unfinished_requests():
+            try:
+                return self._commands.get_nowait()
+            except queue.Empty:
+                return None
+        try:
+            return self._commands.get(timeout=self._llm.remote_kv.seconds_to_next_expiry())
+        except queue.Empty:
+            return None
+
     def _run(self) -> None:
         try:
             while True:
-                block = not self.engine.has_unfinished_requests()
-                try:
-                    command = self._commands.get(block=block)
+                command = self._next_command()
+                if command is not None:
                     if not self._apply(command):
                         return
                     while True:  # drain everything queued before stepping
-                        if not self._apply(self._commands.get_nowait()):
+                        try:
+                            command = self._commands.get_nowait()
+                        except queue.Empty:
+                            break
+                        if not self._apply(command):
                             return
-                except queue.Empty:
-                    pass
-                for out in self.engine.step():
+                for out in self._llm.step():
                     self._deliver(out.request_id, out, last=out.finished)
+                self._stats = self._llm.stats()
         except BaseException as exc:
-            log.exception("engine loop died")
-            with self._lock:
-                self._dead = exc
-                streams, self._streams = self._streams, {}
-            dead = EngineDeadError(f"engine loop died: {exc!r}")
-            for loop, outputs in streams.values():
-                loop.call_soon_threadsafe(outputs.put_nowait, dead)
-            while True:  # calls queued before the death would otherwise wait forever
-                try:
-                    command = self._commands.get_nowait()
-                except queue.Empty:
-                    break
-                if isinstance(command, _Call):
-                    command.loop.call_soon_threadsafe(_settle, command.future, None, dead)
+            self._die(exc)
+
+    def _die(self, exc: BaseException) -> None:
+        log.exception("engine loop died")
+        with self._lock:
+            self._dead = exc
+            streams, self._streams = self._streams, {}
+        dead = EngineDeadError(f"engine loop died: {exc!r}")
+        for loop, outputs in streams.values():
+            loop.call_soon_threadsafe(outputs.put_nowait, dead)
+        while True:  # calls queued before the death would otherwise wait forever
+            try:
+                command = self._commands.get_nowait()
+            except queue.Empty:
+                break
+            if isinstance(command, _Call):
+                command.loop.call_soon_threadsafe(_settle, command.future, None, dead)

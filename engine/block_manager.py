@@ -5,7 +5,7 @@ it, so equal hashes mean equal whole prefixes. Hashes are blake2b over little-en
 deterministic across processes and machines (no per-process seed), so the router, prefill and
 decode workers agree on them.
 
-Invariants (checked by `check_integrity`):
+Invariants (checked by `check_integrity`, which raises PoolIntegrityError):
 - every block is either free (ref_count 0, in the LRU free list) or used (ref_count > 0, not free);
 - `cached` maps a hash to the block holding it, and that block's `hash` is that key;
 - free blocks keep their hash (and stay findable) until they are reused: eviction is LRU.
@@ -20,6 +20,8 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
+
+from engine.errors import PoolIntegrityError
 
 ROOT_HASH = 0
 
@@ -55,6 +57,7 @@ class KVCacheEvents:
 
     stored: tuple[int, ...]
     removed: tuple[int, ...]
+    snapshot: tuple[int, ...] | None = None  # every cached hash as of the drain, when asked for
 
 
 class NoFreeBlocksError(RuntimeError):
@@ -175,24 +178,27 @@ class BlockManager:
         block.hash = None
         block.token_ids = ()
 
-    def drain_events(self) -> KVCacheEvents:
-        events = KVCacheEvents(tuple(self._stored), tuple(self._removed))
+    def drain_events(self, with_snapshot: bool = False) -> KVCacheEvents:
+        events = KVCacheEvents(tuple(self._stored), tuple(self._removed),
+                               tuple(self.cached) if with_snapshot else None)
         self._stored.clear()
         self._removed.clear()
         return events
 
     def check_integrity(self, expected_refs: dict[int, int] | None = None) -> None:
-        """Raise AssertionError if the pool's bookkeeping is inconsistent. With `expected_refs`
+        """Raise PoolIntegrityError if the pool's bookkeeping is inconsistent. With `expected_refs`
         (block id → references held by live sequences), also check reference counts exactly."""
         for block in self.blocks:
             in_free = block.block_id in self.free
-            assert (block.ref_count == 0) == in_free, f"block {block.block_id}: ref {block.ref_count}, free {in_free}"
-            assert block.ref_count >= 0
-            if block.hash is not None:
-                assert self.cached.get(block.hash) == block.block_id, f"block {block.block_id} hash not indexed"
+            if block.ref_count < 0 or (block.ref_count == 0) != in_free:
+                raise PoolIntegrityError(f"block {block.block_id}: ref {block.ref_count}, free {in_free}")
+            if block.hash is not None and self.cached.get(block.hash) != block.block_id:
+                raise PoolIntegrityError(f"block {block.block_id}: its hash is not indexed to it")
         for block_hash, block_id in self.cached.items():
-            assert self.blocks[block_id].hash == block_hash
+            if self.blocks[block_id].hash != block_hash:
+                raise PoolIntegrityError(f"hash {block_hash} is indexed to block {block_id}, which holds another")
         if expected_refs is not None:
             for block in self.blocks:
                 want = expected_refs.get(block.block_id, 0)
-                assert block.ref_count == want, f"block {block.block_id}: ref {block.ref_count}, expected {want}"
+                if block.ref_count != want:
+                    raise PoolIntegrityError(f"block {block.block_id}: ref {block.ref_count}, expected {want}")

@@ -19,3 +19,8 @@ class EngineDeadError(TandemError, RuntimeError):
 
 class OutOfKVBlocksError(TandemError):
     """Not enough free KV blocks to reserve for a request right now (retry later or elsewhere)."""
+
+
+class PoolIntegrityError(TandemError, RuntimeError):
+    """The KV block pool's bookkeeping is inconsistent (a leak, a double free, a stale hash). Raised by
+    `check_integrity`, never switched off (it does not use `assert`)."""

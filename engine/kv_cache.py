@@ -10,11 +10,10 @@ Invariants the rest of Tandem relies on:
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
 
 import torch
 
-KVCacheDtype = Literal["auto", "bfloat16", "float16", "float32", "fp8_e4m3"]
+from engine.config import KVCacheDtype
 
 _STORAGE_DTYPES: dict[str, torch.dtype] = {
     "bfloat16": torch.bfloat16,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import itertools
 from collections.abc import Sequence
 
-from engine.engine_config import EngineConfig
+from engine.config import EngineConfig
 from engine.errors import InvalidRequestError
 from engine.llm_engine import LLMEngine
 from engine.outputs import RequestOutput
@@ -42,7 +42,7 @@ class LLM:
         ids = [f"llm-{next(self._ids)}" for _ in prompt_list]
         try:
             for request_id, prompt, p in zip(ids, prompt_list, param_list, strict=True):
-                self.engine.add_request(request_id, prompt, p)
+                self.engine.add_request(self.engine.make_request(request_id, prompt, p))
         except Exception:
             for request_id in ids:
                 self.engine.abort_request(request_id)

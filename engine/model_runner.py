@@ -19,7 +19,8 @@ from engine.cuda_graphs import CudaGraphDecoder
 from engine.kv_cache import KVCachePool
 from engine.kv_hooks import ObservedAttention
 from engine.models.llama import LlamaForCausalLM
-from engine.sampler import Sampler, TokenLogprobs
+from engine.outputs import TokenLogprobs
+from engine.sampler import Sampler
 from engine.scheduler import ScheduledSequence, SchedulerOutput
 
 

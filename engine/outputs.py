@@ -4,8 +4,16 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from engine.sampler import TokenLogprobs
 from engine.sequence import FinishReason
+
+
+@dataclass(frozen=True)
+class TokenLogprobs:
+    """Logprob of the sampled token and the `top` most likely (token_id, logprob), best first."""
+
+    token_id: int
+    logprob: float
+    top: tuple[tuple[int, float], ...]
 
 
 @dataclass(frozen=True)
@@ -26,3 +34,25 @@ class RequestOutput:
     num_cached_tokens: int
     arrival_time: float
     first_token_time: float | None
+
+
+@dataclass(frozen=True)
+class EngineStats:
+    """Counters and gauges of an engine after a step (for metrics and the Status RPC)."""
+
+    running: int
+    waiting: int
+    waiting_for_remote_kv: int
+    free_blocks: int  # including evictable cached ones
+    total_blocks: int
+    kv_usage: float  # share of blocks in use
+    preemptions_total: int
+    computed_tokens_total: int  # tokens run through the model (prompt and generated)
+
+
+@dataclass(frozen=True)
+class EngineStatus:
+    """What a worker's Status RPC reports: the counters, and the pool's integrity (None: consistent)."""
+
+    stats: EngineStats
+    integrity_error: str | None

@@ -13,22 +13,13 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from engine.errors import InvalidRequestError
+from engine.outputs import TokenLogprobs
 from engine.penalties import PenaltyState, apply_penalties
 from engine.sampling_params import SamplingParams
 
 # Top-k without top-p reads the k-th largest value with `torch.topk` up to this k; beyond it (or
 # with top-p) one value sort of the rows is cheaper.
 _TOPK_DIRECT_MAX = 256
-
-
-@dataclass(frozen=True)
-class TokenLogprobs:
-    """Logprob of the sampled token and the `top` most likely (token_id, logprob), best first."""
-
-    token_id: int
-    logprob: float
-    top: tuple[tuple[int, float], ...]
 
 
 @dataclass(frozen=True)
@@ -51,9 +42,6 @@ class SequenceSamplingState:
         self.num_generated = 0
         self.penalties = (PenaltyState(prompt_token_ids, vocab_size, device)
                           if params.needs_penalties else None)
-        bad = [t for t in params.stop_token_ids if t >= vocab_size]
-        if bad:
-            raise InvalidRequestError(f"stop_token_ids must be < vocab size {vocab_size}, got {bad}")
         # Token ids forbidden while num_generated < min_tokens.
         self.min_tokens_blocked: tuple[int, ...] = (
             tuple(sorted(set(eos_token_ids) | set(params.stop_token_ids))) if params.min_tokens else ())

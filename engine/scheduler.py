@@ -10,29 +10,11 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Literal
 
 from engine.block_manager import BlockManager, hash_block, hash_blocks
+from engine.config import SchedulerConfig
 from engine.errors import OutOfKVBlocksError
 from engine.sequence import FinishReason, Sequence, SequenceStatus
-
-SchedulingPolicy = Literal["fcfs", "priority"]
-
-
-@dataclass(frozen=True)
-class SchedulerConfig:
-    max_num_seqs: int = 128
-    max_num_batched_tokens: int = 2048
-    max_model_len: int = 8192
-    enable_chunked_prefill: bool = True
-    policy: SchedulingPolicy = "fcfs"
-
-    def __post_init__(self) -> None:
-        if self.max_num_seqs < 1 or self.max_num_batched_tokens < 1 or self.max_model_len < 2:
-            raise ValueError(f"invalid scheduler limits: {self}")
-        if not self.enable_chunked_prefill and self.max_num_batched_tokens < self.max_model_len:
-            raise ValueError("without chunked prefill, max_num_batched_tokens must be >= max_model_len "
-                             f"({self.max_num_batched_tokens} < {self.max_model_len})")
 
 
 @dataclass(frozen=True)
@@ -79,9 +61,6 @@ class Scheduler:
         self.blocks = block_manager
         self.waiting: list[Sequence] = []
         self.running: list[Sequence] = []
-        self.parked: list[Sequence] = []  # WAITING_FOR_REMOTE_KV: outside the batch, holding blocks
-        # blocks a remote engine may still be writing into, by a caller's key (see detach_remote_blocks)
-        self.detached: dict[str, list[int]] = {}
         self.num_preemptions_total = 0
 
     # -- queue ------------------------------------------------------------------------------------------
@@ -99,72 +78,35 @@ class Scheduler:
         return len(self.waiting) + len(self.running)
 
     def finish(self, seq: Sequence, reason: FinishReason) -> None:
-        """End a sequence wherever it is and give back its blocks."""
+        """End a sequence wherever it is and give back its blocks (a parked one's are engine.remote_kv's)."""
         if seq.status is SequenceStatus.RUNNING:
             self.running.remove(seq)
         elif seq.status is SequenceStatus.WAITING:
             self.waiting.remove(seq)
-        elif seq.status is SequenceStatus.WAITING_FOR_REMOTE_KV:
-            self.parked.remove(seq)
         self.blocks.release(seq.block_table)
         seq.block_table = []
         seq.status = SequenceStatus.FINISHED
         seq.finish_reason = reason
 
-    # -- remote prefill (disaggregated decode) ------------------------------------------------------
-    def park_for_remote_kv(self, seq: Sequence) -> None:
-        """Reserve fresh blocks for every token of `seq` (a prompt another engine prefills into
-        them); it stays out of the batch until `resume_remote_kv`."""
-        self._reserve_fresh(seq)
-        seq.status = SequenceStatus.WAITING_FOR_REMOTE_KV
-        self.parked.append(seq)
-
-    def rereserve_remote_kv(self, seq: Sequence) -> None:
-        """A parked `seq` whose blocks were detached (a failed attempt) gets fresh ones for the next."""
-        if seq.status is not SequenceStatus.WAITING_FOR_REMOTE_KV or seq.block_table:
-            raise ValueError(f"request {seq.request_id!r} is not parked without blocks")
-        self._reserve_fresh(seq)
-
-    def _reserve_fresh(self, seq: Sequence) -> None:
+    # -- sequences that do not come through the waiting queue (engine.remote_kv) -------------------------
+    def allocate_fresh(self, seq: Sequence) -> None:
+        """Give `seq` fresh blocks (no prefix-cache hits) for every one of its tokens, or raise
+        OutOfKVBlocksError and leave it unchanged."""
         need = self.blocks.blocks_needed(len(seq.token_ids))
         if need > self.blocks.num_free_blocks:
             raise OutOfKVBlocksError(f"request {seq.request_id!r} needs {need} KV blocks, "
                                      f"{self.blocks.num_free_blocks} are free")
         seq.block_table = self.blocks.allocate(need)
 
-    def resume_remote_kv(self, seq: Sequence) -> ScheduledSequence:
-        """The remote prefill of `seq` landed: it joins the running batch. Returns the step the
-        remote engine ran for it, for `commit`. (It joins even past max_num_seqs: its blocks are
-        already held.)"""
-        if seq.status is not SequenceStatus.WAITING_FOR_REMOTE_KV or not seq.block_table:
-            raise ValueError(f"request {seq.request_id!r} is not waiting for remote KV in reserved blocks")
-        self.parked.remove(seq)
+    def join_running(self, seq: Sequence) -> ScheduledSequence:
+        """`seq`'s prompt KV was computed elsewhere into its blocks: it joins the running batch (even
+        past max_num_seqs: its blocks are already held). Returns the step that computed it, for `commit`."""
         seq.status = SequenceStatus.RUNNING
         self.running.append(seq)
         return ScheduledSequence(seq, 0, len(seq.token_ids), ())
 
-    def detach_remote_blocks(self, seq: Sequence, key: str) -> None:
-        """A remote prefill into `seq`'s reserved blocks was given up (it failed, timed out or was
-        cancelled) but the remote side may still be writing: the blocks move to `detached[key]`,
-        still held, until `release_detached(key)`. `seq` stays parked, with no blocks."""
-        if seq.status is not SequenceStatus.WAITING_FOR_REMOTE_KV:
-            raise ValueError(f"request {seq.request_id!r} is not waiting for remote KV")
-        if key in self.detached:
-            raise ValueError(f"detached blocks {key!r} already exist")
-        self.detached[key] = seq.block_table
-        seq.block_table = []
-
-    def release_detached(self, key: str) -> None:
-        self.blocks.release(self.detached.pop(key, []))
-
-    def unpark_for_local_prefill(self, seq: Sequence) -> None:
-        """The remote prefill of `seq` was given up (its blocks detached): queue it (first) to be
-        prefilled here like a new request."""
-        if seq.status is not SequenceStatus.WAITING_FOR_REMOTE_KV:
-            raise ValueError(f"request {seq.request_id!r} is not waiting for remote KV")
-        if seq.block_table:
-            raise ValueError(f"detach the blocks of {seq.request_id!r} before prefilling it locally")
-        self.parked.remove(seq)
+    def add_first(self, seq: Sequence) -> None:
+        """Queue `seq` ahead of every waiting sequence (it already waited elsewhere)."""
         seq.status = SequenceStatus.WAITING
         self.waiting.insert(0, seq)
 
@@ -279,12 +221,9 @@ class Scheduler:
             self.blocks.register_full_block(seq.block_table[i], block_hash, tokens)
 
     def held_block_refs(self) -> dict[int, int]:
-        """Block id → number of live sequences holding it (for integrity checks)."""
+        """Block id → number of running or waiting sequences holding it (for integrity checks)."""
         refs: dict[int, int] = {}
-        for seq in self.running + self.waiting + self.parked:
+        for seq in self.running + self.waiting:
             for block_id in seq.block_table:
-                refs[block_id] = refs.get(block_id, 0) + 1
-        for block_ids in self.detached.values():
-            for block_id in block_ids:
                 refs[block_id] = refs.get(block_id, 0) + 1
         return refs

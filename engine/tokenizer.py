@@ -14,8 +14,9 @@ from typing import Any
 import jinja2
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
+from engine.disk_cache import publish_directory, tokenizer_cache_path
 from engine.errors import InvalidRequestError, ModelLoadError
-from engine.loader.weight_cache import publish_directory, tokenizer_cache_path
+from engine.gguf_file import open_gguf
 
 logger = logging.getLogger(__name__)
 
@@ -124,8 +125,6 @@ def _load_dir(directory: pathlib.Path, source: pathlib.Path) -> PreTrainedTokeni
 
 def _build_from_gguf(source: pathlib.Path) -> tuple[PreTrainedTokenizerBase, list[int]]:
     """transformers' GGUF tokenizer conversion (seconds: callers cache it) and the GGUF's eos/eot ids."""
-    from engine.loader.gguf_loader import open_gguf
-
     started = time.perf_counter()
     fields = open_gguf(source).fields
     eos = [int(fields[k].contents()) for k in ("tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id")

@@ -1,13 +1,12 @@
 """Tandem's transfer engine: move KV-cache pages between processes and hosts.
 
 The data plane (NIXL/UCX, NCCL, TCP, shared memory) is neither encrypted nor authenticated; the
-cluster's TLS (cluster/tls.py) covers the control plane only. Keep it on a trusted network. Only
-its etcd metadata client honours TLS and auth (kv_transfer.etcd_access)."""
+cluster's TLS (common/tls.py) covers the control plane only. Keep it on a trusted network. Only
+its etcd metadata client honours TLS and auth (common.etcd.access)."""
 
 from kv_transfer.batch import BatchHandle, NotifySpec
 from kv_transfer.config import TransferEngineConfig
 from kv_transfer.datatypes import BatchStatus, Notification, Ranges, SegmentDescriptor, TransferOp, TransferRequest
-from kv_transfer.engine import RemoteSegment, TransferEngine
 from kv_transfer.errors import (
     BackendUnavailableError,
     HandshakeError,
@@ -20,6 +19,7 @@ from kv_transfer.errors import (
     TransferTimeoutError,
 )
 from kv_transfer.metadata import EtcdStore, InProcessStore, MetadataStore
+from kv_transfer.transfer_engine import RemoteSegment, TransferEngine
 
 __all__ = [
     "BackendUnavailableError", "BatchHandle", "BatchStatus", "EtcdStore", "HandshakeError", "InProcessStore",

@@ -19,10 +19,10 @@ import numpy as np
 from engine.config import ModelConfig
 from engine.kv_cache import KVCachePool
 from kv_transfer.datatypes import Notification, Ranges
-from kv_transfer.engine import RemoteSegment, TransferEngine
 from kv_transfer.errors import HandshakeError, TransferError
 from kv_transfer.kv_layout import KVLayout, block_ranges
 from kv_transfer.notifications import Subscription
+from kv_transfer.transfer_engine import RemoteSegment, TransferEngine
 
 
 def kv_tag(request_id: str) -> str:

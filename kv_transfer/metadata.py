@@ -1,7 +1,7 @@
 """Where segment descriptors are published: etcd in a cluster, an in-process store in unit tests.
 
 Keys are `<prefix>/segments/<name>`. The etcd store keeps them under one lease
-(kv_transfer.etcd_lease.LeasedKeys): a killed process's descriptors vanish after the TTL,
+(common.etcd.lease.LeasedKeys): a killed process's descriptors vanish after the TTL,
 `close()` makes them vanish at once, and they are written again after etcd loses the lease.
 """
 
@@ -10,9 +10,9 @@ from __future__ import annotations
 from collections.abc import Coroutine
 from typing import Any, Protocol, TypeVar
 
+from common.etcd.access import EtcdAccess
+from common.etcd.lease import LeasedKeys, bounded
 from kv_transfer.errors import MetadataStoreError
-from kv_transfer.etcd_access import EtcdAccess
-from kv_transfer.etcd_lease import LeasedKeys, bounded
 
 T = TypeVar("T")
 

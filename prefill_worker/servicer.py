@@ -10,10 +10,6 @@ import logging
 
 import grpc
 
-from cluster.convert import logprob_to_proto, sampling_from_proto
-from cluster.kv_events import KVEventHub
-from cluster.worker_base import WorkerServicerBase
-from cluster.worker_metrics import PREFILL_TOKENS, WORKER_REQUESTS
 from engine.async_engine import AsyncEngine
 from engine.errors import EngineDeadError
 from engine.outputs import RequestOutput
@@ -22,6 +18,10 @@ from kv_transfer.errors import HandshakeError
 from kv_transfer.kv_connector import KVConnector
 from kv_transfer.kv_push import KVPusher
 from tandem.v1 import worker_pb2
+from worker_runtime.convert import logprob_to_proto, sampling_from_proto
+from worker_runtime.kv_events import KVEventHub
+from worker_runtime.metrics import PREFILL_TOKENS, WORKER_REQUESTS
+from worker_runtime.servicer_base import WorkerServicerBase
 
 log = logging.getLogger(__name__)
 
@@ -32,7 +32,7 @@ class PrefillWorkerServicer(WorkerServicerBase):
         super().__init__(engine, worker_id, "prefill", events, max_admitted)
         self.connector = connector
         self.pusher = pusher
-        self.block_size = engine.engine.config.block_size
+        self.block_size = engine.config.block_size
 
     async def Prefill(self, request: worker_pb2.PrefillRequest,
                       context: grpc.aio.ServicerContext) -> worker_pb2.PrefillResponse:
@@ -46,6 +46,7 @@ class PrefillWorkerServicer(WorkerServicerBase):
             params = sampling_from_proto(request.sampling)
             # one token: the first; stop strings and lengths are the decode worker's business
             params = dataclasses.replace(params, max_tokens=1, min_tokens=min(params.min_tokens, 1), stop=())
+            engine_request = self.engine.make_request(rid, prompt, params)
             need = -(-len(prompt) // self.block_size)
             if len(request.decode_block_ids) != need:
                 raise ValueError(f"a {len(prompt)}-token prompt needs {need} blocks of {self.block_size} tokens, "
@@ -60,7 +61,7 @@ class PrefillWorkerServicer(WorkerServicerBase):
         timeout = request.timeout_seconds or None
         self.pusher.expect(rid, peer, list(request.decode_block_ids), timeout_s=timeout or 30.0)
         try:
-            stream = await self.engine.add_request(rid, prompt, params)
+            stream = await self.engine.add_request(engine_request)
             final: RequestOutput | None = None
             async with asyncio.timeout(timeout):
                 async for out in stream:  # leaving early (cancel, deadline) aborts the request in the engine

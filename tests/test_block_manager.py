@@ -6,6 +6,7 @@ import sys
 import pytest
 
 from engine.block_manager import BlockManager, hash_block, hash_blocks
+from engine.errors import PoolIntegrityError
 
 
 def test_hashes_chain_and_depend_on_every_token() -> None:
@@ -36,7 +37,7 @@ def test_allocate_release_and_integrity() -> None:
     bm.release(a)
     assert bm.num_free_blocks == 3
     bm.check_integrity({i: 1 for i in b})
-    with pytest.raises(AssertionError):
+    with pytest.raises(PoolIntegrityError, match="expected 1"):
         bm.check_integrity({i: 1 for i in a + b})
 
 

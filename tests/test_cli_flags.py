@@ -1,4 +1,4 @@
-"""Settings dataclasses ↔ command-line flags and TANDEM_* environment variables (cluster/flags.py), and
+"""Settings dataclasses ↔ command-line flags and TANDEM_* environment variables (common/settings.py), and
 the `tandem` CLI's help."""
 
 from __future__ import annotations
@@ -14,10 +14,10 @@ from typing import Any
 import pytest
 
 from cluster.cli import main
-from cluster.flags import add_settings_flags, env_name, settings_from_args
-from cluster.launcher import UpSettings
 from cluster.router_settings import RouterSettings
-from cluster.worker_settings import WorkerSettings
+from cluster.up_settings import UpSettings
+from common.settings import add_settings_flags, env_name, settings_from_args
+from worker_runtime.settings import WorkerSettings
 
 REPO = Path(__file__).resolve().parent.parent
 SETTINGS = (WorkerSettings, RouterSettings, UpSettings)

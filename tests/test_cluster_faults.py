@@ -33,9 +33,9 @@ from dataclasses import dataclass, field
 import grpc
 import pytest
 
-from cluster.local_cluster import metric_sum
-from cluster.local_etcd import EtcdServer, free_port
-from cluster.processes import spawn, stop
+from bench.scrape import metric_sum, router_metrics
+from common.etcd.local import EtcdServer, free_port
+from common.processes import spawn, stop
 from tandem.v1 import inference_pb2 as pb
 from tandem.v1 import inference_pb2_grpc
 from tests.support.cluster import (
@@ -256,7 +256,7 @@ class Load:
 
 async def etcd_worker_leases(endpoint: str) -> dict[str, int]:
     """worker id → the lease its record is under, read from etcd."""
-    from kv_transfer.etcd_lease import etcd_client
+    from common.etcd.lease import etcd_client
 
     client = etcd_client(endpoint, 5.0)
     try:
@@ -338,10 +338,10 @@ async def test_etcd_restart_and_outage(tiny_llama_dir, tmp_path) -> None:
                     late = await worker_ready(proc, "decode")
                     cluster.workers.append(late)
                     await until(lambda: workers_seen(cluster) == 3, 10, "the new worker joined the view")
-                    routed = metric(cluster.router_metrics(), "tandem_router_routed_total", pool="prefill",
+                    routed = metric(router_metrics(cluster), "tandem_router_routed_total", pool="prefill",
                                     worker=victim.worker_id)
                     await load.completed(8)
-                    text = cluster.router_metrics()
+                    text = router_metrics(cluster)
                     assert metric(text, "tandem_router_routed_total", pool="decode", worker=late.worker_id) > 0
                     assert metric(text, "tandem_router_routed_total", pool="prefill",
                                   worker=victim.worker_id) == routed

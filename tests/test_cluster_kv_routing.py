@@ -11,6 +11,7 @@ import random
 import grpc
 import pytest
 
+from bench.scrape import router_metrics
 from tandem.v1 import inference_pb2 as pb
 from tandem.v1 import inference_pb2_grpc
 from tests.support.cluster import Cluster, assert_pools_clean, metric, tandem_up, worker_metrics
@@ -27,7 +28,7 @@ async def _generate(cluster: Cluster, ids: list[int]) -> list[int]:
 
 
 def _routed(cluster: Cluster) -> dict[str, float]:
-    text = cluster.router_metrics()
+    text = router_metrics(cluster)
     return {p.worker_id: metric(text, "tandem_router_routed_total", pool="prefill", worker=p.worker_id)
             for p in cluster.role("prefill")}
 
@@ -40,7 +41,7 @@ def _computed(worker) -> tuple[float, float]:  # type: ignore[no-untyped-def]
 
 async def _until_router_sees_cached(cluster: Cluster, worker_id: str, blocks: int) -> None:
     for _ in range(100):
-        if metric(cluster.router_metrics(), "tandem_router_worker_cached_blocks", worker=worker_id) >= blocks:
+        if metric(router_metrics(cluster), "tandem_router_worker_cached_blocks", worker=worker_id) >= blocks:
             return
         await asyncio.sleep(0.05)
     raise AssertionError(f"the router never saw {blocks} cached blocks on {worker_id}")

@@ -14,7 +14,8 @@ import time
 
 import pytest
 
-from cluster.processes import spawn
+from bench.scrape import router_metrics
+from common.processes import spawn
 from tests.support.cluster import (
     REPO,
     Cluster,
@@ -31,7 +32,7 @@ TTL = 2
 
 
 def _routed_to(cluster: Cluster, worker_id: str) -> float:
-    return metric(cluster.router_metrics(), "tandem_router_routed_total", pool="decode", worker=worker_id)
+    return metric(router_metrics(cluster), "tandem_router_routed_total", pool="decode", worker=worker_id)
 
 
 def _workers_seen(cluster: Cluster) -> int:

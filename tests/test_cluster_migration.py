@@ -11,6 +11,7 @@ import signal
 import grpc
 import pytest
 
+from bench.scrape import router_metrics
 from tandem.v1 import inference_pb2 as pb
 from tandem.v1 import inference_pb2_grpc
 from tests.support.cluster import assert_pools_clean, metric, tandem_up, worker_metrics
@@ -57,7 +58,7 @@ async def test_streams_of_a_killed_decode_worker_go_on_elsewhere_exactly(tiny_ll
             assert tuple(received[i]) == want.token_ids, f"stream {i} (cut at {cut[i]} tokens)"
             assert texts[i] == want.text, f"stream {i}"
             assert reasons[i] == pb.FINISH_REASON_LENGTH
-        migrated = metric(cluster.router_metrics(), "tandem_router_migrations_total", error="unavailable")
+        migrated = metric(router_metrics(cluster), "tandem_router_migrations_total", error="unavailable")
         assert migrated >= 1, "no stream was on the killed decode worker"
         cluster.workers.remove(victim)
         survivor = worker_metrics(cluster.role("decode")[0])

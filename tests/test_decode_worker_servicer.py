@@ -9,20 +9,22 @@ from collections.abc import AsyncIterator
 import grpc
 import pytest
 
-from cluster.kv_events import KVEventHub
 from decode_worker.servicer import DecodeWorkerServicer
 from engine import LLM, EngineConfig, SamplingParams
 from engine.async_engine import AsyncEngine
 from engine.block_manager import hash_blocks
 from tandem.v1 import inference_pb2 as pb
 from tandem.v1 import worker_pb2, worker_pb2_grpc
+from worker_runtime.kv_events import KVEventHub
 
 PROMPTS = [[5, 9, 13, 17], [40, 41, 42, 43, 44, 45, 46, 47, 48, 49, 50], [7] * 23]
 
 
 @pytest.fixture
 async def worker(tiny_llama_dir) -> AsyncIterator[tuple[worker_pb2_grpc.WorkerStub, AsyncEngine]]:
-    engine = AsyncEngine(EngineConfig(model=str(tiny_llama_dir), num_kv_blocks=64, block_size=4))
+    # fp32: tokens are compared across batch compositions (bf16 is not batch-invariant)
+    engine = AsyncEngine(EngineConfig(model=str(tiny_llama_dir), num_kv_blocks=64, block_size=4, dtype="float32",
+                                      record_kv_events=True))
     server = grpc.aio.server()
     events = KVEventHub(engine, interval_s=0.01)
     worker_pb2_grpc.add_WorkerServicer_to_server(DecodeWorkerServicer(engine, "w1", "both", events), server)
@@ -49,7 +51,7 @@ async def _collect(stub: worker_pb2_grpc.WorkerStub, request: worker_pb2.WorkerG
 async def test_streams_equal_the_engine_alone(worker, tiny_llama_dir) -> None:
     stub, _ = worker
     chunks = await asyncio.gather(*(_collect(stub, _request(f"r{i}", p)) for i, p in enumerate(PROMPTS)))
-    expected = LLM(str(tiny_llama_dir), num_kv_blocks=64, block_size=4).generate(
+    expected = LLM(str(tiny_llama_dir), num_kv_blocks=64, block_size=4, dtype="float32").generate(
         PROMPTS, SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True))
     for got, want in zip(chunks, expected, strict=True):
         assert [t for c in got for t in c.token_ids] == want.token_ids
@@ -71,7 +73,7 @@ async def test_bad_requests_get_invalid_argument_and_the_worker_stays_up(worker,
         await _collect(stub, request)
     assert failure.value.code() == grpc.StatusCode.INVALID_ARGUMENT and needle in failure.value.details()
     assert len(await _collect(stub, _request("good", PROMPTS[0], 2))) >= 1
-    engine.engine.check_integrity()
+    assert (await engine.status()).integrity_error is None
 
 
 async def test_cancelled_stream_frees_its_blocks(worker) -> None:
@@ -86,8 +88,8 @@ async def test_cancelled_stream_frees_its_blocks(worker) -> None:
             break
         await asyncio.sleep(0.05)
     assert status.running == 0 and status.free_blocks == status.total_blocks  # cached blocks count as free
-    assert engine.engine.num_computed_tokens_total < len(PROMPTS[1]) + 150  # stopped early, not run to the end
-    engine.engine.check_integrity()
+    assert engine.stats().computed_tokens_total < len(PROMPTS[1]) + 150  # stopped early, not run to the end
+    assert (await engine.status()).integrity_error is None
     assert not (await stub.Abort(worker_pb2.AbortRequest(request_id="long"))).found
 
 

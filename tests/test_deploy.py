@@ -22,11 +22,10 @@ import pytest
 import yaml
 
 from cluster.cli import _parser
-from cluster.flags import settings_from_args
-from cluster.launcher import UpSettings
 from cluster.planner.settings import PlannerServiceSettings
 from cluster.router_settings import RouterSettings
-from cluster.worker_settings import WorkerSettings
+from cluster.up_settings import UpSettings
+from common.settings import settings_from_args
 from tests.support.deploy import (
     BUILDS,
     DEPLOY,
@@ -42,6 +41,7 @@ from tests.support.deploy import (
     render,
     tandem_containers,
 )
+from worker_runtime.settings import WorkerSettings
 
 pytestmark = pytest.mark.skipif(kubectl() is None, reason="kubectl (for `kubectl kustomize`) is not installed")
 BIN = Path(sys.executable).parent
@@ -68,7 +68,8 @@ def subcommands() -> dict[str, argparse.ArgumentParser]:
 def direct_env_names() -> set[str]:
     """TANDEM_* variables read straight from the environment (not flags): log level, cache dir, ..."""
     pattern = re.compile(r"environ(?:\.get\(|\.setdefault\(|\[)\s*\"(TANDEM_[A-Z0-9_]+)\"")
-    return {m for package in ("cluster", "engine", "kv_transfer", "prefill_worker", "decode_worker")
+    return {m for package in ("common", "engine", "kv_transfer", "worker_runtime", "prefill_worker", "decode_worker",
+                              "cluster")
             for path in (REPO / package).rglob("*.py") for m in pattern.findall(path.read_text())}
 
 
@@ -325,9 +326,13 @@ def test_dockerfile(dockerfile: Path) -> None:
     assert any(k == "HEALTHCHECK" for k, _ in final)
     [entrypoint] = [exec_form(rest) for k, rest in final if k == "ENTRYPOINT"]
     [cmd] = [exec_form(rest) for k, rest in final if k == "CMD"]
-    scripts = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["scripts"]
-    assert entrypoint == ["tandem"] and scripts["tandem"] == "cluster.cli:main"
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())
+    assert entrypoint == ["tandem"] and project["project"]["scripts"]["tandem"] == "cluster.cli:main"
     settings_from_args(SETTINGS[cmd[0]], _parser().parse_args(cmd))
+    # every package the wheel installs is in the image's build context
+    packages = {p.removesuffix("*") for p in project["tool"]["setuptools"]["packages"]["find"]["include"]}
+    copied = {rest.split()[0] for k, rest in steps if k == "COPY" and not rest.startswith("--")}
+    assert packages <= copied, f"{dockerfile.name} does not COPY {sorted(packages - copied)}"
 
 
 def test_healthcheck_finds_the_grpc_port() -> None:

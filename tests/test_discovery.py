@@ -13,9 +13,10 @@ from pathlib import Path
 
 import pytest
 
-from cluster.discovery import WorkerDirectory, WorkerRecord, WorkerRegistration, worker_key
-from cluster.local_etcd import EtcdServer, running_etcd
-from cluster.processes import spawn
+from cluster.discovery import WorkerDirectory
+from common.etcd.local import EtcdServer, running_etcd
+from common.processes import spawn
+from common.worker_record import WorkerRecord, WorkerRegistration, worker_key
 
 REPO = Path(__file__).resolve().parents[1]
 TTL_S = 2
@@ -60,7 +61,7 @@ async def test_killed_worker_leaves_within_ttl_plus_two_seconds(etcd: str) -> No
     directory = WorkerDirectory(etcd, "c2")
     await directory.start()
     script = ("import asyncio, json, sys\n"
-              "from cluster.discovery import WorkerRecord, WorkerRegistration\n"
+              "from common.worker_record import WorkerRecord, WorkerRegistration\n"
               "async def main():\n"
               f"    r = WorkerRegistration({etcd!r}, 'c2', WorkerRecord(**json.loads(sys.argv[1])), ttl_s={TTL_S})\n"
               "    await r.start(); print('up', flush=True); await asyncio.sleep(60)\n"

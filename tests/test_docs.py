@@ -14,7 +14,7 @@ from cluster import docs
 from tests.support.observability import REPO, defined_families, documented_families, rules
 
 DOCS = REPO / "docs"
-PACKAGES = ("cluster", "engine", "kv_transfer", "prefill_worker", "decode_worker")
+PACKAGES = ("common", "engine", "kv_transfer", "worker_runtime", "prefill_worker", "decode_worker", "cluster")
 
 
 def test_configuration_is_generated_from_the_parsers() -> None:

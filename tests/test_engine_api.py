@@ -57,6 +57,7 @@ def test_token_id_prompts_equal_text_prompts(llm: LLM) -> None:
     ("x " * 3000, GREEDY, "shorten"),
     ([10**9], GREEDY, "vocabulary"),
     (["a", 1], GREEDY, "token ids"),
+    ("fine", SamplingParams(stop_token_ids=[10**6]), "stop token id"),
 ])
 def test_bad_prompts_are_refused_and_leak_nothing(llm: LLM, prompt, params, needle) -> None:
     with pytest.raises(InvalidRequestError, match=needle):
@@ -129,8 +130,8 @@ def test_stop_strings_and_stop_tokens(llm: LLM) -> None:
 
 def test_abort_frees_blocks(llm: LLM) -> None:
     engine = llm.engine
-    engine.add_request("a", "The history of Rome", SamplingParams(temperature=0, max_tokens=100))
-    engine.add_request("b", "The history of Greece", SamplingParams(temperature=0, max_tokens=100))
+    engine.add_request(engine.make_request("a", "The history of Rome", SamplingParams(temperature=0, max_tokens=100)))
+    engine.add_request(engine.make_request("b", "The history of Greece", SamplingParams(temperature=0, max_tokens=100)))
     for _ in range(3):
         engine.step()
     final = engine.abort_request("a")
@@ -142,7 +143,7 @@ def test_abort_frees_blocks(llm: LLM) -> None:
 
 def test_streaming_deltas_add_up(llm: LLM) -> None:
     engine = llm.engine
-    engine.add_request("s", [1, 9690, 2], SamplingParams(temperature=0.8, seed=3, max_tokens=40))
+    engine.add_request(engine.make_request("s", [1, 9690, 2], SamplingParams(temperature=0.8, seed=3, max_tokens=40)))
     text, ids = "", []
     final = None
     while engine.has_unfinished_requests():
@@ -157,13 +158,15 @@ def test_streaming_deltas_add_up(llm: LLM) -> None:
 async def test_async_engine_streams_and_cancels(default_model_path) -> None:
     engine = AsyncEngine(engine=LLM(str(default_model_path), num_kv_blocks=128).engine)
     try:
-        stream = await engine.add_request("x", "Hello, my name is", SamplingParams(temperature=0, max_tokens=12))
+        params = SamplingParams(temperature=0, max_tokens=12)
+        stream = await engine.add_request(engine.make_request("x", "Hello, my name is", params))
         chunks = [out async for out in stream]
         assert chunks[-1].finished and len(chunks[-1].token_ids) == 12
         assert "".join(c.new_text for c in chunks) == chunks[-1].text
 
         async def consume_two() -> None:
-            stream = await engine.add_request("y", "A long story:", SamplingParams(temperature=0, max_tokens=500))
+            long = SamplingParams(temperature=0, max_tokens=500)
+            stream = await engine.add_request(engine.make_request("y", "A long story:", long))
             seen = 0
             async for _ in stream:
                 seen += 1
@@ -172,15 +175,16 @@ async def test_async_engine_streams_and_cancels(default_model_path) -> None:
             await stream.aclose()
 
         await consume_two()
-        results = await asyncio.gather(*(engine.generate(f"g{i}", f"Question {i}:", GREEDY) for i in range(4)))
+        results = await asyncio.gather(*(engine.generate(engine.make_request(f"g{i}", f"Question {i}:", GREEDY))
+                                         for i in range(4)))
         assert all(r.finished for r in results)
         with pytest.raises(InvalidRequestError):
-            await engine.add_request("bad", "", GREEDY)
+            engine.make_request("bad", "", GREEDY)
         for _ in range(100):  # the abort of "y" is applied by the engine thread
-            if not engine.engine.has_unfinished_requests():
+            if (await engine.status()).stats.running == 0:
                 break
             await asyncio.sleep(0.05)
-        assert not engine.engine.has_unfinished_requests()
-        engine.engine.check_integrity()
+        status = await engine.status()
+        assert status.stats.running == status.stats.waiting == 0 and status.integrity_error is None
     finally:
         engine.shutdown()

@@ -1,7 +1,7 @@
 """The decode engine's bookkeeping around a remote prefill that was given up: detached blocks stay held
 until released, a parked request gets fresh blocks or is prefilled locally, block events for KV-aware
-routing, and the AsyncEngine calls the decode worker makes (engine/scheduler.py, llm_engine.py,
-block_manager.py, async_engine.py)."""
+routing, and the AsyncEngine calls the decode worker makes (engine/remote_kv.py, async_remote_kv.py,
+llm_engine.py, block_manager.py, async_engine.py)."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ import pytest
 from engine import AsyncEngine, EngineConfig, InvalidRequestError, LLMEngine, RequestOutput, SamplingParams
 from engine.block_manager import BlockManager, hash_blocks
 from engine.errors import OutOfKVBlocksError
+from engine.remote_kv import RemotePrefillResult
 from engine.sequence import SequenceStatus
 
 NUM_BLOCKS = 32
@@ -21,6 +22,7 @@ PROMPT = [(7 * i) % 90 + 5 for i in range(14)]  # 4 blocks: 3 full, 1 partial
 FULL_PROMPT = [(11 * i) % 97 + 9 for i in range(16)]  # exactly 4 full blocks
 LONG_PROMPT = [(3 * i) % 200 + 4 for i in range(100)]  # 25 blocks
 GREEDY = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True)
+QUARANTINE_S = 600.0  # longer than any test: detached blocks are freed by release() here
 
 
 def new_engine(tiny_llama_dir) -> LLMEngine:
@@ -44,7 +46,7 @@ def run(engine: LLMEngine, request_id: str, check: bool = True) -> list[int]:
 
 def plain_tokens(tiny_llama_dir, prompt: list[int]) -> list[int]:
     engine = new_engine(tiny_llama_dir)
-    engine.add_request("plain", prompt, GREEDY)
+    engine.add_request(engine.make_request("plain", prompt, GREEDY))
     return run(engine, "plain")
 
 
@@ -69,85 +71,112 @@ def free_ids(engine: LLMEngine) -> set[int]:
     return set(engine.block_manager.free)
 
 
+def detached(engine: LLMEngine) -> dict[str, list[int]]:
+    return {key: d.block_ids for key, d in engine.remote_kv.detached.items()}
+
+
 # -- detach / release -----------------------------------------------------------------------------------
 def test_detached_blocks_stay_held_until_released(engine: LLMEngine) -> None:
     """Detached blocks are neither free nor the request's; integrity counts them; release frees them."""
-    blocks = engine.add_remote_prefill_request("r", PROMPT, GREEDY)
+    blocks = engine.remote_kv.reserve(engine.make_request("r", PROMPT, GREEDY))
     assert len(blocks) == 4
-    engine.detach_remote_blocks("r", "r#0")
+    engine.remote_kv.detach("r", "r#0", QUARANTINE_S)
     seq = engine.requests["r"].seq
     assert seq.block_table == [] and seq.status is SequenceStatus.WAITING_FOR_REMOTE_KV
-    assert engine.scheduler.detached == {"r#0": blocks}
+    assert detached(engine) == {"r#0": blocks}
     assert engine.block_manager.num_free_blocks == NUM_BLOCKS - 4
     assert not free_ids(engine) & set(blocks)
-    assert engine.scheduler.held_block_refs() == dict.fromkeys(blocks, 1)
+    assert engine.remote_kv.held_block_refs() == dict.fromkeys(blocks, 1)
+    assert engine.scheduler.held_block_refs() == {}
     engine.check_integrity()
-    engine.release_detached_blocks("r#0")
+    engine.remote_kv.release("r#0")
     assert engine.block_manager.num_free_blocks == NUM_BLOCKS
-    assert engine.scheduler.detached == {}
+    assert detached(engine) == {}
     engine.check_integrity()
-    engine.release_detached_blocks("r#0")  # a second release is a no-op
+    engine.remote_kv.release("r#0")  # a second release is a no-op
     engine.check_integrity()
 
 
 def test_detach_twice_under_one_key_raises(engine: LLMEngine) -> None:
     """A key names one set of detached blocks: reusing it is refused and the second request keeps its blocks."""
-    engine.add_remote_prefill_request("a", PROMPT, GREEDY)
-    b_blocks = engine.add_remote_prefill_request("b", PROMPT, GREEDY)
-    engine.detach_remote_blocks("a", "k")
+    engine.remote_kv.reserve(engine.make_request("a", PROMPT, GREEDY))
+    b_blocks = engine.remote_kv.reserve(engine.make_request("b", PROMPT, GREEDY))
+    engine.remote_kv.detach("a", "k", QUARANTINE_S)
     with pytest.raises(ValueError, match="already exist"):
-        engine.detach_remote_blocks("b", "k")
+        engine.remote_kv.detach("b", "k", QUARANTINE_S)
     assert engine.requests["b"].seq.block_table == b_blocks
     engine.check_integrity()
 
 
 def test_detach_needs_a_parked_request(engine: LLMEngine) -> None:
     """Only a request waiting for remote KV can have its blocks detached; unknown ids are refused."""
-    engine.add_request("local", PROMPT, GREEDY)
+    engine.add_request(engine.make_request("local", PROMPT, GREEDY))
     engine.step()  # now running
     with pytest.raises(ValueError, match="not waiting for remote KV"):
-        engine.detach_remote_blocks("local", "k")
+        engine.remote_kv.detach("local", "k", QUARANTINE_S)
     with pytest.raises(InvalidRequestError, match="no request"):
-        engine.detach_remote_blocks("ghost", "k")
-    assert engine.scheduler.detached == {}
+        engine.remote_kv.detach("ghost", "k", QUARANTINE_S)
+    assert detached(engine) == {}
     engine.check_integrity()
 
 
 def test_abort_after_detach_keeps_detached_blocks_held(engine: LLMEngine) -> None:
     """Aborting a parked request whose blocks were detached frees nothing: the old blocks wait for release."""
-    blocks = engine.add_remote_prefill_request("r", PROMPT, GREEDY)
-    engine.detach_remote_blocks("r", "k")
+    blocks = engine.remote_kv.reserve(engine.make_request("r", PROMPT, GREEDY))
+    engine.remote_kv.detach("r", "k", QUARANTINE_S)
     final = engine.abort_request("r")
     assert final is not None and final.finished and final.finish_reason == "abort"
-    assert "r" not in engine.requests and engine.scheduler.parked == []
+    assert "r" not in engine.requests and engine.remote_kv.parked == {}
     assert not free_ids(engine) & set(blocks)
     engine.check_integrity()
-    engine.release_detached_blocks("k")
+    engine.remote_kv.release("k")
     assert engine.block_manager.num_free_blocks == NUM_BLOCKS
     engine.check_integrity()
 
 
 def test_abort_after_rereserve_frees_only_the_new_blocks(engine: LLMEngine) -> None:
     """After detach + rereserve, abort frees the fresh blocks; the detached ones stay held until release."""
-    old = engine.add_remote_prefill_request("r", PROMPT, GREEDY)
-    engine.detach_remote_blocks("r", "k")
-    new = engine.rereserve_remote_blocks("r")
+    old = engine.remote_kv.reserve(engine.make_request("r", PROMPT, GREEDY))
+    engine.remote_kv.detach("r", "k", QUARANTINE_S)
+    new = engine.remote_kv.rereserve("r")
     engine.abort_request("r")
     assert set(new) <= free_ids(engine)
     assert not free_ids(engine) & set(old)
     engine.check_integrity()
-    engine.release_detached_blocks("k")
+    engine.remote_kv.release("k")
     engine.check_integrity()
+
+
+def test_detached_blocks_are_freed_when_their_quarantine_passes(engine: LLMEngine) -> None:
+    """Nobody releases them (the remote writer never answered): the engine frees them itself once
+    `quarantine_s` has passed, at its next step, and not before."""
+    now = [100.0]
+    engine.remote_kv._clock = lambda: now[0]
+    blocks = engine.remote_kv.reserve(engine.make_request("r", PROMPT, GREEDY))
+    engine.remote_kv.detach("r", "r#0", 5.0)
+    engine.abort_request("r")
+    assert engine.remote_kv.seconds_to_next_expiry() == 5.0
+    now[0] = 104.9
+    engine.step()
+    assert detached(engine) == {"r#0": blocks} and not free_ids(engine) & set(blocks)
+    now[0] = 105.0
+    engine.step()
+    assert detached(engine) == {} and engine.block_manager.num_free_blocks == NUM_BLOCKS
+    assert engine.remote_kv.seconds_to_next_expiry() is None
+    engine.check_integrity()
+    engine.remote_kv.reserve(engine.make_request("s", PROMPT, GREEDY))
+    with pytest.raises(ValueError, match="quarantine_s"):
+        engine.remote_kv.detach("s", "k", 0.0)
 
 
 # -- rereserve -----------------------------------------------------------------------------------------
 def test_rereserve_gives_fresh_blocks(engine: LLMEngine) -> None:
     """The next attempt gets as many blocks as before, none of them the detached ones."""
-    old = engine.add_remote_prefill_request("r", PROMPT, GREEDY)
+    old = engine.remote_kv.reserve(engine.make_request("r", PROMPT, GREEDY))
     with pytest.raises(ValueError, match="not parked without blocks"):
-        engine.rereserve_remote_blocks("r")  # still holds its blocks
-    engine.detach_remote_blocks("r", "r#0")
-    new = engine.rereserve_remote_blocks("r")
+        engine.remote_kv.rereserve("r")  # still holds its blocks
+    engine.remote_kv.detach("r", "r#0", QUARANTINE_S)
+    new = engine.remote_kv.rereserve("r")
     assert len(new) == len(old) and not set(new) & set(old)
     assert engine.requests["r"].seq.block_table == new
     assert engine.block_manager.num_free_blocks == NUM_BLOCKS - 8
@@ -156,17 +185,17 @@ def test_rereserve_gives_fresh_blocks(engine: LLMEngine) -> None:
 
 def test_rereserve_raises_when_the_pool_is_exhausted(engine: LLMEngine) -> None:
     """With too few free blocks, rereserve raises OutOfKVBlocksError and the request stays parked, blockless."""
-    engine.add_remote_prefill_request("r", PROMPT, GREEDY)  # 4 blocks
-    engine.detach_remote_blocks("r", "k")
-    engine.add_remote_prefill_request("big", LONG_PROMPT, GREEDY)  # 25 blocks
+    engine.remote_kv.reserve(engine.make_request("r", PROMPT, GREEDY))  # 4 blocks
+    engine.remote_kv.detach("r", "k", QUARANTINE_S)
+    engine.remote_kv.reserve(engine.make_request("big", LONG_PROMPT, GREEDY))  # 25 blocks
     assert engine.block_manager.num_free_blocks == 3
     with pytest.raises(OutOfKVBlocksError, match="needs 4 KV blocks, 3 are free"):
-        engine.rereserve_remote_blocks("r")
+        engine.remote_kv.rereserve("r")
     seq = engine.requests["r"].seq
     assert seq.block_table == [] and seq.status is SequenceStatus.WAITING_FOR_REMOTE_KV
     engine.check_integrity()
-    engine.release_detached_blocks("k")
-    assert len(engine.rereserve_remote_blocks("r")) == 4
+    engine.remote_kv.release("k")
+    assert len(engine.remote_kv.rereserve("r")) == 4
     engine.check_integrity()
 
 
@@ -174,9 +203,9 @@ def test_rereserve_raises_when_the_pool_is_exhausted(engine: LLMEngine) -> None:
 def test_local_prefill_after_detach_matches_a_plain_run(engine: LLMEngine, expected: list[int]) -> None:
     """A parked request given up on remotely and prefilled here yields exactly the plain greedy tokens,
     never touching the detached blocks, which stay held throughout."""
-    detached = engine.add_remote_prefill_request("r", PROMPT, GREEDY)
-    engine.detach_remote_blocks("r", "r#0")
-    engine.prefill_locally("r")
+    detached = engine.remote_kv.reserve(engine.make_request("r", PROMPT, GREEDY))
+    engine.remote_kv.detach("r", "r#0", QUARANTINE_S)
+    engine.remote_kv.prefill_locally("r")
     seq = engine.requests["r"].seq
     assert seq.status is SequenceStatus.WAITING and engine.scheduler.waiting[0] is seq
     assert engine.has_unfinished_requests()
@@ -184,35 +213,35 @@ def test_local_prefill_after_detach_matches_a_plain_run(engine: LLMEngine, expec
     assert seq.block_table and not set(seq.block_table) & set(detached)
     assert run(engine, "r") == expected
     assert not free_ids(engine) & set(detached)
-    engine.release_detached_blocks("r#0")
+    engine.remote_kv.release("r#0")
     assert engine.block_manager.num_free_blocks == NUM_BLOCKS
     engine.check_integrity()
 
 
 def test_prefill_locally_requires_detached_blocks(engine: LLMEngine) -> None:
     """A parked request still holding its blocks cannot be prefilled locally (they might be written)."""
-    engine.add_remote_prefill_request("r", PROMPT, GREEDY)
+    engine.remote_kv.reserve(engine.make_request("r", PROMPT, GREEDY))
     with pytest.raises(ValueError, match="detach the blocks"):
-        engine.prefill_locally("r")
+        engine.remote_kv.prefill_locally("r")
     assert engine.requests["r"].seq.status is SequenceStatus.WAITING_FOR_REMOTE_KV
     engine.check_integrity()
 
 
 def test_local_prefill_goes_ahead_of_queued_requests(engine: LLMEngine) -> None:
     """A fallback prefill is queued first: it already waited for the remote attempt."""
-    engine.add_remote_prefill_request("r", PROMPT, GREEDY)
-    engine.add_request("later", [5, 6, 7], GREEDY)
-    engine.detach_remote_blocks("r", "k")
-    engine.prefill_locally("r")
+    engine.remote_kv.reserve(engine.make_request("r", PROMPT, GREEDY))
+    engine.add_request(engine.make_request("later", [5, 6, 7], GREEDY))
+    engine.remote_kv.detach("r", "k", QUARANTINE_S)
+    engine.remote_kv.prefill_locally("r")
     assert [s.request_id for s in engine.scheduler.waiting] == ["r", "later"]
 
 
-def test_finish_remote_prefill_after_detach_is_refused(engine: LLMEngine) -> None:
-    """finish_remote_prefill on a request whose blocks were detached is refused and leaves it parked."""
-    engine.add_remote_prefill_request("r", PROMPT, GREEDY)
-    engine.detach_remote_blocks("r", "k")
+def test_resume_after_detach_is_refused(engine: LLMEngine) -> None:
+    """resume on a request whose blocks were detached is refused and leaves it parked."""
+    engine.remote_kv.reserve(engine.make_request("r", PROMPT, GREEDY))
+    engine.remote_kv.detach("r", "k", QUARANTINE_S)
     with pytest.raises(ValueError):
-        engine.finish_remote_prefill("r", PROMPT[0])
+        engine.remote_kv.resume("r", RemotePrefillResult(PROMPT[0]))
     assert engine.requests["r"].seq.status is SequenceStatus.WAITING_FOR_REMOTE_KV
 
 
@@ -220,7 +249,7 @@ def test_finish_remote_prefill_after_detach_is_refused(engine: LLMEngine) -> Non
 def test_block_events_report_stored_hashes(engine: LLMEngine) -> None:
     """With record_events, each computed full block's chained hash (as hash_blocks computes it) is stored."""
     engine.block_manager.record_events = True
-    engine.add_request("r", PROMPT, GREEDY)
+    engine.add_request(engine.make_request("r", PROMPT, GREEDY))
     tokens = PROMPT + run(engine, "r")
     computed = len(tokens) - 1  # the last sampled token is never fed back
     events = engine.block_manager.drain_events()
@@ -232,7 +261,7 @@ def test_block_events_report_stored_hashes(engine: LLMEngine) -> None:
 
 def test_no_block_events_unless_recording(engine: LLMEngine) -> None:
     """record_events is off by default: nothing accumulates."""
-    engine.add_request("r", PROMPT, GREEDY)
+    engine.add_request(engine.make_request("r", PROMPT, GREEDY))
     run(engine, "r")
     events = engine.block_manager.drain_events()
     assert events.stored == () and events.removed == ()
@@ -241,7 +270,7 @@ def test_no_block_events_unless_recording(engine: LLMEngine) -> None:
 def test_reset_prefix_cache_reports_removed_hashes(engine: LLMEngine) -> None:
     """Dropping the prefix cache reports every cached hash as removed."""
     engine.block_manager.record_events = True
-    engine.add_request("r", PROMPT, GREEDY)
+    engine.add_request(engine.make_request("r", PROMPT, GREEDY))
     run(engine, "r")
     stored = engine.block_manager.drain_events().stored
     engine.reset_prefix_cache()
@@ -256,7 +285,7 @@ def test_eviction_by_allocation_reports_removed_hashes(engine: LLMEngine) -> Non
     """Allocating over free blocks that still hold cached prefixes evicts them and reports their hashes."""
     bm = engine.block_manager
     bm.record_events = True
-    engine.add_request("r", PROMPT, GREEDY)
+    engine.add_request(engine.make_request("r", PROMPT, GREEDY))
     run(engine, "r")
     stored = bm.drain_events().stored
     never_used = bm.num_free_blocks - len(stored) - 1  # the partial last block holds no hash
@@ -287,7 +316,7 @@ def test_late_blocks_of_a_prompt_are_evicted_first() -> None:
 
 def test_peek_cached_prefix_does_not_count_as_a_lookup(engine: LLMEngine) -> None:
     """peek_cached_prefix finds the cached blocks without touching the hit statistics; find does count."""
-    engine.add_request("r", PROMPT, GREEDY)
+    engine.add_request(engine.make_request("r", PROMPT, GREEDY))
     run(engine, "r")
     bm = engine.block_manager
     hashes = hash_blocks(PROMPT, BLOCK)
@@ -325,7 +354,7 @@ def copy_cached_prompt_kv(engine: LLMEngine, prompt: list[int], blocks: list[int
 
 async def wait_idle(engine: AsyncEngine) -> None:
     for _ in range(200):
-        if await engine.call(lambda e: not e.has_unfinished_requests() and not e.scheduler.parked):
+        if await engine._call(lambda e: not e.has_unfinished_requests() and not e.remote_kv.parked):
             return
         await asyncio.sleep(0.01)
     raise AssertionError("the engine did not go idle")
@@ -333,8 +362,8 @@ async def wait_idle(engine: AsyncEngine) -> None:
 
 async def test_call_returns_the_function_value(async_engine: AsyncEngine) -> None:
     """call(fn) runs fn on the engine thread with the engine and returns its value."""
-    assert await async_engine.call(lambda e: e.block_manager.num_free_blocks) == NUM_BLOCKS
-    assert await async_engine.call(lambda e: e is async_engine.engine) is True
+    assert (await async_engine.status()).stats.free_blocks == NUM_BLOCKS
+    assert await async_engine._call(lambda e: e.remote_kv is not None) is True
 
 
 async def test_call_raises_the_function_exception(async_engine: AsyncEngine) -> None:
@@ -343,100 +372,112 @@ async def test_call_raises_the_function_exception(async_engine: AsyncEngine) -> 
         raise KeyError("boom")
 
     with pytest.raises(KeyError, match="boom"):
-        await async_engine.call(boom)
-    await async_engine.call(lambda e: e.add_remote_prefill_request("big", LONG_PROMPT, GREEDY))
+        await async_engine._call(boom)
+    await async_engine._call(lambda e: e.remote_kv.reserve(e.make_request("big", LONG_PROMPT, GREEDY)))
     with pytest.raises(OutOfKVBlocksError):
-        await async_engine.call(lambda e: e.add_remote_prefill_request("x", LONG_PROMPT, GREEDY))
+        await async_engine._call(lambda e: e.remote_kv.reserve(e.make_request("x", LONG_PROMPT, GREEDY)))
     assert await async_engine.abort("big") is True
-    final = await async_engine.generate("after", PROMPT, GREEDY)
+    final = await async_engine.generate(async_engine.make_request("after", PROMPT, GREEDY))
     assert final.finished and len(final.token_ids) == GREEDY.max_tokens
 
 
 async def test_remote_prefill_streams_the_plain_tokens(async_engine: AsyncEngine, expected_full: list[int]) -> None:
-    """reserve_remote_prefill + finish_remote_prefill(first greedy token), with the prompt's KV put into the
+    """remote_kv.reserve + resume(first greedy token), with the prompt's KV put into the
     reserved blocks, streams exactly what the engine alone generates."""
-    plain = await async_engine.generate("plain", FULL_PROMPT, GREEDY)
+    plain = await async_engine.generate(async_engine.make_request("plain", FULL_PROMPT, GREEDY))
     assert plain.token_ids == expected_full  # also leaves the prompt's KV in the prefix cache
-    blocks, stream = await async_engine.reserve_remote_prefill("r", FULL_PROMPT, GREEDY)
+    blocks, stream = await async_engine.remote_kv.reserve(async_engine.make_request("r", FULL_PROMPT, GREEDY))
     assert len(blocks) == len(FULL_PROMPT) // BLOCK
-    await async_engine.call(lambda e: copy_cached_prompt_kv(e, FULL_PROMPT, blocks))
-    await async_engine.finish_remote_prefill("r", expected_full[0])
+    await async_engine._call(lambda e: copy_cached_prompt_kv(e, FULL_PROMPT, blocks))
+    await async_engine.remote_kv.resume("r", RemotePrefillResult(expected_full[0]))
     outputs = await asyncio.wait_for(collect(stream), timeout=30)
     assert outputs[0].token_ids == [expected_full[0]]
     assert outputs[-1].finished and outputs[-1].finish_reason == "length"
     assert outputs[-1].token_ids == expected_full
     assert [t for out in outputs for t in out.new_token_ids] == expected_full
-    await async_engine.call(lambda e: e.check_integrity())
+    assert (await async_engine.status()).integrity_error is None
 
 
 async def test_detach_then_prefill_locally_streams_the_plain_tokens(async_engine: AsyncEngine,
                                                                     expected: list[int]) -> None:
     """The decode worker's fallback: reserve, detach, prefill_locally; the stream gives the plain tokens
     and the detached blocks are freed only by their release."""
-    blocks, stream = await async_engine.reserve_remote_prefill("r", PROMPT, GREEDY)
-    await async_engine.call(lambda e: e.detach_remote_blocks("r", "r#0"))
-    await async_engine.prefill_locally("r")
+    blocks, stream = await async_engine.remote_kv.reserve(async_engine.make_request("r", PROMPT, GREEDY))
+    await async_engine.remote_kv.detach("r", "r#0", QUARANTINE_S)
+    await async_engine.remote_kv.prefill_locally("r")
     outputs = await asyncio.wait_for(collect(stream), timeout=30)
     assert outputs[-1].token_ids == expected
-    free = await async_engine.call(lambda e: set(e.block_manager.free))
+    free = await async_engine._call(lambda e: set(e.block_manager.free))
     assert not free & set(blocks)
-    await async_engine.call(lambda e: e.check_integrity())
-    await async_engine.call(lambda e: e.release_detached_blocks("r#0"))
-    assert await async_engine.call(lambda e: e.block_manager.num_free_blocks) == NUM_BLOCKS
+    assert (await async_engine.status()).integrity_error is None
+    await async_engine.remote_kv.release("r#0")
+    assert (await async_engine.status()).stats.free_blocks == NUM_BLOCKS
 
 
 async def test_reserve_failure_leaves_no_stream(async_engine: AsyncEngine) -> None:
     """A reservation refused for lack of blocks raises and frees the request id for reuse."""
-    await async_engine.reserve_remote_prefill("big", LONG_PROMPT, GREEDY)  # 25 of 32 blocks
+    await async_engine.remote_kv.reserve(async_engine.make_request("big", LONG_PROMPT, GREEDY))  # 25 of 32 blocks
     with pytest.raises(OutOfKVBlocksError):
-        await async_engine.reserve_remote_prefill("r", LONG_PROMPT[:40], GREEDY)
+        await async_engine.remote_kv.reserve(async_engine.make_request("r", LONG_PROMPT[:40], GREEDY))
     assert await async_engine.abort("big") is True
-    blocks, _ = await async_engine.reserve_remote_prefill("r", LONG_PROMPT[:40], GREEDY)
+    blocks, _ = await async_engine.remote_kv.reserve(async_engine.make_request("r", LONG_PROMPT[:40], GREEDY))
     assert len(blocks) == 10
     assert await async_engine.abort("r") is True
-    assert await async_engine.call(lambda e: e.block_manager.num_free_blocks) == NUM_BLOCKS
+    assert (await async_engine.status()).stats.free_blocks == NUM_BLOCKS
 
 
 async def test_abort_reports_whether_the_request_was_live(async_engine: AsyncEngine) -> None:
     """abort is True for a live request (parked or running) and ends its stream with reason abort;
     False for an unknown or already aborted one."""
-    _, parked_stream = await async_engine.reserve_remote_prefill("parked", PROMPT, GREEDY)
+    _, parked_stream = await async_engine.remote_kv.reserve(async_engine.make_request("parked", PROMPT, GREEDY))
     assert await async_engine.abort("parked") is True
     parked_out = await asyncio.wait_for(collect(parked_stream), timeout=30)
     assert parked_out[-1].finished and parked_out[-1].finish_reason == "abort"
     assert await async_engine.abort("parked") is False
     assert await async_engine.abort("nobody") is False
 
-    running = await async_engine.add_request("running", PROMPT, SamplingParams(max_tokens=200, ignore_eos=True))
+    long = SamplingParams(max_tokens=200, ignore_eos=True)
+    running = await async_engine.add_request(async_engine.make_request("running", PROMPT, long))
     assert await async_engine.abort("running") is True  # the add was queued before the abort
     running_out = await asyncio.wait_for(collect(running), timeout=30)
     assert running_out[-1].finish_reason == "abort"
     await wait_idle(async_engine)
-    assert await async_engine.call(lambda e: e.block_manager.num_free_blocks) == NUM_BLOCKS
-    await async_engine.call(lambda e: e.check_integrity())
+    assert (await async_engine.status()).stats.free_blocks == NUM_BLOCKS
+    assert (await async_engine.status()).integrity_error is None
 
 
 async def test_abort_of_a_detached_parked_request_keeps_the_old_blocks(async_engine: AsyncEngine) -> None:
     """The decode worker's cancel path: detach, abort (True), then release; blocks free only after release."""
-    blocks, _ = await async_engine.reserve_remote_prefill("r", PROMPT, GREEDY)
-    await async_engine.call(lambda e: e.detach_remote_blocks("r", "k"))
+    blocks, _ = await async_engine.remote_kv.reserve(async_engine.make_request("r", PROMPT, GREEDY))
+    await async_engine.remote_kv.detach("r", "k", QUARANTINE_S)
     assert await async_engine.abort("r") is True
-    assert await async_engine.call(lambda e: set(e.block_manager.free) & set(blocks)) == set()
-    await async_engine.call(lambda e: e.check_integrity())
-    await async_engine.call(lambda e: e.release_detached_blocks("k"))
-    assert await async_engine.call(lambda e: e.block_manager.num_free_blocks) == NUM_BLOCKS
+    assert await async_engine._call(lambda e: set(e.block_manager.free) & set(blocks)) == set()
+    assert (await async_engine.status()).integrity_error is None
+    await async_engine.remote_kv.release("k")
+    assert (await async_engine.status()).stats.free_blocks == NUM_BLOCKS
 
 
 async def test_seeded_sampling_after_a_remote_prefill_matches_the_engine_alone(async_engine: AsyncEngine) -> None:
     """The remote engine drew the first token's uniform from the request's seeded generator: the
     decode engine skips that draw, so the rest of the stream is the engine alone's."""
     seeded = SamplingParams(max_tokens=8, temperature=1.0, seed=1234, ignore_eos=True)
-    plain = await async_engine.generate("plain", FULL_PROMPT, seeded)
-    blocks, stream = await async_engine.reserve_remote_prefill("r", FULL_PROMPT, seeded)
-    await async_engine.call(lambda e: copy_cached_prompt_kv(e, FULL_PROMPT, blocks))
-    await async_engine.finish_remote_prefill("r", plain.token_ids[0])
+    plain = await async_engine.generate(async_engine.make_request("plain", FULL_PROMPT, seeded))
+    blocks, stream = await async_engine.remote_kv.reserve(async_engine.make_request("r", FULL_PROMPT, seeded))
+    await async_engine._call(lambda e: copy_cached_prompt_kv(e, FULL_PROMPT, blocks))
+    await async_engine.remote_kv.resume("r", RemotePrefillResult(plain.token_ids[0]))
     outputs = await asyncio.wait_for(collect(stream), timeout=30)
     assert outputs[-1].token_ids == plain.token_ids
+
+
+async def test_an_idle_engine_frees_expired_detached_blocks_by_itself(async_engine: AsyncEngine) -> None:
+    """No request runs and nothing calls the engine: its loop wakes when the quarantine ends."""
+    blocks, _ = await async_engine.remote_kv.reserve(async_engine.make_request("r", PROMPT, GREEDY))
+    await async_engine.remote_kv.detach("r", "k", 0.3)
+    assert await async_engine.abort("r") is True
+    assert (await async_engine.status()).stats.free_blocks == NUM_BLOCKS - len(blocks)
+    await asyncio.sleep(0.6)
+    assert async_engine.stats().free_blocks == NUM_BLOCKS
+    assert (await async_engine.status()).integrity_error is None
 
 
 def test_a_block_evicted_and_cached_again_within_one_drain_is_reported_held() -> None:

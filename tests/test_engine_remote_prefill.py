@@ -9,6 +9,7 @@ import pytest
 from engine import EngineConfig, LLMEngine, SamplingParams
 from engine.errors import InvalidRequestError, OutOfKVBlocksError
 from engine.outputs import RequestOutput
+from engine.remote_kv import RemotePrefillResult
 from engine.scheduler import SchedulerOutput
 
 
@@ -42,7 +43,7 @@ class CopyPagesHook:
 
 def _engine(model_dir, **kw) -> LLMEngine:
     return LLMEngine(EngineConfig(model=str(model_dir), num_kv_blocks=kw.pop("num_kv_blocks", 64), block_size=4,
-                                  max_num_batched_tokens=kw.pop("max_num_batched_tokens", 256), **kw))
+                                  max_num_batched_tokens=kw.pop("max_num_batched_tokens", 256), dtype="float32", **kw))
 
 
 def _run(engine: LLMEngine, rid: str) -> list[int]:
@@ -59,25 +60,26 @@ def test_remote_prefill_decodes_like_a_local_one(tiny_llama_dir, chunk: int) -> 
     prompt = [(7 * i) % 90 + 5 for i in range(23)]
     params = SamplingParams(max_tokens=9, temperature=0.0, ignore_eos=True)
     alone = _engine(tiny_llama_dir)
-    alone.add_request("r", prompt, params)
+    alone.add_request(alone.make_request("r", prompt, params))
     expected = _run(alone, "r")
 
     prefill = _engine(tiny_llama_dir, max_num_batched_tokens=chunk)
     decode = _engine(tiny_llama_dir, num_kv_blocks=40)
-    decode.add_request("busy", prompt[:6], SamplingParams(max_tokens=2, temperature=0.0))  # other block ids in use
+    busy = SamplingParams(max_tokens=2, temperature=0.0)
+    decode.add_request(decode.make_request("busy", prompt[:6], busy))  # other block ids in use
     _run(decode, "busy")
-    blocks = decode.add_remote_prefill_request("r", prompt, params)
+    blocks = decode.remote_kv.reserve(decode.make_request("r", prompt, params))
     assert len(blocks) == 6  # 23 tokens in blocks of 4
     hook = CopyPagesHook(prefill, decode, "r", blocks)
     prefill.set_kv_hook(hook)
-    prefill.add_request("r", prompt, SamplingParams(max_tokens=1, temperature=0.0))
+    prefill.add_request(prefill.make_request("r", prompt, SamplingParams(max_tokens=1, temperature=0.0)))
     _run(prefill, "r")
     num_layers = prefill.model_config.num_layers
     steps = -(-len(prompt) // chunk)
     assert hook.layers_seen == list(range(num_layers)) * steps
     assert not decode.has_unfinished_requests()  # parked: outside the batch until its KV is in
     assert hook.first_token is not None
-    first = decode.finish_remote_prefill("r", hook.first_token)
+    first = decode.remote_kv.resume("r", RemotePrefillResult(hook.first_token))
     assert first.token_ids == [hook.first_token]
     assert _run(decode, "r") == expected
     prefill.check_integrity()
@@ -86,14 +88,14 @@ def test_remote_prefill_decodes_like_a_local_one(tiny_llama_dir, chunk: int) -> 
 
 def test_parked_requests_abort_cleanly_and_reservations_are_bounded(tiny_llama_dir) -> None:
     engine = _engine(tiny_llama_dir, num_kv_blocks=10)
-    engine.add_remote_prefill_request("a", list(range(5, 30)), SamplingParams(max_tokens=2))  # 7 blocks
+    engine.remote_kv.reserve(engine.make_request("a", list(range(5, 30)), SamplingParams(max_tokens=2)))  # 7 blocks
     with pytest.raises(OutOfKVBlocksError, match="needs 4 KV blocks, 3 are free"):
-        engine.add_remote_prefill_request("b", list(range(5, 20)), SamplingParams(max_tokens=2))
+        engine.remote_kv.reserve(engine.make_request("b", list(range(5, 20)), SamplingParams(max_tokens=2)))
     assert "b" not in engine.requests
     with pytest.raises(InvalidRequestError, match="outside the vocabulary"):
-        engine.finish_remote_prefill("a", 10**9)
+        engine.remote_kv.resume("a", RemotePrefillResult(10**9))
     with pytest.raises(InvalidRequestError, match="no request"):
-        engine.finish_remote_prefill("zzz", 1)
+        engine.remote_kv.resume("zzz", RemotePrefillResult(1))
     engine.check_integrity()
     engine.abort_request("a")
     engine.check_integrity()

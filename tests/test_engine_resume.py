@@ -20,7 +20,7 @@ def new_engine(tiny_llama_dir) -> LLMEngine:
 def stream(engine: LLMEngine, params: SamplingParams, resume: list[int] | None = None
            ) -> tuple[list[tuple[list[int], str]], str | None]:
     """The chunks (new token ids, new text) one request streams, and its finish reason."""
-    engine.add_request("r", PROMPT, params, resume_token_ids=resume)
+    engine.add_request(engine.make_request("r", PROMPT, params, resume_token_ids=resume))
     chunks: list[tuple[list[int], str]] = []
     reason = None
     while engine.has_unfinished_requests():
@@ -80,13 +80,14 @@ def test_a_resume_that_cannot_continue_is_refused(tiny_llama_dir) -> None:
     engine = new_engine(tiny_llama_dir)
     params = SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True)
     with pytest.raises(InvalidRequestError, match="max_tokens"):
-        engine.add_request("a", PROMPT, params, resume_token_ids=[5, 6, 7, 8])
+        engine.add_request(engine.make_request("a", PROMPT, params, resume_token_ids=[5, 6, 7, 8]))
     with pytest.raises(InvalidRequestError, match="vocabulary"):
-        engine.add_request("b", PROMPT, params, resume_token_ids=[5, 10**6])
+        engine.add_request(engine.make_request("b", PROMPT, params, resume_token_ids=[5, 10**6]))
     eos = engine.tokenizer.eos_token_ids
     assert eos
     with pytest.raises(InvalidRequestError, match="nothing to resume"):
-        engine.add_request("c", PROMPT, SamplingParams(max_tokens=8, temperature=0.0), resume_token_ids=[5, min(eos)])
+        engine.add_request(engine.make_request("c", PROMPT, SamplingParams(max_tokens=8, temperature=0.0),
+                                               resume_token_ids=[5, min(eos)]))
     assert not engine.requests and not engine.has_unfinished_requests()
     engine.check_integrity()
 
@@ -96,8 +97,9 @@ def test_async_engine_refuses_a_bad_resume_before_any_stream(tiny_llama_dir) -> 
         engine = AsyncEngine(engine=new_engine(tiny_llama_dir))
         try:
             with pytest.raises(InvalidRequestError, match="max_tokens"):
-                await engine.add_request("a", PROMPT, SamplingParams(max_tokens=2), resume_token_ids=[5, 6])
-            out = await engine.generate("b", PROMPT, SamplingParams(max_tokens=3, temperature=0.0, ignore_eos=True))
+                engine.make_request("a", PROMPT, SamplingParams(max_tokens=2), resume_token_ids=[5, 6])
+            greedy = SamplingParams(max_tokens=3, temperature=0.0, ignore_eos=True)
+            out = await engine.generate(engine.make_request("b", PROMPT, greedy))
             assert len(out.token_ids) == 3
         finally:
             engine.shutdown()
@@ -111,7 +113,7 @@ def test_resume_where_the_generated_tokens_are_cached_counts_only_the_prompt(tin
     engine = new_engine(tiny_llama_dir)
     reference, _ = stream(engine, params)  # leaves prompt + output blocks cached
     streamed = [t for ids, _ in reference[:12] for t in ids]
-    engine.add_request("again", PROMPT, params, resume_token_ids=streamed)
+    engine.add_request(engine.make_request("again", PROMPT, params, resume_token_ids=streamed))
     outputs = []
     while engine.has_unfinished_requests():
         outputs += [o for o in engine.step() if o.request_id == "again"]

@@ -10,7 +10,7 @@ UNAVAILABLE — and the workers stay up with clean pools.
 
 Raw bytes: left to itself, grpc-aio answers a request that does not deserialize with UNKNOWN
 ("Unexpected <class DecodeError>") and logs a traceback; the router installs
-cluster.grpc_decoding.RejectUndecodable, so it is INVALID_ARGUMENT. A message over grpc's 4 MiB
+common.grpc_decoding.RejectUndecodable, so it is INVALID_ARGUMENT. A message over grpc's 4 MiB
 receive limit is RESOURCE_EXHAUSTED, from grpc itself.
 
 Reproducible: hypothesis is derandomized, with no example database."""

@@ -1,4 +1,4 @@
-"""cluster/grpc_decoding.py, in process: bytes that are not the method's message get INVALID_ARGUMENT
+"""common/grpc_decoding.py, in process: bytes that are not the method's message get INVALID_ARGUMENT
 (grpc-aio alone says UNKNOWN), for streaming and unary methods, async-generator and coroutine
 servicers alike; messages that decode reach the servicer unchanged."""
 
@@ -10,7 +10,7 @@ import grpc
 import pytest
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from cluster.grpc_decoding import RejectUndecodable
+from common.grpc_decoding import RejectUndecodable
 from tandem.v1 import inference_pb2 as pb
 from tandem.v1 import inference_pb2_grpc
 

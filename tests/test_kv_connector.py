@@ -10,7 +10,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from cluster.local_etcd import running_etcd
+from common.etcd.local import running_etcd
 from engine.kv_cache import KVCachePool, KVCacheSpec
 from engine.loader.api import load_tokenizer
 from kv_transfer.errors import HandshakeError

@@ -10,7 +10,7 @@ import pytest
 import torch
 from prometheus_client import REGISTRY
 
-from cluster.local_etcd import free_port
+from common.etcd.local import free_port
 from kv_transfer import (
     EtcdStore,
     InProcessStore,
@@ -25,7 +25,7 @@ from kv_transfer import (
     TransferOp,
     TransferRequest,
 )
-from kv_transfer.engine import RemoteSegment
+from kv_transfer.transfer_engine import RemoteSegment
 
 
 def _metric(name: str, **labels: str) -> float:
@@ -134,7 +134,7 @@ def test_peer_link_frames_round_trip_and_reject_garbage() -> None:
 async def test_etcd_store_publishes_again_after_losing_its_lease() -> None:
     import aetcd
 
-    from cluster.local_etcd import running_etcd
+    from common.etcd.local import running_etcd
 
     with running_etcd() as endpoint:
         store = EtcdStore(endpoint, lease_ttl_s=2)

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from cluster.local_etcd import running_etcd
+from common.etcd.local import running_etcd
 from tests.support.kv_peer import initial_bytes
 from tests.support.kv_peers import KVPeer
 
@@ -20,10 +20,9 @@ SIZE = 4 << 20
 
 
 def _nixl_available() -> bool:
-    try:
-        from kv_transfer.backends.nixl import NixlBackend
-    except ImportError:
-        return False
+    """False when NIXL is not installed here; a broken install raises (BackendUnavailableError)."""
+    from kv_transfer.backends.nixl import NixlBackend
+
     return NixlBackend.is_available()
 
 

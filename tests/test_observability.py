@@ -26,8 +26,9 @@ import grpc
 import pytest
 import yaml
 
-from cluster.local_etcd import free_port
-from cluster.processes import spawn
+from bench.scrape import router_metrics
+from common.etcd.local import free_port
+from common.processes import spawn
 from tandem.v1 import inference_pb2 as pb
 from tandem.v1 import inference_pb2_grpc
 from tests.support.cluster import Cluster, fetch, tandem_up, worker_metrics
@@ -77,7 +78,8 @@ class Prometheus:
 
 
 def planner_url(cluster: Cluster) -> str:
-    port = next(int(line.split("=")[1]) for line in cluster.output if line.startswith("planner metrics="))
+    assert cluster.planner is not None, "tandem up announced no planner"
+    port = cluster.planner.metrics_port
     return f"127.0.0.1:{port}"
 
 
@@ -244,7 +246,7 @@ async def test_every_panel_and_rule_returns_data(cluster: Cluster, prometheus: P
 
 def _texts(cluster: Cluster) -> dict[str, str]:
     """Each component's /metrics."""
-    return {"router": cluster.router_metrics(), "planner": fetch(f"http://{planner_url(cluster)}/metrics"),
+    return {"router": router_metrics(cluster), "planner": fetch(f"http://{planner_url(cluster)}/metrics"),
             **{w.worker_id: worker_metrics(w) for w in cluster.workers}}
 
 

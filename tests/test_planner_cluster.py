@@ -19,9 +19,10 @@ from collections.abc import Callable
 import grpc
 import pytest
 
-from cluster.local_cluster import Cluster
+from bench.scrape import router_metrics
 from cluster.planner.capacity import CapacityProfile
 from cluster.planner.sources import RouterScrapeSource
+from cluster.up_process import LocalCluster as Cluster
 from tandem.v1 import inference_pb2 as pb
 from tandem.v1 import inference_pb2_grpc
 from tests.support.cluster import REPO, fetch, metric, tandem_up
@@ -92,7 +93,8 @@ async def _router_itl_p90(cluster: Cluster, streams: int, seconds: float) -> flo
 
 
 def _planner_metrics(cluster: Cluster) -> str:
-    port = next(m.group(1) for line in cluster.output if (m := re.match(r"planner metrics=(\d+)", line)))
+    assert cluster.planner is not None, "tandem up announced no planner"
+    port = cluster.planner.metrics_port
     return fetch(f"http://127.0.0.1:{port}/metrics")
 
 
@@ -102,7 +104,7 @@ def _decisions(cluster: Cluster, action: str, reason: str) -> float:
 
 
 def _decode_workers(cluster: Cluster) -> float:
-    return metric(cluster.router_metrics(), "tandem_router_workers", pool="decode")
+    return metric(router_metrics(cluster), "tandem_router_workers", pool="decode")
 
 
 @pytest.mark.slow
@@ -142,7 +144,7 @@ async def test_the_planner_grows_and_shrinks_decode_with_the_load(tiny_llama_dir
             new = cluster.role("decode")[-1]
 
             def routed_to_new() -> bool:
-                return metric(cluster.router_metrics(), "tandem_router_routed_total", pool="decode",
+                return metric(router_metrics(cluster), "tandem_router_routed_total", pool="decode",
                               worker=new.worker_id) > 0
             await _until(routed_to_new, 20, "traffic to the new worker")
             load.set(1)
@@ -159,7 +161,7 @@ async def test_the_planner_grows_and_shrinks_decode_with_the_load(tiny_llama_dir
                    if (v := metric(text, "tandem_planner_decisions_total", pool="decode", action=a, reason=r))}
         assert scaling == {("scale_up", "itl_over_target"): 1, ("scale_down", "underloaded"): 1}
         assert not load.errors, load.errors[:3]
-        router = cluster.router_metrics()
+        router = router_metrics(cluster)
         outcomes = {m.group(1): float(m.group(2))
                     for m in re.finditer(r'tandem_requests_total\{outcome="(\w+)"\} (\S+)', router)}
         assert outcomes == {"ok": load.ok}, outcomes

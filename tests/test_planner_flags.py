@@ -8,9 +8,9 @@ import os
 import pytest
 
 from cluster.cli import _parser
-from cluster.flags import settings_from_args
-from cluster.launcher import UpSettings
 from cluster.planner.settings import PlannerServiceSettings, PlannerSettings, ProfileSettings
+from cluster.up_settings import UpSettings
+from common.settings import settings_from_args
 
 
 @pytest.fixture(autouse=True)

@@ -20,7 +20,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 from prometheus_client import generate_latest
 
-from cluster.local_cluster import metric
+from bench.scrape import metric
 from cluster.planner.local_actuator import LocalProcessActuator
 from cluster.planner.loop import PlannerLoop
 from cluster.planner.observation import Observation, quantile_from_buckets

@@ -1,4 +1,4 @@
-"""Children started with `cluster.processes.spawn` die with the process that started them."""
+"""Children started with `common.processes.spawn` die with the process that started them."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 def test_spawned_child_dies_when_its_parent_exits() -> None:
     parent = subprocess.run(
-        [sys.executable, "-c", "from cluster.processes import spawn; print(spawn(['sleep', '60']).pid)"],
+        [sys.executable, "-c", "from common.processes import spawn; print(spawn(['sleep', '60']).pid)"],
         capture_output=True, text=True, cwd=REPO, timeout=60, check=True)
     pid = int(parent.stdout)
     deadline = time.monotonic() + 5

@@ -7,10 +7,10 @@ import socket
 
 import pytest
 
-from cluster.launcher import UpSettings
-from cluster.local_cluster import REPO
 from cluster.ray_backend.launcher import check_reachable, forwarded_env
 from cluster.ray_backend.placement import ActorPlacement, plan_placement
+from cluster.up_process import REPO
+from cluster.up_settings import UpSettings
 
 BOTH_POOLS = {"CPU": 8.0, "prefill": 2.0, "decode": 2.0}
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import pytest
 
-from cluster.discovery import WorkerRecord, WorkerRole
 from cluster.routing import POLICIES, Route, RoutingPolicy
 from cluster.worker_pool import WorkerHandle
+from common.worker_record import WorkerRecord, WorkerRole
 
 HASHES = [101, 102, 103, 104, 105, 106, 107, 108]
 

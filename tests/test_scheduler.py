@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 from engine.block_manager import BlockManager
+from engine.config import SchedulerConfig
 from engine.sampling_params import SamplingParams
-from engine.scheduler import Scheduler, SchedulerConfig
+from engine.scheduler import Scheduler
 from engine.sequence import Sequence, SequenceStatus
 
 

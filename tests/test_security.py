@@ -14,17 +14,17 @@ import grpc
 import pytest
 
 from cluster.api_keys import MISSING, WRONG, ApiKeys
-from cluster.discovery import WorkerRecord, WorkerRegistration
-from cluster.flags import add_settings_flags
-from cluster.launcher import UpSettings
 from cluster.router_settings import RouterSettings
-from cluster.tls import TlsFiles
+from cluster.up_settings import UpSettings
 from cluster.worker_pool import WorkerPool
-from cluster.worker_settings import WorkerSettings
-from kv_transfer.etcd_access import EtcdAccess
-from kv_transfer.etcd_lease import etcd_client
+from common.etcd.access import EtcdAccess
+from common.etcd.lease import etcd_client
+from common.settings import add_settings_flags
+from common.tls import TlsFiles
+from common.worker_record import WorkerRecord, WorkerRegistration
 from tests.support.certs import Pki, make_pki
 from tests.support.secure_etcd import etcdctl_binary, secure_etcd
+from worker_runtime.settings import WorkerSettings
 
 PASSWORD = "etcd-pw-5a1e"
 

@@ -1,4 +1,4 @@
-"""The worker's engine metrics read at scrape time (cluster/worker_metrics.py), here the preemption
+"""The worker's engine metrics read at scrape time (worker_runtime/metrics.py), here the preemption
 counter: a KV cache too small for the batch preempts sequences, and /metrics says how many."""
 
 from __future__ import annotations
@@ -7,10 +7,10 @@ import asyncio
 
 from prometheus_client import CollectorRegistry, generate_latest
 
-from cluster.local_cluster import metric
-from cluster.worker_metrics import EngineCollector
+from bench.scrape import metric
 from engine import AsyncEngine, SamplingParams
-from engine.engine_config import EngineConfig
+from engine.config import EngineConfig
+from worker_runtime.metrics import EngineCollector
 
 
 async def test_preemptions_are_counted(tiny_llama_dir) -> None:
@@ -23,8 +23,8 @@ async def test_preemptions_are_counted(tiny_llama_dir) -> None:
         assert metric(generate_latest(registry).decode(), "tandem_preemptions_total", worker="w-1") == 0
         params = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)
         prompts = [[(5 * i + j) % 500 + 3 for j in range(60)] for i in range(4)]
-        await asyncio.gather(*(engine.generate(f"r{i}", p, params) for i, p in enumerate(prompts)))
-        preempted = engine.engine.scheduler.num_preemptions_total
+        await asyncio.gather(*(engine.generate(engine.make_request(f"r{i}", p, params)) for i, p in enumerate(prompts)))
+        preempted = engine.stats().preemptions_total
         assert preempted > 0
         assert metric(generate_latest(registry).decode(), "tandem_preemptions_total", worker="w-1") == preempted
     finally:

@@ -17,8 +17,8 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from cluster.discovery import WorkerDirectory
-from cluster.local_etcd import running_etcd
-from cluster.processes import spawn
+from common.etcd.local import running_etcd
+from common.processes import spawn
 from tandem.v1 import inference_pb2 as pb
 from tandem.v1 import worker_pb2, worker_pb2_grpc
 

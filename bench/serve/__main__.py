@@ -24,12 +24,13 @@ import sys
 from contextlib import ExitStack
 from typing import Any
 
+from bench.scrape import metric_sum, worker_metrics
 from bench.serve import plots
 from bench.serve.client import RequestResult
 from bench.serve.metrics import SLO, summarize
 from bench.serve.runner import RunSpec, run
 from bench.serve.workloads import WORKLOADS, generate
-from cluster.local_cluster import Cluster, metric_sum, tandem_up, worker_metrics
+from cluster.up_process import LocalCluster, tandem_up
 
 # worker metrics whose change over a run is recorded (summed over label sets unless split below)
 _WORKER_COUNTERS = ("tandem_kv_transfer_seconds_sum", "tandem_kv_transfer_seconds_count",
@@ -62,7 +63,7 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def _snapshot(cluster: Cluster | None) -> dict[str, float]:
+def _snapshot(cluster: LocalCluster | None) -> dict[str, float]:
     if cluster is None:
         return {}
     values: dict[str, float] = {}
@@ -84,7 +85,7 @@ def _delta(before: dict[str, float], after: dict[str, float]) -> dict[str, float
     return {k: after[k] - before.get(k, 0.0) for k in after}
 
 
-async def _one_rate(args: argparse.Namespace, api: str, target: str, rate: float, cluster: Cluster | None,
+async def _one_rate(args: argparse.Namespace, api: str, target: str, rate: float, cluster: LocalCluster | None,
                     seed: int) -> tuple[dict[str, Any], list[RequestResult]]:
     """`seed` differs per rate (no run finds the previous run's prompts in a prefix cache) and is the
     same for every configuration (they all serve the same requests)."""

@@ -1,9 +1,9 @@
 """The pools of `tandem up` as local worker processes: growing starts workers, shrinking sends the
-newest workers SIGTERM, which drains them (cluster/worker_server.py: health NOT_SERVING, etcd
+newest workers SIGTERM, which drains them (worker_runtime/server.py: health NOT_SERVING, etcd
 record revoked, in-flight requests finish within --grace-s), so no request fails because of it.
 
 Call `scale` from the thread that will outlive the workers (the launcher's main thread): a
-worker is killed by the kernel when the thread that spawned it exits (cluster.processes)."""
+worker is killed by the kernel when the thread that spawned it exits (common.processes)."""
 
 from __future__ import annotations
 

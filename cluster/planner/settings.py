@@ -1,4 +1,4 @@
-"""Settings of the SLO planner. Flags and TANDEM_* variables map onto these fields (cluster/flags.py):
+"""Settings of the SLO planner. Flags and TANDEM_* variables map onto these fields (common/settings.py):
 `tandem up --planner true` takes PlannerSettings, `tandem planner` (Kubernetes) PlannerServiceSettings,
 `tandem profile` ProfileSettings."""
 
@@ -7,7 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-from cluster.flags import described
+from common.settings import described
 
 Pool = Literal["prefill", "decode"]
 POOLS: tuple[Pool, ...] = ("prefill", "decode")

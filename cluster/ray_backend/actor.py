@@ -22,9 +22,10 @@ from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, replace
 from typing import Literal
 
-from cluster.lifecycle import Lifecycle
 from cluster.router_settings import RouterSettings
-from cluster.worker_settings import WorkerSettings
+from common.lifecycle import Lifecycle
+from common.settings import configure_logging, update_environment
+from worker_runtime.settings import WorkerSettings
 
 log = logging.getLogger(__name__)
 
@@ -93,7 +94,7 @@ def _runner(component: Component, settings: WorkerSettings | RouterSettings) -> 
 
         assert isinstance(settings, RouterSettings)
         return lambda lifecycle: serve_router(settings, lifecycle)
-    from cluster.worker_server import serve as serve_worker  # torch: only in worker actors
+    from cluster.worker_roles import serve_worker  # torch: only in worker actors
 
     assert isinstance(settings, WorkerSettings) and settings.role == component
     return lambda lifecycle: serve_worker(settings, lifecycle)
@@ -104,9 +105,8 @@ class ServerActor:
                  start_timeout_s: float) -> None:
         import ray
 
-        os.environ.update(env)  # before NIXL/UCX or torch read theirs
-        logging.basicConfig(level=os.environ.get("TANDEM_LOG_LEVEL", "INFO"),
-                            format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        update_environment(dict(env))  # before NIXL/UCX or torch read theirs
+        configure_logging()
         context = ray.get_runtime_context()
         node_ip = ray.util.get_node_ip_address()
         self._server = _ServerThread(_runner(component, replace(settings, host=node_ip)))

@@ -11,7 +11,6 @@ Ray restarted, or a replacement) after READY. Actors are named in the Ray namesp
 from __future__ import annotations
 
 import logging
-import os
 import signal
 import socket
 import sys
@@ -20,13 +19,15 @@ from collections.abc import Mapping
 from dataclasses import fields
 from typing import Any
 
-from cluster.flags import env_name
-from cluster.launcher import UpSettings, await_workers, etcd_endpoint, print_router_line, print_worker_line
+from cluster.launcher import await_workers, etcd_endpoint
 from cluster.planner.loop import PlannerLoop, observation_source
 from cluster.planner.settings import PlannerSettings
 from cluster.ray_backend.actor import Component, ServerActor
 from cluster.ray_backend.fleet import ActorFleet, Member
 from cluster.ray_backend.placement import Placement, plan_placement
+from cluster.up_events import Announcer, ClusterReady, EtcdUp, PlannerUp, RouterUp, WorkerUp
+from cluster.up_settings import UpSettings
+from common.settings import env_name, environment
 
 log = logging.getLogger(__name__)
 
@@ -44,14 +45,13 @@ def forwarded_env(environ: Mapping[str, str]) -> dict[str, str]:
     return {k: v for k, v in environ.items() if k.startswith(FORWARDED_PREFIXES) and k not in secret}
 
 
-def _announce(member: Member) -> None:
+def member_event(member: Member) -> RouterUp | WorkerUp:
+    """What `tandem up` reports of a serving actor."""
     info = member.info
     assert info is not None
-    extra = {"node": info.node_id, "actor": member.name}
     if info.component == "router":
-        print_router_line(list(info.fields), info.pid, **extra)
-    else:
-        print_worker_line(list(info.fields), info.component, info.pid, **extra)
+        return RouterUp.from_ready(list(info.fields), info.pid, info.node_id, member.name)
+    return WorkerUp.from_ready(list(info.fields), info.component, info.pid, info.node_id, member.name)
 
 
 class ActorFactory:
@@ -61,7 +61,7 @@ class ActorFactory:
         import ray
 
         self.settings, self.etcd, self.placement = settings, etcd, placement
-        self.env = forwarded_env(os.environ)
+        self.env = forwarded_env(environment())
         self.remote_class = ray.remote(ServerActor)
 
     def __call__(self, component: Component, name: str) -> Any:
@@ -111,12 +111,14 @@ def up_on_ray(settings: UpSettings, planner: PlannerSettings | None = None) -> i
                                    [c for c, n in counts.items() if n or (planner and c != "both")],
                                    settings.ray_worker_cpus, ray.get_runtime_context().get_node_id())
         log.info("Ray placement: %s", placement.mode)
+        announce = Announcer(settings.output)
         with etcd_endpoint(settings.etcd, host) as etcd:
-            print(f"etcd {etcd}", flush=True)
-            fleet = ActorFleet(ActorFactory(settings, etcd, placement), _announce, settings.grace_s + 5.0)
+            announce(EtcdUp(etcd))
+            fleet = ActorFleet(ActorFactory(settings, etcd, placement), lambda m: announce(member_event(m)),
+                               settings.grace_s + 5.0)
             try:
                 fleet.start(counts)
-                _serve(settings, planner, fleet, host, stop)
+                _serve(settings, planner, fleet, host, stop, announce)
             finally:
                 fleet.stop()  # while etcd still runs: draining workers revoke their records
         return 0
@@ -128,7 +130,7 @@ def up_on_ray(settings: UpSettings, planner: PlannerSettings | None = None) -> i
 
 
 def _serve(settings: UpSettings, planner: PlannerSettings | None, fleet: ActorFleet, host: str,
-           stop: threading.Event) -> None:
+           stop: threading.Event, announce: Announcer) -> None:
     """Once every actor serves and the router sees every worker: READY, then supervise until `stop`."""
     fleet.wait_ready(settings.start_timeout_s, stop)
     router = fleet.serving("router")[0].info
@@ -140,8 +142,8 @@ def _serve(settings: UpSettings, planner: PlannerSettings | None, fleet: ActorFl
     if planner is not None:
         loop = PlannerLoop(planner, observation_source(planner, f"{http_url}/metrics", settings.https_context()),
                            fleet)
-        print(f"planner metrics={loop.metrics.serve(planner.planner_metrics_port, host)}", flush=True)
-    print("READY", flush=True)
+        announce(PlannerUp(loop.metrics.serve(planner.planner_metrics_port, host)))
+    announce(ClusterReady())
     print(f"OpenAI API: {http_url}/v1 (actors in Ray namespace {namespace(settings.cluster)}); Ctrl-C stops the "
           "cluster", file=sys.stderr, flush=True)
     while not stop.wait(0.5):

@@ -19,9 +19,8 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from cluster.ray_backend.actor import Component
+from cluster.up_settings import PlacementMode
 
-PlacementMode = Literal["auto", "resources", "gpus", "any"]
-PLACEMENT_MODES: tuple[PlacementMode, ...] = ("auto", "resources", "gpus", "any")
 POOL_RESOURCE: Mapping[Component, str] = {"prefill": "prefill", "decode": "decode", "both": "decode",
                                           "router": "router"}
 

@@ -17,7 +17,7 @@ import shutil
 import subprocess
 import tempfile
 
-from engine.env import c_kernels_disabled, tandem_cache_dir
+from common.settings import c_compiler, c_kernels_disabled, cache_dir
 
 log = logging.getLogger(__name__)
 _KERNEL_DIR = pathlib.Path(__file__).parent
@@ -25,7 +25,7 @@ _FLAGS = ["-O3", "-march=native", "-fopenmp", "-fno-math-errno", "-fPIC", "-shar
 
 
 def _build(source: pathlib.Path, target: pathlib.Path) -> None:
-    compiler = shutil.which(os.environ.get("CC", "cc")) or shutil.which("gcc")
+    compiler = shutil.which(c_compiler()) or shutil.which("gcc")
     if compiler is None:
         raise OSError("no C compiler found")
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -43,7 +43,7 @@ def load_kernel(source_name: str) -> ctypes.CDLL | None:
         return None
     source = _KERNEL_DIR / source_name
     digest = hashlib.sha256(source.read_bytes() + " ".join(_FLAGS).encode()).hexdigest()[:16]
-    target = tandem_cache_dir() / "kernels" / f"{source.stem}-{digest}.so"
+    target = cache_dir() / "kernels" / f"{source.stem}-{digest}.so"
     try:
         if not target.exists():
             _build(source, target)

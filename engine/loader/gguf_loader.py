@@ -13,6 +13,7 @@ from gguf.quants import dequantize
 
 from engine.config import ModelConfig, RopeScaling
 from engine.errors import ModelLoadError
+from engine.gguf_file import open_gguf
 from engine.loader.gguf_names import PERMUTED_QK_ARCHITECTURES, gguf_to_hf_name, unpermute_qk_rows
 from engine.loader.weight_cache import CachedWeights
 
@@ -28,13 +29,6 @@ SUPPORTED_TENSOR_TYPES = frozenset({
 _LLAMA3_LOW_FREQ_FACTOR = 1.0
 _LLAMA3_HIGH_FREQ_FACTOR = 4.0
 _LLAMA3_ORIGINAL_CONTEXT = 8192
-
-
-def open_gguf(path: pathlib.Path) -> GGUFReader:
-    try:
-        return GGUFReader(path)
-    except Exception as exc:  # gguf raises ValueError, KeyError, IndexError, struct/numpy errors alike
-        raise ModelLoadError(f"{path} is not a readable GGUF file ({type(exc).__name__}: {exc})") from exc
 
 
 def load_gguf(path: pathlib.Path) -> CachedWeights:

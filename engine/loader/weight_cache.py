@@ -8,14 +8,11 @@ none. An entry that cannot be read or does not match its key is treated as absen
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import hashlib
 import json
 import logging
 import os
 import pathlib
-import shutil
 import uuid
 from dataclasses import dataclass
 from typing import Any
@@ -25,20 +22,13 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from engine.config import ModelConfig, RopeScaling
-from engine.env import tandem_cache_dir
+from engine.disk_cache import cache_dir, entry_name, remove_older_entries
 
 logger = logging.getLogger(__name__)
 
-# Bump whenever the GGUF conversion (names, un-permutation, dequantization) or this layout changes.
-CACHE_VERSION = 1
 _KEY_META = "tandem.key"
 _CONFIG_META = "tandem.config"
 _QUANT_META = "tandem.quant_types"
-
-
-def cache_dir() -> pathlib.Path:
-    """`$TANDEM_CACHE_DIR`, default `~/.cache/tandem` (see engine.env)."""
-    return tandem_cache_dir()
 
 
 @dataclass(frozen=True)
@@ -46,20 +36,6 @@ class CachedWeights:
     config: ModelConfig
     weights: dict[str, torch.Tensor]
     gguf_quant_types: dict[str, int]
-
-
-def _key(source: pathlib.Path) -> tuple[str, str]:
-    """(stem shared by every entry of this path, full key string). Raises OSError if the file is gone."""
-    source = source.resolve()
-    stat = source.stat()
-    path_hash = hashlib.sha256(str(source).encode()).hexdigest()[:16]
-    full = f"{source}|{stat.st_size}|{stat.st_mtime_ns}|v{CACHE_VERSION}"
-    return path_hash, full
-
-
-def _entry_name(source: pathlib.Path, kind: str) -> tuple[str, str]:
-    path_hash, full = _key(source)
-    return f"{kind}-{path_hash}-{hashlib.sha256(full.encode()).hexdigest()[:16]}", full
 
 
 def config_to_json(config: ModelConfig) -> str:
@@ -77,7 +53,7 @@ def config_from_json(text: str) -> ModelConfig:
 def load_cached_weights(source: pathlib.Path) -> CachedWeights | None:
     """The cached conversion of `source`, or None when absent, stale or unreadable."""
     try:
-        name, full = _entry_name(source, "weights")
+        name, full = entry_name(source, "weights")
     except OSError:
         return None
     path = cache_dir() / f"{name}.safetensors"
@@ -100,7 +76,7 @@ def load_cached_weights(source: pathlib.Path) -> CachedWeights | None:
 def store_cached_weights(source: pathlib.Path, cached: CachedWeights) -> pathlib.Path | None:
     """Write the entry for `source`; returns its path, or None when it could not be written (logged)."""
     try:
-        name, full = _entry_name(source, "weights")
+        name, full = entry_name(source, "weights")
         directory = cache_dir()
         directory.mkdir(parents=True, exist_ok=True)
         final = directory / f"{name}.safetensors"
@@ -119,32 +95,5 @@ def store_cached_weights(source: pathlib.Path, cached: CachedWeights) -> pathlib
     except OSError as exc:
         logger.warning("could not write weight cache for %s: %s", source, exc)
         return None
-    _remove_older_entries(directory, name, suffix=".safetensors")
+    remove_older_entries(directory, name, suffix=".safetensors")
     return final
-
-
-def tokenizer_cache_path(source: pathlib.Path) -> pathlib.Path:
-    """Directory the tokenizer built from `source` is saved to (it may not exist yet)."""
-    name, _ = _entry_name(source, "tokenizer")
-    return cache_dir() / name
-
-
-def publish_directory(tmp: pathlib.Path, final: pathlib.Path) -> None:
-    """Move a fully written directory into place; a concurrent writer that won first is kept."""
-    try:
-        os.replace(tmp, final)
-    except OSError:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if not final.is_dir():
-            raise
-        return
-    _remove_older_entries(final.parent, final.name, suffix="")
-
-
-def _remove_older_entries(directory: pathlib.Path, current: str, suffix: str) -> None:
-    kind, path_hash, _ = current.split("-", 2)
-    for old in directory.glob(f"{kind}-{path_hash}-*{suffix}"):
-        if old.name == f"{current}{suffix}":
-            continue
-        with contextlib.suppress(OSError):
-            shutil.rmtree(old) if old.is_dir() else old.unlink()

@@ -26,8 +26,8 @@ at the Python API's settings), so the poller drives UCX progress on both sides.
 from __future__ import annotations
 
 import base64
+import importlib.util
 import logging
-import os
 import struct
 import threading
 import time
@@ -38,19 +38,28 @@ from typing import Any
 
 import numpy as np
 
+from common.settings import apply_ucx_defaults, ucx_net_devices
 from kv_transfer.backends.base import Backend, BackendContext
 from kv_transfer.batch import Batch
 from kv_transfer.datatypes import BatchStatus, Notification, SegmentDescriptor, TransferOp
-from kv_transfer.errors import PeerLostError, TransferError
+from kv_transfer.errors import BackendUnavailableError, PeerLostError, TransferError
 from kv_transfer.segment import LocalSegment
 
-for _key, _value in (("UCX_NET_DEVICES", "lo"), ("UCX_MODULES", "^ib"), ("NIXL_LOG_LEVEL", "WARN")):
-    os.environ.setdefault(_key, _value)
+apply_ucx_defaults()
 
-try:
-    from nixl._api import nixl_agent, nixl_agent_config
-except Exception:  # a broken install (missing CUDA wheel, bad libs) means "not available"
-    nixl_agent = nixl_agent_config = None
+# Not installed: not available. Installed but not importable (a missing CUDA wheel, bad libraries):
+# an error, raised where the backend is looked at, so a broken install never passes for an absent one.
+NIXL_INSTALLED = importlib.util.find_spec("nixl") is not None
+_import_error: BaseException | None = None
+nixl_agent: Any = None
+nixl_agent_config: Any = None
+if NIXL_INSTALLED:
+    try:
+        from nixl import _api as _nixl_api
+
+        nixl_agent, nixl_agent_config = _nixl_api.nixl_agent, _nixl_api.nixl_agent_config
+    except Exception as e:
+        _import_error = e
 
 log = logging.getLogger(__name__)
 
@@ -119,8 +128,12 @@ class NixlBackend(Backend):
 
     @classmethod
     def is_available(cls) -> bool:
-        """NIXL imports, and UCX is confined to the devices the environment names."""
-        return nixl_agent is not None and bool(os.environ.get("UCX_NET_DEVICES"))
+        """NIXL is installed and UCX is confined to the devices the environment names. Raises
+        BackendUnavailableError when NIXL is installed but does not import."""
+        if _import_error is not None:
+            raise BackendUnavailableError(f"NIXL is installed but does not import ({type(_import_error).__name__}: "
+                                          f"{_import_error}): repair the install (scripts/setup.sh) or uninstall it")
+        return nixl_agent is not None and ucx_net_devices() is not None
 
     # -- agent ----------------------------------------------------------------------------------------
     def _ensure_agent(self) -> Any:

@@ -29,7 +29,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
-import os
 import select
 import socket
 import threading
@@ -45,6 +44,7 @@ import torch
 import torch.distributed as dist
 from torch._C import _distributed_c10d as c10d
 
+from common.settings import nccl_async_error_handling
 from kv_transfer.errors import PeerLostError, TransferError, TransferTimeoutError
 from kv_transfer.tensor_copy import copy_ranges
 
@@ -349,6 +349,6 @@ def _nccl_group(store: c10d.Store, rank: int, name: str) -> c10d.Backend:
 
 @functools.cache
 def _warn_about_error_handling() -> None:
-    if os.environ.get("TORCH_NCCL_ASYNC_ERROR_HANDLING") not in ("0", "2"):
+    if nccl_async_error_handling() not in ("0", "2"):
         log.warning("TORCH_NCCL_ASYNC_ERROR_HANDLING is not 2: an asynchronous NCCL error on a KV transfer "
                     "(e.g. a peer lost mid-transfer) may make PyTorch's watchdog end this process")

@@ -1,5 +1,5 @@
-"""Cluster helpers for tests: per-worker Status and the pool-integrity check (the launcher and the
-metrics parsing live in cluster/local_cluster.py, shared with the benchmarks)."""
+"""The tests' cluster harness: `tandem up` as a child process (cluster.up_process), its metrics
+(bench.scrape), per-worker Status and the pool-integrity check."""
 
 from __future__ import annotations
 
@@ -8,12 +8,15 @@ import time
 
 import grpc
 
-from cluster.local_cluster import REPO, Cluster, WorkerInfo, fetch, metric, tandem_up, worker_metrics
-from cluster.tls import open_channel
+from bench.scrape import fetch, metric, metric_sum, router_metrics, worker_metrics
+from cluster.up_events import WorkerUp as WorkerInfo
+from cluster.up_process import REPO, tandem_up
+from cluster.up_process import LocalCluster as Cluster
+from common.tls import open_channel
 from tandem.v1 import worker_pb2, worker_pb2_grpc
 
-__all__ = ["REPO", "Cluster", "WorkerInfo", "assert_pools_clean", "fetch", "metric", "tandem_up", "worker_metrics",
-           "worker_status"]
+__all__ = ["REPO", "Cluster", "WorkerInfo", "assert_pools_clean", "fetch", "metric", "metric_sum", "router_metrics",
+           "tandem_up", "worker_metrics", "worker_status"]
 
 
 async def worker_status(worker: WorkerInfo,

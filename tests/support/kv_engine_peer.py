@@ -15,6 +15,7 @@ import asyncio
 import os
 
 from engine import EngineConfig, LLMEngine, SamplingParams
+from engine.remote_kv import RemotePrefillResult
 from kv_transfer import EtcdStore, TransferEngine, TransferEngineConfig, TransferError
 from kv_transfer.kv_connector import KVConnector
 from kv_transfer.kv_push import KVPusher
@@ -46,11 +47,13 @@ async def handle(engine: LLMEngine, connector: KVConnector, pusher: KVPusher, cm
         return {"ok": True}
     if kind == "reserve":
         params = SamplingParams(max_tokens=cmd["max_tokens"], temperature=0.0)
-        return {"ok": True, "blocks": engine.add_remote_prefill_request(cmd["request_id"], cmd["prompt"], params)}
+        request = engine.make_request(cmd["request_id"], cmd["prompt"], params)
+        return {"ok": True, "blocks": engine.remote_kv.reserve(request)}
     if kind == "prefill":
         peer = await connector.connect(cmd["peer_segment"])
         pusher.expect(cmd["request_id"], peer, cmd["blocks"])
-        engine.add_request(cmd["request_id"], cmd["prompt"], SamplingParams(max_tokens=1, temperature=0.0))
+        engine.add_request(engine.make_request(cmd["request_id"], cmd["prompt"],
+                                               SamplingParams(max_tokens=1, temperature=0.0)))
         first = None
         while engine.has_unfinished_requests():
             for out in engine.step():
@@ -68,7 +71,7 @@ async def handle(engine: LLMEngine, connector: KVConnector, pusher: KVPusher, cm
             engine.check_integrity()
             return {"ok": False, "error": type(e).__name__, "message": str(e),
                     "layers": receipt.completed_layers()}
-        tokens = engine.finish_remote_prefill(rid, first).token_ids
+        tokens = engine.remote_kv.resume(rid, RemotePrefillResult(first)).token_ids
         while engine.has_unfinished_requests():
             for out in engine.step():
                 if out.request_id == rid:

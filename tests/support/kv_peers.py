@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from cluster.processes import spawn
+from common.processes import spawn
 
 REPO = Path(__file__).resolve().parents[2]
 

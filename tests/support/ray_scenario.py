@@ -31,12 +31,19 @@ from typing import Any
 
 import grpc
 
-from cluster.launcher import UpSettings
-from cluster.local_cluster import Cluster, WorkerInfo, fetch, metric, metric_sum, tandem_up
-from cluster.local_etcd import running_etcd
+from cluster.up_settings import UpSettings
+from common.etcd.local import running_etcd
 from tandem.v1 import inference_pb2 as pb
 from tandem.v1 import inference_pb2_grpc
-from tests.support.cluster import worker_status
+from tests.support.cluster import (
+    Cluster,
+    WorkerInfo,
+    fetch,
+    metric,
+    metric_sum,
+    tandem_up,
+    worker_status,
+)
 from tests.support.cluster_workload import Expected, Job, run_grpc
 
 RAY_PORT = 26379  # outside 10002-19999, Ray's worker port range
@@ -146,8 +153,8 @@ async def phase_a(ray_address: str, model: str, jobs: list[Job], expected: list[
         ray.init(address=ray_address, namespace="tandem-default", log_to_driver=False)
         out["nodes"] = {n["NodeID"]: n["Resources"] for n in ray.nodes() if n["Alive"]}
         out["placement"] = [asdict(w) for w in cluster.workers]
-        out["router_node"] = next(line.split("node=")[1].split()[0] for line in cluster.output
-                                  if line.startswith("router "))
+        assert cluster.router is not None
+        out["router_node"] = cluster.router.node
         results = [await run_grpc(cluster.grpc_address, job) for job in jobs]
         out["equal"] = [got == want for got, want in zip(results, expected, strict=True)]
 
@@ -177,7 +184,8 @@ async def phase_a(ray_address: str, model: str, jobs: list[Job], expected: list[
         out["restarted_worker_tokens"] = metric(fetch(f"http://127.0.0.1:{restarted.metrics_port}/metrics"),
                                                 "tandem_generation_tokens_total")
         out["pools"] = await pools_report(live)
-        planner_port = next(line.split("=")[1].strip() for line in cluster.output if line.startswith("planner "))
+        assert cluster.planner is not None, "tandem up announced no planner"
+        planner_port = cluster.planner.metrics_port
         planner = fetch(f"http://127.0.0.1:{planner_port}/metrics")
         out["planner"] = {f"{name}/{pool}": metric(planner, f"tandem_planner_{name}", pool=pool)
                           for name in ("current_replicas", "desired_replicas") for pool in ("prefill", "decode")}

@@ -14,8 +14,8 @@ import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
-from cluster.local_etcd import etcd_binary, free_port
-from cluster.processes import spawn
+from common.etcd.local import etcd_binary, free_port
+from common.processes import spawn
 from tests.support.certs import Pki
 
 

@@ -1,23 +1,13 @@
 """How a process reaches etcd: optional client TLS (CA, client certificate and key, PEM files)
-and optional user/password authentication (kv_transfer.etcd_client applies them)."""
+and optional user/password authentication (common.etcd.client applies them)."""
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
 import grpc
 
-
-def read_file(path: str, what: str) -> bytes:
-    """The bytes of a file (PEM, key list); ValueError naming `what` and the path when unreadable."""
-    if not os.path.isfile(path):
-        raise ValueError(f"{what} {path!r} is not a file")
-    try:
-        with open(path, "rb") as f:
-            return f.read()
-    except OSError as e:
-        raise ValueError(f"{what} {path!r} is not readable: {e.strerror}") from e
+from common.files import read_file
 
 
 @dataclass(frozen=True)

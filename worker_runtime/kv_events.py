@@ -8,12 +8,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import logging
 from collections.abc import AsyncIterator
 
 from engine.async_engine import AsyncEngine
-from engine.llm_engine import LLMEngine
 from tandem.v1 import worker_pb2
 
 log = logging.getLogger(__name__)
@@ -26,7 +24,8 @@ class KVEventHub:
         self._subscribers: list[asyncio.Queue[worker_pb2.KVEventBatch]] = []
         self._joining: list[asyncio.Queue[worker_pb2.KVEventBatch]] = []
         self._task: asyncio.Task[None] | None = None
-        engine.engine.block_manager.record_events = True
+        if not engine.config.record_kv_events:
+            raise ValueError("KV events need an engine with record_kv_events=True")
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name="kv-event-hub")
@@ -54,7 +53,7 @@ class KVEventHub:
             # a subscriber may leave while the engine answers: only those still joining after it are admitted
             wanted = bool(self._joining)
             try:
-                events, snapshot = await self.engine.call(functools.partial(_read, with_snapshot=wanted))
+                events = await self.engine.drain_kv_events(with_snapshot=wanted)
             except Exception:
                 log.exception("could not read KV events; retrying")
                 continue
@@ -66,12 +65,8 @@ class KVEventHub:
                 for queue in self._subscribers:
                     queue.put_nowait(batch)
             if joining:
-                first = worker_pb2.KVEventBatch(stored_block_hashes=snapshot, cleared=True)
+                first = worker_pb2.KVEventBatch(stored_block_hashes=events.snapshot or (), cleared=True)
                 for queue in joining:
                     queue.put_nowait(first)
                 self._subscribers.extend(joining)
 
-
-def _read(engine: LLMEngine, with_snapshot: bool):  # type: ignore[no-untyped-def]
-    events = engine.block_manager.drain_events()
-    return events, (list(engine.block_manager.cached) if with_snapshot else [])

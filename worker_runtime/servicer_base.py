@@ -10,13 +10,12 @@ from collections.abc import AsyncIterator
 
 import grpc
 
-from cluster.convert import QUEUE_FULL
-from cluster.kv_events import KVEventHub
-from cluster.worker_metrics import WORKER_REQUESTS
+from common.wire import QUEUE_FULL
 from engine.async_engine import AsyncEngine
-from engine.llm_engine import LLMEngine
 from tandem.v1 import inference_pb2 as pb
 from tandem.v1 import worker_pb2, worker_pb2_grpc
+from worker_runtime.kv_events import KVEventHub
+from worker_runtime.metrics import WORKER_REQUESTS
 
 
 class WorkerServicerBase(worker_pb2_grpc.WorkerServicer):
@@ -61,19 +60,13 @@ class WorkerServicerBase(worker_pb2_grpc.WorkerServicer):
 
     async def Status(self, request: worker_pb2.StatusRequest,
                      context: grpc.aio.ServicerContext) -> worker_pb2.WorkerStatus:
-        return await self.engine.call(self._status)
-
-    def _status(self, engine: LLMEngine) -> worker_pb2.WorkerStatus:
-        try:
-            engine.check_integrity()
-            error = ""
-        except AssertionError as e:
-            error = str(e) or "integrity check failed"
+        status = await self.engine.status()
+        stats = status.stats
         return worker_pb2.WorkerStatus(
-            worker_id=self.worker_id, role=self.role, running=len(engine.scheduler.running),
-            waiting=len(engine.scheduler.waiting) + len(engine.scheduler.parked),
-            free_blocks=engine.block_manager.num_free_blocks, total_blocks=engine.block_manager.num_blocks,
-            pool_integrity_ok=not error, integrity_error=error)
+            worker_id=self.worker_id, role=self.role, running=stats.running,
+            waiting=stats.waiting + stats.waiting_for_remote_kv, free_blocks=stats.free_blocks,
+            total_blocks=stats.total_blocks, pool_integrity_ok=status.integrity_error is None,
+            integrity_error=status.integrity_error or "")
 
     async def KVEvents(self, request: worker_pb2.KVEventsRequest,
                        context: grpc.aio.ServicerContext) -> AsyncIterator[worker_pb2.KVEventBatch]:

@@ -25,26 +25,24 @@ REMOTE_PREFILL_FAILURES = Counter("tandem_remote_prefill_failures", "Remote pref
 
 
 class EngineCollector(Collector):
-    """Gauges and the scheduler's counters, read from the engine at scrape time (from another
-    thread: may be one step stale)."""
+    """Gauges and the scheduler's counters as of the engine's last step, read at scrape time."""
 
     def __init__(self, engine: AsyncEngine, worker_id: str) -> None:
         self.engine, self.worker_id = engine, worker_id
 
     def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
-        core = self.engine.engine
+        stats = self.engine.stats()
         for name, doc, value in (
-                ("tandem_running_sequences", "Sequences in the running batch", len(core.scheduler.running)),
-                ("tandem_waiting_sequences", "Sequences waiting to be scheduled", len(core.scheduler.waiting)),
+                ("tandem_running_sequences", "Sequences in the running batch", stats.running),
+                ("tandem_waiting_sequences", "Sequences waiting to be scheduled", stats.waiting),
                 ("tandem_remote_kv_waiting_sequences", "Sequences parked until their remote prefill lands",
-                 len(core.scheduler.parked)),
-                ("tandem_kv_cache_usage_ratio", "Share of KV blocks in use", core.block_manager.usage()),
-                ("tandem_kv_free_blocks", "KV blocks free (including evictable cached ones)",
-                 core.block_manager.num_free_blocks)):
+                 stats.waiting_for_remote_kv),
+                ("tandem_kv_cache_usage_ratio", "Share of KV blocks in use", stats.kv_usage),
+                ("tandem_kv_free_blocks", "KV blocks free (including evictable cached ones)", stats.free_blocks)):
             family = GaugeMetricFamily(name, doc, labels=["worker"])
             family.add_metric([self.worker_id], value)
             yield family
         preemptions = CounterMetricFamily("tandem_preemptions", "Running sequences preempted (their KV blocks "
                                           "freed, to be recomputed) to make room in the KV cache", labels=["worker"])
-        preemptions.add_metric([self.worker_id], core.scheduler.num_preemptions_total)
+        preemptions.add_metric([self.worker_id], stats.preemptions_total)
         yield preemptions

@@ -16,7 +16,7 @@ import logging
 from collections.abc import Coroutine
 from typing import Any, TypeVar
 
-from kv_transfer.etcd_access import EtcdAccess
+from common.etcd.access import EtcdAccess
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -61,7 +61,7 @@ _CHANNEL_OPTIONS = {"grpc.use_local_subchannel_pool": 1, "grpc.initial_reconnect
 
 def etcd_client(endpoint: str, timeout_s: float, access: EtcdAccess | None = None) -> Any:
     """An aetcd client (connects on first use), over `access` (plaintext, no auth by default)."""
-    from kv_transfer.etcd_client import EtcdClient
+    from common.etcd.client import EtcdClient
 
     host, port = parse_endpoint(endpoint)
     return EtcdClient(host, port, access or EtcdAccess(), timeout=timeout_s,

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 import torch
 
-from engine.engine_config import EngineConfig
+from engine.config import EngineConfig
 from engine.errors import ModelLoadError
 from engine.kv_cache import KVCachePool, KVCacheSpec, resolve_kv_dtype, tensor_bytes
 from engine.kv_hooks import KVStorageAllocator
@@ -75,7 +75,7 @@ def build_engine_parts(config: EngineConfig, kv_storage: KVStorageAllocator | No
     model = build_model(loaded, platform, dtype)
     quantized: list[str] = []
     if config.quantization is not None:
-        from engine.quant_loading import quantize_loaded_model
+        from engine.loader.quantized import quantize_loaded_model
         quantized = quantize_loaded_model(model, config.quantization, loaded.source)
     _use_onednn_lm_head(model, platform)
     cfg = loaded.config

@@ -1,13 +1,12 @@
-"""Between the wire (tandem.v1 protos) and the engine's dataclasses. Validation stays in the
-engine: a bad value raises its InvalidRequestError / ValueError, which servers map to
-INVALID_ARGUMENT."""
+"""Between the wire (tandem.v1 protos) and the engine's dataclasses. Building SamplingParams
+validates them (InvalidRequestError, a ValueError, which servers map to INVALID_ARGUMENT); the
+engine's `make_request` validates the rest once."""
 
 from __future__ import annotations
 
 from typing import Any
 
-from engine.outputs import RequestOutput
-from engine.sampler import TokenLogprobs
+from engine.outputs import RequestOutput, TokenLogprobs
 from engine.sampling_params import SamplingParams
 from tandem.v1 import inference_pb2 as pb
 
@@ -16,10 +15,6 @@ _OPTIONAL = ("temperature", "top_p", "top_k", "min_p", "max_tokens", "min_tokens
 _FINISH = {None: pb.FINISH_REASON_UNSPECIFIED, "stop": pb.FINISH_REASON_STOP, "length": pb.FINISH_REASON_LENGTH,
            "abort": pb.FINISH_REASON_ABORT}
 
-
-# trailing metadata of a worker's admission refusal (RESOURCE_EXHAUSTED): tells it apart from gRPC's own
-# RESOURCE_EXHAUSTED (a message over the size limit), which retrying on another worker would not cure
-QUEUE_FULL = "tandem-queue-full"
 
 def sampling_from_proto(msg: pb.SamplingParameters) -> SamplingParams:
     """Fields the client left unset keep the engine's defaults."""

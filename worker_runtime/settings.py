@@ -1,14 +1,14 @@
 """Settings of one worker process (any role). Flags and TANDEM_* variables map onto these fields
-(cluster/flags.py)."""
+(common/settings.py)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from cluster.discovery import ROLES, WorkerRole
-from cluster.flags import described
-from cluster.security_settings import SecuritySettings
-from engine.engine_config import ComputeDtype, EngineConfig
+from common.security import SecuritySettings
+from common.settings import described
+from common.worker_record import ROLES, WorkerRole
+from engine.config import ComputeDtype, EngineConfig
 
 
 @dataclass(frozen=True)
@@ -63,4 +63,4 @@ class WorkerSettings(SecuritySettings):
     def engine_config(self) -> EngineConfig:
         return EngineConfig(model=self.model, dtype=self.dtype, num_kv_blocks=self.num_kv_blocks,
                             max_num_seqs=self.max_num_seqs, max_model_len=self.max_model_len,
-                            num_threads=self.num_threads)
+                            num_threads=self.num_threads, record_kv_events=True)

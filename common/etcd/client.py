@@ -17,7 +17,7 @@ import aetcd
 import grpc
 from aetcd import rpc, watcher
 
-from kv_transfer.etcd_access import EtcdAccess
+from common.etcd.access import EtcdAccess
 
 
 class EtcdClient(aetcd.Client):

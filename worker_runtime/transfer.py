@@ -1,0 +1,36 @@
+"""The KV data plane of a disaggregated worker (either role): a transfer engine whose metadata lives
+in etcd, and the engine's KV pool published through it as a segment (kv_transfer.kv_connector)."""
+
+from __future__ import annotations
+
+from contextlib import AsyncExitStack
+
+import torch
+
+from engine.async_engine import AsyncEngine
+from kv_transfer import EtcdStore, TransferEngine, TransferEngineConfig
+from kv_transfer.kv_connector import KVConnector
+from worker_runtime.settings import WorkerSettings
+
+
+async def engine_with_kv_connector(settings: WorkerSettings, worker_id: str,
+                                   stack: AsyncExitStack) -> tuple[AsyncEngine, KVConnector]:
+    """The engine, its pool registered as segment `<worker id>.kv` and its layout published."""
+    store = EtcdStore(settings.etcd, access=settings.etcd_access())
+    stack.push_async_callback(store.close)
+    transfer = TransferEngine(store, TransferEngineConfig(
+        engine_id=worker_id, host=settings.host, backends=settings.backends,  # type: ignore[arg-type]
+        metadata_prefix=f"/tandem/{settings.cluster}/kv"))
+    stack.push_async_callback(transfer.close)
+    # on CPU the pool lives in shared memory that same-host peers map; on CUDA in device memory
+    storage = None if torch.cuda.is_available() else (lambda n: transfer.allocate_host_buffer(n, "kv"))
+    engine = AsyncEngine(settings.engine_config(), kv_storage=storage)
+    stack.callback(engine.shutdown)
+    connector = KVConnector(transfer, engine.kv_pool, engine.model_config, f"{worker_id}.kv")
+    await connector.publish()
+    return engine, connector
+
+
+def record_transfer_fields(connector: KVConnector) -> dict[str, str]:
+    """What routers and peers read from the worker's etcd record to reach its KV segment."""
+    return {"engine_id": connector.transfer.engine_id, "segment": connector.segment_name}
