@@ -4,9 +4,14 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
-# promtool (Debian's prometheus package) for the checks of deploy/prometheus/ in tests/test_deploy.py;
-# without root or sudo, or offline, those tests skip and say why.
-if ! command -v promtool >/dev/null 2>&1; then
+# Debian packages the suite needs: prometheus (promtool and the server, for tests/test_deploy.py and
+# tests/test_observability.py) and util-linux (unshare, setpriv). Without root or sudo, or offline,
+# this warns; in CI (CI=true) it fails, since a missing tool would fail those tests anyway.
+missing=""
+for tool in promtool prometheus unshare setpriv; do
+  command -v "$tool" >/dev/null 2>&1 || missing="$missing $tool"
+done
+if [ -n "$missing" ]; then
   if [ "$(id -u)" -eq 0 ]; then
     sudo=""
   elif command -v sudo >/dev/null 2>&1 && sudo -n true 2>/dev/null; then
@@ -14,11 +19,10 @@ if ! command -v promtool >/dev/null 2>&1; then
   else
     sudo="none"
   fi
-  if [ "$sudo" != none ]; then
-    if ! { $sudo apt-get update -qq && DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq \
-        --no-install-recommends prometheus >/dev/null; }; then
-      echo "setup.sh: could not install promtool (apt-get failed); the deploy/prometheus tests will skip" >&2
-    fi
+  if [ "$sudo" = none ] || ! { $sudo apt-get update -qq && DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq \
+      --no-install-recommends prometheus util-linux >/dev/null; }; then
+    echo "setup.sh: could not install$missing (apt-get needs root or sudo, and the Debian mirror)" >&2
+    case "${CI:-}" in true|1|yes) exit 1 ;; esac
   fi
 fi
 [ -x .venv/bin/python ] || "$PY" -m venv .venv

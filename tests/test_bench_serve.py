@@ -12,10 +12,10 @@ import pytest
 
 from bench.serve.__main__ import _parser, main_async
 from bench.serve.arrivals import arrival_offsets
-from bench.serve.client import RequestResult
+from bench.serve.client import RequestResult, record_outcome
 from bench.serve.metrics import SLO, summarize
 from bench.serve.workloads import WORKLOADS, generate
-from cluster.local_cluster import tandem_up
+from cluster.up_process import tandem_up
 
 
 @pytest.mark.parametrize("name", WORKLOADS)
@@ -50,6 +50,16 @@ def _result(ttft: float, gaps: list[float], ok: bool = True) -> RequestResult:
                       cached_tokens=5)
     r.e2e = ttft + sum(gaps)
     return r
+
+
+@pytest.mark.parametrize(("finish_reason", "tokens", "ok"), [
+    ("length", 5, True), ("stop", 1, True),
+    ("", 5, False),  # truncated: the stream ended before its final chunk
+    ("abort", 3, False), ("length", 0, False)])
+def test_only_complete_streams_count_as_successes(finish_reason: str, tokens: int, ok: bool) -> None:
+    result = RequestResult(0, 0, 0.0, output_tokens=tokens, finish_reason=finish_reason)
+    record_outcome(result)
+    assert result.ok is ok and bool(result.error) is not ok
 
 
 def test_summary_counts_percentiles_and_goodput() -> None:

