@@ -227,7 +227,7 @@ def _greedy(llm: LLM, num_tokens: int) -> list[list[int]]:
     prompts: list[str | list[int]] = [tok.apply_chat_template([{"role": "user", "content": q}])
                                       for q in AGREEMENT_QUESTIONS]
     params = SamplingParams(temperature=0, max_tokens=num_tokens, ignore_eos=True)
-    return [out.token_ids for out in llm.generate(llm.make_request(prompts, params))]
+    return [out.token_ids for out in llm.generate(prompts, params)]
 
 
 def greedy_agreement(quantized: list[list[int]], reference: list[list[int]]) -> dict[str, float | int]:

@@ -72,7 +72,6 @@ class AsyncEngine:
         self._streams: dict[str, tuple[asyncio.AbstractEventLoop, Outputs]] = {}
         self._lock = threading.Lock()
         self._dead: BaseException | None = None
-        self._stats = self._llm.stats()
         self.remote_kv = AsyncRemoteKV(self)
         self._thread = threading.Thread(target=self._run, name="tandem-engine", daemon=True)
         self._thread.start()
@@ -133,8 +132,9 @@ class AsyncEngine:
 
     # -- observation and plumbing ------------------------------------------------------------------------
     def stats(self) -> EngineStats:
-        """Counters as of the last step (any thread; never waits for the engine)."""
-        return self._stats
+        """Counters read now, from any thread, without waiting for the engine: each is exact when read
+        (during a step, running sequences are the step's), though together they may straddle a step."""
+        return self._llm.stats()
 
     async def status(self) -> EngineStatus:
         """Counters and the pool's integrity, read on the engine thread between two steps."""
@@ -249,7 +249,6 @@ class AsyncEngine:
                             return
                 for out in self._llm.step():
                     self._deliver(out.request_id, out, last=out.finished)
-                self._stats = self._llm.stats()
         except BaseException as exc:
             self._die(exc)
 

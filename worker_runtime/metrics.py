@@ -25,7 +25,7 @@ REMOTE_PREFILL_FAILURES = Counter("tandem_remote_prefill_failures", "Remote pref
 
 
 class EngineCollector(Collector):
-    """Gauges and the scheduler's counters as of the engine's last step, read at scrape time."""
+    """Gauges and the scheduler's counters, read from the engine at scrape time (another thread)."""
 
     def __init__(self, engine: AsyncEngine, worker_id: str) -> None:
         self.engine, self.worker_id = engine, worker_id
