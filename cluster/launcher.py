@@ -2,7 +2,7 @@
 workers, the router — until Ctrl-C / SIGTERM, which stops them all (router first, so no request
 is sent to a worker that is already gone).
 
-Output: one event per line (cluster.up_events), as text or, with --output json, as JSON objects
+Output: one event per line (cluster.up_events), as text or, with --output-format json, as JSON objects
 for programs (cluster.up_process reads them).
 
 With --planner true the SLO planner (cluster/planner) sizes the prefill and decode pools: it starts
@@ -138,7 +138,7 @@ def up(settings: UpSettings, planner: PlannerSettings | None = None) -> int:
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
-    announce = Announcer(settings.output)
+    announce = Announcer(settings.output_format)
     with etcd_endpoint(settings.etcd) as etcd:
         announce(EtcdUp(etcd))
         roles = ["prefill"] * settings.prefill + ["decode"] * settings.decode + ["both"] * settings.both

@@ -1,7 +1,7 @@
 """What `tandem up` reports as its cluster comes up and changes: one typed event per line on stdout.
 
-With `--output text` (the default) each event is a line for people; with `--output json` it is one
-JSON object per line (`{"event": "worker", ...}`) for programs (cluster.up_process reads them).
+With `--output-format text` (the default) each event is a line for people; with `--output-format json`
+it is one JSON object per line (`{"event": "worker", ...}`) for programs (cluster.up_process reads them).
 
   etcd <host:port>
   worker <id> <role> <grpc address> pid=<pid> metrics=<port> [node=<id> actor=<name>]
@@ -100,7 +100,7 @@ def to_json(event: UpEvent) -> str:
 
 
 def from_json(line: str) -> UpEvent:
-    """The event of one `--output json` line; ValueError for anything else."""
+    """The event of one `--output-format json` line; ValueError for anything else."""
     try:
         body = json.loads(line)
         cls = _KINDS[body.pop("event")]

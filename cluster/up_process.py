@@ -1,6 +1,6 @@
 """`tandem up` as a child process, for programs that need a whole local cluster for a while (the
 README's demo, bench.serve, the tests): its endpoints as typed events (cluster.up_events, read from
-`--output json`), and a clean stop."""
+`--output-format json`), and a clean stop."""
 
 from __future__ import annotations
 
@@ -62,10 +62,10 @@ class LocalCluster:
 @contextmanager
 def tandem_up(*args: str, timeout_s: float = 300.0, stderr: int | None = None,
               env: dict[str, str] | None = None) -> Iterator[LocalCluster]:
-    """`tandem up --http-port 0 --grpc-port 0 ARGS --output json` until its READY event (with `env`
-    added to the environment); SIGTERM and a clean exit after (RuntimeError otherwise)."""
+    """`tandem up --http-port 0 --grpc-port 0 ARGS --output-format json` until its READY event (with
+    `env` added to the environment); SIGTERM and a clean exit after (RuntimeError otherwise)."""
     proc = spawn([sys.executable, "-m", "cluster.cli", "up", "--http-port", "0", "--grpc-port", "0", *args,
-                  "--output", "json"], cwd=REPO, stdout=subprocess.PIPE, stderr=stderr, text=True,
+                  "--output-format", "json"], cwd=REPO, stdout=subprocess.PIPE, stderr=stderr, text=True,
                  env=child_environment(env))
     cluster = LocalCluster(proc)
     ready = threading.Event()

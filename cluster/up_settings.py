@@ -61,7 +61,7 @@ class UpSettings(SecuritySettings):
         "with --ray: CPUs each worker actor reserves (on CPU nodes also its torch threads)"))
     ray_max_restarts: int | None = field(default=None, metadata=described(
         "with --ray: restarts Ray gives an actor that died before replacing it; default unlimited"))
-    output: OutputFormat = field(default="text", metadata=described(
+    output_format: OutputFormat = field(default="text", metadata=described(
         "what this command prints about its cluster: text lines, or json (one event per line, for programs)"))
 
     def __post_init__(self) -> None:
@@ -76,8 +76,8 @@ class UpSettings(SecuritySettings):
             raise ValueError("the planner scales the prefill and decode pools: no aggregated workers with it")
         if self.ray_placement not in PLACEMENT_MODES:
             raise ValueError(f"ray_placement must be one of {PLACEMENT_MODES}, got {self.ray_placement!r}")
-        if self.output not in OUTPUT_FORMATS:
-            raise ValueError(f"output must be one of {OUTPUT_FORMATS}, got {self.output!r}")
+        if self.output_format not in OUTPUT_FORMATS:
+            raise ValueError(f"output_format must be one of {OUTPUT_FORMATS}, got {self.output_format!r}")
         if not self.ray_worker_cpus >= 0 or (self.ray_max_restarts is not None and self.ray_max_restarts < 0):
             raise ValueError("ray_worker_cpus and ray_max_restarts must be >= 0")
 

@@ -22,6 +22,18 @@ STRICT_SKIPS = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 
 
 @pytest.hookimpl(hookwrapper=True)
+def pytest_make_collect_report(collector: pytest.Collector):  # type: ignore[no-untyped-def]
+    """A whole module skipped while collecting it (`pytest.skip(allow_module_level=True)`, a
+    module-level `importorskip`) fails in CI too."""
+    outcome = yield
+    report = outcome.get_result()
+    if STRICT_SKIPS and report.skipped:
+        reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
+        report.outcome = "failed"
+        report.longrepr = f"skipped in CI, which must exercise every feature (only gpu tests may skip): {reason}"
+
+
+@pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]):  # type: ignore[no-untyped-def]
     outcome = yield
     report = outcome.get_result()

@@ -217,3 +217,20 @@ def test_cli_worker_help_runs_as_a_module() -> None:
     assert done.returncode == 0, done.stderr
     for needle in ("--role", "{prefill,decode,both}", "--etcd", "TANDEM_ETCD", "TANDEM_ROLE", "--num-kv-blocks"):
         assert needle in done.stdout, needle
+
+
+def test_a_variable_means_the_same_in_every_command() -> None:
+    """TANDEM_<FIELD> is read by every command with that field: one name, one type (and choices)."""
+    import typing
+
+    from cluster.planner.settings import PlannerServiceSettings, PlannerSettings, ProfileSettings
+    from cluster.router_settings import RouterSettings
+    from cluster.up_settings import UpSettings
+
+    seen: dict[str, tuple[object, str]] = {}
+    for cls in (UpSettings, WorkerSettings, RouterSettings, ProfileSettings, PlannerServiceSettings, PlannerSettings):
+        for name, hint in typing.get_type_hints(cls).items():
+            if name in seen:
+                assert seen[name][0] == hint, f"{name}: {seen[name][1]} has {seen[name][0]}, {cls.__name__} {hint}"
+            else:
+                seen[name] = (hint, cls.__name__)

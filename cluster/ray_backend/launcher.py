@@ -111,7 +111,7 @@ def up_on_ray(settings: UpSettings, planner: PlannerSettings | None = None) -> i
                                    [c for c, n in counts.items() if n or (planner and c != "both")],
                                    settings.ray_worker_cpus, ray.get_runtime_context().get_node_id())
         log.info("Ray placement: %s", placement.mode)
-        announce = Announcer(settings.output)
+        announce = Announcer(settings.output_format)
         with etcd_endpoint(settings.etcd, host) as etcd:
             announce(EtcdUp(etcd))
             fleet = ActorFleet(ActorFactory(settings, etcd, placement), lambda m: announce(member_event(m)),
