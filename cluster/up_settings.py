@@ -35,6 +35,9 @@ class UpSettings(SecuritySettings):
     max_num_seqs: int = field(default=64, metadata=described("most sequences in one worker's batch"))
     min_remote_prefill_tokens: int = field(default=32, metadata=described("shorter prompts prefill on decode"))
     num_threads: int | None = field(default=None, metadata=described("torch threads per worker on CPU"))
+    deterministic: bool = field(default=False, metadata=described(
+        "batch-invariant workers: greedy tokens independent of batching, so migration and remote prefill "
+        "stay exact in bf16 too (CPU only)"))
     prefill_timeout_s: float = field(default=30.0, metadata=described("deadline of one remote prefill"))
     max_queued_requests: int = field(default=256, metadata=described("requests a worker queues beyond a full batch"))
     max_inflight: int = field(default=512, metadata=described("requests in flight at the router before 429"))
@@ -86,7 +89,7 @@ class UpSettings(SecuritySettings):
                 "--host", self.host, "--max-num-seqs", str(self.max_num_seqs), "--lease-ttl-s", str(self.lease_ttl_s),
                 "--min-remote-prefill-tokens", str(self.min_remote_prefill_tokens), "--grace-s", str(self.grace_s),
                 "--prefill-timeout-s", str(self.prefill_timeout_s),
-                "--max-queued-requests", str(self.max_queued_requests)]
+                "--max-queued-requests", str(self.max_queued_requests), "--deterministic", str(self.deterministic)]
         for flag, value in (("--model", self.model), ("--num-kv-blocks", self.num_kv_blocks),
                             ("--num-threads", self.num_threads),
                             ("--kv-backends", self.kv_backends or None)):

@@ -94,11 +94,14 @@ class EngineConfig:
     scheduling_policy: SchedulingPolicy = "fcfs"
     quantization: Quantization | None = None
     speculative: SpeculativeConfig | None = None
-    attention_backend: Literal["auto", "torch", "flash"] = "auto"
+    attention_backend: Literal["auto", "torch", "flash", "cpu"] = "auto"  # cpu: the C kernel (auto on CPU)
     enforce_eager: bool = False  # no CUDA graphs
     seed: int = 0
     num_threads: int | None = None  # torch intra-op threads on CPU; None = torch's default
     record_kv_events: bool = False  # keep prefix-cache changes for drain_kv_events (KV-aware routing)
+    # batch-invariant: a request's greedy tokens do not depend on what else is in its batch (any dtype);
+    # needs the CPU kernels (checked at load), costs the single-row weight copy's speed-up
+    deterministic: bool = False
 
     def __post_init__(self) -> None:
         if self.block_size < 1 or self.block_size & (self.block_size - 1):
@@ -111,6 +114,10 @@ class EngineConfig:
             raise ValueError(f"max_model_len must be >= 2, got {self.max_model_len}")
         if self.max_num_seqs < 1 or self.max_num_batched_tokens < 1:
             raise ValueError("max_num_seqs and max_num_batched_tokens must be >= 1")
+        if self.deterministic and self.attention_backend not in ("auto", "cpu"):
+            raise ValueError("deterministic mode runs the CPU attention kernel: attention_backend must be auto or cpu")
+        if self.deterministic and self.device == "cuda":
+            raise ValueError("deterministic (batch-invariant) mode is implemented for CPUs only")
 
     def scheduler_config(self, max_model_len: int) -> SchedulerConfig:
         """The scheduler's limits once the context length is known (without chunked prefill a step

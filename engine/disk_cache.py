@@ -6,10 +6,12 @@ the same source are removed."""
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import hashlib
 import os
 import pathlib
 import shutil
+from collections.abc import Iterator
 
 from common.settings import cache_dir
 
@@ -56,3 +58,23 @@ def remove_older_entries(directory: pathlib.Path, current: str, suffix: str) -> 
             continue
         with contextlib.suppress(OSError):
             shutil.rmtree(old) if old.is_dir() else old.unlink()
+
+
+@contextlib.contextmanager
+def entry_lock(source: pathlib.Path, kind: str) -> Iterator[None]:
+    """Held while one process builds an entry, so that processes started together (a launcher's
+    workers and router) build it once and the others read it. Without a writable cache: no lock."""
+    try:
+        path_hash, _ = entry_key(source)
+        locks = cache_dir() / "locks"
+        locks.mkdir(parents=True, exist_ok=True)
+        handle = open(locks / f"{kind}-{path_hash}.lock", "a+")  # noqa: SIM115 (held across the yield)
+    except OSError:
+        yield
+        return
+    with handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)

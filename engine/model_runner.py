@@ -12,8 +12,10 @@ from typing import Literal
 
 import torch
 
+from engine.attention.cpu_backend import CpuAttention, cpu_attention_supported
 from engine.attention.flash_backend import FlashAttention, flash_attention_supported
-from engine.attention.metadata import AttentionFn, AttentionMetadata, DecodeBatch, Segment
+from engine.attention.metadata import AttentionFn, AttentionMetadata
+from engine.attention.planning import SeqSpan, attention_metadata
 from engine.attention.torch_backend import TorchAttention
 from engine.cuda_graphs import CudaGraphDecoder
 from engine.kv_cache import KVCachePool
@@ -39,7 +41,7 @@ class SequenceResult:
     logprobs: list[TokenLogprobs | None]
 
 
-AttentionBackendName = Literal["auto", "torch", "flash"]
+AttentionBackendName = Literal["auto", "torch", "flash", "cpu"]
 
 
 class ModelRunner:
@@ -54,6 +56,7 @@ class ModelRunner:
         cfg = model.config
         self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         self.use_flash = self._pick_flash(backend)
+        self.use_cpu_kernel = self._pick_cpu(backend)
         self.graphs: CudaGraphDecoder | None = None
         self.layer_observer: Callable[[int], None] | None = None  # set for one step by a KV push hook
         if self.use_flash and cuda_graph_max_batch:
@@ -68,65 +71,42 @@ class ModelRunner:
                              "compute dtype and a block size that is a multiple of 16")
         return supported
 
+    def _pick_cpu(self, backend: AttentionBackendName) -> bool:
+        if backend in ("torch", "flash"):
+            return False
+        supported = cpu_attention_supported(self.pool, self.head_dim, self.num_heads)
+        if backend == "cpu" and not supported:
+            raise ValueError("attention_backend='cpu' needs a CPU pool in fp32 or bf16 (compute and cache), "
+                             "head_dim a multiple of 8 up to 256, at most 128 heads, blocks of at most 64 tokens, "
+                             "and a C compiler (not TANDEM_DISABLE_C_KERNELS)")
+        return supported
+
     def _attention(self, meta: AttentionMetadata) -> AttentionFn:
+        if self.use_cpu_kernel:
+            return CpuAttention(self.pool, self.num_heads, self.num_kv_heads, self.head_dim, meta)
         if self.use_flash:
             return FlashAttention(self.pool, self.num_heads, self.num_kv_heads, self.head_dim, meta)
         return TorchAttention(self.pool, self.num_heads, self.num_kv_heads, self.head_dim, meta)
 
     def prepare(self, out: SchedulerOutput) -> StepInputs:
         ids: list[int] = []
-        positions: list[int] = []
-        slots: list[int] = []
         sample_rows: list[tuple[ScheduledSequence, int, int]] = []
         logits_rows: list[int] = []
         for item in out.scheduled:
             start_token = len(ids)
             ids.extend(item.input_token_ids())
-            span = range(item.start, item.start + item.num_tokens)
-            positions.extend(span)
-            table = item.seq.block_table
-            slots.extend(table[p // self.block_size] * self.block_size + p % self.block_size for p in span)
             if item.samples:
                 rows = len(item.draft_token_ids) + 1
                 sample_rows.append((item, len(logits_rows), rows))
                 logits_rows.extend(range(start_token + item.num_tokens - rows, start_token + item.num_tokens))
-        meta = AttentionMetadata(
-            slot_mapping=self._tensor(slots),
-            decode=self._decode_batch(out.decodes) if out.decodes else None,
-            segments=self._segments(out),
-            num_tokens=len(ids),
-        )
+        spans = [SeqSpan(item.seq.block_table, item.start, item.num_tokens) for item in out.scheduled]
+        positions = [p for s in spans for p in range(s.start, s.context_len)]
+        meta = attention_metadata(spans, self.block_size, self.device, self.pool.compute_dtype, self.use_cpu_kernel)
         return StepInputs(self._tensor(ids), self._tensor(positions), meta, tuple(sample_rows),
                           self._tensor(logits_rows))
 
     def _tensor(self, values: list[int]) -> torch.Tensor:
         return torch.tensor(values, dtype=torch.int64, device=self.device)
-
-    def _decode_batch(self, decodes: tuple[ScheduledSequence, ...]) -> DecodeBatch:
-        lens = [d.start + 1 for d in decodes]
-        width = -(-max(lens) // self.block_size)
-        # Pad with block 0: positions past a sequence's context are masked by `bias`.
-        tables = [d.seq.block_table[:width] + [0] * (width - min(len(d.seq.block_table), width)) for d in decodes]
-        context_lens = self._tensor(lens)
-        span = torch.arange(width * self.block_size, device=self.device)
-        bias = torch.zeros(len(decodes), 1, width * self.block_size, dtype=self.pool.compute_dtype, device=self.device)
-        bias.masked_fill_((span[None, :] >= context_lens[:, None]).unsqueeze(1), float("-inf"))
-        block_tables = torch.tensor(tables, dtype=torch.int64, device=self.device)
-        return DecodeBatch(block_tables, context_lens, bias)
-
-    def _segments(self, out: SchedulerOutput) -> tuple[Segment, ...]:
-        segments = []
-        token_start = len(out.decodes)
-        for item in out.segments:
-            context_len = item.start + item.num_tokens
-            mask = None
-            if item.start > 0:
-                q_pos = torch.arange(item.start, context_len, device=self.device)
-                mask = torch.arange(context_len, device=self.device)[None, :] <= q_pos[:, None]
-            blocks = item.seq.block_table[: -(-context_len // self.block_size)]
-            segments.append(Segment(token_start, item.num_tokens, context_len, self._tensor(blocks), mask))
-            token_start += item.num_tokens
-        return tuple(segments)
 
     @torch.inference_mode()
     def execute(self, out: SchedulerOutput) -> dict[str, SequenceResult]:

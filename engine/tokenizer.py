@@ -14,7 +14,7 @@ from typing import Any
 import jinja2
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
-from engine.disk_cache import publish_directory, tokenizer_cache_path
+from engine.disk_cache import entry_lock, publish_directory, tokenizer_cache_path
 from engine.errors import InvalidRequestError, ModelLoadError
 from engine.gguf_file import open_gguf
 
@@ -39,16 +39,28 @@ class Tokenizer:
         if source.is_dir():
             return cls(_load_dir(source, source), _eos_ids_in(source))
         cached = tokenizer_cache_path(source)
-        if (cached / "tokenizer.json").is_file():
-            try:
+        found = cls._from_cache(cached, source)
+        if found is not None:
+            return found
+        with entry_lock(source, "tokenizer"):  # processes started together build it once
+            found = cls._from_cache(cached, source)
+            if found is not None:
+                return found
+            tok, eos = _build_from_gguf(source)
+            if _save(tok, eos, cached):
                 return cls(_load_dir(cached, source), _eos_ids_in(cached))
-            except ModelLoadError as exc:
-                logger.warning("rebuilding the unreadable tokenizer cache %s: %s", cached, exc)
-                shutil.rmtree(cached, ignore_errors=True)
-        tok, eos = _build_from_gguf(source)
-        if _save(tok, eos, cached):
-            return cls(_load_dir(cached, source), _eos_ids_in(cached))
         return cls(tok, eos)
+
+    @classmethod
+    def _from_cache(cls, cached: pathlib.Path, source: pathlib.Path) -> Tokenizer | None:
+        if not (cached / "tokenizer.json").is_file():
+            return None
+        try:
+            return cls(_load_dir(cached, source), _eos_ids_in(cached))
+        except ModelLoadError as exc:
+            logger.warning("rebuilding the unreadable tokenizer cache %s: %s", cached, exc)
+            shutil.rmtree(cached, ignore_errors=True)
+            return None
 
     @property
     def hf_tokenizer(self) -> PreTrainedTokenizerBase:

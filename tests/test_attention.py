@@ -1,4 +1,5 @@
-"""Decode attention: the C kernel, the torch grouped-matmul path and a dense reference agree."""
+"""Paged attention over one step of decodes and prefill chunks: the C kernel (cpu_backend.py), the
+torch backend and a dense reference agree, and both backends store the step's K/V in the same slots."""
 
 from __future__ import annotations
 
@@ -7,45 +8,91 @@ import math
 import pytest
 import torch
 
-from engine.attention.metadata import AttentionMetadata, DecodeBatch
+from engine.attention.cpu_backend import CpuAttention, cpu_attention_supported
+from engine.attention.planning import SeqSpan, attention_metadata
 from engine.attention.torch_backend import TorchAttention
-from engine.kernels import decode_attention_kernel
 from engine.kv_cache import KVCachePool, KVCacheSpec
 
-
-def dense_reference(q: torch.Tensor, pool: KVCachePool, layer: int, tables: torch.Tensor,
-                    lens: torch.Tensor) -> torch.Tensor:
-    out = torch.empty_like(q)
-    group = q.shape[1] // pool.spec.num_kv_heads
-    for b in range(q.shape[0]):
-        kv = pool.gather(layer, tables[b]).reshape(-1, 2, pool.spec.num_kv_heads, pool.spec.head_dim)[: lens[b]]
-        k = kv[:, 0].repeat_interleave(group, dim=1)  # [L, H, D]
-        v = kv[:, 1].repeat_interleave(group, dim=1)
-        scores = torch.einsum("hd,lhd->hl", q[b], k) / math.sqrt(q.shape[-1])
-        out[b] = torch.einsum("hl,lhd->hd", scores.softmax(-1), v)
-    return out
+HEADS, KV_HEADS, DIM, BLOCK, NUM_BLOCKS = 9, 3, 64, 16, 64
+# decodes first (contexts 1, 17, 40, exactly one block, two), then segments: a fresh prompt, a chunk
+# after a cached prefix crossing the kernel's 16-query items, a long fresh chunk, a one-block prefix + 1
+SHAPES = [(0, 1), (16, 1), (39, 1), (15, 1), (31, 1), (0, 37), (20, 19), (0, 70), (16, 2)]
 
 
-@pytest.mark.parametrize("kv_dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("use_c", [True, False])
-def test_decode_paths_match_dense_reference(kv_dtype: torch.dtype, use_c: bool) -> None:
-    if use_c and decode_attention_kernel() is None:
-        pytest.skip("no C compiler here")
+def _step(kv_dtype: torch.dtype, compute: torch.dtype) -> tuple[KVCachePool, list[SeqSpan], torch.Tensor]:
     torch.manual_seed(0)
-    spec = KVCacheSpec(num_layers=2, num_blocks=64, block_size=16, num_kv_heads=3, head_dim=64, dtype=kv_dtype)
-    pool = KVCachePool(spec, torch.device("cpu"), torch.float32)
-    pool.tensor.copy_(torch.randn(pool.tensor.shape).to(kv_dtype))
-    lens = torch.tensor([1, 17, 40, 64, 33])
-    width = 4
-    tables = torch.randperm(64)[: 5 * width].view(5, width)
-    span = torch.arange(width * 16)
-    bias = torch.zeros(5, 1, width * 16).masked_fill_((span[None] >= lens[:, None]).unsqueeze(1), float("-inf"))
-    meta = AttentionMetadata(torch.zeros(0, dtype=torch.int64), DecodeBatch(tables, lens, bias), (), 5)
-    attention = TorchAttention(pool, 9, 3, 64, meta)
-    if use_c:
-        assert attention.c_kernel is not None  # fp32 compute on CPU with an fp32/bf16 pool takes the C path
-    else:
-        attention.c_kernel = None
-    q = torch.randn(5, 9, 64)
-    got = attention._decode(1, q, meta.decode)
-    torch.testing.assert_close(got, dense_reference(q, pool, 1, tables, lens), atol=2e-6, rtol=1e-5)
+    spec = KVCacheSpec(num_layers=2, num_blocks=NUM_BLOCKS, block_size=BLOCK, num_kv_heads=KV_HEADS, head_dim=DIM,
+                       dtype=kv_dtype)
+    pool = KVCachePool(spec, torch.device("cpu"), compute)
+    pool.tensor.copy_(torch.randn(pool.tensor.shape).to(kv_dtype))  # the cached prefixes (and garbage elsewhere)
+    free = torch.randperm(NUM_BLOCKS).tolist()
+    spans = []
+    for start, count in SHAPES:
+        need = -(-(start + count) // BLOCK)
+        spans.append(SeqSpan([free.pop() for _ in range(need)], start, count))
+    tokens = sum(c for _, c in SHAPES)
+    qkv = torch.randn(tokens, (HEADS + 2 * KV_HEADS) * DIM).to(compute)
+    return pool, spans, qkv
+
+
+def _dense(pool: KVCachePool, layer: int, spans: list[SeqSpan], q: torch.Tensor) -> torch.Tensor:
+    """Each query against keys 0 .. its position, read back from the pool after the step's write."""
+    out, row = torch.empty(q.shape[0], HEADS, DIM), 0
+    for span in spans:
+        blocks = torch.tensor(list(span.block_table))
+        kv = pool.gather(layer, blocks).reshape(-1, 2, KV_HEADS, DIM).float()
+        for i in range(span.num_tokens):
+            seen = span.start + i + 1
+            k = kv[:seen, 0].repeat_interleave(HEADS // KV_HEADS, dim=1)
+            v = kv[:seen, 1].repeat_interleave(HEADS // KV_HEADS, dim=1)
+            scores = torch.einsum("hd,lhd->hl", q[row].view(HEADS, DIM).float(), k) / math.sqrt(DIM)
+            out[row] = torch.einsum("hl,lhd->hd", scores.softmax(-1), v)
+            row += 1
+    return out.view(q.shape[0], -1)
+
+
+@pytest.mark.parametrize(("kv_dtype", "compute"), [(torch.float32, torch.float32), (torch.bfloat16, torch.float32),
+                                                   (torch.bfloat16, torch.bfloat16)])
+def test_cpu_kernel_and_torch_backend_match_a_dense_reference(kv_dtype: torch.dtype, compute: torch.dtype) -> None:
+    pool, spans, qkv = _step(kv_dtype, compute)
+    assert cpu_attention_supported(pool, DIM, HEADS)
+    q, k, v = qkv.split((HEADS * DIM, KV_HEADS * DIM, KV_HEADS * DIM), dim=-1)
+    before = pool.tensor.clone()
+    results, pools = {}, {}
+    for name, cpu in (("cpu", True), ("torch", False)):
+        pool.tensor.copy_(before)
+        meta = attention_metadata(spans, BLOCK, pool.tensor.device, compute, cpu_kernel=cpu)
+        backend = (CpuAttention if cpu else TorchAttention)(pool, HEADS, KV_HEADS, DIM, meta)
+        results[name] = backend(1, q, k, v).float()
+        pools[name] = pool.tensor.clone()
+    assert torch.equal(pools["cpu"], pools["torch"])  # the same K/V in the same slots, bit for bit
+    assert torch.equal(pools["cpu"][0], before[0])  # another layer untouched
+    reference = _dense(pool, 1, spans, q)
+    exact = {"atol": 2e-6, "rtol": 1e-5}
+    bf16 = {"atol": 2e-2, "rtol": 2e-2}
+    torch.testing.assert_close(results["cpu"], reference, **(exact if compute == torch.float32 else bf16))
+    # the torch backend attends to a fresh prompt's own K/V before the cache's rounding: bf16-close there
+    torch.testing.assert_close(results["torch"], reference, **(exact if kv_dtype == torch.float32 else bf16))
+
+
+def test_the_kernel_reads_q_k_v_from_packed_or_separate_buffers() -> None:
+    """The projection's own buffer is read in place; separate tensors are packed first; same result."""
+    pool, spans, qkv = _step(torch.float32, torch.float32)
+    meta = attention_metadata(spans, BLOCK, pool.tensor.device, torch.float32, cpu_kernel=True)
+    attention = CpuAttention(pool, HEADS, KV_HEADS, DIM, meta)
+    q, k, v = qkv.split((HEADS * DIM, KV_HEADS * DIM, KV_HEADS * DIM), dim=-1)
+    assert attention._packed(q, k, v)[0].data_ptr() == qkv.data_ptr()
+    in_place = attention(0, q, k, v)
+    separate = attention(0, q.clone(), k.clone(), v.clone())
+    assert torch.equal(in_place, separate)
+
+
+def test_a_query_is_computed_alike_in_any_batch() -> None:
+    """Batch invariance: a decode alone and amid other work gives bit-identical output."""
+    pool, spans, qkv = _step(torch.float32, torch.float32)
+    q, k, v = qkv.split((HEADS * DIM, KV_HEADS * DIM, KV_HEADS * DIM), dim=-1)
+    meta = attention_metadata(spans, BLOCK, pool.tensor.device, torch.float32, cpu_kernel=True)
+    together = CpuAttention(pool, HEADS, KV_HEADS, DIM, meta)(1, q, k, v)
+    alone_meta = attention_metadata(spans[2:3], BLOCK, pool.tensor.device, torch.float32, cpu_kernel=True)
+    alone = CpuAttention(pool, HEADS, KV_HEADS, DIM, alone_meta)(1, q[2:3], k[2:3], v[2:3])
+    assert torch.equal(alone, together[2:3])

@@ -26,6 +26,9 @@ class WorkerSettings(SecuritySettings):
     max_num_seqs: int = field(default=64, metadata=described("most sequences in one batch"))
     max_model_len: int | None = field(default=None, metadata=described("context length cap"))
     num_threads: int | None = field(default=None, metadata=described("torch threads on CPU; default: torch's"))
+    deterministic: bool = field(default=False, metadata=described(
+        "batch-invariant engine: a request's greedy tokens do not depend on what else is batched with it "
+        "(bf16 too; CPU only)"))
     grace_s: float = field(default=30.0, metadata=described("SIGTERM: seconds in-flight requests get to finish"))
     lease_ttl_s: int = field(default=3, metadata=described("etcd lease of the worker's record"))
     kv_backends: str = field(default="", metadata=described("transfer backends in order, comma separated; "
@@ -63,4 +66,4 @@ class WorkerSettings(SecuritySettings):
     def engine_config(self) -> EngineConfig:
         return EngineConfig(model=self.model, dtype=self.dtype, num_kv_blocks=self.num_kv_blocks,
                             max_num_seqs=self.max_num_seqs, max_model_len=self.max_model_len,
-                            num_threads=self.num_threads, record_kv_events=True)
+                            num_threads=self.num_threads, record_kv_events=True, deterministic=self.deterministic)

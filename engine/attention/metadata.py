@@ -7,9 +7,12 @@ multi-token segment (prefill chunks and speculative verifications) in turn.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import torch
+
+if TYPE_CHECKING:
+    from engine.attention.cpu_backend import CpuAttentionPlan
 
 
 @dataclass(frozen=True)
@@ -38,10 +41,14 @@ class Segment:
 
 @dataclass(frozen=True)
 class AttentionMetadata:
+    """What the step's backend needs: the torch and flash backends read `decode` and `segments`;
+    the C backend reads `cpu` (and the runner builds only what its backend reads)."""
+
     slot_mapping: torch.Tensor  # [T] int64: the cache slot each new token's K/V goes to
     decode: DecodeBatch | None
     segments: tuple[Segment, ...]
     num_tokens: int
+    cpu: CpuAttentionPlan | None = None
 
 
 class AttentionFn(Protocol):

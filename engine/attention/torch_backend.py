@@ -1,4 +1,6 @@
-"""Paged attention in plain torch, for CPU and CUDA.
+"""Paged attention in plain torch, for CPU and CUDA: the reference the C kernel (cpu_backend.py) is
+tested against, and the path wherever no faster backend applies (fp16/fp8 caches, CUDA without
+flash, TANDEM_DISABLE_C_KERNELS=1).
 
 Decode: one gather of each sequence's blocks, then grouped-query matmuls per KV head over
 strided views (queries of a KV head's group share one K/V read; K/V are never repeated).
@@ -8,23 +10,11 @@ number of cached tokens.
 
 from __future__ import annotations
 
-import ctypes
-
 import torch
 import torch.nn.functional as F
 
 from engine.attention.metadata import AttentionMetadata, DecodeBatch, Segment
-from engine.kernels import decode_attention_kernel
 from engine.kv_cache import KVCachePool
-
-
-def _cpu_decode_kernel(pool: KVCachePool) -> ctypes.CDLL | None:
-    """The C decode kernel, when it applies: CPU, fp32 compute, an fp32 or bf16 pool."""
-    if pool.tensor.device.type != "cpu" or pool.compute_dtype != torch.float32:
-        return None
-    if pool.spec.dtype not in (torch.float32, torch.bfloat16):
-        return None
-    return decode_attention_kernel()
 
 
 class TorchAttention:
@@ -37,7 +27,6 @@ class TorchAttention:
         self.group = num_heads // num_kv_heads
         self.scale = head_dim ** -0.5
         self.meta = metadata
-        self.c_kernel = _cpu_decode_kernel(pool)
 
     def __call__(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         meta = self.meta
@@ -55,10 +44,6 @@ class TorchAttention:
         return out.view(-1, self.num_heads * self.head_dim)
 
     def _decode(self, layer: int, q: torch.Tensor, batch: DecodeBatch) -> torch.Tensor:
-        if self.c_kernel is not None:
-            out = self._decode_c(layer, q.contiguous(), batch)
-            if out is not None:
-                return out
         bsz = batch.num_seqs
         kv = self.pool.gather(layer, batch.block_tables)  # [B, nb, bs, 2, kvh, d]
         kv = kv.view(bsz, -1, 2, self.num_kv_heads, self.head_dim)  # [B, L, 2, kvh, d]
@@ -70,18 +55,6 @@ class TorchAttention:
             probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
             torch.bmm(probs, kv[:, :, 1, h], out=out[:, h])
         return out.view(bsz, self.num_heads, self.head_dim)
-
-    def _decode_c(self, layer: int, q: torch.Tensor, batch: DecodeBatch) -> torch.Tensor | None:
-        """The C kernel reads K/V in place from the pool (no gather); None if it declines the shapes."""
-        assert self.c_kernel is not None
-        out = torch.empty_like(q)
-        cache = self.pool.tensor[layer]
-        status = self.c_kernel.paged_decode_attention(
-            q.data_ptr(), cache.data_ptr(), int(cache.dtype == torch.bfloat16), batch.block_tables.data_ptr(),
-            batch.context_lens.data_ptr(), out.data_ptr(), batch.num_seqs, self.num_kv_heads, self.group,
-            self.head_dim, self.pool.spec.block_size, batch.block_tables.shape[1], self.scale,
-            torch.get_num_threads())
-        return out if status == 0 else None
 
     def _segment(self, layer: int, q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor,
                  seg: Segment) -> torch.Tensor:

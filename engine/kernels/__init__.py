@@ -1,8 +1,9 @@
 """Small C kernels for the CPU hot path, compiled on first use with the system C compiler.
 
-The shared object is cached under the Tandem cache directory, keyed by the source's hash and the
-compiler flags. Without a compiler (or with TANDEM_DISABLE_C_KERNELS=1) every caller falls back
-to its torch implementation: the kernels are an optimization, never a requirement.
+The shared object is cached under the Tandem cache directory, keyed by the sources' hash, the
+compiler flags and this CPU's feature flags (`-march=native` code must never run on another CPU).
+Without a compiler (or with TANDEM_DISABLE_C_KERNELS=1) every caller falls back to its torch
+implementation: the kernels are an optimization, never a requirement.
 """
 
 from __future__ import annotations
@@ -21,7 +22,17 @@ from common.settings import c_compiler, c_kernels_disabled, cache_dir
 
 log = logging.getLogger(__name__)
 _KERNEL_DIR = pathlib.Path(__file__).parent
-_FLAGS = ["-O3", "-march=native", "-fopenmp", "-fno-math-errno", "-fPIC", "-shared", "-std=c11"]
+_FLAGS = ["-O3", "-march=native", "-fopenmp", "-fno-math-errno", "-fPIC", "-shared", "-std=gnu11",
+          f"-I{_KERNEL_DIR}"]
+_P, _I32, _I64, _F32 = ctypes.c_void_p, ctypes.c_int, ctypes.c_int64, ctypes.c_float
+
+
+def _cpu_flags() -> str:
+    try:
+        text = pathlib.Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return ""
+    return next((line for line in text.splitlines() if line.startswith("flags")), "")
 
 
 def _build(source: pathlib.Path, target: pathlib.Path) -> None:
@@ -42,7 +53,8 @@ def load_kernel(source_name: str) -> ctypes.CDLL | None:
     if c_kernels_disabled():
         return None
     source = _KERNEL_DIR / source_name
-    digest = hashlib.sha256(source.read_bytes() + " ".join(_FLAGS).encode()).hexdigest()[:16]
+    key = source.read_bytes() + (_KERNEL_DIR / "vec.h").read_bytes() + " ".join(_FLAGS).encode()
+    digest = hashlib.sha256(key + _cpu_flags().encode()).hexdigest()[:16]
     target = cache_dir() / "kernels" / f"{source.stem}-{digest}.so"
     try:
         if not target.exists():
@@ -53,16 +65,30 @@ def load_kernel(source_name: str) -> ctypes.CDLL | None:
         return None
 
 
+def _bind(lib: ctypes.CDLL, name: str, restype: type | None, *argtypes: type) -> None:
+    fn = getattr(lib, name)
+    fn.restype = restype
+    fn.argtypes = list(argtypes)
+
+
 @functools.cache
-def decode_attention_kernel() -> ctypes.CDLL | None:
-    """The paged decode-attention library, or None (callers fall back to torch)."""
-    lib = load_kernel("paged_decode_attention.c")
-    if lib is None:
-        return None
-    fn = lib.paged_decode_attention
-    fn.restype = ctypes.c_int
-    fn.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p,
-                   ctypes.c_void_p, *([ctypes.c_int] * 6), ctypes.c_float, ctypes.c_int]
+def attention_kernel() -> ctypes.CDLL | None:
+    """The paged attention library (paged_attention.c), or None (callers fall back to torch)."""
+    lib = load_kernel("paged_attention.c")
+    if lib is not None:
+        _bind(lib, "paged_attention", _I32, _P, _I64, _I32, _I64, _P, _P, _I32, _P, _I32, _P, _P, _P, _P, _I32, _P,
+              _I32, _I32, _I32, _I32, _F32, _I32)
+    return lib
+
+
+@functools.cache
+def fused_ops_kernel() -> ctypes.CDLL | None:
+    """RMSNorm, SiLU-and-multiply and RoPE (fused_ops.c), or None (callers use torch)."""
+    lib = load_kernel("fused_ops.c")
+    if lib is not None:
+        _bind(lib, "rms_norm", None, _P, _P, _P, _P, _I64, _I32, _F32, _I32, _I32)
+        _bind(lib, "silu_mul", None, _P, _P, _I64, _I32, _I32, _I32)
+        _bind(lib, "rope", None, _P, _I64, _I64, _I32, _I32, _I32, _P, _P, _P, _I32, _I32)
     return lib
 
 
@@ -70,10 +96,6 @@ def decode_attention_kernel() -> ctypes.CDLL | None:
 def copy_ranges_kernel() -> ctypes.CDLL | None:
     """The parallel byte-range copy library, or None (callers fall back to torch copies)."""
     lib = load_kernel("copy_ranges.c")
-    if lib is None:
-        return None
-    fn = lib.copy_ranges
-    fn.restype = None
-    fn.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
-                   ctypes.c_int64, ctypes.c_int]
+    if lib is not None:
+        _bind(lib, "copy_ranges", None, _P, _P, _P, _P, _P, _I64, _I32)
     return lib

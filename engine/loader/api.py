@@ -9,6 +9,7 @@ from dataclasses import dataclass
 import torch
 
 from engine.config import ModelConfig
+from engine.disk_cache import entry_lock
 from engine.errors import ModelLoadError
 from engine.loader.default_model import default_model_path
 from engine.loader.gguf_loader import load_gguf
@@ -52,9 +53,12 @@ def load_model(path: str | os.PathLike[str] | None = None) -> LoadedModel:
         return LoadedModel(config, weights, source, {})
     cached = load_cached_weights(source)
     if cached is None or not _is_complete(cached, source):
-        cached = load_gguf(source)
-        check_weights(cached.config, cached.weights, source)
-        store_cached_weights(source, cached)
+        with entry_lock(source, "weights"):  # another process may be converting it right now
+            cached = load_cached_weights(source)
+            if cached is None or not _is_complete(cached, source):
+                cached = load_gguf(source)
+                check_weights(cached.config, cached.weights, source)
+                store_cached_weights(source, cached)
     return LoadedModel(cached.config, cached.weights, source, cached.gguf_quant_types)
 
 

@@ -10,9 +10,11 @@ import torch
 
 from engine.config import EngineConfig
 from engine.errors import ModelLoadError
+from engine.kernels import fused_ops_kernel
 from engine.kv_cache import KVCachePool, KVCacheSpec, resolve_kv_dtype, tensor_bytes
 from engine.kv_hooks import KVStorageAllocator
 from engine.loader.api import LoadedModel, load_model, load_tokenizer
+from engine.loader.packing import check_batch_invariance, pack_linears
 from engine.model_runner import ModelRunner
 from engine.models.llama import LlamaForCausalLM
 from engine.platform import Platform, detect_platform
@@ -51,18 +53,6 @@ def build_model(loaded: LoadedModel, platform: Platform, dtype: torch.dtype) -> 
     return model
 
 
-def _use_onednn_lm_head(model: LlamaForCausalLM, platform: Platform) -> None:
-    """On CPU in fp32, oneDNN runs the vocabulary-wide lm_head ~1.5x faster than MKL's sgemm at
-    every batch size we measured (its weight is repacked once; a tied embedding keeps its own)."""
-    head = model.lm_head
-    if (platform.is_cuda or type(head) is not torch.nn.Linear or head.weight.dtype != torch.float32
-            or not torch.backends.mkldnn.is_available()):
-        return
-    from torch.utils.mkldnn import MkldnnLinear
-
-    model.lm_head = MkldnnLinear(head, torch.float32)  # type: ignore[assignment]
-
-
 def build_engine_parts(config: EngineConfig, kv_storage: KVStorageAllocator | None = None) -> LoadedEngineParts:
     """`kv_storage`, when given, allocates the memory the KV pool lives in (see KVCachePool)."""
     started = time.perf_counter()
@@ -77,7 +67,13 @@ def build_engine_parts(config: EngineConfig, kv_storage: KVStorageAllocator | No
     if config.quantization is not None:
         from engine.loader.quantized import quantize_loaded_model
         quantized = quantize_loaded_model(model, config.quantization, loaded.source)
-    _use_onednn_lm_head(model, platform)
+    if config.deterministic and (platform.is_cuda or fused_ops_kernel() is None):
+        raise ModelLoadError("deterministic mode needs the CPU kernels (a CPU device and a C compiler, "
+                             "TANDEM_DISABLE_C_KERNELS unset)")
+    if not platform.is_cuda:
+        pack_linears(model, config.deterministic)
+        if config.deterministic:
+            check_batch_invariance(model)
     cfg = loaded.config
     max_model_len = min(config.max_model_len or DEFAULT_MAX_MODEL_LEN, cfg.max_position_embeddings)
     kv_dtype = resolve_kv_dtype(config.kv_cache_dtype, dtype)
@@ -94,7 +90,8 @@ def build_engine_parts(config: EngineConfig, kv_storage: KVStorageAllocator | No
     pool = KVCachePool(spec, platform.device, dtype, storage)
     sampler = Sampler(cfg.vocab_size, platform.device, seed=config.seed)
     graphs = None if config.enforce_eager or not platform.is_cuda else config.max_num_seqs
-    runner = ModelRunner(model, pool, sampler, platform.device, config.attention_backend, graphs, max_model_len)
+    backend = "cpu" if config.deterministic else config.attention_backend  # the kernel computes rows alike
+    runner = ModelRunner(model, pool, sampler, platform.device, backend, graphs, max_model_len)
     seconds = time.perf_counter() - started
     log.info("engine ready in %.1fs: %s on %s, %s, %d KV blocks x %d tokens (%s)", seconds, cfg.name,
              platform.device, dtype, num_blocks, config.block_size, kv_dtype)

@@ -7,6 +7,7 @@ import math
 import torch
 
 from engine.config import RopeScaling
+from engine.kernels import ops
 
 
 def inverse_frequencies(head_dim: int, theta: float, scaling: RopeScaling | None) -> torch.Tensor:
@@ -45,11 +46,9 @@ class RotaryEmbedding(torch.nn.Module):
         """q `[T, Hq*d]`, k `[T, Hk*d]` → rotated copies of the same shapes."""
         cos = self.cos[positions].unsqueeze(1)
         sin = self.sin[positions].unsqueeze(1)
-        return self._rotate(q, cos, sin), self._rotate(k, cos, sin)
+        return (ops.rotate_reference(q, cos, sin, self.head_dim), ops.rotate_reference(k, cos, sin, self.head_dim))
 
-    def _rotate(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        shape = x.shape
-        x = x.view(shape[0], -1, self.head_dim)
-        x1, x2 = x.float().chunk(2, dim=-1)
-        rotated = torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
-        return rotated.to(x.dtype).view(shape)
+    def rotate_in_place(self, positions: torch.Tensor, qkv: torch.Tensor, num_heads: int, num_kv_heads: int) -> bool:
+        """Rotate the q and k heads at the front of each row of `qkv` in place, where a fused kernel
+        applies (then True); the same values as `forward`."""
+        return ops.rope_in_place(qkv, num_heads, num_kv_heads, self.head_dim, positions, self.cos, self.sin)

@@ -1,0 +1,96 @@
+// Fused element-wise ops of the decoder layers, one pass each over rows of activations (fp32 or
+// bf16): RMSNorm (optionally adding the residual first), SiLU(gate) * up, and RoPE on q and k in
+// place. Each follows torch's eager op order and roundings (in bf16: the same intermediate casts):
+// RoPE is bit-exact in fp32; RMSNorm differs only by its sum's order, SiLU by exp's last ulp.
+#include <omp.h>
+
+#include "vec.h"
+
+#define PARALLEL_MIN_ELEMENTS 4096  // below this one thread beats waking the others
+
+#define NO_CONTRACT __attribute__((optimize("fp-contract=off")))  // a*b - c*d rounded as torch's ops are
+
+// out = weight * norm(x) with norm(x) = x * rsqrt(mean(x^2) + eps) computed in fp32 and cast to the
+// activation type; with `residual`: residual += x first (rounded to the activation type), and the
+// norm is taken of that sum. Rows of `n` elements; `out` may not alias `x` or `residual`.
+NO_CONTRACT void rms_norm(const void *x, void *residual, const void *weight, void *out, int64_t rows, int n,
+                          float eps, int dt, int num_threads) {
+    int threads = rows * n >= PARALLEL_MIN_ELEMENTS ? num_threads : 1;
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t r = 0; r < rows; r++) {
+        float row[n], w[n];
+        int64_t at = r * n;
+        load_row(row, x, dt, at, n);
+        if (residual != NULL) {
+            float res[n];
+            load_row(res, residual, dt, at, n);
+            for (int i = 0; i < n; i++) row[i] = res[i] + row[i];
+            store_row(residual, dt, at, row, n);
+            load_row(row, residual, dt, at, n);  // the sum as stored (rounded in bf16)
+        }
+        v8 acc = splat8(0.f);
+        int i = 0;
+        for (; i + 8 <= n; i += 8) {
+            v8 v = load8(row + i);
+            acc += v * v;
+        }
+        float sum = hsum8(acc);
+        for (; i < n; i++) sum += row[i] * row[i];
+        float inv = 1.0f / sqrtf(sum / (float)n + eps);
+        for (i = 0; i < n; i++) row[i] = row[i] * inv;
+        if (dt == DT_BF16) {
+            for (i = 0; i < n; i++) row[i] = bf16_to_f32(f32_to_bf16(row[i]));
+        }
+        load_row(w, weight, dt, 0, n);
+        for (i = 0; i < n; i++) row[i] = w[i] * row[i];
+        store_row(out, dt, at, row, n);
+    }
+}
+
+// out[r, :] = silu(x[r, :n]) * x[r, n:2n], silu(g) = g / (1 + exp(-g)) (cast to the activation type
+// before the product, as torch's separate ops do).
+void silu_mul(const void *x, void *out, int64_t rows, int n, int dt, int num_threads) {
+    int threads = rows * n >= PARALLEL_MIN_ELEMENTS ? num_threads : 1;
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t r = 0; r < rows; r++) {
+        float gate[n], up[n];
+        load_row(gate, x, dt, r * 2 * n, n);
+        load_row(up, x, dt, r * 2 * n + n, n);
+        int i = 0;
+        for (; i + 8 <= n; i += 8) {
+            v8 g = load8(gate + i);
+            store8(gate + i, g / (splat8(1.f) + exp8(-g)));
+        }
+        for (; i < n; i++) gate[i] = gate[i] / (1.f + expf(-gate[i]));
+        if (dt == DT_BF16) {
+            for (i = 0; i < n; i++) gate[i] = bf16_to_f32(f32_to_bf16(gate[i]));
+        }
+        for (i = 0; i < n; i++) gate[i] = gate[i] * up[i];
+        store_row(out, dt, r * n, gate, n);
+    }
+}
+
+// Rotary embedding (half-split / NeoX order) in place on the q and k heads of each row: row r holds
+// `heads` query heads then `kv_heads` key heads of `dim` elements from `x + r * row_stride`.
+// cos, sin: fp32 [max_positions, dim / 2]. Per pair: (x1 cos - x2 sin, x2 cos + x1 sin) in fp32.
+NO_CONTRACT void rope(void *x, int64_t rows, int64_t row_stride, int heads, int kv_heads, int dim,
+                      const int64_t *positions, const float *cos, const float *sin, int dt, int num_threads) {
+    const int half = dim / 2, width = (heads + kv_heads) * dim;
+    int threads = rows * width >= PARALLEL_MIN_ELEMENTS ? num_threads : 1;
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t r = 0; r < rows; r++) {
+        float row[width];
+        load_row(row, x, dt, r * row_stride, width);
+        const float *c = cos + positions[r] * half, *s = sin + positions[r] * half;
+        for (int h = 0; h < heads + kv_heads; h++) {
+            float *x1 = row + h * dim, *x2 = x1 + half;
+            for (int i = 0; i < half; i++) {
+                float a = x1[i], b = x2[i];
+                float a_cos = a * c[i], b_sin = b * s[i], b_cos = b * c[i], a_sin = a * s[i];
+                x1[i] = a_cos - b_sin;
+                x2[i] = b_cos + a_sin;
+            }
+        }
+        store_row(x, dt, r * row_stride, row, width);
+    }
+}

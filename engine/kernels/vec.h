@@ -1,0 +1,109 @@
+// Shared helpers of the CPU kernels: 8-float vectors (GCC vector extensions: AVX2, or wider
+// hardware split by the compiler), bf16 <-> fp32, and a vectorized exp.
+#ifndef TANDEM_VEC_H
+#define TANDEM_VEC_H
+
+#include <math.h>
+#include <stdint.h>
+#include <string.h>
+
+typedef float v8 __attribute__((vector_size(32)));
+typedef int32_t v8i __attribute__((vector_size(32)));
+
+enum { DT_F32 = 0, DT_BF16 = 1 };  // element types of activations and KV rows
+
+static inline v8 load8(const float *p) {
+    v8 x;
+    memcpy(&x, p, sizeof x);
+    return x;
+}
+
+static inline void store8(float *p, v8 x) { memcpy(p, &x, sizeof x); }
+
+static inline v8 splat8(float x) { return (v8){x, x, x, x, x, x, x, x}; }
+
+static inline float hsum8(v8 x) {
+    return ((x[0] + x[4]) + (x[1] + x[5])) + ((x[2] + x[6]) + (x[3] + x[7]));
+}
+
+static inline float hmax8(v8 x) {
+    float m = x[0];
+    for (int i = 1; i < 8; i++) m = x[i] > m ? x[i] : m;
+    return m;
+}
+
+// Lanes of a where mask is set (all ones), else lanes of b.
+static inline v8 select8(v8i mask, v8 a, v8 b) {
+    v8i ai, bi, r;
+    memcpy(&ai, &a, sizeof ai);
+    memcpy(&bi, &b, sizeof bi);
+    r = (ai & mask) | (bi & ~mask);
+    v8 out;
+    memcpy(&out, &r, sizeof out);
+    return out;
+}
+
+static inline float bf16_to_f32(uint16_t x) {
+    uint32_t bits = ((uint32_t)x) << 16;
+    float f;
+    memcpy(&f, &bits, sizeof f);
+    return f;
+}
+
+// Round to nearest even, as torch's fp32 -> bf16 cast does (NaN stays NaN).
+static inline uint16_t f32_to_bf16(float f) {
+    uint32_t bits;
+    memcpy(&bits, &f, sizeof bits);
+    if ((bits & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((bits >> 16) | 0x40);
+    bits += 0x7fffu + ((bits >> 16) & 1u);
+    return (uint16_t)(bits >> 16);
+}
+
+// n elements of type `dt` at p (element offset `at`) as fp32, into dst.
+static inline void load_row(float *dst, const void *p, int dt, int64_t at, int n) {
+    if (dt == DT_F32) {
+        memcpy(dst, (const float *)p + at, sizeof(float) * (size_t)n);
+    } else {
+        const uint16_t *src = (const uint16_t *)p + at;
+        for (int i = 0; i < n; i++) dst[i] = bf16_to_f32(src[i]);
+    }
+}
+
+static inline void store_row(void *p, int dt, int64_t at, const float *src, int n) {
+    if (dt == DT_F32) {
+        memcpy((float *)p + at, src, sizeof(float) * (size_t)n);
+    } else {
+        uint16_t *dst = (uint16_t *)p + at;
+        for (int i = 0; i < n; i++) dst[i] = f32_to_bf16(src[i]);
+    }
+}
+
+// exp(x) to about 1 ulp over the fp32 range (Cephes' expf: x = n ln2 + r, |r| <= ln2 / 2, a degree-6
+// polynomial for exp(r), times 2^n). exp(-inf) and anything below -87.3 give exactly 0.
+static inline v8 exp8(v8 x) {
+    const v8 hi = splat8(88.3762626647949f), lo = splat8(-87.3365447504f);
+    v8i zero_out = x < lo;
+    x = select8(x > hi, hi, x);
+    x = select8(zero_out, lo, x);
+    v8 fx = x * splat8(1.44269504088896341f) + splat8(0.5f);
+    v8i n = __builtin_convertvector(fx, v8i);  // truncation: floor for fx >= 0, fixed below
+    v8 nf = __builtin_convertvector(n, v8);
+    v8i above = nf > fx;
+    n += above;  // mask lanes are -1: subtracts one where truncation rounded up
+    nf = __builtin_convertvector(n, v8);
+    x = x - nf * splat8(0.693359375f) - nf * splat8(-2.12194440e-4f);
+    v8 z = x * x;
+    v8 y = splat8(1.9875691500e-4f);
+    y = y * x + splat8(1.3981999507e-3f);
+    y = y * x + splat8(8.3334519073e-3f);
+    y = y * x + splat8(4.1665795894e-2f);
+    y = y * x + splat8(1.6666665459e-1f);
+    y = y * x + splat8(5.0000001201e-1f);
+    y = y * z + x + splat8(1.0f);
+    v8i bits = (n + 127) << 23;
+    v8 scale;
+    memcpy(&scale, &bits, sizeof scale);
+    return select8(zero_out, splat8(0.f), y * scale);
+}
+
+#endif

@@ -1,0 +1,75 @@
+"""The fused C element-wise ops (engine/kernels/fused_ops.c) against their torch references: RoPE
+bit-exact, RMSNorm and SiLU-and-multiply within fp32 rounding (in bf16: within one bf16 step), the
+residual sum bit-exact; and rows are computed alike whatever else is in the batch."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from engine.kernels import fused_ops_kernel, ops
+
+DTYPES = [torch.float32, torch.bfloat16]
+
+
+@pytest.fixture(autouse=True)
+def _kernel_builds() -> None:
+    assert fused_ops_kernel() is not None, "the fused-ops kernel did not build (a C compiler is needed)"
+
+
+def _close(dtype: torch.dtype) -> dict[str, float]:
+    return {"atol": 1e-6, "rtol": 2e-6} if dtype == torch.float32 else {"atol": 1e-2, "rtol": 1.6e-2}
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("rows", [1, 7, 200])
+def test_rms_norm_and_the_residual_sum(dtype: torch.dtype, rows: int) -> None:
+    torch.manual_seed(rows)
+    x, residual = torch.randn(rows, 576).to(dtype), torch.randn(rows, 576).to(dtype)
+    weight = (1 + 0.1 * torch.randn(576)).to(dtype)
+    torch.testing.assert_close(ops.rms_norm(x, weight, 1e-5), ops.rms_norm_reference(x, weight, 1e-5), **_close(dtype))
+    expected_sum = residual + x
+    normed, summed = ops.add_rms_norm(x, residual.clone(), weight, 1e-5)
+    assert torch.equal(summed, expected_sum)
+    torch.testing.assert_close(normed, ops.rms_norm_reference(expected_sum, weight, 1e-5), **_close(dtype))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("rows", [1, 33])
+def test_silu_mul(dtype: torch.dtype, rows: int) -> None:
+    torch.manual_seed(rows)
+    x = (4 * torch.randn(rows, 2 * 1536)).to(dtype)
+    x[0, :4] = torch.tensor([-100.0, 100.0, 0.0, -0.0])  # exp's range ends
+    gate, up = x.chunk(2, dim=-1)
+    torch.testing.assert_close(ops.silu_mul(x), torch.nn.functional.silu(gate) * up, **_close(dtype))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_rope_in_place_is_exact(dtype: torch.dtype) -> None:
+    from engine.models.rope import RotaryEmbedding
+
+    torch.manual_seed(0)
+    rope = RotaryEmbedding(64, 512, 10000.0, None)
+    qkv = torch.randn(40, (9 + 2 * 3) * 64).to(dtype)
+    positions = torch.randint(0, 512, (40,))
+    q, k, v = qkv.split((9 * 64, 3 * 64, 3 * 64), dim=-1)
+    want_q, want_k = rope(positions, q, k)
+    want_v = v.clone()
+    assert rope.rotate_in_place(positions, qkv, 9, 3)
+    assert torch.equal(q, want_q) and torch.equal(k, want_k) and torch.equal(v, want_v)
+
+
+def test_rows_do_not_depend_on_the_batch() -> None:
+    """A row alone and amid 63 others (parallel paths) gives the same bits."""
+    torch.manual_seed(1)
+    x, weight, gate_up = torch.randn(64, 576), torch.randn(576), torch.randn(64, 3072)
+    assert torch.equal(ops.rms_norm(x[5:6], weight, 1e-5), ops.rms_norm(x, weight, 1e-5)[5:6])
+    assert torch.equal(ops.silu_mul(gate_up[5:6]), ops.silu_mul(gate_up)[5:6])
+
+
+def test_other_devices_and_dtypes_take_the_torch_path() -> None:
+    x = torch.randn(3, 64, dtype=torch.float16)
+    weight = torch.randn(64, dtype=torch.float16)
+    assert torch.equal(ops.rms_norm(x, weight, 1e-5), ops.rms_norm_reference(x, weight, 1e-5))
+    qkv = torch.randn(3, 5 * 64, dtype=torch.float16)
+    assert not ops.rope_in_place(qkv, 3, 1, 64, torch.arange(3), torch.ones(8, 32), torch.zeros(8, 32))
