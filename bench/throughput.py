@@ -50,6 +50,7 @@ class BenchConfig:
     profile_batch: int | None = 32  # None: no step profile
     skip_hf: bool = False
     quantization: str | None = None
+    deterministic: bool = False
     agreement_tokens: int = 64
     seed: int = 0
     num_threads: int | None = None
@@ -209,6 +210,7 @@ def _kv_blocks(cfg: BenchConfig, block_size: int) -> int:
 def _make_llm(cfg: BenchConfig, quantization: str | None) -> LLM:
     max_batch = max(*cfg.batch_sizes, cfg.profile_batch or 1)
     llm = LLM(cfg.model, quantization=quantization, seed=cfg.seed, num_threads=cfg.num_threads,
+              deterministic=cfg.deterministic,
               max_num_seqs=max(EngineConfig.max_num_seqs, max_batch),
               num_kv_blocks=_kv_blocks(cfg, EngineConfig.block_size))
     longest = max(cfg.prompt_len + cfg.max_tokens, cfg.prefill_len + 1)
@@ -279,6 +281,7 @@ def run_engine(cfg: BenchConfig, llm: LLM, source: PromptSource, prompts: dict[i
     result: dict[str, Any] = {
         "device": str(parts.device), "dtype": str(_model_dtype(llm)).removeprefix("torch."),
         "kv_cache_dtype": str(parts.pool.spec.dtype).removeprefix("torch."), "quantization": cfg.quantization,
+        "deterministic": cfg.deterministic,
         "quantized_layers": len(parts.quantized_layers), "load_s": parts.load_seconds,
         "num_kv_blocks": parts.pool.spec.num_blocks, "decode": []}
     for b in cfg.batch_sizes:
@@ -345,7 +348,8 @@ def format_report(results: dict[str, Any]) -> str:
     m, eng, hf = results["machine"], results["engine"], results["hf"]
     lines = [f"{m['cpu_model']} ({m['usable_cores']} cores usable), torch {m['torch_version']}, "
              f"{m['torch_threads']} threads, {m['date']}",
-             f"engine: {eng['device']}, {eng['dtype']}, quantization {eng['quantization']}; "
+             f"engine: {eng['device']}, {eng['dtype']}, quantization {eng['quantization']}"
+             f"{', deterministic' if eng.get('deterministic') else ''}; "
              f"transformers: {hf['dtype'] if hf else 'skipped'}", "",
              "decode      batch  prefill s  decode tok/s  overall tok/s  ms/step  vs HF overall"]
     hf_by_batch = {r["batch_size"]: r for r in hf["decode"]} if hf else {}
@@ -390,6 +394,7 @@ def parse_args(argv: Sequence[str] | None = None) -> BenchConfig:
     p.add_argument("--profile-batch", type=int, default=32, help="batch of the step profile; 0 = none")
     p.add_argument("--skip-hf", action="store_true", help="leave out the transformers baseline")
     p.add_argument("--quantization", choices=["int8", "int4"])
+    p.add_argument("--deterministic", action="store_true", help="the engine's batch-invariant mode")
     p.add_argument("--agreement-tokens", type=int, default=64)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--num-threads", type=int, help="torch intra-op threads (default: torch's)")
@@ -400,6 +405,7 @@ def parse_args(argv: Sequence[str] | None = None) -> BenchConfig:
         hf_batch_sizes=tuple(a.hf_batch_sizes) if a.hf_batch_sizes else None, prompt_len=a.prompt_len,
         max_tokens=a.max_tokens, prefill_len=a.prefill_len, prefill_prompts=a.prefill_prompts,
         profile_batch=a.profile_batch or None, skip_hf=a.skip_hf, quantization=a.quantization,
+        deterministic=a.deterministic,
         agreement_tokens=a.agreement_tokens, seed=a.seed, num_threads=a.num_threads, json_path=a.json_path)
 
 

@@ -116,6 +116,8 @@ class EngineConfig:
             raise ValueError("max_num_seqs and max_num_batched_tokens must be >= 1")
         if self.deterministic and self.attention_backend not in ("auto", "cpu"):
             raise ValueError("deterministic mode runs the CPU attention kernel: attention_backend must be auto or cpu")
+        if self.deterministic and self.quantization is not None:
+            raise ValueError("deterministic mode runs unquantized weights: drop quantization or deterministic")
         if self.deterministic and self.device == "cuda":
             raise ValueError("deterministic (batch-invariant) mode is implemented for CPUs only")
 

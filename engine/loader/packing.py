@@ -8,9 +8,13 @@ lm_head by 3-4x), while for a single row a plain matrix-vector product over the 
 weights fit `SINGLE_ROW_COPY_BYTES` also the transposed copy for one-row inputs (batch-1 decode).
 oneDNN is also the path to AVX512-BF16 / AMX for bf16 weights.
 
+Where oneDNN cannot pack a dtype on this CPU (bf16 needs AVX512-BW or AVX-NE-CONVERT), linears stay
+torch's own.
+
 Batch invariance (`--deterministic`): oneDNN's packed linear computes a row the same whatever the
-other rows are (checked at load for every shape, `check_batch_invariance`); the single-row copy is
-not used then, since it rounds differently from the packed path.
+other rows are; torch's own linear does once the rows are padded to a multiple of ROW_PAD (MKL picks
+its kernels by that); `check_batch_invariance` verifies it at load for every shape. The single-row
+copy is not used then, since it rounds differently from the packed path.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from torch import nn
 log = logging.getLogger(__name__)
 
 BATCH_HINT = 64  # the batch oneDNN lays the weight out for
+ROW_PAD = 16  # deterministic mode: torch's own linears see row counts that are multiples of this
 SINGLE_ROW_COPY_BYTES = 2 << 30  # keep the one-row copy only while all linear weights stay below this
 
 
@@ -47,35 +52,64 @@ class PackedLinear(nn.Module):
         return torch.ops.mkldnn._linear_pointwise(x.contiguous(), self.packed, self.bias, "none", [], "")
 
 
+class RowPaddedLinear(nn.Module):
+    """torch's own linear on rows padded with zeros to a multiple of ROW_PAD (deterministic mode)."""
+
+    def __init__(self, linear: nn.Linear) -> None:
+        super().__init__()
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.weight, self.bias = linear.weight, linear.bias
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.shape[0]
+        padded = -(-rows // ROW_PAD) * ROW_PAD
+        if padded != rows:
+            x = torch.cat((x, x.new_zeros(padded - rows, x.shape[1])))
+        return torch.nn.functional.linear(x, self.weight, self.bias)[:rows]
+
+
+def _pack(linear: nn.Linear, single_row: bool, deterministic: bool) -> nn.Module | None:
+    """The linear's replacement, or None to keep it (oneDNN cannot pack its dtype here)."""
+    if onednn_available():
+        try:
+            return PackedLinear(linear, single_row)
+        except RuntimeError as e:  # e.g. bf16 on a CPU without AVX512-BW
+            log.info("oneDNN cannot pack a %s linear here (%s): torch's own linear runs it", linear.weight.dtype, e)
+    return RowPaddedLinear(linear) if deterministic else None
+
+
 def _linears(model: nn.Module) -> list[tuple[nn.Module, str, nn.Linear]]:
     return [(parent, name, child) for parent in model.modules() for name, child in parent.named_children()
             if type(child) is nn.Linear]
 
 
 def pack_linears(model: nn.Module, deterministic: bool) -> int:
-    """Replace every plain `nn.Linear` of a CPU model by a PackedLinear; returns how many. (Quantized
-    linears keep their own kernels.) A tied lm_head gets its own packed copy; the embedding keeps
-    the original."""
-    if not onednn_available():
-        log.warning("oneDNN is not available in this torch build: linears stay unpacked")
-        return 0
+    """Replace every plain `nn.Linear` of a CPU model by its packed form; returns how many were
+    replaced. (Quantized linears keep their own kernels.) A tied lm_head gets its own packed copy;
+    the embedding keeps the original."""
     found = _linears(model)
     total = sum(lin.weight.numel() * lin.weight.element_size() for _, _, lin in found)
     single_row = not deterministic and total <= SINGLE_ROW_COPY_BYTES
+    replaced = 0
     for parent, name, linear in found:
-        setattr(parent, name, PackedLinear(linear, single_row))
-    return len(found)
+        module = _pack(linear, single_row, deterministic)
+        if module is not None:
+            setattr(parent, name, module)
+            replaced += 1
+    return replaced
 
 
 def check_batch_invariance(model: nn.Module, sizes: tuple[int, ...] = (1, 3, 16, 64, 200)) -> None:
-    """Raise RuntimeError unless every PackedLinear computes a row bit-identically whatever batch it
-    is in (the premise of deterministic mode on this CPU and torch build)."""
+    """Raise RuntimeError unless every linear computes a row bit-identically whatever batch it is in
+    (the premise of deterministic mode on this CPU and torch build)."""
     seen: set[tuple[int, int, torch.dtype]] = set()
     generator = torch.Generator().manual_seed(0)
     for module in model.modules():
-        if not isinstance(module, PackedLinear):
+        if isinstance(module, nn.Linear):
+            raise RuntimeError("deterministic mode leaves no plain nn.Linear (pack_linears first)")
+        if not isinstance(module, (PackedLinear, RowPaddedLinear)):
             continue
-        dtype = module.packed.dtype
+        dtype = module.packed.dtype if isinstance(module, PackedLinear) else module.weight.dtype
         key = (module.in_features, module.out_features, dtype)
         if key in seen:
             continue
