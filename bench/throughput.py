@@ -25,6 +25,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from bench.bandwidth import batch1_floor
+from bench.llama_anchor import run_batched_bench
 from bench.step_profile import StepProfile, StepProfiler
 from engine import LLM, EngineConfig, SamplingParams
 from engine.llm_engine import LLMEngine
@@ -54,6 +56,7 @@ class BenchConfig:
     agreement_tokens: int = 64
     seed: int = 0
     num_threads: int | None = None
+    llama_batched_bench: str | None = None  # llama.cpp's llama-batched-bench binary: an extra anchor
     json_path: str | None = None
 
     def __post_init__(self) -> None:
@@ -289,6 +292,7 @@ def run_engine(cfg: BenchConfig, llm: LLM, source: PromptSource, prompts: dict[i
         result["decode"].append(asdict(bench.decode(prompts[b], cfg.max_tokens)))
     _log(f"engine: prefill, {cfg.prefill_prompts} x {cfg.prefill_len} tokens")
     result["prefill"] = asdict(bench.prefill(long_prompts))
+    result["batch1_floor"] = asdict(batch1_floor(parts.model))
     result["step_profile"] = None
     if cfg.profile_batch is not None:
         _log(f"engine: step profile, batch {cfg.profile_batch}")
@@ -335,6 +339,12 @@ def run(cfg: BenchConfig) -> dict[str, Any]:
     del llm
     gc.collect()
     results["hf"] = None if cfg.skip_hf else run_hf(cfg, dtype, device, source, prompts, long_prompts)
+    results["llama_cpp"] = None
+    if cfg.llama_batched_bench:
+        _log("llama.cpp: llama-batched-bench")
+        runs = run_batched_bench(cfg.llama_batched_bench, str(resolve_model_path(cfg.model)), cfg.batch_sizes,
+                                 cfg.prompt_len, cfg.max_tokens, torch.get_num_threads())
+        results["llama_cpp"] = [asdict(r) for r in runs]
     results["machine"]["torch_threads"] = torch.get_num_threads()
     results["wall_s"] = time.perf_counter() - started
     return results
@@ -363,6 +373,20 @@ def format_report(results: dict[str, Any]) -> str:
     for r in hf["decode"] if hf else []:
         lines.append(f"  hf       {r['batch_size']:6d}  {r['prefill_s']:9.2f}  "
                      f"{_num(r['decode_tok_s'], '12.1f')}  {r['overall_tok_s']:13.1f}")
+    engine_by_batch = {r["batch_size"]: r for r in eng["decode"]}
+    for r in results.get("llama_cpp") or []:
+        ours = engine_by_batch.get(r["batch_size"])
+        vs = (f"  engine/llama.cpp: decode {ours['decode_tok_s'] / r['decode_tok_s']:.2f}x, overall "
+              f"{ours['overall_tok_s'] / r['overall_tok_s']:.2f}x") if ours and ours["decode_tok_s"] else ""
+        prefill_s = r["total_s"] - r["max_tokens"] * r["batch_size"] / r["decode_tok_s"]
+        lines.append(f"  llama.cpp{r['batch_size']:5d}  {prefill_s:9.2f}  {r['decode_tok_s']:12.1f}  "
+                     f"{r['overall_tok_s']:13.1f}{vs}")
+    if (floor := eng.get("batch1_floor")) and 1 in engine_by_batch and engine_by_batch[1]["decode_steps"]:
+        one = engine_by_batch[1]
+        ms = 1e3 * one["decode_s"] / one["decode_steps"]
+        lines.append(f"  batch 1: {ms:.1f} ms/token vs the memory floor {floor['floor_ms']:.1f} ms "
+                     f"({floor['weight_bytes'] / 1e6:.0f} MB of weights per step at {floor['copy_gb_s']:.1f} GB/s "
+                     f"copy bandwidth): {ms / floor['floor_ms']:.2f}x the floor")
     lines += ["", "prefill     prompts x len   seconds   tok/s"]
     for name, r in (("engine", eng["prefill"]), ("hf", hf["prefill"] if hf else None)):
         if r is not None:
@@ -398,6 +422,7 @@ def parse_args(argv: Sequence[str] | None = None) -> BenchConfig:
     p.add_argument("--agreement-tokens", type=int, default=64)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--num-threads", type=int, help="torch intra-op threads (default: torch's)")
+    p.add_argument("--llama-batched-bench", help="llama.cpp's llama-batched-bench binary: run it as an anchor")
     p.add_argument("--json", dest="json_path", help="write every result to this JSON file")
     a = p.parse_args(argv)
     return BenchConfig(
@@ -406,7 +431,8 @@ def parse_args(argv: Sequence[str] | None = None) -> BenchConfig:
         max_tokens=a.max_tokens, prefill_len=a.prefill_len, prefill_prompts=a.prefill_prompts,
         profile_batch=a.profile_batch or None, skip_hf=a.skip_hf, quantization=a.quantization,
         deterministic=a.deterministic,
-        agreement_tokens=a.agreement_tokens, seed=a.seed, num_threads=a.num_threads, json_path=a.json_path)
+        agreement_tokens=a.agreement_tokens, seed=a.seed, num_threads=a.num_threads,
+        llama_batched_bench=a.llama_batched_bench, json_path=a.json_path)
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:

@@ -5,22 +5,21 @@
 // The step first stores its new tokens' K/V rows into their slots, then attends: the queries are cut
 // into items (a run of consecutive tokens of one sequence: a decode is an item of one); query i of an
 // item at position pos0 + i attends to keys 0 .. pos0 + i of its sequence (its cached prefix and the
-// causal part of its own chunk). Per item, keys are visited in chunks of one block; each chunk's
+// causal part of its own chunk). Per item, keys are visited in chunks of whole blocks; each chunk's
 // scores for every (query, head) are computed, then the online softmax (flash attention) folds them
 // in: per (query, head), acc = sum_t exp(s_t - max) v_t and total = sum_t exp(s_t - max) over the keys
-// seen, rescaled once per chunk when the maximum grows. Scores come four keys at a time with q held
-// in registers; each accumulator row stays in registers across a chunk's keys.
+// seen, rescaled once per chunk when the maximum grows. The query heads of one kv group go together
+// (up to HEAD_BLOCK), so each K and V vector loaded feeds all of them; accumulators stay in registers
+// across a chunk's keys.
 #include <omp.h>
 #include <stdlib.h>
-#ifdef __AVX2__
-#include <immintrin.h>
-#endif
 
 #include "vec.h"
 
 #define MAX_TILE 16        // queries per item
 #define MAX_HEADS 128
-#define MAX_BLOCK 64       // tokens per block (chunk)
+#define MAX_BLOCK 64       // tokens per block
+#define CHUNK_KEYS 64      // keys folded into the softmax at once (whole blocks)
 #define MAX_DIM 256
 
 typedef struct {
@@ -28,50 +27,157 @@ typedef struct {
     float scale;
 } Shape;
 
-// Four dot products of q (dim floats, dim % 8 == 0) with k0..k3, as one 4-lane result.
-static inline void dot4(const float *q, const float *k0, const float *k1, const float *k2, const float *k3, int dim,
-                        float *out) {
-    v8 a0 = splat8(0.f), a1 = a0, a2 = a0, a3 = a0;
-    for (int j = 0; j < dim; j += 8) {
-        v8 qj = load8(q + j);
-        a0 += qj * load8(k0 + j);
-        a1 += qj * load8(k1 + j);
-        a2 += qj * load8(k2 + j);
-        a3 += qj * load8(k3 + j);
+#define HEAD_BLOCK 3  // query heads of one kv group done together: each K/V load feeds all of them
+
+typedef struct {
+    float *maxs, *totals;  // per row (query, head): running maximum and sum of exp
+} Softmax;
+
+// Scores of NH query heads (rows qs[a], dim floats) against keys 0 .. valid-1 (krows[t] + kv_off),
+// two keys at a time: each K vector load feeds all NH heads. s[a * stride + t]. One function per NH,
+// so that its accumulators live in registers.
+#define DEFINE_BLOCK_SCORES(NH)                                                                              \
+    static void block_scores_##NH(const float *const *qs, const float *const *krows, int64_t kv_off, int valid, \
+                                  int dim, float scale, float *s, int stride) {                             \
+        for (int t = 0; t < valid; t += 2) {                                                                 \
+            const float *k0 = krows[t] + kv_off, *k1 = krows[t + 1] + kv_off;                                \
+            v8 acc0[NH], acc1[NH];                                                                           \
+            _Pragma("GCC unroll 4") for (int a = 0; a < NH; a++) acc0[a] = acc1[a] = splat8(0.f);            \
+            for (int j = 0; j < dim; j += 8) {                                                               \
+                const v8 x0 = load8(k0 + j), x1 = load8(k1 + j);                                             \
+                _Pragma("GCC unroll 4") for (int a = 0; a < NH; a++) {                                       \
+                    const v8 qa = load8(qs[a] + j);                                                          \
+                    acc0[a] += qa * x0;                                                                      \
+                    acc1[a] += qa * x1;                                                                      \
+                }                                                                                            \
+            }                                                                                                \
+            _Pragma("GCC unroll 4") for (int a = 0; a < NH; a++) {                                           \
+                s[a * stride + t] = hsum8(acc0[a]) * scale;                                                  \
+                s[a * stride + t + 1] = hsum8(acc1[a]) * scale;                                              \
+            }                                                                                                \
+        }                                                                                                    \
     }
-#ifdef __AVX2__
-    __m256 h01 = _mm256_hadd_ps((__m256)a0, (__m256)a1), h23 = _mm256_hadd_ps((__m256)a2, (__m256)a3);
-    __m256 h = _mm256_hadd_ps(h01, h23);  // [a0 a1 a2 a3 | a0 a1 a2 a3] as halves of each sum
-    _mm_storeu_ps(out, _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1)));
-#else
-    out[0] = hsum8(a0);
-    out[1] = hsum8(a1);
-    out[2] = hsum8(a2);
-    out[3] = hsum8(a3);
-#endif
+
+DEFINE_BLOCK_SCORES(1)
+DEFINE_BLOCK_SCORES(2)
+DEFINE_BLOCK_SCORES(3)
+
+// Folds one row's scores s[0 .. valid) into its running softmax: rescales the accumulator `acc` when
+// the maximum grows, turns s into exp(s - max) and adds their sum to the total.
+static inline void fold_softmax(float *s, int valid, float *max, float *total, float *acc, int dim) {
+    float m = *max;
+    for (int t = 0; t < valid; t++) m = s[t] > m ? s[t] : m;
+    if (m > *max) {
+        const float shrink = *max == -INFINITY ? 0.f : expf(*max - m);
+        *total *= shrink;
+        for (int j = 0; j < dim; j += 8) store8(acc + j, load8(acc + j) * splat8(shrink));
+        *max = m;
+    }
+    float sum = 0.f;
+    for (int t = 0; t < valid; t += 8) {  // past `valid`: -inf, exp 0
+        float x[8];
+        for (int u = 0; u < 8; u++) x[u] = t + u < valid ? s[t + u] - m : -INFINITY;
+        const v8 e = exp8(load8(x));
+        for (int u = 0; u < 8 && t + u < valid; u++) {
+            s[t + u] = e[u];
+            sum += e[u];
+        }
+    }
+    *total += sum;
+}
+
+// acc[a] += sum_t p[a * stride + t] v_t for NH rows, 32 floats of the head at a time held in
+// registers across the chunk's keys (then 8 at a time for a rest): each V vector load feeds all NH heads.
+#define DEFINE_BLOCK_VALUES(NH)                                                                              \
+    static void block_values_##NH(float *const *accs, const float *p, int stride, const float *const *vrows,  \
+                                  int64_t kv_off, int valid, int dim) {                                      \
+        int j = 0;                                                                                           \
+        for (; j + 32 <= dim; j += 32) {                                                                     \
+            v8 acc[NH][4];                                                                                   \
+            _Pragma("GCC unroll 4") for (int a = 0; a < NH; a++)                                             \
+                _Pragma("GCC unroll 4") for (int u = 0; u < 4; u++) acc[a][u] = load8(accs[a] + j + 8 * u);  \
+            for (int t = 0; t < valid; t++) {                                                                \
+                const float *vh = vrows[t] + kv_off + j;                                                     \
+                const v8 v0 = load8(vh), v1 = load8(vh + 8), v2 = load8(vh + 16), v3 = load8(vh + 24);        \
+                _Pragma("GCC unroll 4") for (int a = 0; a < NH; a++) {                                       \
+                    const v8 pa = splat8(p[a * stride + t]);                                                 \
+                    acc[a][0] += pa * v0;                                                                    \
+                    acc[a][1] += pa * v1;                                                                    \
+                    acc[a][2] += pa * v2;                                                                    \
+                    acc[a][3] += pa * v3;                                                                    \
+                }                                                                                            \
+            }                                                                                                \
+            _Pragma("GCC unroll 4") for (int a = 0; a < NH; a++)                                             \
+                _Pragma("GCC unroll 4") for (int u = 0; u < 4; u++) store8(accs[a] + j + 8 * u, acc[a][u]);  \
+        }                                                                                                    \
+        for (; j < dim; j += 8) {                                                                            \
+            v8 acc[NH];                                                                                      \
+            _Pragma("GCC unroll 4") for (int a = 0; a < NH; a++) acc[a] = load8(accs[a] + j);                \
+            for (int t = 0; t < valid; t++) {                                                                \
+                const v8 v = load8(vrows[t] + kv_off + j);                                                   \
+                _Pragma("GCC unroll 4") for (int a = 0; a < NH; a++) acc[a] += splat8(p[a * stride + t]) * v; \
+            }                                                                                                \
+            _Pragma("GCC unroll 4") for (int a = 0; a < NH; a++) store8(accs[a] + j, acc[a]);                \
+        }                                                                                                    \
+    }
+
+DEFINE_BLOCK_VALUES(1)
+DEFINE_BLOCK_VALUES(2)
+DEFINE_BLOCK_VALUES(3)
+
+// Heads h0 .. h0+nh-1 (one kv group) of query i against one chunk of keys.
+static void head_block(const Shape *sh, const float *q, int i, int h0, int nh, const float *const *krows,
+                              const float *const *vrows, int valid, float *out, Softmax sm, float *scores) {
+    const int dim = sh->dim, stride = CHUNK_KEYS + 2;
+    const int64_t kv_off = (int64_t)(h0 / sh->group) * dim;
+    const float *qs[HEAD_BLOCK];
+    float *accs[HEAD_BLOCK];
+    for (int a = 0; a < nh; a++) {
+        const int r = i * sh->heads + h0 + a;
+        qs[a] = q + (int64_t)r * dim;
+        accs[a] = out + (int64_t)r * dim;
+    }
+    if (nh == 3)
+        block_scores_3(qs, krows, kv_off, valid, dim, sh->scale, scores, stride);
+    else if (nh == 2)
+        block_scores_2(qs, krows, kv_off, valid, dim, sh->scale, scores, stride);
+    else
+        block_scores_1(qs, krows, kv_off, valid, dim, sh->scale, scores, stride);
+    for (int a = 0; a < nh; a++) {
+        const int r = i * sh->heads + h0 + a;
+        fold_softmax(scores + a * stride, valid, sm.maxs + r, sm.totals + r, accs[a], dim);
+    }
+    if (nh == 3)
+        block_values_3(accs, scores, stride, vrows, kv_off, valid, dim);
+    else if (nh == 2)
+        block_values_2(accs, scores, stride, vrows, kv_off, valid, dim);
+    else
+        block_values_1(accs, scores, stride, vrows, kv_off, valid, dim);
 }
 
 // One item: `count` queries (fp32 [count][heads][dim]) of the sequence whose block table is `table`,
 // the first at position pos0. Writes out [count][heads][dim] fp32. kbuf, vbuf: room for one chunk's
-// K and V rows in fp32 (used when the cache is bf16).
+// K and V rows in fp32 (used when the cache is bf16); scores: HEAD_BLOCK * (CHUNK_KEYS + 2) floats.
 static void attend_item(const Shape *sh, const float *q, int count, int64_t pos0, const void *cache, int kv_dt,
                         const int64_t *table, float *out, float *scores, float *kbuf, float *vbuf) {
     const int heads = sh->heads, dim = sh->dim, bs = sh->block_size, group = sh->group;
     const int rows = count * heads;
     const int64_t row = (int64_t)sh->kv_heads * dim;  // floats of one token's K (or V), all kv heads
     float maxs[MAX_TILE * MAX_HEADS], totals[MAX_TILE * MAX_HEADS];
-    const float *krows[MAX_BLOCK + 4], *vrows[MAX_BLOCK];
+    const float *krows[CHUNK_KEYS + 1], *vrows[CHUNK_KEYS];
+    const Softmax sm = {maxs, totals};
     for (int r = 0; r < rows; r++) {
         maxs[r] = -INFINITY;
         totals[r] = 0.f;
     }
     memset(out, 0, sizeof(float) * (size_t)rows * dim);  // the accumulators, normalized at the end
     const int64_t last = pos0 + count;  // keys 0 .. last - 1 are seen by the item's last query
-    for (int64_t chunk = 0; chunk < last; chunk += bs) {
-        const int n = (int)(last - chunk < bs ? last - chunk : bs);
-        const int64_t base = table[chunk / bs] * bs;  // slot of the chunk's first key
+    const int chunk_keys = (CHUNK_KEYS / bs) * bs;  // whole blocks per chunk
+    for (int64_t chunk = 0; chunk < last; chunk += chunk_keys) {
+        const int n = (int)(last - chunk < chunk_keys ? last - chunk : chunk_keys);
         for (int t = 0; t < n; t++) {
-            const int64_t at = (base + t) * 2 * row;
+            const int64_t key = chunk + t;
+            const int64_t at = (table[key / bs] * bs + key % bs) * 2 * row;
             if (kv_dt == DT_F32) {
                 krows[t] = (const float *)cache + at;
                 vrows[t] = (const float *)cache + at + row;
@@ -82,49 +188,15 @@ static void attend_item(const Shape *sh, const float *q, int count, int64_t pos0
                 vrows[t] = vbuf + t * row;
             }
         }
-        for (int t = n; t < n + 4; t++) krows[t] = krows[0];  // padding of the last group of four
+        krows[n] = krows[0];  // the pair partner of an odd last key (its score is never used)
         for (int i = 0; i < count; i++) {
             const int64_t limit = pos0 + i + 1;  // keys this query sees
             const int valid = (int)(limit - chunk >= n ? n : limit - chunk);
             if (valid <= 0) continue;
-            for (int h = 0; h < heads; h++) {
-                const int r = i * heads + h;
-                const float *qh = q + (int64_t)r * dim;
-                const int64_t kv_off = (int64_t)(h / group) * dim;
-                float *s = scores;
-                for (int t = 0; t < valid; t += 4)
-                    dot4(qh, krows[t] + kv_off, krows[t + 1] + kv_off, krows[t + 2] + kv_off, krows[t + 3] + kv_off,
-                         dim, s + t);
-                float m = maxs[r];
-                for (int t = 0; t < valid; t++) {
-                    s[t] *= sh->scale;
-                    m = s[t] > m ? s[t] : m;
-                }
-                float *acc = out + (int64_t)r * dim;
-                if (m > maxs[r]) {  // rescale what was accumulated under the old maximum
-                    const float shrink = maxs[r] == -INFINITY ? 0.f : expf(maxs[r] - m);
-                    totals[r] *= shrink;
-                    for (int j = 0; j < dim; j += 8) store8(acc + j, load8(acc + j) * splat8(shrink));
-                    maxs[r] = m;
-                }
-                for (int t = 0; t < valid; t += 8) {  // past `valid`: -inf, exp 0
-                    float x[8];
-                    for (int u = 0; u < 8; u++) x[u] = t + u < valid ? s[t + u] - m : -INFINITY;
-                    store8(s + t, exp8(load8(x)));
-                }
-                float sum = 0.f;
-                for (int t = 0; t < valid; t++) sum += s[t];
-                totals[r] += sum;
-                for (int j = 0; j < dim; j += 32) {  // four vectors of the accumulator in registers at a time
-                    const int w = dim - j >= 32 ? 4 : (dim - j) / 8;
-                    v8 a[4];
-                    for (int u = 0; u < w; u++) a[u] = load8(acc + j + 8 * u);
-                    for (int t = 0; t < valid; t++) {
-                        const v8 p = splat8(s[t]);
-                        const float *vh = vrows[t] + kv_off + j;
-                        for (int u = 0; u < w; u++) a[u] += p * load8(vh + 8 * u);
-                    }
-                    for (int u = 0; u < w; u++) store8(acc + j + 8 * u, a[u]);
+            for (int h0 = 0; h0 < heads; h0 += group) {  // one kv group at a time, in blocks of HEAD_BLOCK
+                for (int b = 0; b < group; b += HEAD_BLOCK) {
+                    const int nh = group - b < HEAD_BLOCK ? group - b : HEAD_BLOCK;
+                    head_block(sh, q, i, h0 + b, nh, krows, vrows, valid, out, sm, scores);
                 }
             }
         }
@@ -162,9 +234,9 @@ int paged_attention(const void *qkv, int64_t row_stride, int act_dt, int64_t num
     {
         float *q = malloc(sizeof(float) * MAX_TILE * heads * dim);
         float *o = malloc(sizeof(float) * MAX_TILE * heads * dim);
-        float *scores = malloc(sizeof(float) * (MAX_BLOCK + 8));
-        float *kbuf = malloc(sizeof(float) * (size_t)block_size * row);
-        float *vbuf = malloc(sizeof(float) * (size_t)block_size * row);
+        float *scores = malloc(sizeof(float) * HEAD_BLOCK * (CHUNK_KEYS + 2));
+        float *kbuf = malloc(sizeof(float) * (size_t)CHUNK_KEYS * row);
+        float *vbuf = malloc(sizeof(float) * (size_t)CHUNK_KEYS * row);
         if (!q || !o || !scores || !kbuf || !vbuf) {
 #pragma omp atomic write
             failed = 1;

@@ -42,9 +42,12 @@ class PackedLinear(nn.Module):
         super().__init__()
         weight = linear.weight.detach()
         self.in_features, self.out_features = linear.in_features, linear.out_features
-        self.packed = torch.ops.mkldnn._reorder_linear_weight(weight, BATCH_HINT)
-        self.bias = None if linear.bias is None else linear.bias.detach().clone()
-        self.weight_t = weight.t().contiguous() if single_row else None
+        self.packed: torch.Tensor
+        self.bias: torch.Tensor | None
+        self.weight_t: torch.Tensor | None
+        self.register_buffer("packed", torch.ops.mkldnn._reorder_linear_weight(weight, BATCH_HINT), persistent=False)
+        self.register_buffer("bias", None if linear.bias is None else linear.bias.detach().clone(), persistent=False)
+        self.register_buffer("weight_t", weight.t().contiguous() if single_row else None, persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.weight_t is not None and x.shape[0] == 1:
