@@ -50,6 +50,26 @@ async def test_cluster_equals_engine_alone(config: str, tiny_llama_dir, jobs, ex
 
 
 @pytest.mark.slow
+async def test_deterministic_bf16_cluster_equals_engine_alone(tiny_llama_dir, jobs) -> None:  # type: ignore[no-untyped-def]
+    """In bf16 only batch invariance makes a disaggregated cluster exact: the prefill worker computes a
+    prompt's KV and first token amid other prompts than the engine alone did, the decode worker goes
+    on amid yet others. With --deterministic every answer, logprobs to the last bit, equals the
+    deterministic engine alone's. (On an AVX2-only CPU bf16 linears of this tiny model happen to be
+    batch-invariant even without the flag; there the test still checks that the logprobs survive the
+    P/D hand-off bit for bit. On AMX or AVX512-BF16 the flag is what makes it pass.)"""
+    expected = reference(str(tiny_llama_dir), jobs, dtype="bfloat16", deterministic=True, logprobs=True)
+    with tandem_up(*CONFIGS["1P+1D"], "--model", str(tiny_llama_dir), "--dtype", "bfloat16", "--deterministic", "true",
+                   "--num-kv-blocks", "256", "--min-remote-prefill-tokens", "8") as cluster:
+        got = await gather_limited([run_grpc(cluster.grpc_address, job, logprobs=True) for job in jobs])
+        for i, (g, e) in enumerate(zip(got, expected, strict=True)):
+            assert len(g.logprobs) == len(g.token_ids)
+            assert g == e, f"gRPC request {i} ({jobs[i].kind}, {len(jobs[i].ids)} ids)"
+        decode = worker_metrics(cluster.role("decode")[0])
+        assert metric(decode, "tandem_disaggregation_decisions_total", decision="remote") > 0
+        await assert_pools_clean(cluster)
+
+
+@pytest.mark.slow
 async def test_default_model_cluster_answers_like_the_engine(default_model_path) -> None:
     """SmolLM2-135M-Instruct itself, 1P+1D, chat through the official client: the same greedy text
     as the engine alone, and the prompts were prefilled on the prefill worker."""

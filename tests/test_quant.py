@@ -26,17 +26,8 @@ from gguf.quants import dequantize, quantize
 from torch import nn
 
 from engine.loader.gguf_names import unpermute_qk_rows
-from engine.quant import (
-    Int4Linear,
-    Int4Weights,
-    Int8Linear,
-    Int8Weights,
-    int4_from_gguf,
-    int8_from_gguf_q8_0,
-    quantize_int4,
-    quantize_int8,
-    quantize_model,
-)
+from engine.quant import Int4Weights, Int8Weights, int4_from_gguf, int8_from_gguf_q8_0, quantize_int4, quantize_int8
+from engine.quant_layers import Int4Linear, Int8Linear, quantize_model
 
 N, K = 96, 128
 

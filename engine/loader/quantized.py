@@ -15,7 +15,8 @@ from torch import nn
 
 from engine.config import ModelConfig
 from engine.loader.gguf_names import PERMUTED_QK_ARCHITECTURES, gguf_to_hf_name, unpermute_qk_rows
-from engine.quant import Int4Weights, Int8Weights, QuantMethod, int4_from_gguf, int8_from_gguf_q8_0, quantize_model
+from engine.quant import Int4Weights, Int8Weights, QuantMethod, int4_from_gguf, int8_from_gguf_q8_0
+from engine.quant_layers import quantize_model
 
 log = logging.getLogger(__name__)
 _Q4 = {GGMLQuantizationType.Q4_0, GGMLQuantizationType.Q4_1}

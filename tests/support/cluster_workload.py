@@ -10,6 +10,7 @@ import random
 from dataclasses import dataclass
 
 import grpc
+import numpy as np
 import openai
 
 from engine import SamplingParams
@@ -36,6 +37,7 @@ class Expected:
     token_ids: tuple[int, ...]
     text: str
     finish_reason: str
+    logprobs: tuple[float, ...] = ()  # the chosen tokens' logprobs as float32 (the wire's width), when asked for
 
 
 def workload(count: int = 32, vocab: int = 512, seed: int = 0) -> list[Job]:
@@ -57,23 +59,28 @@ def workload(count: int = 32, vocab: int = 512, seed: int = 0) -> list[Job]:
     return jobs
 
 
-def reference(model: str, jobs: list[Job]) -> list[Expected]:
-    """The engine alone, in-process, fp32, all jobs in one continuous batch."""
-    llm = LLM(model=model, dtype="float32")
+def reference(model: str, jobs: list[Job], dtype: str = "float32", deterministic: bool = False,
+              logprobs: bool = False) -> list[Expected]:
+    """The engine alone, in-process (fp32 unless told), all jobs in one continuous batch."""
+    llm = LLM(model=model, dtype=dtype, deterministic=deterministic)
     tok = llm.engine.tokenizer
     prompts = [list(j.ids) if j.kind == "ids" else tok.encode(j.text) if j.kind == "text"
                else tok.apply_chat_template(j.messages()) for j in jobs]
-    params = [SamplingParams(temperature=0.0, max_tokens=j.max_tokens, ignore_eos=j.ignore_eos) for j in jobs]
+    params = [SamplingParams(temperature=0.0, max_tokens=j.max_tokens, ignore_eos=j.ignore_eos,
+                             logprobs=0 if logprobs else None) for j in jobs]
     outs = llm.generate(prompts, params)
-    return [Expected(tuple(o.token_ids), o.text, o.finish_reason or "") for o in outs]
+    return [Expected(tuple(o.token_ids), o.text, o.finish_reason or "",
+                     tuple(float(np.float32(lp.logprob)) for lp in o.logprobs or () if lp is not None)) for o in outs]
 
 
 _REASONS = {pb.FINISH_REASON_STOP: "stop", pb.FINISH_REASON_LENGTH: "length", pb.FINISH_REASON_ABORT: "abort"}
 
 
-async def run_grpc(address: str, job: Job) -> Expected:
-    request = pb.GenerateRequest(sampling=pb.SamplingParameters(temperature=0.0, max_tokens=job.max_tokens,
-                                                                ignore_eos=job.ignore_eos), timeout_seconds=120)
+async def run_grpc(address: str, job: Job, logprobs: bool = False) -> Expected:
+    sampling = pb.SamplingParameters(temperature=0.0, max_tokens=job.max_tokens, ignore_eos=job.ignore_eos)
+    if logprobs:
+        sampling.logprobs = 0
+    request = pb.GenerateRequest(sampling=sampling, timeout_seconds=120)
     if job.kind == "ids":
         request.token_ids.ids.extend(job.ids)
     elif job.kind == "text":
@@ -81,13 +88,15 @@ async def run_grpc(address: str, job: Job) -> Expected:
     else:
         request.chat.messages.extend(pb.ChatMessage(**m) for m in job.messages())
     ids: list[int] = []
+    chosen: list[float] = []
     text, reason = "", ""
     async with grpc.aio.insecure_channel(address) as channel:
         async for chunk in inference_pb2_grpc.InferenceStub(channel).Generate(request, timeout=120):
             ids += chunk.token_ids
+            chosen += [lp.logprob for lp in chunk.logprobs]
             text += chunk.text
             reason = _REASONS.get(chunk.finish_reason, reason)
-    return Expected(tuple(ids), text, reason)
+    return Expected(tuple(ids), text, reason, tuple(chosen))
 
 
 async def run_openai(client: openai.AsyncOpenAI, model: str, job: Job, stream: bool) -> tuple[str, str, int]:
