@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from engine.kernels import quant_matmul_kernel
 from engine.quant import (
     INT4_GROUP_SIZES,
     KERNEL_DTYPE,
@@ -24,6 +25,24 @@ from engine.quant import (
 )
 
 logger = logging.getLogger(__name__)
+C_KERNEL_GROUP = 32  # quant_matmul.c rounds activations per 32 and takes int4 groups of 32 only (GGUF's block)
+
+
+def _c_kernel_takes(out_features: int, in_features: int) -> bool:
+    return in_features % C_KERNEL_GROUP == 0 and out_features % 4 == 0
+
+
+def _c_quant_linear(fn: Callable[..., int], x: torch.Tensor, in_features: int, out_features: int,
+                    *weights: torch.Tensor) -> torch.Tensor:
+    """y = x @ W^T through quant_matmul.c's `fn` (int4_linear or int8_linear) with W given by `weights`."""
+    if x.shape[-1] != in_features:
+        raise ValueError(f"expected input with last dimension {in_features}, got {tuple(x.shape)}")
+    x2 = x.reshape(-1, in_features).to(torch.float32).contiguous()
+    y = torch.empty(x2.shape[0], out_features, dtype=torch.float32)
+    if fn(x2.data_ptr(), *(w.data_ptr() for w in weights), y.data_ptr(), x2.shape[0], out_features, in_features,
+          torch.get_num_threads()) != 0:
+        raise MemoryError("quantized matmul kernel: no memory for the rounded activations")
+    return y.to(x.dtype).reshape(*x.shape[:-1], out_features)
 
 
 def _flatten(x: torch.Tensor, in_features: int) -> torch.Tensor:
@@ -33,9 +52,10 @@ def _flatten(x: torch.Tensor, in_features: int) -> torch.Tensor:
 
 
 class Int8Linear(nn.Module):
-    """y = x @ (q * scale).T + bias, through `_weight_int8pack_mm` on CPU.
-
-    On CUDA the weight is widened to x's dtype per call (saves memory, not time).
+    """y = x @ (q * scale).T + bias. On CPU through Tandem's C kernel (engine/kernels/quant_matmul.c:
+    activations rounded to int8 per group of 32, integer dot products) where the shape allows, else
+    through torch's `_weight_int8pack_mm`; on CUDA the weight is widened to x's dtype per call (saves
+    memory, not time).
     """
 
     q: torch.Tensor
@@ -47,7 +67,11 @@ class Int8Linear(nn.Module):
         if self.in_features % 8:  # the CPU kernel reads K in steps of 8 and segfaults otherwise
             raise UnsupportedShapeError(f"int8 needs in_features divisible by 8, got {self.in_features}")
         self.register_buffer("q", weights.q.contiguous())
-        self.register_buffer("scale", weights.scale.to(KERNEL_DTYPE))
+        self.c_kernel = None
+        if weights.q.device.type == "cpu" and _c_kernel_takes(self.out_features, self.in_features):
+            self.c_kernel = quant_matmul_kernel()
+        # the C kernel takes the fp32 scale as given; torch's kernel wants it in bf16
+        self.register_buffer("scale", weights.scale.to(torch.float32 if self.c_kernel else KERNEL_DTYPE))
         self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
 
     @classmethod
@@ -57,6 +81,8 @@ class Int8Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.device.type == "cuda":
             y = F.linear(x, self.q.to(x.dtype)) * self.scale.to(x.dtype)
+        elif self.c_kernel is not None:
+            y = _c_quant_linear(self.c_kernel.int8_linear, x, self.in_features, self.out_features, self.q, self.scale)
         else:
             y = torch._weight_int8pack_mm(_flatten(x, self.in_features), self.q, self.scale)
             y = y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
@@ -66,13 +92,19 @@ class Int8Linear(nn.Module):
 class Int4Linear(nn.Module):
     """y = x @ w.T + bias with grouped int4 w (see Int4Weights), packed for the weights' device.
 
-    The packed layout is specific to the device (and CPU ISA) it was packed on: build the layer
-    where it will run; moving it afterwards is refused at forward time.
+    On CPU, groups of 32 (GGUF's Q4_1) run through Tandem's C kernel (engine/kernels/quant_matmul.c:
+    activations rounded to int8 per group, integer dot products); other group sizes, and CPUs
+    without a C compiler, through torch's int4 kernel. The packed layout is specific to the device
+    (and CPU ISA) it was packed on: build the layer where it will run; moving it afterwards is
+    refused at forward time.
     """
 
     packed: torch.Tensor
     scales_and_zeros: torch.Tensor
     q: torch.Tensor  # only when the kernel is unavailable (CUDA fallback)
+    nibbles: torch.Tensor  # C kernel: [N, K / 2], see quant_matmul.c
+    scale: torch.Tensor  # C kernel: fp32 [N, K / 32]
+    offset: torch.Tensor  # C kernel: fp32 [N, K / 32], zero - 8 * scale
 
     def __init__(self, weights: Int4Weights, bias: torch.Tensor | None = None) -> None:
         super().__init__()
@@ -84,12 +116,23 @@ class Int4Linear(nn.Module):
         sz = torch.stack([weights.scale, weights.zero], dim=-1).transpose(0, 1).contiguous()
         self.register_buffer("scales_and_zeros", sz.to(KERNEL_DTYPE), persistent=False)
         self.use_kernel = True
+        self.c_kernel = None
         if self.packed_on.type == "cuda":
             self.use_kernel = self._pack_cuda(weights)
+        elif self.group_size == C_KERNEL_GROUP and (lib := quant_matmul_kernel()) is not None:
+            self.c_kernel = lib
+            self._pack_c(weights)
         else:
             packed = torch._convert_weight_to_int4pack_for_cpu(weights.q.to(torch.int32).contiguous(), 1)
             self.register_buffer("packed", packed, persistent=False)
         self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
+
+    def _pack_c(self, weights: Int4Weights) -> None:
+        groups = weights.q.view(self.out_features, -1, C_KERNEL_GROUP)
+        nibbles = groups[..., : C_KERNEL_GROUP // 2] | (groups[..., C_KERNEL_GROUP // 2:] << 4)
+        self.register_buffer("nibbles", nibbles.reshape(self.out_features, -1).contiguous(), persistent=False)
+        self.register_buffer("scale", weights.scale.contiguous(), persistent=False)
+        self.register_buffer("offset", (weights.zero - 8 * weights.scale).contiguous(), persistent=False)
 
     def _pack_cuda(self, weights: Int4Weights) -> bool:
         q = weights.q.contiguous()
@@ -119,7 +162,10 @@ class Int4Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.device != self.scales_and_zeros.device or self.scales_and_zeros.device != self.packed_on:
             raise RuntimeError(f"Int4Linear was packed on {self.packed_on}; got input on {x.device}")
-        if not self.use_kernel:
+        if self.c_kernel is not None:
+            y = _c_quant_linear(self.c_kernel.int4_linear, x, self.in_features, self.out_features, self.nibbles,
+                                self.scale, self.offset)
+        elif not self.use_kernel:
             y = F.linear(x, self._dequantized(x.dtype))
         else:
             x2 = _flatten(x, self.in_features)

@@ -93,6 +93,16 @@ def fused_ops_kernel() -> ctypes.CDLL | None:
 
 
 @functools.cache
+def quant_matmul_kernel() -> ctypes.CDLL | None:
+    """int4 / int8 weights x int8-rounded activations (quant_matmul.c), or None (callers use torch)."""
+    lib = load_kernel("quant_matmul.c")
+    if lib is not None:
+        _bind(lib, "int4_linear", _I32, _P, _P, _P, _P, _P, _I64, _I32, _I32, _I32)
+        _bind(lib, "int8_linear", _I32, _P, _P, _P, _P, _I64, _I32, _I32, _I32)
+    return lib
+
+
+@functools.cache
 def copy_ranges_kernel() -> ctypes.CDLL | None:
     """The parallel byte-range copy library, or None (callers fall back to torch copies)."""
     lib = load_kernel("copy_ranges.c")

@@ -1,0 +1,209 @@
+// y[M, N] = x[M, K] @ W^T for weight-only quantized W, with the activations rounded to int8 per row
+// and group of 32 (xq = round(x / dx), dx = max|x| / 127), so that a group's dot product is one
+// integer multiply-add over 32 bytes (AVX2 maddubs: u8 x s8). Two weight formats:
+//
+// int4 (groups of 32 along K, as GGUF's Q4_1): W[n, k] = q[n, k] * scale[n, g] + offset[n, g],
+//   q in 0..15, g = k / 32; packed[n, g, j] (16 bytes per group) holds q[n, 32g + j] in its low
+//   nibble and q[n, 32g + 16 + j] in its high nibble; scale and offset fp32 [N, K / 32].
+//   y[m, n] = sum_g scale[n, g] * dx[m, g] * sum_j q * xq  +  offset[n, g] * dx[m, g] * sum_j xq
+// int8 (per row): W[n, k] = q[n, k] * scale[n], q in -127..127 (int8 [N, K]), scale fp32 [N].
+//   y[m, n] = scale[n] * sum_g dx[m, g] * sum_j q * xq
+//
+// Both are exactly W @ (xq * dx) up to fp32 summation order. In int4 both terms must see the same
+// rounded x: q is not centred (0..15, offset ~ -8 * scale), so an exact sum of x in the offset term
+// alone would leave offset * (x - xq) uncancelled and double the error. This is llama.cpp's
+// Q4_1 x Q8_1 and Q8_0 x Q8_0 scheme in spirit; the error it adds is that of rounding x to 8 bits
+// per group. Rows are independent: a row's result does not depend on M or the other rows.
+#include <math.h>
+#include <omp.h>
+#include <stdint.h>
+#include <stdlib.h>
+
+#ifdef __AVX2__
+#include <immintrin.h>
+#endif
+
+#define GROUP 32
+#define PARALLEL_MIN_WORK (1 << 16)  // below N * K this many, one thread beats waking the others
+
+enum { W_INT4 = 4, W_INT8 = 8 };
+
+// Per row m and group g: xq (int8), dx (its scale), sx = dx * sum(xq), the sum of x as rounded.
+static void quantize_rows(const float *x, int64_t rows, int k, int8_t *xq, float *dx, float *sx) {
+    int groups = k / GROUP;
+    for (int64_t m = 0; m < rows; m++) {
+        for (int g = 0; g < groups; g++) {
+            const float *v = x + m * k + (int64_t)g * GROUP;
+            float amax = 0.f;
+            for (int j = 0; j < GROUP; j++) {
+                float a = fabsf(v[j]);
+                amax = a > amax ? a : amax;
+            }
+            float d = amax / 127.f, inv = amax > 0.f ? 127.f / amax : 0.f;
+            int8_t *out = xq + m * k + (int64_t)g * GROUP;
+            int32_t sum = 0;
+            for (int j = 0; j < GROUP; j++) {
+                out[j] = (int8_t)lrintf(v[j] * inv);
+                sum += out[j];
+            }
+            dx[m * groups + g] = d;
+            sx[m * groups + g] = d * (float)sum;
+        }
+    }
+}
+
+// Bytes of one row of weights, and of one group within it.
+static inline int64_t row_bytes(int bits, int k) { return bits == W_INT4 ? k / 2 : k; }
+static inline int group_bytes(int bits) { return bits == W_INT4 ? GROUP / 2 : GROUP; }
+
+#ifdef __AVX2__
+static inline float hsum256(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+
+// One group of weights as 32 unsigned bytes for maddubs, and the sign to move onto x (int8 only:
+// |w| * (x * sign(w)) = w * x).
+static inline __m256i load_group(int bits, const uint8_t *p, __m256i *sign) {
+    if (bits == W_INT4) {
+        __m128i b = _mm_loadu_si128((const __m128i *)p);
+        __m128i low = _mm_and_si128(b, _mm_set1_epi8(0x0F));
+        __m128i high = _mm_and_si128(_mm_srli_epi16(b, 4), _mm_set1_epi8(0x0F));
+        return _mm256_set_m128i(high, low);
+    }
+    *sign = _mm256_loadu_si256((const __m256i *)p);
+    return _mm256_sign_epi8(*sign, *sign);
+}
+
+// The group's dot product as 8 fp32 partial sums.
+static inline __m256 group_dot(int bits, __m256i w, __m256i sign, const int8_t *xq) {
+    __m256i xv = _mm256_loadu_si256((const __m256i *)xq);
+    if (bits == W_INT8) xv = _mm256_sign_epi8(xv, sign);
+    return _mm256_cvtepi32_ps(_mm256_madd_epi16(_mm256_maddubs_epi16(w, xv), _mm256_set1_epi16(1)));
+}
+
+// out[c][r] = sum_g wscale(c, g) * dx[r, g] * dot(c, r, g) for columns col0 + c (c < cols) and rows
+// r < rows of the block, with wscale 1 for int8 (its per-row scale is applied by the caller).
+// Always inlined with constant `bits`, `cols` and `rows`, so the cols x rows accumulators
+// (independent FMA chains: one chain alone would wait on the FMA latency every group) live in
+// registers.
+static inline __attribute__((always_inline)) void dot_block(int bits, const uint8_t *packed, const float *scale,
+                                                             int64_t col0, const int8_t *xq, const float *dx, int k,
+                                                             int cols, int rows, float (*out)[4]) {
+    int groups = k / GROUP;
+    __m256 acc[4][4];
+    for (int c = 0; c < cols; c++)
+        for (int r = 0; r < rows; r++) acc[c][r] = _mm256_setzero_ps();
+    for (int g = 0; g < groups; g++) {
+        __m256i w[4], sign[4];
+        float sc[4];
+        for (int c = 0; c < cols; c++) {
+            w[c] = load_group(bits, packed + (col0 + c) * row_bytes(bits, k) + (int64_t)g * group_bytes(bits),
+                              &sign[c]);
+            sc[c] = bits == W_INT4 ? scale[(col0 + c) * groups + g] : 1.f;
+        }
+        for (int r = 0; r < rows; r++) {
+            const int8_t *xg = xq + (int64_t)r * k + (int64_t)g * GROUP;
+            float d = dx[r * groups + g];
+            for (int c = 0; c < cols; c++)
+                acc[c][r] = _mm256_fmadd_ps(group_dot(bits, w[c], sign[c], xg), _mm256_set1_ps(sc[c] * d), acc[c][r]);
+        }
+    }
+    for (int c = 0; c < cols; c++)
+        for (int r = 0; r < rows; r++) out[c][r] = hsum256(acc[c][r]);
+}
+#else
+static inline void dot_block(int bits, const uint8_t *packed, const float *scale, int64_t col0, const int8_t *xq,
+                             const float *dx, int k, int cols, int rows, float (*out)[4]) {
+    int groups = k / GROUP;
+    for (int c = 0; c < cols; c++) {
+        const uint8_t *wrow = packed + (col0 + c) * row_bytes(bits, k);
+        for (int r = 0; r < rows; r++) {
+            float total = 0.f;
+            for (int g = 0; g < groups; g++) {
+                const uint8_t *p = wrow + (int64_t)g * group_bytes(bits);
+                const int8_t *v = xq + (int64_t)r * k + (int64_t)g * GROUP;
+                int32_t dot = 0;
+                if (bits == W_INT4) {
+                    for (int j = 0; j < GROUP / 2; j++) dot += (p[j] & 0x0F) * v[j] + (p[j] >> 4) * v[j + GROUP / 2];
+                } else {
+                    for (int j = 0; j < GROUP; j++) dot += (int8_t)p[j] * v[j];
+                }
+                float sc = bits == W_INT4 ? scale[(col0 + c) * groups + g] : 1.f;
+                total += (float)dot * sc * dx[r * groups + g];
+            }
+            out[c][r] = total;
+        }
+    }
+}
+#endif
+
+// Blocks of 4 columns (callers guarantee N % 4 == 0) by up to 4 rows: one row gets 4 FMA chains
+// through 4 columns; 3 or 4 rows go through 2 columns x 4 rows twice.
+static inline __attribute__((always_inline)) void block(int bits, const uint8_t *packed, const float *scale,
+                                                         int64_t col0, const int8_t *xq, const float *dx, int k,
+                                                         int rows, float (*part)[4]) {
+    switch (rows) {
+        case 4:
+            dot_block(bits, packed, scale, col0, xq, dx, k, 2, 4, part);
+            dot_block(bits, packed, scale, col0 + 2, xq, dx, k, 2, 4, part + 2);
+            break;
+        case 3:
+            dot_block(bits, packed, scale, col0, xq, dx, k, 2, 3, part);
+            dot_block(bits, packed, scale, col0 + 2, xq, dx, k, 2, 3, part + 2);
+            break;
+        case 2: dot_block(bits, packed, scale, col0, xq, dx, k, 4, 2, part); break;
+        default: dot_block(bits, packed, scale, col0, xq, dx, k, 4, 1, part); break;
+    }
+}
+
+static inline __attribute__((always_inline)) int quant_linear(int bits, const float *x, const uint8_t *packed,
+                                                               const float *scale, const float *offset, float *y,
+                                                               int64_t rows, int n, int k, int num_threads) {
+    if (rows == 0) return 0;
+    int groups = k / GROUP;
+    int8_t *xq = malloc((size_t)rows * k);
+    float *dx = malloc(sizeof(float) * (size_t)rows * groups);
+    float *sx = malloc(sizeof(float) * (size_t)rows * groups);
+    if (xq == NULL || dx == NULL || sx == NULL) {
+        free(xq), free(dx), free(sx);
+        return -1;
+    }
+    quantize_rows(x, rows, k, xq, dx, sx);
+    int threads = (int64_t)n * k >= PARALLEL_MIN_WORK ? num_threads : 1;
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t col0 = 0; col0 < n; col0 += 4) {
+        for (int64_t m0 = 0; m0 < rows; m0 += 4) {
+            int count = rows - m0 < 4 ? (int)(rows - m0) : 4;
+            float part[4][4];
+            block(bits, packed, scale, col0, xq + m0 * k, dx + m0 * groups, k, count, part);
+            for (int c = 0; c < 4; c++) {
+                for (int r = 0; r < count; r++) {
+                    float total = part[c][r];
+                    if (bits == W_INT4) {
+                        const float *off = offset + (col0 + c) * groups, *s = sx + (m0 + r) * groups;
+                        for (int g = 0; g < groups; g++) total += off[g] * s[g];
+                    } else {
+                        total *= scale[col0 + c];
+                    }
+                    y[(m0 + r) * n + col0 + c] = total;
+                }
+            }
+        }
+    }
+    free(xq), free(dx), free(sx);
+    return 0;
+}
+
+// Both return 0, or -1 when scratch memory could not be allocated (y untouched).
+int int4_linear(const float *x, const uint8_t *packed, const float *scale, const float *offset, float *y,
+                int64_t rows, int n, int k, int num_threads) {
+    return quant_linear(W_INT4, x, packed, scale, offset, y, rows, n, k, num_threads);
+}
+
+int int8_linear(const float *x, const int8_t *q, const float *scale, float *y, int64_t rows, int n, int k,
+                int num_threads) {
+    return quant_linear(W_INT8, x, (const uint8_t *)q, scale, NULL, y, rows, n, k, num_threads);
+}

@@ -1,0 +1,93 @@
+"""The C int4 / int8 kernels (engine/kernels/quant_matmul.c) against their definition in torch.
+
+The kernels compute W @ (xq * dx): x rounded to int8 per row and group of 32 (dx = max|x| / 127),
+so they must equal that product, built here in fp32 from the same rounding, up to summation order.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import engine.quant_layers as quant_layers
+from engine.quant import Int4Weights, Int8Weights, quantize_int4, quantize_int8
+from engine.quant_layers import Int4Linear, Int8Linear
+
+
+def _dequantized(w: Int4Weights) -> torch.Tensor:
+    n, k = w.shape
+    groups = (w.q.float() - 8).view(n, -1, w.group_size) * w.scale[..., None] + w.zero[..., None]
+    return groups.view(n, k)
+
+
+def _int8(weights: Int4Weights) -> Int8Weights:
+    q = quantize_int8(_dequantized(weights))
+    q.q[0, :5] = torch.tensor([-127, 127, 0, -1, 1], dtype=torch.int8)  # extremes and signs
+    return q
+
+
+def _rounded_activations(x: torch.Tensor) -> torch.Tensor:
+    groups = x.float().reshape(-1, x.shape[-1] // 32, 32)
+    dx = groups.abs().amax(-1, keepdim=True) / 127
+    return (torch.round(groups / dx.clamp_min(1e-30)) * dx).reshape(x.shape)
+
+
+@pytest.fixture(scope="module")
+def weights() -> Int4Weights:
+    torch.manual_seed(0)
+    return quantize_int4(torch.randn(48, 96) * 0.05, 32)
+
+
+def test_the_c_kernel_is_what_cpu_layers_use(weights: Int4Weights) -> None:
+    assert Int4Linear(weights).c_kernel is not None  # a C compiler is part of the set-up
+    assert Int8Linear(_int8(weights)).c_kernel is not None
+    assert Int4Linear(quantize_int4(torch.randn(16, 128), 64)).c_kernel is None  # groups of 32 only
+    assert Int8Linear(quantize_int8(torch.randn(16, 40))).c_kernel is None  # K not a multiple of 32
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 7, 8, 33])
+def test_kernel_equals_its_definition(weights: Int4Weights, bits: int, rows: int) -> None:
+    x = torch.randn(rows, 96) * torch.logspace(-2, 1, 96)  # groups of very different magnitudes
+    x[0, 32:64] = 0  # an all-zero group: dx = 0 must not divide by zero
+    layer, w = ((Int4Linear(weights), _dequantized(weights)) if bits == 4
+                else (Int8Linear(_int8(weights)), _int8(weights).dequantize()))
+    expected = _rounded_activations(x) @ w.T
+    torch.testing.assert_close(layer(x), expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_rows_do_not_depend_on_the_batch(weights: Int4Weights, bits: int) -> None:
+    layer = Int4Linear(weights) if bits == 4 else Int8Linear(_int8(weights))
+    x = torch.randn(37, 96)
+    together = layer(x)
+    for i in (0, 3, 4, 36):
+        assert torch.equal(layer(x[i:i + 1])[0], together[i])
+
+
+def test_bf16_and_leading_dimensions(weights: Int4Weights) -> None:
+    layer = Int4Linear(weights)
+    x = torch.randn(2, 3, 96)
+    y = layer(x.to(torch.bfloat16))
+    assert y.dtype == torch.bfloat16 and y.shape == (2, 3, 48)
+    expected = layer(x.to(torch.bfloat16).float())
+    torch.testing.assert_close(y.float(), expected, rtol=1e-2, atol=1e-2)
+    assert layer(torch.zeros(0, 96)).shape == (0, 48)
+    with pytest.raises(ValueError, match="last dimension 96"):
+        layer(torch.zeros(1, 64))
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_close_to_the_torch_kernel(weights: Int4Weights, bits: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    def build() -> Int4Linear | Int8Linear:
+        return Int4Linear(weights) if bits == 4 else Int8Linear(_int8(weights))
+
+    x = torch.randn(9, 96)
+    c_path = build()(x)
+    monkeypatch.setattr(quant_layers, "quant_matmul_kernel", lambda: None)
+    torch_layer = build()
+    assert torch_layer.c_kernel is None
+    exact = x @ (_dequantized(weights) if bits == 4 else _int8(weights).dequantize()).T
+    scale = exact.norm()
+    assert (c_path - exact).norm() / scale < 0.02  # 8-bit activations
+    assert (torch_layer(x) - exact).norm() / scale < 0.02  # bf16 activations
