@@ -5,8 +5,12 @@
 # Build llama-server (benchmark only; not in CI, not committed) from the llama-cpp-python sdist:
 #   pip download --no-deps --no-binary :all: llama-cpp-python && tar xzf llama_cpp_python-*.tar.gz
 #   cd llama_cpp_python-*/vendor/llama.cpp && cmake -B build -DCMAKE_BUILD_TYPE=Release -DLLAMA_CURL=OFF \
-#     -DLLAMA_OPENSSL=OFF -DGGML_NATIVE=ON -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF \
-#     && cmake --build build --target llama-server -j2
+#     -DLLAMA_OPENSSL=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF \
+#     -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON \
+#     && cmake --build build --target llama-server llama-batched-bench -j2
+# Name the CPU's features explicitly (add -DGGML_AVX512=ON -DGGML_AVX512_VNNI=ON -DGGML_AVX512_BF16=ON
+# -DGGML_AMX_TILE=ON ... where lscpu lists them): GGML_NATIVE=ON died with an illegal instruction on
+# an AMX Xeon.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 : "${LLAMA_SERVER:?set LLAMA_SERVER to the llama-server binary}"

@@ -385,8 +385,8 @@ def format_report(results: dict[str, Any]) -> str:
         one = engine_by_batch[1]
         ms = 1e3 * one["decode_s"] / one["decode_steps"]
         lines.append(f"  batch 1: {ms:.1f} ms/token vs the memory floor {floor['floor_ms']:.1f} ms "
-                     f"({floor['weight_bytes'] / 1e6:.0f} MB of weights per step at {floor['copy_gb_s']:.1f} GB/s "
-                     f"copy bandwidth): {ms / floor['floor_ms']:.2f}x the floor")
+                     f"({floor['weight_bytes'] / 1e6:.0f} MB of weights per step at {floor['read_gb_s']:.1f} GB/s "
+                     f"read bandwidth; copy {floor['copy_gb_s']:.1f} GB/s): {ms / floor['floor_ms']:.2f}x the floor")
     lines += ["", "prefill     prompts x len   seconds   tok/s"]
     for name, r in (("engine", eng["prefill"]), ("hf", hf["prefill"] if hf else None)):
         if r is not None:

@@ -112,20 +112,22 @@ class Int4Linear(nn.Module):
         self.group_size = weights.group_size
         check_int4_shape(self.out_features, self.in_features, self.group_size)
         self.packed_on = weights.q.device
-        # [K / G, N, 2]: the kernel's scales_and_zeros, bf16.
-        sz = torch.stack([weights.scale, weights.zero], dim=-1).transpose(0, 1).contiguous()
-        self.register_buffer("scales_and_zeros", sz.to(KERNEL_DTYPE), persistent=False)
+        self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
         self.use_kernel = True
         self.c_kernel = None
+        if self.packed_on.type == "cpu" and self.group_size == C_KERNEL_GROUP:
+            self.c_kernel = quant_matmul_kernel()
+        if self.c_kernel is not None:
+            self._pack_c(weights)
+            return
+        # [K / G, N, 2]: torch's kernels' scales_and_zeros, bf16.
+        sz = torch.stack([weights.scale, weights.zero], dim=-1).transpose(0, 1).contiguous()
+        self.register_buffer("scales_and_zeros", sz.to(KERNEL_DTYPE), persistent=False)
         if self.packed_on.type == "cuda":
             self.use_kernel = self._pack_cuda(weights)
-        elif self.group_size == C_KERNEL_GROUP and (lib := quant_matmul_kernel()) is not None:
-            self.c_kernel = lib
-            self._pack_c(weights)
         else:
             packed = torch._convert_weight_to_int4pack_for_cpu(weights.q.to(torch.int32).contiguous(), 1)
             self.register_buffer("packed", packed, persistent=False)
-        self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
 
     def _pack_c(self, weights: Int4Weights) -> None:
         groups = weights.q.view(self.out_features, -1, C_KERNEL_GROUP)
@@ -160,7 +162,8 @@ class Int4Linear(nn.Module):
         return (q * scale[..., None] + zero[..., None]).view(self.out_features, self.in_features)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.device != self.scales_and_zeros.device or self.scales_and_zeros.device != self.packed_on:
+        weights = self.nibbles if self.c_kernel is not None else self.scales_and_zeros
+        if x.device != weights.device or weights.device != self.packed_on:
             raise RuntimeError(f"Int4Linear was packed on {self.packed_on}; got input on {x.device}")
         if self.c_kernel is not None:
             y = _c_quant_linear(self.c_kernel.int4_linear, x, self.in_features, self.out_features, self.nibbles,

@@ -4,6 +4,7 @@ torch backend and a dense reference agree, and both backends store the step's K/
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import pytest
 import torch
@@ -13,39 +14,50 @@ from engine.attention.planning import SeqSpan, attention_metadata
 from engine.attention.torch_backend import TorchAttention
 from engine.kv_cache import KVCachePool, KVCacheSpec
 
-HEADS, KV_HEADS, DIM, BLOCK, NUM_BLOCKS = 9, 3, 64, 16, 64
+HEADS, KV_HEADS, DIM, BLOCK = 9, 3, 64, 16
 # decodes first (contexts 1, 17, 40, exactly one block, two), then segments: a fresh prompt, a chunk
 # after a cached prefix crossing the kernel's 16-query items, a long fresh chunk, a one-block prefix + 1
 SHAPES = [(0, 1), (16, 1), (39, 1), (15, 1), (31, 1), (0, 37), (20, 19), (0, 70), (16, 2)]
 
 
-def _step(kv_dtype: torch.dtype, compute: torch.dtype) -> tuple[KVCachePool, list[SeqSpan], torch.Tensor]:
+@dataclass(frozen=True)
+class Geometry:
+    heads: int = HEADS
+    kv_heads: int = KV_HEADS
+    dim: int = DIM
+    block: int = BLOCK
+
+
+def _step(kv_dtype: torch.dtype, compute: torch.dtype,
+          g: Geometry = Geometry()) -> tuple[KVCachePool, list[SeqSpan], torch.Tensor]:
     torch.manual_seed(0)
-    spec = KVCacheSpec(num_layers=2, num_blocks=NUM_BLOCKS, block_size=BLOCK, num_kv_heads=KV_HEADS, head_dim=DIM,
-                       dtype=kv_dtype)
+    num_blocks = sum(-(-(start + count) // g.block) for start, count in SHAPES) + 8
+    spec = KVCacheSpec(num_layers=2, num_blocks=num_blocks, block_size=g.block, num_kv_heads=g.kv_heads,
+                       head_dim=g.dim, dtype=kv_dtype)
     pool = KVCachePool(spec, torch.device("cpu"), compute)
     pool.tensor.copy_(torch.randn(pool.tensor.shape).to(kv_dtype))  # the cached prefixes (and garbage elsewhere)
-    free = torch.randperm(NUM_BLOCKS).tolist()
+    free = torch.randperm(num_blocks).tolist()
     spans = []
     for start, count in SHAPES:
-        need = -(-(start + count) // BLOCK)
+        need = -(-(start + count) // g.block)
         spans.append(SeqSpan([free.pop() for _ in range(need)], start, count))
     tokens = sum(c for _, c in SHAPES)
-    qkv = torch.randn(tokens, (HEADS + 2 * KV_HEADS) * DIM).to(compute)
+    qkv = torch.randn(tokens, (g.heads + 2 * g.kv_heads) * g.dim).to(compute)
     return pool, spans, qkv
 
 
-def _dense(pool: KVCachePool, layer: int, spans: list[SeqSpan], q: torch.Tensor) -> torch.Tensor:
+def _dense(pool: KVCachePool, layer: int, spans: list[SeqSpan], q: torch.Tensor,
+           g: Geometry = Geometry()) -> torch.Tensor:
     """Each query against keys 0 .. its position, read back from the pool after the step's write."""
-    out, row = torch.empty(q.shape[0], HEADS, DIM), 0
+    out, row = torch.empty(q.shape[0], g.heads, g.dim), 0
     for span in spans:
         blocks = torch.tensor(list(span.block_table))
-        kv = pool.gather(layer, blocks).reshape(-1, 2, KV_HEADS, DIM).float()
+        kv = pool.gather(layer, blocks).reshape(-1, 2, g.kv_heads, g.dim).float()
         for i in range(span.num_tokens):
             seen = span.start + i + 1
-            k = kv[:seen, 0].repeat_interleave(HEADS // KV_HEADS, dim=1)
-            v = kv[:seen, 1].repeat_interleave(HEADS // KV_HEADS, dim=1)
-            scores = torch.einsum("hd,lhd->hl", q[row].view(HEADS, DIM).float(), k) / math.sqrt(DIM)
+            k = kv[:seen, 0].repeat_interleave(g.heads // g.kv_heads, dim=1)
+            v = kv[:seen, 1].repeat_interleave(g.heads // g.kv_heads, dim=1)
+            scores = torch.einsum("hd,lhd->hl", q[row].view(g.heads, g.dim).float(), k) / math.sqrt(g.dim)
             out[row] = torch.einsum("hl,lhd->hd", scores.softmax(-1), v)
             row += 1
     return out.view(q.shape[0], -1)
@@ -73,6 +85,19 @@ def test_cpu_kernel_and_torch_backend_match_a_dense_reference(kv_dtype: torch.dt
     torch.testing.assert_close(results["cpu"], reference, **(exact if compute == torch.float32 else bf16))
     # the torch backend attends to a fresh prompt's own K/V before the cache's rounding: bf16-close there
     torch.testing.assert_close(results["torch"], reference, **(exact if kv_dtype == torch.float32 else bf16))
+
+
+# kv groups of 1, 2, 4 and 7 query heads (head blocks and their remainders), head sizes that are not
+# a multiple of 32, blocks of one token and of 64 (a whole key chunk)
+@pytest.mark.parametrize("g", [Geometry(4, 4, 40, 64), Geometry(8, 4, 72, 16), Geometry(8, 2, 64, 1),
+                               Geometry(14, 2, 24, 8), Geometry(16, 4, 128, 32)], ids=str)
+def test_cpu_kernel_geometries(g: Geometry) -> None:
+    pool, spans, qkv = _step(torch.float32, torch.float32, g)
+    assert cpu_attention_supported(pool, g.dim, g.heads)
+    q, k, v = qkv.split((g.heads * g.dim, g.kv_heads * g.dim, g.kv_heads * g.dim), dim=-1)
+    meta = attention_metadata(spans, g.block, pool.tensor.device, torch.float32, cpu_kernel=True)
+    got = CpuAttention(pool, g.heads, g.kv_heads, g.dim, meta)(1, q, k, v)
+    torch.testing.assert_close(got, _dense(pool, 1, spans, q, g), atol=2e-6, rtol=1e-5)
 
 
 def test_the_kernel_reads_q_k_v_from_packed_or_separate_buffers() -> None:

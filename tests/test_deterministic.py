@@ -7,7 +7,6 @@ from __future__ import annotations
 import random
 
 import pytest
-import torch
 
 from engine import LLM, RequestOutput, SamplingParams
 from engine.loader.packing import PackedLinear
@@ -59,4 +58,3 @@ def test_deterministic_mode_needs_the_cpu_kernels(tiny_llama_dir, monkeypatch: p
     monkeypatch.setattr("engine.loader.engine_parts.fused_ops_kernel", lambda: None)
     with pytest.raises(ModelLoadError, match="CPU kernels"):
         LLM(str(tiny_llama_dir), deterministic=True)
-    assert torch.get_num_threads() >= 1

@@ -1,9 +1,10 @@
 """Small C kernels for the CPU hot path, compiled on first use with the system C compiler.
 
 The shared object is cached under the Tandem cache directory, keyed by the sources' hash, the
-compiler flags and this CPU's feature flags (`-march=native` code must never run on another CPU).
-Without a compiler (or with TANDEM_DISABLE_C_KERNELS=1) every caller falls back to its torch
-implementation: the kernels are an optimization, never a requirement.
+compiler (path and version), its flags, and this machine's architecture and CPU feature flags
+(`-march=native` code must never run on another CPU). Without a compiler (or with
+TANDEM_DISABLE_C_KERNELS=1) every caller falls back to its torch implementation: the kernels are an
+optimization, never a requirement.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import hashlib
 import logging
 import os
 import pathlib
+import platform
 import shutil
 import subprocess
 import tempfile
@@ -28,17 +30,30 @@ _P, _I32, _I64, _F32 = ctypes.c_void_p, ctypes.c_int, ctypes.c_int64, ctypes.c_f
 
 
 def _cpu_flags() -> str:
+    """The machine and its CPU feature list (x86 `flags`, Arm `Features`): what -march=native targets."""
     try:
         text = pathlib.Path("/proc/cpuinfo").read_text()
     except OSError:
-        return ""
-    return next((line for line in text.splitlines() if line.startswith("flags")), "")
+        text = ""
+    features = next((line for line in text.splitlines() if line.startswith(("flags", "Features"))), "")
+    return f"{platform.machine()} {features}"
 
 
-def _build(source: pathlib.Path, target: pathlib.Path) -> None:
+@functools.cache
+def _compiler() -> tuple[str, str]:
+    """The C compiler's path and its `--version` (a different compiler must not reuse a cached object)."""
     compiler = shutil.which(c_compiler()) or shutil.which("gcc")
     if compiler is None:
         raise OSError("no C compiler found")
+    try:
+        version = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=30).stdout
+    except (OSError, subprocess.SubprocessError) as exc:
+        raise OSError(f"C compiler {compiler} does not run: {exc}") from exc
+    return compiler, version
+
+
+def _build(source: pathlib.Path, target: pathlib.Path) -> None:
+    compiler, _ = _compiler()
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
         built = pathlib.Path(tmp) / target.name
@@ -53,10 +68,10 @@ def load_kernel(source_name: str) -> ctypes.CDLL | None:
     if c_kernels_disabled():
         return None
     source = _KERNEL_DIR / source_name
-    key = source.read_bytes() + (_KERNEL_DIR / "vec.h").read_bytes() + " ".join(_FLAGS).encode()
-    digest = hashlib.sha256(key + _cpu_flags().encode()).hexdigest()[:16]
-    target = cache_dir() / "kernels" / f"{source.stem}-{digest}.so"
     try:
+        key = source.read_bytes() + (_KERNEL_DIR / "vec.h").read_bytes() + " ".join(_FLAGS).encode()
+        digest = hashlib.sha256(key + _cpu_flags().encode() + "\n".join(_compiler()).encode()).hexdigest()[:16]
+        target = cache_dir() / "kernels" / f"{source.stem}-{digest}.so"
         if not target.exists():
             _build(source, target)
         return ctypes.CDLL(str(target))

@@ -13,6 +13,9 @@
 // across a chunk's keys.
 #include <omp.h>
 #include <stdlib.h>
+#ifdef __AVX__
+#include <immintrin.h>
+#endif
 
 #include "vec.h"
 
@@ -33,37 +36,43 @@ typedef struct {
     float *maxs, *totals;  // per row (query, head): running maximum and sum of exp
 } Softmax;
 
-// Scores of NH query heads (rows qs[a], dim floats) against keys 0 .. valid-1 (krows[t] + kv_off),
-// two keys at a time: each K vector load feeds all NH heads. s[a * stride + t]. One function per NH,
-// so that its accumulators live in registers.
-#define DEFINE_BLOCK_SCORES(NH)                                                                              \
-    static void block_scores_##NH(const float *const *qs, const float *const *krows, int64_t kv_off, int valid, \
-                                  int dim, float scale, float *s, int stride) {                             \
-        for (int t = 0; t < valid; t += 2) {                                                                 \
-            const float *k0 = krows[t] + kv_off, *k1 = krows[t + 1] + kv_off;                                \
-            v8 acc0[NH], acc1[NH];                                                                           \
-            _Pragma("GCC unroll 4") for (int a = 0; a < NH; a++) acc0[a] = acc1[a] = splat8(0.f);            \
-            for (int j = 0; j < dim; j += 8) {                                                               \
-                const v8 x0 = load8(k0 + j), x1 = load8(k1 + j);                                             \
-                _Pragma("GCC unroll 4") for (int a = 0; a < NH; a++) {                                       \
-                    const v8 qa = load8(qs[a] + j);                                                          \
-                    acc0[a] += qa * x0;                                                                      \
-                    acc1[a] += qa * x1;                                                                      \
-                }                                                                                            \
-            }                                                                                                \
-            _Pragma("GCC unroll 4") for (int a = 0; a < NH; a++) {                                           \
-                s[a * stride + t] = hsum8(acc0[a]) * scale;                                                  \
-                s[a * stride + t + 1] = hsum8(acc1[a]) * scale;                                              \
-            }                                                                                                \
-        }                                                                                                    \
-    }
+// Lane u of the result: the sum of the 8 lanes of acc[u] (a fixed tree, whatever the keys' place).
+static inline v8 sum_lanes8x8(const v8 *acc) {
+#ifdef __AVX__
+    __m256 t0 = _mm256_hadd_ps((__m256)acc[0], (__m256)acc[1]), t1 = _mm256_hadd_ps((__m256)acc[2], (__m256)acc[3]);
+    __m256 t2 = _mm256_hadd_ps((__m256)acc[4], (__m256)acc[5]), t3 = _mm256_hadd_ps((__m256)acc[6], (__m256)acc[7]);
+    __m256 u0 = _mm256_hadd_ps(t0, t1), u1 = _mm256_hadd_ps(t2, t3);
+    return (v8)_mm256_add_ps(_mm256_permute2f128_ps(u0, u1, 0x20), _mm256_permute2f128_ps(u0, u1, 0x31));
+#else
+    v8 r;
+    for (int u = 0; u < 8; u++) r[u] = hsum8(acc[u]);
+    return r;
+#endif
+}
 
-DEFINE_BLOCK_SCORES(1)
-DEFINE_BLOCK_SCORES(2)
-DEFINE_BLOCK_SCORES(3)
+// Scores of one query head (q, dim floats) against keys 0 .. valid-1 (krows[t] + kv_off), eight keys
+// at a time so that each key's dot product is reduced inside one vector (no per-key horizontal sum):
+// s[t] for t < valid rounded up to 8 (krows must hold that many rows; scores past valid are unused).
+static void head_scores(const float *q, const float *const *krows, int64_t kv_off, int valid, int dim, float scale,
+                        float *s) {
+    for (int t = 0; t < valid; t += 8) {
+        const float *k[8];
+        v8 acc[8];
+        for (int u = 0; u < 8; u++) {
+            k[u] = krows[t + u] + kv_off;
+            acc[u] = splat8(0.f);
+        }
+        for (int j = 0; j < dim; j += 8) {
+            const v8 qj = load8(q + j);
+            _Pragma("GCC unroll 8") for (int u = 0; u < 8; u++) acc[u] += qj * load8(k[u] + j);
+        }
+        store8(s + t, sum_lanes8x8(acc) * splat8(scale));
+    }
+}
 
 // Folds one row's scores s[0 .. valid) into its running softmax: rescales the accumulator `acc` when
-// the maximum grows, turns s into exp(s - max) and adds their sum to the total.
+// the maximum grows, turns s into exp(s - max) and adds their sum to the total. s has room for valid
+// rounded up to 8.
 static inline void fold_softmax(float *s, int valid, float *max, float *total, float *acc, int dim) {
     float m = *max;
     for (int t = 0; t < valid; t++) m = s[t] > m ? s[t] : m;
@@ -73,17 +82,15 @@ static inline void fold_softmax(float *s, int valid, float *max, float *total, f
         for (int j = 0; j < dim; j += 8) store8(acc + j, load8(acc + j) * splat8(shrink));
         *max = m;
     }
-    float sum = 0.f;
+    const v8i lanes = {0, 1, 2, 3, 4, 5, 6, 7};
+    v8 sum = splat8(0.f);
     for (int t = 0; t < valid; t += 8) {  // past `valid`: -inf, exp 0
-        float x[8];
-        for (int u = 0; u < 8; u++) x[u] = t + u < valid ? s[t + u] - m : -INFINITY;
-        const v8 e = exp8(load8(x));
-        for (int u = 0; u < 8 && t + u < valid; u++) {
-            s[t + u] = e[u];
-            sum += e[u];
-        }
+        const v8i inside = (lanes + t) < valid;
+        const v8 e = exp8(select8(inside, load8(s + t) - splat8(m), splat8(-INFINITY)));
+        store8(s + t, e);
+        sum += e;
     }
-    *total += sum;
+    *total += hsum8(sum);
 }
 
 // acc[a] += sum_t p[a * stride + t] v_t for NH rows, 32 floats of the head at a time held in
@@ -128,7 +135,7 @@ DEFINE_BLOCK_VALUES(3)
 // Heads h0 .. h0+nh-1 (one kv group) of query i against one chunk of keys.
 static void head_block(const Shape *sh, const float *q, int i, int h0, int nh, const float *const *krows,
                               const float *const *vrows, int valid, float *out, Softmax sm, float *scores) {
-    const int dim = sh->dim, stride = CHUNK_KEYS + 2;
+    const int dim = sh->dim, stride = CHUNK_KEYS;
     const int64_t kv_off = (int64_t)(h0 / sh->group) * dim;
     const float *qs[HEAD_BLOCK];
     float *accs[HEAD_BLOCK];
@@ -137,12 +144,7 @@ static void head_block(const Shape *sh, const float *q, int i, int h0, int nh, c
         qs[a] = q + (int64_t)r * dim;
         accs[a] = out + (int64_t)r * dim;
     }
-    if (nh == 3)
-        block_scores_3(qs, krows, kv_off, valid, dim, sh->scale, scores, stride);
-    else if (nh == 2)
-        block_scores_2(qs, krows, kv_off, valid, dim, sh->scale, scores, stride);
-    else
-        block_scores_1(qs, krows, kv_off, valid, dim, sh->scale, scores, stride);
+    for (int a = 0; a < nh; a++) head_scores(qs[a], krows, kv_off, valid, dim, sh->scale, scores + a * stride);
     for (int a = 0; a < nh; a++) {
         const int r = i * sh->heads + h0 + a;
         fold_softmax(scores + a * stride, valid, sm.maxs + r, sm.totals + r, accs[a], dim);
@@ -157,14 +159,14 @@ static void head_block(const Shape *sh, const float *q, int i, int h0, int nh, c
 
 // One item: `count` queries (fp32 [count][heads][dim]) of the sequence whose block table is `table`,
 // the first at position pos0. Writes out [count][heads][dim] fp32. kbuf, vbuf: room for one chunk's
-// K and V rows in fp32 (used when the cache is bf16); scores: HEAD_BLOCK * (CHUNK_KEYS + 2) floats.
+// K and V rows in fp32 (used when the cache is bf16); scores: HEAD_BLOCK * CHUNK_KEYS floats.
 static void attend_item(const Shape *sh, const float *q, int count, int64_t pos0, const void *cache, int kv_dt,
                         const int64_t *table, float *out, float *scores, float *kbuf, float *vbuf) {
     const int heads = sh->heads, dim = sh->dim, bs = sh->block_size, group = sh->group;
     const int rows = count * heads;
     const int64_t row = (int64_t)sh->kv_heads * dim;  // floats of one token's K (or V), all kv heads
     float maxs[MAX_TILE * MAX_HEADS], totals[MAX_TILE * MAX_HEADS];
-    const float *krows[CHUNK_KEYS + 1], *vrows[CHUNK_KEYS];
+    const float *krows[CHUNK_KEYS + 7], *vrows[CHUNK_KEYS];
     const Softmax sm = {maxs, totals};
     for (int r = 0; r < rows; r++) {
         maxs[r] = -INFINITY;
@@ -188,7 +190,7 @@ static void attend_item(const Shape *sh, const float *q, int count, int64_t pos0
                 vrows[t] = vbuf + t * row;
             }
         }
-        krows[n] = krows[0];  // the pair partner of an odd last key (its score is never used)
+        for (int t = n; t < n + 7; t++) krows[t] = krows[0];  // fill the last group of 8 (scores unused)
         for (int i = 0; i < count; i++) {
             const int64_t limit = pos0 + i + 1;  // keys this query sees
             const int valid = (int)(limit - chunk >= n ? n : limit - chunk);
@@ -224,7 +226,7 @@ int paged_attention(const void *qkv, int64_t row_stride, int act_dt, int64_t num
     const int threads = num_tokens * row >= 65536 ? num_threads : 1;
 #pragma omp parallel for num_threads(threads) schedule(static)
     for (int64_t t = 0; t < num_tokens; t++) {  // store the new K/V rows
-        float buf[2 * MAX_HEADS * MAX_DIM];
+        float buf[2 * row];  // at most 2 * MAX_HEADS * MAX_DIM, but only what this model needs on the stack
         load_row(buf, qkv, act_dt, t * row_stride + (int64_t)heads * dim, (int)(2 * row));
         store_row(cache, kv_dt, slots[t] * 2 * row, buf, (int)(2 * row));
     }
@@ -234,24 +236,27 @@ int paged_attention(const void *qkv, int64_t row_stride, int act_dt, int64_t num
     {
         float *q = malloc(sizeof(float) * MAX_TILE * heads * dim);
         float *o = malloc(sizeof(float) * MAX_TILE * heads * dim);
-        float *scores = malloc(sizeof(float) * HEAD_BLOCK * (CHUNK_KEYS + 2));
+        float *scores = malloc(sizeof(float) * HEAD_BLOCK * CHUNK_KEYS);
         float *kbuf = malloc(sizeof(float) * (size_t)CHUNK_KEYS * row);
         float *vbuf = malloc(sizeof(float) * (size_t)CHUNK_KEYS * row);
-        if (!q || !o || !scores || !kbuf || !vbuf) {
+        const int ready = q && o && scores && kbuf && vbuf;
+        if (!ready) {
 #pragma omp atomic write
             failed = 1;
-        } else {
+        }
+        // Every thread of the team must reach the worksharing loop; one without buffers skips its items
+        // (the call then fails as a whole).
 #pragma omp for schedule(dynamic, 1)
-            for (int it = 0; it < num_items; it++) {
-                const int count = item_count[it];
-                for (int i = 0; i < count; i++)
-                    load_row(q + (int64_t)i * heads * dim, qkv, act_dt, (item_token[it] + i) * row_stride, heads * dim);
-                attend_item(&sh, q, count, item_pos0[it], cache, kv_dt, tables + (int64_t)item_seq[it] * table_width,
-                            o, scores, kbuf, vbuf);
-                for (int i = 0; i < count; i++)
-                    store_row(out, act_dt, (int64_t)(item_token[it] + i) * heads * dim, o + (int64_t)i * heads * dim,
-                              heads * dim);
-            }
+        for (int it = 0; it < num_items; it++) {
+            if (!ready) continue;
+            const int count = item_count[it];
+            for (int i = 0; i < count; i++)
+                load_row(q + (int64_t)i * heads * dim, qkv, act_dt, (item_token[it] + i) * row_stride, heads * dim);
+            attend_item(&sh, q, count, item_pos0[it], cache, kv_dt, tables + (int64_t)item_seq[it] * table_width,
+                        o, scores, kbuf, vbuf);
+            for (int i = 0; i < count; i++)
+                store_row(out, act_dt, (int64_t)(item_token[it] + i) * heads * dim, o + (int64_t)i * heads * dim,
+                          heads * dim);
         }
         free(q);
         free(o);

@@ -43,7 +43,7 @@ static void quantize_rows(const float *x, int64_t rows, int k, int8_t *xq, float
             int8_t *out = xq + m * k + (int64_t)g * GROUP;
             int32_t sum = 0;
             for (int j = 0; j < GROUP; j++) {
-                out[j] = (int8_t)lrintf(v[j] * inv);
+                out[j] = (int8_t)nearbyintf(v[j] * inv);  // round half to even, as lrintf
                 sum += out[j];
             }
             dx[m * groups + g] = d;
@@ -159,51 +159,79 @@ static inline __attribute__((always_inline)) void block(int bits, const uint8_t 
     }
 }
 
-static inline __attribute__((always_inline)) int quant_linear(int bits, const float *x, const uint8_t *packed,
-                                                               const float *scale, const float *offset, float *y,
-                                                               int64_t rows, int n, int k, int num_threads) {
-    if (rows == 0) return 0;
+// Output columns col0 .. col0 + 3, all rows.
+static inline __attribute__((always_inline)) void column_block(int bits, const uint8_t *packed, const float *scale,
+                                                                const float *offset, const int8_t *xq,
+                                                                const float *dx, const float *sx, float *y,
+                                                                int64_t col0, int64_t rows, int n, int k) {
     int groups = k / GROUP;
-    int8_t *xq = malloc((size_t)rows * k);
-    float *dx = malloc(sizeof(float) * (size_t)rows * groups);
-    float *sx = malloc(sizeof(float) * (size_t)rows * groups);
-    if (xq == NULL || dx == NULL || sx == NULL) {
-        free(xq), free(dx), free(sx);
-        return -1;
-    }
-    quantize_rows(x, rows, k, xq, dx, sx);
-    int threads = (int64_t)n * k >= PARALLEL_MIN_WORK ? num_threads : 1;
-#pragma omp parallel for num_threads(threads) schedule(static)
-    for (int64_t col0 = 0; col0 < n; col0 += 4) {
-        for (int64_t m0 = 0; m0 < rows; m0 += 4) {
-            int count = rows - m0 < 4 ? (int)(rows - m0) : 4;
-            float part[4][4];
-            block(bits, packed, scale, col0, xq + m0 * k, dx + m0 * groups, k, count, part);
-            for (int c = 0; c < 4; c++) {
-                for (int r = 0; r < count; r++) {
-                    float total = part[c][r];
-                    if (bits == W_INT4) {
-                        const float *off = offset + (col0 + c) * groups, *s = sx + (m0 + r) * groups;
-                        for (int g = 0; g < groups; g++) total += off[g] * s[g];
-                    } else {
-                        total *= scale[col0 + c];
-                    }
-                    y[(m0 + r) * n + col0 + c] = total;
+    for (int64_t m0 = 0; m0 < rows; m0 += 4) {
+        int count = rows - m0 < 4 ? (int)(rows - m0) : 4;
+        float part[4][4] = {{0.f}};
+        block(bits, packed, scale, col0, xq + m0 * k, dx + m0 * groups, k, count, part);
+        for (int c = 0; c < 4; c++) {
+            for (int r = 0; r < count; r++) {
+                float total = part[c][r];
+                if (bits == W_INT4) {
+                    const float *off = offset + (col0 + c) * groups, *s = sx + (m0 + r) * groups;
+                    for (int g = 0; g < groups; g++) total += off[g] * s[g];
+                } else {
+                    total *= scale[col0 + c];
                 }
+                y[(m0 + r) * n + col0 + c] = total;
             }
         }
     }
-    free(xq), free(dx), free(sx);
+}
+
+typedef struct {
+    int8_t *xq;
+    float *dx, *sx;
+} Rounded;
+
+// x rounded per row and group (see quantize_rows); 0, or -1 when out of memory (nothing to free).
+static int round_activations(const float *x, int64_t rows, int k, Rounded *r) {
+    int groups = k / GROUP;
+    r->xq = malloc((size_t)rows * k);
+    r->dx = malloc(sizeof(float) * (size_t)rows * groups);
+    r->sx = malloc(sizeof(float) * (size_t)rows * groups);
+    if (r->xq == NULL || r->dx == NULL || r->sx == NULL) {
+        free(r->xq), free(r->dx), free(r->sx);
+        return -1;
+    }
+    quantize_rows(x, rows, k, r->xq, r->dx, r->sx);
     return 0;
 }
 
-// Both return 0, or -1 when scratch memory could not be allocated (y untouched).
+static void release(Rounded *r) { free(r->xq), free(r->dx), free(r->sx); }
+
+static int threads_for(int n, int k, int num_threads) {
+    return (int64_t)n * k >= PARALLEL_MIN_WORK ? num_threads : 1;
+}
+
+// Both return 0, or -1 when scratch memory could not be allocated (y untouched). Each has its own
+// parallel loop so that `bits` is a compile-time constant inside it (one shared outlined OpenMP body
+// would test it at run time in the innermost loop).
 int int4_linear(const float *x, const uint8_t *packed, const float *scale, const float *offset, float *y,
                 int64_t rows, int n, int k, int num_threads) {
-    return quant_linear(W_INT4, x, packed, scale, offset, y, rows, n, k, num_threads);
+    Rounded r;
+    if (rows == 0) return 0;
+    if (round_activations(x, rows, k, &r) != 0) return -1;
+#pragma omp parallel for num_threads(threads_for(n, k, num_threads)) schedule(static)
+    for (int64_t col0 = 0; col0 < n; col0 += 4)
+        column_block(W_INT4, packed, scale, offset, r.xq, r.dx, r.sx, y, col0, rows, n, k);
+    release(&r);
+    return 0;
 }
 
 int int8_linear(const float *x, const int8_t *q, const float *scale, float *y, int64_t rows, int n, int k,
                 int num_threads) {
-    return quant_linear(W_INT8, x, (const uint8_t *)q, scale, NULL, y, rows, n, k, num_threads);
+    Rounded r;
+    if (rows == 0) return 0;
+    if (round_activations(x, rows, k, &r) != 0) return -1;
+#pragma omp parallel for num_threads(threads_for(n, k, num_threads)) schedule(static)
+    for (int64_t col0 = 0; col0 < n; col0 += 4)
+        column_block(W_INT8, (const uint8_t *)q, scale, NULL, r.xq, r.dx, r.sx, y, col0, rows, n, k);
+    release(&r);
+    return 0;
 }

@@ -70,12 +70,12 @@ def build_engine_parts(config: EngineConfig, kv_storage: KVStorageAllocator | No
     if config.deterministic and (platform.is_cuda or fused_ops_kernel() is None):
         raise ModelLoadError("deterministic mode needs the CPU kernels (a CPU device and a C compiler, "
                              "TANDEM_DISABLE_C_KERNELS unset)")
+    cfg = loaded.config
+    max_model_len = min(config.max_model_len or DEFAULT_MAX_MODEL_LEN, cfg.max_position_embeddings)
     if not platform.is_cuda:
         pack_linears(model, config.deterministic)
         if config.deterministic:
-            check_batch_invariance(model)
-    cfg = loaded.config
-    max_model_len = min(config.max_model_len or DEFAULT_MAX_MODEL_LEN, cfg.max_position_embeddings)
+            check_batch_invariance(model, config.scheduler_config(max_model_len).max_num_batched_tokens)
     kv_dtype = resolve_kv_dtype(config.kv_cache_dtype, dtype)
     probe = KVCacheSpec(cfg.num_layers, 1, config.block_size, cfg.num_kv_heads, cfg.head_dim, kv_dtype)
     num_blocks = config.num_kv_blocks or max(config.kv_cache_memory_bytes // probe.bytes_per_block, 1)
