@@ -33,7 +33,7 @@ def _batched(llm: LLM, prompt: list[int], batch: int, position: int) -> tuple[li
 def test_tokens_do_not_depend_on_the_batch(tiny_llama_dir, dtype: str) -> None:
     llm = LLM(str(tiny_llama_dir), dtype=dtype, deterministic=True, num_kv_blocks=1024, max_num_seqs=64,
               max_num_batched_tokens=256)
-    assert all(m.weight_t is None for m in llm.engine.parts.model.modules() if isinstance(m, PackedLinear))
+    assert all(m.one_row is None for m in llm.engine.parts.model.modules() if isinstance(m, PackedLinear))
     prompt = [(13 * i) % 400 + 7 for i in range(29)]
     alone = _result(llm.generate([prompt], PARAMS)[0])
     for batch, position in ((2, 1), (8, 3), (32, 0), (64, 63)):

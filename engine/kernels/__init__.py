@@ -118,6 +118,15 @@ def quant_matmul_kernel() -> ctypes.CDLL | None:
 
 
 @functools.cache
+def gemv_kernel() -> ctypes.CDLL | None:
+    """One fp32 row times a row-major weight (gemv.c), or None (callers use torch)."""
+    lib = load_kernel("gemv.c")
+    if lib is not None:
+        _bind(lib, "f32_gemv", None, _P, _P, _P, _P, _I32, _I32, _I32)
+    return lib
+
+
+@functools.cache
 def copy_ranges_kernel() -> ctypes.CDLL | None:
     """The parallel byte-range copy library, or None (callers fall back to torch copies)."""
     lib = load_kernel("copy_ranges.c")

@@ -4,8 +4,10 @@ Measured on an AVX2 EPYC (fp32, 2 threads, weights cold in cache as in a decode 
 docs/BENCHMARKS.md): oneDNN's prepacked weights (`_reorder_linear_weight`, batch hint 64) beat
 torch's default `linear` by 20-80% for every layer shape from 2 rows up (the vocabulary-wide
 lm_head by 3-4x), while for a single row a plain matrix-vector product over the transposed weight
-(`mm(x, W^T)`, MKL) is fastest. So a `PackedLinear` keeps the oneDNN weight, and for models whose
-weights fit `SINGLE_ROW_COPY_BYTES` also the transposed copy for one-row inputs (batch-1 decode).
+(`mm(x, W^T)`, MKL) beat it, and Tandem's own C matrix-vector kernel over W as stored beats both
+(see docs/BENCHMARKS.md). So a `PackedLinear` keeps the oneDNN weight, and for models whose weights
+fit `SINGLE_ROW_COPY_BYTES` also W for one-row inputs (batch-1 decode; W^T where the C kernel is
+unavailable).
 oneDNN is also the path to AVX512-BF16 / AMX for bf16 weights.
 
 Where oneDNN cannot pack a dtype on this CPU (bf16 needs AVX512-BW or AVX-NE-CONVERT), linears stay
@@ -24,6 +26,8 @@ import logging
 import torch
 from torch import nn
 
+from engine.kernels import gemv_kernel
+
 log = logging.getLogger(__name__)
 
 BATCH_HINT = 64  # the batch oneDNN lays the weight out for
@@ -36,7 +40,9 @@ def onednn_available() -> bool:
 
 
 class PackedLinear(nn.Module):
-    """y = x W^T + b for 2-D x, from oneDNN's packed weight, or for one row from W^T (`single_row`)."""
+    """y = x W^T + b for 2-D x, from oneDNN's packed weight, or for one row (`single_row`) from
+    `one_row`: W itself for Tandem's C matrix-vector kernel (engine/kernels/gemv.c, fp32), else
+    W^T for MKL's `mm`."""
 
     def __init__(self, linear: nn.Linear, single_row: bool) -> None:
         super().__init__()
@@ -44,14 +50,26 @@ class PackedLinear(nn.Module):
         self.in_features, self.out_features = linear.in_features, linear.out_features
         self.packed: torch.Tensor
         self.bias: torch.Tensor | None
-        self.weight_t: torch.Tensor | None
+        self.one_row: torch.Tensor | None
         self.register_buffer("packed", torch.ops.mkldnn._reorder_linear_weight(weight, BATCH_HINT), persistent=False)
         self.register_buffer("bias", None if linear.bias is None else linear.bias.detach().clone(), persistent=False)
-        self.register_buffer("weight_t", weight.t().contiguous() if single_row else None, persistent=False)
+        self.gemv = gemv_kernel() if single_row and weight.dtype == torch.float32 else None
+        one_row = None
+        if single_row:  # W as it is (a tied lm_head shares the embedding's) for the C kernel, else a W^T copy
+            one_row = weight.contiguous() if self.gemv is not None else weight.t().contiguous()
+        self.register_buffer("one_row", one_row, persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.weight_t is not None and x.shape[0] == 1:
-            return torch.mm(x, self.weight_t) if self.bias is None else torch.addmm(self.bias, x, self.weight_t)
+        if self.one_row is not None and x.shape[0] == 1:
+            if self.gemv is not None and x.dtype == torch.float32:
+                x = x.contiguous()
+                y = x.new_empty((1, self.out_features))
+                self.gemv.f32_gemv(x.data_ptr(), self.one_row.data_ptr(),
+                                   None if self.bias is None else self.bias.data_ptr(), y.data_ptr(),
+                                   self.out_features, self.in_features, torch.get_num_threads())
+                return y
+            if self.gemv is None:
+                return torch.mm(x, self.one_row) if self.bias is None else torch.addmm(self.bias, x, self.one_row)
         return torch.ops.mkldnn._linear_pointwise(x.contiguous(), self.packed, self.bias, "none", [], "")
 
 
@@ -99,9 +117,10 @@ def pack_linears(model: nn.Module, deterministic: bool) -> int:
         if module is not None:
             setattr(parent, name, module)
             replaced += 1
-    copies = sum(m.weight_t.numel() * m.weight_t.element_size() for m in model.modules()
-                 if isinstance(m, PackedLinear) and m.weight_t is not None)
-    log.info("packed %d of %d linears (%.0f MB of weights); one-row copies: %.0f MB more", replaced, len(found),
+    copies = sum(m.one_row.numel() * m.one_row.element_size() for m in model.modules()
+                 if isinstance(m, PackedLinear) and m.one_row is not None)
+    log.info("packed %d of %d linears (%.0f MB of weights); one-row weights: %.0f MB (W itself or a W^T copy)",
+             replaced, len(found),
              total / 1e6, copies / 1e6)
     return replaced
 
