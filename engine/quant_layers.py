@@ -37,6 +37,11 @@ def _c_quant_linear(fn: Callable[..., int], x: torch.Tensor, in_features: int, o
     """y = x @ W^T through quant_matmul.c's `fn` (int4_linear or int8_linear) with W given by `weights`."""
     if x.shape[-1] != in_features:
         raise ValueError(f"expected input with last dimension {in_features}, got {tuple(x.shape)}")
+    if x.device.type != "cpu" or any(w.device.type != "cpu" or not w.is_contiguous() or
+                                     (w.is_floating_point() and w.dtype != torch.float32) for w in weights):
+        # e.g. the module was moved or cast after it was built: its buffers no longer fit the kernel
+        raise RuntimeError("the C quantized kernel needs CPU input and its contiguous fp32 / integer buffers as "
+                           "built; quantize the model where and in the dtype it will run")
     x2 = x.reshape(-1, in_features).to(torch.float32).contiguous()
     y = torch.empty(x2.shape[0], out_features, dtype=torch.float32)
     if fn(x2.data_ptr(), *(w.data_ptr() for w in weights), y.data_ptr(), x2.shape[0], out_features, in_features,
@@ -71,7 +76,7 @@ class Int8Linear(nn.Module):
         if weights.q.device.type == "cpu" and _c_kernel_takes(self.out_features, self.in_features):
             self.c_kernel = quant_matmul_kernel()
         # the C kernel takes the fp32 scale as given; torch's kernel wants it in bf16
-        self.register_buffer("scale", weights.scale.to(torch.float32 if self.c_kernel else KERNEL_DTYPE))
+        self.register_buffer("scale", weights.scale.to(torch.float32 if self.c_kernel else KERNEL_DTYPE).contiguous())
         self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
 
     @classmethod

@@ -28,6 +28,7 @@ def test_quantized_engine_agrees_with_float(default_model_path, method, min_agre
     body = Int4Linear if method == "int4" else Int8Linear
     assert isinstance(model.layers[0].self_attn.qkv_proj, body)
     assert isinstance(model.lm_head, Int8Linear)  # logits stay 8-bit in both modes
+    assert model.layers[0].self_attn.qkv_proj.c_kernel is not None and model.lm_head.c_kernel is not None
     prefixes = [ref.prompt_token_ids + ref.token_ids[:i] for ref in base for i in range(len(ref.token_ids))]
     expected = [t for ref in base for t in ref.token_ids]
     outs = llm.generate(prefixes, SamplingParams(temperature=0, max_tokens=1))

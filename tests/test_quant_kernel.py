@@ -27,9 +27,11 @@ def _int8(weights: Int4Weights) -> Int8Weights:
 
 
 def _rounded_activations(x: torch.Tensor) -> torch.Tensor:
+    """x as the kernel rounds it: xq = round_half_even(x * (127 / amax)) per group, times amax / 127."""
     groups = x.float().reshape(-1, x.shape[-1] // 32, 32)
-    dx = groups.abs().amax(-1, keepdim=True) / 127
-    return (torch.round(groups / dx.clamp_min(1e-30)) * dx).reshape(x.shape)
+    amax = groups.abs().amax(-1, keepdim=True)
+    inv = torch.where(amax > 0, 127 / amax, torch.zeros_like(amax))
+    return (torch.round(groups * inv) * (amax / 127)).reshape(x.shape)
 
 
 @pytest.fixture(scope="module")
@@ -48,6 +50,7 @@ def test_the_c_kernel_is_what_cpu_layers_use(weights: Int4Weights) -> None:
 @pytest.mark.parametrize("bits", [4, 8])
 @pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 7, 8, 33])
 def test_kernel_equals_its_definition(weights: Int4Weights, bits: int, rows: int) -> None:
+    torch.manual_seed(rows)
     x = torch.randn(rows, 96) * torch.logspace(-2, 1, 96)  # groups of very different magnitudes
     x[0, 32:64] = 0  # an all-zero group: dx = 0 must not divide by zero
     layer, w = ((Int4Linear(weights), _dequantized(weights)) if bits == 4
@@ -59,14 +62,46 @@ def test_kernel_equals_its_definition(weights: Int4Weights, bits: int, rows: int
 @pytest.mark.parametrize("bits", [4, 8])
 def test_rows_do_not_depend_on_the_batch(weights: Int4Weights, bits: int) -> None:
     layer = Int4Linear(weights) if bits == 4 else Int8Linear(_int8(weights))
+    torch.manual_seed(1)
     x = torch.randn(37, 96)
     together = layer(x)
     for i in (0, 3, 4, 36):
         assert torch.equal(layer(x[i:i + 1])[0], together[i])
 
 
+@pytest.mark.parametrize("bits", [4, 8])
+def test_threads_and_block_shapes_do_not_change_a_row(bits: int) -> None:
+    """A layer big enough for the kernel's threads (N * K >= 65536): rows 38 and 39 end in blocks of
+    2 and 3 rows; every row equals itself computed alone, on one thread, and the definition."""
+    torch.manual_seed(2)
+    w4 = quantize_int4(torch.randn(256, 384) * 0.05, 32)
+    layer, w = (Int4Linear(w4), _dequantized(w4)) if bits == 4 else (Int8Linear(_int8(w4)), _int8(w4).dequantize())
+    x = torch.randn(39, 384)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(max(2, threads))
+        together = layer(x)
+        torch.set_num_threads(1)
+        alone = [layer(x[i:i + 1])[0] for i in (0, 36, 37, 38)]
+    finally:
+        torch.set_num_threads(threads)
+    for got, i in zip(alone, (0, 36, 37, 38), strict=True):
+        assert torch.equal(got, together[i])
+    torch.testing.assert_close(together, _rounded_activations(x) @ w.T, rtol=1e-5, atol=1e-5)
+
+
+def test_non_finite_inputs_give_non_finite_outputs(weights: Int4Weights) -> None:
+    x = torch.randn(3, 96)
+    x[1, 5] = float("nan")
+    x[2, 70] = float("inf")
+    for layer in (Int4Linear(weights), Int8Linear(_int8(weights))):
+        y = layer(x)
+        assert torch.isfinite(y[0]).all() and torch.isnan(y[1]).all() and not torch.isfinite(y[2]).any()
+
+
 def test_bf16_and_leading_dimensions(weights: Int4Weights) -> None:
     layer = Int4Linear(weights)
+    torch.manual_seed(4)
     x = torch.randn(2, 3, 96)
     y = layer(x.to(torch.bfloat16))
     assert y.dtype == torch.bfloat16 and y.shape == (2, 3, 48)
@@ -75,6 +110,9 @@ def test_bf16_and_leading_dimensions(weights: Int4Weights) -> None:
     assert layer(torch.zeros(0, 96)).shape == (0, 48)
     with pytest.raises(ValueError, match="last dimension 96"):
         layer(torch.zeros(1, 64))
+    cast = Int8Linear(_int8(weights)).to(torch.bfloat16)  # its fp32 scale no longer fits the kernel
+    with pytest.raises(RuntimeError, match="quantize the model where and in the dtype it will run"):
+        cast(torch.zeros(1, 96))
 
 
 @pytest.mark.parametrize("bits", [4, 8])
@@ -82,6 +120,7 @@ def test_close_to_the_torch_kernel(weights: Int4Weights, bits: int, monkeypatch:
     def build() -> Int4Linear | Int8Linear:
         return Int4Linear(weights) if bits == 4 else Int8Linear(_int8(weights))
 
+    torch.manual_seed(3)
     x = torch.randn(9, 96)
     c_path = build()(x)
     monkeypatch.setattr(quant_layers, "quant_matmul_kernel", lambda: None)

@@ -14,12 +14,14 @@
 // alone would leave offset * (x - xq) uncancelled and double the error. This is llama.cpp's
 // Q4_1 x Q8_1 and Q8_0 x Q8_0 scheme in spirit; the error it adds is that of rounding x to 8 bits
 // per group. Rows are independent: a row's result does not depend on M or the other rows.
+#include <float.h>
 #include <math.h>
 #include <omp.h>
 #include <stdint.h>
 #include <stdlib.h>
 
-#ifdef __AVX2__
+#if defined(__AVX2__) && defined(__FMA__)
+#define QUANT_SIMD 1
 #include <immintrin.h>
 #endif
 
@@ -35,16 +37,25 @@ static void quantize_rows(const float *x, int64_t rows, int k, int8_t *xq, float
         for (int g = 0; g < groups; g++) {
             const float *v = x + m * k + (int64_t)g * GROUP;
             float amax = 0.f;
+            int finite = 1;
             for (int j = 0; j < GROUP; j++) {
                 float a = fabsf(v[j]);
+                finite &= a <= FLT_MAX;  // false for inf and NaN
                 amax = a > amax ? a : amax;
             }
-            float d = amax / 127.f, inv = amax > 0.f ? 127.f / amax : 0.f;
             int8_t *out = xq + m * k + (int64_t)g * GROUP;
             int32_t sum = 0;
-            for (int j = 0; j < GROUP; j++) {
-                out[j] = (int8_t)nearbyintf(v[j] * inv);  // round half to even, as lrintf
-                sum += out[j];
+            float d;
+            if (!finite || amax < FLT_MIN) {  // non-finite: the outputs become NaN, as in torch; tiny: zeros
+                d = finite ? 0.f : NAN;
+                for (int j = 0; j < GROUP; j++) out[j] = 0;
+            } else {
+                d = amax / 127.f;
+                const float inv = 127.f / amax;
+                for (int j = 0; j < GROUP; j++) {
+                    out[j] = (int8_t)nearbyintf(v[j] * inv);  // round half to even, as lrintf
+                    sum += out[j];
+                }
             }
             dx[m * groups + g] = d;
             sx[m * groups + g] = d * (float)sum;
@@ -56,7 +67,7 @@ static void quantize_rows(const float *x, int64_t rows, int k, int8_t *xq, float
 static inline int64_t row_bytes(int bits, int k) { return bits == W_INT4 ? k / 2 : k; }
 static inline int group_bytes(int bits) { return bits == W_INT4 ? GROUP / 2 : GROUP; }
 
-#ifdef __AVX2__
+#ifdef QUANT_SIMD
 static inline float hsum256(__m256 v) {
     __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
     s = _mm_add_ps(s, _mm_movehl_ps(s, s));

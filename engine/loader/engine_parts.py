@@ -75,7 +75,10 @@ def build_engine_parts(config: EngineConfig, kv_storage: KVStorageAllocator | No
     if not platform.is_cuda:
         pack_linears(model, config.deterministic)
         if config.deterministic:
-            check_batch_invariance(model, config.scheduler_config(max_model_len).max_num_batched_tokens)
+            limits = config.scheduler_config(max_model_len)
+            per_seq = 1 + (config.speculative.num_draft_tokens if config.speculative else 0)  # logits rows per sequence
+            check_batch_invariance(model, limits.max_num_batched_tokens,
+                                   min(limits.max_num_batched_tokens, limits.max_num_seqs * per_seq))
     kv_dtype = resolve_kv_dtype(config.kv_cache_dtype, dtype)
     probe = KVCacheSpec(cfg.num_layers, 1, config.block_size, cfg.num_kv_heads, cfg.head_dim, kv_dtype)
     num_blocks = config.num_kv_blocks or max(config.kv_cache_memory_bytes // probe.bytes_per_block, 1)

@@ -61,7 +61,7 @@ class PackedLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.one_row is not None and x.shape[0] == 1:
-            if self.gemv is not None and x.dtype == torch.float32:
+            if self.gemv is not None and x.dtype == torch.float32 and x.shape[1] == self.in_features:
                 x = x.contiguous()
                 y = x.new_empty((1, self.out_features))
                 self.gemv.f32_gemv(x.data_ptr(), self.one_row.data_ptr(),
@@ -128,24 +128,26 @@ def pack_linears(model: nn.Module, deterministic: bool) -> int:
 INVARIANCE_BATCHES = (1, 3, 16, 17, 64, 65, 200, 257)
 
 
-def check_batch_invariance(model: nn.Module, max_rows: int) -> None:
+def check_batch_invariance(model: nn.Module, max_rows: int, max_logit_rows: int) -> None:
     """Raise RuntimeError unless every linear computes a row bit-identically whatever batch it is in
     (the premise of deterministic mode on this CPU and torch build): batches of INVARIANCE_BATCHES
-    rows up to `max_rows` (the most a step feeds a linear), and `max_rows` itself, with the row
-    first, in the middle and last (oneDNN and MKL choose kernels and tails by the row count)."""
-    sizes = sorted({s for s in INVARIANCE_BATCHES if s < max_rows} | {max_rows})
-    seen: set[tuple[int, int, torch.dtype]] = set()
+    rows up to the most a step feeds the linear (`max_rows`; the lm_head only sees a step's last
+    tokens, at most `max_logit_rows`) and that most itself, with the row first, in the middle and
+    last (oneDNN and MKL choose kernels and tails by the row count)."""
+    seen: set[tuple[int, int, torch.dtype, int]] = set()
     generator = torch.Generator().manual_seed(0)
-    for module in model.modules():
+    for name, module in model.named_modules():
         if isinstance(module, nn.Linear):
             raise RuntimeError("deterministic mode leaves no plain nn.Linear (pack_linears first)")
         if not isinstance(module, (PackedLinear, RowPaddedLinear)):
             continue
         dtype = module.packed.dtype if isinstance(module, PackedLinear) else module.weight.dtype
-        key = (module.in_features, module.out_features, dtype)
+        most = max_logit_rows if name.rsplit(".", 1)[-1] == "lm_head" else max_rows
+        key = (module.in_features, module.out_features, dtype, most)
         if key in seen:
             continue
         seen.add(key)
+        sizes = sorted({s for s in INVARIANCE_BATCHES if s < most} | {most})
         row = torch.randn(1, module.in_features, generator=generator).to(dtype)
         reference = module(row)
         for size in sizes:
