@@ -80,56 +80,49 @@ def load_kernel(source_name: str) -> ctypes.CDLL | None:
         return None
 
 
-def _bind(lib: ctypes.CDLL, name: str, restype: type | None, *argtypes: type) -> None:
-    fn = getattr(lib, name)
-    fn.restype = restype
-    fn.argtypes = list(argtypes)
+def _load_bound(source_name: str, signatures: dict[str, tuple[type | None, ...]]) -> ctypes.CDLL | None:
+    """`load_kernel(source_name)` with each function's (restype, *argtypes) set, or None."""
+    lib = load_kernel(source_name)
+    if lib is not None:
+        for name, (restype, *argtypes) in signatures.items():
+            fn = getattr(lib, name)
+            fn.restype = restype
+            fn.argtypes = argtypes
+    return lib
 
 
 @functools.cache
 def attention_kernel() -> ctypes.CDLL | None:
     """The paged attention library (paged_attention.c), or None (callers fall back to torch)."""
-    lib = load_kernel("paged_attention.c")
-    if lib is not None:
-        _bind(lib, "paged_attention", _I32, _P, _I64, _I32, _I64, _P, _P, _I32, _P, _I32, _P, _P, _P, _P, _I32, _P,
-              _I32, _I32, _I32, _I32, _F32, _I32)
-    return lib
+    return _load_bound("paged_attention.c", {
+        "paged_attention": (_I32, _P, _I64, _I32, _I64, _P, _P, _I32, _P, _I32, _P, _P, _P, _P, _I32, _P,
+                            _I32, _I32, _I32, _I32, _F32, _I32)})
 
 
 @functools.cache
 def fused_ops_kernel() -> ctypes.CDLL | None:
     """RMSNorm, SiLU-and-multiply and RoPE (fused_ops.c), or None (callers use torch)."""
-    lib = load_kernel("fused_ops.c")
-    if lib is not None:
-        _bind(lib, "rms_norm", None, _P, _P, _P, _P, _I64, _I32, _F32, _I32, _I32)
-        _bind(lib, "silu_mul", None, _P, _P, _I64, _I32, _I32, _I32)
-        _bind(lib, "rope", None, _P, _I64, _I64, _I32, _I32, _I32, _P, _P, _P, _I32, _I32)
-    return lib
+    return _load_bound("fused_ops.c", {
+        "rms_norm": (None, _P, _P, _P, _P, _I64, _I32, _F32, _I32, _I32),
+        "silu_mul": (None, _P, _P, _I64, _I32, _I32, _I32),
+        "rope": (None, _P, _I64, _I64, _I32, _I32, _I32, _P, _P, _P, _I32, _I32)})
 
 
 @functools.cache
 def quant_matmul_kernel() -> ctypes.CDLL | None:
     """int4 / int8 weights x int8-rounded activations (quant_matmul.c), or None (callers use torch)."""
-    lib = load_kernel("quant_matmul.c")
-    if lib is not None:
-        _bind(lib, "int4_linear", _I32, _P, _P, _P, _P, _P, _I64, _I32, _I32, _I32)
-        _bind(lib, "int8_linear", _I32, _P, _P, _P, _P, _I64, _I32, _I32, _I32)
-    return lib
+    return _load_bound("quant_matmul.c", {
+        "int4_linear": (_I32, _P, _P, _P, _P, _P, _I64, _I32, _I32, _I32),
+        "int8_linear": (_I32, _P, _P, _P, _P, _I64, _I32, _I32, _I32)})
 
 
 @functools.cache
 def gemv_kernel() -> ctypes.CDLL | None:
     """One fp32 row times a row-major weight (gemv.c), or None (callers use torch)."""
-    lib = load_kernel("gemv.c")
-    if lib is not None:
-        _bind(lib, "f32_gemv", None, _P, _P, _P, _P, _I32, _I32, _I32)
-    return lib
+    return _load_bound("gemv.c", {"f32_gemv": (None, _P, _P, _P, _P, _I32, _I32, _I32)})
 
 
 @functools.cache
 def copy_ranges_kernel() -> ctypes.CDLL | None:
     """The parallel byte-range copy library, or None (callers fall back to torch copies)."""
-    lib = load_kernel("copy_ranges.c")
-    if lib is not None:
-        _bind(lib, "copy_ranges", None, _P, _P, _P, _P, _P, _I64, _I32)
-    return lib
+    return _load_bound("copy_ranges.c", {"copy_ranges": (None, _P, _P, _P, _P, _P, _I64, _I32)})
