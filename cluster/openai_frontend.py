@@ -1,5 +1,6 @@
 """The OpenAI-compatible HTTP API of the router (aiohttp): /v1/completions, /v1/chat/completions
-(SSE streaming or not), /v1/models, /health, /metrics, and its OpenAPI description at /openapi.json.
+(SSE streaming or not), /v1/models, /tokenize and /detokenize (vLLM's, answered by the router's
+tokenizer), /health, /metrics, and its OpenAPI description at /openapi.json.
 
 Errors are OpenAI-shaped JSON ({"error": {"message", "type", "code"}}) with the HTTP status of the
 router's gRPC status. A streamed request's status is settled before the first byte: the handler
@@ -12,6 +13,7 @@ import importlib.resources
 import json
 import logging
 import time
+from collections.abc import Callable
 from typing import Any
 
 import grpc
@@ -20,6 +22,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from cluster.json_body import decode_json
 from cluster.openai_protocol import BadRequest, OpenAIRequest, ResponseBuilder, parse_chat, parse_completion
+from cluster.openai_tokenize import detokenize, tokenize
 from cluster.router_core import RouterCore, RouterError, healthy
 
 log = logging.getLogger(__name__)
@@ -54,7 +57,8 @@ class OpenAIFrontend:
         app.add_routes([web.post("/v1/completions", self.completions),
                         web.post("/v1/chat/completions", self.chat_completions),
                         web.get("/v1/models", self.models), web.get("/health", self.health),
-                        web.get("/metrics", self.metrics), web.get("/openapi.json", self.openapi)])
+                        web.get("/metrics", self.metrics), web.get("/openapi.json", self.openapi),
+                        web.post("/tokenize", self.tokenize), web.post("/detokenize", self.detokenize)])
         return app
 
     async def completions(self, request: web.Request) -> web.StreamResponse:
@@ -125,6 +129,27 @@ class OpenAIFrontend:
 
     def _token_text(self, token_id: int) -> str:
         return self.core.tokenizer.decode([token_id], skip_special_tokens=False)
+
+    async def tokenize(self, request: web.Request) -> web.Response:
+        return await self._tokenizer_call(request, lambda body: tokenize(body, self.core.tokenizer,
+                                                                          self.core.max_model_len))
+
+    async def detokenize(self, request: web.Request) -> web.Response:
+        return await self._tokenizer_call(request, lambda body: detokenize(body, self.core.tokenizer))
+
+    async def _tokenizer_call(self, request: web.Request,
+                              answer: Callable[[Any], tuple[str, dict[str, Any]]]) -> web.Response:
+        """The router's tokenizer answers; no worker is involved."""
+        try:
+            model, body = answer(decode_json(await request.read()))
+            self.core.check_model(model)
+        except web.HTTPRequestEntityTooLarge:
+            return error_response(413, f"the request body is over the limit of {request.client_max_size} bytes")
+        except BadRequest as e:
+            return error_response(400, str(e))
+        except RouterError as e:
+            return self._refusal(e)
+        return web.json_response(body)
 
     async def models(self, request: web.Request) -> web.Response:
         return web.json_response({"object": "list", "data": [{

@@ -1,6 +1,7 @@
 """OpenAI-compatible request bodies → tandem.v1 GenerateRequest, and our chunks → OpenAI response
-objects. Anything we cannot honour exactly (n > 1, echo, best_of, several prompts) is refused with
-a message rather than silently ignored."""
+objects. Anything we cannot honour exactly (n > 1, echo, best_of, several prompts, tools, any
+field not listed here) is refused with a 400 naming it rather than silently ignored; `user` alone
+is accepted without effect (OpenAI uses it for abuse monitoring; cluster/openapi.json says so)."""
 
 from __future__ import annotations
 
@@ -12,8 +13,12 @@ from typing import Any
 
 from google.protobuf.descriptor import FieldDescriptor
 
+from cluster.openai_constraints import read_constraints
+from cluster.openai_fields import BadRequest, refuse_unknown
 from engine.sampling_params import SamplingParams
 from tandem.v1 import inference_pb2 as pb
+
+__all__ = ["BadRequest", "OpenAIRequest", "ResponseBuilder", "parse_chat", "parse_completion", "read_messages"]
 
 _FINISH = {pb.FINISH_REASON_STOP: "stop", pb.FINISH_REASON_LENGTH: "length", pb.FINISH_REASON_ABORT: "abort"}
 # OpenAI name → (SamplingParameters field, type); vLLM's extensions included
@@ -27,10 +32,14 @@ _SAMPLING_FIELDS: dict[str, tuple[str, type | tuple[type, ...]]] = {
 _FLOAT32_MAX = 3.4028234663852886e38  # SamplingParameters' float fields hold no more
 _INT_RANGES = {FieldDescriptor.CPPTYPE_INT32: "-2147483648 to 2147483647", FieldDescriptor.CPPTYPE_UINT32:
                "0 to 4294967295", FieldDescriptor.CPPTYPE_UINT64: "0 to 18446744073709551615"}
-
-
-class BadRequest(ValueError):
-    pass
+# the fields each parser knows (a body with any other is refused, naming it)
+_COMMON_FIELDS = ("model", "request_id", "timeout", "priority", *_SAMPLING_FIELDS, "max_tokens",
+                  "max_completion_tokens", "stop", "stop_token_ids", "ignore_eos", "n", "best_of", "stream",
+                  "stream_options", "logit_bias", "allowed_token_ids", "response_format", "guided_json",
+                  "guided_regex", "guided_choice", "guided_grammar", "structured_outputs", "user")
+_COMPLETION_FIELDS = (*_COMMON_FIELDS, "prompt", "echo", "logprobs")
+_CHAT_FIELDS = (*_COMMON_FIELDS, "messages", "logprobs", "top_logprobs")
+_MESSAGE_FIELDS = ("role", "content")
 
 
 def _is_finite(value: Any) -> bool:
@@ -114,6 +123,7 @@ def _sampling(body: dict[str, Any], default_max_tokens: int | None) -> pb.Sampli
         raise BadRequest("'n' must be 1: send one request per completion")
     if _field(body, "best_of", int, 1) != 1:
         raise BadRequest("'best_of' is not supported")
+    read_constraints(body, params)
     return params
 
 
@@ -131,6 +141,8 @@ class OpenAIRequest:
 def _common(body: Any, kind: str, default_max_tokens: int | None) -> tuple[pb.GenerateRequest, dict[str, Any]]:
     if not isinstance(body, dict):
         raise BadRequest("the request body must be a JSON object")
+    refuse_unknown(body, _CHAT_FIELDS if kind == "chat" else _COMPLETION_FIELDS)
+    _field(body, "user", str)  # accepted without effect, as documented
     request = pb.GenerateRequest(model=_field(body, "model", str, ""), sampling=_sampling(body, default_max_tokens))
     request_id = _field(body, "request_id", str, "")
     if request_id:
@@ -144,7 +156,9 @@ def _common(body: Any, kind: str, default_max_tokens: int | None) -> tuple[pb.Ge
 
 def _stream_flags(body: dict[str, Any]) -> tuple[bool, bool]:
     stream = _field(body, "stream", bool, False)
-    usage = _field(_field(body, "stream_options", dict, {}), "include_usage", bool, False)
+    options = _field(body, "stream_options", dict, {})
+    refuse_unknown(options, ("include_usage",), "stream_options.")
+    usage = _field(options, "include_usage", bool, False)
     return stream, stream and usage
 
 
@@ -192,13 +206,8 @@ def parse_completion(body: Any) -> OpenAIRequest:
 @_bad_values_are_bad_requests
 def parse_chat(body: Any) -> OpenAIRequest:
     request, body = _common(body, "chat", None)
-    messages = body.get("messages")
-    if not isinstance(messages, list) or not messages:
-        raise BadRequest("'messages' must be a non-empty array")
-    for i, message in enumerate(messages):
-        if not isinstance(message, dict) or not isinstance(message.get("role"), str):
-            raise BadRequest(f"messages[{i}] must be an object with a string 'role'")
-        request.chat.messages.append(pb.ChatMessage(role=message["role"], content=_content(message.get("content"), i)))
+    for message in read_messages(body.get("messages")):
+        request.chat.messages.append(pb.ChatMessage(**message))
     logprobs = None
     top_logprobs = _field(body, "top_logprobs", int, 0)
     if not 0 <= top_logprobs <= 20:
@@ -210,11 +219,26 @@ def parse_chat(body: Any) -> OpenAIRequest:
     return OpenAIRequest("chat", request, stream, usage, logprobs, request.model)
 
 
+def read_messages(messages: Any) -> list[dict[str, str]]:
+    """A chat's messages as {'role', 'content'} with the content's text parts joined."""
+    if not isinstance(messages, list) or not messages:
+        raise BadRequest("'messages' must be a non-empty array")
+    result = []
+    for i, message in enumerate(messages):
+        if not isinstance(message, dict) or not isinstance(message.get("role"), str):
+            raise BadRequest(f"messages[{i}] must be an object with a string 'role'")
+        refuse_unknown(message, _MESSAGE_FIELDS, f"messages[{i}].")
+        result.append({"role": message["role"], "content": _content(message.get("content"), i)})
+    return result
+
+
 def _content(content: Any, index: int) -> str:
     if isinstance(content, str):
         return content
     if isinstance(content, list) and all(isinstance(p, dict) and p.get("type") == "text"
                                          and isinstance(p.get("text"), str) for p in content):
+        for j, part in enumerate(content):
+            refuse_unknown(part, ("type", "text"), f"messages[{index}].content[{j}].")
         return "".join(p["text"] for p in content)
     raise BadRequest(f"messages[{index}].content must be a string or an array of text parts")
 

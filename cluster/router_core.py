@@ -23,6 +23,7 @@ from cluster.routing import Route, RoutingPolicy
 from cluster.worker_pool import WorkerPool
 from common.wire import QUEUE_FULL
 from engine.block_manager import hash_blocks
+from engine.grammar import check_structured
 from engine.tokenizer import Tokenizer
 from tandem.v1 import inference_pb2 as pb
 from tandem.v1 import worker_pb2
@@ -85,15 +86,21 @@ class RouterCore:
         return workers[0].record.block_size if workers else 16
 
     # -- validation -------------------------------------------------------------------------------------
+    def check_model(self, model: str) -> None:
+        """RouterError(NOT_FOUND) unless `model` is empty or the served model's name."""
+        known = bool(self._served_name or self.pool.workers())  # with no worker yet, generate says UNAVAILABLE
+        if model and known and model != self.model_name:
+            raise RouterError(grpc.StatusCode.NOT_FOUND,
+                              f"model {model!r} is not served here; this cluster serves {self.model_name!r}")
+
     def prepare(self, request: pb.GenerateRequest, time_remaining: float | None = None) -> PreparedRequest:
         """Validate and tokenize; raises RouterError(INVALID_ARGUMENT or NOT_FOUND)."""
-        known = bool(self._served_name or self.pool.workers())  # with no worker yet, generate says UNAVAILABLE
-        if request.model and known and request.model != self.model_name:
-            raise RouterError(grpc.StatusCode.NOT_FOUND,
-                              f"model {request.model!r} is not served here; this cluster serves {self.model_name!r}")
+        self.check_model(request.model)
         try:
             tokens = self._tokens(request)
-            sampling_from_proto(request.sampling)  # the same validation the worker will apply
+            params = sampling_from_proto(request.sampling)  # the same validation the worker will apply
+            if params.structured is not None:
+                check_structured(params.structured)  # the specification parses (the worker compiles it)
         except ValueError as e:
             raise RouterError(grpc.StatusCode.INVALID_ARGUMENT, str(e)) from e
         limit = self.max_model_len

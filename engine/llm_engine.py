@@ -70,7 +70,7 @@ class LLMEngine:
             raise InvalidRequestError(f"request id {request.request_id!r} is already in use")
         prompt, params = list(request.prompt_token_ids), request.params
         state = SequenceSamplingState(params, prompt, self.model_config.vocab_size, self.parts.device,
-                                      self.tokenizer.eos_token_ids)
+                                      self.tokenizer.eos_token_ids, request.grammar)
         seq = EngineSequence(request.request_id, prompt, params, state, priority=request.priority)
         req = RequestState(seq, IncrementalDetokenizer(self.tokenizer, prompt, params.skip_special_tokens),
                            tuple(self.tokenizer.eos_token_ids), self.max_model_len)
@@ -161,7 +161,8 @@ class LLMEngine:
             return
         for seq in self.scheduler.running:
             p = seq.params
-            if seq.in_prefill or not p.is_greedy or p.needs_penalties or p.logprobs is not None:
+            # drafts are verified against the raw logits' argmax: no request whose logits are edited
+            if seq.in_prefill or not p.is_greedy or p.needs_penalties or p.logprobs is not None or p.edits_logits:
                 continue
             if seq.num_output_tokens < p.min_tokens:
                 continue

@@ -9,23 +9,30 @@ its workers trust it without checking again. `SamplingParams` validates its own 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from engine.errors import InvalidRequestError
+from engine.grammar import GrammarCompiler
 from engine.sampling_params import SamplingParams
 from engine.tokenizer import Tokenizer
+
+if TYPE_CHECKING:
+    import xgrammar
 
 
 @dataclass(frozen=True)
 class EngineRequest:
     """`resume_token_ids`: tokens another engine already generated and streamed for this request
-    before it was lost (a migration); the engine continues after them without emitting them again."""
+    before it was lost (a migration); the engine continues after them without emitting them again.
+    `grammar`: `params.structured` compiled for this model's vocabulary (None without it)."""
 
     request_id: str
     prompt_token_ids: tuple[int, ...]
     params: SamplingParams
     priority: int = 0
     resume_token_ids: tuple[int, ...] = ()
+    grammar: xgrammar.CompiledGrammar | None = None
 
 
 @dataclass(frozen=True)
@@ -35,6 +42,10 @@ class RequestValidator:
     tokenizer: Tokenizer
     vocab_size: int
     max_model_len: int
+    grammars: GrammarCompiler = field(init=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "grammars", GrammarCompiler(self.tokenizer, self.vocab_size))
 
     def validate(self, request_id: str, prompt: str | Sequence[int], params: SamplingParams | None = None,
                  priority: int = 0, resume_token_ids: Sequence[int] | None = None) -> EngineRequest:
@@ -47,10 +58,13 @@ class RequestValidator:
         token_ids = self._prompt_tokens(prompt)
         self._check_tokens(token_ids, "token id")
         self._check_tokens(params.stop_token_ids, "stop token id")
+        self._check_tokens([t for t, _ in params.logit_bias], "logit_bias token id")
+        self._check_tokens(params.allowed_token_ids or (), "allowed token id")
+        grammar = self.grammars.compile(params.structured) if params.structured is not None else None
         resumed = tuple(resume_token_ids or ())
         if resumed:
             self._check_resume(len(token_ids), params, resumed)
-        return EngineRequest(request_id, token_ids, params, priority, resumed)
+        return EngineRequest(request_id, token_ids, params, priority, resumed, grammar)
 
     def _prompt_tokens(self, prompt: str | Sequence[int]) -> tuple[int, ...]:
         if isinstance(prompt, str):

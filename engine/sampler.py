@@ -1,7 +1,8 @@
 """Batched token sampling from a logits tensor [B, V], one row per sequence (vLLM semantics).
 
-Order per row: penalties, min_tokens masking of eos/stop ids, then greedy argmax or
-temperature -> top-k / top-p / min-p -> sample. Logprobs come from the raw logits.
+Order per row: penalties, min_tokens masking of eos/stop ids, logit_bias, allowed_token_ids, the
+structured-output grammar's mask, then greedy argmax or temperature -> top-k / top-p / min-p ->
+sample. Logprobs come from the raw logits.
 """
 
 from __future__ import annotations
@@ -9,13 +10,18 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
+from engine.grammar import GrammarMasker, accept, new_matcher
 from engine.outputs import TokenLogprobs
 from engine.penalties import PenaltyState, apply_penalties
 from engine.sampling_params import SamplingParams
+
+if TYPE_CHECKING:
+    import xgrammar
 
 # Top-k without top-p reads the k-th largest value with `torch.topk` up to this k; beyond it (or
 # with top-p) one value sort of the rows is cheaper.
@@ -31,12 +37,13 @@ class SamplerOutput:
 class SequenceSamplingState:
     """Sampling state of one request; lives as long as the request.
 
-    Invariant: `num_generated` (and the penalty counts, when the params need them) account for
-    exactly the tokens passed to `append`.
+    Invariant: `num_generated` (and the penalty counts and grammar matcher, when the params need
+    them) account for exactly the tokens passed to `append`.
     """
 
     def __init__(self, params: SamplingParams, prompt_token_ids: Sequence[int], vocab_size: int,
-                 device: torch.device, eos_token_ids: Sequence[int]) -> None:
+                 device: torch.device, eos_token_ids: Sequence[int],
+                 grammar: xgrammar.CompiledGrammar | None = None) -> None:
         self.params = params
         self.vocab_size = vocab_size
         self.num_generated = 0
@@ -49,11 +56,22 @@ class SequenceSamplingState:
         if params.seed is not None and not params.is_greedy:
             self.generator = torch.Generator(device=device)
             self.generator.manual_seed(params.seed)
+        if (params.structured is None) != (grammar is None):
+            raise ValueError("a compiled grammar is needed exactly when the params ask for structured output")
+        self.matcher = new_matcher(grammar) if grammar is not None else None
+        self.bias_ids = torch.tensor([t for t, _ in params.logit_bias], dtype=torch.long, device=device)
+        self.bias_values = torch.tensor([b for _, b in params.logit_bias], dtype=torch.float32, device=device)
+        self.forbidden: torch.Tensor | None = None  # True at every token allowed_token_ids leaves out
+        if params.allowed_token_ids is not None:
+            self.forbidden = torch.ones(vocab_size, dtype=torch.bool, device=device)
+            self.forbidden[torch.tensor(params.allowed_token_ids, dtype=torch.long, device=device)] = False
 
     def append(self, token_id: int) -> None:
         """Record a generated token (O(1))."""
         if not 0 <= token_id < self.vocab_size:
             raise ValueError(f"token id {token_id} outside vocabulary [0, {self.vocab_size})")
+        if self.matcher is not None:
+            accept(self.matcher, token_id)
         self.num_generated += 1
         if self.penalties is not None:
             self.penalties.append(token_id)
@@ -66,7 +84,7 @@ class SequenceSamplingState:
     def is_plain_greedy(self) -> bool:
         """True when the row's token is the argmax of its raw logits and nothing else is needed."""
         return (self.params.is_greedy and self.penalties is None and self.params.logprobs is None
-                and not self.blocks_stop_tokens)
+                and not self.blocks_stop_tokens and not self.params.edits_logits)
 
 
 class Sampler:
@@ -81,6 +99,7 @@ class Sampler:
             self.generator.seed()
         else:
             self.generator.manual_seed(seed)
+        self.grammar_masker: GrammarMasker | None = None  # made on the first constrained batch
 
     @torch.inference_mode()
     def __call__(self, logits: torch.Tensor, states: Sequence[SequenceSamplingState]) -> SamplerOutput:
@@ -90,10 +109,13 @@ class Sampler:
         if all(s.is_plain_greedy for s in states):
             return SamplerOutput(logits.argmax(dim=-1).tolist(), [None] * batch)
 
-        needs_edit = any(s.penalties is not None or s.blocks_stop_tokens for s in states)
+        needs_edit = any(s.penalties is not None or s.blocks_stop_tokens or s.params.edits_logits for s in states)
         x = logits.to(torch.float32, copy=needs_edit)
         self._penalize(x, states)
         self._mask_stop_tokens(x, states)
+        self._bias(x, states)
+        self._mask_disallowed(x, states)
+        self._mask_grammar(x, states)
 
         greedy_rows = [i for i, s in enumerate(states) if s.params.is_greedy]
         random_rows = [i for i, s in enumerate(states) if not s.params.is_greedy]
@@ -132,6 +154,27 @@ class Sampler:
                 cols.extend(s.min_tokens_blocked)
         if rows:
             x[_index(rows, x.device), _index(cols, x.device)] = -math.inf
+
+    def _bias(self, x: torch.Tensor, states: Sequence[SequenceSamplingState]) -> None:
+        rows = [i for i, s in enumerate(states) if s.params.logit_bias]
+        if rows:
+            row_ids = torch.cat([torch.full_like(states[i].bias_ids, i) for i in rows])
+            x.index_put_((row_ids, torch.cat([states[i].bias_ids for i in rows])),
+                         torch.cat([states[i].bias_values for i in rows]), accumulate=True)
+
+    def _mask_disallowed(self, x: torch.Tensor, states: Sequence[SequenceSamplingState]) -> None:
+        rows = [i for i, s in enumerate(states) if s.forbidden is not None]
+        if rows:
+            forbidden = torch.stack([f for i in rows if (f := states[i].forbidden) is not None])
+            index = _index(rows, x.device)
+            x[index] = x.index_select(0, index).masked_fill_(forbidden, -math.inf)
+
+    def _mask_grammar(self, x: torch.Tensor, states: Sequence[SequenceSamplingState]) -> None:
+        matchers = [(i, s.matcher) for i, s in enumerate(states) if s.matcher is not None]
+        if matchers:
+            if self.grammar_masker is None:
+                self.grammar_masker = GrammarMasker()
+            self.grammar_masker.apply(x, [i for i, _ in matchers], [m for _, m in matchers])
 
     def _sample(self, x: torch.Tensor, states: Sequence[SequenceSamplingState]) -> torch.Tensor:
         """Token ids [R] sampled from rows x [R, V] by inverse CDF with one uniform per row."""

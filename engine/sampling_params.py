@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import math
 import numbers
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 from engine.errors import InvalidRequestError
+from engine.structured_output import StructuredOutput
 
 MAX_LOGPROBS = 20
 _PENALTY_RANGE = 2.0
+MAX_LOGIT_BIAS = 100.0  # OpenAI's range for each logit_bias value: [-100, 100]
 
 
 @dataclass(frozen=True)
@@ -22,6 +24,11 @@ class SamplingParams:
     `logprobs=n` returns the chosen token's logprob plus the n most likely tokens (n may be 0).
     `stop` strings and `stop_token_ids` end the sequence; `min_tokens` forbids eos and stop
     tokens until that many tokens were generated.
+    `logit_bias` adds a value in [-100, 100] to a token's logit (pairs of token id and bias, or a
+    mapping); `allowed_token_ids`, when given, forbids every other token; `structured` constrains
+    the output to a schema, regex, choice or grammar (the grammar decides where it ends, so it
+    cannot be combined with `ignore_eos`, `min_tokens` or `allowed_token_ids`). These edit the
+    logits before sampling; logprobs still come from the raw logits.
     """
 
     temperature: float = 1.0
@@ -39,11 +46,15 @@ class SamplingParams:
     ignore_eos: bool = False
     logprobs: int | None = None
     skip_special_tokens: bool = True
+    logit_bias: tuple[tuple[int, float], ...] = ()
+    allowed_token_ids: tuple[int, ...] | None = None
+    structured: StructuredOutput | None = None
 
     def __post_init__(self) -> None:
         self._normalize_sequences()
         self._check_floats()
         self._check_ints()
+        self._check_logit_edits()
 
     @classmethod
     def greedy(cls, max_tokens: int = 16, **kwargs: Any) -> SamplingParams:
@@ -62,6 +73,46 @@ class SamplingParams:
     @property
     def top_k_enabled(self) -> bool:
         return self.top_k > 0
+
+    @property
+    def edits_logits(self) -> bool:
+        """Whether the sampled token may differ from the raw logits' argmax at temperature 0
+        (besides penalties and min_tokens)."""
+        return bool(self.logit_bias) or self.allowed_token_ids is not None or self.structured is not None
+
+    def _check_logit_edits(self) -> None:
+        pairs: Any = self.logit_bias
+        if pairs is None:
+            pairs = ()
+        if isinstance(pairs, Mapping):
+            pairs = pairs.items()
+        if not isinstance(pairs, Iterable) or isinstance(pairs, (str, bytes)):
+            raise InvalidRequestError(f"logit_bias must map token ids to numbers, got {pairs!r}")
+        bias: dict[int, float] = {}
+        for pair in pairs:
+            if not isinstance(pair, tuple) or len(pair) != 2 or not _is_int(pair[0]) or pair[0] < 0:
+                raise InvalidRequestError(f"logit_bias keys must be non-negative token ids, got {pair!r}")
+            value = _as_float("logit_bias value", pair[1])
+            if not -MAX_LOGIT_BIAS <= value <= MAX_LOGIT_BIAS:
+                raise InvalidRequestError(f"logit_bias values must be in [-100, 100], got {value} for token {pair[0]}")
+            bias[int(pair[0])] = value
+        object.__setattr__(self, "logit_bias", tuple(sorted(bias.items())))
+        allowed: Any = self.allowed_token_ids
+        if allowed is not None:
+            if not isinstance(allowed, Iterable) or isinstance(allowed, (str, bytes)):
+                raise InvalidRequestError(f"allowed_token_ids must be a list of token ids, got {allowed!r}")
+            allowed = tuple(allowed)
+            if not allowed or not all(_is_int(t) and t >= 0 for t in allowed):
+                raise InvalidRequestError("allowed_token_ids must be a non-empty list of non-negative token ids")
+            object.__setattr__(self, "allowed_token_ids", tuple(sorted({int(t) for t in allowed})))
+        if self.structured is not None:
+            if not isinstance(self.structured, StructuredOutput):
+                raise InvalidRequestError("structured must be a StructuredOutput")
+            clash = [name for name, on in (("ignore_eos", self.ignore_eos), ("min_tokens", self.min_tokens > 0),
+                                           ("allowed_token_ids", allowed is not None)) if on]
+            if clash:
+                raise InvalidRequestError(f"structured output decides where the output ends: it cannot be "
+                                          f"combined with {', '.join(clash)}")
 
     def _normalize_sequences(self) -> None:
         stop: Any = self.stop

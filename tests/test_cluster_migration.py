@@ -4,18 +4,13 @@ lost, and the greedy text equals an undisturbed run (cluster/router_core.py, dec
 
 from __future__ import annotations
 
-import asyncio
-import os
-import signal
-
-import grpc
 import pytest
 
 from bench.scrape import router_metrics
 from tandem.v1 import inference_pb2 as pb
-from tandem.v1 import inference_pb2_grpc
 from tests.support.cluster import assert_pools_clean, metric, tandem_up, worker_metrics
 from tests.support.cluster_workload import Job, reference
+from tests.support.migration import stream_through_kill
 
 STREAMS = 4
 MAX_TOKENS = 200  # the tiny model's context is 256
@@ -36,34 +31,15 @@ async def test_streams_of_a_killed_decode_worker_go_on_elsewhere_exactly(tiny_ll
                    "--deterministic", str(deterministic).lower(), "--min-remote-prefill-tokens", "4",
                    "--policy", "round_robin", "--num-kv-blocks", "256") as cluster:
         victim = cluster.role("decode")[0]
-        received: list[list[int]] = [[] for _ in jobs]
-        texts = ["" for _ in jobs]
-        reasons: list[int] = [0 for _ in jobs]
-        all_started = asyncio.Event()
+        requests = [pb.GenerateRequest(token_ids=pb.TokenIds(ids=job.ids), sampling=pb.SamplingParameters(
+            temperature=0.0, max_tokens=MAX_TOKENS, ignore_eos=True)) for job in jobs]
+        received = await stream_through_kill(cluster.grpc_address, requests, victim.pid, KILL_AFTER)
 
-        async def consume(i: int, stub: inference_pb2_grpc.InferenceStub) -> None:
-            request = pb.GenerateRequest(token_ids=pb.TokenIds(ids=jobs[i].ids), sampling=pb.SamplingParameters(
-                temperature=0.0, max_tokens=MAX_TOKENS, ignore_eos=True))
-            async for chunk in stub.Generate(request, timeout=120):
-                received[i] += chunk.token_ids
-                texts[i] += chunk.text
-                reasons[i] = chunk.finish_reason or reasons[i]
-                if all(len(r) >= KILL_AFTER for r in received):
-                    all_started.set()
-
-        async with grpc.aio.insecure_channel(cluster.grpc_address) as channel:
-            stub = inference_pb2_grpc.InferenceStub(channel)
-            streams = [asyncio.create_task(consume(i, stub)) for i in range(STREAMS)]
-            await asyncio.wait_for(all_started.wait(), 60)
-            os.kill(victim.pid, signal.SIGKILL)
-            cut = [len(r) for r in received]
-            await asyncio.wait_for(asyncio.gather(*streams), 120)
-
-        assert all(c < MAX_TOKENS for c in cut), f"streams finished before the kill: {cut}"
-        for i, want in enumerate(expected):
-            assert tuple(received[i]) == want.token_ids, f"stream {i} (cut at {cut[i]} tokens)"
-            assert texts[i] == want.text, f"stream {i}"
-            assert reasons[i] == pb.FINISH_REASON_LENGTH
+        assert all(r.cut < MAX_TOKENS for r in received), f"streams finished before the kill: {received}"
+        for i, (got, want) in enumerate(zip(received, expected, strict=True)):
+            assert tuple(got.token_ids) == want.token_ids, f"stream {i} (cut at {got.cut} tokens)"
+            assert got.text == want.text, f"stream {i}"
+            assert got.finish_reason == pb.FINISH_REASON_LENGTH
         migrated = metric(router_metrics(cluster), "tandem_router_migrations_total", error="unavailable")
         assert migrated >= 1, "no stream was on the killed decode worker"
         cluster.workers.remove(victim)

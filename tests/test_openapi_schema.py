@@ -168,11 +168,18 @@ def _schema_fields(schema: dict[str, Any], prefix: str) -> set[str]:
 
 FULL = {
     "completion": {"model": "m", "request_id": "r", "timeout": 5, "priority": 1, "temperature": 0.5, "top_p": 0.9,
-                   "top_k": 5, "min_p": 0.1, "min_tokens": 1, "max_tokens": 4, "max_completion_tokens": 4, "seed": 1,
+                   "top_k": 5, "min_p": 0.1, "min_tokens": 0, "max_tokens": 4, "max_completion_tokens": 4, "seed": 1,
                    "presence_penalty": 0.1, "frequency_penalty": 0.1, "repetition_penalty": 1.1,
                    "skip_special_tokens": True, "stop": ["x"], "stop_token_ids": [1], "ignore_eos": False, "n": 1,
                    "best_of": 1, "stream": True, "stream_options": {"include_usage": True}, "prompt": "hello",
-                   "echo": False, "logprobs": 1},
+                   "echo": False, "logprobs": 1, "logit_bias": {"1": 1.5}, "allowed_token_ids": None, "user": "u",
+                   # one structured output (more, or with min_tokens or allowed_token_ids, is refused); the
+                   # other spellings present as null, so read
+                   "response_format": {"type": "json_schema", "json_schema": {
+                       "name": "n", "description": "d", "schema": {"type": "object"}, "strict": True}},
+                   "guided_json": None, "guided_regex": None, "guided_choice": None, "guided_grammar": None,
+                   "structured_outputs": {"json": None, "regex": None, "choice": None, "grammar": None,
+                                          "json_object": False}},
 }
 FULL["chat"] = {**{k: v for k, v in FULL["completion"].items() if k not in ("prompt", "echo", "logprobs")},
                 "messages": [{"role": "user", "content": [{"type": "text", "text": "hi"}]}], "logprobs": True,
@@ -238,8 +245,8 @@ def test_the_schema_is_valid_openapi() -> None:
     schema = schemathesis.openapi.from_path(REPO / "cluster" / "openapi.json")
     schema.validate()
     labels = sorted(result.ok().label for result in schema.get_all_operations())
-    assert labels == ["GET /health", "GET /metrics", "GET /openapi.json", "GET /v1/models",
-                      "POST /v1/chat/completions", "POST /v1/completions"]
+    assert labels == ["GET /health", "GET /metrics", "GET /openapi.json", "GET /v1/models", "POST /detokenize",
+                      "POST /tokenize", "POST /v1/chat/completions", "POST /v1/completions"]
     assert SCHEMA["openapi"].startswith("3.1")
 
 

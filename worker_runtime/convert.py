@@ -6,8 +6,10 @@ from __future__ import annotations
 
 from typing import Any
 
+from engine.errors import InvalidRequestError
 from engine.outputs import RequestOutput, TokenLogprobs
 from engine.sampling_params import SamplingParams
+from engine.structured_output import StructuredOutput
 from tandem.v1 import inference_pb2 as pb
 
 _OPTIONAL = ("temperature", "top_p", "top_k", "min_p", "max_tokens", "min_tokens", "presence_penalty",
@@ -19,8 +21,20 @@ _FINISH = {None: pb.FINISH_REASON_UNSPECIFIED, "stop": pb.FINISH_REASON_STOP, "l
 def sampling_from_proto(msg: pb.SamplingParameters) -> SamplingParams:
     """Fields the client left unset keep the engine's defaults."""
     kwargs: dict[str, Any] = {name: getattr(msg, name) for name in _OPTIONAL if msg.HasField(name)}
-    kwargs.update(stop=tuple(msg.stop), stop_token_ids=tuple(msg.stop_token_ids), ignore_eos=msg.ignore_eos)
+    kwargs.update(stop=tuple(msg.stop), stop_token_ids=tuple(msg.stop_token_ids), ignore_eos=msg.ignore_eos,
+                  logit_bias=dict(msg.logit_bias), allowed_token_ids=tuple(msg.allowed_token_ids) or None,
+                  structured=structured_from_proto(msg.structured) if msg.HasField("structured") else None)
     return SamplingParams(**kwargs)
+
+
+def structured_from_proto(msg: pb.StructuredOutput) -> StructuredOutput:
+    kind = msg.WhichOneof("kind")
+    if kind is None or (kind == "json_object" and not msg.json_object):
+        raise InvalidRequestError("structured output is set but names no kind (json_schema, json_object, "
+                                  "regex, choice or grammar)")
+    if kind == "choice":
+        return StructuredOutput("choice", choices=tuple(msg.choice.choices))
+    return StructuredOutput(kind, "" if kind == "json_object" else getattr(msg, kind))
 
 
 def response_from_output(out: RequestOutput) -> pb.GenerateResponse:

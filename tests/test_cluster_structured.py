@@ -1,0 +1,172 @@
+"""Structured output, logit_bias and honest refusals through a live cluster, aggregated and 1P+1D:
+the official client's `parse` with a Pydantic model on the default model, regex and choice, the
+same text over gRPC, logit_bias forcing and forbidding tokens. Under disaggregation the prefill
+worker samples the first token under the grammar and the decode worker's matcher continues from
+it; a migrated structured stream (decode worker SIGKILLed) resumes its matcher from the streamed
+tokens and ends equal to the engine alone."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+from collections.abc import Iterator
+from typing import Literal
+
+import grpc
+import openai
+import pydantic
+import pytest
+
+from engine import SamplingParams
+from engine.llm import LLM
+from engine.structured_output import StructuredOutput
+from tandem.v1 import inference_pb2 as pb
+from tandem.v1 import inference_pb2_grpc
+from tests.support.cluster import Cluster, assert_pools_clean, metric, tandem_up, worker_metrics
+from tests.support.migration import stream_through_kill
+
+pytestmark = pytest.mark.slow
+
+CONFIGS = {"aggregated": ("--prefill", "0", "--decode", "0", "--both", "1"),
+           "1P+1D": ("--prefill", "1", "--decode", "1", "--min-remote-prefill-tokens", "4")}
+SUBJECTS = ["a baker", "a sailor", "a poet", "a nurse", "a judge", "a miner", "a diver", "a clown", "a monk",
+            "a spy", "a king", "a smith", "a tailor", "a guard", "a cook", "a scout", "a nun", "a bard",
+            "a thief", "a mayor"]
+
+
+class Pet(pydantic.BaseModel):
+    kind: Literal["cat", "dog", "fish"]
+    name: str = pydantic.Field(max_length=12)
+
+
+class Person(pydantic.BaseModel):
+    name: str = pydantic.Field(max_length=20)
+    age: int
+    job: Literal["farmer", "doctor", "artist", "other"]
+    pets: list[Pet] = pydantic.Field(max_length=2)
+    retired: bool
+
+
+@pytest.fixture(scope="module", params=list(CONFIGS))
+def cluster(request: pytest.FixtureRequest) -> Iterator[tuple[str, Cluster]]:
+    with tandem_up(*CONFIGS[request.param], "--dtype", "float32", "--num-kv-blocks", "256") as running:
+        yield request.param, running
+
+
+def client_of(cluster: Cluster) -> openai.AsyncOpenAI:
+    return openai.AsyncOpenAI(base_url=f"{cluster.http_url}/v1", api_key="unused", max_retries=0)
+
+
+async def test_parse_returns_a_valid_object_for_every_prompt(cluster: tuple[str, Cluster]) -> None:
+    config, running = cluster
+    async with client_of(running) as client:
+        async def ask(subject: str) -> Person | None:
+            completion = await client.chat.completions.parse(
+                model="", messages=[{"role": "user", "content": f"Invent {subject} as JSON."}],
+                response_format=Person, temperature=0, max_tokens=150)
+            assert completion.choices[0].finish_reason == "stop"
+            return completion.choices[0].message.parsed
+        people = await asyncio.gather(*(ask(s) for s in SUBJECTS))
+    assert all(isinstance(p, Person) for p in people), people
+    if config == "1P+1D":  # the first token was sampled on the prefill worker, under the grammar
+        decode = worker_metrics(running.role("decode")[0])
+        assert metric(decode, "tandem_disaggregation_decisions_total", decision="remote") >= len(SUBJECTS)
+    await assert_pools_clean(running)
+
+
+async def test_regex_choice_and_logit_bias(cluster: tuple[str, Cluster]) -> None:
+    _, running = cluster
+    async with client_of(running) as client:
+        async def text(prompt: str, stream: bool = False, **extra: object) -> str:
+            if not stream:
+                done = await client.completions.create(model="", prompt=prompt, max_tokens=16, temperature=0,
+                                                       extra_body=extra)
+                return done.choices[0].text
+            chunks = await client.completions.create(model="", prompt=prompt, max_tokens=16, temperature=0,
+                                                     stream=True, extra_body=extra)
+            return "".join([c.choices[0].text async for c in chunks if c.choices])
+        phone = await text("My phone number is", guided_regex=r"\([0-9]{3}\) [0-9]{3}-[0-9]{4}")
+        assert re.fullmatch(r"\([0-9]{3}\) [0-9]{3}-[0-9]{4}", phone), phone
+        answer = await text("Is water wet? Answer:", stream=True, guided_choice=["yes", "no", "it depends"])
+        assert answer in ("yes", "no", "it depends")
+        assert await text("Count:", structured_outputs={"choice": ["one two", "three"]}) in ("one two", "three")
+        forced = await client.completions.create(model="", prompt="Hello", max_tokens=3, temperature=0,
+                                                 logit_bias={"1234": 100})
+        assert forced.usage is not None and forced.usage.completion_tokens == 3
+        tok = await client.completions.create(model="", prompt="Hello", max_tokens=1, temperature=0, logprobs=2)
+        assert tok.choices[0].logprobs is not None and tok.choices[0].logprobs.top_logprobs is not None
+        ranked = sorted(tok.choices[0].logprobs.top_logprobs[0].items(), key=lambda kv: -kv[1])
+        assert tok.choices[0].text == ranked[0][0]
+    await assert_pools_clean(running)
+
+
+async def test_grpc_structured_output_equals_http(cluster: tuple[str, Cluster]) -> None:
+    _, running = cluster
+    schema = Person.model_json_schema()
+    prompt = "Invent a farmer as JSON."
+    async with client_of(running) as client:
+        http = await client.completions.create(model="", prompt=prompt, max_tokens=120, temperature=0,
+                                               extra_body={"guided_json": schema})
+    sampling = pb.SamplingParameters(temperature=0.0, max_tokens=120,
+                                     structured=pb.StructuredOutput(json_schema=json.dumps(schema)))
+    async with grpc.aio.insecure_channel(running.grpc_address) as channel:
+        chunks = [c async for c in inference_pb2_grpc.InferenceStub(channel).Generate(
+            pb.GenerateRequest(text=prompt, sampling=sampling), timeout=120)]
+    assert "".join(c.text for c in chunks) == http.choices[0].text
+    Person.model_validate_json(http.choices[0].text)
+
+
+@pytest.mark.parametrize(("body", "field"), [
+    ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
+    ({"tool_choice": "none"}, "tool_choice"),
+    ({"suffix": "x"}, "suffix"),
+    ({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": 5}}}}, "json_schema"),
+    ({"guided_regex": "a(b"}, "regex"),
+    ({"guided_json": {"type": "object"}, "guided_regex": "a"}, "twice"),
+    ({"logit_bias": {"99999999": 1}}, "logit_bias"),
+    ({"response_format": {"type": "json_object"}, "min_tokens": 3}, "min_tokens"),
+])
+async def test_refusals_name_the_field_and_the_worker_stays_up(cluster: tuple[str, Cluster],
+                                                               body: dict[str, object], field: str) -> None:
+    _, running = cluster
+    async with client_of(running) as client:
+        with pytest.raises(openai.BadRequestError) as refused:
+            await client.chat.completions.create(model="", messages=[{"role": "user", "content": "hi"}],
+                                                 max_tokens=2, extra_body=body)
+        assert field in str(refused.value)
+        ok = await client.chat.completions.create(model="", messages=[{"role": "user", "content": "hi"}],
+                                                  max_tokens=2)
+        assert ok.choices[0].finish_reason == "length"
+
+
+async def test_a_migrated_structured_stream_resumes_its_grammar(tiny_llama_dir) -> None:  # type: ignore[no-untyped-def]
+    """The tiny random model writes a long JSON object; its decode worker dies mid-stream; the
+    survivor replays the streamed tokens through a fresh matcher and ends exactly as the engine alone."""
+    streams, max_tokens = 3, 120
+    prompts = [[(13 * i + 5 * s) % 400 + 5 for i in range(12 + s)] for s in range(streams)]
+    schema = {"type": "object", "required": ["items"], "additionalProperties": False, "properties": {"items": {
+        "type": "array", "maxItems": 25, "items": {"type": "integer", "minimum": 0, "maximum": 99}}}}
+    structured = StructuredOutput("json_schema", json.dumps(schema))
+    params = SamplingParams.greedy(max_tokens=max_tokens, structured=structured)
+    # --deterministic: the survivor recomputes prompt + streamed tokens as one prefill, where the victim decoded
+    # them one by one; batch invariance keeps the random model's near-ties (among the allowed tokens) exact
+    expected = LLM(str(tiny_llama_dir), dtype="float32", deterministic=True).generate(prompts, params)
+    assert all(len(e.token_ids) > 10 and e.finish_reason == "stop" for e in expected), [e.text for e in expected]
+    sampling = pb.SamplingParameters(temperature=0.0, max_tokens=max_tokens,
+                                     structured=pb.StructuredOutput(json_schema=json.dumps(schema)))
+    with tandem_up("--prefill", "1", "--decode", "2", "--model", str(tiny_llama_dir), "--dtype", "float32",
+                   "--deterministic", "true", "--min-remote-prefill-tokens", "4", "--policy", "round_robin",
+                   "--num-kv-blocks", "256") as cluster:
+        victim = cluster.role("decode")[0]
+        requests = [pb.GenerateRequest(token_ids=pb.TokenIds(ids=p), sampling=sampling) for p in prompts]
+        received = await stream_through_kill(cluster.grpc_address, requests, victim.pid)
+        assert all(r.cut < len(e.token_ids) for r, e in zip(received, expected, strict=True)), received
+        for i, (got, want) in enumerate(zip(received, expected, strict=True)):
+            assert got.token_ids == want.token_ids, f"stream {i} (cut at {got.cut})"
+            assert got.text == want.text
+            assert len(json.loads(got.text)["items"]) <= 25
+        cluster.workers.remove(victim)
+        survivor = worker_metrics(cluster.role("decode")[0])
+        assert metric(survivor, "tandem_disaggregation_decisions_total", decision="local_resume") >= 1
+        await assert_pools_clean(cluster)
