@@ -169,7 +169,13 @@ class EngineBench:
 
     def decode(self, prompts: Sequence[list[int]], max_tokens: int,
                profiler: StepProfiler | None = None) -> DecodeRun:
-        params = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True)
+        return self.decode_with(prompts, SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True),
+                                profiler)
+
+    def decode_with(self, prompts: Sequence[list[int]], params: SamplingParams,
+                    profiler: StepProfiler | None = None) -> DecodeRun:
+        """Decode figures of one run of `prompts` under `params`."""
+        max_tokens = params.max_tokens
         start, trace = self.drive(prompts, params, profiler)
         if trace.cached_tokens:
             raise RuntimeError(f"the prefix cache served {trace.cached_tokens} prompt tokens: "

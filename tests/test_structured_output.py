@@ -16,6 +16,7 @@ import xgrammar
 
 from engine import SamplingParams
 from engine.errors import InvalidRequestError
+from engine import grammar as grammar_module
 from engine.grammar import GrammarMasker
 from engine.llm import LLM
 from engine.structured_output import StructuredOutput
@@ -100,11 +101,17 @@ def test_constrained_and_free_rows_share_a_batch(llm: LLM) -> None:
     assert mixed[2].token_ids == [5] * 10
 
 
-def test_the_unpacked_bitmask_equals_xgrammars_masking(llm: LLM) -> None:
+@pytest.mark.parametrize("path", ["c_kernel", "torch"])
+def test_the_applied_bitmask_equals_xgrammars_masking(llm: LLM, path: str,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
     engine = llm.engine
     vocab = engine.model_config.vocab_size
     grammars = [engine.validator.grammars.compile(StructuredOutput("json_schema", json.dumps(PERSON))),
                 engine.validator.grammars.compile(StructuredOutput("regex", r"[a-z]+!"))]
+    if path == "torch":
+        monkeypatch.setattr(grammar_module, "token_mask_kernel", lambda: None)
+    else:
+        assert grammar_module.token_mask_kernel() is not None, "the C kernel did not build"
     matchers = [xgrammar.GrammarMatcher(g) for g in grammars]
     for token in engine.tokenizer.encode('{"name'):  # one matcher mid-object, the other at its start
         assert matchers[0].accept_token(token)

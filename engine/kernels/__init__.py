@@ -126,3 +126,9 @@ def gemv_kernel() -> ctypes.CDLL | None:
 def copy_ranges_kernel() -> ctypes.CDLL | None:
     """The parallel byte-range copy library, or None (callers fall back to torch copies)."""
     return _load_bound("copy_ranges.c", {"copy_ranges": (None, _P, _P, _P, _P, _P, _I64, _I32)})
+
+
+@functools.cache
+def token_mask_kernel() -> ctypes.CDLL | None:
+    """Structured-output bitmasks applied to fp32 logits (token_mask.c), or None (callers use torch)."""
+    return _load_bound("token_mask.c", {"apply_token_bitmask": (None, _P, _I64, _P, _P, _I64, _I64, _I64)})
