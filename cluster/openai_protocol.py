@@ -8,13 +8,14 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from google.protobuf.descriptor import FieldDescriptor
 
 from cluster.openai_constraints import read_constraints
 from cluster.openai_fields import BadRequest, refuse_unknown
+from cluster.openai_tools import ToolCallStream, ToolUse, parse_output, read_tool_calls, read_tools
 from engine.sampling_params import SamplingParams
 from tandem.v1 import inference_pb2 as pb
 
@@ -38,8 +39,8 @@ _COMMON_FIELDS = ("model", "request_id", "timeout", "priority", *_SAMPLING_FIELD
                   "stream_options", "logit_bias", "allowed_token_ids", "response_format", "guided_json",
                   "guided_regex", "guided_choice", "guided_grammar", "structured_outputs", "user")
 _COMPLETION_FIELDS = (*_COMMON_FIELDS, "prompt", "echo", "logprobs")
-_CHAT_FIELDS = (*_COMMON_FIELDS, "messages", "logprobs", "top_logprobs")
-_MESSAGE_FIELDS = ("role", "content")
+_CHAT_FIELDS = (*_COMMON_FIELDS, "messages", "logprobs", "top_logprobs", "tools", "tool_choice", "parallel_tool_calls")
+_MESSAGE_FIELDS = ("role", "content", "tool_calls", "tool_call_id")
 
 
 def _is_finite(value: Any) -> bool:
@@ -135,7 +136,7 @@ class OpenAIRequest:
     include_usage: bool
     logprobs: int | None  # top alternatives per token when asked
     model: str = ""
-    extra: dict[str, Any] = field(default_factory=dict)
+    tools: ToolUse | None = None  # chat with tools: the output is read for tool calls
 
 
 def _common(body: Any, kind: str, default_max_tokens: int | None) -> tuple[pb.GenerateRequest, dict[str, Any]]:
@@ -206,8 +207,8 @@ def parse_completion(body: Any) -> OpenAIRequest:
 @_bad_values_are_bad_requests
 def parse_chat(body: Any) -> OpenAIRequest:
     request, body = _common(body, "chat", None)
-    for message in read_messages(body.get("messages")):
-        request.chat.messages.append(pb.ChatMessage(**message))
+    request.chat.messages.extend(read_messages(body.get("messages")))
+    tools = read_tools(body, request)
     logprobs = None
     top_logprobs = _field(body, "top_logprobs", int, 0)
     if not 0 <= top_logprobs <= 20:
@@ -216,11 +217,12 @@ def parse_chat(body: Any) -> OpenAIRequest:
         logprobs = top_logprobs
         request.sampling.logprobs = logprobs
     stream, usage = _stream_flags(body)
-    return OpenAIRequest("chat", request, stream, usage, logprobs, request.model)
+    return OpenAIRequest("chat", request, stream, usage, logprobs, request.model, tools)
 
 
-def read_messages(messages: Any) -> list[dict[str, str]]:
-    """A chat's messages as {'role', 'content'} with the content's text parts joined."""
+def read_messages(messages: Any) -> list[pb.ChatMessage]:
+    """A chat's messages, the content's text parts joined; an assistant turn with `tool_calls`
+    may have no content, a `tool` turn names the call it answers."""
     if not isinstance(messages, list) or not messages:
         raise BadRequest("'messages' must be a non-empty array")
     result = []
@@ -228,7 +230,16 @@ def read_messages(messages: Any) -> list[dict[str, str]]:
         if not isinstance(message, dict) or not isinstance(message.get("role"), str):
             raise BadRequest(f"messages[{i}] must be an object with a string 'role'")
         refuse_unknown(message, _MESSAGE_FIELDS, f"messages[{i}].")
-        result.append({"role": message["role"], "content": _content(message.get("content"), i)})
+        calls = read_tool_calls(message, i)
+        content = message.get("content")
+        chat = pb.ChatMessage(role=message["role"], tool_calls=calls,
+                              content="" if content is None and calls else _content(content, i))
+        call_id = message.get("tool_call_id")
+        if message["role"] == "tool" or call_id is not None:
+            if message["role"] != "tool" or not isinstance(call_id, str) or not call_id:
+                raise BadRequest(f"messages[{i}]: a 'tool' message needs a string 'tool_call_id' (and only it)")
+            chat.tool_call_id = call_id
+        result.append(chat)
     return result
 
 
@@ -257,6 +268,7 @@ class ResponseBuilder:
         self.logprobs: list[pb.TokenLogprob] = []
         self.finish_reason: str | None = None
         self.usage: dict[str, Any] | None = None
+        self.tool_stream = ToolCallStream(request.tools) if request.tools is not None else None
 
     def absorb(self, chunk: pb.GenerateResponse) -> None:
         prefix = "chatcmpl-" if self.request.kind == "chat" else "cmpl-"
@@ -292,7 +304,13 @@ class ResponseBuilder:
         text = "".join(self.text)
         if self.request.kind == "chat":
             body = self._head("chat.completion")
-            choice: dict[str, Any] = {"index": 0, "message": {"role": "assistant", "content": text}}
+            message: dict[str, Any] = {"role": "assistant", "content": text}
+            if self.request.tools is not None:
+                content, calls = parse_output(self.request.tools, text)
+                if calls:
+                    message.update(content=content.strip() or None, tool_calls=calls)
+                    self.finish_reason = "tool_calls" if self.finish_reason == "stop" else self.finish_reason
+            choice: dict[str, Any] = {"index": 0, "message": message}
         else:
             body = self._head("text_completion")
             choice = {"index": 0, "text": text}
@@ -307,6 +325,14 @@ class ResponseBuilder:
             body = self._head("chat.completion.chunk")
             delta: dict[str, Any] = {"role": "assistant"} if first else {}
             delta["content"] = chunk.text
+            if self.tool_stream is not None:
+                delta["content"] = self.tool_stream.feed(chunk.text)
+                if reason is not None:
+                    rest, calls = self.tool_stream.finish()
+                    delta["content"] += rest
+                    if calls:
+                        delta["tool_calls"] = [{"index": i, **call} for i, call in enumerate(calls)]
+                        reason = "tool_calls" if reason == "stop" else reason
             choice: dict[str, Any] = {"index": 0, "delta": delta}
         else:
             body = self._head("text_completion")

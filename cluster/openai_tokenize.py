@@ -12,11 +12,14 @@ from typing import Any
 
 from cluster.openai_fields import BadRequest, refuse_unknown
 from cluster.openai_protocol import read_messages
+from cluster.openai_tools import read_tools
 from engine.errors import InvalidRequestError
 from engine.tokenizer import Tokenizer
+from tandem.v1 import inference_pb2 as pb
+from worker_runtime.convert import chat_from_proto
 
 _PROMPT_FIELDS = ("model", "prompt", "add_special_tokens", "return_token_strs")
-_CHAT_FIELDS = ("model", "messages", "add_generation_prompt", "return_token_strs")
+_CHAT_FIELDS = ("model", "messages", "add_generation_prompt", "return_token_strs", "tools")
 _DETOKENIZE_FIELDS = ("model", "tokens")
 
 
@@ -45,8 +48,11 @@ def tokenize(body: Any, tokenizer: Tokenizer, max_model_len: int) -> tuple[str, 
     model = _model(body)
     try:
         if chat:
-            tokens = tokenizer.apply_chat_template(read_messages(body["messages"]),
-                                                   add_generation_prompt=_flag(body, "add_generation_prompt", True))
+            request = pb.GenerateRequest(chat=pb.ChatInput(messages=read_messages(body["messages"])))
+            read_tools(body, request)
+            messages, tools = chat_from_proto(request.chat)
+            tokens = tokenizer.apply_chat_template(
+                messages, add_generation_prompt=_flag(body, "add_generation_prompt", True), tools=tools)
         else:
             prompt = body.get("prompt")
             if not isinstance(prompt, str):

@@ -27,7 +27,7 @@ from engine.grammar import check_structured
 from engine.tokenizer import Tokenizer
 from tandem.v1 import inference_pb2 as pb
 from tandem.v1 import worker_pb2
-from worker_runtime.convert import sampling_from_proto
+from worker_runtime.convert import chat_from_proto, sampling_from_proto
 
 log = logging.getLogger(__name__)
 
@@ -132,8 +132,8 @@ class RouterCore:
             if bad is not None:
                 raise ValueError(f"token id {bad} is negative")
         elif kind == "chat":
-            tokens = self.tokenizer.apply_chat_template(
-                [{"role": msg.role, "content": msg.content} for msg in request.chat.messages])
+            messages, tools = chat_from_proto(request.chat)
+            tokens = self.tokenizer.apply_chat_template(messages, tools=tools)
         else:
             raise ValueError("the request has no input: set text, token_ids or chat")
         if not tokens:

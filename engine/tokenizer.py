@@ -14,6 +14,7 @@ from typing import Any
 import jinja2
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
+from engine.chat_tools import as_hermes_turns, uses_tools
 from engine.disk_cache import entry_lock, publish_directory, tokenizer_cache_path
 from engine.errors import InvalidRequestError, ModelLoadError
 from engine.gguf_file import open_gguf
@@ -89,15 +90,24 @@ class Tokenizer:
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
         return str(self._tok.decode(list(ids), skip_special_tokens=skip_special_tokens))
 
-    def apply_chat_template(self, messages: list[dict[str, str]],
-                            add_generation_prompt: bool = True) -> list[int]:
-        """Token ids of the conversation rendered with the model's chat template."""
-        if self._tok.chat_template is None:
+    def apply_chat_template(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True,
+                            tools: list[dict[str, Any]] | None = None) -> list[int]:
+        """Token ids of the conversation rendered with the model's chat template. With tools (or
+        tool calls and results in the messages): a template that knows tools renders them itself;
+        for one that does not, engine.chat_tools rewrites them into Hermes-format turns first."""
+        template = self._tok.chat_template
+        if template is None:
             raise InvalidRequestError("this model has no chat template; send a plain prompt instead")
         _check_messages(messages)
+        extra: dict[str, Any] = {}
+        if uses_tools(messages, tools):
+            if isinstance(template, str) and "tools" in template:
+                extra["tools"] = tools or None
+            else:
+                messages = as_hermes_turns(messages, tools)
         try:
             ids: list[int] = self._tok.apply_chat_template(  # type: ignore[assignment]
-                messages, add_generation_prompt=add_generation_prompt, tokenize=True, return_dict=False)
+                messages, add_generation_prompt=add_generation_prompt, tokenize=True, return_dict=False, **extra)
         except jinja2.TemplateError as exc:
             raise InvalidRequestError(f"the chat template rejected the messages: {exc}") from exc
         return [int(i) for i in ids]
@@ -110,7 +120,10 @@ def _check_messages(messages: Any) -> None:
         if not isinstance(message, dict) or "role" not in message or "content" not in message:
             raise InvalidRequestError(f"messages[{i}] must be an object with 'role' and 'content'")
         for key, value in message.items():
-            if not isinstance(key, str) or not isinstance(value, str):
+            if key == "tool_calls":
+                if not isinstance(value, list):
+                    raise InvalidRequestError(f"messages[{i}].tool_calls must be a list")
+            elif not isinstance(key, str) or not isinstance(value, str):
                 raise InvalidRequestError(f"messages[{i}].{key} must be a string, got {type(value).__name__}")
 
 

@@ -13,7 +13,9 @@ import re
 from collections.abc import Iterator
 from typing import Literal
 
+import aiohttp
 import grpc
+import jsonschema
 import openai
 import pydantic
 import pytest
@@ -117,9 +119,87 @@ async def test_grpc_structured_output_equals_http(cluster: tuple[str, Cluster]) 
     Person.model_validate_json(http.choices[0].text)
 
 
+WEATHER = {"type": "function", "function": {
+    "name": "get_weather", "description": "The current weather in a city",
+    "parameters": {"type": "object", "additionalProperties": False, "required": ["city", "unit"], "properties": {
+        "city": {"type": "string", "maxLength": 30}, "unit": {"enum": ["celsius", "fahrenheit"]}}}}}
+CLOCK = {"type": "function", "function": {
+    "name": "get_time", "description": "The time in a time zone",
+    "parameters": {"type": "object", "required": ["zone"],
+                   "properties": {"zone": {"type": "string", "maxLength": 20}}}}}
+
+
+async def _call_tools(client: openai.AsyncOpenAI, messages: list[dict[str, object]], stream: bool,
+                      **options: object) -> tuple[str | None, list[dict[str, str]], str | None]:
+    """(content, tool calls as {id, name, arguments}, finish reason), streamed deltas assembled."""
+    if not stream:
+        done = await client.chat.completions.create(model="", messages=messages, temperature=0,  # type: ignore[call-overload]
+                                                    max_tokens=120, **options)
+        message = done.choices[0].message
+        calls = [{"id": c.id, "name": c.function.name, "arguments": c.function.arguments}
+                 for c in message.tool_calls or ()]
+        return message.content, calls, done.choices[0].finish_reason
+    chunks = await client.chat.completions.create(model="", messages=messages, temperature=0,  # type: ignore[call-overload]
+                                                  max_tokens=120, stream=True, **options)
+    content, calls, reason = "", [], None
+    async for chunk in chunks:
+        delta = chunk.choices[0].delta
+        content += delta.content or ""
+        for c in delta.tool_calls or ():
+            calls.append({"id": c.id, "name": c.function.name, "arguments": c.function.arguments})
+        reason = chunk.choices[0].finish_reason or reason
+    return content, calls, reason
+
+
+@pytest.mark.parametrize("stream", [False, True])
+@pytest.mark.parametrize("choice", ["required", "named"])
+async def test_a_tool_round_trip(cluster: tuple[str, Cluster], choice: str, stream: bool) -> None:
+    """tools → a forced call whose arguments match the schema → the tool's result as a `tool` turn →
+    a final answer, on the default model."""
+    _, running = cluster
+    tool_choice: object = "required" if choice == "required" else {"type": "function",
+                                                                     "function": {"name": "get_weather"}}
+    messages: list[dict[str, object]] = [{"role": "user", "content": "What is the weather in Paris right now?"}]
+    async with client_of(running) as client:
+        content, calls, reason = await _call_tools(client, messages, stream, tools=[WEATHER, CLOCK],
+                                                   tool_choice=tool_choice, parallel_tool_calls=False)
+        assert reason == "tool_calls" and len(calls) == 1 and not content
+        assert calls[0]["name"] in ("get_weather", "get_time") and calls[0]["id"].startswith("call_")
+        schema = (WEATHER if calls[0]["name"] == "get_weather" else CLOCK)["function"]["parameters"]
+        jsonschema.validate(json.loads(calls[0]["arguments"]), schema)
+        messages += [{"role": "assistant", "content": None, "tool_calls": [
+                         {"id": calls[0]["id"], "type": "function",
+                          "function": {"name": calls[0]["name"], "arguments": calls[0]["arguments"]}}]},
+                     {"role": "tool", "tool_call_id": calls[0]["id"], "content": "18 degrees and sunny"}]
+        answer, more_calls, reason = await _call_tools(client, messages, stream, tools=[WEATHER, CLOCK])
+        assert reason in ("stop", "length", "tool_calls")
+        assert answer or more_calls
+    await assert_pools_clean(running)
+
+
+async def test_tools_render_into_the_prompt(cluster: tuple[str, Cluster]) -> None:
+    """The tools reach the prompt (SmolLM2's template knows none: Hermes turns), as /tokenize shows."""
+    _, running = cluster
+    messages = [{"role": "user", "content": "Weather in Lima?"}]
+    async with aiohttp.ClientSession() as session:
+        async def count(**extra: object) -> int:
+            async with session.post(f"{running.http_url}/tokenize", json={"messages": messages, **extra}) as reply:
+                assert reply.status == 200
+                return int((await reply.json())["count"])
+        bare, with_tools = await count(), await count(tools=[WEATHER])
+    assert with_tools > bare + 40
+    async with client_of(running) as client:
+        done = await client.chat.completions.create(model="", messages=messages, tools=[WEATHER],  # type: ignore[list-item]
+                                                    max_tokens=1)
+    assert done.usage is not None and done.usage.prompt_tokens == with_tools
+
+
 @pytest.mark.parametrize(("body", "field"), [
-    ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
-    ({"tool_choice": "none"}, "tool_choice"),
+    ({"functions": [{"name": "f"}]}, "functions"),
+    ({"tool_choice": "required"}, "needs 'tools'"),
+    ({"tools": [{"type": "function", "function": {"name": "no spaces"}}]}, "tools[0].function.name"),
+    ({"tools": [WEATHER], "tool_choice": "required", "response_format": {"type": "json_object"}}, "tool_choice"),
+    ({"n": 2}, "'n'"),
     ({"suffix": "x"}, "suffix"),
     ({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": 5}}}}, "json_schema"),
     ({"guided_regex": "a(b"}, "regex"),

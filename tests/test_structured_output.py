@@ -15,8 +15,8 @@ import torch
 import xgrammar
 
 from engine import SamplingParams
-from engine.errors import InvalidRequestError
 from engine import grammar as grammar_module
+from engine.errors import InvalidRequestError
 from engine.grammar import GrammarMasker
 from engine.llm import LLM
 from engine.structured_output import StructuredOutput

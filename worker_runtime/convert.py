@@ -4,6 +4,7 @@ engine's `make_request` validates the rest once."""
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 from engine.errors import InvalidRequestError
@@ -35,6 +36,36 @@ def structured_from_proto(msg: pb.StructuredOutput) -> StructuredOutput:
     if kind == "choice":
         return StructuredOutput("choice", choices=tuple(msg.choice.choices))
     return StructuredOutput(kind, "" if kind == "json_object" else getattr(msg, kind))
+
+
+def chat_from_proto(chat: pb.ChatInput) -> tuple[list[dict[str, Any]], list[dict[str, Any]] | None]:
+    """The messages and tools in transformers' form (engine.chat_tools), JSON texts parsed;
+    InvalidRequestError for one that does not parse into an object."""
+    messages: list[dict[str, Any]] = []
+    for i, msg in enumerate(chat.messages):
+        message: dict[str, Any] = {"role": msg.role, "content": msg.content}
+        if msg.tool_calls:
+            message["tool_calls"] = [{"id": c.id, "type": "function", "function": {
+                "name": c.name, "arguments": _json_object(c.arguments, f"messages[{i}].tool_calls[{j}].arguments")}}
+                for j, c in enumerate(msg.tool_calls)]
+        if msg.tool_call_id:
+            message["tool_call_id"] = msg.tool_call_id
+        messages.append(message)
+    tools = [{"type": "function", "function": {
+        "name": t.name, "description": t.description,
+        "parameters": _json_object(t.parameters, f"tools[{k}].parameters") if t.parameters else
+        {"type": "object", "properties": {}}}} for k, t in enumerate(chat.tools)]
+    return messages, tools or None
+
+
+def _json_object(text: str, name: str) -> dict[str, Any]:
+    try:
+        value = json.loads(text)
+    except ValueError as e:
+        raise InvalidRequestError(f"{name} is not valid JSON: {e}") from e
+    if not isinstance(value, dict):
+        raise InvalidRequestError(f"{name} must be a JSON object")
+    return value
 
 
 def response_from_output(out: RequestOutput) -> pb.GenerateResponse:
