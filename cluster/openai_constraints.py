@@ -10,6 +10,7 @@ import json
 from typing import Any
 
 from cluster.openai_fields import BadRequest, refuse_unknown
+from common.json_text import JsonTextError, load_json_object
 from tandem.v1 import inference_pb2 as pb
 
 _GUIDED = {"guided_json": "json", "guided_regex": "regex", "guided_choice": "choice", "guided_grammar": "grammar"}
@@ -110,9 +111,9 @@ def _spec(kind: str, value: Any, name: str) -> pb.StructuredOutput | None:
     if kind == "json":
         if isinstance(value, str):
             try:
-                value = json.loads(value)
-            except ValueError as e:
-                raise BadRequest(f"'{name}' is not valid JSON: {e}") from e
+                value = load_json_object(value, name)
+            except JsonTextError as e:
+                raise BadRequest(str(e)) from e
         if not isinstance(value, dict):
             raise BadRequest(f"'{name}' must be a JSON Schema (an object, or its JSON text)")
         return pb.StructuredOutput(json_schema=json.dumps(value))

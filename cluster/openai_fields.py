@@ -13,9 +13,9 @@ class BadRequest(ValueError):
 
 def refuse_unknown(body: dict[str, Any], known: Iterable[str], where: str = "") -> None:
     """BadRequest naming every key of `body` outside `known` (prefixed with `where`, e.g.
-    'response_format.')."""
+    'response_format.'). A key set to null asks for nothing, so it passes (SDKs send them)."""
     allowed = set(known)
-    unknown = sorted(str(key) for key in body if key not in allowed)
+    unknown = sorted(str(key) for key, value in body.items() if key not in allowed and value is not None)
     if unknown:
         names = ", ".join(f"'{where}{key}'" for key in unknown)
         raise BadRequest(f"unsupported field{'s' if len(unknown) > 1 else ''} {names}: this server does not "

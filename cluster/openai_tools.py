@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from cluster.openai_fields import BadRequest, refuse_unknown
+from common.json_text import JsonTextError, load_json_object
 from engine.chat_tools import TOOL_CALL_CLOSE, TOOL_CALL_OPEN
 from tandem.v1 import inference_pb2 as pb
 
@@ -131,11 +132,9 @@ def read_tool_calls(message: dict[str, Any], index: int) -> list[pb.ToolCall]:
         if not isinstance(call_id, str) or not isinstance(name, str) or not name or not isinstance(arguments, str):
             raise BadRequest(f"'{where}[{j}]' needs a string id, function.name and function.arguments")
         try:
-            parsed = json.loads(arguments)
-        except ValueError as e:
-            raise BadRequest(f"'{where}[{j}].function.arguments' is not JSON: {e}") from e
-        if not isinstance(parsed, dict):
-            raise BadRequest(f"'{where}[{j}].function.arguments' must be a JSON object")
+            load_json_object(arguments, f"{where}[{j}].function.arguments")
+        except JsonTextError as e:
+            raise BadRequest(str(e)) from e
         result.append(pb.ToolCall(id=call_id, name=name, arguments=arguments))
     return result
 
@@ -151,7 +150,7 @@ def parse_output(use: ToolUse, text: str) -> tuple[str, list[dict[str, Any]]]:
     if use.mode != "auto":
         try:
             value = json.loads(text)
-        except ValueError:  # cut by max_tokens or a stop string: no call to report
+        except (ValueError, RecursionError):  # cut by max_tokens or a stop string: no call to report
             return text, []
         items = [value] if use.function else value
         if not isinstance(items, list) or not all(isinstance(v, dict) and "arguments" in v for v in items):
@@ -163,7 +162,7 @@ def parse_output(use: ToolUse, text: str) -> tuple[str, list[dict[str, Any]]]:
     for match in _BLOCK.finditer(text):
         try:
             value = json.loads(match.group(1))
-        except ValueError:
+        except (ValueError, RecursionError):
             continue
         if not isinstance(value, dict) or value.get("name") not in use.names \
                 or not isinstance(value.get("arguments"), dict):

@@ -29,6 +29,7 @@ from engine.tokenizer import Tokenizer
 
 _NATIVE_PREFIX = re.compile(r"^\[[0-9:]+\] \S+:\d+: ")  # "[11:01:38] /project/cpp/x.cc:83: "
 _BIT_SHIFTS = torch.arange(32, dtype=torch.int32)
+_CACHE_BYTES = 256 << 20  # compiled grammars kept for reuse (least recently used beyond it are dropped)
 
 
 def _grammar(structured: StructuredOutput) -> xgrammar.Grammar:
@@ -42,7 +43,10 @@ def _grammar(structured: StructuredOutput) -> xgrammar.Grammar:
     if structured.kind == "regex":
         return xgrammar.Grammar.from_regex(structured.spec)
     if structured.kind == "choice":
-        return xgrammar.Grammar.from_ebnf("root ::= " + " | ".join(json.dumps(c) for c in structured.choices))
+        # JSON string literals are EBNF ones; ensure_ascii=False keeps characters beyond the BMP
+        # whole (a \ud83d\ude00 escape pair would read as two lone surrogates)
+        return xgrammar.Grammar.from_ebnf("root ::= " + " | ".join(json.dumps(c, ensure_ascii=False)
+                                                                   for c in structured.choices))
     return xgrammar.Grammar.from_ebnf(structured.spec)
 
 
@@ -72,7 +76,7 @@ class GrammarCompiler:
                 info = xgrammar.TokenizerInfo.from_huggingface(
                     self._tokenizer.hf_tokenizer, vocab_size=self._vocab_size,
                     stop_token_ids=list(self._tokenizer.eos_token_ids))
-                self._compiler = xgrammar.GrammarCompiler(info, max_threads=1)
+                self._compiler = xgrammar.GrammarCompiler(info, max_threads=1, cache_limit_bytes=_CACHE_BYTES)
             return self._compiler
 
     def compile(self, structured: StructuredOutput) -> xgrammar.CompiledGrammar:
@@ -97,7 +101,8 @@ def accept(matcher: xgrammar.GrammarMatcher, token_id: int) -> None:
 
 class GrammarMasker:
     """Masks the logits of constrained rows to the tokens their grammars allow next: one bitmask
-    for the batch, filled by xgrammar's batch call (in C++), unpacked and applied with torch ops."""
+    for the batch, filled by xgrammar's batch call (in C++), applied by kernels/token_mask.c on CPU
+    (torch ops elsewhere)."""
 
     def __init__(self) -> None:
         # the masks are filled between forwards, when the compute threads are idle: use them all

@@ -95,6 +95,9 @@ class RemoteKV:
             raise ValueError(f"request {request_id!r} has no reserved blocks (they were detached)")
         if not 0 <= result.first_token_id < self._engine.model_config.vocab_size:
             raise InvalidRequestError(f"first token id {result.first_token_id} is outside the vocabulary")
+        if not seq.sampling_state.would_accept(result.first_token_id):  # a prefill worker without the grammar
+            raise InvalidRequestError(f"first token id {result.first_token_id} violates the request's "
+                                      "structured output grammar")
         del self.parked[request_id]
         item = self._scheduler.join_running(seq)
         seq.num_cached_tokens = result.num_cached_tokens

@@ -60,6 +60,10 @@ class RequestValidator:
         self._check_tokens(params.stop_token_ids, "stop token id")
         self._check_tokens([t for t, _ in params.logit_bias], "logit_bias token id")
         self._check_tokens(params.allowed_token_ids or (), "allowed token id")
+        ending = set(self.tokenizer.eos_token_ids) | set(params.stop_token_ids)
+        if params.min_tokens and params.allowed_token_ids is not None and set(params.allowed_token_ids) <= ending:
+            raise InvalidRequestError("min_tokens forbids eos and stop tokens, and allowed_token_ids allows "
+                                      "nothing else: no token could be generated")
         grammar = self.grammars.compile(params.structured) if params.structured is not None else None
         resumed = tuple(resume_token_ids or ())
         if resumed:

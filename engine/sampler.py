@@ -7,6 +7,7 @@ sample. Logprobs come from the raw logits.
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -23,6 +24,7 @@ from engine.sampling_params import SamplingParams
 if TYPE_CHECKING:
     import xgrammar
 
+logger = logging.getLogger(__name__)
 # Top-k without top-p reads the k-th largest value with `torch.topk` up to this k; beyond it (or
 # with top-p) one value sort of the rows is cheaper.
 _TOPK_DIRECT_MAX = 256
@@ -59,12 +61,31 @@ class SequenceSamplingState:
         if (params.structured is None) != (grammar is None):
             raise ValueError("a compiled grammar is needed exactly when the params ask for structured output")
         self.matcher = new_matcher(grammar) if grammar is not None else None
+        self.eos_token_ids = tuple(eos_token_ids)
         self.bias_ids = torch.tensor([t for t, _ in params.logit_bias], dtype=torch.long, device=device)
         self.bias_values = torch.tensor([b for _, b in params.logit_bias], dtype=torch.float32, device=device)
         self.forbidden: torch.Tensor | None = None  # True at every token allowed_token_ids leaves out
         if params.allowed_token_ids is not None:
             self.forbidden = torch.ones(vocab_size, dtype=torch.bool, device=device)
             self.forbidden[torch.tensor(params.allowed_token_ids, dtype=torch.long, device=device)] = False
+
+    def would_accept(self, token_id: int) -> bool:
+        """Whether the grammar (if any) allows `token_id` next; the state is left as it was."""
+        if self.matcher is None:
+            return True
+        if not self.matcher.accept_token(token_id):
+            return False
+        self.matcher.rollback(1)
+        return True
+
+    def abandon_grammar(self) -> int:
+        """The grammar allows no token at all (a dead end its author wrote, such as an empty
+        character class): it is dropped and the sequence ends with eos (structured output rules out
+        ignore_eos and min_tokens). Returns the token to sample."""
+        logger.warning("a structured-output grammar reached a dead end after %d tokens: ending the "
+                       "sequence with eos", self.num_generated)
+        self.matcher = None
+        return self.eos_token_ids[0] if self.eos_token_ids else 0
 
     def append(self, token_id: int) -> None:
         """Record a generated token (O(1))."""
@@ -116,6 +137,7 @@ class Sampler:
         self._bias(x, states)
         self._mask_disallowed(x, states)
         self._mask_grammar(x, states)
+        self._end_dead_grammars(x, states)
 
         greedy_rows = [i for i, s in enumerate(states) if s.params.is_greedy]
         random_rows = [i for i, s in enumerate(states) if not s.params.is_greedy]
@@ -175,6 +197,17 @@ class Sampler:
             if self.grammar_masker is None:
                 self.grammar_masker = GrammarMasker()
             self.grammar_masker.apply(x, [i for i, _ in matchers], [m for _, m in matchers])
+
+    def _end_dead_grammars(self, x: torch.Tensor, states: Sequence[SequenceSamplingState]) -> None:
+        """A constrained row whose every token is masked would sample garbage (argmax 0, or NaN):
+        its grammar is abandoned and the row can only end the sequence."""
+        rows = [i for i, s in enumerate(states) if s.matcher is not None]
+        if not rows:
+            return
+        dead = torch.isneginf(x.index_select(0, _index(rows, x.device)).amax(dim=-1)).tolist()
+        for i, is_dead in zip(rows, dead, strict=True):
+            if is_dead:
+                x[i, states[i].abandon_grammar()] = 0.0
 
     def _sample(self, x: torch.Tensor, states: Sequence[SequenceSamplingState]) -> torch.Tensor:
         """Token ids [R] sampled from rows x [R, V] by inverse CDF with one uniform per row."""

@@ -11,7 +11,7 @@ import asyncio
 import json
 import re
 from collections.abc import Iterator
-from typing import Literal
+from typing import Any, Literal
 
 import aiohttp
 import grpc
@@ -95,12 +95,22 @@ async def test_regex_choice_and_logit_bias(cluster: tuple[str, Cluster]) -> None
         assert await text("Count:", structured_outputs={"choice": ["one two", "three"]}) in ("one two", "three")
         forced = await client.completions.create(model="", prompt="Hello", max_tokens=3, temperature=0,
                                                  logit_bias={"1234": 100})
-        assert forced.usage is not None and forced.usage.completion_tokens == 3
+        assert forced.choices[0].text == (await _post(running, "/detokenize", {"tokens": [1234] * 3}))["prompt"]
         tok = await client.completions.create(model="", prompt="Hello", max_tokens=1, temperature=0, logprobs=2)
         assert tok.choices[0].logprobs is not None and tok.choices[0].logprobs.top_logprobs is not None
         ranked = sorted(tok.choices[0].logprobs.top_logprobs[0].items(), key=lambda kv: -kv[1])
         assert tok.choices[0].text == ranked[0][0]
+        ids = (await _post(running, "/tokenize", {"prompt": ranked[0][0], "add_special_tokens": False}))["tokens"]
+        forbidden = await client.completions.create(model="", prompt="Hello", max_tokens=1, temperature=0,
+                                                    logit_bias={str(ids[0]): -100})
+        assert forbidden.choices[0].text == ranked[1][0]  # the runner-up
     await assert_pools_clean(running)
+
+
+async def _post(running: Cluster, path: str, body: dict[str, object]) -> dict[str, Any]:
+    async with aiohttp.ClientSession() as session, session.post(f"{running.http_url}{path}", json=body) as reply:
+        assert reply.status == 200, await reply.text()
+        return dict(await reply.json())
 
 
 async def test_grpc_structured_output_equals_http(cluster: tuple[str, Cluster]) -> None:
@@ -181,12 +191,8 @@ async def test_tools_render_into_the_prompt(cluster: tuple[str, Cluster]) -> Non
     """The tools reach the prompt (SmolLM2's template knows none: Hermes turns), as /tokenize shows."""
     _, running = cluster
     messages = [{"role": "user", "content": "Weather in Lima?"}]
-    async with aiohttp.ClientSession() as session:
-        async def count(**extra: object) -> int:
-            async with session.post(f"{running.http_url}/tokenize", json={"messages": messages, **extra}) as reply:
-                assert reply.status == 200
-                return int((await reply.json())["count"])
-        bare, with_tools = await count(), await count(tools=[WEATHER])
+    bare = (await _post(running, "/tokenize", {"messages": messages}))["count"]
+    with_tools = (await _post(running, "/tokenize", {"messages": messages, "tools": [WEATHER]}))["count"]
     assert with_tools > bare + 40
     async with client_of(running) as client:
         done = await client.chat.completions.create(model="", messages=messages, tools=[WEATHER],  # type: ignore[list-item]

@@ -368,3 +368,12 @@ def test_logprobs_in_completion_and_chat_shapes() -> None:
     assert content == [{"token": "<7>", "logprob": -0.5, "bytes": list(b"<7>"),
                         "top_logprobs": [{"token": "<7>", "logprob": -0.5, "bytes": list(b"<7>")},
                                          {"token": "<8>", "logprob": -1.0, "bytes": list(b"<8>")}]}]
+
+
+def test_unknown_fields_are_refused_by_name_and_null_ones_pass() -> None:
+    from cluster.openai_protocol import parse_chat, parse_completion
+    with pytest.raises(BadRequest, match="'suffix'"):
+        parse_completion({"prompt": "x", "suffix": "y"})
+    with pytest.raises(BadRequest, match="'metadata', 'store'"):
+        parse_chat({"messages": [{"role": "user", "content": "x"}], "store": True, "metadata": {"a": "b"}})
+    parse_chat({"messages": [{"role": "user", "content": "x"}], "store": None, "functions": None})

@@ -117,7 +117,7 @@ def test_streaming_holds_back_only_what_may_be_a_call() -> None:
     ({"messages": [{"role": "assistant", "content": None}]}, "content"),
     ({"messages": [{"role": "tool", "content": "x"}]}, "tool_call_id"),
     ({"messages": [{"role": "assistant", "tool_calls": [
-        {"id": "1", "type": "function", "function": {"name": "f", "arguments": "{"}}]}]}, "not JSON"),
+        {"id": "1", "type": "function", "function": {"name": "f", "arguments": "{"}}]}]}, "not valid JSON"),
     ({"messages": [{"role": "user", "content": "x", "tool_calls": []}]}, "assistant"),
 ])
 def test_bad_tool_requests_are_refused(body: dict[str, Any], words: str) -> None:

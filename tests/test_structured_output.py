@@ -19,6 +19,7 @@ from engine import grammar as grammar_module
 from engine.errors import InvalidRequestError
 from engine.grammar import GrammarMasker
 from engine.llm import LLM
+from engine.remote_kv import RemotePrefillResult
 from engine.structured_output import StructuredOutput
 
 PERSON = {"type": "object", "additionalProperties": False, "required": ["name", "age", "city"],
@@ -149,12 +150,50 @@ def test_a_resumed_request_continues_its_grammar(llm: LLM) -> None:
     assert "resume-bad" not in engine.requests
 
 
+def test_a_dead_end_grammar_ends_its_sequence_and_the_engine_goes_on(llm: LLM) -> None:
+    """The regex allows no token after 'a' (an empty class): the sequence ends with eos instead of
+    sampling a token the grammar rejects; its batch neighbour is undisturbed."""
+    prompt = chat(llm, "Say something.")
+    free = SamplingParams.greedy(max_tokens=6)
+    alone = llm.generate([prompt], free)[0]
+    dead, neighbour = llm.generate([prompt, prompt], [
+        SamplingParams.greedy(max_tokens=6, structured=StructuredOutput("regex", r"a[^\s\S]")), free])
+    assert dead.text == "a" and dead.finish_reason == "stop"
+    assert dead.token_ids[-1] in llm.engine.tokenizer.eos_token_ids
+    assert neighbour.token_ids == alone.token_ids
+    assert llm.generate([prompt], free)[0].token_ids == alone.token_ids
+
+
+def test_a_remote_first_token_outside_the_grammar_is_refused_before_anything_changes(llm: LLM) -> None:
+    """A prefill worker that sampled without the grammar: the parked request stays parked (the
+    decode worker then retries elsewhere), and a token the grammar allows resumes it."""
+    engine = llm.engine
+    params = SamplingParams.greedy(max_tokens=8, structured=StructuredOutput("choice", choices=("yes", "no")))
+    engine.remote_kv.reserve(engine.make_request("remote", chat(llm, "Yes or no?"), params))
+    with pytest.raises(InvalidRequestError, match="violates"):
+        engine.remote_kv.resume("remote", RemotePrefillResult(engine.tokenizer.encode("maybe")[0]))
+    assert "remote" in engine.remote_kv.parked
+    engine.remote_kv.detach("remote", "attempt-1", quarantine_s=60)  # what the decode worker does next
+    engine.remote_kv.release("attempt-1")
+    engine.remote_kv.prefill_locally("remote")
+    outs = []
+    while engine.has_unfinished_requests():
+        outs += engine.step()
+    assert "".join(o.new_text for o in outs) in ("yes", "no")
+
+
+def test_choices_beyond_the_basic_plane(llm: LLM) -> None:
+    params = SamplingParams.greedy(max_tokens=8, structured=StructuredOutput("choice", choices=("😀 yes", "🙁 no")))
+    assert llm.generate([chat(llm, "Happy?")], params)[0].text in ("😀 yes", "🙁 no")
+
+
 @pytest.mark.parametrize(("kwargs", "message"), [
     ({"structured": StructuredOutput("json_schema", '{"type": 5}')}, "cannot be used"),
     ({"structured": StructuredOutput("regex", "a(b")}, "cannot be used"),
     ({"structured": StructuredOutput("grammar", "root ::= nothing")}, "cannot be used"),
     ({"logit_bias": {10**7: 1.0}}, "outside the vocabulary"),
     ({"allowed_token_ids": (1, 10**7)}, "outside the vocabulary"),
+    ({"allowed_token_ids": (2,), "min_tokens": 1}, "no token could be generated"),  # 2: the default model's eos
 ])
 def test_unusable_requests_are_refused(llm: LLM, kwargs: dict[str, object], message: str) -> None:
     with pytest.raises(InvalidRequestError, match=message):
@@ -172,6 +211,15 @@ def test_unusable_requests_are_refused(llm: LLM, kwargs: dict[str, object], mess
 def test_params_that_cannot_be_honoured_are_refused(kwargs: dict[str, object], message: str) -> None:
     with pytest.raises(InvalidRequestError, match=message):
         SamplingParams.greedy(**kwargs)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(("spec", "message"), [
+    ('{"a": ' * 5000 + "1" + "}" * 5000, "not valid JSON"),  # too deep for the parser
+    (json.dumps(json.loads('{"type": "array", "items": ' * 60 + '{"type": "integer"}' + "}" * 60)), "deeper than 48"),
+])
+def test_schemas_too_deep_are_refused(spec: str, message: str) -> None:
+    with pytest.raises(InvalidRequestError, match=message):
+        StructuredOutput("json_schema", spec)
 
 
 @pytest.mark.parametrize("structured", [

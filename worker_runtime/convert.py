@@ -4,9 +4,9 @@ engine's `make_request` validates the rest once."""
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
+from common.json_text import JsonTextError, load_json_object
 from engine.errors import InvalidRequestError
 from engine.outputs import RequestOutput, TokenLogprobs
 from engine.sampling_params import SamplingParams
@@ -60,12 +60,9 @@ def chat_from_proto(chat: pb.ChatInput) -> tuple[list[dict[str, Any]], list[dict
 
 def _json_object(text: str, name: str) -> dict[str, Any]:
     try:
-        value = json.loads(text)
-    except ValueError as e:
-        raise InvalidRequestError(f"{name} is not valid JSON: {e}") from e
-    if not isinstance(value, dict):
-        raise InvalidRequestError(f"{name} must be a JSON object")
-    return value
+        return load_json_object(text, name)
+    except JsonTextError as e:
+        raise InvalidRequestError(str(e)) from e
 
 
 def response_from_output(out: RequestOutput) -> pb.GenerateResponse:
