@@ -8,6 +8,7 @@ waits for the first chunk, so 429/503 arrive as statuses, not inside the stream.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import importlib.resources
 import json
@@ -87,6 +88,8 @@ class OpenAIFrontend:
             return self._refusal(e)
         if to_the_end:
             prepared.sampling.max_tokens = context - len(prepared.prompt_token_ids)
+        if parsed.several:
+            return await self._serve_several(request, parsed)
         builder = ResponseBuilder(parsed, self.core.model_name, self._token_text)
         async with contextlib.aclosing(self.core.generate(prepared)) as chunks:  # closing cancels the request
             try:
@@ -98,6 +101,65 @@ class OpenAIFrontend:
             if not parsed.stream:
                 return await self._whole(builder, first, chunks)
             return await self._sse(request, parsed, builder, first, chunks)
+
+    async def _serve_several(self, request: web.Request, parsed: OpenAIRequest) -> web.StreamResponse:
+        """A completion of several prompts: each runs as its own request, choice i from prompt i;
+        the status is settled once every one has its first chunk; usage is summed."""
+        try:
+            prepared = [self.core.prepare(one) for one in parsed.generates]
+        except RouterError as e:
+            return self._refusal(e)
+        builders = [ResponseBuilder(parsed, self.core.model_name, self._token_text) for _ in prepared]
+        async with contextlib.AsyncExitStack() as stack:  # closing cancels every request
+            streams = [await stack.enter_async_context(contextlib.aclosing(self.core.generate(p))) for p in prepared]
+            try:
+                firsts = [await anext(s) for s in streams]
+            except RouterError as e:
+                return self._refusal(e)
+            except StopAsyncIteration:
+                return error_response(500, "the worker ended the stream without a result")
+            if not parsed.stream:
+                try:
+                    await asyncio.gather(*(_absorb_all(b, f, s) for b, f, s in zip(builders, firsts, streams,
+                                                                                    strict=True)))
+                except RouterError as e:
+                    return self._refusal(e)
+                body = builders[0].final()
+                body["choices"] = [{**b.final()["choices"][0], "index": i} for i, b in enumerate(builders)]
+                body["usage"] = _summed_usage(builders)
+                return web.json_response(body)
+            response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
+            await response.prepare(request)
+            events: asyncio.Queue[dict[str, Any] | None] = asyncio.Queue()
+
+            async def pump(i: int) -> None:
+                try:
+                    events.put_nowait(_indexed(builders[i].stream_chunk(firsts[i], first=True), i, builders[0].id))
+                    async for chunk in streams[i]:
+                        events.put_nowait(_indexed(builders[i].stream_chunk(chunk, first=False), i, builders[0].id))
+                except RouterError as e:
+                    events.put_nowait(error_body(HTTP_STATUS.get(e.code, 500), e.message))
+                finally:
+                    events.put_nowait(None)
+
+            pumps = [asyncio.create_task(pump(i)) for i in range(len(streams))]
+            try:
+                done = 0
+                while done < len(pumps):
+                    event = await events.get()
+                    if event is None:
+                        done += 1
+                    else:
+                        await _event(response, event)
+            finally:  # the client went away: stop reading before the streams are closed
+                for task in pumps:
+                    task.cancel()
+                await asyncio.gather(*pumps, return_exceptions=True)
+            if parsed.include_usage:
+                await _event(response, {**builders[0].usage_chunk(), "usage": _summed_usage(builders)})
+            await response.write(b"data: [DONE]\n\n")
+            await response.write_eof()
+            return response
 
     async def _whole(self, builder: ResponseBuilder, first: Any, chunks: Any) -> web.Response:
         builder.absorb(first)
@@ -168,6 +230,31 @@ class OpenAIFrontend:
         response = web.Response(body=generate_latest())
         response.content_type = CONTENT_TYPE_LATEST.split(";")[0]
         return response
+
+
+async def _absorb_all(builder: ResponseBuilder, first: Any, chunks: Any) -> None:
+    builder.absorb(first)
+    async for chunk in chunks:
+        builder.absorb(chunk)
+
+
+def _indexed(body: dict[str, Any], index: int, response_id: str) -> dict[str, Any]:
+    """A choice's stream chunk as choice `index` of the one response."""
+    body["id"] = response_id
+    for choice in body["choices"]:
+        choice["index"] = index
+    return body
+
+
+def _summed_usage(builders: list[ResponseBuilder]) -> dict[str, Any] | None:
+    usages = [b.usage for b in builders]
+    if any(u is None for u in usages):
+        return None
+    prompt = sum(u["prompt_tokens"] for u in usages if u)
+    completion = sum(u["completion_tokens"] for u in usages if u)
+    cached = sum(u["prompt_tokens_details"]["cached_tokens"] for u in usages if u)
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
+            "prompt_tokens_details": {"cached_tokens": cached}}
 
 
 async def _event(response: web.StreamResponse, body: dict[str, Any]) -> None:

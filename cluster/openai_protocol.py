@@ -1,10 +1,11 @@
 """OpenAI-compatible request bodies → tandem.v1 GenerateRequest, and our chunks → OpenAI response
-objects. Anything we cannot honour exactly (n > 1, echo, best_of, several prompts, tools, any
-field not listed here) is refused with a 400 naming it rather than silently ignored; `user` alone
-is accepted without effect (OpenAI uses it for abuse monitoring; cluster/openapi.json says so)."""
+objects. Anything we cannot honour exactly (n > 1, echo, best_of, any field not listed here) is
+refused with a 400 naming it rather than silently ignored; `user` alone is accepted without effect
+(OpenAI uses it for abuse monitoring; cluster/openapi.json says so)."""
 
 from __future__ import annotations
 
+import itertools
 import math
 import time
 from collections.abc import Callable
@@ -33,6 +34,7 @@ _SAMPLING_FIELDS: dict[str, tuple[str, type | tuple[type, ...]]] = {
 _FLOAT32_MAX = 3.4028234663852886e38  # SamplingParameters' float fields hold no more
 _INT_RANGES = {FieldDescriptor.CPPTYPE_INT32: "-2147483648 to 2147483647", FieldDescriptor.CPPTYPE_UINT32:
                "0 to 4294967295", FieldDescriptor.CPPTYPE_UINT64: "0 to 18446744073709551615"}
+MAX_PROMPTS = 64  # prompts in one completions request
 # the fields each parser knows (a body with any other is refused, naming it)
 _COMMON_FIELDS = ("model", "request_id", "timeout", "priority", *_SAMPLING_FIELDS, "max_tokens",
                   "max_completion_tokens", "stop", "stop_token_ids", "ignore_eos", "n", "best_of", "stream",
@@ -137,6 +139,12 @@ class OpenAIRequest:
     logprobs: int | None  # top alternatives per token when asked
     model: str = ""
     tools: ToolUse | None = None  # chat with tools: the output is read for tool calls
+    several: tuple[pb.GenerateRequest, ...] = ()  # a completion of several prompts: one request each
+
+    @property
+    def generates(self) -> tuple[pb.GenerateRequest, ...]:
+        """What to run: one request per choice, choice i from the i-th."""
+        return self.several or (self.generate,)
 
 
 def _common(body: Any, kind: str, default_max_tokens: int | None) -> tuple[pb.GenerateRequest, dict[str, Any]]:
@@ -176,12 +184,7 @@ def _bad_values_are_bad_requests(parse: Callable[[Any], OpenAIRequest]) -> Calla
     return checked
 
 
-@_bad_values_are_bad_requests
-def parse_completion(body: Any) -> OpenAIRequest:
-    request, body = _common(body, "completion", 16)
-    prompt = body.get("prompt")
-    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
-        prompt = prompt[0]  # a batch of one
+def _set_prompt(request: pb.GenerateRequest, prompt: Any) -> None:
     if isinstance(prompt, str) and prompt:
         request.text = prompt
     elif isinstance(prompt, list) and prompt and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
@@ -189,10 +192,30 @@ def parse_completion(body: Any) -> OpenAIRequest:
         if bad is not None:
             raise BadRequest("'prompt' holds a token id outside the int32 range")
         request.token_ids.ids.extend(prompt)
-    elif isinstance(prompt, list) and len(prompt) > 1 and all(isinstance(p, (str, list)) for p in prompt):
-        raise BadRequest("send one prompt per request ('prompt' holds several)")
     else:
-        raise BadRequest("'prompt' must be a non-empty string or an array of token ids (integers)")
+        raise BadRequest("'prompt' must be a non-empty string, an array of token ids (integers), or an array "
+                         f"of up to {MAX_PROMPTS} of either")
+
+
+@_bad_values_are_bad_requests
+def parse_completion(body: Any) -> OpenAIRequest:
+    request, body = _common(body, "completion", 16)
+    prompt = body.get("prompt")
+    several: tuple[pb.GenerateRequest, ...] = ()
+    if isinstance(prompt, list) and prompt and all(isinstance(p, (str, list)) for p in prompt):
+        if len(prompt) > MAX_PROMPTS:
+            raise BadRequest(f"'prompt' holds {len(prompt)} prompts: at most {MAX_PROMPTS} per request")
+        if len(prompt) > 1:  # one choice each, index i for prompt i; the same parameters
+            several = tuple(pb.GenerateRequest() for _ in prompt)
+        prompt = prompt[0]
+    _set_prompt(request, prompt)
+    if several:
+        for i, (one, text) in enumerate(zip(several, body["prompt"], strict=True)):
+            one.CopyFrom(request)
+            one.ClearField("input")
+            _set_prompt(one, text)
+            if request.request_id:
+                one.request_id = f"{request.request_id}-{i}"
     if _field(body, "echo", bool, False):
         raise BadRequest("'echo' is not supported")
     logprobs = _field(body, "logprobs", int)
@@ -200,8 +223,10 @@ def parse_completion(body: Any) -> OpenAIRequest:
         if not 0 <= logprobs <= 20:
             raise BadRequest("'logprobs' must be between 0 and 20")
         request.sampling.logprobs = logprobs
+    for one in several:
+        one.sampling.CopyFrom(request.sampling)
     stream, usage = _stream_flags(body)
-    return OpenAIRequest("completion", request, stream, usage, logprobs, request.model)
+    return OpenAIRequest("completion", request, stream, usage, logprobs, request.model, several=several)
 
 
 @_bad_values_are_bad_requests
@@ -254,6 +279,12 @@ def _content(content: Any, index: int) -> str:
     raise BadRequest(f"messages[{index}].content must be a string or an array of text parts")
 
 
+def _tool_finish(use: ToolUse, reason: str | None) -> str | None:
+    """A reply that ended by itself with calls: "tool_calls", except for a named function, where
+    OpenAI (and vLLM) say "stop"."""
+    return "tool_calls" if reason == "stop" and use.mode != "named" else reason
+
+
 # -- responses ---------------------------------------------------------------------------------------------
 class ResponseBuilder:
     """Turns the chunks of one request into OpenAI objects (streamed chunks or one final object)."""
@@ -269,6 +300,7 @@ class ResponseBuilder:
         self.finish_reason: str | None = None
         self.usage: dict[str, Any] | None = None
         self.tool_stream = ToolCallStream(request.tools) if request.tools is not None else None
+        self.streamed_token_chars = 0  # text of the tokens whose logprobs were streamed (text_offset)
 
     def absorb(self, chunk: pb.GenerateResponse) -> None:
         prefix = "chatcmpl-" if self.request.kind == "chat" else "cmpl-"
@@ -286,7 +318,8 @@ class ResponseBuilder:
     def _head(self, object_name: str) -> dict[str, Any]:
         return {"id": self.id, "object": object_name, "created": self.created, "model": self.model}
 
-    def _logprobs(self, items: list[pb.TokenLogprob]) -> dict[str, Any] | None:
+    def _logprobs(self, items: list[pb.TokenLogprob], text_offset: int = 0) -> dict[str, Any] | None:
+        """`text_offset`: where the first item's token starts in the completion's text."""
         if self.request.logprobs is None:
             return None
         if self.request.kind == "chat":
@@ -295,10 +328,11 @@ class ResponseBuilder:
                                  "top_logprobs": [{"token": self.token_text(t.token_id), "logprob": t.logprob,
                                                    "bytes": list(self.token_text(t.token_id).encode())}
                                                   for t in lp.top]} for lp in items]}
-        return {"tokens": [self.token_text(lp.token_id) for lp in items],
-                "token_logprobs": [lp.logprob for lp in items],
+        tokens = [self.token_text(lp.token_id) for lp in items]
+        return {"tokens": tokens, "token_logprobs": [lp.logprob for lp in items],
                 "top_logprobs": [{self.token_text(t.token_id): t.logprob for t in lp.top} for lp in items],
-                "text_offset": []}
+                "text_offset": list(itertools.accumulate((len(t) for t in tokens[:-1]), initial=text_offset))
+                if tokens else []}
 
     def final(self) -> dict[str, Any]:
         text = "".join(self.text)
@@ -309,7 +343,7 @@ class ResponseBuilder:
                 content, calls = parse_output(self.request.tools, text)
                 if calls:
                     message.update(content=content.strip() or None, tool_calls=calls)
-                    self.finish_reason = "tool_calls" if self.finish_reason == "stop" else self.finish_reason
+                    self.finish_reason = _tool_finish(self.request.tools, self.finish_reason)
             choice: dict[str, Any] = {"index": 0, "message": message}
         else:
             body = self._head("text_completion")
@@ -332,12 +366,13 @@ class ResponseBuilder:
                     delta["content"] += rest
                     if calls:
                         delta["tool_calls"] = [{"index": i, **call} for i, call in enumerate(calls)]
-                        reason = "tool_calls" if reason == "stop" else reason
+                        reason = _tool_finish(self.tool_stream.use, reason)
             choice: dict[str, Any] = {"index": 0, "delta": delta}
         else:
             body = self._head("text_completion")
             choice = {"index": 0, "text": chunk.text}
-        choice.update(logprobs=self._logprobs(list(chunk.logprobs)), finish_reason=reason)
+        choice.update(logprobs=self._logprobs(list(chunk.logprobs), self.streamed_token_chars), finish_reason=reason)
+        self.streamed_token_chars += sum(len(self.token_text(lp.token_id)) for lp in chunk.logprobs)
         body["choices"] = [choice]
         return body
 

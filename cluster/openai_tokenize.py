@@ -13,7 +13,6 @@ from typing import Any
 from cluster.openai_fields import BadRequest, refuse_unknown
 from cluster.openai_protocol import read_messages
 from cluster.openai_tools import read_tools
-from engine.errors import InvalidRequestError
 from engine.tokenizer import Tokenizer
 from tandem.v1 import inference_pb2 as pb
 from worker_runtime.convert import chat_from_proto
@@ -58,7 +57,7 @@ def tokenize(body: Any, tokenizer: Tokenizer, max_model_len: int) -> tuple[str, 
             if not isinstance(prompt, str):
                 raise BadRequest("'prompt' must be a string (or send 'messages')")
             tokens = tokenizer.encode(prompt, add_special_tokens=_flag(body, "add_special_tokens", True))
-    except InvalidRequestError as e:
+    except (ValueError, TypeError) as e:  # InvalidRequestError; protobuf refusing a lone surrogate
         raise BadRequest(str(e)) from e
     strs = ([tokenizer.hf_tokenizer.convert_ids_to_tokens(t) for t in tokens]
             if _flag(body, "return_token_strs", False) else None)

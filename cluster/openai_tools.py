@@ -18,7 +18,7 @@ import json
 import re
 import uuid
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 from cluster.openai_fields import BadRequest, refuse_unknown
 from common.json_text import JsonTextError, load_json_object
@@ -26,7 +26,7 @@ from engine.chat_tools import TOOL_CALL_CLOSE, TOOL_CALL_OPEN
 from tandem.v1 import inference_pb2 as pb
 
 _NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
-_BLOCK = re.compile(re.escape(TOOL_CALL_OPEN) + r"\s*(.*?)\s*" + re.escape(TOOL_CALL_CLOSE), re.DOTALL)
+_DECODER = json.JSONDecoder()
 _NO_PARAMETERS = {"type": "object", "properties": {}}
 
 
@@ -34,9 +34,10 @@ _NO_PARAMETERS = {"type": "object", "properties": {}}
 class ToolUse:
     """How a request's output is read: `mode` auto, required or named (`function` set)."""
 
-    mode: str
+    mode: Literal["auto", "required", "named"]
     names: frozenset[str]
     function: str = ""
+    parallel: bool = True  # false: at most one call
 
 
 def read_tools(body: dict[str, Any], request: pb.GenerateRequest) -> ToolUse | None:
@@ -61,13 +62,31 @@ def read_tools(body: dict[str, Any], request: pb.GenerateRequest) -> ToolUse | N
         if request.sampling.HasField("structured"):
             raise BadRequest("'tool_choice' required or a named function constrains the output: "
                              "it cannot be combined with structured output")
-        call_schemas = [_call_schema(name, schemas[name]) for name in ([function] if function else schemas)]
-        schema: dict[str, Any] = call_schemas[0] if function else {
-            "type": "array", "minItems": 1, "items": {"anyOf": call_schemas}}
-        if not function and parallel is False:
-            schema["maxItems"] = 1
-        request.sampling.structured.CopyFrom(pb.StructuredOutput(json_schema=json.dumps(schema)))
-    return ToolUse(mode, frozenset(schemas), function)
+        request.sampling.structured.CopyFrom(pb.StructuredOutput(json_schema=json.dumps(
+            _forcing_schema([function] if function else list(schemas), schemas, single=bool(function),
+                            parallel=parallel is not False))))
+    return ToolUse(mode, frozenset(schemas), function, parallel is not False)
+
+
+def _forcing_schema(names: list[str], schemas: dict[str, dict[str, Any]], single: bool,
+                    parallel: bool) -> dict[str, Any]:
+    """The calls' schema. Each tool's `$defs` / `definitions` move to the root, where its `#/$defs/..`
+    references (Pydantic's nested models) still find them; two tools defining one name differently
+    are refused."""
+    lifted: dict[str, dict[str, Any]] = {"$defs": {}, "definitions": {}}
+    calls = []
+    for name in names:
+        parameters = dict(schemas[name])
+        for key, found in lifted.items():
+            for def_name, definition in (parameters.pop(key, None) or {}).items():
+                if found.setdefault(def_name, definition) != definition:
+                    raise BadRequest(f"tools define '{key}/{def_name}' differently: rename one")
+        calls.append(_call_schema(name, parameters))
+    schema: dict[str, Any] = calls[0] if single else {"type": "array", "minItems": 1, "items": {"anyOf": calls}}
+    if not single and not parallel:
+        schema["maxItems"] = 1
+    schema.update({key: found for key, found in lifted.items() if found})
+    return schema
 
 
 def _definition(tool: Any, index: int, schemas: dict[str, dict[str, Any]]) -> pb.ToolDefinition:
@@ -93,9 +112,12 @@ def _definition(tool: Any, index: int, schemas: dict[str, dict[str, Any]]) -> pb
     return pb.ToolDefinition(name=name, description=description or "", parameters=json.dumps(schemas[name]))
 
 
-def _choice(choice: Any, schemas: dict[str, dict[str, Any]]) -> tuple[str, str]:
-    if choice is None or choice in ("auto", "none", "required"):
-        return choice or "auto", ""
+def _choice(choice: Any, schemas: dict[str, dict[str, Any]]) -> tuple[Literal["auto", "none", "required", "named"],
+                                                                      str]:
+    if choice is None or choice == "auto":
+        return "auto", ""
+    if choice in ("none", "required"):
+        return choice, ""
     if isinstance(choice, dict) and choice.get("type") == "function" and isinstance(choice.get("function"), dict):
         refuse_unknown(choice, ("type", "function"), "tool_choice.")
         refuse_unknown(choice["function"], ("name",), "tool_choice.function.")
@@ -159,19 +181,46 @@ def parse_output(use: ToolUse, text: str) -> tuple[str, list[dict[str, Any]]]:
     calls: list[dict[str, Any]] = []
     content: list[str] = []
     last = 0
-    for match in _BLOCK.finditer(text):
-        try:
-            value = json.loads(match.group(1))
-        except (ValueError, RecursionError):
+    start = text.find(TOOL_CALL_OPEN)
+    while start >= 0:
+        found = _hermes_call(text, start + len(TOOL_CALL_OPEN), use.names)
+        if found is None:
+            start = text.find(TOOL_CALL_OPEN, start + 1)
             continue
-        if not isinstance(value, dict) or value.get("name") not in use.names \
-                or not isinstance(value.get("arguments"), dict):
-            continue
-        content.append(text[last:match.start()])
-        last = match.end()
-        calls.append(_call(value["name"], value["arguments"]))
+        (name, arguments), end = found
+        content.append(text[last:start])
+        calls.append(_call(name, arguments))
+        last = end
+        start = text.find(TOOL_CALL_OPEN, end)
     content.append(text[last:])
+    if not use.parallel:
+        calls = calls[:1]
     return "".join(content) if calls else text, calls
+
+
+def _hermes_call(text: str, at: int, names: frozenset[str]) -> tuple[tuple[str, dict[str, Any]], int] | None:
+    """The call whose JSON starts after `at` (whitespace skipped) and where its block ends: after
+    `</tool_call>`, or at the end of the text (a block cut by eos or a stop string), or None.
+    The JSON is decoded first, so a `</tool_call>` inside an argument string does not end it."""
+    at += len(text[at:]) - len(text[at:].lstrip())
+    try:
+        value, end = _DECODER.raw_decode(text, at)
+    except (ValueError, RecursionError):
+        return None
+    arguments = value.get("arguments") if isinstance(value, dict) else None
+    if isinstance(arguments, str):  # some models write the arguments as a JSON string
+        try:
+            arguments = json.loads(arguments)
+        except (ValueError, RecursionError):
+            return None
+    if not isinstance(value, dict) or value.get("name") not in names or not isinstance(arguments, dict):
+        return None
+    rest = text[end:].lstrip()
+    if rest.startswith(TOOL_CALL_CLOSE):
+        end = len(text) - len(rest) + len(TOOL_CALL_CLOSE)
+    elif rest:
+        return None
+    return (value["name"], arguments), end
 
 
 class ToolCallStream:
@@ -200,5 +249,7 @@ class ToolCallStream:
     def finish(self) -> tuple[str, list[dict[str, Any]]]:
         """(the content not streamed yet, the tool calls)."""
         content, calls = parse_output(self.use, self.text)
-        # held back from the first possible call on, so the streamed text is a prefix of the content
-        return content[self.sent:], calls
+        # held back from the first possible call on, so the streamed text is a prefix of the content;
+        # with calls, what is left is stripped as the whole reply's content is
+        rest = content[self.sent:]
+        return (rest.rstrip() if calls else rest), calls

@@ -108,7 +108,7 @@ class Tokenizer:
         try:
             ids: list[int] = self._tok.apply_chat_template(  # type: ignore[assignment]
                 messages, add_generation_prompt=add_generation_prompt, tokenize=True, return_dict=False, **extra)
-        except jinja2.TemplateError as exc:
+        except (jinja2.TemplateError, TypeError) as exc:  # TypeError: e.g. it adds a str to a tool call's dict
             raise InvalidRequestError(f"the chat template rejected the messages: {exc}") from exc
         return [int(i) for i in ids]
 

@@ -129,6 +129,35 @@ async def test_grpc_structured_output_equals_http(cluster: tuple[str, Cluster]) 
     Person.model_validate_json(http.choices[0].text)
 
 
+async def test_several_prompts_give_one_choice_each(cluster: tuple[str, Cluster]) -> None:
+    """A completions request of several prompts: choice i equals prompt i asked alone (greedy), whole
+    and streamed; usage is the sum; text_offset walks the tokens' text."""
+    _, running = cluster
+    prompts = ["The capital of France is", "1, 2, 3,", "Roses are red,"]
+    async with client_of(running) as client:
+        alone = [await client.completions.create(model="", prompt=p, max_tokens=8, temperature=0) for p in prompts]
+        together = await client.completions.create(model="", prompt=prompts, max_tokens=8, temperature=0, logprobs=0)
+        assert [c.index for c in together.choices] == [0, 1, 2]
+        assert [c.text for c in together.choices] == [a.choices[0].text for a in alone]
+        assert together.usage is not None
+        assert together.usage.completion_tokens == sum(a.usage.completion_tokens for a in alone if a.usage)
+        for choice in together.choices:
+            assert choice.logprobs is not None and choice.logprobs.tokens and choice.logprobs.text_offset
+            tokens, offsets = choice.logprobs.tokens, choice.logprobs.text_offset
+            assert offsets == [sum(len(t) for t in tokens[:i]) for i in range(len(tokens))]
+        stream = await client.completions.create(model="", prompt=prompts, max_tokens=8, temperature=0, stream=True,
+                                                 stream_options={"include_usage": True})
+        texts, ids, usage = ["", "", ""], set(), None
+        async for chunk in stream:
+            ids.add(chunk.id)
+            for c in chunk.choices:
+                texts[c.index] += c.text
+            usage = chunk.usage or usage
+        assert texts == [a.choices[0].text for a in alone] and len(ids) == 1
+        assert usage is not None and usage.completion_tokens == together.usage.completion_tokens
+    await assert_pools_clean(running)
+
+
 WEATHER = {"type": "function", "function": {
     "name": "get_weather", "description": "The current weather in a city",
     "parameters": {"type": "object", "additionalProperties": False, "required": ["city", "unit"], "properties": {

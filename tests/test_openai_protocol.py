@@ -161,13 +161,14 @@ def test_body_must_be_an_object(parse: Any, body: Any) -> None:
 
 
 @pytest.mark.parametrize(("body", "needle"), [
-    ({}, "'prompt' must be a non-empty string or an array of token ids"),
+    ({}, "'prompt' must be a non-empty string, an array of token ids"),
     ({"prompt": []}, "'prompt' must be a non-empty string"),
     ({"prompt": None}, "'prompt' must be"),
     ({"prompt": 5}, "'prompt' must be"),
-    ({"prompt": ["a", "b"]}, "one prompt per request"),
-    ({"prompt": [[1], [2]]}, "one prompt per request"),
-    ({"prompt": [True, False]}, "'prompt' must be a non-empty string or an array of token ids"),
+    ({"prompt": ["a"] * 65}, "at most 64 per request"),
+    ({"prompt": ["a", ""]}, "'prompt' must be a non-empty string"),
+    ({"prompt": [[1], []]}, "'prompt' must be a non-empty string"),
+    ({"prompt": [True, False]}, "'prompt' must be a non-empty string, an array of token ids"),
     ({"prompt": [155, 6099.0, 3381]}, r"an array of token ids \(integers\)"),  # found by tests/test_fuzz_http.py
     ({"prompt": "x", "n": 2}, "'n' must be 1"),
     ({"prompt": "x", "echo": True}, "'echo' is not supported"),
@@ -361,7 +362,7 @@ def test_logprobs_in_completion_and_chat_shapes() -> None:
     text = ResponseBuilder(completion(logprobs=2), "m", token_text)
     text.absorb(chunk)
     assert text.final()["choices"][0]["logprobs"] == {
-        "tokens": ["<7>"], "token_logprobs": [-0.5], "top_logprobs": [{"<7>": -0.5, "<8>": -1.0}], "text_offset": []}
+        "tokens": ["<7>"], "token_logprobs": [-0.5], "top_logprobs": [{"<7>": -0.5, "<8>": -1.0}], "text_offset": [0]}
     talk = ResponseBuilder(chat(logprobs=True, top_logprobs=1), "m", token_text)
     streamed = talk.stream_chunk(chunk, first=True)
     content = streamed["choices"][0]["logprobs"]["content"]
@@ -377,3 +378,11 @@ def test_unknown_fields_are_refused_by_name_and_null_ones_pass() -> None:
     with pytest.raises(BadRequest, match="'metadata', 'store'"):
         parse_chat({"messages": [{"role": "user", "content": "x"}], "store": True, "metadata": {"a": "b"}})
     parse_chat({"messages": [{"role": "user", "content": "x"}], "store": None, "functions": None})
+
+
+def test_several_prompts_are_one_request_each_with_the_same_parameters() -> None:
+    parsed = parse_completion({"prompt": ["a", [5, 6]], "max_tokens": 3, "logprobs": 1, "request_id": "r"})
+    assert [g.WhichOneof("input") for g in parsed.generates] == ["text", "token_ids"]
+    assert [g.request_id for g in parsed.generates] == ["r-0", "r-1"]
+    assert all(g.sampling.max_tokens == 3 and g.sampling.logprobs == 1 for g in parsed.generates)
+    assert parse_completion({"prompt": ["a"]}).generates == (parse_completion({"prompt": "a"}).generate,)

@@ -12,6 +12,8 @@ import pytest
 
 from cluster.openai_fields import BadRequest
 from cluster.openai_protocol import ResponseBuilder, parse_chat
+from engine.grammar import check_structured
+from engine.structured_output import StructuredOutput
 from engine.tokenizer import Tokenizer
 from tandem.v1 import inference_pb2 as pb
 from worker_runtime.convert import chat_from_proto
@@ -68,6 +70,28 @@ def test_required_and_named_choices_force_a_schema() -> None:
     assert none.tools is None and not none.generate.chat.tools
 
 
+def test_nested_models_keep_their_definitions() -> None:
+    """Pydantic's nested models refer to `#/$defs/...`: the definitions move to the forcing
+    schema's root, where the references still resolve."""
+    inner = {"type": "object", "required": ["city"], "properties": {"city": {"type": "string"}}}
+    address = {"$defs": {"Address": inner}, "type": "object", "required": ["home"],
+               "properties": {"home": {"$ref": "#/$defs/Address"}}}
+    tool = {"type": "function", "function": {"name": "move", "parameters": address}}
+    for choice in ("required", {"type": "function", "function": {"name": "move"}}):
+        parsed = parse_chat({"messages": ASK, "tools": [tool, WEATHER], "tool_choice": choice})
+        schema = json.loads(parsed.generate.sampling.structured.json_schema)
+        call = {"name": "move", "arguments": {"home": {"city": "Oslo"}}}
+        jsonschema.validate([call] if choice == "required" else call, schema)
+        with pytest.raises(jsonschema.ValidationError):
+            jsonschema.validate([{"name": "move", "arguments": {"home": {}}}] if choice == "required" else
+                                {"name": "move", "arguments": {"home": {}}}, schema)
+        check_structured(StructuredOutput("json_schema", json.dumps(schema)))  # xgrammar resolves it too
+    other = {"type": "function", "function": {"name": "stay", "parameters": {
+        **address, "$defs": {"Address": {"type": "string"}}}}}
+    with pytest.raises(BadRequest, match="differently"):
+        parse_chat({"messages": ASK, "tools": [tool, other], "tool_choice": "required"})
+
+
 def test_forced_calls_are_parsed() -> None:
     choice = final('[{"name": "weather", "arguments": {"city": "Paris"}}]', tools=[WEATHER], tool_choice="required")
     assert choice["finish_reason"] == "tool_calls" and choice["message"]["content"] is None
@@ -76,6 +100,7 @@ def test_forced_calls_are_parsed() -> None:
     named = final('{"name": "clock", "arguments": {}}', tools=[WEATHER, CLOCK],
                   tool_choice={"type": "function", "function": {"name": "clock"}})
     assert named["message"]["tool_calls"][0]["function"]["name"] == "clock"
+    assert named["finish_reason"] == "stop"  # as OpenAI and vLLM say for a named function
     cut = final('[{"name": "weather", "argu', tools=[WEATHER], tool_choice="required")  # max_tokens cut it
     assert "tool_calls" not in cut["message"] and cut["message"]["content"] == '[{"name": "weather", "argu'
 
@@ -87,6 +112,13 @@ def test_auto_calls_are_parsed_from_hermes_blocks() -> None:
     assert choice["finish_reason"] == "tool_calls" and choice["message"]["content"] == "Let me look."
     cities = [json.loads(c["function"]["arguments"])["city"] for c in choice["message"]["tool_calls"]]
     assert cities == ["Paris", "Rome"]
+    tricky = final('<tool_call>{"name": "weather", "arguments": {"city": "</tool_call>"}}</tool_call> then '
+                   '<tool_call>\n{"name": "weather", "arguments": "{\\"city\\": \\"Oslo\\"}"}', tools=[WEATHER])
+    assert [json.loads(c["function"]["arguments"])["city"] for c in tricky["message"]["tool_calls"]] == \
+        ["</tool_call>", "Oslo"]  # a closing tag inside a string; arguments as a JSON string; an unclosed block
+    assert tricky["message"]["content"] == "then"
+    single = final(text, tools=[WEATHER], parallel_tool_calls=False)
+    assert len(single["message"]["tool_calls"]) == 1
     for bad in ('<tool_call>{"name": "nope", "arguments": {}}</tool_call>',  # not one of the tools
                 '<tool_call>{"name": "weather", "arguments": </tool_call>',  # not JSON
                 "It is sunny."):

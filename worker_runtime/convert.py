@@ -51,6 +51,9 @@ def chat_from_proto(chat: pb.ChatInput) -> tuple[list[dict[str, Any]], list[dict
         if msg.tool_call_id:
             message["tool_call_id"] = msg.tool_call_id
         messages.append(message)
+    names = [t.name for t in chat.tools]
+    if not all(names) or len(set(names)) < len(names):
+        raise InvalidRequestError("every tool needs a name, and no two the same")
     tools = [{"type": "function", "function": {
         "name": t.name, "description": t.description,
         "parameters": _json_object(t.parameters, f"tools[{k}].parameters") if t.parameters else
