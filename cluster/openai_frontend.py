@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import importlib.resources
 import json
 import logging
@@ -24,7 +25,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from cluster.json_body import decode_json
 from cluster.openai_protocol import BadRequest, OpenAIRequest, ResponseBuilder, parse_chat, parse_completion
 from cluster.openai_tokenize import detokenize, tokenize
-from cluster.router_core import RouterCore, RouterError, healthy
+from cluster.router_core import PreparedRequest, RouterCore, RouterError, healthy
 
 log = logging.getLogger(__name__)
 # this API's OpenAPI 3.1 description, served at /openapi.json (tests/test_openapi_schema.py keeps it true)
@@ -80,16 +81,19 @@ class OpenAIFrontend:
             # (min_tokens may be above 16), then cut to what the prompt leaves
             to_the_end = parsed.kind == "chat" and not parsed.generate.sampling.HasField("max_tokens") and context
             if to_the_end:
-                parsed.generate.sampling.max_tokens = context
-            prepared = self.core.prepare(parsed.generate)
+                for one in parsed.generates:
+                    one.sampling.max_tokens = context
+            every = [self.core.prepare(one) for one in parsed.generates]
         except BadRequest as e:
             return error_response(400, str(e))
         except RouterError as e:
             return self._refusal(e)
         if to_the_end:
-            prepared.sampling.max_tokens = context - len(prepared.prompt_token_ids)
+            for ready in every:
+                ready.sampling.max_tokens = context - len(ready.prompt_token_ids)
         if parsed.several:
-            return await self._serve_several(request, parsed)
+            return await self._serve_several(request, parsed, every)
+        prepared = every[0]
         builder = ResponseBuilder(parsed, self.core.model_name, self._token_text)
         async with contextlib.aclosing(self.core.generate(prepared)) as chunks:  # closing cancels the request
             try:
@@ -102,18 +106,23 @@ class OpenAIFrontend:
                 return await self._whole(builder, first, chunks)
             return await self._sse(request, parsed, builder, first, chunks)
 
-    async def _serve_several(self, request: web.Request, parsed: OpenAIRequest) -> web.StreamResponse:
-        """A completion of several prompts: each runs as its own request, choice i from prompt i;
-        the status is settled once every one has its first chunk; usage is summed."""
-        try:
-            prepared = [self.core.prepare(one) for one in parsed.generates]
-        except RouterError as e:
-            return self._refusal(e)
+    async def _serve_several(self, request: web.Request, parsed: OpenAIRequest,
+                             prepared: list[PreparedRequest]) -> web.StreamResponse:
+        """Several prompts, or n > 1: each choice runs as its own request, choice i from request i;
+        the status is settled once every one has its first chunk; usage is summed. With n > 1 the
+        other choices start once choice 0 has its first token, on the decode worker that holds the
+        prompt's KV, which prefills them from its prefix cache."""
         builders = [ResponseBuilder(parsed, self.core.model_name, self._token_text) for _ in prepared]
         async with contextlib.AsyncExitStack() as stack:  # closing cancels every request
-            streams = [await stack.enter_async_context(contextlib.aclosing(self.core.generate(p))) for p in prepared]
+            streams = [await stack.enter_async_context(contextlib.aclosing(self.core.generate(p)))
+                       for p in prepared[:1 if parsed.shared_prompt else None]]
             try:
-                firsts = [await anext(s) for s in streams]
+                firsts = [await anext(streams[0])]
+                if parsed.shared_prompt:  # choice 0's first token: its prompt's KV is on that worker now
+                    holder = self.core.serving_worker(prepared[0].internal_id)
+                    streams += [await stack.enter_async_context(contextlib.aclosing(self.core.generate(
+                        dataclasses.replace(p, follow_worker=holder)))) for p in prepared[1:]]
+                firsts += [await anext(s) for s in streams[1:]]
             except RouterError as e:
                 return self._refusal(e)
             except StopAsyncIteration:

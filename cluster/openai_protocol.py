@@ -1,5 +1,5 @@
 """OpenAI-compatible request bodies → tandem.v1 GenerateRequest, and our chunks → OpenAI response
-objects. Anything we cannot honour exactly (n > 1, echo, best_of, any field not listed here) is
+objects. Anything we cannot honour exactly (echo, best_of, any field not listed here) is
 refused with a 400 naming it rather than silently ignored; `user` alone is accepted without effect
 (OpenAI uses it for abuse monitoring; cluster/openapi.json says so)."""
 
@@ -35,6 +35,7 @@ _FLOAT32_MAX = 3.4028234663852886e38  # SamplingParameters' float fields hold no
 _INT_RANGES = {FieldDescriptor.CPPTYPE_INT32: "-2147483648 to 2147483647", FieldDescriptor.CPPTYPE_UINT32:
                "0 to 4294967295", FieldDescriptor.CPPTYPE_UINT64: "0 to 18446744073709551615"}
 MAX_PROMPTS = 64  # prompts in one completions request
+MAX_CHOICES = 64  # n
 # the fields each parser knows (a body with any other is refused, naming it)
 _COMMON_FIELDS = ("model", "request_id", "timeout", "priority", *_SAMPLING_FIELDS, "max_tokens",
                   "max_completion_tokens", "stop", "stop_token_ids", "ignore_eos", "n", "best_of", "stream",
@@ -122,10 +123,11 @@ def _sampling(body: dict[str, Any], default_max_tokens: int | None) -> pb.Sampli
             raise BadRequest("'stop_token_ids' holds an id outside the int32 range")
     params.stop_token_ids.extend(stop_ids)
     params.ignore_eos = _field(body, "ignore_eos", bool, False)
-    if _field(body, "n", int, 1) != 1:
-        raise BadRequest("'n' must be 1: send one request per completion")
+    n = _field(body, "n", int, 1)
+    if not 1 <= n <= MAX_CHOICES:
+        raise BadRequest(f"'n' must be between 1 and {MAX_CHOICES}")
     if _field(body, "best_of", int, 1) != 1:
-        raise BadRequest("'best_of' is not supported")
+        raise BadRequest("'best_of' is not supported (ranking extra samples by logprob)")
     read_constraints(body, params)
     return params
 
@@ -139,7 +141,8 @@ class OpenAIRequest:
     logprobs: int | None  # top alternatives per token when asked
     model: str = ""
     tools: ToolUse | None = None  # chat with tools: the output is read for tool calls
-    several: tuple[pb.GenerateRequest, ...] = ()  # a completion of several prompts: one request each
+    several: tuple[pb.GenerateRequest, ...] = ()  # several prompts, or n > 1: one request per choice
+    shared_prompt: bool = False  # n > 1: every choice has the same prompt (prefilled once)
 
     @property
     def generates(self) -> tuple[pb.GenerateRequest, ...]:
@@ -225,8 +228,12 @@ def parse_completion(body: Any) -> OpenAIRequest:
         request.sampling.logprobs = logprobs
     for one in several:
         one.sampling.CopyFrom(request.sampling)
+    n = _field(body, "n", int, 1)
+    if several and n > 1:
+        raise BadRequest("'n' above 1 takes one prompt: send the prompts as separate requests")
     stream, usage = _stream_flags(body)
-    return OpenAIRequest("completion", request, stream, usage, logprobs, request.model, several=several)
+    return OpenAIRequest("completion", request, stream, usage, logprobs, request.model,
+                         several=several or _choices(request, n), shared_prompt=n > 1)
 
 
 @_bad_values_are_bad_requests
@@ -242,7 +249,26 @@ def parse_chat(body: Any) -> OpenAIRequest:
         logprobs = top_logprobs
         request.sampling.logprobs = logprobs
     stream, usage = _stream_flags(body)
-    return OpenAIRequest("chat", request, stream, usage, logprobs, request.model, tools)
+    n = _field(body, "n", int, 1)
+    return OpenAIRequest("chat", request, stream, usage, logprobs, request.model, tools, _choices(request, n),
+                         shared_prompt=n > 1)
+
+
+def _choices(request: pb.GenerateRequest, n: int) -> tuple[pb.GenerateRequest, ...]:
+    """n > 1: n copies of the request; choice i of a seeded one draws with seed + i (mod 2**64),
+    so a seeded request gives the same n texts every time."""
+    if n == 1:
+        return ()
+    copies = []
+    for i in range(n):
+        one = pb.GenerateRequest()
+        one.CopyFrom(request)
+        if request.sampling.HasField("seed"):
+            one.sampling.seed = (request.sampling.seed + i) % 2**64
+        if request.request_id:
+            one.request_id = f"{request.request_id}-{i}"
+        copies.append(one)
+    return tuple(copies)
 
 
 def read_messages(messages: Any) -> list[pb.ChatMessage]:

@@ -54,6 +54,9 @@ class PreparedRequest:
     sampling: pb.SamplingParameters
     timeout_s: float
     priority: int
+    # n > 1: the decode worker that holds the shared prompt's KV (choice 0's): this request goes
+    # there and prefills from its prefix cache, so one prefill and one KV transfer serve every choice
+    follow_worker: str = ""
 
 
 class RouterCore:
@@ -61,6 +64,7 @@ class RouterCore:
                  max_inflight: int, request_timeout_s: float, retry_after_s: int = 1) -> None:
         self.pool = pool
         self.tokenizer = tokenizer
+        self._serving: dict[str, str] = {}  # internal id -> the decode worker of its current attempt
         self.policy = policy
         self._served_name = served_model_name
         self.max_inflight = max_inflight
@@ -164,6 +168,7 @@ class RouterCore:
             raise
         finally:
             self.inflight -= 1
+            self._serving.pop(req.internal_id, None)
             m.INFLIGHT.dec()
             m.REQUESTS.labels(outcome).inc()
 
@@ -181,13 +186,15 @@ class RouterCore:
         attempt = losses = 0
         while True:
             try:
-                route = self._route(hashes, tried, with_prefill=not streamed)
+                follow = req.follow_worker if not tried else ""
+                route = self._route(hashes, tried, with_prefill=not streamed and not follow, prefer=follow)
             except RouterError as no_worker:
                 if streamed:
                     raise RouterError(grpc.StatusCode.UNAVAILABLE, f"the decode worker was lost after {len(streamed)} "
                                       f"tokens and none could continue: {(refused or no_worker).message}") from None
                 raise (refused or no_worker) from None
             tried.add(route.decode.worker_id)
+            self._serving[req.internal_id] = route.decode.worker_id
             route.decode.inflight += 1
             prefilling = list(route.prefill[:1])  # counted against the prefill worker until the first token
             for p in prefilling:
@@ -228,10 +235,16 @@ class RouterCore:
                 for p in prefilling:
                     p.inflight -= 1
 
-    def _route(self, hashes: list[int], exclude: set[str], with_prefill: bool) -> Route:
+    def serving_worker(self, internal_id: str) -> str:
+        """The decode worker a request in flight is on now ("" before it is routed, or after)."""
+        return self._serving.get(internal_id, "")
+
+    def _route(self, hashes: list[int], exclude: set[str], with_prefill: bool, prefer: str = "") -> Route:
         decode_pool = [w for w in self.pool.workers("decode", "both") if w.worker_id not in exclude]
         if not decode_pool:
             raise RouterError(grpc.StatusCode.UNAVAILABLE, "no decode (or aggregated) worker is available")
+        preferred = [w for w in decode_pool if w.worker_id == prefer]
+        decode_pool = preferred or decode_pool  # gone: routed as any request
         route = self.policy.route(decode_pool, self.pool.workers("prefill") if with_prefill else [], hashes)
         m.ROUTED.labels("decode", route.decode.worker_id).inc()
         first = route.prefill[0] if route.prefill else route.decode

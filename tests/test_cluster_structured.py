@@ -158,6 +158,40 @@ async def test_several_prompts_give_one_choice_each(cluster: tuple[str, Cluster]
     await assert_pools_clean(running)
 
 
+async def test_n_choices_prefill_once(cluster: tuple[str, Cluster]) -> None:
+    """n = 4: four choices; greedy ones are equal, seeded ones the same on every run. Choices 1..3
+    start from the prompt's KV that choice 0 left on its decode worker (the prefix cache serves
+    their full blocks), so under disaggregation one remote prefill serves all four."""
+    config, running = cluster
+    messages = [{"role": "user", "content": "Write one sentence about the sea and the wind."}]
+    decode = running.role("decode" if config == "1P+1D" else "both")[0]
+    remote_before = metric(worker_metrics(decode), "tandem_disaggregation_decisions_total", decision="remote") \
+        if config == "1P+1D" else 0.0
+    async with client_of(running) as client:
+        greedy = await client.chat.completions.create(model="", messages=messages, n=4, temperature=0,  # type: ignore[arg-type]
+                                                      max_tokens=12)
+        assert [c.index for c in greedy.choices] == [0, 1, 2, 3]
+        assert len({c.message.content for c in greedy.choices}) == 1
+        assert greedy.usage is not None and greedy.usage.prompt_tokens_details is not None
+        per_choice = greedy.usage.prompt_tokens // 4
+        cached = greedy.usage.prompt_tokens_details.cached_tokens or 0
+        assert cached >= 3 * (per_choice // 16 * 16) > 0, (cached, per_choice)
+        if config == "1P+1D":  # a prompt new to the cluster: one remote prefill for the four choices
+            remote = metric(worker_metrics(decode), "tandem_disaggregation_decisions_total", decision="remote")
+            assert remote - remote_before == 1
+        runs = []
+        for _ in range(2):
+            sampled = await client.chat.completions.create(model="", messages=messages, n=4, temperature=1.0,  # type: ignore[arg-type]
+                                                           seed=7, max_tokens=12, stream=True)
+            texts = ["", "", "", ""]
+            async for chunk in sampled:
+                for c in chunk.choices:
+                    texts[c.index] += c.delta.content or ""
+            runs.append(texts)
+        assert runs[0] == runs[1] and all(runs[0])
+    await assert_pools_clean(running)
+
+
 WEATHER = {"type": "function", "function": {
     "name": "get_weather", "description": "The current weather in a city",
     "parameters": {"type": "object", "additionalProperties": False, "required": ["city", "unit"], "properties": {
@@ -202,7 +236,8 @@ async def test_a_tool_round_trip(cluster: tuple[str, Cluster], choice: str, stre
     async with client_of(running) as client:
         content, calls, reason = await _call_tools(client, messages, stream, tools=[WEATHER, CLOCK],
                                                    tool_choice=tool_choice, parallel_tool_calls=False)
-        assert reason == "tool_calls" and len(calls) == 1 and not content
+        assert reason == ("tool_calls" if choice == "required" else "stop")  # OpenAI's for a named function
+        assert len(calls) == 1 and not content
         assert calls[0]["name"] in ("get_weather", "get_time") and calls[0]["id"].startswith("call_")
         schema = (WEATHER if calls[0]["name"] == "get_weather" else CLOCK)["function"]["parameters"]
         jsonschema.validate(json.loads(calls[0]["arguments"]), schema)
@@ -234,7 +269,7 @@ async def test_tools_render_into_the_prompt(cluster: tuple[str, Cluster]) -> Non
     ({"tool_choice": "required"}, "needs 'tools'"),
     ({"tools": [{"type": "function", "function": {"name": "no spaces"}}]}, "tools[0].function.name"),
     ({"tools": [WEATHER], "tool_choice": "required", "response_format": {"type": "json_object"}}, "tool_choice"),
-    ({"n": 2}, "'n'"),
+    ({"n": 65}, "'n'"),
     ({"suffix": "x"}, "suffix"),
     ({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": 5}}}}, "json_schema"),
     ({"guided_regex": "a(b"}, "regex"),

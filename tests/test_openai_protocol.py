@@ -170,7 +170,8 @@ def test_body_must_be_an_object(parse: Any, body: Any) -> None:
     ({"prompt": [[1], []]}, "'prompt' must be a non-empty string"),
     ({"prompt": [True, False]}, "'prompt' must be a non-empty string, an array of token ids"),
     ({"prompt": [155, 6099.0, 3381]}, r"an array of token ids \(integers\)"),  # found by tests/test_fuzz_http.py
-    ({"prompt": "x", "n": 2}, "'n' must be 1"),
+    ({"prompt": "x", "n": 65}, "'n' must be between 1 and 64"),
+    ({"prompt": ["x", "y"], "n": 2}, "'n' above 1 takes one prompt"),
     ({"prompt": "x", "echo": True}, "'echo' is not supported"),
     ({"prompt": "x", "best_of": 2}, "'best_of' is not supported"),
     ({"prompt": "x", "temperature": "hot"}, "'temperature' must be an integer or a number, got str"),
@@ -210,7 +211,7 @@ def test_bad_completion_bodies_are_refused(body: dict[str, Any], needle: str) ->
     ({"messages": [{"role": "user", "content": "x"}], "logprobs": 3}, "'logprobs' must be a boolean"),
     ({"messages": [{"role": "user", "content": "x"}], "logprobs": True, "top_logprobs": 21},
      "'top_logprobs' must be between 0 and 20"),
-    ({"messages": [{"role": "user", "content": "x"}], "n": 3}, "'n' must be 1"),
+    ({"messages": [{"role": "user", "content": "x"}], "n": 0}, "'n' must be between 1 and 64"),
 ])
 def test_bad_chat_bodies_are_refused(body: dict[str, Any], needle: str) -> None:
     """Bad messages or chat-specific fields raise BadRequest saying what is wrong."""
@@ -386,3 +387,12 @@ def test_several_prompts_are_one_request_each_with_the_same_parameters() -> None
     assert [g.request_id for g in parsed.generates] == ["r-0", "r-1"]
     assert all(g.sampling.max_tokens == 3 and g.sampling.logprobs == 1 for g in parsed.generates)
     assert parse_completion({"prompt": ["a"]}).generates == (parse_completion({"prompt": "a"}).generate,)
+
+
+def test_n_choices_share_the_prompt_and_derive_their_seeds() -> None:
+    seeded = parse_chat({"messages": [{"role": "user", "content": "x"}], "n": 3, "seed": 2**64 - 2, "request_id": "r"})
+    assert seeded.shared_prompt and [g.sampling.seed for g in seeded.generates] == [2**64 - 2, 2**64 - 1, 0]
+    assert [g.request_id for g in seeded.generates] == ["r-0", "r-1", "r-2"]
+    unseeded = parse_completion({"prompt": "x", "n": 2})
+    assert [g.sampling.HasField("seed") for g in unseeded.generates] == [False, False]
+    assert not parse_completion({"prompt": "x", "n": 1}).several
