@@ -15,8 +15,8 @@ import importlib.resources
 import json
 import logging
 import time
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
 
 import grpc
 from aiohttp import web
@@ -28,6 +28,7 @@ from cluster.openai_tokenize import detokenize, tokenize
 from cluster.router_core import PreparedRequest, RouterCore, RouterError, healthy
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 # this API's OpenAPI 3.1 description, served at /openapi.json (tests/test_openapi_schema.py keeps it true)
 OPENAPI_SCHEMA = importlib.resources.files("cluster").joinpath("openapi.json").read_bytes()
 
@@ -108,67 +109,85 @@ class OpenAIFrontend:
 
     async def _serve_several(self, request: web.Request, parsed: OpenAIRequest,
                              prepared: list[PreparedRequest]) -> web.StreamResponse:
-        """Several prompts, or n > 1: each choice runs as its own request, choice i from request i;
-        the status is settled once every one has its first chunk; usage is summed. With n > 1 the
-        other choices start once choice 0 has its first token, on the decode worker that holds the
-        prompt's KV, which prefills them from its prefix cache."""
+        """Several prompts, or n > 1: each choice runs as its own request, choice i from request i,
+        all started at once; the status is settled once every one has its first chunk, and the first
+        error ends them all. With n > 1 the other choices start once choice 0 has its first token, on
+        the decode worker that holds the prompt's KV, which prefills them from its prefix cache."""
+        if len(prepared) > self.core.max_inflight:
+            return error_response(400, f"{len(prepared)} choices are more than the router runs at once "
+                                       f"({self.core.max_inflight}): ask for fewer")
         builders = [ResponseBuilder(parsed, self.core.model_name, self._token_text) for _ in prepared]
+        response_id = ("chatcmpl-" if parsed.kind == "chat" else "cmpl-") + (
+            parsed.generate.request_id or prepared[0].request_id)
+        for builder in builders:
+            builder.id = response_id
         async with contextlib.AsyncExitStack() as stack:  # closing cancels every request
-            streams = [await stack.enter_async_context(contextlib.aclosing(self.core.generate(p)))
-                       for p in prepared[:1 if parsed.shared_prompt else None]]
+            async def start(one: PreparedRequest) -> Any:
+                return await stack.enter_async_context(contextlib.aclosing(self.core.generate(one)))
+            streams = [await start(p) for p in (prepared[:1] if parsed.shared_prompt else prepared)]
             try:
-                firsts = [await anext(streams[0])]
+                firsts = await _all_or_none([anext(s) for s in streams])
                 if parsed.shared_prompt:  # choice 0's first token: its prompt's KV is on that worker now
                     holder = self.core.serving_worker(prepared[0].internal_id)
-                    streams += [await stack.enter_async_context(contextlib.aclosing(self.core.generate(
-                        dataclasses.replace(p, follow_worker=holder)))) for p in prepared[1:]]
-                firsts += [await anext(s) for s in streams[1:]]
+                    followers = [await start(dataclasses.replace(p, follow_worker=holder)) for p in prepared[1:]]
+                    firsts += await _all_or_none([anext(s) for s in followers])
+                    streams += followers
+                if not parsed.stream:
+                    await _all_or_none([_absorb_all(b, f, s) for b, f, s in zip(builders, firsts, streams,
+                                                                                 strict=True)])
             except RouterError as e:
                 return self._refusal(e)
             except StopAsyncIteration:
                 return error_response(500, "the worker ended the stream without a result")
             if not parsed.stream:
-                try:
-                    await asyncio.gather(*(_absorb_all(b, f, s) for b, f, s in zip(builders, firsts, streams,
-                                                                                    strict=True)))
-                except RouterError as e:
-                    return self._refusal(e)
                 body = builders[0].final()
                 body["choices"] = [{**b.final()["choices"][0], "index": i} for i, b in enumerate(builders)]
-                body["usage"] = _summed_usage(builders)
+                body["usage"] = _usage(builders, parsed.shared_prompt)
                 return web.json_response(body)
-            response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
-            await response.prepare(request)
-            events: asyncio.Queue[dict[str, Any] | None] = asyncio.Queue()
+            return await self._sse_several(request, parsed, builders, firsts, streams)
 
-            async def pump(i: int) -> None:
-                try:
-                    events.put_nowait(_indexed(builders[i].stream_chunk(firsts[i], first=True), i, builders[0].id))
-                    async for chunk in streams[i]:
-                        events.put_nowait(_indexed(builders[i].stream_chunk(chunk, first=False), i, builders[0].id))
-                except RouterError as e:
-                    events.put_nowait(error_body(HTTP_STATUS.get(e.code, 500), e.message))
-                finally:
-                    events.put_nowait(None)
+    async def _sse_several(self, request: web.Request, parsed: OpenAIRequest, builders: list[ResponseBuilder],
+                           firsts: list[Any], streams: list[Any]) -> web.StreamResponse:
+        """The choices' chunks interleaved as they come; the first error is the stream's last event."""
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
+        await response.prepare(request)
+        events: asyncio.Queue[tuple[int, Any]] = asyncio.Queue()  # (choice, chunk or None at its end); (-1, error)
 
-            pumps = [asyncio.create_task(pump(i)) for i in range(len(streams))]
+        async def pump(i: int) -> None:
             try:
-                done = 0
-                while done < len(pumps):
-                    event = await events.get()
-                    if event is None:
-                        done += 1
-                    else:
-                        await _event(response, event)
-            finally:  # the client went away: stop reading before the streams are closed
-                for task in pumps:
-                    task.cancel()
-                await asyncio.gather(*pumps, return_exceptions=True)
-            if parsed.include_usage:
-                await _event(response, {**builders[0].usage_chunk(), "usage": _summed_usage(builders)})
-            await response.write(b"data: [DONE]\n\n")
-            await response.write_eof()
-            return response
+                events.put_nowait((i, firsts[i]))
+                async for chunk in streams[i]:
+                    events.put_nowait((i, chunk))
+                events.put_nowait((i, None))
+            except RouterError as e:
+                events.put_nowait((-1, error_body(HTTP_STATUS.get(e.code, 500), e.message)))
+            except Exception as e:  # reported to the client as the stream's last event, and logged
+                log.exception("choice %d of %s failed", i, builders[i].id)
+                events.put_nowait((-1, error_body(500, f"choice {i} failed: {e}")))
+
+        pumps = [asyncio.create_task(pump(i)) for i in range(len(streams))]
+        failed = False
+        try:
+            running, sent_first = len(pumps), [False] * len(pumps)
+            while running and not failed:
+                i, item = await events.get()
+                if i < 0:
+                    await _event(response, item)
+                    failed = True
+                elif item is None:
+                    running -= 1
+                else:
+                    await _event(response, _indexed(builders[i].stream_chunk(item, first=not sent_first[i]), i))
+                    sent_first[i] = True
+        finally:  # an error, or the client went away: stop every choice before its stream is closed
+            for task in pumps:
+                task.cancel()
+            await asyncio.gather(*pumps, return_exceptions=True)
+        if parsed.include_usage and not failed:
+            await _event(response, {**builders[0].usage_chunk(), "usage": _usage(builders, parsed.shared_prompt)})
+        await response.write(b"data: [DONE]\n\n")
+        await response.write_eof()
+        return response
 
     async def _whole(self, builder: ResponseBuilder, first: Any, chunks: Any) -> web.Response:
         builder.absorb(first)
@@ -247,23 +266,42 @@ async def _absorb_all(builder: ResponseBuilder, first: Any, chunks: Any) -> None
         builder.absorb(chunk)
 
 
-def _indexed(body: dict[str, Any], index: int, response_id: str) -> dict[str, Any]:
+def _indexed(body: dict[str, Any], index: int) -> dict[str, Any]:
     """A choice's stream chunk as choice `index` of the one response."""
-    body["id"] = response_id
     for choice in body["choices"]:
         choice["index"] = index
     return body
 
 
-def _summed_usage(builders: list[ResponseBuilder]) -> dict[str, Any] | None:
+async def _all_or_none(awaitables: list[Awaitable[T]]) -> list[T]:
+    """Every result, run concurrently; the first failure cancels (and waits for) the rest and is raised."""
+    tasks = [asyncio.ensure_future(a) for a in awaitables]
+    try:
+        await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
+        for task in tasks:
+            error = task.exception() if task.done() else None
+            if error is not None:
+                raise error
+        return [task.result() for task in tasks]
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
+def _usage(builders: list[ResponseBuilder], shared_prompt: bool) -> dict[str, Any] | None:
+    """The choices' usage: completion tokens summed; prompt (and cached) tokens summed over several
+    prompts, counted once for n choices of one prompt (as OpenAI bills them)."""
     usages = [b.usage for b in builders]
-    if any(u is None for u in usages):
+    counted = [u for u in usages if u is not None]
+    if len(counted) < len(usages):
         return None
-    prompt = sum(u["prompt_tokens"] for u in usages if u)
-    completion = sum(u["completion_tokens"] for u in usages if u)
-    cached = sum(u["prompt_tokens_details"]["cached_tokens"] for u in usages if u)
+    prompts = counted[:1] if shared_prompt else counted
+    prompt = sum(u["prompt_tokens"] for u in prompts)
+    completion = sum(u["completion_tokens"] for u in counted)
     return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
-            "prompt_tokens_details": {"cached_tokens": cached}}
+            "prompt_tokens_details": {"cached_tokens": sum(u["prompt_tokens_details"]["cached_tokens"]
+                                                           for u in prompts)}}
 
 
 async def _event(response: web.StreamResponse, body: dict[str, Any]) -> None:

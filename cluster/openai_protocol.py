@@ -205,7 +205,8 @@ def parse_completion(body: Any) -> OpenAIRequest:
     request, body = _common(body, "completion", 16)
     prompt = body.get("prompt")
     several: tuple[pb.GenerateRequest, ...] = ()
-    if isinstance(prompt, list) and prompt and all(isinstance(p, (str, list)) for p in prompt):
+    if isinstance(prompt, list) and prompt and (all(isinstance(p, str) for p in prompt)
+                                                or all(isinstance(p, list) for p in prompt)):
         if len(prompt) > MAX_PROMPTS:
             raise BadRequest(f"'prompt' holds {len(prompt)} prompts: at most {MAX_PROMPTS} per request")
         if len(prompt) > 1:  # one choice each, index i for prompt i; the same parameters

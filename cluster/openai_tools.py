@@ -78,7 +78,10 @@ def _forcing_schema(names: list[str], schemas: dict[str, dict[str, Any]], single
     for name in names:
         parameters = dict(schemas[name])
         for key, found in lifted.items():
-            for def_name, definition in (parameters.pop(key, None) or {}).items():
+            definitions = parameters.pop(key, None) or {}
+            if not isinstance(definitions, dict):
+                raise BadRequest(f"tool {name!r}: '{key}' must be an object of schemas")
+            for def_name, definition in definitions.items():
                 if found.setdefault(def_name, definition) != definition:
                     raise BadRequest(f"tools define '{key}/{def_name}' differently: rename one")
         calls.append(_call_schema(name, parameters))
@@ -213,7 +216,8 @@ def _hermes_call(text: str, at: int, names: frozenset[str]) -> tuple[tuple[str, 
             arguments = json.loads(arguments)
         except (ValueError, RecursionError):
             return None
-    if not isinstance(value, dict) or value.get("name") not in names or not isinstance(arguments, dict):
+    name = value.get("name") if isinstance(value, dict) else None
+    if not isinstance(name, str) or name not in names or not isinstance(arguments, dict):
         return None
     rest = text[end:].lstrip()
     if rest.startswith(TOOL_CALL_CLOSE):

@@ -186,8 +186,8 @@ class RouterCore:
         attempt = losses = 0
         while True:
             try:
-                follow = req.follow_worker if not tried else ""
-                route = self._route(hashes, tried, with_prefill=not streamed and not follow, prefer=follow)
+                follow = req.follow_worker if not tried else ""  # a retry or migration: any worker
+                route = self._route(hashes, tried, with_prefill=not streamed, prefer=follow)
             except RouterError as no_worker:
                 if streamed:
                     raise RouterError(grpc.StatusCode.UNAVAILABLE, f"the decode worker was lost after {len(streamed)} "
@@ -244,7 +244,8 @@ class RouterCore:
         if not decode_pool:
             raise RouterError(grpc.StatusCode.UNAVAILABLE, "no decode (or aggregated) worker is available")
         preferred = [w for w in decode_pool if w.worker_id == prefer]
-        decode_pool = preferred or decode_pool  # gone: routed as any request
+        if preferred:  # it holds the prompt's KV: it prefills from its prefix cache, no prefill worker
+            decode_pool, with_prefill = preferred, False
         route = self.policy.route(decode_pool, self.pool.workers("prefill") if with_prefill else [], hashes)
         m.ROUTED.labels("decode", route.decode.worker_id).inc()
         first = route.prefill[0] if route.prefill else route.decode

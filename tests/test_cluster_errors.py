@@ -87,7 +87,7 @@ async def test_bad_grpc_requests(cluster: Cluster, request_: pb.GenerateRequest,
 
 BAD_HTTP = [
     ("/v1/completions", b"{not json", 400, "JSON"),
-    ("/v1/completions", b'{"prompt": "hi", "n": 2}', 400, "'n'"),
+    ("/v1/completions", b'{"prompt": "hi", "n": 65}', 400, "'n'"),
     ("/v1/completions", b'{"prompt": "hi", "temperature": "hot"}', 400, "temperature"),
     ("/v1/completions", b'{"prompt": [5, 1000000]}', 400, "vocabulary"),
     ("/v1/completions", b'{"prompt": "hi", "model": "gpt-9"}', 404, "gpt-9"),

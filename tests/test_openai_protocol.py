@@ -167,6 +167,7 @@ def test_body_must_be_an_object(parse: Any, body: Any) -> None:
     ({"prompt": 5}, "'prompt' must be"),
     ({"prompt": ["a"] * 65}, "at most 64 per request"),
     ({"prompt": ["a", ""]}, "'prompt' must be a non-empty string"),
+    ({"prompt": ["a", [1, 2]]}, "'prompt' must be a non-empty string"),  # mixed
     ({"prompt": [[1], []]}, "'prompt' must be a non-empty string"),
     ({"prompt": [True, False]}, "'prompt' must be a non-empty string, an array of token ids"),
     ({"prompt": [155, 6099.0, 3381]}, r"an array of token ids \(integers\)"),  # found by tests/test_fuzz_http.py
@@ -382,8 +383,10 @@ def test_unknown_fields_are_refused_by_name_and_null_ones_pass() -> None:
 
 
 def test_several_prompts_are_one_request_each_with_the_same_parameters() -> None:
-    parsed = parse_completion({"prompt": ["a", [5, 6]], "max_tokens": 3, "logprobs": 1, "request_id": "r"})
-    assert [g.WhichOneof("input") for g in parsed.generates] == ["text", "token_ids"]
+    parsed = parse_completion({"prompt": ["a", "b"], "max_tokens": 3, "logprobs": 1, "request_id": "r"})
+    assert [g.text for g in parsed.generates] == ["a", "b"]
+    ids = parse_completion({"prompt": [[5, 6], [7]]})
+    assert [list(g.token_ids.ids) for g in ids.generates] == [[5, 6], [7]]
     assert [g.request_id for g in parsed.generates] == ["r-0", "r-1"]
     assert all(g.sampling.max_tokens == 3 and g.sampling.logprobs == 1 for g in parsed.generates)
     assert parse_completion({"prompt": ["a"]}).generates == (parse_completion({"prompt": "a"}).generate,)

@@ -120,6 +120,7 @@ def test_auto_calls_are_parsed_from_hermes_blocks() -> None:
     single = final(text, tools=[WEATHER], parallel_tool_calls=False)
     assert len(single["message"]["tool_calls"]) == 1
     for bad in ('<tool_call>{"name": "nope", "arguments": {}}</tool_call>',  # not one of the tools
+                '<tool_call>{"name": ["weather"], "arguments": {}}</tool_call>',  # not a name
                 '<tool_call>{"name": "weather", "arguments": </tool_call>',  # not JSON
                 "It is sunny."):
         plain = final(bad, tools=[WEATHER])
@@ -143,6 +144,8 @@ def test_streaming_holds_back_only_what_may_be_a_call() -> None:
     ({"tools": []}, "non-empty"),
     ({"tools": [WEATHER, WEATHER]}, "repeats"),
     ({"tools": [{"type": "function", "function": {"name": "x", "parameters": []}}]}, "parameters"),
+    ({"tools": [{"type": "function", "function": {"name": "x", "parameters": {"$defs": [1]}}}],
+      "tool_choice": "required"}, "must be an object of schemas"),
     ({"tools": [WEATHER], "tool_choice": {"type": "function", "function": {"name": "other"}}}, "not one of"),
     ({"tools": [WEATHER], "tool_choice": "sometimes"}, "'tool_choice'"),
     ({"tools": [WEATHER], "parallel_tool_calls": "yes"}, "parallel_tool_calls"),
