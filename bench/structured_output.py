@@ -20,7 +20,8 @@ from typing import Any
 
 from bench.throughput import BenchConfig, DecodeRun, EngineBench, PromptSource, _make_llm, machine_info
 from engine import SamplingParams
-from engine.sampler import Sampler, SequenceSamplingState
+from engine.grammar import GrammarMasker
+from engine.sampler import SequenceSamplingState
 from engine.structured_output import StructuredOutput
 
 # at least 40 small objects (~19 tokens each), so no constrained request ends before max_tokens; a
@@ -34,16 +35,17 @@ SCHEMA = {"type": "object", "additionalProperties": False, "required": ["people"
 
 
 class _GrammarTimer:
-    """Wall time spent in the sampler's grammar work: filling and applying the masks, advancing
-    the matchers (wraps the class's methods for the life of the process: a benchmark only)."""
+    """Wall time spent in the grammar's work: filling and applying the batch's masks
+    (`GrammarMasker.apply`) and advancing the matchers (`append` of a constrained sequence). Wraps
+    those methods for the life of the process: a benchmark only."""
 
     def __init__(self) -> None:
         self.seconds = 0.0
-        original_mask, original_append = Sampler._mask_grammar, SequenceSamplingState.append
+        original_apply, original_append = GrammarMasker.apply, SequenceSamplingState.append
 
-        def mask(sampler: Sampler, *args: Any) -> None:
+        def apply(masker: GrammarMasker, *args: Any) -> None:
             started = time.perf_counter()
-            original_mask(sampler, *args)
+            original_apply(masker, *args)
             self.seconds += time.perf_counter() - started
 
         def append(state: SequenceSamplingState, token_id: int) -> None:
@@ -52,7 +54,7 @@ class _GrammarTimer:
             if state.matcher is not None:
                 self.seconds += time.perf_counter() - started
 
-        Sampler._mask_grammar = mask  # type: ignore[method-assign]
+        GrammarMasker.apply = apply  # type: ignore[method-assign]
         SequenceSamplingState.append = append  # type: ignore[method-assign]
 
     def reset(self) -> None:
