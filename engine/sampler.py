@@ -62,8 +62,10 @@ class SequenceSamplingState:
             raise ValueError("a compiled grammar is needed exactly when the params ask for structured output")
         self.matcher = new_matcher(grammar) if grammar is not None else None
         self.eos_token_ids = tuple(eos_token_ids)
-        self.bias_ids = torch.tensor([t for t, _ in params.logit_bias], dtype=torch.long, device=device)
-        self.bias_values = torch.tensor([b for _, b in params.logit_bias], dtype=torch.float32, device=device)
+        self.bias_ids = self.bias_values = torch.empty(0)  # only read for rows with a logit_bias
+        if params.logit_bias:
+            self.bias_ids = torch.tensor([t for t, _ in params.logit_bias], dtype=torch.long, device=device)
+            self.bias_values = torch.tensor([b for _, b in params.logit_bias], dtype=torch.float32, device=device)
         self.forbidden: torch.Tensor | None = None  # True at every token allowed_token_ids leaves out
         if params.allowed_token_ids is not None:
             self.forbidden = torch.ones(vocab_size, dtype=torch.bool, device=device)
