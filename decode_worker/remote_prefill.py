@@ -134,8 +134,9 @@ class RemotePrefiller:
                                f"the reply says first token {response.first_token_id}, the KV note {first}")
         logprob = logprob_from_proto(response.first_logprob) if response.HasField("first_logprob") else None
         try:
-            await self.remote_kv.resume(request.request_id,
-                                        RemotePrefillResult(first, logprob, response.num_cached_tokens))
+            await self.remote_kv.resume(request.request_id, RemotePrefillResult(
+                first, logprob, response.num_cached_tokens,
+                tuple(logprob_from_proto(lp) for lp in response.prompt_logprobs)))
         except ValueError as e:  # e.g. a first token outside the vocabulary: the prefill worker's fault
             raise self._failed("bad_result", str(e)) from e
 

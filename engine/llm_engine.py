@@ -136,6 +136,8 @@ class LLMEngine:
             req = self.requests[item.seq.request_id]
             result = results.get(item.seq.request_id)
             accepted: list[int] = []
+            if result is not None and result.prompt_logprobs:
+                req.add_prompt_logprobs(result.prompt_logprobs_start, result.prompt_logprobs)
             if result is not None:
                 for token_id, lp in zip(result.token_ids, result.logprobs, strict=True):
                     accepted.append(token_id)
@@ -161,15 +163,19 @@ class LLMEngine:
             return
         for seq in self.scheduler.running:
             p = seq.params
-            # drafts are verified against the raw logits' argmax: no request whose logits are edited
-            if seq.in_prefill or not p.is_greedy or p.needs_penalties or p.logprobs is not None or p.edits_logits:
+            # drafts are verified against the argmax of the raw logits, or of the grammar-masked ones:
+            # no request whose logits are edited otherwise
+            if (seq.in_prefill or not p.is_greedy or p.needs_penalties or p.logprobs is not None or p.logit_bias
+                    or p.allowed_token_ids is not None):
                 continue
             if seq.num_output_tokens < p.min_tokens:
                 continue
             room = min(spec.num_draft_tokens, p.max_tokens - seq.num_output_tokens - 1,
                        self.max_model_len - len(seq.token_ids) - 1)
             if room > 0:
-                seq.spec_token_ids = propose_ngram_drafts(seq.token_ids, room, spec.ngram_max, spec.ngram_min)
+                drafts = propose_ngram_drafts(seq.token_ids, room, spec.ngram_max, spec.ngram_min)
+                # a draft the grammar forbids cannot be the masked argmax: cut it there
+                seq.spec_token_ids = drafts[:seq.sampling_state.grammar_prefix(drafts)]
 
     # -- health and observation -------------------------------------------------------------------------
     def check_integrity(self) -> None:

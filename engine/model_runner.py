@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import importlib.util
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Literal
 
 import torch
@@ -20,6 +20,7 @@ from engine.attention.torch_backend import TorchAttention
 from engine.cuda_graphs import CudaGraphDecoder
 from engine.kv_cache import KVCachePool
 from engine.kv_hooks import ObservedAttention
+from engine.logprobs import prompt_token_logprobs
 from engine.models.llama import LlamaForCausalLM
 from engine.outputs import TokenLogprobs
 from engine.sampler import Sampler
@@ -33,12 +34,18 @@ class StepInputs:
     attention: AttentionMetadata
     sample_rows: tuple[tuple[ScheduledSequence, int, int], ...]  # (item, first logits row, row count)
     logits_indices: torch.Tensor
+    # prefill chunks of requests that want prompt logprobs: (item, first row in prompt_indices, count);
+    # row j of an item is its position item.start + j, whose logits score prompt token start + j + 1
+    prompt_rows: tuple[tuple[ScheduledSequence, int, int], ...] = ()
+    prompt_indices: torch.Tensor | None = None
 
 
 @dataclass(frozen=True)
 class SequenceResult:
-    token_ids: list[int]  # accepted drafts followed by the newly sampled token
+    token_ids: list[int]  # accepted drafts followed by the newly sampled token (none mid-prefill)
     logprobs: list[TokenLogprobs | None]
+    prompt_logprobs: tuple[TokenLogprobs, ...] = ()  # of prompt tokens prompt_logprobs_start, ...
+    prompt_logprobs_start: int = 0
 
 
 AttentionBackendName = Literal["auto", "torch", "flash", "cpu"]
@@ -92,6 +99,8 @@ class ModelRunner:
         ids: list[int] = []
         sample_rows: list[tuple[ScheduledSequence, int, int]] = []
         logits_rows: list[int] = []
+        prompt_rows: list[tuple[ScheduledSequence, int, int]] = []
+        prompt_indices: list[int] = []
         for item in out.scheduled:
             start_token = len(ids)
             ids.extend(item.input_token_ids())
@@ -99,11 +108,17 @@ class ModelRunner:
                 rows = len(item.draft_token_ids) + 1
                 sample_rows.append((item, len(logits_rows), rows))
                 logits_rows.extend(range(start_token + item.num_tokens - rows, start_token + item.num_tokens))
+            if item.seq.needs_prompt_logits:  # positions before the prompt's last score a prompt token
+                count = min(item.start + item.num_tokens, item.seq.num_prompt_tokens - 1) - item.start
+                if count > 0:
+                    prompt_rows.append((item, len(prompt_indices), count))
+                    prompt_indices.extend(range(start_token, start_token + count))
         spans = [SeqSpan(item.seq.block_table, item.start, item.num_tokens) for item in out.scheduled]
         positions = [p for s in spans for p in range(s.start, s.context_len)]
         meta = attention_metadata(spans, self.block_size, self.device, self.pool.compute_dtype, self.use_cpu_kernel)
         return StepInputs(self._tensor(ids), self._tensor(positions), meta, tuple(sample_rows),
-                          self._tensor(logits_rows))
+                          self._tensor(logits_rows), tuple(prompt_rows),
+                          self._tensor(prompt_indices) if prompt_indices else None)
 
     def _tensor(self, values: list[int]) -> torch.Tensor:
         return torch.tensor(values, dtype=torch.int64, device=self.device)
@@ -119,10 +134,24 @@ class ModelRunner:
             if observer is not None:
                 attn = ObservedAttention(attn, observer, self.device.type == "cuda")
             hidden = self.model(inputs.input_ids, inputs.positions, attn)
-        if not inputs.sample_rows:
-            return {}
-        logits = self.model.compute_logits(hidden.index_select(0, inputs.logits_indices))
-        return self._sample(logits, inputs.sample_rows)
+        results: dict[str, SequenceResult] = {}
+        if inputs.sample_rows:
+            logits = self.model.compute_logits(hidden.index_select(0, inputs.logits_indices))
+            results = self._sample(logits, inputs.sample_rows)
+        if inputs.prompt_indices is not None:
+            self._add_prompt_logprobs(results, hidden.index_select(0, inputs.prompt_indices), inputs.prompt_rows)
+        return results
+
+    def _add_prompt_logprobs(self, results: dict[str, SequenceResult], hidden: torch.Tensor,
+                             rows: tuple[tuple[ScheduledSequence, int, int], ...]) -> None:
+        for item, first, count in rows:
+            seq = item.seq
+            found = prompt_token_logprobs(hidden[first:first + count],
+                                          seq.prompt_token_ids[item.start + 1:item.start + 1 + count],
+                                          seq.params.prompt_logprobs or 0, self.model.compute_logits)
+            sampled = results.get(seq.request_id, SequenceResult([], []))
+            results[seq.request_id] = replace(sampled, prompt_logprobs=tuple(found),
+                                              prompt_logprobs_start=item.start + 1)
 
     def _sample(self, logits: torch.Tensor, rows: tuple[tuple[ScheduledSequence, int, int], ...]
                 ) -> dict[str, SequenceResult]:
@@ -135,10 +164,7 @@ class ModelRunner:
                 results[item.seq.request_id] = SequenceResult([token], [lp])
         for item, first, count in rows:
             if count > 1:  # greedy verification of n-gram drafts: keep the agreeing prefix + 1 token
-                best = logits[first:first + count].argmax(dim=-1).tolist()
-                accepted = 0
-                while accepted < count - 1 and item.draft_token_ids[accepted] == best[accepted]:
-                    accepted += 1
-                tokens = [*list(item.draft_token_ids[:accepted]), best[accepted]]
+                tokens = self.sampler.verify_greedy_drafts(logits[first:first + count], item.seq.sampling_state,
+                                                           item.draft_token_ids)
                 results[item.seq.request_id] = SequenceResult(tokens, [None] * len(tokens))
         return results

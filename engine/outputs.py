@@ -34,6 +34,8 @@ class RequestOutput:
     num_cached_tokens: int
     arrival_time: float
     first_token_time: float | None
+    # one per prompt token, None for the first (nothing scores it); None unless asked for
+    prompt_logprobs: list[TokenLogprobs | None] | None = None
 
 
 @dataclass(frozen=True)

@@ -40,11 +40,13 @@ if TYPE_CHECKING:
 @dataclass(frozen=True)
 class RemotePrefillResult:
     """What another engine's prefill of a request produced besides the KV pages: the first sampled
-    token (and its logprobs if asked for), and how many prompt tokens its prefix cache served."""
+    token (and its logprobs if asked for), how many prompt tokens its prefix cache served, and the
+    logprobs of every prompt token after the first if asked for."""
 
     first_token_id: int
     logprobs: TokenLogprobs | None = None
     num_cached_tokens: int = 0
+    prompt_logprobs: tuple[TokenLogprobs, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -98,12 +100,16 @@ class RemoteKV:
         if not seq.sampling_state.would_accept(result.first_token_id):  # a prefill worker without the grammar
             raise InvalidRequestError(f"first token id {result.first_token_id} violates the request's "
                                       "structured output grammar")
+        wanted = seq.num_prompt_tokens - 1 if seq.needs_prompt_logits else 0
+        if len(result.prompt_logprobs) != wanted:
+            raise InvalidRequestError(f"the prefill sent {len(result.prompt_logprobs)} prompt logprobs, "
+                                      f"the request needs {wanted}")
         del self.parked[request_id]
         item = self._scheduler.join_running(seq)
         seq.num_cached_tokens = result.num_cached_tokens
         self._engine.skip_remote_draw(seq)
-        outputs = self._engine.commit((item,), {request_id: SequenceResult([result.first_token_id],
-                                                                           [result.logprobs])})
+        outputs = self._engine.commit((item,), {request_id: SequenceResult(
+            [result.first_token_id], [result.logprobs], result.prompt_logprobs, prompt_logprobs_start=1)})
         return outputs[0]
 
     def detach(self, request_id: str, key: str, quarantine_s: float) -> None:

@@ -26,6 +26,7 @@ class RequestState:
     eos_token_ids: tuple[int, ...]
     max_model_len: int
     logprobs: list[TokenLogprobs | None] = field(default_factory=list)
+    prompt_logprobs: list[TokenLogprobs | None] | None = None  # filled as the prefill's chunks run
     text: str = ""
     emitted_tokens: int = 0
     emitted_chars: int = 0
@@ -35,6 +36,21 @@ class RequestState:
     def stop_holdback(self) -> int:
         """Chars withheld from streaming while a stop string could still be forming."""
         return max((len(s) for s in self.seq.params.stop), default=1) - 1
+
+    def __post_init__(self) -> None:
+        if self.seq.params.prompt_logprobs is not None:
+            self.prompt_logprobs = [None]
+
+    def add_prompt_logprobs(self, start: int, found: TokenIds[TokenLogprobs]) -> None:
+        """Record the logprobs of prompt tokens start, start + 1, ...; those already recorded (a
+        prefill recomputed after preemption) are kept. The prefix cache serves the prompt again once
+        every one is recorded."""
+        known = self.prompt_logprobs
+        if known is None or start > len(known):
+            raise ValueError(f"prompt logprobs from token {start} do not continue the recorded ones")
+        known.extend(found[len(known) - start:])
+        if len(known) >= self.seq.num_prompt_tokens:
+            self.seq.needs_prompt_logits = False
 
     def on_token(self, token_id: int, logprob: TokenLogprobs | None) -> bool:
         """Account for one new token; returns True when it ends the request (finish reason set)."""
@@ -102,6 +118,7 @@ class RequestState:
             new_text=self.text[self.emitted_chars:visible], finished=finished, finish_reason=seq.finish_reason,
             stop_reason=seq.stop_reason, logprobs=list(self.logprobs) if seq.params.logprobs is not None else None,
             num_cached_tokens=seq.num_cached_tokens, arrival_time=seq.arrival_time,
-            first_token_time=self.first_token_time)
+            first_token_time=self.first_token_time,
+            prompt_logprobs=list(self.prompt_logprobs) if self.prompt_logprobs is not None else None)
         self.emitted_tokens, self.emitted_chars = len(out_ids), visible
         return out

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from engine.grammar import GrammarMasker, accept, new_matcher
+from engine.logprobs import token_logprobs
 from engine.outputs import TokenLogprobs
 from engine.penalties import PenaltyState, apply_penalties
 from engine.sampling_params import SamplingParams
@@ -79,6 +80,17 @@ class SequenceSamplingState:
             return False
         self.matcher.rollback(1)
         return True
+
+    def grammar_prefix(self, token_ids: Sequence[int]) -> int:
+        """How many of `token_ids`, in order, the grammar (if any) allows next; the state is left as it was."""
+        if self.matcher is None:
+            return len(token_ids)
+        count = 0
+        while count < len(token_ids) and self.matcher.accept_token(token_ids[count]):
+            count += 1
+        if count:
+            self.matcher.rollback(count)
+        return count
 
     def abandon_grammar(self) -> int:
         """The grammar allows no token at all (a dead end its author wrote, such as an empty
@@ -149,7 +161,30 @@ class Sampler:
         if random_rows:
             _put(tokens, random_rows, self._sample(_take(x, random_rows), [states[i] for i in random_rows]))
         token_ids = tokens.tolist()
-        return SamplerOutput(token_ids, _logprobs(logits, tokens, token_ids, states))
+        return SamplerOutput(token_ids, _logprobs(logits, token_ids, states))
+
+    @torch.inference_mode()
+    def verify_greedy_drafts(self, logits: torch.Tensor, state: SequenceSamplingState,
+                             draft_token_ids: Sequence[int]) -> list[int]:
+        """Greedy verification of one sequence's drafts (logits [len(drafts) + 1, V], row j scoring
+        the token after drafts[:j]): the drafts that agree with each row's pick, then that row's own
+        pick. With a grammar each row is masked by the grammar's state after the drafts before it, so
+        the result is what plain greedy decoding under the grammar gives."""
+        if state.matcher is None:
+            best = logits.argmax(dim=-1).tolist()
+            dead = [False] * len(best)
+        else:
+            x = logits.to(torch.float32, copy=True)
+            if self.grammar_masker is None:
+                self.grammar_masker = GrammarMasker()
+            self.grammar_masker.apply_along(x, state.matcher, draft_token_ids)
+            top = x.max(dim=-1)
+            best, dead = top.indices.tolist(), torch.isneginf(top.values).tolist()
+        accepted = 0
+        while accepted < len(draft_token_ids) and draft_token_ids[accepted] == best[accepted]:
+            accepted += 1
+        last = state.abandon_grammar() if dead[accepted] else best[accepted]
+        return [*draft_token_ids[:accepted], last]
 
     def _penalize(self, x: torch.Tensor, states: Sequence[SequenceSamplingState]) -> None:
         rows = [i for i, s in enumerate(states) if s.penalties is not None]
@@ -278,23 +313,15 @@ def _sorted_descending(x: torch.Tensor) -> torch.Tensor:
     return torch.sort(x, dim=-1, descending=True).values
 
 
-def _logprobs(logits: torch.Tensor, tokens: torch.Tensor, token_ids: list[int],
+def _logprobs(logits: torch.Tensor, token_ids: list[int],
               states: Sequence[SequenceSamplingState]) -> list[TokenLogprobs | None]:
     rows = [i for i, s in enumerate(states) if s.params.logprobs is not None]
     result: list[TokenLogprobs | None] = [None] * len(states)
-    if not rows:
-        return result
-    lp = _take(logits, rows).float().log_softmax(dim=-1)
-    chosen = lp.gather(1, _take(tokens, rows).unsqueeze(1)).squeeze(1).tolist()
-    n_top = [states[i].params.logprobs or 0 for i in rows]
-    top_values: list[list[float]] = [[] for _ in rows]
-    top_ids: list[list[int]] = [[] for _ in rows]
-    if max(n_top):
-        values, ids = lp.topk(max(n_top), dim=-1)
-        top_values, top_ids = values.tolist(), ids.tolist()
-    for j, i in enumerate(rows):
-        top = tuple(zip(top_ids[j][:n_top[j]], top_values[j][:n_top[j]], strict=True))
-        result[i] = TokenLogprobs(token_ids[i], chosen[j], top)
+    if rows:
+        found = token_logprobs(_take(logits, rows), [token_ids[i] for i in rows],
+                               [states[i].params.logprobs or 0 for i in rows])
+        for i, lp in zip(rows, found, strict=True):
+            result[i] = lp
     return result
 
 

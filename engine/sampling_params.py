@@ -21,7 +21,9 @@ class SamplingParams:
     """How to pick each generated token and when to stop.
 
     temperature 0 means greedy. top_k -1 or 0, top_p 1 and min_p 0 disable those filters.
-    `logprobs=n` returns the chosen token's logprob plus the n most likely tokens (n may be 0).
+    `logprobs=n` returns the chosen token's logprob plus the n most likely tokens (n may be 0);
+    `prompt_logprobs=n` does the same for every prompt token after the first (what each position's
+    logits gave the next prompt token), computed in the prefill, which then reads no prefix cache.
     `stop` strings and `stop_token_ids` end the sequence; `min_tokens` forbids eos and stop
     tokens until that many tokens were generated.
     `logit_bias` adds a value in [-100, 100] to a token's logit (pairs of token id and bias, or a
@@ -45,6 +47,7 @@ class SamplingParams:
     stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False
     logprobs: int | None = None
+    prompt_logprobs: int | None = None
     skip_special_tokens: bool = True
     logit_bias: tuple[tuple[int, float], ...] = ()
     allowed_token_ids: tuple[int, ...] | None = None
@@ -177,13 +180,13 @@ class SamplingParams:
                 f"min_tokens must be in [0, max_tokens={self.max_tokens}], got {self.min_tokens}")
         if self.top_k < -1:
             raise InvalidRequestError(f"top_k must be >= 1, or -1 or 0 to disable it, got {self.top_k}")
-        if self.logprobs is not None and (
-                not _is_int(self.logprobs) or not 0 <= self.logprobs <= MAX_LOGPROBS):
-            raise InvalidRequestError(
-                f"logprobs must be an integer in [0, {MAX_LOGPROBS}] or None, got {self.logprobs!r}")
+        for name in ("logprobs", "prompt_logprobs"):
+            value = getattr(self, name)
+            if value is not None and (not _is_int(value) or not 0 <= value <= MAX_LOGPROBS):
+                raise InvalidRequestError(f"{name} must be an integer in [0, {MAX_LOGPROBS}] or None, got {value!r}")
         if self.seed is not None and not _is_int(self.seed):
             raise InvalidRequestError(f"seed must be an integer or None, got {self.seed!r}")
-        for name in ("logprobs", "seed"):
+        for name in ("logprobs", "prompt_logprobs", "seed"):
             if getattr(self, name) is not None:
                 object.__setattr__(self, name, int(getattr(self, name)))
         for name in ("ignore_eos", "skip_special_tokens"):

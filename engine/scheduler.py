@@ -170,7 +170,7 @@ class Scheduler:
             seq = self.waiting[0]
             # Keep at least the last token to compute: its logits produce the next token.
             hashes = hash_blocks(seq.token_ids[:len(seq.token_ids) - 1], self.blocks.block_size)
-            hits = self.blocks.find_cached_prefix(hashes, seq.token_ids)
+            hits = [] if seq.needs_prompt_logits else self.blocks.find_cached_prefix(hashes, seq.token_ids)
             computed = len(hits) * self.blocks.block_size
             remaining = len(seq.token_ids) - computed
             if remaining > budget and not self.config.enable_chunked_prefill:

@@ -43,6 +43,9 @@ class Sequence:
         self.block_table: list[int] = []
         self.block_hashes: list[int] = []
         self.spec_token_ids: list[int] = []  # draft tokens proposed for the next step
+        # the prompt's logprobs are asked for and not all recorded yet: its prefill computes every
+        # prompt position (no prefix-cache hits) and keeps their logits
+        self.needs_prompt_logits = params.prompt_logprobs is not None and len(prompt_token_ids) > 1
         self.num_preemptions = 0
         self.finish_reason: FinishReason | None = None
         self.stop_reason: int | str | None = None

@@ -18,7 +18,7 @@ from kv_transfer.errors import HandshakeError
 from kv_transfer.kv_connector import KVConnector
 from kv_transfer.kv_push import KVPusher
 from tandem.v1 import worker_pb2
-from worker_runtime.convert import logprob_to_proto, sampling_from_proto
+from worker_runtime.convert import logprob_to_proto, prompt_logprobs_to_proto, sampling_from_proto
 from worker_runtime.kv_events import KVEventHub
 from worker_runtime.metrics import PREFILL_TOKENS, WORKER_REQUESTS
 from worker_runtime.servicer_base import WorkerServicerBase
@@ -83,6 +83,8 @@ class PrefillWorkerServicer(WorkerServicerBase):
         response = worker_pb2.PrefillResponse(first_token_id=final.token_ids[0], num_cached_tokens=cached)
         if final.logprobs and final.logprobs[0] is not None:
             response.first_logprob.CopyFrom(logprob_to_proto(final.logprobs[0]))
+        if final.prompt_logprobs is not None:
+            response.prompt_logprobs.extend(prompt_logprobs_to_proto(final.prompt_logprobs))
         WORKER_REQUESTS.labels(self.worker_id, "Prefill", "ok").inc()
         return response
 

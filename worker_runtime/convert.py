@@ -14,7 +14,7 @@ from engine.structured_output import StructuredOutput
 from tandem.v1 import inference_pb2 as pb
 
 _OPTIONAL = ("temperature", "top_p", "top_k", "min_p", "max_tokens", "min_tokens", "presence_penalty",
-             "frequency_penalty", "repetition_penalty", "seed", "logprobs", "skip_special_tokens")
+             "frequency_penalty", "repetition_penalty", "seed", "logprobs", "prompt_logprobs", "skip_special_tokens")
 _FINISH = {None: pb.FINISH_REASON_UNSPECIFIED, "stop": pb.FINISH_REASON_STOP, "length": pb.FINISH_REASON_LENGTH,
            "abort": pb.FINISH_REASON_ABORT}
 
@@ -76,6 +76,8 @@ def response_from_output(out: RequestOutput) -> pb.GenerateResponse:
         for lp in out.logprobs[len(out.token_ids) - len(out.new_token_ids):]:
             if lp is not None:
                 msg.logprobs.append(logprob_to_proto(lp))
+    if out.prompt_logprobs is not None and len(out.token_ids) == len(out.new_token_ids):  # the first chunk
+        msg.prompt_logprobs.extend(prompt_logprobs_to_proto(out.prompt_logprobs))
     if isinstance(out.stop_reason, str):
         msg.stop_string = out.stop_reason
     elif isinstance(out.stop_reason, int):
@@ -89,6 +91,11 @@ def response_from_output(out: RequestOutput) -> pb.GenerateResponse:
 def logprob_to_proto(lp: TokenLogprobs) -> pb.TokenLogprob:
     return pb.TokenLogprob(token_id=lp.token_id, logprob=lp.logprob,
                            top=[pb.TopLogprob(token_id=t, logprob=v) for t, v in lp.top])
+
+
+def prompt_logprobs_to_proto(found: list[TokenLogprobs | None]) -> list[pb.TokenLogprob]:
+    """A prompt's logprobs without the first token's (None: nothing scores it)."""
+    return [logprob_to_proto(lp) for lp in found[1:] if lp is not None]
 
 
 def logprob_from_proto(msg: pb.TokenLogprob) -> TokenLogprobs:
