@@ -23,9 +23,16 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from cluster.json_body import decode_json
-from cluster.openai_protocol import BadRequest, OpenAIRequest, ResponseBuilder, parse_chat, parse_completion
+from cluster.openai_protocol import (
+    BadRequest,
+    OpenAIRequest,
+    PromptEcho,
+    ResponseBuilder,
+    parse_chat,
+    parse_completion,
+)
 from cluster.openai_tokenize import detokenize, tokenize
-from cluster.router_core import PreparedRequest, RouterCore, RouterError, healthy
+from cluster.router_core import PreparedRequest, RouterCore, RouterError, healthy, without_prompt_logprobs
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -95,7 +102,7 @@ class OpenAIFrontend:
         if parsed.several:
             return await self._serve_several(request, parsed, every)
         prepared = every[0]
-        builder = ResponseBuilder(parsed, self.core.model_name, self._token_text)
+        builder = self._builder(parsed, parsed.generate, prepared)
         async with contextlib.aclosing(self.core.generate(prepared)) as chunks:  # closing cancels the request
             try:
                 first = await anext(chunks)
@@ -116,7 +123,7 @@ class OpenAIFrontend:
         if len(prepared) > self.core.max_inflight:
             return error_response(400, f"{len(prepared)} choices are more than the router runs at once "
                                        f"({self.core.max_inflight}): ask for fewer")
-        builders = [ResponseBuilder(parsed, self.core.model_name, self._token_text) for _ in prepared]
+        builders = [self._builder(parsed, one, ready) for one, ready in zip(parsed.generates, prepared, strict=True)]
         response_id = ("chatcmpl-" if parsed.kind == "chat" else "cmpl-") + (
             parsed.generate.request_id or prepared[0].request_id)
         for builder in builders:
@@ -129,8 +136,14 @@ class OpenAIFrontend:
                 firsts = await _all_or_none([anext(s) for s in streams])
                 if parsed.shared_prompt:  # choice 0's first token: its prompt's KV is on that worker now
                     holder = self.core.serving_worker(prepared[0].internal_id)
-                    followers = [await start(dataclasses.replace(p, follow_worker=holder)) for p in prepared[1:]]
-                    firsts += await _all_or_none([anext(s) for s in followers])
+                    # the followers read the prompt from the prefix cache: its logprobs are choice 0's
+                    followers = [await start(dataclasses.replace(p, follow_worker=holder,
+                                                                 sampling=without_prompt_logprobs(p.sampling)))
+                                 for p in prepared[1:]]
+                    more = await _all_or_none([anext(s) for s in followers])
+                    for chunk in more:
+                        chunk.prompt_logprobs.extend(firsts[0].prompt_logprobs)
+                    firsts += more
                     streams += followers
                 if not parsed.stream:
                     await _all_or_none([_absorb_all(b, f, s) for b, f, s in zip(builders, firsts, streams,
@@ -141,8 +154,11 @@ class OpenAIFrontend:
                 return error_response(500, "the worker ended the stream without a result")
             if not parsed.stream:
                 body = builders[0].final()
-                body["choices"] = [{**b.final()["choices"][0], "index": i} for i, b in enumerate(builders)]
-                body["usage"] = _usage(builders, parsed.shared_prompt)
+                body["usage"] = _usage(builders, parsed.shared_prompt)  # best_of: every choice generated counts
+                kept = builders
+                if parsed.best_of > parsed.n:  # the n most likely, best first
+                    kept = sorted(builders, key=lambda b: b.cumulative_logprob, reverse=True)[:parsed.n]
+                body["choices"] = [{**b.final()["choices"][0], "index": i} for i, b in enumerate(kept)]
                 return web.json_response(body)
             return await self._sse_several(request, parsed, builders, firsts, streams)
 
@@ -216,6 +232,14 @@ class OpenAIFrontend:
 
     def _refusal(self, e: RouterError) -> web.Response:
         return error_response(HTTP_STATUS.get(e.code, 500), e.message, self.core.retry_after_s)
+
+    def _builder(self, parsed: OpenAIRequest, one: Any, prepared: PreparedRequest) -> ResponseBuilder:
+        echo = None
+        if parsed.echo:  # the prompt as sent, or its token ids' text
+            text = one.text if one.WhichOneof("input") == "text" else self.core.tokenizer.decode(
+                prepared.prompt_token_ids, skip_special_tokens=False)
+            echo = PromptEcho(text, prepared.prompt_token_ids[0])
+        return ResponseBuilder(parsed, self.core.model_name, self._token_text, echo)
 
     def _token_text(self, token_id: int) -> str:
         return self.core.tokenizer.decode([token_id], skip_special_tokens=False)

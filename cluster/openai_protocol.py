@@ -1,7 +1,7 @@
 """OpenAI-compatible request bodies → tandem.v1 GenerateRequest, and our chunks → OpenAI response
-objects. Anything we cannot honour exactly (echo, best_of, any field not listed here) is
-refused with a 400 naming it rather than silently ignored; `user` alone is accepted without effect
-(OpenAI uses it for abuse monitoring; cluster/openapi.json says so)."""
+objects. Any field not listed here is refused with a 400 naming it rather than silently ignored;
+`user` alone is accepted without effect (OpenAI uses it for abuse monitoring; cluster/openapi.json
+says so)."""
 
 from __future__ import annotations
 
@@ -123,13 +123,25 @@ def _sampling(body: dict[str, Any], default_max_tokens: int | None) -> pb.Sampli
             raise BadRequest("'stop_token_ids' holds an id outside the int32 range")
     params.stop_token_ids.extend(stop_ids)
     params.ignore_eos = _field(body, "ignore_eos", bool, False)
+    read_constraints(body, params)
+    return params
+
+
+def _choice_counts(body: dict[str, Any], request: pb.GenerateRequest, stream: bool) -> tuple[int, int]:
+    """(n, best_of): best_of choices are generated and the n most likely (by the sum of their tokens'
+    logprobs) returned, so their logprobs are computed whether the client asked for them or not."""
     n = _field(body, "n", int, 1)
     if not 1 <= n <= MAX_CHOICES:
         raise BadRequest(f"'n' must be between 1 and {MAX_CHOICES}")
-    if _field(body, "best_of", int, 1) != 1:
-        raise BadRequest("'best_of' is not supported (ranking extra samples by logprob)")
-    read_constraints(body, params)
-    return params
+    best_of = _field(body, "best_of", int, n)
+    if not n <= best_of <= MAX_CHOICES:
+        raise BadRequest(f"'best_of' must be between n ({n}) and {MAX_CHOICES}")
+    if best_of > n:
+        if stream:
+            raise BadRequest("'best_of' above 'n' cannot be streamed: the best choices are known only at the end")
+        if not request.sampling.HasField("logprobs"):
+            request.sampling.logprobs = 0
+    return n, best_of
 
 
 @dataclass(frozen=True)
@@ -143,6 +155,10 @@ class OpenAIRequest:
     tools: ToolUse | None = None  # chat with tools: the output is read for tool calls
     several: tuple[pb.GenerateRequest, ...] = ()  # several prompts, or n > 1: one request per choice
     shared_prompt: bool = False  # n > 1: every choice has the same prompt (prefilled once)
+    best_of: int = 1  # above `n`: best_of choices run, the n most likely are returned
+    n: int = 1
+    echo: bool = False  # completions: the prompt (and its logprobs) comes before each choice's text
+    prompt_only: bool = False  # echo with max_tokens 0: one token is generated and dropped
 
     @property
     def generates(self) -> tuple[pb.GenerateRequest, ...]:
@@ -202,6 +218,12 @@ def _set_prompt(request: pb.GenerateRequest, prompt: Any) -> None:
 
 @_bad_values_are_bad_requests
 def parse_completion(body: Any) -> OpenAIRequest:
+    echo = isinstance(body, dict) and _field(body, "echo", bool, False)
+    limit = "max_completion_tokens" if isinstance(body, dict) and body.get("max_completion_tokens") is not None \
+        else "max_tokens"
+    prompt_only = echo and body.get(limit) == 0 and not isinstance(body.get(limit), bool)
+    if prompt_only:  # how evaluation harnesses score a text: its prompt logprobs, nothing generated
+        body = {**body, limit: 1}
     request, body = _common(body, "completion", 16)
     prompt = body.get("prompt")
     several: tuple[pb.GenerateRequest, ...] = ()
@@ -220,21 +242,22 @@ def parse_completion(body: Any) -> OpenAIRequest:
             _set_prompt(one, text)
             if request.request_id:
                 one.request_id = f"{request.request_id}-{i}"
-    if _field(body, "echo", bool, False):
-        raise BadRequest("'echo' is not supported")
     logprobs = _field(body, "logprobs", int)
     if logprobs is not None:
         if not 0 <= logprobs <= 20:
             raise BadRequest("'logprobs' must be between 0 and 20")
         request.sampling.logprobs = logprobs
+        if echo:
+            request.sampling.prompt_logprobs = logprobs
+    stream, usage = _stream_flags(body)
+    n, best_of = _choice_counts(body, request, stream)
     for one in several:
         one.sampling.CopyFrom(request.sampling)
-    n = _field(body, "n", int, 1)
-    if several and n > 1:
-        raise BadRequest("'n' above 1 takes one prompt: send the prompts as separate requests")
-    stream, usage = _stream_flags(body)
+    if several and best_of > 1:
+        raise BadRequest("'n' and 'best_of' above 1 take one prompt: send the prompts as separate requests")
     return OpenAIRequest("completion", request, stream, usage, logprobs, request.model,
-                         several=several or _choices(request, n), shared_prompt=n > 1)
+                         several=several or _choices(request, best_of), shared_prompt=best_of > 1,
+                         best_of=best_of, n=n, echo=echo, prompt_only=prompt_only)
 
 
 @_bad_values_are_bad_requests
@@ -250,9 +273,9 @@ def parse_chat(body: Any) -> OpenAIRequest:
         logprobs = top_logprobs
         request.sampling.logprobs = logprobs
     stream, usage = _stream_flags(body)
-    n = _field(body, "n", int, 1)
-    return OpenAIRequest("chat", request, stream, usage, logprobs, request.model, tools, _choices(request, n),
-                         shared_prompt=n > 1)
+    n, best_of = _choice_counts(body, request, stream)
+    return OpenAIRequest("chat", request, stream, usage, logprobs, request.model, tools, _choices(request, best_of),
+                         shared_prompt=best_of > 1, best_of=best_of, n=n)
 
 
 def _choices(request: pb.GenerateRequest, n: int) -> tuple[pb.GenerateRequest, ...]:
@@ -313,39 +336,73 @@ def _tool_finish(use: ToolUse, reason: str | None) -> str | None:
 
 
 # -- responses ---------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class PromptEcho:
+    """What `echo` puts before a completion: the prompt's text and its first token (whose logprob is
+    null: nothing comes before it)."""
+
+    text: str
+    first_token_id: int
+
+
+# one logprobs entry of a completion: (token id, its logprob; None for the prompt's first token)
+_Scored = tuple[int, "pb.TokenLogprob | None"]
+
+
 class ResponseBuilder:
     """Turns the chunks of one request into OpenAI objects (streamed chunks or one final object)."""
 
-    def __init__(self, request: OpenAIRequest, model: str, token_text: Callable[[int], str]) -> None:
+    def __init__(self, request: OpenAIRequest, model: str, token_text: Callable[[int], str],
+                 echo: PromptEcho | None = None) -> None:
         self.request = request
         self.model = model
         self.token_text = token_text
+        self.echo = echo
         self.created = int(time.time())
         self.id = ""
         self.text: list[str] = []
         self.logprobs: list[pb.TokenLogprob] = []
+        self.prompt_logprobs: list[_Scored] = []  # echo with logprobs: every prompt token
         self.finish_reason: str | None = None
         self.usage: dict[str, Any] | None = None
         self.tool_stream = ToolCallStream(request.tools) if request.tools is not None else None
         self.streamed_token_chars = 0  # text of the tokens whose logprobs were streamed (text_offset)
 
-    def absorb(self, chunk: pb.GenerateResponse) -> None:
+    @property
+    def cumulative_logprob(self) -> float:
+        """The sum of the generated tokens' logprobs (best_of's ranking)."""
+        return math.fsum(lp.logprob for lp in self.logprobs)
+
+    def absorb(self, chunk: pb.GenerateResponse) -> tuple[str, list[_Scored]]:
+        """Take in a chunk; returns the text and logprobs entries it adds to the choice (with echo, the
+        first chunk's start with the prompt's)."""
         prefix = "chatcmpl-" if self.request.kind == "chat" else "cmpl-"
+        first = not self.id
         self.id = self.id or prefix + chunk.request_id
-        self.text.append(chunk.text)
-        self.logprobs.extend(chunk.logprobs)
+        text, scored = chunk.text, [(lp.token_id, lp) for lp in chunk.logprobs]
+        if self.request.prompt_only:  # the one token generated is dropped
+            text, scored = "", []
+        self.logprobs.extend(lp for _, lp in scored if lp is not None)
+        if first and self.echo is not None:
+            self.prompt_logprobs = [(self.echo.first_token_id, None), *((lp.token_id, lp)
+                                                                         for lp in chunk.prompt_logprobs)]
+            text = self.echo.text + text
+            scored = self.prompt_logprobs + scored if self.request.logprobs is not None else scored
+        self.text.append(text)
         if chunk.finish_reason != pb.FINISH_REASON_UNSPECIFIED:
             self.finish_reason = _FINISH[chunk.finish_reason]
         if chunk.HasField("usage"):
             u = chunk.usage
-            self.usage = {"prompt_tokens": u.prompt_tokens, "completion_tokens": u.completion_tokens,
-                          "total_tokens": u.prompt_tokens + u.completion_tokens,
+            completion = 0 if self.request.prompt_only else u.completion_tokens
+            self.usage = {"prompt_tokens": u.prompt_tokens, "completion_tokens": completion,
+                          "total_tokens": u.prompt_tokens + completion,
                           "prompt_tokens_details": {"cached_tokens": u.cached_prompt_tokens}}
+        return text, scored
 
     def _head(self, object_name: str) -> dict[str, Any]:
         return {"id": self.id, "object": object_name, "created": self.created, "model": self.model}
 
-    def _logprobs(self, items: list[pb.TokenLogprob], text_offset: int = 0) -> dict[str, Any] | None:
+    def _logprobs(self, items: list[_Scored], text_offset: int = 0) -> dict[str, Any] | None:
         """`text_offset`: where the first item's token starts in the completion's text."""
         if self.request.logprobs is None:
             return None
@@ -354,10 +411,11 @@ class ResponseBuilder:
                                  "bytes": list(self.token_text(lp.token_id).encode()),
                                  "top_logprobs": [{"token": self.token_text(t.token_id), "logprob": t.logprob,
                                                    "bytes": list(self.token_text(t.token_id).encode())}
-                                                  for t in lp.top]} for lp in items]}
-        tokens = [self.token_text(lp.token_id) for lp in items]
-        return {"tokens": tokens, "token_logprobs": [lp.logprob for lp in items],
-                "top_logprobs": [{self.token_text(t.token_id): t.logprob for t in lp.top} for lp in items],
+                                                  for t in lp.top]} for _, lp in items if lp is not None]}
+        tokens = [self.token_text(token_id) for token_id, _ in items]
+        return {"tokens": tokens, "token_logprobs": [lp.logprob if lp else None for _, lp in items],
+                "top_logprobs": [{self.token_text(t.token_id): t.logprob for t in lp.top} if lp else None
+                                 for _, lp in items],
                 "text_offset": list(itertools.accumulate((len(t) for t in tokens[:-1]), initial=text_offset))
                 if tokens else []}
 
@@ -375,12 +433,13 @@ class ResponseBuilder:
         else:
             body = self._head("text_completion")
             choice = {"index": 0, "text": text}
-        choice.update(logprobs=self._logprobs(self.logprobs), finish_reason=self.finish_reason)
+        generated: list[_Scored] = [] if self.request.prompt_only else [(lp.token_id, lp) for lp in self.logprobs]
+        choice.update(logprobs=self._logprobs(self.prompt_logprobs + generated), finish_reason=self.finish_reason)
         body.update(choices=[choice], usage=self.usage)
         return body
 
     def stream_chunk(self, chunk: pb.GenerateResponse, first: bool) -> dict[str, Any]:
-        self.absorb(chunk)
+        text, scored = self.absorb(chunk)
         reason = _FINISH.get(chunk.finish_reason)
         if self.request.kind == "chat":
             body = self._head("chat.completion.chunk")
@@ -397,9 +456,9 @@ class ResponseBuilder:
             choice: dict[str, Any] = {"index": 0, "delta": delta}
         else:
             body = self._head("text_completion")
-            choice = {"index": 0, "text": chunk.text}
-        choice.update(logprobs=self._logprobs(list(chunk.logprobs), self.streamed_token_chars), finish_reason=reason)
-        self.streamed_token_chars += sum(len(self.token_text(lp.token_id)) for lp in chunk.logprobs)
+            choice = {"index": 0, "text": text}
+        choice.update(logprobs=self._logprobs(scored, self.streamed_token_chars), finish_reason=reason)
+        self.streamed_token_chars += sum(len(self.token_text(token_id)) for token_id, _ in scored)
         body["choices"] = [choice]
         return body
 

@@ -260,10 +260,22 @@ class RouterCore:
         targets = [worker_pb2.PrefillTarget(prefill_address=p.record.address,
                                             prefill_engine_id=p.record.transfer.get("engine_id", ""))
                    for p in route.prefill]
+        # a migration: the client has the prompt logprobs (the first chunk carried them)
+        sampling = without_prompt_logprobs(req.sampling) if streamed else req.sampling
         return worker_pb2.WorkerGenerateRequest(
-            request_id=f"{req.internal_id}-{attempt}", prompt_token_ids=req.prompt_token_ids, sampling=req.sampling,
+            request_id=f"{req.internal_id}-{attempt}", prompt_token_ids=req.prompt_token_ids, sampling=sampling,
             timeout_seconds=max(deadline - time.monotonic(), 0.001), priority=req.priority, prefill=targets,
             resume_token_ids=streamed)
+
+
+def without_prompt_logprobs(sampling: pb.SamplingParameters) -> pb.SamplingParameters:
+    """`sampling` not asking for prompt logprobs (a copy when it did)."""
+    if not sampling.HasField("prompt_logprobs"):
+        return sampling
+    copy = pb.SamplingParameters()
+    copy.CopyFrom(sampling)
+    copy.ClearField("prompt_logprobs")
+    return copy
 
 
 def _queue_full(e: grpc.aio.AioRpcError) -> bool:

@@ -194,6 +194,77 @@ async def test_n_choices_prefill_once(cluster: tuple[str, Cluster]) -> None:
     await assert_pools_clean(running)
 
 
+@pytest.fixture(scope="module")
+def engine_alone(default_model_path) -> LLM:  # type: ignore[no-untyped-def]
+    return LLM(str(default_model_path), dtype="float32")
+
+
+ECHOED = "The quick brown fox jumps over the lazy dog, and then"
+
+
+async def test_echo_scores_the_prompt_as_the_engine_does(cluster: tuple[str, Cluster], engine_alone: LLM) -> None:
+    """echo + logprobs with max_tokens 0 (how evaluation harnesses score a text): the prompt's
+    logprobs, computed on the prefill worker under disaggregation, equal the engine's own; with
+    tokens generated, whole and streamed, the prompt comes first and text_offset walks both."""
+    config, running = cluster
+    scored = engine_alone.generate([ECHOED], SamplingParams(temperature=0, max_tokens=4, prompt_logprobs=2))[0]
+    ids = scored.prompt_token_ids
+    texts = [engine_alone.tokenizer.decode([t], skip_special_tokens=False) for t in ids]
+    decode = running.role("decode" if config == "1P+1D" else "both")[0]
+    remote_before = metric(worker_metrics(decode), "tandem_disaggregation_decisions_total", decision="remote")
+    async with client_of(running) as client:
+        done = await client.completions.create(model="", prompt=ECHOED, echo=True, logprobs=2, max_tokens=0)
+        choice = done.choices[0]
+        assert choice.text == ECHOED and choice.finish_reason == "length"
+        assert done.usage is not None and (done.usage.prompt_tokens, done.usage.completion_tokens) == (len(ids), 0)
+        lp = choice.logprobs
+        assert lp is not None and lp.tokens == texts and lp.token_logprobs and lp.top_logprobs
+        assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
+        assert lp.token_logprobs[1:] == pytest.approx([e.logprob for e in scored.prompt_logprobs[1:]], abs=1e-3)
+        for got, want in zip(lp.top_logprobs[1:], scored.prompt_logprobs[1:], strict=True):
+            assert list(got) == [engine_alone.tokenizer.decode([t], skip_special_tokens=False) for t, _ in want.top]
+        assert lp.text_offset == [sum(len(t) for t in texts[:i]) for i in range(len(texts))]
+        if config == "1P+1D":  # the prefill worker scored the prompt, and the handoff carried the scores
+            decisions = worker_metrics(decode)
+            assert metric(decisions, "tandem_disaggregation_decisions_total", decision="remote") == remote_before + 1
+            assert metric(decisions, "tandem_disaggregation_decisions_total", decision="fallback") == 0
+        plain = await client.completions.create(model="", prompt=ECHOED, max_tokens=4, temperature=0)
+        stream = await client.completions.create(model="", prompt=ECHOED, echo=True, logprobs=0, max_tokens=4,
+                                                 temperature=0, stream=True)
+        text, tokens, offsets = "", [], []
+        async for chunk in stream:
+            text += chunk.choices[0].text
+            if chunk.choices[0].logprobs is not None:
+                tokens += chunk.choices[0].logprobs.tokens or []
+                offsets += chunk.choices[0].logprobs.text_offset or []
+        assert text == ECHOED + plain.choices[0].text and tokens[:len(ids)] == texts
+        assert len(tokens) == len(ids) + 4 and offsets == [sum(len(t) for t in tokens[:i]) for i in range(len(tokens))]
+    async with grpc.aio.insecure_channel(running.grpc_address) as channel:  # gRPC: prompt_logprobs in the first chunk
+        chunks = [c async for c in inference_pb2_grpc.InferenceStub(channel).Generate(pb.GenerateRequest(
+            text=ECHOED, sampling=pb.SamplingParameters(temperature=0, max_tokens=3, prompt_logprobs=2)), timeout=120)]
+    assert [len(c.prompt_logprobs) for c in chunks] == [len(ids) - 1] + [0] * (len(chunks) - 1)
+    assert [p.token_id for p in chunks[0].prompt_logprobs] == ids[1:]
+    assert [p.logprob for p in chunks[0].prompt_logprobs] == pytest.approx(
+        [e.logprob for e in scored.prompt_logprobs[1:]], abs=1e-3)
+    await assert_pools_clean(running)
+
+
+async def test_best_of_returns_the_most_likely_choices(cluster: tuple[str, Cluster]) -> None:
+    """best_of 4, n 2, seeded: the two of the four seeded samples (the same four that n=4 gives) with
+    the highest sum of token logprobs, best first; their logprobs stay hidden unless asked for."""
+    _, running = cluster
+    ask = {"model": "", "prompt": "Once upon a time", "max_tokens": 6, "temperature": 1.0, "seed": 11}
+    async with client_of(running) as client:
+        four = await client.completions.create(**ask, n=4, logprobs=0)  # type: ignore[call-overload]
+        best = await client.completions.create(**ask, n=2, best_of=4)  # type: ignore[call-overload]
+    ranked = sorted(four.choices, key=lambda c: sum(c.logprobs.token_logprobs), reverse=True)
+    assert [c.text for c in best.choices] == [c.text for c in ranked[:2]]
+    assert [c.index for c in best.choices] == [0, 1] and all(c.logprobs is None for c in best.choices)
+    assert best.usage is not None and four.usage is not None
+    assert best.usage.completion_tokens == four.usage.completion_tokens  # every choice generated counts
+    await assert_pools_clean(running)
+
+
 WEATHER = {"type": "function", "function": {
     "name": "get_weather", "description": "The current weather in a city",
     "parameters": {"type": "object", "additionalProperties": False, "required": ["city", "unit"], "properties": {

@@ -172,9 +172,13 @@ def test_body_must_be_an_object(parse: Any, body: Any) -> None:
     ({"prompt": [True, False]}, "'prompt' must be a non-empty string, an array of token ids"),
     ({"prompt": [155, 6099.0, 3381]}, r"an array of token ids \(integers\)"),  # found by tests/test_fuzz_http.py
     ({"prompt": "x", "n": 65}, "'n' must be between 1 and 64"),
-    ({"prompt": ["x", "y"], "n": 2}, "'n' above 1 takes one prompt"),
-    ({"prompt": "x", "echo": True}, "'echo' is not supported"),
-    ({"prompt": "x", "best_of": 2}, "'best_of' is not supported"),
+    ({"prompt": ["x", "y"], "n": 2}, "'n' and 'best_of' above 1 take one prompt"),
+    ({"prompt": "x", "echo": "yes"}, "'echo' must be a boolean"),
+    ({"prompt": "x", "echo": False, "max_tokens": 0}, "'max_tokens' must be >= 1"),  # 0 only with echo
+    ({"prompt": "x", "n": 3, "best_of": 2}, r"'best_of' must be between n \(3\) and 64"),
+    ({"prompt": "x", "best_of": 65}, "'best_of' must be between"),
+    ({"prompt": "x", "best_of": 2, "stream": True}, "'best_of' above 'n' cannot be streamed"),
+    ({"prompt": ["x", "y"], "best_of": 2}, "'n' and 'best_of' above 1 take one prompt"),
     ({"prompt": "x", "temperature": "hot"}, "'temperature' must be an integer or a number, got str"),
     ({"prompt": "x", "max_tokens": True}, "'max_tokens' must be an integer, got a boolean"),
     ({"prompt": "x", "max_tokens": 1.5}, "'max_tokens' must be an integer, got float"),
@@ -399,3 +403,25 @@ def test_n_choices_share_the_prompt_and_derive_their_seeds() -> None:
     unseeded = parse_completion({"prompt": "x", "n": 2})
     assert [g.sampling.HasField("seed") for g in unseeded.generates] == [False, False]
     assert not parse_completion({"prompt": "x", "n": 1}).several
+
+
+def test_echo_asks_for_prompt_logprobs_and_max_tokens_0_for_the_prompt_alone() -> None:
+    scored = parse_completion({"prompt": "x", "echo": True, "logprobs": 2, "max_tokens": 0})
+    assert scored.echo and scored.prompt_only
+    assert scored.generate.sampling.prompt_logprobs == 2 and scored.generate.sampling.max_tokens == 1
+    plain = parse_completion({"prompt": "x", "echo": True, "max_completion_tokens": 5})
+    assert plain.echo and not plain.prompt_only and not plain.generate.sampling.HasField("prompt_logprobs")
+    assert not parse_completion({"prompt": "x", "logprobs": 2}).generate.sampling.HasField("prompt_logprobs")
+
+
+@pytest.mark.parametrize("parse_body", [(parse_completion, {"prompt": "x"}),
+                                        (parse_chat, {"messages": [{"role": "user", "content": "x"}]})])
+def test_best_of_runs_that_many_choices_with_logprobs_to_rank_them(parse_body: Any) -> None:
+    parse, body = parse_body
+    ranked = parse({**body, "n": 2, "best_of": 5, "seed": 7})
+    assert (ranked.n, ranked.best_of, len(ranked.generates)) == (2, 5, 5)
+    assert [g.sampling.seed for g in ranked.generates] == [7, 8, 9, 10, 11]
+    assert all(g.sampling.logprobs == 0 for g in ranked.generates)  # computed to rank, not returned
+    assert ranked.logprobs is None
+    same = parse({**body, "n": 3, "best_of": 3})
+    assert same.best_of == same.n == 3 and not same.generates[0].sampling.HasField("logprobs")

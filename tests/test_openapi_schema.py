@@ -222,7 +222,10 @@ def test_what_the_schema_rejects_is_refused(kind: str, path: tuple[str | int, ..
 
 
 # a bound is only reachable with another field set too (min_tokens <= max_tokens)
-COMPANIONS: dict[str, dict[str, Any]] = {"min_tokens": {"max_tokens": 2**32 - 1}}
+# fields a bound needs beside it: min_tokens up to max_tokens; a completion's max_tokens 0 only with echo
+COMPANIONS: dict[tuple[str, str], dict[str, Any]] = {
+    **{(kind, "min_tokens"): {"max_tokens": 2**32 - 1} for kind in ("completion", "chat")},
+    ("completion", "max_tokens"): {"echo": True}, ("completion", "max_completion_tokens"): {"echo": True}}
 BOUNDS = [(kind, path, key, bound) for kind in ("completion", "chat") for path in field_paths(kind)
           for key, bound in _bounds(_property(kind, path))]
 
@@ -235,7 +238,7 @@ def test_each_bound_of_the_schema_is_accepted(kind: str, path: tuple[str | int, 
     value: float = bound
     if key.startswith("exclusive"):
         value = bound + 1e-9 if key == "exclusiveMinimum" else bound - 1e-9
-    body = with_value({**BASE[kind], **COMPANIONS.get(str(path[-1]), {})}, path, value)
+    body = with_value({**BASE[kind], **COMPANIONS.get((kind, str(path[-1])), {})}, path, value)
     assert schema_accepts(kind, body) and accepts(kind, body), body
 
 
