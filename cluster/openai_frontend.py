@@ -22,6 +22,7 @@ import grpc
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from cluster.api_keys import caller_of
 from cluster.json_body import decode_json
 from cluster.openai_protocol import (
     BadRequest,
@@ -91,7 +92,7 @@ class OpenAIFrontend:
             if to_the_end:
                 for one in parsed.generates:
                     one.sampling.max_tokens = context
-            every = [self.core.prepare(one) for one in parsed.generates]
+            every = [self.core.prepare(one, caller=caller_of(request)) for one in parsed.generates]
         except BadRequest as e:
             return error_response(400, str(e))
         except RouterError as e:
@@ -231,7 +232,7 @@ class OpenAIFrontend:
         return response
 
     def _refusal(self, e: RouterError) -> web.Response:
-        return error_response(HTTP_STATUS.get(e.code, 500), e.message, self.core.retry_after_s)
+        return error_response(HTTP_STATUS.get(e.code, 500), e.message, e.retry_after_s or self.core.retry_after_s)
 
     def _builder(self, parsed: OpenAIRequest, one: Any, prepared: PreparedRequest) -> ResponseBuilder:
         echo = None

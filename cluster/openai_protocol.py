@@ -40,7 +40,7 @@ MAX_CHOICES = 64  # n
 _COMMON_FIELDS = ("model", "request_id", "timeout", "priority", *_SAMPLING_FIELDS, "max_tokens",
                   "max_completion_tokens", "stop", "stop_token_ids", "ignore_eos", "n", "best_of", "stream",
                   "stream_options", "logit_bias", "allowed_token_ids", "response_format", "guided_json",
-                  "guided_regex", "guided_choice", "guided_grammar", "structured_outputs", "user")
+                  "guided_regex", "guided_choice", "guided_grammar", "structured_outputs", "user", "cache_salt")
 _COMPLETION_FIELDS = (*_COMMON_FIELDS, "prompt", "echo", "logprobs")
 _CHAT_FIELDS = (*_COMMON_FIELDS, "messages", "logprobs", "top_logprobs", "tools", "tool_choice", "parallel_tool_calls")
 _MESSAGE_FIELDS = ("role", "content", "tool_calls", "tool_call_id")
@@ -179,6 +179,11 @@ def _common(body: Any, kind: str, default_max_tokens: int | None) -> tuple[pb.Ge
     if timeout is not None:
         request.timeout_seconds = float(timeout)
     _set(request, "priority", _field(body, "priority", int, 0), "priority")
+    salt = _field(body, "cache_salt", str)
+    if salt is not None:
+        if not salt:
+            raise BadRequest("'cache_salt' must be a non-empty string")
+        request.cache_salt = salt
     return request, body
 
 
@@ -221,8 +226,10 @@ def parse_completion(body: Any) -> OpenAIRequest:
     echo = isinstance(body, dict) and _field(body, "echo", bool, False)
     limit = "max_completion_tokens" if isinstance(body, dict) and body.get("max_completion_tokens") is not None \
         else "max_tokens"
-    prompt_only = echo and body.get(limit) == 0 and not isinstance(body.get(limit), bool)
+    prompt_only = echo and type(body.get(limit)) is int and body[limit] == 0
     if prompt_only:  # how evaluation harnesses score a text: its prompt logprobs, nothing generated
+        if _field(body, "min_tokens", int, 0) > 0:
+            raise BadRequest("'min_tokens' must be 0 when 'max_tokens' is 0")
         body = {**body, limit: 1}
     request, body = _common(body, "completion", 16)
     prompt = body.get("prompt")
@@ -363,6 +370,7 @@ class ResponseBuilder:
         self.text: list[str] = []
         self.logprobs: list[pb.TokenLogprob] = []
         self.prompt_logprobs: list[_Scored] = []  # echo with logprobs: every prompt token
+        self.absorbed = 0  # chunks taken in
         self.finish_reason: str | None = None
         self.usage: dict[str, Any] | None = None
         self.tool_stream = ToolCallStream(request.tools) if request.tools is not None else None
@@ -377,7 +385,7 @@ class ResponseBuilder:
         """Take in a chunk; returns the text and logprobs entries it adds to the choice (with echo, the
         first chunk's start with the prompt's)."""
         prefix = "chatcmpl-" if self.request.kind == "chat" else "cmpl-"
-        first = not self.id
+        first, self.absorbed = self.absorbed == 0, self.absorbed + 1
         self.id = self.id or prefix + chunk.request_id
         text, scored = chunk.text, [(lp.token_id, lp) for lp in chunk.logprobs]
         if self.request.prompt_only:  # the one token generated is dropped
@@ -390,7 +398,8 @@ class ResponseBuilder:
             scored = self.prompt_logprobs + scored if self.request.logprobs is not None else scored
         self.text.append(text)
         if chunk.finish_reason != pb.FINISH_REASON_UNSPECIFIED:
-            self.finish_reason = _FINISH[chunk.finish_reason]
+            # max_tokens 0: the hidden token may have been eos, but the client asked for no token
+            self.finish_reason = "length" if self.request.prompt_only else _FINISH[chunk.finish_reason]
         if chunk.HasField("usage"):
             u = chunk.usage
             completion = 0 if self.request.prompt_only else u.completion_tokens
@@ -440,7 +449,7 @@ class ResponseBuilder:
 
     def stream_chunk(self, chunk: pb.GenerateResponse, first: bool) -> dict[str, Any]:
         text, scored = self.absorb(chunk)
-        reason = _FINISH.get(chunk.finish_reason)
+        reason = self.finish_reason if chunk.finish_reason != pb.FINISH_REASON_UNSPECIFIED else None
         if self.request.kind == "chat":
             body = self._head("chat.completion.chunk")
             delta: dict[str, Any] = {"role": "assistant"} if first else {}

@@ -9,6 +9,7 @@ continues after the tokens already streamed (migration).
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import time
@@ -19,10 +20,12 @@ from dataclasses import dataclass
 import grpc
 
 from cluster import router_metrics as m
+from cluster.api_keys import ANONYMOUS, Caller
+from cluster.key_limits import KeyLimiter, KeyLimitExceeded, KeyLimits
 from cluster.routing import Route, RoutingPolicy
 from cluster.worker_pool import WorkerPool
 from common.wire import QUEUE_FULL
-from engine.block_manager import hash_blocks
+from engine.block_manager import hash_blocks, salted_root
 from engine.grammar import check_structured
 from engine.tokenizer import Tokenizer
 from tandem.v1 import inference_pb2 as pb
@@ -40,10 +43,13 @@ _MAX_DECODE_ATTEMPTS = 3
 
 
 class RouterError(Exception):
-    def __init__(self, code: grpc.StatusCode, message: str) -> None:
+    """`retry_after_s`: for a refusal worth retrying, when (None: the router's --retry-after-s)."""
+
+    def __init__(self, code: grpc.StatusCode, message: str, retry_after_s: int | None = None) -> None:
         super().__init__(message)
         self.code = code
         self.message = message
+        self.retry_after_s = retry_after_s
 
 
 @dataclass(frozen=True)
@@ -57,12 +63,26 @@ class PreparedRequest:
     # n > 1: the decode worker that holds the shared prompt's KV (choice 0's): this request goes
     # there and prefills from its prefix cache, so one prefill and one KV transfer serve every choice
     follow_worker: str = ""
+    cache_salt: str = ""  # prefix-cache blocks are shared only under the same salt (see cache_salt)
+    caller: Caller = ANONYMOUS  # its API key (limits and metrics by key name)
+
+
+MAX_CLIENT_SALT_CHARS = 1024  # a client's cache_salt (the workers take the router's longer combination)
+
+
+def cache_salt(tenant: str, client_salt: str) -> str:
+    """The prefix cache's salt of a request: its tenant's (API key's) and the client's own, both
+    kept apart unambiguously ("" when there is neither: the cache is shared)."""
+    return json.dumps([tenant, client_salt]) if tenant or client_salt else ""
 
 
 class RouterCore:
     def __init__(self, pool: WorkerPool, tokenizer: Tokenizer, policy: RoutingPolicy, served_model_name: str,
-                 max_inflight: int, request_timeout_s: float, retry_after_s: int = 1) -> None:
+                 max_inflight: int, request_timeout_s: float, retry_after_s: int = 1,
+                 shared_prefix_cache: bool = False, key_limits: KeyLimits | None = None) -> None:
         self.pool = pool
+        self.keys = KeyLimiter(key_limits)
+        self.shared_prefix_cache = shared_prefix_cache  # True: tenants (API keys) share cached blocks
         self.tokenizer = tokenizer
         self._serving: dict[str, str] = {}  # internal id -> the decode worker of its current attempt
         self.policy = policy
@@ -97,9 +117,14 @@ class RouterCore:
             raise RouterError(grpc.StatusCode.NOT_FOUND,
                               f"model {model!r} is not served here; this cluster serves {self.model_name!r}")
 
-    def prepare(self, request: pb.GenerateRequest, time_remaining: float | None = None) -> PreparedRequest:
-        """Validate and tokenize; raises RouterError(INVALID_ARGUMENT or NOT_FOUND)."""
+    def prepare(self, request: pb.GenerateRequest, time_remaining: float | None = None,
+                caller: Caller = ANONYMOUS) -> PreparedRequest:
+        """Validate and tokenize; raises RouterError(INVALID_ARGUMENT or NOT_FOUND). `caller`: its
+        API key (cluster.api_keys), whose tenant salts the prefix cache unless it is shared."""
         self.check_model(request.model)
+        if len(request.cache_salt) > MAX_CLIENT_SALT_CHARS:
+            raise RouterError(grpc.StatusCode.INVALID_ARGUMENT,
+                              f"cache_salt is longer than {MAX_CLIENT_SALT_CHARS} characters")
         try:
             tokens = self._tokens(request)
             params = sampling_from_proto(request.sampling)  # the same validation the worker will apply
@@ -121,8 +146,9 @@ class RouterCore:
         if time_remaining is not None:
             timeouts.append(time_remaining)
         internal = uuid.uuid4().hex
+        salt = cache_salt("" if self.shared_prefix_cache else caller.tenant, request.cache_salt)
         return PreparedRequest(request.request_id or internal, internal, tokens, request.sampling, min(timeouts),
-                               request.priority)
+                               request.priority, cache_salt=salt, caller=caller)
 
     def _tokens(self, request: pb.GenerateRequest) -> list[int]:
         kind = request.WhichOneof("input")
@@ -153,6 +179,11 @@ class RouterCore:
             raise RouterError(grpc.StatusCode.RESOURCE_EXHAUSTED,
                               f"the router has {self.inflight} requests in flight (limit {self.max_inflight}): "
                               f"retry later")
+        try:
+            self.keys.admit(req.caller, len(req.prompt_token_ids))
+        except KeyLimitExceeded as e:
+            m.REQUESTS.labels("resource_exhausted").inc()
+            raise RouterError(grpc.StatusCode.RESOURCE_EXHAUSTED, e.message, e.retry_after_s) from None
         arrival = time.monotonic()
         deadline = arrival + req.timeout_s
         self.inflight += 1
@@ -161,12 +192,14 @@ class RouterCore:
         try:
             m.PROMPT_TOKENS.inc(len(req.prompt_token_ids))
             async for chunk in self._stream(req, arrival, deadline):
+                self.keys.count(req.caller, len(chunk.token_ids))
                 yield chunk
             outcome = "ok"
         except RouterError as e:
             outcome = e.code.name.lower()
             raise
         finally:
+            self.keys.release(req.caller, outcome)
             self.inflight -= 1
             self._serving.pop(req.internal_id, None)
             m.INFLIGHT.dec()
@@ -178,7 +211,7 @@ class RouterCore:
         worker lost before any token is replaced (retry); one lost mid-stream is replaced by another
         that recomputes prompt + `streamed` and continues after them (migration), so the client's
         stream goes on with no token repeated or lost."""
-        hashes = hash_blocks(req.prompt_token_ids, self.block_size())
+        hashes = hash_blocks(req.prompt_token_ids, self.block_size(), salted_root(req.cache_salt))
         tried: set[str] = set()  # each decode worker is tried at most once
         streamed: list[int] = []
         latency = _Latency(arrival)
@@ -265,7 +298,7 @@ class RouterCore:
         return worker_pb2.WorkerGenerateRequest(
             request_id=f"{req.internal_id}-{attempt}", prompt_token_ids=req.prompt_token_ids, sampling=sampling,
             timeout_seconds=max(deadline - time.monotonic(), 0.001), priority=req.priority, prefill=targets,
-            resume_token_ids=streamed)
+            resume_token_ids=streamed, cache_salt=req.cache_salt)
 
 
 def without_prompt_logprobs(sampling: pb.SamplingParameters) -> pb.SamplingParameters:

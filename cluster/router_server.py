@@ -42,9 +42,9 @@ async def serve(settings: RouterSettings, lifecycle: Lifecycle | None = None) ->
     await pool.start()
     core = RouterCore(pool, tokenizer, RoutingPolicy(settings.policy, settings.kv_overlap_weight),
                       settings.served_model_name, settings.max_inflight, settings.request_timeout_s,
-                      settings.retry_after_s)
+                      settings.retry_after_s, settings.shared_prefix_cache, settings.key_limits())
     server = grpc.aio.server(interceptors=[*([] if keys is None else [ApiKeyInterceptor(keys)]), RejectUndecodable()])
-    inference_pb2_grpc.add_InferenceServicer_to_server(InferenceServicer(core), server)
+    inference_pb2_grpc.add_InferenceServicer_to_server(InferenceServicer(core, keys), server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection((inference_pb2.DESCRIPTOR.services_by_name["Inference"].full_name,

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from cluster.api_keys import ApiKeys
+from cluster.key_limits import KeyLimits
 from cluster.routing import POLICIES, PolicyName
 from common.security import SecuritySettings
 from common.settings import described
@@ -32,10 +33,15 @@ class RouterSettings(SecuritySettings):
         "API keys of the public APIs, one per line (# comments); with api_keys: either is accepted"))
     api_keys: str = field(default="", repr=False, metadata=described(
         "API keys, comma separated; prefer the variable to the flag (flags show in `ps`)", secret=True))
+    api_key_limits: str | None = field(default=None, metadata=described(
+        "JSON file of per-key limits (cluster.key_limits): key name -> max_inflight, tokens_per_minute"))
+    shared_prefix_cache: bool = field(default=False, metadata=described(
+        "with API keys: every key shares the prefix cache (one tenant); default: a key reuses only "
+        "the blocks its own requests cached, so no key can time another's prompts"))
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        self.api_key_set()
+        self.key_limits()
         if self.policy not in POLICIES:
             raise ValueError(f"policy must be one of {POLICIES}, got {self.policy!r}")
         if self.max_inflight < 1 or self.request_timeout_s <= 0 or self.kv_overlap_weight < 0:
@@ -46,3 +52,12 @@ class RouterSettings(SecuritySettings):
     def api_key_set(self) -> ApiKeys | None:
         """None: the public APIs are open."""
         return ApiKeys.load(self.api_keys_file, self.api_keys)
+
+    def key_limits(self) -> KeyLimits | None:
+        """The per-key limits (None: none); ValueError for a file that names no key, or no keys."""
+        keys = self.api_key_set()
+        if self.api_key_limits is None:
+            return None
+        if keys is None:
+            raise ValueError("api_key_limits needs API keys (api_keys_file or api_keys)")
+        return KeyLimits.load(self.api_key_limits, keys.names)

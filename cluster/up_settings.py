@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from cluster.api_keys import ApiKeys
+from cluster.key_limits import KeyLimits
 from cluster.router_settings import RouterSettings
 from cluster.routing import PolicyName
 from cluster.up_events import OUTPUT_FORMATS, OutputFormat
@@ -52,6 +53,10 @@ class UpSettings(SecuritySettings):
     api_keys_file: str | None = field(default=None, metadata=described("the router's API key file (see router)"))
     api_keys: str = field(default="", repr=False, metadata=described(
         "the router's API keys, comma separated; handed on as a variable, not a flag", secret=True))
+    shared_prefix_cache: bool = field(default=False, metadata=described(
+        "with API keys: every key shares the prefix cache (see router)"))
+    api_key_limits: str | None = field(default=None, metadata=described(
+        "the router's per-key limits file (see router)"))
     planner: bool = field(default=False, metadata=described(
         "run the SLO planner: it scales the prefill and decode pools (its flags: --itl-target-s, ...)"))
     ray: str = field(default="", metadata=described(
@@ -69,7 +74,11 @@ class UpSettings(SecuritySettings):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        ApiKeys.load(self.api_keys_file, self.api_keys)
+        keys = ApiKeys.load(self.api_keys_file, self.api_keys)
+        if self.api_key_limits is not None:
+            if keys is None:
+                raise ValueError("api_key_limits needs API keys (api_keys_file or api_keys)")
+            KeyLimits.load(self.api_key_limits, keys.names)
         etcd_access = self.etcd_access()
         if not self.etcd and (etcd_access.tls or etcd_access.user is not None):
             raise ValueError("etcd TLS and user options need --etcd: the local etcd is plaintext, without auth")
@@ -100,9 +109,10 @@ class UpSettings(SecuritySettings):
     def router_args(self, etcd: str) -> list[str]:
         args = ["router", "--etcd", etcd, "--cluster", self.cluster, "--host", self.host, "--policy", self.policy,
                 "--http-port", str(self.http_port), "--grpc-port", str(self.grpc_port), "--grace-s", str(self.grace_s),
-                "--max-inflight", str(self.max_inflight)]
+                "--max-inflight", str(self.max_inflight), "--shared-prefix-cache", str(self.shared_prefix_cache)]
         args += ["--model", self.model] if self.model else []
         args += ["--api-keys-file", self.api_keys_file] if self.api_keys_file else []
+        args += ["--api-key-limits", self.api_key_limits] if self.api_key_limits else []
         return args + self.security_args()
 
     def worker_settings(self, role: str, etcd: str) -> WorkerSettings:

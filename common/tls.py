@@ -26,6 +26,7 @@ from dataclasses import dataclass
 import grpc
 
 from common.files import read_file
+from common.wire import MAX_WORKER_MESSAGE_BYTES
 
 
 @dataclass(frozen=True)
@@ -68,9 +69,12 @@ def channel_credentials(files: TlsFiles) -> grpc.ChannelCredentials:
 
 
 def open_channel(address: str, credentials: grpc.ChannelCredentials | None) -> grpc.aio.Channel:
+    """A channel between two components: it takes replies as large as a worker's server takes
+    requests (a long prompt's logprobs come in one message)."""
+    options = [("grpc.max_receive_message_length", MAX_WORKER_MESSAGE_BYTES)]
     if credentials is None:
-        return grpc.aio.insecure_channel(address)
-    return grpc.aio.secure_channel(address, credentials)
+        return grpc.aio.insecure_channel(address, options=options)
+    return grpc.aio.secure_channel(address, credentials, options=options)
 
 
 def server_ssl_context(files: TlsFiles) -> ssl.SSLContext:

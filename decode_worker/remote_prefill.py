@@ -120,7 +120,8 @@ class RemotePrefiller:
             stub = worker_pb2_grpc.WorkerStub(self._channel(target.prefill_address))
             response = await stub.Prefill(worker_pb2.PrefillRequest(
                 request_id=attempt_id, prompt_token_ids=request.prompt_token_ids, sampling=request.sampling,
-                decode_segment=self.connector.segment_name, decode_block_ids=blocks, timeout_seconds=timeout),
+                decode_segment=self.connector.segment_name, decode_block_ids=blocks, timeout_seconds=timeout,
+                cache_salt=request.cache_salt),
                 timeout=timeout)
             first = await receipt.wait(max(timeout - (time.monotonic() - started), 0.5))
         except grpc.aio.AioRpcError as e:

@@ -67,7 +67,7 @@ class DecodeWorkerServicer(WorkerServicerBase):
         try:
             engine_request = self.engine.make_request(
                 request.request_id, list(request.prompt_token_ids), sampling_from_proto(request.sampling),
-                request.priority, list(request.resume_token_ids))
+                request.priority, list(request.resume_token_ids), request.cache_salt)
             async with asyncio.timeout(timeout):
                 decision, stream = await self._start(request, engine_request, deadline)
         except ValueError as e:  # InvalidRequestError included: the worker stays up
@@ -102,7 +102,9 @@ class DecodeWorkerServicer(WorkerServicerBase):
         if self.remote is not None:
             prompt = engine_request.prompt_token_ids
             has_targets = len(request.prefill) > 0
-            cached = await self.engine.remote_kv.cached_prefix_tokens(prompt) if has_targets else 0
+            # a request for prompt logprobs computes its whole prompt: the cache does not shorten it
+            reads_cache = has_targets and engine_request.params.prompt_logprobs is None
+            cached = await self.engine.remote_kv.cached_prefix_tokens(prompt, request.cache_salt) if reads_cache else 0
             decision = self.policy.decide(len(prompt), cached, has_targets)
             if decision == "remote":
                 return await self.remote.start(request, engine_request, deadline)

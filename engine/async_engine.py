@@ -100,9 +100,10 @@ class AsyncEngine:
 
     # -- requests ---------------------------------------------------------------------------------------
     def make_request(self, request_id: str, prompt: str | Sequence[int], params: SamplingParams | None = None,
-                     priority: int = 0, resume_token_ids: Sequence[int] | None = None) -> EngineRequest:
+                     priority: int = 0, resume_token_ids: Sequence[int] | None = None,
+                     cache_salt: str = "") -> EngineRequest:
         """Validate a request once, where it enters (InvalidRequestError says what to change)."""
-        return self._llm.make_request(request_id, prompt, params, priority, resume_token_ids)
+        return self._llm.make_request(request_id, prompt, params, priority, resume_token_ids, cache_salt)
 
     async def add_request(self, request: EngineRequest) -> AsyncIterator[RequestOutput]:
         """Enqueue a validated request; returns its stream (a duplicate id raises here)."""

@@ -19,10 +19,10 @@ class AsyncRemoteKV:
     def __init__(self, engine: AsyncEngine) -> None:
         self._engine = engine
 
-    async def cached_prefix_tokens(self, token_ids: Sequence[int]) -> int:
+    async def cached_prefix_tokens(self, token_ids: Sequence[int], cache_salt: str = "") -> int:
         """Prompt tokens this engine's prefix cache already holds (no stats counted)."""
         prompt = list(token_ids)
-        return await self._engine._call(lambda e: e.remote_kv.cached_prefix_tokens(prompt))
+        return await self._engine._call(lambda e: e.remote_kv.cached_prefix_tokens(prompt, cache_salt))
 
     async def reserve(self, request: EngineRequest) -> tuple[list[int], AsyncIterator[RequestOutput]]:
         """Reserve blocks for `request`'s prompt (OutOfKVBlocksError: none kept, no stream); returns

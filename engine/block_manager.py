@@ -3,7 +3,8 @@
 A full block is identified by a chained hash of its tokens and of the hash of the block before
 it, so equal hashes mean equal whole prefixes. Hashes are blake2b over little-endian int64s:
 deterministic across processes and machines (no per-process seed), so the router, prefill and
-decode workers agree on them.
+decode workers agree on them. A sequence's first block chains from its cache salt's root
+(`salted_root`): sequences under different salts (tenants) share no block.
 
 Invariants (checked by `check_integrity`, which raises PoolIntegrityError):
 - every block is either free (ref_count 0, in the LRU free list) or used (ref_count > 0, not free);
@@ -23,7 +24,16 @@ import numpy as np
 
 from engine.errors import PoolIntegrityError
 
-ROOT_HASH = 0
+ROOT_HASH = 0  # the parent of an unsalted sequence's first block
+MAX_CACHE_SALT_CHARS = 4096
+
+
+def salted_root(cache_salt: str) -> int:
+    """The parent hash of the first block of a sequence with this cache salt (ROOT_HASH for none)."""
+    if not cache_salt:
+        return ROOT_HASH
+    digest = hashlib.blake2b(cache_salt.encode("utf-8", "surrogatepass"), digest_size=8, person=b"tandem-salt")
+    return int.from_bytes(digest.digest(), "little", signed=True)
 
 
 def hash_block(parent_hash: int, token_ids: Sequence[int]) -> int:

@@ -123,15 +123,19 @@ class GrammarMasker:
 
     def apply_along(self, x: torch.Tensor, matcher: xgrammar.GrammarMatcher, draft_token_ids: Sequence[int]) -> None:
         """x [len(drafts) + 1, V] float32, the rows that verify one sequence's drafts: in place, row j
-        masked to what the grammar allows after drafts[:j] (each of which it must accept). The
-        matcher ends where it started."""
+        masked to what the grammar allows after drafts[:j] (each of which it must accept, none
+        ending the output: engine.llm_engine cuts drafts there). The matcher ends where it started."""
         bitmask = xgrammar.allocate_token_bitmask(x.shape[0], x.shape[1])
         matcher.fill_next_token_bitmask(bitmask, 0)
-        for j, token_id in enumerate(draft_token_ids):
-            accept(matcher, token_id)
-            matcher.fill_next_token_bitmask(bitmask, j + 1)
-        if draft_token_ids:
-            matcher.rollback(len(draft_token_ids))
+        accepted = 0
+        try:
+            for j, token_id in enumerate(draft_token_ids):
+                accept(matcher, token_id)
+                accepted += 1
+                matcher.fill_next_token_bitmask(bitmask, j + 1)
+        finally:
+            if accepted:
+                matcher.rollback(accepted)
         apply_bitmask_torch(x, range(x.shape[0]), bitmask)
 
 

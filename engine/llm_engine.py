@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterable, Sequence
 
-from engine.block_manager import BlockManager, KVCacheEvents
+from engine.block_manager import BlockManager, KVCacheEvents, salted_root
 from engine.config import EngineConfig
 from engine.detokenizer import IncrementalDetokenizer
 from engine.errors import InvalidRequestError, PoolIntegrityError
@@ -55,9 +55,10 @@ class LLMEngine:
 
     # -- requests -----------------------------------------------------------------------------------
     def make_request(self, request_id: str, prompt: str | Sequence[int], params: SamplingParams | None = None,
-                     priority: int = 0, resume_token_ids: Sequence[int] | None = None) -> EngineRequest:
+                     priority: int = 0, resume_token_ids: Sequence[int] | None = None,
+                     cache_salt: str = "") -> EngineRequest:
         """Validate a request once (InvalidRequestError says what to change); see engine.request."""
-        return self.validator.validate(request_id, prompt, params, priority, resume_token_ids)
+        return self.validator.validate(request_id, prompt, params, priority, resume_token_ids, cache_salt)
 
     def add_request(self, request: EngineRequest) -> None:
         """Queue a validated request (`make_request`). A resumed one continues after its
@@ -71,7 +72,8 @@ class LLMEngine:
         prompt, params = list(request.prompt_token_ids), request.params
         state = SequenceSamplingState(params, prompt, self.model_config.vocab_size, self.parts.device,
                                       self.tokenizer.eos_token_ids, request.grammar)
-        seq = EngineSequence(request.request_id, prompt, params, state, priority=request.priority)
+        seq = EngineSequence(request.request_id, prompt, params, state, priority=request.priority,
+                             root_hash=salted_root(request.cache_salt))
         req = RequestState(seq, IncrementalDetokenizer(self.tokenizer, prompt, params.skip_special_tokens),
                            tuple(self.tokenizer.eos_token_ids), self.max_model_len)
         if request.resume_token_ids:
@@ -174,8 +176,13 @@ class LLMEngine:
                        self.max_model_len - len(seq.token_ids) - 1)
             if room > 0:
                 drafts = propose_ngram_drafts(seq.token_ids, room, spec.ngram_max, spec.ngram_min)
-                # a draft the grammar forbids cannot be the masked argmax: cut it there
-                seq.spec_token_ids = drafts[:seq.sampling_state.grammar_prefix(drafts)]
+                if seq.sampling_state.matcher is not None:
+                    # a draft the grammar forbids cannot be the masked argmax, and nothing follows an
+                    # ending token: cut at either (the verifying row after the drafts may still end it)
+                    ending = set(self.tokenizer.eos_token_ids) | set(p.stop_token_ids)
+                    drafts = drafts[:next((i for i, t in enumerate(drafts) if t in ending), len(drafts))]
+                    drafts = drafts[:seq.sampling_state.grammar_prefix(drafts)]
+                seq.spec_token_ids = drafts
 
     # -- health and observation -------------------------------------------------------------------------
     def check_integrity(self) -> None:

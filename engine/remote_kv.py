@@ -25,7 +25,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from engine.block_manager import hash_blocks
+from engine.block_manager import hash_blocks, salted_root
 from engine.errors import InvalidRequestError
 from engine.model_runner import SequenceResult
 from engine.outputs import RequestOutput, TokenLogprobs
@@ -65,9 +65,10 @@ class RemoteKV:
         self.detached: dict[str, _Detached] = {}
 
     # -- queries ----------------------------------------------------------------------------------------
-    def cached_prefix_tokens(self, token_ids: Sequence[int]) -> int:
-        """Prompt tokens this engine's prefix cache already holds (a look, not a lookup: no stats)."""
-        hashes = hash_blocks(token_ids, self._blocks.block_size)
+    def cached_prefix_tokens(self, token_ids: Sequence[int], cache_salt: str = "") -> int:
+        """Prompt tokens this engine's prefix cache already holds under `cache_salt` (a look, not a
+        lookup: no stats)."""
+        hashes = hash_blocks(token_ids, self._blocks.block_size, salted_root(cache_salt))
         return len(self._blocks.peek_cached_prefix(hashes, token_ids)) * self._blocks.block_size
 
     @property
@@ -101,9 +102,10 @@ class RemoteKV:
             raise InvalidRequestError(f"first token id {result.first_token_id} violates the request's "
                                       "structured output grammar")
         wanted = seq.num_prompt_tokens - 1 if seq.needs_prompt_logits else 0
-        if len(result.prompt_logprobs) != wanted:
-            raise InvalidRequestError(f"the prefill sent {len(result.prompt_logprobs)} prompt logprobs, "
-                                      f"the request needs {wanted}")
+        if len(result.prompt_logprobs) != wanted or any(
+                lp.token_id != t for lp, t in zip(result.prompt_logprobs, seq.prompt_token_ids[1:], strict=False)):
+            raise InvalidRequestError(f"the prefill sent {len(result.prompt_logprobs)} prompt logprobs, the request "
+                                      f"needs {wanted}, one for each prompt token after the first")
         del self.parked[request_id]
         item = self._scheduler.join_running(seq)
         seq.num_cached_tokens = result.num_cached_tokens

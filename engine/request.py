@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from engine.block_manager import MAX_CACHE_SALT_CHARS
 from engine.errors import InvalidRequestError
 from engine.grammar import GrammarCompiler
 from engine.sampling_params import SamplingParams
@@ -25,7 +26,9 @@ if TYPE_CHECKING:
 class EngineRequest:
     """`resume_token_ids`: tokens another engine already generated and streamed for this request
     before it was lost (a migration); the engine continues after them without emitting them again.
-    `grammar`: `params.structured` compiled for this model's vocabulary (None without it)."""
+    `grammar`: `params.structured` compiled for this model's vocabulary (None without it).
+    `cache_salt`: the prefix cache shares blocks only between requests with the same salt (the
+    router derives it from the tenant's API key, and a client may add its own)."""
 
     request_id: str
     prompt_token_ids: tuple[int, ...]
@@ -33,6 +36,7 @@ class EngineRequest:
     priority: int = 0
     resume_token_ids: tuple[int, ...] = ()
     grammar: xgrammar.CompiledGrammar | None = None
+    cache_salt: str = ""
 
 
 @dataclass(frozen=True)
@@ -48,7 +52,8 @@ class RequestValidator:
         object.__setattr__(self, "grammars", GrammarCompiler(self.tokenizer, self.vocab_size))
 
     def validate(self, request_id: str, prompt: str | Sequence[int], params: SamplingParams | None = None,
-                 priority: int = 0, resume_token_ids: Sequence[int] | None = None) -> EngineRequest:
+                 priority: int = 0, resume_token_ids: Sequence[int] | None = None,
+                 cache_salt: str = "") -> EngineRequest:
         """The request in the engine's form, or InvalidRequestError saying what to change."""
         if not isinstance(request_id, str) or not request_id:
             raise InvalidRequestError("request id must be a non-empty string")
@@ -68,7 +73,9 @@ class RequestValidator:
         resumed = tuple(resume_token_ids or ())
         if resumed:
             self._check_resume(len(token_ids), params, resumed)
-        return EngineRequest(request_id, token_ids, params, priority, resumed, grammar)
+        if not isinstance(cache_salt, str) or len(cache_salt) > MAX_CACHE_SALT_CHARS:
+            raise InvalidRequestError(f"cache salt must be a string of at most {MAX_CACHE_SALT_CHARS} characters")
+        return EngineRequest(request_id, token_ids, params, priority, resumed, grammar, cache_salt)
 
     def _prompt_tokens(self, prompt: str | Sequence[int]) -> tuple[int, ...]:
         if isinstance(prompt, str):

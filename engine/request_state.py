@@ -119,6 +119,6 @@ class RequestState:
             stop_reason=seq.stop_reason, logprobs=list(self.logprobs) if seq.params.logprobs is not None else None,
             num_cached_tokens=seq.num_cached_tokens, arrival_time=seq.arrival_time,
             first_token_time=self.first_token_time,
-            prompt_logprobs=list(self.prompt_logprobs) if self.prompt_logprobs is not None else None)
+            prompt_logprobs=self.prompt_logprobs)  # complete, so never changed again, by the first output
         self.emitted_tokens, self.emitted_chars = len(out_ids), visible
         return out

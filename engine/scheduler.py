@@ -169,7 +169,7 @@ class Scheduler:
         while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
             seq = self.waiting[0]
             # Keep at least the last token to compute: its logits produce the next token.
-            hashes = hash_blocks(seq.token_ids[:len(seq.token_ids) - 1], self.blocks.block_size)
+            hashes = hash_blocks(seq.token_ids[:len(seq.token_ids) - 1], self.blocks.block_size, seq.root_hash)
             hits = [] if seq.needs_prompt_logits else self.blocks.find_cached_prefix(hashes, seq.token_ids)
             computed = len(hits) * self.blocks.block_size
             remaining = len(seq.token_ids) - computed
@@ -215,7 +215,7 @@ class Scheduler:
             return
         for i in range(len(seq.block_hashes), seq.num_computed_tokens // size):
             tokens = seq.token_ids[i * size:(i + 1) * size]
-            parent = seq.block_hashes[-1] if seq.block_hashes else 0
+            parent = seq.block_hashes[-1] if seq.block_hashes else seq.root_hash
             block_hash = hash_block(parent, tokens)
             seq.block_hashes.append(block_hash)
             self.blocks.register_full_block(seq.block_table[i], block_hash, tokens)

@@ -29,8 +29,10 @@ class Sequence:
     """
 
     def __init__(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
-                 sampling_state: SequenceSamplingState, priority: int = 0, arrival_time: float | None = None) -> None:
+                 sampling_state: SequenceSamplingState, priority: int = 0, arrival_time: float | None = None,
+                 root_hash: int = 0) -> None:
         self.request_id = request_id
+        self.root_hash = root_hash  # the parent hash of its first block (engine.block_manager.salted_root)
         self.prompt_token_ids = prompt_token_ids
         self.token_ids: list[int] = list(prompt_token_ids)
         self.params = params

@@ -46,7 +46,7 @@ class PrefillWorkerServicer(WorkerServicerBase):
             params = sampling_from_proto(request.sampling)
             # one token: the first; stop strings and lengths are the decode worker's business
             params = dataclasses.replace(params, max_tokens=1, min_tokens=min(params.min_tokens, 1), stop=())
-            engine_request = self.engine.make_request(rid, prompt, params)
+            engine_request = self.engine.make_request(rid, prompt, params, cache_salt=request.cache_salt)
             need = -(-len(prompt) // self.block_size)
             if len(request.decode_block_ids) != need:
                 raise ValueError(f"a {len(prompt)}-token prompt needs {need} blocks of {self.block_size} tokens, "

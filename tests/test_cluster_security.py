@@ -30,6 +30,8 @@ from tests.support.secure_etcd import etcdctl_binary, secure_etcd
 pytestmark = pytest.mark.slow
 
 FILE_KEY, ENV_KEY, ETCD_PASSWORD = "tk-file-4f1c9b7e", "tk-env-77d2a0c3", "etcd-pw-93be1f"
+LIMITED_KEY = "tk-limited-0c5a61d2"  # named team-limited in the key file, with limits
+LIMITS = {"team-limited": {"max_inflight": 1, "tokens_per_minute": 150}}
 PROMPT = "Canary prompt: the violet heron counts quietly to eleven beside the river"
 
 
@@ -58,11 +60,15 @@ def secure(tiny_llama_dir, tmp_path_factory: pytest.TempPathFactory) -> Iterator
     folder = tmp_path_factory.mktemp("pki")
     pki, rogue = make_pki(folder, "cluster"), make_pki(folder, "rogue")
     keys_file = folder / "api-keys"
-    keys_file.write_text(f"# keys of the test clients\n\n  {FILE_KEY}  \n# retired: tk-old\n")
+    keys_file.write_text(f"# keys of the test clients\n\n  {FILE_KEY}  \n# retired: tk-old\n"
+                         f"team-limited {LIMITED_KEY}\n")
+    limits_file = folder / "key-limits.json"
+    limits_file.write_text(json.dumps(LIMITS))
     with secure_etcd(pki, "tandem", ETCD_PASSWORD) as etcd, tandem_up(
             "--prefill", "1", "--decode", "1", "--model", str(tiny_llama_dir), "--dtype", "float32",
             "--num-kv-blocks", "128", "--min-remote-prefill-tokens", "4", *pki.flags(), "--api-keys-file",
-            str(keys_file), "--etcd", etcd, "--etcd-ca", str(pki.ca), "--etcd-cert", str(pki.cert),
+            str(keys_file), "--api-key-limits", str(limits_file), "--etcd", etcd, "--etcd-ca", str(pki.ca),
+            "--etcd-cert", str(pki.cert),
             "--etcd-key", str(pki.key), "--etcd-user", "tandem", stderr=subprocess.STDOUT,
             env={"TANDEM_API_KEYS": ENV_KEY, "TANDEM_ETCD_PASSWORD": ETCD_PASSWORD}) as cluster:
         yield Secure(cluster, pki, rogue)
@@ -188,10 +194,77 @@ async def test_http_api_keys(secure: Secure) -> None:
     await client.close()
 
 
+async def test_each_key_has_its_own_prefix_cache(secure: Secure) -> None:
+    """A prompt one key cached is a prefix-cache hit for that key only: another key computes it all
+    (so it cannot time the first key's prompts), over HTTP and gRPC; a client's cache_salt splits a
+    key's cache further."""
+    prompt = "Isolation probe: " + " ".join(f"item{i}" for i in range(40))
+
+    async def cached_http(key: str, **extra: str) -> int:
+        async with openai.AsyncOpenAI(base_url=f"{secure.cluster.http_url}/v1", api_key=key, max_retries=0,
+                                      http_client=openai.DefaultAsyncHttpxClient(verify=secure.https())) as client:
+            done = await client.completions.create(model="", prompt=prompt, max_tokens=2, temperature=0,
+                                                   extra_body=extra)
+        assert done.usage is not None and done.usage.prompt_tokens_details is not None
+        return done.usage.prompt_tokens_details.cached_tokens or 0
+
+    async def cached_grpc(key: str, salt: str = "") -> int:
+        request = pb.GenerateRequest(text=prompt, cache_salt=salt, sampling=pb.SamplingParameters(max_tokens=1))
+        async with grpc.aio.secure_channel(secure.cluster.grpc_address, secure.credentials(with_cert=False)) as channel:
+            chunks = [c async for c in inference_pb2_grpc.InferenceStub(channel).Generate(
+                request, metadata=_bearer(key), timeout=60)]
+        return chunks[-1].usage.cached_prompt_tokens
+
+    assert await cached_http(FILE_KEY) == 0
+    assert await cached_http(FILE_KEY) > 0  # its own blocks
+    assert await cached_http(ENV_KEY) == 0  # not another key's
+    assert await cached_grpc(ENV_KEY) > 0 and await cached_grpc(FILE_KEY) > 0
+    assert await cached_http(FILE_KEY, cache_salt="s1") == 0
+    assert await cached_grpc(FILE_KEY, "s1") > 0 and await cached_grpc(ENV_KEY, "s1") == 0
+    await assert_pools_clean(secure.cluster, credentials=secure.credentials())
+
+
+async def test_per_key_limits(secure: Secure) -> None:
+    """team-limited may have one request in flight and 150 tokens a minute: a second concurrent
+    request, and one after the minute's tokens are used, get 429 with Retry-After, counted under the
+    key's name (never the key); other keys are unaffected."""
+    url = secure.cluster.http_url
+
+    def client(key: str) -> openai.AsyncOpenAI:
+        return openai.AsyncOpenAI(base_url=f"{url}/v1", api_key=key, max_retries=0,
+                                  http_client=openai.DefaultAsyncHttpxClient(verify=secure.https()))
+
+    async with client(LIMITED_KEY) as limited, client(FILE_KEY) as other:
+        stream = await limited.completions.create(model="", prompt="Count: one two", max_tokens=40, temperature=0,
+                                                  stream=True, extra_body={"ignore_eos": True})
+        await anext(aiter(stream))  # in flight
+        with pytest.raises(openai.RateLimitError) as busy:
+            await limited.completions.create(model="", prompt="hi", max_tokens=2)
+        assert "in flight" in str(busy.value) and busy.value.response.headers["Retry-After"] == "1"
+        assert (await other.completions.create(model="", prompt="hi", max_tokens=2)).choices
+        async for _ in stream:
+            pass
+        used = 0
+        with pytest.raises(openai.RateLimitError) as spent:
+            for _ in range(10):  # 150 tokens: a few requests of ~45 tokens each
+                done = await limited.completions.create(model="", prompt="Count: one two three four five six seven",
+                                                        max_tokens=30, temperature=0, extra_body={"ignore_eos": True})
+                assert done.usage is not None
+                used += done.usage.total_tokens
+        assert used >= 150 - 45 and "tokens in the last minute" in str(spent.value)
+        assert 1 <= int(spent.value.response.headers["Retry-After"]) <= 60
+        assert (await other.completions.create(model="", prompt="hi", max_tokens=2)).choices
+    text = fetch(f"{url}/metrics", secure.https())
+    assert metric(text, "tandem_router_key_requests_total", key="team-limited", outcome="key_limit") >= 2
+    assert metric(text, "tandem_router_key_tokens_total", key="team-limited", kind="generated") >= 40
+    assert LIMITED_KEY not in text and FILE_KEY not in text
+    await assert_pools_clean(secure.cluster, credentials=secure.credentials())
+
+
 def test_no_key_password_or_prompt_in_the_output(secure: Secure) -> None:
     """Everything the cluster printed (the launcher, and its children's logs at the default level)
     names neither a key, nor the etcd password, nor the prompt text. Runs last."""
     output = "".join(secure.cluster.output)
     assert "router: gRPC on" in output  # the children's logs are in it
-    for secret in (FILE_KEY, ENV_KEY, ETCD_PASSWORD, PROMPT, PROMPT[:20]):
+    for secret in (FILE_KEY, ENV_KEY, LIMITED_KEY, ETCD_PASSWORD, PROMPT, PROMPT[:20]):
         assert secret not in output, secret

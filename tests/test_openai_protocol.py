@@ -8,7 +8,14 @@ from typing import Any
 import pytest
 
 from cluster.json_body import decode_json
-from cluster.openai_protocol import BadRequest, OpenAIRequest, ResponseBuilder, parse_chat, parse_completion
+from cluster.openai_protocol import (
+    BadRequest,
+    OpenAIRequest,
+    PromptEcho,
+    ResponseBuilder,
+    parse_chat,
+    parse_completion,
+)
 from tandem.v1 import inference_pb2 as pb
 
 
@@ -425,3 +432,23 @@ def test_best_of_runs_that_many_choices_with_logprobs_to_rank_them(parse_body: A
     assert ranked.logprobs is None
     same = parse({**body, "n": 3, "best_of": 3})
     assert same.best_of == same.n == 3 and not same.generates[0].sampling.HasField("logprobs")
+
+
+@pytest.mark.parametrize("preset_id", [False, True])  # several choices share an id set before any chunk
+def test_echo_puts_the_prompt_and_its_logprobs_first(preset_id: bool) -> None:
+    request = parse_completion({"prompt": "x", "echo": True, "logprobs": 1, "max_tokens": 0})
+    builder = ResponseBuilder(request, "served", token_text, PromptEcho("Go!", 7))
+    if preset_id:
+        builder.id = "cmpl-shared"
+    scored = [pb.TokenLogprob(token_id=8, logprob=-1.5, top=[pb.TopLogprob(token_id=8, logprob=-1.5)])]
+    builder.absorb(pb.GenerateResponse(request_id="r1", token_ids=[2], text="Hi", prompt_logprobs=scored,
+                                       logprobs=[pb.TokenLogprob(token_id=2, logprob=-0.1)],
+                                       finish_reason=pb.FINISH_REASON_STOP,
+                                       usage=pb.Usage(prompt_tokens=2, completion_tokens=1)))
+    choice = builder.final()["choices"][0]
+    assert choice["text"] == "Go!" and choice["finish_reason"] == "length"  # max_tokens 0: the token is dropped
+    lp = choice["logprobs"]
+    assert lp["tokens"] == [token_text(7), token_text(8)] and lp["token_logprobs"] == [None, -1.5]
+    assert lp["top_logprobs"] == [None, {token_text(8): -1.5}]
+    assert lp["text_offset"] == [0, len(token_text(7))]
+    assert builder.final()["usage"]["completion_tokens"] == 0

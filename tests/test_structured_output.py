@@ -245,3 +245,22 @@ def test_speculative_drafts_follow_the_grammar(tiny_llama_dir) -> None:  # type:
     for out in outputs:
         if out.finish_reason == "stop":
             jsonschema.validate(json.loads(out.text), schema)
+
+
+def test_drafts_stop_at_an_ending_token(tiny_llama_dir) -> None:  # type: ignore[no-untyped-def]
+    """The prompt repeats `<answer><eos>`, so the n-gram drafter proposes eos and what followed it
+    once the answer is written: drafts are cut before eos (the grammar accepts nothing after it),
+    and the output is plain greedy decoding under the grammar."""
+    plain = LLM(str(tiny_llama_dir), num_kv_blocks=64, dtype="float32")
+    tokenizer = plain.engine.tokenizer
+    answer = tokenizer.encode("abc abc")
+    eos = tokenizer.eos_token_ids[0]
+    prompt = [*answer, eos] * 3 + answer[:2]
+    params = SamplingParams.greedy(max_tokens=20, structured=StructuredOutput("choice", choices=(
+        tokenizer.decode(answer),)))
+    drafting = LLM(str(tiny_llama_dir), num_kv_blocks=64, dtype="float32",
+                   speculative=SpeculativeConfig(num_draft_tokens=4, max_running_seqs=8))
+    want = plain.generate([prompt], params)[0]
+    got = drafting.generate([prompt], params)[0]
+    assert got.token_ids == want.token_ids and got.text == tokenizer.decode(answer)
+    assert drafting.engine.num_draft_tokens_proposed > 0

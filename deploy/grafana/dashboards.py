@@ -191,8 +191,21 @@ def service_dashboard() -> dict:
                    Query(f"sum by (namespace) (rate(tandem_generation_tokens_router_total{{{NS}}}[{RATE}]))",
                          "all {{namespace}}")]),
     ]
-    return _dashboard("tandem-service", "Tandem / Service", "Requests, latency against the SLOs, goodput.",
-                      [("Requests", requests), ("Latency and SLOs", latency), ("Goodput", goodput)])
+    keys = [
+        PanelSpec("Requests by API key", "Requests ended per second, by API key name (`anonymous` without API "
+                  "keys) and outcome; key_limit: refused by the key's limits (--api-key-limits).", "reqps",
+                  [Query(f"sum by (key, outcome) (rate(tandem_router_key_requests_total{{{NS}}}[{RATE}]))",
+                         "{{key}} {{outcome}}")], width=8),
+        PanelSpec("Tokens by API key", "Prompt and generated tokens per second, by API key name (what "
+                  "tokens_per_minute limits).", "short",
+                  [Query(f"sum by (key, kind) (rate(tandem_router_key_tokens_total{{{NS}}}[{RATE}]))",
+                         "{{key}} {{kind}}")], width=8),
+        PanelSpec("Requests in flight by API key", "Requests each key has in flight now (what max_inflight limits).",
+                  "short", [Query(f"sum by (key) (tandem_router_key_inflight_requests{{{NS}}})", "{{key}}")], width=8),
+    ]
+    return _dashboard("tandem-service", "Tandem / Service", "Requests, latency against the SLOs, goodput, API keys.",
+                      [("Requests", requests), ("Latency and SLOs", latency), ("Goodput", goodput),
+                       ("API keys", keys)])
 
 
 def pools_dashboard() -> dict:

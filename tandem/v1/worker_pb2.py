@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from tandem.v1 import inference_pb2 as tandem_dot_v1_dot_inference__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16tandem/v1/worker.proto\x12\ttandem.v1\x1a\x19tandem/v1/inference.proto\"C\n\rPrefillTarget\x12\x17\n\x0fprefill_address\x18\x01 \x01(\t\x12\x19\n\x11prefill_engine_id\x18\x02 \x01(\t\"\xe6\x01\n\x15WorkerGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\x05\x12/\n\x08sampling\x18\x03 \x01(\x0b\x32\x1d.tandem.v1.SamplingParameters\x12\x17\n\x0ftimeout_seconds\x18\x04 \x01(\x01\x12\x10\n\x08priority\x18\x05 \x01(\x05\x12)\n\x07prefill\x18\x06 \x03(\x0b\x32\x18.tandem.v1.PrefillTarget\x12\x18\n\x10resume_token_ids\x18\x07 \x03(\x05\"\xba\x01\n\x0ePrefillRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\x05\x12/\n\x08sampling\x18\x03 \x01(\x0b\x32\x1d.tandem.v1.SamplingParameters\x12\x16\n\x0e\x64\x65\x63ode_segment\x18\x04 \x01(\t\x12\x18\n\x10\x64\x65\x63ode_block_ids\x18\x05 \x03(\x05\x12\x17\n\x0ftimeout_seconds\x18\x06 \x01(\x01\"\xa6\x01\n\x0fPrefillResponse\x12\x16\n\x0e\x66irst_token_id\x18\x01 \x01(\x05\x12.\n\rfirst_logprob\x18\x02 \x01(\x0b\x32\x17.tandem.v1.TokenLogprob\x12\x19\n\x11num_cached_tokens\x18\x03 \x01(\r\x12\x30\n\x0fprompt_logprobs\x18\x04 \x03(\x0b\x32\x17.tandem.v1.TokenLogprob\"\"\n\x0c\x41\x62ortRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\"\x1e\n\rAbortResponse\x12\r\n\x05\x66ound\x18\x01 \x01(\x08\"\x0f\n\rStatusRequest\"\xb0\x01\n\x0cWorkerStatus\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x0c\n\x04role\x18\x02 \x01(\t\x12\x0f\n\x07running\x18\x03 \x01(\r\x12\x0f\n\x07waiting\x18\x04 \x01(\r\x12\x13\n\x0b\x66ree_blocks\x18\x05 \x01(\r\x12\x14\n\x0ctotal_blocks\x18\x06 \x01(\r\x12\x19\n\x11pool_integrity_ok\x18\x07 \x01(\x08\x12\x17\n\x0fintegrity_error\x18\x08 \x01(\t\"\x11\n\x0fKVEventsRequest\"Z\n\x0cKVEventBatch\x12\x1b\n\x13stored_block_hashes\x18\x01 \x03(\x03\x12\x1c\n\x14removed_block_hashes\x18\x02 \x03(\x03\x12\x0f\n\x07\x63leared\x18\x03 \x01(\x08\x32\xd3\x02\n\x06Worker\x12K\n\x08Generate\x12 .tandem.v1.WorkerGenerateRequest\x1a\x1b.tandem.v1.GenerateResponse0\x01\x12@\n\x07Prefill\x12\x19.tandem.v1.PrefillRequest\x1a\x1a.tandem.v1.PrefillResponse\x12:\n\x05\x41\x62ort\x12\x17.tandem.v1.AbortRequest\x1a\x18.tandem.v1.AbortResponse\x12;\n\x06Status\x12\x18.tandem.v1.StatusRequest\x1a\x17.tandem.v1.WorkerStatus\x12\x41\n\x08KVEvents\x12\x1a.tandem.v1.KVEventsRequest\x1a\x17.tandem.v1.KVEventBatch0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16tandem/v1/worker.proto\x12\ttandem.v1\x1a\x19tandem/v1/inference.proto\"C\n\rPrefillTarget\x12\x17\n\x0fprefill_address\x18\x01 \x01(\t\x12\x19\n\x11prefill_engine_id\x18\x02 \x01(\t\"\xfa\x01\n\x15WorkerGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\x05\x12/\n\x08sampling\x18\x03 \x01(\x0b\x32\x1d.tandem.v1.SamplingParameters\x12\x17\n\x0ftimeout_seconds\x18\x04 \x01(\x01\x12\x10\n\x08priority\x18\x05 \x01(\x05\x12)\n\x07prefill\x18\x06 \x03(\x0b\x32\x18.tandem.v1.PrefillTarget\x12\x18\n\x10resume_token_ids\x18\x07 \x03(\x05\x12\x12\n\ncache_salt\x18\x08 \x01(\t\"\xce\x01\n\x0ePrefillRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\x05\x12/\n\x08sampling\x18\x03 \x01(\x0b\x32\x1d.tandem.v1.SamplingParameters\x12\x16\n\x0e\x64\x65\x63ode_segment\x18\x04 \x01(\t\x12\x18\n\x10\x64\x65\x63ode_block_ids\x18\x05 \x03(\x05\x12\x17\n\x0ftimeout_seconds\x18\x06 \x01(\x01\x12\x12\n\ncache_salt\x18\x07 \x01(\t\"\xa6\x01\n\x0fPrefillResponse\x12\x16\n\x0e\x66irst_token_id\x18\x01 \x01(\x05\x12.\n\rfirst_logprob\x18\x02 \x01(\x0b\x32\x17.tandem.v1.TokenLogprob\x12\x19\n\x11num_cached_tokens\x18\x03 \x01(\r\x12\x30\n\x0fprompt_logprobs\x18\x04 \x03(\x0b\x32\x17.tandem.v1.TokenLogprob\"\"\n\x0c\x41\x62ortRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\"\x1e\n\rAbortResponse\x12\r\n\x05\x66ound\x18\x01 \x01(\x08\"\x0f\n\rStatusRequest\"\xb0\x01\n\x0cWorkerStatus\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x0c\n\x04role\x18\x02 \x01(\t\x12\x0f\n\x07running\x18\x03 \x01(\r\x12\x0f\n\x07waiting\x18\x04 \x01(\r\x12\x13\n\x0b\x66ree_blocks\x18\x05 \x01(\r\x12\x14\n\x0ctotal_blocks\x18\x06 \x01(\r\x12\x19\n\x11pool_integrity_ok\x18\x07 \x01(\x08\x12\x17\n\x0fintegrity_error\x18\x08 \x01(\t\"\x11\n\x0fKVEventsRequest\"Z\n\x0cKVEventBatch\x12\x1b\n\x13stored_block_hashes\x18\x01 \x03(\x03\x12\x1c\n\x14removed_block_hashes\x18\x02 \x03(\x03\x12\x0f\n\x07\x63leared\x18\x03 \x01(\x08\x32\xd3\x02\n\x06Worker\x12K\n\x08Generate\x12 .tandem.v1.WorkerGenerateRequest\x1a\x1b.tandem.v1.GenerateResponse0\x01\x12@\n\x07Prefill\x12\x19.tandem.v1.PrefillRequest\x1a\x1a.tandem.v1.PrefillResponse\x12:\n\x05\x41\x62ort\x12\x17.tandem.v1.AbortRequest\x1a\x18.tandem.v1.AbortResponse\x12;\n\x06Status\x12\x18.tandem.v1.StatusRequest\x1a\x17.tandem.v1.WorkerStatus\x12\x41\n\x08KVEvents\x12\x1a.tandem.v1.KVEventsRequest\x1a\x17.tandem.v1.KVEventBatch0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -35,23 +35,23 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_PREFILLTARGET']._serialized_start=64
   _globals['_PREFILLTARGET']._serialized_end=131
   _globals['_WORKERGENERATEREQUEST']._serialized_start=134
-  _globals['_WORKERGENERATEREQUEST']._serialized_end=364
-  _globals['_PREFILLREQUEST']._serialized_start=367
-  _globals['_PREFILLREQUEST']._serialized_end=553
-  _globals['_PREFILLRESPONSE']._serialized_start=556
-  _globals['_PREFILLRESPONSE']._serialized_end=722
-  _globals['_ABORTREQUEST']._serialized_start=724
-  _globals['_ABORTREQUEST']._serialized_end=758
-  _globals['_ABORTRESPONSE']._serialized_start=760
-  _globals['_ABORTRESPONSE']._serialized_end=790
-  _globals['_STATUSREQUEST']._serialized_start=792
-  _globals['_STATUSREQUEST']._serialized_end=807
-  _globals['_WORKERSTATUS']._serialized_start=810
-  _globals['_WORKERSTATUS']._serialized_end=986
-  _globals['_KVEVENTSREQUEST']._serialized_start=988
-  _globals['_KVEVENTSREQUEST']._serialized_end=1005
-  _globals['_KVEVENTBATCH']._serialized_start=1007
-  _globals['_KVEVENTBATCH']._serialized_end=1097
-  _globals['_WORKER']._serialized_start=1100
-  _globals['_WORKER']._serialized_end=1439
+  _globals['_WORKERGENERATEREQUEST']._serialized_end=384
+  _globals['_PREFILLREQUEST']._serialized_start=387
+  _globals['_PREFILLREQUEST']._serialized_end=593
+  _globals['_PREFILLRESPONSE']._serialized_start=596
+  _globals['_PREFILLRESPONSE']._serialized_end=762
+  _globals['_ABORTREQUEST']._serialized_start=764
+  _globals['_ABORTREQUEST']._serialized_end=798
+  _globals['_ABORTRESPONSE']._serialized_start=800
+  _globals['_ABORTRESPONSE']._serialized_end=830
+  _globals['_STATUSREQUEST']._serialized_start=832
+  _globals['_STATUSREQUEST']._serialized_end=847
+  _globals['_WORKERSTATUS']._serialized_start=850
+  _globals['_WORKERSTATUS']._serialized_end=1026
+  _globals['_KVEVENTSREQUEST']._serialized_start=1028
+  _globals['_KVEVENTSREQUEST']._serialized_end=1045
+  _globals['_KVEVENTBATCH']._serialized_start=1047
+  _globals['_KVEVENTBATCH']._serialized_end=1137
+  _globals['_WORKER']._serialized_start=1140
+  _globals['_WORKER']._serialized_end=1479
 # @@protoc_insertion_point(module_scope)
