@@ -1,4 +1,6 @@
-"""The public gRPC service, tandem.v1.Inference, on the router."""
+"""The public gRPC service, tandem.v1.Inference, on the router. A chat with tools is read as the
+HTTP API reads it (cluster.openai_tools): the chunks' text is what lies outside the calls, and the
+calls come in the last chunk."""
 
 from __future__ import annotations
 
@@ -8,6 +10,8 @@ from collections.abc import AsyncIterator
 import grpc
 
 from cluster.api_keys import ANONYMOUS, ApiKeys
+from cluster.openai_fields import BadRequest
+from cluster.openai_tools import ToolCallStream, read_grpc_tools
 from cluster.router_core import RouterCore, RouterError
 from tandem.v1 import inference_pb2 as pb
 from tandem.v1 import inference_pb2_grpc
@@ -27,10 +31,17 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
             remaining = context.time_remaining()  # None, or huge, when the client set no deadline
             caller = None if self.keys is None else self.keys.caller(
                 dict(context.invocation_metadata() or ()).get("authorization"))
+            try:
+                use = read_grpc_tools(request)
+            except BadRequest as e:
+                raise RouterError(grpc.StatusCode.INVALID_ARGUMENT, str(e)) from e
             prepared = self.core.prepare(request, remaining if remaining is not None and remaining < 1e8 else None,
                                          caller or ANONYMOUS)
+            calls = ToolCallStream(use) if use is not None else None
             async with contextlib.aclosing(self.core.generate(prepared)) as chunks:
                 async for chunk in chunks:  # a client that goes away cancels this task: the workers abort
+                    if calls is not None:
+                        _read_calls(calls, chunk)
                     yield chunk
         except RouterError as e:
             if e.code in _RETRYABLE:
@@ -41,3 +52,13 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
                          context: grpc.aio.ServicerContext) -> pb.ListModelsResponse:
         return pb.ListModelsResponse(models=[pb.ModelInfo(id=self.core.model_name,
                                                           max_model_len=self.core.max_model_len)])
+
+
+def _read_calls(calls: ToolCallStream, chunk: pb.GenerateResponse) -> None:
+    """The chunk's text cut to the content outside tool calls; the last chunk gets the calls."""
+    chunk.text = calls.feed(chunk.text)
+    if chunk.finish_reason != pb.FINISH_REASON_UNSPECIFIED:
+        rest, found = calls.finish()
+        chunk.text += rest
+        chunk.tool_calls.extend(pb.ToolCall(id=c["id"], name=c["function"]["name"],
+                                            arguments=c["function"]["arguments"]) for c in found)

@@ -58,14 +58,49 @@ def read_tools(body: dict[str, Any], request: pb.GenerateRequest) -> ToolUse | N
     if mode == "none":
         return None
     request.chat.tools.extend(definitions)
+    return _use(request, schemas, mode, function, parallel is not False)
+
+
+def read_grpc_tools(request: pb.GenerateRequest) -> ToolUse | None:
+    """The gRPC form: ChatInput's tools, tool_choice and parallel_tool_calls, checked as the HTTP
+    ones are (BadRequest); `none` takes the tools out of the request, `required` and a named
+    function set its structured output."""
+    if request.WhichOneof("input") != "chat":
+        return None
+    chat = request.chat
+    kind = chat.tool_choice.WhichOneof("choice") if chat.HasField("tool_choice") else None
+    choice: Any = None if kind is None else chat.tool_choice.mode if kind == "mode" else {
+        "type": "function", "function": {"name": chat.tool_choice.function}}
+    if not chat.tools:
+        if choice not in (None, "none", "auto"):
+            raise BadRequest("'tool_choice' needs 'tools'")
+        return None
+    schemas: dict[str, dict[str, Any]] = {}
+    for i, tool in enumerate(chat.tools):
+        try:
+            parameters = load_json_object(tool.parameters, f"tools[{i}].parameters") if tool.parameters else None
+        except JsonTextError as e:
+            raise BadRequest(str(e)) from e
+        _definition({"type": "function", "function": {"name": tool.name, "parameters": parameters}}, i, schemas)
+    mode, function = _choice(choice, schemas)
+    if mode == "none":
+        chat.ClearField("tools")
+        return None
+    parallel = chat.parallel_tool_calls if chat.HasField("parallel_tool_calls") else True
+    return _use(request, schemas, mode, function, parallel)
+
+
+def _use(request: pb.GenerateRequest, schemas: dict[str, dict[str, Any]], mode: Literal["auto", "required", "named"],
+         function: str, parallel: bool) -> ToolUse:
+    """How the output is read; `required` and a named function constrain it (structured output)."""
     if mode != "auto":
         if request.sampling.HasField("structured"):
             raise BadRequest("'tool_choice' required or a named function constrains the output: "
                              "it cannot be combined with structured output")
         request.sampling.structured.CopyFrom(pb.StructuredOutput(json_schema=json.dumps(
             _forcing_schema([function] if function else list(schemas), schemas, single=bool(function),
-                            parallel=parallel is not False))))
-    return ToolUse(mode, frozenset(schemas), function, parallel is not False)
+                            parallel=parallel))))
+    return ToolUse(mode, frozenset(schemas), function, parallel)
 
 
 def _forcing_schema(names: list[str], schemas: dict[str, dict[str, Any]], single: bool,

@@ -324,6 +324,38 @@ async def test_a_tool_round_trip(cluster: tuple[str, Cluster], choice: str, stre
     await assert_pools_clean(running)
 
 
+async def test_grpc_tool_calls_equal_http(cluster: tuple[str, Cluster]) -> None:
+    """Over gRPC, tool_choice required and a named function give the same calls as HTTP (greedy),
+    in the last chunk, with no text; none leaves the tools out of the prompt."""
+    _, running = cluster
+    messages = [{"role": "user", "content": "What is the weather in Oslo, and the time in Tokyo?"}]
+    definitions = [pb.ToolDefinition(name=t["function"]["name"], description=t["function"]["description"],
+                                     parameters=json.dumps(t["function"]["parameters"])) for t in (WEATHER, CLOCK)]
+    choices = {"required": (pb.ToolChoice(mode="required"), "required"),
+               "named": (pb.ToolChoice(function="get_time"), {"type": "function", "function": {"name": "get_time"}}),
+               "none": (pb.ToolChoice(mode="none"), "none")}
+    async with client_of(running) as client, grpc.aio.insecure_channel(running.grpc_address) as channel:
+        for name, (over_grpc, over_http) in choices.items():
+            http = await client.chat.completions.create(model="", messages=messages, tools=[WEATHER, CLOCK],  # type: ignore[list-item]
+                                                        tool_choice=over_http, temperature=0, max_tokens=200,
+                                                        parallel_tool_calls=False)
+            chunks = [c async for c in inference_pb2_grpc.InferenceStub(channel).Generate(pb.GenerateRequest(
+                chat=pb.ChatInput(messages=[pb.ChatMessage(role="user", content=messages[0]["content"])],
+                                  tools=definitions, tool_choice=over_grpc, parallel_tool_calls=False),
+                sampling=pb.SamplingParameters(temperature=0, max_tokens=200)), timeout=120)]
+            got = [(c.name, json.loads(c.arguments)) for c in chunks[-1].tool_calls]
+            calls = http.choices[0].message.tool_calls or ()
+            want = [(c.function.name, json.loads(c.function.arguments)) for c in calls]  # type: ignore[union-attr]
+            assert got == want, (name, chunks[-1].finish_reason)
+            assert all(not c.tool_calls for c in chunks[:-1])
+            assert chunks[-1].usage.prompt_tokens == (http.usage.prompt_tokens if http.usage else -1)
+            if name == "none":
+                assert not got and "".join(c.text for c in chunks) == http.choices[0].message.content
+            else:
+                assert got and not "".join(c.text for c in chunks)
+    await assert_pools_clean(running)
+
+
 async def test_tools_render_into_the_prompt(cluster: tuple[str, Cluster]) -> None:
     """The tools reach the prompt (SmolLM2's template knows none: Hermes turns), as /tokenize shows."""
     _, running = cluster
