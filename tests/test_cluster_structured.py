@@ -117,14 +117,15 @@ async def test_grpc_structured_output_equals_http(cluster: tuple[str, Cluster]) 
     _, running = cluster
     schema = Person.model_json_schema()
     prompt = "Invent a farmer as JSON."
-    async with client_of(running) as client:
-        http = await client.completions.create(model="", prompt=prompt, max_tokens=120, temperature=0,
-                                               extra_body={"guided_json": schema})
     sampling = pb.SamplingParameters(temperature=0.0, max_tokens=120,
                                      structured=pb.StructuredOutput(json_schema=json.dumps(schema)))
-    async with grpc.aio.insecure_channel(running.grpc_address) as channel:
-        chunks = [c async for c in inference_pb2_grpc.InferenceStub(channel).Generate(
-            pb.GenerateRequest(text=prompt, sampling=sampling), timeout=120)]
+    async with client_of(running) as client, grpc.aio.insecure_channel(running.grpc_address) as channel:
+        async def over_grpc() -> list[pb.GenerateResponse]:
+            return [c async for c in inference_pb2_grpc.InferenceStub(channel).Generate(
+                pb.GenerateRequest(text=prompt, sampling=sampling), timeout=120)]
+        http, chunks = await asyncio.gather(  # together: one batch
+            client.completions.create(model="", prompt=prompt, max_tokens=120, temperature=0,
+                                      extra_body={"guided_json": schema}), over_grpc())
     assert "".join(c.text for c in chunks) == http.choices[0].text
     Person.model_validate_json(http.choices[0].text)
 
@@ -191,7 +192,16 @@ async def test_n_choices_prefill_once(cluster: tuple[str, Cluster]) -> None:
                     texts[c.index] += c.delta.content or ""
             runs.append(texts)
         assert runs[0] == runs[1] and all(runs[0])
-    await assert_pools_clean(running)
+        cut = await client.chat.completions.create(model="", messages=messages, n=4, temperature=1.0,  # type: ignore[arg-type]
+                                                   max_tokens=400, stream=True, extra_body={"ignore_eos": True})
+        seen: set[int] = set()
+        async for chunk in cut:  # the client leaves once every choice streams: all four are cancelled
+            seen |= {c.index for c in chunk.choices if c.delta.content}
+            if len(seen) == 4:
+                break
+        await cut.close()
+        assert seen == {0, 1, 2, 3}
+    await assert_pools_clean(running)  # no block left behind by completed or cancelled choices
 
 
 @pytest.fixture(scope="module")
@@ -297,16 +307,16 @@ async def _call_tools(client: openai.AsyncOpenAI, messages: list[dict[str, objec
     return content, calls, reason
 
 
-@pytest.mark.parametrize("stream", [False, True])
 @pytest.mark.parametrize("choice", ["required", "named"])
-async def test_a_tool_round_trip(cluster: tuple[str, Cluster], choice: str, stream: bool) -> None:
+async def test_a_tool_round_trip(cluster: tuple[str, Cluster], choice: str) -> None:
     """tools → a forced call whose arguments match the schema → the tool's result as a `tool` turn →
-    a final answer, on the default model."""
+    a final answer, on the default model; streamed and not (the two round trips run together)."""
     _, running = cluster
     tool_choice: object = "required" if choice == "required" else {"type": "function",
                                                                      "function": {"name": "get_weather"}}
-    messages: list[dict[str, object]] = [{"role": "user", "content": "What is the weather in Paris right now?"}]
-    async with client_of(running) as client:
+
+    async def round_trip(client: openai.AsyncOpenAI, stream: bool) -> None:
+        messages: list[dict[str, object]] = [{"role": "user", "content": "What is the weather in Paris right now?"}]
         content, calls, reason = await _call_tools(client, messages, stream, tools=[WEATHER, CLOCK],
                                                    tool_choice=tool_choice, parallel_tool_calls=False)
         assert reason == ("tool_calls" if choice == "required" else "stop")  # OpenAI's for a named function
@@ -321,6 +331,9 @@ async def test_a_tool_round_trip(cluster: tuple[str, Cluster], choice: str, stre
         answer, more_calls, reason = await _call_tools(client, messages, stream, tools=[WEATHER, CLOCK])
         assert reason in ("stop", "length", "tool_calls")
         assert answer or more_calls
+
+    async with client_of(running) as client:
+        await asyncio.gather(round_trip(client, stream=False), round_trip(client, stream=True))
     await assert_pools_clean(running)
 
 
@@ -335,14 +348,17 @@ async def test_grpc_tool_calls_equal_http(cluster: tuple[str, Cluster]) -> None:
                "named": (pb.ToolChoice(function="get_time"), {"type": "function", "function": {"name": "get_time"}}),
                "none": (pb.ToolChoice(mode="none"), "none")}
     async with client_of(running) as client, grpc.aio.insecure_channel(running.grpc_address) as channel:
-        for name, (over_grpc, over_http) in choices.items():
-            http = await client.chat.completions.create(model="", messages=messages, tools=[WEATHER, CLOCK],  # type: ignore[list-item]
-                                                        tool_choice=over_http, temperature=0, max_tokens=200,
-                                                        parallel_tool_calls=False)
-            chunks = [c async for c in inference_pb2_grpc.InferenceStub(channel).Generate(pb.GenerateRequest(
+        async def over_grpc(choice: pb.ToolChoice, max_tokens: int) -> list[pb.GenerateResponse]:
+            return [c async for c in inference_pb2_grpc.InferenceStub(channel).Generate(pb.GenerateRequest(
                 chat=pb.ChatInput(messages=[pb.ChatMessage(role="user", content=messages[0]["content"])],
-                                  tools=definitions, tool_choice=over_grpc, parallel_tool_calls=False),
-                sampling=pb.SamplingParameters(temperature=0, max_tokens=200)), timeout=120)]
+                                  tools=definitions, tool_choice=choice, parallel_tool_calls=False),
+                sampling=pb.SamplingParameters(temperature=0, max_tokens=max_tokens)), timeout=120)]
+        for name, (grpc_choice, http_choice) in choices.items():
+            limit = 30 if name == "none" else 200  # free text (none) need not run long
+            http, chunks = await asyncio.gather(  # together: one batch
+                client.chat.completions.create(model="", messages=messages, tools=[WEATHER, CLOCK],  # type: ignore[list-item]
+                                               tool_choice=http_choice, temperature=0, max_tokens=limit,
+                                               parallel_tool_calls=False), over_grpc(grpc_choice, limit))
             got = [(c.name, json.loads(c.arguments)) for c in chunks[-1].tool_calls]
             calls = http.choices[0].message.tool_calls or ()
             want = [(c.function.name, json.loads(c.function.arguments)) for c in calls]  # type: ignore[union-attr]

@@ -12,6 +12,7 @@ from engine import LLM, RequestOutput, SamplingParams
 from engine.loader.packing import PackedLinear
 
 PARAMS = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True, logprobs=2)
+SHORT = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True, logprobs=2)
 
 
 def _others(count: int, vocab: int, seed: int) -> list[list[int]]:
@@ -23,10 +24,11 @@ def _result(out: RequestOutput) -> tuple[list[int], list[object]]:
     return out.token_ids, list(out.logprobs or [])
 
 
-def _batched(llm: LLM, prompt: list[int], batch: int, position: int) -> tuple[list[int], list[object]]:
+def _batched(llm: LLM, prompt: list[int], batch: int, position: int,
+             params: SamplingParams = PARAMS) -> tuple[list[int], list[object]]:
     prompts = _others(batch - 1, llm.engine.model_config.vocab_size, seed=batch)
     prompts.insert(position, prompt)
-    return _result(llm.generate(prompts, PARAMS)[position])
+    return _result(llm.generate(prompts, params)[position])
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
@@ -45,9 +47,9 @@ def test_tokens_do_not_depend_on_the_batch(tiny_llama_dir, dtype: str) -> None:
 def test_the_default_model_in_bf16(default_model_path) -> None:
     llm = LLM(str(default_model_path), dtype="bfloat16", deterministic=True, num_kv_blocks=512, max_num_seqs=64)
     prompt = llm.tokenizer.apply_chat_template([{"role": "user", "content": "Name three rivers in Europe."}])
-    alone = _result(llm.generate([prompt], PARAMS)[0])
-    for batch, position in ((8, 5), (64, 20)):
-        assert _batched(llm, prompt, batch, position) == alone, f"batch {batch}"
+    alone = _result(llm.generate([prompt], SHORT)[0])
+    for batch, position in ((8, 5), (32, 20)):  # bf16 without native support is slow: 64 is the tiny model's
+        assert _batched(llm, prompt, batch, position, SHORT) == alone, f"batch {batch}"
 
 
 def test_deterministic_mode_needs_the_cpu_kernels(tiny_llama_dir, monkeypatch: pytest.MonkeyPatch) -> None:
