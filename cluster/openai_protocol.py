@@ -460,8 +460,10 @@ class ResponseBuilder:
                     rest, calls = self.tool_stream.finish()
                     delta["content"] += rest
                     if calls:
-                        delta["tool_calls"] = [{"index": i, **call} for i, call in enumerate(calls)]
                         reason = _tool_finish(self.tool_stream.use, reason)
+                fresh = self.tool_stream.new_calls()  # each call once its block is closed, the rest at the end
+                if fresh:
+                    delta["tool_calls"] = [{"index": i, **call} for i, call in fresh]
             choice: dict[str, Any] = {"index": 0, "delta": delta}
         else:
             body = self._head("text_completion")

@@ -263,18 +263,28 @@ def _hermes_call(text: str, at: int, names: frozenset[str]) -> tuple[tuple[str, 
 
 
 class ToolCallStream:
-    """Streams the content that cannot belong to a tool call; the calls come at the end. In auto
-    mode text is held back from the first `<tool_call>` on (or from a suffix that could begin one)."""
+    """Streams the content that cannot belong to a tool call. In auto mode text is held back from
+    the first `<tool_call>` on (or from a suffix that could begin one), and each block is a call as
+    soon as its `</tool_call>` arrives (`new_calls`); forced calls (one JSON value) come at the end.
+
+    Invariant: `calls` (handed out or not) are the first calls `parse_output` finds in the finished
+    text: a block is read early only when it parses and is closed, and reading stops at the first
+    block that does not parse yet (parse_output would skip it, or read it later)."""
 
     def __init__(self, use: ToolUse) -> None:
         self.use = use
         self.text = ""
         self.sent = 0  # chars of `text` already streamed as content
+        self.calls: list[dict[str, Any]] = []
+        self.handed_out = 0  # calls returned by new_calls
+        self._read_to = 0  # text before this is read for calls
+        self._blocked = False  # a block that does not parse (yet): no more early calls
 
     def feed(self, text: str) -> str:
         self.text += text
         if self.use.mode != "auto":
             return ""
+        self._read_closed_blocks()
         start = self.text.find(TOOL_CALL_OPEN, self.sent)
         if start < 0:
             start = len(self.text)
@@ -285,10 +295,29 @@ class ToolCallStream:
         out, self.sent = self.text[self.sent:start], max(self.sent, start)
         return out
 
+    def _read_closed_blocks(self) -> None:
+        while not self._blocked and (self.use.parallel or not self.calls):
+            start = self.text.find(TOOL_CALL_OPEN, self._read_to)
+            if start < 0:
+                return
+            found = _hermes_call(self.text, start + len(TOOL_CALL_OPEN), self.use.names)
+            if found is None or not self.text[:found[1]].endswith(TOOL_CALL_CLOSE):
+                self._blocked = found is None and TOOL_CALL_CLOSE in self.text[start:]
+                return
+            (name, arguments), self._read_to = found
+            self.calls.append(_call(name, arguments))
+
+    def new_calls(self) -> list[tuple[int, dict[str, Any]]]:
+        """Calls read since the last call of this, with their indices."""
+        fresh = list(enumerate(self.calls))[self.handed_out:]
+        self.handed_out = len(self.calls)
+        return fresh
+
     def finish(self) -> tuple[str, list[dict[str, Any]]]:
-        """(the content not streamed yet, the tool calls)."""
+        """(the content not streamed yet, every tool call); calls read early keep their ids."""
         content, calls = parse_output(self.use, self.text)
+        self.calls = self.calls + calls[len(self.calls):]
         # held back from the first possible call on, so the streamed text is a prefix of the content;
         # with calls, what is left is stripped as the whole reply's content is
         rest = content[self.sent:]
-        return (rest.rstrip() if calls else rest), calls
+        return (rest.rstrip() if calls else rest), list(self.calls)

@@ -35,17 +35,25 @@ def final(text: str, **body: Any) -> dict[str, Any]:
 
 
 def streamed(pieces: list[str], **body: Any) -> tuple[str, list[dict[str, Any]], str | None]:
+    content, calls, reason, _ = streamed_by_chunk(pieces, **body)
+    return content, calls, reason
+
+
+def streamed_by_chunk(pieces: list[str], **body: Any) -> tuple[str, list[dict[str, Any]], str | None, list[int]]:
+    """(content, calls, finish reason, the chunk each call came in)."""
     b = builder(stream=True, **body)
-    content, calls, reason = "", [], None
+    content, calls, reason, arrived = "", [], None, []
     for i, piece in enumerate(pieces):
         last = i == len(pieces) - 1
         choice = b.stream_chunk(pb.GenerateResponse(request_id="r", text=piece, finish_reason=(
             pb.FINISH_REASON_STOP if last else pb.FINISH_REASON_UNSPECIFIED)), first=i == 0)["choices"][0]
         assert "<tool" not in choice["delta"]["content"], "a tool call's text leaked into the streamed content"
         content += choice["delta"]["content"]
-        calls += choice["delta"].get("tool_calls", [])
+        fresh = choice["delta"].get("tool_calls", [])
+        calls += fresh
+        arrived += [i] * len(fresh)
         reason = choice["finish_reason"]
-    return content, calls, reason
+    return content, calls, reason, arrived
 
 
 def test_required_and_named_choices_force_a_schema() -> None:
@@ -137,6 +145,21 @@ def test_streaming_holds_back_only_what_may_be_a_call() -> None:
     content, calls, reason = streamed(['[{"name": "weather", ', '"arguments": {"city": "X"}}]'],
                                       tools=[WEATHER], tool_choice="required")
     assert content == "" and len(calls) == 1 and reason == "tool_calls"
+
+
+def test_each_call_streams_once_its_block_closes() -> None:
+    block = '<tool_call>{{"name": "weather", "arguments": {{"city": "{}"}}}}</tool_call>'
+    pieces = ["Checking. ", block.format("Oslo")[:30], block.format("Oslo")[30:], " and ", block.format("Rome"),
+              " done", '<tool_call>{"name": "weather", "arg', 'uments": {"city": "Lima"}}']  # the last one unclosed
+    content, calls, reason, arrived = streamed_by_chunk(pieces, tools=[WEATHER])
+    assert [json.loads(c["function"]["arguments"])["city"] for c in calls] == ["Oslo", "Rome", "Lima"]
+    assert arrived == [2, 4, 7] and [c["index"] for c in calls] == [0, 1, 2] and len({c["id"] for c in calls}) == 3
+    assert reason == "tool_calls"
+    _, single, _, arrived = streamed_by_chunk(pieces, tools=[WEATHER], parallel_tool_calls=False)
+    assert len(single) == 1 and arrived == [2]
+    whole = final("".join(pieces), tools=[WEATHER])["message"]  # the same reply, not streamed
+    assert content == whole["content"] == "Checking.  and  done"
+    assert [c["function"]["arguments"] for c in whole["tool_calls"]] == [c["function"]["arguments"] for c in calls]
 
 
 @pytest.mark.parametrize(("body", "words"), [
