@@ -3,6 +3,7 @@ TANDEM_* variables map onto these fields (common.settings)."""
 
 from __future__ import annotations
 
+import secrets
 import ssl
 from dataclasses import dataclass, field
 from typing import Literal
@@ -73,6 +74,8 @@ class UpSettings(SecuritySettings):
         "what this command prints about its cluster: text lines, or json (one event per line, for programs)"))
 
     def __post_init__(self) -> None:
+        if self.kv_secret is None:  # the cluster's own: its workers' KV links are authenticated
+            object.__setattr__(self, "kv_secret", secrets.token_hex(32))
         super().__post_init__()
         keys = ApiKeys.load(self.api_keys_file, self.api_keys)
         if self.api_key_limits is not None:
@@ -117,7 +120,8 @@ class UpSettings(SecuritySettings):
 
     def worker_settings(self, role: str, etcd: str) -> WorkerSettings:
         """What `tandem worker` with worker_args and security_env would run (for in-process workers)."""
-        return settings_from_argv(WorkerSettings, self.worker_args(role, etcd)[1:], etcd_password=self.etcd_password)
+        return settings_from_argv(WorkerSettings, self.worker_args(role, etcd)[1:], etcd_password=self.etcd_password,
+                                  kv_secret=self.kv_secret)
 
     def router_settings(self, etcd: str) -> RouterSettings:
         return settings_from_argv(RouterSettings, self.router_args(etcd)[1:], etcd_password=self.etcd_password,

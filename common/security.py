@@ -1,5 +1,6 @@
-"""Security settings every process of the cluster shares: TLS on its gRPC/HTTP links (common.tls)
-and how it reaches etcd (common.etcd.access). A base of WorkerSettings, RouterSettings and
+"""Security settings every process of the cluster shares: TLS on its gRPC/HTTP links (common.tls),
+how it reaches etcd (common.etcd.access), and the secret that authenticates the workers' KV links
+(kv_transfer.link_auth). A base of WorkerSettings, RouterSettings and
 UpSettings; its fields are keyword-only, so they sit before the subclasses' required fields."""
 
 from __future__ import annotations
@@ -9,6 +10,8 @@ from dataclasses import dataclass, field, fields
 from common.etcd.access import EtcdAccess
 from common.settings import described, env_name
 from common.tls import TlsFiles
+
+MIN_KV_SECRET_BYTES = 16  # as kv_transfer.link_auth requires
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -25,10 +28,19 @@ class SecuritySettings:
     etcd_user: str | None = field(default=None, metadata=described("etcd user (with etcd_password)"))
     etcd_password: str | None = field(default=None, repr=False, metadata=described(
         "etcd password; prefer the variable to the flag (flags show in `ps`)", secret=True))
+    kv_secret: str | None = field(default=None, repr=False, compare=False, metadata=described(
+        "the cluster's secret (16+ characters) that the workers' KV transfer links authenticate with, both "
+        "ways; unset: the links are open to anyone who reads a segment's address in etcd (tandem up makes "
+        "one); prefer the variable to the flag", secret=True))
 
     def __post_init__(self) -> None:
         self.tls_files()
         self.etcd_access()
+        if self.kv_secret is not None and len(self.kv_secret.encode()) < MIN_KV_SECRET_BYTES:
+            raise ValueError(f"kv_secret must be at least {MIN_KV_SECRET_BYTES} bytes")
+
+    def kv_link_secret(self) -> bytes | None:
+        return None if self.kv_secret is None else self.kv_secret.encode()
 
     def tls_files(self) -> TlsFiles | None:
         return TlsFiles.optional(self.tls_ca, self.tls_cert, self.tls_key)

@@ -21,6 +21,8 @@ class TransferEngineConfig:
     tcp_parallel_batches: int = 4
     nixl_backend_params: tuple[tuple[str, str], ...] = field(
         default=(("ucx_error_handling_mode", "none"),))  # UCX then uses shared memory on one host
+    # the cluster's secret: peer links are authenticated both ways (kv_transfer.link_auth); None: open
+    link_secret: bytes | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         unknown = [b for b in self.backends if b not in ALL_BACKENDS]

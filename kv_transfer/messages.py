@@ -23,11 +23,30 @@ _LEN = struct.Struct("!I")
 @dataclass(frozen=True)
 class Hello:
     """First frame of every connection: who is calling and what the connection is for: "control",
-    or a data purpose naming the backend that serves it ("data:tcp": TCP, "data:nccl": NCCL)."""
+    or a data purpose naming the backend that serves it ("data:tcp": TCP, "data:nccl": NCCL).
+    `nonce`: the caller's challenge to a target that authenticates links (kv_transfer.link_auth)."""
 
     engine: str
     purpose: str
+    nonce: str = ""
     kind: ClassVar[str] = "hello"
+
+
+@dataclass(frozen=True)
+class Challenge:
+    """An authenticating target's answer to Hello: its own nonce, and its proof of the secret over both."""
+
+    nonce: str
+    proof: str
+    kind: ClassVar[str] = "challenge"
+
+
+@dataclass(frozen=True)
+class Proof:
+    """The caller's proof of the secret over both nonces; the connection is then the caller's."""
+
+    proof: str
+    kind: ClassVar[str] = "proof"
 
 
 @dataclass(frozen=True)
@@ -84,8 +103,9 @@ class GroupSetup:
     kind: ClassVar[str] = "group_setup"
 
 
-Message = Hello | Notify | XferHeader | XferReply | GroupSetup
-_BY_KIND: dict[str, type] = {cls.kind: cls for cls in (Hello, Notify, XferHeader, XferReply, GroupSetup)}
+Message = Hello | Challenge | Proof | Notify | XferHeader | XferReply | GroupSetup
+_BY_KIND: dict[str, type] = {cls.kind: cls for cls in (Hello, Challenge, Proof, Notify, XferHeader, XferReply,
+                                                        GroupSetup)}
 _BYTES_FIELDS = {"message"}
 
 

@@ -1,6 +1,7 @@
 """The peer link: one listening socket per engine, control connections between engines.
 
-Every connection starts with a `Hello`. Control connections carry `Notify` messages and tell
+Every connection starts with a `Hello` (and, with a cluster secret, the challenge-response of
+kv_transfer.link_auth, both ways). Control connections carry `Notify` messages and tell
 each side at once when the other goes away (a SIGKILLed process's sockets are closed by the
 kernel, so EOF arrives immediately on one host; across hosts, TCP keepalive bounds it). Any other
 purpose names a data connection, handed to the backend registered for that purpose ("data:tcp": TCP,
@@ -15,8 +16,9 @@ import socket
 import threading
 from collections.abc import Callable
 
+from kv_transfer import link_auth
 from kv_transfer.errors import PeerLostError, TransferError
-from kv_transfer.messages import Hello, Message, Notify, recv_message, send_message
+from kv_transfer.messages import Challenge, Hello, Message, Notify, Proof, recv_message, send_message
 
 log = logging.getLogger(__name__)
 
@@ -42,8 +44,10 @@ def parse_address(address: str) -> tuple[str, int]:
 
 class PeerLink:
     def __init__(self, engine_id: str, host: str, port: int, on_notify: Callable[[str, Notify], None],
-                 on_peer_lost: Callable[[str, str], None]) -> None:
+                 on_peer_lost: Callable[[str, str], None], secret: bytes | None = None) -> None:
+        link_auth.check_secret(secret)
         self.engine_id = engine_id
+        self._secret = secret  # None: links are not authenticated
         self._on_notify = on_notify
         self._on_peer_lost = on_peer_lost
         self._data_handlers: dict[str, DataHandler] = {}  # Hello purpose → backend serving it
@@ -85,10 +89,28 @@ class PeerLink:
         except OSError as e:
             raise PeerLostError(f"cannot reach peer engine at {address}: {e}") from e
         tune_socket(sock)
+        nonce = link_auth.new_nonce() if self._secret is not None else ""
+        try:
+            send_message(sock, Hello(engine=self.engine_id, purpose=purpose, nonce=nonce))
+            if self._secret is not None:
+                self._prove(sock, nonce, purpose, address)
+        except (OSError, TransferError, ValueError) as e:
+            sock.close()
+            raise PeerLostError(f"cannot open a {purpose} link to {address}: {e}") from e
         sock.settimeout(None)
-        send_message(sock, Hello(engine=self.engine_id, purpose=purpose))
         self._track(sock)
         return sock
+
+    def _prove(self, sock: socket.socket, nonce: str, purpose: str, address: str) -> None:
+        """The caller's half of the handshake: check the target's proof, send ours."""
+        assert self._secret is not None
+        sock.settimeout(link_auth.HANDSHAKE_TIMEOUT_S)
+        challenge = recv_message(sock)
+        if not isinstance(challenge, Challenge) or not link_auth.verify(
+                self._secret, challenge.proof, "target", nonce, challenge.nonce, self.engine_id, purpose):
+            raise PeerLostError(f"the peer at {address} did not prove the cluster's KV link secret")
+        send_message(sock, Proof(link_auth.proof(self._secret, "caller", nonce, challenge.nonce, self.engine_id,
+                                                 purpose)))
 
     def is_connected(self, peer: str) -> bool:
         """We hold a control connection to `peer` (we can notify it)."""
@@ -131,7 +153,7 @@ class PeerLink:
             log.warning("dropping a connection that did not say hello: %s", e)
             self._untrack_close(sock)
             return
-        if not isinstance(hello, Hello):
+        if not isinstance(hello, Hello) or not self._admit(sock, hello):
             self._untrack_close(sock)
             return
         if hello.purpose == "control":
@@ -146,6 +168,33 @@ class PeerLink:
             handler(sock, hello.engine)
         finally:
             self._untrack_close(sock)
+
+    def _admit(self, sock: socket.socket, hello: Hello) -> bool:
+        """The target's half of the handshake (True without a secret); a refusal is counted."""
+        if self._secret is None:
+            return True
+        nonce = link_auth.new_nonce()
+        try:
+            sock.settimeout(link_auth.HANDSHAKE_TIMEOUT_S)
+            send_message(sock, Challenge(nonce, link_auth.proof(self._secret, "target", hello.nonce, nonce,
+                                                                hello.engine, hello.purpose)))
+            answer = recv_message(sock)
+        except (TransferError, ValueError, OSError):
+            answer = None
+        finally:
+            with contextlib.suppress(OSError):
+                sock.settimeout(None)
+        if not isinstance(answer, Proof):
+            reason = "no_proof"
+        elif not hello.nonce or not link_auth.verify(self._secret, answer.proof, "caller", hello.nonce, nonce,
+                                                     hello.engine, hello.purpose):
+            reason = "bad_proof"
+        else:
+            return True
+        link_auth.LINK_REFUSED.labels(reason).inc()
+        log.warning("refused a %r link claiming to be %r: %s", hello.purpose, hello.engine,
+                    "it did not authenticate" if reason == "no_proof" else "wrong secret or a replayed handshake")
+        return False
 
     def _read_loop(self, sock: socket.socket, peer: str) -> None:
         with self._lock:

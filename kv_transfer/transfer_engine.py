@@ -69,7 +69,8 @@ class TransferEngine:
         self.engine_id = self.config.engine_id or f"xfer-{uuid.uuid4().hex[:12]}"
         self.store = store
         self.inbox = NotificationInbox()
-        self.link = PeerLink(self.engine_id, self.config.host, self.config.port, self._on_notify, self._on_peer_lost)
+        self.link = PeerLink(self.engine_id, self.config.host, self.config.port, self._on_notify, self._on_peer_lost,
+                             self.config.link_secret)
         self._lock = threading.Lock()
         self._segments: dict[str, LocalSegment] = {}
         self._shared: list[SharedHostBuffer] = []

@@ -266,5 +266,6 @@ def test_no_key_password_or_prompt_in_the_output(secure: Secure) -> None:
     names neither a key, nor the etcd password, nor the prompt text. Runs last."""
     output = "".join(secure.cluster.output)
     assert "router: gRPC on" in output  # the children's logs are in it
+    assert "links are not authenticated" not in output  # tandem up gave the workers the cluster's KV secret
     for secret in (FILE_KEY, ENV_KEY, LIMITED_KEY, ETCD_PASSWORD, PROMPT, PROMPT[:20]):
         assert secret not in output, secret

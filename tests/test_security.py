@@ -123,8 +123,11 @@ def test_up_hands_files_as_flags_and_secrets_as_variables(pkis: tuple[Pki, Pki],
             assert args[args.index(flag) + 1] == str(value)
         assert PASSWORD not in args and "key-b" not in args and "--etcd-password" not in args
     assert router[router.index("--api-keys-file") + 1] == str(keys) and "--api-keys-file" not in worker
-    assert up.security_env() == {"TANDEM_ETCD_PASSWORD": PASSWORD}
-    assert up.router_env() == {"TANDEM_ETCD_PASSWORD": PASSWORD, "TANDEM_API_KEYS": "key-b"}
+    secret = up.kv_secret  # tandem up makes the cluster's KV link secret: a variable, never a flag
+    assert secret is not None and len(secret) == 64 and secret != UpSettings().kv_secret
+    assert up.security_env() == {"TANDEM_ETCD_PASSWORD": PASSWORD, "TANDEM_KV_SECRET": secret}
+    assert up.router_env() == {"TANDEM_ETCD_PASSWORD": PASSWORD, "TANDEM_KV_SECRET": secret, "TANDEM_API_KEYS": "key-b"}
+    assert secret not in worker and up.worker_settings("decode", "h:1").kv_secret == secret
     assert up.https_context() is not None and UpSettings().https_context() is None
     with pytest.raises(ValueError, match="need --etcd"):
         UpSettings(etcd_ca=str(pki.ca))

@@ -3,6 +3,7 @@ in etcd, and the engine's KV pool published through it as a segment (kv_transfer
 
 from __future__ import annotations
 
+import logging
 from contextlib import AsyncExitStack
 
 import torch
@@ -12,15 +13,20 @@ from kv_transfer import EtcdStore, TransferEngine, TransferEngineConfig
 from kv_transfer.kv_connector import KVConnector
 from worker_runtime.settings import WorkerSettings
 
+log = logging.getLogger(__name__)
+
 
 async def engine_with_kv_connector(settings: WorkerSettings, worker_id: str,
                                    stack: AsyncExitStack) -> tuple[AsyncEngine, KVConnector]:
     """The engine, its pool registered as segment `<worker id>.kv` and its layout published."""
+    if settings.kv_secret is None:
+        log.warning("the KV transfer links are not authenticated: anyone who reads this worker's segment "
+                    "address in etcd can write into its KV pool; give every worker TANDEM_KV_SECRET")
     store = EtcdStore(settings.etcd, access=settings.etcd_access())
     stack.push_async_callback(store.close)
     transfer = TransferEngine(store, TransferEngineConfig(
         engine_id=worker_id, host=settings.host, backends=settings.backends,  # type: ignore[arg-type]
-        metadata_prefix=f"/tandem/{settings.cluster}/kv"))
+        metadata_prefix=f"/tandem/{settings.cluster}/kv", link_secret=settings.kv_link_secret()))
     stack.push_async_callback(transfer.close)
     # on CPU the pool lives in shared memory that same-host peers map; on CUDA in device memory
     storage = None if torch.cuda.is_available() else (lambda n: transfer.allocate_host_buffer(n, "kv"))

@@ -271,13 +271,16 @@ def pools_dashboard() -> dict:
                          "{{backend}} {{op}}")], width=8),
         PanelSpec("KV transfer latency", "Submit-to-completion time of successful batches, p50/p90/p99.", "s",
                   _histogram_quantiles("tandem_kv_transfer_seconds", by="backend"), width=8),
-        PanelSpec("KV transfer failures", f"Share of transfer batches that failed, and failures by error type; "
-                  f"dashed: {KV_TRANSFER_FAILED_RATIO:.0%}, where TandemKVTransferFailures fires after 5 m.",
+        PanelSpec("KV transfer failures", f"Share of transfer batches that failed, failures by error type, and "
+                  f"links refused for want of the cluster's KV secret; dashed: {KV_TRANSFER_FAILED_RATIO:.0%}, "
+                  f"where TandemKVTransferFailures fires after 5 m.",
                   "percentunit",
                   [Query(share("backend", f'tandem_kv_transfer_batches_total{{outcome="failed", {NS}}}',
                                f"tandem_kv_transfer_batches_total{{{NS}}}"), "failed share {{backend}}"),
                    Query(f"sum by (backend, error) (rate(tandem_kv_transfer_failures_total{{{NS}}}[{RATE}]))",
-                         "{{backend}} {{error}} /s")],
+                         "{{backend}} {{error}} /s"),
+                   Query(f"sum by (reason) (rate(tandem_kv_link_refused_total{{{NS}}}[{RATE}]))",
+                         "refused link {{reason}} /s")],
                   thresholds=[(KV_TRANSFER_FAILED_RATIO, "red")], width=8),
     ]
     planner = [

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from kv_transfer import EtcdStore, NotifySpec, Ranges, TransferEngine, TransferEngineConfig, TransferError, TransferOp
+from kv_transfer.link_auth import LINK_REFUSED
 from tests.support.jsonl import command_loop, reply
 
 
@@ -29,8 +30,10 @@ def initial_bytes(seed: int, size: int) -> np.ndarray:
 
 async def serve(args: argparse.Namespace) -> None:
     store = EtcdStore(args.etcd)
+    secret = os.environ.get("TANDEM_KV_SECRET")  # as a worker gets it: a variable, not a flag
     engine = TransferEngine(store, TransferEngineConfig(engine_id=args.name, backends=tuple(args.backends),
-                                                        metadata_prefix=args.prefix))
+                                                        metadata_prefix=args.prefix,
+                                                        link_secret=secret.encode() if secret else None))
     buffer = engine.allocate_host_buffer(args.size, args.name)
     buffer.copy_(torch.from_numpy(initial_bytes(args.seed, args.size)))
     await engine.register_segment(args.name, buffer)
@@ -73,6 +76,8 @@ async def handle(engine: TransferEngine, name: str, buffer: torch.Tensor, cmd: d
     if kind == "dump":
         buffer.numpy().tofile(cmd["path"])
         return {"ok": True}
+    if kind == "refused":  # links this engine refused, by reason
+        return {"ok": True, "refused": {r: LINK_REFUSED.labels(r)._value.get() for r in ("no_proof", "bad_proof")}}
     raise ValueError(f"unknown command {kind!r}")
 
 

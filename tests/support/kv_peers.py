@@ -22,10 +22,11 @@ REPO = Path(__file__).resolve().parents[2]
 class PeerProcess:
     """A `python -m <module> <args>` child speaking JSON lines; it announces {"ready": engine id}."""
 
-    def __init__(self, module: str, args: list[str], name: str, threads: int = 1) -> None:
+    def __init__(self, module: str, args: list[str], name: str, threads: int = 1,
+                 env_extra: dict[str, str] | None = None) -> None:
         self.name = name
         env = {**os.environ, "PYTHONPATH": str(REPO), "UCX_NET_DEVICES": "lo", "UCX_MODULES": "^ib",
-               "OMP_NUM_THREADS": str(threads)}
+               "OMP_NUM_THREADS": str(threads), **(env_extra or {})}
         self.proc = spawn([sys.executable, "-m", module, *args], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                           text=True, cwd=REPO, env=env)
         ready = self.read(timeout=120)
@@ -81,11 +82,13 @@ class PeerProcess:
 class KVPeer(PeerProcess):
     """tests/support/kv_peer.py: one segment of seeded random bytes."""
 
-    def __init__(self, etcd: str, name: str, size: int, seed: int, backends: list[str], prefix: str) -> None:
+    def __init__(self, etcd: str, name: str, size: int, seed: int, backends: list[str], prefix: str,
+                 secret: str | None = None) -> None:
+        """`secret`: the KV link secret it authenticates with (TANDEM_KV_SECRET)."""
         self.size, self.seed = size, seed
         super().__init__("tests.support.kv_peer", ["--etcd", etcd, "--name", name, "--size", str(size),
                                                    "--seed", str(seed), "--prefix", prefix, "--backends", *backends],
-                         name)
+                         name, env_extra={"TANDEM_KV_SECRET": secret} if secret else None)
 
     def contents(self, tmp_path: Path) -> np.ndarray:
         path = tmp_path / f"{self.name}.bin"

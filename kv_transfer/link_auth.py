@@ -1,0 +1,55 @@
+"""Authenticated peer links: with a cluster secret, every connection to an engine's peer link (control
+and data) starts with a mutual challenge-response, so only processes that hold the secret can notify
+an engine or move bytes into (or out of) its segments. Reading a segment descriptor from etcd is no
+longer enough to write into a decode worker's KV pool.
+
+    caller → Hello(engine, purpose, nonce_c)
+    target → Challenge(nonce_s, HMAC(secret, "target" | nonce_c | nonce_s | engine | purpose))
+    caller → Proof(HMAC(secret, "caller" | nonce_c | nonce_s | engine | purpose))
+
+Both nonces are fresh random 128-bit values, so a recorded handshake is worthless on a new
+connection (no replay), and each side proves the secret to the other. A target refuses (closes) a
+connection without a valid proof and counts it in `tandem_kv_link_refused_total`. The handshake
+costs one round trip per connection, and connections are kept and reused, so transfers pay nothing.
+
+Not covered: bytes inside an established connection are not MACed (an attacker able to inject into
+a TCP stream on the path is out of scope; use a network that prevents it, or NIXL over a trusted
+fabric), and the same-host shared-memory backend is guarded by file permissions of /dev/shm.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import secrets
+
+from prometheus_client import Counter
+
+NONCE_BYTES = 16
+HANDSHAKE_TIMEOUT_S = 5.0
+MIN_SECRET_BYTES = 16
+
+LINK_REFUSED = Counter("tandem_kv_link_refused", "Peer-link connections refused by this engine, by reason "
+                       "(no_proof: the caller did not authenticate; bad_proof: wrong secret or a replayed handshake)",
+                       ["reason"])
+
+
+def new_nonce() -> str:
+    return secrets.token_hex(NONCE_BYTES)
+
+
+def proof(secret: bytes, role: str, caller_nonce: str, target_nonce: str, engine: str, purpose: str) -> str:
+    """The HMAC-SHA256 that `role` ("target" or "caller") sends for this handshake."""
+    message = "\0".join((role, caller_nonce, target_nonce, engine, purpose)).encode()
+    return hmac.new(secret, message, hashlib.sha256).hexdigest()
+
+
+def verify(secret: bytes, got: str, role: str, caller_nonce: str, target_nonce: str, engine: str,
+           purpose: str) -> bool:
+    return hmac.compare_digest(got.encode(), proof(secret, role, caller_nonce, target_nonce, engine,
+                                                   purpose).encode())
+
+
+def check_secret(secret: bytes | None) -> None:
+    if secret is not None and len(secret) < MIN_SECRET_BYTES:
+        raise ValueError(f"the KV link secret must be at least {MIN_SECRET_BYTES} bytes")
