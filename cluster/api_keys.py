@@ -11,7 +11,7 @@ with # are skipped) and/or a comma-separated variable (TANDEM_API_KEYS). A prese
 checked against every key, each by `hmac.compare_digest` over SHA-256 digests (constant time, no
 early exit, no length leak). Keys are never logged.
 
-A matched key is a `Caller`: its name (given in the file, or `key-` and a hash of the key), which
+A matched key is a `Caller`: its name (given in the file, or `key-<n>` by its place), which
 metrics and per-key limits (cluster.key_limits) use, and its tenant, a hash of its digest that the
 router puts into the prefix cache's salt so that tenants share no cached block. Neither reveals
 the key.
@@ -66,7 +66,7 @@ class ApiKeys:
         if not self.digests:
             raise ValueError("no API key given")
         if not self.names:
-            object.__setattr__(self, "names", tuple(f"key-{_tenant(d)[:8]}" for d in self.digests))
+            object.__setattr__(self, "names", tuple(f"key-{i + 1}" for i in range(len(self.digests))))
         if len(self.names) != len(self.digests) or len(set(self.names)) != len(self.names):
             raise ValueError("every API key needs a name of its own")
 
@@ -89,7 +89,8 @@ class ApiKeys:
         if not entries:
             return None
         digests = tuple(_digest(k) for _, k in entries)
-        names = tuple(name or f"key-{_tenant(d)[:8]}" for (name, _), d in zip(entries, digests, strict=True))
+        # an unnamed key is named by its place (never by anything derived from the key: /metrics is open)
+        names = tuple(name or f"key-{i + 1}" for i, (name, _) in enumerate(entries))
         if len(set(digests)) < len(digests):
             raise ValueError("an API key is given twice")
         return ApiKeys(digests, names)

@@ -29,14 +29,16 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
                        context: grpc.aio.ServicerContext) -> AsyncIterator[pb.GenerateResponse]:
         try:
             remaining = context.time_remaining()  # None, or huge, when the client set no deadline
-            caller = None if self.keys is None else self.keys.caller(
+            caller = ANONYMOUS if self.keys is None else self.keys.caller(
                 dict(context.invocation_metadata() or ()).get("authorization"))
+            if caller is None:  # the interceptor refuses such calls first; never serve one as anonymous
+                raise RouterError(grpc.StatusCode.UNAUTHENTICATED, "invalid API key")
             try:
                 use = read_grpc_tools(request)
             except BadRequest as e:
                 raise RouterError(grpc.StatusCode.INVALID_ARGUMENT, str(e)) from e
             prepared = self.core.prepare(request, remaining if remaining is not None and remaining < 1e8 else None,
-                                         caller or ANONYMOUS)
+                                         caller)
             calls = ToolCallStream(use) if use is not None else None
             async with contextlib.aclosing(self.core.generate(prepared)) as chunks:
                 async for chunk in chunks:  # a client that goes away cancels this task: the workers abort

@@ -120,10 +120,9 @@ class KeyLimiter:
             if limit.tokens_per_minute is not None:
                 self._expire(usage)
                 if usage.window_tokens >= limit.tokens_per_minute:
-                    wait = usage.window[0][0] + WINDOW_S - self._clock() if usage.window else 1.0
                     raise KeyLimitExceeded(f"API key {name!r} used {usage.window_tokens} tokens in the last "
                                            f"minute (its limit is {limit.tokens_per_minute}): retry later",
-                                           max(math.ceil(wait), 1))
+                                           self._seconds_until_under(usage, limit.tokens_per_minute))
         except KeyLimitExceeded:
             KEY_REQUESTS.labels(name, "key_limit").inc()
             raise
@@ -147,6 +146,15 @@ class KeyLimiter:
         self._usage[name].inflight -= 1
         KEY_INFLIGHT.labels(name).dec()
         KEY_REQUESTS.labels(name, outcome).inc()
+
+    def _seconds_until_under(self, usage: _Usage, limit: int) -> int:
+        """Whole seconds until enough of the window has aged out to leave it under `limit`."""
+        left = usage.window_tokens
+        for when, tokens in usage.window:
+            left -= tokens
+            if left < limit:
+                return max(math.ceil(when + WINDOW_S - self._clock()), 1)
+        return 1
 
     def _expire(self, usage: _Usage) -> None:
         horizon = self._clock() - WINDOW_S

@@ -124,6 +124,10 @@ class OpenAIFrontend:
         if len(prepared) > self.core.max_inflight:
             return error_response(400, f"{len(prepared)} choices are more than the router runs at once "
                                        f"({self.core.max_inflight}): ask for fewer")
+        key_limit = self.core.keys.limits.of(prepared[0].caller.key_name).max_inflight
+        if key_limit is not None and len(prepared) > key_limit:
+            return error_response(400, f"{len(prepared)} choices are more than this API key may run at once "
+                                       f"({key_limit}): ask for fewer")
         builders = [self._builder(parsed, one, ready) for one, ready in zip(parsed.generates, prepared, strict=True)]
         response_id = ("chatcmpl-" if parsed.kind == "chat" else "cmpl-") + (
             parsed.generate.request_id or prepared[0].request_id)

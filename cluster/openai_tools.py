@@ -72,8 +72,8 @@ def read_grpc_tools(request: pb.GenerateRequest) -> ToolUse | None:
     choice: Any = None if kind is None else chat.tool_choice.mode if kind == "mode" else {
         "type": "function", "function": {"name": chat.tool_choice.function}}
     if not chat.tools:
-        if choice not in (None, "none", "auto"):
-            raise BadRequest("'tool_choice' needs 'tools'")
+        if choice not in (None, "none") or chat.HasField("parallel_tool_calls"):
+            raise BadRequest("'tool_choice' and 'parallel_tool_calls' need 'tools'")
         return None
     schemas: dict[str, dict[str, Any]] = {}
     for i, tool in enumerate(chat.tools):

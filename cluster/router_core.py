@@ -9,6 +9,7 @@ continues after the tokens already streamed (migration).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
@@ -71,9 +72,13 @@ MAX_CLIENT_SALT_CHARS = 1024  # a client's cache_salt (the workers take the rout
 
 
 def cache_salt(tenant: str, client_salt: str) -> str:
-    """The prefix cache's salt of a request: its tenant's (API key's) and the client's own, both
-    kept apart unambiguously ("" when there is neither: the cache is shared)."""
-    return json.dumps([tenant, client_salt]) if tenant or client_salt else ""
+    """The prefix cache's salt of a request: its tenant's (API key's) and a digest of the client's
+    own, kept apart unambiguously and short whatever the client sent ("" when there is neither:
+    the cache is shared)."""
+    if not tenant and not client_salt:
+        return ""
+    client = hashlib.sha256(client_salt.encode("utf-8", "surrogatepass")).hexdigest() if client_salt else ""
+    return json.dumps([tenant, client])
 
 
 class RouterCore:
@@ -179,8 +184,8 @@ class RouterCore:
             raise RouterError(grpc.StatusCode.RESOURCE_EXHAUSTED,
                               f"the router has {self.inflight} requests in flight (limit {self.max_inflight}): "
                               f"retry later")
-        try:
-            self.keys.admit(req.caller, len(req.prompt_token_ids))
+        try:  # a follower (n > 1) reads the prompt from the cache: its prompt is counted with choice 0
+            self.keys.admit(req.caller, 0 if req.follow_worker else len(req.prompt_token_ids))
         except KeyLimitExceeded as e:
             m.REQUESTS.labels("resource_exhausted").inc()
             raise RouterError(grpc.StatusCode.RESOURCE_EXHAUSTED, e.message, e.retry_after_s) from None

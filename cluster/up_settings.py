@@ -129,7 +129,8 @@ class UpSettings(SecuritySettings):
 
     def router_env(self) -> dict[str, str]:
         """Secrets for the router, as variables: argv is world-readable."""
-        return {**self.security_env(), **({"TANDEM_API_KEYS": self.api_keys} if self.api_keys else {})}
+        secrets_ = {k: v for k, v in self.security_env().items() if k != "TANDEM_KV_SECRET"}  # workers' only
+        return {**secrets_, **({"TANDEM_API_KEYS": self.api_keys} if self.api_keys else {})}
 
     def https_context(self) -> ssl.SSLContext | None:
         files = self.tls_files()

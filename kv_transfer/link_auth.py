@@ -13,20 +13,23 @@ connection without a valid proof and counts it in `tandem_kv_link_refused_total`
 costs one round trip per connection, and connections are kept and reused, so transfers pay nothing.
 
 Not covered: bytes inside an established connection are not MACed (an attacker able to inject into
-a TCP stream on the path is out of scope; use a network that prevents it, or NIXL over a trusted
-fabric), and the same-host shared-memory backend is guarded by file permissions of /dev/shm.
+a TCP stream on the path is out of scope); NIXL/UCX connects through the agent metadata published
+in etcd, outside these links, so it trusts its fabric; and the same-host shared-memory backend is
+guarded by the file permissions of /dev/shm.
 """
 
 from __future__ import annotations
 
 import hashlib
 import hmac
+import json
 import secrets
 
 from prometheus_client import Counter
 
 NONCE_BYTES = 16
-HANDSHAKE_TIMEOUT_S = 5.0
+HANDSHAKE_TIMEOUT_S = 5.0  # for each handshake frame, the Hello included
+HANDSHAKE_MAX_FRAME = 4096  # a handshake frame is small: a larger one is refused unread
 MIN_SECRET_BYTES = 16
 
 LINK_REFUSED = Counter("tandem_kv_link_refused", "Peer-link connections refused by this engine, by reason "
@@ -39,8 +42,9 @@ def new_nonce() -> str:
 
 
 def proof(secret: bytes, role: str, caller_nonce: str, target_nonce: str, engine: str, purpose: str) -> str:
-    """The HMAC-SHA256 that `role` ("target" or "caller") sends for this handshake."""
-    message = "\0".join((role, caller_nonce, target_nonce, engine, purpose)).encode()
+    """The HMAC-SHA256 that `role` ("target" or "caller") sends for this handshake (over a JSON
+    array of the fields: unambiguous whatever they hold)."""
+    message = json.dumps([role, caller_nonce, target_nonce, engine, purpose]).encode()
     return hmac.new(secret, message, hashlib.sha256).hexdigest()
 
 

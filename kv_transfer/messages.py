@@ -107,6 +107,7 @@ Message = Hello | Challenge | Proof | Notify | XferHeader | XferReply | GroupSet
 _BY_KIND: dict[str, type] = {cls.kind: cls for cls in (Hello, Challenge, Proof, Notify, XferHeader, XferReply,
                                                         GroupSetup)}
 _BYTES_FIELDS = {"message"}
+_STR_FIELDS = ("engine", "purpose", "nonce", "proof", "batch_id", "segment", "tag")  # checked on JSON frames
 
 
 # Notify is on the data path (one per batch): a binary frame, b"N" then a fixed header and the
@@ -163,19 +164,27 @@ def decode(raw: bytes) -> Message:
         raise ValueError(f"unexpected fields {sorted(body.keys() - names)} in {cls.__name__}")
     for name in _BYTES_FIELDS & body.keys():
         body[name] = base64.b64decode(body[name])
-    return cls(**body)  # type: ignore[no-any-return]
+    try:
+        return cls(**body)  # type: ignore[no-any-return]
+    except TypeError as e:  # a field missing: the peer's error, like any malformed frame
+        raise ValueError(f"malformed {cls.__name__}: {e}") from e
 
 
 def send_message(sock: socket.socket, msg: Message) -> None:
     sock.sendall(encode(msg))
 
 
-def recv_message(sock: socket.socket) -> Message:
-    """Read one frame; raises PeerLostError on EOF or a broken connection."""
+def recv_message(sock: socket.socket, max_bytes: int = MAX_FRAME) -> Message:
+    """Read one frame of at most `max_bytes`; raises PeerLostError on EOF or a broken connection,
+    ValueError for a malformed frame."""
     (length,) = _LEN.unpack(recv_exact(sock, _LEN.size))
-    if length > MAX_FRAME:
-        raise PeerLostError(f"peer sent a {length}-byte frame (limit {MAX_FRAME}): dropping the connection")
-    return decode(recv_exact(sock, length))
+    if length > max_bytes:
+        raise PeerLostError(f"peer sent a {length}-byte frame (limit {max_bytes}): dropping the connection")
+    body = decode(recv_exact(sock, length))
+    wrong = [name for name in _STR_FIELDS if not isinstance(getattr(body, name, ""), str)]
+    if wrong:
+        raise ValueError(f"malformed {type(body).__name__}: {', '.join(wrong)} must be text")
+    return body
 
 
 def recv_exact(sock: socket.socket, n: int) -> bytes:

@@ -18,7 +18,7 @@ from collections.abc import Callable
 
 from kv_transfer import link_auth
 from kv_transfer.errors import PeerLostError, TransferError
-from kv_transfer.messages import Challenge, Hello, Message, Notify, Proof, recv_message, send_message
+from kv_transfer.messages import MAX_FRAME, Challenge, Hello, Message, Notify, Proof, recv_message, send_message
 
 log = logging.getLogger(__name__)
 
@@ -105,7 +105,7 @@ class PeerLink:
         """The caller's half of the handshake: check the target's proof, send ours."""
         assert self._secret is not None
         sock.settimeout(link_auth.HANDSHAKE_TIMEOUT_S)
-        challenge = recv_message(sock)
+        challenge = recv_message(sock, link_auth.HANDSHAKE_MAX_FRAME)
         if not isinstance(challenge, Challenge) or not link_auth.verify(
                 self._secret, challenge.proof, "target", nonce, challenge.nonce, self.engine_id, purpose):
             raise PeerLostError(f"the peer at {address} did not prove the cluster's KV link secret")
@@ -147,10 +147,15 @@ class PeerLink:
     def _serve(self, sock: socket.socket) -> None:
         tune_socket(sock)
         self._track(sock)
+        authenticating = self._secret is not None
         try:
-            hello = recv_message(sock)
-        except (TransferError, ValueError) as e:
-            log.warning("dropping a connection that did not say hello: %s", e)
+            if authenticating:  # an unauthenticated caller holds no thread or memory for long
+                sock.settimeout(link_auth.HANDSHAKE_TIMEOUT_S)
+            hello = recv_message(sock, link_auth.HANDSHAKE_MAX_FRAME if authenticating else MAX_FRAME)
+        except (TransferError, ValueError, OSError) as e:
+            if authenticating:
+                link_auth.LINK_REFUSED.labels("no_proof").inc()
+            log.warning("dropping a connection that did not say hello: %s", str(e)[:200])
             self._untrack_close(sock)
             return
         if not isinstance(hello, Hello) or not self._admit(sock, hello):
@@ -178,7 +183,7 @@ class PeerLink:
             sock.settimeout(link_auth.HANDSHAKE_TIMEOUT_S)
             send_message(sock, Challenge(nonce, link_auth.proof(self._secret, "target", hello.nonce, nonce,
                                                                 hello.engine, hello.purpose)))
-            answer = recv_message(sock)
+            answer = recv_message(sock, link_auth.HANDSHAKE_MAX_FRAME)
         except (TransferError, ValueError, OSError):
             answer = None
         finally:
@@ -192,7 +197,7 @@ class PeerLink:
         else:
             return True
         link_auth.LINK_REFUSED.labels(reason).inc()
-        log.warning("refused a %r link claiming to be %r: %s", hello.purpose, hello.engine,
+        log.warning("refused a %r link claiming to be %r: %s", hello.purpose[:64], hello.engine[:64],
                     "it did not authenticate" if reason == "no_proof" else "wrong secret or a replayed handshake")
         return False
 

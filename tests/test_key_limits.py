@@ -81,3 +81,15 @@ def test_the_limits_file(tmp_path: Path) -> None:
     keys_file.write_text("a tk-x\nb tk-x\n")
     with pytest.raises(ValueError, match="given twice"):
         ApiKeys.load(str(keys_file), "")
+
+
+def test_retry_after_waits_until_the_window_is_under_the_limit() -> None:
+    clock = Clock()
+    keys = limiter(clock, alice={"tokens_per_minute": 50})
+    keys.admit(ALICE, 60)
+    clock.now += 10
+    keys.count(ALICE, 60)  # 120 in the window: the first 60 leaving still leaves 60 >= 50
+    keys.release(ALICE, "ok")
+    with pytest.raises(KeyLimitExceeded) as refused:
+        keys.admit(ALICE, 1)
+    assert refused.value.retry_after_s == 60  # both entries gone: at +70 s from the first, 10 s in now

@@ -97,3 +97,28 @@ def test_a_replayed_handshake_is_refused() -> None:
 def test_a_secret_must_be_long_enough() -> None:
     with pytest.raises(ValueError, match="at least 16 bytes"):
         PeerLink("x", "127.0.0.1", 0, lambda *_: None, lambda *_: None, b"short")
+
+
+def test_callers_that_stall_or_send_junk_hold_nothing(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Before the handshake a caller gets a few seconds and a few KiB: one that says nothing, one that
+    announces a 64 MiB frame, and one whose proof is malformed are dropped and counted."""
+    monkeypatch.setattr(link_auth, "HANDSHAKE_TIMEOUT_S", 0.5)
+    target = PeerLink("target", "127.0.0.1", 0, lambda *_: None, lambda *_: None, SECRET.encode())
+    try:
+        host, port = parse_address(target.address)
+        before = link_auth.LINK_REFUSED.labels("no_proof")._value.get()
+        junk = [b"", (64 << 20).to_bytes(4, "big"), None]
+        for frame in junk:
+            with socket.create_connection((host, port), timeout=5) as sock:
+                if frame is None:  # a proper Hello, then a Proof frame without its field
+                    send_message(sock, Hello(engine="x", purpose="control", nonce="cd" * 16))
+                    assert isinstance(recv_message(sock), Challenge)
+                    raw = b'{"kind": "proof"}'
+                    sock.sendall(len(raw).to_bytes(4, "big") + raw)
+                else:
+                    sock.sendall(frame)
+                sock.settimeout(5)
+                assert sock.recv(1) == b""  # closed by the target, within the handshake timeout
+        assert link_auth.LINK_REFUSED.labels("no_proof")._value.get() == before + len(junk)
+    finally:
+        target.close()

@@ -126,7 +126,7 @@ def test_up_hands_files_as_flags_and_secrets_as_variables(pkis: tuple[Pki, Pki],
     secret = up.kv_secret  # tandem up makes the cluster's KV link secret: a variable, never a flag
     assert secret is not None and len(secret) == 64 and secret != UpSettings().kv_secret
     assert up.security_env() == {"TANDEM_ETCD_PASSWORD": PASSWORD, "TANDEM_KV_SECRET": secret}
-    assert up.router_env() == {"TANDEM_ETCD_PASSWORD": PASSWORD, "TANDEM_KV_SECRET": secret, "TANDEM_API_KEYS": "key-b"}
+    assert up.router_env() == {"TANDEM_ETCD_PASSWORD": PASSWORD, "TANDEM_API_KEYS": "key-b"}  # no KV secret
     assert secret not in worker and up.worker_settings("decode", "h:1").kv_secret == secret
     assert up.https_context() is not None and UpSettings().https_context() is None
     with pytest.raises(ValueError, match="need --etcd"):

@@ -21,7 +21,8 @@ async def engine_with_kv_connector(settings: WorkerSettings, worker_id: str,
     """The engine, its pool registered as segment `<worker id>.kv` and its layout published."""
     if settings.kv_secret is None:
         log.warning("the KV transfer links are not authenticated: anyone who reads this worker's segment "
-                    "address in etcd can write into its KV pool; give every worker TANDEM_KV_SECRET")
+                    "address in etcd can write into its KV pool over TCP; give every worker TANDEM_KV_SECRET "
+                    "(NIXL/UCX is not covered by it either way: it trusts its fabric)")
     store = EtcdStore(settings.etcd, access=settings.etcd_access())
     stack.push_async_callback(store.close)
     transfer = TransferEngine(store, TransferEngineConfig(
