@@ -82,7 +82,9 @@ class PeerLink:
             self._send_locks[peer] = threading.Lock()
         threading.Thread(target=self._read_loop, args=(sock, peer), daemon=True).start()
 
-    def open(self, address: str, purpose: str) -> socket.socket:
+    def open(self, address: str, purpose: str, timeout_s: float | None = None) -> socket.socket:
+        """A new connection to the engine at `address` for `purpose`; `timeout_s` bounds the
+        handshake (a transfer's remaining time: a frozen peer fails it when it would have anyway)."""
         host, port = parse_address(address)
         try:
             sock = socket.create_connection((host, port), timeout=_CONNECT_TIMEOUT_S)
@@ -93,7 +95,7 @@ class PeerLink:
         try:
             send_message(sock, Hello(engine=self.engine_id, purpose=purpose, nonce=nonce))
             if self._secret is not None:
-                self._prove(sock, nonce, purpose, address)
+                self._prove(sock, nonce, purpose, address, timeout_s)
         except (OSError, TransferError, ValueError) as e:
             sock.close()
             raise PeerLostError(f"cannot open a {purpose} link to {address}: {e}") from e
@@ -101,10 +103,11 @@ class PeerLink:
         self._track(sock)
         return sock
 
-    def _prove(self, sock: socket.socket, nonce: str, purpose: str, address: str) -> None:
+    def _prove(self, sock: socket.socket, nonce: str, purpose: str, address: str, timeout_s: float | None) -> None:
         """The caller's half of the handshake: check the target's proof, send ours."""
         assert self._secret is not None
-        sock.settimeout(link_auth.HANDSHAKE_TIMEOUT_S)
+        limit = link_auth.HANDSHAKE_TIMEOUT_S
+        sock.settimeout(max(min(limit, timeout_s), 0.05) if timeout_s is not None else limit)
         challenge = recv_message(sock, link_auth.HANDSHAKE_MAX_FRAME)
         if not isinstance(challenge, Challenge) or not link_auth.verify(
                 self._secret, challenge.proof, "target", nonce, challenge.nonce, self.engine_id, purpose):

@@ -51,6 +51,7 @@ from tests.support.cluster import (
 from tests.support.cluster_workload import Expected, Job, gather_limited, reference, run_grpc, workload
 
 TTL = 2  # lease of the worker records, seconds
+KV_SECRET = "test-cluster-kv-secret-7f3a"  # what a worker started beside `tandem up` needs to join its KV links
 SMALL = ("--dtype", "float32", "--num-kv-blocks", "512", "--min-remote-prefill-tokens", "4", "--lease-ttl-s", str(TTL))
 
 
@@ -268,8 +269,10 @@ async def etcd_worker_leases(endpoint: str) -> dict[str, int]:
 
 @contextlib.contextmanager
 def started_worker(etcd: str, model: str, role: str, worker_id: str) -> Iterator[subprocess.Popen]:
+    """A worker joining a cluster that `tandem_up` started with KV_SECRET (its KV links need it)."""
     proc = spawn([sys.executable, "-m", "cluster.cli", "worker", "--role", role, "--etcd", etcd, "--model", model,
-                  "--worker-id", worker_id, *SMALL], cwd=REPO, stdout=subprocess.PIPE, text=True)
+                  "--worker-id", worker_id, *SMALL], cwd=REPO, stdout=subprocess.PIPE, text=True,
+                 env={**os.environ, "TANDEM_KV_SECRET": KV_SECRET})
     try:
         yield proc
     finally:
@@ -295,7 +298,7 @@ async def test_etcd_restart_and_outage(tiny_llama_dir, tmp_path) -> None:
     etcd.start()
     try:
         with tandem_up("--etcd", etcd.endpoint, "--prefill", "2", "--decode", "1", "--model", str(tiny_llama_dir),
-                       *SMALL, "--policy", "round_robin") as cluster:
+                       *SMALL, "--policy", "round_robin", env={"TANDEM_KV_SECRET": KV_SECRET}) as cluster:
             load = Load(cluster.grpc_address, jobs, expected)
             async with load.running(clients=3):
                 await load.completed(6)

@@ -292,7 +292,7 @@ class _Channel:
             return
         owner = batch.remote.owner
         timeout = max(batch.remaining(), _MIN_SETUP_TIMEOUT_S)  # a group outlives the batch that builds it
-        sock = self._ctx.link.open(self._address, PURPOSE)
+        sock = self._ctx.link.open(self._address, PURPOSE, timeout)
         with self._lock:
             self._sock = sock
             closed = self._closed

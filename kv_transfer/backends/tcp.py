@@ -55,7 +55,7 @@ class TcpBackend(Backend):
             return
         address = batch.remote.control
         try:
-            sock = self._checkout(address)
+            sock = self._checkout(address, batch.remaining())
         except TransferError as e:
             batch.fail(e)
             return
@@ -100,12 +100,12 @@ class TcpBackend(Backend):
         if reply.status != status:
             raise TransferError(f"peer {batch.remote.owner} answered {reply.status!r}, expected {status!r}")
 
-    def _checkout(self, address: str) -> socket.socket:
+    def _checkout(self, address: str, timeout_s: float) -> socket.socket:
         with self._lock:
             idle = self._idle.get(address)
             if idle:
                 return idle.pop()
-        return self.ctx.link.open(address, PURPOSE)
+        return self.ctx.link.open(address, PURPOSE, timeout_s)
 
     def _checkin(self, address: str, sock: socket.socket) -> None:
         sock.settimeout(None)
