@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import socket
 import struct
 import sys
@@ -38,7 +39,9 @@ def raw_socket_sink(server: socket.socket, buffer: torch.Tensor) -> None:
 
 async def main(args: argparse.Namespace) -> None:
     store = EtcdStore(args.etcd)
-    engine = TransferEngine(store, TransferEngineConfig(engine_id="bench-target", metadata_prefix=args.prefix))
+    secret = os.environ.get("TANDEM_KV_SECRET")  # bench.transfer --authenticated
+    engine = TransferEngine(store, TransferEngineConfig(engine_id="bench-target", metadata_prefix=args.prefix,
+                                                        link_secret=secret.encode() if secret else None))
     segment = engine.allocate_host_buffer(args.size, "bench")
     await engine.register_segment("bench-target", segment)
     sink_buffer = torch.empty(args.size, dtype=torch.uint8)
