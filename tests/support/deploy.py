@@ -119,7 +119,7 @@ def environment(container: Container) -> dict[str, str]:
         elif "fieldRef" in var.get("valueFrom", {}):
             env[var["name"]] = FIELD_VALUES[var["valueFrom"]["fieldRef"]["fieldPath"]]
         else:
-            env[var["name"]] = "<from a secret>"
+            env[var["name"]] = "<a value from a Secret>"  # long enough for a secret's minimum length
     return env
 
 
