@@ -41,7 +41,7 @@ import torch
 
 from common.etcd.local import running_etcd
 from common.processes import spawn
-from common.settings import apply_ucx_defaults
+from common.settings import apply_ucx_defaults, child_environment
 from engine.loader.api import load_model
 from kv_transfer import EtcdStore, Ranges, TransferEngine, TransferEngineConfig, TransferOp
 from kv_transfer.kv_layout import POOL_LAYOUT, KVLayout, block_ranges
@@ -128,7 +128,7 @@ async def run(args: argparse.Namespace) -> dict:
         secret = secrets.token_hex(32) if args.authenticated else None
         peer = spawn([sys.executable, "-m", "bench.transfer_peer", "--etcd", etcd, "--prefix", prefix,
                       "--size", str(size)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
-                     env={**os.environ, **({"TANDEM_KV_SECRET": secret} if secret else {})})
+                     env=child_environment({"TANDEM_KV_SECRET": secret} if secret else None))
         assert peer.stdout is not None
         ready = json.loads(peer.stdout.readline())
         progress(f"peer ready: {ready}")

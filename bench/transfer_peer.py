@@ -7,7 +7,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import socket
 import struct
 import sys
@@ -15,6 +14,7 @@ import threading
 
 import torch
 
+from common.settings import kv_secret_variable
 from kv_transfer import EtcdStore, TransferEngine, TransferEngineConfig
 from kv_transfer.peer_link import tune_socket
 
@@ -39,7 +39,7 @@ def raw_socket_sink(server: socket.socket, buffer: torch.Tensor) -> None:
 
 async def main(args: argparse.Namespace) -> None:
     store = EtcdStore(args.etcd)
-    secret = os.environ.get("TANDEM_KV_SECRET")  # bench.transfer --authenticated
+    secret = kv_secret_variable()  # bench.transfer --authenticated
     engine = TransferEngine(store, TransferEngineConfig(engine_id="bench-target", metadata_prefix=args.prefix,
                                                         link_secret=secret.encode() if secret else None))
     segment = engine.allocate_host_buffer(args.size, "bench")

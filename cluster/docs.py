@@ -24,6 +24,8 @@ DIRECT_VARIABLES = {
     "TANDEM_CACHE_DIR": ("workers (engine)", "converted weights, tokenizers and compiled C kernels; default "
                          "`~/.cache/tandem`"),
     "TANDEM_DISABLE_C_KERNELS": ("workers (engine)", "`1`: use the pure-torch paths only (no compiled C kernels)"),
+    "TANDEM_KV_SECRET": ("`bench.transfer`'s peer", "the KV link secret of `bench.transfer --authenticated` (the "
+                         "workers read it as `--kv-secret`'s variable)"),
 }
 # Variables of other software that Tandem sets or honours.
 OTHER_VARIABLES = {

@@ -145,6 +145,11 @@ def ucx_net_devices() -> str | None:
     return os.environ.get("UCX_NET_DEVICES") or None
 
 
+def kv_secret_variable() -> str | None:
+    """`TANDEM_KV_SECRET` for programs that are not settings-driven (bench peers)."""
+    return os.environ.get("TANDEM_KV_SECRET") or None
+
+
 def child_environment(extra: dict[str, str] | None = None) -> dict[str, str]:
     """This process's environment plus `extra`: what a child process of a launcher gets."""
     return {**os.environ, **(extra or {})}
