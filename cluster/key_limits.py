@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 
 from prometheus_client import Counter, Gauge
 
-from cluster.api_keys import Caller
+from cluster.api_keys import ApiKeys, Caller
 from common.files import read_file
 
 WINDOW_S = 60.0
@@ -80,6 +80,15 @@ class KeyLimits:
             except ValueError as e:
                 raise ValueError(f"API key limits of {name!r}: {e}") from e
         return KeyLimits(limits)
+
+
+def load_key_limits(path: str | None, keys: ApiKeys | None) -> KeyLimits | None:
+    """The limits of `--api-key-limits` (None without the flag); ValueError without API keys."""
+    if path is None:
+        return None
+    if keys is None:
+        raise ValueError("api_key_limits needs API keys (api_keys_file or api_keys)")
+    return KeyLimits.load(path, keys.names)
 
 
 class KeyLimitExceeded(Exception):

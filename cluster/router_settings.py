@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from cluster.api_keys import ApiKeys
-from cluster.key_limits import KeyLimits
+from cluster.key_limits import KeyLimits, load_key_limits
 from cluster.routing import POLICIES, PolicyName
 from common.security import SecuritySettings
 from common.settings import described
@@ -55,9 +55,4 @@ class RouterSettings(SecuritySettings):
 
     def key_limits(self) -> KeyLimits | None:
         """The per-key limits (None: none); ValueError for a file that names no key, or no keys."""
-        keys = self.api_key_set()
-        if self.api_key_limits is None:
-            return None
-        if keys is None:
-            raise ValueError("api_key_limits needs API keys (api_keys_file or api_keys)")
-        return KeyLimits.load(self.api_key_limits, keys.names)
+        return load_key_limits(self.api_key_limits, self.api_key_set())

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from cluster.api_keys import ApiKeys
-from cluster.key_limits import KeyLimits
+from cluster.key_limits import load_key_limits
 from cluster.router_settings import RouterSettings
 from cluster.routing import PolicyName
 from cluster.up_events import OUTPUT_FORMATS, OutputFormat
@@ -77,11 +77,7 @@ class UpSettings(SecuritySettings):
         if self.kv_secret is None:  # the cluster's own: its workers' KV links are authenticated
             object.__setattr__(self, "kv_secret", secrets.token_hex(32))
         super().__post_init__()
-        keys = ApiKeys.load(self.api_keys_file, self.api_keys)
-        if self.api_key_limits is not None:
-            if keys is None:
-                raise ValueError("api_key_limits needs API keys (api_keys_file or api_keys)")
-            KeyLimits.load(self.api_key_limits, keys.names)
+        load_key_limits(self.api_key_limits, ApiKeys.load(self.api_keys_file, self.api_keys))
         etcd_access = self.etcd_access()
         if not self.etcd and (etcd_access.tls or etcd_access.user is not None):
             raise ValueError("etcd TLS and user options need --etcd: the local etcd is plaintext, without auth")

@@ -138,9 +138,9 @@ class LLMEngine:
             req = self.requests[item.seq.request_id]
             result = results.get(item.seq.request_id)
             accepted: list[int] = []
-            if result is not None and result.prompt_logprobs:
-                req.add_prompt_logprobs(result.prompt_logprobs_start, result.prompt_logprobs)
             if result is not None:
+                if result.prompt_logprobs:
+                    req.add_prompt_logprobs(result.prompt_logprobs_start, result.prompt_logprobs)
                 for token_id, lp in zip(result.token_ids, result.logprobs, strict=True):
                     accepted.append(token_id)
                     if req.on_token(token_id, lp):

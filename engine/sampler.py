@@ -74,12 +74,7 @@ class SequenceSamplingState:
 
     def would_accept(self, token_id: int) -> bool:
         """Whether the grammar (if any) allows `token_id` next; the state is left as it was."""
-        if self.matcher is None:
-            return True
-        if not self.matcher.accept_token(token_id):
-            return False
-        self.matcher.rollback(1)
-        return True
+        return self.grammar_prefix([token_id]) == 1
 
     def grammar_prefix(self, token_ids: Sequence[int]) -> int:
         """How many of `token_ids`, in order, the grammar (if any) allows next; the state is left as it was."""
