@@ -1,9 +1,11 @@
 """Transfer-engine bandwidth per backend, beside two ceilings measured in the same run.
 
-    python -m bench.transfer [--size-mib 256] [--repeats 5] [--backends shm tcp nixl] [--authenticated]
-                             [--json out.json]
+    python -m bench.transfer [--size-mib 256] [--repeats 5] [--backends shm tcp nixl]
+                             [--authenticated [--integrity all|frames]] [--json out.json]
 
-`--authenticated`: both engines hold a KV link secret (kv_transfer.link_auth), as `tandem up`'s do.
+`--authenticated`: both engines hold a KV link secret (kv_transfer.link_auth), as `tandem up`'s do,
+so every connection is authenticated and sealed (kv_transfer.channel): every frame and, with
+`--integrity all` (the default, as `--kv-link-integrity`'s), every payload byte.
 
 Two processes on this host: this one (initiator) and bench/transfer_peer.py (the segment owner),
 metadata through a local etcd. Payloads (WRITE, initiator → owner):
@@ -127,14 +129,16 @@ async def run(args: argparse.Namespace) -> dict:
     with running_etcd() as etcd:
         secret = secrets.token_hex(32) if args.authenticated else None
         peer = spawn([sys.executable, "-m", "bench.transfer_peer", "--etcd", etcd, "--prefix", prefix,
-                      "--size", str(size)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+                      "--size", str(size), "--integrity", args.integrity], stdin=subprocess.PIPE,
+                     stdout=subprocess.PIPE, text=True,
                      env=child_environment({"TANDEM_KV_SECRET": secret} if secret else None))
         assert peer.stdout is not None
         ready = json.loads(peer.stdout.readline())
         progress(f"peer ready: {ready}")
         store = EtcdStore(etcd)
         engine = TransferEngine(store, TransferEngineConfig(engine_id="bench-initiator", metadata_prefix=prefix,
-                                                            link_secret=secret.encode() if secret else None))
+                                                            link_secret=secret.encode() if secret else None,
+                                                            seal_payloads=args.integrity == "all"))
         try:
             return await measure(args, engine, ready, size, rng)
         finally:
@@ -204,11 +208,14 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--backends", nargs="+", default=["shm", "tcp", "nixl"])
     parser.add_argument("--authenticated", action="store_true", help="links authenticated with a secret")
+    parser.add_argument("--integrity", choices=("all", "frames"), default="all",
+                        help="with --authenticated: seal every byte, or frames only (--kv-link-integrity)")
     parser.add_argument("--json", help="write results here")
     args = parser.parse_args()
     apply_ucx_defaults()
     result = asyncio.run(run(args))
     result["authenticated"] = args.authenticated
+    result["integrity"] = args.integrity if args.authenticated else None
     result["machine"] = {"cpus": os.cpu_count(), "platform": platform.platform(), "torch_threads":
                          torch.get_num_threads(), "date": time.strftime("%Y-%m-%d")}
     for r in result["rows"]:

@@ -41,7 +41,8 @@ async def main(args: argparse.Namespace) -> None:
     store = EtcdStore(args.etcd)
     secret = kv_secret_variable()  # bench.transfer --authenticated
     engine = TransferEngine(store, TransferEngineConfig(engine_id="bench-target", metadata_prefix=args.prefix,
-                                                        link_secret=secret.encode() if secret else None))
+                                                        link_secret=secret.encode() if secret else None,
+                                                        seal_payloads=args.integrity == "all"))
     segment = engine.allocate_host_buffer(args.size, "bench")
     await engine.register_segment("bench-target", segment)
     sink_buffer = torch.empty(args.size, dtype=torch.uint8)
@@ -59,4 +60,5 @@ if __name__ == "__main__":
     parser.add_argument("--etcd", required=True)
     parser.add_argument("--prefix", required=True)
     parser.add_argument("--size", type=int, required=True)
+    parser.add_argument("--integrity", choices=("all", "frames"), default="all")
     asyncio.run(main(parser.parse_args()))

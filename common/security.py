@@ -6,6 +6,7 @@ UpSettings; its fields are keyword-only, so they sit before the subclasses' requ
 from __future__ import annotations
 
 from dataclasses import dataclass, field, fields
+from typing import Literal
 
 from common.etcd.access import EtcdAccess
 from common.settings import described, env_name
@@ -32,6 +33,10 @@ class SecuritySettings:
         "the cluster's secret (16+ characters) that the workers' KV transfer links authenticate with, both "
         "ways; unset: the links are open to anyone who reads a segment's address in etcd (tandem up makes "
         "one); prefer the variable to the flag", secret=True))
+    kv_link_integrity: Literal["all", "frames"] = field(default="all", metadata=described(
+        "with kv_secret, what the KV links seal: all (every frame and every KV page byte) or frames (headers, "
+        "ranges, replies and notes; page bytes unsealed, for a trusted network: sealing them costs a GMAC "
+        "pass on each side, docs/BENCHMARKS.md)"))
 
     def __post_init__(self) -> None:
         self.tls_files()

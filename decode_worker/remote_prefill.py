@@ -115,7 +115,7 @@ class RemotePrefiller:
         if timeout <= 0:
             raise RemotePrefillFailed("no time left before the request's deadline")
         started = time.monotonic()
-        receipt = self.connector.expect(attempt_id, target.prefill_engine_id, len(blocks))
+        receipt = self.connector.expect(attempt_id, target.prefill_engine_id, blocks)
         try:
             stub = worker_pb2_grpc.WorkerStub(self._channel(target.prefill_address))
             response = await stub.Prefill(worker_pb2.PrefillRequest(

@@ -23,6 +23,9 @@ class TransferEngineConfig:
         default=(("ucx_error_handling_mode", "none"),))  # UCX then uses shared memory on one host
     # the cluster's secret: peer links are authenticated both ways (kv_transfer.link_auth); None: open
     link_secret: bytes | None = field(default=None, repr=False)
+    # with a secret: seal payload bytes too (kv_transfer.channel), not only frames; a connection
+    # seals them when either side asks
+    seal_payloads: bool = True
 
     def __post_init__(self) -> None:
         unknown = [b for b in self.backends if b not in ALL_BACKENDS]

@@ -35,6 +35,16 @@ class RemoteRejectedError(TransferError):
     """The peer refused the batch (it validated the request and found it wrong)."""
 
 
+class GrantRefusedError(RemoteRejectedError):
+    """The peer refused the batch because its ranges are not granted to this engine for that
+    request (kv_transfer.grants): no byte was moved."""
+
+
+class IntegrityError(PeerLostError):
+    """A unit on an authenticated link failed its integrity tag (changed, reordered or replayed);
+    the connection is dropped."""
+
+
 class BackendUnavailableError(TransferError):
     """No backend can reach the remote segment from here (or the one asked for is not available)."""
 

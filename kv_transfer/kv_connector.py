@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -76,7 +77,7 @@ class KVConnector:
 
     async def publish(self) -> None:
         """Register the pool as a segment and publish its layout (call once, before peers connect)."""
-        await self.transfer.register_segment(self.segment_name, self.pool.tensor)
+        await self.transfer.register_segment(self.segment_name, self.pool.tensor, guarded=True)
         await self.transfer.store.put(_layout_key(self.transfer.config.metadata_prefix, self.segment_name),
                                       self.layout.to_json())
 
@@ -105,18 +106,26 @@ class KVConnector:
     def ranges(self, peer: PeerKV, layers: list[int], local_blocks: list[int], remote_blocks: list[int]) -> Ranges:
         return block_ranges(self.layout, peer.layout, layers, local_blocks, remote_blocks)
 
-    def expect(self, request_id: str, peer_engine: str, num_blocks: int) -> KVReceipt:
-        """Decode side: start collecting the notes of `request_id` (call before asking for the push)."""
-        return KVReceipt(self.transfer.subscribe(kv_tag(request_id), peer_engine), self.layout.num_layers,
-                         num_blocks)
+    def expect(self, request_id: str, peer_engine: str, blocks: list[int]) -> KVReceipt:
+        """Decode side: grant `peer_engine` the pages of `blocks` (every layer) for `request_id`'s
+        push and start collecting its notes (call before asking for the push). Closing the receipt
+        revokes the grant: a late write of an abandoned attempt is refused."""
+        pages = block_ranges(self.layout, self.layout, range(self.layout.num_layers), blocks, blocks)
+        tag = kv_tag(request_id)
+        subscription = self.transfer.subscribe(tag, peer_engine)
+        grant = self.transfer.grant(self.segment_name, peer_engine, tag, pages.local_offsets, pages.lengths)
+        return KVReceipt(subscription, self.layout.num_layers, len(blocks),
+                         on_close=lambda: self.transfer.revoke(grant))
 
 
 class KVReceipt:
     """Tracks which (layer, block) pages of one request have landed. Complete only when the final
     note arrived and every layer of every block was covered by a successful batch."""
 
-    def __init__(self, subscription: Subscription, num_layers: int, num_blocks: int) -> None:
+    def __init__(self, subscription: Subscription, num_layers: int, num_blocks: int,
+                 on_close: Callable[[], None] = lambda: None) -> None:
         self._sub = subscription
+        self._on_close = on_close
         self.landed = np.zeros((num_layers, num_blocks), dtype=bool)
         self.final: KVPushNote | None = None
 
@@ -144,11 +153,13 @@ class KVReceipt:
             while not self.complete:
                 self._absorb(await self._sub.get_async(timeout_s))
         finally:
-            self._sub.close()
+            self.close()
         assert self.final is not None
         if self.final.first_token_id is None:
             raise TransferError("the final KV note carries no first token")
         return self.final.first_token_id
 
     def close(self) -> None:
+        """Idempotent: stop collecting notes and end the grant."""
         self._sub.close()
+        self._on_close()

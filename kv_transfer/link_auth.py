@@ -12,10 +12,15 @@ connection (no replay), and each side proves the secret to the other. A target r
 connection without a valid proof and counts it in `tandem_kv_link_refused_total`. The handshake
 costs one round trip per connection, and connections are kept and reused, so transfers pay nothing.
 
-Not covered: bytes inside an established connection are not MACed (an attacker able to inject into
-a TCP stream on the path is out of scope); NIXL/UCX connects through the agent metadata published
-in etcd, outside these links, so it trusts its fabric; and the same-host shared-memory backend is
-guarded by the file permissions of /dev/shm.
+After the handshake every frame, byte string and payload on the connection carries a tag under keys
+derived from both nonces (kv_transfer.channel), so bytes changed, reordered or replayed on the path
+are refused too (`bad_tag`). What a member may write into a guarded segment is limited by grants
+(kv_transfer.grants).
+
+Not covered: NIXL/UCX connects through the agent metadata published in etcd, outside these links,
+so it trusts its fabric; the NCCL/Gloo payload travels in its process group, outside these links
+(its headers are sealed and granted); the same-host shared-memory backend is guarded by the file
+permissions of /dev/shm. Payloads are authenticated, not encrypted.
 """
 
 from __future__ import annotations
@@ -33,7 +38,8 @@ HANDSHAKE_MAX_FRAME = 4096  # a handshake frame is small: a larger one is refuse
 MIN_SECRET_BYTES = 16
 
 LINK_REFUSED = Counter("tandem_kv_link_refused", "Peer-link connections refused by this engine, by reason "
-                       "(no_proof: the caller did not authenticate; bad_proof: wrong secret or a replayed handshake)",
+                       "(no_proof: the caller did not authenticate; bad_proof: wrong secret or a replayed handshake; "
+                       "bad_tag: a unit on an authenticated link failed its integrity tag)",
                        ["reason"])
 
 

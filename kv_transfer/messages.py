@@ -24,20 +24,24 @@ _LEN = struct.Struct("!I")
 class Hello:
     """First frame of every connection: who is calling and what the connection is for: "control",
     or a data purpose naming the backend that serves it ("data:tcp": TCP, "data:nccl": NCCL).
-    `nonce`: the caller's challenge to a target that authenticates links (kv_transfer.link_auth)."""
+    `nonce`: the caller's challenge to a target that authenticates links (kv_transfer.link_auth);
+    `seal_payload`: whether the caller wants payload bytes sealed too (kv_transfer.channel)."""
 
     engine: str
     purpose: str
     nonce: str = ""
+    seal_payload: bool = True
     kind: ClassVar[str] = "hello"
 
 
 @dataclass(frozen=True)
 class Challenge:
-    """An authenticating target's answer to Hello: its own nonce, and its proof of the secret over both."""
+    """An authenticating target's answer to Hello: its own nonce, its proof of the secret over both,
+    and whether it wants payload bytes sealed (they are when either side wants it)."""
 
     nonce: str
     proof: str
+    seal_payload: bool = True
     kind: ClassVar[str] = "challenge"
 
 
@@ -80,10 +84,13 @@ class XferHeader:
 
 @dataclass(frozen=True)
 class XferReply:
-    """TCP and NCCL backends: the target's answer to a header ("accept"/"reject") or to a payload ("done")."""
+    """TCP and NCCL backends: the target's answer to a header ("accept"/"reject") or to a payload ("done").
+    A rejection's `code` says why in a word the initiator maps to an error type ("grant": the
+    ranges are not granted to the initiator, kv_transfer.grants)."""
 
     status: Literal["accept", "reject", "done"]
     error: str | None = None
+    code: str = ""
     kind: ClassVar[str] = "xfer_reply"
 
 
@@ -107,7 +114,7 @@ Message = Hello | Challenge | Proof | Notify | XferHeader | XferReply | GroupSet
 _BY_KIND: dict[str, type] = {cls.kind: cls for cls in (Hello, Challenge, Proof, Notify, XferHeader, XferReply,
                                                         GroupSetup)}
 _BYTES_FIELDS = {"message"}
-_STR_FIELDS = ("engine", "purpose", "nonce", "proof", "batch_id", "segment", "tag")  # checked on JSON frames
+_STR_FIELDS = ("engine", "purpose", "nonce", "proof", "batch_id", "segment", "tag", "code")  # checked on JSON frames
 
 
 # Notify is on the data path (one per batch): a binary frame, b"N" then a fixed header and the
@@ -180,7 +187,12 @@ def recv_message(sock: socket.socket, max_bytes: int = MAX_FRAME) -> Message:
     (length,) = _LEN.unpack(recv_exact(sock, _LEN.size))
     if length > max_bytes:
         raise PeerLostError(f"peer sent a {length}-byte frame (limit {max_bytes}): dropping the connection")
-    body = decode(recv_exact(sock, length))
+    return parse_frame(recv_exact(sock, length))
+
+
+def parse_frame(raw: bytes) -> Message:
+    """A frame's body (after its length) as a message; ValueError when malformed."""
+    body = decode(raw)
     wrong = [name for name in _STR_FIELDS if not isinstance(getattr(body, name, ""), str)]
     if wrong:
         raise ValueError(f"malformed {type(body).__name__}: {', '.join(wrong)} must be text")

@@ -1,11 +1,12 @@
 """The peer link: one listening socket per engine, control connections between engines.
 
 Every connection starts with a `Hello` (and, with a cluster secret, the challenge-response of
-kv_transfer.link_auth, both ways). Control connections carry `Notify` messages and tell
-each side at once when the other goes away (a SIGKILLed process's sockets are closed by the
-kernel, so EOF arrives immediately on one host; across hosts, TCP keepalive bounds it). Any other
-purpose names a data connection, handed to the backend registered for that purpose ("data:tcp": TCP,
-"data:nccl": NCCL); a connection whose purpose nobody serves is closed.
+kv_transfer.link_auth, both ways, after which every unit on it is sealed: kv_transfer.channel).
+Control connections carry `Notify` messages and tell each side at once when the other goes away (a
+SIGKILLed process's sockets are closed by the kernel, so EOF arrives immediately on one host;
+across hosts, TCP keepalive bounds it). Any other purpose names a data connection, handed to the
+backend registered for that purpose ("data:tcp": TCP, "data:nccl": NCCL); a connection whose
+purpose nobody serves is closed.
 """
 
 from __future__ import annotations
@@ -17,12 +18,13 @@ import threading
 from collections.abc import Callable
 
 from kv_transfer import link_auth
+from kv_transfer.channel import Channel, SessionKeys
 from kv_transfer.errors import PeerLostError, TransferError
 from kv_transfer.messages import MAX_FRAME, Challenge, Hello, Message, Notify, Proof, recv_message, send_message
 
 log = logging.getLogger(__name__)
 
-DataHandler = Callable[[socket.socket, str], None]
+DataHandler = Callable[[Channel, str], None]
 _CONNECT_TIMEOUT_S = 5.0
 
 
@@ -44,17 +46,19 @@ def parse_address(address: str) -> tuple[str, int]:
 
 class PeerLink:
     def __init__(self, engine_id: str, host: str, port: int, on_notify: Callable[[str, Notify], None],
-                 on_peer_lost: Callable[[str, str], None], secret: bytes | None = None) -> None:
+                 on_peer_lost: Callable[[str, str], None], secret: bytes | None = None,
+                 seal_payloads: bool = True) -> None:
         link_auth.check_secret(secret)
         self.engine_id = engine_id
         self._secret = secret  # None: links are not authenticated
+        self._seal_payloads = seal_payloads  # with a secret: ask for payload bytes to be sealed
         self._on_notify = on_notify
         self._on_peer_lost = on_peer_lost
         self._data_handlers: dict[str, DataHandler] = {}  # Hello purpose → backend serving it
         self._server = socket.create_server((host, port), backlog=128)
         self.address = f"{host}:{self._server.getsockname()[1]}"
         self._lock = threading.Lock()
-        self._outgoing: dict[str, socket.socket] = {}  # peer id → our control connection to it
+        self._outgoing: dict[str, Channel] = {}  # peer id → our control connection to it
         self._incoming: dict[str, int] = {}  # peer id → its live control connections to us
         self._send_locks: dict[str, threading.Lock] = {}
         self._sockets: set[socket.socket] = set()
@@ -73,18 +77,19 @@ class PeerLink:
         with self._lock:
             if peer in self._outgoing:
                 return
-        sock = self.open(address, "control")
+        channel = self.open(address, "control")
         with self._lock:
             if peer in self._outgoing:  # lost a race with another thread: keep the first
-                sock.close()
+                channel.close()
                 return
-            self._outgoing[peer] = sock
+            self._outgoing[peer] = channel
             self._send_locks[peer] = threading.Lock()
-        threading.Thread(target=self._read_loop, args=(sock, peer), daemon=True).start()
+        threading.Thread(target=self._read_loop, args=(channel, peer), daemon=True).start()
 
-    def open(self, address: str, purpose: str, timeout_s: float | None = None) -> socket.socket:
-        """A new connection to the engine at `address` for `purpose`; `timeout_s` bounds the
-        handshake (a transfer's remaining time: a frozen peer fails it when it would have anyway)."""
+    def open(self, address: str, purpose: str, timeout_s: float | None = None) -> Channel:
+        """A new connection to the engine at `address` for `purpose` (sealed with its own keys when
+        links are authenticated); `timeout_s` bounds the handshake (a transfer's remaining time: a
+        frozen peer fails it when it would have anyway)."""
         host, port = parse_address(address)
         try:
             sock = socket.create_connection((host, port), timeout=_CONNECT_TIMEOUT_S)
@@ -92,19 +97,22 @@ class PeerLink:
             raise PeerLostError(f"cannot reach peer engine at {address}: {e}") from e
         tune_socket(sock)
         nonce = link_auth.new_nonce() if self._secret is not None else ""
+        keys = None
         try:
-            send_message(sock, Hello(engine=self.engine_id, purpose=purpose, nonce=nonce))
+            send_message(sock, Hello(engine=self.engine_id, purpose=purpose, nonce=nonce,
+                                     seal_payload=self._seal_payloads))
             if self._secret is not None:
-                self._prove(sock, nonce, purpose, address, timeout_s)
+                keys = self._prove(sock, nonce, purpose, address, timeout_s)
         except (OSError, TransferError, ValueError) as e:
             sock.close()
             raise PeerLostError(f"cannot open a {purpose} link to {address}: {e}") from e
         sock.settimeout(None)
         self._track(sock)
-        return sock
+        return Channel(sock, keys, is_caller=True)
 
-    def _prove(self, sock: socket.socket, nonce: str, purpose: str, address: str, timeout_s: float | None) -> None:
-        """The caller's half of the handshake: check the target's proof, send ours."""
+    def _prove(self, sock: socket.socket, nonce: str, purpose: str, address: str,
+               timeout_s: float | None) -> SessionKeys:
+        """The caller's half of the handshake: check the target's proof, send ours; the connection's keys."""
         assert self._secret is not None
         limit = link_auth.HANDSHAKE_TIMEOUT_S
         sock.settimeout(max(min(limit, timeout_s), 0.05) if timeout_s is not None else limit)
@@ -114,6 +122,8 @@ class PeerLink:
             raise PeerLostError(f"the peer at {address} did not prove the cluster's KV link secret")
         send_message(sock, Proof(link_auth.proof(self._secret, "caller", nonce, challenge.nonce, self.engine_id,
                                                  purpose)))
+        return SessionKeys.derive(self._secret, nonce, challenge.nonce, self.engine_id, purpose,
+                                  self._seal_payloads or challenge.seal_payload is not False)
 
     def is_connected(self, peer: str) -> bool:
         """We hold a control connection to `peer` (we can notify it)."""
@@ -128,14 +138,14 @@ class PeerLink:
 
     def send(self, peer: str, msg: Message) -> None:
         with self._lock:
-            sock, lock = self._outgoing.get(peer), self._send_locks.get(peer)
-        if sock is None or lock is None:
+            channel, lock = self._outgoing.get(peer), self._send_locks.get(peer)
+        if channel is None or lock is None:
             raise PeerLostError(f"no control connection to peer {peer}")
         try:
             with lock:
-                send_message(sock, msg)
+                channel.send(msg)
         except OSError as e:
-            self._drop(sock, peer, f"send failed: {e}")
+            self._drop(channel, peer, f"send failed: {e}")
             raise PeerLostError(f"peer {peer} is gone: {e}") from e
 
     # -- incoming -------------------------------------------------------------------------------------
@@ -161,11 +171,16 @@ class PeerLink:
             log.warning("dropping a connection that did not say hello: %s", str(e)[:200])
             self._untrack_close(sock)
             return
-        if not isinstance(hello, Hello) or not self._admit(sock, hello):
+        if not isinstance(hello, Hello):
             self._untrack_close(sock)
             return
+        admitted, keys = self._admit(sock, hello)
+        if not admitted:
+            self._untrack_close(sock)
+            return
+        channel = Channel(sock, keys, is_caller=False)
         if hello.purpose == "control":
-            self._read_loop(sock, hello.engine)
+            self._read_loop(channel, hello.engine)
             return
         handler = self._data_handlers.get(hello.purpose) if isinstance(hello.purpose, str) else None
         if handler is None:  # a data connection for a backend this engine does not run
@@ -173,19 +188,20 @@ class PeerLink:
             self._untrack_close(sock)
             return
         try:
-            handler(sock, hello.engine)
+            handler(channel, hello.engine)
         finally:
             self._untrack_close(sock)
 
-    def _admit(self, sock: socket.socket, hello: Hello) -> bool:
-        """The target's half of the handshake (True without a secret); a refusal is counted."""
+    def _admit(self, sock: socket.socket, hello: Hello) -> tuple[bool, SessionKeys | None]:
+        """The target's half of the handshake: whether the caller is admitted (a refusal is counted),
+        and the connection's keys (None without a secret)."""
         if self._secret is None:
-            return True
+            return True, None
         nonce = link_auth.new_nonce()
         try:
             sock.settimeout(link_auth.HANDSHAKE_TIMEOUT_S)
             send_message(sock, Challenge(nonce, link_auth.proof(self._secret, "target", hello.nonce, nonce,
-                                                                hello.engine, hello.purpose)))
+                                                                hello.engine, hello.purpose), self._seal_payloads))
             answer = recv_message(sock, link_auth.HANDSHAKE_MAX_FRAME)
         except (TransferError, ValueError, OSError):
             answer = None
@@ -198,31 +214,32 @@ class PeerLink:
                                                      hello.engine, hello.purpose):
             reason = "bad_proof"
         else:
-            return True
+            return True, SessionKeys.derive(self._secret, hello.nonce, nonce, hello.engine, hello.purpose,
+                                            self._seal_payloads or hello.seal_payload is not False)
         link_auth.LINK_REFUSED.labels(reason).inc()
         log.warning("refused a %r link claiming to be %r: %s", hello.purpose[:64], hello.engine[:64],
                     "it did not authenticate" if reason == "no_proof" else "wrong secret or a replayed handshake")
-        return False
+        return False, None
 
-    def _read_loop(self, sock: socket.socket, peer: str) -> None:
+    def _read_loop(self, channel: Channel, peer: str) -> None:
         with self._lock:
             self._incoming[peer] = self._incoming.get(peer, 0) + 1
         while True:
             try:
-                msg = recv_message(sock)
+                msg = channel.recv()
             except (TransferError, ValueError, OSError) as e:
                 with self._lock:
                     self._incoming[peer] -= 1
-                self._drop(sock, peer, str(e))
+                self._drop(channel, peer, str(e))
                 return
             if isinstance(msg, Notify):
                 self._on_notify(peer, msg)
 
-    def _drop(self, sock: socket.socket, peer: str, reason: str) -> None:
+    def _drop(self, channel: Channel, peer: str, reason: str) -> None:
         with self._lock:
-            if self._outgoing.get(peer) is sock:
+            if self._outgoing.get(peer) is channel:
                 del self._outgoing[peer]
-        self._untrack_close(sock)
+        self._untrack_close(channel.sock)
         if not self._closed:
             self._on_peer_lost(peer, reason)
 

@@ -76,6 +76,7 @@ class LocalSegment:
     name: str
     data: torch.Tensor
     shared: SharedHostBuffer | None  # set when the memory is mappable by same-host peers
+    guarded: bool = False  # two-sided batches need a grant (kv_transfer.grants)
 
     @property
     def length(self) -> int:

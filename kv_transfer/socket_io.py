@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import socket
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -21,7 +22,30 @@ def _views(base: memoryview, offsets: np.ndarray, lengths: np.ndarray) -> list[m
     return [base[o:o + k] for o, k in zip(offsets.tolist(), lengths.tolist(), strict=True)]
 
 
-def send_ranges(sock: socket.socket, base: memoryview, offsets: np.ndarray, lengths: np.ndarray) -> None:
+OnPiece = Callable[[memoryview], None]
+
+
+def _consume(views: list[memoryview], i: int, n: int, on_piece: OnPiece | None) -> int:
+    """Advance past `n` bytes that the kernel took (or gave) from `views[i:]`, splitting a
+    partially moved view; `on_piece` sees every moved piece, in order. Returns the new `i`."""
+    while n > 0:
+        view = views[i]
+        if n >= len(view):
+            if on_piece is not None:
+                on_piece(view)
+            n -= len(view)
+            i += 1
+        else:
+            if on_piece is not None:
+                on_piece(view[:n])
+            views[i] = view[n:]
+            n = 0
+    return i
+
+
+def send_ranges(sock: socket.socket, base: memoryview, offsets: np.ndarray, lengths: np.ndarray,
+                on_piece: OnPiece | None = None) -> None:
+    """Send the ranges in order; `on_piece` sees each piece once it is sent (still hot in cache)."""
     views = _views(base, offsets, lengths)
     i = 0
     while i < len(views):
@@ -31,16 +55,12 @@ def send_ranges(sock: socket.socket, base: memoryview, offsets: np.ndarray, leng
             raise TransferTimeoutError("sending the payload timed out") from e
         except OSError as e:
             raise PeerLostError(f"peer dropped the connection while we sent: {e}") from e
-        while sent > 0:  # advance past what the kernel took, splitting a partially sent view
-            if sent >= len(views[i]):
-                sent -= len(views[i])
-                i += 1
-            else:
-                views[i] = views[i][sent:]
-                sent = 0
+        i = _consume(views, i, sent, on_piece)
 
 
-def recv_ranges(sock: socket.socket, base: memoryview, offsets: np.ndarray, lengths: np.ndarray) -> None:
+def recv_ranges(sock: socket.socket, base: memoryview, offsets: np.ndarray, lengths: np.ndarray,
+                on_piece: OnPiece | None = None) -> None:
+    """Receive into the ranges in order; `on_piece` sees each piece once it has landed."""
     views = _views(base, offsets, lengths)
     i = 0
     while i < len(views):
@@ -52,10 +72,4 @@ def recv_ranges(sock: socket.socket, base: memoryview, offsets: np.ndarray, leng
             raise PeerLostError(f"peer dropped the connection while we received: {e}") from e
         if got == 0:
             raise PeerLostError("peer closed the connection mid-payload")
-        while got > 0:
-            if got >= len(views[i]):
-                got -= len(views[i])
-                i += 1
-            else:
-                views[i] = views[i][got:]
-                got = 0
+        i = _consume(views, i, got, on_piece)

@@ -39,6 +39,7 @@ from kv_transfer.errors import (
     PeerLostError,
     SegmentNotFoundError,
 )
+from kv_transfer.grants import GrantKey, GrantTable
 from kv_transfer.messages import Notify
 from kv_transfer.metadata import MetadataStore, segment_key
 from kv_transfer.notifications import NotificationInbox, Subscription
@@ -70,7 +71,7 @@ class TransferEngine:
         self.store = store
         self.inbox = NotificationInbox()
         self.link = PeerLink(self.engine_id, self.config.host, self.config.port, self._on_notify, self._on_peer_lost,
-                             self.config.link_secret)
+                             self.config.link_secret, self.config.seal_payloads)
         self._lock = threading.Lock()
         self._segments: dict[str, LocalSegment] = {}
         self._shared: list[SharedHostBuffer] = []
@@ -78,7 +79,8 @@ class TransferEngine:
         self._lost: dict[str, str] = {}  # remote segment → why its owner was lost (until re-opened)
         self._routes: dict[tuple[str, str], Backend] = {}  # (local, remote segment) → backend
         self._pending: set[Batch] = set()
-        ctx = BackendContext(self.engine_id, self.config, self.link, self.inbox, self._local_segment)
+        self.grants = GrantTable()
+        ctx = BackendContext(self.engine_id, self.config, self.link, self.inbox, self._local_segment, self.grants)
         self.backends: dict[BackendName, Backend] = {}
         for name in self.config.preferred_backends:
             cls = backend_class(name)
@@ -98,8 +100,9 @@ class TransferEngine:
             self._shared.append(buffer)
         return buffer.tensor
 
-    async def register_segment(self, name: str, tensor: torch.Tensor) -> SegmentDescriptor:
-        """Register `tensor` (contiguous, CPU or CUDA) as segment `name` and publish its descriptor."""
+    async def register_segment(self, name: str, tensor: torch.Tensor, *, guarded: bool = False) -> SegmentDescriptor:
+        """Register `tensor` (contiguous, CPU or CUDA) as segment `name` and publish its descriptor.
+        `guarded`: peers move bytes of it over two-sided transports only inside grants (`grant`)."""
         if not name or "/" in name:
             raise InvalidTransferError(f"segment name {name!r} must be non-empty and contain no '/'")
         data = flat_bytes(tensor)
@@ -107,7 +110,7 @@ class TransferEngine:
             if name in self._segments:
                 raise InvalidTransferError(f"segment {name!r} is already registered")
             shared = next((b for b in self._shared if not data.is_cuda and b.contains(data)), None)
-            segment = LocalSegment(name, data, shared)
+            segment = LocalSegment(name, data, shared, guarded)
             self._segments[name] = segment
         endpoints: dict[str, dict] = {}
         for backend in self.backends.values():
@@ -129,6 +132,18 @@ class TransferEngine:
             raise InvalidTransferError(f"segment {name!r} is not registered")
         await self.store.delete(segment_key(self.config.metadata_prefix, name))
         self._forget(name)
+
+    def grant(self, segment: str, peer: str, tag: str, offsets: np.ndarray, lengths: np.ndarray,
+              ops: tuple[str, ...] = ("write",)) -> list[GrantKey]:
+        """Let engine `peer` move these byte ranges of guarded local `segment` in batches tagged
+        `tag` (for `ops`); returns the keys to `revoke` with."""
+        if self._local_segment(segment) is None:
+            raise InvalidTransferError(f"segment {segment!r} is not registered")
+        return self.grants.grant(segment, peer, tag, offsets, lengths, ops)
+
+    def revoke(self, keys: list[GrantKey]) -> None:
+        """End grants: later batches under them are refused (one already accepted still lands)."""
+        self.grants.revoke(keys)
 
     def _forget(self, name: str) -> None:
         with self._lock:

@@ -16,18 +16,20 @@ from engine.loader.api import load_tokenizer
 from kv_transfer.errors import HandshakeError
 from kv_transfer.kv_layout import KVLayout, block_ranges
 from tests.support.hf_reference import hf_greedy
-from tests.support.kv_peers import PeerProcess
+from tests.support.kv_peers import KVPeer, PeerProcess
 from tests.support.prompts import text_of_about
 
 BACKENDS = ["shm", "tcp", "nixl"]
 MAX_TOKENS = 12
 
 
-def _engine_peer(etcd: str, name: str, backend: str, model: str, prefix: str, **extra: int) -> PeerProcess:
+def _engine_peer(etcd: str, name: str, backend: str, model: str, prefix: str, secret: str | None = None,
+                 **extra: int) -> PeerProcess:
     args = ["--etcd", etcd, "--name", name, "--backend", backend, "--model", model, "--prefix", prefix]
     for key, value in extra.items():
         args += [f"--{key.replace('_', '-')}", str(value)]
-    return PeerProcess("tests.support.kv_engine_peer", args, name)
+    return PeerProcess("tests.support.kv_engine_peer", args, name,
+                       env_extra={"TANDEM_KV_SECRET": secret} if secret else None)
 
 
 @pytest.fixture(scope="module")
@@ -155,3 +157,45 @@ def test_prefill_killed_mid_push_fails_the_decode_request_and_frees_its_blocks(e
     finally:
         prefill.close()
         decode.close()
+
+
+@pytest.mark.slow
+def test_a_member_without_a_grant_cannot_write_into_a_decode_pool(etcd: str, default_model_path) -> None:
+    """Authenticated links (one cluster secret): a process that holds the secret and read the decode
+    pool's descriptor from etcd writes junk into the very blocks the decode engine reserved, under
+    the request's own tag, while it waits for their KV. The pool is guarded: only the prefill engine
+    the blocks were granted to may write them, so the junk is refused (counted), and the decode
+    continues token for token as transformers does; after the push, the grant is gone."""
+    model = str(default_model_path)
+    prefix = f"/tandem/test-{uuid.uuid4().hex[:8]}"
+    secret = "cluster-secret-3f9a61c2e0"
+    prefill = _engine_peer(etcd, "p-auth", "tcp", model, prefix, secret=secret, num_blocks=64)
+    decode = _engine_peer(etcd, "d-auth", "tcp", model, prefix, secret=secret, num_blocks=64)
+    intruder = KVPeer(etcd, "intruder", 1 << 20, seed=7, backends=["tcp"], prefix=prefix, secret=secret)
+    try:
+        tokenizer = load_tokenizer(model)
+        prompt = text_of_about(tokenizer, 83, 3)
+        reserved = decode.call(cmd="reserve", request_id="r0", prompt=prompt, max_tokens=MAX_TOKENS)
+        assert reserved["ok"], reserved
+        # SmolLM2-135M in fp32: 30 layers, 3 KV heads of 64, 16-token blocks
+        layout = KVLayout(model="", dtype="float32", block_size=16, num_layers=30, num_kv_heads=3, head_dim=64,
+                          num_blocks=65, element_size=4)
+        pages = block_ranges(layout, layout, range(30), reserved["blocks"], reserved["blocks"])
+        junk = [[0, int(o), min(int(n), 1 << 20)] for o, n in zip(pages.remote_offsets, pages.lengths, strict=True)]
+        assert intruder.call(cmd="open", segment=decode.name)["ok"]
+        decode.send(cmd="decode", request_id="r0", peer=prefill.engine_id, timeout=60)  # grants the blocks
+        time.sleep(0.5)
+        forged = intruder.call(cmd="submit", op="write", remote=decode.name, ranges=junk, tag="kv/r0")
+        assert not forged["ok"] and forged["error"] == "GrantRefusedError", forged
+        pushed = prefill.call(cmd="prefill", request_id="r0", prompt=prompt, peer_segment=decode.name,
+                              blocks=reserved["blocks"], reply_within=180)
+        assert pushed["ok"], pushed
+        result = decode.read(timeout=120)
+        assert result["ok"], result
+        assert result["tokens"] == hf_greedy(model, prompt, MAX_TOKENS, tokenizer.eos_token_ids)
+        late = intruder.call(cmd="submit", op="write", remote=decode.name, ranges=junk[:1], tag="kv/r0")
+        assert not late["ok"] and late["error"] == "GrantRefusedError", late
+        assert decode.call(cmd="refused")["grants_refused"]["no_grant"] == 2
+    finally:
+        for peer in (prefill, decode, intruder):
+            peer.close()

@@ -1,7 +1,9 @@
 """Authenticated KV links (kv_transfer.link_auth): with the cluster's secret, a process that read a
 segment's address from etcd but lacks the secret (or holds a wrong one) can neither open a link to
 an engine nor write into its segment: refused and counted, while a member's concurrent transfer
-lands byte for byte; a recorded handshake replayed on a new connection is refused too."""
+lands byte for byte; a recorded handshake replayed on a new connection is refused too. A member
+writes into a guarded segment only inside its grants (kv_transfer.grants). Units replayed inside a
+connection: tests/test_kv_channel.py."""
 
 from __future__ import annotations
 
@@ -62,6 +64,50 @@ def test_only_members_write_into_a_segment(etcd: str, tmp_path: Path) -> None:
         assert refused["no_proof"] >= 2, refused
     finally:
         for peer in (target, member, *outsiders):
+            peer.close()
+
+
+def test_grants_bound_what_a_member_writes_into_a_guarded_segment(etcd: str, tmp_path: Path) -> None:
+    """A member holds the secret, but a guarded segment takes its writes only inside a grant made
+    to it for that tag: another member, another tag, a range leaving the grant, and any write after
+    the revocation are refused (GrantRefusedError, counted) and move no byte, while the granted
+    member's concurrent writes land byte for byte."""
+    prefix = f"/tandem/test-{uuid.uuid4().hex[:8]}"
+    target = KVPeer(etcd, "guarded", SIZE, seed=1, backends=["tcp"], prefix=prefix, secret=SECRET, guarded=True)
+    member = KVPeer(etcd, "granted", SIZE, seed=2, backends=["tcp"], prefix=prefix, secret=SECRET)
+    other = KVPeer(etcd, "ungranted", SIZE, seed=3, backends=["tcp"], prefix=prefix, secret=SECRET)
+    try:
+        granted = [[0, 65536], [262144, 65536]]
+        grant = target.call(cmd="grant", peer=member.engine_id, tag="kv/r1", ranges=granted)["grant"]
+        for peer in (member, other):
+            assert peer.call(cmd="open", segment=target.name)["ok"]
+        rows = [[0, 4096 * i, 4096] for i in range(16)] + [[0, 262144, 65536]]  # inside the grant
+        target.send(cmd="wait", tag="kv/r1", peer=member.engine_id, timeout=30, count=20)
+        member.send(cmd="submit", op="write", remote=target.name, ranges=rows, tag="kv/r1", count=20)
+        attempts = [(other, "kv/r1", [[0, 0, 4096]]),  # while the member writes: the right tag and pages
+                    (other, "kv/other", [[0, 131072, 4096]]),  # its own tag: granted nothing
+                    (member, "kv/r2", [[0, 0, 4096]]),  # the member (once its writes are done), another request
+                    (member, "kv/r1", [[0, 61440, 8192]]),  # straddles the grant's end
+                    (member, "kv/r1", [[0, 0, 4096], [0, 500000, 4096]])]  # one range of two outside
+        for peer, tag, ranges in attempts:
+            if peer is member and tag == "kv/r2":
+                assert member.read(timeout=60) == {"ok": True, "done": 20}
+            written = peer.call(cmd="submit", op="write", remote=target.name, ranges=ranges, tag=tag)
+            assert not written["ok"] and written["error"] == "GrantRefusedError", (tag, written)
+        notes = target.read(timeout=30)
+        assert notes["ok"] and len(notes["notifications"]) == 20, notes  # refused batches notify nothing
+        want = initial_bytes(target.seed, SIZE)
+        source = initial_bytes(member.seed, SIZE)
+        for _, offset, length in rows:
+            want[offset:offset + length] = source[:length]
+        np.testing.assert_array_equal(target.contents(tmp_path), want)
+        assert target.call(cmd="revoke", grant=grant)["ok"]
+        late = member.call(cmd="submit", op="write", remote=target.name, ranges=rows[:1], tag="kv/r1")
+        assert not late["ok"] and late["error"] == "GrantRefusedError", late
+        refused = target.call(cmd="refused")["grants_refused"]
+        assert refused == {"no_grant": 4, "outside_grant": 2}, refused
+    finally:
+        for peer in (target, member, other):
             peer.close()
 
 

@@ -8,7 +8,6 @@ import os
 
 os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "2")  # read when a NCCL group is built
 
-import socket
 import threading
 import time
 from collections.abc import AsyncIterator, Callable
@@ -32,7 +31,8 @@ from kv_transfer import (
 )
 from kv_transfer.backends.nccl import PURPOSE, NcclBackend
 from kv_transfer.backends.pair_group import PairGroup, join_store, plan_chunks
-from kv_transfer.messages import GroupSetup, XferHeader, XferReply, recv_exact, recv_message, send_message
+from kv_transfer.channel import Channel
+from kv_transfer.messages import GroupSetup, XferHeader, XferReply
 from tests.support.engine_pair import PAGE, PAGES, Pair, check_out_of_range_refused, check_write_then_read, page_ranges
 
 pytestmark = pytest.mark.skipif(not NcclBackend.is_available(), reason="torch.distributed has neither Gloo nor NCCL")
@@ -141,7 +141,7 @@ async def test_refused_batch_leaves_the_channel_usable(pair: Pair) -> None:
     check_write_then_read(pair, "nccl")
 
 
-ScriptedTarget = Callable[[socket.socket, PairGroup], None]
+ScriptedTarget = Callable[[Channel, PairGroup], None]
 
 
 def script_first_connection(engine: TransferEngine, script: ScriptedTarget) -> None:
@@ -150,31 +150,31 @@ def script_first_connection(engine: TransferEngine, script: ScriptedTarget) -> N
     real = engine.backends["nccl"]._serve  # type: ignore[attr-defined]
     used = threading.Event()
 
-    def serve(sock: socket.socket, peer: str) -> None:
+    def serve(channel: Channel, peer: str) -> None:
         if used.is_set():
-            real(sock, peer)
+            real(channel, peer)
             return
         used.set()
-        setup = recv_message(sock)
+        setup = channel.recv()
         assert isinstance(setup, GroupSetup)
-        send_message(sock, XferReply(status="accept"))
+        channel.send(XferReply(status="accept"))
         store = join_store(setup.store_host, setup.store_port, setup.timeout_s)
         group = PairGroup.build(store, 1, torch.device(setup.device), "127.0.0.1", setup.prefix, setup.timeout_s,
                                 setup.chunk_bytes)
-        send_message(sock, XferReply(status="done"))
-        header = recv_message(sock)
+        channel.send(XferReply(status="done"))
+        header = channel.recv()
         assert isinstance(header, XferHeader)
-        recv_exact(sock, 16 * header.num_ranges)
-        send_message(sock, XferReply(status="accept"))
-        script(sock, group)
+        channel.recv_bytes(16 * header.num_ranges)
+        channel.send(XferReply(status="accept"))
+        script(channel, group)
 
     engine.link.set_data_handler(serve, PURPOSE)
 
 
 async def test_peer_dying_mid_read_fails_fast_then_the_channel_rebuilds(pair: Pair) -> None:
-    def die(sock: socket.socket, group: PairGroup) -> None:
+    def die(channel: Channel, group: PairGroup) -> None:
         group.close()  # its sockets close, as a killed process's would
-        sock.close()
+        channel.close()
 
     script_first_connection(pair.b, die)
     started = time.monotonic()
@@ -188,7 +188,7 @@ async def test_peer_dying_mid_read_fails_fast_then_the_channel_rebuilds(pair: Pa
 async def test_stalled_peer_fails_at_the_deadline_then_the_channel_rebuilds(pair: Pair) -> None:
     release = threading.Event()
 
-    def stall(sock: socket.socket, group: PairGroup) -> None:
+    def stall(channel: Channel, group: PairGroup) -> None:
         release.wait(10)
         group.close()
 

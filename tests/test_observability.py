@@ -57,6 +57,7 @@ EMPTY_ALLOWED = {
     "tandem_remote_prefill_failures_total": "no remote prefill fails: no series before the first failure",
     "tandem_kv_transfer_failures_total": "no transfer fails: no series before the first failure",
     "tandem_kv_link_refused_total": "every link authenticates: no series before the first refusal",
+    "tandem_kv_grant_refused_total": "every batch stays in its grant: no series before the first refusal",
 }
 ALERTS_EMPTY_ALLOWED = "an alert's expression is empty while it does not fire (it may fire here: slow CPUs)"
 SHARED_PREFIX = list(range(10, 58))  # 48 tokens: 3 full blocks the prefix cache serves after the first request

@@ -23,11 +23,14 @@ async def engine_with_kv_connector(settings: WorkerSettings, worker_id: str,
         log.warning("the KV transfer links are not authenticated: anyone who reads this worker's segment "
                     "address in etcd can write into its KV pool over TCP; give every worker TANDEM_KV_SECRET "
                     "(NIXL/UCX is not covered by it either way: it trusts its fabric)")
+    elif settings.kv_link_integrity == "frames":
+        log.info("KV links seal frames only (--kv-link-integrity frames): page bytes are not sealed")
     store = EtcdStore(settings.etcd, access=settings.etcd_access())
     stack.push_async_callback(store.close)
     transfer = TransferEngine(store, TransferEngineConfig(
         engine_id=worker_id, host=settings.host, backends=settings.backends,  # type: ignore[arg-type]
-        metadata_prefix=f"/tandem/{settings.cluster}/kv", link_secret=settings.kv_link_secret()))
+        metadata_prefix=f"/tandem/{settings.cluster}/kv", link_secret=settings.kv_link_secret(),
+        seal_payloads=settings.kv_link_integrity == "all"))
     stack.push_async_callback(transfer.close)
     # on CPU the pool lives in shared memory that same-host peers map; on CUDA in device memory
     storage = None if torch.cuda.is_available() else (lambda n: transfer.allocate_host_buffer(n, "kv"))

@@ -272,7 +272,8 @@ def pools_dashboard() -> dict:
         PanelSpec("KV transfer latency", "Submit-to-completion time of successful batches, p50/p90/p99.", "s",
                   _histogram_quantiles("tandem_kv_transfer_seconds", by="backend"), width=8),
         PanelSpec("KV transfer failures", f"Share of transfer batches that failed, failures by error type, and "
-                  f"links refused for want of the cluster's KV secret; dashed: {KV_TRANSFER_FAILED_RATIO:.0%}, "
+                  f"links refused for want of the cluster's KV secret or a unit's integrity tag, and batches "
+                  f"refused for want of a grant; dashed: {KV_TRANSFER_FAILED_RATIO:.0%}, "
                   f"where TandemKVTransferFailures fires after 5 m.",
                   "percentunit",
                   [Query(share("backend", f'tandem_kv_transfer_batches_total{{outcome="failed", {NS}}}',
@@ -280,7 +281,9 @@ def pools_dashboard() -> dict:
                    Query(f"sum by (backend, error) (rate(tandem_kv_transfer_failures_total{{{NS}}}[{RATE}]))",
                          "{{backend}} {{error}} /s"),
                    Query(f"sum by (reason) (rate(tandem_kv_link_refused_total{{{NS}}}[{RATE}]))",
-                         "refused link {{reason}} /s")],
+                         "refused link {{reason}} /s"),
+                   Query(f"sum by (reason) (rate(tandem_kv_grant_refused_total{{{NS}}}[{RATE}]))",
+                         "refused batch {{reason}} /s")],
                   thresholds=[(KV_TRANSFER_FAILED_RATIO, "red")], width=8),
     ]
     planner = [

@@ -12,6 +12,7 @@ from kv_transfer.batch import Batch
 from kv_transfer.config import TransferEngineConfig
 from kv_transfer.datatypes import BackendName, SegmentDescriptor
 from kv_transfer.errors import PeerLostError
+from kv_transfer.grants import GrantTable
 from kv_transfer.messages import Notify
 from kv_transfer.notifications import NotificationInbox
 from kv_transfer.peer_link import PeerLink
@@ -27,6 +28,7 @@ class BackendContext:
     link: PeerLink
     inbox: NotificationInbox
     local_segment: Callable[[str], LocalSegment | None]  # by name; None when not registered
+    grants: GrantTable  # what guarded segments let each peer move
 
 
 class Backend(abc.ABC):

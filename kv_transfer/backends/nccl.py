@@ -46,11 +46,12 @@ from kv_transfer.backends.pair_group import (
     join_store,
     nccl_available,
 )
-from kv_transfer.backends.two_sided import check_ranges, no_payload, serve_batch
+from kv_transfer.backends.two_sided import check_batch, expect_reply, no_payload, serve_batch
 from kv_transfer.batch import Batch
+from kv_transfer.channel import Channel
 from kv_transfer.datatypes import BatchStatus, SegmentDescriptor, TransferOp
 from kv_transfer.errors import PeerLostError, RemoteRejectedError, TransferError
-from kv_transfer.messages import GroupSetup, XferHeader, XferReply, recv_exact, recv_message, send_message
+from kv_transfer.messages import GroupSetup, XferHeader, XferReply
 from kv_transfer.peer_link import parse_address
 from kv_transfer.segment import LocalSegment
 
@@ -75,7 +76,7 @@ class NcclBackend(Backend):
         self._host = parse_address(ctx.link.address)[0]
         self._gloo_allowed = "nccl" in ctx.config.backends  # CPU pairs only when asked for by name
         self._lock = threading.Lock()
-        self._channels: dict[ChannelKey, _Channel] = {}
+        self._channels: dict[ChannelKey, _GroupLink] = {}
         self._serving: set[PairGroup] = set()  # target side, one per incoming channel
         self._closed = False
         ctx.link.set_data_handler(self._serve, PURPOSE)
@@ -103,7 +104,7 @@ class NcclBackend(Backend):
         with self._lock:
             channel = None if self._closed else self._channels.get(key)
             if channel is None and not self._closed:
-                channel = self._channels[key] = _Channel(self.ctx, self._host, remote.control,
+                channel = self._channels[key] = _GroupLink(self.ctx, self._host, remote.control,
                                                          batch.local.data.device, key[3])
         if channel is None:
             batch.fail(TransferError("the NCCL backend is closed"))
@@ -135,26 +136,26 @@ class NcclBackend(Backend):
             group.close()
 
     # -- target ---------------------------------------------------------------------------------------
-    def _serve(self, sock: socket.socket, peer: str) -> None:
+    def _serve(self, channel: Channel, peer: str) -> None:
         """Serve one incoming channel until its connection closes; the pair group goes with it."""
         group: PairGroup | None = None
         try:
             while True:
                 try:
-                    sock.settimeout(None)
-                    msg = recv_message(sock)
+                    channel.settimeout(None)
+                    msg = channel.recv()
                     if isinstance(msg, XferHeader) and 0 <= msg.num_ranges <= _MAX_RANGES:
-                        pairs = np.frombuffer(recv_exact(sock, 16 * msg.num_ranges), dtype="<i8").reshape(-1, 2)
+                        pairs = np.frombuffer(channel.recv_bytes(16 * msg.num_ranges), dtype="<i8").reshape(-1, 2)
                 except (TransferError, ValueError, OSError):
                     return
                 if isinstance(msg, GroupSetup):
                     if group is not None:
                         self._drop(group)
-                    group = self._join(sock, msg)
+                    group = self._join(channel, msg)
                     if group is None:
                         return
                 elif isinstance(msg, XferHeader) and 0 <= msg.num_ranges <= _MAX_RANGES:
-                    if not self._serve_batch(sock, peer, msg, pairs, group):
+                    if not self._serve_batch(channel, peer, msg, pairs, group):
                         return
                 else:
                     return
@@ -162,14 +163,14 @@ class NcclBackend(Backend):
             if group is not None:
                 self._drop(group)
 
-    def _join(self, sock: socket.socket, setup: GroupSetup) -> PairGroup | None:
+    def _join(self, channel: Channel, setup: GroupSetup) -> PairGroup | None:
         """Build our side of the group the initiator set up; None when the connection must close."""
         device, problem = _check_setup(setup)
         try:
             if device is None:
-                send_message(sock, XferReply(status="reject", error=problem))
+                channel.send(XferReply(status="reject", error=problem))
                 return None
-            send_message(sock, XferReply(status="accept"))
+            channel.send(XferReply(status="accept"))
             store = join_store(setup.store_host, setup.store_port, setup.timeout_s)
             group = PairGroup.build(store, 1, device, self._host, setup.prefix, setup.timeout_s, setup.chunk_bytes)
         except (OSError, RuntimeError) as e:  # RuntimeError: torch's rendezvous errors
@@ -183,27 +184,28 @@ class NcclBackend(Backend):
             group.close()
             return None
         try:
-            send_message(sock, XferReply(status="done"))
+            channel.send(XferReply(status="done"))
         except OSError:
             self._drop(group)
             return None
         return group
 
-    def _serve_batch(self, sock: socket.socket, peer: str, header: XferHeader, pairs: np.ndarray,
+    def _serve_batch(self, channel: Channel, peer: str, header: XferHeader, pairs: np.ndarray,
                      group: PairGroup | None) -> bool:
         """One batch; returns False when the connection (and its group) must be dropped."""
         segment = self.ctx.local_segment(header.segment)
-        problem = check_ranges(segment, header, pairs)
+        problem, code = check_batch(segment, header, pairs, peer, self.ctx.grants)
         if group is None:
-            problem = "no pair group was set up on this connection"
+            problem, code = "no pair group was set up on this connection", ""
         elif problem is None and segment is not None and segment.data.device != group.device:
             problem = f"segment {header.segment!r} is on {segment.data.device}, this pair group on {group.device}"
         if problem is not None or segment is None or group is None:
-            return serve_batch(sock, self.ctx.inbox, peer, header, pairs, problem, no_payload, no_payload, "NCCL")
+            return serve_batch(channel, self.ctx.inbox, peer, header, pairs, (problem, code), no_payload, no_payload,
+                               "NCCL")
         deadline = time.monotonic() + header.timeout_s
-        data = segment.data
+        data, sock = segment.data, channel.sock
         return serve_batch(
-            sock, self.ctx.inbox, peer, header, pairs, None,
+            channel, self.ctx.inbox, peer, header, pairs, (None, ""),
             lambda offsets, lengths: group.recv(data, offsets, lengths, deadline, watch=sock),
             lambda offsets, lengths: group.send(data, offsets, lengths, deadline, watch=sock), "NCCL")
 
@@ -213,7 +215,7 @@ class NcclBackend(Backend):
         group.close()
 
 
-class _Channel:
+class _GroupLink:
     """Initiator side towards one (peer, local device, remote device): batches in submission order on
     one worker thread, over one data connection and one pair group, built on first use and rebuilt
     after a failure."""
@@ -227,8 +229,8 @@ class _Channel:
         self._remote_device = remote_device
         self._queue: queue.SimpleQueue[Batch | None] = queue.SimpleQueue()
         self._lock = threading.Lock()
-        self._sock: socket.socket | None = None  # set and cleared by the worker; close() may shut it down
-        self._group: PairGroup | None = None  # built over _sock; None until the setup completed
+        self._link: Channel | None = None  # set and cleared by the worker; close() may shut it down
+        self._group: PairGroup | None = None  # built over _link; None until the setup completed
         self._closed = False
         self._worker = threading.Thread(target=self._loop, name=f"kv-nccl-{address}", daemon=True)
         self._worker.start()
@@ -241,13 +243,13 @@ class _Channel:
         Waits a little for the worker to drop the group (see PairGroup.close)."""
         with self._lock:
             self._closed = True
-            sock, group = self._sock, self._group
+            link, group = self._link, self._group
         self._queue.put(None)
         if group is not None:
             group.cancel()
-        if sock is not None:
+        if link is not None:
             with contextlib.suppress(OSError):
-                sock.shutdown(socket.SHUT_RDWR)
+                link.sock.shutdown(socket.SHUT_RDWR)
         if threading.current_thread() is not self._worker:
             self._worker.join(_CLOSE_JOIN_S)
 
@@ -292,19 +294,19 @@ class _Channel:
             return
         owner = batch.remote.owner
         timeout = max(batch.remaining(), _MIN_SETUP_TIMEOUT_S)  # a group outlives the batch that builds it
-        sock = self._ctx.link.open(self._address, PURPOSE, timeout)
+        link = self._ctx.link.open(self._address, PURPOSE, timeout)
         with self._lock:
-            self._sock = sock
+            self._link = link
             closed = self._closed
         if closed:
             raise PeerLostError(f"the NCCL channel to {owner} was closed")
-        sock.settimeout(timeout)
+        link.settimeout(timeout)
         try:
             store = host_store(self._host, timeout)
             prefix = f"tandem-kv/{uuid.uuid4().hex}/"
-            send_message(sock, GroupSetup(store_host=self._host, store_port=store.port, prefix=prefix,
-                                          device=self._remote_device, chunk_bytes=CHUNK_BYTES, timeout_s=timeout))
-            _expect(sock, "accept", owner)
+            link.send(GroupSetup(store_host=self._host, store_port=store.port, prefix=prefix,
+                                 device=self._remote_device, chunk_bytes=CHUNK_BYTES, timeout_s=timeout))
+            expect_reply(link, "accept", owner)
             group = PairGroup.build(store, 0, self._local_device, self._host, prefix, timeout, CHUNK_BYTES)
         except RemoteRejectedError:  # the target closes the connection after refusing a group
             self._reset()
@@ -313,45 +315,36 @@ class _Channel:
             raise TransferError(f"building the pair group with {owner} failed: {e}") from e
         with self._lock:
             self._group = group
-        _expect(sock, "done", owner)
+        expect_reply(link, "done", owner)
 
     def _exchange(self, batch: Batch) -> None:
-        sock, group = self._sock, self._group
-        assert sock is not None and group is not None
+        link, group = self._link, self._group
+        assert link is not None and group is not None
+        sock = link.sock
         r = batch.ranges
-        sock.settimeout(max(batch.remaining(), 0.001))
+        link.settimeout(max(batch.remaining(), 0.001))
         header = XferHeader(batch_id=batch.batch_id, op=batch.op.value, segment=batch.remote.name,
                             num_ranges=len(r), total_bytes=r.total_bytes, tag=batch.notify.tag,
                             message=batch.notify.message, timeout_s=max(batch.remaining(), _TARGET_MIN_TIMEOUT_S))
         pairs = np.stack([r.remote_offsets, r.lengths], axis=1).astype("<i8")
-        send_message(sock, header)
-        sock.sendall(pairs.tobytes())
-        _expect(sock, "accept", batch.remote.owner)
+        link.send(header)
+        link.send_bytes(pairs.tobytes())
+        expect_reply(link, "accept", batch.remote.owner)
         if batch.op is TransferOp.WRITE:
             group.send(batch.local.data, r.local_offsets, r.lengths, batch.deadline, watch=sock)
-            _expect(sock, "done", batch.remote.owner)
+            expect_reply(link, "done", batch.remote.owner)
         else:
             group.recv(batch.local.data, r.local_offsets, r.lengths, batch.deadline, watch=sock)
-            send_message(sock, XferReply(status="done"))
+            link.send(XferReply(status="done"))
 
     def _reset(self) -> None:
         with self._lock:
-            sock, group = self._sock, self._group
-            self._sock = self._group = None
+            link, group = self._link, self._group
+            self._link = self._group = None
         if group is not None:
             group.close()
-        if sock is not None:
-            sock.close()
-
-
-def _expect(sock: socket.socket, status: str, owner: str) -> None:
-    reply = recv_message(sock)
-    if not isinstance(reply, XferReply):
-        raise TransferError(f"peer {owner} answered with {type(reply).__name__}")
-    if reply.status == "reject":
-        raise RemoteRejectedError(f"peer {owner} refused: {reply.error}")
-    if reply.status != status:
-        raise TransferError(f"peer {owner} answered {reply.status!r}, expected {status!r}")
+        if link is not None:
+            link.close()
 
 
 def _check_setup(setup: GroupSetup) -> tuple[torch.device | None, str]:

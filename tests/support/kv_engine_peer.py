@@ -6,6 +6,8 @@ Commands (one JSON reply line each; "error" names the exception class on failure
   prefill {request_id, prompt, peer_segment, blocks}  → prefill role: push KV, {"first_token": t}
   decode {request_id, peer, timeout}                  → decode role: wait for the KV, decode,
                                                         {"tokens": [...], "layers": [...]}
+  refused                                             → links and batches refused, by reason
+With TANDEM_KV_SECRET set, its links are authenticated and sealed.
 """
 
 from __future__ import annotations
@@ -20,12 +22,13 @@ from kv_transfer import EtcdStore, TransferEngine, TransferEngineConfig, Transfe
 from kv_transfer.kv_connector import KVConnector
 from kv_transfer.kv_push import KVPusher
 from tests.support.jsonl import command_loop, reply
+from tests.support.kv_peer import link_secret, refusals
 
 
 async def serve(args: argparse.Namespace) -> None:
     store = EtcdStore(args.etcd)
     transfer = TransferEngine(store, TransferEngineConfig(engine_id=args.name, backends=(args.backend,),
-                                                          metadata_prefix=args.prefix))
+                                                          metadata_prefix=args.prefix, link_secret=link_secret()))
     # fp32: its outputs are compared with transformers fp32 (bf16 flips near-ties)
     config = EngineConfig(model=args.model, num_kv_blocks=args.num_blocks, block_size=args.block_size,
                           max_num_batched_tokens=args.max_batched_tokens, max_model_len=1024, dtype="float32")
@@ -63,7 +66,7 @@ async def handle(engine: LLMEngine, connector: KVConnector, pusher: KVPusher, cm
         return {"ok": True, "first_token": first}
     if kind == "decode":
         rid = cmd["request_id"]
-        receipt = connector.expect(rid, cmd["peer"], len(engine.requests[rid].seq.block_table))
+        receipt = connector.expect(rid, cmd["peer"], list(engine.requests[rid].seq.block_table))
         try:
             first = await receipt.wait(cmd["timeout"])
         except TransferError as e:
@@ -78,6 +81,8 @@ async def handle(engine: LLMEngine, connector: KVConnector, pusher: KVPusher, cm
                     tokens = out.token_ids
         engine.check_integrity()
         return {"ok": True, "tokens": tokens, "layers": receipt.completed_layers()}
+    if kind == "refused":
+        return refusals()
     raise ValueError(f"unknown command {kind!r}")
 
 

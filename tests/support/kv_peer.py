@@ -7,6 +7,9 @@ so the test can predict every byte) and answers commands:
                                         → {"ok": bool, "error": type, "message": str, "done": n}
   wait {tag, peer, timeout, count}      → {"notifications": [...], "error": type|None, "message": str}
   dump {path}                           → writes the segment's bytes to path
+  grant {peer, tag, ranges}             → {"grant": id}: `peer` may write those (offset, length) rows
+  revoke {grant}
+  refused                               → links refused and batches refused for want of a grant, by reason
 Each reply is one JSON line; "error" names the exception class for the test to assert on.
 """
 
@@ -20,30 +23,44 @@ import numpy as np
 import torch
 
 from kv_transfer import EtcdStore, NotifySpec, Ranges, TransferEngine, TransferEngineConfig, TransferError, TransferOp
+from kv_transfer.grants import GRANT_REFUSED, GrantKey
 from kv_transfer.link_auth import LINK_REFUSED
 from tests.support.jsonl import command_loop, reply
+
+
+def link_secret() -> bytes | None:
+    """The KV link secret, as a worker gets it: a variable, not a flag."""
+    secret = os.environ.get("TANDEM_KV_SECRET")
+    return secret.encode() if secret else None
 
 
 def initial_bytes(seed: int, size: int) -> np.ndarray:
     return np.random.default_rng(seed).integers(0, 256, size, dtype=np.uint8)
 
 
+def refusals() -> dict:
+    """Links this process refused, and batches it refused for want of a grant, by reason."""
+    links = {r: LINK_REFUSED.labels(r)._value.get() for r in ("no_proof", "bad_proof", "bad_tag")}
+    batches = {r: GRANT_REFUSED.labels(r)._value.get() for r in ("no_grant", "outside_grant")}
+    return {"ok": True, "refused": links, "grants_refused": batches}
+
+
 async def serve(args: argparse.Namespace) -> None:
     store = EtcdStore(args.etcd)
-    secret = os.environ.get("TANDEM_KV_SECRET")  # as a worker gets it: a variable, not a flag
     engine = TransferEngine(store, TransferEngineConfig(engine_id=args.name, backends=tuple(args.backends),
-                                                        metadata_prefix=args.prefix,
-                                                        link_secret=secret.encode() if secret else None))
+                                                        metadata_prefix=args.prefix, link_secret=link_secret()))
     buffer = engine.allocate_host_buffer(args.size, args.name)
     buffer.copy_(torch.from_numpy(initial_bytes(args.seed, args.size)))
-    await engine.register_segment(args.name, buffer)
+    await engine.register_segment(args.name, buffer, guarded=args.guarded)
     reply({"ready": engine.engine_id})
-    await command_loop(lambda cmd: handle(engine, args.name, buffer, cmd), (TransferError,))
+    grants: dict[int, list[GrantKey]] = {}
+    await command_loop(lambda cmd: handle(engine, args.name, buffer, grants, cmd), (TransferError,))
     await engine.close()
     await store.close()
 
 
-async def handle(engine: TransferEngine, name: str, buffer: torch.Tensor, cmd: dict) -> dict:
+async def handle(engine: TransferEngine, name: str, buffer: torch.Tensor, grants: dict[int, list[GrantKey]],
+                 cmd: dict) -> dict:
     kind = cmd["cmd"]
     if kind == "open":
         remote = await engine.open_segment(cmd["segment"])
@@ -76,8 +93,15 @@ async def handle(engine: TransferEngine, name: str, buffer: torch.Tensor, cmd: d
     if kind == "dump":
         buffer.numpy().tofile(cmd["path"])
         return {"ok": True}
-    if kind == "refused":  # links this engine refused, by reason
-        return {"ok": True, "refused": {r: LINK_REFUSED.labels(r)._value.get() for r in ("no_proof", "bad_proof")}}
+    if kind == "grant":
+        rows = np.asarray(cmd["ranges"], dtype=np.int64).reshape(-1, 2)
+        grants[len(grants)] = engine.grant(name, cmd["peer"], cmd["tag"], rows[:, 0], rows[:, 1])
+        return {"ok": True, "grant": len(grants) - 1}
+    if kind == "revoke":
+        engine.revoke(grants.pop(cmd["grant"]))
+        return {"ok": True}
+    if kind == "refused":
+        return refusals()
     raise ValueError(f"unknown command {kind!r}")
 
 
@@ -89,6 +113,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, required=True)
     parser.add_argument("--prefix", default="/tandem/test")
     parser.add_argument("--backends", nargs="+", required=True)
+    parser.add_argument("--guarded", action="store_true")
     os.environ.setdefault("UCX_NET_DEVICES", "lo")
     os.environ.setdefault("UCX_MODULES", "^ib")
     asyncio.run(serve(parser.parse_args()))

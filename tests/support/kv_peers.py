@@ -83,11 +83,13 @@ class KVPeer(PeerProcess):
     """tests/support/kv_peer.py: one segment of seeded random bytes."""
 
     def __init__(self, etcd: str, name: str, size: int, seed: int, backends: list[str], prefix: str,
-                 secret: str | None = None) -> None:
-        """`secret`: the KV link secret it authenticates with (TANDEM_KV_SECRET)."""
+                 secret: str | None = None, guarded: bool = False) -> None:
+        """`secret`: the KV link secret it authenticates with (TANDEM_KV_SECRET); `guarded`: its
+        segment takes two-sided batches only inside grants (kv_transfer.grants)."""
         self.size, self.seed = size, seed
         super().__init__("tests.support.kv_peer", ["--etcd", etcd, "--name", name, "--size", str(size),
-                                                   "--seed", str(seed), "--prefix", prefix, "--backends", *backends],
+                                                   "--seed", str(seed), "--prefix", prefix, "--backends", *backends,
+                                                   *(["--guarded"] if guarded else [])],
                          name, env_extra={"TANDEM_KV_SECRET": secret} if secret else None)
 
     def contents(self, tmp_path: Path) -> np.ndarray:
