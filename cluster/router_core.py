@@ -217,6 +217,9 @@ class RouterCore:
         that recomputes prompt + `streamed` and continues after them (migration), so the client's
         stream goes on with no token repeated or lost."""
         hashes = hash_blocks(req.prompt_token_ids, self.block_size(), salted_root(req.cache_salt))
+        # a request for prompt logprobs computes its whole prompt (engine.sequence): no cache to credit,
+        # until a migration drops them (without_prompt_logprobs)
+        scores_prompt = req.sampling.HasField("prompt_logprobs")
         tried: set[str] = set()  # each decode worker is tried at most once
         streamed: list[int] = []
         latency = _Latency(arrival)
@@ -225,7 +228,8 @@ class RouterCore:
         while True:
             try:
                 follow = req.follow_worker if not tried else ""  # a retry or migration: any worker
-                route = self._route(hashes, tried, with_prefill=not streamed, prefer=follow)
+                cached = [] if scores_prompt and not streamed else hashes
+                route = self._route(cached, tried, with_prefill=not streamed, prefer=follow)
             except RouterError as no_worker:
                 if streamed:
                     raise RouterError(grpc.StatusCode.UNAVAILABLE, f"the decode worker was lost after {len(streamed)} "

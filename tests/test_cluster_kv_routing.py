@@ -1,7 +1,8 @@
 """KV-aware routing across two prefill workers: a prompt sharing a long prefix with an earlier one
 goes to the prefill worker whose cache holds it, which computes only the new tokens; a prompt the
 decode worker itself already holds (but for a few tokens) is prefilled there (conditional
-disaggregation). Checked through the router's and the workers' metrics."""
+disaggregation); a request for prompt logprobs is credited no cached block. Checked through the
+router's and the workers' metrics."""
 
 from __future__ import annotations
 
@@ -19,9 +20,9 @@ from tests.support.cluster import Cluster, assert_pools_clean, metric, tandem_up
 BLOCK = 16
 
 
-async def _generate(cluster: Cluster, ids: list[int]) -> list[int]:
-    request = pb.GenerateRequest(token_ids=pb.TokenIds(ids=ids),
-                                 sampling=pb.SamplingParameters(temperature=0.0, max_tokens=2, ignore_eos=True))
+async def _generate(cluster: Cluster, ids: list[int], prompt_logprobs: int | None = None) -> list[int]:
+    request = pb.GenerateRequest(token_ids=pb.TokenIds(ids=ids), sampling=pb.SamplingParameters(
+        temperature=0.0, max_tokens=2, ignore_eos=True, prompt_logprobs=prompt_logprobs))
     async with grpc.aio.insecure_channel(cluster.grpc_address) as channel:
         return [t async for c in inference_pb2_grpc.InferenceStub(channel).Generate(request, timeout=60)
                 for t in c.token_ids]
@@ -75,4 +76,12 @@ async def test_shared_prefix_goes_to_the_prefill_worker_holding_it(tiny_llama_di
         await _generate(cluster, [*prefix, 5, 6, 7])  # the decode worker holds the 160-token prefix itself
         local1 = metric(worker_metrics(decode), "tandem_disaggregation_decisions_total", decision="local_cached")
         assert local1 - local0 == 1
+
+        # prompt logprobs are computed over the whole prompt: the router credits no cached block for them
+        overlap = [metric(router_metrics(cluster), "tandem_router_prefix_overlap_blocks_total", worker=w)
+                   for w in (holder, decode.worker_id)]
+        assert overlap[0] >= 3 * 9  # the rounds above were credited
+        await _generate(cluster, prefix[:9 * BLOCK] + [7] * 20, prompt_logprobs=1)
+        assert overlap == [metric(router_metrics(cluster), "tandem_router_prefix_overlap_blocks_total", worker=w)
+                           for w in (holder, decode.worker_id)]
         await assert_pools_clean(cluster)
