@@ -144,6 +144,8 @@ class Channel:
         if self._out is None or not self.sealed_payload:
             send_ranges(self.sock, base, offsets, lengths)
             return
+        # the tag covers the bytes as they are after the kernel took them: a source that changes
+        # mid-send fails the receiver's check (the KV push never writes pages it is sending)
         mac = self._out.payload_mac()
         send_ranges(self.sock, base, offsets, lengths, on_piece=mac.update)
         self.sock.sendall(mac.tag())

@@ -4,12 +4,16 @@ A segment registered with `guarded=True` (a decode worker's KV pool) accepts a t
 (TCP, NCCL) only when every range lies inside a grant that its owner made to that peer engine under
 the batch's notification tag, for that op. The decode side grants the blocks it reserved for one
 request to the prefill engine it asked (kv_transfer.kv_connector) and revokes the grant when it
-stops waiting, so an authenticated member still cannot write into another request's pages, and a
-late write of an abandoned attempt is refused. A refusal moves no byte, answers the initiator with
-`GrantRefusedError` and is counted in `tandem_kv_grant_refused_total{reason}`.
+stops waiting. So a member's write into pages reserved for another request or another engine
+(a stale block list, a late write of an abandoned attempt, a bug, a process that reads etcd and
+holds the secret but is not the engine asked) is refused: no byte moves, the initiator gets
+`GrantRefusedError`, and it is counted in `tandem_kv_grant_refused_total{reason}`.
 
-One-sided transports (shared memory, NIXL/RDMA) write without the target's CPU: they cannot check
-grants (see kv_transfer.link_auth for what guards them).
+What grants do not stop: the peer's engine id is the one its Hello names, proven only by the one
+cluster secret that every member holds, so a member that impersonates the engine asked passes
+them; and one-sided transports (shared memory, NIXL/RDMA) write without the target's CPU and cannot
+check grants (`--kv-backends tcp` keeps a pool's writes two-sided). Per-engine credentials would close
+the first (not done).
 """
 
 from __future__ import annotations
@@ -37,12 +41,15 @@ class Grant:
     ends: np.ndarray = field(repr=False)
 
     def covers(self, offsets: np.ndarray, lengths: np.ndarray) -> bool:
+        """Every (offset, length > 0) lies inside one interval (no sum that could wrap is formed)."""
         if not len(offsets):
             return True
+        if not len(self.starts):
+            return False
         index = np.searchsorted(self.starts, offsets, side="right") - 1
         inside = index >= 0
         safe = np.where(inside, index, 0)
-        return bool((inside & (offsets + lengths <= self.ends[safe])).all())
+        return bool((inside & (lengths > 0) & (offsets <= self.ends[safe] - lengths)).all())
 
 
 def merged_intervals(offsets: Iterable[int] | np.ndarray, lengths: Iterable[int] | np.ndarray) -> tuple[np.ndarray,

@@ -112,8 +112,12 @@ class KVConnector:
         revokes the grant: a late write of an abandoned attempt is refused."""
         pages = block_ranges(self.layout, self.layout, range(self.layout.num_layers), blocks, blocks)
         tag = kv_tag(request_id)
-        subscription = self.transfer.subscribe(tag, peer_engine)
         grant = self.transfer.grant(self.segment_name, peer_engine, tag, pages.local_offsets, pages.lengths)
+        try:
+            subscription = self.transfer.subscribe(tag, peer_engine)
+        except BaseException:
+            self.transfer.revoke(grant)
+            raise
         return KVReceipt(subscription, self.layout.num_layers, len(blocks),
                          on_close=lambda: self.transfer.revoke(grant))
 

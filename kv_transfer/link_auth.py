@@ -12,9 +12,10 @@ connection (no replay), and each side proves the secret to the other. A target r
 connection without a valid proof and counts it in `tandem_kv_link_refused_total`. The handshake
 costs one round trip per connection, and connections are kept and reused, so transfers pay nothing.
 
-After the handshake every frame, byte string and payload on the connection carries a tag under keys
-derived from both nonces (kv_transfer.channel), so bytes changed, reordered or replayed on the path
-are refused too (`bad_tag`). What a member may write into a guarded segment is limited by grants
+After the handshake every frame and byte string on the connection (and every payload, unless both
+sides chose frames only: `--kv-link-integrity frames`) carries a tag under keys derived from both
+nonces (kv_transfer.channel), so bytes changed, reordered or replayed on the path are refused too
+(`bad_tag`). What a member may write into a guarded segment is limited by grants
 (kv_transfer.grants).
 
 Not covered: NIXL/UCX connects through the agent metadata published in etcd, outside these links,

@@ -11,7 +11,7 @@ import base64
 import json
 import socket
 import struct
-from dataclasses import dataclass, fields
+from dataclasses import MISSING, dataclass, fields
 from typing import Any, ClassVar, Literal
 
 from kv_transfer.errors import PeerLostError, TransferTimeoutError
@@ -151,7 +151,10 @@ def _decode_notify(raw: bytes) -> Notify:
 def encode(msg: Message) -> bytes:
     if isinstance(msg, Notify):
         return _encode_notify(msg)
-    body: dict[str, Any] = {f.name: getattr(msg, f.name) for f in fields(msg)}  # flat: no deep copy
+    # flat: no deep copy; a field at its default is left out (the receiver fills it in), so a peer
+    # one release older, which knows no newer field, still reads what it is not told about
+    body: dict[str, Any] = {f.name: value for f in fields(msg)
+                            if (value := getattr(msg, f.name)) != f.default or f.default is MISSING}
     for name in _BYTES_FIELDS & body.keys():
         body[name] = base64.b64encode(body[name]).decode()
     body["kind"] = msg.kind

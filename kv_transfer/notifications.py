@@ -52,6 +52,9 @@ class NotificationInbox:
             self._subs[tag] = sub
             early = self._unclaimed.pop(tag, [])
         for n in early:
+            if peer is not None and n.peer != peer:  # not the sender it waits for, as in `deliver`
+                self.num_dropped += 1
+                continue
             sub.queue.put(n)
         return sub
 

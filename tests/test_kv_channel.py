@@ -12,13 +12,16 @@ from collections.abc import Iterator
 
 import numpy as np
 import pytest
+import torch
 
 from kv_transfer import link_auth
+from kv_transfer.backends.two_sided import check_batch
 from kv_transfer.channel import Channel, SessionKeys, _PayloadMac
 from kv_transfer.errors import IntegrityError
 from kv_transfer.grants import GRANT_REFUSED, GrantTable, merged_intervals
-from kv_transfer.messages import Notify, XferReply, encode
+from kv_transfer.messages import Hello, Notify, XferHeader, XferReply, encode, parse_frame
 from kv_transfer.peer_link import PeerLink
+from kv_transfer.segment import LocalSegment
 
 SECRET = b"cluster-secret-5be1c0a9d2"
 
@@ -187,3 +190,24 @@ def test_payload_bytes_are_sealed_when_either_side_asks_and_a_disagreement_fails
     receiver = Channel(b, _keys(), is_caller=False)
     with pytest.raises(IntegrityError):
         receiver.recv()
+
+
+def test_ranges_whose_end_would_wrap_are_refused_and_an_empty_grant_covers_nothing() -> None:
+    """int64 offsets and lengths come from the peer: no check may form a sum that wraps."""
+    segment = LocalSegment("pool", torch.zeros(1 << 16, dtype=torch.uint8), None, guarded=True)
+    table = GrantTable()
+    table.grant("pool", "p", "kv/r", [0], [4096])
+    table.grant("pool", "p", "kv/empty", [], [])
+    huge = 2**63 - 8
+    for pairs in ([[0, 4096], [huge, 16]], [[huge, huge]], [[4096, 2**63 - 1]]):
+        rows = np.array(pairs, dtype=np.int64)
+        header = XferHeader(batch_id="b", op="write", segment="pool", num_ranges=len(rows), total_bytes=4112,
+                            tag="kv/r", message=b"", timeout_s=1.0)
+        problem, _ = check_batch(segment, header, rows, "p", table)
+        assert problem is not None and "outside" in problem, pairs
+        assert not table._grants["pool", "p", "kv/r", "write"].covers(rows[:, 0], rows[:, 1]), pairs
+    one = np.array([[0, 16]], dtype=np.int64)
+    assert "outside" in (table.check("pool", "p", "kv/empty", "write", one) or "")
+    # a message's fields at their defaults stay off the wire: a peer one release older reads it
+    assert b"seal_payload" not in encode(Hello(engine="e", purpose="control"))
+    assert parse_frame(encode(Hello(engine="e", purpose="control", seal_payload=False))[4:]).seal_payload is False

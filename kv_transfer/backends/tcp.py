@@ -22,7 +22,7 @@ from kv_transfer.backends.two_sided import check_batch, expect_reply, no_payload
 from kv_transfer.batch import Batch
 from kv_transfer.channel import Channel
 from kv_transfer.datatypes import SegmentDescriptor, TransferOp
-from kv_transfer.errors import TransferError
+from kv_transfer.errors import RemoteRejectedError, TransferError
 from kv_transfer.messages import XferHeader, XferReply
 from kv_transfer.segment import LocalSegment
 from kv_transfer.socket_io import tensor_memoryview
@@ -61,6 +61,10 @@ class TcpBackend(Backend):
             return
         try:
             self._exchange(channel, batch)
+        except RemoteRejectedError as e:  # refused at its header: both sides are still in step
+            self._checkin(address, channel)
+            batch.fail(e)
+            return
         except TransferError as e:
             channel.close()
             batch.fail(e)

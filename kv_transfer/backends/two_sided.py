@@ -30,7 +30,8 @@ def no_payload(offsets: np.ndarray, lengths: np.ndarray) -> None:
 
 def _check_ranges(segment: LocalSegment | None, header: XferHeader, pairs: np.ndarray) -> str | None:
     """Why the batch must be refused (None: it may run). `pairs` rows are (offset, length). The
-    grants of a guarded segment are checked after this, by `check_grant`."""
+    grants of a guarded segment are checked after this (`check_batch`). No sum here may wrap:
+    int64 offsets and lengths come from the peer."""
     if segment is None:
         return f"segment {header.segment!r} is not registered here"
     if header.op not in ("read", "write"):
@@ -38,9 +39,10 @@ def _check_ranges(segment: LocalSegment | None, header: XferHeader, pairs: np.nd
     if len(pairs) == 0:
         return None if header.total_bytes == 0 else "byte count does not match the ranges"
     offsets, lengths = pairs[:, 0], pairs[:, 1]
-    if (lengths <= 0).any() or (offsets < 0).any() or int((offsets + lengths).max()) > segment.length:
-        return f"a range falls outside segment {header.segment!r} ({segment.length} bytes)"
-    if int(lengths.sum()) != header.total_bytes:
+    size = segment.length
+    if (lengths <= 0).any() or (offsets < 0).any() or (lengths > size).any() or (offsets > size - lengths).any():
+        return f"a range falls outside segment {header.segment!r} ({size} bytes)"
+    if sum(lengths.tolist()) != header.total_bytes:  # Python ints: exact
         return "byte count does not match the ranges"
     return None
 

@@ -4,9 +4,11 @@ Commands (one JSON reply line each; "error" names the exception class on failure
   connect {segment}                                   → handshake with a peer engine's KV segment
   reserve {request_id, prompt, max_tokens}            → decode role: {"blocks": [...]}
   prefill {request_id, prompt, peer_segment, blocks}  → prefill role: push KV, {"first_token": t}
-  decode {request_id, peer, timeout}                  → decode role: wait for the KV, decode,
+  decode {request_id, peer, timeout}                  → decode role: grant the blocks to `peer` and say
+                                                        {"expecting": id}; wait for the KV, decode,
                                                         {"tokens": [...], "layers": [...]}
-  refused                                             → links and batches refused, by reason
+  refused                                             → links and batches refused, by reason, and
+                                                        the grants live
 With TANDEM_KV_SECRET set, its links are authenticated and sealed.
 """
 
@@ -67,6 +69,7 @@ async def handle(engine: LLMEngine, connector: KVConnector, pusher: KVPusher, cm
     if kind == "decode":
         rid = cmd["request_id"]
         receipt = connector.expect(rid, cmd["peer"], list(engine.requests[rid].seq.block_table))
+        reply({"ok": True, "expecting": rid})  # the blocks are granted: the push may start
         try:
             first = await receipt.wait(cmd["timeout"])
         except TransferError as e:
@@ -82,7 +85,7 @@ async def handle(engine: LLMEngine, connector: KVConnector, pusher: KVPusher, cm
         engine.check_integrity()
         return {"ok": True, "tokens": tokens, "layers": receipt.completed_layers()}
     if kind == "refused":
-        return refusals()
+        return {**refusals(), "grants": len(connector.transfer.grants)}
     raise ValueError(f"unknown command {kind!r}")
 
 

@@ -17,7 +17,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import itertools
 import os
+from collections.abc import Iterator
 
 import numpy as np
 import torch
@@ -54,13 +56,14 @@ async def serve(args: argparse.Namespace) -> None:
     await engine.register_segment(args.name, buffer, guarded=args.guarded)
     reply({"ready": engine.engine_id})
     grants: dict[int, list[GrantKey]] = {}
-    await command_loop(lambda cmd: handle(engine, args.name, buffer, grants, cmd), (TransferError,))
+    ids = itertools.count()
+    await command_loop(lambda cmd: handle(engine, args.name, buffer, grants, ids, cmd), (TransferError,))
     await engine.close()
     await store.close()
 
 
 async def handle(engine: TransferEngine, name: str, buffer: torch.Tensor, grants: dict[int, list[GrantKey]],
-                 cmd: dict) -> dict:
+                 ids: Iterator[int], cmd: dict) -> dict:
     kind = cmd["cmd"]
     if kind == "open":
         remote = await engine.open_segment(cmd["segment"])
@@ -95,10 +98,11 @@ async def handle(engine: TransferEngine, name: str, buffer: torch.Tensor, grants
         return {"ok": True}
     if kind == "grant":
         rows = np.asarray(cmd["ranges"], dtype=np.int64).reshape(-1, 2)
-        grants[len(grants)] = engine.grant(name, cmd["peer"], cmd["tag"], rows[:, 0], rows[:, 1])
-        return {"ok": True, "grant": len(grants) - 1}
+        grant_id = next(ids)
+        grants[grant_id] = engine.grant(name, cmd["peer"], cmd["tag"], rows[:, 0], rows[:, 1])
+        return {"ok": True, "grant": grant_id}
     if kind == "revoke":
-        engine.revoke(grants.pop(cmd["grant"]))
+        engine.revoke(grants.pop(cmd["grant"], []))
         return {"ok": True}
     if kind == "refused":
         return refusals()
