@@ -29,7 +29,7 @@ class RopeScaling:
 class ModelConfig:
     """Architecture of a Llama-family model, independent of where the weights came from."""
 
-    architecture: Literal["llama", "qwen2", "mistral"]
+    architecture: Literal["llama", "qwen2", "qwen3", "mistral"]
     vocab_size: int
     hidden_size: int
     intermediate_size: int
@@ -43,6 +43,7 @@ class ModelConfig:
     rope_scaling: RopeScaling | None = None
     tie_word_embeddings: bool = False
     attention_bias: bool = False  # Qwen2: bias on q/k/v projections
+    qk_norm: bool = False  # Qwen3: an RMSNorm over each head's q and k, before RoPE
     name: str = "model"
     eos_token_ids: tuple[int, ...] = field(default_factory=tuple)
 

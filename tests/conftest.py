@@ -13,7 +13,15 @@ import pytest
 import torch
 from tokenizers import Tokenizer as RawTokenizer
 from tokenizers import decoders, models, pre_tokenizers, processors, trainers
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
+from transformers import (
+    LlamaConfig,
+    LlamaForCausalLM,
+    PreTrainedTokenizerFast,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+    Qwen3Config,
+    Qwen3ForCausalLM,
+)
 
 from engine.loader.default_model import default_model_path as _default_model_path
 
@@ -103,6 +111,23 @@ def tiny_qwen2_dir(tmp_path_factory: pytest.TempPathFactory) -> pathlib.Path:
     torch.manual_seed(1)
     config = Qwen2Config(**_common(tie_word_embeddings=True, rope_theta=1e6))  # type: ignore[arg-type]
     model = Qwen2ForCausalLM(config)
+    model.save_pretrained(str(directory))
+    build_tiny_tokenizer(directory, add_bos=False)
+    return directory
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen3_dir(tmp_path_factory: pytest.TempPathFactory) -> pathlib.Path:
+    """Qwen3: per-head q/k RMSNorm (weights randomised: a checkpoint's are not all ones), no q/k/v
+    bias, head_dim 32 while hidden / heads is 16. Treat as read-only."""
+    directory = tmp_path_factory.mktemp("tiny_qwen3")
+    torch.manual_seed(3)
+    config = Qwen3Config(**_common(tie_word_embeddings=False, rope_theta=1e6, head_dim=32))  # type: ignore[arg-type]
+    model = Qwen3ForCausalLM(config)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith(("q_norm.weight", "k_norm.weight")):
+                param.uniform_(0.5, 1.5)
     model.save_pretrained(str(directory))
     build_tiny_tokenizer(directory, add_bos=False)
     return directory

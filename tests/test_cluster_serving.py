@@ -50,6 +50,21 @@ async def test_cluster_equals_engine_alone(config: str, tiny_llama_dir, jobs, ex
 
 
 @pytest.mark.slow
+async def test_qwen3_through_1p1d_equals_the_engine_alone(tiny_qwen3_dir, jobs) -> None:  # type: ignore[no-untyped-def]
+    """Another family (per-head q/k norms; its engine alone equals transformers:
+    test_engine_vs_transformers) through a prefill and a decode worker, over gRPC."""
+    expected = reference(str(tiny_qwen3_dir), jobs)
+    with tandem_up(*CONFIGS["1P+1D"], "--model", str(tiny_qwen3_dir), "--dtype", "float32",
+                   "--num-kv-blocks", "256", "--min-remote-prefill-tokens", "8") as cluster:
+        got = await gather_limited([run_grpc(cluster.grpc_address, job) for job in jobs])
+        for i, (g, e) in enumerate(zip(got, expected, strict=True)):
+            assert g == e, f"gRPC request {i} ({jobs[i].kind}, {len(jobs[i].ids)} ids)"
+        decode = cluster.role("decode")[0]
+        assert metric(worker_metrics(decode), "tandem_disaggregation_decisions_total", decision="remote") > 0
+        await assert_pools_clean(cluster)
+
+
+@pytest.mark.slow
 async def test_deterministic_bf16_cluster_equals_engine_alone(tiny_llama_dir, jobs) -> None:  # type: ignore[no-untyped-def]
     """In bf16 only batch invariance makes a disaggregated cluster exact: the prefill worker computes a
     prompt's KV and first token amid other prompts than the engine alone did, the decode worker goes

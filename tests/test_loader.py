@@ -29,6 +29,7 @@ _LAYER_NAMES = {
     "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
     "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
     "mlp.down_proj": "ffn_down", "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm",
+    "self_attn.q_norm": "attn_q_norm", "self_attn.k_norm": "attn_k_norm",
 }
 _GLOBAL_NAMES = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
                  "lm_head.weight": "output.weight"}
@@ -58,6 +59,9 @@ def write_gguf(path: pathlib.Path, arch: str, meta: dict[str, Any], tensors: dic
     writer.add_head_count_kv(meta["kv_heads"])
     writer.add_layer_norm_rms_eps(1e-5)
     writer.add_rope_freq_base(meta.get("theta", 10000.0))
+    if "head_dim" in meta:
+        writer.add_key_length(meta["head_dim"])
+        writer.add_value_length(meta["head_dim"])
     writer.add_eos_token_id(2)
     writer.add_name("tiny")
     for name, (array, qtype) in tensors.items():
@@ -275,6 +279,43 @@ def test_gguf_qwen2_is_not_unpermuted(tmp_path: pathlib.Path, cache_tmp: pathlib
     assert model.config.tie_word_embeddings and model.config.rope_theta == 1e6
     assert model.weights.keys() == state.keys()
     assert all(np.array_equal(model.weights[k].numpy(), v) for k, v in state.items())
+
+
+def causal_attention(head_dim: int):  # type: ignore[no-untyped-def]
+    """A whole-sequence causal attention function for calling a model outside the engine."""
+
+    def attend(layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        heads = [t.reshape(t.shape[0], -1, head_dim).transpose(0, 1) for t in (q, k, v)]
+        out = torch.nn.functional.scaled_dot_product_attention(*heads, is_causal=True, enable_gqa=True)
+        return out.transpose(0, 1).reshape(q.shape)
+
+    return attend
+
+
+def test_gguf_qwen3_loads_like_its_safetensors_twin(tiny_qwen3_dir: pathlib.Path, tmp_path: pathlib.Path,
+                                                   cache_tmp: pathlib.Path) -> None:
+    """The tiny Qwen3 checkpoint written as GGUF (F32, as llama.cpp's converter names it, q/k rows
+    not permuted): the same config and weights, and the same logits through the engine's model."""
+    from safetensors.numpy import load_file
+
+    from engine.loader.engine_parts import build_model
+    from engine.platform import detect_platform
+
+    state = load_file(str(tiny_qwen3_dir / "model.safetensors"))
+    write_gguf(tmp_path / "q3.gguf", "qwen3", {**TINY_META, "theta": 1e6, "head_dim": 32},
+               {to_gguf_name(k): (v, Q.F32) for k, v in state.items()})
+    from_gguf, from_hf = load_model(tmp_path / "q3.gguf"), load_model(tiny_qwen3_dir)
+    for c in (from_gguf.config, from_hf.config):
+        assert c.architecture == "qwen3" and c.qk_norm and not c.attention_bias and c.head_dim == 32
+    assert from_gguf.weights.keys() == from_hf.weights.keys()
+    assert all(torch.equal(from_gguf.weights[k], from_hf.weights[k]) for k in from_hf.weights)
+    platform = detect_platform("cpu")
+    ids = torch.arange(3, 40)
+    outputs = []
+    for loaded in (from_gguf, from_hf):
+        model = build_model(loaded, platform, torch.float32)
+        outputs.append(model.compute_logits(model(ids, torch.arange(len(ids)), causal_attention(32))))
+    assert torch.equal(outputs[0], outputs[1])
 
 
 def test_gguf_k_quants_match_gguf_dequantize(tmp_path: pathlib.Path, cache_tmp: pathlib.Path) -> None:

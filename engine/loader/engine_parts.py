@@ -17,6 +17,7 @@ from engine.loader.api import LoadedModel, load_model, load_tokenizer
 from engine.loader.packing import check_batch_invariance, pack_linears
 from engine.model_runner import ModelRunner
 from engine.models.llama import LlamaForCausalLM
+from engine.models.registry import model_class
 from engine.platform import Platform, detect_platform
 from engine.sampler import Sampler
 from engine.tokenizer import Tokenizer
@@ -45,7 +46,7 @@ class LoadedEngineParts:
 
 def build_model(loaded: LoadedModel, platform: Platform, dtype: torch.dtype) -> LlamaForCausalLM:
     with torch.device("meta"):
-        model = LlamaForCausalLM(loaded.config)  # no random init: every weight comes from the checkpoint
+        model = model_class(loaded.config.architecture)(loaded.config)  # no init: the checkpoint has every weight
     model = model.to_empty(device=platform.device)
     model.load_hf_weights(loaded.weights)
     model = model.to(dtype).eval().requires_grad_(False)

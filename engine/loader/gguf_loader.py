@@ -1,4 +1,4 @@
-"""Load a llama/qwen2/mistral GGUF file into fp32 tensors with Hugging Face names and a ModelConfig."""
+"""Load a llama/qwen2/qwen3/mistral GGUF file into fp32 tensors with Hugging Face names and a ModelConfig."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ from engine.gguf_file import open_gguf
 from engine.loader.gguf_names import PERMUTED_QK_ARCHITECTURES, gguf_to_hf_name, unpermute_qk_rows
 from engine.loader.weight_cache import CachedWeights
 
-SUPPORTED_ARCHITECTURES = ("llama", "qwen2", "mistral")
+SUPPORTED_ARCHITECTURES = ("llama", "qwen2", "qwen3", "mistral")
 SUPPORTED_TENSOR_TYPES = frozenset({
     GGMLQuantizationType.F32, GGMLQuantizationType.F16, GGMLQuantizationType.BF16,
     GGMLQuantizationType.Q8_0, GGMLQuantizationType.Q4_0, GGMLQuantizationType.Q4_1,
@@ -125,6 +125,7 @@ def _config(fields: _Fields, reader: GGUFReader, path: pathlib.Path) -> ModelCon
             rope_scaling=_rope_scaling(fields, reader, arch, head_dim, rope_theta, path),
             tie_word_embeddings="output.weight" not in names,
             attention_bias="blk.0.attn_q.bias" in names,
+            qk_norm=arch == "qwen3",
             name=str(fields.get("general.name", path.stem)),
             eos_token_ids=eos_ids,
         )

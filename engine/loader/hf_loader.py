@@ -13,10 +13,11 @@ from safetensors.torch import load_file
 from engine.config import ModelConfig, RopeScaling
 from engine.errors import ModelLoadError
 
-_ARCHITECTURES: dict[str, Literal["llama", "qwen2", "mistral"]] = {
+_ARCHITECTURES: dict[str, Literal["llama", "qwen2", "qwen3", "mistral"]] = {
     "LlamaForCausalLM": "llama",
     "MistralForCausalLM": "mistral",
     "Qwen2ForCausalLM": "qwen2",
+    "Qwen3ForCausalLM": "qwen3",
 }
 _SINGLE_FILE = "model.safetensors"
 _INDEX_FILE = "model.safetensors.index.json"
@@ -69,6 +70,7 @@ def load_hf_config(directory: pathlib.Path) -> ModelConfig:
             rope_scaling=_rope_scaling(rope, config_path),
             tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),
             attention_bias=arch == "qwen2" or bool(raw.get("attention_bias", False)),
+            qk_norm=arch == "qwen3",
             name=directory.resolve().name,
             eos_token_ids=_eos_ids(raw.get("eos_token_id"), generation.get("eos_token_id")),
         )
@@ -80,7 +82,7 @@ def load_hf_config(directory: pathlib.Path) -> ModelConfig:
 
 def _reject_sliding_window(raw: dict[str, Any], arch: str, config_path: pathlib.Path) -> None:
     window = raw.get("sliding_window")
-    uses_window = raw.get("use_sliding_window", False) if arch == "qwen2" else window is not None
+    uses_window = raw.get("use_sliding_window", False) if arch in ("qwen2", "qwen3") else window is not None
     if uses_window and window is not None and window < raw.get("max_position_embeddings", 0):
         raise ModelLoadError(f"{config_path}: sliding-window attention ({window}) is not supported")
 

@@ -1,4 +1,5 @@
-"""The Llama family (Llama 2/3, SmolLM2, Mistral, Qwen2) in plain torch.
+"""The Llama family (Llama 2/3, SmolLM2, Mistral, Qwen2) in plain torch, and the layers other
+families share (engine.models.registry).
 
 The model knows nothing of serving: it sees a flat list of token ids, their positions and an
 attention function; the paged cache, batching and sampling live outside it.
@@ -62,10 +63,11 @@ class MLP(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, config: ModelConfig, layer: int, rope: RotaryEmbedding) -> None:
+    def __init__(self, config: ModelConfig, layer: int, rope: RotaryEmbedding,
+                 attention: type[Attention] = Attention) -> None:
         super().__init__()
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.self_attn = Attention(config, layer, rope)
+        self.self_attn = attention(config, layer, rope)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = MLP(config)
 
@@ -83,13 +85,17 @@ class DecoderLayer(nn.Module):
 
 
 class LlamaForCausalLM(nn.Module):
+    """Also the base of the families that differ only in their attention (engine.models.qwen3)."""
+
+    attention: type[Attention] = Attention
+
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         self.config = config
         self.rope = rope = RotaryEmbedding(config.head_dim, config.max_position_embeddings, config.rope_theta,
                                            config.rope_scaling)
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(config, i, rope) for i in range(config.num_layers))
+        self.layers = nn.ModuleList(DecoderLayer(config, i, rope, self.attention) for i in range(config.num_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         if config.tie_word_embeddings:
@@ -105,6 +111,9 @@ class LlamaForCausalLM(nn.Module):
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden).float()
+
+    # (HF name, our name) of further per-layer weights a family adds, both under the layer's prefix
+    extra_weights: tuple[tuple[str, str], ...] = ()
 
     def load_hf_weights(self, weights: Mapping[str, torch.Tensor]) -> None:
         """Load a Hugging Face-named state dict, merging q/k/v and gate/up into one matrix each."""
@@ -130,7 +139,7 @@ class LlamaForCausalLM(nn.Module):
                 torch.cat([weights[f"{pre}.mlp.gate_proj.weight"], weights[f"{pre}.mlp.up_proj.weight"]]))
             for hf, ours in (("self_attn.o_proj", "self_attn.o_proj"), ("mlp.down_proj", "mlp.down_proj"),
                              ("input_layernorm", "input_layernorm"),
-                             ("post_attention_layernorm", "post_attention_layernorm")):
+                             ("post_attention_layernorm", "post_attention_layernorm"), *self.extra_weights):
                 put(f"layers.{i}.{ours}.weight", weights[f"{pre}.{hf}.weight"])
         if self.config.tie_word_embeddings:  # re-tie: moving modules (e.g. `to_empty`) may have split them
             self.lm_head.weight = self.embed_tokens.weight

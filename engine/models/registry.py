@@ -1,0 +1,22 @@
+"""Which model class serves an architecture (`ModelConfig.architecture`, from config.json's
+`architectures` or GGUF's `general.architecture`)."""
+
+from __future__ import annotations
+
+from engine.models.llama import LlamaForCausalLM
+from engine.models.qwen3 import Qwen3ForCausalLM
+
+MODEL_CLASSES: dict[str, type[LlamaForCausalLM]] = {
+    "llama": LlamaForCausalLM,
+    "mistral": LlamaForCausalLM,
+    "qwen2": LlamaForCausalLM,
+    "qwen3": Qwen3ForCausalLM,
+}
+
+
+def model_class(architecture: str) -> type[LlamaForCausalLM]:
+    try:
+        return MODEL_CLASSES[architecture]
+    except KeyError:
+        raise ValueError(f"architecture {architecture!r} is not supported; use one of "
+                         f"{', '.join(MODEL_CLASSES)}") from None
