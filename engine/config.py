@@ -26,10 +26,29 @@ class RopeScaling:
 
 
 @dataclass(frozen=True)
+class MoEConfig:
+    """Mixture-of-experts MLPs (Mixtral, Qwen3-MoE): each token runs the `top_k` experts of highest
+    router probability, weighted by those probabilities (renormalised to sum to 1 when
+    `normalize_top_k`). Layers in `dense_layers` keep a dense MLP of the model's intermediate size."""
+
+    num_experts: int
+    top_k: int
+    intermediate_size: int  # of one expert
+    normalize_top_k: bool
+    dense_layers: tuple[int, ...] = ()
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.top_k <= self.num_experts:
+            raise ValueError(f"need 1 <= top_k <= num_experts, got {self.top_k} of {self.num_experts}")
+        if self.intermediate_size < 1:
+            raise ValueError("an expert's intermediate_size must be >= 1")
+
+
+@dataclass(frozen=True)
 class ModelConfig:
     """Architecture of a Llama-family model, independent of where the weights came from."""
 
-    architecture: Literal["llama", "qwen2", "qwen3", "mistral"]
+    architecture: Literal["llama", "qwen2", "qwen3", "mistral", "mixtral", "qwen3_moe"]
     vocab_size: int
     hidden_size: int
     intermediate_size: int
@@ -44,6 +63,7 @@ class ModelConfig:
     tie_word_embeddings: bool = False
     attention_bias: bool = False  # Qwen2: bias on q/k/v projections
     qk_norm: bool = False  # Qwen3: an RMSNorm over each head's q and k, before RoPE
+    moe: MoEConfig | None = None
     name: str = "model"
     eos_token_ids: tuple[int, ...] = field(default_factory=tuple)
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import pathlib
+from collections.abc import Callable
 
 import pytest
 import torch
@@ -16,11 +17,15 @@ from tokenizers import decoders, models, pre_tokenizers, processors, trainers
 from transformers import (
     LlamaConfig,
     LlamaForCausalLM,
+    MixtralConfig,
+    MixtralForCausalLM,
     PreTrainedTokenizerFast,
     Qwen2Config,
     Qwen2ForCausalLM,
     Qwen3Config,
     Qwen3ForCausalLM,
+    Qwen3MoeConfig,
+    Qwen3MoeForCausalLM,
 )
 
 from engine.loader.default_model import default_model_path as _default_model_path
@@ -88,6 +93,17 @@ def _common(**extra: object) -> dict[str, object]:
                 eos_token_id=2, bos_token_id=3, pad_token_id=0, **extra)
 
 
+def _perturb(model: torch.nn.Module, qk_norms: bool = False, mlp_scale: float = 1.0) -> None:
+    """Make a random checkpoint's weights matter: q/k norm weights away from all ones, and MLP (router
+    and experts) weights scaled, so that a wrong mapping, routing or weighting changes the tokens."""
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if qk_norms and name.endswith(("q_norm.weight", "k_norm.weight")):
+                param.uniform_(0.5, 1.5)
+            elif mlp_scale != 1.0 and ".mlp." in name:
+                param.mul_(mlp_scale)
+
+
 @pytest.fixture(scope="session")
 def default_model_path() -> pathlib.Path:
     return _default_model_path()
@@ -104,33 +120,52 @@ def tiny_llama_dir(tmp_path_factory: pytest.TempPathFactory) -> pathlib.Path:
     return directory
 
 
+def _tiny_checkpoint(factory: pytest.TempPathFactory, name: str, seed: int, build: Callable[[], torch.nn.Module],
+                    add_bos: bool, qk_norms: bool = False, mlp_scale: float = 1.0) -> pathlib.Path:
+    directory = factory.mktemp(name)
+    torch.manual_seed(seed)
+    model = build()
+    _perturb(model, qk_norms, mlp_scale)
+    model.save_pretrained(str(directory))  # type: ignore[operator]
+    build_tiny_tokenizer(directory, add_bos=add_bos)
+    return directory
+
+
 @pytest.fixture(scope="session")
 def tiny_qwen2_dir(tmp_path_factory: pytest.TempPathFactory) -> pathlib.Path:
     """Tied Qwen2 (q/k/v biases), theta 1e6, tokenizer adds no BOS. Treat as read-only."""
-    directory = tmp_path_factory.mktemp("tiny_qwen2")
-    torch.manual_seed(1)
     config = Qwen2Config(**_common(tie_word_embeddings=True, rope_theta=1e6))  # type: ignore[arg-type]
-    model = Qwen2ForCausalLM(config)
-    model.save_pretrained(str(directory))
-    build_tiny_tokenizer(directory, add_bos=False)
-    return directory
+    return _tiny_checkpoint(tmp_path_factory, "tiny_qwen2", 1, lambda: Qwen2ForCausalLM(config), add_bos=False)
 
 
 @pytest.fixture(scope="session")
 def tiny_qwen3_dir(tmp_path_factory: pytest.TempPathFactory) -> pathlib.Path:
     """Qwen3: per-head q/k RMSNorm (weights randomised: a checkpoint's are not all ones), no q/k/v
     bias, head_dim 32 while hidden / heads is 16. Treat as read-only."""
-    directory = tmp_path_factory.mktemp("tiny_qwen3")
-    torch.manual_seed(3)
     config = Qwen3Config(**_common(tie_word_embeddings=False, rope_theta=1e6, head_dim=32))  # type: ignore[arg-type]
-    model = Qwen3ForCausalLM(config)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if name.endswith(("q_norm.weight", "k_norm.weight")):
-                param.uniform_(0.5, 1.5)
-    model.save_pretrained(str(directory))
-    build_tiny_tokenizer(directory, add_bos=False)
-    return directory
+    return _tiny_checkpoint(tmp_path_factory, "tiny_qwen3", 3, lambda: Qwen3ForCausalLM(config), add_bos=False,
+                            qk_norms=True)
+
+
+@pytest.fixture(scope="session")
+def tiny_mixtral_dir(tmp_path_factory: pytest.TempPathFactory) -> pathlib.Path:
+    """Mixtral: 4 experts, top-2 renormalised, every layer sparse; MLP weights scaled up so that a
+    wrong routing or weighting changes the greedy tokens. Treat as read-only."""
+    config = MixtralConfig(**_common(tie_word_embeddings=False, num_local_experts=4,  # type: ignore[arg-type]
+                                     num_experts_per_tok=2, sliding_window=None))
+    return _tiny_checkpoint(tmp_path_factory, "tiny_mixtral", 4, lambda: MixtralForCausalLM(config), add_bos=True,
+                            mlp_scale=8.0)
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen3_moe_dir(tmp_path_factory: pytest.TempPathFactory) -> pathlib.Path:
+    """Qwen3-MoE: q/k norms, 6 experts of width 48, top-3 not renormalised, layer 0 dense (in
+    `mlp_only_layers`), layer 1 sparse; MLP weights scaled up as Mixtral's. Treat as read-only."""
+    config = Qwen3MoeConfig(**_common(tie_word_embeddings=True, rope_theta=1e6, head_dim=16,  # type: ignore[arg-type]
+                                      num_experts=6, num_experts_per_tok=3, moe_intermediate_size=48,
+                                      norm_topk_prob=False, mlp_only_layers=[0]))
+    return _tiny_checkpoint(tmp_path_factory, "tiny_qwen3_moe", 5, lambda: Qwen3MoeForCausalLM(config),
+                            add_bos=False, qk_norms=True, mlp_scale=8.0)
 
 
 @pytest.fixture(scope="session")

@@ -50,11 +50,13 @@ async def test_cluster_equals_engine_alone(config: str, tiny_llama_dir, jobs, ex
 
 
 @pytest.mark.slow
-async def test_qwen3_through_1p1d_equals_the_engine_alone(tiny_qwen3_dir, jobs) -> None:  # type: ignore[no-untyped-def]
-    """Another family (per-head q/k norms; its engine alone equals transformers:
-    test_engine_vs_transformers) through a prefill and a decode worker, over gRPC."""
-    expected = reference(str(tiny_qwen3_dir), jobs)
-    with tandem_up(*CONFIGS["1P+1D"], "--model", str(tiny_qwen3_dir), "--dtype", "float32",
+@pytest.mark.parametrize("fixture", ["tiny_qwen3_dir", "tiny_qwen3_moe_dir"])
+async def test_other_families_through_1p1d_equal_the_engine_alone(fixture: str, jobs, request) -> None:  # type: ignore[no-untyped-def]
+    """Other families (Qwen3's per-head q/k norms, Qwen3-MoE's experts; each engine alone equals
+    transformers: test_engine_vs_transformers) through a prefill and a decode worker, over gRPC."""
+    path = str(request.getfixturevalue(fixture))
+    expected = reference(path, jobs)
+    with tandem_up(*CONFIGS["1P+1D"], "--model", path, "--dtype", "float32",
                    "--num-kv-blocks", "256", "--min-remote-prefill-tokens", "8") as cluster:
         got = await gather_limited([run_grpc(cluster.grpc_address, job) for job in jobs])
         for i, (g, e) in enumerate(zip(got, expected, strict=True)):

@@ -55,7 +55,8 @@ TINY_CONFIGS = {
 
 
 @pytest.mark.parametrize("name", list(TINY_CONFIGS))
-@pytest.mark.parametrize("fixture", ["tiny_llama_dir", "tiny_qwen2_dir", "tiny_qwen3_dir", "tiny_llama3_scaled_dir"])
+@pytest.mark.parametrize("fixture", ["tiny_llama_dir", "tiny_qwen2_dir", "tiny_qwen3_dir", "tiny_mixtral_dir",
+                                     "tiny_qwen3_moe_dir", "tiny_llama3_scaled_dir"])
 def test_tiny_checkpoints_match_transformers(fixture, name, request) -> None:
     path = str(request.getfixturevalue(fixture))
     llm = LLM(path, **{"num_kv_blocks": 64, "dtype": "float32", **TINY_CONFIGS[name]})

@@ -77,7 +77,7 @@ def load_tokenizer(path: str | os.PathLike[str] | None = None) -> Tokenizer:
 
 def expected_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
     """Every tensor a model of `config` needs, with its HF shape."""
-    h, inter, d = config.hidden_size, config.intermediate_size, config.head_dim
+    h, d = config.hidden_size, config.head_dim
     q, kv = config.num_heads * d, config.num_kv_heads * d
     shapes: dict[str, tuple[int, ...]] = {
         "model.embed_tokens.weight": (config.vocab_size, h),
@@ -90,16 +90,38 @@ def expected_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
         shapes |= {
             p + "self_attn.q_proj.weight": (q, h), p + "self_attn.k_proj.weight": (kv, h),
             p + "self_attn.v_proj.weight": (kv, h), p + "self_attn.o_proj.weight": (h, q),
-            p + "mlp.gate_proj.weight": (inter, h), p + "mlp.up_proj.weight": (inter, h),
-            p + "mlp.down_proj.weight": (h, inter),
             p + "input_layernorm.weight": (h,), p + "post_attention_layernorm.weight": (h,),
         }
+        shapes |= _mlp_shapes(config, i, p)
         if config.attention_bias:
             shapes |= {p + "self_attn.q_proj.bias": (q,), p + "self_attn.k_proj.bias": (kv,),
                        p + "self_attn.v_proj.bias": (kv,)}
         if config.qk_norm:
             shapes |= {p + "self_attn.q_norm.weight": (config.head_dim,),
                        p + "self_attn.k_norm.weight": (config.head_dim,)}
+    return shapes
+
+
+def _mlp_shapes(config: ModelConfig, layer: int, p: str) -> dict[str, tuple[int, ...]]:
+    """Layer `layer`'s MLP tensors: a dense MLP, or a router and its experts (HF per-expert names)."""
+    h, moe = config.hidden_size, config.moe
+    if moe is None or layer in moe.dense_layers:
+        inter = config.intermediate_size
+        return {p + "mlp.gate_proj.weight": (inter, h), p + "mlp.up_proj.weight": (inter, h),
+                p + "mlp.down_proj.weight": (h, inter)}
+    inter = moe.intermediate_size
+    shapes: dict[str, tuple[int, ...]] = {}
+    if config.architecture == "mixtral":
+        shapes[p + "block_sparse_moe.gate.weight"] = (moe.num_experts, h)
+        for e in range(moe.num_experts):
+            base = f"{p}block_sparse_moe.experts.{e}."
+            shapes |= {base + "w1.weight": (inter, h), base + "w3.weight": (inter, h), base + "w2.weight": (h, inter)}
+        return shapes
+    shapes[p + "mlp.gate.weight"] = (moe.num_experts, h)
+    for e in range(moe.num_experts):
+        base = f"{p}mlp.experts.{e}."
+        shapes |= {base + "gate_proj.weight": (inter, h), base + "up_proj.weight": (inter, h),
+                   base + "down_proj.weight": (h, inter)}
     return shapes
 
 

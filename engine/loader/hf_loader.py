@@ -10,14 +10,16 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
-from engine.config import ModelConfig, RopeScaling
+from engine.config import ModelConfig, MoEConfig, RopeScaling
 from engine.errors import ModelLoadError
 
-_ARCHITECTURES: dict[str, Literal["llama", "qwen2", "qwen3", "mistral"]] = {
+_ARCHITECTURES: dict[str, Literal["llama", "qwen2", "qwen3", "mistral", "mixtral", "qwen3_moe"]] = {
     "LlamaForCausalLM": "llama",
     "MistralForCausalLM": "mistral",
     "Qwen2ForCausalLM": "qwen2",
     "Qwen3ForCausalLM": "qwen3",
+    "MixtralForCausalLM": "mixtral",
+    "Qwen3MoeForCausalLM": "qwen3_moe",
 }
 _SINGLE_FILE = "model.safetensors"
 _INDEX_FILE = "model.safetensors.index.json"
@@ -70,7 +72,8 @@ def load_hf_config(directory: pathlib.Path) -> ModelConfig:
             rope_scaling=_rope_scaling(rope, config_path),
             tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),
             attention_bias=arch == "qwen2" or bool(raw.get("attention_bias", False)),
-            qk_norm=arch == "qwen3",
+            qk_norm=arch in ("qwen3", "qwen3_moe"),
+            moe=_moe(raw, arch),
             name=directory.resolve().name,
             eos_token_ids=_eos_ids(raw.get("eos_token_id"), generation.get("eos_token_id")),
         )
@@ -82,9 +85,25 @@ def load_hf_config(directory: pathlib.Path) -> ModelConfig:
 
 def _reject_sliding_window(raw: dict[str, Any], arch: str, config_path: pathlib.Path) -> None:
     window = raw.get("sliding_window")
-    uses_window = raw.get("use_sliding_window", False) if arch in ("qwen2", "qwen3") else window is not None
+    uses_window = raw.get("use_sliding_window", False) if arch.startswith("qwen") else window is not None
     if uses_window and window is not None and window < raw.get("max_position_embeddings", 0):
         raise ModelLoadError(f"{config_path}: sliding-window attention ({window}) is not supported")
+
+
+def _moe(raw: dict[str, Any], arch: str) -> MoEConfig | None:
+    """Mixtral: every layer sparse, top-k renormalised. Qwen3-MoE: sparse every `decoder_sparse_step`
+    layers but those in `mlp_only_layers`, renormalised when `norm_topk_prob`."""
+    if arch == "mixtral":
+        return MoEConfig(num_experts=int(raw["num_local_experts"]), top_k=int(raw["num_experts_per_tok"]),
+                         intermediate_size=int(raw["intermediate_size"]), normalize_top_k=True)
+    if arch != "qwen3_moe":
+        return None
+    layers, step = int(raw["num_hidden_layers"]), int(raw.get("decoder_sparse_step", 1))
+    only_mlp = {int(i) for i in raw.get("mlp_only_layers") or ()}
+    return MoEConfig(num_experts=int(raw.get("num_experts") or raw["num_local_experts"]),
+                     top_k=int(raw["num_experts_per_tok"]), intermediate_size=int(raw["moe_intermediate_size"]),
+                     normalize_top_k=bool(raw.get("norm_topk_prob", False)),
+                     dense_layers=tuple(i for i in range(layers) if i in only_mlp or (i + 1) % step))
 
 
 def _rope_parameters(raw: dict[str, Any]) -> dict[str, Any]:

@@ -7,7 +7,7 @@ attention function; the paged cache, batching and sampling live outside it.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 import torch
 from torch import nn
@@ -64,12 +64,12 @@ class MLP(nn.Module):
 
 class DecoderLayer(nn.Module):
     def __init__(self, config: ModelConfig, layer: int, rope: RotaryEmbedding,
-                 attention: type[Attention] = Attention) -> None:
+                 attention: type[Attention] = Attention, mlp: nn.Module | None = None) -> None:
         super().__init__()
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.self_attn = attention(config, layer, rope)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.mlp = MLP(config)
+        self.mlp = mlp if mlp is not None else MLP(config)
 
     def forward(self, positions: torch.Tensor, x: torch.Tensor, residual: torch.Tensor | None,
                 attn: AttentionFn) -> tuple[torch.Tensor, torch.Tensor]:
@@ -88,6 +88,7 @@ class LlamaForCausalLM(nn.Module):
     """Also the base of the families that differ only in their attention (engine.models.qwen3)."""
 
     attention: type[Attention] = Attention
+    mlp_factory: Callable[[ModelConfig, int], nn.Module] | None = None  # None: the dense MLP in every layer
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
@@ -95,7 +96,10 @@ class LlamaForCausalLM(nn.Module):
         self.rope = rope = RotaryEmbedding(config.head_dim, config.max_position_embeddings, config.rope_theta,
                                            config.rope_scaling)
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(config, i, rope, self.attention) for i in range(config.num_layers))
+        factory = type(self).mlp_factory
+        self.layers = nn.ModuleList(
+            DecoderLayer(config, i, rope, self.attention, None if factory is None else factory(config, i))
+            for i in range(config.num_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         if config.tie_word_embeddings:
@@ -114,6 +118,14 @@ class LlamaForCausalLM(nn.Module):
 
     # (HF name, our name) of further per-layer weights a family adds, both under the layer's prefix
     extra_weights: tuple[tuple[str, str], ...] = ()
+
+    def load_mlp(self, layer: int, weights: Mapping[str, torch.Tensor],
+                 put: Callable[[str, torch.Tensor], None]) -> None:
+        """Layer `layer`'s MLP weights (the dense MLP; MoE families override this)."""
+        pre = f"model.layers.{layer}.mlp"
+        put(f"layers.{layer}.mlp.gate_up_proj.weight",
+            torch.cat([weights[f"{pre}.gate_proj.weight"], weights[f"{pre}.up_proj.weight"]]))
+        put(f"layers.{layer}.mlp.down_proj.weight", weights[f"{pre}.down_proj.weight"])
 
     def load_hf_weights(self, weights: Mapping[str, torch.Tensor]) -> None:
         """Load a Hugging Face-named state dict, merging q/k/v and gate/up into one matrix each."""
@@ -135,10 +147,8 @@ class LlamaForCausalLM(nn.Module):
             for suffix in ("weight", "bias") if self.config.attention_bias else ("weight",):
                 parts = [weights[f"{pre}.self_attn.{p}_proj.{suffix}"] for p in "qkv"]
                 put(f"layers.{i}.self_attn.qkv_proj.{suffix}", torch.cat(parts))
-            put(f"layers.{i}.mlp.gate_up_proj.weight",
-                torch.cat([weights[f"{pre}.mlp.gate_proj.weight"], weights[f"{pre}.mlp.up_proj.weight"]]))
-            for hf, ours in (("self_attn.o_proj", "self_attn.o_proj"), ("mlp.down_proj", "mlp.down_proj"),
-                             ("input_layernorm", "input_layernorm"),
+            self.load_mlp(i, weights, put)
+            for hf, ours in (("self_attn.o_proj", "self_attn.o_proj"), ("input_layernorm", "input_layernorm"),
                              ("post_attention_layernorm", "post_attention_layernorm"), *self.extra_weights):
                 put(f"layers.{i}.{ours}.weight", weights[f"{pre}.{hf}.weight"])
         if self.config.tie_word_embeddings:  # re-tie: moving modules (e.g. `to_empty`) may have split them
