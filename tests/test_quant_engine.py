@@ -39,3 +39,14 @@ def test_quantized_engine_agrees_with_float(default_model_path, method, min_agre
     if method == "int8":
         assert "Paris" in llm.chat(PROMPTS[0], params)[0].text
     llm.engine.check_integrity()
+
+
+def test_an_moe_router_stays_float_when_the_rest_is_quantized(tiny_mixtral_dir) -> None:
+    """int8 (int4's kernel refuses a 4-row router anyway, so only int8 would quantize it here)."""
+    llm = LLM(str(tiny_mixtral_dir), num_kv_blocks=32, dtype="float32", quantization="int8")
+    layer = llm.engine.parts.model.layers[0]
+    assert isinstance(layer.self_attn.qkv_proj, Int8Linear)
+    assert not isinstance(layer.mlp.gate, Int4Linear | Int8Linear)  # routing is decided in float
+    out = llm.generate([[5, 6, 7, 8]], SamplingParams(temperature=0, max_tokens=4, ignore_eos=True))[0]
+    assert len(out.token_ids) == 4
+    llm.engine.check_integrity()

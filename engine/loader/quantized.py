@@ -75,8 +75,14 @@ def quantize_loaded_model(model: nn.Module, method: QuantMethod, source: pathlib
         prebuilt = _merged(_gguf_int4_blocks(source, config), config)
         log.info("int4 from GGUF blocks: %d layers", len(prebuilt))
     if method == "int8":
-        return quantize_model(model, "int8")
+        return quantize_model(model, "int8", skip=_is_router)
     head = {k: v for k, v in prebuilt.items() if k == "lm_head"}
     body = {k: v for k, v in prebuilt.items() if k != "lm_head"}
-    names = quantize_model(model, "int4", skip=lambda n: n == "lm_head", prebuilt=body)
+    names = quantize_model(model, "int4", skip=lambda n: n == "lm_head" or _is_router(n), prebuilt=body)
     return names + quantize_model(model, "int8", skip=lambda n: n != "lm_head", prebuilt=head)
+
+
+def _is_router(name: str) -> bool:
+    """An MoE router (engine.models.moe.SparseMoE.gate) stays float: quantizing it moves tokens
+    between experts. The experts themselves are not nn.Linear and stay float too (not done yet)."""
+    return name.endswith(".mlp.gate")
