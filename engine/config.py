@@ -25,6 +25,9 @@ class RopeScaling:
     rope_type: RopeScalingType = "llama3"
 
 
+MOE_ARCHITECTURES = ("mixtral", "qwen3_moe")
+
+
 @dataclass(frozen=True)
 class MoEConfig:
     """Mixture-of-experts MLPs (Mixtral, Qwen3-MoE): each token runs the `top_k` experts of highest
@@ -75,6 +78,9 @@ class ModelConfig:
         if self.num_heads % self.num_kv_heads:
             raise ValueError(
                 f"num_heads ({self.num_heads}) must be a multiple of num_kv_heads ({self.num_kv_heads})")
+        if (self.moe is not None) != (self.architecture in MOE_ARCHITECTURES):
+            raise ValueError(f"architecture {self.architecture!r} {'needs' if self.moe is None else 'takes no'} "
+                             "MoE configuration")
 
     @property
     def group_size(self) -> int:

@@ -59,6 +59,8 @@ def write_gguf(path: pathlib.Path, arch: str, meta: dict[str, Any], tensors: dic
     writer.add_head_count_kv(meta["kv_heads"])
     writer.add_layer_norm_rms_eps(1e-5)
     writer.add_rope_freq_base(meta.get("theta", 10000.0))
+    if "experts" in meta:
+        writer.add_expert_count(meta["experts"])
     if "head_dim" in meta:
         writer.add_key_length(meta["head_dim"])
         writer.add_value_length(meta["head_dim"])
@@ -455,3 +457,42 @@ def test_unwritable_cache_still_loads(tmp_path: pathlib.Path, monkeypatch: pytes
     path = tmp_path / "tiny.gguf"
     write_tiny_llama_gguf(path, tiny_state_dict(), Q.F16)
     assert load_model(path).config.num_layers == 2
+
+
+def test_moe_configs_as_the_hub_writes_them(tmp_path: pathlib.Path) -> None:
+    """Qwen3-MoE's hub spelling (`num_experts`), sparse every second layer but one listed dense;
+    a Qwen3 with attention biases and an MoE GGUF are refused by name; MoE configs survive the
+    weight cache's JSON."""
+    from engine.loader.hf_loader import load_hf_config
+    from engine.loader.weight_cache import config_from_json, config_to_json
+
+    raw = {"architectures": ["Qwen3MoeForCausalLM"], "vocab_size": 512, "hidden_size": 64, "intermediate_size": 128,
+           "num_hidden_layers": 6, "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 32,
+           "max_position_embeddings": 256, "num_experts": 128, "num_experts_per_tok": 8,
+           "moe_intermediate_size": 24, "norm_topk_prob": True, "decoder_sparse_step": 2, "mlp_only_layers": [3],
+           "use_sliding_window": False, "sliding_window": None}
+    (tmp_path / "config.json").write_text(json.dumps(raw))
+    config = load_hf_config(tmp_path)
+    assert config.architecture == "qwen3_moe" and config.qk_norm and config.head_dim == 32
+    assert config.moe is not None and (config.moe.num_experts, config.moe.top_k) == (128, 8)
+    assert config.moe.normalize_top_k and config.moe.intermediate_size == 24
+    assert config.moe.dense_layers == (0, 2, 3, 4)  # (i + 1) % 2 != 0, and layer 3 listed
+    assert config_from_json(config_to_json(config)) == config
+
+    (tmp_path / "config.json").write_text(json.dumps({**raw, "architectures": ["Qwen3ForCausalLM"],
+                                                      "attention_bias": True}))
+    with pytest.raises(ModelLoadError, match="attention_bias on qwen3"):
+        load_hf_config(tmp_path)
+
+    state = tiny_state_dict()
+    write_gguf(tmp_path / "m.gguf", "llama", {**TINY_META, "experts": 8},
+               {to_gguf_name(k): (v, Q.F32) for k, v in state.items()})
+    with pytest.raises(ModelLoadError, match="mixture-of-experts GGUF"):
+        load_model(tmp_path / "m.gguf")
+
+
+def test_deterministic_mode_refuses_moe_experts(tiny_mixtral_dir) -> None:
+    from engine import LLM
+
+    with pytest.raises(ModelLoadError, match="deterministic mode does not cover the experts of mixtral"):
+        LLM(str(tiny_mixtral_dir), num_kv_blocks=32, dtype="float32", deterministic=True)

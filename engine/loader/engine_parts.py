@@ -68,6 +68,9 @@ def build_engine_parts(config: EngineConfig, kv_storage: KVStorageAllocator | No
     if config.quantization is not None:
         from engine.loader.quantized import quantize_loaded_model
         quantized = quantize_loaded_model(model, config.quantization, loaded.source)
+    if config.deterministic and not model.all_linears_are_modules:
+        raise ModelLoadError(f"deterministic mode does not cover the experts of {loaded.config.architecture} yet "
+                             "(they are not packed or checked for batch invariance): run it without --deterministic")
     if config.deterministic and (platform.is_cuda or fused_ops_kernel() is None):
         raise ModelLoadError("deterministic mode needs the CPU kernels (a CPU device and a C compiler, "
                              "TANDEM_DISABLE_C_KERNELS unset)")
@@ -93,7 +96,8 @@ def build_engine_parts(config: EngineConfig, kv_storage: KVStorageAllocator | No
     storage = None if kv_storage is None else kv_storage(tensor_bytes(spec))
     pool = KVCachePool(spec, platform.device, dtype, storage)
     sampler = Sampler(cfg.vocab_size, platform.device, seed=config.seed)
-    graphs = None if config.enforce_eager or not platform.is_cuda else config.max_num_seqs
+    graphs = None if config.enforce_eager or not platform.is_cuda or not model.supports_cuda_graphs \
+        else config.max_num_seqs
     backend = "cpu" if config.deterministic else config.attention_backend  # the kernel computes rows alike
     runner = ModelRunner(model, pool, sampler, platform.device, backend, graphs, max_model_len)
     seconds = time.perf_counter() - started

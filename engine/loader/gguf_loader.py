@@ -97,6 +97,9 @@ def _config(fields: _Fields, reader: GGUFReader, path: pathlib.Path) -> ModelCon
     if arch not in SUPPORTED_ARCHITECTURES:
         supported = ", ".join(SUPPORTED_ARCHITECTURES)
         raise ModelLoadError(f"{path}: GGUF architecture {arch!r} is not supported; use one of {supported}")
+    if int(fields.get(f"{arch}.expert_count", 0) or 0) > 0:
+        raise ModelLoadError(f"{path}: mixture-of-experts GGUF files (Mixtral, Qwen3-MoE) are not supported yet; "
+                             "load the model's Hugging Face folder")
     names = {t.name for t in reader.tensors}
     hidden = int(fields.require(f"{arch}.embedding_length"))
     num_heads = int(fields.require(f"{arch}.attention.head_count"))

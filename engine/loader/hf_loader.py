@@ -51,6 +51,8 @@ def load_hf_config(directory: pathlib.Path) -> ModelConfig:
     if raw.get("hidden_act", "silu") != "silu":
         raise ModelLoadError(f"{config_path}: hidden_act {raw['hidden_act']!r} is not supported (only silu)")
     _reject_sliding_window(raw, arch, config_path)
+    if arch in ("qwen3", "qwen3_moe") and raw.get("attention_bias"):
+        raise ModelLoadError(f"{config_path}: attention_bias on {arch} (biases on q/k/v and o_proj) is not supported")
     try:
         hidden = int(raw["hidden_size"])
         num_heads = int(raw["num_attention_heads"])

@@ -70,6 +70,9 @@ def quantize_loaded_model(model: nn.Module, method: QuantMethod, source: pathlib
     """Quantize `model` in place with `method`, taking prebuilt weights from a GGUF source when it
     stores them in a matching format. Returns the names of the quantized layers."""
     config: ModelConfig = model.config  # type: ignore[assignment]
+    if config.moe is not None:
+        log.warning("%s: the experts of %s stay float (their quantization is not done yet); only attention and "
+                    "dense layers are quantized", method, config.architecture)
     prebuilt: dict[str, Int4Weights | Int8Weights] = {}
     if method == "int4" and source.suffix == ".gguf":
         prebuilt = _merged(_gguf_int4_blocks(source, config), config)

@@ -21,7 +21,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
-from engine.config import ModelConfig, RopeScaling
+from engine.config import ModelConfig, MoEConfig, RopeScaling
 from engine.disk_cache import cache_dir, entry_name, remove_older_entries
 
 logger = logging.getLogger(__name__)
@@ -47,6 +47,8 @@ def config_from_json(text: str) -> ModelConfig:
     scaling = fields.get("rope_scaling")
     fields["rope_scaling"] = RopeScaling(**scaling) if scaling is not None else None
     fields["eos_token_ids"] = tuple(fields.get("eos_token_ids", ()))
+    moe = fields.get("moe")
+    fields["moe"] = MoEConfig(**{**moe, "dense_layers": tuple(moe["dense_layers"])}) if moe is not None else None
     return ModelConfig(**fields)
 
 

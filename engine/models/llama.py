@@ -85,10 +85,17 @@ class DecoderLayer(nn.Module):
 
 
 class LlamaForCausalLM(nn.Module):
-    """Also the base of the families that differ only in their attention (engine.models.qwen3)."""
+    """Also the base of the other families: they set their attention class (engine.models.qwen3),
+    their MLPs (engine.models.moe), and the further per-layer weights they load."""
 
     attention: type[Attention] = Attention
     mlp_factory: Callable[[ModelConfig, int], nn.Module] | None = None  # None: the dense MLP in every layer
+    # (HF name, our name) of further per-layer weights a family adds, both under the layer's prefix
+    extra_weights: tuple[tuple[str, str], ...] = ()
+    # a step's work depends only on its shapes (no host read-back of data): CUDA graphs may replay it
+    supports_cuda_graphs: bool = True
+    # its linears are all nn.Linear modules (packing, the batch-invariance check and quantization see them all)
+    all_linears_are_modules: bool = True
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
@@ -96,7 +103,7 @@ class LlamaForCausalLM(nn.Module):
         self.rope = rope = RotaryEmbedding(config.head_dim, config.max_position_embeddings, config.rope_theta,
                                            config.rope_scaling)
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
-        factory = type(self).mlp_factory
+        factory = self.mlp_factory
         self.layers = nn.ModuleList(
             DecoderLayer(config, i, rope, self.attention, None if factory is None else factory(config, i))
             for i in range(config.num_layers))
@@ -115,9 +122,6 @@ class LlamaForCausalLM(nn.Module):
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden).float()
-
-    # (HF name, our name) of further per-layer weights a family adds, both under the layer's prefix
-    extra_weights: tuple[tuple[str, str], ...] = ()
 
     def load_mlp(self, layer: int, weights: Mapping[str, torch.Tensor],
                  put: Callable[[str, torch.Tensor], None]) -> None:

@@ -20,10 +20,15 @@ from engine.models.qwen3 import Qwen3Attention
 
 
 class SparseMoE(nn.Module):
-    def __init__(self, config: ModelConfig) -> None:
+    """`weigh_in_float`: scale an expert's fp32-accumulated output by the fp32 routing weight and
+    round once (Mixtral in transformers); otherwise the weight is rounded to the model dtype first
+    (Qwen3-MoE). Equal in fp32, different roundings in bf16."""
+
+    def __init__(self, config: ModelConfig, weigh_in_float: bool) -> None:
         super().__init__()
         assert config.moe is not None
         self.moe: MoEConfig = config.moe
+        self.weigh_in_float = weigh_in_float
         e, inter, hidden = self.moe.num_experts, self.moe.intermediate_size, config.hidden_size
         self.gate = nn.Linear(hidden, e, bias=False)  # the router
         self.gate_up = nn.Parameter(torch.empty(e, 2 * inter, hidden))  # [gate; up] per expert
@@ -34,7 +39,7 @@ class SparseMoE(nn.Module):
         weights, experts = probs.topk(self.moe.top_k, dim=-1)  # [T, k]
         if self.moe.normalize_top_k:
             weights = weights / weights.sum(dim=-1, keepdim=True)
-        weights = weights.to(x.dtype).reshape(-1)
+        weights = (weights if self.weigh_in_float else weights.to(x.dtype)).reshape(-1)
         pairs = experts.reshape(-1)  # pair p is (token p // k, expert pairs[p])
         order = torch.argsort(pairs, stable=True)
         counts = torch.bincount(pairs, minlength=self.moe.num_experts).tolist()
@@ -48,21 +53,24 @@ class SparseMoE(nn.Module):
             tokens = chosen // self.moe.top_k
             h = ops.silu_mul(torch.nn.functional.linear(x[tokens], self.gate_up[expert]))
             h = torch.nn.functional.linear(h, self.down[expert]) * weights[chosen, None]
-            out.index_add_(0, tokens, h)
+            out.index_add_(0, tokens, h.to(x.dtype))
         return out
-
-
-def _mlp_for(config: ModelConfig, layer: int) -> nn.Module:
-    assert config.moe is not None
-    return MLP(config) if layer in config.moe.dense_layers else SparseMoE(config)
 
 
 class _MoEModel(LlamaForCausalLM):
     """The Llama layers with `SparseMoE` MLPs; `expert_names` maps (layer prefix, expert) to the HF
-    names of its (gate, up, down) matrices and `router_name` the router's."""
+    names of its (gate, up, down) matrices and `router_name` the router's. The experts are 3-D
+    parameters, not nn.Linear modules, and routing reads counts back to the host each layer."""
 
-    mlp_factory = staticmethod(_mlp_for)
     router_name = ""
+    weigh_in_float = False
+    supports_cuda_graphs = False
+    all_linears_are_modules = False
+
+    @classmethod
+    def mlp_factory(cls, config: ModelConfig, layer: int) -> nn.Module:  # type: ignore[override]
+        assert config.moe is not None
+        return MLP(config) if layer in config.moe.dense_layers else SparseMoE(config, cls.weigh_in_float)
 
     @staticmethod
     def expert_names(prefix: str, expert: int) -> tuple[str, str, str]:
@@ -83,6 +91,7 @@ class _MoEModel(LlamaForCausalLM):
 
 class MixtralForCausalLM(_MoEModel):
     router_name = "block_sparse_moe.gate"
+    weigh_in_float = True
 
     @staticmethod
     def expert_names(prefix: str, expert: int) -> tuple[str, str, str]:
