@@ -20,9 +20,9 @@ from engine.models.qwen3 import Qwen3Attention
 
 
 class SparseMoE(nn.Module):
-    """`weigh_in_float`: scale an expert's fp32-accumulated output by the fp32 routing weight and
-    round once (Mixtral in transformers); otherwise the weight is rounded to the model dtype first
-    (Qwen3-MoE). Equal in fp32, different roundings in bf16."""
+    """`weigh_in_float`: multiply an expert's output by the fp32 routing weight in fp32 and round
+    the product once to the model dtype (Mixtral in transformers); otherwise the weight is rounded
+    to the model dtype first (Qwen3-MoE). Equal in fp32, different roundings in bf16."""
 
     def __init__(self, config: ModelConfig, weigh_in_float: bool) -> None:
         super().__init__()
