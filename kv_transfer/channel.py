@@ -32,8 +32,8 @@ import numpy as np
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
 from kv_transfer import link_auth
-from kv_transfer.errors import IntegrityError, PeerLostError
-from kv_transfer.messages import MAX_FRAME, Message, encode, parse_frame, recv_exact
+from kv_transfer.errors import IntegrityError
+from kv_transfer.messages import MAX_FRAME, Message, encode, read_frame, recv_exact
 from kv_transfer.socket_io import recv_ranges, send_ranges
 
 TAG_BYTES = 16
@@ -125,10 +125,7 @@ class Channel:
     def recv(self, max_bytes: int = MAX_FRAME) -> Message:
         """One frame of at most `max_bytes`: PeerLostError on EOF, ValueError when malformed,
         IntegrityError when a tag is wrong."""
-        length = int.from_bytes(self.recv_bytes(4), "big")
-        if length > max_bytes:
-            raise PeerLostError(f"peer sent a {length}-byte frame (limit {max_bytes}): dropping the connection")
-        return parse_frame(self.recv_bytes(length))
+        return read_frame(self.recv_bytes, max_bytes)
 
     def send_bytes(self, data: bytes) -> None:
         """`data` as one unit (the receiver reads it with `recv_bytes(len(data))`)."""

@@ -11,6 +11,7 @@ import base64
 import json
 import socket
 import struct
+from collections.abc import Callable
 from dataclasses import MISSING, dataclass, fields
 from typing import Any, ClassVar, Literal
 
@@ -187,10 +188,16 @@ def send_message(sock: socket.socket, msg: Message) -> None:
 def recv_message(sock: socket.socket, max_bytes: int = MAX_FRAME) -> Message:
     """Read one frame of at most `max_bytes`; raises PeerLostError on EOF or a broken connection,
     ValueError for a malformed frame."""
-    (length,) = _LEN.unpack(recv_exact(sock, _LEN.size))
+    return read_frame(lambda n: recv_exact(sock, n), max_bytes)
+
+
+def read_frame(read_exact: Callable[[int], bytes], max_bytes: int) -> Message:
+    """One frame from `read_exact` (n → exactly n bytes): its length, checked against `max_bytes`
+    before the body is read, then the body."""
+    (length,) = _LEN.unpack(read_exact(_LEN.size))
     if length > max_bytes:
         raise PeerLostError(f"peer sent a {length}-byte frame (limit {max_bytes}): dropping the connection")
-    return parse_frame(recv_exact(sock, length))
+    return parse_frame(read_exact(length))
 
 
 def parse_frame(raw: bytes) -> Message:
