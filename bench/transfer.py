@@ -1,11 +1,13 @@
 """Transfer-engine bandwidth per backend, beside two ceilings measured in the same run.
 
     python -m bench.transfer [--size-mib 256] [--repeats 5] [--backends shm tcp nixl]
-                             [--authenticated [--integrity all|frames]] [--json out.json]
+                             [--authenticated [--integrity all|frames]] [--tls] [--json out.json]
 
 `--authenticated`: both engines hold a KV link secret (kv_transfer.link_auth), as `tandem up`'s do,
 so every connection is authenticated and sealed (kv_transfer.channel): every frame and, with
 `--integrity all` (the default, as `--kv-link-integrity`'s), every payload byte.
+`--tls`: the links are mutual TLS 1.3 (kv_transfer.link_tls, as with `--tls-*`) under a throwaway
+PKI, and a third ceiling is measured: the raw socket wrapped in the same TLS.
 
 Two processes on this host: this one (initiator) and bench/transfer_peer.py (the segment owner),
 metadata through a local etcd. Payloads (WRITE, initiator → owner):
@@ -30,18 +32,23 @@ import os
 import platform
 import secrets
 import socket
+import ssl
 import struct
 import subprocess
 import sys
+import tempfile
 import time
 import uuid
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
 
+from bench.transfer_peer import link_tls
 from common.etcd.local import running_etcd
+from common.pki import make_pki
 from common.processes import spawn
 from common.settings import apply_ucx_defaults, child_environment
 from engine.loader.api import load_model
@@ -109,9 +116,14 @@ def shm_copy_seconds(endpoint: dict, local: torch.Tensor, repeats: int) -> float
     return timed(lambda: peer_memory.copy_(local), repeats)
 
 
-def raw_socket_seconds(port: int, data: torch.Tensor, repeats: int) -> float:
-    with socket.create_connection(("127.0.0.1", port)) as sock:
-        tune_socket(sock)
+def raw_socket_seconds(port: int, data: torch.Tensor, repeats: int, context: ssl.SSLContext | None = None,
+                       cipher: list[str] | None = None) -> float:
+    """`cipher` receives the TLS cipher suite negotiated, with `context`."""
+    with socket.create_connection(("127.0.0.1", port)) as plain:
+        tune_socket(plain)
+        sock = plain if context is None else context.wrap_socket(plain, server_hostname="127.0.0.1")
+        if isinstance(sock, ssl.SSLSocket) and cipher is not None:
+            cipher.append(f"{sock.version()} {sock.cipher()[0]}")  # type: ignore[index]
         view = data.numpy().data.cast("B")
 
         def once() -> None:
@@ -126,10 +138,14 @@ async def run(args: argparse.Namespace) -> dict:
     size = args.size_mib << 20
     rng = np.random.default_rng(0)
     prefix = f"/tandem/bench-{uuid.uuid4().hex[:8]}"
-    with running_etcd() as etcd:
+    with running_etcd() as etcd, tempfile.TemporaryDirectory(prefix="tandem-bench-pki-") as pki_dir:
         secret = secrets.token_hex(32) if args.authenticated else None
+        tls_args = []
+        if args.tls:
+            make_pki(Path(pki_dir), "cluster")
+            tls_args = ["--tls-dir", pki_dir]
         peer = spawn([sys.executable, "-m", "bench.transfer_peer", "--etcd", etcd, "--prefix", prefix,
-                      "--size", str(size), "--integrity", args.integrity], stdin=subprocess.PIPE,
+                      "--size", str(size), "--integrity", args.integrity, *tls_args], stdin=subprocess.PIPE,
                      stdout=subprocess.PIPE, text=True,
                      env=child_environment({"TANDEM_KV_SECRET": secret} if secret else None))
         assert peer.stdout is not None
@@ -138,7 +154,8 @@ async def run(args: argparse.Namespace) -> dict:
         store = EtcdStore(etcd)
         engine = TransferEngine(store, TransferEngineConfig(engine_id="bench-initiator", metadata_prefix=prefix,
                                                             link_secret=secret.encode() if secret else None,
-                                                            seal_payloads=args.integrity == "all"))
+                                                            seal_payloads=args.integrity == "all",
+                                                            link_tls=link_tls(pki_dir if args.tls else None)))
         try:
             return await measure(args, engine, ready, size, rng)
         finally:
@@ -164,6 +181,10 @@ async def measure(args: argparse.Namespace, engine: TransferEngine, ready: dict,
     rows.append(Row("ceiling: torch copy, two processes' memfd buffers", whole, size, 1, t, size / t / 1e9))
     t = raw_socket_seconds(ready["raw_port"], local, args.repeats)
     rows.append(Row("ceiling: raw loopback socket sendall/recv_into", whole, size, 1, t, size / t / 1e9))
+    tls, cipher = engine.config.link_tls, list[str]()
+    if tls is not None:
+        t = raw_socket_seconds(ready["tls_port"], local, args.repeats, tls.client_context, cipher)
+        rows.append(Row("ceiling: the raw socket in TLS 1.3", whole, size, 1, t, size / t / 1e9))
 
     layout = kv_layout(size)
     cases = payloads(size, layout, rng)
@@ -199,7 +220,7 @@ async def measure(args: argparse.Namespace, engine: TransferEngine, ready: dict,
         nbytes = sum(r.total_bytes for r in per_layer)
         prompt.append({"backend": backend, "bytes": nbytes, "batches": len(per_layer), "median_ms": t * 1e3})
     return {"rows": [asdict(r) for r in rows], "prompt_512": prompt, "kv_block_bytes": layout.block_bytes,
-            "num_layers": layout.num_layers}
+            "num_layers": layout.num_layers, "tls_cipher": cipher[0] if cipher else None}
 
 
 def main() -> None:
@@ -210,12 +231,14 @@ def main() -> None:
     parser.add_argument("--authenticated", action="store_true", help="links authenticated with a secret")
     parser.add_argument("--integrity", choices=("all", "frames"), default="all",
                         help="with --authenticated: seal every byte, or frames only (--kv-link-integrity)")
+    parser.add_argument("--tls", action="store_true", help="links are mutual TLS (a throwaway PKI)")
     parser.add_argument("--json", help="write results here")
     args = parser.parse_args()
     apply_ucx_defaults()
     result = asyncio.run(run(args))
     result["authenticated"] = args.authenticated
     result["integrity"] = args.integrity if args.authenticated else None
+    result["tls"] = args.tls
     result["machine"] = {"cpus": os.cpu_count(), "platform": platform.platform(), "torch_threads":
                          torch.get_num_threads(), "date": time.strftime("%Y-%m-%d")}
     for r in result["rows"]:

@@ -1,8 +1,9 @@
 """Tandem's transfer engine: move KV-cache pages between processes and hosts.
 
-With a cluster secret, peer links (control, TCP and NCCL data) are authenticated and sealed
-(link_auth, channel), and guarded segments take two-sided writes only inside grants (grants).
-Nothing is encrypted; NIXL/UCX and shared memory are outside those links (see link_auth). Its etcd
+With the cluster's TLS files, peer links (control, TCP and NCCL data) are mutual TLS (link_tls);
+with a cluster secret they are authenticated and sealed (link_auth, channel), not encrypted. Guarded
+segments take two-sided writes only inside grants (grants). NIXL/UCX and shared memory are outside
+those links (see link_auth). Its etcd
 metadata client honours TLS and auth (common.etcd.access)."""
 
 from kv_transfer.batch import BatchHandle, NotifySpec

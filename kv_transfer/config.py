@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from kv_transfer.datatypes import ALL_BACKENDS, BackendName
+from kv_transfer.link_tls import LinkTls
 
 
 @dataclass(frozen=True)
@@ -26,6 +27,8 @@ class TransferEngineConfig:
     # with a secret: seal payload bytes too (kv_transfer.channel), not only frames; a connection
     # seals them when either side asks
     seal_payloads: bool = True
+    # the cluster's TLS files: every peer link is mutual TLS (kv_transfer.link_tls); None: plain TCP
+    link_tls: LinkTls | None = None
 
     def __post_init__(self) -> None:
         unknown = [b for b in self.backends if b not in ALL_BACKENDS]

@@ -18,10 +18,13 @@ nonces (kv_transfer.channel), so bytes changed, reordered or replayed on the pat
 (`bad_tag`). What a member may write into a guarded segment is limited by grants
 (kv_transfer.grants).
 
+With the cluster's TLS files the links are mutual TLS instead (kv_transfer.link_tls), and a secret,
+if also set, is proved inside the TLS session.
+
 Not covered: NIXL/UCX connects through the agent metadata published in etcd, outside these links,
 so it trusts its fabric; the NCCL/Gloo payload travels in its process group, outside these links
 (its headers are sealed and granted); the same-host shared-memory backend is guarded by the file
-permissions of /dev/shm. Payloads are authenticated, not encrypted.
+permissions of /dev/shm. Without TLS, payloads are authenticated, not encrypted.
 """
 
 from __future__ import annotations
@@ -40,8 +43,11 @@ MIN_SECRET_BYTES = 16
 
 LINK_REFUSED = Counter("tandem_kv_link_refused", "Peer-link connections refused by this engine, by reason "
                        "(no_proof: the caller did not authenticate; bad_proof: wrong secret or a replayed handshake; "
-                       "bad_tag: a unit on an authenticated link failed its integrity tag)",
-                       ["reason"])
+                       "bad_tag: a unit on an authenticated link failed its integrity tag; tls: the caller failed "
+                       "mutual TLS)", ["reason"])
+LINKS_OPENED = Counter("tandem_kv_links_opened", "Peer-link connections this engine opened or admitted, by what "
+                       "protects them (tls: mutual TLS; sealed: secret, every byte tagged; frames: secret, frames "
+                       "tagged; open: nothing)", ["protection"])
 
 
 def new_nonce() -> str:

@@ -15,7 +15,8 @@ from collections.abc import Callable
 from dataclasses import MISSING, dataclass, fields
 from typing import Any, ClassVar, Literal
 
-from kv_transfer.errors import PeerLostError, TransferTimeoutError
+from kv_transfer.errors import PeerLostError
+from kv_transfer.socket_io import fill
 
 MAX_FRAME = 64 << 20
 _LEN = struct.Struct("!I")
@@ -211,16 +212,5 @@ def parse_frame(raw: bytes) -> Message:
 
 def recv_exact(sock: socket.socket, n: int) -> bytes:
     buf = bytearray(n)
-    view = memoryview(buf)
-    got = 0
-    while got < n:
-        try:
-            k = sock.recv_into(view[got:])
-        except TimeoutError as e:
-            raise TransferTimeoutError("peer did not send in time") from e
-        except OSError as e:
-            raise PeerLostError(f"connection to peer failed: {e}") from e
-        if k == 0:
-            raise PeerLostError("peer closed the connection")
-        got += k
+    fill(sock, memoryview(buf))
     return bytes(buf)

@@ -1,7 +1,9 @@
 """The peer link: one listening socket per engine, control connections between engines.
 
-Every connection starts with a `Hello` (and, with a cluster secret, the challenge-response of
-kv_transfer.link_auth, both ways, after which every unit on it is sealed: kv_transfer.channel).
+With the cluster's TLS files every connection is mutual TLS first (kv_transfer.link_tls). Every
+connection then starts with a `Hello` (and, with a cluster secret, the challenge-response of
+kv_transfer.link_auth, both ways, after which every unit on it is sealed, unless TLS already
+protects it: kv_transfer.channel).
 Control connections carry `Notify` messages and tell each side at once when the other goes away (a
 SIGKILLed process's sockets are closed by the kernel, so EOF arrives immediately on one host;
 across hosts, TCP keepalive bounds it). Any other purpose names a data connection, handed to the
@@ -14,12 +16,14 @@ from __future__ import annotations
 import contextlib
 import logging
 import socket
+import ssl
 import threading
 from collections.abc import Callable
 
 from kv_transfer import link_auth
 from kv_transfer.channel import Channel, SessionKeys
 from kv_transfer.errors import PeerLostError, TransferError
+from kv_transfer.link_tls import LinkTls
 from kv_transfer.messages import MAX_FRAME, Challenge, Hello, Message, Notify, Proof, recv_message, send_message
 
 log = logging.getLogger(__name__)
@@ -39,6 +43,12 @@ def tune_socket(sock: socket.socket, buffer_bytes: int = 4 << 20) -> None:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, 3)
 
 
+def _handshake_timeout(timeout_s: float | None) -> float:
+    """Each handshake step waits the handshake limit, or a transfer's remaining time if shorter."""
+    limit = link_auth.HANDSHAKE_TIMEOUT_S
+    return max(min(limit, timeout_s), 0.05) if timeout_s is not None else limit
+
+
 def parse_address(address: str) -> tuple[str, int]:
     host, _, port = address.rpartition(":")
     return host.strip("[]"), int(port)
@@ -47,10 +57,11 @@ def parse_address(address: str) -> tuple[str, int]:
 class PeerLink:
     def __init__(self, engine_id: str, host: str, port: int, on_notify: Callable[[str, Notify], None],
                  on_peer_lost: Callable[[str, str], None], secret: bytes | None = None,
-                 seal_payloads: bool = True) -> None:
+                 seal_payloads: bool = True, tls: LinkTls | None = None) -> None:
         link_auth.check_secret(secret)
         self.engine_id = engine_id
-        self._secret = secret  # None: links are not authenticated
+        self._secret = secret  # None: links are not authenticated by a secret
+        self._tls = tls  # None: plain TCP
         self._seal_payloads = seal_payloads  # with a secret: ask for payload bytes to be sealed
         self._on_notify = on_notify
         self._on_peer_lost = on_peer_lost
@@ -99,6 +110,9 @@ class PeerLink:
         nonce = link_auth.new_nonce() if self._secret is not None else ""
         keys = None
         try:
+            if self._tls is not None:
+                sock.settimeout(_handshake_timeout(timeout_s))
+                sock = self._tls.client_context.wrap_socket(sock, server_hostname=host)
             send_message(sock, Hello(engine=self.engine_id, purpose=purpose, nonce=nonce,
                                      seal_payload=self._seal_payloads))
             if self._secret is not None:
@@ -108,14 +122,13 @@ class PeerLink:
             raise PeerLostError(f"cannot open a {purpose} link to {address}: {e}") from e
         sock.settimeout(None)
         self._track(sock)
-        return Channel(sock, keys, is_caller=True)
+        return self._channel(sock, keys, is_caller=True)
 
     def _prove(self, sock: socket.socket, nonce: str, purpose: str, address: str,
                timeout_s: float | None) -> SessionKeys:
         """The caller's half of the handshake: check the target's proof, send ours; the connection's keys."""
         assert self._secret is not None
-        limit = link_auth.HANDSHAKE_TIMEOUT_S
-        sock.settimeout(max(min(limit, timeout_s), 0.05) if timeout_s is not None else limit)
+        sock.settimeout(_handshake_timeout(timeout_s))
         challenge = recv_message(sock, link_auth.HANDSHAKE_MAX_FRAME)
         if not isinstance(challenge, Challenge) or not link_auth.verify(
                 self._secret, challenge.proof, "target", nonce, challenge.nonce, self.engine_id, purpose):
@@ -159,8 +172,13 @@ class PeerLink:
 
     def _serve(self, sock: socket.socket) -> None:
         tune_socket(sock)
+        authenticating = self._secret is not None or self._tls is not None
+        if self._tls is not None:
+            secured = self._tls_accept(sock)
+            if secured is None:
+                return
+            sock = secured
         self._track(sock)
-        authenticating = self._secret is not None
         try:
             if authenticating:  # an unauthenticated caller holds no thread or memory for long
                 sock.settimeout(link_auth.HANDSHAKE_TIMEOUT_S)
@@ -178,7 +196,9 @@ class PeerLink:
         if not admitted:
             self._untrack_close(sock)
             return
-        channel = Channel(sock, keys, is_caller=False)
+        if authenticating:
+            sock.settimeout(None)
+        channel = self._channel(sock, keys, is_caller=False)
         if hello.purpose == "control":
             self._read_loop(channel, hello.engine)
             return
@@ -191,6 +211,29 @@ class PeerLink:
             handler(channel, hello.engine)
         finally:
             self._untrack_close(sock)
+
+    def _channel(self, sock: socket.socket, keys: SessionKeys | None, is_caller: bool) -> Channel:
+        """The connection after its handshakes; TLS already protects every byte, so it adds no tags."""
+        if self._tls is not None:
+            keys = None
+            protection = "tls"
+        else:
+            protection = "open" if keys is None else "sealed" if keys.seal_payload else "frames"
+        link_auth.LINKS_OPENED.labels(protection).inc()
+        return Channel(sock, keys, is_caller)
+
+    def _tls_accept(self, sock: socket.socket) -> ssl.SSLSocket | None:
+        """The target's TLS handshake; None (counted, the socket closed) when the caller fails it."""
+        assert self._tls is not None
+        try:
+            sock.settimeout(link_auth.HANDSHAKE_TIMEOUT_S)
+            return self._tls.server_context.wrap_socket(sock, server_side=True)
+        except (OSError, ValueError) as e:  # ssl.SSLError is an OSError
+            link_auth.LINK_REFUSED.labels("tls").inc()
+            log.warning("refused a peer-link connection that failed mutual TLS: %s", str(e)[:200])
+            with contextlib.suppress(OSError):
+                sock.close()
+            return None
 
     def _admit(self, sock: socket.socket, hello: Hello) -> tuple[bool, SessionKeys | None]:
         """The target's half of the handshake: whether the caller is admitted (a refusal is counted),

@@ -1,9 +1,13 @@
-"""Scatter/gather socket I/O over byte ranges of one buffer, without intermediate copies."""
+"""Scatter/gather socket I/O over byte ranges of one buffer: without intermediate copies on a plain
+socket (sendmsg / recvmsg_into); a TLS socket has neither, so its sends gather small ranges into
+TLS-record-sized writes and its receives land record by record in place (recv_into)."""
 
 from __future__ import annotations
 
+import contextlib
 import socket
-from collections.abc import Callable
+import ssl
+from collections.abc import Callable, Iterator
 
 import numpy as np
 import torch
@@ -11,6 +15,18 @@ import torch
 from kv_transfer.errors import PeerLostError, TransferTimeoutError
 
 _IOV_MAX = 1024  # Linux's limit on buffers per sendmsg/recvmsg call
+_TLS_WRITE_BYTES = 256 << 10  # a TLS send gathers ranges up to this size per write (records are 16 KiB)
+
+
+@contextlib.contextmanager
+def _typed_errors(sending: bool) -> Iterator[None]:
+    """A socket's timeout or failure as the transfer error it means."""
+    try:
+        yield
+    except TimeoutError as e:
+        raise TransferTimeoutError(f"{'sending' if sending else 'receiving'} timed out") from e
+    except OSError as e:  # ssl.SSLError too
+        raise PeerLostError(f"peer dropped the connection while we {'sent' if sending else 'received'}: {e}") from e
 
 
 def tensor_memoryview(data: torch.Tensor) -> memoryview:
@@ -47,14 +63,13 @@ def send_ranges(sock: socket.socket, base: memoryview, offsets: np.ndarray, leng
                 on_piece: OnPiece | None = None) -> None:
     """Send the ranges in order; `on_piece` sees each piece once it is sent (still hot in cache)."""
     views = _views(base, offsets, lengths)
+    if isinstance(sock, ssl.SSLSocket):
+        _send_views_tls(sock, views, on_piece)
+        return
     i = 0
     while i < len(views):
-        try:
+        with _typed_errors(sending=True):
             sent = sock.sendmsg(views[i:i + _IOV_MAX])
-        except TimeoutError as e:
-            raise TransferTimeoutError("sending the payload timed out") from e
-        except OSError as e:
-            raise PeerLostError(f"peer dropped the connection while we sent: {e}") from e
         i = _consume(views, i, sent, on_piece)
 
 
@@ -62,14 +77,53 @@ def recv_ranges(sock: socket.socket, base: memoryview, offsets: np.ndarray, leng
                 on_piece: OnPiece | None = None) -> None:
     """Receive into the ranges in order; `on_piece` sees each piece once it has landed."""
     views = _views(base, offsets, lengths)
+    if isinstance(sock, ssl.SSLSocket):
+        _recv_views_tls(sock, views, on_piece)
+        return
     i = 0
     while i < len(views):
-        try:
+        with _typed_errors(sending=False):
             got = sock.recvmsg_into(views[i:i + _IOV_MAX])[0]
-        except TimeoutError as e:
-            raise TransferTimeoutError("receiving the payload timed out") from e
-        except OSError as e:
-            raise PeerLostError(f"peer dropped the connection while we received: {e}") from e
         if got == 0:
             raise PeerLostError("peer closed the connection mid-payload")
         i = _consume(views, i, got, on_piece)
+
+
+def _send_views_tls(sock: ssl.SSLSocket, views: list[memoryview], on_piece: OnPiece | None) -> None:
+    """Large views go as they are; runs of small ones are gathered into one write (a copy is cheap
+    beside the encryption, a write per small range is not)."""
+    gathered = bytearray()
+    with _typed_errors(sending=True):
+        for view in views:
+            if len(view) >= _TLS_WRITE_BYTES:
+                if gathered:
+                    sock.sendall(gathered)
+                    gathered.clear()
+                sock.sendall(view)
+            else:
+                gathered += view
+                if len(gathered) >= _TLS_WRITE_BYTES:
+                    sock.sendall(gathered)
+                    gathered.clear()
+            if on_piece is not None:
+                on_piece(view)
+        if gathered:
+            sock.sendall(gathered)
+
+
+def fill(sock: socket.socket, view: memoryview) -> None:
+    """Receive exactly len(view) bytes into `view` (a plain or a TLS socket)."""
+    filled = 0
+    while filled < len(view):
+        with _typed_errors(sending=False):
+            got = sock.recv_into(view[filled:])
+        if got == 0:
+            raise PeerLostError("peer closed the connection")
+        filled += got
+
+
+def _recv_views_tls(sock: ssl.SSLSocket, views: list[memoryview], on_piece: OnPiece | None) -> None:
+    for view in views:
+        fill(sock, view)
+        if on_piece is not None:
+            on_piece(view)

@@ -71,7 +71,7 @@ class TransferEngine:
         self.store = store
         self.inbox = NotificationInbox()
         self.link = PeerLink(self.engine_id, self.config.host, self.config.port, self._on_notify, self._on_peer_lost,
-                             self.config.link_secret, self.config.seal_payloads)
+                             self.config.link_secret, self.config.seal_payloads, self.config.link_tls)
         self._lock = threading.Lock()
         self._segments: dict[str, LocalSegment] = {}
         self._shared: list[SharedHostBuffer] = []

@@ -20,10 +20,10 @@ import openai
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from common.pki import Pki, make_pki
 from tandem.v1 import inference_pb2 as pb
 from tandem.v1 import inference_pb2_grpc, worker_pb2, worker_pb2_grpc
-from tests.support.certs import Pki, make_pki
-from tests.support.cluster import Cluster, assert_pools_clean, fetch, metric, tandem_up, worker_metrics
+from tests.support.cluster import Cluster, assert_pools_clean, fetch, metric, metric_sum, tandem_up, worker_metrics
 from tests.support.cluster_workload import Job, reference, run_openai
 from tests.support.secure_etcd import etcdctl_binary, secure_etcd
 
@@ -98,7 +98,8 @@ def _get(url: str, context: ssl.SSLContext, headers: dict[str, str] | None = Non
 
 async def test_tls_answers_like_the_engine_alone(secure: Secure, tiny_llama_dir: Path) -> None:
     """gRPC over TLS and the official OpenAI client over HTTPS (either key) give the engine's greedy
-    text; the prompts were prefilled on the prefill worker (decode → prefill over mutual TLS)."""
+    text; the prompts were prefilled on the prefill worker (decode → prefill over mutual TLS, and
+    the KV pages back over mutual-TLS peer links)."""
     jobs = [Job("text", text=PROMPT, max_tokens=8), Job("chat", text=PROMPT, max_tokens=6)]
     expected = reference(str(tiny_llama_dir), jobs)
     assert await _generate_text(secure, jobs[0], FILE_KEY) == expected[0].text
@@ -113,6 +114,11 @@ async def test_tls_answers_like_the_engine_alone(secure: Secure, tiny_llama_dir:
     await client.close()
     decode = secure.cluster.role("decode")[0]
     assert metric(worker_metrics(decode), "tandem_disaggregation_decisions_total", decision="remote") > 0
+    for worker in (decode, secure.cluster.role("prefill")[0]):  # the KV links are mutual TLS too
+        text = worker_metrics(worker)
+        assert metric(text, "tandem_kv_links_opened_total", protection="tls") > 0, worker.role
+        assert metric_sum(text, "tandem_kv_links_opened_total") == metric(
+            text, "tandem_kv_links_opened_total", protection="tls"), worker.role
     await assert_pools_clean(secure.cluster, credentials=secure.credentials())
 
 

@@ -1,5 +1,6 @@
 """The NCCL backend in one process: two engines, WRITE and READ of scattered pages, notifications,
-refusals, a peer that dies or stalls mid-batch. On CPU the same code runs over Gloo (only when the
+refusals, a peer that dies or stalls mid-batch, over open, secret-sealed and mutual-TLS links
+(the peer watch peeks beneath TLS). On CPU the same code runs over Gloo (only when the
 config names "nccl"); the CUDA variant needs two GPUs (NCCL puts no two ranks on one device)."""
 
 from __future__ import annotations
@@ -8,6 +9,7 @@ import os
 
 os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "2")  # read when a NCCL group is built
 
+import dataclasses
 import threading
 import time
 from collections.abc import AsyncIterator, Callable
@@ -17,6 +19,7 @@ import pytest
 import torch
 
 import kv_transfer.backends.nccl as nccl_module
+from common.pki import make_pki
 from kv_transfer import (
     BackendUnavailableError,
     InProcessStore,
@@ -32,6 +35,7 @@ from kv_transfer import (
 from kv_transfer.backends.nccl import PURPOSE, NcclBackend
 from kv_transfer.backends.pair_group import PairGroup, join_store, plan_chunks
 from kv_transfer.channel import Channel
+from kv_transfer.link_tls import LinkTls
 from kv_transfer.messages import GroupSetup, XferHeader, XferReply
 from tests.support.engine_pair import PAGE, PAGES, Pair, check_out_of_range_refused, check_write_then_read, page_ranges
 
@@ -40,9 +44,9 @@ pytestmark = pytest.mark.skipif(not NcclBackend.is_available(), reason="torch.di
 NCCL_ONLY = TransferEngineConfig(backends=("nccl",), default_timeout_s=10.0)
 
 
-async def make_pair(device: str) -> Pair:
+async def make_pair(device: str, config: TransferEngineConfig = NCCL_ONLY) -> Pair:
     store = InProcessStore()
-    a, b = TransferEngine(store, NCCL_ONLY), TransferEngine(store, NCCL_ONLY)
+    a, b = TransferEngine(store, config), TransferEngine(store, config)
     src = torch.randint(0, 256, (PAGES * PAGE,), dtype=torch.uint8).to(device.replace("*", "0"))
     dst = torch.randint(0, 256, (PAGES * PAGE,), dtype=torch.uint8).to(device.replace("*", "1"))
     await a.register_segment("a", src)
@@ -52,9 +56,15 @@ async def make_pair(device: str) -> Pair:
     return Pair(a, b, src, dst)
 
 
-@pytest.fixture
-async def pair() -> AsyncIterator[Pair]:
-    p = await make_pair("cpu")
+@pytest.fixture(params=["open", "secret", "tls"])
+async def pair(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Pair]:
+    config = NCCL_ONLY
+    if request.param == "secret":
+        config = dataclasses.replace(config, link_secret=b"cluster-secret-5be1c0a9d2")
+    elif request.param == "tls":
+        pki = make_pki(tmp_path_factory.mktemp("pki"), "cluster")
+        config = dataclasses.replace(config, link_tls=LinkTls(str(pki.ca), str(pki.cert), str(pki.key)))
+    p = await make_pair("cpu", config)
     yield p
     await p.a.close()
     await p.b.close()

@@ -19,10 +19,10 @@ from cluster.up_settings import UpSettings
 from cluster.worker_pool import WorkerPool
 from common.etcd.access import EtcdAccess
 from common.etcd.lease import etcd_client
+from common.pki import Pki, make_pki
 from common.settings import add_settings_flags
 from common.tls import TlsFiles
 from common.worker_record import WorkerRecord, WorkerRegistration
-from tests.support.certs import Pki, make_pki
 from tests.support.secure_etcd import etcdctl_binary, secure_etcd
 from worker_runtime.settings import WorkerSettings
 

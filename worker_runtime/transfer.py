@@ -11,6 +11,7 @@ import torch
 from engine.async_engine import AsyncEngine
 from kv_transfer import EtcdStore, TransferEngine, TransferEngineConfig
 from kv_transfer.kv_connector import KVConnector
+from kv_transfer.link_tls import LinkTls
 from worker_runtime.settings import WorkerSettings
 
 log = logging.getLogger(__name__)
@@ -19,10 +20,13 @@ log = logging.getLogger(__name__)
 async def engine_with_kv_connector(settings: WorkerSettings, worker_id: str,
                                    stack: AsyncExitStack) -> tuple[AsyncEngine, KVConnector]:
     """The engine, its pool registered as segment `<worker id>.kv` and its layout published."""
-    if settings.kv_secret is None:
+    tls = settings.tls_files()
+    if tls is None and settings.kv_secret is None:
         log.warning("the KV transfer links are not authenticated: anyone who reads this worker's segment "
-                    "address in etcd can write into its KV pool over TCP; give every worker TANDEM_KV_SECRET "
-                    "(NIXL/UCX is not covered by it either way: it trusts its fabric)")
+                    "address in etcd can write into its KV pool over TCP; give every worker the cluster's "
+                    "--tls-* files or TANDEM_KV_SECRET (NIXL/UCX is not covered either way: it trusts its fabric)")
+    elif tls is not None:
+        log.info("KV links are mutual TLS (the cluster's --tls-* files): every byte is encrypted and authenticated")
     elif settings.kv_link_integrity == "frames":
         log.info("KV links seal frames only (--kv-link-integrity frames): page bytes are not sealed")
     store = EtcdStore(settings.etcd, access=settings.etcd_access())
@@ -30,7 +34,8 @@ async def engine_with_kv_connector(settings: WorkerSettings, worker_id: str,
     transfer = TransferEngine(store, TransferEngineConfig(
         engine_id=worker_id, host=settings.host, backends=settings.backends,  # type: ignore[arg-type]
         metadata_prefix=f"/tandem/{settings.cluster}/kv", link_secret=settings.kv_link_secret(),
-        seal_payloads=settings.kv_link_integrity == "all"))
+        seal_payloads=settings.kv_link_integrity == "all",
+        link_tls=None if tls is None else LinkTls(tls.ca, tls.cert, tls.key)))
     stack.push_async_callback(transfer.close)
     # on CPU the pool lives in shared memory that same-host peers map; on CUDA in device memory
     storage = None if torch.cuda.is_available() else (lambda n: transfer.allocate_host_buffer(n, "kv"))

@@ -285,6 +285,11 @@ def pools_dashboard() -> dict:
                    Query(f"sum by (reason) (rate(tandem_kv_grant_refused_total{{{NS}}}[{RATE}]))",
                          "refused batch {{reason}} /s")],
                   thresholds=[(KV_TRANSFER_FAILED_RATIO, "red")], width=8),
+        PanelSpec("KV links by protection", "Peer-link connections opened or admitted per second, by what protects "
+                  "them: tls (mutual TLS, the --tls-* files), sealed (the KV secret, every byte tagged), frames "
+                  "(the secret, frames tagged) or open (nothing: only on a trusted network).", "ops",
+                  [Query(f"sum by (protection) (rate(tandem_kv_links_opened_total{{{NS}}}[{RATE}]))",
+                         "{{protection}} /s")], width=8),
     ]
     planner = [
         PanelSpec("Replicas: desired and current", "What the planner wants per pool, what the pool has, and the "

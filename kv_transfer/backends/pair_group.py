@@ -31,6 +31,7 @@ import functools
 import logging
 import select
 import socket
+import ssl
 import threading
 import time
 from collections import deque
@@ -291,7 +292,9 @@ class PairGroup:
 
 class _PeerWatch:
     """EOF on the peer's data connection while a payload is in flight means the peer is gone. Once a
-    frame is waiting (the peer's reply may overtake our last completion) the watch stops."""
+    frame is waiting (the peer's reply may overtake our last completion) the watch stops. A TLS
+    connection is peeked beneath TLS, on its descriptor: the peek takes nothing from the stream,
+    and a waiting TLS record is a frame too (kv_transfer.link_tls: no unasked records)."""
 
     def __init__(self, sock: socket.socket | None) -> None:
         self._sock = sock
@@ -305,7 +308,10 @@ class _PeerWatch:
             readable, _, _ = select.select([self._sock], [], [], wait_s)
             if not readable:
                 return False
-            pending = self._sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+            if isinstance(self._sock, ssl.SSLSocket) and self._sock.pending():
+                pending = b"\x00"  # a decrypted frame is already buffered
+            else:
+                pending = socket.socket.recv(self._sock, 1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
         except BlockingIOError:
             return False
         except (OSError, ValueError):  # ValueError: the socket was closed under us

@@ -15,8 +15,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from common.etcd.local import etcd_binary, free_port
+from common.pki import Pki
 from common.processes import spawn
-from tests.support.certs import Pki
 
 
 def etcdctl_binary() -> Path:

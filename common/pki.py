@@ -1,5 +1,6 @@
-"""Throwaway PKIs for TLS tests: a CA and a certificate it signs for 127.0.0.1 / localhost, valid
-for server and client use (EC P-256, a day either side of now), written as PEM files."""
+"""Throwaway PKIs for tests and benchmarks: a CA and a certificate it signs for 127.0.0.1 /
+localhost, valid for server and client use (EC P-256, a day either side of now), written as PEM
+files. Not for production: a real cluster's CA is the operator's (deploy/: cert-manager)."""
 
 from __future__ import annotations
 
