@@ -119,9 +119,10 @@ def shm_copy_seconds(endpoint: dict, local: torch.Tensor, repeats: int) -> float
 def raw_socket_seconds(port: int, data: torch.Tensor, repeats: int, context: ssl.SSLContext | None = None,
                        cipher: list[str] | None = None) -> float:
     """`cipher` receives the TLS cipher suite negotiated, with `context`."""
-    with socket.create_connection(("127.0.0.1", port)) as plain:
-        tune_socket(plain)
-        sock = plain if context is None else context.wrap_socket(plain, server_hostname="127.0.0.1")
+    plain = socket.create_connection(("127.0.0.1", port))
+    tune_socket(plain)
+    sock = plain if context is None else context.wrap_socket(plain, server_hostname="127.0.0.1")
+    with sock:
         if isinstance(sock, ssl.SSLSocket) and cipher is not None:
             cipher.append(f"{sock.version()} {sock.cipher()[0]}")  # type: ignore[index]
         view = data.numpy().data.cast("B")

@@ -49,7 +49,10 @@ def raw_socket_sink(server: socket.socket, buffer: torch.Tensor, context: ssl.SS
         conn, _ = server.accept()
         tune_socket(conn)
         if context is not None:
-            conn = context.wrap_socket(conn, server_side=True)
+            try:
+                conn = context.wrap_socket(conn, server_side=True)
+            except OSError:  # a caller that failed TLS: wait for the next
+                continue
         with conn:
             while header := _header(conn):
                 (n,) = struct.unpack("!Q", header)

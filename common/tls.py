@@ -12,8 +12,9 @@ passes them to every child), and a component with them speaks only TLS.
 - A worker records `tls` in its etcd record; a router whose setting differs ignores it with a
   warning instead of failing each call at the handshake.
 
-The workers' KV peer links (control, TCP and NCCL data) take the same files and are mutual TLS
-too (kv_transfer.link_tls); NIXL/UCX and shared memory are outside them. Workers' Prometheus
+The workers' KV peer links take the same files and are mutual TLS too (kv_transfer.link_tls):
+control connections, the TCP backend's pages, the NCCL backend's headers; shared memory, NIXL/UCX
+and the NCCL payload are outside them. Workers' Prometheus
 /metrics stay plaintext HTTP. etcd's client TLS
 is configured apart (common.etcd.access). Files are read at start: rotating a certificate
 takes a restart.

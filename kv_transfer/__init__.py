@@ -1,6 +1,6 @@
 """Tandem's transfer engine: move KV-cache pages between processes and hosts.
 
-With the cluster's TLS files, peer links (control, TCP and NCCL data) are mutual TLS (link_tls);
+With the cluster's TLS files, peer links (control, TCP data, NCCL headers) are mutual TLS (link_tls);
 with a cluster secret they are authenticated and sealed (link_auth, channel), not encrypted. Guarded
 segments take two-sided writes only inside grants (grants). NIXL/UCX and shared memory are outside
 those links (see link_auth). Its etcd

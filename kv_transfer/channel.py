@@ -34,7 +34,7 @@ from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from kv_transfer import link_auth
 from kv_transfer.errors import IntegrityError
 from kv_transfer.messages import MAX_FRAME, Message, encode, read_frame, recv_exact
-from kv_transfer.socket_io import recv_ranges, send_ranges
+from kv_transfer.socket_io import recv_ranges, send_ranges, shutdown
 
 TAG_BYTES = 16
 
@@ -164,6 +164,10 @@ class Channel:
 
     def settimeout(self, timeout: float | None) -> None:
         self.sock.settimeout(timeout)
+
+    def shutdown(self) -> None:
+        """End both directions now, from any thread (kv_transfer.socket_io.shutdown)."""
+        shutdown(self.sock)
 
     def close(self) -> None:
         self.sock.close()

@@ -43,8 +43,8 @@ MIN_SECRET_BYTES = 16
 
 LINK_REFUSED = Counter("tandem_kv_link_refused", "Peer-link connections refused by this engine, by reason "
                        "(no_proof: the caller did not authenticate; bad_proof: wrong secret or a replayed handshake; "
-                       "bad_tag: a unit on an authenticated link failed its integrity tag; tls: the caller failed "
-                       "mutual TLS)", ["reason"])
+                       "bad_tag: a unit on an authenticated link failed its integrity tag; tls: the caller's TLS "
+                       "handshake failed: no or a foreign certificate, plaintext, a stall or a drop)", ["reason"])
 LINKS_OPENED = Counter("tandem_kv_links_opened", "Peer-link connections this engine opened or admitted, by what "
                        "protects them (tls: mutual TLS; sealed: secret, every byte tagged; frames: secret, frames "
                        "tagged; open: nothing)", ["protection"])

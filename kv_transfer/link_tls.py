@@ -1,19 +1,24 @@
 """Mutual TLS on peer links: with the cluster's TLS material (the `--tls-*` files every component
-is given), every peer-link connection (control, TCP and NCCL data) is TLS 1.3 both ways: each side
-takes only a peer whose certificate the cluster CA signed. Membership is what a certificate proves
-here, not an address: the caller does not match the target's certificate against the address it
-dialled (a Kubernetes pod's IP is in no certificate, and every member may share one), so which
-member a peer is still rests on the engine id it names (kv_transfer.grants).
-TLS then authenticates, encrypts and orders every byte, so the frame and payload tags of
-kv_transfer.channel are not added on top; a cluster secret, when also set, still runs its
-challenge-response inside the TLS session (kv_transfer.link_auth).
+is given), every peer-link connection is TLS 1.3 both ways: control connections, the TCP backend's
+connections (headers and KV pages) and the NCCL backend's (headers; its payload travels in its
+process group, outside). Shared memory and NIXL/UCX do not use these links. Each side takes only a
+peer whose certificate the cluster CA signed. Membership is what a certificate proves here, not
+an address: the caller does not match the target's certificate against the address it dialled (a
+Kubernetes pod's IP is in no certificate, and every member may share one), so which member a
+caller is rests on the engine id it names (kv_transfer.grants), and which member answers at an
+address rests on etcd's records. TLS authenticates, encrypts and orders every byte on the link,
+so the frame and payload tags of kv_transfer.channel are not added on top; a cluster secret, when
+also set, still runs its challenge-response inside the TLS session (kv_transfer.link_auth).
 
-A caller that fails the handshake (no certificate, one from another CA, plaintext) is refused and
-counted in `tandem_kv_link_refused_total{reason="tls"}`; a changed, dropped or replayed record fails
-TLS's own check and ends the connection.
+A caller that fails the handshake (no certificate, one from another CA, plaintext, or one that
+stalls or drops mid-handshake) is refused and counted in `tandem_kv_link_refused_total{reason="tls"}`;
+a changed, dropped or replayed record fails TLS's own check and ends the connection. In TLS 1.3 the
+caller finishes its handshake before the target has checked the caller's certificate: without a
+secret, a refused caller learns it at its first read (EOF), not when it opens the link.
 
-Targets send no session tickets: after the handshake nothing arrives unasked, so a waiting record
-on a data connection is always the peer's frame (the NCCL backend's peer watch peeks for one).
+Targets send no session tickets: after the handshake nothing arrives unasked but a fatal alert
+just before a close, so a waiting record on a data connection is the peer's frame or its end (the
+NCCL backend's peer watch peeks for one; a deadline bounds what it misses).
 """
 
 from __future__ import annotations

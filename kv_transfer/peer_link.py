@@ -25,6 +25,7 @@ from kv_transfer.channel import Channel, SessionKeys
 from kv_transfer.errors import PeerLostError, TransferError
 from kv_transfer.link_tls import LinkTls
 from kv_transfer.messages import MAX_FRAME, Challenge, Hello, Message, Notify, Proof, recv_message, send_message
+from kv_transfer.socket_io import shutdown
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +63,8 @@ class PeerLink:
         self.engine_id = engine_id
         self._secret = secret  # None: links are not authenticated by a secret
         self._tls = tls  # None: plain TCP
+        if tls is not None:  # read the files now: a bad one fails the start, not every later link
+            _ = tls.server_context, tls.client_context
         self._seal_payloads = seal_payloads  # with a secret: ask for payload bytes to be sealed
         self._on_notify = on_notify
         self._on_peer_lost = on_peer_lost
@@ -121,7 +124,8 @@ class PeerLink:
             sock.close()
             raise PeerLostError(f"cannot open a {purpose} link to {address}: {e}") from e
         sock.settimeout(None)
-        self._track(sock)
+        if not self._track(sock):
+            raise PeerLostError(f"cannot open a {purpose} link to {address}: this engine is closing")
         return self._channel(sock, keys, is_caller=True)
 
     def _prove(self, sock: socket.socket, nonce: str, purpose: str, address: str,
@@ -173,12 +177,13 @@ class PeerLink:
     def _serve(self, sock: socket.socket) -> None:
         tune_socket(sock)
         authenticating = self._secret is not None or self._tls is not None
+        if not self._track(sock):  # tracked from the start: close() interrupts a handshake too
+            return
         if self._tls is not None:
             secured = self._tls_accept(sock)
-            if secured is None:
+            if secured is None or not self._swap(sock, secured):
                 return
             sock = secured
-        self._track(sock)
         try:
             if authenticating:  # an unauthenticated caller holds no thread or memory for long
                 sock.settimeout(link_auth.HANDSHAKE_TIMEOUT_S)
@@ -229,10 +234,10 @@ class PeerLink:
             sock.settimeout(link_auth.HANDSHAKE_TIMEOUT_S)
             return self._tls.server_context.wrap_socket(sock, server_side=True)
         except (OSError, ValueError) as e:  # ssl.SSLError is an OSError
-            link_auth.LINK_REFUSED.labels("tls").inc()
-            log.warning("refused a peer-link connection that failed mutual TLS: %s", str(e)[:200])
-            with contextlib.suppress(OSError):
-                sock.close()
+            self._untrack_close(sock)
+            if not self._closed:
+                link_auth.LINK_REFUSED.labels("tls").inc()
+                log.warning("refused a peer-link connection that failed mutual TLS: %s", str(e)[:200])
             return None
 
     def _admit(self, sock: socket.socket, hello: Hello) -> tuple[bool, SessionKeys | None]:
@@ -287,9 +292,21 @@ class PeerLink:
             self._on_peer_lost(peer, reason)
 
     # -- lifecycle ------------------------------------------------------------------------------------
-    def _track(self, sock: socket.socket) -> None:
+    def _track(self, sock: socket.socket) -> bool:
+        """Track `sock` for close(); once closing, close it instead and return False."""
         with self._lock:
-            self._sockets.add(sock)
+            if not self._closed:
+                self._sockets.add(sock)
+                return True
+        with contextlib.suppress(OSError):
+            sock.close()
+        return False
+
+    def _swap(self, raw: socket.socket, secured: socket.socket) -> bool:
+        """Track the TLS socket in place of the raw one it wraps (as `_track`)."""
+        with self._lock:
+            self._sockets.discard(raw)
+        return self._track(secured)
 
     def _untrack_close(self, sock: socket.socket) -> None:
         with self._lock:
@@ -298,13 +315,12 @@ class PeerLink:
             sock.close()
 
     def close(self) -> None:
-        self._closed = True
+        with self._lock:
+            self._closed = True
+            sockets = list(self._sockets)
         with contextlib.suppress(OSError):
             self._server.shutdown(socket.SHUT_RDWR)
         self._server.close()
-        with self._lock:
-            sockets = list(self._sockets)
         for sock in sockets:
-            with contextlib.suppress(OSError):
-                sock.shutdown(socket.SHUT_RDWR)
+            shutdown(sock)
             sock.close()

@@ -25,8 +25,15 @@ def _typed_errors(sending: bool) -> Iterator[None]:
         yield
     except TimeoutError as e:
         raise TransferTimeoutError(f"{'sending' if sending else 'receiving'} timed out") from e
-    except OSError as e:  # ssl.SSLError too
+    except (OSError, ValueError) as e:  # ssl.SSLError; ValueError: a TLS socket closed under us
         raise PeerLostError(f"peer dropped the connection while we {'sent' if sending else 'received'}: {e}") from e
+
+
+def shutdown(sock: socket.socket) -> None:
+    """End both directions now (threads blocked on `sock` return). A TLS socket is shut down beneath
+    TLS: its own shutdown() unwraps it first, so a racing send would go out in clear."""
+    with contextlib.suppress(OSError):
+        socket.socket.shutdown(sock, socket.SHUT_RDWR)
 
 
 def tensor_memoryview(data: torch.Tensor) -> memoryview:
@@ -94,7 +101,7 @@ def _send_views_tls(sock: ssl.SSLSocket, views: list[memoryview], on_piece: OnPi
     beside the encryption, a write per small range is not)."""
     gathered = bytearray()
     with _typed_errors(sending=True):
-        for view in views:
+        for view in views:  # `on_piece` sees a gathered view once copied (the bytes that will be sent)
             if len(view) >= _TLS_WRITE_BYTES:
                 if gathered:
                     sock.sendall(gathered)

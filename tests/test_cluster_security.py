@@ -66,7 +66,8 @@ def secure(tiny_llama_dir, tmp_path_factory: pytest.TempPathFactory) -> Iterator
     limits_file.write_text(json.dumps(LIMITS))
     with secure_etcd(pki, "tandem", ETCD_PASSWORD) as etcd, tandem_up(
             "--prefill", "1", "--decode", "1", "--model", str(tiny_llama_dir), "--dtype", "float32",
-            "--num-kv-blocks", "128", "--min-remote-prefill-tokens", "4", *pki.flags(), "--api-keys-file",
+            "--num-kv-blocks", "128", "--min-remote-prefill-tokens", "4", "--kv-backends", "tcp", *pki.flags(),
+            "--api-keys-file",
             str(keys_file), "--api-key-limits", str(limits_file), "--etcd", etcd, "--etcd-ca", str(pki.ca),
             "--etcd-cert", str(pki.cert),
             "--etcd-key", str(pki.key), "--etcd-user", "tandem", stderr=subprocess.STDOUT,
@@ -119,6 +120,8 @@ async def test_tls_answers_like_the_engine_alone(secure: Secure, tiny_llama_dir:
         assert metric(text, "tandem_kv_links_opened_total", protection="tls") > 0, worker.role
         assert metric_sum(text, "tandem_kv_links_opened_total") == metric(
             text, "tandem_kv_links_opened_total", protection="tls"), worker.role
+    prefill = worker_metrics(secure.cluster.role("prefill")[0])  # and the pages crossed them (--kv-backends tcp)
+    assert metric_sum(prefill, "tandem_kv_transfer_bytes_total", backend="tcp") > 0
     await assert_pools_clean(secure.cluster, credentials=secure.credentials())
 
 

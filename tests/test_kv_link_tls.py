@@ -233,13 +233,21 @@ def test_the_nccl_peer_watch_sees_a_frame_or_an_eof_beneath_tls(pkis: tuple[Pki,
     still whole for the reader afterwards; EOF is a lost peer."""
     caller, target = _tls_pair(pkis[0])
     watch = _PeerWatch(caller)
-    assert not watch.closed(0.05)  # nothing yet
-    Channel(target).send(Notify(batch_id="b1", segment="s", tag="t", message=b"done", ok=True))
-    assert not watch.closed(2.0)  # a frame waits: the peer is alive, the watch stops
-    assert Channel(caller).recv() == Notify(batch_id="b1", segment="s", tag="t", message=b"done", ok=True)
+    assert not watch.closed(0.05) and watch._sock is caller  # nothing yet: still watching
+    note = Notify(batch_id="b1", segment="s", tag="t", message=b"done", ok=True)
+    Channel(target).send(note)
+    assert not watch.closed(2.0) and watch._sock is None  # a frame waits: the peer is alive, the watch stops
+    assert Channel(caller).recv() == note  # the peek took nothing from it
+    # a frame already decrypted but not yet read (in TLS's buffer, not the socket's): alive, though
+    # the peer closed right after sending it
+    Channel(target).send(note)
+    assert caller.recv(1)
+    target.close()
+    watch = _PeerWatch(caller)
+    assert caller.pending() > 0 and not watch.closed(0.5) and watch._sock is None
     other_caller, other_target = _tls_pair(pkis[0])
     watch = _PeerWatch(other_caller)
     other_target.close()
     assert watch.closed(2.0)
-    for sock in (caller, target, other_caller):
+    for sock in (caller, other_caller):
         sock.close()

@@ -1,7 +1,8 @@
 """The NCCL backend in one process: two engines, WRITE and READ of scattered pages, notifications,
-refusals, a peer that dies or stalls mid-batch, over open, secret-sealed and mutual-TLS links
-(the peer watch peeks beneath TLS). On CPU the same code runs over Gloo (only when the
-config names "nccl"); the CUDA variant needs two GPUs (NCCL puts no two ranks on one device)."""
+refusals, a peer that dies or stalls mid-batch, over open, secret-sealed and mutual-TLS links. On
+CPU the same code runs over Gloo (only when the config names "nccl"), which waits without the peer
+watch (tests/test_kv_link_tls.py checks the watch beneath TLS); the CUDA variant needs two GPUs
+(NCCL puts no two ranks on one device)."""
 
 from __future__ import annotations
 

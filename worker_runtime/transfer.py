@@ -26,7 +26,8 @@ async def engine_with_kv_connector(settings: WorkerSettings, worker_id: str,
                     "address in etcd can write into its KV pool over TCP; give every worker the cluster's "
                     "--tls-* files or TANDEM_KV_SECRET (NIXL/UCX is not covered either way: it trusts its fabric)")
     elif tls is not None:
-        log.info("KV links are mutual TLS (the cluster's --tls-* files): every byte is encrypted and authenticated")
+        log.info("KV links are mutual TLS (the cluster's --tls-* files): control, TCP-backend pages and NCCL "
+                 "headers are encrypted; shared memory, NIXL/UCX and the NCCL payload are outside the links")
     elif settings.kv_link_integrity == "frames":
         log.info("KV links seal frames only (--kv-link-integrity frames): page bytes are not sealed")
     store = EtcdStore(settings.etcd, access=settings.etcd_access())

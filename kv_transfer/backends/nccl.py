@@ -29,7 +29,6 @@ import contextlib
 import functools
 import logging
 import queue
-import socket
 import threading
 import time
 import uuid
@@ -248,8 +247,7 @@ class _GroupLink:
         if group is not None:
             group.cancel()
         if link is not None:
-            with contextlib.suppress(OSError):
-                link.sock.shutdown(socket.SHUT_RDWR)
+            link.shutdown()
         if threading.current_thread() is not self._worker:
             self._worker.join(_CLOSE_JOIN_S)
 
