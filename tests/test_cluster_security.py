@@ -5,6 +5,7 @@ clients without the right key are refused; no key and no prompt reach the cluste
 
 from __future__ import annotations
 
+import asyncio
 import http.client
 import json
 import ssl
@@ -20,7 +21,10 @@ import openai
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from common.etcd.access import EtcdAccess
 from common.pki import Pki, make_pki
+from kv_transfer import EtcdStore, TransferEngine, TransferEngineConfig, TransferError, TransferOp, TransferRequest
+from kv_transfer.link_tls import LinkTls
 from tandem.v1 import inference_pb2 as pb
 from tandem.v1 import inference_pb2_grpc, worker_pb2, worker_pb2_grpc
 from tests.support.cluster import Cluster, assert_pools_clean, fetch, metric, metric_sum, tandem_up, worker_metrics
@@ -40,6 +44,7 @@ class Secure:
     cluster: Cluster
     pki: Pki
     rogue: Pki
+    etcd: str
 
     def credentials(self, pki: Pki | None = None, with_cert: bool = True) -> grpc.ChannelCredentials:
         """Trusts the cluster CA; presents `pki`'s certificate (the cluster's by default)."""
@@ -72,7 +77,7 @@ def secure(tiny_llama_dir, tmp_path_factory: pytest.TempPathFactory) -> Iterator
             "--etcd-cert", str(pki.cert),
             "--etcd-key", str(pki.key), "--etcd-user", "tandem", stderr=subprocess.STDOUT,
             env={"TANDEM_API_KEYS": ENV_KEY, "TANDEM_ETCD_PASSWORD": ETCD_PASSWORD}) as cluster:
-        yield Secure(cluster, pki, rogue)
+        yield Secure(cluster, pki, rogue, etcd)
 
 
 def _bearer(key: str) -> tuple[tuple[str, str], ...]:
@@ -137,6 +142,37 @@ async def test_plaintext_and_untrusting_clients_fail(secure: Secure) -> None:
     with pytest.raises(urllib.error.URLError) as refused:  # the system's CAs did not sign the router's certificate
         urllib.request.urlopen(f"{secure.cluster.http_url}/health", timeout=10, context=ssl.create_default_context())
     assert isinstance(refused.value.reason, ssl.SSLCertVerificationError)
+
+
+async def test_a_foreign_certificate_cannot_write_into_a_decode_pool(secure: Secure, tiny_llama_dir: Path) -> None:
+    """A process that read the decode pool's descriptor from etcd and trusts the cluster CA, but
+    holds another CA's certificate (and no KV secret), cannot write into the pool over TCP: refused
+    and counted by the decode worker, while a request through the cluster stays token-exact."""
+    decode = secure.cluster.role("decode")[0]
+    access = EtcdAccess(ca=str(secure.pki.ca), cert=str(secure.pki.cert), key=str(secure.pki.key), user="tandem",
+                        password=ETCD_PASSWORD)
+    store = EtcdStore(secure.etcd, access=access)
+    rogue = TransferEngine(store, TransferEngineConfig(
+        backends=("tcp",), metadata_prefix="/tandem/default/kv", default_timeout_s=10,
+        link_tls=LinkTls(str(secure.pki.ca), str(secure.rogue.cert), str(secure.rogue.key))))
+    junk = rogue.allocate_host_buffer(1 << 20, "junk")
+    junk.fill_(0x5A)
+    await rogue.register_segment("junk", junk)
+    before = metric(worker_metrics(decode), "tandem_kv_link_refused_total", reason="tls")
+    job = Job("text", text=PROMPT, max_tokens=8)
+    expected = reference(str(tiny_llama_dir), [job])[0].text
+    request = asyncio.create_task(_generate_text(secure, job, FILE_KEY))
+    try:
+        with pytest.raises(TransferError):  # refused at open, or at the write (TLS 1.3 tells the caller late)
+            await rogue.open_segment(f"{decode.worker_id}.kv")
+            write = [TransferRequest(TransferOp.WRITE, 0, f"{decode.worker_id}.kv", 0, 1 << 20)]
+            await asyncio.to_thread(rogue.submit("junk", write).wait, 10)
+        assert await request == expected
+    finally:
+        await rogue.close()
+        await store.close()
+    assert metric(worker_metrics(decode), "tandem_kv_link_refused_total", reason="tls") >= before + 1
+    await assert_pools_clean(secure.cluster, credentials=secure.credentials())
 
 
 async def test_workers_take_calls_only_from_cluster_members(secure: Secure) -> None:
