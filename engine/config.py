@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 RopeScalingType = Literal["llama3"]
+Architecture = Literal["llama", "qwen2", "qwen3", "mistral", "mixtral", "qwen3_moe", "gemma2"]
 KVCacheDtype = Literal["auto", "bfloat16", "float16", "float32", "fp8_e4m3"]
 SchedulingPolicy = Literal["fcfs", "priority"]
 ComputeDtype = Literal["auto", "float32", "bfloat16", "float16"]
@@ -51,7 +52,7 @@ class MoEConfig:
 class ModelConfig:
     """Architecture of a Llama-family model, independent of where the weights came from."""
 
-    architecture: Literal["llama", "qwen2", "qwen3", "mistral", "mixtral", "qwen3_moe"]
+    architecture: Architecture
     vocab_size: int
     hidden_size: int
     intermediate_size: int
@@ -67,6 +68,11 @@ class ModelConfig:
     attention_bias: bool = False  # Qwen2: bias on q/k/v projections
     qk_norm: bool = False  # Qwen3: an RMSNorm over each head's q and k, before RoPE
     moe: MoEConfig | None = None
+    # per layer: a layer with w > 0 attends to the last w positions only (its own included); () or 0: all
+    sliding_windows: tuple[int, ...] = ()
+    attn_logit_softcap: float = 0.0  # > 0: attention scores become cap * tanh(score / cap) (Gemma 2)
+    attention_scale: float | None = None  # None: head_dim ** -0.5
+    final_logit_softcap: float = 0.0  # > 0: logits become cap * tanh(logit / cap) (Gemma 2)
     name: str = "model"
     eos_token_ids: tuple[int, ...] = field(default_factory=tuple)
 
@@ -78,6 +84,12 @@ class ModelConfig:
         if self.num_heads % self.num_kv_heads:
             raise ValueError(
                 f"num_heads ({self.num_heads}) must be a multiple of num_kv_heads ({self.num_kv_heads})")
+        if self.sliding_windows and (len(self.sliding_windows) != self.num_layers
+                                     or min(self.sliding_windows) < 0):
+            raise ValueError(f"sliding_windows needs one window >= 0 per layer ({self.num_layers}), "
+                             f"got {self.sliding_windows}")
+        if self.attn_logit_softcap < 0 or self.final_logit_softcap < 0:
+            raise ValueError("soft-capping values must be >= 0")
         if (self.moe is not None) != (self.architecture in MOE_ARCHITECTURES):
             raise ValueError(f"architecture {self.architecture!r} {'needs' if self.moe is None else 'takes no'} "
                              "MoE configuration")

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from engine.attention.flash_backend import FlashAttention, FlashMetadata
-from engine.attention.metadata import AttentionMetadata
+from engine.attention.metadata import AttentionMetadata, AttentionShape
 from engine.kv_cache import KVCachePool
 from engine.models.llama import LlamaForCausalLM
 
@@ -38,8 +38,7 @@ class CudaGraphDecoder:
     def _forward(self, b: int) -> torch.Tensor:
         meta = AttentionMetadata(slot_mapping=self.slots[:b], decode=None, segments=(), num_tokens=b)
         flash = FlashMetadata(self.cu_seqlens[: b + 1], self.seqused[:b], self.tables[:b], 1, self.max_model_len)
-        cfg = self.model.config
-        attn = FlashAttention(self.pool, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, meta, flash)
+        attn = FlashAttention(self.pool, AttentionShape.of(self.model.config), meta, flash)
         return self.model(self.input_ids[:b], self.positions[:b], attn)
 
     @torch.inference_mode()

@@ -14,7 +14,7 @@ import torch
 
 from engine.attention.cpu_backend import CpuAttention, cpu_attention_supported
 from engine.attention.flash_backend import FlashAttention, flash_attention_supported
-from engine.attention.metadata import AttentionFn, AttentionMetadata
+from engine.attention.metadata import AttentionFn, AttentionMetadata, AttentionShape
 from engine.attention.planning import SeqSpan, attention_metadata
 from engine.attention.torch_backend import TorchAttention
 from engine.cuda_graphs import CudaGraphDecoder
@@ -62,6 +62,7 @@ class ModelRunner:
         self.block_size = pool.spec.block_size
         cfg = model.config
         self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        self.shape = AttentionShape.of(cfg)
         self.use_flash = self._pick_flash(backend)
         self.use_cpu_kernel = self._pick_cpu(backend)
         self.graphs: CudaGraphDecoder | None = None
@@ -90,10 +91,10 @@ class ModelRunner:
 
     def _attention(self, meta: AttentionMetadata) -> AttentionFn:
         if self.use_cpu_kernel:
-            return CpuAttention(self.pool, self.num_heads, self.num_kv_heads, self.head_dim, meta)
+            return CpuAttention(self.pool, self.shape, meta)
         if self.use_flash:
-            return FlashAttention(self.pool, self.num_heads, self.num_kv_heads, self.head_dim, meta)
-        return TorchAttention(self.pool, self.num_heads, self.num_kv_heads, self.head_dim, meta)
+            return FlashAttention(self.pool, self.shape, meta)
+        return TorchAttention(self.pool, self.shape, meta)
 
     def prepare(self, out: SchedulerOutput) -> StepInputs:
         ids: list[int] = []

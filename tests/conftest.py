@@ -9,14 +9,19 @@ from __future__ import annotations
 import os
 import pathlib
 from collections.abc import Callable
+from typing import Any
 
 import pytest
 import torch
 from tokenizers import Tokenizer as RawTokenizer
 from tokenizers import decoders, models, pre_tokenizers, processors, trainers
 from transformers import (
+    Gemma2Config,
+    Gemma2ForCausalLM,
     LlamaConfig,
     LlamaForCausalLM,
+    MistralConfig,
+    MistralForCausalLM,
     MixtralConfig,
     MixtralForCausalLM,
     PreTrainedTokenizerFast,
@@ -93,15 +98,21 @@ def _common(**extra: object) -> dict[str, object]:
                 eos_token_id=2, bos_token_id=3, pad_token_id=0, **extra)
 
 
-def _perturb(model: torch.nn.Module, qk_norms: bool = False, mlp_scale: float = 1.0) -> None:
-    """Make a random checkpoint's weights matter: q/k norm weights away from all ones, and MLP (router
-    and experts) weights scaled, so that a wrong mapping, routing or weighting changes the tokens."""
+def _perturb(model: torch.nn.Module, qk_norms: bool = False, mlp_scale: float = 1.0, all_norms: bool = False,
+             qk_scale: float = 1.0) -> None:
+    """Make a random checkpoint's weights matter: q/k norm weights (or every norm's) away from their
+    init, MLP (router and experts) weights scaled, and q/k projections scaled up (sharper attention:
+    windows and score caps bite), so that a wrong mapping, routing or weighting changes the tokens."""
     with torch.no_grad():
         for name, param in model.named_parameters():
             if qk_norms and name.endswith(("q_norm.weight", "k_norm.weight")):
                 param.uniform_(0.5, 1.5)
+            elif all_norms and name.endswith("norm.weight"):
+                param.uniform_(-0.5, 0.5)
             elif mlp_scale != 1.0 and ".mlp." in name:
                 param.mul_(mlp_scale)
+            elif qk_scale != 1.0 and name.endswith(("q_proj.weight", "k_proj.weight")):
+                param.mul_(qk_scale)
 
 
 @pytest.fixture(scope="session")
@@ -121,11 +132,11 @@ def tiny_llama_dir(tmp_path_factory: pytest.TempPathFactory) -> pathlib.Path:
 
 
 def _tiny_checkpoint(factory: pytest.TempPathFactory, name: str, seed: int, build: Callable[[], torch.nn.Module],
-                    add_bos: bool, qk_norms: bool = False, mlp_scale: float = 1.0) -> pathlib.Path:
+                    add_bos: bool, **perturb: Any) -> pathlib.Path:
     directory = factory.mktemp(name)
     torch.manual_seed(seed)
     model = build()
-    _perturb(model, qk_norms, mlp_scale)
+    _perturb(model, **perturb)
     model.save_pretrained(str(directory))  # type: ignore[operator]
     build_tiny_tokenizer(directory, add_bos=add_bos)
     return directory
@@ -145,6 +156,36 @@ def tiny_qwen3_dir(tmp_path_factory: pytest.TempPathFactory) -> pathlib.Path:
     config = Qwen3Config(**_common(tie_word_embeddings=False, rope_theta=1e6, head_dim=32))  # type: ignore[arg-type]
     return _tiny_checkpoint(tmp_path_factory, "tiny_qwen3", 3, lambda: Qwen3ForCausalLM(config), add_bos=False,
                             qk_norms=True)
+
+
+@pytest.fixture(scope="session")
+def tiny_mistral_window_dir(tmp_path_factory: pytest.TempPathFactory) -> pathlib.Path:
+    """Mistral with a sliding window of 8 in every layer (shorter than most test prompts, and than a
+    block of 16). Treat as read-only."""
+    config = MistralConfig(**_common(tie_word_embeddings=False, sliding_window=8))  # type: ignore[arg-type]
+    return _tiny_checkpoint(tmp_path_factory, "tiny_mistral_window", 6, lambda: MistralForCausalLM(config),
+                            add_bos=True)
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen2_window_dir(tmp_path_factory: pytest.TempPathFactory) -> pathlib.Path:
+    """Qwen2 with `use_sliding_window`: layer 0 global, layer 1 a window of 6 (from
+    `max_window_layers` 1 on), so windowed and global layers share the pool. Treat as read-only."""
+    config = Qwen2Config(**_common(tie_word_embeddings=True, rope_theta=1e6, use_sliding_window=True,  # type: ignore[arg-type]
+                                   sliding_window=6, max_window_layers=1))
+    return _tiny_checkpoint(tmp_path_factory, "tiny_qwen2_window", 7, lambda: Qwen2ForCausalLM(config),
+                            add_bos=False)
+
+
+@pytest.fixture(scope="session")
+def tiny_gemma2_dir(tmp_path_factory: pytest.TempPathFactory) -> pathlib.Path:
+    """Gemma 2: GeGLU, four (1 + w) norms per layer (randomised), layer 0 windowed (6), layer 1 global,
+    query_pre_attn_scalar 24 (not head_dim 16), attention scores capped at 2 and logits at 1.5, tied
+    embeddings; q/k projections scaled up so that the window and the caps bite. Treat as read-only."""
+    config = Gemma2Config(**_common(tie_word_embeddings=True, head_dim=16, query_pre_attn_scalar=24,  # type: ignore[arg-type]
+                                    sliding_window=6, attn_logit_softcapping=2.0, final_logit_softcapping=1.5))
+    return _tiny_checkpoint(tmp_path_factory, "tiny_gemma2", 8, lambda: Gemma2ForCausalLM(config), add_bos=True,
+                            all_norms=True, qk_scale=4.0)
 
 
 @pytest.fixture(scope="session")

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from engine.attention.cpu_backend import CpuAttention, cpu_attention_supported
+from engine.attention.metadata import AttentionShape
 from engine.attention.planning import SeqSpan, attention_metadata
 from engine.attention.torch_backend import TorchAttention
 from engine.kv_cache import KVCachePool, KVCacheSpec
@@ -18,6 +19,7 @@ HEADS, KV_HEADS, DIM, BLOCK = 9, 3, 64, 16
 # decodes first (contexts 1, 17, 40, exactly one block, two), then segments: a fresh prompt, a chunk
 # after a cached prefix crossing the kernel's 16-query items, a long fresh chunk, a one-block prefix + 1
 SHAPES = [(0, 1), (16, 1), (39, 1), (15, 1), (31, 1), (0, 37), (20, 19), (0, 70), (16, 2)]
+SHAPE = AttentionShape(HEADS, KV_HEADS, DIM, DIM ** -0.5)
 
 
 @dataclass(frozen=True)
@@ -26,6 +28,11 @@ class Geometry:
     kv_heads: int = KV_HEADS
     dim: int = DIM
     block: int = BLOCK
+
+    def shape(self, window: int = 0, softcap: float = 0.0) -> AttentionShape:
+        """Layer 1 (the one these tests run) has `window`."""
+        return AttentionShape(self.heads, self.kv_heads, self.dim, self.dim ** -0.5,
+                              (0, window) if window else (), softcap)
 
 
 def _step(kv_dtype: torch.dtype, compute: torch.dtype,
@@ -47,17 +54,21 @@ def _step(kv_dtype: torch.dtype, compute: torch.dtype,
 
 
 def _dense(pool: KVCachePool, layer: int, spans: list[SeqSpan], q: torch.Tensor,
-           g: Geometry = Geometry()) -> torch.Tensor:
-    """Each query against keys 0 .. its position, read back from the pool after the step's write."""
+           g: Geometry = Geometry(), window: int = 0, softcap: float = 0.0) -> torch.Tensor:
+    """Each query against keys 0 .. its position (the last `window` of them, with a window), read
+    back from the pool after the step's write; scores capped at `softcap` if given."""
     out, row = torch.empty(q.shape[0], g.heads, g.dim), 0
     for span in spans:
         blocks = torch.tensor(list(span.block_table))
         kv = pool.gather(layer, blocks).reshape(-1, 2, g.kv_heads, g.dim).float()
         for i in range(span.num_tokens):
             seen = span.start + i + 1
-            k = kv[:seen, 0].repeat_interleave(g.heads // g.kv_heads, dim=1)
-            v = kv[:seen, 1].repeat_interleave(g.heads // g.kv_heads, dim=1)
+            low = max(0, seen - window) if window else 0
+            k = kv[low:seen, 0].repeat_interleave(g.heads // g.kv_heads, dim=1)
+            v = kv[low:seen, 1].repeat_interleave(g.heads // g.kv_heads, dim=1)
             scores = torch.einsum("hd,lhd->hl", q[row].view(g.heads, g.dim).float(), k) / math.sqrt(g.dim)
+            if softcap:
+                scores = softcap * torch.tanh(scores / softcap)
             out[row] = torch.einsum("hl,lhd->hd", scores.softmax(-1), v)
             row += 1
     return out.view(q.shape[0], -1)
@@ -74,7 +85,7 @@ def test_cpu_kernel_and_torch_backend_match_a_dense_reference(kv_dtype: torch.dt
     for name, cpu in (("cpu", True), ("torch", False)):
         pool.tensor.copy_(before)
         meta = attention_metadata(spans, BLOCK, pool.tensor.device, compute, cpu_kernel=cpu)
-        backend = (CpuAttention if cpu else TorchAttention)(pool, HEADS, KV_HEADS, DIM, meta)
+        backend = (CpuAttention if cpu else TorchAttention)(pool, SHAPE, meta)
         results[name] = backend(1, q, k, v).float()
         pools[name] = pool.tensor.clone()
     assert torch.equal(pools["cpu"], pools["torch"])  # the same K/V in the same slots, bit for bit
@@ -96,7 +107,7 @@ def test_cpu_kernel_geometries(g: Geometry) -> None:
     assert cpu_attention_supported(pool, g.dim, g.heads)
     q, k, v = qkv.split((g.heads * g.dim, g.kv_heads * g.dim, g.kv_heads * g.dim), dim=-1)
     meta = attention_metadata(spans, g.block, pool.tensor.device, torch.float32, cpu_kernel=True)
-    got = CpuAttention(pool, g.heads, g.kv_heads, g.dim, meta)(1, q, k, v)
+    got = CpuAttention(pool, g.shape(), meta)(1, q, k, v)
     torch.testing.assert_close(got, _dense(pool, 1, spans, q, g), atol=2e-6, rtol=1e-5)
 
 
@@ -104,7 +115,7 @@ def test_the_kernel_reads_q_k_v_from_packed_or_separate_buffers() -> None:
     """The projection's own buffer is read in place; separate tensors are packed first; same result."""
     pool, spans, qkv = _step(torch.float32, torch.float32)
     meta = attention_metadata(spans, BLOCK, pool.tensor.device, torch.float32, cpu_kernel=True)
-    attention = CpuAttention(pool, HEADS, KV_HEADS, DIM, meta)
+    attention = CpuAttention(pool, SHAPE, meta)
     q, k, v = qkv.split((HEADS * DIM, KV_HEADS * DIM, KV_HEADS * DIM), dim=-1)
     assert attention._packed(q, k, v)[0].data_ptr() == qkv.data_ptr()
     in_place = attention(0, q, k, v)
@@ -117,7 +128,28 @@ def test_a_query_is_computed_alike_in_any_batch() -> None:
     pool, spans, qkv = _step(torch.float32, torch.float32)
     q, k, v = qkv.split((HEADS * DIM, KV_HEADS * DIM, KV_HEADS * DIM), dim=-1)
     meta = attention_metadata(spans, BLOCK, pool.tensor.device, torch.float32, cpu_kernel=True)
-    together = CpuAttention(pool, HEADS, KV_HEADS, DIM, meta)(1, q, k, v)
+    together = CpuAttention(pool, SHAPE, meta)(1, q, k, v)
     alone_meta = attention_metadata(spans[2:3], BLOCK, pool.tensor.device, torch.float32, cpu_kernel=True)
-    alone = CpuAttention(pool, HEADS, KV_HEADS, DIM, alone_meta)(1, q[2:3], k[2:3], v[2:3])
+    alone = CpuAttention(pool, SHAPE, alone_meta)(1, q[2:3], k[2:3], v[2:3])
     assert torch.equal(alone, together[2:3])
+
+
+# windows shorter than a block, crossing blocks and the kernel's 64-key chunks, longer than every
+# context; soft-capping alone and with a window (the scores of these random q/k reach ±10, so a cap
+# of 5 bites)
+@pytest.mark.parametrize(("window", "softcap"), [(1, 0.0), (5, 0.0), (20, 0.0), (65, 0.0), (500, 0.0), (0, 5.0),
+                                                 (20, 5.0)])
+@pytest.mark.parametrize("block", [16, 64])
+def test_sliding_windows_and_soft_capping(window: int, softcap: float, block: int) -> None:
+    g = Geometry(block=block)
+    pool, spans, qkv = _step(torch.float32, torch.float32, g)
+    q, k, v = qkv.split((HEADS * DIM, KV_HEADS * DIM, KV_HEADS * DIM), dim=-1)
+    before = pool.tensor.clone()
+    for cpu in (True, False):
+        pool.tensor.copy_(before)
+        meta = attention_metadata(spans, block, pool.tensor.device, torch.float32, cpu_kernel=cpu)
+        got = (CpuAttention if cpu else TorchAttention)(pool, g.shape(window, softcap), meta)(1, q, k, v)
+        want = _dense(pool, 1, spans, q, g, window, softcap)
+        torch.testing.assert_close(got, want, atol=4e-6, rtol=1e-5, msg=lambda m, cpu=cpu: f"cpu={cpu}: {m}")
+    assert (window in (0, 500)) == torch.allclose(want, _dense(pool, 1, spans, q, g, 0, softcap), atol=1e-4)
+    assert (softcap == 0) == torch.allclose(want, _dense(pool, 1, spans, q, g, window), atol=1e-4)  # each bit

@@ -56,18 +56,30 @@ TINY_CONFIGS = {
 
 @pytest.mark.parametrize("name", list(TINY_CONFIGS))
 @pytest.mark.parametrize("fixture", ["tiny_llama_dir", "tiny_qwen2_dir", "tiny_qwen3_dir", "tiny_mixtral_dir",
-                                     "tiny_qwen3_moe_dir", "tiny_llama3_scaled_dir"])
+                                     "tiny_qwen3_moe_dir", "tiny_llama3_scaled_dir", "tiny_mistral_window_dir",
+                                     "tiny_qwen2_window_dir", "tiny_gemma2_dir"])
 def test_tiny_checkpoints_match_transformers(fixture, name, request) -> None:
-    path = str(request.getfixturevalue(fixture))
-    llm = LLM(path, **{"num_kv_blocks": 64, "dtype": "float32", **TINY_CONFIGS[name]})
+    llm = _check_tiny(str(request.getfixturevalue(fixture)), TINY_CONFIGS[name])
+    if name == "preemption":
+        assert llm.engine.scheduler.num_preemptions_total > 0
+
+
+@pytest.mark.parametrize("fixture", ["tiny_mistral_window_dir", "tiny_qwen2_window_dir", "tiny_gemma2_dir"])
+def test_sliding_windows_on_the_torch_attention_backend(fixture, request) -> None:
+    """The C kernel serves the test above; the torch backend (CUDA without flash, fp16/fp8 caches)
+    masks windows and caps scores its own way."""
+    _check_tiny(str(request.getfixturevalue(fixture)), {"attention_backend": "torch", **TINY_CONFIGS["default"]})
+
+
+def _check_tiny(path: str, config: dict) -> LLM:
+    llm = LLM(path, **{"num_kv_blocks": 64, "dtype": "float32", **config})
     # Repetitive prompts give the n-gram drafter something to propose.
     prompts = [[(7 * i + j % (5 + i)) % 500 + 3 for j in range(n)] for i, n in enumerate((1, 3, 16, 17, 40, 90, 150))]
     outputs = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=12, ignore_eos=True))
     for out, prompt in zip(outputs, prompts, strict=True):
         assert out.token_ids == hf_greedy(path, prompt, 12, eos_ids=())
     llm.engine.check_integrity()
-    if name == "preemption":
-        assert llm.engine.scheduler.num_preemptions_total > 0
+    return llm
 
 
 def test_speculative_drafts_are_accepted_and_switch_off_under_load(tiny_llama_dir) -> None:

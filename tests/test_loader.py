@@ -496,3 +496,43 @@ def test_deterministic_mode_refuses_moe_experts(tiny_mixtral_dir) -> None:
 
     with pytest.raises(ModelLoadError, match="deterministic mode does not cover the experts of mixtral"):
         LLM(str(tiny_mixtral_dir), num_kv_blocks=32, dtype="float32", deterministic=True)
+
+
+def test_sliding_windows_as_configs_write_them(tmp_path: pathlib.Path) -> None:
+    """Mistral windows every layer; Qwen only with `use_sliding_window`, from `max_window_layers` on
+    (or as `layer_types` says); Gemma 2 its even layers, with its scale and caps; a window below 1, a
+    `layer_types` of the wrong length or another activation is refused; all survive the weight
+    cache's JSON."""
+    from engine.loader.hf_loader import load_hf_config
+    from engine.loader.weight_cache import config_from_json, config_to_json
+
+    base = {"vocab_size": 512, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 4,
+            "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 256}
+
+    def windows(**raw: object) -> tuple[int, ...]:
+        (tmp_path / "config.json").write_text(json.dumps({**base, **raw}))
+        return load_hf_config(tmp_path).sliding_windows
+
+    assert windows(architectures=["MistralForCausalLM"], sliding_window=32) == (32, 32, 32, 32)
+    assert windows(architectures=["MistralForCausalLM"], sliding_window=None) == ()
+    assert windows(architectures=["Qwen2ForCausalLM"], sliding_window=32, use_sliding_window=False) == ()
+    assert windows(architectures=["Qwen2ForCausalLM"], sliding_window=32, use_sliding_window=True,
+                   max_window_layers=3) == (0, 0, 0, 32)
+    layer_types = ["sliding_attention", "full_attention"] * 2
+    assert windows(architectures=["Qwen3ForCausalLM"], sliding_window=8, use_sliding_window=True,
+                   layer_types=layer_types) == (8, 0, 8, 0)
+    config = load_hf_config(tmp_path)
+    assert config_from_json(config_to_json(config)) == config
+    gemma = {"architectures": ["Gemma2ForCausalLM"], "sliding_window": 8, "query_pre_attn_scalar": 64,
+             "attn_logit_softcapping": 50.0, "final_logit_softcapping": 30.0}
+    assert windows(**gemma) == (8, 0, 8, 0)  # without layer_types: even layers windowed
+    config = load_hf_config(tmp_path)
+    assert (config.attention_scale, config.attn_logit_softcap, config.final_logit_softcap) == (0.125, 50.0, 30.0)
+    assert config.tie_word_embeddings and config_from_json(config_to_json(config)) == config
+    with pytest.raises(ModelLoadError, match="hidden_activation 'relu' is not supported for gemma2"):
+        windows(**gemma, hidden_activation="relu")
+    with pytest.raises(ModelLoadError, match="sliding_window must be >= 1"):
+        windows(architectures=["MistralForCausalLM"], sliding_window=0)
+    with pytest.raises(ModelLoadError, match="layer_types"):
+        windows(architectures=["Qwen3ForCausalLM"], sliding_window=8, use_sliding_window=True,
+                layer_types=layer_types[:3])

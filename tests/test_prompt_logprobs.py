@@ -55,6 +55,18 @@ def test_prompt_logprobs_match_transformers(tiny_llama_dir, name) -> None:
     llm.engine.check_integrity()
 
 
+@pytest.mark.parametrize("fixture", ["tiny_gemma2_dir", "tiny_mistral_window_dir"])
+def test_prompt_logprobs_of_capped_and_windowed_models(fixture, request) -> None:
+    """Gemma 2's capped logits (a cap never changes a greedy token, only the logprobs) and a
+    windowed model's, chunked prefill across windows."""
+    path = str(request.getfixturevalue(fixture))
+    llm = LLM(path, num_kv_blocks=64, dtype="float32", max_num_batched_tokens=24)
+    params = SamplingParams(temperature=0, max_tokens=2, ignore_eos=True, prompt_logprobs=3)
+    for out, prompt in zip(llm.generate(PROMPTS, params), PROMPTS, strict=True):
+        assert_matches_hf(path, prompt, out.prompt_logprobs, 3)
+    llm.engine.check_integrity()
+
+
 def test_a_cached_prompt_is_computed_again_for_its_logprobs(tiny_llama_dir) -> None:
     path = str(tiny_llama_dir)
     llm = LLM(path, num_kv_blocks=64, dtype="float32")

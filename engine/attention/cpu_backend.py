@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from engine.attention.metadata import AttentionMetadata
+from engine.attention.metadata import AttentionMetadata, AttentionShape
 from engine.kernels import attention_kernel
 from engine.kv_cache import KVCachePool
 
@@ -61,12 +61,10 @@ class CpuAttentionPlan:
 
 
 class CpuAttention:
-    def __init__(self, pool: KVCachePool, num_heads: int, num_kv_heads: int, head_dim: int,
-                 metadata: AttentionMetadata) -> None:
+    def __init__(self, pool: KVCachePool, shape: AttentionShape, metadata: AttentionMetadata) -> None:
         assert metadata.cpu is not None, "the runner plans CPU attention once per step"
-        self.pool, self.meta, self.plan = pool, metadata, metadata.cpu
-        self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
-        self.scale = head_dim ** -0.5
+        self.pool, self.meta, self.plan, self.shape = pool, metadata, metadata.cpu, shape
+        self.num_heads, self.num_kv_heads, self.head_dim = shape.num_heads, shape.num_kv_heads, shape.head_dim
         lib = attention_kernel()
         assert lib is not None, "cpu_attention_supported was checked"
         self.lib: ctypes.CDLL = lib
@@ -81,8 +79,8 @@ class CpuAttention:
             qkv.data_ptr(), row_stride, _DT[qkv.dtype], tokens, self.meta.slot_mapping.data_ptr(), cache.data_ptr(),
             _DT[cache.dtype], plan.tables.data_ptr(), plan.tables.shape[1], plan.item_seq.data_ptr(),
             plan.item_token.data_ptr(), plan.item_count.data_ptr(), plan.item_pos0.data_ptr(), plan.item_seq.numel(),
-            out.data_ptr(), self.num_heads, self.num_kv_heads, self.head_dim, pool.spec.block_size, self.scale,
-            torch.get_num_threads())
+            out.data_ptr(), self.num_heads, self.num_kv_heads, self.head_dim, pool.spec.block_size, self.shape.scale,
+            self.shape.window(layer), self.shape.softcap, torch.get_num_threads())
         if status != 0:
             raise RuntimeError("the CPU attention kernel refused its inputs (cpu_attention_supported disagrees)")
         return out

@@ -2,7 +2,8 @@
 
 One kernel call per layer covers every sequence of the step, decodes and prefill chunks alike:
 queries are packed by `cu_seqlens_q`, keys/values are read straight from the paged pool through
-the block table (no gather), `seqused_k` gives each sequence's context length.
+the block table (no gather), `seqused_k` gives each sequence's context length. Sliding windows and
+score soft-capping are the kernel's own (`window_size`, `softcap`).
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from engine.attention.metadata import AttentionMetadata
+from engine.attention.metadata import AttentionMetadata, AttentionShape
 from engine.kv_cache import KVCachePool
 
 
@@ -53,14 +54,14 @@ class FlashMetadata:
 
 
 class FlashAttention:
-    def __init__(self, pool: KVCachePool, num_heads: int, num_kv_heads: int, head_dim: int,
-                 metadata: AttentionMetadata, flash: FlashMetadata | None = None) -> None:
+    def __init__(self, pool: KVCachePool, shape: AttentionShape, metadata: AttentionMetadata,
+                 flash: FlashMetadata | None = None) -> None:
         from vllm_flash_attn import flash_attn_varlen_func
 
         self._kernel = flash_attn_varlen_func
         self.pool = pool
-        self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
-        self.scale = head_dim ** -0.5
+        self.shape = shape
+        self.num_heads, self.num_kv_heads, self.head_dim = shape.num_heads, shape.num_kv_heads, shape.head_dim
         self.meta = metadata
         self.flash = flash or FlashMetadata.from_attention(metadata)
 
@@ -70,8 +71,10 @@ class FlashAttention:
         self.pool.write(layer, self.meta.slot_mapping, k, v)
         cache = self.pool.tensor[layer]  # [num_blocks, block_size, 2, kv_heads, head_dim]
         f = self.flash
+        window = self.shape.window(layer)  # flash counts the keys left of the query's own
         out = self._kernel(
             q=q.view(-1, self.num_heads, self.head_dim), k=cache[:, :, 0], v=cache[:, :, 1],
             cu_seqlens_q=f.cu_seqlens_q, max_seqlen_q=f.max_seqlen_q, seqused_k=f.seqused_k,
-            max_seqlen_k=f.max_seqlen_k, softmax_scale=self.scale, causal=True, block_table=f.block_table)
+            max_seqlen_k=f.max_seqlen_k, softmax_scale=self.shape.scale, causal=True, block_table=f.block_table,
+            window_size=(window - 1, 0) if window > 0 else (-1, -1), softcap=self.shape.softcap)
         return out.reshape(-1, self.num_heads * self.head_dim)

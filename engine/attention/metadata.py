@@ -11,8 +11,37 @@ from typing import TYPE_CHECKING, Protocol
 
 import torch
 
+from engine.config import ModelConfig
+
 if TYPE_CHECKING:
     from engine.attention.cpu_backend import CpuAttentionPlan
+
+
+@dataclass(frozen=True)
+class AttentionShape:
+    """A model's attention, layer by layer: what every backend computes, whatever the step."""
+
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    scale: float
+    # per layer: w > 0 attends to the last w positions only (its own included); () or 0: every position
+    windows: tuple[int, ...] = ()
+    softcap: float = 0.0  # > 0: scores (scaled) become softcap * tanh(score / softcap) before the softmax
+
+    @staticmethod
+    def of(config: ModelConfig) -> AttentionShape:
+        scale = config.attention_scale if config.attention_scale is not None else config.head_dim ** -0.5
+        return AttentionShape(config.num_heads, config.num_kv_heads, config.head_dim, scale,
+                              config.sliding_windows, config.attn_logit_softcap)
+
+    @property
+    def group(self) -> int:
+        return self.num_heads // self.num_kv_heads
+
+    def window(self, layer: int) -> int:
+        """Layer `layer`'s window (0: none)."""
+        return self.windows[layer] if self.windows else 0
 
 
 @dataclass(frozen=True)

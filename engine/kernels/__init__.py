@@ -96,7 +96,7 @@ def attention_kernel() -> ctypes.CDLL | None:
     """The paged attention library (paged_attention.c), or None (callers fall back to torch)."""
     return _load_bound("paged_attention.c", {
         "paged_attention": (_I32, _P, _I64, _I32, _I64, _P, _P, _I32, _P, _I32, _P, _P, _P, _P, _I32, _P,
-                            _I32, _I32, _I32, _I32, _F32, _I32)})
+                            _I32, _I32, _I32, _I32, _F32, _I32, _F32, _I32)})
 
 
 @functools.cache

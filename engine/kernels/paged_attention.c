@@ -5,7 +5,8 @@
 // The step first stores its new tokens' K/V rows into their slots, then attends: the queries are cut
 // into items (a run of consecutive tokens of one sequence: a decode is an item of one); query i of an
 // item at position pos0 + i attends to keys 0 .. pos0 + i of its sequence (its cached prefix and the
-// causal part of its own chunk). Per item, keys are visited in chunks of whole blocks; each chunk's
+// causal part of its own chunk); with a sliding window w > 0, to keys pos0 + i - w + 1 .. pos0 + i only
+// (as transformers masks it). With softcap > 0 the scaled scores become softcap * tanh(score / softcap). Per item, keys are visited in chunks of whole blocks; each chunk's
 // scores for every (query, head) are computed, then the online softmax (flash attention) folds them
 // in: per (query, head), acc = sum_t exp(s_t - max) v_t and total = sum_t exp(s_t - max) over the keys
 // seen, rescaled once per chunk when the maximum grows. The query heads of one kv group go together
@@ -28,6 +29,8 @@
 typedef struct {
     int tile, heads, kv_heads, group, dim, block_size;
     float scale;
+    int window;     // 0: every key up to the query's own
+    float softcap;  // 0: none
 } Shape;
 
 #define HEAD_BLOCK 3  // query heads of one kv group done together: each K/V load feeds all of them
@@ -70,12 +73,12 @@ static void head_scores(const float *q, const float *const *krows, int64_t kv_of
     }
 }
 
-// Folds one row's scores s[0 .. valid) into its running softmax: rescales the accumulator `acc` when
-// the maximum grows, turns s into exp(s - max) and adds their sum to the total. s has room for valid
-// rounded up to 8.
-static inline void fold_softmax(float *s, int valid, float *max, float *total, float *acc, int dim) {
+// Folds one row's scores s[first .. valid) into its running softmax: rescales the accumulator `acc`
+// when the maximum grows, turns s into exp(s - max) (0 outside [first, valid)) and adds their sum to
+// the total. s has room for valid rounded up to 8; first < valid.
+static inline void fold_softmax(float *s, int first, int valid, float *max, float *total, float *acc, int dim) {
     float m = *max;
-    for (int t = 0; t < valid; t++) m = s[t] > m ? s[t] : m;
+    for (int t = first; t < valid; t++) m = s[t] > m ? s[t] : m;
     if (m > *max) {
         const float shrink = *max == -INFINITY ? 0.f : expf(*max - m);
         *total *= shrink;
@@ -84,8 +87,8 @@ static inline void fold_softmax(float *s, int valid, float *max, float *total, f
     }
     const v8i lanes = {0, 1, 2, 3, 4, 5, 6, 7};
     v8 sum = splat8(0.f);
-    for (int t = 0; t < valid; t += 8) {  // past `valid`: -inf, exp 0
-        const v8i inside = (lanes + t) < valid;
+    for (int t = 0; t < valid; t += 8) {  // before `first` (out of the window) or past `valid`: exp 0
+        const v8i inside = ((lanes + t) < valid) & ((lanes + t) >= first);
         const v8 e = exp8(select8(inside, load8(s + t) - splat8(m), splat8(-INFINITY)));
         store8(s + t, e);
         sum += e;
@@ -132,9 +135,9 @@ DEFINE_BLOCK_VALUES(1)
 DEFINE_BLOCK_VALUES(2)
 DEFINE_BLOCK_VALUES(3)
 
-// Heads h0 .. h0+nh-1 (one kv group) of query i against one chunk of keys.
+// Heads h0 .. h0+nh-1 (one kv group) of query i against keys first .. valid-1 of one chunk.
 static void head_block(const Shape *sh, const float *q, int i, int h0, int nh, const float *const *krows,
-                              const float *const *vrows, int valid, float *out, Softmax sm, float *scores) {
+                       const float *const *vrows, int first, int valid, float *out, Softmax sm, float *scores) {
     const int dim = sh->dim, stride = CHUNK_KEYS;
     const int64_t kv_off = (int64_t)(h0 / sh->group) * dim;
     const float *qs[HEAD_BLOCK];
@@ -145,9 +148,14 @@ static void head_block(const Shape *sh, const float *q, int i, int h0, int nh, c
         accs[a] = out + (int64_t)r * dim;
     }
     for (int a = 0; a < nh; a++) head_scores(qs[a], krows, kv_off, valid, dim, sh->scale, scores + a * stride);
+    if (sh->softcap > 0.f) {
+        const float cap = sh->softcap, inv = 1.f / sh->softcap;
+        for (int a = 0; a < nh; a++)
+            for (int t = first; t < valid; t++) scores[a * stride + t] = cap * tanhf(scores[a * stride + t] * inv);
+    }
     for (int a = 0; a < nh; a++) {
         const int r = i * sh->heads + h0 + a;
-        fold_softmax(scores + a * stride, valid, sm.maxs + r, sm.totals + r, accs[a], dim);
+        fold_softmax(scores + a * stride, first, valid, sm.maxs + r, sm.totals + r, accs[a], dim);
     }
     if (nh == 3)
         block_values_3(accs, scores, stride, vrows, kv_off, valid, dim);
@@ -175,7 +183,10 @@ static void attend_item(const Shape *sh, const float *q, int count, int64_t pos0
     memset(out, 0, sizeof(float) * (size_t)rows * dim);  // the accumulators, normalized at the end
     const int64_t last = pos0 + count;  // keys 0 .. last - 1 are seen by the item's last query
     const int chunk_keys = (CHUNK_KEYS / bs) * bs;  // whole blocks per chunk
-    for (int64_t chunk = 0; chunk < last; chunk += chunk_keys) {
+    const int window = sh->window;
+    // the item's first query sees the earliest key; chunks wholly before it are skipped
+    const int64_t lowest = window > 0 && pos0 + 1 - window > 0 ? pos0 + 1 - window : 0;
+    for (int64_t chunk = lowest / chunk_keys * chunk_keys; chunk < last; chunk += chunk_keys) {
         const int n = (int)(last - chunk < chunk_keys ? last - chunk : chunk_keys);
         for (int t = 0; t < n; t++) {
             const int64_t key = chunk + t;
@@ -192,13 +203,15 @@ static void attend_item(const Shape *sh, const float *q, int count, int64_t pos0
         }
         for (int t = n; t < n + 7; t++) krows[t] = krows[0];  // fill the last group of 8 (scores unused)
         for (int i = 0; i < count; i++) {
-            const int64_t limit = pos0 + i + 1;  // keys this query sees
+            const int64_t limit = pos0 + i + 1;  // keys this query sees: from `low` to limit - 1
+            const int64_t low = window > 0 && limit - window > 0 ? limit - window : 0;
             const int valid = (int)(limit - chunk >= n ? n : limit - chunk);
-            if (valid <= 0) continue;
+            const int first = (int)(low - chunk > 0 ? low - chunk : 0);
+            if (valid <= 0 || first >= valid) continue;
             for (int h0 = 0; h0 < heads; h0 += group) {  // one kv group at a time, in blocks of HEAD_BLOCK
                 for (int b = 0; b < group; b += HEAD_BLOCK) {
                     const int nh = group - b < HEAD_BLOCK ? group - b : HEAD_BLOCK;
-                    head_block(sh, q, i, h0 + b, nh, krows, vrows, valid, out, sm, scores);
+                    head_block(sh, q, i, h0 + b, nh, krows, vrows, first, valid, out, sm, scores);
                 }
             }
         }
@@ -217,8 +230,10 @@ static void attend_item(const Shape *sh, const float *q, int count, int64_t pos0
 int paged_attention(const void *qkv, int64_t row_stride, int act_dt, int64_t num_tokens, const int64_t *slots,
                     void *cache, int kv_dt, const int64_t *tables, int table_width, const int32_t *item_seq,
                     const int32_t *item_token, const int32_t *item_count, const int64_t *item_pos0, int num_items,
-                    void *out, int heads, int kv_heads, int dim, int block_size, float scale, int num_threads) {
-    if (heads > MAX_HEADS || dim > MAX_DIM || dim % 8 || block_size > MAX_BLOCK || kv_heads < 1 || heads % kv_heads)
+                    void *out, int heads, int kv_heads, int dim, int block_size, float scale, int window,
+                    float softcap, int num_threads) {
+    if (heads > MAX_HEADS || dim > MAX_DIM || dim % 8 || block_size > MAX_BLOCK || kv_heads < 1 || heads % kv_heads ||
+        window < 0 || softcap < 0.f)
         return -1;
     for (int it = 0; it < num_items; it++)
         if (item_count[it] > MAX_TILE || item_count[it] < 1) return -1;
@@ -230,7 +245,7 @@ int paged_attention(const void *qkv, int64_t row_stride, int act_dt, int64_t num
         load_row(buf, qkv, act_dt, t * row_stride + (int64_t)heads * dim, (int)(2 * row));
         store_row(cache, kv_dt, slots[t] * 2 * row, buf, (int)(2 * row));
     }
-    const Shape sh = {MAX_TILE, heads, kv_heads, heads / kv_heads, dim, block_size, scale};
+    const Shape sh = {MAX_TILE, heads, kv_heads, heads / kv_heads, dim, block_size, scale, window, softcap};
     int failed = 0;
 #pragma omp parallel num_threads(num_items > 1 ? num_threads : 1)
     {

@@ -4,23 +4,26 @@ from __future__ import annotations
 
 import json
 import pathlib
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
-from engine.config import ModelConfig, MoEConfig, RopeScaling
+from engine.config import Architecture, ModelConfig, MoEConfig, RopeScaling
 from engine.errors import ModelLoadError
 
-_ARCHITECTURES: dict[str, Literal["llama", "qwen2", "qwen3", "mistral", "mixtral", "qwen3_moe"]] = {
+_ARCHITECTURES: dict[str, Architecture] = {
     "LlamaForCausalLM": "llama",
     "MistralForCausalLM": "mistral",
     "Qwen2ForCausalLM": "qwen2",
     "Qwen3ForCausalLM": "qwen3",
     "MixtralForCausalLM": "mixtral",
     "Qwen3MoeForCausalLM": "qwen3_moe",
+    "Gemma2ForCausalLM": "gemma2",
 }
+# the MLP activation each family must have (transformers' name; gelu_pytorch_tanh is gelu's tanh form)
+_ACTIVATIONS = {"gemma2": ("hidden_activation", "gelu_pytorch_tanh")}
 _SINGLE_FILE = "model.safetensors"
 _INDEX_FILE = "model.safetensors.index.json"
 # Non-parameter buffers some checkpoints carry; the model recomputes them.
@@ -48,9 +51,9 @@ def load_hf_config(directory: pathlib.Path) -> ModelConfig:
     if arch is None:
         raise ModelLoadError(
             f"{config_path}: architectures {archs} not supported; use one of {', '.join(_ARCHITECTURES)}")
-    if raw.get("hidden_act", "silu") != "silu":
-        raise ModelLoadError(f"{config_path}: hidden_act {raw['hidden_act']!r} is not supported (only silu)")
-    _reject_sliding_window(raw, arch, config_path)
+    key, activation = _ACTIVATIONS.get(arch, ("hidden_act", "silu"))
+    if raw.get(key, activation) != activation:
+        raise ModelLoadError(f"{config_path}: {key} {raw[key]!r} is not supported for {arch} (only {activation})")
     if arch in ("qwen3", "qwen3_moe") and raw.get("attention_bias"):
         raise ModelLoadError(f"{config_path}: attention_bias on {arch} (biases on q/k/v and o_proj) is not supported")
     try:
@@ -72,10 +75,14 @@ def load_hf_config(directory: pathlib.Path) -> ModelConfig:
             rms_norm_eps=float(raw.get("rms_norm_eps", 1e-6)),
             rope_theta=float(rope.get("rope_theta", 10000.0)),
             rope_scaling=_rope_scaling(rope, config_path),
-            tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),
+            tie_word_embeddings=bool(raw.get("tie_word_embeddings", arch == "gemma2")),
             attention_bias=arch == "qwen2" or bool(raw.get("attention_bias", False)),
             qk_norm=arch in ("qwen3", "qwen3_moe"),
             moe=_moe(raw, arch),
+            sliding_windows=_sliding_windows(raw, arch),
+            attn_logit_softcap=float(raw.get("attn_logit_softcapping") or 0.0),
+            final_logit_softcap=float(raw.get("final_logit_softcapping") or 0.0),
+            attention_scale=(float(raw["query_pre_attn_scalar"]) ** -0.5 if arch == "gemma2" else None),
             name=directory.resolve().name,
             eos_token_ids=_eos_ids(raw.get("eos_token_id"), generation.get("eos_token_id")),
         )
@@ -85,11 +92,32 @@ def load_hf_config(directory: pathlib.Path) -> ModelConfig:
         raise ModelLoadError(f"{config_path}: invalid value: {exc}") from exc
 
 
-def _reject_sliding_window(raw: dict[str, Any], arch: str, config_path: pathlib.Path) -> None:
+def _sliding_windows(raw: dict[str, Any], arch: str) -> tuple[int, ...]:
+    """Each layer's window, as transformers reads the config: `layer_types` when written (a
+    "sliding_attention" layer has `sliding_window`); else Mistral/Mixtral window every layer, and
+    Qwen windows layers from `max_window_layers` on when `use_sliding_window`. () when none has one."""
     window = raw.get("sliding_window")
-    uses_window = raw.get("use_sliding_window", False) if arch.startswith("qwen") else window is not None
-    if uses_window and window is not None and window < raw.get("max_position_embeddings", 0):
-        raise ModelLoadError(f"{config_path}: sliding-window attention ({window}) is not supported")
+    layers = int(raw["num_hidden_layers"])
+    if arch.startswith("qwen") and not raw.get("use_sliding_window", False):
+        window = None
+    if window is None:
+        return ()
+    if int(window) < 1:
+        raise ValueError(f"sliding_window must be >= 1, got {window}")
+    if raw.get("layer_types"):
+        kinds = list(raw["layer_types"])
+        if len(kinds) != layers or not set(kinds) <= {"sliding_attention", "full_attention"}:
+            raise ValueError(f"layer_types must name sliding_attention or full_attention for each of {layers} "
+                             f"layers, got {kinds}")
+        windows = tuple(int(window) if kind == "sliding_attention" else 0 for kind in kinds)
+    elif arch == "gemma2":  # transformers' default: even layers windowed, odd layers global
+        windows = tuple(int(window) if (i + 1) % 2 else 0 for i in range(layers))
+    elif arch.startswith("qwen"):
+        first = int(raw.get("max_window_layers", layers))
+        windows = tuple(int(window) if i >= first else 0 for i in range(layers))
+    else:
+        windows = (int(window),) * layers
+    return windows if any(windows) else ()
 
 
 def _moe(raw: dict[str, Any], arch: str) -> MoEConfig | None:

@@ -47,6 +47,7 @@ def config_from_json(text: str) -> ModelConfig:
     scaling = fields.get("rope_scaling")
     fields["rope_scaling"] = RopeScaling(**scaling) if scaling is not None else None
     fields["eos_token_ids"] = tuple(fields.get("eos_token_ids", ()))
+    fields["sliding_windows"] = tuple(fields.get("sliding_windows", ()))
     moe = fields.get("moe")
     fields["moe"] = MoEConfig(**{**moe, "dense_layers": tuple(moe["dense_layers"])}) if moe is not None else None
     return ModelConfig(**fields)

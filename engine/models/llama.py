@@ -89,6 +89,7 @@ class LlamaForCausalLM(nn.Module):
     their MLPs (engine.models.moe), and the further per-layer weights they load."""
 
     attention: type[Attention] = Attention
+    layer_class: type[DecoderLayer] = DecoderLayer  # a family with another layer sets its own (engine.models.gemma2)
     mlp_factory: Callable[[ModelConfig, int], nn.Module] | None = None  # None: the dense MLP in every layer
     # (HF name, our name) of further per-layer weights a family adds, both under the layer's prefix
     extra_weights: tuple[tuple[str, str], ...] = ()
@@ -103,18 +104,24 @@ class LlamaForCausalLM(nn.Module):
         self.rope = rope = RotaryEmbedding(config.head_dim, config.max_position_embeddings, config.rope_theta,
                                            config.rope_scaling)
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
-        factory = self.mlp_factory
-        self.layers = nn.ModuleList(
-            DecoderLayer(config, i, rope, self.attention, None if factory is None else factory(config, i))
-            for i in range(config.num_layers))
+        self.layers = nn.ModuleList(self._layer(config, i, rope) for i in range(config.num_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
 
+    def _layer(self, config: ModelConfig, layer: int, rope: RotaryEmbedding) -> DecoderLayer:
+        if self.layer_class is not DecoderLayer:
+            return self.layer_class(config, layer, rope)
+        factory = self.mlp_factory
+        return DecoderLayer(config, layer, rope, self.attention, None if factory is None else factory(config, layer))
+
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.embed_tokens(input_ids)
+
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, attn: AttentionFn) -> torch.Tensor:
         """Hidden states `[T, hidden]` of a flat batch of T tokens."""
-        x, residual = self.embed_tokens(input_ids), None
+        x, residual = self.embed(input_ids), None
         for layer in self.layers:
             x, residual = layer(positions, x, residual, attn)
         assert residual is not None, "a model has at least one layer"

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+from engine.models.gemma2 import Gemma2ForCausalLM
 from engine.models.llama import LlamaForCausalLM
 from engine.models.moe import MixtralForCausalLM, Qwen3MoeForCausalLM
 from engine.models.qwen3 import Qwen3ForCausalLM
@@ -14,6 +15,7 @@ MODEL_CLASSES: dict[str, type[LlamaForCausalLM]] = {
     "qwen3": Qwen3ForCausalLM,
     "mixtral": MixtralForCausalLM,
     "qwen3_moe": Qwen3MoeForCausalLM,
+    "gemma2": Gemma2ForCausalLM,
 }
 
 

@@ -1,0 +1,62 @@
+"""Gemma 2: the Llama layers with a GeGLU MLP (gelu's tanh form), four RMSNorms per layer (the
+attention's and the MLP's outputs are normed before they join the residual), norms that scale by
+(1 + w), the embedding scaled by sqrt(hidden), attention scaled by `query_pre_attn_scalar`, and
+soft-capped attention scores and logits; even layers attend within a sliding window. The norm's
+(1 + w) is folded into the weight at load (fp32, as transformers computes it), so the Llama norm
+kernels serve."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+import torch.nn.functional as F
+
+from engine.attention.metadata import AttentionFn
+from engine.config import ModelConfig
+from engine.models.llama import MLP, DecoderLayer, LlamaForCausalLM, RMSNorm
+from engine.models.rope import RotaryEmbedding
+
+
+class GegluMLP(MLP):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        return self.down_proj(F.gelu(gate, approximate="tanh") * up)
+
+
+class Gemma2DecoderLayer(DecoderLayer):
+    def __init__(self, config: ModelConfig, layer: int, rope: RotaryEmbedding) -> None:
+        super().__init__(config, layer, rope, mlp=GegluMLP(config))
+        self.pre_feedforward_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.post_feedforward_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+    def forward(self, positions: torch.Tensor, x: torch.Tensor, residual: torch.Tensor | None,
+                attn: AttentionFn) -> tuple[torch.Tensor, torch.Tensor]:
+        """As DecoderLayer's: (the MLP's normed output, the residual stream before it)."""
+        if residual is None:
+            residual, h = x, self.input_layernorm(x)
+        else:
+            h, residual = self.input_layernorm.add_forward(x, residual)
+        h = self.post_attention_layernorm(self.self_attn(positions, h, attn))
+        h, residual = self.pre_feedforward_layernorm.add_forward(h, residual)
+        return self.post_feedforward_layernorm(self.mlp(h)), residual
+
+
+class Gemma2ForCausalLM(LlamaForCausalLM):
+    layer_class = Gemma2DecoderLayer
+    extra_weights = (("pre_feedforward_layernorm", "pre_feedforward_layernorm"),
+                     ("post_feedforward_layernorm", "post_feedforward_layernorm"))
+
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        x = self.embed_tokens(input_ids)
+        return x * torch.tensor(self.config.hidden_size ** 0.5, dtype=x.dtype)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        logits = super().compute_logits(hidden)
+        cap = self.config.final_logit_softcap
+        return torch.tanh(logits / cap) * cap if cap > 0 else logits
+
+    def load_hf_weights(self, weights: Mapping[str, torch.Tensor]) -> None:
+        """Norm weights w become 1 + w (what Gemma's norm multiplies by)."""
+        super().load_hf_weights({name: 1.0 + w.float() if name.endswith("norm.weight") else w
+                                 for name, w in weights.items()})
