@@ -7,8 +7,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-RopeScalingType = Literal["llama3"]
-Architecture = Literal["llama", "qwen2", "qwen3", "mistral", "mixtral", "qwen3_moe", "gemma2"]
+RopeScalingType = Literal["llama3", "linear"]
+Architecture = Literal["llama", "qwen2", "qwen3", "mistral", "mixtral", "qwen3_moe", "gemma2", "gemma3"]
 KVCacheDtype = Literal["auto", "bfloat16", "float16", "float32", "fp8_e4m3"]
 SchedulingPolicy = Literal["fcfs", "priority"]
 ComputeDtype = Literal["auto", "float32", "bfloat16", "float16"]
@@ -17,13 +17,22 @@ Quantization = Literal["int8", "int4"]
 
 @dataclass(frozen=True)
 class RopeScaling:
-    """Llama-3 style frequency scaling (the only scaling the Llama family ships with)."""
+    """Llama-3 style frequency scaling (long wavelengths slowed by `factor`, a band blended), or
+    linear (every frequency divided by `factor`: Gemma 3's global layers); linear reads no other field."""
 
     factor: float
-    low_freq_factor: float
-    high_freq_factor: float
-    original_max_position_embeddings: int
+    low_freq_factor: float = 0.0
+    high_freq_factor: float = 0.0
+    original_max_position_embeddings: int = 0
     rope_type: RopeScalingType = "llama3"
+
+    def __post_init__(self) -> None:
+        if self.factor <= 0:
+            raise ValueError(f"rope scaling factor must be positive, got {self.factor}")
+        if self.rope_type == "llama3" and not (0 < self.low_freq_factor < self.high_freq_factor
+                                               and self.original_max_position_embeddings > 0):
+            raise ValueError("llama3 rope scaling needs 0 < low_freq_factor < high_freq_factor and "
+                             "original_max_position_embeddings > 0")
 
 
 MOE_ARCHITECTURES = ("mixtral", "qwen3_moe")
@@ -64,6 +73,7 @@ class ModelConfig:
     rms_norm_eps: float
     rope_theta: float
     rope_scaling: RopeScaling | None = None
+    local_rope_theta: float | None = None  # Gemma 3: windowed layers' RoPE base (no scaling); None: rope_theta
     tie_word_embeddings: bool = False
     attention_bias: bool = False  # Qwen2: bias on q/k/v projections
     qk_norm: bool = False  # Qwen3: an RMSNorm over each head's q and k, before RoPE

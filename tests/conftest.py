@@ -18,6 +18,8 @@ from tokenizers import decoders, models, pre_tokenizers, processors, trainers
 from transformers import (
     Gemma2Config,
     Gemma2ForCausalLM,
+    Gemma3ForCausalLM,
+    Gemma3TextConfig,
     LlamaConfig,
     LlamaForCausalLM,
     MistralConfig,
@@ -185,6 +187,21 @@ def tiny_gemma2_dir(tmp_path_factory: pytest.TempPathFactory) -> pathlib.Path:
     config = Gemma2Config(**_common(tie_word_embeddings=True, head_dim=16, query_pre_attn_scalar=24,  # type: ignore[arg-type]
                                     sliding_window=6, attn_logit_softcapping=2.0, final_logit_softcapping=1.5))
     return _tiny_checkpoint(tmp_path_factory, "tiny_gemma2", 8, lambda: Gemma2ForCausalLM(config), add_bos=True,
+                            all_norms=True, qk_scale=4.0)
+
+
+@pytest.fixture(scope="session")
+def tiny_gemma3_dir(tmp_path_factory: pytest.TempPathFactory) -> pathlib.Path:
+    """Gemma 3 (text): Gemma 2's layers with (1 + w) q/k norms (randomised), three layers: two windowed
+    (6) with RoPE base 10000, one global with base 1e6 scaled linearly by 4; query_pre_attn_scalar
+    24; q/k projections scaled up so that windows and bases bite. Treat as read-only."""
+    ropes = {"sliding_attention": {"rope_type": "default", "rope_theta": 10_000.0},
+             "full_attention": {"rope_type": "linear", "factor": 4.0, "rope_theta": 1_000_000.0}}
+    config = Gemma3TextConfig(**{**_common(tie_word_embeddings=True, head_dim=16, query_pre_attn_scalar=24,  # type: ignore[arg-type]
+                                           sliding_window=6, rope_parameters=ropes,
+                                           layer_types=["sliding_attention", "full_attention", "sliding_attention"]),
+                                 "num_hidden_layers": 3})
+    return _tiny_checkpoint(tmp_path_factory, "tiny_gemma3", 9, lambda: Gemma3ForCausalLM(config), add_bos=True,
                             all_norms=True, qk_scale=4.0)
 
 

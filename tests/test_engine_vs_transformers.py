@@ -57,14 +57,15 @@ TINY_CONFIGS = {
 @pytest.mark.parametrize("name", list(TINY_CONFIGS))
 @pytest.mark.parametrize("fixture", ["tiny_llama_dir", "tiny_qwen2_dir", "tiny_qwen3_dir", "tiny_mixtral_dir",
                                      "tiny_qwen3_moe_dir", "tiny_llama3_scaled_dir", "tiny_mistral_window_dir",
-                                     "tiny_qwen2_window_dir", "tiny_gemma2_dir"])
+                                     "tiny_qwen2_window_dir", "tiny_gemma2_dir", "tiny_gemma3_dir"])
 def test_tiny_checkpoints_match_transformers(fixture, name, request) -> None:
     llm = _check_tiny(str(request.getfixturevalue(fixture)), TINY_CONFIGS[name])
     if name == "preemption":
         assert llm.engine.scheduler.num_preemptions_total > 0
 
 
-@pytest.mark.parametrize("fixture", ["tiny_mistral_window_dir", "tiny_qwen2_window_dir", "tiny_gemma2_dir"])
+@pytest.mark.parametrize("fixture", ["tiny_mistral_window_dir", "tiny_qwen2_window_dir", "tiny_gemma2_dir",
+                                     "tiny_gemma3_dir"])
 def test_sliding_windows_on_the_torch_attention_backend(fixture, request) -> None:
     """The C kernel serves the test above; the torch backend (CUDA without flash, fp16/fp8 caches)
     masks windows and caps scores its own way."""

@@ -531,6 +531,17 @@ def test_sliding_windows_as_configs_write_them(tmp_path: pathlib.Path) -> None:
     assert config.tie_word_embeddings and config_from_json(config_to_json(config)) == config
     with pytest.raises(ModelLoadError, match="hidden_activation 'relu' is not supported for gemma2"):
         windows(**gemma, hidden_activation="relu")
+    # Gemma 3 as the hub's configs (transformers 4) write it: five windowed layers in six, two RoPE bases
+    gemma3 = {**gemma, "architectures": ["Gemma3ForCausalLM"], "num_hidden_layers": 12, "rope_theta": 1e6,
+              "rope_local_base_freq": 1e4, "rope_scaling": {"rope_type": "linear", "factor": 8.0},
+              "attn_logit_softcapping": None, "final_logit_softcapping": None}
+    assert windows(**gemma3) == (8, 8, 8, 8, 8, 0) * 2
+    config = load_hf_config(tmp_path)
+    assert (config.rope_theta, config.local_rope_theta, config.qk_norm) == (1e6, 1e4, True)
+    assert config.rope_scaling is not None and (config.rope_scaling.rope_type, config.rope_scaling.factor) == (
+        "linear", 8.0)
+    assert (config.attn_logit_softcap, config.final_logit_softcap) == (0.0, 0.0)
+    assert config_from_json(config_to_json(config)) == config
     with pytest.raises(ModelLoadError, match="sliding_window must be >= 1"):
         windows(architectures=["MistralForCausalLM"], sliding_window=0)
     with pytest.raises(ModelLoadError, match="layer_types"):

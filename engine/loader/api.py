@@ -99,7 +99,7 @@ def expected_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
         if config.qk_norm:
             shapes |= {p + "self_attn.q_norm.weight": (config.head_dim,),
                        p + "self_attn.k_norm.weight": (config.head_dim,)}
-        if config.architecture == "gemma2":  # the MLP's own norms, before and after it
+        if config.architecture in ("gemma2", "gemma3"):  # the MLP's own norms, before and after it
             shapes |= {p + "pre_feedforward_layernorm.weight": (h,), p + "post_feedforward_layernorm.weight": (h,)}
     return shapes
 

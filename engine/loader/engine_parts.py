@@ -18,6 +18,7 @@ from engine.loader.packing import check_batch_invariance, pack_linears
 from engine.model_runner import ModelRunner
 from engine.models.llama import LlamaForCausalLM
 from engine.models.registry import model_class
+from engine.models.rope import RotaryEmbedding
 from engine.platform import Platform, detect_platform
 from engine.sampler import Sampler
 from engine.tokenizer import Tokenizer
@@ -50,7 +51,9 @@ def build_model(loaded: LoadedModel, platform: Platform, dtype: torch.dtype) -> 
     model = model.to_empty(device=platform.device)
     model.load_hf_weights(loaded.weights)
     model = model.to(dtype).eval().requires_grad_(False)
-    model.rope.build_tables(platform.device)  # after the dtype cast: the rotary tables stay fp32
+    for module in model.modules():  # after the dtype cast: the rotary tables stay fp32
+        if isinstance(module, RotaryEmbedding):
+            module.build_tables(platform.device)
     return model
 
 

@@ -21,9 +21,13 @@ _ARCHITECTURES: dict[str, Architecture] = {
     "MixtralForCausalLM": "mixtral",
     "Qwen3MoeForCausalLM": "qwen3_moe",
     "Gemma2ForCausalLM": "gemma2",
+    "Gemma3ForCausalLM": "gemma3",
 }
+_GEMMA = ("gemma2", "gemma3")
 # the MLP activation each family must have (transformers' name; gelu_pytorch_tanh is gelu's tanh form)
-_ACTIVATIONS = {"gemma2": ("hidden_activation", "gelu_pytorch_tanh")}
+_ACTIVATIONS = {arch: ("hidden_activation", "gelu_pytorch_tanh") for arch in _GEMMA}
+# Gemma 3's windowed layers: five of every six unless the config lists its layer types
+_GEMMA3_WINDOW_PATTERN = 6
 _SINGLE_FILE = "model.safetensors"
 _INDEX_FILE = "model.safetensors.index.json"
 # Non-parameter buffers some checkpoints carry; the model recomputes them.
@@ -59,7 +63,7 @@ def load_hf_config(directory: pathlib.Path) -> ModelConfig:
     try:
         hidden = int(raw["hidden_size"])
         num_heads = int(raw["num_attention_heads"])
-        rope = _rope_parameters(raw)
+        rope, local_theta = _gemma3_ropes(raw) if arch == "gemma3" else (_rope_parameters(raw), None)
         generation_path = directory / "generation_config.json"
         generation = read_json(generation_path) if generation_path.is_file() else {}
         return ModelConfig(
@@ -75,14 +79,15 @@ def load_hf_config(directory: pathlib.Path) -> ModelConfig:
             rms_norm_eps=float(raw.get("rms_norm_eps", 1e-6)),
             rope_theta=float(rope.get("rope_theta", 10000.0)),
             rope_scaling=_rope_scaling(rope, config_path),
-            tie_word_embeddings=bool(raw.get("tie_word_embeddings", arch == "gemma2")),
+            local_rope_theta=local_theta,
+            tie_word_embeddings=bool(raw.get("tie_word_embeddings", arch in _GEMMA)),
             attention_bias=arch == "qwen2" or bool(raw.get("attention_bias", False)),
-            qk_norm=arch in ("qwen3", "qwen3_moe"),
+            qk_norm=arch in ("qwen3", "qwen3_moe", "gemma3"),
             moe=_moe(raw, arch),
             sliding_windows=_sliding_windows(raw, arch),
             attn_logit_softcap=float(raw.get("attn_logit_softcapping") or 0.0),
             final_logit_softcap=float(raw.get("final_logit_softcapping") or 0.0),
-            attention_scale=(float(raw["query_pre_attn_scalar"]) ** -0.5 if arch == "gemma2" else None),
+            attention_scale=(float(raw["query_pre_attn_scalar"]) ** -0.5 if arch in _GEMMA else None),
             name=directory.resolve().name,
             eos_token_ids=_eos_ids(raw.get("eos_token_id"), generation.get("eos_token_id")),
         )
@@ -110,8 +115,9 @@ def _sliding_windows(raw: dict[str, Any], arch: str) -> tuple[int, ...]:
             raise ValueError(f"layer_types must name sliding_attention or full_attention for each of {layers} "
                              f"layers, got {kinds}")
         windows = tuple(int(window) if kind == "sliding_attention" else 0 for kind in kinds)
-    elif arch == "gemma2":  # transformers' default: even layers windowed, odd layers global
-        windows = tuple(int(window) if (i + 1) % 2 else 0 for i in range(layers))
+    elif arch in _GEMMA:  # transformers' defaults: Gemma 2 every other layer global, Gemma 3 every sixth
+        pattern = 2 if arch == "gemma2" else int(raw.get("sliding_window_pattern", _GEMMA3_WINDOW_PATTERN))
+        windows = tuple(int(window) if (i + 1) % pattern else 0 for i in range(layers))
     elif arch.startswith("qwen"):
         first = int(raw.get("max_window_layers", layers))
         windows = tuple(int(window) if i >= first else 0 for i in range(layers))
@@ -145,12 +151,29 @@ def _rope_parameters(raw: dict[str, Any]) -> dict[str, Any]:
     return params
 
 
+def _gemma3_ropes(raw: dict[str, Any]) -> tuple[dict[str, Any], float]:
+    """Gemma 3's global RoPE (base and scaling) and its windowed layers' base: per layer type in
+    `rope_parameters` (transformers >= 5), else `rope_theta` + `rope_scaling` and `rope_local_base_freq`."""
+    params = raw.get("rope_parameters") or {}
+    if "full_attention" in params or "sliding_attention" in params:
+        full, local = dict(params.get("full_attention") or {}), dict(params.get("sliding_attention") or {})
+    else:
+        full, local = dict(raw.get("rope_scaling") or {}), {}
+    full.setdefault("rope_theta", raw.get("rope_theta") or 1_000_000.0)  # (written as null by transformers 5)
+    local.setdefault("rope_theta", raw.get("rope_local_base_freq") or 10_000.0)
+    if local.get("rope_type", "default") != "default":
+        raise ValueError(f"Gemma 3's windowed layers take plain RoPE, got {local['rope_type']!r}")
+    return full, float(local["rope_theta"])
+
+
 def _rope_scaling(rope: dict[str, Any], config_path: pathlib.Path) -> RopeScaling | None:
     kind = rope.get("rope_type", rope.get("type", "default"))
     if kind in (None, "default"):
         return None
+    if kind == "linear":
+        return RopeScaling(factor=float(rope["factor"]), rope_type="linear")
     if kind != "llama3":
-        raise ModelLoadError(f"{config_path}: rope scaling type {kind!r} is not supported (only llama3 is)")
+        raise ModelLoadError(f"{config_path}: rope scaling type {kind!r} is not supported (llama3 and linear are)")
     return RopeScaling(
         factor=float(rope["factor"]),
         low_freq_factor=float(rope["low_freq_factor"]),

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 from engine.attention.metadata import AttentionFn
 from engine.config import ModelConfig
-from engine.models.llama import MLP, DecoderLayer, LlamaForCausalLM, RMSNorm
+from engine.models.llama import MLP, Attention, DecoderLayer, LlamaForCausalLM, RMSNorm
 from engine.models.rope import RotaryEmbedding
 
 
@@ -25,8 +25,9 @@ class GegluMLP(MLP):
 
 
 class Gemma2DecoderLayer(DecoderLayer):
-    def __init__(self, config: ModelConfig, layer: int, rope: RotaryEmbedding) -> None:
-        super().__init__(config, layer, rope, mlp=GegluMLP(config))
+    def __init__(self, config: ModelConfig, layer: int, rope: RotaryEmbedding,
+                 attention: type[Attention] = Attention) -> None:
+        super().__init__(config, layer, rope, attention, mlp=GegluMLP(config))
         self.pre_feedforward_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_feedforward_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
@@ -43,9 +44,11 @@ class Gemma2DecoderLayer(DecoderLayer):
 
 
 class Gemma2ForCausalLM(LlamaForCausalLM):
-    layer_class = Gemma2DecoderLayer
-    extra_weights = (("pre_feedforward_layernorm", "pre_feedforward_layernorm"),
+    extra_weights: tuple[tuple[str, str], ...] = (("pre_feedforward_layernorm", "pre_feedforward_layernorm"),
                      ("post_feedforward_layernorm", "post_feedforward_layernorm"))
+
+    def _layer(self, config: ModelConfig, layer: int, rope: RotaryEmbedding) -> DecoderLayer:
+        return Gemma2DecoderLayer(config, layer, rope)
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         x = self.embed_tokens(input_ids)

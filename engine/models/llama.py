@@ -89,7 +89,6 @@ class LlamaForCausalLM(nn.Module):
     their MLPs (engine.models.moe), and the further per-layer weights they load."""
 
     attention: type[Attention] = Attention
-    layer_class: type[DecoderLayer] = DecoderLayer  # a family with another layer sets its own (engine.models.gemma2)
     mlp_factory: Callable[[ModelConfig, int], nn.Module] | None = None  # None: the dense MLP in every layer
     # (HF name, our name) of further per-layer weights a family adds, both under the layer's prefix
     extra_weights: tuple[tuple[str, str], ...] = ()
@@ -111,8 +110,7 @@ class LlamaForCausalLM(nn.Module):
             self.lm_head.weight = self.embed_tokens.weight
 
     def _layer(self, config: ModelConfig, layer: int, rope: RotaryEmbedding) -> DecoderLayer:
-        if self.layer_class is not DecoderLayer:
-            return self.layer_class(config, layer, rope)
+        """Layer `layer` (a family with another layer structure overrides this: engine.models.gemma2)."""
         factory = self.mlp_factory
         return DecoderLayer(config, layer, rope, self.attention, None if factory is None else factory(config, layer))
 

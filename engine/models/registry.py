@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 from engine.models.gemma2 import Gemma2ForCausalLM
+from engine.models.gemma3 import Gemma3ForCausalLM
 from engine.models.llama import LlamaForCausalLM
 from engine.models.moe import MixtralForCausalLM, Qwen3MoeForCausalLM
 from engine.models.qwen3 import Qwen3ForCausalLM
@@ -16,6 +17,7 @@ MODEL_CLASSES: dict[str, type[LlamaForCausalLM]] = {
     "mixtral": MixtralForCausalLM,
     "qwen3_moe": Qwen3MoeForCausalLM,
     "gemma2": Gemma2ForCausalLM,
+    "gemma3": Gemma3ForCausalLM,
 }
 
 
