@@ -46,6 +46,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from bench.timing import median_seconds
 from bench.transfer_peer import link_tls
 from common.etcd.local import running_etcd
 from common.pki import make_pki
@@ -76,13 +77,7 @@ def progress(what: str) -> None:
 
 
 def timed(fn: Callable[[], None], repeats: int) -> float:
-    fn()
-    samples = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        samples.append(time.perf_counter() - start)
-    return float(np.median(samples))
+    return median_seconds(fn, repeats)
 
 
 def kv_layout(size: int) -> KVLayout:

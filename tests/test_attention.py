@@ -16,9 +16,10 @@ from engine.attention.torch_backend import TorchAttention
 from engine.kv_cache import KVCachePool, KVCacheSpec
 
 HEADS, KV_HEADS, DIM, BLOCK = 9, 3, 64, 16
-# decodes first (contexts 1, 17, 40, exactly one block, two), then segments: a fresh prompt, a chunk
-# after a cached prefix crossing the kernel's 16-query items, a long fresh chunk, a one-block prefix + 1
-SHAPES = [(0, 1), (16, 1), (39, 1), (15, 1), (31, 1), (0, 37), (20, 19), (0, 70), (16, 2)]
+# decodes first (contexts 1, 17, 40, exactly one block, two, 101), then segments: a fresh prompt, a
+# chunk after a cached prefix crossing the kernel's 16-query items, a long fresh chunk, a one-block
+# prefix + 1, a chunk past the kernel's first 64-key chunk (a short window starts there)
+SHAPES = [(0, 1), (16, 1), (39, 1), (15, 1), (31, 1), (100, 1), (0, 37), (20, 19), (0, 70), (16, 2), (90, 20)]
 SHAPE = AttentionShape(HEADS, KV_HEADS, DIM, DIM ** -0.5)
 
 
@@ -123,15 +124,19 @@ def test_the_kernel_reads_q_k_v_from_packed_or_separate_buffers() -> None:
     assert torch.equal(in_place, separate)
 
 
-def test_a_query_is_computed_alike_in_any_batch() -> None:
-    """Batch invariance: a decode alone and amid other work gives bit-identical output."""
+@pytest.mark.parametrize(("window", "softcap"), [(0, 0.0), (5, 0.0), (20, 5.0)])
+def test_a_query_is_computed_alike_in_any_batch(window: int, softcap: float) -> None:
+    """Batch invariance: a decode alone and amid other work gives bit-identical output, with or
+    without a window (whose first key chunk depends on the position, not the batch) or a cap."""
+    shape = Geometry().shape(window, softcap)
     pool, spans, qkv = _step(torch.float32, torch.float32)
     q, k, v = qkv.split((HEADS * DIM, KV_HEADS * DIM, KV_HEADS * DIM), dim=-1)
     meta = attention_metadata(spans, BLOCK, pool.tensor.device, torch.float32, cpu_kernel=True)
-    together = CpuAttention(pool, SHAPE, meta)(1, q, k, v)
-    alone_meta = attention_metadata(spans[2:3], BLOCK, pool.tensor.device, torch.float32, cpu_kernel=True)
-    alone = CpuAttention(pool, SHAPE, alone_meta)(1, q[2:3], k[2:3], v[2:3])
-    assert torch.equal(alone, together[2:3])
+    together = CpuAttention(pool, shape, meta)(1, q, k, v)
+    for i in (2, 5):  # contexts 40 and 101
+        alone_meta = attention_metadata(spans[i:i + 1], BLOCK, pool.tensor.device, torch.float32, cpu_kernel=True)
+        alone = CpuAttention(pool, shape, alone_meta)(1, q[i:i + 1], k[i:i + 1], v[i:i + 1])
+        assert torch.equal(alone, together[i:i + 1])
 
 
 # windows shorter than a block, crossing blocks and the kernel's 64-key chunks, longer than every

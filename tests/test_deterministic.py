@@ -43,6 +43,19 @@ def test_tokens_do_not_depend_on_the_batch(tiny_llama_dir, dtype: str) -> None:
     llm.engine.check_integrity()
 
 
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_moe_tokens_do_not_depend_on_the_batch(tiny_mixtral_dir, dtype: str) -> None:
+    """Experts are packed linears checked for batch invariance at load, and a token's expert outputs
+    are added in expert order: the expert batches change with the batch, the token's bits do not."""
+    llm = LLM(str(tiny_mixtral_dir), dtype=dtype, deterministic=True, num_kv_blocks=1024, max_num_seqs=64,
+              max_num_batched_tokens=256)
+    prompt = [(13 * i) % 400 + 7 for i in range(29)]
+    alone = _result(llm.generate([prompt], PARAMS)[0])
+    for batch, position in ((2, 1), (8, 3), (32, 0)):
+        assert _batched(llm, prompt, batch, position) == alone, f"batch {batch}"
+    llm.engine.check_integrity()
+
+
 @pytest.mark.slow
 def test_the_default_model_in_bf16(default_model_path) -> None:
     llm = LLM(str(default_model_path), dtype="bfloat16", deterministic=True, num_kv_blocks=512, max_num_seqs=64)

@@ -491,11 +491,11 @@ def test_moe_configs_as_the_hub_writes_them(tmp_path: pathlib.Path) -> None:
         load_model(tmp_path / "m.gguf")
 
 
-def test_deterministic_mode_refuses_moe_experts(tiny_mixtral_dir) -> None:
+def test_deterministic_mode_refuses_gemma(tiny_gemma2_dir) -> None:
     from engine import LLM
 
-    with pytest.raises(ModelLoadError, match="deterministic mode does not cover the experts of mixtral"):
-        LLM(str(tiny_mixtral_dir), num_kv_blocks=32, dtype="float32", deterministic=True)
+    with pytest.raises(ModelLoadError, match=r"deterministic mode does not cover gemma2 yet .*gelu"):
+        LLM(str(tiny_gemma2_dir), num_kv_blocks=32, dtype="float32", deterministic=True)
 
 
 def test_sliding_windows_as_configs_write_them(tmp_path: pathlib.Path) -> None:
@@ -515,6 +515,13 @@ def test_sliding_windows_as_configs_write_them(tmp_path: pathlib.Path) -> None:
 
     assert windows(architectures=["MistralForCausalLM"], sliding_window=32) == (32, 32, 32, 32)
     assert windows(architectures=["MistralForCausalLM"], sliding_window=None) == ()
+    assert windows(architectures=["MistralForCausalLM"]) == (4096,) * 4  # transformers' default when left out
+    assert windows(architectures=["MixtralForCausalLM"], sliding_window=16, num_local_experts=4, num_experts_per_tok=2,
+                   layer_types=["full_attention"] * 4) == (16,) * 4  # transformers ignores layer_types there
+    assert windows(architectures=["LlamaForCausalLM"], sliding_window=32) == ()  # Llama has no window
+    assert windows(architectures=["Qwen3MoeForCausalLM"], sliding_window=32, use_sliding_window=True,
+                   num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, max_window_layers=2) == (32,) * 4
+    assert windows(architectures=["Qwen2ForCausalLM"], sliding_window=32, use_sliding_window=True) == ()  # 28 layers
     assert windows(architectures=["Qwen2ForCausalLM"], sliding_window=32, use_sliding_window=False) == ()
     assert windows(architectures=["Qwen2ForCausalLM"], sliding_window=32, use_sliding_window=True,
                    max_window_layers=3) == (0, 0, 0, 32)
@@ -531,6 +538,12 @@ def test_sliding_windows_as_configs_write_them(tmp_path: pathlib.Path) -> None:
     assert config.tie_word_embeddings and config_from_json(config_to_json(config)) == config
     with pytest.raises(ModelLoadError, match="hidden_activation 'relu' is not supported for gemma2"):
         windows(**gemma, hidden_activation="relu")
+    with pytest.raises(ModelLoadError, match="bidirectional attention"):
+        windows(**gemma, use_bidirectional_attention=True)
+    assert windows(architectures=["Gemma2ForCausalLM"]) == (4096, 0, 4096, 0)  # transformers' defaults throughout
+    config = load_hf_config(tmp_path)
+    assert (config.head_dim, config.attention_scale, config.attn_logit_softcap, config.final_logit_softcap) == (
+        256, 1 / 16, 50.0, 30.0)
     # Gemma 3 as the hub's configs (transformers 4) write it: five windowed layers in six, two RoPE bases
     gemma3 = {**gemma, "architectures": ["Gemma3ForCausalLM"], "num_hidden_layers": 12, "rope_theta": 1e6,
               "rope_local_base_freq": 1e4, "rope_scaling": {"rope_type": "linear", "factor": 8.0},

@@ -41,11 +41,15 @@ def test_quantized_engine_agrees_with_float(default_model_path, method, min_agre
     llm.engine.check_integrity()
 
 
-def test_an_moe_router_stays_float_when_the_rest_is_quantized(tiny_mixtral_dir) -> None:
-    """int8 (int4's kernel refuses a 4-row router anyway, so only int8 would quantize it here)."""
-    llm = LLM(str(tiny_mixtral_dir), num_kv_blocks=32, dtype="float32", quantization="int8")
+@pytest.mark.parametrize("method", ["int8", "int4"])
+def test_moe_experts_are_quantized_and_the_router_stays_float(tiny_mixtral_dir, method: str) -> None:
+    """(int4's kernel refuses a 4-row router anyway, so only int8 would quantize it here.)"""
+    llm = LLM(str(tiny_mixtral_dir), num_kv_blocks=32, dtype="float32", quantization=method)
     layer = llm.engine.parts.model.layers[0]
-    assert isinstance(layer.self_attn.qkv_proj, Int8Linear)
+    kind = Int8Linear if method == "int8" else Int4Linear
+    assert isinstance(layer.self_attn.qkv_proj, kind)
+    for expert in layer.mlp.experts:
+        assert isinstance(expert.gate_up_proj, kind) and isinstance(expert.down_proj, kind)
     assert not isinstance(layer.mlp.gate, Int4Linear | Int8Linear)  # routing is decided in float
     out = llm.generate([[5, 6, 7, 8]], SamplingParams(temperature=0, max_tokens=4, ignore_eos=True))[0]
     assert len(out.token_ids) == 4

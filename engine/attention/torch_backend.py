@@ -102,12 +102,16 @@ class TorchAttention:
 
     def _softcapped(self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
                     mask: torch.Tensor | None) -> torch.Tensor:
-        """SDPA cannot cap scores: the same attention spelled out (q [T, h, d], keys/values [L, kvh, d])."""
+        """SDPA cannot cap scores: the same attention spelled out (q [T, h, d], keys/values [L, kvh, d]),
+        one KV head's query group at a time (scores of [group, T, L], K/V never repeated)."""
         cap = self.shape.softcap
         if mask is None:
             mask = torch.ones(q.shape[0], keys.shape[0], dtype=torch.bool, device=q.device).tril()
-        keys = keys.repeat_interleave(self.group, dim=1)
-        values = values.repeat_interleave(self.group, dim=1)
-        scores = torch.tanh(torch.einsum("thd,lhd->htl", q, keys) * (self.scale / cap)) * cap
-        probs = torch.softmax(scores.masked_fill(~mask, float("-inf")), dim=-1, dtype=torch.float32).to(q.dtype)
-        return torch.einsum("htl,lhd->thd", probs, values)
+        out = torch.empty_like(q)
+        for h in range(self.num_kv_heads):
+            heads = slice(h * self.group, (h + 1) * self.group)
+            scores = torch.einsum("tgd,ld->gtl", q[:, heads], keys[:, h])
+            scores = (torch.tanh(scores * (self.scale / cap)) * cap).masked_fill_(~mask, float("-inf"))
+            probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
+            out[:, heads] = torch.einsum("gtl,ld->tgd", probs, values[:, h])
+        return out

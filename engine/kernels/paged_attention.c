@@ -53,12 +53,13 @@ static inline v8 sum_lanes8x8(const v8 *acc) {
 #endif
 }
 
-// Scores of one query head (q, dim floats) against keys 0 .. valid-1 (krows[t] + kv_off), eight keys
-// at a time so that each key's dot product is reduced inside one vector (no per-key horizontal sum):
-// s[t] for t < valid rounded up to 8 (krows must hold that many rows; scores past valid are unused).
-static void head_scores(const float *q, const float *const *krows, int64_t kv_off, int valid, int dim, float scale,
-                        float *s) {
-    for (int t = 0; t < valid; t += 8) {
+// Scores of one query head (q, dim floats) against keys first .. valid-1 (krows[t] + kv_off), eight
+// keys at a time so that each key's dot product is reduced inside one vector (no per-key horizontal
+// sum): s[t] for t from first rounded down to 8 up to valid rounded up to 8 (krows must hold that many
+// rows; scores outside [first, valid) are unused). A key's score does not depend on where it starts.
+static void head_scores(const float *q, const float *const *krows, int64_t kv_off, int first, int valid, int dim,
+                        float scale, float *s) {
+    for (int t = first & ~7; t < valid; t += 8) {
         const float *k[8];
         v8 acc[8];
         for (int u = 0; u < 8; u++) {
@@ -87,7 +88,7 @@ static inline void fold_softmax(float *s, int first, int valid, float *max, floa
     }
     const v8i lanes = {0, 1, 2, 3, 4, 5, 6, 7};
     v8 sum = splat8(0.f);
-    for (int t = 0; t < valid; t += 8) {  // before `first` (out of the window) or past `valid`: exp 0
+    for (int t = first & ~7; t < valid; t += 8) {  // before `first` (out of the window) or past `valid`: exp 0
         const v8i inside = ((lanes + t) < valid) & ((lanes + t) >= first);
         const v8 e = exp8(select8(inside, load8(s + t) - splat8(m), splat8(-INFINITY)));
         store8(s + t, e);
@@ -96,17 +97,17 @@ static inline void fold_softmax(float *s, int first, int valid, float *max, floa
     *total += hsum8(sum);
 }
 
-// acc[a] += sum_t p[a * stride + t] v_t for NH rows, 32 floats of the head at a time held in
+// acc[a] += sum_t p[a * stride + t] v_t over t in [first, valid) for NH rows, 32 floats of the head at a time held in
 // registers across the chunk's keys (then 8 at a time for a rest): each V vector load feeds all NH heads.
 #define DEFINE_BLOCK_VALUES(NH)                                                                              \
     static void block_values_##NH(float *const *accs, const float *p, int stride, const float *const *vrows,  \
-                                  int64_t kv_off, int valid, int dim) {                                      \
+                                  int64_t kv_off, int first, int valid, int dim) {                           \
         int j = 0;                                                                                           \
         for (; j + 32 <= dim; j += 32) {                                                                     \
             v8 acc[NH][4];                                                                                   \
             _Pragma("GCC unroll 4") for (int a = 0; a < NH; a++)                                             \
                 _Pragma("GCC unroll 4") for (int u = 0; u < 4; u++) acc[a][u] = load8(accs[a] + j + 8 * u);  \
-            for (int t = 0; t < valid; t++) {                                                                \
+            for (int t = first; t < valid; t++) {                                                            \
                 const float *vh = vrows[t] + kv_off + j;                                                     \
                 const v8 v0 = load8(vh), v1 = load8(vh + 8), v2 = load8(vh + 16), v3 = load8(vh + 24);        \
                 _Pragma("GCC unroll 4") for (int a = 0; a < NH; a++) {                                       \
@@ -123,7 +124,7 @@ static inline void fold_softmax(float *s, int first, int valid, float *max, floa
         for (; j < dim; j += 8) {                                                                            \
             v8 acc[NH];                                                                                      \
             _Pragma("GCC unroll 4") for (int a = 0; a < NH; a++) acc[a] = load8(accs[a] + j);                \
-            for (int t = 0; t < valid; t++) {                                                                \
+            for (int t = first; t < valid; t++) {                                                            \
                 const v8 v = load8(vrows[t] + kv_off + j);                                                   \
                 _Pragma("GCC unroll 4") for (int a = 0; a < NH; a++) acc[a] += splat8(p[a * stride + t]) * v; \
             }                                                                                                \
@@ -147,7 +148,8 @@ static void head_block(const Shape *sh, const float *q, int i, int h0, int nh, c
         qs[a] = q + (int64_t)r * dim;
         accs[a] = out + (int64_t)r * dim;
     }
-    for (int a = 0; a < nh; a++) head_scores(qs[a], krows, kv_off, valid, dim, sh->scale, scores + a * stride);
+    for (int a = 0; a < nh; a++)
+        head_scores(qs[a], krows, kv_off, first, valid, dim, sh->scale, scores + a * stride);
     if (sh->softcap > 0.f) {
         const float cap = sh->softcap, inv = 1.f / sh->softcap;
         for (int a = 0; a < nh; a++)
@@ -158,11 +160,11 @@ static void head_block(const Shape *sh, const float *q, int i, int h0, int nh, c
         fold_softmax(scores + a * stride, first, valid, sm.maxs + r, sm.totals + r, accs[a], dim);
     }
     if (nh == 3)
-        block_values_3(accs, scores, stride, vrows, kv_off, valid, dim);
+        block_values_3(accs, scores, stride, vrows, kv_off, first, valid, dim);
     else if (nh == 2)
-        block_values_2(accs, scores, stride, vrows, kv_off, valid, dim);
+        block_values_2(accs, scores, stride, vrows, kv_off, first, valid, dim);
     else
-        block_values_1(accs, scores, stride, vrows, kv_off, valid, dim);
+        block_values_1(accs, scores, stride, vrows, kv_off, first, valid, dim);
 }
 
 // One item: `count` queries (fp32 [count][heads][dim]) of the sequence whose block table is `table`,

@@ -71,9 +71,9 @@ def build_engine_parts(config: EngineConfig, kv_storage: KVStorageAllocator | No
     if config.quantization is not None:
         from engine.loader.quantized import quantize_loaded_model
         quantized = quantize_loaded_model(model, config.quantization, loaded.source)
-    if config.deterministic and not model.all_linears_are_modules:
-        raise ModelLoadError(f"deterministic mode does not cover the experts of {loaded.config.architecture} yet "
-                             "(they are not packed or checked for batch invariance): run it without --deterministic")
+    if config.deterministic and model.not_batch_invariant is not None:
+        raise ModelLoadError(f"deterministic mode does not cover {loaded.config.architecture} yet "
+                             f"({model.not_batch_invariant}): run it without --deterministic")
     if config.deterministic and (platform.is_cuda or fused_ops_kernel() is None):
         raise ModelLoadError("deterministic mode needs the CPU kernels (a CPU device and a C compiler, "
                              "TANDEM_DISABLE_C_KERNELS unset)")

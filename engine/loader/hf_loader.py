@@ -28,6 +28,18 @@ _GEMMA = ("gemma2", "gemma3")
 _ACTIVATIONS = {arch: ("hidden_activation", "gelu_pytorch_tanh") for arch in _GEMMA}
 # Gemma 3's windowed layers: five of every six unless the config lists its layer types
 _GEMMA3_WINDOW_PATTERN = 6
+# the families transformers gives sliding windows
+_WINDOWED = ("mistral", "mixtral", "qwen2", "qwen3", "qwen3_moe", *_GEMMA)
+# transformers' defaults for fields a config may leave out, where they change what the model computes
+_DEFAULTS: dict[str, dict[str, Any]] = {
+    "mistral": {"sliding_window": 4096},
+    "qwen2": {"sliding_window": 4096, "max_window_layers": 28},
+    "qwen3": {"sliding_window": 4096, "max_window_layers": 28},
+    "qwen3_moe": {"sliding_window": 4096},
+    "gemma2": {"sliding_window": 4096, "head_dim": 256, "query_pre_attn_scalar": 256,
+               "attn_logit_softcapping": 50.0, "final_logit_softcapping": 30.0},
+    "gemma3": {"sliding_window": 4096, "head_dim": 256, "query_pre_attn_scalar": 256},
+}
 _SINGLE_FILE = "model.safetensors"
 _INDEX_FILE = "model.safetensors.index.json"
 # Non-parameter buffers some checkpoints carry; the model recomputes them.
@@ -55,6 +67,9 @@ def load_hf_config(directory: pathlib.Path) -> ModelConfig:
     if arch is None:
         raise ModelLoadError(
             f"{config_path}: architectures {archs} not supported; use one of {', '.join(_ARCHITECTURES)}")
+    raw = {**_DEFAULTS.get(arch, {}), **raw}
+    if raw.get("use_bidirectional_attention"):
+        raise ModelLoadError(f"{config_path}: bidirectional attention (use_bidirectional_attention) is not supported")
     key, activation = _ACTIVATIONS.get(arch, ("hidden_act", "silu"))
     if raw.get(key, activation) != activation:
         raise ModelLoadError(f"{config_path}: {key} {raw[key]!r} is not supported for {arch} (only {activation})")
@@ -98,18 +113,19 @@ def load_hf_config(directory: pathlib.Path) -> ModelConfig:
 
 
 def _sliding_windows(raw: dict[str, Any], arch: str) -> tuple[int, ...]:
-    """Each layer's window, as transformers reads the config: `layer_types` when written (a
-    "sliding_attention" layer has `sliding_window`); else Mistral/Mixtral window every layer, and
-    Qwen windows layers from `max_window_layers` on when `use_sliding_window`. () when none has one."""
+    """Each layer's window, as transformers 5 reads the config (() when no layer has one): Mistral
+    and Mixtral window every layer (`layer_types` is ignored there); Qwen2/Qwen3 follow `layer_types`,
+    else window the layers from `max_window_layers` on, and Qwen3-MoE every layer, all only with
+    `use_sliding_window`; Gemma follows `layer_types`, else its pattern. Llama has no window."""
     window = raw.get("sliding_window")
     layers = int(raw["num_hidden_layers"])
     if arch.startswith("qwen") and not raw.get("use_sliding_window", False):
         window = None
-    if window is None:
+    if window is None or arch not in _WINDOWED:
         return ()
     if int(window) < 1:
         raise ValueError(f"sliding_window must be >= 1, got {window}")
-    if raw.get("layer_types"):
+    if raw.get("layer_types") and arch in ("qwen2", "qwen3", *_GEMMA):
         kinds = list(raw["layer_types"])
         if len(kinds) != layers or not set(kinds) <= {"sliding_attention", "full_attention"}:
             raise ValueError(f"layer_types must name sliding_attention or full_attention for each of {layers} "
@@ -118,8 +134,8 @@ def _sliding_windows(raw: dict[str, Any], arch: str) -> tuple[int, ...]:
     elif arch in _GEMMA:  # transformers' defaults: Gemma 2 every other layer global, Gemma 3 every sixth
         pattern = 2 if arch == "gemma2" else int(raw.get("sliding_window_pattern", _GEMMA3_WINDOW_PATTERN))
         windows = tuple(int(window) if (i + 1) % pattern else 0 for i in range(layers))
-    elif arch.startswith("qwen"):
-        first = int(raw.get("max_window_layers", layers))
+    elif arch in ("qwen2", "qwen3"):
+        first = int(raw["max_window_layers"])
         windows = tuple(int(window) if i >= first else 0 for i in range(layers))
     else:
         windows = (int(window),) * layers

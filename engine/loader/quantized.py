@@ -70,9 +70,6 @@ def quantize_loaded_model(model: nn.Module, method: QuantMethod, source: pathlib
     """Quantize `model` in place with `method`, taking prebuilt weights from a GGUF source when it
     stores them in a matching format. Returns the names of the quantized layers."""
     config: ModelConfig = model.config  # type: ignore[assignment]
-    if config.moe is not None:
-        log.warning("%s: the experts of %s stay float (their quantization is not done yet); only attention and "
-                    "dense layers are quantized", method, config.architecture)
     prebuilt: dict[str, Int4Weights | Int8Weights] = {}
     if method == "int4" and source.suffix == ".gguf":
         prebuilt = _merged(_gguf_int4_blocks(source, config), config)
@@ -87,5 +84,5 @@ def quantize_loaded_model(model: nn.Module, method: QuantMethod, source: pathlib
 
 def _is_router(name: str) -> bool:
     """An MoE router (engine.models.moe.SparseMoE.gate) stays float: quantizing it moves tokens
-    between experts. The experts themselves are not nn.Linear and stay float too (not done yet)."""
+    between experts. The experts are quantized as dense MLPs are."""
     return name.endswith(".mlp.gate")

@@ -44,6 +44,8 @@ class Gemma2DecoderLayer(DecoderLayer):
 
 
 class Gemma2ForCausalLM(LlamaForCausalLM):
+    not_batch_invariant = ("torch's tanh-form gelu computes a row's elements on vector or scalar paths by where "
+                           "they fall, so a row's bits can depend on the batch")
     extra_weights: tuple[tuple[str, str], ...] = (("pre_feedforward_layernorm", "pre_feedforward_layernorm"),
                      ("post_feedforward_layernorm", "post_feedforward_layernorm"))
 

@@ -52,11 +52,14 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
-    def __init__(self, config: ModelConfig) -> None:
+    """[gate | up] in one matmul, SiLU(gate) * up, down; of `intermediate` width (default the model's:
+    an MoE expert is one of these, engine.models.moe)."""
+
+    def __init__(self, config: ModelConfig, intermediate: int | None = None) -> None:
         super().__init__()
-        self.intermediate = config.intermediate_size
-        self.gate_up_proj = nn.Linear(config.hidden_size, 2 * config.intermediate_size, bias=False)
-        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+        self.intermediate = intermediate or config.intermediate_size
+        self.gate_up_proj = nn.Linear(config.hidden_size, 2 * self.intermediate, bias=False)
+        self.down_proj = nn.Linear(self.intermediate, config.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(ops.silu_mul(self.gate_up_proj(x)))
@@ -94,8 +97,9 @@ class LlamaForCausalLM(nn.Module):
     extra_weights: tuple[tuple[str, str], ...] = ()
     # a step's work depends only on its shapes (no host read-back of data): CUDA graphs may replay it
     supports_cuda_graphs: bool = True
-    # its linears are all nn.Linear modules (packing, the batch-invariance check and quantization see them all)
-    all_linears_are_modules: bool = True
+    # why --deterministic cannot promise batch invariance for this family (None: it can; its linears
+    # are all nn.Linear modules, which packing checks, and its other ops are row-invariant)
+    not_batch_invariant: str | None = None
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()

@@ -4,6 +4,12 @@ A step's tokens are routed (softmax over the router's logits in fp32, top-k, opt
 renormalised), the (token, expert) pairs sorted by expert, and each expert that got any runs once
 over all its tokens: one gate/up matmul, SiLU-mul, one down matmul, scaled by the routing weight
 and added into the tokens' rows. The Python loop is over experts, never over tokens.
+
+Each expert is a dense MLP of `nn.Linear`s, so everything dense linears get, experts get: packing
+for this CPU (engine.loader.packing: the matrix-vector kernel for an expert's single token, oneDNN
+for more), int8/int4 weights, and deterministic mode's batch-invariance check. A token's expert
+outputs are added in expert order whatever else is in the batch, so the layer is batch-invariant
+when its linears are.
 """
 
 from __future__ import annotations
@@ -14,7 +20,6 @@ import torch
 from torch import nn
 
 from engine.config import ModelConfig, MoEConfig
-from engine.kernels import ops
 from engine.models.llama import MLP, LlamaForCausalLM
 from engine.models.qwen3 import Qwen3Attention
 
@@ -29,20 +34,31 @@ class SparseMoE(nn.Module):
         assert config.moe is not None
         self.moe: MoEConfig = config.moe
         self.weigh_in_float = weigh_in_float
-        e, inter, hidden = self.moe.num_experts, self.moe.intermediate_size, config.hidden_size
-        self.gate = nn.Linear(hidden, e, bias=False)  # the router
-        self.gate_up = nn.Parameter(torch.empty(e, 2 * inter, hidden))  # [gate; up] per expert
-        self.down = nn.Parameter(torch.empty(e, hidden, inter))
+        self.gate = nn.Linear(config.hidden_size, self.moe.num_experts, bias=False)  # the router
+        self.experts = nn.ModuleList(MLP(config, self.moe.intermediate_size) for _ in range(self.moe.num_experts))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weights, experts = self.route(x)
+        order, counts = self.dispatch(experts)
+        return self.run_experts(x, weights, order, counts)
+
+    def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each (token, slot) pair's routing weight and expert, flattened: pair p is token p // top_k."""
         probs = self.gate(x).float().softmax(dim=-1)
         weights, experts = probs.topk(self.moe.top_k, dim=-1)  # [T, k]
         if self.moe.normalize_top_k:
             weights = weights / weights.sum(dim=-1, keepdim=True)
-        weights = (weights if self.weigh_in_float else weights.to(x.dtype)).reshape(-1)
-        pairs = experts.reshape(-1)  # pair p is (token p // k, expert pairs[p])
-        order = torch.argsort(pairs, stable=True)
-        counts = torch.bincount(pairs, minlength=self.moe.num_experts).tolist()
+        return (weights if self.weigh_in_float else weights.to(x.dtype)).reshape(-1), experts.reshape(-1)
+
+    def dispatch(self, experts: torch.Tensor) -> tuple[torch.Tensor, list[int]]:
+        """The pairs sorted by expert (stable: token order within an expert) and each expert's count,
+        read back to the host (the loop over experts needs it)."""
+        order = torch.argsort(experts, stable=True)
+        return order, torch.bincount(experts, minlength=self.moe.num_experts).tolist()
+
+    def run_experts(self, x: torch.Tensor, weights: torch.Tensor, order: torch.Tensor,
+                    counts: list[int]) -> torch.Tensor:
+        """Each expert with tokens, once over all of them: gather, gate/up, SiLU-mul, down, weigh, add."""
         out = torch.zeros_like(x)
         start = 0
         for expert, n in enumerate(counts):
@@ -51,21 +67,19 @@ class SparseMoE(nn.Module):
             chosen = order[start:start + n]
             start += n
             tokens = chosen // self.moe.top_k
-            h = ops.silu_mul(torch.nn.functional.linear(x[tokens], self.gate_up[expert]))
-            h = torch.nn.functional.linear(h, self.down[expert]) * weights[chosen, None]
+            h = self.experts[expert](x[tokens]) * weights[chosen, None]
             out.index_add_(0, tokens, h.to(x.dtype))
         return out
 
 
 class _MoEModel(LlamaForCausalLM):
     """The Llama layers with `SparseMoE` MLPs; `expert_names` maps (layer prefix, expert) to the HF
-    names of its (gate, up, down) matrices and `router_name` the router's. The experts are 3-D
-    parameters, not nn.Linear modules, and routing reads counts back to the host each layer."""
+    names of its (gate, up, down) matrices and `router_name` the router's. Routing reads counts back
+    to the host each layer (no CUDA graphs)."""
 
     router_name = ""
     weigh_in_float = False
     supports_cuda_graphs = False
-    all_linears_are_modules = False
 
     @classmethod
     def mlp_factory(cls, config: ModelConfig, layer: int) -> nn.Module:  # type: ignore[override]
@@ -85,8 +99,9 @@ class _MoEModel(LlamaForCausalLM):
         pre, ours = f"model.layers.{layer}", f"layers.{layer}.mlp"
         names = [self.expert_names(pre, e) for e in range(self.config.moe.num_experts)]
         put(f"{ours}.gate.weight", weights[f"{pre}.{self.router_name}.weight"])
-        put(f"{ours}.gate_up", torch.stack([torch.cat([weights[g], weights[u]]) for g, u, _ in names]))
-        put(f"{ours}.down", torch.stack([weights[d] for _, _, d in names]))
+        for e, (gate, up, down) in enumerate(names):
+            put(f"{ours}.experts.{e}.gate_up_proj.weight", torch.cat([weights[gate], weights[up]]))
+            put(f"{ours}.experts.{e}.down_proj.weight", weights[down])
 
 
 class MixtralForCausalLM(_MoEModel):
