@@ -7,9 +7,11 @@ the engine's whole `SparseMoE` layer (its linears packed as the engine packs the
 three parts as it runs them (engine/models/moe.py): routing (router matmul, softmax, top-k,
 renormalise), dispatch (sort the (token, expert) pairs by expert, count them, read the counts
 back) and experts (per expert with tokens: gather, gate/up matmul, SiLU-mul, down matmul, weigh,
-add back); and transformers' `MixtralSparseMoeBlock` on the same hidden states. Inputs are the
-hidden states the model's first layers give random prompts at that layer's MLP input (so routing
-sees real activations, not noise).
+add back); and transformers' `MixtralSparseMoeBlock` on the same hidden states, with the experts
+implementation transformers picks by default (recorded: `grouped_mm` in 5.23). Inputs are the
+hidden states transformers' own forward gives one random prompt of that many tokens at that
+layer's MLP input (so routing sees real activations, not noise; positions of one prompt, not
+independent decode tokens).
 """
 
 from __future__ import annotations
@@ -91,6 +93,7 @@ def main() -> None:
                   f"{row['dispatch_ms']:.3f}, experts {row['experts_ms']:.3f}; {row['experts_used']} experts used), "
                   f"transformers {row['transformers_ms']:.3f} ms: {row['engine_vs_transformers']:.2f}x", flush=True)
     result = {"model": args.model, "layer": args.layer, "moe": vars(loaded.config.moe), "rows": rows,
+              "transformers_experts_implementation": getattr(hf_model.config, "_experts_implementation", None),
               "machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
                           "torch_threads": torch.get_num_threads(), "date": time.strftime("%Y-%m-%d %H:%M UTC",
                                                                                            time.gmtime())}}

@@ -42,7 +42,7 @@ def tokenize(body: Any, tokenizer: Tokenizer, max_model_len: int) -> tuple[str, 
     """(the model the body names, the response body)."""
     if not isinstance(body, dict):
         raise BadRequest("the request body must be a JSON object")
-    chat = "messages" in body
+    chat = body.get("messages") is not None  # a key set to null asks for nothing (openai_fields)
     refuse_unknown(body, _CHAT_FIELDS if chat else _PROMPT_FIELDS)
     model = _model(body)
     try:

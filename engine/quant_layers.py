@@ -225,6 +225,7 @@ def quantize_model(model: nn.Module, method: QuantMethod, *, group_size: int = 3
     if "" in linears:
         raise ValueError("the model itself is an nn.Linear: wrap it in a module to quantize it")
     replaced: list[str] = []
+    kept: list[str] = []
     for name, linear in linears.items():
         if skip is not None and skip(name):
             continue
@@ -232,8 +233,11 @@ def quantize_model(model: nn.Module, method: QuantMethod, *, group_size: int = 3
             layer = _quantized_layer(linear, method, group_size, prebuilt.get(name))
         except UnsupportedShapeError as err:
             logger.debug("keeping %s in float: %s", name, err)
+            kept.append(name)
             continue
         parent_name, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent_name), child, layer)
         replaced.append(name)
+    if kept:
+        logger.info("%s: %d linears stay float, their shapes unsupported (e.g. %s)", method, len(kept), kept[0])
     return replaced

@@ -124,3 +124,19 @@ def test_greedy_agreement_counts_positions_and_prefixes() -> None:
     quantized = [[1, 2, 9, 4], [5, 6, 7, 8]]
     assert greedy_agreement(quantized, reference) == {
         "prompts": 2, "tokens_per_prompt": 4, "token_agreement": 7 / 8, "prefix_agreement": (2 / 4 + 1) / 2}
+
+
+def test_moe_layer_bench(tiny_mixtral_dir: pathlib.Path, tmp_path: pathlib.Path,
+                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """bench.moe_layer checks its layer against transformers' block, then times it and its parts."""
+    from bench import moe_layer
+
+    out = tmp_path / "moe.json"
+    monkeypatch.setattr("sys.argv", ["moe_layer", str(tiny_mixtral_dir), "--batch-sizes", "1", "4",
+                                     "--repeats", "2", "--json", str(out)])
+    moe_layer.main()
+    result = json.loads(out.read_text())
+    assert [row["batch"] for row in result["rows"]] == [1, 4]
+    for row in result["rows"]:
+        assert 1 <= row["experts_used"] <= 4
+        assert all(row[k] > 0 for k in ("engine_ms", "routing_ms", "dispatch_ms", "experts_ms", "transformers_ms"))

@@ -66,14 +66,15 @@ def build_engine_parts(config: EngineConfig, kv_storage: KVStorageAllocator | No
     loaded = load_model(config.model)
     tokenizer = load_tokenizer(config.model)
     dtype = platform.default_dtype if config.dtype == "auto" else _DTYPES[config.dtype]
+    family = model_class(loaded.config.architecture)
+    if config.deterministic and family.not_batch_invariant is not None:
+        raise ModelLoadError(f"deterministic mode does not cover {loaded.config.architecture} yet "
+                             f"({family.not_batch_invariant}): run it without --deterministic")
     model = build_model(loaded, platform, dtype)
     quantized: list[str] = []
     if config.quantization is not None:
         from engine.loader.quantized import quantize_loaded_model
         quantized = quantize_loaded_model(model, config.quantization, loaded.source)
-    if config.deterministic and model.not_batch_invariant is not None:
-        raise ModelLoadError(f"deterministic mode does not cover {loaded.config.architecture} yet "
-                             f"({model.not_batch_invariant}): run it without --deterministic")
     if config.deterministic and (platform.is_cuda or fused_ops_kernel() is None):
         raise ModelLoadError("deterministic mode needs the CPU kernels (a CPU device and a C compiler, "
                              "TANDEM_DISABLE_C_KERNELS unset)")

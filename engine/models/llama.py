@@ -57,7 +57,7 @@ class MLP(nn.Module):
 
     def __init__(self, config: ModelConfig, intermediate: int | None = None) -> None:
         super().__init__()
-        self.intermediate = intermediate or config.intermediate_size
+        self.intermediate = config.intermediate_size if intermediate is None else intermediate
         self.gate_up_proj = nn.Linear(config.hidden_size, 2 * self.intermediate, bias=False)
         self.down_proj = nn.Linear(self.intermediate, config.hidden_size, bias=False)
 

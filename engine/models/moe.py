@@ -6,8 +6,10 @@ over all its tokens: one gate/up matmul, SiLU-mul, one down matmul, scaled by th
 and added into the tokens' rows. The Python loop is over experts, never over tokens.
 
 Each expert is a dense MLP of `nn.Linear`s, so everything dense linears get, experts get: packing
-for this CPU (engine.loader.packing: the matrix-vector kernel for an expert's single token, oneDNN
-for more), int8/int4 weights, and deterministic mode's batch-invariance check. A token's expert
+for this CPU (engine.loader.packing: oneDNN, and the matrix-vector kernel for an expert's single
+token while the model's linears total at most SINGLE_ROW_COPY_BYTES: not for the large MoE models),
+int8/int4 weights (on CUDA an int8 expert widens its weights each call: less memory, slower), and
+deterministic mode's batch-invariance check. A token's expert
 outputs are added in expert order whatever else is in the batch, so the layer is batch-invariant
 when its linears are.
 """
