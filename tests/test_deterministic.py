@@ -32,23 +32,12 @@ def _batched(llm: LLM, prompt: list[int], batch: int, position: int,
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-def test_tokens_do_not_depend_on_the_batch(tiny_llama_dir, dtype: str) -> None:
-    llm = LLM(str(tiny_llama_dir), dtype=dtype, deterministic=True, num_kv_blocks=1024, max_num_seqs=64,
-              max_num_batched_tokens=256)
-    assert all(m.one_row is None for m in llm.engine.parts.model.modules() if isinstance(m, PackedLinear))
-    prompt = [(13 * i) % 400 + 7 for i in range(29)]
-    alone = _result(llm.generate([prompt], PARAMS)[0])
-    for batch, position in ((2, 1), (8, 3), (32, 0), (64, 63)):
-        assert _batched(llm, prompt, batch, position) == alone, f"batch {batch}"
-    llm.engine.check_integrity()
-
-
-@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-@pytest.mark.parametrize("fixture", ["tiny_mixtral_dir", "tiny_qwen3_moe_dir"])
-def test_moe_tokens_do_not_depend_on_the_batch(fixture: str, dtype: str, request: pytest.FixtureRequest) -> None:
-    """Experts are packed linears checked for batch invariance at load, and a token's expert outputs
-    are added in expert order: the expert batches change with the batch, the token's bits do not
-    (Mixtral: top-2 renormalised, weighed in fp32; Qwen3-MoE: top-3 as is, a dense layer first)."""
+@pytest.mark.parametrize("fixture", ["tiny_llama_dir", "tiny_mixtral_dir", "tiny_qwen3_moe_dir"])
+def test_tokens_do_not_depend_on_the_batch(fixture: str, dtype: str, request: pytest.FixtureRequest) -> None:
+    """Dense and MoE models. MoE experts are packed linears checked for batch invariance at load, and
+    a token's expert outputs are added in expert order: the expert batches change with the batch,
+    the token's bits do not (Mixtral: top-2 renormalised, weighed in fp32; Qwen3-MoE: top-3 as is,
+    a dense layer first)."""
     llm = LLM(str(request.getfixturevalue(fixture)), dtype=dtype, deterministic=True, num_kv_blocks=1024,
               max_num_seqs=64, max_num_batched_tokens=256)
     assert all(m.one_row is None for m in llm.engine.parts.model.modules() if isinstance(m, PackedLinear))
