@@ -39,7 +39,7 @@ NO_CONTRACT void rms_norm(const void *x, void *residual, const void *weight, voi
         float inv = 1.0f / sqrtf(sum / (float)n + eps);
         for (i = 0; i < n; i++) row[i] = row[i] * inv;
         if (dt == DT_BF16) {
-            for (i = 0; i < n; i++) row[i] = bf16_to_f32(f32_to_bf16(row[i]));
+            round_row_bf16(row, n);
         }
         load_row(w, weight, dt, 0, n);
         for (i = 0; i < n; i++) row[i] = w[i] * row[i];
@@ -63,7 +63,7 @@ void silu_mul(const void *x, void *out, int64_t rows, int n, int dt, int num_thr
         }
         for (; i < n; i++) gate[i] = gate[i] / (1.f + expf(-gate[i]));
         if (dt == DT_BF16) {
-            for (i = 0; i < n; i++) gate[i] = bf16_to_f32(f32_to_bf16(gate[i]));
+            round_row_bf16(gate, n);
         }
         for (i = 0; i < n; i++) gate[i] = gate[i] * up[i];
         store_row(out, dt, r * n, gate, n);

@@ -59,13 +59,50 @@ static inline uint16_t f32_to_bf16(float f) {
     return (uint16_t)(bits >> 16);
 }
 
+typedef uint32_t v8u __attribute__((vector_size(32)));
+typedef uint16_t v8h __attribute__((vector_size(16)));
+
+// 8 bf16 at p as fp32 (exact: a 16-bit shift).
+static inline v8 load8_bf16(const uint16_t *p) {
+    v8h h;
+    memcpy(&h, p, sizeof h);
+    v8u bits = __builtin_convertvector(h, v8u) << 16;
+    v8 f;
+    memcpy(&f, &bits, sizeof f);
+    return f;
+}
+
+// The bits of x rounded to bf16 (in the upper 16), lane by lane as f32_to_bf16 rounds.
+static inline v8u bf16_bits8(v8 x) {
+    v8u bits;
+    memcpy(&bits, &x, sizeof bits);
+    v8u nan = (bits & 0x7fffffffu) > 0x7f800000u;
+    v8u rounded = bits + 0x7fffu + ((bits >> 16) & 1u);
+    return (nan & (bits | 0x400000u)) | (~nan & rounded);
+}
+
+static inline void store8_bf16(uint16_t *p, v8 x) {
+    v8h h = __builtin_convertvector(bf16_bits8(x) >> 16, v8h);
+    memcpy(p, &h, sizeof h);
+}
+
+// x rounded to bf16 and back (as torch's cast to bf16 and back to fp32).
+static inline v8 round8_bf16(v8 x) {
+    v8u bits = bf16_bits8(x) & 0xffff0000u;
+    v8 f;
+    memcpy(&f, &bits, sizeof f);
+    return f;
+}
+
 // n elements of type `dt` at p (element offset `at`) as fp32, into dst.
 static inline void load_row(float *dst, const void *p, int dt, int64_t at, int n) {
     if (dt == DT_F32) {
         memcpy(dst, (const float *)p + at, sizeof(float) * (size_t)n);
     } else {
         const uint16_t *src = (const uint16_t *)p + at;
-        for (int i = 0; i < n; i++) dst[i] = bf16_to_f32(src[i]);
+        int i = 0;
+        for (; i + 8 <= n; i += 8) store8(dst + i, load8_bf16(src + i));
+        for (; i < n; i++) dst[i] = bf16_to_f32(src[i]);
     }
 }
 
@@ -74,8 +111,17 @@ static inline void store_row(void *p, int dt, int64_t at, const float *src, int 
         memcpy((float *)p + at, src, sizeof(float) * (size_t)n);
     } else {
         uint16_t *dst = (uint16_t *)p + at;
-        for (int i = 0; i < n; i++) dst[i] = f32_to_bf16(src[i]);
+        int i = 0;
+        for (; i + 8 <= n; i += 8) store8_bf16(dst + i, load8(src + i));
+        for (; i < n; i++) dst[i] = f32_to_bf16(src[i]);
     }
+}
+
+// Each of n floats rounded to bf16 in place (kept as fp32).
+static inline void round_row_bf16(float *x, int n) {
+    int i = 0;
+    for (; i + 8 <= n; i += 8) store8(x + i, round8_bf16(load8(x + i)));
+    for (; i < n; i++) x[i] = bf16_to_f32(f32_to_bf16(x[i]));
 }
 
 // exp(x) to about 1 ulp over the fp32 range (Cephes' expf: x = n ln2 + r, |r| <= ln2 / 2, a degree-6
