@@ -14,7 +14,7 @@ from engine.kernels import fused_ops_kernel
 from engine.kv_cache import KVCachePool, KVCacheSpec, resolve_kv_dtype, tensor_bytes
 from engine.kv_hooks import KVStorageAllocator
 from engine.loader.api import LoadedModel, load_model, load_tokenizer
-from engine.loader.packing import check_batch_invariance, pack_linears
+from engine.loader.packing import make_batch_invariant, pack_linears
 from engine.model_runner import ModelRunner
 from engine.models.llama import LlamaForCausalLM
 from engine.models.registry import model_class
@@ -85,7 +85,7 @@ def build_engine_parts(config: EngineConfig, kv_storage: KVStorageAllocator | No
         if config.deterministic:
             limits = config.scheduler_config(max_model_len)
             per_seq = 1 + (config.speculative.num_draft_tokens if config.speculative else 0)  # logits rows per sequence
-            check_batch_invariance(model, limits.max_num_batched_tokens,
+            make_batch_invariant(model, limits.max_num_batched_tokens,
                                    min(limits.max_num_batched_tokens, limits.max_num_seqs * per_seq))
     kv_dtype = resolve_kv_dtype(config.kv_cache_dtype, dtype)
     probe = KVCacheSpec(cfg.num_layers, 1, config.block_size, cfg.num_kv_heads, cfg.head_dim, kv_dtype)
@@ -103,7 +103,8 @@ def build_engine_parts(config: EngineConfig, kv_storage: KVStorageAllocator | No
     graphs = None if config.enforce_eager or not platform.is_cuda or not model.supports_cuda_graphs \
         else config.max_num_seqs
     backend = "cpu" if config.deterministic else config.attention_backend  # the kernel computes rows alike
-    runner = ModelRunner(model, pool, sampler, platform.device, backend, graphs, max_model_len)
+    runner = ModelRunner(model, pool, sampler, platform.device, backend, graphs, max_model_len,
+                         batch_invariant=config.deterministic)
     seconds = time.perf_counter() - started
     log.info("engine ready in %.1fs: %s on %s, %s, %d KV blocks x %d tokens (%s)", seconds, cfg.name,
              platform.device, dtype, num_blocks, config.block_size, kv_dtype)
