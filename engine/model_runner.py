@@ -12,7 +12,7 @@ from typing import Literal
 
 import torch
 
-from engine.attention.cpu_backend import CpuAttention, cpu_attention_supported
+from engine.attention.cpu_backend import DENSE_PREFILL_MIN_QUERIES, CpuAttention, cpu_attention_supported
 from engine.attention.flash_backend import FlashAttention, flash_attention_supported
 from engine.attention.metadata import AttentionFn, AttentionMetadata, AttentionShape
 from engine.attention.planning import SeqSpan, attention_metadata
@@ -54,7 +54,7 @@ AttentionBackendName = Literal["auto", "torch", "flash", "cpu"]
 class ModelRunner:
     def __init__(self, model: LlamaForCausalLM, pool: KVCachePool, sampler: Sampler, device: torch.device,
                  backend: AttentionBackendName = "auto", cuda_graph_max_batch: int | None = None,
-                 max_model_len: int = 8192) -> None:
+                 max_model_len: int = 8192, batch_invariant: bool = False) -> None:
         self.model = model
         self.pool = pool
         self.sampler = sampler
@@ -65,6 +65,10 @@ class ModelRunner:
         self.shape = AttentionShape.of(cfg)
         self.use_flash = self._pick_flash(backend)
         self.use_cpu_kernel = self._pick_cpu(backend)
+        # long prompts through torch's flash kernel, except where a row must not depend on how its prompt was
+        # chunked (batch-invariant mode) or the model caps scores (which that kernel cannot)
+        dense = self.use_cpu_kernel and not batch_invariant and not self.shape.softcap
+        self.dense_min_queries = DENSE_PREFILL_MIN_QUERIES if dense else 0
         self.graphs: CudaGraphDecoder | None = None
         self.layer_observer: Callable[[int], None] | None = None  # set for one step by a KV push hook
         if self.use_flash and cuda_graph_max_batch:
@@ -116,7 +120,8 @@ class ModelRunner:
                     prompt_indices.extend(range(start_token, start_token + count))
         spans = [SeqSpan(item.seq.block_table, item.start, item.num_tokens) for item in out.scheduled]
         positions = [p for s in spans for p in range(s.start, s.context_len)]
-        meta = attention_metadata(spans, self.block_size, self.device, self.pool.compute_dtype, self.use_cpu_kernel)
+        meta = attention_metadata(spans, self.block_size, self.device, self.pool.compute_dtype, self.use_cpu_kernel,
+                                  self.dense_min_queries)
         return StepInputs(self._tensor(ids), self._tensor(positions), meta, tuple(sample_rows),
                           self._tensor(logits_rows), tuple(prompt_rows),
                           self._tensor(prompt_indices) if prompt_indices else None)
@@ -159,8 +164,10 @@ class ModelRunner:
         results: dict[str, SequenceResult] = {}
         plain = [(item, first) for item, first, count in rows if count == 1]
         if plain:
-            index = self._tensor([first for _, first in plain])
-            sampled = self.sampler(logits.index_select(0, index), [item.seq.sampling_state for item, _ in plain])
+            firsts = [first for _, first in plain]
+            in_order = firsts == list(range(logits.shape[0]))
+            rows_logits = logits if in_order else logits.index_select(0, self._tensor(firsts))
+            sampled = self.sampler(rows_logits, [item.seq.sampling_state for item, _ in plain])
             for (item, _), token, lp in zip(plain, sampled.token_ids, sampled.logprobs, strict=True):
                 results[item.seq.request_id] = SequenceResult([token], [lp])
         for item, first, count in rows:

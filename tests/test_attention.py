@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import pytest
 import torch
 
-from engine.attention.cpu_backend import CpuAttention, cpu_attention_supported
+from engine.attention.cpu_backend import DENSE_PREFILL_MIN_QUERIES, CpuAttention, cpu_attention_supported
 from engine.attention.metadata import AttentionShape
 from engine.attention.planning import SeqSpan, attention_metadata
 from engine.attention.torch_backend import TorchAttention
@@ -158,3 +158,51 @@ def test_sliding_windows_and_soft_capping(window: int, softcap: float, block: in
         torch.testing.assert_close(got, want, atol=4e-6, rtol=1e-5, msg=lambda m, cpu=cpu: f"cpu={cpu}: {m}")
     assert (window in (0, 500)) == torch.allclose(want, _dense(pool, 1, spans, q, g, 0, softcap), atol=1e-4)
     assert (softcap == 0) == torch.allclose(want, _dense(pool, 1, spans, q, g, window), atol=1e-4)  # each bit
+
+
+# fresh prompts (causal, K/V from the chunk itself) and chunks after cached prefixes (K/V gathered from
+# the pool, an explicit mask), long enough for torch's flash kernel, beside decodes the C kernel keeps
+DENSE_SHAPES = [(0, 1), (30, 1), (0, 100), (50, 70), (0, 64), (16, 80), (0, 63)]
+
+
+@pytest.mark.parametrize(("kv_dtype", "compute"), [(torch.float32, torch.float32), (torch.bfloat16, torch.float32),
+                                                   (torch.bfloat16, torch.bfloat16)])
+@pytest.mark.parametrize("window", [0, 40])
+def test_long_prompts_through_torch_flash_match_the_kernel(kv_dtype: torch.dtype, compute: torch.dtype,
+                                                           window: int) -> None:
+    """Sequences feeding >= DENSE_PREFILL_MIN_QUERIES tokens attend through torch's CPU flash kernel:
+    the same K/V stored, the same output as the C kernel to rounding (fp32: the same to 1e-6), and the
+    rows of the other sequences bit for bit as before."""
+    torch.manual_seed(0)
+    num_blocks = sum(-(-(s + c) // BLOCK) for s, c in DENSE_SHAPES) + 4
+    pool = KVCachePool(KVCacheSpec(2, num_blocks, BLOCK, KV_HEADS, DIM, kv_dtype), torch.device("cpu"), compute)
+    pool.tensor.copy_(torch.randn(pool.tensor.shape).to(kv_dtype))
+    free = torch.randperm(num_blocks).tolist()
+    spans = [SeqSpan([free.pop() for _ in range(-(-(s + c) // BLOCK))], s, c) for s, c in DENSE_SHAPES]
+    qkv = torch.randn(sum(c for _, c in DENSE_SHAPES), (HEADS + 2 * KV_HEADS) * DIM).to(compute)
+    q, k, v = qkv.split((HEADS * DIM, KV_HEADS * DIM, KV_HEADS * DIM), dim=-1)
+    shape = Geometry().shape(window)
+    before = pool.tensor.clone()
+    results, pools = {}, {}
+    for dense_min in (0, DENSE_PREFILL_MIN_QUERIES):
+        pool.tensor.copy_(before)
+        meta = attention_metadata(spans, BLOCK, pool.tensor.device, compute, cpu_kernel=True,
+                                  dense_min_queries=dense_min)
+        assert meta.cpu is not None and len(meta.cpu.dense) == (4 if dense_min else 0)
+        results[dense_min] = CpuAttention(pool, shape, meta)(1, q, k, v).float()
+        pools[dense_min] = pool.tensor.clone()
+    assert torch.equal(pools[0], pools[DENSE_PREFILL_MIN_QUERIES])
+    kernel, dense = results[0], results[DENSE_PREFILL_MIN_QUERIES]
+    short = [0, 1, *range(sum(c for _, c in DENSE_SHAPES[:-1]), kernel.shape[0])]  # the decodes and the 63-token prompt
+    assert torch.equal(kernel[short], dense[short])
+    tolerance = {"atol": 2e-6, "rtol": 1e-5} if compute == torch.float32 else {"atol": 2e-2, "rtol": 2e-2}
+    torch.testing.assert_close(dense, kernel, **tolerance)
+    torch.testing.assert_close(dense, _dense(pool, 1, spans, q, Geometry(), window), **tolerance)
+
+
+def test_batch_invariant_and_capped_runners_keep_long_prompts_in_the_kernel(tiny_llama_dir, tiny_gemma2_dir) -> None:
+    from engine import LLM
+
+    assert LLM(str(tiny_llama_dir), num_kv_blocks=64).engine.runner.dense_min_queries == DENSE_PREFILL_MIN_QUERIES
+    assert LLM(str(tiny_llama_dir), num_kv_blocks=64, deterministic=True).engine.runner.dense_min_queries == 0
+    assert LLM(str(tiny_gemma2_dir), num_kv_blocks=64).engine.runner.dense_min_queries == 0  # soft-capped scores

@@ -1,9 +1,17 @@
 """Paged attention on CPU in C (engine/kernels/paged_attention.c), fp32 or bf16.
 
-One kernel call per layer covers every token of the step, prefill chunks and decodes alike: it
-stores the new tokens' K/V in their slots, then attends with K/V read in place from the pool (no
-gather, no SDPA fallback). The runner cuts the step's queries into items once per step
-(`CpuAttentionPlan`); every layer reuses them.
+One kernel call per layer stores the new tokens' K/V in their slots and attends every decode and
+short chunk with K/V read in place from the pool (no gather). The runner cuts the step's queries into
+items once per step (`CpuAttentionPlan`); every layer reuses them.
+
+A sequence feeding at least `DENSE_PREFILL_MIN_QUERIES` tokens (a prompt, a long chunk) attends
+through torch's CPU flash-attention kernel instead, when the runner allows it (not in batch-invariant
+mode, whose rows must not depend on how a prompt was chunked, nor with score soft-capping, which it
+lacks): for many queries at once its blocked matmuls (oneDNN's brgemm, AMX tiles for bf16) beat
+the C kernel's vector loops (measured on an AMX Xeon, 8 prompts x 512 tokens, 30 layers: 0.27 s vs
+0.88 s in bf16, 0.71 s vs 0.89 s in fp32; docs/BENCHMARKS.md). Its K/V are the chunk's own rows for a
+fresh prompt (when the cache holds the compute dtype, the values the cache stores), otherwise the
+sequence's blocks gathered from the pool after the write.
 """
 
 from __future__ import annotations
@@ -18,6 +26,7 @@ from engine.kernels import attention_kernel
 from engine.kv_cache import KVCachePool
 
 MAX_ITEM_QUERIES = 16  # MAX_TILE of the kernel: consecutive queries of one sequence per work item
+DENSE_PREFILL_MIN_QUERIES = 64  # a sequence feeding this many tokens in a step goes to torch's flash kernel
 _DT = {torch.float32: 0, torch.bfloat16: 1}
 
 
@@ -29,25 +38,45 @@ def cpu_attention_supported(pool: KVCachePool, head_dim: int, num_heads: int) ->
 
 
 @dataclass(frozen=True)
+class DensePrefill:
+    """A sequence of the step attended by torch's flash kernel: it feeds tokens `token ..
+    token + count - 1` of the step, at positions `start ..`."""
+
+    seq: int  # its row of the plan's tables
+    token: int
+    count: int
+    start: int
+
+
+@dataclass(frozen=True)
 class CpuAttentionPlan:
-    """Per step: each sequence's block table row, and the work items (runs of <= MAX_ITEM_QUERIES
-    consecutive query tokens of one sequence: its table row, first token, count, first position)."""
+    """Per step: each sequence's block table row, the kernel's work items (runs of <=
+    MAX_ITEM_QUERIES consecutive query tokens of one sequence: its table row, first token, count,
+    first position), and the sequences left to torch's flash kernel (none of their tokens is in an
+    item)."""
 
     tables: torch.Tensor  # [S, width] int64, padded with block 0 (never read past a context)
     item_seq: torch.Tensor  # [I] int32
     item_token: torch.Tensor  # [I] int32
     item_count: torch.Tensor  # [I] int32
     item_pos0: torch.Tensor  # [I] int64
+    dense: tuple[DensePrefill, ...] = ()
 
     @staticmethod
-    def build(spans: list[tuple[list[int], int, int]]) -> CpuAttentionPlan:
+    def build(spans: list[tuple[list[int], int, int]], dense_min_queries: int = 0) -> CpuAttentionPlan:
         """`spans`: per scheduled sequence, in token order: (its block ids up to its context after
-        the step, first position fed, number of tokens fed)."""
+        the step, first position fed, number of tokens fed). A sequence feeding at least
+        `dense_min_queries` tokens goes to torch's flash kernel (0: none does)."""
         width = max(len(blocks) for blocks, _, _ in spans)
         tables = [blocks + [0] * (width - len(blocks)) for blocks, _, _ in spans]
         seq, token, count, pos0 = [], [], [], []
+        dense = []
         first_token = 0
         for s, (_, start, num_tokens) in enumerate(spans):
+            if 0 < dense_min_queries <= num_tokens:
+                dense.append(DensePrefill(s, first_token, num_tokens, start))
+                first_token += num_tokens
+                continue
             for offset in range(0, num_tokens, MAX_ITEM_QUERIES):
                 seq.append(s)
                 token.append(first_token + offset)
@@ -57,7 +86,7 @@ class CpuAttentionPlan:
         i32 = torch.int32
         return CpuAttentionPlan(torch.tensor(tables, dtype=torch.int64), torch.tensor(seq, dtype=i32),
                                 torch.tensor(token, dtype=i32), torch.tensor(count, dtype=i32),
-                                torch.tensor(pos0, dtype=torch.int64))
+                                torch.tensor(pos0, dtype=torch.int64), tuple(dense))
 
 
 class CpuAttention:
@@ -68,6 +97,7 @@ class CpuAttention:
         lib = attention_kernel()
         assert lib is not None, "cpu_attention_supported was checked"
         self.lib: ctypes.CDLL = lib
+        self._masks: dict[tuple[int, int], torch.Tensor] = {}  # DensePrefill masks of this step, per window
 
     def __call__(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         qkv, row_stride = self._packed(q, k, v)
@@ -83,7 +113,47 @@ class CpuAttention:
             self.shape.window(layer), self.shape.softcap, torch.get_num_threads())
         if status != 0:
             raise RuntimeError("the CPU attention kernel refused its inputs (cpu_attention_supported disagrees)")
+        for prefill in plan.dense:  # after the kernel stored every new K/V row
+            self._dense(layer, prefill, qkv, out)
         return out
+
+    def _dense(self, layer: int, prefill: DensePrefill, qkv: torch.Tensor, out: torch.Tensor) -> None:
+        """One sequence's queries through torch's CPU flash kernel, into its rows of `out`."""
+        heads, kv_heads, dim, group = self.num_heads, self.num_kv_heads, self.head_dim, self.shape.group
+        rows = qkv[prefill.token:prefill.token + prefill.count]
+        q = rows[:, :heads * dim].view(-1, heads, dim)
+        context = prefill.start + prefill.count
+        if prefill.start == 0 and self.pool.spec.dtype == q.dtype:  # a fresh prompt: its own rows are its K/V
+            k = rows[:, heads * dim:(heads + kv_heads) * dim].view(-1, kv_heads, dim)
+            v = rows[:, (heads + kv_heads) * dim:(heads + 2 * kv_heads) * dim].view(-1, kv_heads, dim)
+        else:
+            blocks = self.plan.tables[prefill.seq, :-(-context // self.pool.spec.block_size)]
+            kv = self.pool.gather(layer, blocks).view(-1, 2, kv_heads, dim)[:context]
+            k, v = kv[:, 0], kv[:, 1]
+        if group > 1:  # the kernel wants every query head's K/V (with GQA it would fall back to SDPA's math)
+            k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
+        window = self.shape.window(layer)
+        causal = prefill.start == 0 and window == 0
+        mask = None if causal else self._mask(prefill, window, q.dtype)
+        o = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+            q.transpose(0, 1).unsqueeze(0), k.transpose(0, 1).unsqueeze(0), v.transpose(0, 1).unsqueeze(0), 0.0,
+            causal, attn_mask=mask, scale=self.shape.scale)[0]
+        out[prefill.token:prefill.token + prefill.count].view(-1, heads, dim).copy_(o[0].transpose(0, 1))
+
+    def _mask(self, prefill: DensePrefill, window: int, dtype: torch.dtype) -> torch.Tensor:
+        """Additive `[count, context]` mask: query i (position start + i) sees keys start + i - window + 1
+        .. start + i (from 0 without a window). Built once per (sequence, window) per step."""
+        key = (prefill.seq, window)
+        mask = self._masks.get(key)
+        if mask is None:
+            positions = torch.arange(prefill.start, prefill.start + prefill.count)[:, None]
+            keys = torch.arange(prefill.start + prefill.count)[None, :]
+            visible = keys <= positions
+            if window:
+                visible &= keys > positions - window
+            mask = torch.zeros(visible.shape, dtype=dtype).masked_fill_(~visible, float("-inf"))
+            self._masks[key] = mask
+        return mask
 
     def _packed(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, int]:
         """The rows [q | k | v] the kernel reads: the projection's own buffer when q, k and v are
