@@ -20,6 +20,7 @@ import ctypes
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 from engine.attention.metadata import AttentionMetadata, AttentionShape
 from engine.kernels import attention_kernel
@@ -130,14 +131,16 @@ class CpuAttention:
             blocks = self.plan.tables[prefill.seq, :-(-context // self.pool.spec.block_size)]
             kv = self.pool.gather(layer, blocks).view(-1, 2, kv_heads, dim)[:context]
             k, v = kv[:, 0], kv[:, 1]
-        if group > 1:  # the kernel wants every query head's K/V (with GQA it would fall back to SDPA's math)
-            k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
         window = self.shape.window(layer)
-        causal = prefill.start == 0 and window == 0
-        mask = None if causal else self._mask(prefill, window, q.dtype)
-        o = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
-            q.transpose(0, 1).unsqueeze(0), k.transpose(0, 1).unsqueeze(0), v.transpose(0, 1).unsqueeze(0), 0.0,
-            causal, attn_mask=mask, scale=self.shape.scale)[0]
+        q4, k4, v4 = (t.transpose(0, 1).unsqueeze(0) for t in (q, k, v))
+        if prefill.start == 0 and window == 0:  # plain causal: torch's flash kernel, kv heads shared in place
+            o = F.scaled_dot_product_attention(q4, k4, v4, is_causal=True, scale=self.shape.scale,
+                                               enable_gqa=group > 1)
+        else:  # a mask: with GQA SDPA would fall back to its math path, so every query head gets its K/V
+            if group > 1:
+                k4, v4 = k4.repeat_interleave(group, dim=1), v4.repeat_interleave(group, dim=1)
+            o = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+                q4, k4, v4, 0.0, False, attn_mask=self._mask(prefill, window, q.dtype), scale=self.shape.scale)[0]
         out[prefill.token:prefill.token + prefill.count].view(-1, heads, dim).copy_(o[0].transpose(0, 1))
 
     def _mask(self, prefill: DensePrefill, window: int, dtype: torch.dtype) -> torch.Tensor:

@@ -124,32 +124,38 @@ static inline void round_row_bf16(float *x, int n) {
     for (; i < n; i++) x[i] = bf16_to_f32(f32_to_bf16(x[i]));
 }
 
+#pragma GCC diagnostic ignored "-Wpsabi"  // v16 in static inline functions only: no ABI crosses a call
+typedef float v16 __attribute__((vector_size(64)));  // one AVX512 register, or two AVX2 ones
+typedef int32_t v16i __attribute__((vector_size(64)));
+
 // exp(x) to about 1 ulp over the fp32 range (Cephes' expf: x = n ln2 + r, |r| <= ln2 / 2, a degree-6
-// polynomial for exp(r), times 2^n). exp(-inf) and anything below -87.3 give exactly 0.
-static inline v8 exp8(v8 x) {
-    const v8 hi = splat8(88.3762626647949f), lo = splat8(-87.3365447504f);
-    v8i zero_out = x < lo;
-    x = select8(x > hi, hi, x);
-    x = select8(zero_out, lo, x);
-    v8 fx = x * splat8(1.44269504088896341f) + splat8(0.5f);
-    v8i n = __builtin_convertvector(fx, v8i);  // truncation: floor for fx >= 0, fixed below
-    v8 nf = __builtin_convertvector(n, v8);
-    v8i above = nf > fx;
-    n += above;  // mask lanes are -1: subtracts one where truncation rounded up
-    nf = __builtin_convertvector(n, v8);
-    x = x - nf * splat8(0.693359375f) - nf * splat8(-2.12194440e-4f);
-    v8 z = x * x;
-    v8 y = splat8(1.9875691500e-4f);
-    y = y * x + splat8(1.3981999507e-3f);
-    y = y * x + splat8(8.3334519073e-3f);
-    y = y * x + splat8(4.1665795894e-2f);
-    y = y * x + splat8(1.6666665459e-1f);
-    y = y * x + splat8(5.0000001201e-1f);
-    y = y * z + x + splat8(1.0f);
-    v8i bits = (n + 127) << 23;
-    v8 scale;
-    memcpy(&scale, &bits, sizeof scale);
-    return select8(zero_out, splat8(0.f), y * scale);
-}
+// polynomial for exp(r), times 2^n). exp(-inf) and anything below -87.3 give exactly 0. Written once
+// for vectors of float VF with int lanes VI (same size): exp8 and exp16 compute the same lanes alike.
+#define VSELECT(VF, VI, mask, a, b) ((VF)(((VI)(a) & (mask)) | ((VI)(b) & ~(mask))))
+#define DEFINE_EXP(NAME, VF, VI)                                                  \
+    static inline VF NAME(VF x) {                                                 \
+        VI zero_out = x < -87.3365447504f;                                        \
+        x = VSELECT(VF, VI, x > 88.3762626647949f, (VF){} + 88.3762626647949f, x);\
+        x = VSELECT(VF, VI, zero_out, (VF){} - 87.3365447504f, x);              \
+        VF fx = x * 1.44269504088896341f + 0.5f;                                  \
+        VI n = __builtin_convertvector(fx, VI); /* truncation: fixed below */     \
+        VF nf = __builtin_convertvector(n, VF);                                   \
+        n += (VI)(nf > fx); /* mask lanes are -1: one less where it rounded up */ \
+        nf = __builtin_convertvector(n, VF);                                      \
+        x = x - nf * 0.693359375f - nf * -2.12194440e-4f;                         \
+        VF z = x * x;                                                             \
+        VF y = (VF){} + 1.9875691500e-4f;                                         \
+        y = y * x + 1.3981999507e-3f;                                             \
+        y = y * x + 8.3334519073e-3f;                                             \
+        y = y * x + 4.1665795894e-2f;                                             \
+        y = y * x + 1.6666665459e-1f;                                             \
+        y = y * x + 5.0000001201e-1f;                                             \
+        y = y * z + x + 1.0f;                                                     \
+        VF scale = (VF)((n + 127) << 23);                                         \
+        return VSELECT(VF, VI, zero_out, (VF){}, y * scale);                      \
+    }
+
+DEFINE_EXP(exp8, v8, v8i)
+DEFINE_EXP(exp16, v16, v16i)
 
 #endif
