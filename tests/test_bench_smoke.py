@@ -140,3 +140,18 @@ def test_moe_layer_bench(tiny_mixtral_dir: pathlib.Path, tmp_path: pathlib.Path,
     for row in result["rows"]:
         assert 1 <= row["experts_used"] <= 4
         assert all(row[k] > 0 for k in ("engine_ms", "routing_ms", "dispatch_ms", "experts_ms", "transformers_ms"))
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_one_row_linears_bench(tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch, dtype: str) -> None:
+    """bench.one_row_linears times the C kernel, oneDNN and MKL over the default model's shapes, and puts
+    each path back as it found it between runs."""
+    from bench import one_row_linears
+
+    out = tmp_path / "rows.json"
+    monkeypatch.setattr("sys.argv", ["one_row_linears", "--dtype", dtype, "--json", str(out)])
+    one_row_linears.main()
+    result = json.loads(out.read_text())
+    assert result["dtype"] == dtype
+    assert result["weight_bytes"] == sum(n * k for n, k in one_row_linears.SHAPES) * (4 if dtype == "float32" else 2)
+    assert all(result[k] > 0 for k in ("c_gemv_ms", "onednn_ms", "mkl_mm_ms", "c_gb_s", "read_gb_s"))

@@ -130,3 +130,40 @@ def test_close_to_the_torch_kernel(weights: Int4Weights, bits: int, monkeypatch:
     scale = exact.norm()
     assert (c_path - exact).norm() / scale < 0.02  # 8-bit activations
     assert (torch_layer(x) - exact).norm() / scale < 0.02  # bf16 activations
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_many_rows_multiply_the_dequantized_weight(weights: Int4Weights, bits: int, dtype: torch.dtype) -> None:
+    """From INT4/INT8_DEQUANTIZE_MIN_ROWS rows a layer dequantizes W (int4: in C) and runs torch's float
+    matmul: x itself, not x rounded to int8, meets W; below that the integer kernel runs."""
+    layer, w = ((Int4Linear(weights), _dequantized(weights)) if bits == 4
+                else (Int8Linear(_int8(weights)), _int8(weights).dequantize()))
+    rows = (quant_layers.INT4_DEQUANTIZE_MIN_ROWS if bits == 4 else quant_layers.INT8_DEQUANTIZE_MIN_ROWS)[dtype]
+    torch.manual_seed(1)
+    x = (torch.randn(rows, 96) * torch.logspace(-2, 1, 96)).to(dtype)
+    got = layer(x)
+    assert got.dtype == dtype
+    exact = x.double() @ w.double().T
+    if dtype == torch.float32:
+        torch.testing.assert_close(got.double(), exact, rtol=1e-5, atol=1e-5)
+        assert not torch.allclose(got, _rounded_activations(x) @ w.T, rtol=1e-6, atol=1e-6)  # x was not rounded
+    else:  # W rounded to bf16, the product rounded to bf16
+        torch.testing.assert_close(got, torch.nn.functional.linear(x, w.to(dtype)), rtol=2e-2, atol=2e-2)
+    few = layer(x[:rows - 1])  # one row fewer: the integer kernel, x rounded per group
+    torch.testing.assert_close(few.double(), (_rounded_activations(x[:rows - 1]) @ w.T).double(),
+                               rtol=1e-5 if dtype == torch.float32 else 2e-2, atol=1e-5 if dtype == torch.float32 else 2e-2)
+
+
+@pytest.mark.parametrize("out_bf16", [0, 1])
+def test_int4_dequantize_is_the_weights_definition(weights: Int4Weights, out_bf16: int) -> None:
+    layer = Int4Linear(weights)
+    n, k = weights.shape
+    dtype = torch.bfloat16 if out_bf16 else torch.float32
+    out = torch.empty(n, k, dtype=dtype)
+    layer.c_kernel.int4_dequantize(layer.nibbles.data_ptr(), layer.scale.data_ptr(), layer.offset.data_ptr(),
+                                   out.data_ptr(), n, k, out_bf16, 2)
+    # q * scale + offset with offset = zero - 8 * scale: the same value as (q - 8) * scale + zero to fp32 rounding
+    reference = (weights.q.float().view(n, -1, 32) * layer.scale[..., None] + layer.offset[..., None]).view(n, k)
+    assert torch.equal(out, reference.to(dtype)) or torch.allclose(out.float(), reference, rtol=0, atol=1e-6)
+    torch.testing.assert_close(out.float(), _dequantized(weights).to(dtype).float(), rtol=1e-2, atol=1e-6)

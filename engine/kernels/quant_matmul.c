@@ -20,6 +20,8 @@
 #include <stdint.h>
 #include <stdlib.h>
 
+#include "vec.h"
+
 #if defined(__AVX2__) && defined(__FMA__)
 #define QUANT_SIMD 1
 #include <immintrin.h>
@@ -92,7 +94,13 @@ static inline __m256i load_group(int bits, const uint8_t *p, __m256i *sign) {
 static inline __m256 group_dot(int bits, __m256i w, __m256i sign, const int8_t *xq) {
     __m256i xv = _mm256_loadu_si256((const __m256i *)xq);
     if (bits == W_INT8) xv = _mm256_sign_epi8(xv, sign);
+#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
+    // one VNNI instruction for maddubs + madd: the same integers (no pair of products here reaches
+    // maddubs' int16 saturation: int4 15 * 127 * 2, int8 128 * 127 * 2 < 32767)
+    return _mm256_cvtepi32_ps(_mm256_dpbusd_epi32(_mm256_setzero_si256(), w, xv));
+#else
     return _mm256_cvtepi32_ps(_mm256_madd_epi16(_mm256_maddubs_epi16(w, xv), _mm256_set1_epi16(1)));
+#endif
 }
 
 // out[c][r] = sum_g wscale(c, g) * dx[r, g] * dot(c, r, g) for columns col0 + c (c < cols) and rows
@@ -245,4 +253,30 @@ int int8_linear(const float *x, const int8_t *q, const float *scale, float *y, i
         column_block(W_INT8, (const uint8_t *)q, scale, NULL, r.xq, r.dx, r.sx, y, col0, rows, n, k);
     release(&r);
     return 0;
+}
+
+// W itself from the int4 format above, as fp32 (out_bf16 = 0) or bf16 rounded to nearest even
+// (out_bf16 = 1): out[n, k] = q[n, k] * scale[n, g] + offset[n, g] in fp32, then rounded once. Used
+// for many rows at a time, where a float matmul over W beats the integer kernel.
+void int4_dequantize(const uint8_t *packed, const float *scale, const float *offset, void *out, int n, int k,
+                     int out_bf16, int num_threads) {
+    const int groups = k / GROUP;
+#pragma omp parallel for num_threads(threads_for(n, k, num_threads)) schedule(static)
+    for (int64_t row = 0; row < n; row++) {
+        float w[GROUP];
+        for (int g = 0; g < groups; g++) {
+            const uint8_t *bytes = packed + row * (k / 2) + (int64_t)g * (GROUP / 2);
+            const float s = scale[row * groups + g], o = offset[row * groups + g];
+            for (int j = 0; j < GROUP / 2; j++) {
+                w[j] = (float)(bytes[j] & 15) * s + o;
+                w[j + GROUP / 2] = (float)(bytes[j] >> 4) * s + o;
+            }
+            const int64_t at = row * k + (int64_t)g * GROUP;
+            if (out_bf16) {
+                for (int j = 0; j < GROUP; j++) ((uint16_t *)out)[at + j] = f32_to_bf16(w[j]);
+            } else {
+                for (int j = 0; j < GROUP; j++) ((float *)out)[at + j] = w[j];
+            }
+        }
+    }
 }
