@@ -17,7 +17,7 @@ from torch import nn
 
 from bench.bandwidth import read_bandwidth
 from bench.throughput import machine_info
-from engine.loader.packing import PackedLinear
+from engine.loader.packing import PackedLinear, onednn_packs
 
 SHAPES = [(960, 576), (576, 576), (3072, 576), (576, 1536)] * 30 + [(49152, 576)]  # (out, in)
 
@@ -55,6 +55,8 @@ def main() -> None:
     parser.add_argument("--json", dest="json_path")
     args = parser.parse_args()
     dtype = getattr(torch, args.dtype)
+    if not onednn_packs(dtype):
+        raise SystemExit(f"oneDNN cannot pack {args.dtype} weights on this CPU: no packed linears to compare")
     torch.manual_seed(0)
     layers = [PackedLinear(nn.Linear(k, n, bias=False).to(dtype), single_row=True) for n, k in SHAPES]
     if any(layer.gemv is None for layer in layers):

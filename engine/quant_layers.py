@@ -31,6 +31,7 @@ logger = logging.getLogger(__name__)
 # int8 (dequantized by torch ops) bf16 64: 117/194, 512: 804/179.
 INT4_DEQUANTIZE_MIN_ROWS = {torch.bfloat16: 24, torch.float32: 96}
 INT8_DEQUANTIZE_MIN_ROWS = {torch.bfloat16: 128, torch.float32: 128}
+DEQUANTIZE_CHUNK_ELEMENTS = 1 << 22  # W is dequantized this many elements (output rows x K) at a time
 C_KERNEL_GROUP = 32  # quant_matmul.c rounds activations per 32 and takes int4 groups of 32 only (GGUF's block)
 
 
@@ -60,6 +61,15 @@ def _many_rows(x: torch.Tensor, min_rows: dict[torch.dtype, int]) -> bool:
     """Enough rows (CPU, fp32/bf16) that dequantizing W once for the call and running torch's float matmul
     (oneDNN; AMX for bf16) beats the integer kernel, which is made for the few rows of a decode."""
     return x.dtype in min_rows and x.numel() >= min_rows[x.dtype] * x.shape[-1]
+
+
+def _dequantized_matmul(x: torch.Tensor, out_features: int, in_features: int,
+                        dequantize: Callable[[int, int], torch.Tensor]) -> torch.Tensor:
+    """x @ W^T with W dequantized a block of output rows at a time (`dequantize(n0, n1)`: W[n0:n1] in
+    x's dtype), so the float copy of a vocabulary-wide head never exists whole."""
+    step = max(1, DEQUANTIZE_CHUNK_ELEMENTS // in_features)
+    parts = [F.linear(x, dequantize(n0, min(n0 + step, out_features))) for n0 in range(0, out_features, step)]
+    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)
 
 
 def _flatten(x: torch.Tensor, in_features: int) -> torch.Tensor:
@@ -99,7 +109,8 @@ class Int8Linear(nn.Module):
         if x.device.type == "cuda":
             y = F.linear(x, self.q.to(x.dtype)) * self.scale.to(x.dtype)
         elif self.c_kernel is not None and _many_rows(x, INT8_DEQUANTIZE_MIN_ROWS):
-            y = F.linear(x, (self.q.to(torch.float32) * self.scale[:, None]).to(x.dtype))
+            y = _dequantized_matmul(x, self.out_features, self.in_features, lambda n0, n1: (
+                self.q[n0:n1].to(torch.float32) * self.scale[n0:n1, None]).to(x.dtype))
         elif self.c_kernel is not None:
             y = _c_quant_linear(self.c_kernel.int8_linear, x, self.in_features, self.out_features, self.q, self.scale)
         else:
@@ -175,6 +186,15 @@ class Int4Linear(nn.Module):
         check_int4_shape(linear.out_features, linear.in_features, group_size)
         return cls(quantize_int4(linear.weight, group_size), linear.bias)
 
+    def _c_dequantized(self, n0: int, n1: int, dtype: torch.dtype) -> torch.Tensor:
+        """Rows n0 .. n1 - 1 of W in `dtype` (fp32 or bf16), from the C kernel's format."""
+        assert self.c_kernel is not None
+        w = torch.empty(n1 - n0, self.in_features, dtype=dtype)
+        self.c_kernel.int4_dequantize(self.nibbles[n0].data_ptr(), self.scale[n0].data_ptr(),
+                                      self.offset[n0].data_ptr(), w.data_ptr(), n1 - n0, self.in_features,
+                                      int(dtype == torch.bfloat16), torch.get_num_threads())
+        return w
+
     def _dequantized(self, dtype: torch.dtype) -> torch.Tensor:
         scale, zero = (t.transpose(0, 1).to(dtype) for t in self.scales_and_zeros.unbind(-1))
         q = self.q.to(dtype).view(self.out_features, -1, self.group_size) - 8
@@ -185,11 +205,8 @@ class Int4Linear(nn.Module):
         if x.device != weights.device or weights.device != self.packed_on:
             raise RuntimeError(f"Int4Linear was packed on {self.packed_on}; got input on {x.device}")
         if self.c_kernel is not None and _many_rows(x, INT4_DEQUANTIZE_MIN_ROWS):
-            w = torch.empty(self.out_features, self.in_features, dtype=x.dtype)
-            self.c_kernel.int4_dequantize(self.nibbles.data_ptr(), self.scale.data_ptr(), self.offset.data_ptr(),
-                                          w.data_ptr(), self.out_features, self.in_features,
-                                          int(x.dtype == torch.bfloat16), torch.get_num_threads())
-            y = F.linear(x, w)
+            y = _dequantized_matmul(x, self.out_features, self.in_features,
+                                    lambda n0, n1: self._c_dequantized(n0, n1, x.dtype))
         elif self.c_kernel is not None:
             y = _c_quant_linear(self.c_kernel.int4_linear, x, self.in_features, self.out_features, self.nibbles,
                                 self.scale, self.offset)

@@ -39,7 +39,8 @@ def test_quantized_engine_agrees_with_float(default_model_path, method, min_agre
     # bf16) and the answer after 'L' goes elsewhere; int4 did not know it even so on that machine
     if method == "int8":
         answer = base[0].token_ids
-        paris = next(i for i, t in enumerate(answer) if llm.tokenizer.decode([t]).strip() == "Paris")
+        paris = next((i for i, t in enumerate(answer) if llm.tokenizer.decode([t]).strip() == "Paris"), None)
+        assert paris is not None, f"the float model's answer names no Paris: {base[0].text!r}"
         forced = llm.generate([base[0].prompt_token_ids + answer[:paris]], SamplingParams(temperature=0, max_tokens=1))
         assert forced[0].token_ids == [answer[paris]]
     llm.engine.check_integrity()

@@ -134,9 +134,14 @@ def test_close_to_the_torch_kernel(weights: Int4Weights, bits: int, monkeypatch:
 
 @pytest.mark.parametrize("bits", [4, 8])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_many_rows_multiply_the_dequantized_weight(weights: Int4Weights, bits: int, dtype: torch.dtype) -> None:
+@pytest.mark.parametrize("chunk_rows", [None, 5])
+def test_many_rows_multiply_the_dequantized_weight(weights: Int4Weights, bits: int, dtype: torch.dtype,
+                                                   chunk_rows: int | None, monkeypatch: pytest.MonkeyPatch) -> None:
     """From INT4/INT8_DEQUANTIZE_MIN_ROWS rows a layer dequantizes W (int4: in C) and runs torch's float
-    matmul: x itself, not x rounded to int8, meets W; below that the integer kernel runs."""
+    matmul: x itself, not x rounded to int8, meets W; below that the integer kernel runs. W is
+    dequantized a block of output rows at a time (here also 5 rows: 48 = 9 x 5 + 3)."""
+    if chunk_rows is not None:
+        monkeypatch.setattr(quant_layers, "DEQUANTIZE_CHUNK_ELEMENTS", chunk_rows * weights.shape[1])
     layer, w = ((Int4Linear(weights), _dequantized(weights)) if bits == 4
                 else (Int8Linear(_int8(weights)), _int8(weights).dequantize()))
     rows = (quant_layers.INT4_DEQUANTIZE_MIN_ROWS if bits == 4 else quant_layers.INT8_DEQUANTIZE_MIN_ROWS)[dtype]
@@ -151,8 +156,9 @@ def test_many_rows_multiply_the_dequantized_weight(weights: Int4Weights, bits: i
     else:  # W rounded to bf16, the product rounded to bf16
         torch.testing.assert_close(got, torch.nn.functional.linear(x, w.to(dtype)), rtol=2e-2, atol=2e-2)
     few = layer(x[:rows - 1])  # one row fewer: the integer kernel, x rounded per group
+    tolerance = 1e-5 if dtype == torch.float32 else 2e-2
     torch.testing.assert_close(few.double(), (_rounded_activations(x[:rows - 1]) @ w.T).double(),
-                               rtol=1e-5 if dtype == torch.float32 else 2e-2, atol=1e-5 if dtype == torch.float32 else 2e-2)
+                               rtol=tolerance, atol=tolerance)
 
 
 @pytest.mark.parametrize("out_bf16", [0, 1])

@@ -28,6 +28,9 @@ from engine.kv_cache import KVCachePool
 
 MAX_ITEM_QUERIES = 16  # MAX_TILE of the kernel: consecutive queries of one sequence per work item
 DENSE_PREFILL_MIN_QUERIES = 64  # a sequence feeding this many tokens in a step goes to torch's flash kernel
+# ... while its context is at most this many times its new tokens: past that the gathered K/V and the mask
+# (context-long) outweigh the gain, and the C kernel, which reads K/V in place, keeps it
+DENSE_MAX_CONTEXT_PER_QUERY = 4
 _DT = {torch.float32: 0, torch.bfloat16: 1}
 
 
@@ -74,7 +77,7 @@ class CpuAttentionPlan:
         dense = []
         first_token = 0
         for s, (_, start, num_tokens) in enumerate(spans):
-            if 0 < dense_min_queries <= num_tokens:
+            if 0 < dense_min_queries <= num_tokens and start + num_tokens <= DENSE_MAX_CONTEXT_PER_QUERY * num_tokens:
                 dense.append(DensePrefill(s, first_token, num_tokens, start))
                 first_token += num_tokens
                 continue
@@ -124,14 +127,18 @@ class CpuAttention:
         rows = qkv[prefill.token:prefill.token + prefill.count]
         q = rows[:, :heads * dim].view(-1, heads, dim)
         context = prefill.start + prefill.count
+        window = self.shape.window(layer)
+        first_key = max(0, prefill.start - window + 1) if window else 0  # no query of the chunk sees before it
         if prefill.start == 0 and self.pool.spec.dtype == q.dtype:  # a fresh prompt: its own rows are its K/V
             k = rows[:, heads * dim:(heads + kv_heads) * dim].view(-1, kv_heads, dim)
             v = rows[:, (heads + kv_heads) * dim:(heads + 2 * kv_heads) * dim].view(-1, kv_heads, dim)
         else:
-            blocks = self.plan.tables[prefill.seq, :-(-context // self.pool.spec.block_size)]
-            kv = self.pool.gather(layer, blocks).view(-1, 2, kv_heads, dim)[:context]
+            block_size = self.pool.spec.block_size
+            first_block = first_key // block_size
+            blocks = self.plan.tables[prefill.seq, first_block:-(-context // block_size)]
+            kv = self.pool.gather(layer, blocks).view(-1, 2, kv_heads, dim)[first_key - first_block * block_size:]
+            kv = kv[:context - first_key]
             k, v = kv[:, 0], kv[:, 1]
-        window = self.shape.window(layer)
         q4, k4, v4 = (t.transpose(0, 1).unsqueeze(0) for t in (q, k, v))
         if prefill.start == 0 and window == 0:  # plain causal: torch's flash kernel, kv heads shared in place
             o = F.scaled_dot_product_attention(q4, k4, v4, is_causal=True, scale=self.shape.scale,
@@ -139,18 +146,20 @@ class CpuAttention:
         else:  # a mask: with GQA SDPA would fall back to its math path, so every query head gets its K/V
             if group > 1:
                 k4, v4 = k4.repeat_interleave(group, dim=1), v4.repeat_interleave(group, dim=1)
+            mask = self._mask(prefill, window, first_key, q.dtype)
             o = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
-                q4, k4, v4, 0.0, False, attn_mask=self._mask(prefill, window, q.dtype), scale=self.shape.scale)[0]
+                q4, k4, v4, 0.0, False, attn_mask=mask, scale=self.shape.scale)[0]
         out[prefill.token:prefill.token + prefill.count].view(-1, heads, dim).copy_(o[0].transpose(0, 1))
 
-    def _mask(self, prefill: DensePrefill, window: int, dtype: torch.dtype) -> torch.Tensor:
-        """Additive `[count, context]` mask: query i (position start + i) sees keys start + i - window + 1
-        .. start + i (from 0 without a window). Built once per (sequence, window) per step."""
+    def _mask(self, prefill: DensePrefill, window: int, first_key: int, dtype: torch.dtype) -> torch.Tensor:
+        """Additive `[count, context - first_key]` mask over keys first_key ..: query i (position
+        start + i) sees keys start + i - window + 1 .. start + i (from 0 without a window). Built once
+        per (sequence, window) per step."""
         key = (prefill.seq, window)
         mask = self._masks.get(key)
         if mask is None:
             positions = torch.arange(prefill.start, prefill.start + prefill.count)[:, None]
-            keys = torch.arange(prefill.start + prefill.count)[None, :]
+            keys = torch.arange(first_key, prefill.start + prefill.count)[None, :]
             visible = keys <= positions
             if window:
                 visible &= keys > positions - window

@@ -16,7 +16,7 @@
 #define PARALLEL_MIN_WORK (1 << 16)  // below N * K this many, one thread beats waking the others
 // One core alone keeps too few cache-line reads in flight to reach the memory's bandwidth (measured
 // on an AMX Xeon: ~9 GB/s per core without, ~11 with, 20-22 GB/s on two cores): each 64-byte line
-// loaded also asks for the line this many rows ahead, the block after next in this thread's
+// loaded also asks for the line this many rows ahead: the next 4-row block of this thread's
 // contiguous share. (Prefetches never fault, so running past W's end is harmless.)
 #define PREFETCH_ROWS 4
 

@@ -1,4 +1,5 @@
-// Paged attention on CPU for every query token of a step, prefill chunks and decodes alike, reading
+// Paged attention on CPU for the query tokens of a step it is given (decodes and prefill chunks; the
+// caller may leave long prompts to another kernel, but every new token's K/V is stored here), reading
 // K/V in place from the pool (no gather). Pool layout per layer: [num_blocks, block_size, 2 (k, v),
 // kv_heads, dim], fp32 or bf16.
 //

@@ -23,6 +23,7 @@ used then, since it rounds differently from the packed path.
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Callable
 
@@ -44,10 +45,22 @@ def onednn_available() -> bool:
     return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
 
 
+@functools.cache
+def onednn_packs(dtype: torch.dtype) -> bool:
+    """oneDNN can pack a weight of `dtype` on this CPU (bf16 needs AVX512-BW or AVX-NE-CONVERT)."""
+    if not onednn_available():
+        return False
+    try:
+        torch.ops.mkldnn._reorder_linear_weight(torch.zeros(8, 8, dtype=dtype), BATCH_HINT)
+    except RuntimeError:
+        return False
+    return True
+
+
 class PackedLinear(nn.Module):
     """y = x W^T + b for 2-D x, from oneDNN's packed weight, or for one row (`single_row`) from
-    `one_row`: W itself for Tandem's C matrix-vector kernel (engine/kernels/gemv.c, fp32), else
-    W^T for MKL's `mm`."""
+    `one_row`: W itself for Tandem's C matrix-vector kernel (engine/kernels/gemv.c, fp32 and bf16),
+    else (fp32 without the kernel) W^T for MKL's `mm`."""
 
     def __init__(self, linear: nn.Linear, single_row: bool, bias_apart: bool = False) -> None:
         super().__init__()
@@ -101,6 +114,7 @@ class RowPaddedLinear(nn.Module):
         super().__init__()
         self.in_features, self.out_features = linear.in_features, linear.out_features
         self.weight, self.bias = linear.weight, linear.bias
+        self.row_tile = 0  # never tiled (make_batch_invariant tiles packed linears only)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.shape[0]
@@ -146,7 +160,8 @@ def pack_linears(model: nn.Module, deterministic: bool) -> int:
     return replaced
 
 
-INVARIANCE_BATCHES = (1, 3, 16, 17, 33, 64, 65, 200, 257, 512)
+# every size up to one past a tile (oneDNN's blocks and tails live there), then a spread of larger ones
+INVARIANCE_BATCHES = (*range(1, ROW_TILE + 2), 48, 64, 65, 100, 200, 257, 512)
 REFERENCE_ROWS = 48
 
 
@@ -172,9 +187,10 @@ def make_batch_invariant(model: nn.Module, max_rows: int, max_logit_rows: int) -
     rows up to the most a step feeds it (`max_rows`; the lm_head only sees a step's last tokens, at
     most `max_logit_rows`) and that most itself. Where a packed shape fails, every packed linear of its
     dtype runs in calls of 2 to ROW_TILE rows from then on (a lone row padded with a zero row), and all
-    are checked again: measured on
-    an AMX Xeon, oneDNN sums a row in another order when it is alone (fp32, K = 1536) or past the
-    32nd of a call (bf16, every shape of the default model). Returns how many linears were tiled."""
+    are checked again (a later pass may catch what an earlier one missed: bf16 outputs hide most
+    changes of summation order): measured on an AMX Xeon, oneDNN sums a row in another order when it
+    is alone (fp32, K = 1536) or past the 32nd of a call (bf16, every shape of the default model).
+    Returns how many linears were tiled."""
     groups: dict[tuple[int, int, torch.dtype, int], list[PackedLinear | RowPaddedLinear]] = {}
     for name, module in model.named_modules():
         if isinstance(module, nn.Linear):
@@ -184,20 +200,25 @@ def make_batch_invariant(model: nn.Module, max_rows: int, max_logit_rows: int) -
             most = max_logit_rows if name.rsplit(".", 1)[-1] == "lm_head" else max_rows
             groups.setdefault((module.in_features, module.out_features, dtype, most), []).append(module)
     generator = torch.Generator().manual_seed(0)
-    # a kernel switch rarely shows in bf16 outputs (their rounding hides most changes of summation order),
-    # so one shape caught switching tiles every packed linear of its dtype
-    failing = {dtype for (_, _, dtype, most), modules in groups.items()
-               if _variant_batch(modules[0], dtype, most, generator) is not None}
-    tiled = 0
-    for module in model.modules():
-        if isinstance(module, PackedLinear) and module.packed.dtype in failing:
-            module.row_tile = ROW_TILE
-            tiled += 1
-    for (k, n, dtype, most), modules in groups.items():
-        size = _variant_batch(modules[0], dtype, most, generator)
-        if size is not None:
+    tiled_dtypes: set[torch.dtype] = set()
+    while True:
+        caught = None
+        for (k, n, dtype, most), modules in groups.items():
+            size = _variant_batch(modules[0], dtype, most, generator)
+            if size is not None:
+                caught = (k, n, dtype, size, modules[0])
+                break
+        if caught is None:
+            break
+        k, n, dtype, size, module = caught
+        if dtype in tiled_dtypes or not isinstance(module, PackedLinear):
             raise RuntimeError(f"a {k}x{n} {dtype} linear is not batch-invariant on this CPU (a row alone and in "
                                f"a batch of {size} differ): deterministic mode cannot be exact here")
+        tiled_dtypes.add(dtype)  # one shape caught switching: every packed linear of its dtype runs in tiles
+        for other in model.modules():
+            if isinstance(other, PackedLinear) and other.packed.dtype == dtype:
+                other.row_tile = ROW_TILE
+    tiled = sum(1 for m in model.modules() if isinstance(m, PackedLinear) and m.row_tile)
     if tiled:
         log.info("deterministic mode: %d linears run in calls of at most %d rows (batch-invariant only so here)",
                  tiled, ROW_TILE)
