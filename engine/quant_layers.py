@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Mapping
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -32,6 +33,7 @@ logger = logging.getLogger(__name__)
 INT4_DEQUANTIZE_MIN_ROWS = {torch.bfloat16: 24, torch.float32: 96}
 INT8_DEQUANTIZE_MIN_ROWS = {torch.bfloat16: 128, torch.float32: 128}
 DEQUANTIZE_CHUNK_ELEMENTS = 1 << 22  # W is dequantized this many elements (output rows x K) at a time
+_KERNEL_IO_CODES = {torch.float32: 0, torch.bfloat16: 1}  # quant_matmul.c's DT_F32 / DT_BF16 for x and y
 C_KERNEL_GROUP = 32  # quant_matmul.c rounds activations per 32 and takes int4 groups of 32 only (GGUF's block)
 
 
@@ -39,22 +41,40 @@ def _c_kernel_takes(out_features: int, in_features: int) -> bool:
     return in_features % C_KERNEL_GROUP == 0 and out_features % 4 == 0
 
 
-def _c_quant_linear(fn: Callable[..., int], x: torch.Tensor, in_features: int, out_features: int,
-                    *weights: torch.Tensor) -> torch.Tensor:
-    """y = x @ W^T through quant_matmul.c's `fn` (int4_linear or int8_linear) with W given by `weights`."""
-    if x.shape[-1] != in_features:
-        raise ValueError(f"expected input with last dimension {in_features}, got {tuple(x.shape)}")
-    if x.device.type != "cpu" or any(w.device.type != "cpu" or not w.is_contiguous() or
-                                     (w.is_floating_point() and w.dtype != torch.float32) for w in weights):
-        # e.g. the module was moved or cast after it was built: its buffers no longer fit the kernel
-        raise RuntimeError("the C quantized kernel needs CPU input and its contiguous fp32 / integer buffers as "
-                           "built; quantize the model where and in the dtype it will run")
-    x2 = x.reshape(-1, in_features).to(torch.float32).contiguous()
-    y = torch.empty(x2.shape[0], out_features, dtype=torch.float32)
-    if fn(x2.data_ptr(), *(w.data_ptr() for w in weights), y.data_ptr(), x2.shape[0], out_features, in_features,
-          torch.get_num_threads()) != 0:
-        raise MemoryError("quantized matmul kernel: no memory for the rounded activations")
-    return y.to(x.dtype).reshape(*x.shape[:-1], out_features)
+class _CQuantKernel:
+    """y = x @ W^T through quant_matmul.c's `fn` (int4_linear or int8_linear), W given by a layer's buffers.
+
+    A decode calls this ~120 times per token for one row each, so a call costs one allocation and one
+    C call: fp32 and bf16 x go in as they are and y comes back in x's dtype (rounded once in C), and the
+    buffers' pointers are checked and recorded by `bind`, which the layer calls when it is built and
+    after every move or cast (`nn.Module._apply`): buffers that no longer fit the kernel are refused.
+    """
+
+    def __init__(self, fn: Callable[..., int], in_features: int, out_features: int,
+                 weights: tuple[torch.Tensor, ...]) -> None:
+        self._fn, self._in, self._out = fn, in_features, out_features
+        self._ptrs: tuple[int, ...] | None = None
+        self.bind(weights)
+
+    def bind(self, weights: tuple[torch.Tensor, ...]) -> None:
+        fits = all(w.device.type == "cpu" and w.is_contiguous() and
+                   (not w.is_floating_point() or w.dtype == torch.float32) for w in weights)
+        self._ptrs = tuple(w.data_ptr() for w in weights) if fits else None
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[-1] != self._in:
+            raise ValueError(f"expected input with last dimension {self._in}, got {tuple(x.shape)}")
+        if self._ptrs is None or x.device.type != "cpu":
+            # e.g. the module was moved or cast after it was built: its buffers no longer fit the kernel
+            raise RuntimeError("the C quantized kernel needs CPU input and its contiguous fp32 / integer buffers "
+                               "as built; quantize the model where and in the dtype it will run")
+        io = x.dtype if x.dtype in _KERNEL_IO_CODES else torch.float32
+        x2 = x if x.dtype == io and x.is_contiguous() else x.to(io).contiguous()
+        y = torch.empty(*x.shape[:-1], self._out, dtype=io)
+        if self._fn(x2.data_ptr(), *self._ptrs, y.data_ptr(), x2.numel() // self._in, self._out, self._in,
+                    _KERNEL_IO_CODES[io], torch.get_num_threads()) != 0:
+            raise MemoryError("quantized matmul kernel: no memory for the rounded activations")
+        return y if io == x.dtype else y.to(x.dtype)
 
 
 def _many_rows(x: torch.Tensor, min_rows: dict[torch.dtype, int]) -> bool:
@@ -99,7 +119,15 @@ class Int8Linear(nn.Module):
             self.c_kernel = quant_matmul_kernel()
         # the C kernel takes the fp32 scale as given; torch's kernel wants it in bf16
         self.register_buffer("scale", weights.scale.to(torch.float32 if self.c_kernel else KERNEL_DTYPE).contiguous())
+        self._c_linear = None if self.c_kernel is None else _CQuantKernel(
+            self.c_kernel.int8_linear, self.in_features, self.out_features, (self.q, self.scale))
         self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
+
+    def _apply(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Int8Linear:
+        super()._apply(fn, *args, **kwargs)
+        if self._c_linear is not None:  # moved or cast: the kernel's buffers are new tensors
+            self._c_linear.bind((self.q, self.scale))
+        return self
 
     @classmethod
     def from_linear(cls, linear: nn.Linear) -> Int8Linear:
@@ -112,7 +140,8 @@ class Int8Linear(nn.Module):
             y = _dequantized_matmul(x, self.out_features, self.in_features, lambda n0, n1: (
                 self.q[n0:n1].to(torch.float32) * self.scale[n0:n1, None]).to(x.dtype))
         elif self.c_kernel is not None:
-            y = _c_quant_linear(self.c_kernel.int8_linear, x, self.in_features, self.out_features, self.q, self.scale)
+            assert self._c_linear is not None
+            y = self._c_linear(x)
         else:
             y = torch._weight_int8pack_mm(_flatten(x, self.in_features), self.q, self.scale)
             y = y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
@@ -145,10 +174,13 @@ class Int4Linear(nn.Module):
         self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
         self.use_kernel = True
         self.c_kernel = None
+        self._c_linear: _CQuantKernel | None = None
         if self.packed_on.type == "cpu" and self.group_size == C_KERNEL_GROUP:
             self.c_kernel = quant_matmul_kernel()
         if self.c_kernel is not None:
             self._pack_c(weights)
+            self._c_linear = _CQuantKernel(self.c_kernel.int4_linear, self.in_features, self.out_features,
+                                           (self.nibbles, self.scale, self.offset))
             return
         # [K / G, N, 2]: torch's kernels' scales_and_zeros, bf16.
         sz = torch.stack([weights.scale, weights.zero], dim=-1).transpose(0, 1).contiguous()
@@ -181,6 +213,12 @@ class Int4Linear(nn.Module):
         self.register_buffer("packed", packed, persistent=False)
         return True
 
+    def _apply(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Int4Linear:
+        super()._apply(fn, *args, **kwargs)
+        if self._c_linear is not None:  # moved or cast: the kernel's buffers are new tensors
+            self._c_linear.bind((self.nibbles, self.scale, self.offset))
+        return self
+
     @classmethod
     def from_linear(cls, linear: nn.Linear, group_size: int = 32) -> Int4Linear:
         check_int4_shape(linear.out_features, linear.in_features, group_size)
@@ -201,16 +239,18 @@ class Int4Linear(nn.Module):
         return (q * scale[..., None] + zero[..., None]).view(self.out_features, self.in_features)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        weights = self.nibbles if self.c_kernel is not None else self.scales_and_zeros
-        if x.device != weights.device or weights.device != self.packed_on:
+        if self._c_linear is not None:  # CPU only: _c_linear refuses input or buffers elsewhere
+            if _many_rows(x, INT4_DEQUANTIZE_MIN_ROWS):
+                if x.device.type != "cpu" or self.nibbles.device.type != "cpu":
+                    raise RuntimeError(f"Int4Linear was packed on {self.packed_on}; got input on {x.device}")
+                y = _dequantized_matmul(x, self.out_features, self.in_features,
+                                        lambda n0, n1: self._c_dequantized(n0, n1, x.dtype))
+            else:
+                y = self._c_linear(x)
+            return y if self.bias is None else y + self.bias.to(x.dtype)
+        if x.device != self.scales_and_zeros.device or self.scales_and_zeros.device != self.packed_on:
             raise RuntimeError(f"Int4Linear was packed on {self.packed_on}; got input on {x.device}")
-        if self.c_kernel is not None and _many_rows(x, INT4_DEQUANTIZE_MIN_ROWS):
-            y = _dequantized_matmul(x, self.out_features, self.in_features,
-                                    lambda n0, n1: self._c_dequantized(n0, n1, x.dtype))
-        elif self.c_kernel is not None:
-            y = _c_quant_linear(self.c_kernel.int4_linear, x, self.in_features, self.out_features, self.nibbles,
-                                self.scale, self.offset)
-        elif not self.use_kernel:
+        if not self.use_kernel:
             y = F.linear(x, self._dequantized(x.dtype))
         else:
             x2 = _flatten(x, self.in_features)

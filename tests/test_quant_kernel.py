@@ -99,20 +99,25 @@ def test_non_finite_inputs_give_non_finite_outputs(weights: Int4Weights) -> None
         assert torch.isfinite(y[0]).all() and torch.isnan(y[1]).all() and not torch.isfinite(y[2]).any()
 
 
-def test_bf16_and_leading_dimensions(weights: Int4Weights) -> None:
-    layer = Int4Linear(weights)
+@pytest.mark.parametrize("bits", [4, 8])
+def test_bf16_and_leading_dimensions(weights: Int4Weights, bits: int) -> None:
+    def build() -> Int4Linear | Int8Linear:
+        return Int4Linear(weights) if bits == 4 else Int8Linear(_int8(weights))
+
+    layer = build()
     torch.manual_seed(4)
-    x = torch.randn(2, 3, 96)
-    y = layer(x.to(torch.bfloat16))
+    x = torch.randn(2, 3, 96).to(torch.bfloat16)
+    y = layer(x)  # bf16 in and out of the C kernel: the fp32 result rounded once
     assert y.dtype == torch.bfloat16 and y.shape == (2, 3, 48)
-    expected = layer(x.to(torch.bfloat16).float())
-    torch.testing.assert_close(y.float(), expected, rtol=1e-2, atol=1e-2)
+    assert torch.equal(y, layer(x.float()).to(torch.bfloat16))
+    assert torch.equal(layer(x.transpose(0, 1)), y.transpose(0, 1))  # a strided input is copied first
     assert layer(torch.zeros(0, 96)).shape == (0, 48)
     with pytest.raises(ValueError, match="last dimension 96"):
         layer(torch.zeros(1, 64))
-    cast = Int8Linear(_int8(weights)).to(torch.bfloat16)  # its fp32 scale no longer fits the kernel
+    cast = build().double()  # its fp32 scale (and offset) no longer fit the kernel
     with pytest.raises(RuntimeError, match="quantize the model where and in the dtype it will run"):
         cast(torch.zeros(1, 96))
+    assert torch.equal(cast.float()(x), y)  # cast back exactly: new fp32 buffers, bound again
 
 
 @pytest.mark.parametrize("bits", [4, 8])

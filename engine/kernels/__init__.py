@@ -112,8 +112,8 @@ def fused_ops_kernel() -> ctypes.CDLL | None:
 def quant_matmul_kernel() -> ctypes.CDLL | None:
     """int4 / int8 weights x int8-rounded activations (quant_matmul.c), or None (callers use torch)."""
     return _load_bound("quant_matmul.c", {
-        "int4_linear": (_I32, _P, _P, _P, _P, _P, _I64, _I32, _I32, _I32),
-        "int8_linear": (_I32, _P, _P, _P, _P, _I64, _I32, _I32, _I32),
+        "int4_linear": (_I32, _P, _P, _P, _P, _P, _I64, _I32, _I32, _I32, _I32),
+        "int8_linear": (_I32, _P, _P, _P, _P, _I64, _I32, _I32, _I32, _I32),
         "int4_dequantize": (None, _P, _P, _P, _P, _I32, _I32, _I32, _I32)})
 
 

@@ -32,12 +32,14 @@
 
 enum { W_INT4 = 4, W_INT8 = 8 };
 
-// Per row m and group g: xq (int8), dx (its scale), sx = dx * sum(xq), the sum of x as rounded.
-static void quantize_rows(const float *x, int64_t rows, int k, int8_t *xq, float *dx, float *sx) {
+// Per row m and group g of x (fp32 or bf16, `dt`): xq (int8), dx (its scale), sx = dx * sum(xq), the
+// sum of x as rounded. `row` is scratch for k floats.
+static void quantize_rows(const void *x, int dt, int64_t rows, int k, float *row, int8_t *xq, float *dx, float *sx) {
     int groups = k / GROUP;
     for (int64_t m = 0; m < rows; m++) {
+        load_row(row, x, dt, m * k, k);
         for (int g = 0; g < groups; g++) {
-            const float *v = x + m * k + (int64_t)g * GROUP;
+            const float *v = row + (int64_t)g * GROUP;
             float amax = 0.f;
             int finite = 1;
             for (int j = 0; j < GROUP; j++) {
@@ -103,6 +105,27 @@ static inline __m256 group_dot(int bits, __m256i w, __m256i sign, const int8_t *
 #endif
 }
 
+// One core alone keeps too few cache-line reads in flight to stream W at the memory's bandwidth
+// (see gemv.c): while reading group g of columns col0.., ask for the same bytes PREFETCH_COLS
+// columns ahead (this thread's next blocks), every 32 bytes of weights and of scales / offsets, so
+// every 64-byte line is asked for at least once. Prefetches never fault: past W's end is harmless.
+// Measured on an AMX Xeon, 120 one-row calls over the default model's int4 shapes (78 MB): 1.6x
+// faster than with the prefetches pointed at the block being read. (Two groups per AVX512-VNNI
+// instruction, half the instructions, measured no faster: one row is bound by memory, not compute.)
+#define PREFETCH_COLS 8
+
+static inline __attribute__((always_inline)) void prefetch_block_ahead(int bits, const uint8_t *packed,
+                                                                        const float *scale, int64_t col0, int cols,
+                                                                        int k, int g) {
+    const int groups = k / GROUP, weight_step = bits == W_INT4 ? 2 : 1, scale_step = 32 / (int)sizeof(float);
+    for (int c = 0; c < cols; c++) {
+        const int64_t col = col0 + c + PREFETCH_COLS;
+        if (g % weight_step == 0)
+            __builtin_prefetch(packed + col * row_bytes(bits, k) + (int64_t)g * group_bytes(bits), 0, 3);
+        if (bits == W_INT4 && g % scale_step == 0) __builtin_prefetch(scale + col * groups + g, 0, 3);
+    }
+}
+
 // out[c][r] = sum_g wscale(c, g) * dx[r, g] * dot(c, r, g) for columns col0 + c (c < cols) and rows
 // r < rows of the block, with wscale 1 for int8 (its per-row scale is applied by the caller).
 // Always inlined with constant `bits`, `cols` and `rows`, so the cols x rows accumulators
@@ -118,6 +141,7 @@ static inline __attribute__((always_inline)) void dot_block(int bits, const uint
     for (int g = 0; g < groups; g++) {
         __m256i w[4], sign[4];
         float sc[4];
+        prefetch_block_ahead(bits, packed, scale, col0, cols, k, g);
         for (int c = 0; c < cols; c++) {
             w[c] = load_group(bits, packed + (col0 + c) * row_bytes(bits, k) + (int64_t)g * group_bytes(bits),
                               &sign[c]);
@@ -181,9 +205,14 @@ static inline __attribute__((always_inline)) void block(int bits, const uint8_t 
 // Output columns col0 .. col0 + 3, all rows.
 static inline __attribute__((always_inline)) void column_block(int bits, const uint8_t *packed, const float *scale,
                                                                 const float *offset, const int8_t *xq,
-                                                                const float *dx, const float *sx, float *y,
+                                                                const float *dx, const float *sx, void *y, int dt,
                                                                 int64_t col0, int64_t rows, int n, int k) {
     int groups = k / GROUP;
+    if (bits == W_INT4) {  // the offsets PREFETCH_COLS columns ahead, read after the dot products
+        for (int c = 0; c < 4; c++)
+            for (int g = 0; g < groups; g += 32 / (int)sizeof(float))
+                __builtin_prefetch(offset + (col0 + c + PREFETCH_COLS) * groups + g, 0, 3);
+    }
     for (int64_t m0 = 0; m0 < rows; m0 += 4) {
         int count = rows - m0 < 4 ? (int)(rows - m0) : 4;
         float part[4][4] = {{0.f}};
@@ -197,7 +226,11 @@ static inline __attribute__((always_inline)) void column_block(int bits, const u
                 } else {
                     total *= scale[col0 + c];
                 }
-                y[(m0 + r) * n + col0 + c] = total;
+                const int64_t at = (m0 + r) * n + col0 + c;
+                if (dt == DT_BF16)
+                    ((uint16_t *)y)[at] = f32_to_bf16(total);  // rounded once, as torch's cast of the fp32 sum
+                else
+                    ((float *)y)[at] = total;
             }
         }
     }
@@ -205,52 +238,55 @@ static inline __attribute__((always_inline)) void column_block(int bits, const u
 
 typedef struct {
     int8_t *xq;
-    float *dx, *sx;
+    float *dx, *sx, *row;
 } Rounded;
 
+static void release(Rounded *r) { free(r->xq), free(r->dx), free(r->sx), free(r->row); }
+
 // x rounded per row and group (see quantize_rows); 0, or -1 when out of memory (nothing to free).
-static int round_activations(const float *x, int64_t rows, int k, Rounded *r) {
+static int round_activations(const void *x, int dt, int64_t rows, int k, Rounded *r) {
     int groups = k / GROUP;
     r->xq = malloc((size_t)rows * k);
     r->dx = malloc(sizeof(float) * (size_t)rows * groups);
     r->sx = malloc(sizeof(float) * (size_t)rows * groups);
-    if (r->xq == NULL || r->dx == NULL || r->sx == NULL) {
-        free(r->xq), free(r->dx), free(r->sx);
+    r->row = malloc(sizeof(float) * (size_t)k);
+    if (r->xq == NULL || r->dx == NULL || r->sx == NULL || r->row == NULL) {
+        release(r);
         return -1;
     }
-    quantize_rows(x, rows, k, r->xq, r->dx, r->sx);
+    quantize_rows(x, dt, rows, k, r->row, r->xq, r->dx, r->sx);
     return 0;
 }
-
-static void release(Rounded *r) { free(r->xq), free(r->dx), free(r->sx); }
 
 static int threads_for(int n, int k, int num_threads) {
     return (int64_t)n * k >= PARALLEL_MIN_WORK ? num_threads : 1;
 }
 
-// Both return 0, or -1 when scratch memory could not be allocated (y untouched). Each has its own
+// x [rows, k] and y [rows, n] are both fp32 or both bf16 (`dt`, DT_F32 or DT_BF16): a bf16 y is the
+// fp32 result rounded once. Both return 0, or -1 when scratch memory could not be allocated (y
+// untouched). Each has its own
 // parallel loop so that `bits` is a compile-time constant inside it (one shared outlined OpenMP body
 // would test it at run time in the innermost loop).
-int int4_linear(const float *x, const uint8_t *packed, const float *scale, const float *offset, float *y,
-                int64_t rows, int n, int k, int num_threads) {
+int int4_linear(const void *x, const uint8_t *packed, const float *scale, const float *offset, void *y,
+                int64_t rows, int n, int k, int dt, int num_threads) {
     Rounded r;
     if (rows == 0) return 0;
-    if (round_activations(x, rows, k, &r) != 0) return -1;
+    if (round_activations(x, dt, rows, k, &r) != 0) return -1;
 #pragma omp parallel for num_threads(threads_for(n, k, num_threads)) schedule(static)
     for (int64_t col0 = 0; col0 < n; col0 += 4)
-        column_block(W_INT4, packed, scale, offset, r.xq, r.dx, r.sx, y, col0, rows, n, k);
+        column_block(W_INT4, packed, scale, offset, r.xq, r.dx, r.sx, y, dt, col0, rows, n, k);
     release(&r);
     return 0;
 }
 
-int int8_linear(const float *x, const int8_t *q, const float *scale, float *y, int64_t rows, int n, int k,
+int int8_linear(const void *x, const int8_t *q, const float *scale, void *y, int64_t rows, int n, int k, int dt,
                 int num_threads) {
     Rounded r;
     if (rows == 0) return 0;
-    if (round_activations(x, rows, k, &r) != 0) return -1;
+    if (round_activations(x, dt, rows, k, &r) != 0) return -1;
 #pragma omp parallel for num_threads(threads_for(n, k, num_threads)) schedule(static)
     for (int64_t col0 = 0; col0 < n; col0 += 4)
-        column_block(W_INT8, (const uint8_t *)q, scale, NULL, r.xq, r.dx, r.sx, y, col0, rows, n, k);
+        column_block(W_INT8, (const uint8_t *)q, scale, NULL, r.xq, r.dx, r.sx, y, dt, col0, rows, n, k);
     release(&r);
     return 0;
 }
