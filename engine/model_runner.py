@@ -25,6 +25,7 @@ from engine.models.llama import LlamaForCausalLM
 from engine.outputs import TokenLogprobs
 from engine.sampler import Sampler
 from engine.scheduler import ScheduledSequence, SchedulerOutput
+from engine.step_program import StepProgram
 
 
 @dataclass(frozen=True)
@@ -54,7 +55,7 @@ AttentionBackendName = Literal["auto", "torch", "flash", "cpu"]
 class ModelRunner:
     def __init__(self, model: LlamaForCausalLM, pool: KVCachePool, sampler: Sampler, device: torch.device,
                  backend: AttentionBackendName = "auto", cuda_graph_max_batch: int | None = None,
-                 max_model_len: int = 8192, batch_invariant: bool = False) -> None:
+                 max_model_len: int = 8192, batch_invariant: bool = False, step_program: bool = False) -> None:
         self.model = model
         self.pool = pool
         self.sampler = sampler
@@ -73,6 +74,9 @@ class ModelRunner:
         self.layer_observer: Callable[[int], None] | None = None  # set for one step by a KV push hook
         if self.use_flash and cuda_graph_max_batch:
             self.graphs = CudaGraphDecoder(model, pool, cuda_graph_max_batch, max_model_len)
+        # one-token steps as one C call where every kernel of the model has one (engine/step_program.py)
+        self.program = (StepProgram.build(model, pool, self.shape, pool.compute_dtype)
+                        if step_program and self.use_cpu_kernel else None)
 
     def _pick_flash(self, backend: AttentionBackendName) -> bool:
         if backend == "torch":
@@ -135,6 +139,8 @@ class ModelRunner:
         observer = self.layer_observer
         if observer is None and self.graphs is not None and self.graphs.can_run(inputs.attention):
             hidden = self.graphs.run(inputs.input_ids, inputs.positions, inputs.attention)
+        elif observer is None and self.program is not None and self.program.can_run(inputs.attention):
+            hidden = self.program.run(inputs.input_ids, inputs.positions, inputs.attention)
         else:
             attn = self._attention(inputs.attention)
             if observer is not None:

@@ -125,6 +125,12 @@ def gemv_kernel() -> ctypes.CDLL | None:
 
 
 @functools.cache
+def step_program_kernel() -> ctypes.CDLL | None:
+    """The one-token step runner (step_program.c), or None (the runner steps eagerly)."""
+    return _load_bound("step_program.c", {"run_step": (_I32, _P, _P, _P, _I32)})
+
+
+@functools.cache
 def copy_ranges_kernel() -> ctypes.CDLL | None:
     """The parallel byte-range copy library, or None (callers fall back to torch copies)."""
     return _load_bound("copy_ranges.c", {"copy_ranges": (None, _P, _P, _P, _P, _P, _I64, _I32)})

@@ -104,7 +104,8 @@ def build_engine_parts(config: EngineConfig, kv_storage: KVStorageAllocator | No
         else config.max_num_seqs
     backend = "cpu" if config.deterministic else config.attention_backend  # the kernel computes rows alike
     runner = ModelRunner(model, pool, sampler, platform.device, backend, graphs, max_model_len,
-                         batch_invariant=config.deterministic)
+                         batch_invariant=config.deterministic,
+                         step_program=not config.enforce_eager and platform.device.type == "cpu")
     seconds = time.perf_counter() - started
     log.info("engine ready in %.1fs: %s on %s, %s, %d KV blocks x %d tokens (%s)", seconds, cfg.name,
              platform.device, dtype, num_blocks, config.block_size, kv_dtype)
