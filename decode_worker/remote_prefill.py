@@ -32,6 +32,7 @@ from kv_transfer.kv_connector import KVConnector
 from tandem.v1 import worker_pb2, worker_pb2_grpc
 from worker_runtime.convert import logprob_from_proto
 from worker_runtime.metrics import REMOTE_PREFILL_FAILURES
+from worker_runtime.transfer import kv_segment_name
 
 log = logging.getLogger(__name__)
 
@@ -115,6 +116,10 @@ class RemotePrefiller:
         if timeout <= 0:
             raise RemotePrefillFailed("no time left before the request's deadline")
         started = time.monotonic()
+        try:  # a prefill worker with other weights (or layout) gets no page, whatever its own check did
+            await self.connector.check_peer(kv_segment_name(target.prefill_engine_id))
+        except TransferError as e:
+            raise self._failed(type(e).__name__, f"{type(e).__name__}: {e}") from e
         receipt = self.connector.expect(attempt_id, target.prefill_engine_id, blocks)
         try:
             stub = worker_pb2_grpc.WorkerStub(self._channel(target.prefill_address))

@@ -90,6 +90,11 @@ class AsyncEngine:
         return self._llm.model_config
 
     @property
+    def weights_fingerprint(self) -> str:
+        """engine.loader.fingerprint of the loaded weights: KV peers must share it."""
+        return self._llm.parts.weights_fingerprint
+
+    @property
     def max_model_len(self) -> int:
         return self._llm.max_model_len
 

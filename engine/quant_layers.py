@@ -54,12 +54,21 @@ class _CQuantKernel:
                  weights: tuple[torch.Tensor, ...]) -> None:
         self._fn, self._in, self._out = fn, in_features, out_features
         self._ptrs: tuple[int, ...] | None = None
+        self._bound: tuple[torch.Tensor, ...] = ()
         self.bind(weights)
 
     def bind(self, weights: tuple[torch.Tensor, ...]) -> None:
         fits = all(w.device.type == "cpu" and w.is_contiguous() and
                    (not w.is_floating_point() or w.dtype == torch.float32) for w in weights)
         self._ptrs = tuple(w.data_ptr() for w in weights) if fits else None
+        # held, so the pointers never outlive their storage (a buffer swapped without _apply, e.g. by
+        # load_state_dict(assign=True), leaves stale weights, never freed memory)
+        self._bound = weights
+
+    @property
+    def bound(self) -> bool:
+        """The buffers fit the kernel (and the layer's dequantizing path): CPU, contiguous, fp32 scales."""
+        return self._ptrs is not None
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[-1] != self._in:
@@ -124,9 +133,11 @@ class Int8Linear(nn.Module):
         self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
 
     def _apply(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Int8Linear:
-        super()._apply(fn, *args, **kwargs)
-        if self._c_linear is not None:  # moved or cast: the kernel's buffers are new tensors
-            self._c_linear.bind((self.q, self.scale))
+        try:
+            super()._apply(fn, *args, **kwargs)
+        finally:  # moved or cast (even part way): the kernel's buffers are new tensors
+            if self._c_linear is not None:
+                self._c_linear.bind((self.q, self.scale))
         return self
 
     @classmethod
@@ -214,9 +225,11 @@ class Int4Linear(nn.Module):
         return True
 
     def _apply(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Int4Linear:
-        super()._apply(fn, *args, **kwargs)
-        if self._c_linear is not None:  # moved or cast: the kernel's buffers are new tensors
-            self._c_linear.bind((self.nibbles, self.scale, self.offset))
+        try:
+            super()._apply(fn, *args, **kwargs)
+        finally:  # moved or cast (even part way): the kernel's buffers are new tensors
+            if self._c_linear is not None:
+                self._c_linear.bind((self.nibbles, self.scale, self.offset))
         return self
 
     @classmethod
@@ -241,8 +254,9 @@ class Int4Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self._c_linear is not None:  # CPU only: _c_linear refuses input or buffers elsewhere
             if _many_rows(x, INT4_DEQUANTIZE_MIN_ROWS):
-                if x.device.type != "cpu" or self.nibbles.device.type != "cpu":
-                    raise RuntimeError(f"Int4Linear was packed on {self.packed_on}; got input on {x.device}")
+                if x.device.type != "cpu" or not self._c_linear.bound:
+                    raise RuntimeError("the C quantized kernel needs CPU input and its contiguous fp32 / integer "
+                                       "buffers as built; quantize the model where and in the dtype it will run")
                 y = _dequantized_matmul(x, self.out_features, self.in_features,
                                         lambda n0, n1: self._c_dequantized(n0, n1, x.dtype))
             else:

@@ -165,13 +165,17 @@ class StepProgram:
                 raise Unsupported("a linear without the one-row C kernel (or tiled for batch invariance)")
             op = _Op(kind=OP_GEMV, n=module.out_features, k=module.in_features)
             weights = [w] if module.bias is None else [w, module.bias]
-        elif isinstance(module, (Int4Linear, Int8Linear)) and module._c_linear is not None and module.bias is None:
+        elif (isinstance(module, (Int4Linear, Int8Linear)) and module._c_linear is not None and module._c_linear.bound
+              and module.bias is None):
             op = _Op(kind=OP_INT4 if isinstance(module, Int4Linear) else OP_INT8, n=module.out_features,
                      k=module.in_features)
             weights = ([module.nibbles, module.scale, module.offset] if isinstance(module, Int4Linear)
                        else [module.q, module.scale])
         else:
             raise Unsupported(f"a {type(module).__name__} linear")
+        if (module.in_features, module.out_features) != (x.shape[1], y.shape[1]):
+            raise Unsupported(f"a {module.in_features} -> {module.out_features} linear where the buffers are "
+                              f"{x.shape[1]} -> {y.shape[1]} (layers of other widths)")
         for i, w in enumerate(weights):
             op.w[i] = w.data_ptr()
         self._keep.extend(weights)

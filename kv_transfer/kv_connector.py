@@ -67,12 +67,15 @@ class PeerKV:
 
 class KVConnector:
     def __init__(self, transfer: TransferEngine, pool: KVCachePool, model: ModelConfig, segment_name: str,
-                 tp_size: int = 1, tp_rank: int = 0) -> None:
+                 tp_size: int = 1, tp_rank: int = 0, weights: str = "") -> None:
+        """`weights`: the engine's weights fingerprint (LoadedEngineParts.weights_fingerprint); a peer
+        whose differs is refused at the handshake."""
         self.transfer = transfer
         self.pool = pool
         self.segment_name = segment_name
-        self.layout = KVLayout.of_pool(pool, model, tp_size, tp_rank)
+        self.layout = KVLayout.of_pool(pool, model, tp_size, tp_rank, weights)
         self._peers: dict[str, PeerKV] = {}
+        self._checked: set[str] = set()  # segments whose published layout matched ours (check_peer)
         self._connecting: dict[str, asyncio.Lock] = {}
 
     async def publish(self) -> None:
@@ -95,13 +98,24 @@ class KVConnector:
 
     async def _handshake(self, peer_segment: str) -> PeerKV:
         remote = await self.transfer.open_segment(peer_segment)
-        raw = await self.transfer.store.get(_layout_key(self.transfer.config.metadata_prefix, peer_segment))
-        if raw is None:
-            raise HandshakeError(f"segment {peer_segment!r} publishes no KV layout: it is not a KV pool")
-        peer = PeerKV(remote, KVLayout.from_json(raw))
+        peer = PeerKV(remote, await self._published_layout(peer_segment))
         self.layout.check_compatible(peer.layout)
         self._peers[peer_segment] = peer
         return peer
+
+    async def _published_layout(self, peer_segment: str) -> KVLayout:
+        raw = await self.transfer.store.get(_layout_key(self.transfer.config.metadata_prefix, peer_segment))
+        if raw is None:
+            raise HandshakeError(f"segment {peer_segment!r} publishes no KV layout: it is not a KV pool")
+        return KVLayout.from_json(raw)
+
+    async def check_peer(self, peer_segment: str) -> None:
+        """Decode side, before granting a pusher any page: raise HandshakeError when the layout its KV
+        segment publishes differs from ours (other weights, dtype, block size...), so a peer that skips
+        its own check still cannot write foreign KV here. Checked once per segment."""
+        if peer_segment not in self._checked:
+            self.layout.check_compatible(await self._published_layout(peer_segment))
+            self._checked.add(peer_segment)
 
     def ranges(self, peer: PeerKV, layers: list[int], local_blocks: list[int], remote_blocks: list[int]) -> Ranges:
         return block_ranges(self.layout, peer.layout, layers, local_blocks, remote_blocks)

@@ -20,8 +20,8 @@ from kv_transfer.errors import HandshakeError
 
 POOL_LAYOUT = "layer,block,token,kv,head,dim/v1"
 # Fields two engines must agree on before any byte moves (num_blocks may differ: each side has its own).
-_MUST_MATCH = ("model", "dtype", "block_size", "num_layers", "num_kv_heads", "head_dim", "layout", "tp_size",
-               "tp_rank")
+_MUST_MATCH = ("model", "weights", "dtype", "block_size", "num_layers", "num_kv_heads", "head_dim", "layout",
+               "tp_size", "tp_rank")
 
 
 def model_identity(config: ModelConfig) -> str:
@@ -42,11 +42,13 @@ class KVLayout:
     layout: str = POOL_LAYOUT
     tp_size: int = 1
     tp_rank: int = 0
+    weights: str = ""  # engine.loader.fingerprint: the weights, compute dtype and quantization behind the KV
 
     @classmethod
-    def of_pool(cls, pool: KVCachePool, model: ModelConfig, tp_size: int = 1, tp_rank: int = 0) -> KVLayout:
+    def of_pool(cls, pool: KVCachePool, model: ModelConfig, tp_size: int = 1, tp_rank: int = 0,
+                weights: str = "") -> KVLayout:
         spec = pool.spec
-        return cls(model=model_identity(model), dtype=str(spec.dtype).removeprefix("torch."),
+        return cls(model=model_identity(model), weights=weights, dtype=str(spec.dtype).removeprefix("torch."),
                    block_size=spec.block_size, num_layers=spec.num_layers, num_kv_heads=spec.num_kv_heads,
                    head_dim=spec.head_dim, num_blocks=spec.num_blocks + 1,
                    element_size=pool.tensor.element_size(), tp_size=tp_size, tp_rank=tp_rank)

@@ -24,7 +24,7 @@ MAX_TOKENS = 12
 
 
 def _engine_peer(etcd: str, name: str, backend: str, model: str, prefix: str, secret: str | None = None,
-                 **extra: int) -> PeerProcess:
+                 **extra: int | str) -> PeerProcess:
     args = ["--etcd", etcd, "--name", name, "--backend", backend, "--model", model, "--prefix", prefix]
     for key, value in extra.items():
         args += [f"--{key.replace('_', '-')}", str(value)]
@@ -89,6 +89,26 @@ def test_handshake_refuses_a_different_block_size_before_moving_bytes(etcd: str,
         b.close()
 
 
+def test_handshake_refuses_other_weights_of_the_same_architecture(etcd: str, default_model_path) -> None:
+    """Same model, same pool layout, but int4 weights on one side: its KV is not the other's."""
+    prefix = f"/tandem/test-{uuid.uuid4().hex[:8]}"
+    a = _engine_peer(etcd, "w-a", "tcp", str(default_model_path), prefix, num_blocks=64)
+    b = _engine_peer(etcd, "w-b", "tcp", str(default_model_path), prefix, num_blocks=64, quantization="int4")
+    c = _engine_peer(etcd, "w-c", "tcp", str(default_model_path), prefix, num_blocks=80)
+    try:
+        result = a.call(cmd="connect", segment=b.name)
+        assert not result["ok"] and result["error"] == "HandshakeError", result
+        assert "weights: ours" in result["message"] and "|float32|none', peer's" in result["message"]
+        assert "|float32|int4'" in result["message"]
+        checked = b.call(cmd="check_peer", segment=a.name)  # the int4 side, asked to take the fp32 one's push
+        assert not checked["ok"] and checked["error"] == "HandshakeError" and "weights: ours" in checked["message"]
+        assert a.call(cmd="connect", segment=c.name)["ok"]  # the same weights in a pool of another size
+        assert c.call(cmd="check_peer", segment=a.name)["ok"]
+    finally:
+        for peer in (a, b, c):
+            peer.close()
+
+
 def _layout(num_blocks: int, **changes: object) -> KVLayout:
     import torch
 
@@ -127,6 +147,8 @@ def test_layout_mismatch_names_every_difference() -> None:
     ours = _layout(10)
     with pytest.raises(HandshakeError, match=r"dtype: ours 'float32', peer's 'bfloat16'.*tp_size: ours 1, peer's 2"):
         ours.check_compatible(_layout(12, dtype="bfloat16", tp_size=2))
+    with pytest.raises(HandshakeError, match=r"weights: ours '', peer's 'abc\|float32\|none'"):
+        ours.check_compatible(_layout(12, weights="abc|float32|none"))
     ours.check_compatible(_layout(12))  # pool sizes may differ
 
 

@@ -42,9 +42,15 @@ async def engine_with_kv_connector(settings: WorkerSettings, worker_id: str,
     storage = None if torch.cuda.is_available() else (lambda n: transfer.allocate_host_buffer(n, "kv"))
     engine = AsyncEngine(settings.engine_config(), kv_storage=storage)
     stack.callback(engine.shutdown)
-    connector = KVConnector(transfer, engine.kv_pool, engine.model_config, f"{worker_id}.kv")
+    connector = KVConnector(transfer, engine.kv_pool, engine.model_config, kv_segment_name(worker_id),
+                            weights=engine.weights_fingerprint)
     await connector.publish()
     return engine, connector
+
+
+def kv_segment_name(worker_id: str) -> str:
+    """The KV pool segment a worker publishes (its transfer engine id is the worker id)."""
+    return f"{worker_id}.kv"
 
 
 def record_transfer_fields(connector: KVConnector) -> dict[str, str]:

@@ -14,6 +14,7 @@ from engine.kernels import fused_ops_kernel
 from engine.kv_cache import KVCachePool, KVCacheSpec, resolve_kv_dtype, tensor_bytes
 from engine.kv_hooks import KVStorageAllocator
 from engine.loader.api import LoadedModel, load_model, load_tokenizer
+from engine.loader.fingerprint import weights_fingerprint
 from engine.loader.packing import make_batch_invariant, pack_linears
 from engine.model_runner import ModelRunner
 from engine.models.llama import LlamaForCausalLM
@@ -39,6 +40,7 @@ class LoadedEngineParts:
     max_model_len: int
     load_seconds: float
     quantized_layers: tuple[str, ...]
+    weights_fingerprint: str  # engine.loader.fingerprint: what KV peers must share
 
     @property
     def device(self) -> torch.device:
@@ -70,6 +72,7 @@ def build_engine_parts(config: EngineConfig, kv_storage: KVStorageAllocator | No
     if config.deterministic and family.not_batch_invariant is not None:
         raise ModelLoadError(f"deterministic mode does not cover {loaded.config.architecture} yet "
                              f"({family.not_batch_invariant}): run it without --deterministic")
+    fingerprint = weights_fingerprint(loaded.weights, loaded.config, dtype, config.quantization)
     model = build_model(loaded, platform, dtype)
     quantized: list[str] = []
     if config.quantization is not None:
@@ -109,4 +112,5 @@ def build_engine_parts(config: EngineConfig, kv_storage: KVStorageAllocator | No
     seconds = time.perf_counter() - started
     log.info("engine ready in %.1fs: %s on %s, %s, %d KV blocks x %d tokens (%s)", seconds, cfg.name,
              platform.device, dtype, num_blocks, config.block_size, kv_dtype)
-    return LoadedEngineParts(platform, model, tokenizer, pool, runner, max_model_len, seconds, tuple(quantized))
+    return LoadedEngineParts(platform, model, tokenizer, pool, runner, max_model_len, seconds, tuple(quantized),
+                             fingerprint)

@@ -33,9 +33,11 @@ async def serve(args: argparse.Namespace) -> None:
                                                           metadata_prefix=args.prefix, link_secret=link_secret()))
     # fp32: its outputs are compared with transformers fp32 (bf16 flips near-ties)
     config = EngineConfig(model=args.model, num_kv_blocks=args.num_blocks, block_size=args.block_size,
-                          max_num_batched_tokens=args.max_batched_tokens, max_model_len=1024, dtype="float32")
+                          max_num_batched_tokens=args.max_batched_tokens, max_model_len=1024, dtype="float32",
+                          quantization=args.quantization)
     engine = LLMEngine(config, kv_storage=lambda n: transfer.allocate_host_buffer(n, "kv"))
-    connector = KVConnector(transfer, engine.parts.pool, engine.model_config, args.name)
+    connector = KVConnector(transfer, engine.parts.pool, engine.model_config, args.name,
+                            weights=engine.parts.weights_fingerprint)
     await connector.publish()
     pusher = KVPusher(connector, config.block_size)
     engine.set_kv_hook(pusher)
@@ -49,6 +51,9 @@ async def handle(engine: LLMEngine, connector: KVConnector, pusher: KVPusher, cm
     kind = cmd["cmd"]
     if kind == "connect":
         await connector.connect(cmd["segment"])
+        return {"ok": True}
+    if kind == "check_peer":  # the decode side's check of a pusher, without opening its segment
+        await connector.check_peer(cmd["segment"])
         return {"ok": True}
     if kind == "reserve":
         params = SamplingParams(max_tokens=cmd["max_tokens"], temperature=0.0)
@@ -97,6 +102,7 @@ def main() -> None:
     parser.add_argument("--num-blocks", type=int, default=256)
     parser.add_argument("--block-size", type=int, default=16)
     parser.add_argument("--max-batched-tokens", type=int, default=2048)
+    parser.add_argument("--quantization", choices=("int8", "int4"), default=None)
     os.environ.setdefault("UCX_NET_DEVICES", "lo")
     os.environ.setdefault("UCX_MODULES", "^ib")
     asyncio.run(serve(parser.parse_args()))
