@@ -112,14 +112,14 @@ class RemotePrefiller:
 
     async def _prefill_on(self, target: worker_pb2.PrefillTarget, request: worker_pb2.WorkerGenerateRequest,
                           blocks: list[int], deadline: float | None, attempt_id: str) -> None:
-        timeout = self.timeout_s if deadline is None else min(self.timeout_s, deadline - time.monotonic())
-        if timeout <= 0:
-            raise RemotePrefillFailed("no time left before the request's deadline")
-        started = time.monotonic()
         try:  # a prefill worker with other weights (or layout) gets no page, whatever its own check did
             await self.connector.check_peer(kv_segment_name(target.prefill_engine_id))
         except TransferError as e:
             raise self._failed(type(e).__name__, f"{type(e).__name__}: {e}") from e
+        timeout = self.timeout_s if deadline is None else min(self.timeout_s, deadline - time.monotonic())
+        if timeout <= 0:
+            raise RemotePrefillFailed("no time left before the request's deadline")
+        started = time.monotonic()
         receipt = self.connector.expect(attempt_id, target.prefill_engine_id, blocks)
         try:
             stub = worker_pb2_grpc.WorkerStub(self._channel(target.prefill_address))

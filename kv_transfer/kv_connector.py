@@ -75,7 +75,7 @@ class KVConnector:
         self.segment_name = segment_name
         self.layout = KVLayout.of_pool(pool, model, tp_size, tp_rank, weights)
         self._peers: dict[str, PeerKV] = {}
-        self._checked: set[str] = set()  # segments whose published layout matched ours (check_peer)
+        self._accepted: dict[str, bytes] = {}  # per segment, the published layout that last matched ours
         self._connecting: dict[str, asyncio.Lock] = {}
 
     async def publish(self) -> None:
@@ -103,19 +103,32 @@ class KVConnector:
         self._peers[peer_segment] = peer
         return peer
 
-    async def _published_layout(self, peer_segment: str) -> KVLayout:
+    async def _published_raw(self, peer_segment: str) -> bytes:
         raw = await self.transfer.store.get(_layout_key(self.transfer.config.metadata_prefix, peer_segment))
         if raw is None:
             raise HandshakeError(f"segment {peer_segment!r} publishes no KV layout: it is not a KV pool")
-        return KVLayout.from_json(raw)
+        return raw
+
+    @staticmethod
+    def _parsed(peer_segment: str, raw: bytes) -> KVLayout:
+        try:
+            return KVLayout.from_json(raw)
+        except (ValueError, TypeError) as e:  # not a layout this version can read: refused like a mismatch
+            raise HandshakeError(f"segment {peer_segment!r} publishes an unreadable KV layout: {e}") from e
+
+    async def _published_layout(self, peer_segment: str) -> KVLayout:
+        return self._parsed(peer_segment, await self._published_raw(peer_segment))
 
     async def check_peer(self, peer_segment: str) -> None:
         """Decode side, before granting a pusher any page: raise HandshakeError when the layout its KV
         segment publishes differs from ours (other weights, dtype, block size...), so a peer that skips
-        its own check still cannot write foreign KV here. Checked once per segment."""
-        if peer_segment not in self._checked:
-            self.layout.check_compatible(await self._published_layout(peer_segment))
-            self._checked.add(peer_segment)
+        its own check still cannot write foreign KV here. Read every time (one store get: a worker
+        restarted under the same id may publish another layout); a layout once accepted is not parsed
+        again."""
+        raw = await self._published_raw(peer_segment)
+        if self._accepted.get(peer_segment) != raw:
+            self.layout.check_compatible(self._parsed(peer_segment, raw))
+            self._accepted[peer_segment] = raw
 
     def ranges(self, peer: PeerKV, layers: list[int], local_blocks: list[int], remote_blocks: list[int]) -> Ranges:
         return block_ranges(self.layout, peer.layout, layers, local_blocks, remote_blocks)
