@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from engine.kernels import quant_matmul_kernel
+from engine.kernels import DTYPE_CODES, quant_matmul_kernel
 from engine.quant import (
     INT4_GROUP_SIZES,
     KERNEL_DTYPE,
@@ -33,7 +33,6 @@ logger = logging.getLogger(__name__)
 INT4_DEQUANTIZE_MIN_ROWS = {torch.bfloat16: 24, torch.float32: 96}
 INT8_DEQUANTIZE_MIN_ROWS = {torch.bfloat16: 128, torch.float32: 128}
 DEQUANTIZE_CHUNK_ELEMENTS = 1 << 22  # W is dequantized this many elements (output rows x K) at a time
-_KERNEL_IO_CODES = {torch.float32: 0, torch.bfloat16: 1}  # quant_matmul.c's DT_F32 / DT_BF16 for x and y
 C_KERNEL_GROUP = 32  # quant_matmul.c rounds activations per 32 and takes int4 groups of 32 only (GGUF's block)
 
 
@@ -70,18 +69,24 @@ class _CQuantKernel:
         """The buffers fit the kernel (and the layer's dequantizing path): CPU, contiguous, fp32 scales."""
         return self._ptrs is not None
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        if x.shape[-1] != self._in:
-            raise ValueError(f"expected input with last dimension {self._in}, got {tuple(x.shape)}")
+    def check_fits(self, x: torch.Tensor) -> tuple[int, ...]:
+        """The bound buffers' pointers; raises unless x and they fit the C code (this kernel or the
+        layer's C dequantizer)."""
         if self._ptrs is None or x.device.type != "cpu":
             # e.g. the module was moved or cast after it was built: its buffers no longer fit the kernel
             raise RuntimeError("the C quantized kernel needs CPU input and its contiguous fp32 / integer buffers "
                                "as built; quantize the model where and in the dtype it will run")
-        io = x.dtype if x.dtype in _KERNEL_IO_CODES else torch.float32
+        return self._ptrs
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[-1] != self._in:
+            raise ValueError(f"expected input with last dimension {self._in}, got {tuple(x.shape)}")
+        ptrs = self.check_fits(x)
+        io = x.dtype if x.dtype in DTYPE_CODES else torch.float32
         x2 = x if x.dtype == io and x.is_contiguous() else x.to(io).contiguous()
         y = torch.empty(*x.shape[:-1], self._out, dtype=io)
-        if self._fn(x2.data_ptr(), *self._ptrs, y.data_ptr(), x2.numel() // self._in, self._out, self._in,
-                    _KERNEL_IO_CODES[io], torch.get_num_threads()) != 0:
+        if self._fn(x2.data_ptr(), *ptrs, y.data_ptr(), x2.numel() // self._in, self._out, self._in,
+                    DTYPE_CODES[io], torch.get_num_threads()) != 0:
             raise MemoryError("quantized matmul kernel: no memory for the rounded activations")
         return y if io == x.dtype else y.to(x.dtype)
 
@@ -254,9 +259,7 @@ class Int4Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self._c_linear is not None:  # CPU only: _c_linear refuses input or buffers elsewhere
             if _many_rows(x, INT4_DEQUANTIZE_MIN_ROWS):
-                if x.device.type != "cpu" or not self._c_linear.bound:
-                    raise RuntimeError("the C quantized kernel needs CPU input and its contiguous fp32 / integer "
-                                       "buffers as built; quantize the model where and in the dtype it will run")
+                self._c_linear.check_fits(x)
                 y = _dequantized_matmul(x, self.out_features, self.in_features,
                                         lambda n0, n1: self._c_dequantized(n0, n1, x.dtype))
             else:

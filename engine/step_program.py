@@ -23,14 +23,20 @@ import torch
 from torch import nn
 
 from engine.attention.metadata import AttentionMetadata, AttentionShape
-from engine.kernels import attention_kernel, fused_ops_kernel, gemv_kernel, quant_matmul_kernel, step_program_kernel
+from engine.kernels import (
+    DTYPE_CODES,
+    attention_kernel,
+    fused_ops_kernel,
+    gemv_kernel,
+    quant_matmul_kernel,
+    step_program_kernel,
+)
 from engine.kv_cache import KVCachePool
 from engine.models.llama import MLP, Attention, DecoderLayer, LlamaForCausalLM
 from engine.quant_layers import Int4Linear, Int8Linear
 
 logger = logging.getLogger(__name__)
 
-_DT = {torch.float32: 0, torch.bfloat16: 1}
 OP_RMS_NORM, OP_ROPE, OP_ATTENTION, OP_SILU_MUL, OP_GEMV, OP_INT4, OP_INT8 = range(7)
 _P = ctypes.c_void_p
 
@@ -126,7 +132,8 @@ class StepProgram:
             _address(fused_ops_kernel(), "rms_norm"), _address(fused_ops_kernel(), "silu_mul"),
             _address(fused_ops_kernel(), "rope"), _address(attention_kernel(), "paged_attention"),
             _address(quant_matmul_kernel(), "int4_linear"), _address(quant_matmul_kernel(), "int8_linear"),
-            _address(gemv, "f32_gemv" if dtype == torch.float32 else "bf16_gemv"), _DT[dtype], _DT[pool.tensor.dtype],
+            _address(gemv, "f32_gemv" if dtype == torch.float32 else "bf16_gemv"), DTYPE_CODES[dtype],
+            DTYPE_CODES[pool.tensor.dtype],
             shape.num_heads, shape.num_kv_heads, shape.head_dim, pool.spec.block_size, q_size + 2 * kv_size,
             shape.scale, shape.softcap, cos.data_ptr(), sin.data_ptr())
         ops = [op for i, layer in enumerate(layers) for op in self._layer_ops(i, layer, pool, shape)]
@@ -139,7 +146,7 @@ class StepProgram:
     def build(model: nn.Module, pool: KVCachePool, shape: AttentionShape, dtype: torch.dtype) -> StepProgram | None:
         """The program for `model`, or None (logged) where some part has no C kernel."""
         try:
-            if type(model) is not LlamaForCausalLM or dtype not in _DT or pool.tensor.dtype not in _DT:
+            if type(model) is not LlamaForCausalLM or dtype not in DTYPE_CODES or pool.tensor.dtype not in DTYPE_CODES:
                 raise Unsupported(f"{type(model).__name__} in {dtype} with a {pool.tensor.dtype} cache")
             return StepProgram(model, pool, shape, dtype)
         except Unsupported as why:

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from engine.attention.metadata import AttentionMetadata, AttentionShape
-from engine.kernels import attention_kernel
+from engine.kernels import DTYPE_CODES, attention_kernel
 from engine.kv_cache import KVCachePool
 
 MAX_ITEM_QUERIES = 16  # MAX_TILE of the kernel: consecutive queries of one sequence per work item
@@ -31,12 +31,11 @@ DENSE_PREFILL_MIN_QUERIES = 64  # a sequence feeding this many tokens in a step 
 # ... while its context is at most this many times its new tokens: past that the gathered K/V and the mask
 # (context-long) outweigh the gain, and the C kernel, which reads K/V in place, keeps it
 DENSE_MAX_CONTEXT_PER_QUERY = 4
-_DT = {torch.float32: 0, torch.bfloat16: 1}
 
 
 def cpu_attention_supported(pool: KVCachePool, head_dim: int, num_heads: int) -> bool:
     """The C kernel applies: a CPU pool, fp32/bf16 compute and cache, shapes within its limits."""
-    return (pool.tensor.device.type == "cpu" and pool.compute_dtype in _DT and pool.spec.dtype in _DT
+    return (pool.tensor.device.type == "cpu" and pool.compute_dtype in DTYPE_CODES and pool.spec.dtype in DTYPE_CODES
             and head_dim % 8 == 0 and head_dim <= 256 and num_heads <= 128 and pool.spec.block_size <= 64
             and attention_kernel() is not None)
 
@@ -110,8 +109,9 @@ class CpuAttention:
         plan, pool = self.plan, self.pool
         cache = pool.tensor[layer]
         status = self.lib.paged_attention(
-            qkv.data_ptr(), row_stride, _DT[qkv.dtype], tokens, self.meta.slot_mapping.data_ptr(), cache.data_ptr(),
-            _DT[cache.dtype], plan.tables.data_ptr(), plan.tables.shape[1], plan.item_seq.data_ptr(),
+            qkv.data_ptr(), row_stride, DTYPE_CODES[qkv.dtype], tokens, self.meta.slot_mapping.data_ptr(),
+            cache.data_ptr(), DTYPE_CODES[cache.dtype], plan.tables.data_ptr(), plan.tables.shape[1],
+            plan.item_seq.data_ptr(),
             plan.item_token.data_ptr(), plan.item_count.data_ptr(), plan.item_pos0.data_ptr(), plan.item_seq.numel(),
             out.data_ptr(), self.num_heads, self.num_kv_heads, self.head_dim, pool.spec.block_size, self.shape.scale,
             self.shape.window(layer), self.shape.softcap, torch.get_num_threads())

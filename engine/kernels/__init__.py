@@ -20,6 +20,8 @@ import shutil
 import subprocess
 import tempfile
 
+import torch
+
 from common.settings import c_compiler, c_kernels_disabled, cache_dir
 
 log = logging.getLogger(__name__)
@@ -27,6 +29,8 @@ _KERNEL_DIR = pathlib.Path(__file__).parent
 _FLAGS = ["-O3", "-march=native", "-fopenmp", "-fno-math-errno", "-fPIC", "-shared", "-std=gnu11",
           f"-I{_KERNEL_DIR}"]
 _P, _I32, _I64, _F32 = ctypes.c_void_p, ctypes.c_int, ctypes.c_int64, ctypes.c_float
+# the element types the kernels take for activations and KV rows: vec.h's DT_F32 / DT_BF16
+DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1}
 
 
 def _cpu_flags() -> str:

@@ -13,15 +13,13 @@ import ctypes
 import torch
 import torch.nn.functional as F
 
-from engine.kernels import fused_ops_kernel
-
-_DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1}
+from engine.kernels import DTYPE_CODES, fused_ops_kernel
 
 
 def _c_kernel(*tensors: torch.Tensor) -> ctypes.CDLL | None:
     """The fused-ops library when every tensor is a contiguous CPU fp32/bf16 tensor of one dtype."""
     first = tensors[0]
-    if first.device.type != "cpu" or first.dtype not in _DTYPE_CODES:
+    if first.device.type != "cpu" or first.dtype not in DTYPE_CODES:
         return None
     if any(t.dtype != first.dtype or t.device != first.device or not t.is_contiguous() for t in tensors):
         return None
@@ -41,7 +39,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
         return rms_norm_reference(x, weight, eps)
     out = torch.empty_like(x)
     rows, n = x.numel() // x.shape[-1], x.shape[-1]
-    lib.rms_norm(x.data_ptr(), None, weight.data_ptr(), out.data_ptr(), rows, n, eps, _DTYPE_CODES[x.dtype],
+    lib.rms_norm(x.data_ptr(), None, weight.data_ptr(), out.data_ptr(), rows, n, eps, DTYPE_CODES[x.dtype],
                  torch.get_num_threads())
     return out
 
@@ -57,7 +55,7 @@ def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
     out = torch.empty_like(x)
     rows, n = x.numel() // x.shape[-1], x.shape[-1]
     lib.rms_norm(x.data_ptr(), residual.data_ptr(), weight.data_ptr(), out.data_ptr(), rows, n, eps,
-                 _DTYPE_CODES[x.dtype], torch.get_num_threads())
+                 DTYPE_CODES[x.dtype], torch.get_num_threads())
     return out, residual
 
 
@@ -69,7 +67,7 @@ def silu_mul(x: torch.Tensor) -> torch.Tensor:
         return F.silu(gate) * up
     n = x.shape[-1] // 2
     out = x.new_empty((*x.shape[:-1], n))
-    lib.silu_mul(x.data_ptr(), out.data_ptr(), x.numel() // x.shape[-1], n, _DTYPE_CODES[x.dtype],
+    lib.silu_mul(x.data_ptr(), out.data_ptr(), x.numel() // x.shape[-1], n, DTYPE_CODES[x.dtype],
                  torch.get_num_threads())
     return out
 
@@ -92,5 +90,5 @@ def rope_in_place(qkv: torch.Tensor, num_heads: int, num_kv_heads: int, head_dim
             or not cos.is_contiguous() or not sin.is_contiguous()):
         return False
     lib.rope(qkv.data_ptr(), qkv.shape[0], qkv.stride(0), num_heads, num_kv_heads, head_dim, positions.data_ptr(),
-             cos.data_ptr(), sin.data_ptr(), _DTYPE_CODES[qkv.dtype], torch.get_num_threads())
+             cos.data_ptr(), sin.data_ptr(), DTYPE_CODES[qkv.dtype], torch.get_num_threads())
     return True
