@@ -1,6 +1,6 @@
 """Where an `engine.step()` spends its time: timers wrapped around the engine's parts, never edits to them.
 
-Timed parts: `scheduler.schedule`, `runner.prepare`, the model (`model.forward`, `model.compute_logits`
+Timed parts: `scheduler.schedule`, `runner.prepare`, the model (`model.forward`, `model.sampling_logits`
 and a CUDA-graph replay where the runner has one) and `runner.sampler(...)`. The rest of the step is
 commit/detokenize plus the runner's glue. Every wrapper is removed on exit.
 """
@@ -61,7 +61,7 @@ class StepProfiler:
         self._patch(self._engine.scheduler, "schedule", "schedule")
         self._patch(runner, "prepare", "prepare")
         self._patch(model, "forward", "forward")
-        self._patch(model, "compute_logits", "forward")
+        self._patch(model, "sampling_logits", "forward")
         graphs = getattr(runner, "graphs", None)
         if graphs is not None:
             self._patch(graphs, "run", "forward")

@@ -148,7 +148,7 @@ class ModelRunner:
             hidden = self.model(inputs.input_ids, inputs.positions, attn)
         results: dict[str, SequenceResult] = {}
         if inputs.sample_rows:
-            logits = self.model.compute_logits(hidden.index_select(0, inputs.logits_indices))
+            logits = self.model.sampling_logits(hidden.index_select(0, inputs.logits_indices))
             results = self._sample(logits, inputs.sample_rows)
         if inputs.prompt_indices is not None:
             self._add_prompt_logprobs(results, hidden.index_select(0, inputs.prompt_indices), inputs.prompt_rows)

@@ -104,7 +104,7 @@ def test_profiler_restores_the_engine(tiny_llama_dir: pathlib.Path) -> None:
     profile = bench.profile(PromptSource(engine.model_config.vocab_size, 0).take(2, 8), 4)
     assert profile.decode_steps == 3
     assert engine.runner.sampler is sampler
-    for owner, name in ((model, "forward"), (model, "compute_logits"), (engine.runner, "prepare"),
+    for owner, name in ((model, "forward"), (model, "sampling_logits"), (engine.runner, "prepare"),
                         (engine.scheduler, "schedule")):
         assert name not in vars(owner)
     engine.check_integrity()

@@ -4,6 +4,8 @@ residual sum bit-exact; and rows are computed alike whatever else is in the batc
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -73,3 +75,21 @@ def test_other_devices_and_dtypes_take_the_torch_path() -> None:
     assert torch.equal(ops.rms_norm(x, weight, 1e-5), ops.rms_norm_reference(x, weight, 1e-5))
     qkv = torch.randn(3, 5 * 64, dtype=torch.float16)
     assert not ops.rope_in_place(qkv, 3, 1, 64, torch.arange(3), torch.ones(8, 32), torch.zeros(8, 32))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(1, 49152), (32, 1000), (5, 7), (3, 33), (2, 50001)])
+def test_argmax_rows_is_torch_argmax(dtype: torch.dtype, shape: tuple[int, int]) -> None:
+    torch.manual_seed(shape[1])
+    x = torch.randn(*shape).to(dtype)
+    assert ops.argmax_rows(x) == x.float().argmax(-1).tolist()
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_argmax_rows_takes_the_first_of_tied_maxima_anywhere_in_the_row(dtype: torch.dtype) -> None:
+    x = torch.randn(6, 1003)
+    x[:, [10, 500, 1002]] = 50.0  # ties inside a vector block, across blocks and in the scalar tail
+    x[1, 3], x[2, 1002], x[3, 999] = 60.0, 70.0, 50.5
+    x[4, :] = -math.inf
+    x = x.to(dtype)
+    assert ops.argmax_rows(x) == [10, 3, 1002, 999, 0, 10] == x.float().argmax(-1).tolist()

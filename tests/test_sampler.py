@@ -111,6 +111,19 @@ def test_greedy_is_argmax() -> None:
     assert out.logprobs == [None] * 8
 
 
+def test_logits_in_bf16_are_sampled_as_their_fp32_copy() -> None:
+    """The runner hands over the lm_head's bf16 output: greedy picks it as is, everything else from
+    its exact fp32 copy (same tokens and logprobs as given that copy)."""
+    torch.manual_seed(1)
+    logits = torch.randn(6, 100).bfloat16()
+    for params in (SamplingParams.greedy(), SamplingParams(temperature=0, logprobs=3),
+                   SamplingParams(temperature=0.8, seed=5, top_p=0.9, logprobs=2),
+                   SamplingParams(temperature=0, repetition_penalty=1.3, logit_bias={7: 4.0})):
+        outs = [Sampler(100, CPU, seed=0)(x, [make_state(params, 100, [7, 9]) for _ in range(6)])
+                for x in (logits, logits.float())]
+        assert outs[0] == outs[1], params
+
+
 def reference_penalties(logits: list[float], prompt: list[int], output: list[int],
                         params: SamplingParams) -> list[float]:
     out = list(logits)

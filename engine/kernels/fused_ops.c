@@ -100,3 +100,61 @@ NO_CONTRACT void rope(void *x, int64_t rows, int64_t row_stride, int heads, int 
         store_row(x, dt, r * row_stride, row, width);
     }
 }
+
+// 8 elements of an fp32 or bf16 row from element i, as fp32.
+static inline v8 load8_dt(const void *row, int dt, int i) {
+    return dt == DT_BF16 ? load8_bf16((const uint16_t *)row + i) : load8((const float *)row + i);
+}
+
+static inline float element_dt(const void *row, int dt, int i) {
+    return dt == DT_BF16 ? bf16_to_f32(((const uint16_t *)row)[i]) : ((const float *)row)[i];
+}
+
+// The largest value of row[0:n) (fp32 or bf16), NaN skipped (-inf for a row of NaN).
+static float row_max(const void *row, int dt, int n) {
+    v8 b0 = splat8(-INFINITY), b1 = b0, b2 = b0, b3 = b0;
+    int i = 0;
+    for (; i + 32 <= n; i += 32) {  // four chains: the compare-select latency, not the loads, bounds one
+        v8 x0 = load8_dt(row, dt, i), x1 = load8_dt(row, dt, i + 8);
+        v8 x2 = load8_dt(row, dt, i + 16), x3 = load8_dt(row, dt, i + 24);
+        b0 = select8(x0 > b0, x0, b0);
+        b1 = select8(x1 > b1, x1, b1);
+        b2 = select8(x2 > b2, x2, b2);
+        b3 = select8(x3 > b3, x3, b3);
+    }
+    b0 = select8(b1 > b0, b1, b0);
+    b2 = select8(b3 > b2, b3, b2);
+    float top = hmax8(select8(b2 > b0, b2, b0));
+    for (; i < n; i++) {
+        float v = element_dt(row, dt, i);
+        top = v > top ? v : top;
+    }
+    return top;
+}
+
+// The first index of row[0:n) equal to top (0 if none).
+static int64_t first_equal(const void *row, int dt, int n, float top) {
+    v8 t = splat8(top);
+    int i = 0;
+    for (; i + 8 <= n; i += 8) {
+        v8i eq = load8_dt(row, dt, i) == t;
+        if (eq[0] | eq[1] | eq[2] | eq[3] | eq[4] | eq[5] | eq[6] | eq[7]) break;
+    }
+    for (; i < n; i++) {
+        if (element_dt(row, dt, i) == top) return i;
+    }
+    return 0;
+}
+
+// out[r] = the first index of the largest value of row r of x [rows, n] (fp32 or bf16): torch.argmax's
+// answer on rows without NaN (NaN never wins here; a row of NaN gives 0). One vector pass finds the
+// largest value, a second the first place holding it (the row is still in cache).
+void argmax_rows(const void *x, int64_t *out, int64_t rows, int n, int dt, int num_threads) {
+    int threads = rows * n >= PARALLEL_MIN_ELEMENTS ? num_threads : 1;
+    size_t item = dt == DT_BF16 ? 2 : 4;
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t r = 0; r < rows; r++) {
+        const char *row = (const char *)x + (size_t)r * n * item;
+        out[r] = first_equal(row, dt, n, row_max(row, dt, n));
+    }
+}

@@ -92,3 +92,16 @@ def rope_in_place(qkv: torch.Tensor, num_heads: int, num_kv_heads: int, head_dim
     lib.rope(qkv.data_ptr(), qkv.shape[0], qkv.stride(0), num_heads, num_kv_heads, head_dim, positions.data_ptr(),
              cos.data_ptr(), sin.data_ptr(), DTYPE_CODES[qkv.dtype], torch.get_num_threads())
     return True
+
+
+def argmax_rows(logits: torch.Tensor) -> list[int]:
+    """The first index of each row's largest value of `logits [R, V]` (torch.argmax's, for rows without
+    NaN), as Python ints: in C for fp32 and bf16 on CPU (bf16 read as is, half the bytes of its fp32
+    copy), torch elsewhere."""
+    lib = _c_kernel(logits)
+    if lib is None or logits.dim() != 2:
+        return logits.max(dim=-1).indices.tolist()  # max's indices are argmax's, in half the time on CPU
+    out = torch.empty(logits.shape[0], dtype=torch.int64)
+    lib.argmax_rows(logits.data_ptr(), out.data_ptr(), logits.shape[0], logits.shape[1], DTYPE_CODES[logits.dtype],
+                    torch.get_num_threads())
+    return out.tolist()

@@ -132,6 +132,14 @@ class LlamaForCausalLM(nn.Module):
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden).float()
 
+    def sampling_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Logits for the sampler: the lm_head's output in its own dtype where `compute_logits` only casts
+        it to fp32 (an exact cast, so both rank tokens alike and a greedy pick needs no fp32 copy); a
+        family that changes `compute_logits` gets exactly that."""
+        if type(self).compute_logits is not LlamaForCausalLM.compute_logits:
+            return self.compute_logits(hidden)
+        return self.lm_head(hidden)
+
     def load_mlp(self, layer: int, weights: Mapping[str, torch.Tensor],
                  put: Callable[[str, torch.Tensor], None]) -> None:
         """Layer `layer`'s MLP weights (the dense MLP; MoE families override this)."""
