@@ -20,6 +20,7 @@ from engine.errors import EngineDeadError, InvalidRequestError
 from engine.kv_cache import KVCachePool
 from engine.kv_hooks import KVStepHook, KVStorageAllocator
 from engine.llm_engine import LLMEngine
+from engine.openmp import hand_over, take_back
 from engine.outputs import EngineStats, EngineStatus, RequestOutput
 from engine.request import EngineRequest
 from engine.sampling_params import SamplingParams
@@ -68,6 +69,8 @@ class AsyncEngine:
         from engine.async_remote_kv import AsyncRemoteKV
 
         self._llm = engine or LLMEngine(config, kv_storage=kv_storage)
+        # the model runs on the engine thread: its OpenMP team must be the process's only one (engine.openmp)
+        self._handed_over = hand_over()
         self._commands: queue.SimpleQueue[object] = queue.SimpleQueue()
         self._streams: dict[str, tuple[asyncio.AbstractEventLoop, Outputs]] = {}
         self._lock = threading.Lock()
@@ -157,6 +160,7 @@ class AsyncEngine:
     def shutdown(self, timeout: float = 10.0) -> None:
         self._commands.put(_STOP)
         self._thread.join(timeout)
+        take_back(self._handed_over)
 
     # -- for engine.async_remote_kv ---------------------------------------------------------------------
     def _open_stream(self, request_id: str) -> Outputs:

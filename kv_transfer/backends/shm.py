@@ -10,6 +10,7 @@ import threading
 
 import torch
 
+from engine.openmp import release_team
 from kv_transfer.backends.base import Backend, BackendContext
 from kv_transfer.batch import Batch
 from kv_transfer.datatypes import SegmentDescriptor, TransferOp
@@ -68,6 +69,8 @@ class SharedMemoryBackend(Backend):
     def _run(self) -> None:
         while (batch := self._queue.get()) is not None:
             self._move(batch)
+            if self._queue.empty():  # idle: its OpenMP team must not outlive the copies (engine.openmp)
+                release_team()
 
     def _move(self, batch: Batch) -> None:
         if batch.remaining() <= 0 or batch.status.value != "pending":
