@@ -40,6 +40,8 @@ class UpSettings(SecuritySettings):
     deterministic: bool = field(default=False, metadata=described(
         "batch-invariant workers: greedy tokens independent of batching, so migration and remote prefill "
         "stay exact in bf16 too (CPU only)"))
+    async_scheduling: bool | None = field(default=None, metadata=described(
+        "workers schedule the next step while the current one runs; default: on with a GPU"))
     prefill_timeout_s: float = field(default=30.0, metadata=described("deadline of one remote prefill"))
     max_queued_requests: int = field(default=256, metadata=described("requests a worker queues beyond a full batch"))
     max_inflight: int = field(default=512, metadata=described("requests in flight at the router before 429"))
@@ -99,7 +101,7 @@ class UpSettings(SecuritySettings):
                 "--prefill-timeout-s", str(self.prefill_timeout_s),
                 "--max-queued-requests", str(self.max_queued_requests), "--deterministic", str(self.deterministic)]
         for flag, value in (("--model", self.model), ("--num-kv-blocks", self.num_kv_blocks),
-                            ("--num-threads", self.num_threads),
+                            ("--num-threads", self.num_threads), ("--async-scheduling", self.async_scheduling),
                             ("--kv-backends", self.kv_backends or None)):
             if value is not None:
                 args += [flag, str(value)]

@@ -160,7 +160,9 @@ class AsyncEngine:
     def shutdown(self, timeout: float = 10.0) -> None:
         self._commands.put(_STOP)
         self._thread.join(timeout)
-        take_back(self._handed_over)
+        take_back(self._handed_over)  # in the reverse order of the hand-overs (the engine's pipeline made one first)
+        if not self._thread.is_alive():
+            self._llm.close()
 
     # -- for engine.async_remote_kv ---------------------------------------------------------------------
     def _open_stream(self, request_id: str) -> Outputs:
@@ -214,6 +216,9 @@ class AsyncEngine:
     def _apply(self, command: object) -> bool:
         if command is _STOP:
             return False
+        if not isinstance(command, _Add):  # with async scheduling, only an add may meet a step in flight
+            for out in self._llm.quiesce():
+                self._deliver(out.request_id, out, last=out.finished)
         if isinstance(command, _Add):
             try:
                 self._llm.add_request(command.request)

@@ -151,6 +151,10 @@ class EngineConfig:
     # batch-invariant: a request's greedy tokens do not depend on what else is in its batch (any dtype);
     # needs the CPU kernels (checked at load), costs the single-row weight copy's speed-up
     deterministic: bool = False
+    # schedule step N+1, build its inputs and detokenize step N while step N's forward runs (engine.step_pipeline);
+    # None: on where the forward runs on a GPU. On a CPU that work takes cores from the forward: measured slower
+    # on 2 cores (docs/BENCHMARKS.md). Not with n-gram speculation (drafts need the last token to propose)
+    async_scheduling: bool | None = None
 
     def __post_init__(self) -> None:
         if self.block_size < 1 or self.block_size & (self.block_size - 1):
@@ -167,6 +171,8 @@ class EngineConfig:
             raise ValueError("deterministic mode runs the CPU attention kernel: attention_backend must be auto or cpu")
         if self.deterministic and self.quantization is not None:
             raise ValueError("deterministic mode runs unquantized weights: drop quantization or deterministic")
+        if self.async_scheduling and self.speculative is not None:
+            raise ValueError("async scheduling runs without speculative decoding: drop one of them")
         if self.deterministic and self.device == "cuda":
             raise ValueError("deterministic (batch-invariant) mode is implemented for CPUs only")
 

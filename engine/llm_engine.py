@@ -20,9 +20,10 @@ from engine.request import EngineRequest, RequestValidator
 from engine.request_state import RequestState
 from engine.sampler import SequenceSamplingState
 from engine.sampling_params import SamplingParams
-from engine.scheduler import ScheduledSequence, Scheduler
+from engine.scheduler import ScheduledSequence, Scheduler, SchedulerOutput
 from engine.sequence import Sequence as EngineSequence
 from engine.sequence import SequenceStatus
+from engine.step_pipeline import StepPipeline
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +49,13 @@ class LLMEngine:
         self.num_draft_tokens_proposed = 0
         self.num_draft_tokens_accepted = 0
         self.kv_hook: KVStepHook | None = None
+        self.pipeline = StepPipeline(self) if self._wants_async_scheduling() else None
+
+    def _wants_async_scheduling(self) -> bool:
+        chosen = self.config.async_scheduling
+        if chosen is None:
+            return self.parts.device.type == "cuda" and self.config.speculative is None
+        return chosen
 
     @property
     def kv_pool(self) -> KVCachePool:
@@ -91,48 +99,82 @@ class LLMEngine:
 
     def set_kv_hook(self, hook: KVStepHook | None) -> None:
         """Plug a KV connector into the step loop (see engine.kv_hooks)."""
+        self._quiet()
         self.kv_hook = hook
+
+    def close(self) -> None:
+        """Stop the async-scheduling forward thread, if any (the engine steps no more)."""
+        if self.pipeline is not None:
+            self.pipeline.close()
+
+    def quiesce(self) -> list[RequestOutput]:
+        """With async scheduling: finish the step in flight and return the outputs not returned yet, so the
+        engine's state may be touched; call before anything but `add_request` between two steps."""
+        return self.pipeline.quiesce() if self.pipeline is not None else []
+
+    def _quiet(self) -> None:
+        """`quiesce`, keeping its outputs for the next step."""
+        if self.pipeline is not None:
+            self.pipeline.keep_ready(self.pipeline.quiesce())
 
     def abort_request(self, request_id: str) -> RequestOutput | None:
         """Stop a request and free its blocks; returns its final output (None if unknown/finished)."""
+        self._quiet()
+        earlier = self.pipeline.take_ready_of(request_id) if self.pipeline is not None else []
         req = self.requests.pop(request_id, None)
-        if req is None:
-            return None
+        if req is None:  # it ended meanwhile: its last outputs are the answer
+            return earlier[-1].after(earlier[:-1]) if earlier else None
         if req.seq.status is SequenceStatus.WAITING_FOR_REMOTE_KV:
             self.remote_kv.drop(req.seq)
         self.scheduler.finish(req.seq, "abort")
         req.release_held_text()
-        return req.output()
+        return req.output().after(earlier)
 
     def has_unfinished_requests(self) -> bool:
-        return self.scheduler.num_unfinished > 0
+        return self.scheduler.num_unfinished > 0 or (self.pipeline is not None and self.pipeline.busy)
 
     # -- the step -----------------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
         self.remote_kv.release_expired()
+        if self.pipeline is not None:
+            if self.kv_hook is None:
+                return self.pipeline.step()
+            return self.pipeline.quiesce() + self._step()  # a KV hook wants each step whole (set after a quiesce)
+        return self._step()
+
+    def _step(self) -> list[RequestOutput]:
         self._propose_drafts()
         plan = self.scheduler.schedule()
         if plan.is_empty:
             return []
         hook = self.kv_hook
         if hook is None:
-            results = self.runner.execute(plan)
+            results = self._execute(plan)
         else:
             self.runner.layer_observer = hook.layer_written if hook.begin_step(plan) else None
             try:
-                results = self.runner.execute(plan)
+                results = self._execute(plan)
             finally:
                 self.runner.layer_observer = None
                 hook.wait_for_save(plan)
         self.num_steps += 1
         self.num_computed_tokens_total += plan.num_tokens
-        outputs = self.commit(plan.scheduled, results)
+        outputs = self._commit(plan.scheduled, results)
         if hook is not None:
             hook.step_committed(outputs)
         return outputs
 
     def commit(self, items: Iterable[ScheduledSequence], results: dict[str, SequenceResult]) -> list[RequestOutput]:
         """Apply a step's results (this engine's, or a remote prefill's first token) to its requests."""
+        self._quiet()
+        return self._commit(items, results)
+
+    def _execute(self, plan: SchedulerOutput) -> dict[str, SequenceResult]:
+        if self.pipeline is not None:  # the model runs on the pipeline's forward thread only
+            return self.pipeline.run_whole(lambda: self.runner.execute(plan))
+        return self.runner.execute(plan)
+
+    def _commit(self, items: Iterable[ScheduledSequence], results: dict[str, SequenceResult]) -> list[RequestOutput]:
         outputs = []
         for item in items:
             req = self.requests[item.seq.request_id]
@@ -141,10 +183,7 @@ class LLMEngine:
             if result is not None:
                 if result.prompt_logprobs:
                     req.add_prompt_logprobs(result.prompt_logprobs_start, result.prompt_logprobs)
-                for token_id, lp in zip(result.token_ids, result.logprobs, strict=True):
-                    accepted.append(token_id)
-                    if req.on_token(token_id, lp):
-                        break
+                accepted, _ = req.take_tokens(result.token_ids, result.logprobs, texted=True)
             if item.draft_token_ids:
                 self.num_draft_tokens_proposed += len(item.draft_token_ids)
                 self.num_draft_tokens_accepted += max(len(accepted) - 1, 0)
@@ -188,6 +227,7 @@ class LLMEngine:
     def check_integrity(self) -> None:
         """Raise PoolIntegrityError unless block bookkeeping matches the live sequences exactly
         (running, waiting, parked for remote KV, and detached blocks)."""
+        self._quiet()
         refs = self.scheduler.held_block_refs()
         for block_id, count in self.remote_kv.held_block_refs().items():
             refs[block_id] = refs.get(block_id, 0) + count
@@ -212,7 +252,9 @@ class LLMEngine:
     def drain_kv_events(self, with_snapshot: bool = False) -> KVCacheEvents:
         """Prefix-cache changes since the last drain (config.record_kv_events), and with
         `with_snapshot` every cached hash now, read together (exact as of this call)."""
+        self._quiet()
         return self.block_manager.drain_events(with_snapshot)
 
     def reset_prefix_cache(self) -> None:
+        self._quiet()
         self.block_manager.reset_prefix_cache()

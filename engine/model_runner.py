@@ -39,6 +39,9 @@ class StepInputs:
     # row j of an item is its position item.start + j, whose logits score prompt token start + j + 1
     prompt_rows: tuple[tuple[ScheduledSequence, int, int], ...] = ()
     prompt_indices: torch.Tensor | None = None
+    # async scheduling: rows of input_ids whose token the step in flight samples, as (row, item); the token
+    # is item.seq.token_ids[item.start + known - 1] once committed (`fill_awaited` puts it in)
+    awaited: tuple[tuple[int, ScheduledSequence], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -110,9 +113,13 @@ class ModelRunner:
         logits_rows: list[int] = []
         prompt_rows: list[tuple[ScheduledSequence, int, int]] = []
         prompt_indices: list[int] = []
+        awaited: list[tuple[int, ScheduledSequence]] = []
         for item in out.scheduled:
             start_token = len(ids)
             ids.extend(item.input_token_ids())
+            if len(ids) - start_token < item.num_tokens:  # only the newest token can be awaited
+                awaited.append((len(ids), item))
+                ids.append(0)
             if item.samples:
                 rows = len(item.draft_token_ids) + 1
                 sample_rows.append((item, len(logits_rows), rows))
@@ -128,14 +135,30 @@ class ModelRunner:
                                   self.dense_min_queries)
         return StepInputs(self._tensor(ids), self._tensor(positions), meta, tuple(sample_rows),
                           self._tensor(logits_rows), tuple(prompt_rows),
-                          self._tensor(prompt_indices) if prompt_indices else None)
+                          self._tensor(prompt_indices) if prompt_indices else None, tuple(awaited))
+
+    def fill_awaited(self, inputs: StepInputs) -> StepInputs:
+        """`inputs` prepared while the step before ran (async scheduling), completed once that step is committed:
+        the awaited tokens put in, and no sampling for sequences that ended meanwhile (their rows are computed in
+        vain; an ended sequence's sampling state must not move)."""
+        if inputs.awaited:
+            rows = self._tensor([row for row, _ in inputs.awaited])
+            tokens = [item.seq.token_ids[item.start + item.num_tokens - 1] for _, item in inputs.awaited]
+            inputs.input_ids.index_copy_(0, rows, self._tensor(tokens))
+        live = tuple(row for row in inputs.sample_rows if not row[0].seq.is_finished)
+        return replace(inputs, sample_rows=live, awaited=())
 
     def _tensor(self, values: list[int]) -> torch.Tensor:
         return torch.tensor(values, dtype=torch.int64, device=self.device)
 
-    @torch.inference_mode()
     def execute(self, out: SchedulerOutput) -> dict[str, SequenceResult]:
-        inputs = self.prepare(out)
+        return self.execute_prepared(self.prepare(out))
+
+    @torch.inference_mode()
+    def execute_prepared(self, inputs: StepInputs) -> dict[str, SequenceResult]:
+        """Run the model on `inputs` and sample (any thread; the engine's state is only read, by the sampler)."""
+        if inputs.awaited:
+            raise ValueError("the step's inputs still await tokens: fill_awaited first")
         observer = self.layer_observer
         if observer is None and self.graphs is not None and self.graphs.can_run(inputs.attention):
             hidden = self.graphs.run(inputs.input_ids, inputs.positions, inputs.attention)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from engine.sequence import FinishReason
 
@@ -36,6 +36,14 @@ class RequestOutput:
     first_token_time: float | None
     # one per prompt token, None for the first (nothing scores it); None unless asked for
     prompt_logprobs: list[TokenLogprobs | None] | None = None
+
+    def after(self, earlier: list[RequestOutput]) -> RequestOutput:
+        """This output carrying, in its `new_*` fields, what `earlier` outputs of the request (in order, not
+        delivered) added before it, so one output stands for all of them."""
+        if not earlier:
+            return self
+        return replace(self, new_token_ids=[t for out in earlier for t in out.new_token_ids] + self.new_token_ids,
+                       new_text="".join(out.new_text for out in earlier) + self.new_text)
 
 
 @dataclass(frozen=True)

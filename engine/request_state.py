@@ -31,6 +31,7 @@ class RequestState:
     emitted_tokens: int = 0
     emitted_chars: int = 0
     first_token_time: float | None = None
+    untexted: list[int] = field(default_factory=list)  # accounted for by add_token, not detokenized yet
 
     @property
     def stop_holdback(self) -> int:
@@ -53,30 +54,65 @@ class RequestState:
             self.seq.needs_prompt_logits = False
 
     def on_token(self, token_id: int, logprob: TokenLogprobs | None) -> bool:
-        """Account for one new token; returns True when it ends the request (finish reason set)."""
+        """Account for one new token and its text; returns True when it ends the request (finish
+        reason set)."""
+        ended = self.add_token(token_id, logprob)
+        return self.catch_up_text() or ended
+
+    def take_tokens(self, token_ids: TokenIds[int], logprobs: TokenIds[TokenLogprobs | None],
+                    texted: bool) -> tuple[list[int], bool]:
+        """Account for a step's tokens in order, up to one that ends the request: (the tokens taken, whether one
+        ended it). `texted`: each token's text at once (`on_token`); else text later (`add_token`)."""
+        taken: list[int] = []
+        account = self.on_token if texted else self.add_token
+        for token_id, logprob in zip(token_ids, logprobs, strict=True):
+            taken.append(token_id)
+            if account(token_id, logprob):
+                return taken, True
+        return taken, False
+
+    def add_token(self, token_id: int, logprob: TokenLogprobs | None) -> bool:
+        """Account for one new token without its text (`catch_up_text` adds that, in token order):
+        True when the token alone ends the request (an end or stop token, or the length limit)."""
         seq, params = self.seq, self.seq.params
         if self.first_token_time is None:
             self.first_token_time = time.monotonic()
         seq.sampling_state.append(token_id)
         if params.logprobs is not None:
             self.logprobs.append(logprob)
-        checked_from = len(self.text)
-        self.text += self.detokenizer.append(token_id)
+        self.untexted.append(token_id)
         num_out = seq.sampling_state.num_generated
         if num_out >= params.min_tokens:
             is_eos = not params.ignore_eos and token_id in self.eos_token_ids
             if is_eos or token_id in params.stop_token_ids:
                 seq.finish_reason, seq.stop_reason = "stop", token_id
                 return True
-            stop_at = find_stop(self.text, params.stop, checked_from) if params.stop else None
+        if num_out >= params.max_tokens or seq.num_prompt_tokens + num_out >= self.max_model_len:
+            seq.finish_reason = "length"
+            return True
+        return False
+
+    def catch_up_text(self) -> bool:
+        """Detokenize the tokens `add_token` accounted for since the last call and search the new text for
+        stop strings; True when one ends the request (text cut before it; a stop string outranks the length
+        limit, an end or stop token outranks it). Invariant: tokens after one whose stop string ends the
+        request are never added (the sync commit texts each token before the next, the async one has one
+        untexted token per request at most)."""
+        seq, params = self.seq, self.seq.params
+        num_out = seq.sampling_state.num_generated - len(self.untexted)
+        untexted, self.untexted = self.untexted, []
+        for token_id in untexted:
+            num_out += 1
+            checked_from = len(self.text)
+            self.text += self.detokenizer.append(token_id)
+            if not params.stop or num_out < params.min_tokens or seq.stop_reason is not None:
+                continue
+            stop_at = find_stop(self.text, params.stop, checked_from)
             if stop_at is not None:
                 seq.finish_reason = "stop"
                 seq.stop_reason = next(s for s in params.stop if self.text.startswith(s, stop_at))
                 self.text = self.text[:stop_at]
                 return True
-        if num_out >= params.max_tokens or seq.num_prompt_tokens + num_out >= self.max_model_len:
-            seq.finish_reason = "length"
-            return True
         return False
 
     def replay_streamed(self, token_ids: TokenIds[int], device: torch.device) -> None:

@@ -9,7 +9,7 @@ waiting sequences, reusing cached prefix blocks. Its only product is a `Schedule
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from engine.block_manager import BlockManager, hash_block, hash_blocks
 from engine.config import SchedulerConfig
@@ -24,12 +24,17 @@ class ScheduledSequence:
     num_tokens: int  # tokens fed this step, drafts included
     draft_token_ids: tuple[int, ...]
 
-    @property
-    def samples(self) -> bool:
-        """Whether this step reaches the end of the known tokens, so the model's output is sampled."""
-        return self.start + self.num_tokens - len(self.draft_token_ids) == len(self.seq.token_ids)
+    # whether this step reaches the end of the known tokens (a token still awaited from the step in flight
+    # counts), so the model's output is sampled; fixed when scheduled, as the sequence grows after
+    samples: bool = field(init=False)
+
+    def __post_init__(self) -> None:
+        known = len(self.seq.token_ids) + self.seq.awaiting_token
+        object.__setattr__(self, "samples", self.start + self.num_tokens - len(self.draft_token_ids) == known)
 
     def input_token_ids(self) -> list[int]:
+        """The tokens fed, as far as they are known now: a token awaited from the step in flight (async
+        scheduling) is missing at the end until that step is committed."""
         known = self.num_tokens - len(self.draft_token_ids)
         return self.seq.token_ids[self.start:self.start + known] + list(self.draft_token_ids)
 
@@ -143,7 +148,9 @@ class Scheduler:
         return SchedulerOutput(decodes, segments, tuple(preempted))
 
     def _plan_running(self, seq: Sequence, budget: int) -> ScheduledSequence | None:
-        remaining = len(seq.token_ids) - seq.num_computed_tokens
+        remaining = len(seq.token_ids) + seq.awaiting_token - seq.num_computed_tokens
+        if remaining <= 0:  # async scheduling: its step in flight gives its last token
+            return None
         drafts = tuple(seq.spec_token_ids)
         if remaining + len(drafts) <= budget:
             return ScheduledSequence(seq, seq.num_computed_tokens, remaining + len(drafts), drafts)
@@ -193,12 +200,35 @@ class Scheduler:
             budget -= num_tokens
         return budget
 
+    # -- async scheduling: the next step is scheduled while this one runs ---------------------------------
+    def mark_in_flight(self, plan: SchedulerOutput) -> None:
+        """`plan` runs now and the next schedule is made before it ends, as if it had: each item's tokens count
+        as computed, and a sampling item's sequence awaits one more token, unless its length limit ends it
+        with that token (it is then not scheduled again). Sequences that end on a sampled token (an end or
+        stop token, a stop string) show only when the step is committed: the next step computes one row
+        for them in vain. Plans with drafts are never run this way."""
+        for item in plan.scheduled:
+            if item.draft_token_ids:
+                raise ValueError("a step with draft tokens cannot run ahead of its commit")
+            seq = item.seq
+            if seq.is_finished:  # ended by the step before, after this one was scheduled: a row in vain
+                continue
+            seq.num_computed_tokens = item.start + item.num_tokens
+            last = (seq.num_output_tokens + 1 >= seq.params.max_tokens
+                    or len(seq.token_ids) + 1 >= self.config.max_model_len)
+            seq.awaiting_token = item.samples and not last
+
     # -- after the step ---------------------------------------------------------------------------------
     def commit(self, item: ScheduledSequence, accepted_token_ids: list[int],
                on_token: Callable[[Sequence, int], None] | None = None) -> None:
         """Record a step's result for one sequence: `accepted_token_ids` are the new tokens (accepted
-        drafts then the sampled one; empty for a prefill chunk that does not reach the end)."""
+        drafts then the sampled one; empty for a prefill chunk that does not reach the end). A sequence
+        preempted while its step ran (async scheduling) keeps the token, to compute again with the rest."""
         seq = item.seq
+        seq.awaiting_token = False
+        if seq.status is SequenceStatus.WAITING:
+            seq.token_ids.extend(accepted_token_ids)
+            return
         known = item.num_tokens - len(item.draft_token_ids)
         num_drafts_accepted = max(len(accepted_token_ids) - 1, 0)
         seq.num_computed_tokens = item.start + known + num_drafts_accepted

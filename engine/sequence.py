@@ -45,6 +45,9 @@ class Sequence:
         self.block_table: list[int] = []
         self.block_hashes: list[int] = []
         self.spec_token_ids: list[int] = []  # draft tokens proposed for the next step
+        # async scheduling: a step in flight samples this sequence's next token, not appended yet; the
+        # scheduler counts it as known (the token's input row is filled in once it is sampled)
+        self.awaiting_token = False
         # the prompt's logprobs are asked for and not all recorded yet: its prefill computes every
         # prompt position (no prefix-cache hits) and keeps their logits
         self.needs_prompt_logits = params.prompt_logprobs is not None and len(prompt_token_ids) > 1

@@ -1,6 +1,7 @@
 """The whole cluster (`tandem up`: etcd, router, workers as OS processes) answers 32 concurrent
 greedy requests of mixed lengths exactly as the engine alone does, through gRPC and through the
-OpenAI API (official client, streaming and not), disaggregated 1P+1D and 2P+1D and aggregated.
+OpenAI API (official client, streaming and not), disaggregated 1P+1D and 2P+1D and aggregated, and 1P+1D
+with async scheduling.
 Afterwards every worker's block pool is back to free or cached."""
 
 from __future__ import annotations
@@ -12,7 +13,10 @@ from tests.support.cluster import assert_pools_clean, metric, tandem_up, worker_
 from tests.support.cluster_workload import Expected, Job, gather_limited, reference, run_grpc, run_openai, workload
 
 CONFIGS = {"1P+1D": ("--prefill", "1", "--decode", "1"), "2P+1D": ("--prefill", "2", "--decode", "1"),
-           "aggregated": ("--prefill", "0", "--decode", "0", "--both", "1")}
+           "aggregated": ("--prefill", "0", "--decode", "0", "--both", "1"),
+           # async scheduling (engine.step_pipeline) on CPU workers: the decode worker pipelines its steps between
+           # remote prefills; the prefill worker's KV push hook takes whole steps
+           "1P+1D async": ("--prefill", "1", "--decode", "1", "--async-scheduling", "true")}
 
 
 @pytest.fixture(scope="module")
