@@ -120,3 +120,75 @@ class StepProfiler:
             outside_share=outside,
             schedule_share=share["schedule"], prepare_share=share["prepare"], sample_share=share["sample"],
             other_share=outside - share["schedule"] - share["prepare"] - share["sample"])
+
+
+@dataclass(frozen=True)
+class AsyncStepProfile:
+    """Decode steps with async scheduling (engine.step_pipeline): per step, the forward thread's busy time
+    (forward and sampling) and the engine thread's time split by whether a forward ran meanwhile."""
+
+    batch_size: int
+    decode_steps: int
+    step_ms: float  # mean wall time of one engine.step() call (one step launched and one committed)
+    forward_ms: float  # forward thread busy: model and sampler
+    overlapped_ms: float  # detokenize, outputs, schedule and build inputs while a forward ran
+    waiting_ms: float  # the engine thread blocked on the forward
+    serial_ms: float  # commit, launch, and any scheduling with nothing in flight
+    exposed_share: float  # 1 - forward / step: what the overlap left outside the forward
+
+
+class AsyncStepProfiler:
+    """Like StepProfiler, for an engine with async scheduling: bracket each step with begin_step/end_step."""
+
+    def __init__(self, engine: LLMEngine) -> None:
+        if engine.pipeline is None:
+            raise ValueError("the engine does not schedule asynchronously (async_scheduling=True)")
+        self._engine = engine
+        self._pipeline = engine.pipeline
+        self._busy = 0.0
+        self._start = (0.0, self._stats())
+        self._totals = dict.fromkeys(("step", "forward", "overlapped", "waiting", "serial"), 0.0)
+        self._steps = 0
+        self._undo: Callable[[], None] = lambda: None
+
+    def _stats(self) -> tuple[float, float, float, float]:
+        s = self._pipeline.stats
+        return self._busy, s.overlapped_s, s.waiting_s, s.serial_s
+
+    def __enter__(self) -> AsyncStepProfiler:
+        runner = self._engine.runner
+        run = runner.execute_prepared
+
+        def timed(*args: Any, **kwargs: Any) -> Any:
+            started = time.perf_counter()
+            try:
+                return run(*args, **kwargs)
+            finally:
+                self._busy += time.perf_counter() - started
+        runner.execute_prepared = timed  # type: ignore[method-assign]
+        self._undo = lambda: delattr(runner, "execute_prepared")
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._undo()
+
+    def begin_step(self) -> None:
+        self._start = (0.0, self._stats())
+
+    def end_step(self, step_seconds: float, counted: bool) -> None:
+        if not counted:
+            return
+        now = self._stats()
+        for key, before, after in zip(("forward", "overlapped", "waiting", "serial"), self._start[1], now,
+                                      strict=True):
+            self._totals[key] += after - before
+        self._totals["step"] += step_seconds
+        self._steps += 1
+
+    def result(self, batch_size: int) -> AsyncStepProfile:
+        if self._steps == 0:
+            raise RuntimeError("no decode step was profiled: give more than one output token")
+        t, n = self._totals, self._steps
+        return AsyncStepProfile(batch_size, n, 1e3 * t["step"] / n, 1e3 * t["forward"] / n,
+                                1e3 * t["overlapped"] / n, 1e3 * t["waiting"] / n, 1e3 * t["serial"] / n,
+                                1.0 - t["forward"] / t["step"])

@@ -19,7 +19,7 @@ import platform
 import sys
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -27,7 +27,7 @@ import torch
 
 from bench.bandwidth import batch1_floor
 from bench.llama_anchor import run_batched_bench
-from bench.step_profile import StepProfile, StepProfiler
+from bench.step_profile import AsyncStepProfile, AsyncStepProfiler, StepProfile, StepProfiler
 from engine import LLM, EngineConfig, SamplingParams
 from engine.llm_engine import LLMEngine
 from engine.loader.api import resolve_model_path
@@ -126,15 +126,15 @@ class PromptSource:
 
 
 class EngineBench:
-    def __init__(self, llm: LLM) -> None:
-        self.engine: LLMEngine = llm.engine
+    def __init__(self, llm: LLM | LLMEngine) -> None:
+        self.engine: LLMEngine = llm.engine if isinstance(llm, LLM) else llm
         device = self.engine.parts.device
         self.sync: Callable[[], None] = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" \
             else (lambda: None)
         self._next_id = 0
 
     def drive(self, prompts: Sequence[list[int]], params: SamplingParams,
-              profiler: StepProfiler | None = None) -> tuple[float, _Trace]:
+              profiler: StepProfiler | AsyncStepProfiler | None = None) -> tuple[float, _Trace]:
         """Run `prompts` to completion one `step()` at a time; returns the start time and the trace."""
         ids = [f"bench-{self._next_id + i}" for i in range(len(prompts))]
         self._next_id += len(prompts)
@@ -168,12 +168,12 @@ class EngineBench:
         return start, trace
 
     def decode(self, prompts: Sequence[list[int]], max_tokens: int,
-               profiler: StepProfiler | None = None) -> DecodeRun:
+               profiler: StepProfiler | AsyncStepProfiler | None = None) -> DecodeRun:
         return self.decode_with(prompts, SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True),
                                 profiler)
 
     def decode_with(self, prompts: Sequence[list[int]], params: SamplingParams,
-                    profiler: StepProfiler | None = None) -> DecodeRun:
+                    profiler: StepProfiler | AsyncStepProfiler | None = None) -> DecodeRun:
         """Decode figures of one run of `prompts` under `params`."""
         max_tokens = params.max_tokens
         start, trace = self.drive(prompts, params, profiler)
@@ -203,6 +203,21 @@ class EngineBench:
         with StepProfiler(self.engine, self.sync) as profiler:
             self.decode(prompts, max_tokens, profiler)
         return profiler.result(len(prompts))
+
+
+def async_profile(engine: LLMEngine, warm: Sequence[list[int]], prompts: Sequence[list[int]],
+                  max_tokens: int) -> AsyncStepProfile:
+    """The same decode with async scheduling, on the same weights and pool (an engine of its own, closed after:
+    its forward thread takes this thread's OpenMP team until then, so it runs last)."""
+    pipelined = LLMEngine(replace(engine.config, async_scheduling=True), parts=engine.parts)
+    try:
+        bench = EngineBench(pipelined)
+        bench.drive(warm, SamplingParams(temperature=0, max_tokens=8, ignore_eos=True))
+        with AsyncStepProfiler(pipelined) as profiler:
+            bench.decode(prompts, max_tokens, profiler)
+        return profiler.result(len(prompts))
+    finally:
+        pipelined.close()
 
 
 def _kv_blocks(cfg: BenchConfig, block_size: int) -> int:
@@ -299,11 +314,15 @@ def run_engine(cfg: BenchConfig, llm: LLM, source: PromptSource, prompts: dict[i
     _log(f"engine: prefill, {cfg.prefill_prompts} x {cfg.prefill_len} tokens")
     result["prefill"] = asdict(bench.prefill(long_prompts))
     result["batch1_floor"] = asdict(batch1_floor(parts.model))
-    result["step_profile"] = None
+    result["step_profile"] = result["async_step_profile"] = None
     if cfg.profile_batch is not None:
         _log(f"engine: step profile, batch {cfg.profile_batch}")
         profile = bench.profile(source.take(cfg.profile_batch, cfg.prompt_len), cfg.max_tokens)
         result["step_profile"] = asdict(profile)
+        _log(f"engine: async-scheduling step profile, batch {cfg.profile_batch}")
+        result["async_step_profile"] = asdict(async_profile(llm.engine, source.take(3, cfg.prompt_len),
+                                                            source.take(cfg.profile_batch, cfg.prompt_len),
+                                                            cfg.max_tokens))
     llm.engine.check_integrity()
     return result
 
@@ -403,6 +422,11 @@ def format_report(results: dict[str, Any]) -> str:
                   f"{p['forward_ms']:.1f} ms; outside the forward {100 * p['outside_share']:.1f}% = schedule "
                   f"{100 * p['schedule_share']:.1f}% + prepare {100 * p['prepare_share']:.1f}% + sample "
                   f"{100 * p['sample_share']:.1f}% + commit/detokenize/other {100 * p['other_share']:.1f}%"]
+    if (p := eng.get("async_step_profile")) is not None:
+        lines += [f"with async scheduling: {p['step_ms']:.1f} ms a step, forward thread busy {p['forward_ms']:.1f} "
+                  f"ms; outside the forward {100 * p['exposed_share']:.1f}%; engine thread per step: "
+                  f"{p['overlapped_ms']:.2f} ms overlapping the forward, {p['waiting_ms']:.1f} ms waiting, "
+                  f"{p['serial_ms']:.2f} ms serial"]
     if (a := results["agreement"]) is not None:
         lines += ["", f"greedy agreement {eng['quantization']} vs unquantized ({a['prompts']} prompts x "
                   f"{a['tokens_per_prompt']} tokens): {100 * a['token_agreement']:.1f}% of tokens, "

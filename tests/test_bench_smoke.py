@@ -69,6 +69,10 @@ def _check_engine(result: dict) -> None:
     parts = prof["schedule_share"] + prof["prepare_share"] + prof["sample_share"] + prof["other_share"]
     assert math.isclose(parts, prof["outside_share"], abs_tol=1e-9)
     assert prof["schedule_share"] > 0 and prof["prepare_share"] > 0 and prof["sample_share"] > 0
+    pipelined = eng["async_step_profile"]
+    assert pipelined["batch_size"] == 2 and pipelined["decode_steps"] >= MAX_TOKENS - 2
+    assert 0 < pipelined["forward_ms"] and pipelined["overlapped_ms"] > 0 and pipelined["waiting_ms"] > 0
+    assert pipelined["serial_ms"] > 0 and pipelined["exposed_share"] < 1
 
 
 def test_engine_only(tiny_llama_dir: pathlib.Path, tmp_path: pathlib.Path) -> None:
