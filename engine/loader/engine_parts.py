@@ -10,6 +10,7 @@ import torch
 
 from engine.config import EngineConfig
 from engine.errors import ModelLoadError
+from engine.host_memory import keep_freed_buffers
 from engine.kernels import fused_ops_kernel
 from engine.kv_cache import KVCachePool, KVCacheSpec, resolve_kv_dtype, tensor_bytes
 from engine.kv_hooks import KVStorageAllocator
@@ -65,6 +66,8 @@ def build_engine_parts(config: EngineConfig, kv_storage: KVStorageAllocator | No
     if config.num_threads is not None:
         torch.set_num_threads(config.num_threads)
     platform = detect_platform(config.device)
+    if not platform.is_cuda:  # a step's activations live in the C heap: keep them mapped (engine.host_memory)
+        keep_freed_buffers()
     loaded = load_model(config.model)
     tokenizer = load_tokenizer(config.model)
     dtype = platform.default_dtype if config.dtype == "auto" else _DTYPES[config.dtype]
