@@ -125,3 +125,42 @@ def test_a_tiled_linear_equals_the_untiled_one_to_rounding() -> None:
     whole = packed(x)
     packed.row_tile = ROW_TILE
     torch.testing.assert_close(packed(x), whole, rtol=1e-5, atol=1e-5)
+
+
+def _mlp(dtype: torch.dtype) -> nn.Module:
+    from engine.config import ModelConfig
+    from engine.models.llama import MLP
+    config = ModelConfig(architecture="LlamaForCausalLM", vocab_size=64, hidden_size=96, intermediate_size=160,
+                         num_layers=1, num_heads=4, num_kv_heads=2, head_dim=24, max_position_embeddings=64,
+                         rms_norm_eps=1e-5, rope_theta=10000.0)
+    torch.manual_seed(3)
+    mlp = MLP(config).to(dtype)
+    for p in mlp.parameters():
+        torch.nn.init.normal_(p, std=0.1)
+    return mlp
+
+
+@pytest.mark.skipif(not onednn_packs(torch.bfloat16), reason="oneDNN packs no bf16 weight on this CPU")
+def test_bf16_silu_mlp_fuses_silu_mul_into_the_matmuls() -> None:
+    from engine.loader.packing import FusedGateUp
+    mlp = _mlp(torch.bfloat16)
+    x = torch.randn(40, 96)
+    gate, up = (x @ mlp.gate_up_proj.weight.float().t()).chunk(2, dim=-1)
+    exact = torch.nn.functional.silu(gate) * up  # in fp32: what both roundings approximate
+    plain = mlp.gate_up_proj(x.bfloat16())
+    pack_linears(mlp, deterministic=False)
+    assert isinstance(mlp.gate_up_proj, FusedGateUp) and mlp.gate_up_proj.packed.numel() == 0
+    for rows in (40, 1):  # many rows in oneDNN's post-ops; one through W, the C gemv and ops.silu_mul
+        fused = mlp.gate_up_proj.silu_mul(x[:rows].bfloat16()).float()
+        torch.testing.assert_close(fused, exact[:rows], rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(mlp.gate_up_proj(x.bfloat16()), plain, rtol=0, atol=0)  # the plain product still
+
+
+def test_fp32_and_deterministic_mlps_keep_torch_order() -> None:
+    from engine.loader.packing import FusedGateUp
+    fp32 = _mlp(torch.float32)
+    pack_linears(fp32, deterministic=False)
+    assert type(fp32.gate_up_proj) is PackedLinear  # fp32 outputs are pinned to transformers' order of roundings
+    bf16 = _mlp(torch.bfloat16)
+    pack_linears(bf16, deterministic=True)
+    assert not isinstance(bf16.gate_up_proj, FusedGateUp)

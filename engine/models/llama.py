@@ -62,7 +62,8 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(self.intermediate, config.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(ops.silu_mul(self.gate_up_proj(x)))
+        fused = getattr(self.gate_up_proj, "silu_mul", None)  # a projection that applies SiLU * up itself
+        return self.down_proj(fused(x) if fused is not None else ops.silu_mul(self.gate_up_proj(x)))
 
 
 class DecoderLayer(nn.Module):
