@@ -46,7 +46,7 @@ def copy_bandwidth(nbytes: int = 256 << 20, repeats: int = 5) -> float:
 
 def step_weight_bytes(model: torch.nn.Module) -> int:
     """Bytes of the tensors a one-token decode step reads: every weight as the engine keeps it (a
-    packed linear's one-row weight instead of its packed weight, where it has one), one embedding row;
+    packed linear's one-row weight instead of its packed weights, where it has one), one embedding row;
     not the rotary tables (a step reads one row of them)."""
     from engine.models.rope import RotaryEmbedding
 
@@ -58,8 +58,8 @@ def step_weight_bytes(model: torch.nn.Module) -> int:
             total += module.weight[0].numel() * module.weight.element_size()
             continue
         own = dict(module.named_parameters(recurse=False)) | dict(module.named_buffers(recurse=False))
-        if own.get("one_row") is not None:
-            own.pop("packed", None)
+        if own.get("one_row") is not None:  # its packed weights (packed; packed_gate, packed_up) stay unread
+            own = {name: t for name, t in own.items() if not name.startswith("packed")}
         total += sum(t.numel() * t.element_size() for t in own.values() if t is not None)
     return total
 

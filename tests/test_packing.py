@@ -164,3 +164,13 @@ def test_fp32_and_deterministic_mlps_keep_torch_order() -> None:
     bf16 = _mlp(torch.bfloat16)
     pack_linears(bf16, deterministic=True)
     assert not isinstance(bf16.gate_up_proj, FusedGateUp)
+
+
+@pytest.mark.skipif(not onednn_packs(torch.bfloat16), reason="oneDNN packs no bf16 weight on this CPU")
+def test_a_decode_step_reads_the_one_row_weights_only() -> None:
+    """bench.bandwidth's floor counts W once per linear, not the packed copies batches read."""
+    from bench.bandwidth import step_weight_bytes
+    mlp = _mlp(torch.bfloat16)
+    expected = sum(p.numel() * p.element_size() for p in mlp.parameters())
+    pack_linears(mlp, deterministic=False)
+    assert step_weight_bytes(mlp) == expected
