@@ -218,6 +218,7 @@ def async_profile(engine: LLMEngine, warm: Sequence[list[int]], prompts: Sequenc
         return profiler.result(len(prompts))
     finally:
         pipelined.close()
+        engine.reset_prefix_cache()  # the shared pool's blocks were written by another block manager
 
 
 def _kv_blocks(cfg: BenchConfig, block_size: int) -> int:

@@ -40,8 +40,8 @@ class UpSettings(SecuritySettings):
     deterministic: bool = field(default=False, metadata=described(
         "batch-invariant workers: greedy tokens independent of batching, so migration and remote prefill "
         "stay exact in bf16 too (CPU only)"))
-    async_scheduling: bool | None = field(default=None, metadata=described(
-        "workers schedule the next step while the current one runs; default: on with a GPU"))
+    async_scheduling: bool = field(default=False, metadata=described(
+        "workers schedule the next step while the current one runs"))
     prefill_timeout_s: float = field(default=30.0, metadata=described("deadline of one remote prefill"))
     max_queued_requests: int = field(default=256, metadata=described("requests a worker queues beyond a full batch"))
     max_inflight: int = field(default=512, metadata=described("requests in flight at the router before 429"))
@@ -99,9 +99,10 @@ class UpSettings(SecuritySettings):
                 "--host", self.host, "--max-num-seqs", str(self.max_num_seqs), "--lease-ttl-s", str(self.lease_ttl_s),
                 "--min-remote-prefill-tokens", str(self.min_remote_prefill_tokens), "--grace-s", str(self.grace_s),
                 "--prefill-timeout-s", str(self.prefill_timeout_s),
-                "--max-queued-requests", str(self.max_queued_requests), "--deterministic", str(self.deterministic)]
+                "--max-queued-requests", str(self.max_queued_requests), "--deterministic", str(self.deterministic),
+                "--async-scheduling", str(self.async_scheduling)]
         for flag, value in (("--model", self.model), ("--num-kv-blocks", self.num_kv_blocks),
-                            ("--num-threads", self.num_threads), ("--async-scheduling", self.async_scheduling),
+                            ("--num-threads", self.num_threads),
                             ("--kv-backends", self.kv_backends or None)):
             if value is not None:
                 args += [flag, str(value)]

@@ -44,6 +44,7 @@ class _Call:
     fn: Callable[[LLMEngine], Any]
     loop: asyncio.AbstractEventLoop
     future: asyncio.Future[Any]
+    quiesce: bool = True  # False: fn only reads what a step in flight leaves consistent (async scheduling)
 
 
 _STOP = object()
@@ -68,6 +69,7 @@ class AsyncEngine:
                  kv_storage: KVStorageAllocator | None = None) -> None:
         from engine.async_remote_kv import AsyncRemoteKV
 
+        self._owns_engine = engine is None
         self._llm = engine or LLMEngine(config, kv_storage=kv_storage)
         # the model runs on the engine thread: its OpenMP team must be the process's only one (engine.openmp)
         self._handed_over = hand_over()
@@ -147,11 +149,11 @@ class AsyncEngine:
 
     async def status(self) -> EngineStatus:
         """Counters and the pool's integrity, read on the engine thread between two steps."""
-        return await self._call(lambda e: EngineStatus(e.stats(), e.integrity_error()))
+        return await self._call(lambda e: EngineStatus(e.stats(), e.integrity_error()), quiesce=False)
 
     async def drain_kv_events(self, with_snapshot: bool = False) -> KVCacheEvents:
         """Prefix-cache changes since the last drain (needs config.record_kv_events)."""
-        return await self._call(lambda e: e.drain_kv_events(with_snapshot))
+        return await self._call(lambda e: e.drain_kv_events(with_snapshot), quiesce=False)
 
     async def set_kv_hook(self, hook: KVStepHook | None) -> None:
         """Plug a KV connector's step hook in (engine.kv_hooks), between two steps."""
@@ -161,7 +163,7 @@ class AsyncEngine:
         self._commands.put(_STOP)
         self._thread.join(timeout)
         take_back(self._handed_over)  # in the reverse order of the hand-overs (the engine's pipeline made one first)
-        if not self._thread.is_alive():
+        if self._owns_engine and not self._thread.is_alive():
             self._llm.close()
 
     # -- for engine.async_remote_kv ---------------------------------------------------------------------
@@ -182,14 +184,15 @@ class AsyncEngine:
         if self._dead is not None:
             raise EngineDeadError(f"engine loop died: {self._dead!r}")
 
-    async def _call(self, fn: Callable[[LLMEngine], T]) -> T:
+    async def _call(self, fn: Callable[[LLMEngine], T], quiesce: bool = True) -> T:
         """Run `fn(engine)` on the engine thread between two steps (the only safe place to touch
-        the engine's state); its exception is raised here."""
+        the engine's state), with no step in flight unless `quiesce` is False (async scheduling; see
+        LLMEngine.quiesce); its exception is raised here."""
         loop = asyncio.get_running_loop()
         future: asyncio.Future[T] = loop.create_future()
         with self._lock:
             self._raise_if_dead()
-            self._commands.put(_Call(fn, loop, future))
+            self._commands.put(_Call(fn, loop, future, quiesce))
         return await future
 
     async def _stream(self, request_id: str, outputs: Outputs) -> AsyncIterator[RequestOutput]:
@@ -216,7 +219,8 @@ class AsyncEngine:
     def _apply(self, command: object) -> bool:
         if command is _STOP:
             return False
-        if not isinstance(command, _Add):  # with async scheduling, only an add may meet a step in flight
+        if not isinstance(command, _Add) and not (isinstance(command, _Call) and not command.quiesce):
+            # with async scheduling, only adds and reads that a step in flight leaves consistent meet one
             for out in self._llm.quiesce():
                 self._deliver(out.request_id, out, last=out.finished)
         if isinstance(command, _Add):

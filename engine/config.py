@@ -151,10 +151,11 @@ class EngineConfig:
     # batch-invariant: a request's greedy tokens do not depend on what else is in its batch (any dtype);
     # needs the CPU kernels (checked at load), costs the single-row weight copy's speed-up
     deterministic: bool = False
-    # schedule step N+1, build its inputs and detokenize step N while step N's forward runs (engine.step_pipeline);
-    # None: on where the forward runs on a GPU. On a CPU that work takes cores from the forward: measured slower
-    # on 2 cores (docs/BENCHMARKS.md). Not with n-gram speculation (drafts need the last token to propose)
-    async_scheduling: bool | None = None
+    # schedule step N+1, build its inputs and detokenize step N while step N's forward runs (engine.step_pipeline).
+    # Opt-in: on a CPU that work takes cores from the forward (2-4% slower on 2 cores, docs/BENCHMARKS.md); on a
+    # GPU not measured yet (inputs are still built by blocking host-to-device copies). Not with n-gram
+    # speculation (drafts need the last token to propose)
+    async_scheduling: bool = False
 
     def __post_init__(self) -> None:
         if self.block_size < 1 or self.block_size & (self.block_size - 1):

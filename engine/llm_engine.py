@@ -49,13 +49,8 @@ class LLMEngine:
         self.num_draft_tokens_proposed = 0
         self.num_draft_tokens_accepted = 0
         self.kv_hook: KVStepHook | None = None
-        self.pipeline = StepPipeline(self) if self._wants_async_scheduling() else None
+        self.pipeline = StepPipeline(self) if self.config.async_scheduling else None
 
-    def _wants_async_scheduling(self) -> bool:
-        chosen = self.config.async_scheduling
-        if chosen is None:
-            return self.parts.device.type == "cuda" and self.config.speculative is None
-        return chosen
 
     @property
     def kv_pool(self) -> KVCachePool:
@@ -227,7 +222,6 @@ class LLMEngine:
     def check_integrity(self) -> None:
         """Raise PoolIntegrityError unless block bookkeeping matches the live sequences exactly
         (running, waiting, parked for remote KV, and detached blocks)."""
-        self._quiet()
         refs = self.scheduler.held_block_refs()
         for block_id, count in self.remote_kv.held_block_refs().items():
             refs[block_id] = refs.get(block_id, 0) + count
@@ -252,7 +246,6 @@ class LLMEngine:
     def drain_kv_events(self, with_snapshot: bool = False) -> KVCacheEvents:
         """Prefix-cache changes since the last drain (config.record_kv_events), and with
         `with_snapshot` every cached hash now, read together (exact as of this call)."""
-        self._quiet()
         return self.block_manager.drain_events(with_snapshot)
 
     def reset_prefix_cache(self) -> None:

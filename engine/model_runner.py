@@ -139,8 +139,8 @@ class ModelRunner:
 
     def fill_awaited(self, inputs: StepInputs) -> StepInputs:
         """`inputs` prepared while the step before ran (async scheduling), completed once that step is committed:
-        the awaited tokens put in, and no sampling for sequences that ended meanwhile (their rows are computed in
-        vain; an ended sequence's sampling state must not move)."""
+        the awaited tokens put in, and no sampling for sequences known to have ended (their rows are computed in
+        vain; one ended by a stop string found later is still sampled, and its token dropped)."""
         if inputs.awaited:
             rows = self._tensor([row for row, _ in inputs.awaited])
             tokens = [item.seq.token_ids[item.start + item.num_tokens - 1] for _, item in inputs.awaited]
@@ -156,7 +156,8 @@ class ModelRunner:
 
     @torch.inference_mode()
     def execute_prepared(self, inputs: StepInputs) -> dict[str, SequenceResult]:
-        """Run the model on `inputs` and sample (any thread; the engine's state is only read, by the sampler)."""
+        """Run the model on `inputs` and sample (any one thread at a time: the sampler reads the sampled sequences'
+        states and moves their seeded generators and grammar matchers, which nothing else touches meanwhile)."""
         if inputs.awaited:
             raise ValueError("the step's inputs still await tokens: fill_awaited first")
         observer = self.layer_observer

@@ -8,7 +8,9 @@ One `step()` call:
   3. detokenize N's tokens, search their stop strings and make N's outputs,   } while N+1 runs
   4. schedule N+2 and build its inputs, as if N+1 had ended.                  }
 A sequence that ends on a sampled token (or a stop string) is known one step late: the step after computes
-one row for it in vain (not sampled where the end is known at launch).
+one row for it in vain (not sampled where the end is known at launch), and it holds its blocks and a place in
+that step's budget, so batches differ from the plain step's: tokens are the same only where a row's result does
+not depend on its batch (fp32 here; bf16 on oneDNN does not promise it).
 
 Invariants: at most one step is in flight, and at most one prepared; the prepared one was scheduled after the
 one in flight was marked (`Scheduler.mark_in_flight`) and before it was committed; a request's tokens are
@@ -30,6 +32,7 @@ from engine.openmp import hand_over, take_back
 from engine.outputs import RequestOutput
 from engine.request_state import RequestState
 from engine.scheduler import SchedulerOutput
+from engine.sequence import SequenceStatus
 
 if TYPE_CHECKING:
     from engine.llm_engine import LLMEngine
@@ -44,6 +47,7 @@ class OverlapStats:
     overlapped_s: float = 0.0  # detokenizing, making outputs, scheduling and building inputs during a forward
     waiting_s: float = 0.0  # blocked on the forward in flight
     serial_s: float = 0.0  # the rest: committing, launching, and scheduling while nothing is in flight
+    preempted_in_flight: int = 0  # sequences preempted by the next step's schedule while their step ran
 
 
 class StepPipeline:
@@ -140,13 +144,18 @@ class StepPipeline:
         waited_from = time.perf_counter()
         try:
             results = future.result()
+        except BaseException:
+            self._undo_in_flight(plan)
+            raise
         finally:
             self.stats.waiting_s += time.perf_counter() - waited_from
         engine = self._engine
         for item in plan.scheduled:
             seq = item.seq
-            if seq.is_finished:  # a stop string ended it while this step ran: its row was in vain
+            if seq.is_finished:  # ended while this step ran (a stop string) or by the step before: a row in vain
                 continue
+            if seq.status is SequenceStatus.WAITING:
+                self.stats.preempted_in_flight += 1
             req = engine.requests[seq.request_id]
             result = results.get(seq.request_id)
             accepted: list[int] = []
@@ -161,10 +170,20 @@ class StepPipeline:
             if accepted or ended:
                 self._untexted.append(req)
 
+    def _undo_in_flight(self, plan: SchedulerOutput) -> None:
+        """The step failed: its sequences are as before it was marked, and the step prepared after it is dropped,
+        so a retried `step()` schedules from a consistent state (as a failed plain step leaves it)."""
+        self._prepared = None
+        for item in plan.scheduled:
+            if not item.seq.is_finished and item.seq.status is SequenceStatus.RUNNING:
+                item.seq.num_computed_tokens = item.start
+                item.seq.awaiting_token = False
+
     def _emit(self) -> list[RequestOutput]:
         engine = self._engine
         outputs = []
-        for req in self._untexted:
+        while self._untexted:  # one at a time: an error leaves the rest for a retry
+            req = self._untexted.pop(0)
             seq = req.seq
             if req.catch_up_text() and not seq.is_finished:
                 engine.scheduler.finish(seq, "stop")
@@ -173,5 +192,4 @@ class StepPipeline:
             outputs.append(req.output())
             if seq.is_finished:
                 del engine.requests[seq.request_id]
-        self._untexted = []
         return outputs

@@ -29,9 +29,8 @@ class WorkerSettings(SecuritySettings):
     deterministic: bool = field(default=False, metadata=described(
         "batch-invariant engine: a request's greedy tokens do not depend on what else is batched with it "
         "(bf16 too; CPU only)"))
-    async_scheduling: bool | None = field(default=None, metadata=described(
-        "schedule the next step while the current one runs; default: on with a GPU (on a CPU it takes "
-        "cores from the forward)"))
+    async_scheduling: bool = field(default=False, metadata=described(
+        "schedule the next step while the current one runs (on a CPU it takes cores from the forward)"))
     grace_s: float = field(default=30.0, metadata=described("SIGTERM: seconds in-flight requests get to finish"))
     lease_ttl_s: int = field(default=3, metadata=described("etcd lease of the worker's record"))
     kv_backends: str = field(default="", metadata=described("transfer backends in order, comma separated; "

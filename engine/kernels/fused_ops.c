@@ -150,7 +150,7 @@ static int64_t first_equal(const void *row, int dt, int n, float top) {
 // answer on rows without NaN (NaN never wins here; a row of NaN gives 0). One vector pass finds the
 // largest value, a second the first place holding it (the row is still in cache).
 void argmax_rows(const void *x, int64_t *out, int64_t rows, int n, int dt, int num_threads) {
-    int threads = rows * n >= PARALLEL_MIN_ELEMENTS ? num_threads : 1;
+    int threads = rows * n >= PARALLEL_MIN_ELEMENTS ? (rows < num_threads ? (int)rows : num_threads) : 1;
     size_t item = dt == DT_BF16 ? 2 : 4;
 #pragma omp parallel for num_threads(threads) schedule(static)
     for (int64_t r = 0; r < rows; r++) {

@@ -66,8 +66,6 @@ def build_engine_parts(config: EngineConfig, kv_storage: KVStorageAllocator | No
     if config.num_threads is not None:
         torch.set_num_threads(config.num_threads)
     platform = detect_platform(config.device)
-    if not platform.is_cuda:  # a step's activations live in the C heap: keep them mapped (engine.host_memory)
-        keep_freed_buffers()
     loaded = load_model(config.model)
     tokenizer = load_tokenizer(config.model)
     dtype = platform.default_dtype if config.dtype == "auto" else _DTYPES[config.dtype]
@@ -112,6 +110,8 @@ def build_engine_parts(config: EngineConfig, kv_storage: KVStorageAllocator | No
     runner = ModelRunner(model, pool, sampler, platform.device, backend, graphs, max_model_len,
                          batch_invariant=config.deterministic,
                          step_program=not config.enforce_eager and platform.device.type == "cpu")
+    if not platform.is_cuda:  # from now on a step's activations stay mapped (engine.host_memory); load's
+        keep_freed_buffers()  # temporaries, freed above, went back to the system
     seconds = time.perf_counter() - started
     log.info("engine ready in %.1fs: %s on %s, %s, %d KV blocks x %d tokens (%s)", seconds, cfg.name,
              platform.device, dtype, num_blocks, config.block_size, kv_dtype)

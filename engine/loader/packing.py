@@ -176,7 +176,7 @@ class RowPaddedLinear(nn.Module):
 def _pack(linear: nn.Linear, single_row: bool, deterministic: bool, silu_gate_up: bool = False) -> nn.Module | None:
     """The linear's replacement, or None to keep it (oneDNN cannot pack its dtype here). `silu_gate_up`: the
     linear is a SiLU MLP's [gate | up] (fused with its SiLU * up where FusedGateUp serves)."""
-    if silu_gate_up and not deterministic and onednn_fuses_silu_mul(linear.weight.dtype):
+    if silu_gate_up and linear.bias is None and not deterministic and onednn_fuses_silu_mul(linear.weight.dtype):
         return FusedGateUp(linear, single_row)
     if onednn_available():
         try:
