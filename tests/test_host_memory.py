@@ -32,5 +32,6 @@ def _faults(mode: str) -> list[int]:
 def test_freed_activation_buffers_are_reused_once_tuned() -> None:
     pages = (20 << 20) // 4096
     untuned, tuned = _faults("plain"), _faults("tuned")
-    assert sum(untuned[1:]) > 5 * pages  # the control: a fresh mapping (and its faults) for most buffers
-    assert sum(tuned[1:]) < pages  # tuned: the first buffer's pages serve all later ones (the heap grows a little)
+    assert sum(untuned[1:]) > 5 * pages, untuned  # the control: a fresh mapping (and its faults) for most buffers
+    # tuned: the heap's pages serve later buffers (it grows by a little, and once more as a whole at most)
+    assert sum(tuned[1:]) < sum(untuned[1:]) / 4 and sum(tuned[3:]) < pages, tuned
