@@ -51,7 +51,6 @@ class LLMEngine:
         self.kv_hook: KVStepHook | None = None
         self.pipeline = StepPipeline(self) if self.config.async_scheduling else None
 
-
     @property
     def kv_pool(self) -> KVCachePool:
         return self.parts.pool
@@ -113,7 +112,8 @@ class LLMEngine:
             self.pipeline.keep_ready(self.pipeline.quiesce())
 
     def abort_request(self, request_id: str) -> RequestOutput | None:
-        """Stop a request and free its blocks; returns its final output (None if unknown/finished)."""
+        """Stop a request and free its blocks; returns its final output (None if unknown or finished; with async
+        scheduling, a request that ends in the step in flight returns that ending, not an abort)."""
         self._quiet()
         earlier = self.pipeline.take_ready_of(request_id) if self.pipeline is not None else []
         req = self.requests.pop(request_id, None)

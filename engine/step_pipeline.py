@@ -175,9 +175,12 @@ class StepPipeline:
         so a retried `step()` schedules from a consistent state (as a failed plain step leaves it)."""
         self._prepared = None
         for item in plan.scheduled:
-            if not item.seq.is_finished and item.seq.status is SequenceStatus.RUNNING:
-                item.seq.num_computed_tokens = item.start
-                item.seq.awaiting_token = False
+            seq = item.seq
+            if seq.is_finished:
+                continue
+            seq.awaiting_token = False  # preempted meanwhile too: its token never comes
+            if seq.status is SequenceStatus.RUNNING:
+                seq.num_computed_tokens = item.start
 
     def _emit(self) -> list[RequestOutput]:
         engine = self._engine
