@@ -174,3 +174,25 @@ def test_a_decode_step_reads_the_one_row_weights_only() -> None:
     expected = sum(p.numel() * p.element_size() for p in mlp.parameters())
     pack_linears(mlp, deterministic=False)
     assert step_weight_bytes(mlp) == expected
+
+
+@pytest.mark.skipif(not onednn_packs(torch.bfloat16), reason="oneDNN packs no bf16 weight on this CPU")
+@pytest.mark.parametrize("fixture", ["tiny_mixtral_dir", "tiny_qwen3_moe_dir"])
+def test_bf16_moe_experts_fuse_and_score_prompts_like_fp32(fixture: str, request: pytest.FixtureRequest) -> None:
+    """MoE experts are SiLU MLPs too: fused in bf16, each prompt token's logprob stays within bf16 rounding of the
+    fp32 engine's (a prompt's prefill runs the experts on many rows, the fused path)."""
+    from engine import LLM, SamplingParams
+    from engine.loader.packing import FusedGateUp
+    path = str(request.getfixturevalue(fixture))
+    prompt = [(11 * j) % 400 + 3 for j in range(40)]
+    params = SamplingParams(temperature=0, max_tokens=1, prompt_logprobs=0)
+    scores = {}
+    for dtype in ("float32", "bfloat16"):
+        llm = LLM(path, num_kv_blocks=32, dtype=dtype)
+        experts = [m for m in llm.engine.parts.model.modules() if isinstance(m, FusedGateUp)]
+        assert bool(experts) == (dtype == "bfloat16")
+        out = llm.generate([prompt], params)[0]
+        assert out.prompt_logprobs is not None
+        scores[dtype] = [lp.logprob for lp in out.prompt_logprobs[1:] if lp is not None]
+    assert len(scores["bfloat16"]) == len(prompt) - 1
+    torch.testing.assert_close(torch.tensor(scores["bfloat16"]), torch.tensor(scores["float32"]), atol=0.1, rtol=0.02)
