@@ -146,7 +146,7 @@ class AsyncStepProfiler:
         self._engine = engine
         self._pipeline = engine.pipeline
         self._busy = 0.0
-        self._start = (0.0, self._stats())
+        self._start = self._stats()
         self._totals = dict.fromkeys(("step", "forward", "overlapped", "waiting", "serial"), 0.0)
         self._steps = 0
         self._undo: Callable[[], None] = lambda: None
@@ -173,14 +173,13 @@ class AsyncStepProfiler:
         self._undo()
 
     def begin_step(self) -> None:
-        self._start = (0.0, self._stats())
+        self._start = self._stats()
 
     def end_step(self, step_seconds: float, counted: bool) -> None:
         if not counted:
             return
         now = self._stats()
-        for key, before, after in zip(("forward", "overlapped", "waiting", "serial"), self._start[1], now,
-                                      strict=True):
+        for key, before, after in zip(("forward", "overlapped", "waiting", "serial"), self._start, now, strict=True):
             self._totals[key] += after - before
         self._totals["step"] += step_seconds
         self._steps += 1

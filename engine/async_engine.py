@@ -219,8 +219,8 @@ class AsyncEngine:
     def _apply(self, command: object) -> bool:
         if command is _STOP:
             return False
-        if not isinstance(command, _Add) and not (isinstance(command, _Call) and not command.quiesce):
-            # with async scheduling, only adds and reads that a step in flight leaves consistent meet one
+        # with async scheduling, only adds and reads that a step in flight leaves consistent meet one
+        if command.quiesce if isinstance(command, _Call) else not isinstance(command, _Add):
             for out in self._llm.quiesce():
                 self._deliver(out.request_id, out, last=out.finished)
         if isinstance(command, _Add):

@@ -87,7 +87,7 @@ class RequestState:
             if is_eos or token_id in params.stop_token_ids:
                 seq.finish_reason, seq.stop_reason = "stop", token_id
                 return True
-        if num_out >= params.max_tokens or seq.num_prompt_tokens + num_out >= self.max_model_len:
+        if seq.ends_by_length(num_out, self.max_model_len):
             seq.finish_reason = "length"
             return True
         return False

@@ -214,8 +214,7 @@ class Scheduler:
             if seq.is_finished:  # ended by the step before, after this one was scheduled: a row in vain
                 continue
             seq.num_computed_tokens = item.start + item.num_tokens
-            last = (seq.num_output_tokens + 1 >= seq.params.max_tokens
-                    or len(seq.token_ids) + 1 >= self.config.max_model_len)
+            last = seq.ends_by_length(seq.num_output_tokens + 1, self.config.max_model_len)
             seq.awaiting_token = item.samples and not last
 
     # -- after the step ---------------------------------------------------------------------------------

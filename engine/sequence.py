@@ -67,6 +67,11 @@ class Sequence:
     def num_output_tokens(self) -> int:
         return len(self.token_ids) - len(self.prompt_token_ids)
 
+    def ends_by_length(self, num_output_tokens: int, max_model_len: int) -> bool:
+        """Whether the request ends ("length") once it has `num_output_tokens` generated tokens."""
+        return (num_output_tokens >= self.params.max_tokens
+                or self.num_prompt_tokens + num_output_tokens >= max_model_len)
+
     @property
     def is_finished(self) -> bool:
         return self.status is SequenceStatus.FINISHED

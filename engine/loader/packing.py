@@ -73,7 +73,7 @@ class PackedLinear(nn.Module):
         self.packed: torch.Tensor
         self.bias: torch.Tensor | None
         self.one_row: torch.Tensor | None
-        self.register_buffer("packed", torch.ops.mkldnn._reorder_linear_weight(weight, BATCH_HINT), persistent=False)
+        self._register_packed(weight)
         self.register_buffer("bias", None if linear.bias is None else linear.bias.detach().clone(), persistent=False)
         kernel = gemv_kernel() if single_row and weight.dtype in _GEMV else None
         self.gemv: Callable[..., None] | None = None if kernel is None else getattr(kernel, _GEMV[weight.dtype])
@@ -84,6 +84,10 @@ class PackedLinear(nn.Module):
             one_row = weight.t().contiguous()
         self.register_buffer("one_row", one_row, persistent=False)
         self.row_tile = 0  # > 0: 2 to this many rows per oneDNN call (make_batch_invariant)
+
+    def _register_packed(self, weight: torch.Tensor) -> None:
+        """oneDNN's copy of W (a subclass may keep it otherwise)."""
+        self.register_buffer("packed", torch.ops.mkldnn._reorder_linear_weight(weight, BATCH_HINT), persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.row_tile:
@@ -118,16 +122,16 @@ class FusedGateUp(PackedLinear):
     ops.silu_mul."""
 
     def __init__(self, linear: nn.Linear, single_row: bool) -> None:
-        super().__init__(linear, single_row)
-        weight = linear.weight.detach()
-        half = self.out_features // 2
-        self.register_buffer("packed", torch.empty(0, dtype=weight.dtype), persistent=False)  # the halves instead
         self.packed_gate: torch.Tensor
         self.packed_up: torch.Tensor
-        self.register_buffer("packed_gate", torch.ops.mkldnn._reorder_linear_weight(weight[:half].contiguous(),
-                                                                                      BATCH_HINT), persistent=False)
-        self.register_buffer("packed_up", torch.ops.mkldnn._reorder_linear_weight(weight[half:].contiguous(),
-                                                                                    BATCH_HINT), persistent=False)
+        super().__init__(linear, single_row)
+
+    def _register_packed(self, weight: torch.Tensor) -> None:  # the halves, each packed; no whole copy
+        half = weight.shape[0] // 2
+        self.register_buffer("packed", torch.empty(0, dtype=weight.dtype), persistent=False)
+        for name, rows in (("packed_gate", weight[:half]), ("packed_up", weight[half:])):
+            self.register_buffer(name, torch.ops.mkldnn._reorder_linear_weight(rows.contiguous(), BATCH_HINT),
+                                 persistent=False)
 
     def _packed(self, x: torch.Tensor) -> torch.Tensor:  # the plain [gate | up] product (not the hot path)
         x = x.contiguous()
