@@ -280,23 +280,26 @@ async def test_per_key_limits(secure: Secure) -> None:
                                   http_client=openai.DefaultAsyncHttpxClient(verify=secure.https()))
 
     async with client(LIMITED_KEY) as limited, client(FILE_KEY) as other:
-        stream = await limited.completions.create(model="", prompt="Count: one two", max_tokens=40, temperature=0,
-                                                  stream=True, extra_body={"ignore_eos": True})
+        # long enough (120 steps) to be still in flight when the next request arrives on a fast CPU with a
+        # busy router, short enough to leave the minute's budget unspent
+        stream = await limited.completions.create(model="", prompt="Count: one two", max_tokens=120, temperature=0,
+                                                  stream=True, stream_options={"include_usage": True},
+                                                  extra_body={"ignore_eos": True})
         await anext(aiter(stream))  # in flight
         with pytest.raises(openai.RateLimitError) as busy:
             await limited.completions.create(model="", prompt="hi", max_tokens=2)
         assert "in flight" in str(busy.value) and busy.value.response.headers["Retry-After"] == "1"
         assert (await other.completions.create(model="", prompt="hi", max_tokens=2)).choices
-        async for _ in stream:
-            pass
-        used = 0
+        used = [chunk.usage.total_tokens async for chunk in stream if chunk.usage is not None]
+        assert len(used) == 1 and used[0] < 150
         with pytest.raises(openai.RateLimitError) as spent:
-            for _ in range(10):  # 150 tokens: a few requests of ~45 tokens each
-                done = await limited.completions.create(model="", prompt="Count: one two three four five six seven",
-                                                        max_tokens=30, temperature=0, extra_body={"ignore_eos": True})
+            for _ in range(20):  # small requests, until the minute's 150 are used
+                done = await limited.completions.create(model="", prompt="Count: one", max_tokens=3, temperature=0,
+                                                        extra_body={"ignore_eos": True})
                 assert done.usage is not None
-                used += done.usage.total_tokens
-        assert used >= 150 - 45 and "tokens in the last minute" in str(spent.value)
+                used.append(done.usage.total_tokens)
+        # refused at the first request after the budget was spent, not before, not later
+        assert sum(used) >= 150 > sum(used[:-1]) and "tokens in the last minute" in str(spent.value)
         assert 1 <= int(spent.value.response.headers["Retry-After"]) <= 60
         assert (await other.completions.create(model="", prompt="hi", max_tokens=2)).choices
     text = fetch(f"{url}/metrics", secure.https())

@@ -134,3 +134,21 @@ async def test_a_prefill_call_on_a_decode_worker_is_refused(worker) -> None:
     with pytest.raises(grpc.aio.AioRpcError) as failure:
         await stub.Prefill(worker_pb2.PrefillRequest(request_id="p", prompt_token_ids=[1, 2]))
     assert failure.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+
+
+async def test_a_call_cancelled_under_the_handler_is_answered_unavailable(worker, monkeypatch) -> None:
+    """A CancelledError the handler did not ask for (grpc.aio raises it from an inner call whose channel
+    closed) ends the call at once with UNAVAILABLE, which the router retries elsewhere; left alone, gRPC
+    never answered and the caller waited for its deadline. The worker stays up."""
+    stub, engine = worker
+
+    async def inner_call_cancelled(*args, **kwargs):
+        raise asyncio.CancelledError
+
+    with monkeypatch.context() as patch:
+        patch.setattr(DecodeWorkerServicer, "_start", inner_call_cancelled)
+        with pytest.raises(grpc.aio.AioRpcError) as failure:
+            await asyncio.wait_for(_collect(stub, _request("stray", PROMPTS[0])), 20)
+    assert failure.value.code() == grpc.StatusCode.UNAVAILABLE and "cancelled" in failure.value.details()
+    assert len(await _collect(stub, _request("after", PROMPTS[0], 2))) >= 1
+    assert (await engine.status()).integrity_error is None

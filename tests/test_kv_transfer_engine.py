@@ -154,6 +154,39 @@ async def test_etcd_store_publishes_again_after_losing_its_lease() -> None:
         await reader.close()
 
 
+async def test_a_get_whose_client_a_lease_recovery_closes_fails_like_any_etcd_error(tmp_path) -> None:
+    """etcd answers nothing (SIGSTOP) while a get is in flight and the lease's recovery closes the
+    client under it: the get raises MetadataStoreError (its caller falls through to the next prefill
+    target), not grpc.aio's CancelledError, which escaped every handler and left a decode worker's
+    Generate call unanswered until its deadline."""
+    import signal
+
+    import aetcd
+
+    from common.etcd.local import EtcdServer
+
+    etcd = EtcdServer(str(tmp_path))
+    etcd.start()
+    store = EtcdStore(etcd.endpoint, lease_ttl_s=60, timeout_s=3.0)
+    try:
+        await store.put("/t/segments/a", b"descriptor")
+        assert etcd.proc is not None
+        etcd.proc.send_signal(signal.SIGSTOP)
+        try:
+            get = asyncio.ensure_future(store.get("/t/segments/a"))
+            await asyncio.sleep(0.3)  # the get is in flight
+            # what the keep-alive loop does when a refresh fails; etcd is frozen: the new client cannot connect
+            with pytest.raises((aetcd.exceptions.ClientError, TimeoutError)):
+                await store.keys._recover()
+            with pytest.raises(MetadataStoreError, match="cancelled under us"):
+                await get
+        finally:
+            etcd.proc.send_signal(signal.SIGCONT)
+    finally:
+        await store.close()
+        etcd.stop()
+
+
 def test_a_subscription_for_one_peer_ignores_notes_from_another() -> None:
     """A note with the awaited tag but from another engine (e.g. an abandoned attempt) is dropped."""
     from kv_transfer.datatypes import Notification

@@ -5,7 +5,9 @@ next at once with RESOURCE_EXHAUSTED, so its queue, and the latency of what it a
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import logging
 from collections.abc import AsyncIterator
 
 import grpc
@@ -16,6 +18,8 @@ from tandem.v1 import inference_pb2 as pb
 from tandem.v1 import worker_pb2, worker_pb2_grpc
 from worker_runtime.kv_events import KVEventHub
 from worker_runtime.metrics import WORKER_REQUESTS
+
+log = logging.getLogger(__name__)
 
 
 class WorkerServicerBase(worker_pb2_grpc.WorkerServicer):
@@ -40,6 +44,16 @@ class WorkerServicerBase(worker_pb2_grpc.WorkerServicer):
         self.admitted += 1
         try:
             yield
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            if task is None or task.cancelling():  # the call itself was cancelled: gRPC answers it
+                raise
+            # a call this one awaited was cancelled under it (e.g. its channel closed): left to gRPC, the
+            # caller would wait for an answer until its deadline
+            log.exception("%s on worker %s: an inner call was cancelled", rpc, self.worker_id)
+            WORKER_REQUESTS.labels(self.worker_id, rpc, "unavailable").inc()
+            await context.abort(grpc.StatusCode.UNAVAILABLE,
+                                f"worker {self.worker_id}: a call the {rpc} depended on was cancelled: retry")
         finally:
             self.admitted -= 1
 

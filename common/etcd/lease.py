@@ -25,7 +25,13 @@ T = TypeVar("T")
 async def bounded(coro: Coroutine[Any, Any, T], timeout: float) -> T:
     """Await `coro` for at most `timeout` seconds, then raise TimeoutError. Unlike
     `asyncio.wait_for`, it never waits for the cancelled call to wind down: a gRPC call that
-    ignores cancellation (seen with aetcd's lease calls) cannot hang the caller."""
+    ignores cancellation (seen with aetcd's lease calls) cannot hang the caller.
+
+    Invariant: CancelledError leaves here only when the caller itself is cancelled. A call whose
+    channel was closed under it (a lease recovery replacing the client while a get is in flight)
+    ends in grpc.aio with CancelledError; that becomes ConnectionError, an ordinary failure, for a
+    stray CancelledError escapes every `except Exception` above and can leave a gRPC handler that
+    awaited the call without ever answering."""
     task = asyncio.ensure_future(coro)
     try:
         done, _ = await asyncio.wait({task}, timeout=timeout)
@@ -36,6 +42,8 @@ async def bounded(coro: Coroutine[Any, Any, T], timeout: float) -> T:
         task.add_done_callback(_consume)  # it may still end with an error nobody awaits
         task.cancel()
         raise TimeoutError(f"no answer within {timeout:.3g} s")
+    if task.cancelled():
+        raise ConnectionError("the call was cancelled under us (its client was closed)")
     return task.result()
 
 
