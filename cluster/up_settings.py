@@ -42,6 +42,8 @@ class UpSettings(SecuritySettings):
         "stay exact in bf16 too (CPU only)"))
     async_scheduling: bool = field(default=False, metadata=described(
         "workers schedule the next step while the current one runs"))
+    simulate: str | None = field(default=None, metadata=described(
+        "simulation profile (JSON): every worker runs a simulated engine with its step times (engine.simulated)"))
     prefill_timeout_s: float = field(default=30.0, metadata=described("deadline of one remote prefill"))
     max_queued_requests: int = field(default=256, metadata=described("requests a worker queues beyond a full batch"))
     max_inflight: int = field(default=512, metadata=described("requests in flight at the router before 429"))
@@ -102,7 +104,7 @@ class UpSettings(SecuritySettings):
                 "--max-queued-requests", str(self.max_queued_requests), "--deterministic", str(self.deterministic),
                 "--async-scheduling", str(self.async_scheduling)]
         for flag, value in (("--model", self.model), ("--num-kv-blocks", self.num_kv_blocks),
-                            ("--num-threads", self.num_threads),
+                            ("--simulate", self.simulate), ("--num-threads", self.num_threads),
                             ("--kv-backends", self.kv_backends or None)):
             if value is not None:
                 args += [flag, str(value)]

@@ -156,6 +156,8 @@ class EngineConfig:
     # GPU not measured yet (inputs are still built by blocking host-to-device copies). Not with n-gram
     # speculation (drafts need the last token to propose)
     async_scheduling: bool = False
+    # a simulation profile (engine.simulated): the real scheduler and KV bookkeeping, a timing model for the forward
+    simulate: str | None = None
 
     def __post_init__(self) -> None:
         if self.block_size < 1 or self.block_size & (self.block_size - 1):
@@ -174,6 +176,10 @@ class EngineConfig:
             raise ValueError("deterministic mode runs unquantized weights: drop quantization or deterministic")
         if self.async_scheduling and self.speculative is not None:
             raise ValueError("async scheduling runs without speculative decoding: drop one of them")
+        if self.simulate is not None and (self.speculative is not None or self.async_scheduling or self.deterministic
+                                          or self.quantization is not None or self.device == "cuda"):
+            raise ValueError("a simulated engine runs no model: no speculative decoding, async scheduling, "
+                             "deterministic mode, quantization or CUDA device with simulate")
         if self.deterministic and self.device == "cuda":
             raise ValueError("deterministic (batch-invariant) mode is implemented for CPUs only")
 

@@ -32,6 +32,9 @@ class LLMEngine:
     def __init__(self, config: EngineConfig | None = None, parts: LoadedEngineParts | None = None,
                  kv_storage: KVStorageAllocator | None = None) -> None:
         self.config = config or EngineConfig()
+        if parts is None and self.config.simulate is not None:
+            from engine.simulated.parts import build_simulated_parts
+            parts = build_simulated_parts(self.config, kv_storage)
         self.parts = parts or build_engine_parts(self.config, kv_storage)
         self.tokenizer = self.parts.tokenizer
         self.model_config = self.parts.model.config

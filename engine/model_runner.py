@@ -8,7 +8,7 @@ from __future__ import annotations
 import importlib.util
 from collections.abc import Callable
 from dataclasses import dataclass, replace
-from typing import Literal
+from typing import Literal, Protocol
 
 import torch
 
@@ -50,6 +50,14 @@ class SequenceResult:
     logprobs: list[TokenLogprobs | None]
     prompt_logprobs: tuple[TokenLogprobs, ...] = ()  # of prompt tokens prompt_logprobs_start, ...
     prompt_logprobs_start: int = 0
+
+
+class StepRunner(Protocol):
+    """What the engine asks of a runner: this module's ModelRunner, or engine.simulated's."""
+
+    layer_observer: Callable[[int], None] | None  # set for one step by a KV push hook
+
+    def execute(self, out: SchedulerOutput) -> dict[str, SequenceResult]: ...
 
 
 AttentionBackendName = Literal["auto", "torch", "flash", "cpu"]

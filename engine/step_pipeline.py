@@ -27,7 +27,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, TypeVar
 
-from engine.model_runner import SequenceResult, StepInputs
+from engine.model_runner import ModelRunner, SequenceResult, StepInputs
 from engine.openmp import hand_over, take_back
 from engine.outputs import RequestOutput
 from engine.request_state import RequestState
@@ -53,6 +53,9 @@ class OverlapStats:
 class StepPipeline:
     def __init__(self, engine: LLMEngine) -> None:
         self._engine = engine
+        if not isinstance(engine.runner, ModelRunner):
+            raise ValueError("async scheduling needs the model runner (engine.model_runner.ModelRunner)")
+        self._runner = engine.runner
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="tandem-forward")
         self._handed_over = hand_over()  # the building thread's OpenMP team: the forward thread's now
         self._in_flight: tuple[SchedulerOutput, Future[dict[str, SequenceResult]]] | None = None
@@ -127,15 +130,15 @@ class StepPipeline:
     def _schedule(self) -> tuple[SchedulerOutput, StepInputs] | None:
         engine = self._engine
         plan = engine.scheduler.schedule()
-        return None if plan.is_empty else (plan, engine.runner.prepare(plan))
+        return None if plan.is_empty else (plan, self._runner.prepare(plan))
 
     def _launch(self, plan: SchedulerOutput, inputs: StepInputs) -> None:
         engine = self._engine
-        inputs = engine.runner.fill_awaited(inputs)
+        inputs = self._runner.fill_awaited(inputs)
         engine.scheduler.mark_in_flight(plan)
         engine.num_steps += 1
         engine.num_computed_tokens_total += plan.num_tokens
-        self._in_flight = (plan, self._executor.submit(engine.runner.execute_prepared, inputs))
+        self._in_flight = (plan, self._executor.submit(self._runner.execute_prepared, inputs))
 
     def _commit_in_flight(self) -> None:
         assert self._in_flight is not None

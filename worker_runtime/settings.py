@@ -31,6 +31,8 @@ class WorkerSettings(SecuritySettings):
         "(bf16 too; CPU only)"))
     async_scheduling: bool = field(default=False, metadata=described(
         "schedule the next step while the current one runs (on a CPU it takes cores from the forward)"))
+    simulate: str | None = field(default=None, metadata=described(
+        "simulation profile (JSON, bench.sim_profile): run no model, take its measured step times (engine.simulated)"))
     grace_s: float = field(default=30.0, metadata=described("SIGTERM: seconds in-flight requests get to finish"))
     lease_ttl_s: int = field(default=3, metadata=described("etcd lease of the worker's record"))
     kv_backends: str = field(default="", metadata=described("transfer backends in order, comma separated; "
@@ -69,4 +71,4 @@ class WorkerSettings(SecuritySettings):
         return EngineConfig(model=self.model, dtype=self.dtype, num_kv_blocks=self.num_kv_blocks,
                             max_num_seqs=self.max_num_seqs, max_model_len=self.max_model_len,
                             num_threads=self.num_threads, record_kv_events=True, deterministic=self.deterministic,
-                            async_scheduling=self.async_scheduling)
+                            async_scheduling=self.async_scheduling, simulate=self.simulate)

@@ -17,7 +17,7 @@ from engine.kv_hooks import KVStorageAllocator
 from engine.loader.api import LoadedModel, load_model, load_tokenizer
 from engine.loader.fingerprint import weights_fingerprint
 from engine.loader.packing import make_batch_invariant, pack_linears
-from engine.model_runner import ModelRunner
+from engine.model_runner import ModelRunner, StepRunner
 from engine.models.llama import LlamaForCausalLM
 from engine.models.registry import model_class
 from engine.models.rope import RotaryEmbedding
@@ -37,7 +37,7 @@ class LoadedEngineParts:
     model: LlamaForCausalLM
     tokenizer: Tokenizer
     pool: KVCachePool
-    runner: ModelRunner
+    runner: StepRunner
     max_model_len: int
     load_seconds: float
     quantized_layers: tuple[str, ...]

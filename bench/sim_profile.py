@@ -1,0 +1,108 @@
+"""Measure a simulation profile (engine.simulated) on this machine's real engine.
+
+    python -m bench.sim_profile [--model PATH] [--output profile.json]
+
+Times single engine steps: a prefill step of N new prompt tokens for each N of `--prefill-tokens`; a decode
+step of B rows (contexts of `--context` tokens) for each B of `--decode-batches`, median of `--repeats`
+steps; and the cost of context, from batch-8 decode steps at two context lengths. Prompts are random token
+ids, so the prefix cache serves none of them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import statistics
+import sys
+import time
+
+from bench.throughput import FIRST_ORDINARY_ID, machine_info
+from engine import EngineConfig, SamplingParams
+from engine.llm_engine import LLMEngine
+from engine.loader.weight_cache import config_to_json
+
+
+class StepTimer:
+    def __init__(self, engine: LLMEngine, seed: int = 0) -> None:
+        self.engine = engine
+        self.rng = random.Random(seed)
+        self.vocab = engine.model_config.vocab_size
+        self.count = 0
+
+    def _prompt(self, length: int) -> list[int]:
+        return [self.rng.randrange(FIRST_ORDINARY_ID, self.vocab) for _ in range(length)]
+
+    def _add(self, length: int, max_tokens: int) -> None:
+        self.count += 1
+        request = self.engine.make_request(f"p{self.count}", self._prompt(length),
+                                           SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True))
+        self.engine.add_request(request)
+
+    def _finish(self) -> None:
+        while self.engine.has_unfinished_requests():
+            self.engine.step()
+
+    def prefill(self, tokens: int, repeats: int) -> float:
+        """Median seconds of a step holding one prompt of `tokens` tokens."""
+        times = []
+        for _ in range(repeats):
+            self._add(tokens, 1)
+            started = time.perf_counter()
+            self.engine.step()
+            times.append(time.perf_counter() - started)
+            self._finish()
+        return statistics.median(times)
+
+    def decode(self, batch: int, context: int, repeats: int) -> float:
+        """Median seconds of a decode step of `batch` rows, each attending to about `context` tokens."""
+        for _ in range(batch):
+            self._add(context, repeats + 2)
+        while self.engine.scheduler.waiting or any(s.in_prefill for s in self.engine.scheduler.running):
+            self.engine.step()
+        times = []
+        for _ in range(repeats):
+            started = time.perf_counter()
+            self.engine.step()
+            times.append(time.perf_counter() - started)
+        self._finish()
+        return statistics.median(times)
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(prog="python -m bench.sim_profile", description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", help="HF checkpoint folder or .gguf file (default: SmolLM2-135M-Instruct)")
+    p.add_argument("--name", default="", help="the profile's name (default: the model's)")
+    p.add_argument("--prefill-tokens", type=int, nargs="+", default=[16, 64, 256, 1024, 2048])
+    p.add_argument("--decode-batches", type=int, nargs="+", default=[1, 4, 16, 64])
+    p.add_argument("--context", type=int, default=128)
+    p.add_argument("--long-context", type=int, default=1024)
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--output", default="-")
+    args = p.parse_args(argv)
+    engine = LLMEngine(EngineConfig(model=args.model, max_num_seqs=max(*args.decode_batches, 8),
+                                    max_num_batched_tokens=max(args.prefill_tokens), num_kv_blocks=4096))
+    timer = StepTimer(engine)
+    timer.prefill(64, 2)  # warm-up
+    prefill = [[n, timer.prefill(n, args.repeats)] for n in args.prefill_tokens]
+    decode = [[b, timer.decode(b, args.context, args.repeats)] for b in args.decode_batches]
+    short, long = timer.decode(8, args.context, args.repeats), timer.decode(8, args.long_context, args.repeats)
+    context_s_per_token = max(long - short, 0.0) / (8 * (args.long_context - args.context))
+    info = machine_info()
+    config = json.loads(config_to_json(engine.model_config))
+    profile = {
+        "name": args.name or engine.model_config.name, "tokenizer": args.model,
+        "source": (f"measured: {info['cpu_model']} ({', '.join(info['cpu_features'])}), {info['usable_cores']} cores, "
+                   f"{engine.parts.pool.compute_dtype}, {info['date']}, python -m bench.sim_profile"),
+        "model": config, "prefill": prefill, "decode": decode, "context_s_per_token": context_s_per_token}
+    text = json.dumps(profile, indent=1)
+    if args.output == "-":
+        print(text)
+    else:
+        with open(args.output, "w") as f:
+            f.write(text + "\n")
+        print(f"wrote {args.output}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()

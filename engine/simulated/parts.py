@@ -1,0 +1,62 @@
+"""Builds a simulated engine's parts (engine.loader.engine_parts for a real one): the tokenizer of the
+checkpoint the profile names, the model's structure on the meta device (no weights), a KV pool whose
+capacity in blocks is what the simulated model's real KV would get from the same memory, and the runner.
+
+The pool's pages are token-sized placeholders (one fp32 value per token per layer, K and V): block
+tables, prefix hashes, KV events and the transfer path's control messages are real; the bytes a real
+push would move are not (a P/D transfer's time is the pusher's, not the profile's: not modelled yet)."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import time
+
+import torch
+
+from engine.config import EngineConfig
+from engine.errors import ModelLoadError
+from engine.kv_cache import KVCachePool, KVCacheSpec, tensor_bytes
+from engine.kv_hooks import KVStorageAllocator
+from engine.loader.api import load_tokenizer
+from engine.loader.engine_parts import DEFAULT_MAX_MODEL_LEN, LoadedEngineParts
+from engine.models.registry import model_class
+from engine.platform import detect_platform
+from engine.sampler import Sampler
+from engine.simulated.profile import SimulationProfile
+from engine.simulated.runner import SimulatedRunner
+
+log = logging.getLogger(__name__)
+
+SIMULATED_KV_DTYPE = torch.float32  # of the placeholder pages
+# bytes per element of the simulated model's real KV (auto: bf16, as on the hardware a profile stands for)
+_REAL_KV_BYTES = {"auto": 2, "bfloat16": 2, "float16": 2, "float32": 4, "fp8_e4m3": 1}
+
+
+def build_simulated_parts(config: EngineConfig, kv_storage: KVStorageAllocator | None = None) -> LoadedEngineParts:
+    assert config.simulate is not None
+    started = time.perf_counter()
+    profile = SimulationProfile.load(config.simulate)
+    cfg = profile.model
+    platform = detect_platform("cpu")
+    tokenizer = load_tokenizer(profile.tokenizer)
+    if tokenizer.vocab_size > cfg.vocab_size:
+        raise ModelLoadError(f"simulation profile {profile.name}: its tokenizer has {tokenizer.vocab_size} "
+                             f"tokens, more than the model's vocabulary of {cfg.vocab_size}")
+    with torch.device("meta"):  # the structure only: nothing runs it
+        model = model_class(cfg.architecture)(cfg)
+    real_block_bytes = (cfg.num_layers * config.block_size * 2 * cfg.num_kv_heads * cfg.head_dim
+                        * _REAL_KV_BYTES[config.kv_cache_dtype if config.kv_cache_dtype != "auto" else config.dtype])
+    num_blocks = config.num_kv_blocks or max(config.kv_cache_memory_bytes // real_block_bytes, 1)
+    max_model_len = min(config.max_model_len or DEFAULT_MAX_MODEL_LEN, cfg.max_position_embeddings,
+                        num_blocks * config.block_size)
+    spec = KVCacheSpec(cfg.num_layers, num_blocks, config.block_size, 1, 1, SIMULATED_KV_DTYPE)
+    storage = None if kv_storage is None else kv_storage(tensor_bytes(spec))
+    pool = KVCachePool(spec, platform.device, SIMULATED_KV_DTYPE, storage)
+    sampler = Sampler(cfg.vocab_size, platform.device, seed=config.seed)
+    runner = SimulatedRunner(profile, sampler, cfg.num_layers, (*tokenizer.eos_token_ids, *cfg.eos_token_ids))
+    fingerprint = "simulated:" + hashlib.sha256(profile.to_json().encode()).hexdigest()[:16]
+    seconds = time.perf_counter() - started
+    log.info("simulated engine ready in %.1fs: %s (%s), %d KV blocks x %d tokens", seconds, profile.name,
+             profile.source, num_blocks, config.block_size)
+    return LoadedEngineParts(platform, model, tokenizer, pool, runner, max_model_len, seconds, (), fingerprint)

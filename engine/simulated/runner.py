@@ -1,0 +1,114 @@
+"""The simulated model: a step takes the profile's time for its shape, and the model's next token is a
+deterministic function of the context (its length and last two tokens), given as logits with all their
+mass on that token. The real sampler reads those logits, so temperature, seeds, penalties, logit_bias,
+grammars and logprobs behave as they would on a model that is certain of its next token.
+
+The simulated model never picks an end-of-sequence token: a request runs to its max_tokens (or a stop
+string, or the context length). A prefill worker's KV hook is told of each layer in turn over the step's
+time, so the real push path moves the (token-sized, engine.simulated.parts) pages layer by layer."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Collection
+
+import torch
+
+from engine.logprobs import prompt_token_logprobs
+from engine.model_runner import SequenceResult
+from engine.sampler import Sampler
+from engine.scheduler import ScheduledSequence, SchedulerOutput
+from engine.simulated.profile import SimulationProfile
+
+CERTAINTY = 30.0  # the chosen token's logit over every other's 0: the rest of a 50k vocabulary holds ~5e-9
+
+
+def simulated_next_token(length: int, last: int, previous: int, vocab_size: int, avoid: Collection[int]) -> int:
+    """The simulated model's choice after a context of `length` tokens ending in `previous`, `last`."""
+    x = (length * 0x9E3779B1 + last * 0x85EBCA77 + previous * 0xC2B2AE3D) & 0xFFFFFFFF
+    x ^= x >> 15
+    x = (x * 0x2C1B3C6D) & 0xFFFFFFFF
+    x ^= x >> 12
+    token = x % vocab_size
+    while token in avoid:
+        token = (token + 1) % vocab_size
+    return token
+
+
+def simulated_continuation(token_ids: list[int], count: int, vocab_size: int, avoid: Collection[int]) -> list[int]:
+    """The `count` tokens the simulated model picks greedily after `token_ids` (what tests expect)."""
+    tokens = list(token_ids)
+    for _ in range(count):
+        tokens.append(simulated_next_token(len(tokens), tokens[-1], tokens[-2] if len(tokens) > 1 else 0,
+                                           vocab_size, avoid))
+    return tokens[len(token_ids):]
+
+
+class SimulatedRunner:
+    """Stands where engine.model_runner.ModelRunner stands (the engine calls `execute` and sets
+    `layer_observer`)."""
+
+    def __init__(self, profile: SimulationProfile, sampler: Sampler, num_layers: int, avoid: Collection[int],
+                 clock: Callable[[], float] = time.monotonic, sleep: Callable[[float], None] = time.sleep) -> None:
+        self.profile = profile
+        self.sampler = sampler
+        self.vocab_size = profile.model.vocab_size
+        self.num_layers = num_layers
+        self.avoid = frozenset(avoid)
+        self.layer_observer: Callable[[int], None] | None = None
+        self.clock, self.sleep = clock, sleep  # replaceable: a test drives the runner on its own clock
+
+    def step_seconds(self, out: SchedulerOutput) -> float:
+        context = sum(item.start + item.num_tokens for item in out.decodes)
+        return self.profile.step_seconds(sum(item.num_tokens for item in out.segments), len(out.decodes), context)
+
+    def execute(self, out: SchedulerOutput) -> dict[str, SequenceResult]:
+        started = self.clock()
+        seconds = self.step_seconds(out)
+        if any(item.draft_token_ids for item in out.scheduled):
+            raise ValueError("a simulated engine verifies no drafts (speculation is refused with simulate)")
+        results = self._sample([item for item in out.scheduled if item.samples])
+        for item in out.scheduled:
+            if item.seq.needs_prompt_logits:
+                self._add_prompt_logprobs(results, item)
+        observer = self.layer_observer
+        for layer in range(self.num_layers if observer is not None else 0):
+            self._wait_until(started + seconds * (layer + 1) / self.num_layers)
+            observer(layer)  # type: ignore[misc]  # checked above; a layer's pages are "written" now
+        self._wait_until(started + seconds)
+        return results
+
+    def _wait_until(self, moment: float) -> None:
+        left = moment - self.clock()
+        if left > 0:
+            self.sleep(left)
+
+    def _choice(self, tokens: list[int], length: int) -> int:
+        """The simulated model's next token after the first `length` of `tokens`."""
+        return simulated_next_token(length, tokens[length - 1], tokens[length - 2] if length > 1 else 0,
+                                    self.vocab_size, self.avoid)
+
+    def logits(self, chosen: torch.Tensor) -> torch.Tensor:
+        """`[rows, vocab]` fp32 logits with the mass of row i on token chosen[i]."""
+        rows = torch.zeros((chosen.shape[0], self.vocab_size), dtype=torch.float32)
+        return rows.scatter_(1, chosen.view(-1, 1), CERTAINTY)
+
+    def _sample(self, items: list[ScheduledSequence]) -> dict[str, SequenceResult]:
+        if not items:
+            return {}
+        chosen = [self._choice(item.seq.token_ids, item.start + item.num_tokens) for item in items]
+        sampled = self.sampler(self.logits(torch.tensor(chosen)), [item.seq.sampling_state for item in items])
+        return {item.seq.request_id: SequenceResult([token], [lp])
+                for item, token, lp in zip(items, sampled.token_ids, sampled.logprobs, strict=True)}
+
+    def _add_prompt_logprobs(self, results: dict[str, SequenceResult], item: ScheduledSequence) -> None:
+        """Row p of the chunk scores prompt token p + 1 (engine.model_runner's convention)."""
+        seq = item.seq
+        count = min(item.start + item.num_tokens, seq.num_prompt_tokens - 1) - item.start
+        if count <= 0:
+            return
+        chosen = torch.tensor([self._choice(seq.token_ids, p + 1) for p in range(item.start, item.start + count)])
+        found = prompt_token_logprobs(chosen, seq.prompt_token_ids[item.start + 1:item.start + 1 + count],
+                                      seq.params.prompt_logprobs or 0, self.logits)
+        sampled = results.get(seq.request_id, SequenceResult([], []))
+        results[seq.request_id] = SequenceResult(sampled.token_ids, sampled.logprobs, tuple(found), item.start + 1)

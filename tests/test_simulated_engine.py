@@ -1,0 +1,137 @@
+"""The simulated engine (engine.simulated): the real scheduler, prefix cache and sampler over a timing
+model. Its streams are exactly its deterministic model's, alone and through a cluster of simulated worker
+processes (aggregated and 1P+1D, over the real router, etcd and KV transfer path); its steps take the
+profile's time; what it cannot simulate is refused."""
+
+from __future__ import annotations
+
+import json
+import pathlib
+
+import pytest
+
+from engine import LLM, EngineConfig, SamplingParams
+from engine.loader.api import load_model
+from engine.loader.weight_cache import config_to_json
+from engine.simulated.profile import SimulationProfile
+from engine.simulated.runner import SimulatedRunner, simulated_continuation
+from tests.support.cluster import assert_pools_clean, metric, tandem_up, worker_metrics
+from tests.support.cluster_workload import Expected, Job, run_grpc
+
+PREFILL = [[16, 0.002], [256, 0.02], [2048, 0.16]]
+DECODE = [[1, 0.003], [8, 0.005], [64, 0.02]]
+
+
+def write_profile(directory: pathlib.Path, checkpoint: pathlib.Path, **overrides: object) -> pathlib.Path:
+    """A profile of `checkpoint`'s architecture with made-up step times (labelled as such)."""
+    profile = {"name": "tiny-test", "source": "published: made-up figures for the tests",
+               "model": json.loads(config_to_json(load_model(str(checkpoint)).config)), "tokenizer": str(checkpoint),
+               "prefill": PREFILL, "decode": DECODE, "context_s_per_token": 1e-7, **overrides}
+    path = directory / "profile.json"
+    path.write_text(json.dumps(profile))
+    return path
+
+
+def expected(llm: LLM, prompt: list[int], count: int) -> list[int]:
+    return simulated_continuation(prompt, count, llm.engine.model_config.vocab_size, llm.tokenizer.eos_token_ids)
+
+
+def test_the_profile_interpolates_and_refuses_bad_curves(tiny_llama_dir, tmp_path) -> None:
+    profile = SimulationProfile.load(write_profile(tmp_path, tiny_llama_dir))
+    assert profile.step_seconds(16, 0, 0) == pytest.approx(0.002)
+    assert profile.step_seconds(136, 0, 0) == pytest.approx(0.011)  # halfway between 16 and 256
+    assert profile.step_seconds(8, 0, 0) == pytest.approx(0.001)  # through (0, 0) below the first point
+    assert profile.step_seconds(4096, 0, 0) == pytest.approx(0.32)  # the last segment extended
+    assert profile.step_seconds(0, 8, 1000) == pytest.approx(0.005 + 1e-4)
+    assert profile.step_seconds(0, 0, 0) == 0.0
+    for bad in ([], [[16, 0.1], [16, 0.2]], [[0, 0.1]], [[4, -1.0]], "x"):
+        with pytest.raises(ValueError, match="prefill"):
+            SimulationProfile.load(write_profile(tmp_path, tiny_llama_dir, prefill=bad))
+
+
+def test_streams_are_the_simulated_models_with_real_batching_caching_and_sampling(tiny_llama_dir, tmp_path) -> None:
+    llm = LLM(simulate=str(write_profile(tmp_path, tiny_llama_dir)), num_kv_blocks=48, block_size=4,
+              max_num_batched_tokens=32)
+    prompts = [[5 + i] * (3 + 17 * i) for i in range(8)]  # 3 to 122 tokens: chunked, and preempted with 48 blocks
+    greedy = SamplingParams(temperature=0, max_tokens=20)
+    outs = llm.generate(prompts, greedy)
+    assert [o.token_ids for o in outs] == [expected(llm, p, 20) for p in prompts]
+    assert all(o.finish_reason == "length" for o in outs)
+    assert llm.engine.scheduler.num_preemptions_total > 0
+    # the prefix cache is the real one: the same prompt again is served from it
+    once, again = (llm.generate([prompts[3]], greedy)[0] for _ in range(2))
+    assert again.num_cached_tokens > once.num_cached_tokens and again.token_ids == outs[3].token_ids
+    # a model certain of its next token: sampling at any temperature, seeded or not, picks it
+    sampled = llm.generate(prompts[:3], SamplingParams(temperature=1.3, top_p=0.9, seed=7, max_tokens=8, logprobs=1))
+    assert [o.token_ids for o in sampled] == [expected(llm, p, 8) for p in prompts[:3]]
+    assert all(lp is not None and lp.logprob > -1e-6 for o in sampled for lp in o.logprobs or ())
+    # logit_bias is applied to the simulated logits like to real ones: a large enough one wins
+    banned = expected(llm, prompts[0], 1)[0]
+    biased = llm.generate([prompts[0]], SamplingParams(temperature=0, max_tokens=1, logit_bias={banned: -100.0}))[0]
+    assert biased.token_ids != [banned]
+    # prompt logprobs score each prompt token against the simulated model's choice before it
+    scored = llm.generate([[9, 9, 9, 9]], SamplingParams(temperature=0, max_tokens=1, prompt_logprobs=0))[0]
+    assert scored.prompt_logprobs is not None and len(scored.prompt_logprobs) == 4
+    llm.engine.check_integrity()
+
+
+def test_a_step_takes_the_profiled_time(tiny_llama_dir, tmp_path) -> None:
+    """On the runner's own clock: the time slept over a request is the profile's, step by step, and a KV push
+    hook is told of every layer in turn within the step."""
+    llm = LLM(simulate=str(write_profile(tmp_path, tiny_llama_dir)), num_kv_blocks=64, block_size=4)
+    runner = llm.engine.runner
+    assert isinstance(runner, SimulatedRunner)
+    now = [0.0]
+    slept: list[float] = []
+    layers: list[tuple[int, float]] = []
+
+    def sleep(seconds: float) -> None:
+        slept.append(seconds)
+        now[0] += seconds
+
+    runner.clock, runner.sleep = (lambda: now[0]), sleep
+    runner.layer_observer = lambda layer: layers.append((layer, now[0]))
+    llm.generate([[7] * 100], SamplingParams(temperature=0, max_tokens=3))
+    profile = runner.profile
+    want = profile.step_seconds(100, 0, 0) + profile.step_seconds(0, 1, 101) + profile.step_seconds(0, 1, 102)
+    assert now[0] == pytest.approx(want)
+    num_layers = llm.engine.model_config.num_layers
+    first_step = [t for layer, t in layers[:num_layers]]
+    assert [layer for layer, _ in layers] == list(range(num_layers)) * 3
+    assert first_step[-1] == pytest.approx(profile.step_seconds(100, 0, 0)) and first_step == sorted(first_step)
+
+
+@pytest.mark.parametrize("change", [{"async_scheduling": True}, {"deterministic": True}, {"quantization": "int8"}])
+def test_what_a_simulation_cannot_do_is_refused(tiny_llama_dir, tmp_path, change) -> None:
+    with pytest.raises(ValueError, match="simulated engine runs no model"):
+        EngineConfig(simulate=str(write_profile(tmp_path, tiny_llama_dir)), **change)
+
+
+def test_a_bad_profile_is_refused_at_load_naming_the_file(tmp_path) -> None:
+    path = tmp_path / "broken.json"
+    path.write_text('{"name": "x"}')
+    with pytest.raises(ValueError, match=r"broken\.json"):
+        LLM(simulate=str(path))
+
+
+@pytest.mark.parametrize("layout", [("--prefill", "0", "--decode", "0", "--both", "1"),
+                                    ("--prefill", "1", "--decode", "1")], ids=["aggregated", "1P+1D"])
+async def test_a_cluster_of_simulated_workers_streams_exactly(tiny_llama_dir, tmp_path, layout) -> None:
+    """Real worker processes with simulated engines behind the real router and etcd: every stream is the
+    simulated model's; 1P+1D prefills remotely over the real KV transfer path (token-sized pages)."""
+    profile = write_profile(tmp_path, tiny_llama_dir)
+    alone = LLM(simulate=str(profile), num_kv_blocks=512)
+    jobs = [Job("ids", ids=tuple([11 + i] * (4 + 23 * i)), max_tokens=6 + i) for i in range(8)]
+    want = [Expected(tuple(o.token_ids), o.text, o.finish_reason or "")
+            for o in alone.generate([list(j.ids) for j in jobs],
+                                    [SamplingParams(temperature=0, max_tokens=j.max_tokens) for j in jobs])]
+    assert [w.token_ids for w in want] == [tuple(expected(alone, list(j.ids), j.max_tokens)) for j in jobs]
+    with tandem_up("--simulate", str(profile), "--model", str(tiny_llama_dir), "--num-kv-blocks", "512",
+                   "--min-remote-prefill-tokens", "8", *layout) as cluster:
+        got = [await run_grpc(cluster.grpc_address, job) for job in jobs]
+        assert [g.token_ids for g in got] == [w.token_ids for w in want]
+        assert [g.text for g in got] == [w.text for w in want]
+        if layout[1] == "1":
+            decode = cluster.role("decode")[0]
+            assert metric(worker_metrics(decode), "tandem_disaggregation_decisions_total", decision="remote") > 0
+        await assert_pools_clean(cluster)
