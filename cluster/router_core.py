@@ -243,6 +243,8 @@ class RouterCore:
                 p.inflight += 1
             call = route.decode.stub.Generate(self._worker_request(req, route, deadline, attempt, streamed),
                                               timeout=max(deadline - time.monotonic(), 0.001))
+            if attempt == 0:
+                m.DISPATCH.observe(time.monotonic() - arrival)
             attempt += 1
             try:
                 async for chunk in call:

@@ -27,4 +27,7 @@ RETRIES = Counter("tandem_router_retries", "Requests sent again to another decod
                   "by the error of the first", ["error"])
 MIGRATIONS = Counter("tandem_router_migrations", "Streams moved to another decode worker (with the tokens already "
                      "streamed) after theirs failed mid-stream, by the error", ["error"])
+DISPATCH = Histogram("tandem_router_dispatch_seconds", "A request's admission at the router (tokenized) to its "
+                     "first worker call being sent: the router's own time, routing included",
+                     buckets=(0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0))
 WORKERS = Gauge("tandem_router_workers", "Workers the router routes to, by pool (prefill, decode, both)", ["pool"])

@@ -155,6 +155,11 @@ class AsyncEngine:
         """Prefix-cache changes since the last drain (needs config.record_kv_events)."""
         return await self._call(lambda e: e.drain_kv_events(with_snapshot), quiesce=False)
 
+    def has_kv_events(self) -> bool:
+        """Whether `drain_kv_events` has changes to return, read now from any thread without waiting for the
+        engine (a change made meanwhile is seen by the next call)."""
+        return self._llm.block_manager.has_events
+
     async def set_kv_hook(self, hook: KVStepHook | None) -> None:
         """Plug a KV connector's step hook in (engine.kv_hooks), between two steps."""
         await self._call(lambda e: e.set_kv_hook(hook))

@@ -188,6 +188,12 @@ class BlockManager:
         block.hash = None
         block.token_ids = ()
 
+    @property
+    def has_events(self) -> bool:
+        """Whether a drain would return changes (safe to read from another thread: a change appended just
+        after the read is drained next time)."""
+        return bool(self._stored or self._removed)
+
     def drain_events(self, with_snapshot: bool = False) -> KVCacheEvents:
         events = KVCacheEvents(tuple(self._stored), tuple(self._removed),
                                tuple(self.cached) if with_snapshot else None)

@@ -18,7 +18,9 @@ async def test_preemptions_are_counted(tiny_llama_dir) -> None:
     engine = AsyncEngine(EngineConfig(model=str(tiny_llama_dir), num_kv_blocks=12, max_num_batched_tokens=24,
                                       max_model_len=190, dtype="float32"))
     registry = CollectorRegistry()
-    registry.register(EngineCollector(engine, "w-1"))
+    collector = EngineCollector()
+    collector.add(engine, "w-1")
+    registry.register(collector)
     try:
         assert metric(generate_latest(registry).decode(), "tandem_preemptions_total", worker="w-1") == 0
         params = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)

@@ -52,6 +52,8 @@ class KVEventHub:
             await asyncio.sleep(self.interval_s)
             # a subscriber may leave while the engine answers: only those still joining after it are admitted
             wanted = bool(self._joining)
+            if not wanted and not self.engine.has_kv_events():  # an idle engine's thread is left asleep
+                continue
             try:
                 events = await self.engine.drain_kv_events(with_snapshot=wanted)
             except Exception:

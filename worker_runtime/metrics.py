@@ -1,11 +1,11 @@
-"""Prometheus metrics of a worker process (one worker per process; every series is labelled with
-its worker id)."""
+"""Prometheus metrics of a worker process (one worker, or several simulated ones: every series is
+labelled with its worker id)."""
 
 from __future__ import annotations
 
 from collections.abc import Iterator
 
-from prometheus_client import Counter
+from prometheus_client import REGISTRY, Counter
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
@@ -25,24 +25,37 @@ REMOTE_PREFILL_FAILURES = Counter("tandem_remote_prefill_failures", "Remote pref
 
 
 class EngineCollector(Collector):
-    """Gauges and the scheduler's counters, read from the engine at scrape time (another thread)."""
+    """Gauges and the scheduler's counters of every engine added, read at scrape time (another thread). A
+    process registers one (`ENGINES`): a process hosting several simulated workers labels each one's series."""
 
-    def __init__(self, engine: AsyncEngine, worker_id: str) -> None:
-        self.engine, self.worker_id = engine, worker_id
+    def __init__(self) -> None:
+        self._engines: dict[str, AsyncEngine] = {}
+
+    def add(self, engine: AsyncEngine, worker_id: str) -> None:
+        self._engines[worker_id] = engine
+
+    def remove(self, worker_id: str) -> None:
+        self._engines.pop(worker_id, None)
 
     def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
-        stats = self.engine.stats()
-        for name, doc, value in (
-                ("tandem_running_sequences", "Sequences in the running batch", stats.running),
-                ("tandem_waiting_sequences", "Sequences waiting to be scheduled", stats.waiting),
+        engines = [(worker_id, engine.stats()) for worker_id, engine in list(self._engines.items())]
+        for name, doc, field in (
+                ("tandem_running_sequences", "Sequences in the running batch", "running"),
+                ("tandem_waiting_sequences", "Sequences waiting to be scheduled", "waiting"),
                 ("tandem_remote_kv_waiting_sequences", "Sequences parked until their remote prefill lands",
-                 stats.waiting_for_remote_kv),
-                ("tandem_kv_cache_usage_ratio", "Share of KV blocks in use", stats.kv_usage),
-                ("tandem_kv_free_blocks", "KV blocks free (including evictable cached ones)", stats.free_blocks)):
+                 "waiting_for_remote_kv"),
+                ("tandem_kv_cache_usage_ratio", "Share of KV blocks in use", "kv_usage"),
+                ("tandem_kv_free_blocks", "KV blocks free (including evictable cached ones)", "free_blocks")):
             family = GaugeMetricFamily(name, doc, labels=["worker"])
-            family.add_metric([self.worker_id], value)
+            for worker_id, stats in engines:
+                family.add_metric([worker_id], getattr(stats, field))
             yield family
         preemptions = CounterMetricFamily("tandem_preemptions", "Running sequences preempted (their KV blocks "
                                           "freed, to be recomputed) to make room in the KV cache", labels=["worker"])
-        preemptions.add_metric([self.worker_id], stats.preemptions_total)
+        for worker_id, stats in engines:
+            preemptions.add_metric([worker_id], stats.preemptions_total)
         yield preemptions
+
+
+ENGINES = EngineCollector()  # the process's: worker_runtime.server adds each engine it serves
+REGISTRY.register(ENGINES)

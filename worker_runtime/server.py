@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
-from prometheus_client import REGISTRY, start_http_server
+from prometheus_client import start_http_server
 
 from common.grpc_decoding import RejectUndecodable
 from common.lifecycle import Lifecycle
@@ -29,7 +29,7 @@ from common.worker_record import WorkerRecord, WorkerRegistration
 from engine.async_engine import AsyncEngine
 from engine.loader.default_model import default_model_path
 from tandem.v1 import worker_pb2, worker_pb2_grpc
-from worker_runtime.metrics import EngineCollector
+from worker_runtime.metrics import ENGINES
 from worker_runtime.servicer_base import WorkerServicerBase
 from worker_runtime.settings import WorkerSettings
 
@@ -79,9 +79,8 @@ async def serve(settings: WorkerSettings, build: RoleBuilder, lifecycle: Lifecyc
         await server.start()
         parts.servicer.events.start()
         stack.push_async_callback(parts.servicer.events.stop)
-        collector = EngineCollector(parts.engine, worker_id)
-        REGISTRY.register(collector)
-        stack.callback(REGISTRY.unregister, collector)
+        ENGINES.add(parts.engine, worker_id)
+        stack.callback(ENGINES.remove, worker_id)
         metrics_server, _ = start_http_server(settings.metrics_port, addr=settings.host)
         stack.callback(metrics_server.shutdown)
         engine = parts.engine

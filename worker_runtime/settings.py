@@ -33,6 +33,9 @@ class WorkerSettings(SecuritySettings):
         "schedule the next step while the current one runs (on a CPU it takes cores from the forward)"))
     simulate: str | None = field(default=None, metadata=described(
         "simulation profile (JSON, bench.sim_profile): run no model, take its measured step times (engine.simulated)"))
+    replicas: int = field(default=1, metadata=described(
+        "with --simulate: simulated workers in this process, each with its own gRPC server, etcd record, "
+        "metrics port and engine (ids <worker-id>-<i>; ports must be 0)"))
     grace_s: float = field(default=30.0, metadata=described("SIGTERM: seconds in-flight requests get to finish"))
     lease_ttl_s: int = field(default=3, metadata=described("etcd lease of the worker's record"))
     kv_backends: str = field(default="", metadata=described("transfer backends in order, comma separated; "
@@ -53,6 +56,8 @@ class WorkerSettings(SecuritySettings):
             raise ValueError("min_remote_prefill_tokens must be >= 0 and prefill_timeout_s > 0")
         if self.max_queued_requests < 0:
             raise ValueError("max_queued_requests must be >= 0")
+        if self.replicas < 1 or (self.replicas > 1 and (self.simulate is None or self.grpc_port or self.metrics_port)):
+            raise ValueError("replicas must be >= 1; more than one needs --simulate and ports 0 (each picks its own)")
 
     @property
     def max_admitted(self) -> int:

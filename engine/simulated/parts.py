@@ -8,6 +8,7 @@ push would move are not (a P/D transfer's time is the pusher's, not the profile'
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 import time
@@ -25,6 +26,7 @@ from engine.platform import detect_platform
 from engine.sampler import Sampler
 from engine.simulated.profile import SimulationProfile
 from engine.simulated.runner import SimulatedRunner
+from engine.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -33,13 +35,19 @@ SIMULATED_KV_DTYPE = torch.float32  # of the placeholder pages
 _REAL_KV_BYTES = {"auto": 2, "bfloat16": 2, "float16": 2, "float32": 4, "fp8_e4m3": 1}
 
 
+@functools.cache
+def _shared_tokenizer(path: str | None) -> Tokenizer:
+    """One per checkpoint in a process (a process may host many simulated workers): read-only once loaded."""
+    return load_tokenizer(path)
+
+
 def build_simulated_parts(config: EngineConfig, kv_storage: KVStorageAllocator | None = None) -> LoadedEngineParts:
     assert config.simulate is not None
     started = time.perf_counter()
     profile = SimulationProfile.load(config.simulate)
     cfg = profile.model
     platform = detect_platform("cpu")
-    tokenizer = load_tokenizer(profile.tokenizer)
+    tokenizer = _shared_tokenizer(profile.tokenizer)
     if tokenizer.vocab_size > cfg.vocab_size:
         raise ModelLoadError(f"simulation profile {profile.name}: its tokenizer has {tokenizer.vocab_size} "
                              f"tokens, more than the model's vocabulary of {cfg.vocab_size}")

@@ -147,6 +147,8 @@ def _collected(module: ModuleType) -> Iterator[Family]:
         if (inspect.isclass(value) and value.__module__ == module.__name__ and Collector in value.__mro__
                 and not inspect.isabstract(value)):
             collector = value(*(mock.MagicMock() for _ in inspect.signature(value).parameters))
+            if hasattr(collector, "add"):  # a collector of many sources (worker_runtime.metrics.EngineCollector)
+                collector.add(mock.MagicMock(), "stand-in")
             for family in collector.collect():
                 labels = {k for s in family.samples for k in s.labels} - {"le"}
                 yield Family(family.name + _SUFFIX.get(family.type, ""), family.type, tuple(sorted(labels)),

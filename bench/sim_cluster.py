@@ -1,0 +1,97 @@
+"""A cluster of simulated workers at scale on one machine: one etcd, the real router, and fleet processes
+of simulated workers (`tandem worker --simulate PROFILE --replicas N`), each worker a real gRPC server
+with its own etcd record. Used by bench.sim_scale and the many-worker smoke test."""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+from bench.scrape import fetch, metric
+from common.etcd.local import EtcdServer
+from common.processes import spawn, stop
+
+REPO = __file__.rsplit("/bench/", 1)[0]
+# each worker keeps its record alive every TTL/3: at the default 3 s, 1000 workers send etcd ~330
+# refreshes a second on top of the transfer engines' own; 10 s is etcd's usual order for a lease
+LEASE_TTL_S = 10
+
+
+@dataclass
+class SimCluster:
+    etcd: str
+    grpc_address: str
+    http_url: str
+    router: subprocess.Popen
+    fleets: list[subprocess.Popen] = field(default_factory=list)
+    workers: dict[str, list[str]] = field(default_factory=dict)  # role -> worker ids
+
+    def router_metrics(self) -> str:
+        return fetch(f"{self.http_url}/metrics")
+
+    def seen(self, pool: str) -> float:
+        return metric(self.router_metrics(), "tandem_router_workers", pool=pool)
+
+
+def _read_ready(proc: subprocess.Popen, count: int, timeout_s: float, what: str) -> list[list[str]]:
+    """The fields of `count` READY lines `proc` prints (raises if it exits or the time runs out first)."""
+    assert proc.stdout is not None
+    deadline, found = time.monotonic() + timeout_s, []
+    while len(found) < count:
+        line = proc.stdout.readline()
+        if not line:
+            raise RuntimeError(f"{what} exited (rc {proc.wait()}) after {len(found)} of {count} READY lines")
+        if line.startswith("READY "):
+            found.append(line.split()[1:])
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{what}: {len(found)} of {count} READY lines in {timeout_s} s")
+    return found
+
+
+@contextlib.contextmanager
+def sim_cluster(profile: str, prefill: int, decode: int, per_process: int = 100, policy: str = "kv_aware",
+                model: str | None = None, worker_args: tuple[str, ...] = (),
+                ready_timeout_s: float = 600.0) -> Iterator[SimCluster]:
+    """`prefill` + `decode` simulated workers in fleets of at most `per_process`, and the router (reading
+    `model`'s tokenizer: the profile's), until exit."""
+    with tempfile.TemporaryDirectory(prefix="tandem-sim-") as data:
+        etcd = EtcdServer(data)
+        etcd.start()
+        router = spawn([sys.executable, "-m", "cluster.cli", "router", "--etcd", etcd.endpoint, "--policy", policy,
+                        "--grpc-port", "0", "--http-port", "0", *(["--model", model] if model else [])],
+                       cwd=REPO, stdout=subprocess.PIPE, text=True)
+        cluster: SimCluster | None = None
+        try:
+            _, grpc_address, http_url = _read_ready(router, 1, 120, "the router")[0]
+            cluster = SimCluster(etcd.endpoint, grpc_address, http_url, router)
+            started = []
+            for role, count in (("prefill", prefill), ("decode", decode)):
+                for i in range(math.ceil(count / per_process)):
+                    replicas = min(per_process, count - i * per_process)
+                    proc = spawn([sys.executable, "-m", "cluster.cli", "worker", "--role", role, "--etcd",
+                                  etcd.endpoint, "--simulate", profile, "--replicas", str(replicas),
+                                  "--worker-id", f"{role}-{i}", "--lease-ttl-s", str(LEASE_TTL_S), *worker_args],
+                                 cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+                    cluster.fleets.append(proc)
+                    started.append((role, proc, replicas))
+            for role, proc, replicas in started:  # the fleets start in parallel
+                ready = _read_ready(proc, replicas, ready_timeout_s, f"a {role} fleet")
+                cluster.workers.setdefault(role, []).extend(fields[0] for fields in ready)
+            yield cluster
+        finally:
+            for proc in (cluster.fleets if cluster else []):
+                proc.terminate()
+            for proc in (cluster.fleets if cluster else []):
+                stop(proc, 120)
+                if proc.stdout is not None:
+                    proc.stdout.close()
+            stop(router, 30)
+            if router.stdout is not None:
+                router.stdout.close()
+            etcd.stop()

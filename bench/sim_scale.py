@@ -1,0 +1,140 @@
+"""The control plane at scale, on simulated workers (engine.simulated): router throughput and its own
+dispatch latency at several worker counts and routing policies.
+
+    python -m bench.sim_scale --profile P.json [--workers 10 100 200] [--policies round_robin kv_aware]
+                              [--clients 32] [--seconds 20] [--json out.json]
+
+For each (worker count, policy): half prefill, half decode workers in fleets of `--per-process`, the real
+router and etcd; `--clients` closed-loop gRPC clients send requests of `--prompt-tokens` random tokens
+(prefilled remotely: longer than the workers' --min-remote-prefill-tokens) for `--max-tokens` tokens each,
+for `--seconds`. Reported: requests/s, client end-to-end p50/p99, and the router's dispatch time p50/p99
+(`tandem_router_dispatch_seconds`, admission to the first worker call, over the run). Everything shares
+this machine's cores: the clients, the router, etcd and every fleet.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import random
+import sys
+import time
+from typing import Any
+
+import grpc
+from prometheus_client.parser import text_string_to_metric_families
+
+from bench.sim_cluster import SimCluster, sim_cluster
+from bench.throughput import machine_info
+from cluster.planner.observation import Buckets, bucket_delta, quantile_from_buckets
+from tandem.v1 import inference_pb2 as pb
+from tandem.v1 import inference_pb2_grpc
+
+DISPATCH = "tandem_router_dispatch_seconds"
+
+
+def dispatch_buckets(text: str) -> Buckets:
+    found: dict[float, float] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == f"{DISPATCH}_bucket":
+                found[float(sample.labels["le"])] = sample.value
+    return sorted(found.items())
+
+
+async def closed_loop(address: str, clients: int, seconds: float, prompt_tokens: int, max_tokens: int,
+                      vocab: int) -> dict[str, Any]:
+    rng = random.Random(11)
+    latencies: list[float] = []
+    errors: list[str] = []
+    stop_at = time.monotonic() + seconds
+    async with grpc.aio.insecure_channel(address) as channel:
+        stub = inference_pb2_grpc.InferenceStub(channel)
+
+        async def client() -> None:
+            while time.monotonic() < stop_at:
+                request = pb.GenerateRequest(
+                    token_ids=pb.TokenIds(ids=[rng.randrange(10, vocab) for _ in range(prompt_tokens)]),
+                    sampling=pb.SamplingParameters(temperature=0.0, max_tokens=max_tokens, ignore_eos=True),
+                    timeout_seconds=60)
+                started = time.monotonic()
+                try:
+                    async for _ in stub.Generate(request, timeout=60):
+                        pass
+                    latencies.append(time.monotonic() - started)
+                except grpc.aio.AioRpcError as e:
+                    errors.append(e.code().name)
+
+        started = time.monotonic()
+        await asyncio.gather(*(client() for _ in range(clients)))
+        elapsed = time.monotonic() - started
+    latencies.sort()
+
+    def pick(q: float) -> float | None:
+        return latencies[min(int(q * len(latencies)), len(latencies) - 1)] if latencies else None
+
+    return {"requests": len(latencies), "errors": len(errors), "error_codes": sorted(set(errors)),
+            "requests_per_s": len(latencies) / elapsed, "e2e_p50_s": pick(0.5), "e2e_p99_s": pick(0.99)}
+
+
+async def wait_for_view(cluster: SimCluster, prefill: int, decode: int, timeout_s: float = 120.0) -> float:
+    started = time.monotonic()
+    while (cluster.seen("prefill"), cluster.seen("decode")) != (prefill, decode):
+        if time.monotonic() - started > timeout_s:
+            raise TimeoutError(f"the router sees {cluster.seen('prefill')} + {cluster.seen('decode')} workers, "
+                               f"not {prefill} + {decode}")
+        await asyncio.sleep(0.5)
+    return time.monotonic() - started
+
+
+def run_one(args: argparse.Namespace, workers: int, policy: str) -> dict[str, Any]:
+    prefill, decode = workers // 2, workers - workers // 2
+    started = time.monotonic()
+    with sim_cluster(args.profile, prefill, decode, args.per_process, policy, args.model,
+                     ("--min-remote-prefill-tokens", str(args.prompt_tokens // 2))) as cluster:
+        up_s = time.monotonic() - started
+        view_s = asyncio.run(wait_for_view(cluster, prefill, decode))
+        before = dispatch_buckets(cluster.router_metrics())
+        load = asyncio.run(closed_loop(cluster.grpc_address, args.clients, args.seconds, args.prompt_tokens,
+                                       args.max_tokens, args.vocab))
+        window = bucket_delta(dispatch_buckets(cluster.router_metrics()), before)
+    return {"workers": workers, "policy": policy, "startup_s": up_s, "router_view_s": view_s, **load,
+            "dispatch_p50_s": quantile_from_buckets(0.5, window), "dispatch_p99_s": quantile_from_buckets(0.99, window)}
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(prog="python -m bench.sim_scale", description=__doc__.split("\n\n")[0])
+    p.add_argument("--profile", required=True, help="simulation profile (python -m bench.sim_profile)")
+    p.add_argument("--model", help="the checkpoint whose tokenizer the router reads (default: the default model's)")
+    p.add_argument("--workers", type=int, nargs="+", default=[10, 100, 200])
+    p.add_argument("--policies", nargs="+", default=["round_robin", "kv_aware"])
+    p.add_argument("--per-process", type=int, default=50)
+    p.add_argument("--clients", type=int, default=32)
+    p.add_argument("--seconds", type=float, default=20.0)
+    p.add_argument("--prompt-tokens", type=int, default=64)
+    p.add_argument("--max-tokens", type=int, default=4)
+    p.add_argument("--vocab", type=int, default=40000, help="prompt token ids are drawn below this")
+    p.add_argument("--json")
+    args = p.parse_args(argv)
+    runs = []
+    for workers in args.workers:
+        for policy in args.policies:
+            print(f"{workers} workers, {policy} ...", file=sys.stderr, flush=True)
+            runs.append(run_one(args, workers, policy))
+            print(json.dumps(runs[-1]), file=sys.stderr, flush=True)
+    result = {"machine": machine_info(), "config": vars(args), "runs": runs}
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=1)
+    print(f"{'workers':>8} {'policy':>12} {'req/s':>8} {'e2e p50':>9} {'e2e p99':>9} {'dispatch p50':>13} "
+          f"{'dispatch p99':>13} {'errors':>7}")
+    for r in runs:
+        def ms(v: float | None) -> str:
+            return "-" if v is None else f"{v * 1000:.2f} ms"
+        print(f"{r['workers']:>8} {r['policy']:>12} {r['requests_per_s']:>8.1f} {ms(r['e2e_p50_s']):>9} "
+              f"{ms(r['e2e_p99_s']):>9} {ms(r['dispatch_p50_s']):>13} {ms(r['dispatch_p99_s']):>13} {r['errors']:>7}")
+
+
+if __name__ == "__main__":
+    main()
