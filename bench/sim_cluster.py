@@ -6,9 +6,12 @@ from __future__ import annotations
 
 import contextlib
 import math
+import queue
+import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -41,16 +44,26 @@ class SimCluster:
 
 def _read_ready(proc: subprocess.Popen, count: int, timeout_s: float, what: str) -> list[list[str]]:
     """The fields of `count` READY lines `proc` prints (raises if it exits or the time runs out first)."""
-    assert proc.stdout is not None
+    stdout = proc.stdout
+    assert stdout is not None
+    lines: queue.SimpleQueue[str] = queue.SimpleQueue()
+
+    def read() -> None:  # every line, so the pipe never fills; "" at EOF (the process exited)
+        for line in iter(stdout.readline, ""):
+            lines.put(line)
+        lines.put("")
+
+    threading.Thread(target=read, daemon=True).start()
     deadline, found = time.monotonic() + timeout_s, []
     while len(found) < count:
-        line = proc.stdout.readline()
+        try:
+            line = lines.get(timeout=max(deadline - time.monotonic(), 0.0))
+        except queue.Empty:
+            raise TimeoutError(f"{what}: {len(found)} of {count} READY lines in {timeout_s} s") from None
         if not line:
             raise RuntimeError(f"{what} exited (rc {proc.wait()}) after {len(found)} of {count} READY lines")
         if line.startswith("READY "):
             found.append(line.split()[1:])
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"{what}: {len(found)} of {count} READY lines in {timeout_s} s")
     return found
 
 
@@ -85,10 +98,16 @@ def sim_cluster(profile: str, prefill: int, decode: int, per_process: int = 100,
                 cluster.workers.setdefault(role, []).extend(fields[0] for fields in ready)
             yield cluster
         finally:
-            for proc in (cluster.fleets if cluster else []):
-                proc.terminate()
-            for proc in (cluster.fleets if cluster else []):
-                stop(proc, 120)
+            fleets = cluster.fleets if cluster else []
+            for proc in fleets:  # every fleet drains at once; each gets one SIGTERM (a second kills it)
+                if proc.poll() is None:
+                    proc.send_signal(signal.SIGTERM)
+            for proc in fleets:
+                try:
+                    proc.wait(120)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait()
                 if proc.stdout is not None:
                     proc.stdout.close()
             stop(router, 30)

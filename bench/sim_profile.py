@@ -2,10 +2,11 @@
 
     python -m bench.sim_profile [--model PATH] [--output profile.json]
 
-Times single engine steps: a prefill step of N new prompt tokens for each N of `--prefill-tokens`; a decode
-step of B rows (contexts of `--context` tokens) for each B of `--decode-batches`, median of `--repeats`
-steps; and the cost of context, from batch-8 decode steps at two context lengths. Prompts are random token
-ids, so the prefix cache serves none of them.
+Times the model runner's part of single engine steps (the forward and sampling; the simulated engine runs
+the real scheduler itself): a prefill step of N new prompt tokens for each N of `--prefill-tokens`; a
+decode step of B rows (contexts of `--context` tokens) for each B of `--decode-batches`, median of
+`--repeats` steps, every row decoding throughout; and the cost of context, from batch-8 decode steps at two
+context lengths. Prompts are random token ids, so the prefix cache serves none of them.
 """
 
 from __future__ import annotations
@@ -29,43 +30,54 @@ class StepTimer:
         self.rng = random.Random(seed)
         self.vocab = engine.model_config.vocab_size
         self.count = 0
+        self.executed: list[float] = []  # seconds of each runner.execute call
+        run = engine.runner.execute
+
+        def timed(plan):  # type: ignore[no-untyped-def]
+            started = time.perf_counter()
+            try:
+                return run(plan)
+            finally:
+                self.executed.append(time.perf_counter() - started)
+
+        engine.runner.execute = timed  # type: ignore[method-assign]
 
     def _prompt(self, length: int) -> list[int]:
         return [self.rng.randrange(FIRST_ORDINARY_ID, self.vocab) for _ in range(length)]
 
-    def _add(self, length: int, max_tokens: int) -> None:
+    def _add(self, length: int, max_tokens: int) -> str:
         self.count += 1
         request = self.engine.make_request(f"p{self.count}", self._prompt(length),
                                            SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True))
         self.engine.add_request(request)
+        return request.request_id
 
-    def _finish(self) -> None:
-        while self.engine.has_unfinished_requests():
-            self.engine.step()
+    def _step(self) -> float:
+        """The runner's seconds in one engine step."""
+        self.executed.clear()
+        self.engine.step()
+        return sum(self.executed)
 
     def prefill(self, tokens: int, repeats: int) -> float:
-        """Median seconds of a step holding one prompt of `tokens` tokens."""
+        """Median seconds of the model on one prompt of `tokens` tokens (one step)."""
         times = []
         for _ in range(repeats):
             self._add(tokens, 1)
-            started = time.perf_counter()
-            self.engine.step()
-            times.append(time.perf_counter() - started)
-            self._finish()
+            times.append(self._step())
+            while self.engine.has_unfinished_requests():
+                self.engine.step()
         return statistics.median(times)
 
     def decode(self, batch: int, context: int, repeats: int) -> float:
-        """Median seconds of a decode step of `batch` rows, each attending to about `context` tokens."""
-        for _ in range(batch):
-            self._add(context, repeats + 2)
+        """Median seconds of the model on a decode step of `batch` rows, each attending to about `context`
+        tokens; none ends meanwhile (aborted after)."""
+        ids = [self._add(context, 10**6) for _ in range(batch)]
         while self.engine.scheduler.waiting or any(s.in_prefill for s in self.engine.scheduler.running):
             self.engine.step()
-        times = []
-        for _ in range(repeats):
-            started = time.perf_counter()
-            self.engine.step()
-            times.append(time.perf_counter() - started)
-        self._finish()
+        assert len(self.engine.scheduler.running) == batch, "the KV pool holds fewer rows than the batch"
+        times = [self._step() for _ in range(repeats)]
+        for request_id in ids:
+            self.engine.abort_request(request_id)
         return statistics.median(times)
 
 
@@ -94,7 +106,8 @@ def main(argv: list[str] | None = None) -> None:
         "name": args.name or engine.model_config.name, "tokenizer": args.model,
         "source": (f"measured: {info['cpu_model']} ({', '.join(info['cpu_features'])}), {info['usable_cores']} cores, "
                    f"{engine.parts.pool.compute_dtype}, {info['date']}, python -m bench.sim_profile"),
-        "model": config, "prefill": prefill, "decode": decode, "context_s_per_token": context_s_per_token}
+        "model": config, "prefill": prefill, "decode": decode, "decode_context": args.context,
+        "context_s_per_token": context_s_per_token}
     text = json.dumps(profile, indent=1)
     if args.output == "-":
         print(text)

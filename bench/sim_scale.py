@@ -7,9 +7,10 @@ dispatch latency at several worker counts and routing policies.
 For each (worker count, policy): half prefill, half decode workers in fleets of `--per-process`, the real
 router and etcd; `--clients` closed-loop gRPC clients send requests of `--prompt-tokens` random tokens
 (prefilled remotely: longer than the workers' --min-remote-prefill-tokens) for `--max-tokens` tokens each,
-for `--seconds`. Reported: requests/s, client end-to-end p50/p99, and the router's dispatch time p50/p99
-(`tandem_router_dispatch_seconds`, admission to the first worker call, over the run). Everything shares
-this machine's cores: the clients, the router, etcd and every fleet.
+for `--seconds`. Reported: requests/s, client end-to-end p50/p99, the router's dispatch time p50/p99
+(`tandem_router_dispatch_seconds`, admission to the first worker call, over the run), and the CPU seconds
+the router and the fleets used meanwhile. Everything shares this machine's cores: the clients, the router,
+etcd and every fleet; the router's CPU per request is what carries over to a machine of its own.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import random
 import sys
 import time
@@ -28,6 +30,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from bench.sim_cluster import SimCluster, sim_cluster
 from bench.throughput import machine_info
 from cluster.planner.observation import Buckets, bucket_delta, quantile_from_buckets
+from engine.simulated.profile import SimulationProfile
 from tandem.v1 import inference_pb2 as pb
 from tandem.v1 import inference_pb2_grpc
 
@@ -88,6 +91,13 @@ async def wait_for_view(cluster: SimCluster, prefill: int, decode: int, timeout_
     return time.monotonic() - started
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of process `pid` so far (all its threads)."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def run_one(args: argparse.Namespace, workers: int, policy: str) -> dict[str, Any]:
     prefill, decode = workers // 2, workers - workers // 2
     started = time.monotonic()
@@ -96,11 +106,16 @@ def run_one(args: argparse.Namespace, workers: int, policy: str) -> dict[str, An
         up_s = time.monotonic() - started
         view_s = asyncio.run(wait_for_view(cluster, prefill, decode))
         before = dispatch_buckets(cluster.router_metrics())
+        router_cpu, fleet_cpu = cpu_seconds(cluster.router.pid), sum(cpu_seconds(p.pid) for p in cluster.fleets)
         load = asyncio.run(closed_loop(cluster.grpc_address, args.clients, args.seconds, args.prompt_tokens,
                                        args.max_tokens, args.vocab))
+        router_cpu = cpu_seconds(cluster.router.pid) - router_cpu
+        fleet_cpu = sum(cpu_seconds(p.pid) for p in cluster.fleets) - fleet_cpu
         window = bucket_delta(dispatch_buckets(cluster.router_metrics()), before)
     return {"workers": workers, "policy": policy, "startup_s": up_s, "router_view_s": view_s, **load,
-            "dispatch_p50_s": quantile_from_buckets(0.5, window), "dispatch_p99_s": quantile_from_buckets(0.99, window)}
+            "dispatch_p50_s": quantile_from_buckets(0.5, window), "dispatch_p99_s": quantile_from_buckets(0.99, window),
+            "router_cpu_s": router_cpu, "fleets_cpu_s": fleet_cpu,
+            "router_cpu_ms_per_request": 1000 * router_cpu / max(load["requests"], 1)}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -114,9 +129,11 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--seconds", type=float, default=20.0)
     p.add_argument("--prompt-tokens", type=int, default=64)
     p.add_argument("--max-tokens", type=int, default=4)
-    p.add_argument("--vocab", type=int, default=40000, help="prompt token ids are drawn below this")
+    p.add_argument("--vocab", type=int, help="prompt token ids are drawn below this (default: the profile's model's)")
     p.add_argument("--json")
     args = p.parse_args(argv)
+    if args.vocab is None:
+        args.vocab = SimulationProfile.load(args.profile).model.vocab_size
     runs = []
     for workers in args.workers:
         for policy in args.policies:
@@ -128,12 +145,13 @@ def main(argv: list[str] | None = None) -> None:
         with open(args.json, "w") as f:
             json.dump(result, f, indent=1)
     print(f"{'workers':>8} {'policy':>12} {'req/s':>8} {'e2e p50':>9} {'e2e p99':>9} {'dispatch p50':>13} "
-          f"{'dispatch p99':>13} {'errors':>7}")
+          f"{'dispatch p99':>13} {'router cpu/req':>15} {'errors':>7}")
     for r in runs:
         def ms(v: float | None) -> str:
             return "-" if v is None else f"{v * 1000:.2f} ms"
         print(f"{r['workers']:>8} {r['policy']:>12} {r['requests_per_s']:>8.1f} {ms(r['e2e_p50_s']):>9} "
-              f"{ms(r['e2e_p99_s']):>9} {ms(r['dispatch_p50_s']):>13} {ms(r['dispatch_p99_s']):>13} {r['errors']:>7}")
+              f"{ms(r['e2e_p99_s']):>9} {ms(r['dispatch_p50_s']):>13} {ms(r['dispatch_p99_s']):>13} "
+              f"{r['router_cpu_ms_per_request']:>12.2f} ms {r['errors']:>7}")
 
 
 if __name__ == "__main__":

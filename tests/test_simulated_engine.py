@@ -5,35 +5,15 @@ profile's time; what it cannot simulate is refused."""
 
 from __future__ import annotations
 
-import json
-import pathlib
-
 import pytest
 
 from engine import LLM, EngineConfig, SamplingParams
-from engine.loader.api import load_model
-from engine.loader.weight_cache import config_to_json
+from engine.errors import ModelLoadError
 from engine.simulated.profile import SimulationProfile
-from engine.simulated.runner import SimulatedRunner, simulated_continuation
+from engine.simulated.runner import SimulatedRunner
 from tests.support.cluster import assert_pools_clean, metric, tandem_up, worker_metrics
 from tests.support.cluster_workload import Expected, Job, run_grpc
-
-PREFILL = [[16, 0.002], [256, 0.02], [2048, 0.16]]
-DECODE = [[1, 0.003], [8, 0.005], [64, 0.02]]
-
-
-def write_profile(directory: pathlib.Path, checkpoint: pathlib.Path, **overrides: object) -> pathlib.Path:
-    """A profile of `checkpoint`'s architecture with made-up step times (labelled as such)."""
-    profile = {"name": "tiny-test", "source": "published: made-up figures for the tests",
-               "model": json.loads(config_to_json(load_model(str(checkpoint)).config)), "tokenizer": str(checkpoint),
-               "prefill": PREFILL, "decode": DECODE, "context_s_per_token": 1e-7, **overrides}
-    path = directory / "profile.json"
-    path.write_text(json.dumps(profile))
-    return path
-
-
-def expected(llm: LLM, prompt: list[int], count: int) -> list[int]:
-    return simulated_continuation(prompt, count, llm.engine.model_config.vocab_size, llm.tokenizer.eos_token_ids)
+from tests.support.simulation import expected, write_profile
 
 
 def test_the_profile_interpolates_and_refuses_bad_curves(tiny_llama_dir, tmp_path) -> None:
@@ -44,14 +24,20 @@ def test_the_profile_interpolates_and_refuses_bad_curves(tiny_llama_dir, tmp_pat
     assert profile.step_seconds(4096, 0, 0) == pytest.approx(0.32)  # the last segment extended
     assert profile.step_seconds(0, 8, 1000) == pytest.approx(0.005 + 1e-4)
     assert profile.step_seconds(0, 0, 0) == 0.0
-    for bad in ([], [[16, 0.1], [16, 0.2]], [[0, 0.1]], [[4, -1.0]], "x"):
+    # context beyond the decode curve's own (here 10 tokens per row) costs; less than it saves
+    measured_at = SimulationProfile.load(write_profile(tmp_path, tiny_llama_dir, decode_context=10))
+    assert measured_at.step_seconds(0, 8, 80) == pytest.approx(0.005) and measured_at.step_seconds(0, 8, 1080) == (
+        pytest.approx(0.005 + 1e-4))
+    falling = SimulationProfile.load(write_profile(tmp_path, tiny_llama_dir, decode=[[1, 0.003], [8, 0.002]]))
+    assert falling.step_seconds(0, 64, 0) == pytest.approx(0.002)  # a noisy last segment does not fall on
+    for bad in ([], [[16, 0.1]], [[16, 0.1], [16, 0.2]], [[0, 0.1], [4, 0.2]], [[4, -1.0], [8, 1.0]], "x"):
         with pytest.raises(ValueError, match="prefill"):
             SimulationProfile.load(write_profile(tmp_path, tiny_llama_dir, prefill=bad))
 
 
 def test_streams_are_the_simulated_models_with_real_batching_caching_and_sampling(tiny_llama_dir, tmp_path) -> None:
-    llm = LLM(simulate=str(write_profile(tmp_path, tiny_llama_dir)), num_kv_blocks=48, block_size=4,
-              max_num_batched_tokens=32)
+    llm = LLM(str(tiny_llama_dir), simulate=str(write_profile(tmp_path, tiny_llama_dir)), num_kv_blocks=48,
+              block_size=4, max_num_batched_tokens=32)
     prompts = [[5 + i] * (3 + 17 * i) for i in range(8)]  # 3 to 122 tokens: chunked, and preempted with 48 blocks
     greedy = SamplingParams(temperature=0, max_tokens=20)
     outs = llm.generate(prompts, greedy)
@@ -69,16 +55,26 @@ def test_streams_are_the_simulated_models_with_real_batching_caching_and_samplin
     banned = expected(llm, prompts[0], 1)[0]
     biased = llm.generate([prompts[0]], SamplingParams(temperature=0, max_tokens=1, logit_bias={banned: -100.0}))[0]
     assert biased.token_ids != [banned]
-    # prompt logprobs score each prompt token against the simulated model's choice before it
-    scored = llm.generate([[9, 9, 9, 9]], SamplingParams(temperature=0, max_tokens=1, prompt_logprobs=0))[0]
-    assert scored.prompt_logprobs is not None and len(scored.prompt_logprobs) == 4
+    # prompt logprobs score each prompt token against the simulated model's choice before it: a prompt the
+    # model would have written scores ~0 everywhere; one changed token scores ~-CERTAINTY there and at the two
+    # after it (the model reads the last two tokens), nowhere else (the 40 tokens span two chunks of 32)
+    written = [9, *expected(llm, [9], 39)]
+    changed = [*written[:25], (written[25] + 1) % 500, *written[26:]]
+    for prompt, low in ((written, []), (changed, [25, 26, 27])):
+        scored = llm.generate([prompt], SamplingParams(temperature=0, max_tokens=1, prompt_logprobs=0))[0]
+        assert scored.prompt_logprobs is not None and len(scored.prompt_logprobs) == 40
+        values = [lp.logprob if lp is not None else None for lp in scored.prompt_logprobs]
+        assert values[0] is None  # nothing scores the first token
+        assert [i for i, v in enumerate(values[1:], 1) if v is not None and v < -1] == low
+        assert all(values[i] == pytest.approx(-60.0, abs=1e-3) for i in low)
     llm.engine.check_integrity()
 
 
 def test_a_step_takes_the_profiled_time(tiny_llama_dir, tmp_path) -> None:
     """On the runner's own clock: the time slept over a request is the profile's, step by step, and a KV push
     hook is told of every layer in turn within the step."""
-    llm = LLM(simulate=str(write_profile(tmp_path, tiny_llama_dir)), num_kv_blocks=64, block_size=4)
+    llm = LLM(str(tiny_llama_dir), simulate=str(write_profile(tmp_path, tiny_llama_dir)), num_kv_blocks=64,
+              block_size=4)
     runner = llm.engine.runner
     assert isinstance(runner, SimulatedRunner)
     now = [0.0]
@@ -107,6 +103,12 @@ def test_what_a_simulation_cannot_do_is_refused(tiny_llama_dir, tmp_path, change
         EngineConfig(simulate=str(write_profile(tmp_path, tiny_llama_dir)), **change)
 
 
+def test_a_profile_of_another_model_is_refused(tiny_llama_dir, tiny_qwen2_dir, tmp_path) -> None:
+    """The worker serves the model it is named for: the profile must be of that checkpoint (its tokenizer)."""
+    with pytest.raises(ModelLoadError, match="pass its checkpoint as --model"):
+        LLM(model=str(tiny_qwen2_dir), simulate=str(write_profile(tmp_path, tiny_llama_dir)))
+
+
 def test_a_bad_profile_is_refused_at_load_naming_the_file(tmp_path) -> None:
     path = tmp_path / "broken.json"
     path.write_text('{"name": "x"}')
@@ -120,7 +122,7 @@ async def test_a_cluster_of_simulated_workers_streams_exactly(tiny_llama_dir, tm
     """Real worker processes with simulated engines behind the real router and etcd: every stream is the
     simulated model's; 1P+1D prefills remotely over the real KV transfer path (token-sized pages)."""
     profile = write_profile(tmp_path, tiny_llama_dir)
-    alone = LLM(simulate=str(profile), num_kv_blocks=512)
+    alone = LLM(str(tiny_llama_dir), simulate=str(profile), num_kv_blocks=512)
     jobs = [Job("ids", ids=tuple([11 + i] * (4 + 23 * i)), max_tokens=6 + i) for i in range(8)]
     want = [Expected(tuple(o.token_ids), o.text, o.finish_reason or "")
             for o in alone.generate([list(j.ids) for j in jobs],

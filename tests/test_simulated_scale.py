@@ -11,17 +11,15 @@ import pytest
 
 from bench.scrape import metric
 from bench.sim_cluster import sim_cluster
-from engine.loader.api import load_tokenizer
-from engine.simulated.runner import simulated_continuation
 from tests.support.cluster_workload import Job, gather_limited, run_grpc
-from tests.test_simulated_engine import write_profile
+from tests.support.simulation import expected_of, write_profile
 
 
 @pytest.mark.slow
 @pytest.mark.timeout(600)
 async def test_two_hundred_simulated_workers_serve_a_load_exactly(tiny_llama_dir, tmp_path) -> None:
     profile = write_profile(tmp_path, tiny_llama_dir)
-    vocab, eos = 512, load_tokenizer(str(tiny_llama_dir)).eos_token_ids
+    vocab = 512
     rng = random.Random(5)
     jobs = [Job("ids", ids=tuple(rng.randrange(4, vocab) for _ in range(rng.choice([4, 40, 90]))),
                 max_tokens=rng.randint(1, 12)) for _ in range(120)]
@@ -34,7 +32,7 @@ async def test_two_hundred_simulated_workers_serve_a_load_exactly(tiny_llama_dir
             await asyncio.sleep(0.3)
         assert cluster.seen("prefill") == cluster.seen("decode") == 100
         got = await gather_limited([run_grpc(cluster.grpc_address, job) for job in jobs], 16)
-        assert [g.token_ids for g in got] == [tuple(simulated_continuation(list(j.ids), j.max_tokens, vocab, eos))
+        assert [g.token_ids for g in got] == [tuple(expected_of(tiny_llama_dir, list(j.ids), j.max_tokens))
                                              for j in jobs]
         text = cluster.router_metrics()
         for pool, least in (("decode", 30), ("prefill", 10)):  # long prompts prefill remotely

@@ -34,8 +34,9 @@ class EngineCollector(Collector):
     def add(self, engine: AsyncEngine, worker_id: str) -> None:
         self._engines[worker_id] = engine
 
-    def remove(self, worker_id: str) -> None:
-        self._engines.pop(worker_id, None)
+    def remove(self, engine: AsyncEngine, worker_id: str) -> None:
+        if self._engines.get(worker_id) is engine:  # not a later engine served under the same id
+            del self._engines[worker_id]
 
     def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
         engines = [(worker_id, engine.stats()) for worker_id, engine in list(self._engines.items())]

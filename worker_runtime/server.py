@@ -80,7 +80,7 @@ async def serve(settings: WorkerSettings, build: RoleBuilder, lifecycle: Lifecyc
         parts.servicer.events.start()
         stack.push_async_callback(parts.servicer.events.stop)
         ENGINES.add(parts.engine, worker_id)
-        stack.callback(ENGINES.remove, worker_id)
+        stack.callback(ENGINES.remove, parts.engine, worker_id)
         metrics_server, _ = start_http_server(settings.metrics_port, addr=settings.host)
         stack.callback(metrics_server.shutdown)
         engine = parts.engine

@@ -15,11 +15,11 @@ import time
 
 import torch
 
-from engine.config import EngineConfig
+from engine.config import EngineConfig, ModelConfig
 from engine.errors import ModelLoadError
 from engine.kv_cache import KVCachePool, KVCacheSpec, tensor_bytes
 from engine.kv_hooks import KVStorageAllocator
-from engine.loader.api import load_tokenizer
+from engine.loader.api import load_tokenizer, resolve_model_path
 from engine.loader.engine_parts import DEFAULT_MAX_MODEL_LEN, LoadedEngineParts
 from engine.models.registry import model_class
 from engine.platform import detect_platform
@@ -41,12 +41,20 @@ def _shared_tokenizer(path: str | None) -> Tokenizer:
     return load_tokenizer(path)
 
 
+def simulated_avoids(tokenizer: Tokenizer, model: ModelConfig) -> tuple[int, ...]:
+    """The ids the simulated model never picks: end-of-sequence and every special token."""
+    return tuple(sorted({*tokenizer.eos_token_ids, *model.eos_token_ids, *tokenizer.all_special_ids}))
+
+
 def build_simulated_parts(config: EngineConfig, kv_storage: KVStorageAllocator | None = None) -> LoadedEngineParts:
     assert config.simulate is not None
     started = time.perf_counter()
     profile = SimulationProfile.load(config.simulate)
     cfg = profile.model
     platform = detect_platform("cpu")
+    if resolve_model_path(config.model) != resolve_model_path(profile.tokenizer):  # the name the worker serves
+        raise ModelLoadError(f"simulation profile {profile.name} is of {profile.tokenizer or 'the default model'}, "
+                             f"not {config.model or 'the default model'}: pass its checkpoint as --model")
     tokenizer = _shared_tokenizer(profile.tokenizer)
     if tokenizer.vocab_size > cfg.vocab_size:
         raise ModelLoadError(f"simulation profile {profile.name}: its tokenizer has {tokenizer.vocab_size} "
@@ -62,7 +70,7 @@ def build_simulated_parts(config: EngineConfig, kv_storage: KVStorageAllocator |
     storage = None if kv_storage is None else kv_storage(tensor_bytes(spec))
     pool = KVCachePool(spec, platform.device, SIMULATED_KV_DTYPE, storage)
     sampler = Sampler(cfg.vocab_size, platform.device, seed=config.seed)
-    runner = SimulatedRunner(profile, sampler, cfg.num_layers, (*tokenizer.eos_token_ids, *cfg.eos_token_ids))
+    runner = SimulatedRunner(profile, sampler, cfg.num_layers, tokenizer.vocab_size, simulated_avoids(tokenizer, cfg))
     fingerprint = "simulated:" + hashlib.sha256(profile.to_json().encode()).hexdigest()[:16]
     seconds = time.perf_counter() - started
     log.info("simulated engine ready in %.1fs: %s (%s), %d KV blocks x %d tokens", seconds, profile.name,

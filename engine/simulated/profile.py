@@ -2,8 +2,10 @@
 (`python -m bench.sim_profile`) or written from published figures (then `source` says so).
 
 A step's time is modelled as the sum of a prefill part, interpolated in the step's new prompt tokens, a
-decode part, interpolated in its decode rows, and a context part, linear in the context the decode rows
-attend to. Outside the measured points the curves extend linearly from their last two points."""
+decode part, interpolated in its decode rows (measured with `decode_context` tokens of context per row),
+and a context part, linear in the context the decode rows attend to beyond that. Below its first point a
+curve runs straight to (0, 0); past its last it extends the last segment's slope (never a falling one).
+The times are the model's forward and sampling only: the simulated engine's own scheduling is real."""
 
 from __future__ import annotations
 
@@ -21,11 +23,14 @@ Curve = tuple[tuple[int, float], ...]  # (count, seconds), counts strictly incre
 
 
 def _interpolate(curve: Curve, x: int) -> float:
-    """Piecewise linear through `curve` (through (0, 0) below its first point), linear past its last two."""
-    points = ((0, 0.0), *curve) if curve[0][0] > 0 else curve
-    i = min(max(bisect.bisect_left([p[0] for p in points], x), 1), len(points) - 1)
+    """Piecewise linear through (0, 0) and `curve`; past its last point, its last segment's slope if rising."""
+    points = ((0, 0.0), *curve)
+    (x0, y0), (x1, y1) = points[-2], points[-1]
+    if x >= x1:
+        return y1 + max(y1 - y0, 0.0) * (x - x1) / (x1 - x0)
+    i = max(bisect.bisect_left([p[0] for p in points], x), 1)
     (x0, y0), (x1, y1) = points[i - 1], points[i]
-    return max(y0 + (y1 - y0) * (x - x0) / (x1 - x0), 0.0)
+    return y0 + (y1 - y0) * (x - x0) / (x1 - x0)
 
 
 def _curve(name: str, raw: Any) -> Curve:
@@ -33,9 +38,10 @@ def _curve(name: str, raw: Any) -> Curve:
         curve = tuple((int(n), float(s)) for n, s in raw)
     except (TypeError, ValueError):
         curve = ()
-    if not curve or any(n < 1 or s < 0 for n, s in curve) or any(a[0] >= b[0] for a, b in itertools.pairwise(curve)):
-        raise ValueError(f"profile {name}: need [[count, seconds], ...] with counts >= 1 strictly increasing "
-                         f"and seconds >= 0, got {raw!r}")
+    if len(curve) < 2 or any(n < 1 or s < 0 for n, s in curve) or any(
+            a[0] >= b[0] for a, b in itertools.pairwise(curve)):
+        raise ValueError(f"profile {name}: need [[count, seconds], ...] of at least two points, counts >= 1 "
+                         f"strictly increasing and seconds >= 0, got {raw!r}")
     return curve
 
 
@@ -47,21 +53,23 @@ class SimulationProfile:
     tokenizer: str | None  # the checkpoint whose tokenizer the workers use; None: the default model's
     prefill: Curve  # new prompt tokens in a step -> seconds
     decode: Curve  # decode rows in a step -> seconds
-    context_s_per_token: float = 0.0  # per token of context a decode row attends to
+    context_s_per_token: float = 0.0  # per token of context a decode row attends to beyond decode_context
+    decode_context: int = 0  # tokens of context per row the decode curve was measured with
 
     def __post_init__(self) -> None:
-        if self.context_s_per_token < 0:
-            raise ValueError("context_s_per_token must be >= 0")
+        if self.context_s_per_token < 0 or self.decode_context < 0:
+            raise ValueError("context_s_per_token and decode_context must be >= 0")
 
     def step_seconds(self, prefill_tokens: int, decode_rows: int, context_tokens: int) -> float:
         """The modelled time of a step with these many new prompt tokens and decode rows, the decode rows
         attending to `context_tokens` positions in all."""
-        seconds = self.context_s_per_token * context_tokens
+        seconds = 0.0
         if prefill_tokens:
             seconds += _interpolate(self.prefill, prefill_tokens)
         if decode_rows:
             seconds += _interpolate(self.decode, decode_rows)
-        return seconds
+            seconds += self.context_s_per_token * (context_tokens - decode_rows * self.decode_context)
+        return max(seconds, 0.0)
 
     @classmethod
     def load(cls, path: str | pathlib.Path) -> SimulationProfile:
@@ -70,7 +78,8 @@ class SimulationProfile:
             return cls(name=str(raw["name"]), source=str(raw["source"]),
                        model=config_from_json(json.dumps(raw["model"])), tokenizer=raw.get("tokenizer"),
                        prefill=_curve("prefill", raw["prefill"]), decode=_curve("decode", raw["decode"]),
-                       context_s_per_token=float(raw.get("context_s_per_token", 0.0)))
+                       context_s_per_token=float(raw.get("context_s_per_token", 0.0)),
+                       decode_context=int(raw.get("decode_context", 0)))
         except (OSError, ValueError, KeyError, TypeError) as e:
             raise ValueError(f"simulation profile {path}: {type(e).__name__}: {e}") from e
 

@@ -20,11 +20,13 @@ from engine.sampler import Sampler
 from engine.scheduler import ScheduledSequence, SchedulerOutput
 from engine.simulated.profile import SimulationProfile
 
-CERTAINTY = 30.0  # the chosen token's logit over every other's 0: the rest of a 50k vocabulary holds ~5e-9
+# the chosen token's logit over every other's 0: at temperature 2 the rest of a 152k vocabulary holds ~1e-8
+CERTAINTY = 60.0
 
 
 def simulated_next_token(length: int, last: int, previous: int, vocab_size: int, avoid: Collection[int]) -> int:
-    """The simulated model's choice after a context of `length` tokens ending in `previous`, `last`."""
+    """The simulated model's choice after a context of `length` tokens ending in `previous`, `last`: an id
+    below `vocab_size` (the tokenizer's: ids past it would decode to nothing) and not in `avoid`."""
     x = (length * 0x9E3779B1 + last * 0x85EBCA77 + previous * 0xC2B2AE3D) & 0xFFFFFFFF
     x ^= x >> 15
     x = (x * 0x2C1B3C6D) & 0xFFFFFFFF
@@ -48,15 +50,23 @@ class SimulatedRunner:
     """Stands where engine.model_runner.ModelRunner stands (the engine calls `execute` and sets
     `layer_observer`)."""
 
-    def __init__(self, profile: SimulationProfile, sampler: Sampler, num_layers: int, avoid: Collection[int],
-                 clock: Callable[[], float] = time.monotonic, sleep: Callable[[float], None] = time.sleep) -> None:
+    def __init__(self, profile: SimulationProfile, sampler: Sampler, num_layers: int, choices: int,
+                 avoid: Collection[int], clock: Callable[[], float] = time.monotonic,
+                 sleep: Callable[[float], None] = time.sleep) -> None:
+        """`choices`: the model picks ids below it (the tokenizer's vocabulary) and never one in `avoid` (the
+        end-of-sequence and other special ids)."""
         self.profile = profile
         self.sampler = sampler
         self.vocab_size = profile.model.vocab_size
+        self.choices = choices
         self.num_layers = num_layers
         self.avoid = frozenset(avoid)
         self.layer_observer: Callable[[int], None] | None = None
         self.clock, self.sleep = clock, sleep  # replaceable: a test drives the runner on its own clock
+
+    def continuation(self, token_ids: list[int], count: int) -> list[int]:
+        """The `count` tokens this model picks greedily after `token_ids`."""
+        return simulated_continuation(token_ids, count, self.choices, self.avoid)
 
     def step_seconds(self, out: SchedulerOutput) -> float:
         context = sum(item.start + item.num_tokens for item in out.decodes)
@@ -86,7 +96,7 @@ class SimulatedRunner:
     def _choice(self, tokens: list[int], length: int) -> int:
         """The simulated model's next token after the first `length` of `tokens`."""
         return simulated_next_token(length, tokens[length - 1], tokens[length - 2] if length > 1 else 0,
-                                    self.vocab_size, self.avoid)
+                                    self.choices, self.avoid)
 
     def logits(self, chosen: torch.Tensor) -> torch.Tensor:
         """`[rows, vocab]` fp32 logits with the mass of row i on token chosen[i]."""
