@@ -71,8 +71,8 @@ def _read_ready(proc: subprocess.Popen, count: int, timeout_s: float, what: str)
 def sim_cluster(profile: str, prefill: int, decode: int, per_process: int = 100, policy: str = "kv_aware",
                 model: str | None = None, worker_args: tuple[str, ...] = (),
                 ready_timeout_s: float = 600.0) -> Iterator[SimCluster]:
-    """`prefill` + `decode` simulated workers in fleets of at most `per_process`, and the router (reading
-    `model`'s tokenizer: the profile's), until exit."""
+    """`prefill` + `decode` simulated workers in fleets of at most `per_process`, and the router, all of
+    `model` (the profile's checkpoint; None: the default model), until exit."""
     with tempfile.TemporaryDirectory(prefix="tandem-sim-") as data:
         etcd = EtcdServer(data)
         etcd.start()
@@ -89,7 +89,8 @@ def sim_cluster(profile: str, prefill: int, decode: int, per_process: int = 100,
                     replicas = min(per_process, count - i * per_process)
                     proc = spawn([sys.executable, "-m", "cluster.cli", "worker", "--role", role, "--etcd",
                                   etcd.endpoint, "--simulate", profile, "--replicas", str(replicas),
-                                  "--worker-id", f"{role}-{i}", "--lease-ttl-s", str(LEASE_TTL_S), *worker_args],
+                                  "--worker-id", f"{role}-{i}", "--lease-ttl-s", str(LEASE_TTL_S),
+                                  *(["--model", model] if model else []), *worker_args],
                                  cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
                     cluster.fleets.append(proc)
                     started.append((role, proc, replicas))

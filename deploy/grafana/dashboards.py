@@ -248,6 +248,9 @@ def pools_dashboard() -> dict:
                   [Query(f"sum by (worker) (rate(tandem_router_prefix_overlap_blocks_total{{{NS}}}[{RATE}]))",
                          "reused/s {{worker}}"),
                    Query(f"max by (worker) (tandem_router_worker_cached_blocks{{{NS}}})", "cached {{worker}}")]),
+        PanelSpec("Router dispatch time", "A request's admission at the router (tokenized) to its first "
+                  "worker call: the router's own time, routing included, p50/p90/p99.", "s",
+                  _histogram_quantiles("tandem_router_dispatch_seconds")),
         PanelSpec("Routed requests", "Requests the routers sent to each worker, per second.", "reqps",
                   [Query(f"sum by (pool, worker) (rate(tandem_router_routed_total{{{NS}}}[{RATE}]))",
                          "{{pool}} {{worker}}")], stacked=True),
