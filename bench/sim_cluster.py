@@ -24,6 +24,9 @@ REPO = __file__.rsplit("/bench/", 1)[0]
 # each worker keeps its record alive every TTL/3: at the default 3 s, 1000 workers send etcd ~330
 # refreshes a second on top of the transfer engines' own; 10 s is etcd's usual order for a lease
 LEASE_TTL_S = 10
+# the TCP backend waits on its sockets; NIXL's poller checks for notifications every 2 ms when idle, which
+# for 50 idle simulated workers in a process took 1.16 cores (0.21 with TCP; the pages are placeholders)
+KV_BACKENDS = "tcp"
 
 
 @dataclass
@@ -90,6 +93,7 @@ def sim_cluster(profile: str, prefill: int, decode: int, per_process: int = 100,
                     proc = spawn([sys.executable, "-m", "cluster.cli", "worker", "--role", role, "--etcd",
                                   etcd.endpoint, "--simulate", profile, "--replicas", str(replicas),
                                   "--worker-id", f"{role}-{i}", "--lease-ttl-s", str(LEASE_TTL_S),
+                                  "--kv-backends", KV_BACKENDS,
                                   *(["--model", model] if model else []), *worker_args],
                                  cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
                     cluster.fleets.append(proc)
