@@ -27,7 +27,8 @@ from engine.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
 
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+COMPUTE_DTYPES = {  # EngineConfig.dtype names (but auto)
+    "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 DEFAULT_MAX_MODEL_LEN = 8192
 
 
@@ -68,7 +69,7 @@ def build_engine_parts(config: EngineConfig, kv_storage: KVStorageAllocator | No
     platform = detect_platform(config.device)
     loaded = load_model(config.model)
     tokenizer = load_tokenizer(config.model)
-    dtype = platform.default_dtype if config.dtype == "auto" else _DTYPES[config.dtype]
+    dtype = platform.default_dtype if config.dtype == "auto" else COMPUTE_DTYPES[config.dtype]
     family = model_class(loaded.config.architecture)
     if config.deterministic and family.not_batch_invariant is not None:
         raise ModelLoadError(f"deterministic mode does not cover {loaded.config.architecture} yet "

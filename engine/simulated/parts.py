@@ -17,10 +17,10 @@ import torch
 
 from engine.config import EngineConfig, ModelConfig
 from engine.errors import ModelLoadError
-from engine.kv_cache import KVCachePool, KVCacheSpec, tensor_bytes
+from engine.kv_cache import KVCachePool, KVCacheSpec, resolve_kv_dtype, tensor_bytes
 from engine.kv_hooks import KVStorageAllocator
 from engine.loader.api import load_tokenizer, resolve_model_path
-from engine.loader.engine_parts import DEFAULT_MAX_MODEL_LEN, LoadedEngineParts
+from engine.loader.engine_parts import COMPUTE_DTYPES, DEFAULT_MAX_MODEL_LEN, LoadedEngineParts
 from engine.models.registry import model_class
 from engine.platform import detect_platform
 from engine.sampler import Sampler
@@ -31,8 +31,6 @@ from engine.tokenizer import Tokenizer
 log = logging.getLogger(__name__)
 
 SIMULATED_KV_DTYPE = torch.float32  # of the placeholder pages
-# bytes per element of the simulated model's real KV (auto: bf16, as on the hardware a profile stands for)
-_REAL_KV_BYTES = {"auto": 2, "bfloat16": 2, "float16": 2, "float32": 4, "fp8_e4m3": 1}
 
 
 @functools.cache
@@ -61,9 +59,11 @@ def build_simulated_parts(config: EngineConfig, kv_storage: KVStorageAllocator |
                              f"tokens, more than the model's vocabulary of {cfg.vocab_size}")
     with torch.device("meta"):  # the structure only: nothing runs it
         model = model_class(cfg.architecture)(cfg)
-    real_block_bytes = (cfg.num_layers * config.block_size * 2 * cfg.num_kv_heads * cfg.head_dim
-                        * _REAL_KV_BYTES[config.kv_cache_dtype if config.kv_cache_dtype != "auto" else config.dtype])
-    num_blocks = config.num_kv_blocks or max(config.kv_cache_memory_bytes // real_block_bytes, 1)
+    # the simulated model's real KV, in bf16 unless told (as on the hardware a profile stands for)
+    compute = torch.bfloat16 if config.dtype == "auto" else COMPUTE_DTYPES[config.dtype]
+    real = KVCacheSpec(cfg.num_layers, 1, config.block_size, cfg.num_kv_heads, cfg.head_dim,
+                       resolve_kv_dtype(config.kv_cache_dtype, compute))
+    num_blocks = config.num_kv_blocks or max(config.kv_cache_memory_bytes // real.bytes_per_block, 1)
     max_model_len = min(config.max_model_len or DEFAULT_MAX_MODEL_LEN, cfg.max_position_embeddings,
                         num_blocks * config.block_size)
     spec = KVCacheSpec(cfg.num_layers, num_blocks, config.block_size, 1, 1, SIMULATED_KV_DTYPE)
