@@ -1,7 +1,8 @@
 """The SLO planner end to end on a local cluster (tiny Llama, fp32). First, on one decode worker,
 the ITL p90 the router reports under a light and under a heavy load, and `tandem profile`'s
 capacity profile. Then, with an ITL target between the two, `tandem up --planner true` grows decode
-from 1 to 2 workers when the heavy load pushes the ITL p90 past the target, and shrinks it back
+from 1 to 2 workers when the heavy load pushes the ITL p90 past the target (or, seen a window
+earlier, its streams past the profiled capacity), and shrinks it back
 (draining the worker with SIGTERM) once the load falls, while every request succeeds."""
 
 from __future__ import annotations
@@ -103,6 +104,11 @@ def _decisions(cluster: Cluster, action: str, reason: str) -> float:
                   reason=reason)
 
 
+def _scale_ups(cluster: Cluster) -> float:
+    """Decode scale-ups for the load: its latency over target, or its streams over the profile's capacity."""
+    return sum(_decisions(cluster, "scale_up", reason) for reason in ("itl_over_target", "stream_load"))
+
+
 def _decode_workers(cluster: Cluster) -> float:
     return metric(router_metrics(cluster), "tandem_router_workers", pool="decode")
 
@@ -136,9 +142,9 @@ async def test_the_planner_grows_and_shrinks_decode_with_the_load(tiny_llama_dir
         try:
             load.set(1)
             await asyncio.sleep(3)  # a light load: no reason to scale
-            assert _decisions(cluster, "scale_up", "itl_over_target") == 0
+            assert _scale_ups(cluster) == 0
             load.set(HEAVY)
-            await _until(lambda: _decisions(cluster, "scale_up", "itl_over_target") == 1, 30, "scale-up")
+            await _until(lambda: _scale_ups(cluster) == 1, 30, "scale-up")
             await _until(lambda: _decode_workers(cluster) == 2 and len(cluster.role("decode")) == 2, 60,
                          "the second decode worker joining")
             new = cluster.role("decode")[-1]
@@ -159,7 +165,10 @@ async def test_the_planner_grows_and_shrinks_decode_with_the_load(tiny_llama_dir
         scaling = {(a, r): v for a in ("scale_up", "scale_down")
                    for r in ("itl_over_target", "stream_load", "underloaded", "below_min", "above_max")
                    if (v := metric(text, "tandem_planner_decisions_total", pool="decode", action=a, reason=r))}
-        assert scaling == {("scale_up", "itl_over_target"): 1, ("scale_down", "underloaded"): 1}
+        # the heavy load's first full observation may show the ITL over target or, a window earlier,
+        # the streams over the profiled capacity: either is a right reason to grow, once
+        assert len(scaling) == 2 and scaling.pop(("scale_down", "underloaded")) == 1, scaling
+        assert scaling in ({("scale_up", "itl_over_target"): 1}, {("scale_up", "stream_load"): 1}), scaling
         assert not load.errors, load.errors[:3]
         router = router_metrics(cluster)
         outcomes = {m.group(1): float(m.group(2))
