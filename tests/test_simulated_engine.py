@@ -35,6 +35,24 @@ def test_the_profile_interpolates_and_refuses_bad_curves(tiny_llama_dir, tmp_pat
             SimulationProfile.load(write_profile(tmp_path, tiny_llama_dir, prefill=bad))
 
 
+def test_long_prompts_pay_for_attention_and_decode_rows_beside_a_prefill_share_its_fixed_cost(
+        tiny_llama_dir, tmp_path) -> None:
+    profile = SimulationProfile.load(write_profile(tmp_path, tiny_llama_dir, prefill_prompt=16,
+                                                   attention_s_per_pair=1e-6))
+    packed = profile.step_seconds(256, 0, 0, prefill_pairs=256 * 17 // 2)  # 16 prompts of 16: the curve's own
+    assert packed == pytest.approx(0.02)
+    one_prompt = profile.step_seconds(256, 0, 0, prefill_pairs=256 * 257 // 2)
+    assert one_prompt == pytest.approx(0.02 + 1e-6 * (256 * 257 / 2 - 256 * 17 / 2))
+    # the decode curve (1, 3 ms), (8, 5 ms) meets 0 rows at 2.71 ms: beside a prefill, 8 rows add 2.29 ms
+    assert profile.decode_intercept_s == pytest.approx(0.003 - 0.002 / 7)
+    assert profile.step_seconds(256, 8, 0, 256 * 17 // 2) == pytest.approx(0.02 + 0.005 - (0.003 - 0.002 / 7))
+    slow = profile.slowed(4)
+    assert slow.step_seconds(256, 8, 1000, 256 * 257 // 2) == pytest.approx(
+        4 * profile.step_seconds(256, 8, 1000, 256 * 257 // 2))
+    with pytest.raises(ValueError, match="prefill_prompt"):
+        SimulationProfile.load(write_profile(tmp_path, tiny_llama_dir, attention_s_per_pair=1e-6))
+
+
 def test_streams_are_the_simulated_models_with_real_batching_caching_and_sampling(tiny_llama_dir, tmp_path) -> None:
     llm = LLM(str(tiny_llama_dir), simulate=str(write_profile(tmp_path, tiny_llama_dir)), num_kv_blocks=48,
               block_size=4, max_num_batched_tokens=32)

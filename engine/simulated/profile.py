@@ -1,11 +1,17 @@
 """What a simulated engine knows of the hardware it stands for: step times measured on a real engine
 (`python -m bench.sim_profile`) or written from published figures (then `source` says so).
 
-A step's time is modelled as the sum of a prefill part, interpolated in the step's new prompt tokens, a
-decode part, interpolated in its decode rows (measured with `decode_context` tokens of context per row),
-and a context part, linear in the context the decode rows attend to beyond that. Below its first point a
-curve runs straight to (0, 0); past its last it extends the last segment's slope (never a falling one).
-The times are the model's forward and sampling only: the simulated engine's own scheduling is real."""
+A step's time is modelled as the sum of
+- a prefill part: the prefill curve, interpolated in the step's new prompt tokens (measured on prompts of
+  `prefill_prompt` tokens packed into one step), plus `attention_s_per_pair` for each (new token, position
+  it attends to) pair beyond what such prompts have: a long prompt's attention grows with its square;
+- a decode part: the decode curve, interpolated in the step's decode rows (measured with `decode_context`
+  tokens of context per row), plus `context_s_per_token` per token of context beyond that. Beside a
+  prefill, the decode rows cost only their share above the curve's intercept (a step's fixed cost, the
+  weights read once, is in the prefill part already).
+Below its first point a curve runs straight to (0, 0); past its last it extends the last segment's slope
+(never a falling one). The times are the model's forward and sampling only: the simulated engine's own
+scheduling is real."""
 
 from __future__ import annotations
 
@@ -13,7 +19,7 @@ import bisect
 import itertools
 import json
 import pathlib
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 from engine.config import ModelConfig
@@ -55,21 +61,49 @@ class SimulationProfile:
     decode: Curve  # decode rows in a step -> seconds
     context_s_per_token: float = 0.0  # per token of context a decode row attends to beyond decode_context
     decode_context: int = 0  # tokens of context per row the decode curve was measured with
+    attention_s_per_pair: float = 0.0  # per attention pair of a prefill beyond prompts of prefill_prompt tokens
+    prefill_prompt: int = 0  # tokens of each prompt the prefill curve was measured with (0: not recorded)
 
     def __post_init__(self) -> None:
-        if self.context_s_per_token < 0 or self.decode_context < 0:
-            raise ValueError("context_s_per_token and decode_context must be >= 0")
+        if min(self.context_s_per_token, self.decode_context, self.attention_s_per_pair, self.prefill_prompt) < 0:
+            raise ValueError("context_s_per_token, decode_context, attention_s_per_pair and prefill_prompt "
+                             "must be >= 0")
+        if self.attention_s_per_pair and not self.prefill_prompt:
+            raise ValueError("attention_s_per_pair needs the prefill_prompt the prefill curve was measured with")
 
-    def step_seconds(self, prefill_tokens: int, decode_rows: int, context_tokens: int) -> float:
+    @property
+    def decode_intercept_s(self) -> float:
+        """The decode curve's first segment extended to 0 rows: the part of a step that does not grow
+        with its rows (at most the first point's time, never below 0)."""
+        (x0, y0), (x1, y1) = self.decode[0], self.decode[1]
+        return min(max(y0 - x0 * (y1 - y0) / (x1 - x0), 0.0), y0)
+
+    def step_seconds(self, prefill_tokens: int, decode_rows: int, context_tokens: int,
+                     prefill_pairs: int | None = None) -> float:
         """The modelled time of a step with these many new prompt tokens and decode rows, the decode rows
-        attending to `context_tokens` positions in all."""
+        attending to `context_tokens` positions in all and the prompt tokens to `prefill_pairs` (None: as
+        many as the prefill curve's own prompts had)."""
         seconds = 0.0
         if prefill_tokens:
             seconds += _interpolate(self.prefill, prefill_tokens)
+            if prefill_pairs is not None and self.attention_s_per_pair:
+                own = prefill_tokens * (self.prefill_prompt + 1) / 2  # pairs of the curve's prompts, per token
+                seconds += self.attention_s_per_pair * (prefill_pairs - own)
         if decode_rows:
-            seconds += _interpolate(self.decode, decode_rows)
+            seconds += _interpolate(self.decode, decode_rows) - (self.decode_intercept_s if prefill_tokens else 0.0)
             seconds += self.context_s_per_token * (context_tokens - decode_rows * self.decode_context)
         return max(seconds, 0.0)
+
+    def slowed(self, factor: float) -> SimulationProfile:
+        """The same hardware `factor` times slower: every step time times `factor` (a simulation run in
+        dilated time, so that the real processes' own CPU time stays small beside the modelled steps)."""
+        if not factor > 0:
+            raise ValueError(f"slowdown factor must be > 0, got {factor}")
+        return replace(self, name=f"{self.name} x{factor:g} slower", source=f"{self.source}; times x{factor:g}",
+                       prefill=tuple((n, s * factor) for n, s in self.prefill),
+                       decode=tuple((n, s * factor) for n, s in self.decode),
+                       context_s_per_token=self.context_s_per_token * factor,
+                       attention_s_per_pair=self.attention_s_per_pair * factor)
 
     @classmethod
     def load(cls, path: str | pathlib.Path) -> SimulationProfile:
@@ -79,7 +113,9 @@ class SimulationProfile:
                        model=config_from_json(json.dumps(raw["model"])), tokenizer=raw.get("tokenizer"),
                        prefill=_curve("prefill", raw["prefill"]), decode=_curve("decode", raw["decode"]),
                        context_s_per_token=float(raw.get("context_s_per_token", 0.0)),
-                       decode_context=int(raw.get("decode_context", 0)))
+                       decode_context=int(raw.get("decode_context", 0)),
+                       attention_s_per_pair=float(raw.get("attention_s_per_pair", 0.0)),
+                       prefill_prompt=int(raw.get("prefill_prompt", 0)))
         except (OSError, ValueError, KeyError, TypeError) as e:
             raise ValueError(f"simulation profile {path}: {type(e).__name__}: {e}") from e
 

@@ -70,7 +70,11 @@ class SimulatedRunner:
 
     def step_seconds(self, out: SchedulerOutput) -> float:
         context = sum(item.start + item.num_tokens for item in out.decodes)
-        return self.profile.step_seconds(sum(item.num_tokens for item in out.segments), len(out.decodes), context)
+        # a chunk of n new tokens after `start` cached ones: token i attends to start + i positions
+        pairs = sum(item.num_tokens * item.start + item.num_tokens * (item.num_tokens + 1) // 2
+                    for item in out.segments)
+        return self.profile.step_seconds(sum(item.num_tokens for item in out.segments), len(out.decodes), context,
+                                         pairs)
 
     def execute(self, out: SchedulerOutput) -> dict[str, SequenceResult]:
         started = self.clock()
