@@ -31,18 +31,40 @@ KV_BACKENDS = "tcp"
 
 @dataclass
 class SimCluster:
-    etcd: str
+    etcd_server: EtcdServer
     grpc_address: str
     http_url: str
     router: subprocess.Popen
+    fleet_args: tuple[str, ...]  # every fleet's flags but its role, replicas and worker id
     fleets: list[subprocess.Popen] = field(default_factory=list)
+    roles: dict[int, str] = field(default_factory=dict)  # fleet pid -> role
     workers: dict[str, list[str]] = field(default_factory=dict)  # role -> worker ids
+
+    @property
+    def etcd(self) -> str:
+        return self.etcd_server.endpoint
 
     def router_metrics(self) -> str:
         return fetch(f"{self.http_url}/metrics")
 
     def seen(self, pool: str) -> float:
         return metric(self.router_metrics(), "tandem_router_workers", pool=pool)
+
+    def spawn_fleet(self, role: str, replicas: int, name: str) -> subprocess.Popen:
+        """A fleet process of `replicas` simulated `role` workers named `name`-0, ... (see ready_fleet)."""
+        proc = spawn([sys.executable, "-m", "cluster.cli", "worker", "--role", role, "--etcd", self.etcd,
+                      "--replicas", str(replicas), "--worker-id", name, *self.fleet_args],
+                     cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+        self.fleets.append(proc)
+        self.roles[proc.pid] = role
+        return proc
+
+    def ready_fleet(self, proc: subprocess.Popen, replicas: int, timeout_s: float) -> list[str]:
+        """The worker ids of `proc`'s replicas once each has announced itself (and registered)."""
+        role = self.roles[proc.pid]
+        ids = [fields[0] for fields in _read_ready(proc, replicas, timeout_s, f"a {role} fleet")]
+        self.workers.setdefault(role, []).extend(ids)
+        return ids
 
 
 def _read_ready(proc: subprocess.Popen, count: int, timeout_s: float, what: str) -> list[list[str]]:
@@ -85,22 +107,16 @@ def sim_cluster(profile: str, prefill: int, decode: int, per_process: int = 100,
         cluster: SimCluster | None = None
         try:
             _, grpc_address, http_url = _read_ready(router, 1, 120, "the router")[0]
-            cluster = SimCluster(etcd.endpoint, grpc_address, http_url, router)
+            fleet_args = ("--simulate", profile, "--lease-ttl-s", str(LEASE_TTL_S), "--kv-backends", KV_BACKENDS,
+                          *(["--model", model] if model else []), *worker_args)
+            cluster = SimCluster(etcd, grpc_address, http_url, router, fleet_args)
             started = []
             for role, count in (("prefill", prefill), ("decode", decode)):
                 for i in range(math.ceil(count / per_process)):
                     replicas = min(per_process, count - i * per_process)
-                    proc = spawn([sys.executable, "-m", "cluster.cli", "worker", "--role", role, "--etcd",
-                                  etcd.endpoint, "--simulate", profile, "--replicas", str(replicas),
-                                  "--worker-id", f"{role}-{i}", "--lease-ttl-s", str(LEASE_TTL_S),
-                                  "--kv-backends", KV_BACKENDS,
-                                  *(["--model", model] if model else []), *worker_args],
-                                 cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
-                    cluster.fleets.append(proc)
-                    started.append((role, proc, replicas))
-            for role, proc, replicas in started:  # the fleets start in parallel
-                ready = _read_ready(proc, replicas, ready_timeout_s, f"a {role} fleet")
-                cluster.workers.setdefault(role, []).extend(fields[0] for fields in ready)
+                    started.append((cluster.spawn_fleet(role, replicas, f"{role}-{i}"), replicas))
+            for proc, replicas in started:  # the fleets start in parallel
+                cluster.ready_fleet(proc, replicas, ready_timeout_s)
             yield cluster
         finally:
             fleets = cluster.fleets if cluster else []

@@ -114,7 +114,8 @@ def goodput(rows: list[dict[str, Any]], attainment: float) -> float:
 
 async def _config(split: Split, profile_path: str, args: argparse.Namespace) -> list[dict[str, Any]]:
     rows: list[dict[str, Any]] = []
-    with tandem_up("--simulate", profile_path, *split.up_args(), "--kv-backends", "tcp",
+    blocks = ("--num-kv-blocks", str(args.num_kv_blocks)) if args.num_kv_blocks else ()
+    with tandem_up("--simulate", profile_path, *split.up_args(), "--kv-backends", "tcp", *blocks,
                    "--max-num-seqs", str(args.max_num_seqs), "--max-inflight", "4096", "--planner", "false",
                    stderr=None if args.verbose else subprocess.DEVNULL) as cluster:
         for w, workload in enumerate(args.workload):
@@ -166,6 +167,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--seconds", type=float, default=20.0, help="wall seconds of arrivals per rate")
     p.add_argument("--concurrency", type=int, default=512, help="most requests in flight from the clients")
     p.add_argument("--max-num-seqs", type=int, default=64, help="each worker's batch")
+    p.add_argument("--num-kv-blocks", type=int, default=None, help="each worker's KV blocks (default: from memory)")
     p.add_argument("--max-prompt", type=int, default=1024)
     p.add_argument("--max-answer", type=int, default=128)
     p.add_argument("--vocab", type=int, default=49152)

@@ -101,8 +101,9 @@ def cpu_seconds(pid: int) -> float:
 def run_one(args: argparse.Namespace, workers: int, policy: str) -> dict[str, Any]:
     prefill, decode = workers // 2, workers - workers // 2
     started = time.monotonic()
+    blocks = ("--num-kv-blocks", str(args.num_kv_blocks)) if args.num_kv_blocks else ()
     with sim_cluster(args.profile, prefill, decode, args.per_process, policy, args.model,
-                     ("--min-remote-prefill-tokens", str(args.prompt_tokens // 2))) as cluster:
+                     ("--min-remote-prefill-tokens", str(args.prompt_tokens // 2), *blocks)) as cluster:
         up_s = time.monotonic() - started
         view_s = asyncio.run(wait_for_view(cluster, prefill, decode))
         before = dispatch_buckets(cluster.router_metrics())
@@ -125,6 +126,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--workers", type=int, nargs="+", default=[10, 100, 200])
     p.add_argument("--policies", nargs="+", default=["round_robin", "kv_aware"])
     p.add_argument("--per-process", type=int, default=50)
+    p.add_argument("--num-kv-blocks", type=int, default=None,
+                   help="each worker's KV blocks (default: what the model's KV would get from the default memory); "
+                        "fewer keep 1000 workers' placeholder pools small")
     p.add_argument("--clients", type=int, default=32)
     p.add_argument("--seconds", type=float, default=20.0)
     p.add_argument("--prompt-tokens", type=int, default=64)

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 import grpc
 
 from cluster.discovery import WorkerDirectory
-from cluster.router_metrics import CACHED_BLOCKS, WORKERS
+from cluster.router_metrics import CACHED_BLOCKS, KV_EVENT_BATCHES, KV_EVENT_HASHES, WORKERS
 from common.etcd.access import EtcdAccess
 from common.tls import open_channel
 from common.worker_record import ROLES, WorkerRecord, WorkerRole
@@ -92,6 +92,9 @@ class WorkerPool:
         while self._handles.get(handle.worker_id) is handle:
             try:
                 async for batch in handle.stub.KVEvents(worker_pb2.KVEventsRequest()):
+                    KV_EVENT_BATCHES.inc()
+                    KV_EVENT_HASHES.labels("stored").inc(len(batch.stored_block_hashes))
+                    KV_EVENT_HASHES.labels("removed").inc(len(batch.removed_block_hashes))
                     if batch.cleared:
                         handle.cached_blocks.clear()
                     handle.cached_blocks.update(batch.stored_block_hashes)

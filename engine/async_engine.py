@@ -77,6 +77,7 @@ class AsyncEngine:
         self._streams: dict[str, tuple[asyncio.AbstractEventLoop, Outputs]] = {}
         self._lock = threading.Lock()
         self._dead: BaseException | None = None
+        self._kv_listener: tuple[asyncio.AbstractEventLoop, asyncio.Event] | None = None  # see notify_kv_events
         self.remote_kv = AsyncRemoteKV(self)
         self._thread = threading.Thread(target=self._run, name="tandem-engine", daemon=True)
         self._thread.start()
@@ -159,6 +160,21 @@ class AsyncEngine:
         """Whether `drain_kv_events` has changes to return, read now from any thread without waiting for the
         engine (a change made meanwhile is seen by the next call)."""
         return self._llm.block_manager.has_events
+
+    def notify_kv_events(self, event: asyncio.Event) -> None:
+        """Set `event` (on the calling loop) once `has_kv_events` may be true: now if it is, else after the
+        next step that records a change. One-shot: call again after each wake-up."""
+        with self._lock:
+            self._kv_listener = (asyncio.get_running_loop(), event)
+        if self.has_kv_events():  # armed first, then read: a change made meanwhile wakes it from either side
+            self._wake_kv_listener()
+
+    def _wake_kv_listener(self) -> None:
+        with self._lock:
+            listener, self._kv_listener = self._kv_listener, None
+        if listener is not None:
+            loop, event = listener
+            loop.call_soon_threadsafe(event.set)
 
     async def set_kv_hook(self, hook: KVStepHook | None) -> None:
         """Plug a KV connector's step hook in (engine.kv_hooks), between two steps."""
@@ -273,6 +289,8 @@ class AsyncEngine:
                             return
                 for out in self._llm.step():
                     self._deliver(out.request_id, out, last=out.finished)
+                if self._kv_listener is not None and self._llm.block_manager.has_events:  # re-read under the lock
+                    self._wake_kv_listener()
         except BaseException as exc:
             self._die(exc)
 

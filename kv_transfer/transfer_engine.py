@@ -89,6 +89,7 @@ class TransferEngine:
             elif self.config.backends:
                 raise BackendUnavailableError(f"backend {name!r} was asked for but cannot run here")
         self._closed = threading.Event()
+        self._pending_changed = threading.Condition(self._lock)  # a batch started, or the engine closed
         self._watchdog = threading.Thread(target=self._expire_loop, name="kv-xfer-watchdog", daemon=True)
         self._watchdog.start()
 
@@ -257,6 +258,7 @@ class TransferEngine:
         for backend, batch in plans:
             with self._lock:
                 self._pending.add(batch)
+                self._pending_changed.notify()
             batch.add_done_callback(self._on_batch_done)
             if len(batch.ranges) == 0:
                 backend.finish_one_sided(batch)
@@ -272,13 +274,25 @@ class TransferEngine:
         metrics.record(batch)
 
     def _expire_loop(self) -> None:
-        while not self._closed.wait(_WATCHDOG_PERIOD_S):
-            now = time.monotonic()
-            with self._lock:
+        """Fails each pending batch at its deadline. It sleeps until the earliest deadline, a new batch or
+        the close: an idle engine's watchdog never wakes (a fleet of simulated workers has many)."""
+        while True:
+            with self._pending_changed:
+                if self._closed.is_set():
+                    return
+                now = time.monotonic()
                 overdue = [b for b in self._pending if b.deadline <= now]
-            for batch in overdue:
+                if not overdue:
+                    earliest = min((b.deadline for b in self._pending), default=None)
+                    self._pending_changed.wait(None if earliest is None else earliest - now)
+                    continue
+            for batch in overdue:  # failing one runs its done callbacks, which take the lock
                 if batch.expire_if_overdue(now) and batch.backend != "tcp":
                     self.backends[batch.backend].notify_failure(batch, str(batch.error))  # type: ignore[index]
+            with self._lock:
+                stuck = any(b in self._pending for b in overdue)
+            if stuck:  # failed, yet not yet discarded by its callback: no busy loop meanwhile
+                self._closed.wait(_WATCHDOG_PERIOD_S)
 
     # -- notifications --------------------------------------------------------------------------------
     def subscribe(self, tag: str, peer: str | None = None) -> Subscription:
@@ -323,6 +337,7 @@ class TransferEngine:
             return
         self._closed.set()
         with self._lock:
+            self._pending_changed.notify_all()
             pending = list(self._pending)
         for batch in pending:
             batch.fail(PeerLostError("the transfer engine was closed"))

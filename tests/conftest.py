@@ -36,6 +36,7 @@ from transformers import (
 )
 
 from engine.loader.default_model import default_model_path as _default_model_path
+from tests.support.simulation import Engines, write_profile
 
 TINY_VOCAB = 512
 STRICT_SKIPS = os.environ.get("CI", "").lower() in ("1", "true", "yes")
@@ -120,6 +121,14 @@ def _perturb(model: torch.nn.Module, qk_norms: bool = False, mlp_scale: float = 
 @pytest.fixture(scope="session")
 def default_model_path() -> pathlib.Path:
     return _default_model_path()
+
+
+@pytest.fixture(params=["real", "simulated"])
+def tiny_llama_engines(request: pytest.FixtureRequest, tiny_llama_dir: pathlib.Path,
+                       tmp_path: pathlib.Path) -> Engines:
+    """The tiny Llama's real engine, then a simulated one of it (engine.simulated; the tests' profile):
+    a cluster test that checks contracts, not the model's numbers, runs against both."""
+    return Engines(tiny_llama_dir, write_profile(tmp_path, tiny_llama_dir) if request.param == "simulated" else None)
 
 
 @pytest.fixture(scope="session")

@@ -62,9 +62,9 @@ def long_prompts(count: int, seed: int, max_tokens: int = 6) -> list[Job]:
                 max_tokens=max_tokens) for _ in range(count)]
 
 
-def answers(model: object, sets: list[list[Job]]) -> list[list[Expected]]:
+def answers(model: object, sets: list[list[Job]], simulate: str | None = None) -> list[list[Expected]]:
     """The engine alone's answers to each set of jobs (one engine, one batch)."""
-    flat = iter(reference(str(model), [job for jobs in sets for job in jobs]))
+    flat = iter(reference(str(model), [job for jobs in sets for job in jobs], simulate=simulate))
     return [[next(flat) for _ in jobs] for jobs in sets]
 
 
@@ -111,10 +111,11 @@ def decode_metric(cluster: Cluster, name: str, **labels: str) -> float:
 # -- 1. a prefill worker SIGKILLed mid-prefill ----------------------------------------------------------
 
 @pytest.mark.slow
-async def test_prefill_worker_killed_mid_prefill(tiny_llama_dir) -> None:
+async def test_prefill_worker_killed_mid_prefill(tiny_llama_engines) -> None:
+    engines = tiny_llama_engines
     bursts = [long_prompts(24, seed=100 + i) for i in range(3)] + [long_prompts(8, seed=199)]
-    expected = answers(tiny_llama_dir, bursts)
-    with tandem_up("--prefill", "2", "--decode", "1", "--model", str(tiny_llama_dir), *SMALL) as cluster:
+    expected = answers(engines.checkpoint, bursts, None if engines.profile is None else str(engines.profile))
+    with tandem_up("--prefill", "2", "--decode", "1", *engines.args, *SMALL) as cluster:
         victim = cluster.role("prefill")[0]
         held = 0
         for jobs, want in zip(bursts[:-1], expected[:-1], strict=True):  # a burst may end before the kill

@@ -1,7 +1,7 @@
 """Workers come and go while the cluster serves: a worker started against the running cluster's
 etcd takes traffic within 5 s of registering; a SIGKILLed worker leaves routing within its lease
 TTL + 2 s, and requests keep succeeding throughout. A SIGKILLed prefill worker costs nothing but
-a fallback: outputs stay exact."""
+a fallback: outputs stay exact. Each test runs on real and on simulated engines (engine.simulated)."""
 
 from __future__ import annotations
 
@@ -26,7 +26,7 @@ from tests.support.cluster import (
     worker_metrics,
     worker_status,
 )
-from tests.support.cluster_workload import gather_limited, reference, run_grpc, workload
+from tests.support.cluster_workload import gather_limited, run_grpc, workload
 
 TTL = 2
 
@@ -41,14 +41,15 @@ def _workers_seen(cluster: Cluster) -> int:
 
 
 @pytest.mark.slow
-async def test_worker_joins_and_a_killed_one_leaves(tiny_llama_dir) -> None:
+async def test_worker_joins_and_a_killed_one_leaves(tiny_llama_engines) -> None:
+    engines = tiny_llama_engines
     jobs = workload(count=4, seed=3)
-    expected = reference(str(tiny_llama_dir), jobs)
-    with tandem_up("--prefill", "0", "--decode", "0", "--both", "1", "--model", str(tiny_llama_dir), "--dtype",
-                   "float32", "--lease-ttl-s", str(TTL), "--policy", "round_robin") as cluster:
+    expected = engines.reference(jobs)
+    with tandem_up("--prefill", "0", "--decode", "0", "--both", "1", *engines.args, "--lease-ttl-s", str(TTL),
+                   "--policy", "round_robin") as cluster:
         late = spawn([sys.executable, "-m", "cluster.cli", "worker", "--role", "both", "--etcd", cluster.etcd,
-                      "--model", str(tiny_llama_dir), "--dtype", "float32", "--lease-ttl-s", str(TTL),
-                      "--worker-id", "late"], cwd=REPO, stdout=subprocess.PIPE, text=True)
+                      *engines.args, "--lease-ttl-s", str(TTL), "--worker-id", "late"],
+                     cwd=REPO, stdout=subprocess.PIPE, text=True)
         try:
             assert late.stdout is not None
             line = await asyncio.wait_for(asyncio.to_thread(late.stdout.readline), 120)
@@ -75,11 +76,11 @@ async def test_worker_joins_and_a_killed_one_leaves(tiny_llama_dir) -> None:
 
 
 @pytest.mark.slow
-async def test_a_killed_prefill_worker_costs_only_a_fallback(tiny_llama_dir) -> None:
+async def test_a_killed_prefill_worker_costs_only_a_fallback(tiny_llama_engines) -> None:
     jobs = workload(count=12, seed=5)
-    expected = reference(str(tiny_llama_dir), jobs)
-    with tandem_up("--prefill", "2", "--decode", "1", "--model", str(tiny_llama_dir), "--dtype", "float32",
-                   "--lease-ttl-s", str(TTL), "--min-remote-prefill-tokens", "4", "--num-kv-blocks", "256") as cluster:
+    expected = tiny_llama_engines.reference(jobs)
+    with tandem_up("--prefill", "2", "--decode", "1", *tiny_llama_engines.args, "--lease-ttl-s", str(TTL),
+                   "--min-remote-prefill-tokens", "4", "--num-kv-blocks", "256") as cluster:
         assert await gather_limited([run_grpc(cluster.grpc_address, job) for job in jobs]) == expected
         victim = cluster.role("prefill")[0]
         os.kill(victim.pid, signal.SIGKILL)
@@ -92,13 +93,13 @@ async def test_a_killed_prefill_worker_costs_only_a_fallback(tiny_llama_dir) -> 
 
 
 @pytest.mark.slow
-async def test_a_stalled_prefill_worker_is_waited_for_then_bypassed(tiny_llama_dir) -> None:
+async def test_a_stalled_prefill_worker_is_waited_for_then_bypassed(tiny_llama_engines) -> None:
     """A SIGSTOPped prefill worker: each request waits --prefill-timeout-s, then the decode worker
     prefills it itself (exact output). The blocks the stalled worker might still write stay held
     until it is back and confirms the abort; then every pool is clean."""
     jobs = [j for j in workload(count=16, seed=9) if len(j.ids) >= 17][:3]
-    expected = reference(str(tiny_llama_dir), jobs)
-    with tandem_up("--prefill", "1", "--decode", "1", "--model", str(tiny_llama_dir), "--dtype", "float32",
+    expected = tiny_llama_engines.reference(jobs)
+    with tandem_up("--prefill", "1", "--decode", "1", *tiny_llama_engines.args,
                    "--min-remote-prefill-tokens", "4", "--prefill-timeout-s", "2", "--num-kv-blocks", "256") as cluster:
         assert await run_grpc(cluster.grpc_address, jobs[0]) == expected[0]  # the transfer link is up
         prefill, decode = cluster.role("prefill")[0], cluster.role("decode")[0]

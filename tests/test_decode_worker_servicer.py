@@ -129,6 +129,26 @@ async def test_kv_events_report_what_the_prefix_cache_holds(worker) -> None:
     assert status.pool_integrity_ok and status.free_blocks == status.total_blocks
 
 
+async def test_an_idle_hub_sleeps_until_the_engine_has_changes(worker, monkeypatch) -> None:
+    """Idle, the hub does not poll the engine every interval (a fleet of simulated workers holds hundreds
+    of hubs); the next change wakes it and reaches the subscriber."""
+    stub, engine = worker
+    stream = stub.KVEvents(worker_pb2.KVEventsRequest())
+    assert (await asyncio.wait_for(stream.read(), 10)).cleared
+    await asyncio.sleep(0.05)  # the hub settles: asleep
+    polls: list[int] = []
+    has_kv_events = engine.has_kv_events
+    monkeypatch.setattr(engine, "has_kv_events", lambda: polls.append(1) or has_kv_events())
+    await asyncio.sleep(0.5)  # 50 of its 10 ms intervals
+    assert len(polls) <= 1, f"an idle hub polled the engine {len(polls)} times in 0.5 s"
+    prompt = list(range(60, 73))
+    await _collect(stub, _request("wakes", prompt, max_tokens=1))
+    held: set[int] = set()
+    while not set(hash_blocks(prompt, 4)) <= held:
+        held |= set((await asyncio.wait_for(stream.read(), 10)).stored_block_hashes)
+    stream.cancel()
+
+
 async def test_a_prefill_call_on_a_decode_worker_is_refused(worker) -> None:
     stub, _ = worker
     with pytest.raises(grpc.aio.AioRpcError) as failure:

@@ -114,6 +114,38 @@ async def test_missing_segment_and_unreachable_store_name_the_segment() -> None:
 
 
 
+async def test_an_idle_engines_deadline_watchdog_does_not_wake(monkeypatch) -> None:
+    """The watchdog sleeps until the earliest deadline of a pending batch: with none pending it never
+    wakes (a fleet of simulated workers holds hundreds of engines); batches still complete after."""
+    import threading
+    import time
+
+    import kv_transfer.transfer_engine as module
+
+    wakes: list[float] = []
+
+    class Clock:  # the module's `time`: counts the watchdog's reads, one per wake-up
+        @staticmethod
+        def monotonic() -> float:
+            if threading.current_thread().name == "kv-xfer-watchdog":
+                wakes.append(time.monotonic())
+            return time.monotonic()
+
+    monkeypatch.setattr(module, "time", Clock)
+    a, b, mem_a, mem_b = await _pair("tcp")
+    handle = a.submit("a", [TransferRequest(TransferOp.WRITE, 0, "b", 0, 64)])
+    await handle.wait_async(5)
+    await asyncio.sleep(0.1)
+    settled = len(wakes)
+    await asyncio.sleep(0.5)  # 25 periods of the old 20 ms poll
+    assert len(wakes) == settled, f"an idle watchdog woke {len(wakes) - settled} times in 0.5 s"
+    handle = a.submit("a", [TransferRequest(TransferOp.WRITE, 64, "b", 64, 64)])
+    await handle.wait_async(5)
+    assert torch.equal(mem_b[:128], mem_a[:128])
+    await a.close()
+    await b.close()
+
+
 def test_peer_link_frames_round_trip_and_reject_garbage() -> None:
     from kv_transfer.messages import Hello, Notify, XferHeader, decode, encode
 

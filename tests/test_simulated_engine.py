@@ -155,3 +155,21 @@ async def test_a_cluster_of_simulated_workers_streams_exactly(tiny_llama_dir, tm
             decode = cluster.role("decode")[0]
             assert metric(worker_metrics(decode), "tandem_disaggregation_decisions_total", decision="remote") > 0
         await assert_pools_clean(cluster)
+
+
+def test_a_published_gpu_profile_is_labelled_and_drives_a_simulated_engine(tmp_path) -> None:
+    """bench.sim_published: Llama-3.1-8B on an H100 from datasheet figures, labelled as not measured;
+    a step reads the weights once (memory-bound at batch 1) and a simulated engine runs on it."""
+    from bench.sim_published import GPUS, SHAPES, published_profile
+
+    gpu, shape = GPUS["h100-sxm"], SHAPES["llama-3.1-8b"]
+    profile = published_profile(gpu, shape, 0.5, 0.7, 0.0005, 49152)
+    assert profile.source.startswith("published, not measured") and "3.35 TB/s" in profile.source
+    weights_s = 2 * shape.matmul_weights / (0.7 * gpu.memory_bytes_per_s)
+    assert 7.0e9 < shape.matmul_weights < 8.1e9 and weights_s == pytest.approx(0.0064, rel=0.05)
+    assert profile.step_seconds(0, 1, 128) == pytest.approx(0.0005 + weights_s + 128 * profile.context_s_per_token)
+    path = tmp_path / "h100.json"
+    path.write_text(profile.to_json())
+    llm = LLM(simulate=str(path), num_kv_blocks=64)
+    out = llm.generate([[300, 301, 302]], SamplingParams(temperature=0, max_tokens=4))[0]
+    assert out.token_ids == expected(llm, [300, 301, 302], 4)

@@ -24,6 +24,7 @@ class KVEventHub:
         self._subscribers: list[asyncio.Queue[worker_pb2.KVEventBatch]] = []
         self._joining: list[asyncio.Queue[worker_pb2.KVEventBatch]] = []
         self._task: asyncio.Task[None] | None = None
+        self._wake = asyncio.Event()  # a subscriber joined, or the engine has changes
         if not engine.config.record_kv_events:
             raise ValueError("KV events need an engine with record_kv_events=True")
 
@@ -39,6 +40,7 @@ class KVEventHub:
     async def subscribe(self) -> AsyncIterator[worker_pb2.KVEventBatch]:
         queue: asyncio.Queue[worker_pb2.KVEventBatch] = asyncio.Queue()
         self._joining.append(queue)
+        self._wake.set()
         try:
             while True:
                 yield await queue.get()
@@ -49,10 +51,13 @@ class KVEventHub:
 
     async def _run(self) -> None:
         while True:
-            await asyncio.sleep(self.interval_s)
+            await asyncio.sleep(self.interval_s)  # changes are sent at most once per interval, batched
             # a subscriber may leave while the engine answers: only those still joining after it are admitted
             wanted = bool(self._joining)
-            if not wanted and not self.engine.has_kv_events():  # an idle engine's thread is left asleep
+            if not wanted and not self.engine.has_kv_events():  # idle: asleep until a change or a subscriber
+                self._wake.clear()
+                self.engine.notify_kv_events(self._wake)
+                await self._wake.wait()
                 continue
             try:
                 events = await self.engine.drain_kv_events(with_snapshot=wanted)

@@ -248,6 +248,11 @@ def pools_dashboard() -> dict:
                   [Query(f"sum by (worker) (rate(tandem_router_prefix_overlap_blocks_total{{{NS}}}[{RATE}]))",
                          "reused/s {{worker}}"),
                    Query(f"max by (worker) (tandem_router_worker_cached_blocks{{{NS}}})", "cached {{worker}}")]),
+        PanelSpec("KV events received", "KV-event batches, and block hashes stored and removed in them, that the "
+                  "routers received from all workers per second.", "short",
+                  [Query(f"sum (rate(tandem_router_kv_event_batches_total{{{NS}}}[{RATE}]))", "batches/s"),
+                   Query(f"sum by (change) (rate(tandem_router_kv_event_hashes_total{{{NS}}}[{RATE}]))",
+                         "hashes {{change}}/s")]),
         PanelSpec("Router dispatch time", "A request's admission at the router (tokenized) to its first "
                   "worker call: the router's own time, routing included, p50/p90/p99.", "s",
                   _histogram_quantiles("tandem_router_dispatch_seconds")),

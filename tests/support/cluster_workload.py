@@ -60,9 +60,10 @@ def workload(count: int = 32, vocab: int = 512, seed: int = 0) -> list[Job]:
 
 
 def reference(model: str, jobs: list[Job], dtype: str = "float32", deterministic: bool = False,
-              logprobs: bool = False) -> list[Expected]:
-    """The engine alone, in-process (fp32 unless told), all jobs in one continuous batch."""
-    llm = LLM(model=model, dtype=dtype, deterministic=deterministic)
+              logprobs: bool = False, simulate: str | None = None) -> list[Expected]:
+    """The engine alone, in-process (fp32 unless told), all jobs in one continuous batch; with `simulate`
+    (a profile), the simulated engine's (engine.simulated)."""
+    llm = LLM(model=model, dtype=dtype, deterministic=deterministic, simulate=simulate)
     tok = llm.engine.tokenizer
     prompts = [list(j.ids) if j.kind == "ids" else tok.encode(j.text) if j.kind == "text"
                else tok.apply_chat_template(j.messages()) for j in jobs]

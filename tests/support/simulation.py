@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import json
 import pathlib
+from dataclasses import dataclass
 
 from engine import LLM
 from engine.loader.api import load_model, load_tokenizer
 from engine.loader.weight_cache import config_to_json
 from engine.simulated.parts import simulated_avoids
 from engine.simulated.runner import SimulatedRunner, simulated_continuation
+from tests.support.cluster_workload import Expected, Job, reference
 
 PREFILL = [[16, 0.002], [256, 0.02], [2048, 0.16]]
 DECODE = [[1, 0.003], [8, 0.005], [64, 0.02]]
@@ -37,3 +39,21 @@ def expected_of(checkpoint: pathlib.Path, prompt: list[int], count: int) -> list
     tokenizer = load_tokenizer(str(checkpoint))
     avoid = simulated_avoids(tokenizer, load_model(str(checkpoint)).config)
     return simulated_continuation(prompt, count, tokenizer.vocab_size, avoid)
+
+
+@dataclass(frozen=True)
+class Engines:
+    """The engines of a cluster test's workers: the real model in fp32, or (with `profile`) simulated
+    engines of it. The contracts a test checks (membership, faults) hold for both; the streams are each
+    engine's own, exact."""
+    checkpoint: pathlib.Path
+    profile: pathlib.Path | None = None
+
+    @property
+    def args(self) -> tuple[str, ...]:
+        """`tandem up` and `tandem worker` flags."""
+        simulate = ("--simulate", str(self.profile)) if self.profile is not None else ()
+        return "--model", str(self.checkpoint), "--dtype", "float32", *simulate
+
+    def reference(self, jobs: list[Job]) -> list[Expected]:
+        return reference(str(self.checkpoint), jobs, simulate=None if self.profile is None else str(self.profile))
