@@ -84,6 +84,8 @@ class Clients:
                     except grpc.aio.AioRpcError as e:
                         code = e.code().name
                     self.outcomes.append(Outcome(started, time.monotonic(), code, tokens))
+                    if code != "OK":  # as a real client backs off: failures are not counted at spin rate
+                        await asyncio.sleep(0.2)
 
             await asyncio.gather(*(client() for _ in range(self.count)))
 

@@ -47,8 +47,8 @@ def _capacity_profile(profile: str, output: pathlib.Path, prompt_tokens: int, k:
                    stderr=subprocess.DEVNULL) as cluster:
         subprocess.run([sys.executable, "-m", "cluster.cli", "profile", "--address", cluster.grpc_address,
                         "--output", str(output), "--prompt-tokens", str(prompt_tokens), "--prefill-s", "15",
-                        "--prefill-concurrency", "8", "--decode-batches", "1,4,16,32,64", "--step-s", "6",
-                        "--decode-tokens", "64", "--max-itl-s", str(2.0 * k), "--time-budget-s", "300",
+                        "--prefill-concurrency", "8", "--decode-batches", "1,4,16,32,64", "--step-s", str(8.0 * k),
+                        "--decode-tokens", "32", "--max-itl-s", str(2.0 * k), "--time-budget-s", "300",
                         "--max-token-id", "49000"],
                        cwd=REPO, check=True, timeout=400, stdout=subprocess.DEVNULL)
 
@@ -67,7 +67,7 @@ def reversals(sizes: list[int]) -> int:
 
 async def _drive(cluster: LocalCluster, args: argparse.Namespace) -> dict[str, Any]:
     k = args.slowdown
-    wall_s = args.seconds / k
+    wall_s = args.seconds * k  # dilated: the modelled seconds take k times longer here
     sessions = generate(args.workload, int(args.rate * args.seconds), seed=5, vocab=args.vocab,
                         max_prompt=args.max_prompt, max_answer=args.max_answer)
     timeline: list[tuple[float, int, int]] = []
@@ -147,11 +147,25 @@ def main(argv: list[str] | None = None) -> None:
                    "--cooldown-s", str(args.cooldown_s * k), "--scale-down-delay-s", str(args.scale_down_delay_s * k),
                    "--min-prefill-workers", "1", "--max-prefill-workers", str(last), "--min-decode-workers", "1",
                    "--max-decode-workers", str(last), "--max-total-workers", str(args.devices), "--grace-s", "5")
-        with tandem_up("--simulate", str(slowed), "--prefill", str(args.start[0]), "--decode", str(args.start[1]),
-                       "--kv-backends", "tcp", "--max-inflight", "4096", *planner,
-                       stderr=subprocess.DEVNULL) as cluster:
+        log_path = pathlib.Path(tmp) / "cluster.log"
+        with open(log_path, "w") as log, tandem_up(
+                "--simulate", str(slowed), "--prefill", str(args.start[0]), "--decode", str(args.start[1]),
+                "--kv-backends", "tcp", "--max-inflight", "4096", *planner, stderr=log.fileno()) as cluster:
             found = asyncio.run(_drive(cluster, args))
-    print(json.dumps({key: found[key] for key in ("decisions", "reversals", "final", "settled_at_s", "failed")}))
+        # the planner's reasoning: every decision that acted, and how often each pool held for which reason
+        lines = [line.split("planner: ", 1)[1].strip() for line in log_path.read_text().splitlines()
+                 if "cluster.planner: planner: " in line and "->" in line]
+        found["actions"] = [line for line in lines if " hold " not in line]
+        holds: dict[str, int] = {}
+        for line in lines:
+            if " hold " in line:
+                key = f"{line.split()[0]} {line.split('reason=')[1].split()[0]}"
+                holds[key] = holds.get(key, 0) + 1
+        found["holds"] = holds
+    print(json.dumps({key: found[key] for key in ("decisions", "reversals", "final", "settled_at_s", "failed",
+                                                  "holds")}))
+    for line in found["actions"]:
+        print(f"  {line}")
     for w in found["windows"]:
         print(f"  from {w['from_s']:6.0f}s: {w['requests']} requests, {w['attainment']:.0%} within both objectives")
     report = {"command": " ".join(["python", "-m", "bench.sim_planner", *(argv or sys.argv[1:])]), "date": date,

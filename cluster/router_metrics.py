@@ -32,5 +32,5 @@ DISPATCH = Histogram("tandem_router_dispatch_seconds", "A request's admission at
                      buckets=(0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0))
 KV_EVENT_BATCHES = Counter("tandem_router_kv_event_batches", "KV-event batches received from all workers")
 KV_EVENT_HASHES = Counter("tandem_router_kv_event_hashes", "Block hashes in the KV events received from all "
-                          "workers, by change (stored, removed)", ["change"])
+                          "workers, by change (stored, removed, snapshot)", ["change"])
 WORKERS = Gauge("tandem_router_workers", "Workers the router routes to, by pool (prefill, decode, both)", ["pool"])

@@ -93,7 +93,8 @@ class WorkerPool:
             try:
                 async for batch in handle.stub.KVEvents(worker_pb2.KVEventsRequest()):
                     KV_EVENT_BATCHES.inc()
-                    KV_EVENT_HASHES.labels("stored").inc(len(batch.stored_block_hashes))
+                    KV_EVENT_HASHES.labels("snapshot" if batch.cleared else "stored").inc(
+                        len(batch.stored_block_hashes))
                     KV_EVENT_HASHES.labels("removed").inc(len(batch.removed_block_hashes))
                     if batch.cleared:
                         handle.cached_blocks.clear()

@@ -7,6 +7,7 @@ itself."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import queue
 import threading
@@ -174,7 +175,8 @@ class AsyncEngine:
             listener, self._kv_listener = self._kv_listener, None
         if listener is not None:
             loop, event = listener
-            loop.call_soon_threadsafe(event.set)
+            with contextlib.suppress(RuntimeError):  # its loop closed (the hub stopped): nobody to wake
+                loop.call_soon_threadsafe(event.set)
 
     async def set_kv_hook(self, hook: KVStepHook | None) -> None:
         """Plug a KV connector's step hook in (engine.kv_hooks), between two steps."""

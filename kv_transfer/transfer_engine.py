@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import threading
 import time
 import uuid
@@ -48,6 +49,7 @@ from kv_transfer.segment import LocalSegment, SharedHostBuffer, flat_bytes
 
 log = logging.getLogger(__name__)
 _WATCHDOG_PERIOD_S = 0.02
+_LONGEST_SLEEP_S = 3600.0  # under threading.TIMEOUT_MAX: an infinite deadline must not kill the watchdog
 
 
 @dataclass(frozen=True)
@@ -89,7 +91,8 @@ class TransferEngine:
             elif self.config.backends:
                 raise BackendUnavailableError(f"backend {name!r} was asked for but cannot run here")
         self._closed = threading.Event()
-        self._pending_changed = threading.Condition(self._lock)  # a batch started, or the engine closed
+        self._pending_changed = threading.Condition(self._lock)  # an earlier deadline, or the engine closed
+        self._watchdog_until = -math.inf  # the deadline the sleeping watchdog wakes at; -inf: awake
         self._watchdog = threading.Thread(target=self._expire_loop, name="kv-xfer-watchdog", daemon=True)
         self._watchdog.start()
 
@@ -258,7 +261,8 @@ class TransferEngine:
         for backend, batch in plans:
             with self._lock:
                 self._pending.add(batch)
-                self._pending_changed.notify()
+                if batch.deadline < self._watchdog_until:  # most batches fall due after one already pending
+                    self._pending_changed.notify()
             batch.add_done_callback(self._on_batch_done)
             if len(batch.ranges) == 0:
                 backend.finish_one_sided(batch)
@@ -283,8 +287,9 @@ class TransferEngine:
                 now = time.monotonic()
                 overdue = [b for b in self._pending if b.deadline <= now]
                 if not overdue:
-                    earliest = min((b.deadline for b in self._pending), default=None)
-                    self._pending_changed.wait(None if earliest is None else earliest - now)
+                    self._watchdog_until = min((b.deadline for b in self._pending), default=math.inf)
+                    self._pending_changed.wait(min(self._watchdog_until - now, _LONGEST_SLEEP_S))
+                    self._watchdog_until = -math.inf
                     continue
             for batch in overdue:  # failing one runs its done callbacks, which take the lock
                 if batch.expire_if_overdue(now) and batch.backend != "tcp":

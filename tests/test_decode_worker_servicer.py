@@ -135,7 +135,8 @@ async def test_an_idle_hub_sleeps_until_the_engine_has_changes(worker, monkeypat
     stub, engine = worker
     stream = stub.KVEvents(worker_pb2.KVEventsRequest())
     assert (await asyncio.wait_for(stream.read(), 10)).cleared
-    await asyncio.sleep(0.05)  # the hub settles: asleep
+    while engine._kv_listener is None:  # the hub settles: asleep, its wake-up armed
+        await asyncio.sleep(0.01)
     polls: list[int] = []
     has_kv_events = engine.has_kv_events
     monkeypatch.setattr(engine, "has_kv_events", lambda: polls.append(1) or has_kv_events())

@@ -146,6 +146,24 @@ async def test_an_idle_engines_deadline_watchdog_does_not_wake(monkeypatch) -> N
     await b.close()
 
 
+async def test_the_watchdog_fails_a_batch_nobody_waits_on_at_its_deadline(monkeypatch) -> None:
+    """A batch whose transport never finishes it fails at its deadline, by the watchdog alone (no waiter
+    expires it), though the watchdog was asleep with nothing pending when it was submitted."""
+    from kv_transfer.batch import BatchStatus
+
+    a, b, _, _ = await _pair("tcp")
+    await asyncio.sleep(0.1)  # the watchdog is asleep, nothing pending
+    monkeypatch.setattr(a.backends["tcp"], "start", lambda batch: None)  # the transport drops it
+    handle = a.submit("a", [TransferRequest(TransferOp.WRITE, 0, "b", 0, 64)], timeout_s=0.3)
+    deadline = asyncio.get_running_loop().time() + 5
+    while handle.status is BatchStatus.PENDING:
+        assert asyncio.get_running_loop().time() < deadline, "the batch outlived its deadline by 4.7 s"
+        await asyncio.sleep(0.02)
+    assert handle.status is BatchStatus.FAILED and "deadline" in str(handle.error)
+    await a.close()
+    await b.close()
+
+
 def test_peer_link_frames_round_trip_and_reject_garbage() -> None:
     from kv_transfer.messages import Hello, Notify, XferHeader, decode, encode
 

@@ -46,6 +46,9 @@ def test_long_prompts_pay_for_attention_and_decode_rows_beside_a_prefill_share_i
     # the decode curve (1, 3 ms), (8, 5 ms) meets 0 rows at 2.71 ms: beside a prefill, 8 rows add 2.29 ms
     assert profile.decode_intercept_s == pytest.approx(0.003 - 0.002 / 7)
     assert profile.step_seconds(256, 8, 0, 256 * 17 // 2) == pytest.approx(0.02 + 0.005 - (0.003 - 0.002 / 7))
+    # adding prompt tokens to a decode step never makes it cheaper (the fixed cost is paid once, not refunded)
+    alone = profile.step_seconds(0, 8, 0)
+    assert all(profile.step_seconds(n, 8, 0, n * (n + 1) // 2) >= alone for n in (1, 2, 4, 16))
     slow = profile.slowed(4)
     assert slow.step_seconds(256, 8, 1000, 256 * 257 // 2) == pytest.approx(
         4 * profile.step_seconds(256, 8, 1000, 256 * 257 // 2))

@@ -7,8 +7,8 @@ A step's time is modelled as the sum of
   it attends to) pair beyond what such prompts have: a long prompt's attention grows with its square;
 - a decode part: the decode curve, interpolated in the step's decode rows (measured with `decode_context`
   tokens of context per row), plus `context_s_per_token` per token of context beyond that. Beside a
-  prefill, the decode rows cost only their share above the curve's intercept (a step's fixed cost, the
-  weights read once, is in the prefill part already).
+  prefill, the step's fixed cost (the decode curve's intercept: the weights read once) is paid once, so
+  adding prompt tokens to a decode step never makes it cheaper.
 Below its first point a curve runs straight to (0, 0); past its last it extends the last segment's slope
 (never a falling one). The times are the model's forward and sampling only: the simulated engine's own
 scheduling is real."""
@@ -83,14 +83,17 @@ class SimulationProfile:
         """The modelled time of a step with these many new prompt tokens and decode rows, the decode rows
         attending to `context_tokens` positions in all and the prompt tokens to `prefill_pairs` (None: as
         many as the prefill curve's own prompts had)."""
-        seconds = 0.0
+        prefill = 0.0
         if prefill_tokens:
-            seconds += _interpolate(self.prefill, prefill_tokens)
+            prefill = _interpolate(self.prefill, prefill_tokens)
             if prefill_pairs is not None and self.attention_s_per_pair:
                 own = prefill_tokens * (self.prefill_prompt + 1) / 2  # pairs of the curve's prompts, per token
-                seconds += self.attention_s_per_pair * (prefill_pairs - own)
+                prefill += self.attention_s_per_pair * (prefill_pairs - own)
+        seconds = prefill
         if decode_rows:
-            seconds += _interpolate(self.decode, decode_rows) - (self.decode_intercept_s if prefill_tokens else 0.0)
+            # the fixed cost both parts carry is paid once: a step costs at least the decode curve's
+            shared = min(self.decode_intercept_s, max(prefill, 0.0))
+            seconds += max(_interpolate(self.decode, decode_rows) - shared, 0.0)
             seconds += self.context_s_per_token * (context_tokens - decode_rows * self.decode_context)
         return max(seconds, 0.0)
 
