@@ -153,8 +153,9 @@ def main(argv: list[str] | None = None) -> None:
                 "--kv-backends", "tcp", "--max-inflight", "4096", *planner, stderr=log.fileno()) as cluster:
             found = asyncio.run(_drive(cluster, args))
         # the planner's reasoning: every decision that acted, and how often each pool held for which reason
-        lines = [line.split("planner: ", 1)[1].strip() for line in log_path.read_text().splitlines()
-                 if "cluster.planner: planner: " in line and "->" in line]
+        marker = "cluster.planner: planner: "
+        lines = [line.split(marker, 1)[1].strip() for line in log_path.read_text().splitlines()
+                 if marker in line and "->" in line]
         found["actions"] = [line for line in lines if " hold " not in line]
         holds: dict[str, int] = {}
         for line in lines:

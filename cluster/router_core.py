@@ -194,9 +194,13 @@ class RouterCore:
         self.inflight += 1
         m.INFLIGHT.inc()
         outcome = "cancelled"
+        decoding = False  # past its first token (m.DECODING counts it)
         try:
             m.PROMPT_TOKENS.inc(len(req.prompt_token_ids))
             async for chunk in self._stream(req, arrival, deadline):
+                if chunk.token_ids and not decoding:
+                    decoding = True
+                    m.DECODING.inc()
                 self.keys.count(req.caller, len(chunk.token_ids))
                 yield chunk
             outcome = "ok"
@@ -208,6 +212,8 @@ class RouterCore:
             self.inflight -= 1
             self._serving.pop(req.internal_id, None)
             m.INFLIGHT.dec()
+            if decoding:
+                m.DECODING.dec()
             m.REQUESTS.labels(outcome).inc()
 
     async def _stream(self, req: PreparedRequest, arrival: float, deadline: float

@@ -10,6 +10,8 @@ _TOKEN_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2, 0.
 REQUESTS = Counter("tandem_requests", "Requests ended at the router, by outcome (ok, or the status code)",
                    ["outcome"])
 INFLIGHT = Gauge("tandem_router_inflight_requests", "Requests in flight at the router")
+DECODING = Gauge("tandem_router_decoding_streams", "Requests in flight past their first token: the decode "
+                 "pool's load (before it, a request waits on a prefill)")
 TTFT = Histogram("tandem_time_to_first_token_seconds", "Arrival at the router to the first token sent",
                  buckets=_LATENCY_BUCKETS)
 ITL = Histogram("tandem_inter_token_latency_seconds", "Time between two streamed chunks, per token",

@@ -112,7 +112,7 @@ def test_prometheus_source_sends_these_queries(stub_http: tuple[str, list[str], 
         'histogram_quantile(0.95, sum by (le) (rate(tandem_inter_token_latency_seconds_bucket{namespace="tandem"}'
         '[60s])))',
         'sum(rate(tandem_prompt_tokens_total{namespace="tandem"}[60s]))',
-        'sum(avg_over_time(tandem_router_inflight_requests{namespace="tandem"}[60s]))']
+        'sum(avg_over_time(tandem_router_decoding_streams{namespace="tandem"}[60s]))']
 
 
 class FakeSource:

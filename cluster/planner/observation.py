@@ -19,7 +19,7 @@ class Observation:
     ttft_s: float | None  # the configured quantile of TTFT; None: no first token in the window
     itl_s: float | None  # the configured quantile of ITL; None: no token after a first one in the window
     prompt_tokens_per_s: float  # prompt tokens the router accepted, per second: the prefill pool's load
-    streams: float  # requests in flight at the router, averaged over the window: the decode pool's load
+    streams: float  # requests past their first token at the router, averaged over the window: the decode pool's load
 
     def latency_s(self, pool: Pool) -> float | None:
         return self.ttft_s if pool == "prefill" else self.itl_s

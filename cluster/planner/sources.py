@@ -22,7 +22,10 @@ log = logging.getLogger(__name__)
 TTFT = "tandem_time_to_first_token_seconds"
 ITL = "tandem_inter_token_latency_seconds"
 PROMPT_TOKENS = "tandem_prompt_tokens_total"
-INFLIGHT = "tandem_router_inflight_requests"
+# the decode pool's load: streams past their first token (requests queued for a prefill are the prefill
+# pool's load, seen in its TTFT; counted as decode load they kept a starved cluster from moving workers
+# from decode to prefill: bench.sim_planner)
+DECODING = "tandem_router_decoding_streams"
 
 
 def _fetch(url: str, timeout_s: float, context: ssl.SSLContext | None = None) -> str:
@@ -38,12 +41,12 @@ class Scrape:
     ttft: Buckets
     itl: Buckets
     prompt_tokens: float
-    inflight: float
+    decoding: float
 
     @classmethod
     def parse(cls, text: str, at: float) -> Scrape:
         buckets: dict[str, dict[float, float]] = {TTFT: {}, ITL: {}}
-        totals = {PROMPT_TOKENS: 0.0, INFLIGHT: 0.0}
+        totals = {PROMPT_TOKENS: 0.0, DECODING: 0.0}
         for family in text_string_to_metric_families(text):
             for sample in family.samples:
                 histogram = sample.name.removesuffix("_bucket")
@@ -56,7 +59,7 @@ class Scrape:
             if not found:
                 raise ValueError(f"the scrape has no {name} histogram: is this the router's /metrics?")
         return cls(at, sorted(buckets[TTFT].items()), sorted(buckets[ITL].items()), totals[PROMPT_TOKENS],
-                   totals[INFLIGHT])
+                   totals[DECODING])
 
 
 class RouterScrapeSource:
@@ -97,7 +100,7 @@ class RouterScrapeSource:
         return Observation(window_s=span, ttft_s=quantile_from_buckets(self.quantile, ttft),
                            itl_s=quantile_from_buckets(self.quantile, itl),
                            prompt_tokens_per_s=(new.prompt_tokens - old.prompt_tokens) / span,
-                           streams=sum(s.inflight for s in later) / len(later))
+                           streams=sum(s.decoding for s in later) / len(later))
 
 
 class PrometheusSource:
@@ -115,7 +118,7 @@ class PrometheusSource:
             return f"histogram_quantile({self.quantile}, sum by (le) (rate({histogram}_bucket{sel}[{window}])))"
         return {"ttft": quantile(TTFT), "itl": quantile(ITL),
                 "prompt_tokens_per_s": f"sum(rate({PROMPT_TOKENS}{sel}[{window}]))",
-                "streams": f"sum(avg_over_time({INFLIGHT}{sel}[{window}]))"}
+                "streams": f"sum(avg_over_time({DECODING}{sel}[{window}]))"}
 
     def _scalar(self, query: str) -> float | None:
         """The query's one value; None for an empty vector or NaN (no sample in the window)."""

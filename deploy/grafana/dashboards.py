@@ -145,8 +145,11 @@ def service_dashboard() -> dict:
                   "percentunit",
                   [Query(share("namespace", f'tandem_requests_total{{outcome!~"ok|cancelled", {NS}}}',
                                f"tandem_requests_total{{{NS}}}"), "{{namespace}}")]),
-        PanelSpec("Requests in flight", "Requests the routers are serving now (over --max-inflight: 429).",
-                  "short", [Query(f"sum by (namespace) (tandem_router_inflight_requests{{{NS}}})", "{{namespace}}")]),
+        PanelSpec("Requests in flight", "Requests the routers are serving now (over --max-inflight: 429), and "
+                  "those past their first token (decoding: the decode pool's load, as the planner reads it).",
+                  "short", [Query(f"sum by (namespace) (tandem_router_inflight_requests{{{NS}}})", "{{namespace}}"),
+                            Query(f"sum by (namespace) (tandem_router_decoding_streams{{{NS}}})",
+                                  "decoding {{namespace}}")]),
         PanelSpec("Tokens", "Prompt tokens accepted and tokens streamed to clients, per second, at the routers.",
                   "short",
                   [Query(f"sum by (namespace) (rate(tandem_prompt_tokens_total{{{NS}}}[{RATE}]))", "prompt"),
