@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 import queue
 import signal
 import subprocess
@@ -36,8 +37,10 @@ class SimCluster:
     http_url: str
     router: subprocess.Popen
     fleet_args: tuple[str, ...]  # every fleet's flags but its role, replicas and worker id
+    log_dir: str  # each fleet's stderr: <log_dir>/<name>.log
     fleets: list[subprocess.Popen] = field(default_factory=list)
     roles: dict[int, str] = field(default_factory=dict)  # fleet pid -> role
+    logs: dict[int, str] = field(default_factory=dict)  # fleet pid -> its stderr's file
     workers: dict[str, list[str]] = field(default_factory=dict)  # role -> worker ids
 
     @property
@@ -52,17 +55,24 @@ class SimCluster:
 
     def spawn_fleet(self, role: str, replicas: int, name: str) -> subprocess.Popen:
         """A fleet process of `replicas` simulated `role` workers named `name`-0, ... (see ready_fleet)."""
-        proc = spawn([sys.executable, "-m", "cluster.cli", "worker", "--role", role, "--etcd", self.etcd,
-                      "--replicas", str(replicas), "--worker-id", name, *self.fleet_args],
-                     cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+        path = os.path.join(self.log_dir, f"{name}.log")
+        with open(path, "wb") as log:
+            proc = spawn([sys.executable, "-m", "cluster.cli", "worker", "--role", role, "--etcd", self.etcd,
+                          "--replicas", str(replicas), "--worker-id", name, *self.fleet_args],
+                         cwd=REPO, stdout=subprocess.PIPE, stderr=log, text=True)
         self.fleets.append(proc)
         self.roles[proc.pid] = role
+        self.logs[proc.pid] = path
         return proc
 
     def ready_fleet(self, proc: subprocess.Popen, replicas: int, timeout_s: float) -> list[str]:
         """The worker ids of `proc`'s replicas once each has announced itself (and registered)."""
         role = self.roles[proc.pid]
-        ids = [fields[0] for fields in _read_ready(proc, replicas, timeout_s, f"a {role} fleet")]
+        try:
+            ids = [fields[0] for fields in _read_ready(proc, replicas, timeout_s, f"a {role} fleet")]
+        except (RuntimeError, TimeoutError) as e:
+            with open(self.logs[proc.pid], errors="replace") as log:
+                raise type(e)(f"{e}; its log ends:\n{log.read()[-3000:]}") from None
         self.workers.setdefault(role, []).extend(ids)
         return ids
 
@@ -95,7 +105,7 @@ def _read_ready(proc: subprocess.Popen, count: int, timeout_s: float, what: str)
 @contextlib.contextmanager
 def sim_cluster(profile: str, prefill: int, decode: int, per_process: int = 100, policy: str = "kv_aware",
                 model: str | None = None, worker_args: tuple[str, ...] = (),
-                ready_timeout_s: float = 600.0) -> Iterator[SimCluster]:
+                ready_timeout_s: float = 600.0, starting_at_once: int = 0) -> Iterator[SimCluster]:
     """`prefill` + `decode` simulated workers in fleets of at most `per_process`, and the router, all of
     `model` (the profile's checkpoint; None: the default model), until exit."""
     with tempfile.TemporaryDirectory(prefix="tandem-sim-") as data:
@@ -109,14 +119,16 @@ def sim_cluster(profile: str, prefill: int, decode: int, per_process: int = 100,
             _, grpc_address, http_url = _read_ready(router, 1, 120, "the router")[0]
             fleet_args = ("--simulate", profile, "--lease-ttl-s", str(LEASE_TTL_S), "--kv-backends", KV_BACKENDS,
                           *(["--model", model] if model else []), *worker_args)
-            cluster = SimCluster(etcd, grpc_address, http_url, router, fleet_args)
-            started = []
-            for role, count in (("prefill", prefill), ("decode", decode)):
-                for i in range(math.ceil(count / per_process)):
-                    replicas = min(per_process, count - i * per_process)
-                    started.append((cluster.spawn_fleet(role, replicas, f"{role}-{i}"), replicas))
-            for proc, replicas in started:  # the fleets start in parallel
-                cluster.ready_fleet(proc, replicas, ready_timeout_s)
+            cluster = SimCluster(etcd, grpc_address, http_url, router, fleet_args, data)
+            planned = [(role, f"{role}-{i}", min(per_process, count - i * per_process))
+                       for role, count in (("prefill", prefill), ("decode", decode))
+                       for i in range(math.ceil(count / per_process))]
+            wave = starting_at_once or len(planned)  # fleets starting together (all: the fastest, if etcd keeps up)
+            for first in range(0, len(planned), wave):
+                started = [(cluster.spawn_fleet(role, replicas, name), replicas)
+                           for role, name, replicas in planned[first:first + wave]]
+                for proc, replicas in started:
+                    cluster.ready_fleet(proc, replicas, ready_timeout_s)
             yield cluster
         finally:
             fleets = cluster.fleets if cluster else []

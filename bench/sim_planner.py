@@ -163,6 +163,7 @@ def main(argv: list[str] | None = None) -> None:
                 key = f"{line.split()[0]} {line.split('reason=')[1].split()[0]}"
                 holds[key] = holds.get(key, 0) + 1
         found["holds"] = holds
+        found["planner_log"] = lines  # every decision the planner logged (a hold is logged when its reason changes)
     print(json.dumps({key: found[key] for key in ("decisions", "reversals", "final", "settled_at_s", "failed",
                                                   "holds")}))
     for line in found["actions"]:

@@ -103,7 +103,8 @@ def run_one(args: argparse.Namespace, workers: int, policy: str) -> dict[str, An
     started = time.monotonic()
     blocks = ("--num-kv-blocks", str(args.num_kv_blocks)) if args.num_kv_blocks else ()
     with sim_cluster(args.profile, prefill, decode, args.per_process, policy, args.model,
-                     ("--min-remote-prefill-tokens", str(args.prompt_tokens // 2), *blocks)) as cluster:
+                     ("--min-remote-prefill-tokens", str(args.prompt_tokens // 2), *blocks),
+                     starting_at_once=args.starting_at_once) as cluster:
         up_s = time.monotonic() - started
         view_s = asyncio.run(wait_for_view(cluster, prefill, decode))
         before = dispatch_buckets(cluster.router_metrics())
@@ -129,6 +130,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--num-kv-blocks", type=int, default=None,
                    help="each worker's KV blocks (default: what the model's KV would get from the default memory); "
                         "fewer keep 1000 workers' placeholder pools small")
+    p.add_argument("--starting-at-once", type=int, default=0,
+                   help="fleets started together (0: all); fewer keep etcd answering on a small machine")
     p.add_argument("--clients", type=int, default=32)
     p.add_argument("--seconds", type=float, default=20.0)
     p.add_argument("--prompt-tokens", type=int, default=64)
