@@ -9,7 +9,8 @@ router and etcd; `--clients` closed-loop gRPC clients send requests of `--prompt
 (prefilled remotely: longer than the workers' --min-remote-prefill-tokens) for `--max-tokens` tokens each,
 for `--seconds`. Reported: requests/s, client end-to-end p50/p99, the router's dispatch time p50/p99
 (`tandem_router_dispatch_seconds`, admission to the first worker call, over the run), and the CPU seconds
-the router and the fleets used meanwhile. Everything shares this machine's cores: the clients, the router,
+the router and the fleets used meanwhile; before the load, the idle cluster's CPU (cores) over
+`--idle-seconds` and the fleets' resident memory. Everything shares this machine's cores: the clients, the router,
 etcd and every fleet; the router's CPU per request is what carries over to a machine of its own.
 """
 
@@ -98,6 +99,11 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def _rss_mib(pid: int) -> float:
+    with open(f"/proc/{pid}/status") as f:
+        return int(f.read().split("VmRSS:")[1].split()[0]) / 1024
+
+
 def run_one(args: argparse.Namespace, workers: int, policy: str) -> dict[str, Any]:
     prefill, decode = workers // 2, workers - workers // 2
     started = time.monotonic()
@@ -107,6 +113,11 @@ def run_one(args: argparse.Namespace, workers: int, policy: str) -> dict[str, An
                      starting_at_once=args.starting_at_once) as cluster:
         up_s = time.monotonic() - started
         view_s = asyncio.run(wait_for_view(cluster, prefill, decode))
+        idle_router, idle_fleets = cpu_seconds(cluster.router.pid), sum(cpu_seconds(p.pid) for p in cluster.fleets)
+        time.sleep(args.idle_seconds)  # nothing sent: what the registered, idle workers cost by themselves
+        idle_router = (cpu_seconds(cluster.router.pid) - idle_router) / args.idle_seconds
+        idle_fleets = (sum(cpu_seconds(p.pid) for p in cluster.fleets) - idle_fleets) / args.idle_seconds
+        fleets_rss_mib = sum(_rss_mib(p.pid) for p in cluster.fleets)
         before = dispatch_buckets(cluster.router_metrics())
         router_cpu, fleet_cpu = cpu_seconds(cluster.router.pid), sum(cpu_seconds(p.pid) for p in cluster.fleets)
         load = asyncio.run(closed_loop(cluster.grpc_address, args.clients, args.seconds, args.prompt_tokens,
@@ -116,7 +127,8 @@ def run_one(args: argparse.Namespace, workers: int, policy: str) -> dict[str, An
         window = bucket_delta(dispatch_buckets(cluster.router_metrics()), before)
     return {"workers": workers, "policy": policy, "startup_s": up_s, "router_view_s": view_s, **load,
             "dispatch_p50_s": quantile_from_buckets(0.5, window), "dispatch_p99_s": quantile_from_buckets(0.99, window),
-            "router_cpu_s": router_cpu, "fleets_cpu_s": fleet_cpu,
+            "router_cpu_s": router_cpu, "fleets_cpu_s": fleet_cpu, "idle_router_cores": idle_router,
+            "idle_fleets_cores": idle_fleets, "fleets_rss_mib": fleets_rss_mib,
             "router_cpu_ms_per_request": 1000 * router_cpu / max(load["requests"], 1)}
 
 
@@ -134,6 +146,7 @@ def main(argv: list[str] | None = None) -> None:
                    help="fleets started together (0: all); fewer keep etcd answering on a small machine")
     p.add_argument("--clients", type=int, default=32)
     p.add_argument("--seconds", type=float, default=20.0)
+    p.add_argument("--idle-seconds", type=float, default=5.0, help="CPU of the idle cluster, before the load")
     p.add_argument("--prompt-tokens", type=int, default=64)
     p.add_argument("--max-tokens", type=int, default=4)
     p.add_argument("--vocab", type=int, help="prompt token ids are drawn below this (default: the profile's model's)")
