@@ -36,7 +36,7 @@ from transformers import (
 )
 
 from engine.loader.default_model import default_model_path as _default_model_path
-from tests.support.simulation import Engines, write_profile
+from tests.support.simulation import PREFILL, Engines, write_profile
 
 TINY_VOCAB = 512
 STRICT_SKIPS = os.environ.get("CI", "").lower() in ("1", "true", "yes")
@@ -128,7 +128,12 @@ def tiny_llama_engines(request: pytest.FixtureRequest, tiny_llama_dir: pathlib.P
                        tmp_path: pathlib.Path) -> Engines:
     """The tiny Llama's real engine, then a simulated one of it (engine.simulated; the tests' profile):
     a cluster test that checks contracts, not the model's numbers, runs against both."""
-    return Engines(tiny_llama_dir, write_profile(tmp_path, tiny_llama_dir) if request.param == "simulated" else None)
+    if request.param == "real":
+        return Engines(tiny_llama_dir)
+    # prefill 5x the tests' profile (a 200-token prompt ~0.1 s): slow enough that a fault test can catch a
+    # prefill worker computing prompts, as it does the real one
+    slow_prefill = [[n, 5 * s] for n, s in PREFILL]
+    return Engines(tiny_llama_dir, write_profile(tmp_path, tiny_llama_dir, prefill=slow_prefill))
 
 
 @pytest.fixture(scope="session")
