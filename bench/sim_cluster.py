@@ -53,6 +53,18 @@ class SimCluster:
     def seen(self, pool: str) -> float:
         return metric(self.router_metrics(), "tandem_router_workers", pool=pool)
 
+    def wait_until_seen(self, pool: str, count: int, timeout_s: float) -> float:
+        """The moment (time.monotonic) the router's `pool` has `count` workers, polled every 20 ms."""
+        deadline = time.monotonic() + timeout_s
+        while (seen := self.seen(pool)) != count:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"the router sees {seen:g} {pool} workers, not {count}, after {timeout_s} s")
+            time.sleep(0.02)
+        return time.monotonic()
+
+    def fleets_cpu_seconds(self) -> float:
+        return sum(cpu_seconds(proc.pid) for proc in self.fleets)
+
     def spawn_fleet(self, role: str, replicas: int, name: str) -> subprocess.Popen:
         """A fleet process of `replicas` simulated `role` workers named `name`-0, ... (see ready_fleet)."""
         path = os.path.join(self.log_dir, f"{name}.log")
@@ -75,6 +87,13 @@ class SimCluster:
                 raise type(e)(f"{e}; its log ends:\n{log.read()[-3000:]}") from None
         self.workers.setdefault(role, []).extend(ids)
         return ids
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of process `pid` so far (all its threads)."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def _read_ready(proc: subprocess.Popen, count: int, timeout_s: float, what: str) -> list[list[str]]:

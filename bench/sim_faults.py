@@ -20,74 +20,25 @@ The cluster: `--workers` simulated workers, half prefill and half decode, in fle
 from __future__ import annotations
 
 import argparse
-import asyncio
 import itertools
 import json
-import random
 import signal
 import subprocess
 import sys
-import threading
 import time
-from dataclasses import dataclass, field
 from typing import Any
 
-import grpc
-
 from bench.scrape import fetch, metric_sum
+from bench.sim_clients import BackgroundClients, ClientLoad, Outcome
 from bench.sim_cluster import LEASE_TTL_S, SimCluster, sim_cluster
 from bench.throughput import machine_info
 from engine.simulated.profile import SimulationProfile
-from tandem.v1 import inference_pb2 as pb
-from tandem.v1 import inference_pb2_grpc
 
 
-@dataclass
-class Outcome:
-    started: float
-    ended: float
-    code: str  # "OK" or the gRPC status name
-    tokens: int
-
-
-@dataclass
-class Clients:
-    """`count` closed-loop clients on their own thread and event loop, until `stop` is set."""
-    address: str
-    count: int
-    prompt_tokens: int
-    max_tokens: int
-    vocab: int
-    outcomes: list[Outcome] = field(default_factory=list)
-    stop: threading.Event = field(default_factory=threading.Event)
-
-    def start(self) -> threading.Thread:
-        thread = threading.Thread(target=lambda: asyncio.run(self._run()), daemon=True)
-        thread.start()
-        return thread
-
-    async def _run(self) -> None:
-        rng = random.Random(3)
-        async with grpc.aio.insecure_channel(self.address) as channel:
-            stub = inference_pb2_grpc.InferenceStub(channel)
-
-            async def client() -> None:
-                while not self.stop.is_set():
-                    ids = [rng.randrange(10, self.vocab) for _ in range(self.prompt_tokens)]
-                    request = pb.GenerateRequest(token_ids=pb.TokenIds(ids=ids), timeout_seconds=60,
-                                                 sampling=pb.SamplingParameters(temperature=0.0, ignore_eos=True,
-                                                                                max_tokens=self.max_tokens))
-                    started, tokens, code = time.monotonic(), 0, "OK"
-                    try:
-                        async for chunk in stub.Generate(request, timeout=60):
-                            tokens += len(chunk.token_ids)
-                    except grpc.aio.AioRpcError as e:
-                        code = e.code().name
-                    self.outcomes.append(Outcome(started, time.monotonic(), code, tokens))
-                    if code != "OK":  # as a real client backs off: failures are not counted at spin rate
-                        await asyncio.sleep(0.2)
-
-            await asyncio.gather(*(client() for _ in range(self.count)))
+def _load(cluster: SimCluster, args: argparse.Namespace) -> ClientLoad:
+    # a client waits 0.2 s after a failure, as a real one would: failures are not counted at spin rate
+    return ClientLoad(cluster.grpc_address, args.clients, args.prompt_tokens, args.max_tokens, args.vocab, seed=3,
+                      backoff_s=0.2)
 
 
 def _router_counters(cluster: SimCluster) -> dict[str, float]:
@@ -115,26 +66,16 @@ def _traffic(cluster: SimCluster, seconds: float) -> dict[str, float]:
             "kv_event_hashes_per_s": (router_after["kv_event_hashes"] - router["kv_event_hashes"]) / seconds}
 
 
-def _until_seen(cluster: SimCluster, pool: str, count: int, timeout_s: float) -> float:
-    """The moment (time.monotonic) the router's `pool` has `count` workers, polled every 20 ms."""
-    deadline = time.monotonic() + timeout_s
-    while cluster.seen(pool) != count:
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"the router's {pool} pool did not reach {count} in {timeout_s} s")
-        time.sleep(0.02)
-    return time.monotonic()
-
-
 def membership(cluster: SimCluster, decode: int, repeats: int) -> dict[str, Any]:
     joins, leaves = [], []
     for i in range(repeats):
         proc = cluster.spawn_fleet("decode", 1, f"late-{i}")
         cluster.ready_fleet(proc, 1, 120)
         ready = time.monotonic()
-        joins.append(_until_seen(cluster, "decode", decode + 1, 60) - ready)
+        joins.append(cluster.wait_until_seen("decode", decode + 1, 60) - ready)
         proc.send_signal(signal.SIGKILL)
         killed = time.monotonic()
-        leaves.append(_until_seen(cluster, "decode", decode, 60) - killed)
+        leaves.append(cluster.wait_until_seen("decode", decode, 60) - killed)
         proc.wait()
     return {"join_s": joins, "leave_s": leaves, "lease_ttl_s": LEASE_TTL_S}
 
@@ -154,8 +95,7 @@ def _phase(outcomes: list[Outcome], start: float, end: float, before: dict[str, 
 
 def faults(cluster: SimCluster, args: argparse.Namespace, decode_fleets: list[subprocess.Popen],
            prefill_fleets: list[subprocess.Popen]) -> dict[str, Any]:
-    clients = Clients(cluster.grpc_address, args.clients, args.prompt_tokens, args.max_tokens, args.vocab)
-    thread = clients.start()
+    clients = BackgroundClients(_load(cluster, args)).start()
     marks: list[tuple[str, float, dict[str, float]]] = []
 
     def mark(name: str) -> None:
@@ -185,8 +125,7 @@ def faults(cluster: SimCluster, args: argparse.Namespace, decode_fleets: list[su
         time.sleep(args.phase_s + LEASE_TTL_S)
         mark("end")
     finally:
-        clients.stop.set()
-        thread.join(90)
+        clients.stop()
     return {name: _phase(clients.outcomes, start, next_start, counters, next_counters)
             for (name, start, counters), (_, next_start, next_counters) in itertools.pairwise(marks)}
 
@@ -214,17 +153,15 @@ def main(argv: list[str] | None = None) -> None:
                      worker_args=("--min-remote-prefill-tokens", str(args.prompt_tokens // 2))) as cluster:
         decode_fleets = [f for f in cluster.fleets if cluster.roles[f.pid] == "decode"]
         prefill_fleets = [f for f in cluster.fleets if cluster.roles[f.pid] == "prefill"]
-        _until_seen(cluster, "decode", half, 120)
+        cluster.wait_until_seen("decode", half, 120)
         idle = _traffic(cluster, args.traffic_s)
         joined = membership(cluster, half, args.repeats)
-        clients = Clients(cluster.grpc_address, args.clients, args.prompt_tokens, args.max_tokens, args.vocab)
-        thread = clients.start()
+        clients = BackgroundClients(_load(cluster, args)).start()
         try:
             time.sleep(3)
             loaded = _traffic(cluster, args.traffic_s)
         finally:
-            clients.stop.set()
-            thread.join(90)
+            clients.stop()
         phases = faults(cluster, args, decode_fleets, prefill_fleets)
         for proc in prefill_fleets + decode_fleets:
             if proc.poll() is None:

@@ -19,21 +19,17 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
-import random
 import sys
 import time
 from typing import Any
 
-import grpc
 from prometheus_client.parser import text_string_to_metric_families
 
-from bench.sim_cluster import SimCluster, sim_cluster
+from bench.sim_clients import ClientLoad, Outcome, closed_loop
+from bench.sim_cluster import cpu_seconds, sim_cluster
 from bench.throughput import machine_info
 from cluster.planner.observation import Buckets, bucket_delta, quantile_from_buckets
 from engine.simulated.profile import SimulationProfile
-from tandem.v1 import inference_pb2 as pb
-from tandem.v1 import inference_pb2_grpc
 
 DISPATCH = "tandem_router_dispatch_seconds"
 
@@ -47,56 +43,21 @@ def dispatch_buckets(text: str) -> Buckets:
     return sorted(found.items())
 
 
-async def closed_loop(address: str, clients: int, seconds: float, prompt_tokens: int, max_tokens: int,
-                      vocab: int) -> dict[str, Any]:
-    rng = random.Random(11)
-    latencies: list[float] = []
-    errors: list[str] = []
-    stop_at = time.monotonic() + seconds
-    async with grpc.aio.insecure_channel(address) as channel:
-        stub = inference_pb2_grpc.InferenceStub(channel)
-
-        async def client() -> None:
-            while time.monotonic() < stop_at:
-                request = pb.GenerateRequest(
-                    token_ids=pb.TokenIds(ids=[rng.randrange(10, vocab) for _ in range(prompt_tokens)]),
-                    sampling=pb.SamplingParameters(temperature=0.0, max_tokens=max_tokens, ignore_eos=True),
-                    timeout_seconds=60)
-                started = time.monotonic()
-                try:
-                    async for _ in stub.Generate(request, timeout=60):
-                        pass
-                    latencies.append(time.monotonic() - started)
-                except grpc.aio.AioRpcError as e:
-                    errors.append(e.code().name)
-
-        started = time.monotonic()
-        await asyncio.gather(*(client() for _ in range(clients)))
-        elapsed = time.monotonic() - started
-    latencies.sort()
+def run_load(load: ClientLoad, seconds: float) -> dict[str, Any]:
+    """`load` for `seconds` (the requests then in flight finish): req/s and client end-to-end latency."""
+    outcomes: list[Outcome] = []
+    started = time.monotonic()
+    stop_at = started + seconds
+    asyncio.run(closed_loop(load, lambda: time.monotonic() >= stop_at, outcomes))
+    elapsed = time.monotonic() - started
+    latencies = sorted(o.ended - o.started for o in outcomes if o.code == "OK")
+    errors = [o.code for o in outcomes if o.code != "OK"]
 
     def pick(q: float) -> float | None:
         return latencies[min(int(q * len(latencies)), len(latencies) - 1)] if latencies else None
 
     return {"requests": len(latencies), "errors": len(errors), "error_codes": sorted(set(errors)),
             "requests_per_s": len(latencies) / elapsed, "e2e_p50_s": pick(0.5), "e2e_p99_s": pick(0.99)}
-
-
-async def wait_for_view(cluster: SimCluster, prefill: int, decode: int, timeout_s: float = 120.0) -> float:
-    started = time.monotonic()
-    while (cluster.seen("prefill"), cluster.seen("decode")) != (prefill, decode):
-        if time.monotonic() - started > timeout_s:
-            raise TimeoutError(f"the router sees {cluster.seen('prefill')} + {cluster.seen('decode')} workers, "
-                               f"not {prefill} + {decode}")
-        await asyncio.sleep(0.5)
-    return time.monotonic() - started
-
-
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU seconds of process `pid` so far (all its threads)."""
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def _rss_mib(pid: int) -> float:
@@ -112,18 +73,20 @@ def run_one(args: argparse.Namespace, workers: int, policy: str) -> dict[str, An
                      ("--min-remote-prefill-tokens", str(args.prompt_tokens // 2), *blocks),
                      starting_at_once=args.starting_at_once) as cluster:
         up_s = time.monotonic() - started
-        view_s = asyncio.run(wait_for_view(cluster, prefill, decode))
-        idle_router, idle_fleets = cpu_seconds(cluster.router.pid), sum(cpu_seconds(p.pid) for p in cluster.fleets)
+        seeing = time.monotonic()
+        view_s = max(cluster.wait_until_seen(pool, count, 120) for pool, count in
+                     (("prefill", prefill), ("decode", decode))) - seeing
+        idle_router, idle_fleets = cpu_seconds(cluster.router.pid), cluster.fleets_cpu_seconds()
         time.sleep(args.idle_seconds)  # nothing sent: what the registered, idle workers cost by themselves
         idle_router = (cpu_seconds(cluster.router.pid) - idle_router) / args.idle_seconds
-        idle_fleets = (sum(cpu_seconds(p.pid) for p in cluster.fleets) - idle_fleets) / args.idle_seconds
+        idle_fleets = (cluster.fleets_cpu_seconds() - idle_fleets) / args.idle_seconds
         fleets_rss_mib = sum(_rss_mib(p.pid) for p in cluster.fleets)
         before = dispatch_buckets(cluster.router_metrics())
-        router_cpu, fleet_cpu = cpu_seconds(cluster.router.pid), sum(cpu_seconds(p.pid) for p in cluster.fleets)
-        load = asyncio.run(closed_loop(cluster.grpc_address, args.clients, args.seconds, args.prompt_tokens,
-                                       args.max_tokens, args.vocab))
+        router_cpu, fleet_cpu = cpu_seconds(cluster.router.pid), cluster.fleets_cpu_seconds()
+        load = run_load(ClientLoad(cluster.grpc_address, args.clients, args.prompt_tokens, args.max_tokens,
+                                   args.vocab, seed=11), args.seconds)
         router_cpu = cpu_seconds(cluster.router.pid) - router_cpu
-        fleet_cpu = sum(cpu_seconds(p.pid) for p in cluster.fleets) - fleet_cpu
+        fleet_cpu = cluster.fleets_cpu_seconds() - fleet_cpu
         window = bucket_delta(dispatch_buckets(cluster.router_metrics()), before)
     return {"workers": workers, "policy": policy, "startup_s": up_s, "router_view_s": view_s, **load,
             "dispatch_p50_s": quantile_from_buckets(0.5, window), "dispatch_p99_s": quantile_from_buckets(0.99, window),
