@@ -39,7 +39,7 @@ from engine.simulated.profile import SimulationProfile
 
 REPO = __file__.rsplit("/bench/", 1)[0]
 REASONS = ("below_min", "above_max", "ttft_over_target", "itl_over_target", "prompt_load", "stream_load",
-           "underloaded")
+           "underloaded", "rebalance")
 
 
 def _capacity_profile(profile: str, output: pathlib.Path, prompt_tokens: int, k: float) -> None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import pathlib
 import subprocess
 import sys
 import threading
@@ -21,6 +22,7 @@ import pytest
 from prometheus_client import generate_latest
 
 from bench.scrape import metric
+from cluster.planner.capacity import CapacityProfile, DecodePoint
 from cluster.planner.local_actuator import LocalProcessActuator
 from cluster.planner.loop import PlannerLoop
 from cluster.planner.observation import Observation, quantile_from_buckets
@@ -126,17 +128,17 @@ class FakeSource:
 
 
 class FakeActuator:
-    def __init__(self, fail: bool = False) -> None:
+    def __init__(self, fail: bool = False, failing: tuple[Pool, ...] = ()) -> None:
         self.size: dict[Pool, int] = {"prefill": 1, "decode": 1}
         self.calls: list[tuple[Pool, int]] = []
-        self.fail = fail
+        self.failing = ("prefill", "decode") if fail else failing
 
     def current_replicas(self, pool: Pool) -> int:
         return self.size[pool]
 
     def scale(self, pool: Pool, replicas: int) -> None:
         self.calls.append((pool, replicas))
-        if self.fail:
+        if pool in self.failing:
             raise RuntimeError("the scaler is down")
         self.size[pool] = replicas
 
@@ -181,6 +183,26 @@ def test_a_failing_scaler_or_source_does_not_stop_the_loop(caplog: pytest.LogCap
     decisions = loop.step()
     assert actuator.calls == [("decode", 2)] and {d.reason for d in decisions} == {"no_data"}
     assert "scaling decode to 2 failed" in caplog.text and "no observation (connection refused)" in caplog.text
+
+
+def test_a_move_between_pools_shrinks_first_and_grows_only_if_the_shrink_happened(
+        tmp_path: pathlib.Path, caplog: pytest.LogCaptureFixture) -> None:
+    profile = tmp_path / "capacity.json"
+    CapacityProfile(prefill_tokens_per_s=1000.0, decode=(DecodePoint(1, {"0.9": 0.01}, 100.0),
+                                                         DecodePoint(8, {"0.9": 0.05}, 160.0))).save(profile)
+    settings = PlannerSettings(ttft_target_s=0.5, itl_target_s=0.05, planner_interval_s=1, planner_window_s=5,
+                               max_prefill_workers=7, max_decode_workers=7, max_total_workers=8,
+                               capacity_profile=str(profile))
+    starved = Observation(window_s=5, ttft_s=5.0, itl_s=0.2, prompt_tokens_per_s=4400, streams=2)
+    for failing, calls, size in (((), [("decode", 3), ("prefill", 5)], {"prefill": 5, "decode": 3}),
+                                 (("decode",), [("decode", 3)], {"prefill": 1, "decode": 7})):
+        source, actuator = FakeSource(), FakeActuator(failing=failing)  # type: ignore[arg-type]
+        actuator.size = {"prefill": 1, "decode": 7}
+        source.next = starved
+        decisions = PlannerLoop(settings, source, actuator).step()
+        assert [d.pool for d in decisions] == ["prefill", "decode"]  # recorded in pool order
+        assert actuator.calls == calls and actuator.size == size
+    assert "not growing prefill: the pool that was to give its workers did not shrink" in caplog.text
 
 
 _FAKE_WORKER = """

@@ -12,7 +12,7 @@ import pytest
 from cluster.planner.capacity import CapacityProfile, DecodePoint
 from cluster.planner.observation import Observation
 from cluster.planner.policy import Decision, Policy
-from cluster.planner.settings import PlannerSettings, Pool
+from cluster.planner.settings import POOLS, PlannerSettings, Pool
 
 SETTINGS = PlannerSettings(ttft_target_s=0.5, itl_target_s=0.05, planner_interval_s=1, planner_window_s=10,
                            cooldown_s=30, scale_down_delay_s=60, min_prefill_workers=1, max_prefill_workers=4,
@@ -148,6 +148,91 @@ def test_the_budget_cuts_the_least_urgent_growth_first() -> None:
     assert "budget 6 workers" in prefill(decisions).detail
     decisions = Policy(settings, PROFILE).decide(0, obs(ttft=0.9, itl=0.2, streams=40), {"prefill": 1, "decode": 1})
     assert sum(d.desired for d in decisions) == 6 and decode(decisions).desired == 5  # wanted 6, prefill kept 1
+
+
+# a budget of 8 that either pool may nearly fill: the setting of bench.sim_planner
+MOVABLE = replace(SETTINGS, max_prefill_workers=7, max_decode_workers=7, max_total_workers=8)
+
+
+def test_the_budget_moves_workers_to_the_pool_the_load_needs() -> None:
+    """1P:7D under long prompts: prefill needs 4.4 workers, decode 0.25, and both miss their
+    targets (decode workers prefill for the starved pool). Prefill takes 4 workers from decode in one
+    decision, both shrinking first in the record, and the split then holds."""
+    policy = Policy(MOVABLE, PROFILE)
+    starved = obs(ttft=5.0, itl=0.2, streams=2, prompt_tokens_per_s=4400)
+    decisions = policy.decide(0, starved, {"prefill": 1, "decode": 7})
+    assert [(d.action, d.desired, d.reason) for d in decisions] == [("scale_up", 5, "rebalance"),
+                                                                    ("scale_down", 3, "rebalance")]
+    assert "takes 4 from decode" in prefill(decisions).detail
+    assert "prefill's share 7.57 of 8" in prefill(decisions).detail
+    served = obs(ttft=0.4, itl=0.02, streams=2, prompt_tokens_per_s=4400)
+    for t in range(40, 600, 10):  # decode (0.25 workers' worth on 3) shrinks on its own, but never back
+        for d in policy.decide(t, served, {"prefill": 5, "decode": 3}):
+            assert d.action != "scale_up" and d.reason != "rebalance", d.line()
+
+
+def test_no_move_without_a_profile_from_a_cooling_pool_or_past_the_share() -> None:
+    starved = obs(ttft=5.0, itl=0.2, streams=2, prompt_tokens_per_s=4400)
+    decisions = Policy(MOVABLE, None).decide(0, starved, {"prefill": 1, "decode": 7})
+    assert {d.reason for d in decisions} == {"budget", "at_max"}  # loads unknown: no split to move toward
+    policy = Policy(MOVABLE, PROFILE)
+    policy.decide(0, obs(itl=0.2, streams=40), {"prefill": 1, "decode": 6})  # decode grows to 7 at t=0
+    assert [d.reason for d in policy.decide(10, starved, {"prefill": 1, "decode": 7})] == ["budget", "at_max"]
+    assert prefill(policy.decide(30, starved, {"prefill": 1, "decode": 7})).reason == "rebalance"
+    # prefill's share is 4.9 of 8 here (decode needs 3.1): it wants 5, and one move takes it to 4 only
+    both = obs(ttft=5.0, itl=0.2, streams=25, prompt_tokens_per_s=4400)
+    d = prefill(Policy(MOVABLE, PROFILE).decide(0, both, {"prefill": 1, "decode": 7}))
+    assert (d.action, d.desired, d.reason) == ("scale_up", 4, "rebalance")
+    assert prefill(Policy(MOVABLE, PROFILE).decide(0, both, {"prefill": 4, "decode": 4})).reason == "budget"
+
+
+class StarvedFallbackCluster:
+    """Pools sized by a budget, where a prefill pool short of its load makes the decode workers
+    prefill for it: the decode ITL rises with the prefill shortage as well as with the streams."""
+
+    def __init__(self, prefill: int, decode: int, seed: int) -> None:
+        self.size: dict[Pool, int] = {"prefill": prefill, "decode": decode}
+        self.rng = random.Random(seed)
+
+    def observe(self, streams: float, prompt_tokens_per_s: float) -> Observation:
+        def jitter() -> float:
+            return 1 + self.rng.uniform(-0.1, 0.1)
+        busy = prompt_tokens_per_s / self.size["prefill"] / 1000.0
+        ttft = 0.1 / (1 - busy) if busy < 1 else 10.0
+        itl = PROFILE.decode_itl_s(streams / self.size["decode"], 0.9)
+        assert itl is not None
+        itl += 0.2 * max(busy - 0.9, 0.0)  # fallback prefills between decode steps
+        return obs(itl=itl * jitter(), streams=streams * jitter(), ttft=ttft * jitter(),
+                   prompt_tokens_per_s=prompt_tokens_per_s * jitter())
+
+
+@pytest.mark.parametrize(("start", "streams", "prompt_tokens_per_s", "first_move"), [
+    ((1, 7), 2, 4400, (5, 3)),  # long prompts: toward prefill
+    ((7, 1), 40, 1000, (2, 6)),  # long streams: toward decode
+])
+def test_a_bad_split_under_a_binding_budget_moves_one_way_and_settles(
+        start: tuple[int, int], streams: float, prompt_tokens_per_s: float, first_move: tuple[int, int]) -> None:
+    """Both pools' sizes change monotonically, the first decision moves the budget to the split of
+    the load-based needs, everything has settled within an hour, and both targets are then met."""
+    cluster = StarvedFallbackCluster(*start, seed=int(streams))
+    policy = Policy(MOVABLE, PROFILE)
+    history: list[tuple[float, Pool, int]] = []
+    for t in range(0, 3600 * 2, 10):
+        for d in sorted(policy.decide(t, cluster.observe(streams, prompt_tokens_per_s), cluster.size),
+                        key=lambda d: d.action != "scale_down"):
+            if d.action != "hold":
+                history.append((t, d.pool, d.desired))
+                cluster.size[d.pool] = d.desired
+        assert sum(cluster.size.values()) <= MOVABLE.max_total_workers
+    for pool in POOLS:
+        moves = [n for _, p, n in history if p == pool]
+        assert moves in (sorted(moves), sorted(moves, reverse=True)), f"{pool} went up and down: {history}"
+    assert all(t < 3600 for t, _, _ in history), f"still changing after an hour: {history}"
+    assert sorted(history[:2], key=lambda h: h[1], reverse=True) == [(0, "prefill", first_move[0]),
+                                                                      (0, "decode", first_move[1])], history
+    final = cluster.observe(streams, prompt_tokens_per_s)
+    assert final.ttft_s is not None and final.ttft_s <= SETTINGS.ttft_target_s * 1.1
+    assert final.itl_s is not None and final.itl_s <= SETTINGS.itl_target_s * 1.1
 
 
 class SyntheticCluster:

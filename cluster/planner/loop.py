@@ -66,11 +66,18 @@ class PlannerLoop:
         for d in decisions:
             self.metrics.record(d)
             self._log(d)
-            if d.action != "hold":
-                try:
-                    self.actuator.scale(d.pool, d.desired)
-                except Exception:  # the next interval tries again (after the cooldown)
-                    log.exception("planner: scaling %s to %d failed", d.pool, d.desired)
+        # shrinking first: a worker moved between pools frees its device before its replacement asks for
+        # one, and a move whose shrinking failed does not grow the other pool past the budget
+        shrink_failed = False
+        for d in sorted((d for d in decisions if d.action != "hold"), key=lambda d: d.action != "scale_down"):
+            if d.reason == "rebalance" and d.action == "scale_up" and shrink_failed:
+                log.warning("planner: not growing %s: the pool that was to give its workers did not shrink", d.pool)
+                continue
+            try:
+                self.actuator.scale(d.pool, d.desired)
+            except Exception:  # the next interval tries again (after the cooldown)
+                shrink_failed = shrink_failed or d.action == "scale_down"
+                log.exception("planner: scaling %s to %d failed", d.pool, d.desired)
         return decisions
 
     def run(self, stop: threading.Event) -> None:

@@ -14,10 +14,19 @@ concurrent streams, each against the load one worker carries at the target (Pool
   always  cooldown_s after a pool was scaled it is left alone; sizes stay within the pool's
           bounds (a size outside them is corrected at once); growth that would take the total
           past max_total_workers is cut, the least urgent pool's first
+  move    when growth was cut by the budget and the profile knows both pools' loads, workers move
+          from the other pool to the one that wanted them, while the receiving pool stays at or
+          under its share of the budget, the budget split in proportion to the pools' load-based
+          needs (both pools equally utilized); both are then in cooldown. Latency does not enter
+          the split: a decode pool over its ITL target because its workers prefill for a starved
+          prefill pool (the fallback) is a symptom of the prefill shortage, not a need of its own
 
 No oscillation on steady load: growing needs the pool over its target, shrinking needs the pool
 as it would be after shrinking under a lower bar (the utilization and latency bands), so a load
-that made a pool grow from n to n+1 projects above the bar for n and never shrinks it back. The
+that made a pool grow from n to n+1 projects above the bar for n and never shrinks it back. A move
+takes the receiver to at most the floor of its share, and a move back needs the other pool under
+the floor of its own share, which the same needs never give: moves reverse only when the needs shift
+by about a worker's worth. The
 projection scales the observed latency by the profile's ratio between the two loads per worker,
 so a cluster slower than its profile by a constant factor is projected right too.
 """
@@ -39,6 +48,7 @@ Reason = Literal[
     "below_min", "above_max",  # bounds, corrected at once
     "ttft_over_target", "itl_over_target", "prompt_load", "stream_load",  # scale_up
     "underloaded",  # scale_down
+    "rebalance",  # scale_up of one pool with scale_down of the other: the budget moved between them
     "no_data", "within_target", "stabilizing", "cooldown", "at_max", "at_min", "budget",  # hold
 ]
 _LATENCY_REASON: dict[Pool, Reason] = {"prefill": "ttft_over_target", "decode": "itl_over_target"}
@@ -79,7 +89,7 @@ class Policy:
     def decide(self, now: float, observation: Observation | None, current: Mapping[Pool, int]) -> list[Decision]:
         """One decision per pool (prefill, decode); the caller applies those that are not holds."""
         proposals = [self._propose(pool, now, observation, current[pool]) for pool in POOLS]
-        decisions = self._within_budget(proposals)
+        decisions = self._rebalance(now, observation, proposals, self._within_budget(proposals))
         for d in decisions:
             if d.action != "hold":
                 self._memory[d.pool] = _PoolMemory(last_scaled_at=now)
@@ -102,7 +112,7 @@ class Policy:
             return decision(n, "hold", "no_data", "no whole window observed yet")
         target, latency, load = s.target_s(pool), obs.latency_s(pool), obs.load(pool)
         need = model.workers_needed(load)
-        cooling = memory.last_scaled_at is not None and now - memory.last_scaled_at < s.cooldown_s
+        cooling = self._cooling(pool, now)
         facts = (f"target={target:.4f}s q{s.latency_quantile:g}="
                  f"{'none' if latency is None else f'{latency:.4f}s'} load={load:.2f} "
                  f"capacity/worker={'unknown' if model.capacity is None else f'{model.capacity:.2f}'}")
@@ -169,3 +179,38 @@ class Policy:
                               else replace(d, desired=d.current, action="hold", reason="budget",
                                            detail=f"wants {d.desired}; {budget_note}"))
         return [result[pool] for pool in POOLS]
+
+    def _rebalance(self, now: float, obs: Observation | None, proposals: list[Decision],
+                   decisions: list[Decision]) -> list[Decision]:
+        """Move workers to a pool whose growth the budget cut, from the other pool, toward the split
+        of the pools' total in proportion to their load-based needs (see the module's `move`)."""
+        if obs is None:
+            return decisions
+        wanted = {p.pool: p.desired - d.desired for p, d in zip(proposals, decisions, strict=True)}
+        needs = {pool: self.models[pool].workers_needed(obs.load(pool)) for pool in POOLS}
+        by_pool = {d.pool: d for d in decisions}
+        for receiver in POOLS:
+            donor = next(pool for pool in POOLS if pool != receiver)
+            r, g = by_pool[receiver], by_pool[donor]
+            need_r, need_g = needs[receiver], needs[donor]
+            if (wanted[receiver] <= 0 or need_r is None or need_g is None or need_r <= 0
+                    or g.action == "scale_up" or self._cooling(donor, now)):
+                continue
+            total = r.desired + g.desired
+            share = total * need_r / (need_r + need_g)
+            k = min(math.floor(share + _EPS) - r.desired, wanted[receiver],
+                    g.desired - self.settings.bounds(donor).min)
+            if k <= 0:
+                continue
+            split = (f"budget {self.settings.max_total_workers}; needs in workers {receiver} {need_r:.2f}, "
+                     f"{donor} {need_g:.2f}: {receiver}'s share {share:.2f} of {total}")
+            by_pool[receiver] = replace(r, desired=r.desired + k, action="scale_up", reason="rebalance",
+                                        detail=f"takes {k} from {donor}; {split}")
+            by_pool[donor] = replace(g, desired=g.desired - k, action="scale_down", reason="rebalance",
+                                     detail=f"gives {k} to {receiver}; {split}")
+            break  # the pools' total is unchanged, so one move per decision is the whole rebalance
+        return [by_pool[pool] for pool in POOLS]
+
+    def _cooling(self, pool: Pool, now: float) -> bool:
+        last = self._memory[pool].last_scaled_at
+        return last is not None and now - last < self.settings.cooldown_s
