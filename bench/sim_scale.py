@@ -10,8 +10,10 @@ router and etcd; `--clients` closed-loop gRPC clients send requests of `--prompt
 for `--seconds`. Reported: requests/s, client end-to-end p50/p99, the router's dispatch time p50/p99
 (`tandem_router_dispatch_seconds`, admission to the first worker call, over the run), and the CPU seconds
 the router and the fleets used meanwhile; before the load, the idle cluster's CPU (cores) over
-`--idle-seconds` and the fleets' resident memory. Everything shares this machine's cores: the clients, the router,
-etcd and every fleet; the router's CPU per request is what carries over to a machine of its own.
+`--idle-seconds` and the fleets' resident memory. With `--py-spy DIR`, the router is sampled over the
+load (bench.pyspy: the raw stacks in DIR, the top functions in the JSON). Everything shares this
+machine's cores: the clients, the router, etcd and every fleet; the router's CPU per request is what
+carries over to a machine of its own.
 """
 
 from __future__ import annotations
@@ -19,12 +21,14 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import pathlib
 import sys
 import time
 from typing import Any
 
 from prometheus_client.parser import text_string_to_metric_families
 
+from bench import pyspy
 from bench.sim_clients import ClientLoad, Outcome, closed_loop
 from bench.sim_cluster import cpu_seconds, sim_cluster
 from bench.throughput import machine_info
@@ -82,17 +86,22 @@ def run_one(args: argparse.Namespace, workers: int, policy: str) -> dict[str, An
         idle_fleets = (cluster.fleets_cpu_seconds() - idle_fleets) / args.idle_seconds
         fleets_rss_mib = sum(_rss_mib(p.pid) for p in cluster.fleets)
         before = dispatch_buckets(cluster.router_metrics())
+        stacks = None if args.py_spy is None else pathlib.Path(args.py_spy) / f"router-{workers}-{policy}.txt"
+        sampling = None if stacks is None else pyspy.record(cluster.router.pid, args.seconds, stacks)
         router_cpu, fleet_cpu = cpu_seconds(cluster.router.pid), cluster.fleets_cpu_seconds()
         load = run_load(ClientLoad(cluster.grpc_address, args.clients, args.prompt_tokens, args.max_tokens,
                                    args.vocab, seed=11), args.seconds)
         router_cpu = cpu_seconds(cluster.router.pid) - router_cpu
         fleet_cpu = cluster.fleets_cpu_seconds() - fleet_cpu
         window = bucket_delta(dispatch_buckets(cluster.router_metrics()), before)
+        if sampling is not None:
+            pyspy.finish(sampling)
+    profile = {} if stacks is None else {"router_profile": {"stacks": str(stacks), **pyspy.summarize(stacks)}}
     return {"workers": workers, "policy": policy, "startup_s": up_s, "router_view_s": view_s, **load,
             "dispatch_p50_s": quantile_from_buckets(0.5, window), "dispatch_p99_s": quantile_from_buckets(0.99, window),
             "router_cpu_s": router_cpu, "fleets_cpu_s": fleet_cpu, "idle_router_cores": idle_router,
             "idle_fleets_cores": idle_fleets, "fleets_rss_mib": fleets_rss_mib,
-            "router_cpu_ms_per_request": 1000 * router_cpu / max(load["requests"], 1)}
+            "router_cpu_ms_per_request": 1000 * router_cpu / max(load["requests"], 1), **profile}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -113,8 +122,11 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--prompt-tokens", type=int, default=64)
     p.add_argument("--max-tokens", type=int, default=4)
     p.add_argument("--vocab", type=int, help="prompt token ids are drawn below this (default: the profile's model's)")
+    p.add_argument("--py-spy", metavar="DIR", help="sample the router over each load into DIR (bench.pyspy)")
     p.add_argument("--json")
     args = p.parse_args(argv)
+    if args.py_spy is not None:
+        pathlib.Path(args.py_spy).mkdir(parents=True, exist_ok=True)
     if args.vocab is None:
         args.vocab = SimulationProfile.load(args.profile).model.vocab_size
     runs = []
