@@ -199,7 +199,9 @@ def test_a_move_between_pools_shrinks_first_and_grows_only_if_the_shrink_happene
         source, actuator = FakeSource(), FakeActuator(failing=failing)  # type: ignore[arg-type]
         actuator.size = {"prefill": 1, "decode": 7}
         source.next = starved
-        decisions = PlannerLoop(settings, source, actuator).step()
+        loop = PlannerLoop(settings, source, actuator)
+        assert loop.step()[0].reason == "budget" and not actuator.calls  # the first decision calls for the move
+        decisions = loop.step()
         assert [d.pool for d in decisions] == ["prefill", "decode"]  # recorded in pool order
         assert actuator.calls == calls and actuator.size == size
     assert "not growing prefill: the pool that was to give its workers did not shrink" in caplog.text

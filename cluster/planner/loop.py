@@ -66,8 +66,9 @@ class PlannerLoop:
         for d in decisions:
             self.metrics.record(d)
             self._log(d)
-        # shrinking first: a worker moved between pools frees its device before its replacement asks for
-        # one, and a move whose shrinking failed does not grow the other pool past the budget
+        # shrinking first: a move between pools asks the scaler to drain the giver's workers before it asks
+        # for the receiver's (the drain itself may outlast the request: a new worker may start beside a
+        # draining one), and a move whose shrinking failed grows nothing, not even growth the budget allowed
         shrink_failed = False
         for d in sorted((d for d in decisions if d.action != "hold"), key=lambda d: d.action != "scale_down"):
             if d.reason == "rebalance" and d.action == "scale_up" and shrink_failed:

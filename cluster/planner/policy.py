@@ -1,6 +1,7 @@
 """The planner's policy: from one observation and the pools' current sizes, the desired size of
-each pool. Pure apart from its per-pool memory (last scaling, start of the comfortable streak);
-time is passed in, so tests drive it with synthetic observations.
+each pool. Pure apart from its memory (per pool: last scaling, start of the comfortable streak; and
+the move between pools the last decision called for); time is passed in, so tests drive it with
+synthetic observations.
 
 Each pool is sized on its own signal: prefill on TTFT and prompt tokens/s, decode on ITL and
 concurrent streams, each against the load one worker carries at the target (PoolModel).
@@ -15,19 +16,23 @@ concurrent streams, each against the load one worker carries at the target (Pool
           bounds (a size outside them is corrected at once); growth that would take the total
           past max_total_workers is cut, the least urgent pool's first
   move    when growth was cut by the budget and the profile knows both pools' loads, workers move
-          from the other pool to the one that wanted them, while the receiving pool stays at or
-          under its share of the budget, the budget split in proportion to the pools' load-based
-          needs (both pools equally utilized); both are then in cooldown. Latency does not enter
-          the split: a decode pool over its ITL target because its workers prefill for a starved
-          prefill pool (the fallback) is a symptom of the prefill shortage, not a need of its own
+          from the other pool to the one that wanted them (no more than it wanted), if two
+          decisions in a row call for it. After the move the giver stays under its growth bar and
+          its utilization (load-based need per worker) under the receiver's, times the band
+          scale_down_utilization / scale_up_utilization, or times 1 (toward equal use) when the
+          receiver lacks capacity for its load and the move does not undo the last one. Both are
+          then in cooldown. Latency does not enter it: a decode pool over its ITL target because
+          its workers prefill for a starved prefill pool (the fallback) is a symptom of the prefill
+          shortage. The decode load is then scaled up by that shortage (streams past their first
+          token are only those the prefill pool let through)
 
 No oscillation on steady load: growing needs the pool over its target, shrinking needs the pool
 as it would be after shrinking under a lower bar (the utilization and latency bands), so a load
 that made a pool grow from n to n+1 projects above the bar for n and never shrinks it back. A move
-takes the receiver to at most the floor of its share, and a move back needs the other pool under
-the floor of its own share, which the same needs never give: moves reverse only when the needs shift
-by about a worker's worth. The
-projection scales the observed latency by the profile's ratio between the two loads per worker,
+leaves the giver less used than the receiver, and undoing it needs the reverse with the giver at
+2/3 (the default band) of the receiver's use: the ratio of the two pools' loads must shift by 1.5x
+(tests: two pools equally used near their growth bar, under noise, move rarely and never back).
+The projection scales the observed latency by the profile's ratio between the two loads per worker,
 so a cluster slower than its profile by a constant factor is projected right too.
 """
 
@@ -73,6 +78,11 @@ class Decision:
                 f"({self.detail}) {seen}")
 
 
+def by_current(decisions: list[Decision], pool: Pool) -> int:
+    """The pool's size when the decisions were made."""
+    return next(d.current for d in decisions if d.pool == pool)
+
+
 @dataclass
 class _PoolMemory:
     last_scaled_at: float | None = None
@@ -85,6 +95,8 @@ class Policy:
         self.models = {pool: PoolModel(pool, profile, settings.target_s(pool), settings.latency_quantile)
                        for pool in POOLS}
         self._memory = {pool: _PoolMemory() for pool in POOLS}
+        self._move_asked: Pool | None = None  # the pool the last decision would have moved workers to
+        self._last_move: Pool | None = None  # the pool the last move between pools gave workers to
 
     def decide(self, now: float, observation: Observation | None, current: Mapping[Pool, int]) -> list[Decision]:
         """One decision per pool (prefill, decode); the caller applies those that are not holds."""
@@ -182,34 +194,60 @@ class Policy:
 
     def _rebalance(self, now: float, obs: Observation | None, proposals: list[Decision],
                    decisions: list[Decision]) -> list[Decision]:
-        """Move workers to a pool whose growth the budget cut, from the other pool, toward the split
-        of the pools' total in proportion to their load-based needs (see the module's `move`)."""
+        """Move workers to a pool whose growth the budget cut, from the other pool, while the giver
+        stays well below the receiver's utilization (see the module's `move`)."""
+        asked, self._move_asked = self._move_asked, None
         if obs is None:
             return decisions
         wanted = {p.pool: p.desired - d.desired for p, d in zip(proposals, decisions, strict=True)}
         needs = {pool: self.models[pool].workers_needed(obs.load(pool)) for pool in POOLS}
+        prefilling, starved, seen = by_current(decisions, "prefill"), needs["prefill"], ""
+        if needs["decode"] is not None and starved is not None and 0 < prefilling < starved:
+            # the decode load counts streams past their first token: a prefill pool short of its load lets
+            # through prefilling / needed of the requests, and the rest will decode too once prefilled
+            seen = (f" ({needs['decode']:.2f} seen decoding, x{starved / prefilling:.2f} for the prefill pool's "
+                    f"shortage)")
+            needs["decode"] *= starved / prefilling
+        up = self.settings.scale_up_utilization
+        band = self.settings.scale_down_utilization / up
         by_pool = {d.pool: d for d in decisions}
         for receiver in POOLS:
-            donor = next(pool for pool in POOLS if pool != receiver)
-            r, g = by_pool[receiver], by_pool[donor]
-            need_r, need_g = needs[receiver], needs[donor]
+            giver = next(pool for pool in POOLS if pool != receiver)
+            r, g = by_pool[receiver], by_pool[giver]
+            need_r, need_g = needs[receiver], needs[giver]
             if (wanted[receiver] <= 0 or need_r is None or need_g is None or need_r <= 0
-                    or g.action == "scale_up" or self._cooling(donor, now)):
+                    or g.action == "scale_up" or self._cooling(giver, now)):
                 continue
-            total = r.desired + g.desired
-            share = total * need_r / (need_r + need_g)
-            k = min(math.floor(share + _EPS) - r.desired, wanted[receiver],
-                    g.desired - self.settings.bounds(donor).min)
+            # after the move the giver stays under its own growth bar and under the receiver's utilization: times
+            # the band (down / up) always; times 1 (toward equal use) when the receiver lacks capacity for its
+            # load and the move does not undo the last one
+            ratio = 1.0 if need_r > r.desired and self._last_move != giver else band
+            k = min(wanted[receiver], g.desired - self.settings.bounds(giver).min)
+            while k > 0 and not self._fits(need_g, g.desired - k, min(up, ratio * need_r / (r.desired + k))):
+                k -= 1
             if k <= 0:
                 continue
-            split = (f"budget {self.settings.max_total_workers}; needs in workers {receiver} {need_r:.2f}, "
-                     f"{donor} {need_g:.2f}: {receiver}'s share {share:.2f} of {total}")
+            self._move_asked = receiver
+            if asked != receiver:  # one window's noise: a move must be called for by two decisions in a row
+                by_pool[receiver] = replace(r, detail=f"a move of {k} from {giver} called for (made if the next "
+                                                      f"decision calls for it too); {r.detail}")
+                break
+            described = {pool: f"{pool} {needs[pool]:.2f} on {by_pool[pool].desired}" for pool in POOLS}
+            described["decode"] += seen
+            loads = (f"budget {self.settings.max_total_workers}; load in workers' worth: {described[receiver]}, "
+                     f"{described[giver]}")
             by_pool[receiver] = replace(r, desired=r.desired + k, action="scale_up", reason="rebalance",
-                                        detail=f"takes {k} from {donor}; {split}")
-            by_pool[donor] = replace(g, desired=g.desired - k, action="scale_down", reason="rebalance",
-                                     detail=f"gives {k} to {receiver}; {split}")
+                                        detail=f"takes {k} from {giver}; {loads}")
+            by_pool[giver] = replace(g, desired=g.desired - k, action="scale_down", reason="rebalance",
+                                     detail=f"gives {k} to {receiver}; {loads}")
+            self._last_move = receiver
             break  # the pools' total is unchanged, so one move per decision is the whole rebalance
         return [by_pool[pool] for pool in POOLS]
+
+    @staticmethod
+    def _fits(need: float, workers: int, utilization: float) -> bool:
+        """`need` (workers' worth of load) on `workers` stays at or under `utilization` (none: only no load)."""
+        return need <= utilization * workers
 
     def _cooling(self, pool: Pool, now: float) -> bool:
         last = self._memory[pool].last_scaled_at
