@@ -39,7 +39,8 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -53,7 +54,7 @@ from common.pki import make_pki
 from common.processes import spawn
 from common.settings import apply_ucx_defaults, child_environment
 from engine.loader.api import load_model
-from kv_transfer import EtcdStore, Ranges, TransferEngine, TransferEngineConfig, TransferOp
+from kv_transfer import EtcdStore, Ranges, RemoteSegment, TransferEngine, TransferEngineConfig, TransferOp
 from kv_transfer.kv_layout import POOL_LAYOUT, KVLayout, block_ranges
 from kv_transfer.kv_push import DEFAULT_MIN_BATCH_BYTES, should_flush
 from kv_transfer.peer_link import tune_socket
@@ -130,46 +131,91 @@ def raw_socket_seconds(port: int, data: torch.Tensor, repeats: int, context: ssl
         return timed(once, repeats)
 
 
-async def run(args: argparse.Namespace) -> dict:
-    size = args.size_mib << 20
-    rng = np.random.default_rng(0)
+@asynccontextmanager
+async def initiator_and_peer(size: int, secret: str | None = None, integrity: str = "all",
+                             pki_dir: str | None = None) -> AsyncIterator[tuple[TransferEngine, dict]]:
+    """A local etcd, the segment owner (bench/transfer_peer.py: segment `bench-target` of `size` bytes) in its
+    own process, and this process's engine (`bench-initiator`, nothing registered yet), with the link secret
+    `secret` (`integrity`: what it seals) or mutual TLS from `pki_dir`; yields the engine and the peer's ready
+    line, and stops both after."""
     prefix = f"/tandem/bench-{uuid.uuid4().hex[:8]}"
-    with running_etcd() as etcd, tempfile.TemporaryDirectory(prefix="tandem-bench-pki-") as pki_dir:
-        secret = secrets.token_hex(32) if args.authenticated else None
-        tls_args = []
-        if args.tls:
-            make_pki(Path(pki_dir), "cluster")
-            tls_args = ["--tls-dir", pki_dir]
+    with running_etcd() as etcd:
+        tls_args = ["--tls-dir", pki_dir] if pki_dir is not None else []
         peer = spawn([sys.executable, "-m", "bench.transfer_peer", "--etcd", etcd, "--prefix", prefix,
-                      "--size", str(size), "--integrity", args.integrity, *tls_args], stdin=subprocess.PIPE,
+                      "--size", str(size), "--integrity", integrity, *tls_args], stdin=subprocess.PIPE,
                      stdout=subprocess.PIPE, text=True,
                      env=child_environment({"TANDEM_KV_SECRET": secret} if secret else None))
-        assert peer.stdout is not None
-        ready = json.loads(peer.stdout.readline())
-        progress(f"peer ready: {ready}")
-        store = EtcdStore(etcd)
-        engine = TransferEngine(store, TransferEngineConfig(engine_id="bench-initiator", metadata_prefix=prefix,
-                                                            link_secret=secret.encode() if secret else None,
-                                                            seal_payloads=args.integrity == "all",
-                                                            link_tls=link_tls(pki_dir if args.tls else None)))
         try:
-            return await measure(args, engine, ready, size, rng)
+            assert peer.stdout is not None
+            ready = json.loads(peer.stdout.readline())
+            progress(f"peer ready: {ready}")
+            store = EtcdStore(etcd)
+            engine = TransferEngine(store, TransferEngineConfig(
+                engine_id="bench-initiator", metadata_prefix=prefix, link_secret=secret.encode() if secret else None,
+                seal_payloads=integrity == "all", link_tls=link_tls(pki_dir)))
+            try:
+                yield engine, ready
+            finally:
+                progress("closing")
+                await engine.close()
+                await store.close()
+                progress("closed")
         finally:
-            progress("closing")
-            await engine.close()
-            await store.close()
-            progress("closed")
             assert peer.stdin is not None
             peer.stdin.close()
             peer.wait(timeout=30)
 
 
-async def measure(args: argparse.Namespace, engine: TransferEngine, ready: dict, size: int,
-                  rng: np.random.Generator) -> dict:
+async def open_segments(engine: TransferEngine, size: int) -> tuple[torch.Tensor, RemoteSegment]:
+    """Registers `bench-initiator` (`size` random bytes) and opens the peer's `bench-target`."""
     local = engine.allocate_host_buffer(size, "bench")
     local.copy_(torch.randint(0, 256, (size,), dtype=torch.uint8))
     await engine.register_segment("bench-initiator", local)
-    remote = await engine.open_segment("bench-target")
+    return local, await engine.open_segment("bench-target")
+
+
+def pusher_groups(layout: KVLayout, blocks: int) -> list[list[int]]:
+    """The layers of one push of `blocks` blocks, in the WRITE batches the prefill worker's KVPusher sends
+    them in (finished layers grouped to >= its default 4 MiB)."""
+    groups: list[list[int]] = [[]]
+    for layer in range(layout.num_layers):
+        groups[-1].append(layer)
+        pending = len(groups[-1]) * blocks * layout.block_bytes
+        if should_flush(layer, layout.num_layers, pending, DEFAULT_MIN_BATCH_BYTES) and layer + 1 < layout.num_layers:
+            groups.append([])
+    return groups
+
+
+def push_seconds(engine: TransferEngine, layout: KVLayout, blocks: list[int], backend: str,
+                 repeats: int) -> tuple[int, int, float]:
+    """(bytes, batches, median seconds) of pushing `blocks` (the same ids on both sides) of every layer from
+    `bench-initiator` to `bench-target` as the prefill worker does: all its WRITE batches submitted, then
+    all waited."""
+    per_layer = [block_ranges(layout, layout, group, blocks, blocks) for group in pusher_groups(layout, len(blocks))]
+
+    def push() -> None:
+        handles = [engine.submit_ranges(TransferOp.WRITE, "bench-initiator", "bench-target", r,
+                                        backend=backend, timeout_s=30) for r in per_layer]  # type: ignore[arg-type]
+        for handle in handles:
+            handle.wait()
+            handle.release()
+    return sum(r.total_bytes for r in per_layer), len(per_layer), timed(push, repeats)
+
+
+async def run(args: argparse.Namespace) -> dict:
+    size = args.size_mib << 20
+    rng = np.random.default_rng(0)
+    with tempfile.TemporaryDirectory(prefix="tandem-bench-pki-") as pki_dir:
+        secret = secrets.token_hex(32) if args.authenticated else None
+        if args.tls:
+            make_pki(Path(pki_dir), "cluster")
+        async with initiator_and_peer(size, secret, args.integrity, pki_dir if args.tls else None) as (engine, ready):
+            return await measure(args, engine, ready, size, rng)
+
+
+async def measure(args: argparse.Namespace, engine: TransferEngine, ready: dict, size: int,
+                  rng: np.random.Generator) -> dict:
+    local, remote = await open_segments(engine, size)
     rows: list[Row] = []
 
     whole = f"{size >> 20}MiB"
@@ -196,25 +242,10 @@ async def measure(args: argparse.Namespace, engine: TransferEngine, ready: dict,
             rows.append(Row(backend, payload, ranges.total_bytes, len(ranges), t, ranges.total_bytes / t / 1e9))
 
     prompt = []
-    blocks = list(range(BLOCKS_PER_REQUEST))
-    groups: list[list[int]] = [[]]
-    for layer in range(layout.num_layers):  # the prefill worker's grouping of finished layers
-        groups[-1].append(layer)
-        pending = len(groups[-1]) * len(blocks) * layout.block_bytes
-        if should_flush(layer, layout.num_layers, pending, DEFAULT_MIN_BATCH_BYTES) and layer + 1 < layout.num_layers:
-            groups.append([])
     for backend in backends:
-        per_layer = [block_ranges(layout, layout, group, blocks, blocks) for group in groups]
-
-        def push(per_layer: list[Ranges] = per_layer, backend: str = backend) -> None:
-            handles = [engine.submit_ranges(TransferOp.WRITE, "bench-initiator", "bench-target", r,
-                                            backend=backend, timeout_s=30) for r in per_layer]  # type: ignore[arg-type]
-            for handle in handles:
-                handle.wait()
-                handle.release()
-        t = timed(push, max(args.repeats, 20))
-        nbytes = sum(r.total_bytes for r in per_layer)
-        prompt.append({"backend": backend, "bytes": nbytes, "batches": len(per_layer), "median_ms": t * 1e3})
+        nbytes, batches, t = push_seconds(engine, layout, list(range(BLOCKS_PER_REQUEST)), backend,
+                                          max(args.repeats, 20))
+        prompt.append({"backend": backend, "bytes": nbytes, "batches": batches, "median_ms": t * 1e3})
     return {"rows": [asdict(r) for r in rows], "prompt_512": prompt, "kv_block_bytes": layout.block_bytes,
             "num_layers": layout.num_layers, "tls_cipher": cipher[0] if cipher else None}
 

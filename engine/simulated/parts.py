@@ -4,7 +4,9 @@ capacity in blocks is what the simulated model's real KV would get from the same
 
 The pool's pages are token-sized placeholders (one fp32 value per token per layer, K and V): block
 tables, prefix hashes, KV events and the transfer path's control messages are real; the bytes a real
-push would move are not (a P/D transfer's time is the pusher's, not the profile's: not modelled yet)."""
+push would move are not. Their time is modelled: the runner holds a pushing step until the real KV's
+bytes would have crossed the profile's link (engine.simulated.runner; 0 s if the profile has no
+kv_s_per_byte, as before)."""
 
 from __future__ import annotations
 
@@ -70,7 +72,8 @@ def build_simulated_parts(config: EngineConfig, kv_storage: KVStorageAllocator |
     storage = None if kv_storage is None else kv_storage(tensor_bytes(spec))
     pool = KVCachePool(spec, platform.device, SIMULATED_KV_DTYPE, storage)
     sampler = Sampler(cfg.vocab_size, platform.device, seed=config.seed)
-    runner = SimulatedRunner(profile, sampler, cfg.num_layers, tokenizer.vocab_size, simulated_avoids(tokenizer, cfg))
+    runner = SimulatedRunner(profile, sampler, cfg.num_layers, tokenizer.vocab_size, simulated_avoids(tokenizer, cfg),
+                             real_kv=real)
     fingerprint = "simulated:" + hashlib.sha256(profile.to_json().encode()).hexdigest()[:16]
     seconds = time.perf_counter() - started
     log.info("simulated engine ready in %.1fs: %s (%s), %d KV blocks x %d tokens", seconds, profile.name,

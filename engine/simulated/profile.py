@@ -11,7 +11,11 @@ A step's time is modelled as the sum of
   adding prompt tokens to a decode step never makes it cheaper.
 Below its first point a curve runs straight to (0, 0); past its last it extends the last segment's slope
 (never a falling one). The times are the model's forward and sampling only: the simulated engine's own
-scheduling is real."""
+scheduling is real.
+
+A prefill worker's KV push (optional: `kv_s_per_byte` and `kv_transfer_latency_s`, both 0 when not measured,
+as in profiles written before them) is modelled on the link, for the bytes of the *real* model's KV (layers x
+KV heads x head_dim x 2 (K, V) x dtype size per token, engine.kv_cache.KVCacheSpec), see `kv_push_seconds`."""
 
 from __future__ import annotations
 
@@ -63,11 +67,14 @@ class SimulationProfile:
     decode_context: int = 0  # tokens of context per row the decode curve was measured with
     attention_s_per_pair: float = 0.0  # per attention pair of a prefill beyond prompts of prefill_prompt tokens
     prefill_prompt: int = 0  # tokens of each prompt the prefill curve was measured with (0: not recorded)
+    kv_s_per_byte: float = 0.0  # KV push P -> D: link seconds per byte of the real model's KV (0: not modelled)
+    kv_transfer_latency_s: float = 0.0  # KV push P -> D: fixed seconds a step's push adds (the fit's intercept)
 
     def __post_init__(self) -> None:
-        if min(self.context_s_per_token, self.decode_context, self.attention_s_per_pair, self.prefill_prompt) < 0:
-            raise ValueError("context_s_per_token, decode_context, attention_s_per_pair and prefill_prompt "
-                             "must be >= 0")
+        if min(self.context_s_per_token, self.decode_context, self.attention_s_per_pair, self.prefill_prompt,
+               self.kv_s_per_byte, self.kv_transfer_latency_s) < 0:
+            raise ValueError("context_s_per_token, decode_context, attention_s_per_pair, prefill_prompt, "
+                             "kv_s_per_byte and kv_transfer_latency_s must be >= 0")
         if self.attention_s_per_pair and not self.prefill_prompt:
             raise ValueError("attention_s_per_pair needs the prefill_prompt the prefill curve was measured with")
 
@@ -97,6 +104,27 @@ class SimulationProfile:
             seconds += self.context_s_per_token * (context_tokens - decode_rows * self.decode_context)
         return max(seconds, 0.0)
 
+    @property
+    def models_kv_transfer(self) -> bool:
+        return bool(self.kv_s_per_byte or self.kv_transfer_latency_s)
+
+    def kv_push_seconds(self, step_seconds: float, num_layers: int, layer_bytes: int) -> float:
+        """When a step's layer-wise KV push has landed, in seconds from the step's start: its layers are
+        computed evenly over `step_seconds` (layer i done at step_seconds * (i + 1) / num_layers), each layer's
+        pages (`layer_bytes` of the real KV) leave no sooner than their layer is done and after the previous
+        layer's have left (one link, serialized), taking layer_bytes * kv_s_per_byte; the last lands
+        kv_transfer_latency_s after it left. So the push overlaps the compute, and what the link cannot hide
+        is paid after it: max(T + t, T / L + L * t) + latency for per-layer link time t. Never before the
+        step's end (the prefill worker commits a step once its pushes are done); the step's end when the
+        profile models no transfer or nothing is pushed."""
+        if not (self.models_kv_transfer and layer_bytes and num_layers):
+            return step_seconds
+        link = 0.0  # when the link is free
+        per_layer = layer_bytes * self.kv_s_per_byte
+        for layer in range(num_layers):
+            link = max(link, step_seconds * (layer + 1) / num_layers) + per_layer
+        return link + self.kv_transfer_latency_s  # >= step_seconds: the last layer is done then
+
     def slowed(self, factor: float) -> SimulationProfile:
         """The same hardware `factor` times slower: every step time times `factor` (a simulation run in
         dilated time, so that the real processes' own CPU time stays small beside the modelled steps)."""
@@ -106,7 +134,9 @@ class SimulationProfile:
                        prefill=tuple((n, s * factor) for n, s in self.prefill),
                        decode=tuple((n, s * factor) for n, s in self.decode),
                        context_s_per_token=self.context_s_per_token * factor,
-                       attention_s_per_pair=self.attention_s_per_pair * factor)
+                       attention_s_per_pair=self.attention_s_per_pair * factor,
+                       kv_s_per_byte=self.kv_s_per_byte * factor,
+                       kv_transfer_latency_s=self.kv_transfer_latency_s * factor)
 
     @classmethod
     def load(cls, path: str | pathlib.Path) -> SimulationProfile:
@@ -118,7 +148,9 @@ class SimulationProfile:
                        context_s_per_token=float(raw.get("context_s_per_token", 0.0)),
                        decode_context=int(raw.get("decode_context", 0)),
                        attention_s_per_pair=float(raw.get("attention_s_per_pair", 0.0)),
-                       prefill_prompt=int(raw.get("prefill_prompt", 0)))
+                       prefill_prompt=int(raw.get("prefill_prompt", 0)),
+                       kv_s_per_byte=float(raw.get("kv_s_per_byte", 0.0)),
+                       kv_transfer_latency_s=float(raw.get("kv_transfer_latency_s", 0.0)))
         except (OSError, ValueError, KeyError, TypeError) as e:
             raise ValueError(f"simulation profile {path}: {type(e).__name__}: {e}") from e
 

@@ -5,7 +5,16 @@ grammars and logprobs behave as they would on a model that is certain of its nex
 
 The simulated model never picks an end-of-sequence token: a request runs to its max_tokens (or a stop
 string, or the context length). A prefill worker's KV hook is told of each layer in turn over the step's
-time, so the real push path moves the (token-sized, engine.simulated.parts) pages layer by layer."""
+time, so the real push path moves the (token-sized, engine.simulated.parts) pages layer by layer.
+
+The KV transfer's time is modelled, then waited on the real control path: when a KV hook watches the step
+(a prefill worker's kv_transfer.kv_push.KVPusher) and the profile models the link, the step is held until
+the real model's pages would have landed (SimulationProfile.kv_push_seconds, for the blocks the pusher sends
+this step at the real KVCacheSpec's bytes). The real pusher's WRITEs of the placeholder pages go out at each
+layer's modelled end as before; the engine calls the hook's `wait_for_save` and commits the step (and the
+pusher sends the final note that makes the decode worker's sequence ready, with the first token) only after
+`execute` returns, as a real prefill worker does once its pushes are done. So the decode side's first token
+is late by what the link could not hide behind the compute, and the prefill worker's next step waits too."""
 
 from __future__ import annotations
 
@@ -14,6 +23,7 @@ from collections.abc import Callable, Collection
 
 import torch
 
+from engine.kv_cache import KVCacheSpec
 from engine.logprobs import prompt_token_logprobs
 from engine.model_runner import SequenceResult
 from engine.sampler import Sampler
@@ -52,9 +62,10 @@ class SimulatedRunner:
 
     def __init__(self, profile: SimulationProfile, sampler: Sampler, num_layers: int, choices: int,
                  avoid: Collection[int], clock: Callable[[], float] = time.monotonic,
-                 sleep: Callable[[float], None] = time.sleep) -> None:
+                 sleep: Callable[[float], None] = time.sleep, real_kv: KVCacheSpec | None = None) -> None:
         """`choices`: the model picks ids below it (the tokenizer's vocabulary) and never one in `avoid` (the
-        end-of-sequence and other special ids)."""
+        end-of-sequence and other special ids). `real_kv`: the simulated model's real KV layout (its block size
+        is the pool's), whose bytes a KV push would move; None: pushes take no modelled time."""
         self.profile = profile
         self.sampler = sampler
         self.vocab_size = profile.model.vocab_size
@@ -63,6 +74,7 @@ class SimulatedRunner:
         self.avoid = frozenset(avoid)
         self.layer_observer: Callable[[int], None] | None = None
         self.clock, self.sleep = clock, sleep  # replaceable: a test drives the runner on its own clock
+        self.real_kv = real_kv
 
     def continuation(self, token_ids: list[int], count: int) -> list[int]:
         """The `count` tokens this model picks greedily after `token_ids`."""
@@ -75,6 +87,20 @@ class SimulatedRunner:
                     for item in out.segments)
         return self.profile.step_seconds(sum(item.num_tokens for item in out.segments), len(out.decodes), context,
                                          pairs)
+
+    def pushed_layer_bytes(self, out: SchedulerOutput) -> int:
+        """Bytes of one layer of the real KV a push hook sends for this step, as kv_transfer.kv_push.KVPusher
+        picks blocks: for each sequence, from the block holding its first new token (re-sent when partial) to
+        the one holding its last, and from block 0 on its first chunk (a prefix cached here is sent too)."""
+        if self.real_kv is None:
+            return 0
+        size = self.real_kv.block_size
+        blocks = 0
+        for item in out.scheduled:
+            end = item.start + item.num_tokens - len(item.draft_token_ids)
+            first = 0 if item.start <= item.seq.num_cached_tokens else item.start // size
+            blocks += max(-(-end // size) - first, 0)
+        return blocks * size * self.real_kv.bytes_per_token_per_layer
 
     def execute(self, out: SchedulerOutput) -> dict[str, SequenceResult]:
         started = self.clock()
@@ -89,6 +115,8 @@ class SimulatedRunner:
         for layer in range(self.num_layers if observer is not None else 0):
             self._wait_until(started + seconds * (layer + 1) / self.num_layers)
             observer(layer)  # type: ignore[misc]  # checked above; a layer's pages are "written" now
+        if observer is not None:  # a push hook watches: the step ends when the real KV would have landed
+            seconds = self.profile.kv_push_seconds(seconds, self.num_layers, self.pushed_layer_bytes(out))
         self._wait_until(started + seconds)
         return results
 
