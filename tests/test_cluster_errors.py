@@ -1,11 +1,16 @@
 """Bad input, overload, no workers and cancellation, at the router of a running 1P+1D cluster:
-the right gRPC status / HTTP status with a message, nothing leaked, every worker still up."""
+the right gRPC status / HTTP status with a message, nothing leaked, every worker still up. The
+cancellation test runs on real and on simulated engines (engine.simulated): the workers' part of it
+(abort, free the blocks) is the same code on both."""
 
 from __future__ import annotations
 
+import asyncio
 import json
+import pathlib
 import subprocess
 import sys
+import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -15,19 +20,35 @@ import grpc
 import openai
 import pytest
 
+from bench.scrape import router_metrics
 from common.processes import spawn
 from tandem.v1 import inference_pb2 as pb
 from tandem.v1 import inference_pb2_grpc
 from tests.support.cluster import REPO, Cluster, assert_pools_clean, metric, tandem_up, worker_metrics, worker_status
+from tests.support.simulation import SLOW_DECODE, Engines, expected_of, write_profile
 
 pytestmark = pytest.mark.slow
+
+ONE_BY_ONE = ("--prefill", "1", "--decode", "1", "--num-kv-blocks", "128", "--min-remote-prefill-tokens", "4")
 
 
 @pytest.fixture(scope="module")
 def cluster(tiny_llama_dir) -> Iterator[Cluster]:  # type: ignore[no-untyped-def]
-    with tandem_up("--prefill", "1", "--decode", "1", "--model", str(tiny_llama_dir), "--dtype", "float32",
-                   "--num-kv-blocks", "128", "--min-remote-prefill-tokens", "4") as running:
+    with tandem_up(*ONE_BY_ONE, *Engines(tiny_llama_dir).args) as running:
         yield running
+
+
+@pytest.fixture(params=["real", "simulated"])
+def cluster_and_engines(request: pytest.FixtureRequest, tiny_llama_dir: pathlib.Path,
+                        tmp_path: pathlib.Path) -> Iterator[tuple[Cluster, Engines]]:
+    """The module's cluster, or a like one of simulated engines decoding at ~20 steps/s (a 210-token
+    stream takes 10 s: a cancelled one is caught mid-way, as on the real tiny model)."""
+    if request.param == "real":
+        yield request.getfixturevalue("cluster"), Engines(tiny_llama_dir)
+        return
+    engines = Engines(tiny_llama_dir, write_profile(tmp_path, tiny_llama_dir, decode=SLOW_DECODE))
+    with tandem_up(*ONE_BY_ONE, *engines.args) as running:
+        yield running, engines
 
 
 @contextmanager
@@ -53,6 +74,19 @@ def _request(**fields) -> pb.GenerateRequest:  # type: ignore[no-untyped-def]
 async def _call(address: str, request: pb.GenerateRequest) -> list[pb.GenerateResponse]:
     async with grpc.aio.insecure_channel(address) as channel:
         return [c async for c in inference_pb2_grpc.InferenceStub(channel).Generate(request, timeout=60)]
+
+
+async def _assert_router_idle(cluster: Cluster, timeout_s: float = 10.0) -> None:
+    """The router's gauges of requests in flight and streams decoding return to 0 (the planner reads the
+    latter as the decode pool's load: a stream ended any way must leave it)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        text = router_metrics(cluster)
+        gauges = (metric(text, "tandem_router_inflight_requests"), metric(text, "tandem_router_decoding_streams"))
+        if gauges == (0, 0):
+            return
+        assert time.monotonic() < deadline, f"in flight, decoding at the router: {gauges}"
+        await asyncio.sleep(0.1)
 
 
 def _post(url: str, body: bytes) -> tuple[int, dict]:
@@ -111,9 +145,10 @@ async def test_openai_client_sees_the_statuses(cluster: Cluster) -> None:
     await client.close()
 
 
-async def test_cancelled_streams_free_every_block(cluster: Cluster) -> None:
+async def test_cancelled_streams_free_every_block(cluster_and_engines: tuple[Cluster, Engines]) -> None:
     """A gRPC client cancelling mid-stream and an HTTP client hanging up mid-SSE: each request is
     aborted on the workers (it stops well short of its 210 tokens) and the pools return to free/cached."""
+    cluster, engines = cluster_and_engines
     decode = cluster.role("decode")[0]
 
     def generated() -> float:
@@ -124,9 +159,13 @@ async def test_cancelled_streams_free_every_block(cluster: Cluster) -> None:
     async with grpc.aio.insecure_channel(cluster.grpc_address) as channel:
         call = inference_pb2_grpc.InferenceStub(channel).Generate(
             _request(token_ids=pb.TokenIds(ids=list(range(10, 50))), sampling=long))
-        assert (await call.read()).token_ids
+        first = list((await call.read()).token_ids)
+        assert first
+        if engines.profile is not None:  # the simulated model's stream, exactly
+            assert first == expected_of(engines.checkpoint, list(range(10, 50)), len(first))
         call.cancel()
     await assert_pools_clean(cluster)
+    await _assert_router_idle(cluster)
     by_grpc = generated() - before
     assert 0 < by_grpc < 210 * 0.75, f"{by_grpc} tokens: the cancelled gRPC request ran on"
 
@@ -140,6 +179,7 @@ async def test_cancelled_streams_free_every_block(cluster: Cluster) -> None:
     await stream.close()
     await client.close()
     await assert_pools_clean(cluster)
+    await _assert_router_idle(cluster)
     by_http = generated() - before
     assert 0 < by_http < 210 * 0.75, f"{by_http} tokens: the cancelled HTTP request ran on"
 

@@ -1,17 +1,20 @@
 """Overload: bounded queues at the router (--max-inflight) and at each worker (--max-num-seqs +
 --max-queued-requests) answer RESOURCE_EXHAUSTED / 429 with a retry-after instead of letting latency
 grow without bound; a soak at twice the measured capacity ends every request in success or that clear
-refusal, with flat process memory and no leaked block."""
+refusal, with flat process memory and no leaked block. The refusal test runs on real and on simulated
+engines (engine.simulated); the soak on real ones only (its 45 s are the suite's budget for it)."""
 
 from __future__ import annotations
 
 import asyncio
 import json
+import pathlib
 import random
 import statistics
 import time
 import urllib.error
 import urllib.request
+from dataclasses import dataclass
 
 import grpc
 import pytest
@@ -19,15 +22,36 @@ import pytest
 from tandem.v1 import inference_pb2 as pb
 from tandem.v1 import inference_pb2_grpc
 from tests.support.cluster import Cluster, assert_pools_clean, tandem_up, worker_status
+from tests.support.simulation import SLOW_DECODE, Engines, expected_of, write_profile
 
 LONG = pb.SamplingParameters(temperature=0.0, max_tokens=4000, ignore_eos=True)  # minutes: cancelled
 
 
-def _request(seed: int, sampling: pb.SamplingParameters) -> pb.GenerateRequest:
+def _request(seed: int, sampling: pb.SamplingParameters, timeout_s: int = 60) -> pb.GenerateRequest:
     """24 random token ids (valid in the tiny and the default model's vocabulary)."""
     rng = random.Random(seed)
     return pb.GenerateRequest(token_ids=pb.TokenIds(ids=[rng.randrange(5, 500) for _ in range(24)]),
-                              sampling=sampling, timeout_seconds=600 if sampling is LONG else 60)
+                              sampling=sampling, timeout_seconds=timeout_s)
+
+
+@dataclass(frozen=True)
+class SlowEngines:
+    """Workers whose long streams outlast the refusal test: `long` runs for many seconds on them."""
+    args: tuple[str, ...]  # `tandem up` flags
+    long: pb.SamplingParameters
+    checkpoint: pathlib.Path | None  # set for simulated engines: their streams are checked exactly
+
+
+@pytest.fixture(params=["real", "simulated"])
+def slow_engines(request: pytest.FixtureRequest, tmp_path: pathlib.Path) -> SlowEngines:
+    """The default model (its decode steps are slow on a CPU), or the tiny Llama simulated at ~20 decode
+    steps/s: 200 tokens (its context is 256) take 10 s."""
+    if request.param == "real":
+        return SlowEngines((), LONG, None)
+    tiny: pathlib.Path = request.getfixturevalue("tiny_llama_dir")
+    profile = write_profile(tmp_path, tiny, decode=SLOW_DECODE)
+    return SlowEngines(Engines(tiny, profile).args,
+                       pb.SamplingParameters(temperature=0.0, max_tokens=200, ignore_eos=True), tiny)
 
 
 def _post(url: str, body: dict) -> tuple[int, dict[str, str], dict]:  # type: ignore[type-arg]
@@ -40,24 +64,29 @@ def _post(url: str, body: dict) -> tuple[int, dict[str, str], dict]:  # type: ig
 
 
 @pytest.mark.slow
-async def test_a_full_worker_refuses_with_retry_after() -> None:
+async def test_a_full_worker_refuses_with_retry_after(slow_engines: SlowEngines) -> None:
     """One aggregated worker admits 2 running + 1 queued; the 4th request is refused at once
-    (the router has no other decode worker to try) and nothing admitted is disturbed. The default
-    model: its decode steps are slow enough that the admitted requests are still running."""
-    with tandem_up("--prefill", "0", "--decode", "0", "--both", "1", "--max-num-seqs", "2",
+    (the router has no other decode worker to try) and nothing admitted is disturbed. Slow engines:
+    the admitted requests are still running."""
+    long = slow_engines.long
+    with tandem_up("--prefill", "0", "--decode", "0", "--both", "1", *slow_engines.args, "--max-num-seqs", "2",
                    "--max-queued-requests", "1") as cluster:
         async with grpc.aio.insecure_channel(cluster.grpc_address) as channel:
             stub = inference_pb2_grpc.InferenceStub(channel)
             busy = []
             for i in range(3):  # one at a time: the first two are running before the third arrives
-                busy.append(stub.Generate(_request(i, LONG)))
+                busy.append(stub.Generate(_request(i, long, timeout_s=600)))
                 if i < 2:
-                    assert (await busy[i].read()).token_ids
+                    first = list((await busy[i].read()).token_ids)
+                    assert first
+                    if slow_engines.checkpoint is not None:  # the simulated model's stream, exactly
+                        assert first == expected_of(slow_engines.checkpoint, list(_request(i, long).token_ids.ids),
+                                                    len(first))
             deadline = time.monotonic() + 30
             while (await worker_status(cluster.workers[0])).waiting != 1:  # the third is queued
                 assert time.monotonic() < deadline, "the third request was never queued"
                 await asyncio.sleep(0.05)
-            refused = stub.Generate(_request(9, LONG))
+            refused = stub.Generate(_request(9, long, timeout_s=600))
             with pytest.raises(grpc.aio.AioRpcError) as failure:
                 await refused.read()
             assert failure.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
@@ -68,10 +97,13 @@ async def test_a_full_worker_refuses_with_retry_after() -> None:
             for call in busy:
                 call.cancel()
         await assert_pools_clean(cluster)
+        last = _request(1, pb.SamplingParameters(temperature=0.0, max_tokens=4, ignore_eos=True))
         async with grpc.aio.insecure_channel(cluster.grpc_address) as channel:  # still serving
-            chunks = [c async for c in inference_pb2_grpc.InferenceStub(channel).Generate(
-                _request(1, pb.SamplingParameters(temperature=0.0, max_tokens=4, ignore_eos=True)))]
-        assert sum(len(c.token_ids) for c in chunks) == 4
+            chunks = [c async for c in inference_pb2_grpc.InferenceStub(channel).Generate(last)]
+        tokens = [t for c in chunks for t in c.token_ids]
+        assert len(tokens) == 4
+        if slow_engines.checkpoint is not None:
+            assert tokens == expected_of(slow_engines.checkpoint, list(last.token_ids.ids), 4)
 
 
 SHORT = pb.SamplingParameters(temperature=0.0, max_tokens=24, ignore_eos=True)

@@ -3,7 +3,12 @@ the ITL p90 the router reports under a light and under a heavy load, and `tandem
 capacity profile. Then, with an ITL target between the two, `tandem up --planner true` grows decode
 from 1 to 2 workers when the heavy load pushes the ITL p90 past the target (or, seen a window
 earlier, its streams past the profiled capacity), and shrinks it back
-(draining the worker with SIGTERM) once the load falls, while every request succeeds."""
+(draining the worker with SIGTERM) once the load falls, while every request succeeds.
+
+It runs on real and on simulated engines (engine.simulated). The simulated ones decode at modelled step
+times whose light and heavy loads straddle the target as the real model's do (1 stream 8 ms, 48 ~113 ms):
+there the two latencies and the capacity profile are the modelled ones, written rather than measured
+(what `tandem profile` would find, less the processes' overheads), which saves a cluster's start-up."""
 
 from __future__ import annotations
 
@@ -16,20 +21,30 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import grpc
 import pytest
 
 from bench.scrape import router_metrics
-from cluster.planner.capacity import CapacityProfile
+from cluster.planner.capacity import CapacityProfile, DecodePoint
 from cluster.planner.sources import RouterScrapeSource
 from cluster.up_process import LocalCluster as Cluster
+from engine.simulated.profile import SimulationProfile
 from tandem.v1 import inference_pb2 as pb
 from tandem.v1 import inference_pb2_grpc
 from tests.support.cluster import REPO, fetch, metric, tandem_up
+from tests.support.simulation import Engines, write_profile
 
 TOKENS = 32
 HEAVY = 48  # concurrent streams of the heavy phase
+PROMPT = 8  # tokens of each request's prompt
+# simulated decode steps: 1 row 8 ms, 8 rows 20 ms, 48 rows ~113 ms, 24 (each of two workers' share of the
+# heavy load) ~57 ms; the target is then ~36 ms, its scale-down bar (x0.7) ~25 ms. The router's ITL p90 is
+# read from a histogram (buckets ..., 0.01, 0.02, 0.04, ..., 0.1, 0.15, ...) as the bucket's upper part:
+# the light load shows <= 19 ms (under the bar with up to 12 ms of the processes' own per-step overheads on
+# a busy CPU), the heavy one >= 100 ms (over the target)
+PLANNER_DECODE = [[1, 0.008], [8, 0.02], [64, 0.15]]
 
 
 class Load:
@@ -54,7 +69,8 @@ class Load:
 
     async def _client(self, index: int) -> None:
         while index < self.streams:
-            request = pb.GenerateRequest(token_ids=pb.TokenIds(ids=[self.rng.randrange(4, 500) for _ in range(8)]),
+            request = pb.GenerateRequest(token_ids=pb.TokenIds(ids=[self.rng.randrange(4, 500)
+                                                                    for _ in range(PROMPT)]),
                                          sampling=pb.SamplingParameters(temperature=0.0, max_tokens=TOKENS,
                                                                         ignore_eos=True), timeout_seconds=60)
             try:
@@ -113,18 +129,49 @@ def _decode_workers(cluster: Cluster) -> float:
     return metric(router_metrics(cluster), "tandem_router_workers", pool="decode")
 
 
-@pytest.mark.slow
-@pytest.mark.timeout(300)
-async def test_the_planner_grows_and_shrinks_decode_with_the_load(tiny_llama_dir, tmp_path) -> None:
-    common = ("--prefill", "0", "--decode", "1", "--model", str(tiny_llama_dir), "--dtype", "float32",
-              "--num-kv-blocks", "1024", "--num-threads", "1")
-    profile_path = tmp_path / "profile.json"
+async def _measured(common: tuple[str, ...], profile_path: Path) -> tuple[float, float]:
+    """On one decode worker: the router's ITL p90 under a light and a heavy load, and `tandem profile`'s
+    capacity profile written to `profile_path`."""
     with tandem_up(*common) as cluster:
         light, heavy = await _router_itl_p90(cluster, 1, 3), await _router_itl_p90(cluster, HEAVY, 3)
         subprocess.run([sys.executable, "-m", "cluster.cli", "profile", "--address", cluster.grpc_address,
                         "--output", str(profile_path), "--prefill-s", "0", "--decode-batches", "1,8",
-                        "--decode-tokens", str(TOKENS), "--decode-prompt-tokens", "8", "--step-s", "2"],
+                        "--decode-tokens", str(TOKENS), "--decode-prompt-tokens", str(PROMPT), "--step-s", "2"],
                        cwd=REPO, check=True, timeout=120)
+    return light, heavy
+
+
+def _modelled(simulation: Path, profile_path: Path) -> tuple[float, float]:
+    """The same for simulated engines, from their profile: a decode step's modelled time at 1 and at HEAVY
+    streams (each with its mean context), and a capacity profile of the modelled steps."""
+    model = SimulationProfile.load(simulation)
+
+    def itl(streams: int) -> float:
+        return model.step_seconds(0, streams, streams * (PROMPT + TOKENS // 2))
+    points = tuple(DecodePoint(float(b), {q: itl(b) for q in ("0.5", "0.9", "0.99")}, b / itl(b)) for b in (1, 8))
+    CapacityProfile(None, points, {"model": model.name, "source": "modelled from the simulation profile"}).save(
+        profile_path)
+    return itl(1), itl(HEAVY)
+
+
+@pytest.fixture(params=["real", "simulated"])
+def planner_engines(request: pytest.FixtureRequest, tiny_llama_dir: Path, tmp_path: Path) -> Engines:
+    """The tiny Llama's real engine, or a simulated one of it with PLANNER_DECODE's step times."""
+    if request.param == "real":
+        return Engines(tiny_llama_dir)
+    return Engines(tiny_llama_dir, write_profile(tmp_path, tiny_llama_dir, decode=PLANNER_DECODE))
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+async def test_the_planner_grows_and_shrinks_decode_with_the_load(planner_engines: Engines, tmp_path: Path) -> None:
+    common = ("--prefill", "0", "--decode", "1", *planner_engines.args, "--num-kv-blocks", "1024",
+              "--num-threads", "1")
+    profile_path = tmp_path / "capacity.json"
+    if planner_engines.profile is None:
+        light, heavy = await _measured(common, profile_path)
+    else:
+        light, heavy = _modelled(planner_engines.profile, profile_path)
     profile = CapacityProfile.load(profile_path)
     assert [p.batch for p in profile.decode] == [1, 8] and profile.prefill_tokens_per_s is None
     assert heavy > 2 * light, (light, heavy)
