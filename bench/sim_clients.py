@@ -68,13 +68,25 @@ class BackgroundClients:
     def __init__(self, load: ClientLoad) -> None:
         self.outcomes: list[Outcome] = []
         self._stop = threading.Event()
-        self._thread = threading.Thread(
-            target=lambda: asyncio.run(closed_loop(load, self._stop.is_set, self.outcomes)), daemon=True)
+        self._failure: BaseException | None = None  # what ended the clients early, re-raised by stop()
+        self._thread = threading.Thread(target=self._run, args=(load,), daemon=True)
+
+    def _run(self, load: ClientLoad) -> None:
+        try:
+            asyncio.run(closed_loop(load, self._stop.is_set, self.outcomes))
+        except BaseException as e:  # handed to stop(): a silent stop would read as no load
+            self._failure = e
 
     def start(self) -> BackgroundClients:
         self._thread.start()
         return self
 
     def stop(self, timeout_s: float = 90.0) -> None:
+        """Raises if the clients failed, or are still running after `timeout_s` (their outcomes would
+        still be changing)."""
         self._stop.set()
         self._thread.join(timeout_s)
+        if self._thread.is_alive():
+            raise TimeoutError(f"the clients' requests in flight did not end within {timeout_s} s")
+        if self._failure is not None:
+            raise RuntimeError("the background clients failed") from self._failure

@@ -127,9 +127,9 @@ def sim_cluster(profile: str, prefill: int, decode: int, per_process: int = 100,
                 ready_timeout_s: float = 600.0, starting_at_once: int = 0) -> Iterator[SimCluster]:
     """`prefill` + `decode` simulated workers in fleets of at most `per_process`, and the router, all of
     `model` (the profile's checkpoint; None: the default model), until exit."""
-    with tempfile.TemporaryDirectory(prefix="tandem-sim-") as data:
-        etcd = EtcdServer(data)
-        etcd.start()
+    if min(prefill, decode, starting_at_once) < 0 or per_process < 1 or prefill + decode < 1:
+        raise ValueError("need prefill, decode, starting_at_once >= 0, per_process >= 1 and at least one worker")
+    with tempfile.TemporaryDirectory(prefix="tandem-sim-") as data, _running(EtcdServer(data)) as etcd:
         router = spawn([sys.executable, "-m", "cluster.cli", "router", "--etcd", etcd.endpoint, "--policy", policy,
                         "--grpc-port", "0", "--http-port", "0", *(["--model", model] if model else [])],
                        cwd=REPO, stdout=subprocess.PIPE, text=True)
@@ -146,8 +146,9 @@ def sim_cluster(profile: str, prefill: int, decode: int, per_process: int = 100,
             for first in range(0, len(planned), wave):
                 started = [(cluster.spawn_fleet(role, replicas, name), replicas)
                            for role, name, replicas in planned[first:first + wave]]
+                deadline = time.monotonic() + ready_timeout_s  # for the whole wave
                 for proc, replicas in started:
-                    cluster.ready_fleet(proc, replicas, ready_timeout_s)
+                    cluster.ready_fleet(proc, replicas, max(deadline - time.monotonic(), 0.0))
             yield cluster
         finally:
             fleets = cluster.fleets if cluster else []
@@ -165,4 +166,12 @@ def sim_cluster(profile: str, prefill: int, decode: int, per_process: int = 100,
             stop(router, 30)
             if router.stdout is not None:
                 router.stdout.close()
-            etcd.stop()
+
+
+@contextlib.contextmanager
+def _running(etcd: EtcdServer) -> Iterator[EtcdServer]:
+    etcd.start()
+    try:
+        yield etcd
+    finally:
+        etcd.stop()

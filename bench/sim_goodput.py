@@ -12,7 +12,8 @@ every rate over K) so that the real processes on this machine (router, clients, 
 scheduling and streaming) stay small beside the modelled steps; every figure is reported in the modelled
 hardware's time (latencies over K, rates times K). A run at two slowdowns that agree is the check that
 this machine's own CPU time is not what was measured. The KV transfer between a prefill and a decode
-worker runs the real control path over TCP on token-sized placeholder pages: its modelled time is ~0.
+worker runs the real control path over TCP on token-sized placeholder pages; its time is the profile's
+link model for the real model's bytes when the profile has one (bench.sim_profile --kv-transfer), else ~0.
 """
 
 from __future__ import annotations
@@ -193,11 +194,13 @@ def main(argv: list[str] | None = None) -> None:
         best[workload] = {"goodput_rps": per_config, "best": [c for c, g in per_config.items() if g == top]}
         print(f"{workload}: goodput (req/s at >= {args.attainment:.0%} within both objectives) "
               + ", ".join(f"{c} {g:g}" for c, g in per_config.items()) + f"; best {best[workload]['best']}")
+    kv_transfer = (f"modelled: {profile.kv_s_per_byte:g} s/byte + {profile.kv_transfer_latency_s:g} s"
+                   if profile.models_kv_transfer else "not modelled (real control path, ~0 s)")
     report = {"command": " ".join(["python", "-m", "bench.sim_goodput", *(argv or sys.argv[1:])]),
               "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started)), "machine": machine_info(),
               "profile": {"name": profile.name, "source": profile.source}, "devices": args.devices,
               "slowdown": args.slowdown, "seconds_per_rate": args.seconds, "attainment": args.attainment,
-              "slo_ms": args.slo, "rates": args.rates, "kv_transfer": "not modelled (real control path, ~0 s)",
+              "slo_ms": args.slo, "rates": args.rates, "kv_transfer": kv_transfer,
               "best": best, "runs": rows}
     if args.json is not None:
         args.json.write_text(json.dumps(report, indent=1))
