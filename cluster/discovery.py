@@ -29,7 +29,8 @@ class WorkerDirectory:
         self._prefix = workers_prefix(cluster)
         self._timeout = timeout_s
         self._on_change = on_change
-        self._workers: dict[str, WorkerRecord] = {}
+        self._workers: dict[str, WorkerRecord] = {}  # by etcd key
+        self._changed_keys: set[str] | None = None  # since take_changes(); None: all (a listing replaced the view)
         self._changed = asyncio.Event()
         self._task: asyncio.Task | None = None
         self.relists = 0
@@ -37,6 +38,19 @@ class WorkerDirectory:
     def workers(self, role: WorkerRole | None = None) -> list[WorkerRecord]:
         return sorted((w for w in self._workers.values() if role is None or w.role == role),
                       key=lambda w: w.worker_id)
+
+    def records(self) -> dict[str, WorkerRecord]:
+        """Every record by its etcd key (a copy)."""
+        return dict(self._workers)
+
+    def record_at(self, key: str) -> WorkerRecord | None:
+        return self._workers.get(key)
+
+    def take_changes(self) -> set[str] | None:
+        """The keys put or deleted since the last call; None when a listing replaced the whole view
+        (the first, or one after a watch failure): then every record may have changed."""
+        changed, self._changed_keys = self._changed_keys, set()
+        return changed
 
     async def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name=f"etcd-watch-{self.cluster}")
@@ -93,6 +107,7 @@ class WorkerDirectory:
         self._workers = {}
         for key, raw in values.items():
             self._store(key, raw)
+        self._changed_keys = None
         self._notify()
 
     def _apply(self, kind: str, key: str, raw: bytes) -> None:
@@ -100,6 +115,8 @@ class WorkerDirectory:
             self._store(key, raw)
         else:
             self._workers.pop(key, None)
+        if self._changed_keys is not None:
+            self._changed_keys.add(key)
         self._notify()
 
     def _store(self, key: str, raw: bytes) -> None:

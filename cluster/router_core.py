@@ -15,7 +15,7 @@ import logging
 import math
 import time
 import uuid
-from collections.abc import AsyncGenerator, AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator, Sequence
 from dataclasses import dataclass
 
 import grpc
@@ -24,7 +24,7 @@ from cluster import router_metrics as m
 from cluster.api_keys import ANONYMOUS, Caller
 from cluster.key_limits import KeyLimiter, KeyLimitExceeded, KeyLimits
 from cluster.routing import Route, RoutingPolicy
-from cluster.worker_pool import WorkerPool
+from cluster.worker_pool import WorkerHandle, WorkerPool
 from common.wire import QUEUE_FULL
 from engine.block_manager import hash_blocks, salted_root
 from engine.grammar import check_structured
@@ -107,12 +107,10 @@ class RouterCore:
 
     @property
     def max_model_len(self) -> int:
-        lengths = [w.record.max_model_len for w in self.pool.workers() if w.record.max_model_len]
-        return min(lengths) if lengths else 0
+        return self.pool.limits()[0]
 
     def block_size(self) -> int:
-        workers = self.pool.workers()
-        return workers[0].record.block_size if workers else 16
+        return self.pool.limits()[1]
 
     # -- validation -------------------------------------------------------------------------------------
     def check_model(self, model: str) -> None:
@@ -290,12 +288,15 @@ class RouterCore:
         return self._serving.get(internal_id, "")
 
     def _route(self, hashes: list[int], exclude: set[str], with_prefill: bool, prefer: str = "") -> Route:
-        decode_pool = [w for w in self.pool.workers("decode", "both") if w.worker_id not in exclude]
+        decode_pool: Sequence[WorkerHandle] = self.pool.workers("decode", "both")
+        if exclude:
+            decode_pool = [w for w in decode_pool if w.worker_id not in exclude]
         if not decode_pool:
             raise RouterError(grpc.StatusCode.UNAVAILABLE, "no decode (or aggregated) worker is available")
-        preferred = [w for w in decode_pool if w.worker_id == prefer]
-        if preferred:  # it holds the prompt's KV: it prefills from its prefix cache, no prefill worker
-            decode_pool, with_prefill = preferred, False
+        preferred = self.pool.handle(prefer) if prefer and prefer not in exclude else None
+        if preferred is not None and preferred.record.role in ("decode", "both"):
+            # it holds the prompt's KV: it prefills from its prefix cache, no prefill worker
+            decode_pool, with_prefill = [preferred], False
         route = self.policy.route(decode_pool, self.pool.workers("prefill") if with_prefill else [], hashes)
         m.ROUTED.labels("decode", route.decode.worker_id).inc()
         first = route.prefill[0] if route.prefill else route.decode

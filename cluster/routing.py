@@ -8,7 +8,9 @@ prefill themselves (role both) are priced the same way; pure decode workers by l
 
 from __future__ import annotations
 
+import heapq
 import itertools
+import operator
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
@@ -17,6 +19,8 @@ from cluster.worker_pool import WorkerHandle
 
 PolicyName = Literal["kv_aware", "least_loaded", "round_robin"]
 POLICIES: tuple[PolicyName, ...] = ("kv_aware", "least_loaded", "round_robin")
+_WORKER_ID = operator.attrgetter("record.worker_id")
+_INFLIGHT = operator.attrgetter("inflight")
 
 
 @dataclass(frozen=True)
@@ -39,22 +43,24 @@ class RoutingPolicy:
               block_hashes: list[int]) -> Route:
         """`decode_pool` must not be empty."""
         assert decode_pool
-        decode = self._rank(decode_pool, block_hashes, "decode")[0]
+        decode = self._best(decode_pool, block_hashes, "decode", 1)[0]
         if decode.record.role == "both" or not prefill_pool:
             return Route(decode, (), decode.overlap_blocks(block_hashes))
-        ranked = self._rank(prefill_pool, block_hashes, "prefill")
-        prefill = tuple(ranked[:1 + self.prefill_retries])
+        prefill = tuple(self._best(prefill_pool, block_hashes, "prefill", 1 + self.prefill_retries))
         return Route(decode, prefill, prefill[0].overlap_blocks(block_hashes))
 
-    def _rank(self, pool: Sequence[WorkerHandle], block_hashes: list[int], pool_name: str) -> list[WorkerHandle]:
-        workers = sorted(pool, key=lambda w: w.worker_id)
+    def _best(self, pool: Sequence[WorkerHandle], block_hashes: list[int], pool_name: str,
+              count: int) -> list[WorkerHandle]:
+        """The `count` cheapest workers, cheapest first; among equals, from this turn's worker on (in
+        worker-id order: ties go round-robin). One pass over the pool (a thousand workers: no sort)."""
+        workers = sorted(pool, key=_WORKER_ID)  # already in order from WorkerPool: a linear check
         start = next(self._turns[pool_name]) % len(workers)
-        rotated = workers[start:] + workers[:start]  # ties go round-robin
+        rotated = workers[start:] + workers[:start]
         if self.name == "round_robin":
-            return rotated
+            return rotated[:count]
         if self.name == "least_loaded":
-            return sorted(rotated, key=lambda w: w.inflight)
-        return sorted(rotated, key=lambda w: self.cost(w, block_hashes))
+            return heapq.nsmallest(count, rotated, key=_INFLIGHT)  # stable: ties keep the rotation's order
+        return heapq.nsmallest(count, rotated, key=lambda w: self.cost(w, block_hashes))
 
     def cost(self, worker: WorkerHandle, block_hashes: list[int]) -> float:
         if worker.record.role == "decode":

@@ -1,11 +1,16 @@
 """The router's live view of the workers: etcd discovery, one gRPC channel per worker, the
 requests the router has in flight on each, and the block hashes each one's prefix cache holds
 (followed through its KVEvents stream). Workers whose TLS setting differs from the router's are
-left out (common.tls: the cluster is all-TLS or all-plaintext)."""
+left out (common.tls: the cluster is all-TLS or all-plaintext).
+
+Cost at a thousand workers: an etcd event updates the view in O(1) (only the keys it changed);
+what every request reads (the workers of some roles in worker-id order, the cluster's limits) is
+computed once after each change and cached until the next."""
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import logging
 from dataclasses import dataclass, field
@@ -52,32 +57,84 @@ class WorkerPool:
         self.events_retry_s = events_retry_s
         self.credentials = credentials  # None: plaintext to workers
         self._handles: dict[str, WorkerHandle] = {}  # by worker id
+        self._key_ids: dict[str, str] = {}  # etcd key -> the worker id of the handle made from its record
+        self._role_counts: collections.Counter[str] = collections.Counter()  # handles by role
         self._mismatched: set[str] = set()  # worker ids already warned about
+        # derived from _handles, emptied whenever it changes (invariant: never stale)
+        self._views: dict[tuple[WorkerRole, ...], tuple[WorkerHandle, ...]] = {}
+        self._limits: tuple[int, int] | None = None  # (max_model_len, block_size)
 
     async def start(self, timeout_s: float = 10.0) -> None:
         """Returns once the workers registered now are known (the first etcd listing is done)."""
         await self.directory.start()
         await self.directory.wait_until(lambda d: d.relists > 0, timeout_s)
 
-    def workers(self, *roles: WorkerRole) -> list[WorkerHandle]:
-        return [h for h in self._handles.values() if not roles or h.record.role in roles]
+    def workers(self, *roles: WorkerRole) -> tuple[WorkerHandle, ...]:
+        """The workers of `roles` (all: none given), in worker-id order."""
+        view = self._views.get(roles)
+        if view is None:
+            view = self._views[roles] = tuple(sorted(
+                (h for h in self._handles.values() if not roles or h.record.role in roles),
+                key=lambda h: h.record.worker_id))
+        return view
+
+    def handle(self, worker_id: str) -> WorkerHandle | None:
+        return self._handles.get(worker_id)
+
+    def limits(self) -> tuple[int, int]:
+        """(the longest context every worker takes (0: none says), the first worker's KV block size
+        (16 with no worker)): what the router checks and hashes requests against."""
+        if self._limits is None:
+            workers = self.workers()
+            lengths = [w.record.max_model_len for w in workers if w.record.max_model_len]
+            self._limits = (min(lengths) if lengths else 0, workers[0].record.block_size if workers else 16)
+        return self._limits
 
     def _sync(self) -> None:
-        current = {w.worker_id: w for w in self.directory.workers() if self._tls_matches(w)}
-        for worker_id in list(self._handles):
-            handle = self._handles[worker_id]
-            if current.get(worker_id) != handle.record:
-                del self._handles[worker_id]
-                asyncio.get_running_loop().create_task(self._close(handle))
-        for worker_id, record in current.items():
-            if worker_id not in self._handles:
-                channel = open_channel(record.address, self.credentials)
-                handle = WorkerHandle(record, channel, worker_pb2_grpc.WorkerStub(channel))
-                handle.events_task = asyncio.get_running_loop().create_task(self._follow_events(handle))
-                self._handles[worker_id] = handle
-                log.info("worker %s (%s) at %s joined", worker_id, record.role, record.address)
-        for role in ROLES:  # every pool, empty ones at 0: alerts on a pool with no workers need the zero
-            WORKERS.labels(role).set(len(self.workers(role)))
+        changed_keys = self.directory.take_changes()
+        if changed_keys is None:  # a listing: the whole view again
+            records = self.directory.records()
+            current = {r.worker_id: (key, r) for key, r in records.items() if self._tls_matches(r)}
+            self._key_ids = {key: worker_id for worker_id, (key, _) in current.items()}
+            changed = [self._set(worker_id, None) for worker_id in list(self._handles)
+                       if worker_id not in current or current[worker_id][1] != self._handles[worker_id].record]
+            changed += [self._set(worker_id, record) for worker_id, (_, record) in current.items()]
+        else:
+            changed = []
+            for key in changed_keys:
+                record = self.directory.record_at(key)
+                record = record if record is not None and self._tls_matches(record) else None
+                old_id = self._key_ids.pop(key, None)
+                if old_id is not None and (record is None or record.worker_id != old_id):
+                    changed.append(self._set(old_id, None))
+                    other = next((k for k, worker_id in self._key_ids.items() if worker_id == old_id), None)
+                    if other is not None:  # the id is registered under another key too (another role)
+                        changed.append(self._set(old_id, self.directory.record_at(other)))
+                if record is not None:
+                    self._key_ids[key] = record.worker_id
+                    changed.append(self._set(record.worker_id, record))
+        if any(changed):
+            self._views, self._limits = {}, None
+            for role in ROLES:  # every pool, empty ones at 0: alerts on a pool with no workers need the zero
+                WORKERS.labels(role).set(self._role_counts[role])
+
+    def _set(self, worker_id: str, record: WorkerRecord | None) -> bool:
+        """Make the handle of `worker_id` follow `record` (None: no handle); True if it changed."""
+        handle = self._handles.get(worker_id)
+        if handle is not None and handle.record == record:
+            return False
+        if handle is not None:
+            del self._handles[worker_id]
+            self._role_counts[handle.record.role] -= 1
+            asyncio.get_running_loop().create_task(self._close(handle))
+        if record is not None:
+            channel = open_channel(record.address, self.credentials)
+            handle = WorkerHandle(record, channel, worker_pb2_grpc.WorkerStub(channel))
+            handle.events_task = asyncio.get_running_loop().create_task(self._follow_events(handle))
+            self._handles[worker_id] = handle
+            self._role_counts[record.role] += 1
+            log.info("worker %s (%s) at %s joined", worker_id, record.role, record.address)
+        return True
 
     def _tls_matches(self, record: WorkerRecord) -> bool:
         if record.tls == (self.credentials is not None):
@@ -124,5 +181,6 @@ class WorkerPool:
     async def stop(self) -> None:
         await self.directory.stop()
         handles, self._handles = list(self._handles.values()), {}
+        self._views, self._limits, self._key_ids, self._role_counts = {}, None, {}, collections.Counter()
         for handle in handles:
             await self._close(handle, drain_s=0.0)

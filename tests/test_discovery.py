@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -144,3 +145,57 @@ def test_records_validate_and_round_trip() -> None:
         WorkerRecord("x", "router", "a:1", "m", 1, 1, 1)  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="'/'"):
         _record("a/b")
+
+
+async def test_the_routers_pool_follows_each_event_and_keeps_its_views_until_a_change(etcd: str) -> None:
+    """The router's WorkerPool (cluster.worker_pool) built from a listing, then kept by single etcd events
+    (each applied alone, not by re-reading the directory): ordered views, limits and the per-pool gauge
+    follow every put and delete; a changed record gets a new handle, the others keep theirs."""
+    import aetcd
+    from prometheus_client import REGISTRY
+
+    from cluster.worker_pool import WorkerPool
+
+    def record(worker_id: str, role: str, max_model_len: int = 0, port: int = 1) -> WorkerRecord:
+        return replace(_record(worker_id, role), address=f"127.0.0.1:{port}", max_model_len=max_model_len)
+
+    def gauge(pool_name: str) -> float | None:
+        return REGISTRY.get_sample_value("tandem_router_workers", {"pool": pool_name})
+
+    host, _, port = etcd.rpartition(":")
+    async with aetcd.Client(host, int(port)) as admin:
+        async def put(r: WorkerRecord) -> None:
+            await admin.put(worker_key("c5", r).encode(), r.to_json())
+
+        await put(record("d2", "decode", 512))
+        await put(record("p1", "prefill"))
+        pool = WorkerPool(etcd, "c5")
+        await pool.start()  # the listing
+        assert [h.worker_id for h in pool.workers()] == ["d2", "p1"] and pool.limits() == (512, 16)
+        await put(record("d1", "decode", 1024))
+        await put(record("b1", "both"))
+        await pool.directory.wait_until(lambda d: len(d.records()) == 4, 5)
+        assert [h.worker_id for h in pool.workers("decode", "both")] == ["b1", "d1", "d2"]
+        assert pool.workers("decode") is pool.workers("decode")  # cached until a change
+        assert (gauge("decode"), gauge("prefill"), gauge("both")) == (2, 1, 1)
+        d1, d2 = pool.handle("d1"), pool.handle("d2")
+        await put(record("d1", "decode", 1024, port=2))  # the same worker at another address
+        await pool.directory.wait_until(lambda d: d.record_at(worker_key("c5", record("d1", "decode"))).address
+                                        == "127.0.0.1:2", 5)
+        new_d1 = pool.handle("d1")
+        assert new_d1 is not None and new_d1 is not d1 and new_d1.record.address == "127.0.0.1:2"
+        assert pool.handle("d2") is d2
+        await admin.delete(worker_key("c5", record("d2", "decode")).encode())
+        await pool.directory.wait_until(lambda d: len(d.records()) == 3, 5)
+        assert [h.worker_id for h in pool.workers("decode")] == ["d1"] and pool.limits() == (1024, 16)
+        assert gauge("decode") == 1
+        await put(record("b1", "prefill"))  # the same id under a second key (role): the newest record serves
+        await pool.directory.wait_until(lambda d: len(d.records()) == 4, 5)
+        handle = pool.handle("b1")
+        assert handle is not None and handle.record.role == "prefill"
+        await admin.delete(worker_key("c5", record("b1", "prefill")).encode())  # the first key's record again
+        await pool.directory.wait_until(lambda d: len(d.records()) == 3, 5)
+        handle = pool.handle("b1")
+        assert handle is not None and handle.record.role == "both"
+        assert [h.worker_id for h in pool.workers()] == ["b1", "d1", "p1"]
+        await pool.stop()

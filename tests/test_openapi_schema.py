@@ -39,6 +39,9 @@ class _NoWorkers:
     def workers(self, *roles: str) -> list[Any]:
         return []
 
+    def limits(self) -> tuple[int, int]:
+        return 0, 16  # as cluster.worker_pool.WorkerPool with no worker
+
 
 class _Tokenizer:
     def encode(self, text: str) -> list[int]:

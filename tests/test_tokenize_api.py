@@ -23,6 +23,9 @@ class _NoWorkers:
     def workers(self, *roles: str) -> list[Any]:
         return []
 
+    def limits(self) -> tuple[int, int]:
+        return 0, 16  # as cluster.worker_pool.WorkerPool with no worker
+
 
 @pytest.fixture(scope="module")
 def tokenizer(default_model_path) -> Tokenizer:  # type: ignore[no-untyped-def]
