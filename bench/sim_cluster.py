@@ -5,6 +5,7 @@ with its own etcd record. Used by bench.sim_scale and the many-worker smoke test
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 import os
 import queue
@@ -14,6 +15,7 @@ import sys
 import tempfile
 import threading
 import time
+import urllib.error
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
@@ -51,6 +53,13 @@ class SimCluster:
         return fetch(f"{self.http_url}/metrics")
 
     def seen(self, pool: str) -> float:
+        """The router's workers in `pool`, from /health (small, where /metrics at a thousand workers is
+        megabytes the router would render at every poll); /metrics when /health is 503 (no decode worker)."""
+        try:
+            return float(json.loads(fetch(f"{self.http_url}/health"))["pools"][pool])
+        except urllib.error.HTTPError as e:
+            if e.code != 503:
+                raise
         return metric(self.router_metrics(), "tandem_router_workers", pool=pool)
 
     def wait_until_seen(self, pool: str, count: int, timeout_s: float) -> float:

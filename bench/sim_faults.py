@@ -142,6 +142,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--phase-s", type=float, default=10.0, help="seconds of load around each fault")
     p.add_argument("--freeze-s", type=float, default=15.0, help="how long the frozen fleet stays stopped")
     p.add_argument("--traffic-s", type=float, default=10.0)
+    p.add_argument("--num-kv-blocks", type=int, default=None, help="each worker's KV blocks (default: from memory)")
+    p.add_argument("--starting-at-once", type=int, default=0, help="fleets started together (0: all)")
     p.add_argument("--json")
     args = p.parse_args(argv)
     if args.workers % 20:
@@ -149,8 +151,10 @@ def main(argv: list[str] | None = None) -> None:
     args.vocab = SimulationProfile.load(args.profile).model.vocab_size
     half, per_fleet = args.workers // 2, args.workers // 10
     started = time.time()
+    blocks = ("--num-kv-blocks", str(args.num_kv_blocks)) if args.num_kv_blocks else ()
     with sim_cluster(args.profile, half, half, per_fleet,
-                     worker_args=("--min-remote-prefill-tokens", str(args.prompt_tokens // 2))) as cluster:
+                     worker_args=("--min-remote-prefill-tokens", str(args.prompt_tokens // 2), *blocks),
+                     starting_at_once=args.starting_at_once) as cluster:
         decode_fleets = [f for f in cluster.fleets if cluster.roles[f.pid] == "decode"]
         prefill_fleets = [f for f in cluster.fleets if cluster.roles[f.pid] == "prefill"]
         cluster.wait_until_seen("decode", half, 120)

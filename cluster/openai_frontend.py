@@ -34,6 +34,7 @@ from cluster.openai_protocol import (
 )
 from cluster.openai_tokenize import detokenize, tokenize
 from cluster.router_core import PreparedRequest, RouterCore, RouterError, healthy, without_prompt_logprobs
+from common.worker_record import ROLES
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -277,7 +278,9 @@ class OpenAIFrontend:
 
     async def health(self, request: web.Request) -> web.Response:
         if healthy(self.core.pool):
-            return web.json_response({"status": "ok", "workers": len(self.core.pool.workers())})
+            pool = self.core.pool
+            return web.json_response({"status": "ok", "workers": len(pool.workers()),
+                                      "pools": {role: len(pool.workers(role)) for role in ROLES}})
         return error_response(503, "no decode (or aggregated) worker is available", self.core.retry_after_s)
 
     async def openapi(self, request: web.Request) -> web.Response:

@@ -38,6 +38,8 @@ class RoutingPolicy:
         self.overlap_weight = overlap_weight
         self.prefill_retries = prefill_retries
         self._turns = {"decode": itertools.count(), "prefill": itertools.count()}  # one per pool: fair ties
+        # per pool: the last tuple of workers seen and its workers in id order (a tuple never changes)
+        self._sorted: dict[str, tuple[tuple[WorkerHandle, ...], list[WorkerHandle]]] = {}
 
     def route(self, decode_pool: Sequence[WorkerHandle], prefill_pool: Sequence[WorkerHandle],
               block_hashes: list[int]) -> Route:
@@ -53,7 +55,7 @@ class RoutingPolicy:
               count: int) -> list[WorkerHandle]:
         """The `count` cheapest workers, cheapest first; among equals, from this turn's worker on (in
         worker-id order: ties go round-robin). One pass over the pool (a thousand workers: no sort)."""
-        workers = sorted(pool, key=_WORKER_ID)  # already in order from WorkerPool: a linear check
+        workers = self._in_id_order(pool, pool_name)
         start = next(self._turns[pool_name]) % len(workers)
         rotated = workers[start:] + workers[:start]
         if self.name == "round_robin":
@@ -61,6 +63,18 @@ class RoutingPolicy:
         if self.name == "least_loaded":
             return heapq.nsmallest(count, rotated, key=_INFLIGHT)  # stable: ties keep the rotation's order
         return heapq.nsmallest(count, rotated, key=lambda w: self.cost(w, block_hashes))
+
+    def _in_id_order(self, pool: Sequence[WorkerHandle], pool_name: str) -> list[WorkerHandle]:
+        """`pool` in worker-id order; sorted once per pool object (WorkerPool hands out the same tuple
+        until its workers change, so a thousand workers are not sorted again on every request)."""
+        if not isinstance(pool, tuple):  # a list may change under the same identity
+            return sorted(pool, key=_WORKER_ID)
+        last = self._sorted.get(pool_name)
+        if last is not None and last[0] is pool:
+            return last[1]
+        workers = sorted(pool, key=_WORKER_ID)
+        self._sorted[pool_name] = (pool, workers)
+        return workers
 
     def cost(self, worker: WorkerHandle, block_hashes: list[int]) -> float:
         if worker.record.role == "decode":

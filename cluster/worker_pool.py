@@ -57,7 +57,11 @@ class WorkerPool:
         self.events_retry_s = events_retry_s
         self.credentials = credentials  # None: plaintext to workers
         self._handles: dict[str, WorkerHandle] = {}  # by worker id
-        self._key_ids: dict[str, str] = {}  # etcd key -> the worker id of the handle made from its record
+        # etcd keys of TLS-matching records (a worker id is normally under one key; under several, e.g.
+        # re-registered in another role, one of them serves: the newest written, kept until it goes)
+        self._id_of_key: dict[str, str] = {}
+        self._keys_of: dict[str, set[str]] = {}
+        self._served_from: dict[str, str] = {}  # worker id -> the key its handle's record came from
         self._role_counts: collections.Counter[str] = collections.Counter()  # handles by role
         self._mismatched: set[str] = set()  # worker ids already warned about
         # derived from _handles, emptied whenever it changes (invariant: never stale)
@@ -93,36 +97,51 @@ class WorkerPool:
     def _sync(self) -> None:
         changed_keys = self.directory.take_changes()
         if changed_keys is None:  # a listing: the whole view again
-            records = self.directory.records()
-            current = {r.worker_id: (key, r) for key, r in records.items() if self._tls_matches(r)}
-            self._key_ids = {key: worker_id for worker_id, (key, _) in current.items()}
-            changed = [self._set(worker_id, None) for worker_id in list(self._handles)
-                       if worker_id not in current or current[worker_id][1] != self._handles[worker_id].record]
-            changed += [self._set(worker_id, record) for worker_id, (_, record) in current.items()]
+            self._id_of_key = {key: r.worker_id for key, r in self.directory.records().items()
+                               if self._tls_matches(r)}
+            self._keys_of = {}
+            for key, worker_id in self._id_of_key.items():
+                self._keys_of.setdefault(worker_id, set()).add(key)
+            affected = set(self._handles) | set(self._keys_of)
+            fresh: dict[str, str] = {}
         else:
-            changed = []
+            affected, fresh = set(), {}
             for key in changed_keys:
                 record = self.directory.record_at(key)
-                record = record if record is not None and self._tls_matches(record) else None
-                old_id = self._key_ids.pop(key, None)
-                if old_id is not None and (record is None or record.worker_id != old_id):
-                    changed.append(self._set(old_id, None))
-                    other = next((k for k, worker_id in self._key_ids.items() if worker_id == old_id), None)
-                    if other is not None:  # the id is registered under another key too (another role)
-                        changed.append(self._set(old_id, self.directory.record_at(other)))
-                if record is not None:
-                    self._key_ids[key] = record.worker_id
-                    changed.append(self._set(record.worker_id, record))
+                old_id = self._id_of_key.pop(key, None)
+                if old_id is not None:
+                    self._keys_of[old_id].discard(key)
+                    affected.add(old_id)
+                if record is not None and self._tls_matches(record):
+                    self._id_of_key[key] = record.worker_id
+                    self._keys_of.setdefault(record.worker_id, set()).add(key)
+                    affected.add(record.worker_id)
+                    fresh[record.worker_id] = key  # the newest record of an id serves
+        changed = [self._serve(worker_id, fresh.get(worker_id)) for worker_id in affected]
         if any(changed):
-            self._views, self._limits = {}, None
             for role in ROLES:  # every pool, empty ones at 0: alerts on a pool with no workers need the zero
                 WORKERS.labels(role).set(self._role_counts[role])
+
+    def _serve(self, worker_id: str, fresh_key: str | None) -> bool:
+        """Point the handle of `worker_id` at one of its keys' records: `fresh_key` (just written), else the
+        key it serves from if still there, else any (None left: no handle). True if the handle changed."""
+        keys = self._keys_of.get(worker_id) or set()
+        if not keys:
+            self._keys_of.pop(worker_id, None)
+        serving = self._served_from.get(worker_id)
+        key = fresh_key or (serving if serving in keys else min(keys, default=None))
+        if key is None:
+            self._served_from.pop(worker_id, None)
+        else:
+            self._served_from[worker_id] = key
+        return self._set(worker_id, None if key is None else self.directory.record_at(key))
 
     def _set(self, worker_id: str, record: WorkerRecord | None) -> bool:
         """Make the handle of `worker_id` follow `record` (None: no handle); True if it changed."""
         handle = self._handles.get(worker_id)
         if handle is not None and handle.record == record:
             return False
+        self._views, self._limits = {}, None  # before any change: never stale, even if what follows raises
         if handle is not None:
             del self._handles[worker_id]
             self._role_counts[handle.record.role] -= 1
@@ -181,6 +200,7 @@ class WorkerPool:
     async def stop(self) -> None:
         await self.directory.stop()
         handles, self._handles = list(self._handles.values()), {}
-        self._views, self._limits, self._key_ids, self._role_counts = {}, None, {}, collections.Counter()
+        self._views, self._limits, self._role_counts = {}, None, collections.Counter()
+        self._id_of_key, self._keys_of, self._served_from = {}, {}, {}
         for handle in handles:
             await self._close(handle, drain_s=0.0)

@@ -41,8 +41,8 @@ def cluster(tiny_llama_dir) -> Iterator[Cluster]:  # type: ignore[no-untyped-def
 @pytest.fixture(params=["real", "simulated"])
 def cluster_and_engines(request: pytest.FixtureRequest, tiny_llama_dir: pathlib.Path,
                         tmp_path: pathlib.Path) -> Iterator[tuple[Cluster, Engines]]:
-    """The module's cluster, or a like one of simulated engines decoding at ~20 steps/s (a 210-token
-    stream takes 10 s: a cancelled one is caught mid-way, as on the real tiny model)."""
+    """The module's cluster, or a like one of simulated engines decoding at ~10 steps/s (a 210-token
+    stream takes 20 s: a cancelled one is caught mid-way, as on the real tiny model)."""
     if request.param == "real":
         yield request.getfixturevalue("cluster"), Engines(tiny_llama_dir)
         return

@@ -36,8 +36,14 @@ def _routed_to(cluster: Cluster, worker_id: str) -> float:
 
 
 def _workers_seen(cluster: Cluster) -> int:
+    """The router's count of workers (/health), checked against its counts by pool and its gauge."""
     import json
-    return json.loads(fetch(f"{cluster.http_url}/health"))["workers"]
+    health = json.loads(fetch(f"{cluster.http_url}/health"))
+    text = router_metrics(cluster)
+    assert health["pools"] == {pool: metric(text, "tandem_router_workers", pool=pool)
+                               for pool in ("prefill", "decode", "both")}, health
+    assert sum(health["pools"].values()) == health["workers"], health
+    return health["workers"]
 
 
 @pytest.mark.slow

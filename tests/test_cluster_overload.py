@@ -44,8 +44,8 @@ class SlowEngines:
 
 @pytest.fixture(params=["real", "simulated"])
 def slow_engines(request: pytest.FixtureRequest, tmp_path: pathlib.Path) -> SlowEngines:
-    """The default model (its decode steps are slow on a CPU), or the tiny Llama simulated at ~20 decode
-    steps/s: 200 tokens (its context is 256) take 10 s."""
+    """The default model (its decode steps are slow on a CPU), or the tiny Llama simulated at ~10 decode
+    steps/s: 200 tokens (its context is 256) take 20 s."""
     if request.param == "real":
         return SlowEngines((), LONG, None)
     tiny: pathlib.Path = request.getfixturevalue("tiny_llama_dir")

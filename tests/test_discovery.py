@@ -199,3 +199,27 @@ async def test_the_routers_pool_follows_each_event_and_keeps_its_views_until_a_c
         assert handle is not None and handle.record.role == "both"
         assert [h.worker_id for h in pool.workers()] == ["b1", "d1", "p1"]
         await pool.stop()
+        # one id under two keys at the listing: whichever serves, deleting the other keeps the handle, and
+        # deleting the serving one hands over to the other
+        await put(record("x1", "prefill", port=3))
+        await put(record("x1", "both", port=4))
+        pool = WorkerPool(etcd, "c5")
+        await pool.start()
+        first = pool.handle("x1")
+        assert first is not None
+        other = "prefill" if first.record.role == "both" else "both"
+        await admin.delete(worker_key("c5", record("x1", other)).encode())
+        await pool.directory.wait_until(lambda d: len(d.records()) == 4, 5)
+        assert pool.handle("x1") is first
+        await put(record("x1", other, port=5))  # the newest record serves
+        await pool.directory.wait_until(lambda d: len(d.records()) == 5, 5)
+        newest = pool.handle("x1")
+        assert newest is not None and newest.record.role == other
+        pool.directory._changed_keys = None  # as after a watch failure: the next sync reads the whole listing
+        pool._sync()
+        assert pool.handle("x1") is newest  # a listing keeps the record that serves
+        await admin.delete(worker_key("c5", record("x1", other)).encode())
+        await pool.directory.wait_until(lambda d: len(d.records()) == 4, 5)
+        back = pool.handle("x1")
+        assert back is not None and back.record == first.record
+        await pool.stop()

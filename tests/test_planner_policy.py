@@ -214,6 +214,25 @@ def test_how_far_a_move_goes_and_what_a_move_back_needs() -> None:
     assert (d.action, d.desired, d.reason) == ("scale_up", 6, "rebalance")
 
 
+def test_a_move_counts_the_decode_load_each_prefill_worker_more_lets_through() -> None:
+    """Prefill is 3x short: the 16 streams seen decoding (2 workers' worth) would be 6 once all requests
+    got through, more than 6 decode workers should carry; with one more prefill worker they are 4, which
+    6 carry: one worker moves (all at the full 6 would block any move)."""
+    policy = Policy(MOVABLE, PROFILE)
+    short = obs(ttft=5.0, itl=0.2, streams=16, prompt_tokens_per_s=3000)
+    policy.decide(0, short, {"prefill": 1, "decode": 7})
+    d = prefill(policy.decide(10, short, {"prefill": 1, "decode": 7}))
+    assert (d.action, d.desired, d.reason) == ("scale_up", 2, "rebalance"), d.line()
+
+
+def test_each_move_is_called_for_twice_even_without_a_cooldown() -> None:
+    policy = Policy(replace(MOVABLE, cooldown_s=0), PROFILE)
+    short = obs(ttft=5.0, itl=0.2, streams=16, prompt_tokens_per_s=3000)
+    reasons = [prefill(policy.decide(t, short, {"prefill": 1 + t // 20, "decode": 7 - t // 20})).reason
+               for t in (0, 10, 20, 30)]
+    assert reasons == ["budget", "rebalance", "budget", "rebalance"]
+
+
 @pytest.mark.parametrize("budget", [8, 20, 40, 100])
 def test_pools_equally_loaded_near_their_growth_bar_move_rarely_and_never_back(budget: int) -> None:
     """Both pools at 88% of their capacity, with noise on each load per window that shrinks as the

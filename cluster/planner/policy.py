@@ -201,13 +201,20 @@ class Policy:
             return decisions
         wanted = {p.pool: p.desired - d.desired for p, d in zip(proposals, decisions, strict=True)}
         needs = {pool: self.models[pool].workers_needed(obs.load(pool)) for pool in POOLS}
-        prefilling, starved, seen = by_current(decisions, "prefill"), needs["prefill"], ""
-        if needs["decode"] is not None and starved is not None and 0 < prefilling < starved:
+        prefilling, starved = by_current(decisions, "prefill"), needs["prefill"]
+        decode_seen, shortage = needs["decode"], 1.0
+        if decode_seen is not None and starved is not None and 0 < prefilling < starved:
             # the decode load counts streams past their first token: a prefill pool short of its load lets
             # through prefilling / needed of the requests, and the rest will decode too once prefilled
-            seen = (f" ({needs['decode']:.2f} seen decoding, x{starved / prefilling:.2f} for the prefill pool's "
-                    f"shortage)")
-            needs["decode"] *= starved / prefilling
+            shortage = starved / prefilling
+            needs["decode"] = decode_seen * shortage
+
+        def giver_need(giver: Pool, need: float, k: int) -> float:
+            """The giver's load after k of its workers moved: decode's grows as prefill lets more through."""
+            if giver == "decode" and shortage > 1 and decode_seen is not None:
+                return decode_seen * min(shortage, (prefilling + k) / prefilling)
+            return need
+
         up = self.settings.scale_up_utilization
         band = self.settings.scale_down_utilization / up
         by_pool = {d.pool: d for d in decisions}
@@ -223,17 +230,20 @@ class Policy:
             # load and the move does not undo the last one
             ratio = 1.0 if need_r > r.desired and self._last_move != giver else band
             k = min(wanted[receiver], g.desired - self.settings.bounds(giver).min)
-            while k > 0 and not self._fits(need_g, g.desired - k, min(up, ratio * need_r / (r.desired + k))):
+            while k > 0 and not self._fits(giver_need(giver, need_g, k), g.desired - k,
+                                           min(up, ratio * need_r / (r.desired + k))):
                 k -= 1
             if k <= 0:
                 continue
-            self._move_asked = receiver
             if asked != receiver:  # one window's noise: a move must be called for by two decisions in a row
+                self._move_asked = receiver
                 by_pool[receiver] = replace(r, detail=f"a move of {k} from {giver} called for (made if the next "
                                                       f"decision calls for it too); {r.detail}")
                 break
             described = {pool: f"{pool} {needs[pool]:.2f} on {by_pool[pool].desired}" for pool in POOLS}
-            described["decode"] += seen
+            if shortage > 1:
+                described["decode"] += (f" ({decode_seen:.2f} seen decoding, x{shortage:.2f} for the prefill "
+                                        f"pool's shortage)")
             loads = (f"budget {self.settings.max_total_workers}; load in workers' worth: {described[receiver]}, "
                      f"{described[giver]}")
             by_pool[receiver] = replace(r, desired=r.desired + k, action="scale_up", reason="rebalance",

@@ -91,13 +91,15 @@ class SimulatedRunner:
     def pushed_layer_bytes(self, out: SchedulerOutput) -> int:
         """Bytes of one layer of the real KV a push hook sends for this step, as kv_transfer.kv_push.KVPusher
         picks blocks: for each sequence, from the block holding its first new token (re-sent when partial) to
-        the one holding its last, and from block 0 on its first chunk (a prefix cached here is sent too)."""
+        the one holding its last, and from block 0 on its first chunk (a prefix cached here is sent too), no
+        further than the prompt's blocks (what the decode side reserved: a token decoded here is not sent).
+        Not modelled: a sequence the pusher has no target for (every one has, on a prefill worker)."""
         if self.real_kv is None:
             return 0
         size = self.real_kv.block_size
         blocks = 0
         for item in out.scheduled:
-            end = item.start + item.num_tokens - len(item.draft_token_ids)
+            end = min(item.start + item.num_tokens - len(item.draft_token_ids), item.seq.num_prompt_tokens)
             first = 0 if item.start <= item.seq.num_cached_tokens else item.start // size
             blocks += max(-(-end // size) - first, 0)
         return blocks * size * self.real_kv.bytes_per_token_per_layer
