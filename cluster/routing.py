@@ -39,7 +39,7 @@ class RoutingPolicy:
         self.prefill_retries = prefill_retries
         self._turns = {"decode": itertools.count(), "prefill": itertools.count()}  # one per pool: fair ties
         # per pool: the last tuple of workers seen and its workers in id order (a tuple never changes)
-        self._sorted: dict[str, tuple[tuple[WorkerHandle, ...], list[WorkerHandle]]] = {}
+        self._sorted: dict[str, tuple[tuple[WorkerHandle, ...], list[WorkerHandle], bool]] = {}
 
     def route(self, decode_pool: Sequence[WorkerHandle], prefill_pool: Sequence[WorkerHandle],
               block_hashes: list[int]) -> Route:
@@ -55,26 +55,27 @@ class RoutingPolicy:
               count: int) -> list[WorkerHandle]:
         """The `count` cheapest workers, cheapest first; among equals, from this turn's worker on (in
         worker-id order: ties go round-robin). One pass over the pool (a thousand workers: no sort)."""
-        workers = self._in_id_order(pool, pool_name)
+        workers, only_decode = self._in_id_order(pool, pool_name)
         start = next(self._turns[pool_name]) % len(workers)
         rotated = workers[start:] + workers[:start]
         if self.name == "round_robin":
             return rotated[:count]
-        if self.name == "least_loaded":
+        if self.name == "least_loaded" or only_decode:  # pure decode workers cost their load alone (cost)
             return heapq.nsmallest(count, rotated, key=_INFLIGHT)  # stable: ties keep the rotation's order
         return heapq.nsmallest(count, rotated, key=lambda w: self.cost(w, block_hashes))
 
-    def _in_id_order(self, pool: Sequence[WorkerHandle], pool_name: str) -> list[WorkerHandle]:
-        """`pool` in worker-id order; sorted once per pool object (WorkerPool hands out the same tuple
-        until its workers change, so a thousand workers are not sorted again on every request)."""
-        if not isinstance(pool, tuple):  # a list may change under the same identity
-            return sorted(pool, key=_WORKER_ID)
+    def _in_id_order(self, pool: Sequence[WorkerHandle], pool_name: str) -> tuple[list[WorkerHandle], bool]:
+        """`pool` in worker-id order, and whether all its workers are pure decode ones; worked out once per
+        pool object (WorkerPool hands out the same tuple until its workers change: a thousand workers are
+        not sorted again on every request)."""
         last = self._sorted.get(pool_name)
         if last is not None and last[0] is pool:
-            return last[1]
+            return last[1], last[2]
         workers = sorted(pool, key=_WORKER_ID)
-        self._sorted[pool_name] = (pool, workers)
-        return workers
+        only_decode = all(w.record.role == "decode" for w in workers)
+        if isinstance(pool, tuple):  # a list may change under the same identity: not kept
+            self._sorted[pool_name] = (pool, workers, only_decode)
+        return workers, only_decode
 
     def cost(self, worker: WorkerHandle, block_hashes: list[int]) -> float:
         if worker.record.role == "decode":

@@ -168,3 +168,33 @@ def test_unknown_policy_name_is_refused() -> None:
     """A policy name outside POLICIES raises ValueError naming the choices."""
     with pytest.raises(ValueError, match="routing policy must be one of"):
         RoutingPolicy("random")  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("name", POLICIES)
+def test_the_choice_is_the_full_ranking_in_turn_order(name: str) -> None:
+    """Whatever shortcuts a policy takes at a thousand workers (one pass for the top few, a pool tuple
+    sorted once, pure decode pools priced by load), it picks what ranking every worker would: sorted by
+    id, rotated to this turn's worker, then stably by cost."""
+    import random
+
+    rng = random.Random(7)
+    for trial in range(40):
+        roles: list[WorkerRole] = ["decode", "both"] if trial % 2 else ["decode"]
+        decode = tuple(worker(f"d{rng.randrange(1000):03d}-{i}", rng.choice(roles), inflight=rng.randrange(3),
+                              cached=HASHES[:rng.randrange(4)]) for i in range(rng.randrange(1, 12)))
+        prefill = tuple(worker(f"p{rng.randrange(1000):03d}-{i}", "prefill", inflight=rng.randrange(3),
+                               cached=HASHES[:rng.randrange(4)]) for i in range(rng.randrange(0, 12)))
+        policy, reference = RoutingPolicy(name, prefill_retries=2), RoutingPolicy(name, prefill_retries=2)
+        for _ in range(5):  # the same tuples again: the cached order serves
+            route = policy.route(decode, prefill, HASHES)
+            expected = {}
+            for pool_name, pool in (("decode", decode), ("prefill", prefill)):
+                if not pool or (pool_name == "prefill" and expected["decode"][0].record.role == "both"):
+                    continue
+                ordered = sorted(pool, key=lambda w: w.worker_id)
+                start = next(reference._turns[pool_name]) % len(ordered)
+                rotated = ordered[start:] + ordered[:start]
+                expected[pool_name] = rotated if name == "round_robin" else sorted(
+                    rotated, key=lambda w: w.inflight if name == "least_loaded" else reference.cost(w, HASHES))
+            assert route.decode is expected["decode"][0]
+            assert route.prefill == tuple(expected.get("prefill", [])[:3])
