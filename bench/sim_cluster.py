@@ -4,6 +4,7 @@ with its own etcd record. Used by bench.sim_scale and the many-worker smoke test
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import json
 import math
@@ -16,12 +17,14 @@ import tempfile
 import threading
 import time
 import urllib.error
+import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 from bench.scrape import fetch, metric
 from common.etcd.local import EtcdServer
 from common.processes import spawn, stop
+from common.worker_record import workers_prefix
 
 REPO = __file__.rsplit("/bench/", 1)[0]
 # each worker keeps its record alive every TTL/3: at the default 3 s, 1000 workers send etcd ~330
@@ -61,6 +64,31 @@ class SimCluster:
             if e.code != 503:
                 raise
         return metric(self.router_metrics(), "tandem_router_workers", pool=pool)
+
+    def registered(self, role: str, timeout_s: float = 5.0) -> int:
+        """Workers of `role` registered in etcd now (a count-only range read over etcd's JSON gateway)."""
+        prefix = f"{workers_prefix('default')}{role}/".encode()
+        end = prefix[:-1] + bytes([prefix[-1] + 1])  # the range [prefix, prefix + 1): every key under it
+        body = json.dumps({"key": base64.b64encode(prefix).decode(), "range_end": base64.b64encode(end).decode(),
+                           "count_only": True}).encode()
+        request = urllib.request.Request(f"http://{self.etcd}/v3/kv/range", data=body, method="POST")
+        with urllib.request.urlopen(request, timeout=timeout_s) as reply:
+            return int(json.loads(reply.read()).get("count", 0))
+
+    def wait_until_registered(self, role: str, count: int, timeout_s: float) -> float:
+        """The moment (time.monotonic) etcd holds `count` workers of `role`, polled every 50 ms (etcd still
+        unreachable counts as none)."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                seen = self.registered(role)
+            except OSError:
+                seen = -1
+            if seen == count:
+                return time.monotonic()
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"etcd holds {seen} {role} workers, not {count}, after {timeout_s} s")
+            time.sleep(0.05)
 
     def wait_until_seen(self, pool: str, count: int, timeout_s: float) -> float:
         """The moment (time.monotonic) the router's `pool` has `count` workers, polled every 20 ms."""

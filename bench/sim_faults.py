@@ -12,8 +12,9 @@ The cluster: `--workers` simulated workers, half prefill and half decode, in fle
 - traffic, idle and under load: etcd's gRPC messages received and sent per second (its /metrics), and the
   KV-event batches and block hashes per second the router received;
 - faults, under `--clients` closed-loop gRPC clients (greedy, `--max-tokens` each): SIGKILL of one decode
-  fleet (10% of all workers), a SIGKILL and restart of etcd, and a prefill fleet SIGSTOPped for
-  `--freeze-s` (beyond the lease) then continued. Per phase: requests ended, failed (by status), streams
+  fleet (10% of all workers), a SIGKILL and restart of etcd (with the seconds until it is healthy again
+  and until every live decode worker is registered in it again), and a prefill fleet SIGSTOPped for `--freeze-s`
+  (beyond the lease) then continued. Per phase: requests ended, failed (by status), streams
   lost after their first token, the router's retries and migrations, and when the last failure came.
 """
 
@@ -97,6 +98,7 @@ def faults(cluster: SimCluster, args: argparse.Namespace, decode_fleets: list[su
            prefill_fleets: list[subprocess.Popen]) -> dict[str, Any]:
     clients = BackgroundClients(_load(cluster, args)).start()
     marks: list[tuple[str, float, dict[str, float]]] = []
+    recovery: dict[str, float] = {}  # the etcd restart: seconds to etcd healthy, to every live worker seen again
 
     def mark(name: str) -> None:
         marks.append((name, time.monotonic(), _router_counters(cluster)))
@@ -111,9 +113,14 @@ def faults(cluster: SimCluster, args: argparse.Namespace, decode_fleets: list[su
             proc.send_signal(signal.SIGKILL)
         time.sleep(args.phase_s + LEASE_TTL_S)
         mark("etcd_restart")
+        live_decode = int(cluster.seen("decode"))  # the killed fleet's workers are gone by now (their TTL passed)
         cluster.etcd_server.stop()
         time.sleep(2)
-        cluster.etcd_server.start()
+        restarted = time.monotonic()
+        cluster.etcd_server.start(timeout_s=300)  # under every worker's reconnecting: measured, not assumed
+        recovery["etcd_healthy_s"] = time.monotonic() - restarted
+        # the router keeps its last view through the outage: what comes back is the workers' registrations
+        recovery["workers_back_s"] = cluster.wait_until_registered("decode", live_decode, 300) - restarted
         time.sleep(args.phase_s + LEASE_TTL_S)
         mark("sigstop_fleet")
         frozen = prefill_fleets[0]
@@ -126,8 +133,10 @@ def faults(cluster: SimCluster, args: argparse.Namespace, decode_fleets: list[su
         mark("end")
     finally:
         clients.stop()
-    return {name: _phase(clients.outcomes, start, next_start, counters, next_counters)
-            for (name, start, counters), (_, next_start, next_counters) in itertools.pairwise(marks)}
+    phases: dict[str, Any] = {name: _phase(clients.outcomes, start, next_start, counters, next_counters)
+                              for (name, start, counters), (_, next_start, next_counters) in itertools.pairwise(marks)}
+    phases["etcd_restart"]["recovery"] = recovery
+    return phases
 
 
 def main(argv: list[str] | None = None) -> None:

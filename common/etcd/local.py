@@ -50,8 +50,9 @@ class EtcdServer:
     def endpoint(self) -> str:
         return f"{self.host}:{self.client_port}"
 
-    def start(self) -> None:
-        """Start etcd and wait until it is healthy; raises if it exits or does not become healthy."""
+    def start(self, timeout_s: float = 15.0) -> None:
+        """Start etcd and wait until it is healthy; raises if it exits or is not healthy within `timeout_s`
+        (a restart under hundreds of reconnecting clients on a busy machine may need far longer)."""
         assert self.proc is None, "etcd is running"
         client, peer = f"http://{self.host}:{self.client_port}", f"http://{self.host}:{self.peer_port}"
         cmd = [etcd_binary(), "--name", "test", "--data-dir", os.path.join(self.data_dir, "data"),
@@ -62,7 +63,7 @@ class EtcdServer:
         with open(self.log_path, "ab") as log_file:
             # own process group: a Ctrl-C meant for the parent must not kill etcd before the parent's cleanup
             self.proc = spawn(cmd, stdout=subprocess.DEVNULL, stderr=log_file, process_group=0)
-        _wait_ready(self.proc, self.endpoint, self.log_path)
+        _wait_ready(self.proc, self.endpoint, self.log_path, timeout_s)
 
     def stop(self, sig: signal.Signals = signal.SIGKILL, timeout_s: float = 10.0) -> None:
         """Send `sig` (SIGKILL: a crash; SIGTERM: a clean stop) and wait for the exit."""
@@ -110,4 +111,4 @@ def _wait_ready(proc: subprocess.Popen, endpoint: str, log_path: str, timeout: f
                     return
         except OSError:
             time.sleep(0.05)
-    raise RuntimeError("etcd did not become healthy in time")
+    raise RuntimeError(f"etcd did not become healthy in {timeout} s")
