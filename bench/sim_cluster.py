@@ -75,21 +75,6 @@ class SimCluster:
         with urllib.request.urlopen(request, timeout=timeout_s) as reply:
             return int(json.loads(reply.read()).get("count", 0))
 
-    def wait_until_registered(self, role: str, count: int, timeout_s: float) -> float:
-        """The moment (time.monotonic) etcd holds `count` workers of `role`, polled every 50 ms (etcd still
-        unreachable counts as none)."""
-        deadline = time.monotonic() + timeout_s
-        while True:
-            try:
-                seen = self.registered(role)
-            except OSError:
-                seen = -1
-            if seen == count:
-                return time.monotonic()
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"etcd holds {seen} {role} workers, not {count}, after {timeout_s} s")
-            time.sleep(0.05)
-
     def wait_until_seen(self, pool: str, count: int, timeout_s: float) -> float:
         """The moment (time.monotonic) the router's `pool` has `count` workers, polled every 20 ms."""
         deadline = time.monotonic() + timeout_s

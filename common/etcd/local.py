@@ -110,5 +110,6 @@ def _wait_ready(proc: subprocess.Popen, endpoint: str, log_path: str, timeout: f
                 if b"true" in r.read():
                     return
         except OSError:
-            time.sleep(0.05)
+            pass
+        time.sleep(0.05)
     raise RuntimeError(f"etcd did not become healthy in {timeout} s")
