@@ -278,9 +278,8 @@ class OpenAIFrontend:
 
     async def health(self, request: web.Request) -> web.Response:
         if healthy(self.core.pool):
-            pool = self.core.pool
-            return web.json_response({"status": "ok", "workers": len(pool.workers()),
-                                      "pools": {role: len(pool.workers(role)) for role in ROLES}})
+            pools = {role: len(self.core.pool.workers(role)) for role in ROLES}
+            return web.json_response({"status": "ok", "workers": sum(pools.values()), "pools": pools})
         return error_response(503, "no decode (or aggregated) worker is available", self.core.retry_after_s)
 
     async def openapi(self, request: web.Request) -> web.Response:

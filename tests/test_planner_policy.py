@@ -258,29 +258,6 @@ def test_pools_equally_loaded_near_their_growth_bar_move_rarely_and_never_back(b
     assert len(moves) <= 5, f"{len(moves)} moves in 5 hours of steady load: {moves}"
 
 
-class StarvedFallbackCluster:
-    """Pools sized by a budget, where a prefill pool short of its load makes the decode workers
-    prefill for it: the decode ITL rises with the prefill shortage as well as with the streams, and
-    the streams seen decoding fall with it (requests wait in the prefill queue: the planner's decode
-    load counts only streams past their first token)."""
-
-    def __init__(self, prefill: int, decode: int, seed: int) -> None:
-        self.size: dict[Pool, int] = {"prefill": prefill, "decode": decode}
-        self.rng = random.Random(seed)
-
-    def observe(self, streams: float, prompt_tokens_per_s: float) -> Observation:
-        def jitter() -> float:
-            return 1 + self.rng.uniform(-0.1, 0.1)
-        busy = prompt_tokens_per_s / self.size["prefill"] / 1000.0
-        ttft = 0.1 / (1 - busy) if busy < 1 else 10.0
-        streams *= min(1.0, 1 / busy) if busy > 0 else 1.0  # the share of requests the prefill pool lets through
-        itl = PROFILE.decode_itl_s(streams / self.size["decode"], 0.9)
-        assert itl is not None
-        itl += 0.2 * max(busy - 0.9, 0.0)  # fallback prefills between decode steps
-        return obs(itl=itl * jitter(), streams=streams * jitter(), ttft=ttft * jitter(),
-                   prompt_tokens_per_s=prompt_tokens_per_s * jitter())
-
-
 @pytest.mark.parametrize(("start", "streams", "prompt_tokens_per_s", "first_move"), [
     ((1, 7), 2, 4400, (5, 3)),  # long prompts: toward prefill
     ((1, 7), 12, 4400, (6, 2)),  # long prompts and streams: decode's load is underestimated while prefill starves
@@ -290,7 +267,7 @@ def test_a_bad_split_under_a_binding_budget_moves_one_way_and_settles(
         start: tuple[int, int], streams: float, prompt_tokens_per_s: float, first_move: tuple[int, int]) -> None:
     """Both pools' sizes change monotonically, the first decision moves the budget to the split of
     the load-based needs, everything has settled within an hour, and both targets are then met."""
-    cluster = StarvedFallbackCluster(*start, seed=int(streams))
+    cluster = SyntheticCluster(1.0, noise=0.1, seed=int(streams), prefill=start[0], decode=start[1], fallback=True)
     policy = Policy(MOVABLE, PROFILE)
     history: list[tuple[float, Pool, int]] = []
     for t in range(0, 3600 * 2, 10):
@@ -313,19 +290,28 @@ def test_a_bad_split_under_a_binding_budget_moves_one_way_and_settles(
 
 class SyntheticCluster:
     """A cluster whose latency follows a fixed curve of the load per worker (times `slowness`
-    against the profile, with noise), and whose pools resize as soon as the planner asks."""
+    against the profile, with noise), and whose pools resize as soon as the planner asks. With
+    `fallback`, a prefill pool short of its load makes the decode workers prefill for it: the decode
+    ITL rises with the prefill shortage as well as with the streams, and the streams seen decoding
+    fall with it (requests wait in the prefill queue: the planner's decode load counts only streams
+    past their first token)."""
 
-    def __init__(self, slowness: float, noise: float, seed: int, prefill: int = 1, decode: int = 1) -> None:
-        self.slowness, self.noise, self.rng = slowness, noise, random.Random(seed)
+    def __init__(self, slowness: float, noise: float, seed: int, prefill: int = 1, decode: int = 1,
+                 fallback: bool = False) -> None:
+        self.slowness, self.noise, self.rng, self.fallback = slowness, noise, random.Random(seed), fallback
         self.size: dict[Pool, int] = {"prefill": prefill, "decode": decode}
 
     def observe(self, streams: float, prompt_tokens_per_s: float) -> Observation:
         def jitter() -> float:
             return 1 + self.rng.uniform(-self.noise, self.noise)
-        itl = PROFILE.decode_itl_s(streams / self.size["decode"], 0.9)
         busy = prompt_tokens_per_s / self.size["prefill"] / 1000.0
         ttft = 0.1 / (1 - busy) if busy < 1 else 10.0
+        if self.fallback and busy > 1:
+            streams /= busy  # the share of requests the prefill pool lets through
+        itl = PROFILE.decode_itl_s(streams / self.size["decode"], 0.9)
         assert itl is not None
+        if self.fallback:
+            itl += 0.2 * max(busy - 0.9, 0.0)  # fallback prefills between decode steps
         return obs(itl=itl * self.slowness * jitter(), streams=streams * jitter(), ttft=ttft * self.slowness * jitter(),
                    prompt_tokens_per_s=prompt_tokens_per_s * jitter())
 
