@@ -34,6 +34,9 @@ class UpSettings(SecuritySettings):
     model: str | None = field(default=None, metadata=described("HF folder or .gguf; default SmolLM2-135M-Instruct"))
     dtype: ComputeDtype = field(default="auto", metadata=described("compute dtype of the workers"))
     num_kv_blocks: int | None = field(default=None, metadata=described("KV blocks per worker"))
+    kv_offload_gib: float = field(default=0.0, metadata=described(
+        "each worker's second KV tier in GiB (evicted prefix blocks kept and loaded back; see worker); 0: none"))
+    kv_offload_dir: str | None = field(default=None, metadata=described("directory of the second tiers' files"))
     max_num_seqs: int = field(default=64, metadata=described("most sequences in one worker's batch"))
     min_remote_prefill_tokens: int = field(default=32, metadata=described("shorter prompts prefill on decode"))
     num_threads: int | None = field(default=None, metadata=described("torch threads per worker on CPU"))
@@ -104,6 +107,8 @@ class UpSettings(SecuritySettings):
                 "--max-queued-requests", str(self.max_queued_requests), "--deterministic", str(self.deterministic),
                 "--async-scheduling", str(self.async_scheduling)]
         for flag, value in (("--model", self.model), ("--num-kv-blocks", self.num_kv_blocks),
+                            ("--kv-offload-gib", self.kv_offload_gib or None),
+                            ("--kv-offload-dir", self.kv_offload_dir),
                             ("--simulate", self.simulate), ("--num-threads", self.num_threads),
                             ("--kv-backends", self.kv_backends or None)):
             if value is not None:

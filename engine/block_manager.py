@@ -19,6 +19,7 @@ import struct
 from collections import OrderedDict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import numpy as np
 
@@ -70,6 +71,22 @@ class KVCacheEvents:
     snapshot: tuple[int, ...] | None = None  # every cached hash as of the drain, when asked for
 
 
+class OffloadTier(Protocol):
+    """A second KV tier behind the pool (engine.kv_offload): it is told when a cached block becomes free (it may
+    copy the block's KV out, off the engine thread) and before a cached block is reused (the copy must be done
+    or dropped by the time this returns: the block's slots are written next)."""
+
+    def freed(self, block_id: int, block_hash: int, token_ids: tuple[int, ...]) -> None: ...
+
+    def reusing(self, block_id: int) -> None: ...
+
+    def match(self, block_hashes: Sequence[int], token_ids: Sequence[int], first_block: int) -> list[int]:
+        """The longest readable run of `block_hashes`, which are blocks `first_block`, ... of `token_ids`."""
+
+    def load(self, block_hashes: Sequence[int], block_ids: Sequence[int], num_looked_up: int) -> None:
+        """Copy matched entries into pool blocks (done when it returns); `num_looked_up` blocks were looked for."""
+
+
 class NoFreeBlocksError(RuntimeError):
     """Internal: the scheduler asked for more blocks than `can_allocate` promised."""
 
@@ -84,6 +101,7 @@ class BlockManager:
         self.stats_hit_blocks = 0
         self.stats_queried_blocks = 0
         self.record_events = False  # set by a worker that publishes KV events
+        self.offload: OffloadTier | None = None  # set by an engine with a second KV tier
         self._stored: list[int] = []
         self._removed: list[int] = []
 
@@ -157,6 +175,8 @@ class BlockManager:
             block_id, _ = self.free.popitem(last=False)  # least recently freed first
             block = self.blocks[block_id]
             if block.hash is not None:  # evict its cached contents
+                if self.offload is not None:
+                    self.offload.reusing(block_id)
                 self._forget(block)
             block.ref_count = 1
             out.append(block_id)
@@ -173,6 +193,8 @@ class BlockManager:
             block.ref_count -= 1
             if block.ref_count == 0:
                 self.free[block_id] = None
+                if block.hash is not None and self.offload is not None:
+                    self.offload.freed(block_id, block.hash, block.token_ids)
 
     def reset_prefix_cache(self) -> None:
         for block_id in list(self.cached.values()):

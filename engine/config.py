@@ -135,6 +135,11 @@ class EngineConfig:
     block_size: int = 16
     kv_cache_memory_bytes: int = 1 << 30
     num_kv_blocks: int | None = None  # overrides kv_cache_memory_bytes
+    # a second KV tier of this many bytes (engine.kv_offload): cached blocks evicted from the pool are kept there
+    # and loaded back on a prefix hit; a memory-mapped file in `kv_offload_dir` (default: the temp dir) on a CPU,
+    # pinned host memory on a GPU; 0: none
+    kv_offload_bytes: int = 0
+    kv_offload_dir: str | None = None
     max_model_len: int | None = None  # default: the model's context length, capped at 8192
     max_num_seqs: int = 128
     max_num_batched_tokens: int = 2048
@@ -166,6 +171,8 @@ class EngineConfig:
             raise ValueError(f"num_kv_blocks must be >= 1, got {self.num_kv_blocks}")
         if self.kv_cache_memory_bytes < 1:
             raise ValueError("kv_cache_memory_bytes must be positive")
+        if self.kv_offload_bytes < 0:
+            raise ValueError(f"kv_offload_bytes must be >= 0, got {self.kv_offload_bytes}")
         if self.max_model_len is not None and self.max_model_len < 2:
             raise ValueError(f"max_model_len must be >= 2, got {self.max_model_len}")
         if self.max_num_seqs < 1 or self.max_num_batched_tokens < 1:
@@ -177,9 +184,10 @@ class EngineConfig:
         if self.async_scheduling and self.speculative is not None:
             raise ValueError("async scheduling runs without speculative decoding: drop one of them")
         if self.simulate is not None and (self.speculative is not None or self.async_scheduling or self.deterministic
-                                          or self.quantization is not None or self.device == "cuda"):
+                                          or self.quantization is not None or self.device == "cuda"
+                                          or self.kv_offload_bytes):
             raise ValueError("a simulated engine runs no model: no speculative decoding, async scheduling, "
-                             "deterministic mode, quantization or CUDA device with simulate")
+                             "deterministic mode, quantization, KV offload or CUDA device with simulate")
         if self.deterministic and self.device == "cuda":
             raise ValueError("deterministic (batch-invariant) mode is implemented for CPUs only")
 

@@ -109,6 +109,11 @@ class KVCachePool:
             rows = rows.to(self.compute_dtype)
         return rows.view(*block_ids.shape, self.spec.block_size, 2, self.spec.num_kv_heads, self.spec.head_dim)
 
+    def byte_rows(self) -> torch.Tensor:
+        """The pool as bytes, `[layers, blocks + 1, bytes of one block of one layer]` (a view: copies of whole
+        blocks, whatever the dtype)."""
+        return self.tensor.view(torch.uint8).view(self.spec.num_layers, self.spec.num_blocks + 1, -1)
+
     def block_bytes(self, layer: int, block_id: int) -> torch.Tensor:
         """Raw bytes of one block of one layer (a view, for transfer and tests)."""
         return self._rows[layer, block_id].view(torch.uint8)

@@ -11,6 +11,7 @@ from engine.detokenizer import IncrementalDetokenizer
 from engine.errors import InvalidRequestError, PoolIntegrityError
 from engine.kv_cache import KVCachePool
 from engine.kv_hooks import KVStepHook, KVStorageAllocator
+from engine.kv_offload import KVOffloadTier
 from engine.loader.engine_parts import LoadedEngineParts, build_engine_parts
 from engine.model_runner import SequenceResult
 from engine.ngram import propose_ngram_drafts
@@ -42,6 +43,14 @@ class LLMEngine:
         self.block_manager = BlockManager(self.parts.pool.spec.num_blocks, self.config.block_size,
                                           self.config.enable_prefix_caching)
         self.block_manager.record_events = self.config.record_kv_events
+        self.offload: KVOffloadTier | None = None
+        if self.config.kv_offload_bytes:
+            capacity = self.config.kv_offload_bytes // self.parts.pool.spec.bytes_per_block
+            if capacity < 1:
+                raise ValueError(f"kv_offload_bytes ({self.config.kv_offload_bytes}) holds no KV block "
+                                 f"({self.parts.pool.spec.bytes_per_block} bytes each)")
+            self.offload = KVOffloadTier(self.parts.pool, capacity, self.config.kv_offload_dir)
+            self.block_manager.offload = self.offload
         self.scheduler = Scheduler(self.config.scheduler_config(self.max_model_len), self.block_manager)
         self.runner = self.parts.runner
         self.validator = RequestValidator(self.tokenizer, self.model_config.vocab_size, self.max_model_len)
@@ -100,9 +109,11 @@ class LLMEngine:
         self.kv_hook = hook
 
     def close(self) -> None:
-        """Stop the async-scheduling forward thread, if any (the engine steps no more)."""
+        """Stop the async-scheduling forward thread and the KV offload writer, if any (the engine steps no more)."""
         if self.pipeline is not None:
             self.pipeline.close()
+        if self.offload is not None:
+            self.offload.close()
 
     def quiesce(self) -> list[RequestOutput]:
         """With async scheduling: finish the step in flight and return the outputs not returned yet, so the
@@ -244,7 +255,9 @@ class LLMEngine:
                            waiting_for_remote_kv=self.remote_kv.num_parked, free_blocks=bm.num_free_blocks,
                            total_blocks=bm.num_blocks, kv_usage=bm.usage(),
                            preemptions_total=self.scheduler.num_preemptions_total,
-                           computed_tokens_total=self.num_computed_tokens_total)
+                           computed_tokens_total=self.num_computed_tokens_total,
+                           prefix_queried_blocks=bm.stats_queried_blocks, prefix_hit_blocks=bm.stats_hit_blocks,
+                           offload=None if self.offload is None else self.offload.stats())
 
     def drain_kv_events(self, with_snapshot: bool = False) -> KVCacheEvents:
         """Prefix-cache changes since the last drain (config.record_kv_events), and with
@@ -252,5 +265,8 @@ class LLMEngine:
         return self.block_manager.drain_events(with_snapshot)
 
     def reset_prefix_cache(self) -> None:
+        """Forget every cached block, in the pool and in the second tier."""
         self._quiet()
+        if self.offload is not None:
+            self.offload.clear()
         self.block_manager.reset_prefix_cache()

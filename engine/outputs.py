@@ -47,6 +47,23 @@ class RequestOutput:
 
 
 @dataclass(frozen=True)
+class OffloadStats:
+    """Counters and gauges of a tier, for metrics and benchmarks."""
+
+    capacity_blocks: int
+    used_blocks: int
+    block_bytes: int
+    queried_blocks: int  # blocks looked for here after the pool missed them
+    loaded_blocks: int  # of those, found here and loaded into the pool
+    load_seconds: float
+    stored_blocks: int
+    store_seconds: float
+    evicted_blocks: int  # removed for room
+    dropped_blocks: int  # not stored: no room (every slot was being written)
+    writes_finished_on_reuse: int  # copies the engine thread finished itself because the pool reused the block
+
+
+@dataclass(frozen=True)
 class EngineStats:
     """Counters and gauges of an engine after a step (for metrics and the Status RPC)."""
 
@@ -58,6 +75,9 @@ class EngineStats:
     kv_usage: float  # share of blocks in use
     preemptions_total: int
     computed_tokens_total: int  # tokens run through the model (prompt and generated)
+    prefix_queried_blocks: int = 0  # full prompt blocks looked up in the pool's prefix cache
+    prefix_hit_blocks: int = 0  # of those, found there
+    offload: OffloadStats | None = None  # the second KV tier's, if the engine has one
 
 
 @dataclass(frozen=True)

@@ -178,7 +178,11 @@ class Scheduler:
             # Keep at least the last token to compute: its logits produce the next token.
             hashes = hash_blocks(seq.token_ids[:len(seq.token_ids) - 1], self.blocks.block_size, seq.root_hash)
             hits = [] if seq.needs_prompt_logits else self.blocks.find_cached_prefix(hashes, seq.token_ids)
-            computed = len(hits) * self.blocks.block_size
+            offload = self.blocks.offload
+            # blocks the pool lacks that the second tier holds: loaded into fresh blocks, not computed
+            offloaded = ([] if offload is None or seq.needs_prompt_logits or len(hits) == len(hashes)
+                         else offload.match(hashes[len(hits):], seq.token_ids, len(hits)))
+            computed = (len(hits) + len(offloaded)) * self.blocks.block_size
             remaining = len(seq.token_ids) - computed
             if remaining > budget and not self.config.enable_chunked_prefill:
                 break
@@ -188,8 +192,15 @@ class Scheduler:
                 break
             self.waiting.pop(0)
             self.blocks.take_cached(hits)
-            seq.block_table = hits + self.blocks.allocate(need)
-            seq.block_hashes = hashes[:len(hits)]
+            fresh = self.blocks.allocate(need)
+            if offload is not None and len(hits) < len(hashes):
+                loaded = fresh[:len(offloaded)]
+                offload.load(offloaded, loaded, len(hashes) - len(hits))
+                size = self.blocks.block_size
+                for i, (block_id, block_hash) in enumerate(zip(loaded, offloaded, strict=True), start=len(hits)):
+                    self.blocks.register_full_block(block_id, block_hash, seq.token_ids[i * size:(i + 1) * size])
+            seq.block_table = hits + fresh
+            seq.block_hashes = hashes[:len(hits) + len(offloaded)]
             seq.num_computed_tokens = computed
             if seq.num_preemptions == 0:
                 # a resumed request (migration) may find its generated tokens cached too: count the prompt's only

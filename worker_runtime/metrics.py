@@ -10,6 +10,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from engine.async_engine import AsyncEngine
+from engine.outputs import EngineStats
 
 PREFILL_TOKENS = Counter("tandem_prefill_tokens", "Prompt tokens prefilled here, by whether the prefix cache "
                          "served them (cached) or they were computed", ["worker", "kind"])
@@ -56,6 +57,42 @@ class EngineCollector(Collector):
         for worker_id, stats in engines:
             preemptions.add_metric([worker_id], stats.preemptions_total)
         yield preemptions
+        yield from _prefix_cache_families(engines)
+
+
+def _prefix_cache_families(engines: list[tuple[str, EngineStats]]) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
+    """Prefix-cache lookups by tier, and the second tier's traffic, capacity and evictions."""
+    lookups = CounterMetricFamily("tandem_prefix_cache_blocks", "Full prompt blocks looked up in a KV tier, by tier "
+                                  "(pool, then offload for the pool's misses) and result (hit or miss)",
+                                  labels=["worker", "tier", "result"])
+    blocks = CounterMetricFamily("tandem_kv_offload_blocks", "Blocks the second KV tier stored, loaded back into "
+                                 "the pool, evicted for room, or dropped (no room)", labels=["worker", "op"])
+    transfer_bytes = CounterMetricFamily("tandem_kv_offload_bytes", "Bytes copied into (store) and out of (load) "
+                                         "the second KV tier", labels=["worker", "op"])
+    seconds = CounterMetricFamily("tandem_kv_offload_seconds", "Seconds spent copying into (store, on the tier's "
+                                  "writer thread) and out of (load, on the engine's) the second KV tier",
+                                  labels=["worker", "op"])
+    capacity = GaugeMetricFamily("tandem_kv_offload_capacity_blocks", "Blocks the second KV tier holds at most",
+                                 labels=["worker"])
+    used = GaugeMetricFamily("tandem_kv_offload_used_blocks", "Blocks in the second KV tier", labels=["worker"])
+    for worker_id, stats in engines:
+        lookups.add_metric([worker_id, "pool", "hit"], stats.prefix_hit_blocks)
+        lookups.add_metric([worker_id, "pool", "miss"], stats.prefix_queried_blocks - stats.prefix_hit_blocks)
+        tier = stats.offload
+        if tier is None:
+            continue
+        lookups.add_metric([worker_id, "offload", "hit"], tier.loaded_blocks)
+        lookups.add_metric([worker_id, "offload", "miss"], tier.queried_blocks - tier.loaded_blocks)
+        for op, count in (("store", tier.stored_blocks), ("load", tier.loaded_blocks),
+                          ("evict", tier.evicted_blocks), ("drop", tier.dropped_blocks)):
+            blocks.add_metric([worker_id, op], count)
+        for op, count, spent in (("store", tier.stored_blocks, tier.store_seconds),
+                                 ("load", tier.loaded_blocks, tier.load_seconds)):
+            transfer_bytes.add_metric([worker_id, op], count * tier.block_bytes)
+            seconds.add_metric([worker_id, op], spent)
+        capacity.add_metric([worker_id], tier.capacity_blocks)
+        used.add_metric([worker_id], tier.used_blocks)
+    yield from (lookups, blocks, transfer_bytes, seconds, capacity, used)
 
 
 ENGINES = EngineCollector()  # the process's: worker_runtime.server adds each engine it serves

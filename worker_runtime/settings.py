@@ -23,6 +23,11 @@ class WorkerSettings(SecuritySettings):
     grpc_port: int = field(default=0, metadata=described("0: any free port"))
     metrics_port: int = field(default=0, metadata=described("Prometheus /metrics port; 0: any free port"))
     num_kv_blocks: int | None = field(default=None, metadata=described("KV cache size in blocks; default from memory"))
+    kv_offload_gib: float = field(default=0.0, metadata=described(
+        "a second KV tier of this many GiB: cached blocks evicted from the pool are kept there and loaded back on a "
+        "prefix hit (a memory-mapped file on CPU, pinned host memory on GPU); 0: none"))
+    kv_offload_dir: str | None = field(default=None, metadata=described(
+        "directory of the second tier's file on CPU (local disk); default: the temp dir"))
     max_num_seqs: int = field(default=64, metadata=described("most sequences in one batch"))
     max_model_len: int | None = field(default=None, metadata=described("context length cap"))
     num_threads: int | None = field(default=None, metadata=described("torch threads on CPU; default: torch's"))
@@ -56,6 +61,8 @@ class WorkerSettings(SecuritySettings):
             raise ValueError("min_remote_prefill_tokens must be >= 0 and prefill_timeout_s > 0")
         if self.max_queued_requests < 0:
             raise ValueError("max_queued_requests must be >= 0")
+        if not self.kv_offload_gib >= 0:
+            raise ValueError(f"kv_offload_gib must be >= 0, got {self.kv_offload_gib}")
         if self.replicas < 1 or (self.replicas > 1 and (self.simulate is None or self.grpc_port or self.metrics_port)):
             raise ValueError("replicas must be >= 1; more than one needs --simulate and ports 0 (each picks its own)")
 
@@ -76,4 +83,5 @@ class WorkerSettings(SecuritySettings):
         return EngineConfig(model=self.model, dtype=self.dtype, num_kv_blocks=self.num_kv_blocks,
                             max_num_seqs=self.max_num_seqs, max_model_len=self.max_model_len,
                             num_threads=self.num_threads, record_kv_events=True, deterministic=self.deterministic,
-                            async_scheduling=self.async_scheduling, simulate=self.simulate)
+                            async_scheduling=self.async_scheduling, simulate=self.simulate,
+                            kv_offload_bytes=int(self.kv_offload_gib * (1 << 30)), kv_offload_dir=self.kv_offload_dir)

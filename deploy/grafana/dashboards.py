@@ -246,6 +246,23 @@ def pools_dashboard() -> dict:
                   "percentunit",
                   [Query(share("worker", f'tandem_prefill_tokens_total{{kind="cached", {NS}}}',
                                f"tandem_prefill_tokens_total{{{NS}}}"), "{{worker}}")]),
+        PanelSpec("Prefix cache lookups by tier", "Prompt blocks looked up per second at admission: in the "
+                  "worker's pool, then in its second tier (--kv-offload-gib) for the pool's misses; an offload hit "
+                  "is loaded, not computed.", "short",
+                  [Query(f"sum by (tier, result) (rate(tandem_prefix_cache_blocks_total{{{NS}}}[{RATE}]))",
+                         "{{tier}} {{result}}")], stacked=True, width=8),
+        PanelSpec("Second KV tier traffic", "Bytes per second copied into the second tier (store, off the step) "
+                  "and back into the pool (load), and the seconds per second each took.", "Bps",
+                  [Query(f"sum by (worker, op) (rate(tandem_kv_offload_bytes_total{{{NS}}}[{RATE}]))",
+                         "{{worker}} {{op}}"),
+                   Query(f"sum by (worker, op) (rate(tandem_kv_offload_seconds_total{{{NS}}}[{RATE}]))",
+                         "{{worker}} {{op}} busy s/s")], width=8),
+        PanelSpec("Second KV tier capacity", "Blocks in each worker's second tier and its capacity; blocks "
+                  "evicted (least recently used) and dropped (no free slot) per second.", "short",
+                  [Query(f"max by (worker) (tandem_kv_offload_used_blocks{{{NS}}})", "used {{worker}}"),
+                   Query(f"max by (worker) (tandem_kv_offload_capacity_blocks{{{NS}}})", "capacity {{worker}}"),
+                   Query(f'sum by (worker, op) (rate(tandem_kv_offload_blocks_total{{op=~"evict|drop", {NS}}}'
+                         f"[{RATE}]))", "{{op}}/s {{worker}}")], width=8),
         PanelSpec("Prefix overlap at routing", "Prompt blocks per second the chosen worker already held (from its "
                   "KV events), and blocks each worker's cache holds as the routers know it.", "short",
                   [Query(f"sum by (worker) (rate(tandem_router_prefix_overlap_blocks_total{{{NS}}}[{RATE}]))",

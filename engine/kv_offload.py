@@ -1,0 +1,231 @@
+"""The second KV tier of a worker: cached blocks leaving the pool are kept in a larger, slower store and
+loaded back on a prefix hit instead of being recomputed (vLLM's CPU offloading, SGLang's HiCache).
+
+The store is a memory-mapped file on local disk for a CPU pool (its pages live in the page cache; the kernel
+writes them back as memory runs short), pinned host memory for a GPU pool. It holds whole blocks, every layer
+of one block in one slot, under the same content hash as in the pool (engine.block_manager), with its own LRU.
+
+When a cached block becomes free in the pool, its copy into the tier is queued and a writer thread makes it,
+off the engine's step; before the pool reuses that block, the engine thread finishes the copy (or makes it
+itself if the writer has not started it). Invariants:
+- an entry is readable only once its copy is complete (`pending` is None); a slot is written by one copy at a time;
+- entries are removed only on the engine thread (`freed` evicting for room, `clear`), so the entries that
+  `match` returns stay in place until `load` runs on that thread;
+- a block's tokens are kept with its hash and compared on lookup, as in the pool (no collision is trusted).
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import tempfile
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from engine.kv_cache import KVCachePool
+from engine.outputs import OffloadStats
+
+
+@dataclass
+class _Write:
+    """One block's copy into the tier; run once, by the writer thread or the engine thread, whichever first."""
+
+    block_id: int
+    block_hash: int
+    slot: int
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    done: bool = False
+
+
+@dataclass
+class _Entry:
+    slot: int
+    token_ids: tuple[int, ...]
+    pending: _Write | None  # the copy filling the slot; None once it is complete (the entry is readable)
+
+
+def _mapped_file(directory: str | None, num_bytes: int) -> tuple[np.memmap, torch.Tensor]:
+    """A file of `num_bytes` mapped shared (sparse: disk is used as blocks are written), unlinked at once so
+    that nothing outlives the process."""
+    fd, path = tempfile.mkstemp(prefix="tandem-kv-offload-", dir=directory)
+    try:
+        os.close(fd)
+        mapped = np.memmap(path, dtype=np.uint8, mode="w+", shape=(num_bytes,))
+    finally:
+        os.unlink(path)
+    return mapped, torch.from_numpy(mapped)
+
+
+class KVOffloadTier:
+    """`capacity_blocks` slots of `pool.spec.bytes_per_block` bytes; implements engine.block_manager.OffloadTier."""
+
+    def __init__(self, pool: KVCachePool, capacity_blocks: int, directory: str | None = None,
+                 background_writes: bool = True) -> None:
+        """`background_writes=False` (tests): copies are made only when the pool reuses a block or on `flush`."""
+        if capacity_blocks < 1:
+            raise ValueError(f"a KV offload tier needs >= 1 block, got {capacity_blocks}")
+        self._pool_rows = pool.byte_rows()  # [layers, blocks, bytes of one block of one layer]
+        layers, _, row_bytes = self._pool_rows.shape
+        self._block_size = pool.spec.block_size
+        self.capacity_blocks = capacity_blocks
+        self.block_bytes = layers * row_bytes
+        self._on_gpu = self._pool_rows.device.type == "cuda"
+        self._mapping: np.memmap | None = None
+        if self._on_gpu:
+            flat = torch.empty(capacity_blocks * self.block_bytes, dtype=torch.uint8, pin_memory=True)
+        else:
+            self._mapping, flat = _mapped_file(directory, capacity_blocks * self.block_bytes)
+        self._slots = flat.view(capacity_blocks, layers, row_bytes)
+        self._lock = threading.Lock()  # guards the index, the free slots, the pending writes and the counters
+        self._index: OrderedDict[int, _Entry] = OrderedDict()  # hash → entry, least recently used first
+        self._free_slots = list(range(capacity_blocks - 1, -1, -1))
+        self._pending: dict[int, _Write] = {}  # pool block id → its copy not yet finished
+        self._queue: queue.SimpleQueue[_Write | None] = queue.SimpleQueue()
+        self._queried = self._stored = self._loaded = self._evicted = self._dropped = 0
+        self._finished_on_reuse = 0
+        self._store_s = self._load_s = 0.0
+        self._writer: threading.Thread | None = None
+        if background_writes:
+            self._writer = threading.Thread(target=self._write_loop, name="tandem-kv-offload", daemon=True)
+            self._writer.start()
+
+    # -- the pool's side (engine thread) ----------------------------------------------------------------
+    def freed(self, block_id: int, block_hash: int, token_ids: tuple[int, ...]) -> None:
+        with self._lock:
+            entry = self._index.get(block_hash)
+            if entry is not None:  # already here (or on its way): same hash, same KV
+                self._index.move_to_end(block_hash)
+                return
+            slot = self._take_slot()
+            if slot is None:
+                self._dropped += 1
+                return
+            write = _Write(block_id, block_hash, slot)
+            self._index[block_hash] = _Entry(slot, token_ids, write)
+            self._pending[block_id] = write
+        if self._writer is not None:
+            self._queue.put(write)
+
+    def reusing(self, block_id: int) -> None:
+        with self._lock:
+            write = self._pending.get(block_id)
+        if write is not None:
+            self._run(write, on_reuse=True)
+
+    # -- prefix hits (engine thread) --------------------------------------------------------------------
+    def match(self, block_hashes: Sequence[int], token_ids: Sequence[int], first_block: int) -> list[int]:
+        """The longest run of `block_hashes` (blocks `first_block`, `first_block` + 1, ... of `token_ids`) that
+        is readable here; `load` brings them into the pool. Counts nothing (a request not admitted is matched
+        again at the next step)."""
+        size = self._block_size
+        found: list[int] = []
+        with self._lock:
+            for block, block_hash in enumerate(block_hashes, start=first_block):
+                entry = self._index.get(block_hash)
+                if (entry is None or entry.pending is not None
+                        or entry.token_ids != tuple(token_ids[block * size:(block + 1) * size])):
+                    break
+                self._index.move_to_end(block_hash)
+                found.append(block_hash)
+        return found
+
+    def load(self, block_hashes: Sequence[int], block_ids: Sequence[int], num_looked_up: int) -> None:
+        """Copy the entries `match` returned into pool blocks `block_ids` (same order); done when it returns.
+        `num_looked_up`: blocks of the request the pool lacked (for the hit rate)."""
+        started = time.perf_counter()
+        with self._lock:
+            slots = [self._index[h].slot for h in block_hashes]
+        for slot, block_id in zip(slots, block_ids, strict=True):
+            self._copy(self._pool_rows[:, block_id], self._slots[slot])
+        with self._lock:
+            self._queried += num_looked_up
+            self._loaded += len(slots)
+            self._load_s += time.perf_counter() - started
+
+    # -- housekeeping -----------------------------------------------------------------------------------
+    def clear(self) -> None:
+        """Forget every entry (a prefix-cache reset); copies under way finish first."""
+        with self._lock:
+            writes = list(self._pending.values())
+        for write in writes:
+            with write.lock:
+                write.done = True  # one not started is dropped
+        with self._lock:
+            self._pending.clear()
+            self._index.clear()
+            self._free_slots = list(range(self.capacity_blocks - 1, -1, -1))
+
+    def flush(self) -> None:
+        """Make every queued copy now, on this thread."""
+        with self._lock:
+            writes = list(self._pending.values())
+        for write in writes:
+            self._run(write, on_reuse=False)
+
+    def close(self) -> None:
+        if self._writer is not None:
+            self._queue.put(None)
+            self._writer.join(timeout=10)
+
+    def stats(self) -> OffloadStats:
+        with self._lock:
+            return OffloadStats(self.capacity_blocks, len(self._index), self.block_bytes, self._queried, self._loaded,
+                                self._load_s, self._stored, self._store_s, self._evicted,
+                                self._dropped, self._finished_on_reuse)
+
+    def check_integrity(self) -> None:
+        """Raise AssertionError unless every slot is either free or held by exactly one entry."""
+        with self._lock:
+            held = [e.slot for e in self._index.values()]
+            assert len(set(held)) == len(held), "two entries share a slot"
+            assert not set(held) & set(self._free_slots), "a slot is both free and held"
+            assert len(held) + len(self._free_slots) == self.capacity_blocks, "a slot is lost"
+            for write in self._pending.values():
+                entry = self._index.get(write.block_hash)
+                assert entry is not None and entry.pending is write, "a write lost its entry"
+
+    # -- internals --------------------------------------------------------------------------------------
+    def _take_slot(self) -> int | None:
+        """A free slot, evicting the least recently used readable entry if none is (lock held)."""
+        if self._free_slots:
+            return self._free_slots.pop()
+        victim = next((h for h, e in self._index.items() if e.pending is None), None)
+        if victim is None:
+            return None
+        self._evicted += 1
+        return self._index.pop(victim).slot
+
+    def _copy(self, dst: torch.Tensor, src: torch.Tensor) -> None:
+        """A blocking copy. On a CPU through NumPy: one thread, no OpenMP team beside the forward's, GIL released."""
+        if self._on_gpu:
+            dst.copy_(src)  # to or from pinned host memory on the current stream; blocking, so done on return
+        else:
+            np.copyto(dst.numpy(), src.numpy())
+
+    def _write_loop(self) -> None:
+        while (write := self._queue.get()) is not None:
+            self._run(write, on_reuse=False)
+
+    def _run(self, write: _Write, on_reuse: bool) -> None:
+        with write.lock:
+            if write.done:
+                return
+            started = time.perf_counter()
+            self._copy(self._slots[write.slot], self._pool_rows[:, write.block_id])
+            write.done = True
+            elapsed = time.perf_counter() - started
+        with self._lock:
+            if self._pending.get(write.block_id) is write:
+                del self._pending[write.block_id]
+            entry = self._index.get(write.block_hash)
+            if entry is not None and entry.pending is write:
+                entry.pending = None
+            self._stored += 1
+            self._store_s += elapsed
+            self._finished_on_reuse += on_reuse

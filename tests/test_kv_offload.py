@@ -1,0 +1,202 @@
+"""The second KV tier (engine.kv_offload): blocks leaving the pool are copied out and loaded back on a prefix
+hit; never read while written; LRU within its capacity; exact greedy outputs with fewer tokens computed."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import torch
+
+from engine import LLM, SamplingParams
+from engine.block_manager import BlockManager, hash_blocks
+from engine.kv_cache import KVCachePool, KVCacheSpec
+from engine.kv_offload import KVOffloadTier
+from tests.support.prompts import text_of_about
+
+BLOCK = 4
+
+
+def _pool(num_blocks: int = 8, dtype: torch.dtype = torch.bfloat16) -> KVCachePool:
+    spec = KVCacheSpec(num_layers=3, num_blocks=num_blocks, block_size=BLOCK, num_kv_heads=2, head_dim=8, dtype=dtype)
+    pool = KVCachePool(spec, torch.device("cpu"), torch.float32)
+    pool.tensor.copy_(torch.randn(pool.tensor.shape).to(dtype))
+    return pool
+
+
+def _cached(bm: BlockManager, tokens: list[int]) -> tuple[list[int], list[int]]:
+    """Blocks holding `tokens`' full blocks, registered in the prefix cache and held once: (ids, hashes)."""
+    hashes = hash_blocks(tokens, BLOCK)
+    ids = bm.allocate(len(hashes))
+    for i, (block_id, block_hash) in enumerate(zip(ids, hashes, strict=True)):
+        bm.register_full_block(block_id, block_hash, tokens[i * BLOCK:(i + 1) * BLOCK])
+    return ids, hashes
+
+
+def test_block_is_stored_on_release_and_loaded_back_byte_exact() -> None:
+    pool = _pool()
+    tier = KVOffloadTier(pool, capacity_blocks=4, background_writes=False)
+    bm = BlockManager(8, BLOCK, enable_prefix_caching=True)
+    bm.offload = tier
+    tokens = list(range(100, 108))
+    ids, hashes = _cached(bm, tokens)
+    original = pool.byte_rows()[:, ids].clone()
+    bm.release(ids)
+    assert tier.match(hashes, tokens, 0) == []  # queued, not written: not readable
+    tier.check_integrity()
+    bm.allocate(8)  # reuses every block: the pool finishes the copies before handing them out
+    assert tier.stats().writes_finished_on_reuse == 2
+    assert tier.match(hashes, tokens, 0) == hashes
+    pool.tensor.zero_()
+    tier.load(hashes, [5, 2], num_looked_up=2)
+    assert torch.equal(pool.byte_rows()[:, [5, 2]], original)
+    stats = tier.stats()
+    assert (stats.queried_blocks, stats.loaded_blocks, stats.stored_blocks) == (2, 2, 2)
+    tier.check_integrity()
+
+
+def test_lookup_checks_tokens_and_stops_at_the_first_gap() -> None:
+    pool = _pool()
+    tier = KVOffloadTier(pool, capacity_blocks=4, background_writes=False)
+    bm = BlockManager(8, BLOCK, enable_prefix_caching=True)
+    bm.offload = tier
+    tokens = list(range(12))
+    ids, hashes = _cached(bm, tokens)
+    bm.release(ids)
+    tier.flush()
+    assert tier.match(hashes, tokens, 0) == hashes
+    assert tier.match(hashes[1:], tokens, 1) == hashes[1:]  # a lookup after the pool's own hits
+    other = [*tokens[:4], 99, *tokens[5:]]  # same hashes claimed for other tokens: a collision, refused
+    assert tier.match(hashes, other, 0) == hashes[:1]
+    assert tier.match([hashes[0], 12345, hashes[2]], tokens, 0) == hashes[:1]
+
+
+def test_lru_within_capacity_and_no_room_while_every_slot_is_written() -> None:
+    pool = _pool()
+    tier = KVOffloadTier(pool, capacity_blocks=2, background_writes=False)
+    bm = BlockManager(8, BLOCK, enable_prefix_caching=True)
+    bm.offload = tier
+    a_ids, a = _cached(bm, list(range(0, 4)))
+    b_ids, b = _cached(bm, list(range(10, 14)))
+    c_ids, _ = _cached(bm, list(range(20, 24)))
+    bm.release(a_ids)
+    bm.release(b_ids)
+    bm.release(c_ids)  # both slots are being written: c is dropped, not written over them
+    assert tier.stats().dropped_blocks == 1
+    tier.flush()
+    assert tier.match(a, list(range(0, 4)), 0) == a  # a is now the most recently used
+    d_ids, d = _cached(bm, list(range(30, 34)))
+    bm.release(d_ids)  # evicts b, the least recently used
+    tier.flush()
+    assert tier.match(b, list(range(10, 14)), 0) == [] and tier.match(a, list(range(0, 4)), 0) == a
+    assert tier.match(d, list(range(30, 34)), 0) == d
+    assert tier.stats().evicted_blocks == 1 and tier.stats().used_blocks == 2
+    tier.check_integrity()
+    tier.clear()
+    assert tier.match(a, list(range(0, 4)), 0) == [] and tier.stats().used_blocks == 0
+    tier.check_integrity()
+
+
+def test_background_writer_stores_freed_blocks() -> None:
+    pool = _pool(num_blocks=16, dtype=torch.float32)
+    tier = KVOffloadTier(pool, capacity_blocks=16)
+    try:
+        bm = BlockManager(16, BLOCK, enable_prefix_caching=True)
+        bm.offload = tier
+        tokens = list(range(40))
+        ids, hashes = _cached(bm, tokens)
+        original = pool.byte_rows()[:, ids].clone()
+        bm.release(ids)
+        deadline = time.monotonic() + 10
+        while tier.stats().stored_blocks < len(ids) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert tier.stats().stored_blocks == len(ids) and tier.stats().writes_finished_on_reuse == 0
+        assert tier.match(hashes, tokens, 0) == hashes
+        pool.tensor.zero_()
+        tier.load(hashes, ids, num_looked_up=len(ids))
+        assert torch.equal(pool.byte_rows()[:, ids], original)
+        tier.check_integrity()
+    finally:
+        tier.close()
+
+
+GREEDY = SamplingParams(temperature=0, max_tokens=8)
+
+
+def _conversations(llm: LLM, turns: int, batched: bool) -> tuple[list[list[int]], list[int]]:
+    """Three conversations of ~200 tokens taking turns (so that they evict each other from a small pool):
+    every turn's outputs, and the prompt tokens computed at each turn."""
+    tok = llm.tokenizer
+    convs = [text_of_about(tok, 200, seed) for seed in range(3)]
+    outs, computed = [], []
+    for turn in range(turns):
+        before = llm.engine.num_computed_tokens_total
+        if batched:
+            results = llm.generate(convs, GREEDY)
+        else:
+            results = [llm.generate([conv], GREEDY)[0] for conv in convs]
+        computed.append(llm.engine.num_computed_tokens_total - before)
+        for i, result in enumerate(results):
+            outs.append(result.token_ids)
+            convs[i] = convs[i] + result.token_ids + text_of_about(tok, 20, 100 + 3 * turn + i)
+    return outs, computed
+
+
+@pytest.fixture(scope="module")
+def unbounded(default_model_path) -> tuple[list[list[int]], list[int]]:
+    llm = LLM(str(default_model_path), dtype="float32", num_kv_blocks=256, max_model_len=320)
+    return _conversations(llm, 3, batched=False)
+
+
+@pytest.mark.parametrize("batched", [False, True], ids=["one-by-one", "batched-chunked"])
+def test_returning_prefix_is_loaded_not_computed_and_outputs_stay_exact(default_model_path, unbounded,
+                                                                       batched: bool) -> None:
+    """The pool (20 blocks of 16: one conversation and a bit) is too small for three: without the tier each
+    returning turn recomputes its whole history; with it, only its new tokens. fp32: outputs do not depend on
+    the batch shape, so they must equal an unbounded pool's one by one."""
+    options = dict(dtype="float32", num_kv_blocks=20, max_model_len=320,
+                   max_num_batched_tokens=64 if batched else 2048)
+    small = LLM(str(default_model_path), **options)
+    tiered = LLM(str(default_model_path), kv_offload_bytes=64 << 20, **options)
+    try:
+        no_tier_outs, no_tier_computed = _conversations(small, 3, batched)
+        outs, computed = _conversations(tiered, 3, batched)
+        engine, tier = tiered.engine, tiered.engine.offload
+        assert tier is not None
+        assert outs == unbounded[0]
+        if not batched:
+            assert no_tier_outs == unbounded[0]
+            assert computed == unbounded[1]  # new tokens only, as with a pool that holds everything
+        assert computed[0] == no_tier_computed[0]
+        for later, recomputed in zip(computed[1:], no_tier_computed[1:], strict=True):
+            assert later < recomputed / 3, (computed, no_tier_computed)
+        assert tier.stats().loaded_blocks >= 2 * 3 * (200 // 16)
+        engine.check_integrity()
+        tier.check_integrity()
+    finally:
+        tiered.engine.close()
+
+
+def test_prefix_cache_reset_empties_the_tier(default_model_path) -> None:
+    llm = LLM(str(default_model_path), dtype="float32", num_kv_blocks=20, max_model_len=320,
+              kv_offload_bytes=16 << 20)
+    try:
+        prompt = text_of_about(llm.tokenizer, 200, 7)
+        llm.generate([prompt], GREEDY)
+        llm.generate([text_of_about(llm.tokenizer, 200, 8)], GREEDY)  # evicts the first prompt's blocks
+        assert llm.engine.offload is not None
+        llm.engine.offload.flush()
+        assert llm.engine.offload.stats().used_blocks > 0
+        llm.engine.reset_prefix_cache()
+        assert llm.engine.offload.stats().used_blocks == 0
+        before = llm.engine.num_computed_tokens_total
+        llm.generate([prompt], GREEDY)
+        assert llm.engine.num_computed_tokens_total - before == 200 + GREEDY.max_tokens - 1
+        llm.engine.offload.check_integrity()
+    finally:
+        llm.engine.close()
+
+
+def test_offload_needs_room_for_a_block(default_model_path) -> None:
+    with pytest.raises(ValueError, match="holds no KV block"):
+        LLM(str(default_model_path), num_kv_blocks=20, max_model_len=320, kv_offload_bytes=1000)
