@@ -22,9 +22,11 @@ PROMPT_TOKENS = Counter("tandem_prompt_tokens", "Prompt tokens of requests the r
 GENERATION_TOKENS = Counter("tandem_generation_tokens_router", "Tokens streamed to clients")
 ROUTED = Counter("tandem_router_routed", "Requests routed, by pool and worker", ["pool", "worker"])
 PREFIX_OVERLAP = Counter("tandem_router_prefix_overlap_blocks", "Prompt blocks the chosen worker already "
-                         "held in its prefix cache (from its KV events), by worker", ["worker"])
+                         "held in its prefix cache or its second KV tier (from its KV events), by worker", ["worker"])
 CACHED_BLOCKS = Gauge("tandem_router_worker_cached_blocks", "Blocks in a worker's prefix cache, as the router "
                       "knows them from its KV events", ["worker"])
+OFFLOADED_BLOCKS = Gauge("tandem_router_worker_offloaded_blocks", "Blocks readable in a worker's second KV tier, "
+                         "as the router knows them from its KV events", ["worker"])
 RETRIES = Counter("tandem_router_retries", "Requests sent again to another decode worker before any token, "
                   "by the error of the first", ["error"])
 MIGRATIONS = Counter("tandem_router_migrations", "Streams moved to another decode worker (with the tokens already "

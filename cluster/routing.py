@@ -2,7 +2,8 @@
 preference; later ones are retries) prefill it.
 
 `kv_aware` prices each candidate in blocks of prefill work: blocks of the prompt its prefix cache
-lacks, times `overlap_weight`, plus the requests it already has in flight. Decode workers that
+lacks, plus blocks it would load from its second KV tier at the price it measured (a fraction of a
+block's compute), times `overlap_weight`, plus the requests it already has in flight. Decode workers that
 prefill themselves (role both) are priced the same way; pure decode workers by load alone.
 """
 
@@ -80,5 +81,4 @@ class RoutingPolicy:
     def cost(self, worker: WorkerHandle, block_hashes: list[int]) -> float:
         if worker.record.role == "decode":
             return worker.inflight
-        missing = len(block_hashes) - worker.overlap_blocks(block_hashes)
-        return self.overlap_weight * missing + worker.inflight
+        return self.overlap_weight * worker.prefill_work(block_hashes) + worker.inflight

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 import grpc
 
 from cluster.discovery import WorkerDirectory
-from cluster.router_metrics import CACHED_BLOCKS, KV_EVENT_BATCHES, KV_EVENT_HASHES, WORKERS
+from cluster.router_metrics import CACHED_BLOCKS, KV_EVENT_BATCHES, KV_EVENT_HASHES, OFFLOADED_BLOCKS, WORKERS
 from common.etcd.access import EtcdAccess
 from common.tls import open_channel
 from common.worker_record import ROLES, WorkerRecord, WorkerRole
@@ -34,20 +34,37 @@ class WorkerHandle:
     stub: worker_pb2_grpc.WorkerStub
     inflight: int = 0  # requests this router has on the worker now
     cached_blocks: set[int] = field(default_factory=set)  # block hashes in its prefix cache
+    offloaded_blocks: set[int] = field(default_factory=set)  # readable in its second KV tier
+    # loading a block from its second tier, in blocks of prefill work, as the worker measured it; until it has,
+    # 1: a block there is priced as one to compute
+    offload_block_cost: float = 1.0
     events_task: asyncio.Task[None] | None = None
 
     @property
     def worker_id(self) -> str:
         return self.record.worker_id
 
-    def overlap_blocks(self, block_hashes: list[int]) -> int:
-        """Leading blocks of a prompt its prefix cache holds (a prefix needs every block before it)."""
-        count = 0
+    def held_prefix(self, block_hashes: list[int]) -> tuple[int, int]:
+        """(leading blocks of a prompt it holds, in its pool or its second tier; of those, the ones only in the
+        tier). A prefix needs every block before it."""
+        held = offloaded = 0
         for h in block_hashes:
             if h not in self.cached_blocks:
-                break
-            count += 1
-        return count
+                if h not in self.offloaded_blocks:
+                    break
+                offloaded += 1
+            held += 1
+        return held, offloaded
+
+    def overlap_blocks(self, block_hashes: list[int]) -> int:
+        """Leading blocks of a prompt it holds (pool or second tier)."""
+        return self.held_prefix(block_hashes)[0]
+
+    def prefill_work(self, block_hashes: list[int]) -> float:
+        """The prompt's prefill here in blocks of work: blocks to compute, and blocks to load from the tier at
+        their measured price."""
+        held, offloaded = self.held_prefix(block_hashes)
+        return len(block_hashes) - held + offloaded * self.offload_block_cost
 
 
 class WorkerPool:
@@ -174,9 +191,15 @@ class WorkerPool:
                     KV_EVENT_HASHES.labels("removed").inc(len(batch.removed_block_hashes))
                     if batch.cleared:
                         handle.cached_blocks.clear()
+                        handle.offloaded_blocks.clear()
                     handle.cached_blocks.update(batch.stored_block_hashes)
                     handle.cached_blocks.difference_update(batch.removed_block_hashes)
+                    handle.offloaded_blocks.update(batch.offloaded_block_hashes)
+                    handle.offloaded_blocks.difference_update(batch.unoffloaded_block_hashes)
+                    if batch.offload_block_cost > 0:
+                        handle.offload_block_cost = batch.offload_block_cost
                     CACHED_BLOCKS.labels(handle.worker_id).set(len(handle.cached_blocks))
+                    OFFLOADED_BLOCKS.labels(handle.worker_id).set(len(handle.offloaded_blocks))
             except grpc.aio.AioRpcError as e:
                 log.debug("KV events of %s: %s", handle.worker_id, e.code().name)
             await asyncio.sleep(self.events_retry_s)
@@ -185,8 +208,9 @@ class WorkerPool:
         """A worker that left may still be finishing (draining) this router's streams: its channel
         closes once they ended, or after `drain_s`."""
         log.info("worker %s left", handle.worker_id)
-        with contextlib.suppress(KeyError):
-            CACHED_BLOCKS.remove(handle.worker_id)
+        for gauge in (CACHED_BLOCKS, OFFLOADED_BLOCKS):
+            with contextlib.suppress(KeyError):
+                gauge.remove(handle.worker_id)
         if handle.events_task is not None:
             handle.events_task.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):

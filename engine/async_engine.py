@@ -80,6 +80,8 @@ class AsyncEngine:
         self._dead: BaseException | None = None
         self._kv_listener: tuple[asyncio.AbstractEventLoop, asyncio.Event] | None = None  # see notify_kv_events
         self.remote_kv = AsyncRemoteKV(self)
+        if self._llm.offload is not None:  # its writer thread makes blocks readable between steps too
+            self._llm.offload.on_events = self._wake_kv_listener
         self._thread = threading.Thread(target=self._run, name="tandem-engine", daemon=True)
         self._thread.start()
 
@@ -160,7 +162,7 @@ class AsyncEngine:
     def has_kv_events(self) -> bool:
         """Whether `drain_kv_events` has changes to return, read now from any thread without waiting for the
         engine (a change made meanwhile is seen by the next call)."""
-        return self._llm.block_manager.has_events
+        return self._llm.has_kv_events
 
     def notify_kv_events(self, event: asyncio.Event) -> None:
         """Set `event` (on the calling loop) once `has_kv_events` may be true: now if it is, else after the
@@ -291,7 +293,7 @@ class AsyncEngine:
                             return
                 for out in self._llm.step():
                     self._deliver(out.request_id, out, last=out.finished)
-                if self._kv_listener is not None and self._llm.block_manager.has_events:  # re-read under the lock
+                if self._kv_listener is not None and self._llm.has_kv_events:  # re-read under the lock
                     self._wake_kv_listener()
         except BaseException as exc:
             self._die(exc)

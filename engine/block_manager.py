@@ -69,6 +69,11 @@ class KVCacheEvents:
     stored: tuple[int, ...]
     removed: tuple[int, ...]
     snapshot: tuple[int, ...] | None = None  # every cached hash as of the drain, when asked for
+    # the second tier's (engine.kv_offload), in the same way: readable there, left it, every readable hash
+    offloaded: tuple[int, ...] = ()
+    unoffloaded: tuple[int, ...] = ()
+    offload_snapshot: tuple[int, ...] | None = None
+    offload_block_cost: float = 0.0  # loading one block from the tier, in blocks of prefill work (0: unknown)
 
 
 class OffloadTier(Protocol):

@@ -22,7 +22,7 @@ import tempfile
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -90,6 +90,12 @@ class KVOffloadTier:
         self._queried = self._stored = self._loaded = self._evicted = self._dropped = 0
         self._finished_on_reuse = 0
         self._store_s = self._load_s = 0.0
+        # KV events (for KV-aware routing): hashes that became readable here and that left, since the last drain
+        self.record_events = False
+        self.on_events: Callable[[], None] | None = None  # called (any thread) after a change is recorded
+        self._events_stored: set[int] = set()
+        self._events_removed: set[int] = set()
+        self._probe_load_s = self._measure_load(pool.scratch_block)
         self._writer: threading.Thread | None = None
         if background_writes:
             self._writer = threading.Thread(target=self._write_loop, name="tandem-kv-offload", daemon=True)
@@ -157,6 +163,10 @@ class KVOffloadTier:
             with write.lock:
                 write.done = True  # one not started is dropped
         with self._lock:
+            for block_hash, entry in self._index.items():
+                if entry.pending is None:
+                    self._record_removed(block_hash)
+            self._events_stored.clear()
             self._pending.clear()
             self._index.clear()
             self._free_slots = list(range(self.capacity_blocks - 1, -1, -1))
@@ -199,6 +209,7 @@ class KVOffloadTier:
         if victim is None:
             return None
         self._evicted += 1
+        self._record_removed(victim)
         return self._index.pop(victim).slot
 
     def _copy(self, dst: torch.Tensor, src: torch.Tensor) -> None:
@@ -224,8 +235,48 @@ class KVOffloadTier:
             if self._pending.get(write.block_id) is write:
                 del self._pending[write.block_id]
             entry = self._index.get(write.block_hash)
+            became_readable = entry is not None and entry.pending is write
             if entry is not None and entry.pending is write:
                 entry.pending = None
+                if self.record_events:
+                    self._events_removed.discard(write.block_hash)
+                    self._events_stored.add(write.block_hash)
             self._stored += 1
             self._store_s += elapsed
             self._finished_on_reuse += on_reuse
+        if became_readable and self.record_events and self.on_events is not None:
+            self.on_events()
+
+    # -- KV events and costs ----------------------------------------------------------------------------
+    @property
+    def has_events(self) -> bool:
+        return bool(self._events_stored or self._events_removed)
+
+    def drain_events(self, with_snapshot: bool) -> tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...] | None]:
+        """(became readable, left, every readable hash when `with_snapshot`) since the last drain. Apply the
+        first, then the second: exact whatever the order of the changes."""
+        with self._lock:
+            stored, removed = tuple(self._events_stored), tuple(self._events_removed)
+            self._events_stored.clear()
+            self._events_removed.clear()
+            snapshot = tuple(h for h, e in self._index.items() if e.pending is None) if with_snapshot else None
+        return stored, removed, snapshot
+
+    def load_seconds_per_block(self) -> float:
+        """Measured: the mean of the loads so far, or the start-up probe's before any."""
+        with self._lock:
+            return self._load_s / self._loaded if self._loaded else self._probe_load_s
+
+    def _measure_load(self, scratch_block: int, repeats: int = 3) -> float:
+        """Seconds to load one block into the pool, timed on the pool's scratch block (never handed out)."""
+        best = float("inf")
+        for _ in range(repeats):
+            started = time.perf_counter()
+            self._copy(self._pool_rows[:, scratch_block], self._slots[0])
+            best = min(best, time.perf_counter() - started)
+        return best
+
+    def _record_removed(self, block_hash: int) -> None:
+        """(lock held) `block_hash` leaves the tier; a readable entry was reported as stored."""
+        if self.record_events:
+            self._events_removed.add(block_hash)

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Iterable, Sequence
+from dataclasses import replace
 
 from engine.block_manager import BlockManager, KVCacheEvents, salted_root
 from engine.config import EngineConfig
@@ -16,6 +18,7 @@ from engine.loader.engine_parts import LoadedEngineParts, build_engine_parts
 from engine.model_runner import SequenceResult
 from engine.ngram import propose_ngram_drafts
 from engine.outputs import EngineStats, RequestOutput
+from engine.prefill_cost import PrefillCost
 from engine.remote_kv import RemoteKV
 from engine.request import EngineRequest, RequestValidator
 from engine.request_state import RequestState
@@ -50,6 +53,7 @@ class LLMEngine:
                 raise ValueError(f"kv_offload_bytes ({self.config.kv_offload_bytes}) holds no KV block "
                                  f"({self.parts.pool.spec.bytes_per_block} bytes each)")
             self.offload = KVOffloadTier(self.parts.pool, capacity, self.config.kv_offload_dir)
+            self.offload.record_events = self.config.record_kv_events
             self.block_manager.offload = self.offload
         self.scheduler = Scheduler(self.config.scheduler_config(self.max_model_len), self.block_manager)
         self.runner = self.parts.runner
@@ -61,6 +65,7 @@ class LLMEngine:
         self.num_draft_tokens_proposed = 0
         self.num_draft_tokens_accepted = 0
         self.kv_hook: KVStepHook | None = None
+        self.prefill_cost = PrefillCost()
         self.pipeline = StepPipeline(self) if self.config.async_scheduling else None
 
     @property
@@ -179,9 +184,13 @@ class LLMEngine:
         return self._commit(items, results)
 
     def _execute(self, plan: SchedulerOutput) -> dict[str, SequenceResult]:
+        started = time.perf_counter()
         if self.pipeline is not None:  # the model runs on the pipeline's forward thread only
-            return self.pipeline.run_whole(lambda: self.runner.execute(plan))
-        return self.runner.execute(plan)
+            results = self.pipeline.run_whole(lambda: self.runner.execute(plan))
+        else:
+            results = self.runner.execute(plan)
+        self.prefill_cost.observe(plan, time.perf_counter() - started)
+        return results
 
     def _commit(self, items: Iterable[ScheduledSequence], results: dict[str, SequenceResult]) -> list[RequestOutput]:
         outputs = []
@@ -260,9 +269,26 @@ class LLMEngine:
                            offload=None if self.offload is None else self.offload.stats())
 
     def drain_kv_events(self, with_snapshot: bool = False) -> KVCacheEvents:
-        """Prefix-cache changes since the last drain (config.record_kv_events), and with
-        `with_snapshot` every cached hash now, read together (exact as of this call)."""
-        return self.block_manager.drain_events(with_snapshot)
+        """Prefix-cache changes since the last drain (config.record_kv_events), in the pool and in the second tier,
+        and with `with_snapshot` every cached hash now, read together (exact as of this call)."""
+        events = self.block_manager.drain_events(with_snapshot)
+        if self.offload is None:
+            return events
+        stored, removed, snapshot = self.offload.drain_events(with_snapshot)
+        return replace(events, offloaded=stored, unoffloaded=removed, offload_snapshot=snapshot,
+                       offload_block_cost=self.offload_block_cost())
+
+    def offload_block_cost(self) -> float:
+        """Loading a block from the second tier in blocks of prefill work, both measured here (0: not yet known)."""
+        per_token = self.prefill_cost.seconds_per_token
+        if self.offload is None or per_token == 0.0:
+            return 0.0
+        return self.offload.load_seconds_per_block() / (per_token * self.config.block_size)
+
+    @property
+    def has_kv_events(self) -> bool:
+        """Whether `drain_kv_events` would return changes (safe from any thread; see BlockManager.has_events)."""
+        return self.block_manager.has_events or (self.offload is not None and self.offload.has_events)
 
     def reset_prefix_cache(self) -> None:
         """Forget every cached block, in the pool and in the second tier."""

@@ -138,7 +138,13 @@ class StepPipeline:
         engine.scheduler.mark_in_flight(plan)
         engine.num_steps += 1
         engine.num_computed_tokens_total += plan.num_tokens
-        self._in_flight = (plan, self._executor.submit(self._runner.execute_prepared, inputs))
+        self._in_flight = (plan, self._executor.submit(self._timed_forward, plan, inputs))
+
+    def _timed_forward(self, plan: SchedulerOutput, inputs: StepInputs) -> dict[str, SequenceResult]:
+        started = time.perf_counter()
+        results = self._runner.execute_prepared(inputs)
+        self._engine.prefill_cost.observe(plan, time.perf_counter() - started)
+        return results
 
     def _commit_in_flight(self) -> None:
         assert self._in_flight is not None

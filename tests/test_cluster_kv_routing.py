@@ -40,12 +40,13 @@ def _computed(worker) -> tuple[float, float]:  # type: ignore[no-untyped-def]
             metric(text, "tandem_prefill_tokens_total", kind="cached"))
 
 
-async def _until_router_sees_cached(cluster: Cluster, worker_id: str, blocks: int) -> None:
-    for _ in range(100):
-        if metric(router_metrics(cluster), "tandem_router_worker_cached_blocks", worker=worker_id) >= blocks:
+async def _until_router_sees(cluster: Cluster, worker_id: str, blocks: int, where: str = "cached") -> None:
+    """Until the router knows `blocks` blocks of the worker's prefix cache (`cached`) or second tier (`offloaded`)."""
+    for _ in range(200):
+        if metric(router_metrics(cluster), f"tandem_router_worker_{where}_blocks", worker=worker_id) >= blocks:
             return
         await asyncio.sleep(0.05)
-    raise AssertionError(f"the router never saw {blocks} cached blocks on {worker_id}")
+    raise AssertionError(f"the router never saw {blocks} {where} blocks on {worker_id}")
 
 
 @pytest.mark.slow
@@ -58,7 +59,7 @@ async def test_shared_prefix_goes_to_the_prefill_worker_holding_it(tiny_llama_di
         await _generate(cluster, prefix)
         after = _routed(cluster)
         holder = next(w for w in after if after[w] > before[w])
-        await _until_router_sees_cached(cluster, holder, 10)
+        await _until_router_sees(cluster, holder, 10)
 
         for round_ in range(3):  # every time to the holder, whatever the round-robin tie-break would say
             worker = next(p for p in cluster.role("prefill") if p.worker_id == holder)
@@ -84,4 +85,43 @@ async def test_shared_prefix_goes_to_the_prefill_worker_holding_it(tiny_llama_di
         await _generate(cluster, prefix[:9 * BLOCK] + [7] * 20, prompt_logprobs=1)
         assert overlap == [metric(router_metrics(cluster), "tandem_router_prefix_overlap_blocks_total", worker=w)
                            for w in (holder, decode.worker_id)]
+        await assert_pools_clean(cluster)
+
+
+
+@pytest.mark.slow
+async def test_a_prefix_in_a_workers_second_tier_draws_the_request_there(tiny_llama_dir) -> None:
+    """Two aggregated workers with small pools and a second KV tier. A prompt's blocks leave its worker's pool
+    for that worker's tier (other prompts evict them); the router learns it from the worker's KV events, and a
+    prompt sharing the prefix goes to that worker, which loads the blocks instead of computing them."""
+    rng = random.Random(11)
+    with tandem_up("--both", "2", "--prefill", "0", "--decode", "0", "--model", str(tiny_llama_dir),
+                   "--dtype", "float32", "--num-kv-blocks", "24", "--kv-offload-gib", "0.002") as cluster:
+        workers = {w.worker_id: w for w in cluster.role("both")}
+
+        def routed() -> dict[str, float]:
+            text = router_metrics(cluster)
+            return {w: metric(text, "tandem_router_routed_total", pool="decode", worker=w) for w in workers}
+
+        prefix = [rng.randrange(4, 512) for _ in range(10 * BLOCK)]
+        before = routed()
+        await _generate(cluster, prefix)
+        holder = next(w for w, n in routed().items() if n > before[w])
+        for _ in range(4):  # 12-block prompts, to both workers in turn: the holder's pool (24 blocks) evicts the prefix
+            await _generate(cluster, [rng.randrange(4, 512) for _ in range(12 * BLOCK)])
+        await _until_router_sees(cluster, holder, 10, where="offloaded")
+
+        computed0, cached0 = _computed(workers[holder])
+        loads0 = metric(worker_metrics(workers[holder]), "tandem_kv_offload_blocks_total", op="load")
+        overlap0 = metric(router_metrics(cluster), "tandem_router_prefix_overlap_blocks_total", worker=holder)
+        before = routed()
+        await _generate(cluster, prefix[:9 * BLOCK] + [rng.randrange(4, 512) for _ in range(30)])
+        after = routed()
+        assert {w: after[w] - before[w] for w in after} == {w: float(w == holder) for w in after}
+        assert metric(router_metrics(cluster), "tandem_router_prefix_overlap_blocks_total", worker=holder) \
+            - overlap0 == 9
+        computed1, cached1 = _computed(workers[holder])
+        assert (computed1 - computed0, cached1 - cached0) == (30, 9 * BLOCK)  # loaded from the tier, not computed
+        loads = metric(worker_metrics(workers[holder]), "tandem_kv_offload_blocks_total", op="load") - loads0
+        assert loads == 9  # the prefix had left the pool: every block of it came from the tier
         await assert_pools_clean(cluster)

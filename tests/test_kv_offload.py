@@ -97,6 +97,26 @@ def test_lru_within_capacity_and_no_room_while_every_slot_is_written() -> None:
     tier.check_integrity()
 
 
+def test_events_say_what_became_readable_and_what_left() -> None:
+    pool = _pool()
+    tier = KVOffloadTier(pool, capacity_blocks=2, background_writes=False)
+    tier.record_events = True
+    bm = BlockManager(8, BLOCK, enable_prefix_caching=True)
+    bm.offload = tier
+    a_ids, a = _cached(bm, list(range(0, 8)))
+    bm.release(a_ids)
+    assert not tier.has_events  # queued copies are not readable yet
+    tier.flush()
+    assert tier.has_events and tier.drain_events(with_snapshot=False) == (tuple(a), (), None)
+    b_ids, b = _cached(bm, list(range(10, 14)))
+    bm.release(b_ids)  # evicts a[1]: the pool frees a sequence's tail first, so its tail is the older entry
+    tier.flush()
+    stored, removed, snapshot = tier.drain_events(with_snapshot=True)
+    assert (stored, removed) == (tuple(b), (a[1],)) and set(snapshot or ()) == {a[0], b[0]}
+    tier.clear()
+    assert set(tier.drain_events(with_snapshot=False)[1]) == {a[0], b[0]} and not tier.has_events
+
+
 def test_background_writer_stores_freed_blocks() -> None:
     pool = _pool(num_blocks=16, dtype=torch.float32)
     tier = KVOffloadTier(pool, capacity_blocks=16)
@@ -171,6 +191,8 @@ def test_returning_prefix_is_loaded_not_computed_and_outputs_stay_exact(default_
         for later, recomputed in zip(computed[1:], no_tier_computed[1:], strict=True):
             assert later < recomputed / 3, (computed, no_tier_computed)
         assert tier.stats().loaded_blocks >= 2 * 3 * (200 // 16)
+        # priced for routing from what was measured here: a load is a small fraction of computing the block
+        assert 0 < engine.offload_block_cost() < 0.5
         engine.check_integrity()
         tier.check_integrity()
     finally:

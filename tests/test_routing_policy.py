@@ -57,6 +57,23 @@ def test_kv_aware_cost_is_weighted_missing_blocks_plus_inflight() -> None:
     assert policy.cost(worker("d", "decode", inflight=4, cached=HASHES), HASHES) == 4  # load alone
 
 
+def test_a_block_in_the_second_tier_costs_its_measured_load_price() -> None:
+    """A block only in a worker's second tier extends its held prefix and costs `offload_block_cost` blocks of
+    work (1, as if computed, until the worker has measured it); one in the pool costs nothing."""
+    policy = RoutingPolicy("kv_aware")
+    tiered = worker("p-tier", "prefill", cached=HASHES[:2])
+    tiered.offloaded_blocks = set(HASHES[1:6])  # blocks 2..5 only in the tier; 102 in both
+    assert tiered.held_prefix(HASHES) == (6, 4) and tiered.overlap_blocks(HASHES) == 6
+    assert policy.cost(tiered, HASHES) == 2 + 4 * 1.0  # unmeasured: tier blocks priced as computed ones
+    tiered.offload_block_cost = 0.05
+    assert policy.cost(tiered, HASHES) == pytest.approx(2 + 4 * 0.05)
+    pool_only = worker("p-pool", "prefill", cached=HASHES[:4])
+    route = policy.route([worker("d", "decode")], [pool_only, tiered], HASHES)
+    assert route.prefill[0] is tiered and route.overlap_blocks == 6  # 2.2 blocks of work against 4
+    tiered.offload_block_cost = 0.6
+    assert policy.route([worker("d", "decode")], [pool_only, tiered], HASHES).prefill[0] is pool_only  # 4.4 > 4
+
+
 def test_kv_aware_trades_overlap_against_load() -> None:
     """A busy worker with the cache loses to an idle one once its load outweighs the blocks it saves."""
     cached = worker("p-cached", "prefill", inflight=3, cached=HASHES[:4])  # cost 4 * w + 3

@@ -66,13 +66,18 @@ class KVEventHub:
                 continue
             joining = [q for q in self._joining if wanted]
             self._joining = [q for q in self._joining if q not in joining]
-            if events.stored or events.removed:
+            if events.stored or events.removed or events.offloaded or events.unoffloaded:
                 batch = worker_pb2.KVEventBatch(stored_block_hashes=events.stored,
-                                                removed_block_hashes=events.removed)
+                                                removed_block_hashes=events.removed,
+                                                offloaded_block_hashes=events.offloaded,
+                                                unoffloaded_block_hashes=events.unoffloaded,
+                                                offload_block_cost=events.offload_block_cost)
                 for queue in self._subscribers:
                     queue.put_nowait(batch)
             if joining:
-                first = worker_pb2.KVEventBatch(stored_block_hashes=events.snapshot or (), cleared=True)
+                first = worker_pb2.KVEventBatch(stored_block_hashes=events.snapshot or (), cleared=True,
+                                                offloaded_block_hashes=events.offload_snapshot or (),
+                                                offload_block_cost=events.offload_block_cost)
                 for queue in joining:
                     queue.put_nowait(first)
                 self._subscribers.extend(joining)

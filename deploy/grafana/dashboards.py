@@ -264,10 +264,13 @@ def pools_dashboard() -> dict:
                    Query(f'sum by (worker, op) (rate(tandem_kv_offload_blocks_total{{op=~"evict|drop", {NS}}}'
                          f"[{RATE}]))", "{{op}}/s {{worker}}")], width=8),
         PanelSpec("Prefix overlap at routing", "Prompt blocks per second the chosen worker already held (from its "
-                  "KV events), and blocks each worker's cache holds as the routers know it.", "short",
+                  "KV events), and blocks each worker's cache and second KV tier hold as the routers know them.",
+                  "short",
                   [Query(f"sum by (worker) (rate(tandem_router_prefix_overlap_blocks_total{{{NS}}}[{RATE}]))",
                          "reused/s {{worker}}"),
-                   Query(f"max by (worker) (tandem_router_worker_cached_blocks{{{NS}}})", "cached {{worker}}")]),
+                   Query(f"max by (worker) (tandem_router_worker_cached_blocks{{{NS}}})", "cached {{worker}}"),
+                   Query(f"max by (worker) (tandem_router_worker_offloaded_blocks{{{NS}}})",
+                         "offloaded {{worker}}")]),
         PanelSpec("KV events received", "KV-event batches, and block hashes stored and removed in them, that the "
                   "routers received from all workers per second.", "short",
                   [Query(f"sum (rate(tandem_router_kv_event_batches_total{{{NS}}}[{RATE}]))", "batches/s"),
