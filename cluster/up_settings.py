@@ -35,7 +35,7 @@ class UpSettings(SecuritySettings):
     dtype: ComputeDtype = field(default="auto", metadata=described("compute dtype of the workers"))
     num_kv_blocks: int | None = field(default=None, metadata=described("KV blocks per worker"))
     kv_offload_gib: float = field(default=0.0, metadata=described(
-        "each worker's second KV tier in GiB (evicted prefix blocks kept and loaded back; see worker); 0: none"))
+        "each worker's second KV tier in GiB (cached blocks kept past the pool's eviction; see worker); 0: none"))
     kv_offload_dir: str | None = field(default=None, metadata=described("directory of the second tiers' files"))
     max_num_seqs: int = field(default=64, metadata=described("most sequences in one worker's batch"))
     min_remote_prefill_tokens: int = field(default=32, metadata=described("shorter prompts prefill on decode"))
@@ -88,6 +88,8 @@ class UpSettings(SecuritySettings):
         etcd_access = self.etcd_access()
         if not self.etcd and (etcd_access.tls or etcd_access.user is not None):
             raise ValueError("etcd TLS and user options need --etcd: the local etcd is plaintext, without auth")
+        if not self.kv_offload_gib >= 0:
+            raise ValueError(f"kv_offload_gib must be >= 0, got {self.kv_offload_gib}")
         if min(self.prefill, self.decode, self.both) < 0 or self.decode + self.both == 0:
             raise ValueError("need at least one decode or aggregated worker, and no negative counts")
         if self.planner and self.both:

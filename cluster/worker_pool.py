@@ -45,16 +45,16 @@ class WorkerHandle:
         return self.record.worker_id
 
     def held_prefix(self, block_hashes: list[int]) -> tuple[int, int]:
-        """(leading blocks of a prompt it holds, in its pool or its second tier; of those, the ones only in the
-        tier). A prefix needs every block before it."""
-        held = offloaded = 0
-        for h in block_hashes:
-            if h not in self.cached_blocks:
-                if h not in self.offloaded_blocks:
-                    break
-                offloaded += 1
+        """(leading blocks of a prompt it holds, of those the ones it loads from its second tier), as its engine
+        finds them: the pool's run of leading blocks, then the tier's run after it. A prefix needs every block
+        before it."""
+        held = 0
+        while held < len(block_hashes) and block_hashes[held] in self.cached_blocks:
             held += 1
-        return held, offloaded
+        offloaded = 0
+        while held + offloaded < len(block_hashes) and block_hashes[held + offloaded] in self.offloaded_blocks:
+            offloaded += 1
+        return held + offloaded, offloaded
 
     def overlap_blocks(self, block_hashes: list[int]) -> int:
         """Leading blocks of a prompt it holds (pool or second tier)."""
@@ -189,6 +189,8 @@ class WorkerPool:
                     KV_EVENT_HASHES.labels("snapshot" if batch.cleared else "stored").inc(
                         len(batch.stored_block_hashes))
                     KV_EVENT_HASHES.labels("removed").inc(len(batch.removed_block_hashes))
+                    KV_EVENT_HASHES.labels("offloaded").inc(len(batch.offloaded_block_hashes))
+                    KV_EVENT_HASHES.labels("unoffloaded").inc(len(batch.unoffloaded_block_hashes))
                     if batch.cleared:
                         handle.cached_blocks.clear()
                         handle.offloaded_blocks.clear()

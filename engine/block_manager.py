@@ -79,18 +79,20 @@ class KVCacheEvents:
 class OffloadTier(Protocol):
     """A second KV tier behind the pool (engine.kv_offload): it is told when a cached block becomes free (it may
     copy the block's KV out, off the engine thread) and before a cached block is reused (the copy must be done
-    or dropped by the time this returns: the block's slots are written next)."""
+    or dropped by the time this returns: the block's slots are written next). Prefix hits in it are staged at
+    admission and copied into the pool by `run_staged`, which the engine calls while no forward runs."""
 
     def freed(self, block_id: int, block_hash: int, token_ids: tuple[int, ...]) -> None: ...
 
     def reusing(self, block_id: int) -> None: ...
 
-    def match(self, block_hashes: Sequence[int], token_ids: Sequence[int], first_block: int) -> list[int]:
+    def match(self, block_hashes: Sequence[int], token_ids: Sequence[int], first_block: int,
+              touch: bool = True) -> list[int]:
         """The longest readable run of `block_hashes`, which are blocks `first_block`, ... of `token_ids`."""
 
-    def load(self, block_hashes: Sequence[int], block_ids: Sequence[int], num_looked_up: int) -> None:
-        """Copy matched entries into pool blocks (done when it returns); `num_looked_up` blocks were looked for."""
-
+    def stage(self, block_hashes: Sequence[int], block_ids: Sequence[int], num_looked_up: int) -> None:
+        """Hold matched entries for pool blocks `block_ids` until `run_staged` copies them; `num_looked_up`
+        blocks were looked for."""
 
 class NoFreeBlocksError(RuntimeError):
     """Internal: the scheduler asked for more blocks than `can_allocate` promised."""
@@ -128,9 +130,13 @@ class BlockManager:
     def find_cached_prefix(self, block_hashes: Sequence[int], token_ids: Sequence[int]) -> list[int]:
         """Block ids holding the longest cached prefix among `block_hashes` (not yet referenced)."""
         hits = self.peek_cached_prefix(block_hashes, token_ids)
-        self.stats_queried_blocks += len(block_hashes)
-        self.stats_hit_blocks += len(hits)
+        self.count_lookup(len(block_hashes), len(hits))
         return hits
+
+    def count_lookup(self, num_queried: int, num_hits: int) -> None:
+        """Count one admitted sequence's lookup (a sequence not admitted yet is looked up again)."""
+        self.stats_queried_blocks += num_queried
+        self.stats_hit_blocks += num_hits
 
     def peek_cached_prefix(self, block_hashes: Sequence[int], token_ids: Sequence[int]) -> list[int]:
         """`find_cached_prefix` without counting it as a lookup (for routing decisions)."""

@@ -135,8 +135,9 @@ class EngineConfig:
     block_size: int = 16
     kv_cache_memory_bytes: int = 1 << 30
     num_kv_blocks: int | None = None  # overrides kv_cache_memory_bytes
-    # a second KV tier of this many bytes (engine.kv_offload): cached blocks evicted from the pool are kept there
-    # and loaded back on a prefix hit; a memory-mapped file in `kv_offload_dir` (default: the temp dir) on a CPU,
+    # a second KV tier of this many bytes (engine.kv_offload): cached blocks are copied there when the pool frees
+    # them, so that once the pool evicts them they are loaded back on a prefix hit instead of recomputed; a
+    # memory-mapped file in `kv_offload_dir` (default: the temp dir; its space is allocated at start) on a CPU,
     # pinned host memory on a GPU; 0: none
     kv_offload_bytes: int = 0
     kv_offload_dir: str | None = None
@@ -173,6 +174,8 @@ class EngineConfig:
             raise ValueError("kv_cache_memory_bytes must be positive")
         if self.kv_offload_bytes < 0:
             raise ValueError(f"kv_offload_bytes must be >= 0, got {self.kv_offload_bytes}")
+        if self.kv_offload_bytes and not self.enable_prefix_caching:
+            raise ValueError("a KV offload tier keeps prefix-cache blocks: it needs enable_prefix_caching")
         if self.max_model_len is not None and self.max_model_len < 2:
             raise ValueError(f"max_model_len must be >= 2, got {self.max_model_len}")
         if self.max_num_seqs < 1 or self.max_num_batched_tokens < 1:

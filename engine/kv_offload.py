@@ -48,18 +48,28 @@ class _Entry:
     slot: int
     token_ids: tuple[int, ...]
     pending: _Write | None  # the copy filling the slot; None once it is complete (the entry is readable)
+    staged: int = 0  # loads into the pool staged and not yet run: the entry is not evicted meanwhile
 
 
 def _mapped_file(directory: str | None, num_bytes: int) -> tuple[np.memmap, torch.Tensor]:
-    """A file of `num_bytes` mapped shared (sparse: disk is used as blocks are written), unlinked at once so
-    that nothing outlives the process."""
+    """A file of `num_bytes` mapped shared, unlinked at once so that nothing outlives the process. Its space is
+    allocated now (OSError here if the disk is too small): a write into a mapped page of a full file system
+    would kill the process with SIGBUS later."""
     fd, path = tempfile.mkstemp(prefix="tandem-kv-offload-", dir=directory)
     try:
+        os.posix_fallocate(fd, 0, num_bytes)
         os.close(fd)
-        mapped = np.memmap(path, dtype=np.uint8, mode="w+", shape=(num_bytes,))
+        mapped = np.memmap(path, dtype=np.uint8, mode="r+", shape=(num_bytes,))
     finally:
         os.unlink(path)
     return mapped, torch.from_numpy(mapped)
+
+
+def _pinned_host(num_bytes: int) -> torch.Tensor:
+    """Page-locked host memory of exactly `num_bytes` (torch's pinned allocator rounds up to a power of two)."""
+    flat = torch.empty(num_bytes, dtype=torch.uint8)
+    torch.cuda.cudart().cudaHostRegister(flat.data_ptr(), num_bytes, 0)
+    return flat
 
 
 class KVOffloadTier:
@@ -77,8 +87,10 @@ class KVOffloadTier:
         self.block_bytes = layers * row_bytes
         self._on_gpu = self._pool_rows.device.type == "cuda"
         self._mapping: np.memmap | None = None
+        # GPU: copies into the tier run on a stream of their own, so they do not queue behind the forward
+        self._stream = torch.cuda.Stream(self._pool_rows.device) if self._on_gpu else None
         if self._on_gpu:
-            flat = torch.empty(capacity_blocks * self.block_bytes, dtype=torch.uint8, pin_memory=True)
+            flat = _pinned_host(capacity_blocks * self.block_bytes)
         else:
             self._mapping, flat = _mapped_file(directory, capacity_blocks * self.block_bytes)
         self._slots = flat.view(capacity_blocks, layers, row_bytes)
@@ -86,6 +98,7 @@ class KVOffloadTier:
         self._index: OrderedDict[int, _Entry] = OrderedDict()  # hash → entry, least recently used first
         self._free_slots = list(range(capacity_blocks - 1, -1, -1))
         self._pending: dict[int, _Write] = {}  # pool block id → its copy not yet finished
+        self._staged: list[tuple[int, int]] = []  # (hash, pool block id) of loads not yet run (engine thread only)
         self._queue: queue.SimpleQueue[_Write | None] = queue.SimpleQueue()
         self._queried = self._stored = self._loaded = self._evicted = self._dropped = 0
         self._finished_on_reuse = 0
@@ -125,10 +138,11 @@ class KVOffloadTier:
             self._run(write, on_reuse=True)
 
     # -- prefix hits (engine thread) --------------------------------------------------------------------
-    def match(self, block_hashes: Sequence[int], token_ids: Sequence[int], first_block: int) -> list[int]:
+    def match(self, block_hashes: Sequence[int], token_ids: Sequence[int], first_block: int,
+              touch: bool = True) -> list[int]:
         """The longest run of `block_hashes` (blocks `first_block`, `first_block` + 1, ... of `token_ids`) that
-        is readable here; `load` brings them into the pool. Counts nothing (a request not admitted is matched
-        again at the next step)."""
+        is readable here. Counts nothing (a request not admitted is matched again at the next step); `touch`:
+        they become the most recently used."""
         size = self._block_size
         found: list[int] = []
         with self._lock:
@@ -137,26 +151,43 @@ class KVOffloadTier:
                 if (entry is None or entry.pending is not None
                         or entry.token_ids != tuple(token_ids[block * size:(block + 1) * size])):
                     break
-                self._index.move_to_end(block_hash)
+                if touch:
+                    self._index.move_to_end(block_hash)
                 found.append(block_hash)
         return found
 
-    def load(self, block_hashes: Sequence[int], block_ids: Sequence[int], num_looked_up: int) -> None:
-        """Copy the entries `match` returned into pool blocks `block_ids` (same order); done when it returns.
-        `num_looked_up`: blocks of the request the pool lacked (for the hit rate)."""
-        started = time.perf_counter()
+    def stage(self, block_hashes: Sequence[int], block_ids: Sequence[int], num_looked_up: int) -> None:
+        """Hold the entries `match` returned, to be copied into pool blocks `block_ids` (same order) by
+        `run_staged`; `num_looked_up`: blocks of the request the pool lacked (for the hit rate)."""
         with self._lock:
-            slots = [self._index[h].slot for h in block_hashes]
-        for slot, block_id in zip(slots, block_ids, strict=True):
-            self._copy(self._pool_rows[:, block_id], self._slots[slot])
-        with self._lock:
+            for block_hash, block_id in zip(block_hashes, block_ids, strict=True):
+                self._index[block_hash].staged += 1
+                self._staged.append((block_hash, block_id))
             self._queried += num_looked_up
-            self._loaded += len(slots)
+
+    def run_staged(self) -> None:
+        """Copy every staged entry into its pool block; done when it returns. The engine calls it while no forward
+        runs (a forward in flight may still write a block that was freed and handed out again)."""
+        if not self._staged:
+            return
+        started = time.perf_counter()
+        staged, self._staged = self._staged, []
+        with self._lock:
+            slots = [self._index[block_hash].slot for block_hash, _ in staged]
+        for slot, (_, block_id) in zip(slots, staged, strict=True):
+            self._copy(self._pool_rows[:, block_id], self._slots[slot])
+        if self._on_gpu:
+            torch.cuda.current_stream(self._pool_rows.device).synchronize()  # timed to the end of the copies
+        with self._lock:
+            for block_hash, _ in staged:
+                self._index[block_hash].staged -= 1
+            self._loaded += len(staged)
             self._load_s += time.perf_counter() - started
 
     # -- housekeeping -----------------------------------------------------------------------------------
     def clear(self) -> None:
-        """Forget every entry (a prefix-cache reset); copies under way finish first."""
+        """Forget every entry (a prefix-cache reset); copies under way finish first. Nothing may be staged."""
+        assert not self._staged, "run the staged loads before clearing"
         with self._lock:
             writes = list(self._pending.values())
         for write in writes:
@@ -205,7 +236,7 @@ class KVOffloadTier:
         """A free slot, evicting the least recently used readable entry if none is (lock held)."""
         if self._free_slots:
             return self._free_slots.pop()
-        victim = next((h for h, e in self._index.items() if e.pending is None), None)
+        victim = next((h for h, e in self._index.items() if e.pending is None and not e.staged), None)
         if victim is None:
             return None
         self._evicted += 1
@@ -213,11 +244,23 @@ class KVOffloadTier:
         return self._index.pop(victim).slot
 
     def _copy(self, dst: torch.Tensor, src: torch.Tensor) -> None:
-        """A blocking copy. On a CPU through NumPy: one thread, no OpenMP team beside the forward's, GIL released."""
+        """On a CPU a blocking copy through NumPy: one thread, no OpenMP team beside the forward's, GIL released.
+        On a GPU queued on the current stream: a load (the engine's stream) is ordered before the next forward; a
+        store runs on the tier's stream (`_write`), which it synchronizes."""
         if self._on_gpu:
-            dst.copy_(src)  # to or from pinned host memory on the current stream; blocking, so done on return
+            dst.copy_(src, non_blocking=True)
         else:
             np.copyto(dst.numpy(), src.numpy())
+
+    def _write(self, slot: int, block_id: int) -> None:
+        """Copy pool block `block_id` into `slot`; done when it returns. The block's KV was written by a forward
+        that has ended (a block is registered, and so cached, only once its step is committed)."""
+        if self._stream is None:
+            self._copy(self._slots[slot], self._pool_rows[:, block_id])
+            return
+        with torch.cuda.stream(self._stream):
+            self._copy(self._slots[slot], self._pool_rows[:, block_id])
+        self._stream.synchronize()
 
     def _write_loop(self) -> None:
         while (write := self._queue.get()) is not None:
@@ -228,7 +271,7 @@ class KVOffloadTier:
             if write.done:
                 return
             started = time.perf_counter()
-            self._copy(self._slots[write.slot], self._pool_rows[:, write.block_id])
+            self._write(write.slot, write.block_id)
             write.done = True
             elapsed = time.perf_counter() - started
         with self._lock:
@@ -273,6 +316,8 @@ class KVOffloadTier:
         for _ in range(repeats):
             started = time.perf_counter()
             self._copy(self._pool_rows[:, scratch_block], self._slots[0])
+            if self._on_gpu:
+                torch.cuda.current_stream(self._pool_rows.device).synchronize()
             best = min(best, time.perf_counter() - started)
         return best
 

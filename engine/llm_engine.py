@@ -159,6 +159,7 @@ class LLMEngine:
     def _step(self) -> list[RequestOutput]:
         self._propose_drafts()
         plan = self.scheduler.schedule()
+        self.run_staged_loads()
         if plan.is_empty:
             return []
         hook = self.kv_hook
@@ -177,6 +178,11 @@ class LLMEngine:
         if hook is not None:
             hook.step_committed(outputs)
         return outputs
+
+    def run_staged_loads(self) -> None:
+        """Copy the second-tier blocks the last schedule admitted into the pool; only while no forward runs."""
+        if self.offload is not None:
+            self.offload.run_staged()
 
     def commit(self, items: Iterable[ScheduledSequence], results: dict[str, SequenceResult]) -> list[RequestOutput]:
         """Apply a step's results (this engine's, or a remote prefill's first token) to its requests."""

@@ -16,9 +16,13 @@ class PrefillCost:
 
     def __init__(self) -> None:
         self.seconds_per_token = 0.0  # 0: no prefill measured yet
+        self._warmed_up = False  # the first prefill step pays one-time costs (buffers, caches): not measured
 
     def observe(self, plan: SchedulerOutput, seconds: float) -> None:
-        if sum(s.num_tokens for s in plan.segments) < MIN_PREFILL_TOKENS:
+        if sum(s.num_tokens for s in plan.segments if not s.draft_token_ids) < MIN_PREFILL_TOKENS:
+            return
+        if not self._warmed_up:
+            self._warmed_up = True
             return
         sample = seconds / plan.num_tokens
         last = self.seconds_per_token

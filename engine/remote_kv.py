@@ -66,10 +66,14 @@ class RemoteKV:
 
     # -- queries ----------------------------------------------------------------------------------------
     def cached_prefix_tokens(self, token_ids: Sequence[int], cache_salt: str = "") -> int:
-        """Prompt tokens this engine's prefix cache already holds under `cache_salt` (a look, not a
-        lookup: no stats)."""
+        """Prompt tokens this engine's prefix cache already holds under `cache_salt`, in its pool or its second
+        tier (a look, not a lookup: no stats)."""
         hashes = hash_blocks(token_ids, self._blocks.block_size, salted_root(cache_salt))
-        return len(self._blocks.peek_cached_prefix(hashes, token_ids)) * self._blocks.block_size
+        held = len(self._blocks.peek_cached_prefix(hashes, token_ids))
+        offload = self._blocks.offload
+        if offload is not None and held < len(hashes):
+            held += len(offload.match(hashes[held:], token_ids, held, touch=False))
+        return held * self._blocks.block_size
 
     @property
     def num_parked(self) -> int:

@@ -177,11 +177,13 @@ class Scheduler:
             seq = self.waiting[0]
             # Keep at least the last token to compute: its logits produce the next token.
             hashes = hash_blocks(seq.token_ids[:len(seq.token_ids) - 1], self.blocks.block_size, seq.root_hash)
-            hits = [] if seq.needs_prompt_logits else self.blocks.find_cached_prefix(hashes, seq.token_ids)
+            reads_cache = not seq.needs_prompt_logits
+            hits = self.blocks.peek_cached_prefix(hashes, seq.token_ids) if reads_cache else []
             offload = self.blocks.offload
             # blocks the pool lacks that the second tier holds: loaded into fresh blocks, not computed
-            offloaded = ([] if offload is None or seq.needs_prompt_logits or len(hits) == len(hashes)
-                         else offload.match(hashes[len(hits):], seq.token_ids, len(hits)))
+            tier_lookup = reads_cache and len(hits) < len(hashes)
+            offloaded = (offload.match(hashes[len(hits):], seq.token_ids, len(hits))
+                         if offload is not None and tier_lookup else [])
             computed = (len(hits) + len(offloaded)) * self.blocks.block_size
             remaining = len(seq.token_ids) - computed
             if remaining > budget and not self.config.enable_chunked_prefill:
@@ -191,11 +193,15 @@ class Scheduler:
             if need + self.blocks.num_evictable_among(hits) > self.blocks.num_free_blocks:
                 break
             self.waiting.pop(0)
+            if reads_cache:
+                self.blocks.count_lookup(len(hashes), len(hits))
             self.blocks.take_cached(hits)
             fresh = self.blocks.allocate(need)
-            if offload is not None and len(hits) < len(hashes):
+            if offload is not None and tier_lookup:
                 loaded = fresh[:len(offloaded)]
-                offload.load(offloaded, loaded, len(hashes) - len(hits))
+                # copied by the engine before the next forward (one may be running now, async scheduling); the
+                # blocks are registered now: whoever finds them reads them in a later forward too
+                offload.stage(offloaded, loaded, len(hashes) - len(hits))
                 size = self.blocks.block_size
                 for i, (block_id, block_hash) in enumerate(zip(loaded, offloaded, strict=True), start=len(hits)):
                     self.blocks.register_full_block(block_id, block_hash, seq.token_ids[i * size:(i + 1) * size])

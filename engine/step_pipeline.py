@@ -15,7 +15,9 @@ not depend on its batch (fp32 here; bf16 on oneDNN does not promise it).
 Invariants: at most one step is in flight, and at most one prepared; the prepared one was scheduled after the
 one in flight was marked (`Scheduler.mark_in_flight`) and before it was committed; a request's tokens are
 texted before the next step's are committed (so a stop string ends it exactly where the plain step would).
-Steps run in order on one thread, so blocks freed while a step runs are written again only by later steps.
+Steps run in order on one thread, so blocks freed while a step runs are written again only by later steps. Not
+so for a block freed at a commit, before the next step launches: that step may still write it (a row in vain),
+so second-tier loads into blocks admitted by a schedule run only at a launch or a quiesce, with nothing in flight.
 Whatever else touches the engine's state first calls `quiesce()`: nothing in flight, nothing prepared.
 """
 
@@ -110,6 +112,7 @@ class StepPipeline:
         if self._in_flight is not None:
             self._commit_in_flight()
             outputs += self._emit()
+        self._engine.run_staged_loads()  # the dropped step's admissions keep their blocks: they must hold their KV
         return outputs
 
     def take_ready(self) -> list[RequestOutput]:
@@ -135,6 +138,7 @@ class StepPipeline:
     def _launch(self, plan: SchedulerOutput, inputs: StepInputs) -> None:
         engine = self._engine
         inputs = self._runner.fill_awaited(inputs)
+        engine.run_staged_loads()  # nothing is in flight: no forward writes a block they land in
         engine.scheduler.mark_in_flight(plan)
         engine.num_steps += 1
         engine.num_computed_tokens_total += plan.num_tokens

@@ -1,7 +1,7 @@
 """The whole cluster (`tandem up`: etcd, router, workers as OS processes) answers 32 concurrent
 greedy requests of mixed lengths exactly as the engine alone does, through gRPC and through the
-OpenAI API (official client, streaming and not), disaggregated 1P+1D and 2P+1D and aggregated, and 1P+1D
-with async scheduling.
+OpenAI API (official client, streaming and not), disaggregated 1P+1D and 2P+1D and aggregated, 1P+1D
+with async scheduling, and 1P+1D with small pools and a second KV tier.
 Afterwards every worker's block pool is back to free or cached."""
 
 from __future__ import annotations
@@ -16,7 +16,10 @@ CONFIGS = {"1P+1D": ("--prefill", "1", "--decode", "1"), "2P+1D": ("--prefill", 
            "aggregated": ("--prefill", "0", "--decode", "0", "--both", "1"),
            # async scheduling (engine.step_pipeline) on CPU workers: the decode worker pipelines its steps between
            # remote prefills; the prefill worker's KV push hook takes whole steps
-           "1P+1D async": ("--prefill", "1", "--decode", "1", "--async-scheduling", "true")}
+           "1P+1D async": ("--prefill", "1", "--decode", "1", "--async-scheduling", "true"),
+           # pools of 48 blocks, too small for the workload, and a second KV tier: the second pass (OpenAI) finds
+           # the first pass's prompts in the prefill worker's tier, loads them there and pushes them on
+           "1P+1D offload": ("--prefill", "1", "--decode", "1", "--num-kv-blocks", "48", "--kv-offload-gib", "0.002")}
 
 
 @pytest.fixture(scope="module")
@@ -32,8 +35,8 @@ def expected(tiny_llama_dir, jobs) -> list[Expected]:  # type: ignore[no-untyped
 @pytest.mark.slow
 @pytest.mark.parametrize("config", list(CONFIGS))
 async def test_cluster_equals_engine_alone(config: str, tiny_llama_dir, jobs, expected) -> None:  # type: ignore[no-untyped-def]
-    with tandem_up(*CONFIGS[config], "--model", str(tiny_llama_dir), "--dtype", "float32",
-                   "--num-kv-blocks", "256", "--min-remote-prefill-tokens", "8") as cluster:
+    with tandem_up("--num-kv-blocks", "256", *CONFIGS[config], "--model", str(tiny_llama_dir), "--dtype", "float32",
+                   "--min-remote-prefill-tokens", "8") as cluster:
         got = await gather_limited([run_grpc(cluster.grpc_address, job) for job in jobs])
         for i, (g, e) in enumerate(zip(got, expected, strict=True)):
             assert g == e, f"gRPC request {i} ({jobs[i].kind}, {len(jobs[i].ids)} ids)"
@@ -50,6 +53,8 @@ async def test_cluster_equals_engine_alone(config: str, tiny_llama_dir, jobs, ex
             assert metric(worker_metrics(decode), "tandem_disaggregation_decisions_total", decision="remote") > 0
         for prefill in cluster.role("prefill"):
             assert metric(worker_metrics(prefill), "tandem_prefill_tokens_total", kind="computed") > 0
+            if "--kv-offload-gib" in CONFIGS[config]:
+                assert metric(worker_metrics(prefill), "tandem_kv_offload_blocks_total", op="load") > 0
         await assert_pools_clean(cluster)
 
 

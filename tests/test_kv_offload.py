@@ -24,6 +24,16 @@ def _pool(num_blocks: int = 8, dtype: torch.dtype = torch.bfloat16) -> KVCachePo
     return pool
 
 
+def _tier(capacity_blocks: int, num_blocks: int = 8, dtype: torch.dtype = torch.bfloat16,
+          background_writes: bool = False) -> tuple[KVCachePool, KVOffloadTier, BlockManager]:
+    """A pool of random KV, a tier behind it, and a block manager that tells the tier."""
+    pool = _pool(num_blocks, dtype)
+    tier = KVOffloadTier(pool, capacity_blocks, background_writes=background_writes)
+    bm = BlockManager(num_blocks, BLOCK, enable_prefix_caching=True)
+    bm.offload = tier
+    return pool, tier, bm
+
+
 def _cached(bm: BlockManager, tokens: list[int]) -> tuple[list[int], list[int]]:
     """Blocks holding `tokens`' full blocks, registered in the prefix cache and held once: (ids, hashes)."""
     hashes = hash_blocks(tokens, BLOCK)
@@ -34,10 +44,7 @@ def _cached(bm: BlockManager, tokens: list[int]) -> tuple[list[int], list[int]]:
 
 
 def test_block_is_stored_on_release_and_loaded_back_byte_exact() -> None:
-    pool = _pool()
-    tier = KVOffloadTier(pool, capacity_blocks=4, background_writes=False)
-    bm = BlockManager(8, BLOCK, enable_prefix_caching=True)
-    bm.offload = tier
+    pool, tier, bm = _tier(4)
     tokens = list(range(100, 108))
     ids, hashes = _cached(bm, tokens)
     original = pool.byte_rows()[:, ids].clone()
@@ -48,7 +55,9 @@ def test_block_is_stored_on_release_and_loaded_back_byte_exact() -> None:
     assert tier.stats().writes_finished_on_reuse == 2
     assert tier.match(hashes, tokens, 0) == hashes
     pool.tensor.zero_()
-    tier.load(hashes, [5, 2], num_looked_up=2)
+    tier.stage(hashes, [5, 2], num_looked_up=2)
+    assert pool.tensor.abs().sum() == 0  # staged, not copied yet
+    tier.run_staged()
     assert torch.equal(pool.byte_rows()[:, [5, 2]], original)
     stats = tier.stats()
     assert (stats.queried_blocks, stats.loaded_blocks, stats.stored_blocks) == (2, 2, 2)
@@ -56,10 +65,7 @@ def test_block_is_stored_on_release_and_loaded_back_byte_exact() -> None:
 
 
 def test_lookup_checks_tokens_and_stops_at_the_first_gap() -> None:
-    pool = _pool()
-    tier = KVOffloadTier(pool, capacity_blocks=4, background_writes=False)
-    bm = BlockManager(8, BLOCK, enable_prefix_caching=True)
-    bm.offload = tier
+    _, tier, bm = _tier(4)
     tokens = list(range(12))
     ids, hashes = _cached(bm, tokens)
     bm.release(ids)
@@ -72,10 +78,7 @@ def test_lookup_checks_tokens_and_stops_at_the_first_gap() -> None:
 
 
 def test_lru_within_capacity_and_no_room_while_every_slot_is_written() -> None:
-    pool = _pool()
-    tier = KVOffloadTier(pool, capacity_blocks=2, background_writes=False)
-    bm = BlockManager(8, BLOCK, enable_prefix_caching=True)
-    bm.offload = tier
+    _, tier, bm = _tier(2)
     a_ids, a = _cached(bm, list(range(0, 4)))
     b_ids, b = _cached(bm, list(range(10, 14)))
     c_ids, _ = _cached(bm, list(range(20, 24)))
@@ -97,17 +100,31 @@ def test_lru_within_capacity_and_no_room_while_every_slot_is_written() -> None:
     tier.check_integrity()
 
 
+def test_a_staged_entry_is_not_evicted_before_its_load() -> None:
+    pool, tier, bm = _tier(1)
+    a_ids, a = _cached(bm, list(range(0, 4)))
+    original = pool.byte_rows()[:, a_ids[0]].clone()
+    bm.release(a_ids)
+    tier.flush()
+    tier.stage(a, [6], num_looked_up=1)
+    b_ids, _ = _cached(bm, list(range(10, 14)))
+    bm.release(b_ids)  # no room: the only entry is staged, so b is dropped rather than written over it
+    tier.flush()
+    assert tier.stats().dropped_blocks == 1 and tier.stats().evicted_blocks == 0
+    tier.run_staged()
+    assert torch.equal(pool.byte_rows()[:, 6], original)
+    tier.check_integrity()
+
+
 def test_events_say_what_became_readable_and_what_left() -> None:
-    pool = _pool()
-    tier = KVOffloadTier(pool, capacity_blocks=2, background_writes=False)
+    _, tier, bm = _tier(2)
     tier.record_events = True
-    bm = BlockManager(8, BLOCK, enable_prefix_caching=True)
-    bm.offload = tier
     a_ids, a = _cached(bm, list(range(0, 8)))
     bm.release(a_ids)
     assert not tier.has_events  # queued copies are not readable yet
     tier.flush()
-    assert tier.has_events and tier.drain_events(with_snapshot=False) == (tuple(a), (), None)
+    stored, removed, snapshot = tier.drain_events(with_snapshot=False)
+    assert set(stored) == set(a) and removed == () and snapshot is None
     b_ids, b = _cached(bm, list(range(10, 14)))
     bm.release(b_ids)  # evicts a[1]: the pool frees a sequence's tail first, so its tail is the older entry
     tier.flush()
@@ -118,11 +135,8 @@ def test_events_say_what_became_readable_and_what_left() -> None:
 
 
 def test_background_writer_stores_freed_blocks() -> None:
-    pool = _pool(num_blocks=16, dtype=torch.float32)
-    tier = KVOffloadTier(pool, capacity_blocks=16)
+    pool, tier, bm = _tier(16, num_blocks=16, dtype=torch.float32, background_writes=True)
     try:
-        bm = BlockManager(16, BLOCK, enable_prefix_caching=True)
-        bm.offload = tier
         tokens = list(range(40))
         ids, hashes = _cached(bm, tokens)
         original = pool.byte_rows()[:, ids].clone()
@@ -133,7 +147,8 @@ def test_background_writer_stores_freed_blocks() -> None:
         assert tier.stats().stored_blocks == len(ids) and tier.stats().writes_finished_on_reuse == 0
         assert tier.match(hashes, tokens, 0) == hashes
         pool.tensor.zero_()
-        tier.load(hashes, ids, num_looked_up=len(ids))
+        tier.stage(hashes, ids, num_looked_up=len(ids))
+        tier.run_staged()
         assert torch.equal(pool.byte_rows()[:, ids], original)
         tier.check_integrity()
     finally:
@@ -199,9 +214,60 @@ def test_returning_prefix_is_loaded_not_computed_and_outputs_stay_exact(default_
         tiered.engine.close()
 
 
+def _staggered_turns(llm: LLM) -> list[list[int]]:
+    """Six ~120-token conversations, two turns, all in one batch, ending at different steps (4 to 14 tokens):
+    sequences end while others run, and the blocks they free admit waiting ones."""
+    tok = llm.tokenizer
+    convs = [text_of_about(tok, 120, 20 + i) for i in range(6)]
+    params = [SamplingParams(temperature=0, max_tokens=4 + 2 * i, ignore_eos=True) for i in range(6)]
+    outs = []
+    for turn in range(2):
+        results = llm.generate(convs, params)
+        outs += [r.token_ids for r in results]
+        convs = [c + r.token_ids + text_of_about(tok, 10, 40 + 6 * turn + i)
+                 for i, (c, r) in enumerate(zip(convs, results, strict=True))]
+    return outs
+
+
+def test_async_scheduling_loads_only_while_no_forward_runs(default_model_path) -> None:
+    """With async scheduling a step is in flight while the next is scheduled, and it may still write a block
+    freed at the last commit (a sequence that ended on a sampled token: its row in vain), which that schedule
+    can hand out again: second-tier copies into the pool must wait for the step in flight. Every copy into the
+    pool is checked to run with nothing in flight, and some admissions with tier hits are scheduled while a step
+    is in flight; the outputs equal the plain engine's with a pool that holds everything (fp32)."""
+    expected = _staggered_turns(LLM(str(default_model_path), dtype="float32", num_kv_blocks=256, max_model_len=320))
+    llm = LLM(str(default_model_path), dtype="float32", num_kv_blocks=28, max_model_len=320,
+              kv_offload_bytes=64 << 20, async_scheduling=True, max_num_batched_tokens=64)
+    engine, tier = llm.engine, llm.engine.offload
+    assert tier is not None and engine.pipeline is not None
+    pool = engine.kv_pool.byte_rows()
+    pool_span = (pool.data_ptr(), pool.data_ptr() + pool.numel())
+    copy, stage, loads, staged_in_flight = tier._copy, tier.stage, [], []
+
+    def checked_copy(dst: torch.Tensor, src: torch.Tensor) -> None:
+        if pool_span[0] <= dst.data_ptr() < pool_span[1]:  # a load into the pool
+            assert engine.pipeline is not None and engine.pipeline._in_flight is None, "loaded during a forward"
+            loads.append(1)
+        copy(dst, src)
+
+    def watched_stage(block_hashes, block_ids, num_looked_up) -> None:  # type: ignore[no-untyped-def]
+        staged_in_flight.append(engine.pipeline is not None and engine.pipeline._in_flight is not None)
+        stage(block_hashes, block_ids, num_looked_up)
+
+    tier._copy, tier.stage = checked_copy, watched_stage  # type: ignore[method-assign]
+    try:
+        assert _staggered_turns(llm) == expected
+        assert len(loads) == tier.stats().loaded_blocks > 0
+        assert any(staged_in_flight)  # the case this guards was reached
+        engine.check_integrity()
+        tier.check_integrity()
+    finally:
+        engine.close()
+
+
 def test_prefix_cache_reset_empties_the_tier(default_model_path) -> None:
     llm = LLM(str(default_model_path), dtype="float32", num_kv_blocks=20, max_model_len=320,
-              kv_offload_bytes=16 << 20)
+              kv_offload_bytes=32 << 20)  # 44 blocks: both prompts
     try:
         prompt = text_of_about(llm.tokenizer, 200, 7)
         llm.generate([prompt], GREEDY)
@@ -209,8 +275,11 @@ def test_prefix_cache_reset_empties_the_tier(default_model_path) -> None:
         assert llm.engine.offload is not None
         llm.engine.offload.flush()
         assert llm.engine.offload.stats().used_blocks > 0
+        assert len(llm.engine.block_manager.peek_cached_prefix(hash_blocks(prompt, 16), prompt)) < 12  # tail evicted
+        assert llm.engine.remote_kv.cached_prefix_tokens(prompt) == 192  # still held: a decode worker prefills it
         llm.engine.reset_prefix_cache()
         assert llm.engine.offload.stats().used_blocks == 0
+        assert llm.engine.remote_kv.cached_prefix_tokens(prompt) == 0
         before = llm.engine.num_computed_tokens_total
         llm.generate([prompt], GREEDY)
         assert llm.engine.num_computed_tokens_total - before == 200 + GREEDY.max_tokens - 1

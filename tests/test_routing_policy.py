@@ -64,6 +64,9 @@ def test_a_block_in_the_second_tier_costs_its_measured_load_price() -> None:
     tiered = worker("p-tier", "prefill", cached=HASHES[:2])
     tiered.offloaded_blocks = set(HASHES[1:6])  # blocks 2..5 only in the tier; 102 in both
     assert tiered.held_prefix(HASHES) == (6, 4) and tiered.overlap_blocks(HASHES) == 6
+    mixed = worker("p-mixed", "prefill", cached=[101, 103, 104])
+    mixed.offloaded_blocks = {102}
+    assert mixed.held_prefix(HASHES) == (2, 1)  # as the engine finds them: the pool's run, then the tier's
     assert policy.cost(tiered, HASHES) == 2 + 4 * 1.0  # unmeasured: tier blocks priced as computed ones
     tiered.offload_block_cost = 0.05
     assert policy.cost(tiered, HASHES) == pytest.approx(2 + 4 * 0.05)

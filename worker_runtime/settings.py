@@ -24,10 +24,11 @@ class WorkerSettings(SecuritySettings):
     metrics_port: int = field(default=0, metadata=described("Prometheus /metrics port; 0: any free port"))
     num_kv_blocks: int | None = field(default=None, metadata=described("KV cache size in blocks; default from memory"))
     kv_offload_gib: float = field(default=0.0, metadata=described(
-        "a second KV tier of this many GiB: cached blocks evicted from the pool are kept there and loaded back on a "
-        "prefix hit (a memory-mapped file on CPU, pinned host memory on GPU); 0: none"))
+        "a second KV tier of this many GiB: cached blocks the pool frees are copied there, and loaded back on a prefix "
+        "hit once the pool has evicted them (a memory-mapped file on CPU, pinned host memory on GPU); 0: none"))
     kv_offload_dir: str | None = field(default=None, metadata=described(
-        "directory of the second tier's file on CPU (local disk); default: the temp dir"))
+        "directory of the second tier's file on CPU, on local disk (its space is allocated at start); default: the "
+        "temp dir, which may be in memory (tmpfs)"))
     max_num_seqs: int = field(default=64, metadata=described("most sequences in one batch"))
     max_model_len: int | None = field(default=None, metadata=described("context length cap"))
     num_threads: int | None = field(default=None, metadata=described("torch threads on CPU; default: torch's"))

@@ -74,6 +74,12 @@ def _snapshot(cluster: LocalCluster | None) -> dict[str, float]:
         for kind in ("computed", "cached"):
             key = f"{worker.role}/prefill_tokens_{kind}"
             values[key] = values.get(key, 0.0) + metric_sum(text, "tandem_prefill_tokens_total", kind=kind)
+        for op in ("store", "load", "evict", "drop"):  # the second KV tier's traffic (--kv-offload-gib)
+            key = f"{worker.role}/kv_offload_{op}_blocks"
+            values[key] = values.get(key, 0.0) + metric_sum(text, "tandem_kv_offload_blocks_total", op=op)
+            if op in ("store", "load"):
+                key = f"{worker.role}/kv_offload_{op}_seconds"
+                values[key] = values.get(key, 0.0) + metric_sum(text, "tandem_kv_offload_seconds_total", op=op)
         for decision in ("remote", "local_short", "local_cached", "fallback", "local_no_blocks"):
             key = f"{worker.role}/decisions_{decision}"
             values[key] = values.get(key, 0.0) + metric_sum(text, "tandem_disaggregation_decisions_total",

@@ -246,23 +246,26 @@ def pools_dashboard() -> dict:
                   "percentunit",
                   [Query(share("worker", f'tandem_prefill_tokens_total{{kind="cached", {NS}}}',
                                f"tandem_prefill_tokens_total{{{NS}}}"), "{{worker}}")]),
-        PanelSpec("Prefix cache lookups by tier", "Prompt blocks looked up per second at admission: in the "
-                  "worker's pool, then in its second tier (--kv-offload-gib) for the pool's misses; an offload hit "
-                  "is loaded, not computed.", "short",
+        PanelSpec("Prefix cache lookups by tier", "Prompt blocks of admitted requests looked up per second: in "
+                  "the worker's pool, then in its second tier (--kv-offload-gib) for the pool's misses; an offload "
+                  "hit is loaded, not computed.", "short",
                   [Query(f"sum by (tier, result) (rate(tandem_prefix_cache_blocks_total{{{NS}}}[{RATE}]))",
-                         "{{tier}} {{result}}")], stacked=True, width=8),
-        PanelSpec("Second KV tier traffic", "Bytes per second copied into the second tier (store, off the step) "
-                  "and back into the pool (load), and the seconds per second each took.", "Bps",
+                         "{{tier}} {{result}}")], stacked=True, width=6),
+        PanelSpec("Second KV tier traffic", "Bytes per second copied into each worker's second tier (store, off "
+                  "the step) and back into its pool (load).", "Bps",
                   [Query(f"sum by (worker, op) (rate(tandem_kv_offload_bytes_total{{{NS}}}[{RATE}]))",
-                         "{{worker}} {{op}}"),
-                   Query(f"sum by (worker, op) (rate(tandem_kv_offload_seconds_total{{{NS}}}[{RATE}]))",
-                         "{{worker}} {{op}} busy s/s")], width=8),
+                         "{{worker}} {{op}}")], width=6),
+        PanelSpec("Second KV tier copy time", "Mean seconds to copy one block into the second tier (store) and "
+                  "back into the pool (load), per worker.", "s",
+                  [Query(f"sum by (worker, op) (rate(tandem_kv_offload_seconds_total{{{NS}}}[{RATE}])) / "
+                         f'clamp_min(sum by (worker, op) (rate(tandem_kv_offload_blocks_total{{op=~"store|load", '
+                         f"{NS}}}[{RATE}])), 1e-9)", "{{worker}} {{op}}")], width=6),
         PanelSpec("Second KV tier capacity", "Blocks in each worker's second tier and its capacity; blocks "
                   "evicted (least recently used) and dropped (no free slot) per second.", "short",
                   [Query(f"max by (worker) (tandem_kv_offload_used_blocks{{{NS}}})", "used {{worker}}"),
                    Query(f"max by (worker) (tandem_kv_offload_capacity_blocks{{{NS}}})", "capacity {{worker}}"),
                    Query(f'sum by (worker, op) (rate(tandem_kv_offload_blocks_total{{op=~"evict|drop", {NS}}}'
-                         f"[{RATE}]))", "{{op}}/s {{worker}}")], width=8),
+                         f"[{RATE}]))", "{{op}}/s {{worker}}")], width=6),
         PanelSpec("Prefix overlap at routing", "Prompt blocks per second the chosen worker already held (from its "
                   "KV events), and blocks each worker's cache and second KV tier hold as the routers know them.",
                   "short",
