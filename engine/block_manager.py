@@ -94,6 +94,7 @@ class OffloadTier(Protocol):
         """Hold matched entries for pool blocks `block_ids` until `run_staged` copies them; `num_looked_up`
         blocks were looked for."""
 
+
 class NoFreeBlocksError(RuntimeError):
     """Internal: the scheduler asked for more blocks than `can_allocate` promised."""
 

@@ -7,10 +7,13 @@ of one block in one slot, under the same content hash as in the pool (engine.blo
 
 When a cached block becomes free in the pool, its copy into the tier is queued and a writer thread makes it,
 off the engine's step; before the pool reuses that block, the engine thread finishes the copy (or makes it
-itself if the writer has not started it). Invariants:
+itself if the writer has not started it). A prefix hit is staged at admission and copied into the pool by
+`run_staged`, which the engine calls while no forward runs. Invariants:
 - an entry is readable only once its copy is complete (`pending` is None); a slot is written by one copy at a time;
-- entries are removed only on the engine thread (`freed` evicting for room, `clear`), so the entries that
-  `match` returns stay in place until `load` runs on that thread;
+- entries are removed only on the engine thread (`freed` evicting for room, `clear`), never while staged, so the
+  entries that `match` returns stay in place until `run_staged` has copied them;
+- a block is copied in only after the forward that wrote it has ended on the device too (the engine waits for
+  the device after each forward when the tier is on a GPU);
 - a block's tokens are kept with its hash and compared on lookup, as in the pool (no collision is trusted).
 """
 
@@ -65,11 +68,22 @@ def _mapped_file(directory: str | None, num_bytes: int) -> tuple[np.memmap, torc
     return mapped, torch.from_numpy(mapped)
 
 
+_CUDA_HOST_REGISTER_PORTABLE = 1  # pinned for every device, not only the current one
+
+
 def _pinned_host(num_bytes: int) -> torch.Tensor:
-    """Page-locked host memory of exactly `num_bytes` (torch's pinned allocator rounds up to a power of two)."""
+    """Page-locked host memory of exactly `num_bytes` (torch's pinned allocator rounds up to a power of two);
+    `_unpin` it before it is freed."""
     flat = torch.empty(num_bytes, dtype=torch.uint8)
-    torch.cuda.cudart().cudaHostRegister(flat.data_ptr(), num_bytes, 0)
+    error = torch.cuda.cudart().cudaHostRegister(flat.data_ptr(), num_bytes, _CUDA_HOST_REGISTER_PORTABLE)
+    if int(error) != 0:
+        raise RuntimeError(f"could not pin {num_bytes} bytes of host memory for the KV offload tier (CUDA error "
+                           f"{int(error)}): lower --kv-offload-gib or raise the locked-memory limit (ulimit -l)")
     return flat
+
+
+def _unpin(flat: torch.Tensor) -> None:
+    torch.cuda.cudart().cudaHostUnregister(flat.data_ptr())
 
 
 class KVOffloadTier:
@@ -89,8 +103,9 @@ class KVOffloadTier:
         self._mapping: np.memmap | None = None
         # GPU: copies into the tier run on a stream of their own, so they do not queue behind the forward
         self._stream = torch.cuda.Stream(self._pool_rows.device) if self._on_gpu else None
+        self._pinned: torch.Tensor | None = None
         if self._on_gpu:
-            flat = _pinned_host(capacity_blocks * self.block_bytes)
+            flat = self._pinned = _pinned_host(capacity_blocks * self.block_bytes)
         else:
             self._mapping, flat = _mapped_file(directory, capacity_blocks * self.block_bytes)
         self._slots = flat.view(capacity_blocks, layers, row_bytes)
@@ -174,20 +189,24 @@ class KVOffloadTier:
         staged, self._staged = self._staged, []
         with self._lock:
             slots = [self._index[block_hash].slot for block_hash, _ in staged]
-        for slot, (_, block_id) in zip(slots, staged, strict=True):
-            self._copy(self._pool_rows[:, block_id], self._slots[slot])
-        if self._on_gpu:
-            torch.cuda.current_stream(self._pool_rows.device).synchronize()  # timed to the end of the copies
+        try:
+            for slot, (_, block_id) in zip(slots, staged, strict=True):
+                self._copy(self._pool_rows[:, block_id], self._slots[slot])
+            if self._on_gpu:
+                torch.cuda.current_stream(self._pool_rows.device).synchronize()  # timed to the end of the copies
+        finally:  # a copy that failed fails the step; the entries are evictable again either way
+            with self._lock:
+                for block_hash, _ in staged:
+                    self._index[block_hash].staged -= 1
         with self._lock:
-            for block_hash, _ in staged:
-                self._index[block_hash].staged -= 1
             self._loaded += len(staged)
             self._load_s += time.perf_counter() - started
 
     # -- housekeeping -----------------------------------------------------------------------------------
     def clear(self) -> None:
         """Forget every entry (a prefix-cache reset); copies under way finish first. Nothing may be staged."""
-        assert not self._staged, "run the staged loads before clearing"
+        if self._staged:
+            raise RuntimeError("the KV offload tier still has staged loads: run them before clearing it")
         with self._lock:
             writes = list(self._pending.values())
         for write in writes:
@@ -213,6 +232,10 @@ class KVOffloadTier:
         if self._writer is not None:
             self._queue.put(None)
             self._writer.join(timeout=10)
+            self._writer = None
+        if self._pinned is not None:
+            _unpin(self._pinned)
+            self._pinned = None
 
     def stats(self) -> OffloadStats:
         with self._lock:
@@ -254,7 +277,8 @@ class KVOffloadTier:
 
     def _write(self, slot: int, block_id: int) -> None:
         """Copy pool block `block_id` into `slot`; done when it returns. The block's KV was written by a forward
-        that has ended (a block is registered, and so cached, only once its step is committed)."""
+        that has ended, on the device too (a block is registered, and so cached, only once its step is committed,
+        and the engine waits for the device after a forward when the tier is on a GPU: this stream does not)."""
         if self._stream is None:
             self._copy(self._slots[slot], self._pool_rows[:, block_id])
             return

@@ -7,6 +7,8 @@ import time
 from collections.abc import Iterable, Sequence
 from dataclasses import replace
 
+import torch
+
 from engine.block_manager import BlockManager, KVCacheEvents, salted_root
 from engine.config import EngineConfig
 from engine.detokenizer import IncrementalDetokenizer
@@ -195,8 +197,16 @@ class LLMEngine:
             results = self.pipeline.run_whole(lambda: self.runner.execute(plan))
         else:
             results = self.runner.execute(plan)
+        self.forward_ended()
         self.prefill_cost.observe(plan, time.perf_counter() - started)
         return results
+
+    def forward_ended(self) -> None:
+        """After a forward, on the thread that ran it. With a second tier on a GPU, wait until the device has
+        run it: a step that samples nothing returns while its kernels still write KV, and the blocks it fills
+        may be copied into the tier (on its own stream) as soon as the step is committed."""
+        if self.offload is not None and self.parts.device.type == "cuda":
+            torch.cuda.current_stream(self.parts.device).synchronize()
 
     def _commit(self, items: Iterable[ScheduledSequence], results: dict[str, SequenceResult]) -> list[RequestOutput]:
         outputs = []
@@ -299,6 +309,7 @@ class LLMEngine:
     def reset_prefix_cache(self) -> None:
         """Forget every cached block, in the pool and in the second tier."""
         self._quiet()
+        self.run_staged_loads()
         if self.offload is not None:
             self.offload.clear()
         self.block_manager.reset_prefix_cache()

@@ -147,6 +147,7 @@ class StepPipeline:
     def _timed_forward(self, plan: SchedulerOutput, inputs: StepInputs) -> dict[str, SequenceResult]:
         started = time.perf_counter()
         results = self._runner.execute_prepared(inputs)
+        self._engine.forward_ended()
         self._engine.prefill_cost.observe(plan, time.perf_counter() - started)
         return results
 
