@@ -295,7 +295,7 @@ def test_scrapers_and_scalers_point_at_real_objects() -> None:
     existing Deployments; the recording rules their queries use exist."""
     recorded = {r["record"] for f in (DEPLOY / "prometheus" / "rules").glob("*.yml")
                 for g in yaml.safe_load(f.read_text())["groups"] for r in g["rules"] if "record" in r}
-    for build in ("overlays/gpu+rdma+tls+keda", "overlays/gpu+hpa"):
+    for build in ("overlays/gpu+rdma+tls+keda", "overlays/gpu+hpa+kv-offload"):
         docs = render(build)
         for monitor in find(docs, "ServiceMonitor"):
             selected = [s for s in find(docs, "Service") if all(

@@ -28,7 +28,7 @@ BUILDS: dict[str, tuple[str, tuple[str, ...]]] = {
     **{f"overlays/{o}": (f"overlays/{o}", ()) for o in OVERLAYS},
     **{f"base+{c}": ("base", (c,)) for c in COMPONENTS},
     "overlays/gpu+rdma+tls+keda": ("overlays/gpu", ("rdma", "tls", "keda")),
-    "overlays/gpu+hpa": ("overlays/gpu", ("hpa",)),
+    "overlays/gpu+hpa+kv-offload": ("overlays/gpu", ("hpa", "kv-offload")),
 }
 WORKLOADS = ("Deployment", "StatefulSet")
 IMAGE = "tandem"  # the repository name (last path part) of Tandem's image in every manifest
