@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from engine.errors import PoolIntegrityError
 from engine.kv_cache import KVCachePool
 from engine.outputs import OffloadStats
 
@@ -244,15 +245,24 @@ class KVOffloadTier:
                                 self._dropped, self._finished_on_reuse)
 
     def check_integrity(self) -> None:
-        """Raise AssertionError unless every slot is either free or held by exactly one entry."""
+        """Raise PoolIntegrityError unless every slot is either free or held by exactly one entry, every pending
+        copy fills its entry's slot, and the staged loads are those the entries count (engine thread; read under
+        the lock: the writer thread changes nothing halfway)."""
         with self._lock:
             held = [e.slot for e in self._index.values()]
-            assert len(set(held)) == len(held), "two entries share a slot"
-            assert not set(held) & set(self._free_slots), "a slot is both free and held"
-            assert len(held) + len(self._free_slots) == self.capacity_blocks, "a slot is lost"
-            for write in self._pending.values():
-                entry = self._index.get(write.block_hash)
-                assert entry is not None and entry.pending is write, "a write lost its entry"
+            problems = [why for why, bad in (
+                ("two entries share a slot", len(set(held)) != len(held)),
+                ("a slot is both free and held", bool(set(held) & set(self._free_slots))),
+                ("a slot is lost", len(held) + len(self._free_slots) != self.capacity_blocks),
+                ("a pending copy lost its entry", any(self._index.get(w.block_hash) is None
+                                                      or self._index[w.block_hash].pending is not w
+                                                      for w in self._pending.values())),
+                ("staged loads and their entries disagree",
+                 any(h not in self._index for h, _ in self._staged)
+                 or sum(e.staged for e in self._index.values()) != len(self._staged)),
+            ) if bad]
+        if problems:
+            raise PoolIntegrityError(f"KV offload tier: {'; '.join(problems)}")
 
     # -- internals --------------------------------------------------------------------------------------
     def _take_slot(self) -> int | None:

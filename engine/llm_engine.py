@@ -260,11 +260,13 @@ class LLMEngine:
     # -- health and observation -------------------------------------------------------------------------
     def check_integrity(self) -> None:
         """Raise PoolIntegrityError unless block bookkeeping matches the live sequences exactly
-        (running, waiting, parked for remote KV, and detached blocks)."""
+        (running, waiting, parked for remote KV, and detached blocks), and the second tier's is consistent."""
         refs = self.scheduler.held_block_refs()
         for block_id, count in self.remote_kv.held_block_refs().items():
             refs[block_id] = refs.get(block_id, 0) + count
         self.block_manager.check_integrity(refs)
+        if self.offload is not None:
+            self.offload.check_integrity()
 
     def integrity_error(self) -> str | None:
         """`check_integrity`'s complaint, or None when the pool is consistent."""

@@ -10,6 +10,7 @@ import torch
 
 from engine import LLM, SamplingParams
 from engine.block_manager import BlockManager, hash_blocks
+from engine.errors import PoolIntegrityError
 from engine.kv_cache import KVCachePool, KVCacheSpec
 from engine.kv_offload import KVOffloadTier
 from tests.support.prompts import text_of_about
@@ -114,6 +115,23 @@ def test_a_staged_entry_is_not_evicted_before_its_load() -> None:
     tier.run_staged()
     assert torch.equal(pool.byte_rows()[:, 6], original)
     tier.check_integrity()
+
+
+def test_integrity_check_finds_a_broken_tier() -> None:
+    _, tier, bm = _tier(2)
+    ids, hashes = _cached(bm, list(range(0, 8)))
+    bm.release(ids)
+    tier.check_integrity()  # pending copies are consistent too
+    tier.flush()
+    tier.stage(hashes[:1], [5], num_looked_up=1)
+    tier.check_integrity()  # a load staged between two steps
+    tier._staged.clear()  # a staged load lost: its entry would never be evictable again
+    with pytest.raises(PoolIntegrityError, match="staged"):
+        tier.check_integrity()
+    tier._index[hashes[0]].staged = 0
+    tier._free_slots.append(tier._index[hashes[1]].slot)  # a held slot handed out again
+    with pytest.raises(PoolIntegrityError, match="both free and held"):
+        tier.check_integrity()
 
 
 def test_events_say_what_became_readable_and_what_left() -> None:
