@@ -55,7 +55,7 @@ class _Entry:
     staged: int = 0  # loads into the pool staged and not yet run: the entry is not evicted meanwhile
 
 
-def _mapped_file(directory: str | None, num_bytes: int) -> tuple[np.memmap, torch.Tensor]:
+def _mapped_file(directory: str | None, num_bytes: int) -> torch.Tensor:
     """A file of `num_bytes` mapped shared, unlinked at once so that nothing outlives the process. Its space is
     allocated now (OSError here if the disk is too small): a write into a mapped page of a full file system
     would kill the process with SIGBUS later."""
@@ -66,7 +66,7 @@ def _mapped_file(directory: str | None, num_bytes: int) -> tuple[np.memmap, torc
         mapped = np.memmap(path, dtype=np.uint8, mode="r+", shape=(num_bytes,))
     finally:
         os.unlink(path)
-    return mapped, torch.from_numpy(mapped)
+    return torch.from_numpy(mapped)  # the tensor keeps the mapping alive
 
 
 _CUDA_HOST_REGISTER_PORTABLE = 1  # pinned for every device, not only the current one
@@ -101,14 +101,13 @@ class KVOffloadTier:
         self.capacity_blocks = capacity_blocks
         self.block_bytes = layers * row_bytes
         self._on_gpu = self._pool_rows.device.type == "cuda"
-        self._mapping: np.memmap | None = None
         # GPU: copies into the tier run on a stream of their own, so they do not queue behind the forward
         self._stream = torch.cuda.Stream(self._pool_rows.device) if self._on_gpu else None
         self._pinned: torch.Tensor | None = None
         if self._on_gpu:
             flat = self._pinned = _pinned_host(capacity_blocks * self.block_bytes)
         else:
-            self._mapping, flat = _mapped_file(directory, capacity_blocks * self.block_bytes)
+            flat = _mapped_file(directory, capacity_blocks * self.block_bytes)
         self._slots = flat.view(capacity_blocks, layers, row_bytes)
         self._lock = threading.Lock()  # guards the index, the free slots, the pending writes and the counters
         self._index: OrderedDict[int, _Entry] = OrderedDict()  # hash → entry, least recently used first
@@ -313,7 +312,7 @@ class KVOffloadTier:
                 del self._pending[write.block_id]
             entry = self._index.get(write.block_hash)
             became_readable = entry is not None and entry.pending is write
-            if entry is not None and entry.pending is write:
+            if entry is not None and became_readable:
                 entry.pending = None
                 if self.record_events:
                     self._events_removed.discard(write.block_hash)
