@@ -3,6 +3,7 @@
   tandem up      etcd (unless --etcd), workers and the router on this machine (--ray: as Ray actors)
   tandem worker  one worker (role prefill, decode or both) against an existing etcd
   tandem router  the router (gRPC tandem.v1.Inference + OpenAI HTTP) against an existing etcd
+  tandem kvstore a cluster KV store (KV blocks any worker reads instead of recomputing) against an existing etcd
   tandem profile measure a cluster's (or a worker's) capacity: the planner's profile (JSON)
   tandem planner the SLO planner, scaling the pools' Kubernetes Deployments (`up --planner true`: local)
 
@@ -20,6 +21,7 @@ from cluster.planner.settings import PlannerServiceSettings, PlannerSettings, Pr
 from cluster.router_settings import RouterSettings
 from cluster.up_settings import UpSettings
 from common.settings import add_settings_flags, apply_ucx_defaults, configure_logging, settings_from_args
+from kv_store.settings import KVStoreSettings
 from worker_runtime.settings import WorkerSettings
 
 
@@ -29,6 +31,7 @@ def _parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     for name, cls, text in (("up", UpSettings, "a local cluster"), ("worker", WorkerSettings, "one worker"),
                             ("router", RouterSettings, "the router"),
+                            ("kvstore", KVStoreSettings, "a cluster KV store"),
                             ("profile", ProfileSettings, "measure capacity for the planner"),
                             ("planner", PlannerServiceSettings, "the SLO planner (Kubernetes)")):
         command = sub.add_parser(name, help=text, description=f"tandem {name}: {text}. Every flag "
@@ -56,7 +59,10 @@ def main(argv: list[str] | None = None) -> None:
         from cluster.planner import profiler, service  # grpc clients, kubernetes: only these commands
         sys.exit(profiler.run(settings_from_args(ProfileSettings, args)) if args.command == "profile"
                  else service.serve(settings_from_args(PlannerServiceSettings, args)))
-    if args.command == "worker":
+    if args.command == "kvstore":
+        from kv_store.server import serve as serve_kv_store  # imports torch: not needed by `up`
+        asyncio.run(serve_kv_store(settings_from_args(KVStoreSettings, args)))
+    elif args.command == "worker":
         from cluster.worker_roles import serve_worker  # imports torch: not needed by `up`
         asyncio.run(serve_worker(settings_from_args(WorkerSettings, args)))
     else:

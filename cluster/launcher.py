@@ -35,6 +35,7 @@ from cluster.up_events import (
     Announcer,
     ClusterReady,
     EtcdUp,
+    KVStoreUp,
     PlannerUp,
     RouterUp,
     WorkerUp,
@@ -144,11 +145,15 @@ def up(settings: UpSettings, planner: PlannerSettings | None = None) -> int:
         roles = ["prefill"] * settings.prefill + ["decode"] * settings.decode + ["both"] * settings.both
         workers = [_start(f"{role} worker {i}", settings.worker_args(role, etcd), settings.security_env())
                    for i, role in enumerate(roles)]
+        stores = [_start(f"KV store {i}", settings.kv_store_args(etcd), settings.security_env())
+                  for i in range(settings.kv_store)]
         router = _start("router", settings.router_args(etcd), settings.router_env())
-        children = [router, *workers]
+        children = [router, *workers, *stores]
         scaled: LocalProcessActuator | None = None
         try:
-            _await_ready([*workers, router], settings.start_timeout_s)
+            _await_ready([*stores, *workers, router], settings.start_timeout_s)
+            for child in stores:
+                announce(KVStoreUp.from_ready(child.ready, child.proc.pid))
             for child, role in zip(workers, roles, strict=True):
                 announce(WorkerUp.from_ready(child.ready, role, child.proc.pid))
             router_up = RouterUp.from_ready(router.ready, router.proc.pid)

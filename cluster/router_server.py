@@ -24,7 +24,7 @@ from cluster.routing import RoutingPolicy
 from cluster.worker_pool import WorkerPool
 from common.grpc_decoding import RejectUndecodable
 from common.lifecycle import Lifecycle
-from common.tls import channel_credentials, server_credentials, server_ssl_context
+from common.tls import bind_port, channel_credentials, server_ssl_context
 from engine.loader.default_model import default_model_path
 from engine.tokenizer import Tokenizer
 from tandem.v1 import inference_pb2, inference_pb2_grpc
@@ -50,8 +50,7 @@ async def serve(settings: RouterSettings, lifecycle: Lifecycle | None = None) ->
     reflection.enable_server_reflection((inference_pb2.DESCRIPTOR.services_by_name["Inference"].full_name,
                                          health.SERVICE_NAME, reflection.SERVICE_NAME), server)
     address = f"{settings.host}:{settings.grpc_port}"
-    grpc_port = (server.add_insecure_port(address) if tls is None
-                 else server.add_secure_port(address, server_credentials(tls, require_client_cert=False)))
+    grpc_port = bind_port(server, address, tls, require_client_cert=False)
     await server.start()
     app = OpenAIFrontend(core).app()
     if keys is not None:

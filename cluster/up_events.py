@@ -5,6 +5,7 @@ it is one JSON object per line (`{"event": "worker", ...}`) for programs (cluste
 
   etcd <host:port>
   worker <id> <role> <grpc address> pid=<pid> metrics=<port> [node=<id> actor=<name>]
+  kvstore <id> <grpc address> pid=<pid> metrics=<port>                  (with --kv-store N)
   router grpc=<host:port> http=<url> pid=<pid> [node=<id> actor=<name>]   (url: https://... with TLS)
   planner metrics=<port>                                                 (with --planner true)
   READY                                                                  (every part serves)
@@ -53,6 +54,23 @@ class WorkerUp:
 
 
 @dataclass(frozen=True)
+class KVStoreUp:
+    store_id: str
+    address: str
+    pid: int
+    metrics_port: int
+
+    @classmethod
+    def from_ready(cls, ready: list[str], pid: int) -> KVStoreUp:
+        """From a KV store's READY fields (id, address, metrics port)."""
+        store_id, address, metrics = ready
+        return cls(store_id, address, pid, int(metrics))
+
+    def text(self) -> str:
+        return f"kvstore {self.store_id} {self.address} pid={self.pid} metrics={self.metrics_port}"
+
+
+@dataclass(frozen=True)
 class RouterUp:
     grpc_address: str
     http_url: str
@@ -85,9 +103,9 @@ class ClusterReady:
         return "READY"
 
 
-UpEvent = EtcdUp | WorkerUp | RouterUp | PlannerUp | ClusterReady
-_KINDS: dict[str, type[UpEvent]] = {"etcd": EtcdUp, "worker": WorkerUp, "router": RouterUp, "planner": PlannerUp,
-                                    "ready": ClusterReady}
+UpEvent = EtcdUp | WorkerUp | KVStoreUp | RouterUp | PlannerUp | ClusterReady
+_KINDS: dict[str, type[UpEvent]] = {"etcd": EtcdUp, "worker": WorkerUp, "kvstore": KVStoreUp, "router": RouterUp,
+                                    "planner": PlannerUp, "ready": ClusterReady}
 _NAMES = {cls: name for name, cls in _KINDS.items()}
 
 

@@ -12,7 +12,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from cluster.up_events import ClusterReady, EtcdUp, PlannerUp, RouterUp, UpEvent, WorkerUp, from_json
+from cluster.up_events import ClusterReady, EtcdUp, KVStoreUp, PlannerUp, RouterUp, UpEvent, WorkerUp, from_json
 from common.processes import spawn, stop
 from common.settings import child_environment
 
@@ -28,6 +28,7 @@ class LocalCluster:
     router: RouterUp | None = None
     planner: PlannerUp | None = None
     workers: list[WorkerUp] = field(default_factory=list)
+    kv_stores: list[KVStoreUp] = field(default_factory=list)
     output: list[str] = field(default_factory=list)  # every line it printed
 
     @property
@@ -53,6 +54,8 @@ class LocalCluster:
             self.etcd = event.endpoint
         elif isinstance(event, WorkerUp):
             self.workers.append(event)
+        elif isinstance(event, KVStoreUp):
+            self.kv_stores.append(event)
         elif isinstance(event, RouterUp):
             self.router = event
         elif isinstance(event, PlannerUp):

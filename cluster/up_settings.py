@@ -37,6 +37,11 @@ class UpSettings(SecuritySettings):
     kv_offload_gib: float = field(default=0.0, metadata=described(
         "each worker's second KV tier in GiB (cached blocks kept past the pool's eviction; see worker); 0: none"))
     kv_offload_dir: str | None = field(default=None, metadata=described("directory of the second tiers' files"))
+    kv_store: int = field(default=0, metadata=described(
+        "cluster KV store processes (tandem kvstore): the disaggregated workers put the blocks they free there and "
+        "read a prompt's blocks from there instead of computing them; each worker's second tier is the staging "
+        "area (--kv-offload-gib, 0.25 when not given)"))
+    kv_store_gib: float = field(default=1.0, metadata=described("memory of each KV store, GiB"))
     max_num_seqs: int = field(default=64, metadata=described("most sequences in one worker's batch"))
     min_remote_prefill_tokens: int = field(default=32, metadata=described("shorter prompts prefill on decode"))
     num_threads: int | None = field(default=None, metadata=described("torch threads per worker on CPU"))
@@ -90,6 +95,10 @@ class UpSettings(SecuritySettings):
             raise ValueError("etcd TLS and user options need --etcd: the local etcd is plaintext, without auth")
         if not self.kv_offload_gib >= 0:
             raise ValueError(f"kv_offload_gib must be >= 0, got {self.kv_offload_gib}")
+        if self.kv_store < 0 or not self.kv_store_gib > 0:
+            raise ValueError("kv_store must be >= 0 and kv_store_gib > 0")
+        if self.kv_store and not self.kv_offload_gib:
+            object.__setattr__(self, "kv_offload_gib", 0.25)  # the stores are reached through the tier
         if min(self.prefill, self.decode, self.both) < 0 or self.decode + self.both == 0:
             raise ValueError("need at least one decode or aggregated worker, and no negative counts")
         if self.planner and self.both:
@@ -115,6 +124,14 @@ class UpSettings(SecuritySettings):
                             ("--kv-backends", self.kv_backends or None)):
             if value is not None:
                 args += [flag, str(value)]
+        if self.kv_store and role != "both":
+            args += ["--use-kv-store", "true"]
+        return args + self.security_args()
+
+    def kv_store_args(self, etcd: str) -> list[str]:
+        args = ["kvstore", "--etcd", etcd, "--cluster", self.cluster, "--host", self.host,
+                "--capacity-gib", str(self.kv_store_gib), "--lease-ttl-s", str(self.lease_ttl_s)]
+        args += ["--kv-backends", self.kv_backends] if self.kv_backends else []
         return args + self.security_args()
 
     def router_args(self, etcd: str) -> list[str]:

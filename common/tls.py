@@ -64,6 +64,14 @@ def server_credentials(files: TlsFiles, require_client_cert: bool) -> grpc.Serve
                                        require_client_auth=require_client_cert)
 
 
+def bind_port(server: grpc.aio.Server, address: str, tls: TlsFiles | None, require_client_cert: bool = True) -> int:
+    """Bind `address` (the port bound is returned): TLS with the cluster's files when given (mutual by
+    default: a member's service), plaintext otherwise."""
+    if tls is None:
+        return server.add_insecure_port(address)
+    return server.add_secure_port(address, server_credentials(tls, require_client_cert))
+
+
 def channel_credentials(files: TlsFiles) -> grpc.ChannelCredentials:
     """A cluster member's client side: verifies the server against the CA, presents its own certificate."""
     ca, cert, key = files.pem_bytes()

@@ -12,7 +12,7 @@ from engine.async_engine import AsyncEngine
 from worker_runtime.kv_events import KVEventHub
 from worker_runtime.server import WorkerParts
 from worker_runtime.settings import WorkerSettings
-from worker_runtime.transfer import engine_with_kv_connector, record_transfer_fields
+from worker_runtime.transfer import engine_with_kv_connector, record_transfer_fields, start_kv_store_client
 
 
 async def build(settings: WorkerSettings, worker_id: str, stack: AsyncExitStack) -> WorkerParts:
@@ -24,6 +24,7 @@ async def build(settings: WorkerSettings, worker_id: str, stack: AsyncExitStack)
     if settings.role != "decode":
         raise ValueError(f"the decode worker serves roles 'decode' and 'both', not {settings.role!r}")
     engine, connector = await engine_with_kv_connector(settings, worker_id, stack)
+    await start_kv_store_client(settings, engine, connector, stack)  # puts what this worker computed or received
     tls = settings.tls_files()
     remote = RemotePrefiller(engine, connector, worker_id, settings.prefill_timeout_s,
                              credentials=None if tls is None else channel_credentials(tls))

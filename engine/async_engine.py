@@ -20,6 +20,7 @@ from engine.config import EngineConfig, ModelConfig
 from engine.errors import EngineDeadError, InvalidRequestError
 from engine.kv_cache import KVCachePool
 from engine.kv_hooks import KVStepHook, KVStorageAllocator
+from engine.kv_offload import KVOffloadTier
 from engine.llm_engine import LLMEngine
 from engine.openmp import hand_over, take_back
 from engine.outputs import EngineStats, EngineStatus, RequestOutput
@@ -111,6 +112,16 @@ class AsyncEngine:
     def kv_pool(self) -> KVCachePool:
         """The paged KV pool (for a KV connector to register as a transfer segment)."""
         return self._llm.kv_pool
+
+    @property
+    def kv_tier(self) -> KVOffloadTier | None:
+        """The second KV tier, if any (its methods say which may be called from any thread)."""
+        return self._llm.offload
+
+    async def hold_tier_loads(self, blocks: Sequence[tuple[int, tuple[int, ...]]]) -> list[int]:
+        """KVOffloadTier.hold_for_load on the engine thread (it may evict); [] without a tier."""
+        return await self._call(lambda llm: [] if llm.offload is None else llm.offload.hold_for_load(blocks),
+                                quiesce=False)
 
     # -- requests ---------------------------------------------------------------------------------------
     def make_request(self, request_id: str, prompt: str | Sequence[int], params: SamplingParams | None = None,

@@ -19,9 +19,7 @@ itself if the writer has not started it). A prefix hit is staged at admission an
 
 from __future__ import annotations
 
-import os
 import queue
-import tempfile
 import threading
 import time
 from collections import OrderedDict
@@ -33,6 +31,7 @@ import torch
 
 from engine.errors import PoolIntegrityError
 from engine.kv_cache import KVCachePool
+from engine.kv_offload_memory import mapped_file, pinned_host, unpin
 from engine.outputs import OffloadStats
 
 
@@ -48,43 +47,20 @@ class _Write:
 
 
 @dataclass
+class _Fetch:
+    """A block being written into its slot from outside the worker (the cluster KV store): `hold_for_load`
+    made it, `finish_load` ends it."""
+
+    discard: bool = False  # `clear` ran meanwhile: drop it when it ends
+
+
+@dataclass
 class _Entry:
     slot: int
     token_ids: tuple[int, ...]
-    pending: _Write | None  # the copy filling the slot; None once it is complete (the entry is readable)
+    pending: _Write | _Fetch | None  # what fills the slot; None once it is complete (the entry is readable)
     staged: int = 0  # loads into the pool staged and not yet run: the entry is not evicted meanwhile
-
-
-def _mapped_file(directory: str | None, num_bytes: int) -> torch.Tensor:
-    """A file of `num_bytes` mapped shared, unlinked at once so that nothing outlives the process. Its space is
-    allocated now (OSError here if the disk is too small): a write into a mapped page of a full file system
-    would kill the process with SIGBUS later."""
-    fd, path = tempfile.mkstemp(prefix="tandem-kv-offload-", dir=directory)
-    try:
-        os.posix_fallocate(fd, 0, num_bytes)
-        os.close(fd)
-        mapped = np.memmap(path, dtype=np.uint8, mode="r+", shape=(num_bytes,))
-    finally:
-        os.unlink(path)
-    return torch.from_numpy(mapped)  # the tensor keeps the mapping alive
-
-
-_CUDA_HOST_REGISTER_PORTABLE = 1  # pinned for every device, not only the current one
-
-
-def _pinned_host(num_bytes: int) -> torch.Tensor:
-    """Page-locked host memory of exactly `num_bytes` (torch's pinned allocator rounds up to a power of two);
-    `_unpin` it before it is freed."""
-    flat = torch.empty(num_bytes, dtype=torch.uint8)
-    error = torch.cuda.cudart().cudaHostRegister(flat.data_ptr(), num_bytes, _CUDA_HOST_REGISTER_PORTABLE)
-    if int(error) != 0:
-        raise RuntimeError(f"could not pin {num_bytes} bytes of host memory for the KV offload tier (CUDA error "
-                           f"{int(error)}): lower --kv-offload-gib or raise the locked-memory limit (ulimit -l)")
-    return flat
-
-
-def _unpin(flat: torch.Tensor) -> None:
-    torch.cuda.cudart().cudaHostUnregister(flat.data_ptr())
+    pinned: int = 0  # readers outside the engine (exports to the cluster KV store): not evicted meanwhile
 
 
 class KVOffloadTier:
@@ -105,9 +81,9 @@ class KVOffloadTier:
         self._stream = torch.cuda.Stream(self._pool_rows.device) if self._on_gpu else None
         self._pinned: torch.Tensor | None = None
         if self._on_gpu:
-            flat = self._pinned = _pinned_host(capacity_blocks * self.block_bytes)
+            flat = self._pinned = pinned_host(capacity_blocks * self.block_bytes)
         else:
-            flat = _mapped_file(directory, capacity_blocks * self.block_bytes)
+            flat = mapped_file(directory, capacity_blocks * self.block_bytes)
         self._slots = flat.view(capacity_blocks, layers, row_bytes)
         self._lock = threading.Lock()  # guards the index, the free slots, the pending writes and the counters
         self._index: OrderedDict[int, _Entry] = OrderedDict()  # hash → entry, least recently used first
@@ -115,6 +91,11 @@ class KVOffloadTier:
         self._pending: dict[int, _Write] = {}  # pool block id → its copy not yet finished
         self._staged: list[tuple[int, int]] = []  # (hash, pool block id) of loads not yet run (engine thread only)
         self._queue: queue.SimpleQueue[_Write | None] = queue.SimpleQueue()
+        # the cluster KV store's side (worker_runtime.kv_store_client): blocks made readable by a copy from the
+        # pool, to export; slots of fetches that failed, kept from reuse until a late write can no longer land
+        self.collect_exports = False
+        self._exports: list[int] = []
+        self._quarantine: list[tuple[float, int]] = []  # (free after, slot)
         self._queried = self._stored = self._loaded = self._evicted = self._dropped = 0
         self._finished_on_reuse = 0
         self._store_s = self._load_s = 0.0
@@ -216,10 +197,16 @@ class KVOffloadTier:
             for block_hash, entry in self._index.items():
                 if entry.pending is None:
                     self._record_removed(block_hash)
+            fetching = {h: e for h, e in self._index.items() if isinstance(e.pending, _Fetch)}
+            for entry in fetching.values():  # their slots are written from outside: freed when the fetch ends
+                assert isinstance(entry.pending, _Fetch)
+                entry.pending.discard = True
+            held = {e.slot for e in fetching.values()} | {slot for _, slot in self._quarantine}
             self._events_stored.clear()
+            self._exports.clear()
             self._pending.clear()
-            self._index.clear()
-            self._free_slots = list(range(self.capacity_blocks - 1, -1, -1))
+            self._index = OrderedDict(fetching)
+            self._free_slots = [s for s in range(self.capacity_blocks - 1, -1, -1) if s not in held]
 
     def flush(self) -> None:
         """Make every queued copy now, on this thread."""
@@ -234,7 +221,7 @@ class KVOffloadTier:
             self._writer.join(timeout=10)
             self._writer = None
         if self._pinned is not None:
-            _unpin(self._pinned)
+            unpin(self._pinned)
             self._pinned = None
 
     def stats(self) -> OffloadStats:
@@ -252,7 +239,7 @@ class KVOffloadTier:
             problems = [why for why, bad in (
                 ("two entries share a slot", len(set(held)) != len(held)),
                 ("a slot is both free and held", bool(set(held) & set(self._free_slots))),
-                ("a slot is lost", len(held) + len(self._free_slots) != self.capacity_blocks),
+                ("a slot is lost", len(held) + len(self._free_slots) + len(self._quarantine) != self.capacity_blocks),
                 ("a pending copy lost its entry", any(self._index.get(w.block_hash) is None
                                                       or self._index[w.block_hash].pending is not w
                                                       for w in self._pending.values())),
@@ -266,9 +253,12 @@ class KVOffloadTier:
     # -- internals --------------------------------------------------------------------------------------
     def _take_slot(self) -> int | None:
         """A free slot, evicting the least recently used readable entry if none is (lock held)."""
+        if self._quarantine and self._quarantine[0][0] <= time.monotonic():
+            return self._quarantine.pop(0)[1]
         if self._free_slots:
             return self._free_slots.pop()
-        victim = next((h for h, e in self._index.items() if e.pending is None and not e.staged), None)
+        victim = next((h for h, e in self._index.items() if e.pending is None and not e.staged and not e.pinned),
+                      None)
         if victim is None:
             return None
         self._evicted += 1
@@ -314,6 +304,8 @@ class KVOffloadTier:
             became_readable = entry is not None and entry.pending is write
             if entry is not None and became_readable:
                 entry.pending = None
+                if self.collect_exports:
+                    self._exports.append(write.block_hash)
                 if self.record_events:
                     self._events_removed.discard(write.block_hash)
                     self._events_stored.add(write.block_hash)
@@ -321,6 +313,72 @@ class KVOffloadTier:
             self._store_s += elapsed
             self._finished_on_reuse += on_reuse
         if became_readable and self.record_events and self.on_events is not None:
+            self.on_events()
+
+    # -- the cluster KV store's side ---------------------------------------------------------------------
+    @property
+    def memory(self) -> torch.Tensor:
+        """The tier's bytes, flat (slot i at `i * block_bytes`): a transfer segment for the cluster KV store."""
+        return self._slots.view(-1)
+
+    def take_exports(self, limit: int) -> list[tuple[int, int, tuple[int, ...]]]:
+        """Up to `limit` (hash, slot, tokens) of blocks copied in from the pool since the last call and still
+        readable, each pinned (not evicted, so its slot is not rewritten) until `unpin` (any thread)."""
+        with self._lock:
+            taken, self._exports = self._exports[:limit], self._exports[limit:]
+            exports = []
+            for block_hash in taken:
+                entry = self._index.get(block_hash)
+                if entry is not None and entry.pending is None:
+                    entry.pinned += 1
+                    exports.append((block_hash, entry.slot, entry.token_ids))
+            return exports
+
+    def unpin(self, block_hashes: Sequence[int]) -> None:
+        with self._lock:
+            for block_hash in block_hashes:
+                entry = self._index.get(block_hash)
+                if entry is not None and entry.pinned:
+                    entry.pinned -= 1
+
+    def hold_for_load(self, blocks: Sequence[tuple[int, tuple[int, ...]]]) -> list[int]:
+        """Slots for (hash, tokens) blocks fetched from outside, in order, stopping at the first that is already
+        here or finds no room (evicting as `freed` does, hence engine thread only). Each stays unreadable until
+        `finish_load`."""
+        slots = []
+        with self._lock:
+            for block_hash, token_ids in blocks:
+                if block_hash in self._index:
+                    break
+                slot = self._take_slot()
+                if slot is None:
+                    break
+                self._index[block_hash] = _Entry(slot, token_ids, _Fetch())
+                slots.append(slot)
+        return slots
+
+    def finish_load(self, block_hashes: Sequence[int], landed: Sequence[bool], quarantine_s: float = 30.0) -> None:
+        """End the fetches `hold_for_load` started (any thread): a landed block becomes readable; the slot of one
+        that did not is kept from reuse for `quarantine_s` (a write may still be under way)."""
+        until = time.monotonic() + quarantine_s
+        with self._lock:
+            for block_hash, ok in zip(block_hashes, landed, strict=True):
+                entry = self._index.get(block_hash)
+                if entry is None or not isinstance(entry.pending, _Fetch):
+                    continue
+                if ok and not entry.pending.discard:
+                    entry.pending = None
+                    self._index.move_to_end(block_hash)
+                    if self.record_events:
+                        self._events_removed.discard(block_hash)
+                        self._events_stored.add(block_hash)
+                    continue
+                del self._index[block_hash]
+                if ok:
+                    self._free_slots.append(entry.slot)
+                else:
+                    self._quarantine.append((until, entry.slot))
+        if self.record_events and self.on_events is not None and any(landed):
             self.on_events()
 
     # -- KV events and costs ----------------------------------------------------------------------------

@@ -7,6 +7,7 @@ and `B` the bytes of one block of one layer. A run of consecutive block ids is o
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, fields
@@ -57,6 +58,12 @@ class KVLayout:
     def block_bytes(self) -> int:
         """Bytes of one block of one layer."""
         return self.block_size * 2 * self.num_kv_heads * self.head_dim * self.element_size
+
+    def namespace(self) -> str:
+        """What KV blocks of this layout are filed under outside a pool (the cluster KV store): the fields two
+        engines must agree on, hashed; equal for every worker whose blocks are interchangeable."""
+        agreed = json.dumps({name: getattr(self, name) for name in _MUST_MATCH}, sort_keys=True)
+        return hashlib.sha256(agreed.encode()).hexdigest()[:32]
 
     def check_compatible(self, peer: KVLayout) -> None:
         """Raise HandshakeError naming every field on which `peer` differs from us."""

@@ -10,7 +10,7 @@ from prefill_worker.servicer import PrefillWorkerServicer
 from worker_runtime.kv_events import KVEventHub
 from worker_runtime.server import WorkerParts
 from worker_runtime.settings import WorkerSettings
-from worker_runtime.transfer import engine_with_kv_connector, record_transfer_fields
+from worker_runtime.transfer import engine_with_kv_connector, record_transfer_fields, start_kv_store_client
 
 
 async def build(settings: WorkerSettings, worker_id: str, stack: AsyncExitStack) -> WorkerParts:
@@ -19,5 +19,7 @@ async def build(settings: WorkerSettings, worker_id: str, stack: AsyncExitStack)
     engine, connector = await engine_with_kv_connector(settings, worker_id, stack)
     pusher = KVPusher(connector, engine.config.block_size)
     await engine.set_kv_hook(pusher)
-    servicer = PrefillWorkerServicer(engine, worker_id, KVEventHub(engine), connector, pusher, settings.max_admitted)
+    store = await start_kv_store_client(settings, engine, connector, stack)
+    servicer = PrefillWorkerServicer(engine, worker_id, KVEventHub(engine), connector, pusher, settings.max_admitted,
+                                     store)
     return WorkerParts(engine, servicer, record_transfer_fields(connector))

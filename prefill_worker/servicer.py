@@ -20,6 +20,7 @@ from kv_transfer.kv_push import KVPusher
 from tandem.v1 import worker_pb2
 from worker_runtime.convert import logprob_to_proto, prompt_logprobs_to_proto, sampling_from_proto
 from worker_runtime.kv_events import KVEventHub
+from worker_runtime.kv_store_client import KVStoreClient
 from worker_runtime.metrics import PREFILL_TOKENS, WORKER_REQUESTS
 from worker_runtime.servicer_base import WorkerServicerBase
 
@@ -28,8 +29,10 @@ log = logging.getLogger(__name__)
 
 class PrefillWorkerServicer(WorkerServicerBase):
     def __init__(self, engine: AsyncEngine, worker_id: str, events: KVEventHub, connector: KVConnector,
-                 pusher: KVPusher, max_admitted: int | None = None) -> None:
+                 pusher: KVPusher, max_admitted: int | None = None, store: KVStoreClient | None = None) -> None:
+        """`store`: the cluster KV store's client; a prompt's blocks it holds are read, not computed."""
         super().__init__(engine, worker_id, "prefill", events, max_admitted)
+        self.store = store
         self.connector = connector
         self.pusher = pusher
         self.block_size = engine.config.block_size
@@ -61,6 +64,8 @@ class PrefillWorkerServicer(WorkerServicerBase):
         timeout = request.timeout_seconds or None
         self.pusher.expect(rid, peer, list(request.decode_block_ids), timeout_s=timeout or 30.0)
         try:
+            if self.store is not None and params.prompt_logprobs is None:  # those skip every cache
+                await self.store.fetch(prompt, request.cache_salt)
             stream = await self.engine.add_request(engine_request)
             final: RequestOutput | None = None
             async with asyncio.timeout(timeout):

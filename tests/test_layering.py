@@ -30,6 +30,7 @@ LAYERS: dict[str, int] = {
     "worker_runtime": 4,  # what both worker roles share
     "prefill_worker": 5,
     "decode_worker": 5,
+    "kv_store": 5,
     "cluster": 6,  # router, discovery, planner, launchers, CLI
     "bench": 7,
     # tools on top: they may import anything, nothing may import them

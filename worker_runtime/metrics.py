@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
-from prometheus_client import REGISTRY, Counter
+from prometheus_client import REGISTRY, Counter, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
@@ -23,6 +23,17 @@ DISAGGREGATION = Counter("tandem_disaggregation_decisions", "Where a decode work
                          ["worker", "decision"])
 REMOTE_PREFILL_FAILURES = Counter("tandem_remote_prefill_failures", "Remote prefill attempts that failed, by error",
                                   ["worker", "error"])
+KV_STORE_BLOCKS = Counter("tandem_kv_store_blocks", "Blocks this worker moved with the cluster KV store, by op and "
+                          "outcome: get (hit: read into the tier; miss: not in the store; corrupt: failed its "
+                          "checksum; failed: the store erred or ran past the deadline), put (stored; present: the "
+                          "store had it or was being given it; rejected at commit; failed)",
+                          ["worker", "op", "outcome"])
+KV_STORES_KNOWN = Gauge("tandem_kv_store_known", "1 for each cluster KV store this worker uses (read from etcd)",
+                        ["worker", "store"])
+KV_STORE_SECONDS = Histogram("tandem_kv_store_seconds", "Seconds of one exchange with the cluster KV store: a get "
+                             "(lookup, read, checks) before a prompt is admitted, or a put (reserve, write, commit)",
+                             ["worker", "op"], buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25,
+                                                        0.5, 1.0, 2.5))
 
 
 class EngineCollector(Collector):

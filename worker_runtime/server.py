@@ -23,7 +23,7 @@ from prometheus_client import start_http_server
 
 from common.grpc_decoding import RejectUndecodable
 from common.lifecycle import Lifecycle
-from common.tls import server_credentials
+from common.tls import bind_port
 from common.wire import MAX_WORKER_MESSAGE_BYTES
 from common.worker_record import WorkerRecord, WorkerRegistration
 from engine.async_engine import AsyncEngine
@@ -65,8 +65,7 @@ async def serve(settings: WorkerSettings, build: RoleBuilder, lifecycle: Lifecyc
                              options=[("grpc.max_receive_message_length", MAX_WORKER_MESSAGE_BYTES)])
     tls = settings.tls_files()
     address = f"{settings.host}:{settings.grpc_port}"
-    port = (server.add_insecure_port(address) if tls is None
-            else server.add_secure_port(address, server_credentials(tls, require_client_cert=True)))
+    port = bind_port(server, address, tls)
     worker_id = settings.worker_id or f"{settings.role}-{settings.host}-{port}"
     async with AsyncExitStack() as stack:
         parts = await build(settings, worker_id, stack)

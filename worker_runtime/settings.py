@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Literal
 
 from common.security import SecuritySettings
 from common.settings import described
@@ -29,6 +30,14 @@ class WorkerSettings(SecuritySettings):
     kv_offload_dir: str | None = field(default=None, metadata=described(
         "directory of the second tier's file on CPU, on local disk (its space is allocated at start); default: the "
         "temp dir, which may be in memory (tmpfs)"))
+    use_kv_store: bool = field(default=False, metadata=described(
+        "use the cluster KV stores listed in etcd (tandem kvstore): blocks the pool frees are put there, and a "
+        "prompt's blocks held there are read instead of computed; needs --kv-offload-gib (the staging area) and "
+        "a disaggregated role"))
+    kv_store_put: Literal["all", "repeated"] = field(default="all", metadata=described(
+        "which freed blocks go to the KV store: all, or only those of prompts this worker saw more than once"))
+    kv_store_timeout_s: float = field(default=1.0, metadata=described(
+        "the most a KV store read delays a prompt (then its blocks are computed), and a put's deadline"))
     max_num_seqs: int = field(default=64, metadata=described("most sequences in one batch"))
     max_model_len: int | None = field(default=None, metadata=described("context length cap"))
     num_threads: int | None = field(default=None, metadata=described("torch threads on CPU; default: torch's"))
@@ -64,6 +73,11 @@ class WorkerSettings(SecuritySettings):
             raise ValueError("max_queued_requests must be >= 0")
         if not self.kv_offload_gib >= 0:
             raise ValueError(f"kv_offload_gib must be >= 0, got {self.kv_offload_gib}")
+        if self.use_kv_store and (not self.kv_offload_gib or self.role == "both" or self.simulate is not None):
+            raise ValueError("use_kv_store needs kv_offload_gib > 0 (the store's staging area), a prefill or decode "
+                             "role (a transfer engine) and a real model")
+        if self.kv_store_put not in ("all", "repeated") or not self.kv_store_timeout_s > 0:
+            raise ValueError("kv_store_put must be all or repeated, and kv_store_timeout_s > 0")
         if self.replicas < 1 or (self.replicas > 1 and (self.simulate is None or self.grpc_port or self.metrics_port)):
             raise ValueError("replicas must be >= 1; more than one needs --simulate and ports 0 (each picks its own)")
 

@@ -8,10 +8,13 @@ from contextlib import AsyncExitStack
 
 import torch
 
+from common.security import SecuritySettings
+from common.tls import channel_credentials
 from engine.async_engine import AsyncEngine
 from kv_transfer import EtcdStore, TransferEngine, TransferEngineConfig
 from kv_transfer.kv_connector import KVConnector
 from kv_transfer.link_tls import LinkTls
+from worker_runtime.kv_store_client import KVStoreClient, KVStoreClientConfig
 from worker_runtime.settings import WorkerSettings
 
 log = logging.getLogger(__name__)
@@ -20,24 +23,8 @@ log = logging.getLogger(__name__)
 async def engine_with_kv_connector(settings: WorkerSettings, worker_id: str,
                                    stack: AsyncExitStack) -> tuple[AsyncEngine, KVConnector]:
     """The engine, its pool registered as segment `<worker id>.kv` and its layout published."""
-    tls = settings.tls_files()
-    if tls is None and settings.kv_secret is None:
-        log.warning("the KV transfer links are not authenticated: anyone who reads this worker's segment "
-                    "address in etcd can write into its KV pool over TCP; give every worker the cluster's "
-                    "--tls-* files or TANDEM_KV_SECRET (NIXL/UCX is not covered either way: it trusts its fabric)")
-    elif tls is not None:
-        log.info("KV links are mutual TLS (the cluster's --tls-* files): control, TCP-backend pages and NCCL "
-                 "headers are encrypted; shared memory, NIXL/UCX and the NCCL payload are outside the links")
-    elif settings.kv_link_integrity == "frames":
-        log.info("KV links seal frames only (--kv-link-integrity frames): page bytes are not sealed")
-    store = EtcdStore(settings.etcd, access=settings.etcd_access())
-    stack.push_async_callback(store.close)
-    transfer = TransferEngine(store, TransferEngineConfig(
-        engine_id=worker_id, host=settings.host, backends=settings.backends,  # type: ignore[arg-type]
-        metadata_prefix=f"/tandem/{settings.cluster}/kv", link_secret=settings.kv_link_secret(),
-        seal_payloads=settings.kv_link_integrity == "all",
-        link_tls=None if tls is None else LinkTls(tls.ca, tls.cert, tls.key)))
-    stack.push_async_callback(transfer.close)
+    transfer = await open_transfer_engine(settings, settings.etcd, settings.cluster, worker_id, settings.host,
+                                          settings.backends, stack)
     # on CPU the pool lives in shared memory that same-host peers map; on CUDA in device memory
     storage = None if torch.cuda.is_available() else (lambda n: transfer.allocate_host_buffer(n, "kv"))
     engine = AsyncEngine(settings.engine_config(), kv_storage=storage)
@@ -46,6 +33,47 @@ async def engine_with_kv_connector(settings: WorkerSettings, worker_id: str,
                             weights=engine.weights_fingerprint)
     await connector.publish()
     return engine, connector
+
+
+async def open_transfer_engine(security: SecuritySettings, etcd: str, cluster: str, engine_id: str, host: str,
+                               backends: tuple[str, ...], stack: AsyncExitStack) -> TransferEngine:
+    """A transfer engine (closed by `stack`) whose segment descriptors live in the cluster's etcd, its links
+    secured as `security` says (a worker's and a KV store's alike)."""
+    tls = security.tls_files()
+    if tls is None and security.kv_secret is None:
+        log.warning("the KV transfer links are not authenticated: anyone who reads this process's segment "
+                    "address in etcd can write into its KV memory over TCP; give every member the cluster's "
+                    "--tls-* files or TANDEM_KV_SECRET (NIXL/UCX is not covered either way: it trusts its fabric)")
+    elif tls is not None:
+        log.info("KV links are mutual TLS (the cluster's --tls-* files): control, TCP-backend pages and NCCL "
+                 "headers are encrypted; shared memory, NIXL/UCX and the NCCL payload are outside the links")
+    elif security.kv_link_integrity == "frames":
+        log.info("KV links seal frames only (--kv-link-integrity frames): page bytes are not sealed")
+    store = EtcdStore(etcd, access=security.etcd_access())
+    stack.push_async_callback(store.close)
+    transfer = TransferEngine(store, TransferEngineConfig(
+        engine_id=engine_id, host=host, backends=backends,  # type: ignore[arg-type]
+        metadata_prefix=f"/tandem/{cluster}/kv", link_secret=security.kv_link_secret(),
+        seal_payloads=security.kv_link_integrity == "all",
+        link_tls=None if tls is None else LinkTls(tls.ca, tls.cert, tls.key)))
+    stack.push_async_callback(transfer.close)
+    return transfer
+
+
+async def start_kv_store_client(settings: WorkerSettings, engine: AsyncEngine, connector: KVConnector,
+                                stack: AsyncExitStack) -> KVStoreClient | None:
+    """The worker's client of the cluster KV store (closed by `stack`), with --use-kv-store; None without."""
+    if not settings.use_kv_store:
+        return None
+    tls = settings.tls_files()
+    client = KVStoreClient(engine, connector.transfer, connector.layout, KVStoreClientConfig(
+        etcd=settings.etcd, cluster=settings.cluster, worker_id=connector.transfer.engine_id,
+        access=settings.etcd_access(), credentials=None if tls is None else channel_credentials(tls),
+        put=settings.kv_store_put, timeout_s=settings.kv_store_timeout_s))
+    await client.start()
+    stack.push_async_callback(client.close)
+    log.info("KV store client on: %d stores found", len(client.store_ids))
+    return client
 
 
 def kv_segment_name(worker_id: str) -> str:

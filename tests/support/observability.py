@@ -26,7 +26,8 @@ REPO = Path(__file__).resolve().parents[2]
 GRAFANA = REPO / "deploy" / "grafana"
 RULE_FILES = sorted((REPO / "deploy" / "prometheus" / "rules").glob("*.yml"))
 METRICS_DOC = REPO / "docs" / "metrics.md"
-PACKAGES = ("common", "engine", "kv_transfer", "worker_runtime", "prefill_worker", "decode_worker", "cluster")
+PACKAGES = ("common", "engine", "kv_transfer", "worker_runtime", "prefill_worker", "decode_worker", "kv_store",
+            "cluster")
 METRIC_NAME = re.compile(r"\btandem[_:][a-zA-Z0-9_:]*")
 PLANNER_PREFIX = "tandem_planner_"
 

@@ -1,0 +1,210 @@
+"""Where each block lives in a KV store's memory, and when it may be read (the store's own bookkeeping; the
+bytes are in its transfer segment, at `slot * block_bytes`).
+
+A slot is free, reserved (a writer was given it and has not committed), or readable. Invariants:
+- a block is readable only after a commit whose checksum matched the store's own bytes of its slot;
+- a reserved slot is handed to no one else until its reservation is committed, abandoned or lapses;
+- a readable block is not evicted while a read lease (granted by `lookup`) runs, so a reader that read
+  within its lease read a block nobody overwrote (the reader checks the checksum anyway);
+- one hash has at most one entry: a second put of it is left out at `reserve` (puts are idempotent).
+The index lives only in the store process's memory, as its data does: a restarted store starts empty.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+
+class NamespaceError(ValueError):
+    """The request's namespace (weights and KV layout) or block size is not the store's."""
+
+
+@dataclass
+class _Entry:
+    slot: int
+    token_ids: tuple[int, ...]
+    reservation: str | None  # the writer's reservation tag while reserved; None once readable
+    expires: float  # reserved: when the reservation lapses; readable: when the last read lease ends
+    checksum: int = 0
+
+
+@dataclass(frozen=True)
+class Hit:
+    block_hash: int
+    offset: int
+    checksum: int
+    token_ids: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class IndexStats:
+    namespace: str
+    block_bytes: int
+    capacity_blocks: int
+    readable_blocks: int
+    reserved_blocks: int
+    lookups: int
+    hits: int
+    committed: int
+    rejected: int
+    evicted: int
+    lapsed: int
+
+
+class StoreIndex:
+    """Slots of one namespace in `capacity_bytes` of memory; the namespace and block size are fixed by the first
+    `reserve` (`bind`). Thread-safe."""
+
+    def __init__(self, capacity_bytes: int, reserve_ttl_s: float = 10.0, read_lease_s: float = 5.0,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        if capacity_bytes <= 0 or reserve_ttl_s <= 0 or read_lease_s <= 0:
+            raise ValueError("capacity, reservation TTL and read lease must be positive")
+        self.capacity_bytes = capacity_bytes
+        self.reserve_ttl_s = reserve_ttl_s
+        self.read_lease_s = read_lease_s
+        self._clock = clock
+        self._lock = threading.Lock()
+        self.namespace = ""
+        self.block_bytes = 0
+        self.capacity_blocks = 0
+        self._entries: OrderedDict[int, _Entry] = OrderedDict()  # hash → entry; readable ones in LRU order
+        self._free: list[int] = []
+        self._lookups = self._hits = self._committed = self._rejected = self._evicted = self._lapsed = 0
+
+    def bind(self, namespace: str, block_bytes: int) -> None:
+        """Fix the namespace and block size (first call), or check them (later calls)."""
+        with self._lock:
+            self._bind(namespace, block_bytes)
+
+    def _bind(self, namespace: str, block_bytes: int) -> None:
+        if not namespace or block_bytes <= 0:
+            raise NamespaceError("a namespace and a positive block size are required")
+        if not self.namespace:
+            if block_bytes > self.capacity_bytes:
+                raise NamespaceError(f"a block of {block_bytes} bytes does not fit in {self.capacity_bytes}")
+            self.namespace, self.block_bytes = namespace, block_bytes
+            self.capacity_blocks = self.capacity_bytes // block_bytes
+            self._free = list(range(self.capacity_blocks - 1, -1, -1))
+        elif (namespace, block_bytes) != (self.namespace, self.block_bytes):
+            raise NamespaceError(f"this store serves namespace {self.namespace} ({self.block_bytes}-byte blocks), "
+                                 f"not {namespace} ({block_bytes}-byte blocks): run one store per model")
+
+    def _check(self, namespace: str) -> None:
+        if namespace != self.namespace:
+            raise NamespaceError(f"this store serves namespace {self.namespace or '(none yet)'}, not {namespace}")
+
+    def lookup(self, namespace: str, hashes: Sequence[int]) -> list[Hit]:
+        """The readable blocks among `hashes`, in their order; each is leased for `read_lease_s`."""
+        with self._lock:
+            self._lookups += len(hashes)
+            if namespace != self.namespace:
+                return []  # nothing of it is here (an empty store has no namespace yet)
+            until = self._clock() + self.read_lease_s
+            hits = []
+            for block_hash in hashes:
+                entry = self._entries.get(block_hash)
+                if entry is None or entry.reservation is not None:
+                    continue
+                entry.expires = max(entry.expires, until)
+                self._entries.move_to_end(block_hash)
+                hits.append(Hit(block_hash, entry.slot * self.block_bytes, entry.checksum, entry.token_ids))
+            self._hits += len(hits)
+            return hits
+
+    def reserve(self, namespace: str, block_bytes: int, blocks: Sequence[tuple[int, tuple[int, ...]]],
+                tag: str) -> list[tuple[int, int]]:
+        """(hash, offset) of the blocks given room under reservation `tag`: those neither held nor being written,
+        while free or evictable slots last."""
+        with self._lock:
+            self._bind(namespace, block_bytes)
+            now = self._clock()
+            reserved = []
+            for block_hash, token_ids in blocks:
+                if block_hash in self._entries:
+                    continue
+                slot = self._take_slot(now)
+                if slot is None:
+                    break
+                self._entries[block_hash] = _Entry(slot, token_ids, tag, now + self.reserve_ttl_s)
+                reserved.append((block_hash, slot * self.block_bytes))
+            return reserved
+
+    def reserved(self, namespace: str, tag: str, hashes: Sequence[int]) -> list[tuple[int, int]]:
+        """(hash, offset) of those of `hashes` still reserved under `tag` (to verify before `commit`)."""
+        with self._lock:
+            self._check(namespace)
+            return [(h, e.slot * self.block_bytes) for h in hashes
+                    if (e := self._entries.get(h)) is not None and e.reservation == tag]
+
+    def commit(self, tag: str, verdicts: Sequence[tuple[int, bool, int]]) -> tuple[int, int]:
+        """Apply (hash, written and its checksum matched the slot's bytes, checksum) for blocks reserved under
+        `tag`: readable, or freed. Blocks whose reservation lapsed or is another's count as rejected.
+        Returns (accepted, rejected)."""
+        accepted = rejected = 0
+        with self._lock:
+            for block_hash, good, checksum in verdicts:
+                entry = self._entries.get(block_hash)
+                if entry is None or entry.reservation != tag:
+                    rejected += 1
+                    continue
+                if not good:
+                    del self._entries[block_hash]
+                    self._free.append(entry.slot)
+                    rejected += 1
+                    continue
+                entry.reservation, entry.checksum, entry.expires = None, checksum, 0.0
+                self._entries.move_to_end(block_hash)
+                accepted += 1
+            self._committed += accepted
+            self._rejected += rejected
+        return accepted, rejected
+
+    def abandon(self, namespace: str, tag: str, hashes: Sequence[int]) -> None:
+        """Free the slots of blocks reserved under `tag` that will not be written."""
+        with self._lock:
+            self._check(namespace)
+            for block_hash in hashes:
+                entry = self._entries.get(block_hash)
+                if entry is not None and entry.reservation == tag:
+                    del self._entries[block_hash]
+                    self._free.append(entry.slot)
+
+    def expire(self) -> int:
+        """Free the slots of lapsed reservations; returns how many."""
+        with self._lock:
+            now = self._clock()
+            lapsed = [h for h, e in self._entries.items() if e.reservation is not None and e.expires <= now]
+            for block_hash in lapsed:
+                self._free.append(self._entries.pop(block_hash).slot)
+            self._lapsed += len(lapsed)
+            return len(lapsed)
+
+    def _take_slot(self, now: float) -> int | None:
+        """A free slot, or the least recently used readable block's, unless it is leased (lock held)."""
+        if self._free:
+            return self._free.pop()
+        victim = next((h for h, e in self._entries.items() if e.reservation is None and e.expires <= now), None)
+        if victim is None:
+            return None
+        self._evicted += 1
+        return self._entries.pop(victim).slot
+
+    def stats(self) -> IndexStats:
+        with self._lock:
+            reserved = sum(e.reservation is not None for e in self._entries.values())
+            return IndexStats(self.namespace, self.block_bytes, self.capacity_blocks, len(self._entries) - reserved,
+                              reserved, self._lookups, self._hits, self._committed, self._rejected, self._evicted,
+                              self._lapsed)
+
+    def check_integrity(self) -> None:
+        """Raise AssertionError unless every slot is free or held by exactly one entry."""
+        with self._lock:
+            held = [e.slot for e in self._entries.values()]
+            if len(set(held)) != len(held) or set(held) & set(self._free) or \
+                    len(held) + len(self._free) != self.capacity_blocks:
+                raise AssertionError(f"KV store index: {len(held)} held and {len(self._free)} free slots of "
+                                     f"{self.capacity_blocks}, some shared or lost")

@@ -1,0 +1,104 @@
+"""The KV store's index alone (kv_store.index): reservations, commits, leases, eviction, lapses, namespaces,
+and the rendezvous sharding of worker_runtime.kv_store_client."""
+
+from __future__ import annotations
+
+import pytest
+
+from kv_store.index import NamespaceError, StoreIndex
+from worker_runtime.kv_store_client import owner
+
+NS = "ns-a"
+BLOCK = 100
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def _index(blocks: int = 4, clock: Clock | None = None) -> StoreIndex:
+    return StoreIndex(blocks * BLOCK, reserve_ttl_s=10.0, read_lease_s=5.0, clock=clock or Clock())
+
+
+def _put(index: StoreIndex, hashes: list[int], tag: str) -> list[tuple[int, int]]:
+    reserved = index.reserve(NS, BLOCK, [(h, (h, h)) for h in hashes], tag)
+    index.commit(tag, [(h, True, h * 7) for h, _ in reserved])
+    return reserved
+
+
+def test_a_block_is_readable_only_once_committed_and_only_when_its_checksum_matched() -> None:
+    index = _index()
+    reserved = index.reserve(NS, BLOCK, [(1, (1,)), (2, (2,))], "w1")
+    assert [h for h, _ in reserved] == [1, 2] and len({o for _, o in reserved}) == 2
+    assert index.lookup(NS, [1, 2]) == []  # reserved, not written yet
+    assert index.commit("w1", [(1, True, 11), (2, False, 22)]) == (1, 1)
+    hits = index.lookup(NS, [1, 2])
+    assert [(h.block_hash, h.checksum, h.token_ids) for h in hits] == [(1, 11, (1,))]
+    s = index.stats()
+    assert (s.readable_blocks, s.reserved_blocks, s.committed, s.rejected) == (1, 0, 1, 1)
+    index.check_integrity()
+
+
+def test_puts_of_one_hash_race_safely_the_second_is_left_out() -> None:
+    index = _index()
+    first = index.reserve(NS, BLOCK, [(5, (5,))], "worker-a")
+    second = index.reserve(NS, BLOCK, [(5, (5,)), (6, (6,))], "worker-b")
+    assert [h for h, _ in first] == [5] and [h for h, _ in second] == [6]
+    assert index.commit("worker-b", [(5, True, 1)]) == (0, 1)  # not b's reservation: refused, a's untouched
+    assert index.commit("worker-a", [(5, True, 1)]) == (1, 0)
+    assert index.reserve(NS, BLOCK, [(5, (5,))], "worker-c") == []  # held now: a put again is a no-op
+    index.check_integrity()
+
+
+def test_a_lapsed_reservation_frees_its_slot_and_its_late_commit_is_rejected() -> None:
+    clock = Clock()
+    index = _index(blocks=1, clock=clock)
+    index.reserve(NS, BLOCK, [(1, (1,))], "dead-worker")
+    assert index.reserve(NS, BLOCK, [(2, (2,))], "w2") == []  # the only slot is reserved
+    clock.now = 11.0
+    assert index.expire() == 1
+    assert index.stats().reserved_blocks == 0 and index.stats().lapsed == 1
+    assert index.commit("dead-worker", [(1, True, 1)]) == (0, 1)
+    assert [h for h, _ in index.reserve(NS, BLOCK, [(2, (2,))], "w2")] == [2]
+    index.check_integrity()
+
+
+def test_eviction_takes_the_least_recently_used_block_but_never_one_under_a_read_lease() -> None:
+    clock = Clock()
+    index = _index(blocks=2, clock=clock)
+    _put(index, [1, 2], "w")
+    index.lookup(NS, [1])  # 1 leased until 5.0, and most recently used
+    assert [h for h, _ in _put(index, [3], "w3")] == [3]  # evicts 2 (unleased)
+    assert [h.block_hash for h in index.lookup(NS, [1, 2, 3])] == [1, 3]  # now both leased
+    assert _put(index, [4], "w4") == []  # nothing evictable: no room, nothing overwritten
+    clock.now = 6.0
+    assert [h for h, _ in _put(index, [4], "w5")] == [4]
+    assert index.stats().evicted == 2
+    index.check_integrity()
+
+
+def test_one_namespace_per_store() -> None:
+    index = _index()
+    assert index.lookup(NS, [1]) == []  # no namespace yet: nothing held
+    _put(index, [1], "w")
+    with pytest.raises(NamespaceError, match="one store per model"):
+        index.reserve("ns-b", BLOCK, [(1, (1,))], "x")
+    with pytest.raises(NamespaceError):
+        index.reserve(NS, BLOCK * 2, [(1, (1,))], "x")
+    assert index.lookup("ns-b", [1]) == []
+    with pytest.raises(NamespaceError):
+        StoreIndex(BLOCK).bind(NS, BLOCK + 1)  # a block bigger than the store
+
+
+def test_rendezvous_sharding_moves_only_the_leaving_stores_share() -> None:
+    stores = ["s1", "s2", "s3"]
+    placed = {h: owner(stores, h) for h in range(3000)}
+    share = {s: sum(o == s for o in placed.values()) for s in stores}
+    assert all(800 < n < 1200 for n in share.values()), share
+    after = {h: owner(["s1", "s3"], h) for h in range(3000)}
+    moved = [h for h in placed if placed[h] != after[h]]
+    assert moved and all(placed[h] == "s2" for h in moved)
