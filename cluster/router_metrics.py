@@ -27,6 +27,11 @@ CACHED_BLOCKS = Gauge("tandem_router_worker_cached_blocks", "Blocks in a worker'
                       "knows them from its KV events", ["worker"])
 OFFLOADED_BLOCKS = Gauge("tandem_router_worker_offloaded_blocks", "Blocks readable in a worker's second KV tier, "
                          "as the router knows them from its KV events", ["worker"])
+BLOCK_COST = Gauge("tandem_router_worker_block_cost", "What a worker measured one block to cost, in blocks of its "
+                   "prefill work, by tier: offload (loaded from its second tier) or store (read from the cluster "
+                   "KV store, then loaded); kv_aware routing prices held blocks with it", ["worker", "tier"])
+STORE_BLOCKS = Gauge("tandem_router_kv_store_blocks", "Blocks readable in a cluster KV store, as the router knows "
+                     "them from its events", ["store"])
 RETRIES = Counter("tandem_router_retries", "Requests sent again to another decode worker before any token, "
                   "by the error of the first", ["error"])
 MIGRATIONS = Counter("tandem_router_migrations", "Streams moved to another decode worker (with the tokens already "

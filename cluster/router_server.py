@@ -17,6 +17,7 @@ from grpc_reflection.v1alpha import reflection
 
 from cluster.api_keys import ApiKeyInterceptor, http_middleware
 from cluster.grpc_frontend import InferenceServicer
+from cluster.kv_store_view import KVStoreView
 from cluster.openai_frontend import OpenAIFrontend
 from cluster.router_core import RouterCore
 from cluster.router_settings import RouterSettings
@@ -40,7 +41,11 @@ async def serve(settings: RouterSettings, lifecycle: Lifecycle | None = None) ->
     pool = WorkerPool(settings.etcd, settings.cluster, access=settings.etcd_access(),
                       credentials=None if tls is None else channel_credentials(tls))
     await pool.start()
-    core = RouterCore(pool, tokenizer, RoutingPolicy(settings.policy, settings.kv_overlap_weight),
+    stores = KVStoreView(settings.etcd, settings.cluster, access=settings.etcd_access(),
+                         credentials=None if tls is None else channel_credentials(tls))
+    await stores.start()
+    core = RouterCore(pool, tokenizer, RoutingPolicy(settings.policy, settings.kv_overlap_weight,
+                                                     in_store=stores.holds),
                       settings.served_model_name, settings.max_inflight, settings.request_timeout_s,
                       settings.retry_after_s, settings.shared_prefix_cache, settings.key_limits())
     server = grpc.aio.server(interceptors=[*([] if keys is None else [ApiKeyInterceptor(keys)]), RejectUndecodable()])
@@ -81,4 +86,5 @@ async def serve(settings: RouterSettings, lifecycle: Lifecycle | None = None) ->
         await asyncio.sleep(0.1)
     await server.stop(grace=max(deadline - loop.time(), 0.0))
     await runner.cleanup()
+    await stores.stop()
     await pool.stop()

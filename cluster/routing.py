@@ -2,9 +2,9 @@
 preference; later ones are retries) prefill it.
 
 `kv_aware` prices each candidate in blocks of prefill work: blocks of the prompt its prefix cache
-lacks, plus blocks it would load from its second KV tier at the price it measured (a fraction of a
-block's compute), times `overlap_weight`, plus the requests it already has in flight. Decode workers that
-prefill themselves (role both) are priced the same way; pure decode workers by load alone.
+lacks, plus blocks it would load from its second KV tier or read from the cluster KV store at the prices it
+measured (a fraction of a block's compute), times `overlap_weight`, plus the requests it already has in flight.
+Decode workers that prefill themselves (role both) are priced the same way; pure decode workers by load alone.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from __future__ import annotations
 import heapq
 import itertools
 import operator
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -32,12 +32,15 @@ class Route:
 
 
 class RoutingPolicy:
-    def __init__(self, name: PolicyName, overlap_weight: float = 1.0, prefill_retries: int = 1) -> None:
+    def __init__(self, name: PolicyName, overlap_weight: float = 1.0, prefill_retries: int = 1,
+                 in_store: Callable[[int], bool] | None = None) -> None:
+        """`in_store`: whether a block is readable in the cluster KV store (cluster.kv_store_view)."""
         if name not in POLICIES:
             raise ValueError(f"routing policy must be one of {POLICIES}, got {name!r}")
         self.name = name
         self.overlap_weight = overlap_weight
         self.prefill_retries = prefill_retries
+        self.in_store = in_store
         self._turns = {"decode": itertools.count(), "prefill": itertools.count()}  # one per pool: fair ties
         # per pool: the last tuple of workers seen and its workers in id order (a tuple never changes)
         self._sorted: dict[str, tuple[tuple[WorkerHandle, ...], list[WorkerHandle], bool]] = {}
@@ -81,4 +84,4 @@ class RoutingPolicy:
     def cost(self, worker: WorkerHandle, block_hashes: list[int]) -> float:
         if worker.record.role == "decode":
             return worker.inflight
-        return self.overlap_weight * worker.prefill_work(block_hashes) + worker.inflight
+        return self.overlap_weight * worker.prefill_work(block_hashes, self.in_store) + worker.inflight

@@ -13,12 +13,20 @@ import asyncio
 import collections
 import contextlib
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import grpc
 
 from cluster.discovery import WorkerDirectory
-from cluster.router_metrics import CACHED_BLOCKS, KV_EVENT_BATCHES, KV_EVENT_HASHES, OFFLOADED_BLOCKS, WORKERS
+from cluster.router_metrics import (
+    BLOCK_COST,
+    CACHED_BLOCKS,
+    KV_EVENT_BATCHES,
+    KV_EVENT_HASHES,
+    OFFLOADED_BLOCKS,
+    WORKERS,
+)
 from common.etcd.access import EtcdAccess
 from common.tls import open_channel
 from common.worker_record import ROLES, WorkerRecord, WorkerRole
@@ -38,6 +46,8 @@ class WorkerHandle:
     # loading a block from its second tier, in blocks of prefill work, as the worker measured it; until it has,
     # 1: a block there is priced as one to compute
     offload_block_cost: float = 1.0
+    # a block read from the cluster KV store and loaded, likewise; 0: the worker uses no store (or has not measured)
+    store_block_cost: float = 0.0
     events_task: asyncio.Task[None] | None = None
 
     @property
@@ -60,11 +70,17 @@ class WorkerHandle:
         """Leading blocks of a prompt it holds (pool or second tier)."""
         return self.held_prefix(block_hashes)[0]
 
-    def prefill_work(self, block_hashes: list[int]) -> float:
-        """The prompt's prefill here in blocks of work: blocks to compute, and blocks to load from the tier at
-        their measured price."""
+    def prefill_work(self, block_hashes: list[int], in_store: Callable[[int], bool] | None = None) -> float:
+        """The prompt's prefill here in blocks of work: blocks to compute, and blocks to load from the tier or to
+        read from the cluster KV store (`in_store`; the run after what the worker holds, as its fetch reads it)
+        at their measured prices."""
         held, offloaded = self.held_prefix(block_hashes)
-        return len(block_hashes) - held + offloaded * self.offload_block_cost
+        stored = 0
+        if in_store is not None and self.store_block_cost > 0:
+            while held + stored < len(block_hashes) and in_store(block_hashes[held + stored]):
+                stored += 1
+        return (len(block_hashes) - held - stored + offloaded * self.offload_block_cost
+                + stored * self.store_block_cost)
 
 
 class WorkerPool:
@@ -200,6 +216,10 @@ class WorkerPool:
                     handle.offloaded_blocks.difference_update(batch.unoffloaded_block_hashes)
                     if batch.offload_block_cost > 0:
                         handle.offload_block_cost = batch.offload_block_cost
+                        BLOCK_COST.labels(handle.worker_id, "offload").set(batch.offload_block_cost)
+                    if batch.store_block_cost > 0:
+                        handle.store_block_cost = batch.store_block_cost
+                        BLOCK_COST.labels(handle.worker_id, "store").set(batch.store_block_cost)
                     CACHED_BLOCKS.labels(handle.worker_id).set(len(handle.cached_blocks))
                     OFFLOADED_BLOCKS.labels(handle.worker_id).set(len(handle.offloaded_blocks))
             except grpc.aio.AioRpcError as e:
@@ -213,6 +233,9 @@ class WorkerPool:
         for gauge in (CACHED_BLOCKS, OFFLOADED_BLOCKS):
             with contextlib.suppress(KeyError):
                 gauge.remove(handle.worker_id)
+        for tier in ("offload", "store"):
+            with contextlib.suppress(KeyError):
+                BLOCK_COST.remove(handle.worker_id, tier)
         if handle.events_task is not None:
             handle.events_task.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):

@@ -114,6 +114,11 @@ class AsyncEngine:
         return self._llm.kv_pool
 
     @property
+    def prefill_seconds_per_token(self) -> float:
+        """The engine's moving average of prefill seconds per prompt token (0.0: none measured yet)."""
+        return self._llm.prefill_cost.seconds_per_token
+
+    @property
     def kv_tier(self) -> KVOffloadTier | None:
         """The second KV tier, if any (its methods say which may be called from any thread)."""
         return self._llm.offload

@@ -14,9 +14,11 @@ from __future__ import annotations
 
 import threading
 import time
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+
+EVENT_LOG_LENGTH = 1 << 16  # changes kept for `changes_since`; a reader further behind gets a snapshot
 
 
 class NamespaceError(ValueError):
@@ -74,6 +76,8 @@ class StoreIndex:
         self._entries: OrderedDict[int, _Entry] = OrderedDict()  # hash → entry; readable ones in LRU order
         self._free: list[int] = []
         self._lookups = self._hits = self._committed = self._rejected = self._evicted = self._lapsed = 0
+        self._version = 0  # changes of the readable set so far
+        self._log: deque[tuple[int, int, bool]] = deque(maxlen=EVENT_LOG_LENGTH)  # (version, hash, readable now)
 
     def bind(self, namespace: str, block_bytes: int) -> None:
         """Fix the namespace and block size (first call), or check them (later calls)."""
@@ -158,6 +162,7 @@ class StoreIndex:
                     continue
                 entry.reservation, entry.checksum, entry.expires = None, checksum, 0.0
                 self._entries.move_to_end(block_hash)
+                self._changed(block_hash, readable=True)
                 accepted += 1
             self._committed += accepted
             self._rejected += rejected
@@ -191,7 +196,31 @@ class StoreIndex:
         if victim is None:
             return None
         self._evicted += 1
+        self._changed(victim, readable=False)
         return self._entries.pop(victim).slot
+
+    def _changed(self, block_hash: int, readable: bool) -> None:
+        self._version += 1
+        self._log.append((self._version, block_hash, readable))
+
+    def snapshot(self) -> tuple[int, list[int]]:
+        """(version, every readable hash): `changes_since(version)` follows on from it."""
+        with self._lock:
+            return self._version, [h for h, e in self._entries.items() if e.reservation is None]
+
+    def changes_since(self, version: int) -> tuple[int, list[int], list[int]] | None:
+        """(version now, hashes that became readable, hashes that left) since `version`, applied in that order
+        (exact whatever the order of the changes); None when the log no longer reaches back that far."""
+        with self._lock:
+            if self._version == version:
+                return version, [], []
+            if not self._log or self._log[0][0] > version + 1:
+                return None
+            final: dict[int, bool] = {}
+            for changed_at, block_hash, readable in self._log:
+                if changed_at > version:
+                    final[block_hash] = readable
+            return (self._version, [h for h, r in final.items() if r], [h for h, r in final.items() if not r])
 
     def stats(self) -> IndexStats:
         with self._lock:

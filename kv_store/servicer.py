@@ -10,6 +10,7 @@ import itertools
 import logging
 import time
 import uuid
+from collections.abc import AsyncIterator
 
 import grpc
 import numpy as np
@@ -24,6 +25,7 @@ from tandem.v1 import kvstore_pb2, kvstore_pb2_grpc
 
 log = logging.getLogger(__name__)
 MAX_BLOCKS_PER_CALL = 4096  # a 64k-token prompt in 16-token blocks
+EVENTS_INTERVAL_S = 0.1  # changes are streamed at most this often, batched
 
 
 class KVStoreServicer(kvstore_pb2_grpc.KVStoreServicer):
@@ -110,6 +112,21 @@ class KVStoreServicer(kvstore_pb2_grpc.KVStoreServicer):
             capacity_blocks=s.capacity_blocks, readable_blocks=s.readable_blocks, reserved_blocks=s.reserved_blocks,
             lookups=s.lookups, hits=s.hits, committed=s.committed, rejected=s.rejected, evicted=s.evicted,
             lapsed=s.lapsed)
+
+    async def Events(self, request: kvstore_pb2.StoreEventsRequest,
+                     context: grpc.aio.ServicerContext) -> AsyncIterator[kvstore_pb2.StoreEventBatch]:
+        version, readable = self.index.snapshot()
+        yield kvstore_pb2.StoreEventBatch(snapshot=True, namespace=self.index.namespace, readable=readable)
+        while True:
+            await asyncio.sleep(EVENTS_INTERVAL_S)
+            changes = self.index.changes_since(version)
+            if changes is None:  # fell behind the log: start over
+                version, readable = self.index.snapshot()
+                yield kvstore_pb2.StoreEventBatch(snapshot=True, namespace=self.index.namespace, readable=readable)
+                continue
+            version, readable, removed = changes
+            if readable or removed:
+                yield kvstore_pb2.StoreEventBatch(namespace=self.index.namespace, readable=readable, removed=removed)
 
     def housekeeping(self) -> None:
         """Free lapsed reservations and end the grants of read leases that ran out (called periodically)."""

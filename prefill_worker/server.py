@@ -20,6 +20,6 @@ async def build(settings: WorkerSettings, worker_id: str, stack: AsyncExitStack)
     pusher = KVPusher(connector, engine.config.block_size)
     await engine.set_kv_hook(pusher)
     store = await start_kv_store_client(settings, engine, connector, stack)
-    servicer = PrefillWorkerServicer(engine, worker_id, KVEventHub(engine), connector, pusher, settings.max_admitted,
-                                     store)
+    events = KVEventHub(engine, store_block_cost=None if store is None else store.block_cost)
+    servicer = PrefillWorkerServicer(engine, worker_id, events, connector, pusher, settings.max_admitted, store)
     return WorkerParts(engine, servicer, record_transfer_fields(connector))

@@ -16,7 +16,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import grpc
 import pytest
@@ -56,6 +56,14 @@ async def _until_store_holds(address: str, blocks: int, timeout_s: float = 20.0)
         await asyncio.sleep(0.1)
     assert not stats.integrity_error, stats.integrity_error
     return stats
+
+
+async def _until_router(cluster: Cluster, name: str, ok: Callable[[float], bool], **labels: str) -> None:
+    for _ in range(200):
+        if ok(value := metric(router_metrics(cluster), name, **labels)):
+            return
+        await asyncio.sleep(0.1)
+    raise AssertionError(f"{name}{labels} stayed at {value}")
 
 
 def _counters(cluster: Cluster, worker_id: str) -> dict[str, float]:
@@ -117,8 +125,9 @@ async def test_a_prefix_computed_on_one_prefill_worker_is_read_from_the_store_by
         scenario = Scenario(cluster, model, seed=3)
 
         prefix, writer = await scenario.write(store.address)
-        _, delta, _ = await scenario.read(prefix, writer)
+        reader, delta, _ = await scenario.read(prefix, writer)
         assert (delta["computed"], delta["cached"], delta["get_hit"]) == (40, 9 * BLOCK, 9), delta
+        await _until_router(cluster, "tandem_router_kv_store_blocks", lambda n: n >= 10, store=store.store_id)
 
         # a block corrupted in the store's memory is caught by its checksum and computed, never used
         prefix, writer = await scenario.write(store.address)
@@ -127,6 +136,9 @@ async def test_a_prefix_computed_on_one_prefill_worker_is_read_from_the_store_by
         _corrupt(store.pid, [h.offset for h in hits])
         _, delta, _ = await scenario.read(prefix, writer)
         assert delta["get_corrupt"] >= 1 and delta["computed"] == 9 * BLOCK + 40, delta
+        # by now the reader has measured its prefill too (its first one is a warm-up): the router has its price
+        # of a block read from the store (kv_aware routing)
+        await _until_router(cluster, "tandem_router_worker_block_cost", lambda c: c > 0, worker=reader, tier="store")
 
         # stopped mid-get, then killed: the request waits at most the store timeout, then computes
         prefix, writer = await scenario.write(store.address)

@@ -102,3 +102,20 @@ def test_rendezvous_sharding_moves_only_the_leaving_stores_share() -> None:
     after = {h: owner(["s1", "s3"], h) for h in range(3000)}
     moved = [h for h in placed if placed[h] != after[h]]
     assert moved and all(placed[h] == "s2" for h in moved)
+
+
+def test_events_follow_the_readable_set_and_a_reader_too_far_behind_gets_a_snapshot() -> None:
+    clock = Clock()
+    index = _index(blocks=2, clock=clock)
+    version, readable = index.snapshot()
+    assert readable == []
+    _put(index, [1, 2], "w")
+    version, stored, removed = index.changes_since(version) or (0, [], [])
+    assert (sorted(stored), removed) == ([1, 2], [])
+    _put(index, [3], "w3")  # evicts 1
+    assert index.changes_since(version) == (version + 2, [3], [1])
+    assert index.changes_since(version + 2) == (version + 2, [], [])
+    assert sorted(index.snapshot()[1]) == [2, 3]
+    for h in range(10, 10 + 70_000):  # past the log's length: the first changes are gone
+        index._changed(h, readable=True)
+    assert index.changes_since(version) is None

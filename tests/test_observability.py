@@ -93,6 +93,7 @@ def _config(cluster: Cluster) -> dict[str, Any]:
         "rule_files": [str(p) for p in RULE_FILES],
         "scrape_configs": [job("tandem-router", urllib.parse.urlparse(cluster.http_url).netloc),
                            job("tandem-workers", *(f"127.0.0.1:{w.metrics_port}" for w in cluster.workers)),
+                           job("tandem-kvstores", *(f"127.0.0.1:{s.metrics_port}" for s in cluster.kv_stores)),
                            job("tandem-planner", planner_url(cluster))],
     }
 
@@ -102,7 +103,7 @@ def cluster(tiny_llama_dir) -> Iterator[Cluster]:  # type: ignore[no-untyped-def
     pinned = [f"--{b}-{pool}-workers=1" for b in ("min", "max") for pool in ("prefill", "decode")]
     with tandem_up("--prefill", "1", "--decode", "1", "--model", str(tiny_llama_dir), "--dtype", "float32",
                    "--num-kv-blocks", "128", "--min-remote-prefill-tokens", "16", "--planner", "true", *pinned,
-                   "--kv-offload-gib", "0.01",
+                   "--kv-offload-gib", "0.01", "--kv-store", "1",
                    "--planner-interval-s", "1", "--planner-window-s", "2") as running:
         yield running
 
@@ -250,7 +251,8 @@ async def test_every_panel_and_rule_returns_data(cluster: Cluster, prometheus: P
 def _texts(cluster: Cluster) -> dict[str, str]:
     """Each component's /metrics."""
     return {"router": router_metrics(cluster), "planner": fetch(f"http://{planner_url(cluster)}/metrics"),
-            **{w.worker_id: worker_metrics(w) for w in cluster.workers}}
+            **{w.worker_id: worker_metrics(w) for w in cluster.workers},
+            **{s.store_id: fetch(f"http://127.0.0.1:{s.metrics_port}/metrics") for s in cluster.kv_stores}}
 
 
 def test_exposed_metrics_are_the_documented_ones(cluster: Cluster) -> None:

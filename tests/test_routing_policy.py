@@ -77,6 +77,23 @@ def test_a_block_in_the_second_tier_costs_its_measured_load_price() -> None:
     assert policy.route([worker("d", "decode")], [pool_only, tiered], HASHES).prefill[0] is pool_only  # 4.4 > 4
 
 
+def test_a_block_in_the_cluster_store_costs_its_measured_read_for_workers_that_use_the_store() -> None:
+    """After what a worker holds, the run of blocks the cluster KV store holds costs `store_block_cost` each on a
+    worker that measured one (it uses the store), and full compute on one that did not. So a busy holder of the
+    prefix loses to an idle worker that would read it from the store."""
+    in_store = set(HASHES[:6]).__contains__
+    policy = RoutingPolicy("kv_aware", in_store=in_store)
+    holder = worker("p-holder", "prefill", inflight=2, cached=HASHES[:6])
+    reader = worker("p-reader", "prefill", cached=HASHES[:1])
+    assert policy.cost(reader, HASHES) == 7  # no store measured: the store's blocks count as computed
+    reader.store_block_cost = 0.1
+    assert policy.cost(reader, HASHES) == pytest.approx(2 + 5 * 0.1)  # 101 held, 102..106 from the store
+    assert policy.cost(holder, HASHES) == 2 + 2  # its own blocks first: the store adds nothing after them
+    route = policy.route([worker("d", "decode")], [holder, reader], HASHES)
+    assert route.prefill[0] is reader and route.overlap_blocks == 1
+    assert RoutingPolicy("kv_aware").route([worker("d", "decode")], [holder, reader], HASHES).prefill[0] is holder
+
+
 def test_kv_aware_trades_overlap_against_load() -> None:
     """A busy worker with the cache loses to an idle one once its load outweighs the blocks it saves."""
     cached = worker("p-cached", "prefill", inflight=3, cached=HASHES[:4])  # cost 4 * w + 3

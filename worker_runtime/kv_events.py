@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 from engine.async_engine import AsyncEngine
 from tandem.v1 import worker_pb2
@@ -18,8 +18,11 @@ log = logging.getLogger(__name__)
 
 
 class KVEventHub:
-    def __init__(self, engine: AsyncEngine, interval_s: float = 0.05) -> None:
+    def __init__(self, engine: AsyncEngine, interval_s: float = 0.05,
+                 store_block_cost: Callable[[], float] | None = None) -> None:
+        """`store_block_cost`: the cluster KV store client's measured cost of a block (KVStoreClient.block_cost)."""
         self.engine = engine
+        self.store_block_cost = store_block_cost or (lambda: 0.0)
         self.interval_s = interval_s
         self._subscribers: list[asyncio.Queue[worker_pb2.KVEventBatch]] = []
         self._joining: list[asyncio.Queue[worker_pb2.KVEventBatch]] = []
@@ -71,13 +74,15 @@ class KVEventHub:
                                                 removed_block_hashes=events.removed,
                                                 offloaded_block_hashes=events.offloaded,
                                                 unoffloaded_block_hashes=events.unoffloaded,
-                                                offload_block_cost=events.offload_block_cost)
+                                                offload_block_cost=events.offload_block_cost,
+                                                store_block_cost=self.store_block_cost())
                 for queue in self._subscribers:
                     queue.put_nowait(batch)
             if joining:
                 first = worker_pb2.KVEventBatch(stored_block_hashes=events.snapshot or (), cleared=True,
                                                 offloaded_block_hashes=events.offload_snapshot or (),
-                                                offload_block_cost=events.offload_block_cost)
+                                                offload_block_cost=events.offload_block_cost,
+                                                store_block_cost=self.store_block_cost())
                 for queue in joining:
                     queue.put_nowait(first)
                 self._subscribers.extend(joining)

@@ -97,6 +97,8 @@ class KVStoreClient:
         self._stores: dict[str, _Store] = {}
         self._seen: OrderedDict[int, int] = OrderedDict()  # block hash → prompts that named it here
         self._tasks: list[asyncio.Task] = []
+        self._read_blocks = 0  # blocks fetched (hits) and the seconds their fetches took, lookups included
+        self._read_s = 0.0
 
     async def start(self) -> None:
         """Publish the tier as a segment (guarded, granting nothing: no peer writes into it), read the stores
@@ -144,8 +146,20 @@ class KVStoreClient:
             log.debug("fetch from the KV store failed (%s): computing instead", e)
             KV_STORE_BLOCKS.labels(self.config.worker_id, "get", "failed").inc(len(hashes) - held)
             return 0
-        KV_STORE_SECONDS.labels(self.config.worker_id, "get").observe(time.perf_counter() - started)
+        elapsed = time.perf_counter() - started
+        KV_STORE_SECONDS.labels(self.config.worker_id, "get").observe(elapsed)
+        if loaded:
+            self._read_blocks += loaded
+            self._read_s += elapsed
         return loaded
+
+    def block_cost(self) -> float:
+        """A block read from the store and then loaded from the tier into the pool, in blocks of prefill work, all
+        measured here (0.0 until a fetch and a prefill were)."""
+        per_block = self.engine.prefill_seconds_per_token * self.block_size
+        if not self._read_blocks or per_block == 0.0:
+            return 0.0
+        return (self._read_s / self._read_blocks + self.tier.load_seconds_per_block()) / per_block
 
     async def _fetch(self, prompt: Sequence[int], held: int, wanted: list[int]) -> int:
         stores = dict(self._stores)

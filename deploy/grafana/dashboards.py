@@ -266,6 +266,38 @@ def pools_dashboard() -> dict:
                    Query(f"max by (worker) (tandem_kv_offload_capacity_blocks{{{NS}}})", "capacity {{worker}}"),
                    Query(f'sum by (worker, op) (rate(tandem_kv_offload_blocks_total{{op=~"evict|drop", {NS}}}'
                          f"[{RATE}]))", "{{op}}/s {{worker}}")], width=6),
+        PanelSpec("Cluster KV store: workers' traffic", "Blocks per second the workers read from the cluster KV "
+                  "stores before admitting a prompt (get: hit, miss, corrupt, failed: the last three are computed) "
+                  "and put into them (stored, present, rejected, failed).", "short",
+                  [Query(f"sum by (op, outcome) (rate(tandem_kv_store_blocks_total{{{NS}}}[{RATE}]))",
+                         "{{op}} {{outcome}}")], stacked=True, width=6),
+        PanelSpec("Cluster KV store exchange time", "Seconds of one exchange with the stores, p50/p90/p99 by op: "
+                  "get (lookups, reads, checksums: what it adds to a prompt's TTFT) and put (in the background).",
+                  "s", _histogram_quantiles("tandem_kv_store_seconds", by="op"), width=6),
+        PanelSpec("Cluster KV store capacity", "Blocks readable and reserved (being written) in each store, its "
+                  "capacity; blocks evicted (least recently used, not under a read lease) and reservations lapsed "
+                  "(a writer that never committed) per second.", "short",
+                  [Query(f"max by (store, state) (tandem_kvstore_used_blocks{{{NS}}})", "{{state}} {{store}}"),
+                   Query(f"max by (store) (tandem_kvstore_capacity_blocks{{{NS}}})", "capacity {{store}}"),
+                   Query(f'sum by (store, op) (rate(tandem_kvstore_blocks_total{{op=~"evict|lapse", {NS}}}'
+                         f"[{RATE}]))", "{{op}}/s {{store}}")], width=6),
+        PanelSpec("Cluster KV store hit rate", "Share of the blocks looked up in each store that it held.",
+                  "percentunit",
+                  [Query(share("store", f'tandem_kvstore_lookup_blocks_total{{result="hit", {NS}}}',
+                               f"tandem_kvstore_lookup_blocks_total{{{NS}}}"), "{{store}}")], width=6),
+        PanelSpec("Cluster KV store memory", "Bytes of blocks readable and reserved in each store.", "bytes",
+                  [Query(f"max by (store, state) (tandem_kvstore_used_blocks{{{NS}}}) * on (store) group_left "
+                         f"max by (store) (tandem_kvstore_block_bytes{{{NS}}})", "{{state}} {{store}}")], width=6),
+        PanelSpec("Cluster KV store calls", "KVStore calls the stores answered per second, by call and outcome "
+                  "(failed_precondition: another model's blocks), and the stores each worker uses.", "short",
+                  [Query(f"sum by (call, outcome) (rate(tandem_kvstore_calls_total{{{NS}}}[{RATE}]))",
+                         "{{call}} {{outcome}}"),
+                   Query(f"sum by (worker) (tandem_kv_store_known{{{NS}}})", "stores used by {{worker}}")], width=6),
+        PanelSpec("Block prices at routing", "What each worker measured a held block to cost, in blocks of its "
+                  "prefill work (below 1: cheaper than computing it), by tier; and blocks the routers know in "
+                  "each cluster KV store. kv_aware routing prices prompts with them.", "short",
+                  [Query(f"max by (worker, tier) (tandem_router_worker_block_cost{{{NS}}})", "{{tier}} {{worker}}"),
+                   Query(f"max by (store) (tandem_router_kv_store_blocks{{{NS}}})", "store blocks {{store}}")]),
         PanelSpec("Prefix overlap at routing", "Prompt blocks per second the chosen worker already held (from its "
                   "KV events), and blocks each worker's cache and second KV tier hold as the routers know them.",
                   "short",

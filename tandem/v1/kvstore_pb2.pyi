@@ -108,6 +108,22 @@ class StoreCommitResponse(_message.Message):
     rejected: int
     def __init__(self, accepted: _Optional[int] = ..., rejected: _Optional[int] = ...) -> None: ...
 
+class StoreEventsRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class StoreEventBatch(_message.Message):
+    __slots__ = ("snapshot", "namespace", "readable", "removed")
+    SNAPSHOT_FIELD_NUMBER: _ClassVar[int]
+    NAMESPACE_FIELD_NUMBER: _ClassVar[int]
+    READABLE_FIELD_NUMBER: _ClassVar[int]
+    REMOVED_FIELD_NUMBER: _ClassVar[int]
+    snapshot: bool
+    namespace: str
+    readable: _containers.RepeatedScalarFieldContainer[int]
+    removed: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, snapshot: _Optional[bool] = ..., namespace: _Optional[str] = ..., readable: _Optional[_Iterable[int]] = ..., removed: _Optional[_Iterable[int]] = ...) -> None: ...
+
 class StoreStatsRequest(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...

@@ -54,6 +54,11 @@ class KVStoreStub:
                 request_serializer=tandem_dot_v1_dot_kvstore__pb2.StoreStatsRequest.SerializeToString,
                 response_deserializer=tandem_dot_v1_dot_kvstore__pb2.StoreStats.FromString,
                 _registered_method=True)
+        self.Events = channel.unary_stream(
+                '/tandem.v1.KVStore/Events',
+                request_serializer=tandem_dot_v1_dot_kvstore__pb2.StoreEventsRequest.SerializeToString,
+                response_deserializer=tandem_dot_v1_dot_kvstore__pb2.StoreEventBatch.FromString,
+                _registered_method=True)
 
 
 class KVStoreServicer:
@@ -88,6 +93,14 @@ class KVStoreServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Events(self, request, context):
+        """The blocks readable here: a snapshot, then the changes (for routers: a block in the store costs its read,
+        not its compute, on any worker that uses the store).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_KVStoreServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -110,6 +123,11 @@ def add_KVStoreServicer_to_server(servicer, server):
                     servicer.Stats,
                     request_deserializer=tandem_dot_v1_dot_kvstore__pb2.StoreStatsRequest.FromString,
                     response_serializer=tandem_dot_v1_dot_kvstore__pb2.StoreStats.SerializeToString,
+            ),
+            'Events': grpc.unary_stream_rpc_method_handler(
+                    servicer.Events,
+                    request_deserializer=tandem_dot_v1_dot_kvstore__pb2.StoreEventsRequest.FromString,
+                    response_serializer=tandem_dot_v1_dot_kvstore__pb2.StoreEventBatch.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -220,6 +238,33 @@ class KVStore:
             '/tandem.v1.KVStore/Stats',
             tandem_dot_v1_dot_kvstore__pb2.StoreStatsRequest.SerializeToString,
             tandem_dot_v1_dot_kvstore__pb2.StoreStats.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Events(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/tandem.v1.KVStore/Events',
+            tandem_dot_v1_dot_kvstore__pb2.StoreEventsRequest.SerializeToString,
+            tandem_dot_v1_dot_kvstore__pb2.StoreEventBatch.FromString,
             options,
             channel_credentials,
             insecure,

@@ -106,17 +106,19 @@ class KVEventsRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class KVEventBatch(_message.Message):
-    __slots__ = ("stored_block_hashes", "removed_block_hashes", "cleared", "offloaded_block_hashes", "unoffloaded_block_hashes", "offload_block_cost")
+    __slots__ = ("stored_block_hashes", "removed_block_hashes", "cleared", "offloaded_block_hashes", "unoffloaded_block_hashes", "offload_block_cost", "store_block_cost")
     STORED_BLOCK_HASHES_FIELD_NUMBER: _ClassVar[int]
     REMOVED_BLOCK_HASHES_FIELD_NUMBER: _ClassVar[int]
     CLEARED_FIELD_NUMBER: _ClassVar[int]
     OFFLOADED_BLOCK_HASHES_FIELD_NUMBER: _ClassVar[int]
     UNOFFLOADED_BLOCK_HASHES_FIELD_NUMBER: _ClassVar[int]
     OFFLOAD_BLOCK_COST_FIELD_NUMBER: _ClassVar[int]
+    STORE_BLOCK_COST_FIELD_NUMBER: _ClassVar[int]
     stored_block_hashes: _containers.RepeatedScalarFieldContainer[int]
     removed_block_hashes: _containers.RepeatedScalarFieldContainer[int]
     cleared: bool
     offloaded_block_hashes: _containers.RepeatedScalarFieldContainer[int]
     unoffloaded_block_hashes: _containers.RepeatedScalarFieldContainer[int]
     offload_block_cost: float
-    def __init__(self, stored_block_hashes: _Optional[_Iterable[int]] = ..., removed_block_hashes: _Optional[_Iterable[int]] = ..., cleared: _Optional[bool] = ..., offloaded_block_hashes: _Optional[_Iterable[int]] = ..., unoffloaded_block_hashes: _Optional[_Iterable[int]] = ..., offload_block_cost: _Optional[float] = ...) -> None: ...
+    store_block_cost: float
+    def __init__(self, stored_block_hashes: _Optional[_Iterable[int]] = ..., removed_block_hashes: _Optional[_Iterable[int]] = ..., cleared: _Optional[bool] = ..., offloaded_block_hashes: _Optional[_Iterable[int]] = ..., unoffloaded_block_hashes: _Optional[_Iterable[int]] = ..., offload_block_cost: _Optional[float] = ..., store_block_cost: _Optional[float] = ...) -> None: ...
