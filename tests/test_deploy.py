@@ -26,6 +26,7 @@ from cluster.planner.settings import PlannerServiceSettings
 from cluster.router_settings import RouterSettings
 from cluster.up_settings import UpSettings
 from common.settings import settings_from_args
+from kv_store.settings import KVStoreSettings
 from tests.support.deploy import (
     BUILDS,
     DEPLOY,
@@ -37,6 +38,7 @@ from tests.support.deploy import (
     environment,
     exec_form,
     find,
+    is_tandem_image,
     kubectl,
     render,
     tandem_containers,
@@ -48,7 +50,8 @@ BIN = Path(sys.executable).parent
 SCHEMAS = {("monitoring.coreos.com/v1", "ServiceMonitor"): "servicemonitor.monitoring.coreos.com.v1.json",
            ("keda.sh/v1alpha1", "ScaledObject"): "scaledobject.keda.sh.v1alpha1.json"}
 BUILTIN_GROUPS = {"", "apps", "policy", "autoscaling", "rbac.authorization.k8s.io", "batch", "networking.k8s.io"}
-SETTINGS = {"up": UpSettings, "worker": WorkerSettings, "router": RouterSettings, "planner": PlannerServiceSettings}
+SETTINGS = {"up": UpSettings, "worker": WorkerSettings, "router": RouterSettings, "planner": PlannerServiceSettings,
+            "kvstore": KVStoreSettings}
 DOCKERFILES = sorted((DEPLOY / "docker").glob("Dockerfile.*"))
 VERSION = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["version"]
 
@@ -164,8 +167,8 @@ def test_containers_run_real_command_lines(build: str, monkeypatch: pytest.Monke
 def test_ports_probes_and_pod_ip(build: str) -> None:
     """Ports named grpc/http/metrics are the flags' ports; probes ask gRPC health on the gRPC port
     (TCP where TLS is on: the kubelet's gRPC probe has no TLS), the planner's (no gRPC) GET its
-    /metrics; workers bind and advertise their pod IP under their pod name; Prometheus annotations
-    name the metrics port."""
+    /metrics; workers and KV stores bind and advertise their pod IP under their pod name; Prometheus
+    annotations name the metrics port."""
     tls = "tls" in build
     for c in tandem_containers(build):
         env, role = environment(c), c.flag("--role")
@@ -185,15 +188,48 @@ def test_ports_probes_and_pod_ip(build: str) -> None:
             else:
                 assert probe["grpc"] == {"port": c.port("grpc")}, f"{c.name}: {kind} {probe}"
         assert annotations["prometheus.io/scrape"] == "true"
-        if c.spec["args"][0] == "worker":
-            assert role in ("prefill", "decode", "both") and c.workload["metadata"]["name"] == role
+        if c.spec["args"][0] in ("worker", "kvstore"):  # found through etcd at the address they advertise
+            if c.spec["args"][0] == "worker":
+                assert role in ("prefill", "decode", "both") and c.workload["metadata"]["name"] == role
             assert c.port("metrics") == int(c.flag("--metrics-port") or 0) == int(annotations["prometheus.io/port"])
             host = next(v for v in c.spec["env"] if v["name"] == "TANDEM_HOST")
             assert host["valueFrom"]["fieldRef"]["fieldPath"] == "status.podIP", f"{c.name}: advertise the pod IP"
-            assert env["TANDEM_WORKER_ID"] == "pod-0"  # metadata.name: unique per pod
+            identity = "TANDEM_WORKER_ID" if c.spec["args"][0] == "worker" else "TANDEM_STORE_ID"
+            assert env[identity] == "pod-0", c.name  # metadata.name: unique per pod
         else:
             assert c.flag("--host") == "0.0.0.0" and c.port("http") == int(c.flag("--http-port") or 0)
             assert int(annotations["prometheus.io/port"]) == c.port("http")
+
+
+@pytest.mark.parametrize("build", [b for b in BUILDS if "kv-store" in b.split("+")])
+def test_kv_store_component(build: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """components/kv-store: a `tandem kvstore` Deployment (the workers' image and hardening, the cluster's etcd
+    and cluster name, a capacity its memory limit covers, gRPC health probes on the port it serves) and the
+    prefill and decode workers on it, each with the second tier it needs as the staging area."""
+    docs = render(build)
+    [store] = [c for c in tandem_containers(build) if c.workload["metadata"]["name"] == "kvstore"]
+    assert store.workload["kind"] == "Deployment" and store.spec["args"][0] == "kvstore", store.name
+    env = environment(store)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    settings = settings_from_args(KVStoreSettings, _parser().parse_args(command_line(store)))
+    [config] = find(docs, "ConfigMap")
+    assert (settings.etcd, settings.cluster) == (config["data"]["TANDEM_ETCD"], config["data"]["TANDEM_CLUSTER"])
+    assert settings.capacity_gib > 0
+    memory = {k: store.spec["resources"][k]["memory"] for k in ("requests", "limits")}
+    assert all(v.endswith("Gi") and float(v[:-2]) > settings.capacity_gib for v in memory.values()), memory
+    for kind in ("startupProbe", "readinessProbe", "livenessProbe"):
+        assert store.spec[kind]["grpc"] == {"port": settings.grpc_port} and store.port("grpc") == settings.grpc_port
+    workers = {c.flag("--role"): c for c in tandem_containers(build) if c.spec["args"][0] == "worker"}
+    assert set(workers) == {"prefill", "decode"}
+    for worker in workers.values():  # the workers' image and hardening
+        assert is_tandem_image(store.spec["image"]) and worker.spec["image"] == store.spec["image"], worker.name
+        assert worker.pod["securityContext"] == store.pod["securityContext"], worker.name
+        assert worker.spec["securityContext"] == store.spec["securityContext"], worker.name
+    for role, worker in workers.items():
+        worker_env = environment(worker)
+        assert worker_env.get("TANDEM_USE_KV_STORE") == "true", f"{role}: not on the KV store"
+        assert float(worker_env.get("TANDEM_KV_OFFLOAD_GIB", "0")) > 0, f"{role}: no second tier to stage in"
 
 
 @pytest.mark.parametrize("build", BUILDS)

@@ -23,12 +23,14 @@ DEPLOY = REPO / "deploy"
 K8S = DEPLOY / "k8s"
 OVERLAYS = tuple(sorted(p.name for p in (K8S / "overlays").iterdir() if (p / "kustomization.yaml").is_file()))
 COMPONENTS = tuple(sorted(p.name for p in (K8S / "components").iterdir() if (p / "kustomization.yaml").is_file()))
-# every overlay; the base with each component; production with every optional component at once
+NEEDS = {"kv-store": ("kv-offload",)}  # components that work only after others (the workers' settings refuse)
+# every overlay; the base with each component (and what it needs); production with every optional component
 BUILDS: dict[str, tuple[str, tuple[str, ...]]] = {
     **{f"overlays/{o}": (f"overlays/{o}", ()) for o in OVERLAYS},
-    **{f"base+{c}": ("base", (c,)) for c in COMPONENTS},
+    **{"+".join(("base", *NEEDS.get(c, ()), c)): ("base", (*NEEDS.get(c, ()), c)) for c in COMPONENTS},
     "overlays/gpu+rdma+tls+keda": ("overlays/gpu", ("rdma", "tls", "keda")),
     "overlays/gpu+hpa+kv-offload": ("overlays/gpu", ("hpa", "kv-offload")),
+    "overlays/gpu+hpa+kv-offload+kv-store": ("overlays/gpu", ("hpa", "kv-offload", "kv-store")),
 }
 WORKLOADS = ("Deployment", "StatefulSet")
 IMAGE = "tandem"  # the repository name (last path part) of Tandem's image in every manifest
@@ -42,15 +44,17 @@ def kubectl() -> str | None:
 
 @functools.cache
 def render(build: str) -> tuple[dict[str, Any], ...]:
-    """The objects `kubectl kustomize` renders for one entry of BUILDS."""
+    """The objects `kubectl kustomize` renders for one entry of BUILDS. Components wrap the root, which
+    keeps the root's namespace and images for the objects they add, as when listed in its `components:`."""
     root, components = BUILDS[build]
     with tempfile.TemporaryDirectory() as tmp:
         target = K8S / root
         if components:
             rel = lambda p: os.path.relpath(p, tmp)  # noqa: E731 - kustomize takes no absolute paths
+            own = yaml.safe_load((target / "kustomization.yaml").read_text())
             Path(tmp, "kustomization.yaml").write_text(yaml.safe_dump({
                 "apiVersion": "kustomize.config.k8s.io/v1beta1", "kind": "Kustomization",
-                **({"namespace": "tandem-test"} if root == "base" else {}),
+                "namespace": own.get("namespace", "tandem-test"), **{k: own[k] for k in ("images",) if k in own},
                 "resources": [rel(target)], "components": [rel(K8S / "components" / c) for c in components]}))
             target = Path(tmp)
         out = subprocess.run([kubectl() or "kubectl", "kustomize", str(target)], capture_output=True, text=True,
@@ -107,7 +111,8 @@ FIELD_VALUES = {"status.podIP": "10.1.2.3", "metadata.name": "pod-0", "metadata.
 
 def environment(container: Container) -> dict[str, str]:
     """The container's variables as the kubelet sets them: ConfigMaps of envFrom first, then env,
-    fieldRefs filled with stand-in values, $(VAR) references expanded."""
+    configMapKeyRefs read from the rendered ConfigMap, fieldRefs filled with stand-in values, $(VAR)
+    references expanded."""
     docs = render(container.build)
     env: dict[str, str] = {}
     for source in container.spec.get("envFrom", []):
@@ -118,6 +123,10 @@ def environment(container: Container) -> dict[str, str]:
             env[var["name"]] = _VAR_REF.sub(lambda m: env.get(m.group(1), m.group(0)), var["value"])
         elif "fieldRef" in var.get("valueFrom", {}):
             env[var["name"]] = FIELD_VALUES[var["valueFrom"]["fieldRef"]["fieldPath"]]
+        elif "configMapKeyRef" in var.get("valueFrom", {}):
+            ref = var["valueFrom"]["configMapKeyRef"]
+            [config] = find(docs, "ConfigMap", ref["name"])
+            env[var["name"]] = config["data"][ref["key"]]
         else:
             env[var["name"]] = "<a value from a Secret>"  # long enough for a secret's minimum length
     return env
