@@ -24,11 +24,13 @@ async def build(settings: WorkerSettings, worker_id: str, stack: AsyncExitStack)
     if settings.role != "decode":
         raise ValueError(f"the decode worker serves roles 'decode' and 'both', not {settings.role!r}")
     engine, connector = await engine_with_kv_connector(settings, worker_id, stack)
-    await start_kv_store_client(settings, engine, connector, stack)  # puts what this worker computed or received
+    store = await start_kv_store_client(settings, engine, connector, stack)
     tls = settings.tls_files()
     remote = RemotePrefiller(engine, connector, worker_id, settings.prefill_timeout_s,
                              credentials=None if tls is None else channel_credentials(tls))
     stack.push_async_callback(remote.close)
-    servicer = DecodeWorkerServicer(engine, worker_id, "decode", KVEventHub(engine), remote,
-                                    DisaggregationPolicy(settings.min_remote_prefill_tokens), settings.max_admitted)
+    events = KVEventHub(engine, store_block_cost=None if store is None else store.block_cost)
+    servicer = DecodeWorkerServicer(engine, worker_id, "decode", events, remote,
+                                    DisaggregationPolicy(settings.min_remote_prefill_tokens), settings.max_admitted,
+                                    store)
     return WorkerParts(engine, servicer, record_transfer_fields(connector))

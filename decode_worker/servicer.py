@@ -19,6 +19,7 @@ from tandem.v1 import inference_pb2 as pb
 from tandem.v1 import worker_pb2
 from worker_runtime.convert import response_from_output, sampling_from_proto
 from worker_runtime.kv_events import KVEventHub
+from worker_runtime.kv_store_client import KVStoreClient
 from worker_runtime.metrics import DISAGGREGATION, GENERATED_TOKENS, PREFILL_TOKENS, WORKER_REQUESTS
 from worker_runtime.servicer_base import WorkerServicerBase
 
@@ -28,9 +29,11 @@ log = logging.getLogger(__name__)
 class DecodeWorkerServicer(WorkerServicerBase):
     def __init__(self, engine: AsyncEngine, worker_id: str, role: str, events: KVEventHub,
                  remote: RemotePrefiller | None = None, policy: DisaggregationPolicy | None = None,
-                 max_admitted: int | None = None) -> None:
+                 max_admitted: int | None = None, store: KVStoreClient | None = None) -> None:
+        """`store`: the cluster KV store's client; a prompt prefilled here reads the blocks it holds first."""
         super().__init__(engine, worker_id, role, events, max_admitted)
         self.remote = remote
+        self.store = store
         self.policy = policy or DisaggregationPolicy(0)
         self._handlers: dict[str, asyncio.Task] = {}  # request id → the Generate call serving it
 
@@ -108,6 +111,8 @@ class DecodeWorkerServicer(WorkerServicerBase):
             decision = self.policy.decide(len(prompt), cached, has_targets)
             if decision == "remote":
                 return await self.remote.start(request, engine_request, deadline)
+        if self.store is not None and engine_request.params.prompt_logprobs is None:
+            await self.store.fetch(engine_request.prompt_token_ids, request.cache_salt)
         return decision, await self.engine.add_request(engine_request)
 
     def _count_local_prefill(self, out: RequestOutput) -> None:

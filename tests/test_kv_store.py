@@ -75,28 +75,28 @@ def _counters(cluster: Cluster, worker_id: str) -> dict[str, float]:
                for o in ("hit", "miss", "corrupt", "failed")}}
 
 
-def _routed(cluster: Cluster) -> dict[str, float]:
+def _routed(cluster: Cluster, pool: str = "prefill") -> dict[str, float]:
     text = router_metrics(cluster)
-    return {p.worker_id: metric(text, "tandem_router_routed_total", pool="prefill", worker=p.worker_id)
-            for p in cluster.role("prefill")}
+    return {w.worker_id: metric(text, "tandem_router_routed_total", pool=pool, worker=w.worker_id)
+            for w in cluster.role(pool)}
 
 
 class Scenario:
-    """Prompt A's prefix goes to one prefill worker (the writer); a prompt sharing 9 of its blocks plus 40 new
-    tokens goes to the other (the reader: round-robin routing alternates)."""
+    """Prompt A's prefix goes to one worker of `pool` that prefills (the writer); a prompt sharing 9 of its blocks
+    plus 40 new tokens goes to the other (the reader: round-robin routing alternates)."""
 
-    def __init__(self, cluster: Cluster, model: str, seed: int) -> None:
-        self.cluster, self.model, self.rng = cluster, model, random.Random(seed)
+    def __init__(self, cluster: Cluster, model: str, seed: int, pool: str = "prefill") -> None:
+        self.cluster, self.model, self.rng, self.pool = cluster, model, random.Random(seed), pool
 
     def tokens(self, n: int) -> list[int]:
         return [self.rng.randrange(4, 512) for _ in range(n)]
 
     async def write(self, store: str) -> tuple[list[int], str]:
         prefix = self.tokens(10 * BLOCK)
-        before = _routed(self.cluster)
+        before = _routed(self.cluster, self.pool)
         held = (await _stats(store)).readable_blocks
         assert await _generate(self.cluster, prefix) == hf_greedy(self.model, prefix, NEW_TOKENS, ())
-        after = _routed(self.cluster)
+        after = _routed(self.cluster, self.pool)
         writer = next(w for w in after if after[w] > before[w])
         await _until_store_holds(store, held + 10)
         return prefix, writer
@@ -104,13 +104,13 @@ class Scenario:
     async def read(self, prefix: list[int], writer: str) -> tuple[str, dict[str, float], float]:
         """(the reader, its counters' changes, seconds the request took)."""
         prompt = prefix[:9 * BLOCK] + self.tokens(40)
-        reader = next(w.worker_id for w in self.cluster.role("prefill") if w.worker_id != writer)
+        reader = next(w.worker_id for w in self.cluster.role(self.pool) if w.worker_id != writer)
         before = _counters(self.cluster, reader)
-        routed = _routed(self.cluster)
+        routed = _routed(self.cluster, self.pool)
         started = time.monotonic()
         assert await _generate(self.cluster, prompt) == hf_greedy(self.model, prompt, NEW_TOKENS, ())
         took = time.monotonic() - started
-        assert _routed(self.cluster)[reader] == routed[reader] + 1, "round-robin did not alternate"
+        assert _routed(self.cluster, self.pool)[reader] == routed[reader] + 1, "round-robin did not alternate"
         after = _counters(self.cluster, reader)
         return reader, {k: after[k] - before[k] for k in after}, took
 
@@ -168,6 +168,19 @@ async def test_a_prefix_computed_on_one_prefill_worker_is_read_from_the_store_by
                 await asyncio.sleep(2.0)
                 after = await stub.Stats(kvstore_pb2.StoreStatsRequest(), timeout=10)
                 assert (after.reserved_blocks, after.lapsed) == (0, 3) and not after.integrity_error, after
+        await assert_pools_clean(cluster)
+
+
+@pytest.mark.slow
+async def test_decode_workers_that_prefill_themselves_read_the_store_too(tiny_llama_dir) -> None:
+    """No prefill pool: each decode worker prefills locally, reading first what the store holds of the prompt."""
+    model = str(tiny_llama_dir)
+    with tandem_up("--prefill", "0", "--decode", "2", "--kv-store", "1", "--model", model, "--dtype", "float32",
+                   "--policy", "round_robin", "--kv-offload-gib", "0.002") as cluster:
+        scenario = Scenario(cluster, model, seed=5, pool="decode")
+        prefix, writer = await scenario.write(cluster.kv_stores[0].address)
+        _, delta, _ = await scenario.read(prefix, writer)
+        assert (delta["computed"], delta["cached"], delta["get_hit"]) == (40, 9 * BLOCK, 9), delta
         await assert_pools_clean(cluster)
 
 
