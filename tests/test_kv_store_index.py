@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from kv_store.index import NamespaceError, StoreIndex
-from worker_runtime.kv_store_client import owner
+from worker_runtime.kv_store_client import SeenBlocks, owner
 
 NS = "ns-a"
 BLOCK = 100
@@ -119,3 +119,14 @@ def test_events_follow_the_readable_set_and_a_reader_too_far_behind_gets_a_snaps
     for h in range(10, 10 + 70_000):  # past the log's length: the first changes are gone
         index._changed(h, readable=True)
     assert index.changes_since(version) is None
+
+
+def test_the_repeated_put_policy_counts_prompts_and_forgets_the_oldest_blocks() -> None:
+    seen = SeenBlocks(capacity=3)
+    seen.note([1, 2])
+    assert not seen.repeated(1)
+    seen.note([1])
+    assert seen.repeated(1) and not seen.repeated(2)
+    seen.note([3, 4])  # 2 is the oldest: forgotten
+    seen.note([2])
+    assert not seen.repeated(2) and seen.repeated(1) is False  # 1 went when 2 came back: capacity 3

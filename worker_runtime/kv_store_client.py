@@ -73,6 +73,25 @@ class _Store:
     stub: kvstore_pb2_grpc.KVStoreStub
 
 
+class SeenBlocks:
+    """How many prompts prefilled here named each block (the last `capacity` blocks named are remembered): the
+    "repeated" put policy puts only blocks named more than once."""
+
+    def __init__(self, capacity: int = SEEN_CAPACITY) -> None:
+        self.capacity = capacity
+        self._counts: OrderedDict[int, int] = OrderedDict()
+
+    def note(self, block_hashes: Sequence[int]) -> None:
+        for block_hash in block_hashes:
+            self._counts[block_hash] = self._counts.get(block_hash, 0) + 1
+            self._counts.move_to_end(block_hash)
+        while len(self._counts) > self.capacity:
+            self._counts.popitem(last=False)
+
+    def repeated(self, block_hash: int) -> bool:
+        return self._counts.get(block_hash, 0) > 1
+
+
 def _rank(store_id: str, block_hash: int) -> int:
     return int.from_bytes(hashlib.blake2b(f"{store_id}/{block_hash}".encode(), digest_size=8).digest(), "little")
 
@@ -95,7 +114,7 @@ class KVStoreClient:
         self.block_bytes = tier.block_bytes
         self.segment = f"{config.worker_id}.tier"
         self._stores: dict[str, _Store] = {}
-        self._seen: OrderedDict[int, int] = OrderedDict()  # block hash → prompts that named it here
+        self._seen = SeenBlocks()
         self._tasks: list[asyncio.Task] = []
         self._read_blocks = 0  # blocks fetched (hits) and the seconds their fetches took, lookups included
         self._read_s = 0.0
@@ -132,7 +151,8 @@ class KVStoreClient:
         blocks were loaded (0 on any failure, which only means they will be computed)."""
         size = self.block_size
         hashes = hash_blocks(prompt[:(len(prompt) - 1) // size * size], size, salted_root(cache_salt))
-        self._note_seen(hashes)  # the last token is always computed: its block is never fetched
+        if self.config.put == "repeated":  # the last token is always computed: its block is never fetched
+            self._seen.note(hashes)
         if not hashes or not self._stores:
             return 0
         held = await self.engine.remote_kv.cached_prefix_tokens(prompt, cache_salt) // size
@@ -224,15 +244,6 @@ class KVStoreClient:
     def _slot(self, slot: int) -> torch.Tensor:
         return self.tier.memory[slot * self.block_bytes:(slot + 1) * self.block_bytes]
 
-    def _note_seen(self, hashes: list[int]) -> None:
-        if self.config.put != "repeated":
-            return
-        for block_hash in hashes:
-            self._seen[block_hash] = self._seen.get(block_hash, 0) + 1
-            self._seen.move_to_end(block_hash)
-        while len(self._seen) > SEEN_CAPACITY:
-            self._seen.popitem(last=False)
-
     # -- put --------------------------------------------------------------------------------------------
     async def _put_loop(self) -> None:
         while True:
@@ -256,7 +267,7 @@ class KVStoreClient:
 
     async def _put(self, exports: list[tuple[int, int, tuple[int, ...]]]) -> None:
         if self.config.put == "repeated":
-            exports = [e for e in exports if self._seen.get(e[0], 0) > 1]
+            exports = [e for e in exports if self._seen.repeated(e[0])]
         stores = dict(self._stores)
         if not exports or not stores:
             return
