@@ -5,7 +5,7 @@ it is one JSON object per line (`{"event": "worker", ...}`) for programs (cluste
 
   etcd <host:port>
   worker <id> <role> <grpc address> pid=<pid> metrics=<port> [node=<id> actor=<name>]
-  kvstore <id> <grpc address> pid=<pid> metrics=<port>                  (with --kv-store N)
+  kvstore <id> <grpc address> pid=<pid> metrics=<port> [node=<id> actor=<name>]   (with --kv-store N)
   router grpc=<host:port> http=<url> pid=<pid> [node=<id> actor=<name>]   (url: https://... with TLS)
   planner metrics=<port>                                                 (with --planner true)
   READY                                                                  (every part serves)
@@ -59,15 +59,18 @@ class KVStoreUp:
     address: str
     pid: int
     metrics_port: int
+    node: str = ""  # on Ray: the node's id and the actor's name
+    actor: str = ""
 
     @classmethod
-    def from_ready(cls, ready: list[str], pid: int) -> KVStoreUp:
+    def from_ready(cls, ready: list[str], pid: int, node: str = "", actor: str = "") -> KVStoreUp:
         """From a KV store's READY fields (id, address, metrics port)."""
         store_id, address, metrics = ready
-        return cls(store_id, address, pid, int(metrics))
+        return cls(store_id, address, pid, int(metrics), node, actor)
 
     def text(self) -> str:
-        return f"kvstore {self.store_id} {self.address} pid={self.pid} metrics={self.metrics_port}"
+        return (f"kvstore {self.store_id} {self.address} pid={self.pid} metrics={self.metrics_port}"
+                + _ray_suffix(self.node, self.actor))
 
 
 @dataclass(frozen=True)

@@ -17,6 +17,7 @@ from common.security import SecuritySettings
 from common.settings import described, settings_from_argv
 from common.tls import client_ssl_context
 from engine.config import ComputeDtype
+from kv_store.settings import KVStoreSettings
 from worker_runtime.settings import WorkerSettings
 
 # where Ray places the actors (cluster.ray_backend.placement)
@@ -146,6 +147,11 @@ class UpSettings(SecuritySettings):
     def worker_settings(self, role: str, etcd: str) -> WorkerSettings:
         """What `tandem worker` with worker_args and security_env would run (for in-process workers)."""
         return settings_from_argv(WorkerSettings, self.worker_args(role, etcd)[1:], etcd_password=self.etcd_password,
+                                  kv_secret=self.kv_secret)
+
+    def kv_store_settings(self, etcd: str) -> KVStoreSettings:
+        """What `tandem kvstore` with kv_store_args and security_env would run (for in-process stores)."""
+        return settings_from_argv(KVStoreSettings, self.kv_store_args(etcd)[1:], etcd_password=self.etcd_password,
                                   kv_secret=self.kv_secret)
 
     def router_settings(self, etcd: str) -> RouterSettings:

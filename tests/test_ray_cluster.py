@@ -10,12 +10,17 @@ and reports; this test checks the report:
   request of the load succeeds with the engine's output; pools are clean after; the planner
   (bounds holding 1 prefill, 2 decode) reads the pools' sizes from the fleet;
 - the fleet as the planner's actuator: decode 1 → 2 adds a worker the router uses, 2 → 1 drains
-  the newest while streams run on it: they finish exactly, without migration, and the actor ends.
+  the newest while streams run on it: they finish exactly, without migration, and the actor ends;
+- then, on the same Ray cluster, `tandem up --ray --kv-store 1` (tests/support/ray_kv_store_scenario.py):
+  the store actor is announced with its node and actor name and serves (its Stats: its id, the
+  blocks a prompt's prefill put there), comes back empty under a new pid when its process is
+  SIGKILLed and is filled again, outputs stay exact, and it is drained after the workers.
 """
 
 from __future__ import annotations
 
 import json
+import random
 import shutil
 import subprocess
 import sys
@@ -25,8 +30,10 @@ import pytest
 
 from tests.support.cluster import REPO
 from tests.support.cluster_workload import Job, reference, workload
+from tests.support.ray_kv_store_scenario import KV_STORE_GIB
 
 pytestmark = pytest.mark.slow
+KV_BLOCK_TOKENS = 16
 
 
 def _namespaces_work() -> bool:
@@ -41,13 +48,20 @@ def test_tandem_on_ray_places_restarts_replaces_and_scales(tiny_llama_dir, tmp_p
     jobs = workload(12, seed=3)
     streams = [Job("ids", ids=tuple((13 * i + 5 * s) % 400 + 5 for i in range(12 + s)), max_tokens=150)
                for s in range(4)]
+    rng = random.Random(5)  # two prompts of 10 full blocks for the KV store
+    kv_jobs = [Job("ids", ids=tuple(rng.randrange(4, 512) for _ in range(10 * KV_BLOCK_TOKENS)), max_tokens=4)
+               for _ in range(2)]
     spec = {"jobs": [asdict(j) for j in jobs], "expected": [asdict(e) for e in reference(str(tiny_llama_dir), jobs)],
             "streams": [asdict(s) for s in streams],
-            "streams_expected": [asdict(e) for e in reference(str(tiny_llama_dir), streams)]}
+            "streams_expected": [asdict(e) for e in reference(str(tiny_llama_dir), streams)],
+            "kv_jobs": [asdict(j) for j in kv_jobs],
+            "kv_expected": [asdict(e) for e in reference(str(tiny_llama_dir), kv_jobs)]}
     (tmp_path / "jobs.json").write_text(json.dumps(spec))
-    report_path = tmp_path / "report.json"
-    inner = (f"ip link set lo up && {sys.executable} -m tests.support.ray_scenario --model {tiny_llama_dir} "
-             f"--jobs {tmp_path / 'jobs.json'} --out {report_path}")
+    report_path, kv_report_path = tmp_path / "report.json", tmp_path / "kv_report.json"
+    args = f"--model {tiny_llama_dir} --jobs {tmp_path / 'jobs.json'}"
+    # the KV store phase runs on the Ray cluster the scenario leaves running (the namespace ends it)
+    inner = (f"ip link set lo up && {sys.executable} -m tests.support.ray_scenario {args} --out {report_path}; "
+             f"{sys.executable} -m tests.support.ray_kv_store_scenario {args} --out {kv_report_path}")
     proc = subprocess.run(["unshare", "-n", "-p", "-f", "--mount-proc", "bash", "-c", inner], cwd=REPO,
                           timeout=840, capture_output=True, text=True)
     assert report_path.exists(), f"no report (exit {proc.returncode}): {proc.stderr[-4000:]}"
@@ -56,6 +70,10 @@ def test_tandem_on_ray_places_restarts_replaces_and_scales(tiny_llama_dir, tmp_p
     _check_errors(report["errors"])
     _check_tandem_up(report["a"], expected_jobs=len(jobs))
     _check_actuator(report["b"])
+    assert kv_report_path.exists(), f"no KV store report (exit {proc.returncode}): {proc.stderr[-4000:]}"
+    kv_report = json.loads(kv_report_path.read_text())
+    assert "error" not in kv_report, kv_report["error"] + proc.stderr[-4000:]
+    _check_kv_store(kv_report)
 
 
 def _node_with(nodes: dict[str, dict[str, float]], resource: str) -> str:
@@ -106,3 +124,22 @@ def _check_actuator(b: dict) -> None:
     assert b["streams"] == ["ok"] * 4 and all(b["equal"]), b
     assert b["migrations"] == 0  # drained, not lost: the streams finished where they ran
     assert b["drained_actor"] == "dead" and b["workers_after_down"] == 2
+
+
+def _check_kv_store(kv: dict) -> None:
+    store, restarted = kv["store"], kv["restarted"]
+    assert store["actor"] == restarted["actor"] == "kvstore-0" and store["node"] in kv["nodes"], kv
+    stats = kv["stats"]
+    assert stats["store_id"] == store["store_id"] and not stats["integrity_error"], stats
+    assert stats["capacity_blocks"] == int(KV_STORE_GIB * (1 << 30)) // stats["block_bytes"] > 0, stats
+    assert stats["readable_blocks"] >= 10, stats  # the first prompt's prefill put its blocks there
+    # SIGKILLed: the same actor, restarted by Ray (a new pid and store), empty; then filled again
+    assert restarted["pid"] != store["pid"] and restarted["node"] in kv["nodes"], kv
+    assert kv["restarted_at_start"]["store_id"] == restarted["store_id"], kv
+    assert kv["restarted_at_start"]["readable_blocks"] == 0, kv
+    assert kv["restarted_stats"]["readable_blocks"] >= 10 and not kv["restarted_stats"]["integrity_error"], kv
+    assert kv["equal"] == [True, True], kv
+    # stopped: the router drained first, the workers next, the store last, and cleanly
+    drained = [line.rsplit("draining actor ", 1)[1] for line in kv["driver_log"] if "draining actor " in line]
+    assert drained == ["router-1", "prefill-2", "decode-3", "kvstore-0"], kv["driver_log"]
+    assert any(line.endswith("actor kvstore-0 drained and stopped") for line in kv["driver_log"]), kv["driver_log"]

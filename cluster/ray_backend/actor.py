@@ -1,5 +1,5 @@
-"""The body of every Tandem Ray actor: one server (a worker of some role, or the router) running
-in the actor's own process, on a thread and event loop of its own, until told to drain.
+"""The body of every Tandem Ray actor: one server (a worker of some role, the router or a KV store)
+running in the actor's own process, on a thread and event loop of its own, until told to drain.
 
 Invariants:
 - the constructor returns only once the server serves (its READY fields known); a first start
@@ -25,18 +25,20 @@ from typing import Literal
 from cluster.router_settings import RouterSettings
 from common.lifecycle import Lifecycle
 from common.settings import configure_logging, update_environment
+from kv_store.settings import KVStoreSettings
 from worker_runtime.settings import WorkerSettings
 
 log = logging.getLogger(__name__)
 
-Component = Literal["prefill", "decode", "both", "router"]
+Component = Literal["prefill", "decode", "both", "router", "kvstore"]
+ServerSettings = WorkerSettings | RouterSettings | KVStoreSettings
 
 
 @dataclass(frozen=True)
 class ServerInfo:
     """One incarnation of an actor's server: what the driver announces and routes by."""
     component: Component
-    fields: tuple[str, ...]  # READY fields: worker id, address, metrics port / "router", gRPC address, HTTP URL
+    fields: tuple[str, ...]  # READY fields: worker or store id, address, metrics port / "router", gRPC, HTTP URL
     pid: int
     node_id: str
 
@@ -88,12 +90,17 @@ class _ServerThread:
         return not self._thread.is_alive() and self._error is None
 
 
-def _runner(component: Component, settings: WorkerSettings | RouterSettings) -> Callable[[Lifecycle], Awaitable[None]]:
+def _runner(component: Component, settings: ServerSettings) -> Callable[[Lifecycle], Awaitable[None]]:
     if component == "router":
         from cluster.router_server import serve as serve_router
 
         assert isinstance(settings, RouterSettings)
         return lambda lifecycle: serve_router(settings, lifecycle)
+    if component == "kvstore":
+        from kv_store.server import serve as serve_kv_store  # torch: only in store and worker actors
+
+        assert isinstance(settings, KVStoreSettings)
+        return lambda lifecycle: serve_kv_store(settings, lifecycle)
     from cluster.worker_roles import serve_worker  # torch: only in worker actors
 
     assert isinstance(settings, WorkerSettings) and settings.role == component
@@ -101,7 +108,7 @@ def _runner(component: Component, settings: WorkerSettings | RouterSettings) -> 
 
 
 class ServerActor:
-    def __init__(self, component: Component, settings: WorkerSettings | RouterSettings, env: Mapping[str, str],
+    def __init__(self, component: Component, settings: ServerSettings, env: Mapping[str, str],
                  start_timeout_s: float) -> None:
         import ray
 

@@ -3,8 +3,8 @@ asked for, like a ReplicaSet per pool. It is also the planner's actuator for Ray
 actuator.Actuator): growing a pool creates worker actors, shrinking drains the newest ones.
 
 Failures: an actor whose process dies is restarted by Ray in place (`max_restarts`); its new
-incarnation (a new worker id, pid, maybe node) is announced when it serves. An actor Ray gave up
-on (restarts used up, killed for good) is replaced by a new actor at once; further replacements
+incarnation (a new worker or store id, pid, maybe node) is announced when it serves. An actor Ray
+gave up on (restarts used up, killed for good) is replaced by a new actor at once; further replacements
 of that component wait `replace_backoff_s`, doubled for each replacement in a row that died
 before it served (up to `max_backoff_s`). Shrinking and stopping drain first (health NOT_SERVING, etcd
 record revoked, in-flight requests finish), then kill the actor without restart.
@@ -143,13 +143,15 @@ class ActorFleet:
                 backoff = self.replace_backoff_s * 2 ** self._failed_starts.get(component, 0)
                 self._replace_at[component] = now + min(backoff, self.max_backoff_s)
 
-    def stop(self, first: Iterable[Component] = ("router",)) -> None:
-        """Drain everything: the `first` components, then the rest together; then kill every actor."""
+    def stop(self, first: Iterable[Component] = ("router",), last: Iterable[Component] = ("kvstore",)) -> None:
+        """Drain everything: the `first` components, then the rest together, then the `last` ones (each
+        wave once the one before it drained or timed out); then kill every actor."""
         import ray
 
-        first = tuple(first)
+        first, last = tuple(first), tuple(last)
         for wave in ([m for m in self.serving() if m.component in first],
-                     [m for m in self.members() if m.component not in first]):  # drains under way too
+                     [m for m in self.members() if m.component not in first + last],  # drains under way too
+                     [m for m in self.members() if m.component in last]):
             for member in wave:
                 self._start_drain(member)
             refs = [m.drain for m in wave]

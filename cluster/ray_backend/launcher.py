@@ -1,11 +1,12 @@
-"""`tandem up --ray ADDRESS`: the router and the pools as Ray actors on an existing Ray cluster, this
-process their driver (and their owner: they end with it). etcd is `--etcd`, or one this process
-starts on its node's address. Ctrl-C / SIGTERM drains the router, then the workers, then ends.
+"""`tandem up --ray ADDRESS`: the router, the pools and the KV stores (--kv-store N) as Ray actors on
+an existing Ray cluster, this process their driver (and their owner: they end with it). etcd is
+`--etcd`, or one this process starts on its node's address. Ctrl-C / SIGTERM drains the router,
+then the workers, then the KV stores (the workers use them until they leave), then ends.
 
-Output: the lines of the local launcher (cluster/launcher.py), each worker and router line with
-`node=<Ray node id> actor=<actor name>` added, and again for every new incarnation (an actor
-Ray restarted, or a replacement) after READY. Actors are named in the Ray namespace
-`tandem-<cluster>` (`ray list actors`): `router-0`, `prefill-1`, `decode-2`, ...
+Output: the lines of the local launcher (cluster/launcher.py), each worker, kvstore and router
+line with `node=<Ray node id> actor=<actor name>` added, and again for every new incarnation (an
+actor Ray restarted, or a replacement) after READY. Actors are named in the Ray namespace
+`tandem-<cluster>` (`ray list actors`): `kvstore-0`, `router-1`, `prefill-2`, `decode-3`, ...
 """
 
 from __future__ import annotations
@@ -22,10 +23,10 @@ from typing import Any
 from cluster.launcher import await_workers, etcd_endpoint
 from cluster.planner.loop import PlannerLoop, observation_source
 from cluster.planner.settings import PlannerSettings
-from cluster.ray_backend.actor import Component, ServerActor
+from cluster.ray_backend.actor import Component, ServerActor, ServerSettings
 from cluster.ray_backend.fleet import ActorFleet, Member
 from cluster.ray_backend.placement import Placement, plan_placement
-from cluster.up_events import Announcer, ClusterReady, EtcdUp, PlannerUp, RouterUp, WorkerUp
+from cluster.up_events import Announcer, ClusterReady, EtcdUp, KVStoreUp, PlannerUp, RouterUp, WorkerUp
 from cluster.up_settings import UpSettings
 from common.settings import env_name, environment
 
@@ -45,12 +46,14 @@ def forwarded_env(environ: Mapping[str, str]) -> dict[str, str]:
     return {k: v for k, v in environ.items() if k.startswith(FORWARDED_PREFIXES) and k not in secret}
 
 
-def member_event(member: Member) -> RouterUp | WorkerUp:
+def member_event(member: Member) -> RouterUp | WorkerUp | KVStoreUp:
     """What `tandem up` reports of a serving actor."""
     info = member.info
     assert info is not None
     if info.component == "router":
         return RouterUp.from_ready(list(info.fields), info.pid, info.node_id, member.name)
+    if info.component == "kvstore":
+        return KVStoreUp.from_ready(list(info.fields), info.pid, info.node_id, member.name)
     return WorkerUp.from_ready(list(info.fields), info.component, info.pid, info.node_id, member.name)
 
 
@@ -64,15 +67,20 @@ class ActorFactory:
         self.env = forwarded_env(environment())
         self.remote_class = ray.remote(ServerActor)
 
+    def server_settings(self, component: Component) -> ServerSettings:
+        if component == "router":
+            return self.settings.router_settings(self.etcd)
+        if component == "kvstore":
+            return self.settings.kv_store_settings(self.etcd)
+        return self.settings.worker_settings(component, self.etcd)
+
     def __call__(self, component: Component, name: str) -> Any:
         s = self.settings
-        server_settings = s.router_settings(self.etcd) if component == "router" else s.worker_settings(component,
-                                                                                                          self.etcd)
         restarts = -1 if s.ray_max_restarts is None else s.ray_max_restarts
         return self.remote_class.options(  # type: ignore[attr-defined]
             name=name, namespace=namespace(s.cluster), max_restarts=restarts, max_concurrency=4,
             **self.placement.for_component(component).options(),
-        ).remote(component, server_settings, self.env, s.start_timeout_s)
+        ).remote(component, self.server_settings(component), self.env, s.start_timeout_s)
 
 
 def check_reachable(address: str, timeout_s: float = 5.0) -> None:
@@ -105,8 +113,8 @@ def up_on_ray(settings: UpSettings, planner: PlannerSettings | None = None) -> i
         signal.signal(sig, lambda *_: stop.set())
     try:
         host = ray.util.get_node_ip_address()
-        counts: dict[Component, int] = {"router": 1, "prefill": settings.prefill, "decode": settings.decode,
-                                        "both": settings.both}
+        counts: dict[Component, int] = {"kvstore": settings.kv_store, "router": 1, "prefill": settings.prefill,
+                                        "decode": settings.decode, "both": settings.both}
         placement = plan_placement(settings.ray_placement, ray.cluster_resources(),
                                    [c for c, n in counts.items() if n or (planner and c != "both")],
                                    settings.ray_worker_cpus, ray.get_runtime_context().get_node_id())
@@ -120,7 +128,7 @@ def up_on_ray(settings: UpSettings, planner: PlannerSettings | None = None) -> i
                 fleet.start(counts)
                 _serve(settings, planner, fleet, host, stop, announce)
             finally:
-                fleet.stop()  # while etcd still runs: draining workers revoke their records
+                fleet.stop(first=("router",), last=("kvstore",))  # while etcd runs: drains revoke their records
         return 0
     except (RuntimeError, ValueError) as e:
         print(f"tandem up: {e}", file=sys.stderr, flush=True)

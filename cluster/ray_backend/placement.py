@@ -9,7 +9,9 @@
              else any
 
 The router goes to a node with the custom resource "router" when one exists, else (preferably)
-the driver's node, so `tandem up --ray`'s ports are where it was started. It reserves no CPU.
+the driver's node, so `tandem up --ray`'s ports are where it was started. A KV store goes to a node
+with the custom resource "kvstore" when one exists, else anywhere; it needs no GPU. Neither reserves
+CPU, and neither resource is required by any mode.
 """
 
 from __future__ import annotations
@@ -22,7 +24,8 @@ from cluster.ray_backend.actor import Component
 from cluster.up_settings import PlacementMode
 
 POOL_RESOURCE: Mapping[Component, str] = {"prefill": "prefill", "decode": "decode", "both": "decode",
-                                          "router": "router"}
+                                          "router": "router", "kvstore": "kvstore"}
+SERVICES: tuple[Component, ...] = ("router", "kvstore")  # placed by their resource only where the cluster has it
 
 
 @dataclass(frozen=True)
@@ -49,10 +52,13 @@ class Placement:
     worker_cpus: float
     worker_gpus: float  # 1 or 0: a worker uses one device
     router: ActorPlacement
+    kv_store: ActorPlacement
 
     def for_component(self, component: Component) -> ActorPlacement:
         if component == "router":
             return self.router
+        if component == "kvstore":
+            return self.kv_store
         resources = {POOL_RESOURCE[component]: 1.0} if self.mode == "resources" else {}
         return ActorPlacement(self.worker_cpus, self.worker_gpus, resources)
 
@@ -60,7 +66,7 @@ class Placement:
 def plan_placement(mode: PlacementMode, cluster_resources: Mapping[str, float], roles: Iterable[Component],
                    worker_cpus: float, driver_node: str) -> Placement:
     """Raises ValueError when the Ray cluster lacks what `mode` needs (an actor would wait forever)."""
-    needed = sorted({POOL_RESOURCE[r] for r in roles if r != "router"})
+    needed = sorted({POOL_RESOURCE[r] for r in roles if r not in SERVICES})
     missing = [name for name in needed if cluster_resources.get(name, 0.0) < 1.0]
     has_gpus = cluster_resources.get("GPU", 0.0) >= 1.0
     if mode == "auto":
@@ -76,4 +82,5 @@ def plan_placement(mode: PlacementMode, cluster_resources: Mapping[str, float], 
         router = ActorPlacement(resources={"router": 1.0})
     else:
         router = ActorPlacement(near_node=driver_node)
-    return Placement(resolved, worker_cpus, 1.0 if resolved != "any" and has_gpus else 0.0, router)
+    kv_store = ActorPlacement(resources={"kvstore": 1.0} if cluster_resources.get("kvstore", 0.0) >= 1.0 else {})
+    return Placement(resolved, worker_cpus, 1.0 if resolved != "any" and has_gpus else 0.0, router, kv_store)

@@ -295,6 +295,12 @@ async def phase_b(ray_address: str, model: str, streams: list[Job], expected: li
     return out
 
 
+def load_jobs(spec: dict[str, Any], jobs_key: str, expected_key: str) -> tuple[list[Job], list[Expected]]:
+    """The jobs and their expected outputs that the test wrote under these keys of its JSON spec."""
+    jobs = [Job(j["kind"], tuple(j["ids"]), j["text"], j["max_tokens"], j["ignore_eos"]) for j in spec[jobs_key]]
+    return jobs, [Expected(tuple(e["token_ids"]), e["text"], e["finish_reason"]) for e in spec[expected_key]]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--model", required=True)
@@ -302,8 +308,7 @@ def main() -> None:
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
     spec = json.loads(Path(args.jobs).read_text())
-    jobs = [Job(j["kind"], tuple(j["ids"]), j["text"], j["max_tokens"], j["ignore_eos"]) for j in spec["jobs"]]
-    expected = [Expected(tuple(e["token_ids"]), e["text"], e["finish_reason"]) for e in spec["expected"]]
+    jobs, expected = load_jobs(spec, "jobs", "expected")
     streams = [Job("ids", tuple(s["ids"]), "", s["max_tokens"], True) for s in spec["streams"]]
     streams_expected = [Expected(tuple(e["token_ids"]), e["text"], e["finish_reason"])
                         for e in spec["streams_expected"]]
