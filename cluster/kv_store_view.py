@@ -13,11 +13,13 @@ import grpc
 from cluster.router_metrics import STORE_BLOCKS
 from common.etcd.access import EtcdAccess
 from common.etcd.lease import bounded, etcd_client
-from common.kv_store_record import KVStoreRecord, kv_stores_prefix
+from common.kv_store_record import KVStoreRecord, kv_stores_prefix, records_from_listing
 from common.tls import open_channel
 from tandem.v1 import kvstore_pb2, kvstore_pb2_grpc
+from worker_runtime.kv_store_client import owner
 
 log = logging.getLogger(__name__)
+OWNERS_REMEMBERED = 1 << 20
 
 
 class KVStoreView:
@@ -30,9 +32,19 @@ class KVStoreView:
         self._followers: dict[str, asyncio.Task[None]] = {}
         self._held: dict[str, set[int]] = {}  # store id → readable block hashes
         self._task: asyncio.Task[None] | None = None
+        self._owner_of: dict[int, str] = {}  # block hash → its store, for the stores listed now
 
     def holds(self, block_hash: int) -> bool:
-        return any(block_hash in held for held in self._held.values())
+        """Whether the store a worker would ask for the block (its rendezvous owner among the stores listed in
+        etcd, as the workers pick it) holds it readable."""
+        if not self._records:
+            return False
+        store_id = self._owner_of.get(block_hash)
+        if store_id is None:  # routing asks for the same blocks once per worker: hashed once
+            if len(self._owner_of) > OWNERS_REMEMBERED:
+                self._owner_of.clear()
+            store_id = self._owner_of[block_hash] = owner(list(self._records), block_hash)
+        return block_hash in self._held.get(store_id, ())
 
     @property
     def blocks(self) -> int:
@@ -53,12 +65,15 @@ class KVStoreView:
         while True:
             try:
                 listed = await bounded(client.get_prefix(kv_stores_prefix(self.cluster).encode()), 5.0)
-                self._apply({(r := KVStoreRecord.from_json(kv.value)).store_id: r for kv in listed})
-            except Exception as e:  # etcd unreachable, or a record unreadable: keep the last view
+            except Exception as e:  # etcd unreachable: keep the last view
                 log.debug("listing the KV stores failed: %s", e)
+            else:
+                self._apply(records_from_listing(listed))
             await asyncio.sleep(self.poll_s)
 
     def _apply(self, records: dict[str, KVStoreRecord]) -> None:
+        if set(records) != set(self._records):
+            self._owner_of.clear()
         for store_id in [s for s in self._records if self._records[s] != records.get(s)]:
             del self._records[store_id]
             self._followers.pop(store_id).cancel()
@@ -84,5 +99,7 @@ class KVStoreView:
                         STORE_BLOCKS.labels(record.store_id).set(len(held))
             except grpc.aio.AioRpcError as e:
                 log.debug("KV store %s events: %s", record.store_id, e.code().name)
+            except Exception:  # never stop following a listed store: its view would go stale
+                log.exception("following the events of KV store %s failed", record.store_id)
             self._held.pop(record.store_id, None)  # unknown until its next snapshot: nothing credited meanwhile
             await asyncio.sleep(self.events_retry_s)

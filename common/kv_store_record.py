@@ -5,7 +5,14 @@ stores they find there. A killed store's record vanishes when its lease expires.
 from __future__ import annotations
 
 import json
+import logging
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+MAX_BLOCKS_PER_CALL = 4096  # blocks in one Lookup, Reserve, Commit or Verify (a 64k-token prompt in 16-token blocks)
 
 
 @dataclass(frozen=True)
@@ -27,6 +34,20 @@ class KVStoreRecord:
     @classmethod
     def from_json(cls, raw: bytes) -> KVStoreRecord:
         return cls(**json.loads(raw))
+
+
+def records_from_listing(listed: Iterable[Any]) -> dict[str, KVStoreRecord]:
+    """The stores' records by id from an etcd listing of `kv_stores_prefix` (key-values with `.key`, `.value`);
+    an unreadable record is skipped (and logged), not the listing."""
+    records = {}
+    for kv in listed:
+        try:
+            record = KVStoreRecord.from_json(kv.value)
+        except (ValueError, TypeError) as e:
+            log.warning("ignoring an unreadable KV store record %s: %s", kv.key, e)
+            continue
+        records[record.store_id] = record
+    return records
 
 
 def kv_stores_prefix(cluster: str) -> str:

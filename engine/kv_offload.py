@@ -10,8 +10,11 @@ off the engine's step; before the pool reuses that block, the engine thread fini
 itself if the writer has not started it). A prefix hit is staged at admission and copied into the pool by
 `run_staged`, which the engine calls while no forward runs. Invariants:
 - an entry is readable only once its copy is complete (`pending` is None); a slot is written by one copy at a time;
-- entries are removed only on the engine thread (`freed` evicting for room, `clear`), never while staged, so the
-  entries that `match` returns stay in place until `run_staged` has copied them;
+- readable entries are removed only on the engine thread (`freed` or `hold_for_load` evicting for room, `clear`),
+  never while staged, so the entries that `match` returns stay in place until `run_staged` has copied them
+  (`finish_load`, on any thread, removes only unreadable fetch entries, which `match` never returns);
+- a slot is reused only when nothing outside the engine may still read it (a pinned export: its pins end, even
+  across `clear`) or write it (a failed fetch: after its quarantine);
 - a block is copied in only after the forward that wrote it has ended on the device too (the engine waits for
   the device after each forward when the tier is on a GPU);
 - a block's tokens are kept with its hash and compared on lookup, as in the pool (no collision is trusted).
@@ -19,10 +22,11 @@ itself if the writer has not started it). A prefix hit is staged at admission an
 
 from __future__ import annotations
 
+import heapq
 import queue
 import threading
 import time
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -94,8 +98,9 @@ class KVOffloadTier:
         # the cluster KV store's side (worker_runtime.kv_store_client): blocks made readable by a copy from the
         # pool, to export; slots of fetches that failed, kept from reuse until a late write can no longer land
         self.collect_exports = False
-        self._exports: list[int] = []
-        self._quarantine: list[tuple[float, int]] = []  # (free after, slot)
+        self._exports: deque[int] = deque(maxlen=capacity_blocks)  # a backlog past the tier's size is stale anyway
+        self._quarantine: list[tuple[float, int]] = []  # a heap of (free after, slot)
+        self._orphans: dict[int, int] = {}  # slot → pins left, of pinned entries `clear` dropped: freed at 0
         self._queried = self._stored = self._loaded = self._evicted = self._dropped = 0
         self._finished_on_reuse = 0
         self._store_s = self._load_s = 0.0
@@ -201,7 +206,11 @@ class KVOffloadTier:
             for entry in fetching.values():  # their slots are written from outside: freed when the fetch ends
                 assert isinstance(entry.pending, _Fetch)
                 entry.pending.discard = True
-            held = {e.slot for e in fetching.values()} | {slot for _, slot in self._quarantine}
+            for entry in self._index.values():  # read by an export still: its slot is freed when unpinned
+                if entry.pinned:
+                    self._orphans[entry.slot] = self._orphans.get(entry.slot, 0) + entry.pinned
+            held = ({e.slot for e in fetching.values()} | {slot for _, slot in self._quarantine}
+                    | set(self._orphans))
             self._events_stored.clear()
             self._exports.clear()
             self._pending.clear()
@@ -239,7 +248,10 @@ class KVOffloadTier:
             problems = [why for why, bad in (
                 ("two entries share a slot", len(set(held)) != len(held)),
                 ("a slot is both free and held", bool(set(held) & set(self._free_slots))),
-                ("a slot is lost", len(held) + len(self._free_slots) + len(self._quarantine) != self.capacity_blocks),
+                ("a slot is lost", len(held) + len(self._free_slots) + len(self._quarantine) + len(self._orphans)
+                 != self.capacity_blocks),
+                ("a quarantined or orphaned slot is also free or held",
+                 bool(({s for _, s in self._quarantine} | set(self._orphans)) & (set(held) | set(self._free_slots)))),
                 ("a pending copy lost its entry", any(self._index.get(w.block_hash) is None
                                                       or self._index[w.block_hash].pending is not w
                                                       for w in self._pending.values())),
@@ -254,7 +266,7 @@ class KVOffloadTier:
     def _take_slot(self) -> int | None:
         """A free slot, evicting the least recently used readable entry if none is (lock held)."""
         if self._quarantine and self._quarantine[0][0] <= time.monotonic():
-            return self._quarantine.pop(0)[1]
+            return heapq.heappop(self._quarantine)[1]
         if self._free_slots:
             return self._free_slots.pop()
         victim = next((h for h, e in self._index.items() if e.pending is None and not e.staged and not e.pinned),
@@ -325,21 +337,27 @@ class KVOffloadTier:
         """Up to `limit` (hash, slot, tokens) of blocks copied in from the pool since the last call and still
         readable, each pinned (not evicted, so its slot is not rewritten) until `unpin` (any thread)."""
         with self._lock:
-            taken, self._exports = self._exports[:limit], self._exports[limit:]
             exports = []
-            for block_hash in taken:
+            for _ in range(min(limit, len(self._exports))):
+                block_hash = self._exports.popleft()
                 entry = self._index.get(block_hash)
                 if entry is not None and entry.pending is None:
                     entry.pinned += 1
                     exports.append((block_hash, entry.slot, entry.token_ids))
             return exports
 
-    def unpin(self, block_hashes: Sequence[int]) -> None:
+    def unpin(self, exports: Sequence[tuple[int, int]]) -> None:
+        """End the pins of (hash, slot) pairs `take_exports` returned."""
         with self._lock:
-            for block_hash in block_hashes:
+            for block_hash, slot in exports:
                 entry = self._index.get(block_hash)
-                if entry is not None and entry.pinned:
+                if entry is not None and entry.slot == slot and entry.pinned:
                     entry.pinned -= 1
+                elif slot in self._orphans:  # dropped by `clear` while pinned
+                    self._orphans[slot] -= 1
+                    if not self._orphans[slot]:
+                        del self._orphans[slot]
+                        self._free_slots.append(slot)
 
     def hold_for_load(self, blocks: Sequence[tuple[int, tuple[int, ...]]]) -> list[int]:
         """Slots for (hash, tokens) blocks fetched from outside, in order, stopping at the first that is already
@@ -377,7 +395,7 @@ class KVOffloadTier:
                 if ok:
                     self._free_slots.append(entry.slot)
                 else:
-                    self._quarantine.append((until, entry.slot))
+                    heapq.heappush(self._quarantine, (until, entry.slot))
         if self.record_events and self.on_events is not None and any(landed):
             self.on_events()
 

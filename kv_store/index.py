@@ -6,15 +6,18 @@ A slot is free, reserved (a writer was given it and has not committed), or reada
 - a reserved slot is handed to no one else until its reservation is committed, abandoned or lapses;
 - a readable block is not evicted while a read lease (granted by `lookup`) runs, so a reader that read
   within its lease read a block nobody overwrote (the reader checks the checksum anyway);
-- one hash has at most one entry: a second put of it is left out at `reserve` (puts are idempotent).
+- one hash has at most one entry: a second put of it is left out at `reserve` (puts are idempotent);
+- a slot whose write did not end in a good commit (abandoned, checksum mismatch, lapsed) is reused only after
+  `reserve_ttl_s` more: a write the transfer engine accepted may still land, and must not land in another block.
 The index lives only in the store process's memory, as its data does: a restarted store starts empty.
 """
 
 from __future__ import annotations
 
+import heapq
 import threading
 import time
-from collections import OrderedDict, deque
+from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -55,6 +58,7 @@ class IndexStats:
     rejected: int
     evicted: int
     lapsed: int
+    dropped: int
 
 
 class StoreIndex:
@@ -75,9 +79,12 @@ class StoreIndex:
         self.capacity_blocks = 0
         self._entries: OrderedDict[int, _Entry] = OrderedDict()  # hash → entry; readable ones in LRU order
         self._free: list[int] = []
+        self._quarantine: list[tuple[float, int]] = []  # a heap of (reusable after, slot)
         self._lookups = self._hits = self._committed = self._rejected = self._evicted = self._lapsed = 0
+        self._dropped = 0
         self._version = 0  # changes of the readable set so far
-        self._log: deque[tuple[int, int, bool]] = deque(maxlen=EVENT_LOG_LENGTH)  # (version, hash, readable now)
+        # (version, hash, readable now) of the latest changes, oldest first; trimmed to EVENT_LOG_LENGTH in bulk
+        self._log: list[tuple[int, int, bool]] = []
 
     def bind(self, namespace: str, block_bytes: int) -> None:
         """Fix the namespace and block size (first call), or check them (later calls)."""
@@ -157,7 +164,7 @@ class StoreIndex:
                     continue
                 if not good:
                     del self._entries[block_hash]
-                    self._free.append(entry.slot)
+                    self._quarantine_slot(entry.slot)
                     rejected += 1
                     continue
                 entry.reservation, entry.checksum, entry.expires = None, checksum, 0.0
@@ -176,7 +183,7 @@ class StoreIndex:
                 entry = self._entries.get(block_hash)
                 if entry is not None and entry.reservation == tag:
                     del self._entries[block_hash]
-                    self._free.append(entry.slot)
+                    self._quarantine_slot(entry.slot)
 
     def expire(self) -> int:
         """Free the slots of lapsed reservations; returns how many."""
@@ -184,12 +191,14 @@ class StoreIndex:
             now = self._clock()
             lapsed = [h for h, e in self._entries.items() if e.reservation is not None and e.expires <= now]
             for block_hash in lapsed:
-                self._free.append(self._entries.pop(block_hash).slot)
+                self._quarantine_slot(self._entries.pop(block_hash).slot)
             self._lapsed += len(lapsed)
             return len(lapsed)
 
     def _take_slot(self, now: float) -> int | None:
         """A free slot, or the least recently used readable block's, unless it is leased (lock held)."""
+        if self._quarantine and self._quarantine[0][0] <= now:
+            return heapq.heappop(self._quarantine)[1]
         if self._free:
             return self._free.pop()
         victim = next((h for h, e in self._entries.items() if e.reservation is None and e.expires <= now), None)
@@ -199,9 +208,32 @@ class StoreIndex:
         self._changed(victim, readable=False)
         return self._entries.pop(victim).slot
 
+    def _quarantine_slot(self, slot: int) -> None:
+        heapq.heappush(self._quarantine, (self._clock() + self.reserve_ttl_s, slot))
+
     def _changed(self, block_hash: int, readable: bool) -> None:
         self._version += 1
         self._log.append((self._version, block_hash, readable))
+        if len(self._log) > 2 * EVENT_LOG_LENGTH:
+            del self._log[:-EVENT_LOG_LENGTH]
+
+    def drop_unless(self, namespace: str, hashes: Sequence[int], intact: Callable[[int, int], bool]) -> int:
+        """Drop the readable blocks among `hashes` for which `intact(offset, checksum)` is False (a reader found
+        them corrupt; `intact` checks the store's own bytes, under the lock: nothing moves meanwhile)."""
+        with self._lock:
+            self._check(namespace)
+            dropped = 0
+            for block_hash in hashes:
+                entry = self._entries.get(block_hash)
+                if entry is None or entry.reservation is not None:
+                    continue
+                if not intact(entry.slot * self.block_bytes, entry.checksum):
+                    del self._entries[block_hash]
+                    self._changed(block_hash, readable=False)
+                    self._quarantine_slot(entry.slot)
+                    dropped += 1
+            self._dropped += dropped
+            return dropped
 
     def snapshot(self) -> tuple[int, list[int]]:
         """(version, every readable hash): `changes_since(version)` follows on from it."""
@@ -214,12 +246,11 @@ class StoreIndex:
         with self._lock:
             if self._version == version:
                 return version, [], []
-            if not self._log or self._log[0][0] > version + 1:
+            if not self._log or self._log[0][0] > version + 1 or version > self._version:
                 return None
             final: dict[int, bool] = {}
-            for changed_at, block_hash, readable in self._log:
-                if changed_at > version:
-                    final[block_hash] = readable
+            for _, block_hash, readable in self._log[version + 1 - self._log[0][0]:]:  # versions are consecutive
+                final[block_hash] = readable
             return (self._version, [h for h, r in final.items() if r], [h for h, r in final.items() if not r])
 
     def stats(self) -> IndexStats:
@@ -227,13 +258,15 @@ class StoreIndex:
             reserved = sum(e.reservation is not None for e in self._entries.values())
             return IndexStats(self.namespace, self.block_bytes, self.capacity_blocks, len(self._entries) - reserved,
                               reserved, self._lookups, self._hits, self._committed, self._rejected, self._evicted,
-                              self._lapsed)
+                              self._lapsed, self._dropped)
 
     def check_integrity(self) -> None:
         """Raise AssertionError unless every slot is free or held by exactly one entry."""
         with self._lock:
             held = [e.slot for e in self._entries.values()]
-            if len(set(held)) != len(held) or set(held) & set(self._free) or \
-                    len(held) + len(self._free) != self.capacity_blocks:
-                raise AssertionError(f"KV store index: {len(held)} held and {len(self._free)} free slots of "
-                                     f"{self.capacity_blocks}, some shared or lost")
+            idle = self._free + [slot for _, slot in self._quarantine]
+            if len(set(held)) != len(held) or len(set(idle)) != len(idle) or set(held) & set(idle) or \
+                    len(held) + len(idle) != self.capacity_blocks:
+                raise AssertionError(f"KV store index: {len(held)} held, {len(self._free)} free and "
+                                     f"{len(self._quarantine)} quarantined slots of {self.capacity_blocks}, some "
+                                     "shared or lost")

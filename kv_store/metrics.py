@@ -31,10 +31,11 @@ class StoreCollector(Collector):
         lookups.add_metric([self.store_id, "hit"], s.hits)
         lookups.add_metric([self.store_id, "miss"], s.lookups - s.hits)
         blocks = CounterMetricFamily("tandem_kvstore_blocks", "Blocks committed (readable), rejected at commit "
-                                     "(checksum mismatch, lapsed), evicted for room, or whose reservation lapsed",
+                                     "(checksum mismatch, lapsed), evicted for room, whose reservation lapsed, or "
+                                     "dropped (a reader found it corrupt, and so did the store)",
                                      labels=["store", "op"])
         for op, count in (("commit", s.committed), ("reject", s.rejected), ("evict", s.evicted),
-                          ("lapse", s.lapsed)):
+                          ("lapse", s.lapsed), ("drop", s.dropped)):
             blocks.add_metric([self.store_id, op], count)
         block_bytes = GaugeMetricFamily("tandem_kvstore_block_bytes", "Bytes of one block", labels=["store"])
         block_bytes.add_metric([self.store_id], s.block_bytes)

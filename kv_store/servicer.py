@@ -16,6 +16,7 @@ import grpc
 import numpy as np
 import torch
 
+from common.kv_store_record import MAX_BLOCKS_PER_CALL
 from kv_store.index import NamespaceError, StoreIndex
 from kv_store.metrics import STORE_CALLS
 from kv_transfer.checksum import block_checksum
@@ -24,7 +25,7 @@ from kv_transfer.transfer_engine import TransferEngine
 from tandem.v1 import kvstore_pb2, kvstore_pb2_grpc
 
 log = logging.getLogger(__name__)
-MAX_BLOCKS_PER_CALL = 4096  # a 64k-token prompt in 16-token blocks
+MAX_TOKENS_PER_BLOCK = 1024
 EVENTS_INTERVAL_S = 0.1  # changes are streamed at most this often, batched
 
 
@@ -59,6 +60,11 @@ class KVStoreServicer(kvstore_pb2_grpc.KVStoreServicer):
     async def Reserve(self, request: kvstore_pb2.StoreReserveRequest,
                       context: grpc.aio.ServicerContext) -> kvstore_pb2.StoreReserveResponse:
         await self._check_size(context, "Reserve", len(request.blocks), request.engine_id)
+        if not request.namespace or request.block_bytes <= 0 or any(
+                len(b.token_ids) > MAX_TOKENS_PER_BLOCK for b in request.blocks):
+            STORE_CALLS.labels("reserve", "invalid_argument").inc()
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "Reserve: a namespace, a positive block size and "
+                                f"at most {MAX_TOKENS_PER_BLOCK} tokens per block are required")
         tag = f"kvstore-write/{uuid.uuid4().hex}"
         try:
             reserved = self.index.reserve(request.namespace, request.block_bytes,
@@ -99,6 +105,24 @@ class KVStoreServicer(kvstore_pb2_grpc.KVStoreServicer):
         STORE_CALLS.labels("commit", "ok").inc()
         return kvstore_pb2.StoreCommitResponse(accepted=accepted, rejected=rejected)
 
+    async def Verify(self, request: kvstore_pb2.StoreVerifyRequest,
+                     context: grpc.aio.ServicerContext) -> kvstore_pb2.StoreVerifyResponse:
+        await self._check_size(context, "Verify", len(request.hashes), "-")
+        size = self.index.block_bytes
+
+        def intact(offset: int, checksum: int) -> bool:
+            return block_checksum(self.memory[offset:offset + size]) == checksum
+
+        try:
+            dropped = await asyncio.to_thread(self.index.drop_unless, request.namespace, list(request.hashes), intact)
+        except NamespaceError as e:
+            STORE_CALLS.labels("verify", "failed_precondition").inc()
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(e))
+        if dropped:
+            log.warning("dropped %d blocks that failed their checksum over the store's own bytes", dropped)
+        STORE_CALLS.labels("verify", "ok").inc()
+        return kvstore_pb2.StoreVerifyResponse(dropped=dropped)
+
     async def Stats(self, request: kvstore_pb2.StoreStatsRequest,
                     context: grpc.aio.ServicerContext) -> kvstore_pb2.StoreStats:
         s = self.index.stats()
@@ -111,7 +135,7 @@ class KVStoreServicer(kvstore_pb2_grpc.KVStoreServicer):
             store_id=self.store_id, namespace=s.namespace, block_bytes=s.block_bytes,
             capacity_blocks=s.capacity_blocks, readable_blocks=s.readable_blocks, reserved_blocks=s.reserved_blocks,
             lookups=s.lookups, hits=s.hits, committed=s.committed, rejected=s.rejected, evicted=s.evicted,
-            lapsed=s.lapsed)
+            lapsed=s.lapsed, dropped=s.dropped)
 
     async def Events(self, request: kvstore_pb2.StoreEventsRequest,
                      context: grpc.aio.ServicerContext) -> AsyncIterator[kvstore_pb2.StoreEventBatch]:

@@ -202,7 +202,7 @@ def test_ports_probes_and_pod_ip(build: str) -> None:
 
 
 @pytest.mark.parametrize("build", [b for b in BUILDS if "kv-store" in b.split("+")])
-def test_kv_store_component(build: str, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_kv_store_component(build: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     """components/kv-store: a `tandem kvstore` Deployment (the workers' image and hardening, the cluster's etcd
     and cluster name, a capacity its memory limit covers, gRPC health probes on the port it serves) and the
     prefill and decode workers on it, each with the second tier it needs as the staging area."""
@@ -210,7 +210,7 @@ def test_kv_store_component(build: str, monkeypatch: pytest.MonkeyPatch) -> None
     [store] = [c for c in tandem_containers(build) if c.workload["metadata"]["name"] == "kvstore"]
     assert store.workload["kind"] == "Deployment" and store.spec["args"][0] == "kvstore", store.name
     env = environment(store)
-    for name, value in env.items():
+    for name, value in _stand_in_secret_files(store, dict(env), tmp_path).items():
         monkeypatch.setenv(name, value)
     settings = settings_from_args(KVStoreSettings, _parser().parse_args(command_line(store)))
     [config] = find(docs, "ConfigMap")
@@ -218,9 +218,16 @@ def test_kv_store_component(build: str, monkeypatch: pytest.MonkeyPatch) -> None
     assert settings.capacity_gib > 0
     memory = {k: store.spec["resources"][k]["memory"] for k in ("requests", "limits")}
     assert all(v.endswith("Gi") and float(v[:-2]) > settings.capacity_gib for v in memory.values()), memory
-    for kind in ("startupProbe", "readinessProbe", "livenessProbe"):
-        assert store.spec[kind]["grpc"] == {"port": settings.grpc_port} and store.port("grpc") == settings.grpc_port
+    tls = settings.tls_files() is not None
+    for kind in ("startupProbe", "readinessProbe", "livenessProbe"):  # kubelet gRPC probes speak plaintext only
+        probe = {"tcpSocket": {"port": "grpc"}} if tls else {"grpc": {"port": settings.grpc_port}}
+        assert {k: v for k, v in store.spec[kind].items() if k in ("grpc", "tcpSocket")} == probe, kind
+        assert store.port("grpc") == settings.grpc_port
     workers = {c.flag("--role"): c for c in tandem_containers(build) if c.spec["args"][0] == "worker"}
+    for worker in workers.values():  # the same TLS files and KV-link secret as the workers: their links reach it
+        worker_env = environment(worker)
+        assert all(worker_env.get(k) == env.get(k) for k in ("TANDEM_TLS_CA", "TANDEM_TLS_CERT", "TANDEM_TLS_KEY",
+                                                             "TANDEM_KV_SECRET")), worker.name
     assert set(workers) == {"prefill", "decode"}
     for worker in workers.values():  # the workers' image and hardening
         assert is_tandem_image(store.spec["image"]) and worker.spec["image"] == store.spec["image"], worker.name

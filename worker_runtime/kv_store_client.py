@@ -19,9 +19,9 @@ import hashlib
 import logging
 import time
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Awaitable, Coroutine, Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal, TypeVar
 
 import grpc
 import numpy as np
@@ -29,7 +29,7 @@ import torch
 
 from common.etcd.access import EtcdAccess
 from common.etcd.lease import bounded, etcd_client
-from common.kv_store_record import KVStoreRecord, kv_stores_prefix
+from common.kv_store_record import MAX_BLOCKS_PER_CALL, KVStoreRecord, kv_stores_prefix, records_from_listing
 from engine.async_engine import AsyncEngine
 from engine.block_manager import hash_blocks, salted_root
 from kv_transfer.batch import NotifySpec
@@ -42,6 +42,7 @@ from tandem.v1 import kvstore_pb2, kvstore_pb2_grpc
 from worker_runtime.metrics import KV_STORE_BLOCKS, KV_STORE_SECONDS, KV_STORES_KNOWN
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 PutPolicy = Literal["all", "repeated"]
 PUT_BATCH_BLOCKS = 64
 PUT_IDLE_S = 0.05
@@ -116,6 +117,7 @@ class KVStoreClient:
         self._stores: dict[str, _Store] = {}
         self._seen = SeenBlocks()
         self._tasks: list[asyncio.Task] = []
+        self._background: set[asyncio.Task[None]] = set()
         self._read_blocks = 0  # blocks fetched (hits) and the seconds their fetches took, lookups included
         self._read_s = 0.0
 
@@ -132,10 +134,11 @@ class KVStoreClient:
 
     async def close(self) -> None:
         self.tier.collect_exports = False
-        for task in self._tasks:
+        tasks = [*self._tasks, *self._background]
+        for task in tasks:
             task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        if tasks:  # each call in them is bounded by timeout_s: they end
+            await asyncio.wait(tasks, timeout=2 * self.config.timeout_s + 1)
         for store_id, store in self._stores.items():
             await store.channel.close()
             KV_STORES_KNOWN.remove(self.config.worker_id, store_id)
@@ -156,15 +159,17 @@ class KVStoreClient:
         if not hashes or not self._stores:
             return 0
         held = await self.engine.remote_kv.cached_prefix_tokens(prompt, cache_salt) // size
-        if held >= len(hashes):
+        stores = dict(self._stores)  # as discovery left them: it may change them while this waits
+        if held >= len(hashes) or not stores:
             return 0
         started = time.perf_counter()
         try:
             async with asyncio.timeout(self.config.timeout_s):
-                loaded = await self._fetch(prompt, held, hashes[held:])
+                loaded = await self._fetch(stores, prompt, held, hashes[held:])
         except (TimeoutError, grpc.RpcError, TransferError, OSError) as e:
             log.debug("fetch from the KV store failed (%s): computing instead", e)
             KV_STORE_BLOCKS.labels(self.config.worker_id, "get", "failed").inc(len(hashes) - held)
+            self._read_s += time.perf_counter() - started  # a failing store costs its reads more (block_cost)
             return 0
         elapsed = time.perf_counter() - started
         KV_STORE_SECONDS.labels(self.config.worker_id, "get").observe(elapsed)
@@ -181,14 +186,13 @@ class KVStoreClient:
             return 0.0
         return (self._read_s / self._read_blocks + self.tier.load_seconds_per_block()) / per_block
 
-    async def _fetch(self, prompt: Sequence[int], held: int, wanted: list[int]) -> int:
-        stores = dict(self._stores)
+    async def _fetch(self, stores: dict[str, _Store], prompt: Sequence[int], held: int, wanted: list[int]) -> int:
         shards: dict[str, list[int]] = {}
         for block_hash in wanted:
             shards.setdefault(owner(list(stores), block_hash), []).append(block_hash)
-        replies = await asyncio.gather(*(stores[store_id].stub.Lookup(kvstore_pb2.StoreLookupRequest(
-            namespace=self.namespace, engine_id=self.config.worker_id, hashes=hashes))
-            for store_id, hashes in shards.items()))
+        replies = await _all([stores[store_id].stub.Lookup(kvstore_pb2.StoreLookupRequest(
+            namespace=self.namespace, engine_id=self.config.worker_id, hashes=hashes[i:i + MAX_BLOCKS_PER_CALL]))
+            for store_id, hashes in shards.items() for i in range(0, len(hashes), MAX_BLOCKS_PER_CALL)])
         found = {hit.hash: (reply, hit) for reply in replies for hit in reply.hits}
         run: list[tuple[int, tuple[int, ...], kvstore_pb2.StoreLookupResponse, kvstore_pb2.StoreHit]] = []
         for block, block_hash in enumerate(wanted, start=held):
@@ -204,15 +208,18 @@ class KVStoreClient:
         run = run[:len(slots)]
         landed = [False] * len(run)
         try:
-            await asyncio.gather(*(self._read(reply, [(slots[i], run[i][3]) for i in idx])
-                                   for reply, idx in _by_reply(run)))
+            await _all([self._read(reply, [(slots[i], run[i][3]) for i in idx]) for reply, idx in _by_reply(run)])
             landed = await asyncio.to_thread(lambda: [block_checksum(self._slot(slot)) == hit.checksum
                                                       for slot, (_, _, _, hit) in zip(slots, run, strict=True)])
-        finally:  # a block not landed (failed, cancelled, corrupt) is never readable: computed instead
-            self.tier.finish_load([block_hash for block_hash, _, _, _ in run], landed)
+        finally:  # a block not landed (failed, cancelled, corrupt) is never readable: computed instead; a read
+            # that failed may still be writing its slots (a TCP batch past its deadline): kept from reuse meanwhile
+            self.tier.finish_load([block_hash for block_hash, _, _, _ in run], landed,
+                                  quarantine_s=max(30.0, 10 * self.config.timeout_s))
         corrupt = landed.count(False)
         if corrupt:
             log.warning("%d blocks read from the KV store failed their checksum: computing them", corrupt)
+            bad = [(reply, hit.hash) for (_, _, reply, hit), ok in zip(run, landed, strict=True) if not ok]
+            self._spawn(self._report_corrupt(stores, bad))
         leading = next((i for i, ok in enumerate(landed) if not ok), len(landed))
         KV_STORE_BLOCKS.labels(self.config.worker_id, "get", "hit").inc(leading)
         KV_STORE_BLOCKS.labels(self.config.worker_id, "get", "corrupt").inc(corrupt)
@@ -246,13 +253,14 @@ class KVStoreClient:
 
     # -- put --------------------------------------------------------------------------------------------
     async def _put_loop(self) -> None:
-        while True:
+        task = asyncio.current_task()
+        while task is None or not task.cancelling():
             exports = self.tier.take_exports(PUT_BATCH_BLOCKS)
             if not exports:
                 await asyncio.sleep(PUT_IDLE_S)
                 continue
             started = time.perf_counter()
-            try:
+            try:  # every shard's exchange has ended when this returns: nothing reads a slot after its unpin
                 async with asyncio.timeout(self.config.timeout_s * 4):
                     await self._put(exports)
                 KV_STORE_SECONDS.labels(self.config.worker_id, "put").observe(time.perf_counter() - started)
@@ -263,7 +271,7 @@ class KVStoreClient:
                 log.exception("put into the KV store failed")
                 KV_STORE_BLOCKS.labels(self.config.worker_id, "put", "failed").inc(len(exports))
             finally:
-                self.tier.unpin([block_hash for block_hash, _, _ in exports])
+                self.tier.unpin([(block_hash, slot) for block_hash, slot, _ in exports])
 
     async def _put(self, exports: list[tuple[int, int, tuple[int, ...]]]) -> None:
         if self.config.put == "repeated":
@@ -274,7 +282,7 @@ class KVStoreClient:
         shards: dict[str, list[tuple[int, int, tuple[int, ...]]]] = {}
         for export in exports:
             shards.setdefault(owner(list(stores), export[0]), []).append(export)
-        await asyncio.gather(*(self._put_shard(stores[store_id], blocks) for store_id, blocks in shards.items()))
+        await _all([self._put_shard(stores[store_id], blocks) for store_id, blocks in shards.items()])
 
     async def _put_shard(self, store: _Store, blocks: list[tuple[int, int, tuple[int, ...]]]) -> None:
         worker = self.config.worker_id
@@ -288,7 +296,6 @@ class KVStoreClient:
         slot_of = {h: slot for h, slot, _ in blocks}
         slots = [slot_of[r.hash] for r in reply.reserved]
         checksums = await asyncio.to_thread(lambda: [block_checksum(self._slot(slot)) for slot in slots])
-        written = True
         try:
             await self.transfer.open_segment(reply.segment)
             local = np.array(slots, dtype=np.int64) * self.block_bytes
@@ -297,16 +304,47 @@ class KVStoreClient:
             await self.transfer.submit_ranges(TransferOp.WRITE, self.segment, reply.segment, ranges,
                                               notify=NotifySpec(tag=reply.tag),
                                               timeout_s=self.config.timeout_s).wait_async()
-        except TransferError:
-            written = False
+        except BaseException:  # not written (or not known to be): the store frees the slots now, not at the lapse
+            self._spawn(self._commit(store, reply, checksums, written=False))
             raise
-        finally:  # written or abandoned, the store hears it (a lost commit: the reservation lapses)
-            done = await store.stub.Commit(kvstore_pb2.StoreCommitRequest(
-                namespace=self.namespace, tag=reply.tag,
-                blocks=[kvstore_pb2.StoreWritten(hash=r.hash, checksum=c, abandoned=not written)
-                        for r, c in zip(reply.reserved, checksums, strict=True)]), timeout=self.config.timeout_s)
-            KV_STORE_BLOCKS.labels(worker, "put", "stored").inc(done.accepted)
-            KV_STORE_BLOCKS.labels(worker, "put", "rejected").inc(done.rejected if written else 0)
+        await self._commit(store, reply, checksums, written=True)
+
+    async def _commit(self, store: _Store, reply: kvstore_pb2.StoreReserveResponse, checksums: list[int],
+                      written: bool) -> None:
+        """Tell the store the reserved blocks are written (it checks each checksum over its own bytes), or
+        abandoned; a commit lost on the way only leaves the reservation to lapse."""
+        done = await store.stub.Commit(kvstore_pb2.StoreCommitRequest(
+            namespace=self.namespace, tag=reply.tag,
+            blocks=[kvstore_pb2.StoreWritten(hash=r.hash, checksum=c, abandoned=not written)
+                    for r, c in zip(reply.reserved, checksums, strict=True)]), timeout=self.config.timeout_s)
+        if written:
+            KV_STORE_BLOCKS.labels(self.config.worker_id, "put", "stored").inc(done.accepted)
+            KV_STORE_BLOCKS.labels(self.config.worker_id, "put", "rejected").inc(done.rejected)
+
+    async def _report_corrupt(self, stores: dict[str, _Store], bad: list[tuple[kvstore_pb2.StoreLookupResponse,
+                                                                              int]]) -> None:
+        """Ask the stores to check the blocks that failed their checksum here, over their own bytes, and drop
+        those that fail there too (otherwise a hot corrupt block would stay, leased and recent, for good)."""
+        by_store: dict[str, list[int]] = {}
+        for reply, block_hash in bad:
+            store_id = next((s for s, store in stores.items() if store.record.segment == reply.segment), None)
+            if store_id is not None:
+                by_store.setdefault(store_id, []).append(block_hash)
+        for store_id, hashes in by_store.items():
+            await stores[store_id].stub.Verify(kvstore_pb2.StoreVerifyRequest(namespace=self.namespace,
+                                                                             hashes=hashes),
+                                               timeout=self.config.timeout_s)
+
+    def _spawn(self, coroutine: Coroutine[Any, Any, None]) -> None:
+        """Run `coroutine` on its own (a failure is logged at debug: it only costs a lapse or a miss)."""
+        task = asyncio.create_task(coroutine)
+        self._background.add(task)
+        task.add_done_callback(self._background_done)
+
+    def _background_done(self, task: asyncio.Task[None]) -> None:
+        self._background.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.debug("a KV store call in the background failed: %s", task.exception())
 
     # -- discovery --------------------------------------------------------------------------------------
     async def _discover_loop(self) -> None:
@@ -318,16 +356,8 @@ class KVStoreClient:
                 log.debug("listing the KV stores failed: %s", e)
 
     async def _discover(self) -> None:
-        listed = await bounded(self._etcd.get_prefix(kv_stores_prefix(self.config.cluster).encode()),
-                               self.config.timeout_s)
-        records = {}
-        for kv in listed:
-            try:
-                record = KVStoreRecord.from_json(kv.value)
-            except (ValueError, TypeError) as e:
-                log.warning("ignoring an unreadable KV store record %s: %s", kv.key, e)
-                continue
-            records[record.store_id] = record
+        records = records_from_listing(await bounded(
+            self._etcd.get_prefix(kv_stores_prefix(self.config.cluster).encode()), self.config.timeout_s))
         for store_id in [s for s in self._stores if self._stores[s].record != records.get(s)]:
             await self._stores.pop(store_id).channel.close()
             KV_STORES_KNOWN.remove(self.config.worker_id, store_id)
@@ -338,6 +368,16 @@ class KVStoreClient:
                            else grpc.aio.insecure_channel(record.address))
                 self._stores[store_id] = _Store(record, channel, kvstore_pb2_grpc.KVStoreStub(channel))
                 KV_STORES_KNOWN.labels(self.config.worker_id, store_id).set(1)
+
+
+async def _all(awaitables: list[Awaitable[T]]) -> list[T]:
+    """Like `asyncio.gather`, but returns or raises only once every awaitable has ended (gather raises at the
+    first failure and leaves the others running, which may still read or write slots)."""
+    results = await asyncio.gather(*awaitables, return_exceptions=True)
+    for result in results:
+        if isinstance(result, BaseException):
+            raise result
+    return results  # type: ignore[return-value]
 
 
 def _by_reply(run: list[tuple[int, tuple[int, ...], kvstore_pb2.StoreLookupResponse, kvstore_pb2.StoreHit]]

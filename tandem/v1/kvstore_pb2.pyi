@@ -108,6 +108,20 @@ class StoreCommitResponse(_message.Message):
     rejected: int
     def __init__(self, accepted: _Optional[int] = ..., rejected: _Optional[int] = ...) -> None: ...
 
+class StoreVerifyRequest(_message.Message):
+    __slots__ = ("namespace", "hashes")
+    NAMESPACE_FIELD_NUMBER: _ClassVar[int]
+    HASHES_FIELD_NUMBER: _ClassVar[int]
+    namespace: str
+    hashes: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, namespace: _Optional[str] = ..., hashes: _Optional[_Iterable[int]] = ...) -> None: ...
+
+class StoreVerifyResponse(_message.Message):
+    __slots__ = ("dropped",)
+    DROPPED_FIELD_NUMBER: _ClassVar[int]
+    dropped: int
+    def __init__(self, dropped: _Optional[int] = ...) -> None: ...
+
 class StoreEventsRequest(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
@@ -129,7 +143,7 @@ class StoreStatsRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class StoreStats(_message.Message):
-    __slots__ = ("store_id", "namespace", "block_bytes", "capacity_blocks", "readable_blocks", "reserved_blocks", "lookups", "hits", "committed", "rejected", "evicted", "lapsed", "integrity_error")
+    __slots__ = ("store_id", "namespace", "block_bytes", "capacity_blocks", "readable_blocks", "reserved_blocks", "lookups", "hits", "committed", "rejected", "evicted", "lapsed", "integrity_error", "dropped")
     STORE_ID_FIELD_NUMBER: _ClassVar[int]
     NAMESPACE_FIELD_NUMBER: _ClassVar[int]
     BLOCK_BYTES_FIELD_NUMBER: _ClassVar[int]
@@ -143,6 +157,7 @@ class StoreStats(_message.Message):
     EVICTED_FIELD_NUMBER: _ClassVar[int]
     LAPSED_FIELD_NUMBER: _ClassVar[int]
     INTEGRITY_ERROR_FIELD_NUMBER: _ClassVar[int]
+    DROPPED_FIELD_NUMBER: _ClassVar[int]
     store_id: str
     namespace: str
     block_bytes: int
@@ -156,4 +171,5 @@ class StoreStats(_message.Message):
     evicted: int
     lapsed: int
     integrity_error: str
-    def __init__(self, store_id: _Optional[str] = ..., namespace: _Optional[str] = ..., block_bytes: _Optional[int] = ..., capacity_blocks: _Optional[int] = ..., readable_blocks: _Optional[int] = ..., reserved_blocks: _Optional[int] = ..., lookups: _Optional[int] = ..., hits: _Optional[int] = ..., committed: _Optional[int] = ..., rejected: _Optional[int] = ..., evicted: _Optional[int] = ..., lapsed: _Optional[int] = ..., integrity_error: _Optional[str] = ...) -> None: ...
+    dropped: int
+    def __init__(self, store_id: _Optional[str] = ..., namespace: _Optional[str] = ..., block_bytes: _Optional[int] = ..., capacity_blocks: _Optional[int] = ..., readable_blocks: _Optional[int] = ..., reserved_blocks: _Optional[int] = ..., lookups: _Optional[int] = ..., hits: _Optional[int] = ..., committed: _Optional[int] = ..., rejected: _Optional[int] = ..., evicted: _Optional[int] = ..., lapsed: _Optional[int] = ..., integrity_error: _Optional[str] = ..., dropped: _Optional[int] = ...) -> None: ...

@@ -49,6 +49,11 @@ class KVStoreStub:
                 request_serializer=tandem_dot_v1_dot_kvstore__pb2.StoreCommitRequest.SerializeToString,
                 response_deserializer=tandem_dot_v1_dot_kvstore__pb2.StoreCommitResponse.FromString,
                 _registered_method=True)
+        self.Verify = channel.unary_unary(
+                '/tandem.v1.KVStore/Verify',
+                request_serializer=tandem_dot_v1_dot_kvstore__pb2.StoreVerifyRequest.SerializeToString,
+                response_deserializer=tandem_dot_v1_dot_kvstore__pb2.StoreVerifyResponse.FromString,
+                _registered_method=True)
         self.Stats = channel.unary_unary(
                 '/tandem.v1.KVStore/Stats',
                 request_serializer=tandem_dot_v1_dot_kvstore__pb2.StoreStatsRequest.SerializeToString,
@@ -87,6 +92,13 @@ class KVStoreServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Verify(self, request, context):
+        """A reader found these blocks corrupt: the store checks each over its own bytes and drops those that fail.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def Stats(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -118,6 +130,11 @@ def add_KVStoreServicer_to_server(servicer, server):
                     servicer.Commit,
                     request_deserializer=tandem_dot_v1_dot_kvstore__pb2.StoreCommitRequest.FromString,
                     response_serializer=tandem_dot_v1_dot_kvstore__pb2.StoreCommitResponse.SerializeToString,
+            ),
+            'Verify': grpc.unary_unary_rpc_method_handler(
+                    servicer.Verify,
+                    request_deserializer=tandem_dot_v1_dot_kvstore__pb2.StoreVerifyRequest.FromString,
+                    response_serializer=tandem_dot_v1_dot_kvstore__pb2.StoreVerifyResponse.SerializeToString,
             ),
             'Stats': grpc.unary_unary_rpc_method_handler(
                     servicer.Stats,
@@ -211,6 +228,33 @@ class KVStore:
             '/tandem.v1.KVStore/Commit',
             tandem_dot_v1_dot_kvstore__pb2.StoreCommitRequest.SerializeToString,
             tandem_dot_v1_dot_kvstore__pb2.StoreCommitResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Verify(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tandem.v1.KVStore/Verify',
+            tandem_dot_v1_dot_kvstore__pb2.StoreVerifyRequest.SerializeToString,
+            tandem_dot_v1_dot_kvstore__pb2.StoreVerifyResponse.FromString,
             options,
             channel_credentials,
             insecure,

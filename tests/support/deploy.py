@@ -31,6 +31,7 @@ BUILDS: dict[str, tuple[str, tuple[str, ...]]] = {
     "overlays/gpu+rdma+tls+keda": ("overlays/gpu", ("rdma", "tls", "keda")),
     "overlays/gpu+hpa+kv-offload": ("overlays/gpu", ("hpa", "kv-offload")),
     "overlays/gpu+hpa+kv-offload+kv-store": ("overlays/gpu", ("hpa", "kv-offload", "kv-store")),
+    "overlays/gpu+kv-offload+kv-store+tls": ("overlays/gpu", ("kv-offload", "kv-store", "tls")),
 }
 WORKLOADS = ("Deployment", "StatefulSet")
 IMAGE = "tandem"  # the repository name (last path part) of Tandem's image in every manifest
