@@ -39,7 +39,7 @@ from kv_transfer.errors import TransferError
 from kv_transfer.kv_layout import KVLayout
 from kv_transfer.transfer_engine import TransferEngine
 from tandem.v1 import kvstore_pb2, kvstore_pb2_grpc
-from worker_runtime.metrics import KV_STORE_BLOCKS, KV_STORE_SECONDS, KV_STORES_KNOWN
+from worker_runtime.metrics import KV_STORE_BLOCKS, KV_STORE_BYTES, KV_STORE_SECONDS, KV_STORES_KNOWN
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -222,6 +222,7 @@ class KVStoreClient:
             self._spawn(self._report_corrupt(stores, bad))
         leading = next((i for i, ok in enumerate(landed) if not ok), len(landed))
         KV_STORE_BLOCKS.labels(self.config.worker_id, "get", "hit").inc(leading)
+        KV_STORE_BYTES.labels(self.config.worker_id, "get").inc(leading * self.block_bytes)
         KV_STORE_BLOCKS.labels(self.config.worker_id, "get", "corrupt").inc(corrupt)
         return leading
 
@@ -319,6 +320,7 @@ class KVStoreClient:
                     for r, c in zip(reply.reserved, checksums, strict=True)]), timeout=self.config.timeout_s)
         if written:
             KV_STORE_BLOCKS.labels(self.config.worker_id, "put", "stored").inc(done.accepted)
+            KV_STORE_BYTES.labels(self.config.worker_id, "put").inc(done.accepted * self.block_bytes)
             KV_STORE_BLOCKS.labels(self.config.worker_id, "put", "rejected").inc(done.rejected)
 
     async def _report_corrupt(self, stores: dict[str, _Store], bad: list[tuple[kvstore_pb2.StoreLookupResponse,

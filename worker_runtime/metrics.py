@@ -28,6 +28,8 @@ KV_STORE_BLOCKS = Counter("tandem_kv_store_blocks", "Blocks this worker moved wi
                           "checksum; failed: the store erred or ran past the deadline), put (stored; present: the "
                           "store had it or was being given it; rejected at commit; failed)",
                           ["worker", "op", "outcome"])
+KV_STORE_BYTES = Counter("tandem_kv_store_bytes", "Bytes of the blocks this worker read from (get) and wrote into "
+                         "(put, once committed) the cluster KV store", ["worker", "op"])
 KV_STORES_KNOWN = Gauge("tandem_kv_store_known", "1 for each cluster KV store this worker uses (read from etcd)",
                         ["worker", "store"])
 KV_STORE_SECONDS = Histogram("tandem_kv_store_seconds", "Seconds of one exchange with the cluster KV store: a get "

@@ -80,6 +80,11 @@ def _snapshot(cluster: LocalCluster | None) -> dict[str, float]:
             if op in ("store", "load"):
                 key = f"{worker.role}/kv_offload_{op}_seconds"
                 values[key] = values.get(key, 0.0) + metric_sum(text, "tandem_kv_offload_seconds_total", op=op)
+        for op, outcomes in (("get", ("hit", "miss", "corrupt", "failed")), ("put", ("stored", "present", "failed"))):
+            for outcome in outcomes:  # the cluster KV store's traffic (--kv-store)
+                key = f"{worker.role}/kv_store_{op}_{outcome}_blocks"
+                values[key] = values.get(key, 0.0) + metric_sum(text, "tandem_kv_store_blocks_total", op=op,
+                                                                outcome=outcome)
         for decision in ("remote", "local_short", "local_cached", "fallback", "local_no_blocks"):
             key = f"{worker.role}/decisions_{decision}"
             values[key] = values.get(key, 0.0) + metric_sum(text, "tandem_disaggregation_decisions_total",

@@ -271,6 +271,10 @@ def pools_dashboard() -> dict:
                   "and put into them (stored, present, rejected, failed).", "short",
                   [Query(f"sum by (op, outcome) (rate(tandem_kv_store_blocks_total{{{NS}}}[{RATE}]))",
                          "{{op}} {{outcome}}")], stacked=True, width=6),
+        PanelSpec("Cluster KV store bytes", "Bytes per second the workers read from the cluster KV stores (get) "
+                  "and wrote into them (put), per worker.", "Bps",
+                  [Query(f"sum by (worker, op) (rate(tandem_kv_store_bytes_total{{{NS}}}[{RATE}]))",
+                         "{{worker}} {{op}}")], width=6),
         PanelSpec("Cluster KV store exchange time", "Seconds of one exchange with the stores, p50/p90/p99 by op: "
                   "get (lookups, reads, checksums: what it adds to a prompt's TTFT) and put (in the background).",
                   "s", _histogram_quantiles("tandem_kv_store_seconds", by="op"), width=6),
