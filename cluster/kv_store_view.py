@@ -32,18 +32,19 @@ class KVStoreView:
         self._followers: dict[str, asyncio.Task[None]] = {}
         self._held: dict[str, set[int]] = {}  # store id → readable block hashes
         self._task: asyncio.Task[None] | None = None
+        self._listed: list[str] = []  # every store in etcd, followed or not: the workers shard over them all
         self._owner_of: dict[int, str] = {}  # block hash → its store, for the stores listed now
 
     def holds(self, block_hash: int) -> bool:
         """Whether the store a worker would ask for the block (its rendezvous owner among the stores listed in
         etcd, as the workers pick it) holds it readable."""
-        if not self._records:
+        if not self._listed:
             return False
         store_id = self._owner_of.get(block_hash)
         if store_id is None:  # routing asks for the same blocks once per worker: hashed once
             if len(self._owner_of) > OWNERS_REMEMBERED:
                 self._owner_of.clear()
-            store_id = self._owner_of[block_hash] = owner(list(self._records), block_hash)
+            store_id = self._owner_of[block_hash] = owner(self._listed, block_hash)
         return block_hash in self._held.get(store_id, ())
 
     @property
@@ -72,7 +73,8 @@ class KVStoreView:
             await asyncio.sleep(self.poll_s)
 
     def _apply(self, records: dict[str, KVStoreRecord]) -> None:
-        if set(records) != set(self._records):
+        if sorted(records) != self._listed:
+            self._listed = sorted(records)
             self._owner_of.clear()
         for store_id in [s for s in self._records if self._records[s] != records.get(s)]:
             del self._records[store_id]

@@ -101,6 +101,9 @@ class KVOffloadTier:
         self._exports: deque[int] = deque(maxlen=capacity_blocks)  # a backlog past the tier's size is stale anyway
         self._quarantine: list[tuple[float, int]] = []  # a heap of (free after, slot)
         self._orphans: dict[int, int] = {}  # slot → pins left, of pinned entries `clear` dropped: freed at 0
+        # fetches are refused while this many slots are quarantined: a store whose reads keep failing must not
+        # push the tier's own blocks out, each fetch evicting some and then keeping their slots from use
+        self.max_quarantined = capacity_blocks // 2
         self._queried = self._stored = self._loaded = self._evicted = self._dropped = 0
         self._finished_on_reuse = 0
         self._store_s = self._load_s = 0.0
@@ -363,8 +366,10 @@ class KVOffloadTier:
         """Slots for (hash, tokens) blocks fetched from outside, in order, stopping at the first that is already
         here or finds no room (evicting as `freed` does, hence engine thread only). Each stays unreadable until
         `finish_load`."""
-        slots = []
+        slots: list[int] = []
         with self._lock:
+            if len(self._quarantine) >= self.max_quarantined:
+                return slots
             for block_hash, token_ids in blocks:
                 if block_hash in self._index:
                     break

@@ -219,15 +219,17 @@ class StoreIndex:
 
     def drop_unless(self, namespace: str, hashes: Sequence[int], intact: Callable[[int, int], bool]) -> int:
         """Drop the readable blocks among `hashes` for which `intact(offset, checksum)` is False (a reader found
-        them corrupt; `intact` checks the store's own bytes, under the lock: nothing moves meanwhile)."""
+        them corrupt; `intact` checks the store's own bytes). It runs without the lock (a checksum of many blocks
+        takes long); a block is dropped only if its entry is still the one checked (a readable slot is written by
+        no one while its entry stands)."""
         with self._lock:
             self._check(namespace)
+            candidates = [(h, e) for h in hashes if (e := self._entries.get(h)) is not None and e.reservation is None]
+        failed = [(h, e) for h, e in candidates if not intact(e.slot * self.block_bytes, e.checksum)]
+        with self._lock:
             dropped = 0
-            for block_hash in hashes:
-                entry = self._entries.get(block_hash)
-                if entry is None or entry.reservation is not None:
-                    continue
-                if not intact(entry.slot * self.block_bytes, entry.checksum):
+            for block_hash, entry in failed:
+                if self._entries.get(block_hash) is entry and entry.reservation is None:
                     del self._entries[block_hash]
                     self._changed(block_hash, readable=False)
                     self._quarantine_slot(entry.slot)

@@ -19,6 +19,7 @@ def _fill(tier, bm, count: int, first: int = 100) -> tuple[list[int], list[int]]
 
 def test_a_fetched_block_is_readable_only_once_landed_and_a_failed_one_quarantines_its_slot() -> None:
     _, tier, _ = _tier(3)
+    tier.max_quarantined = 3  # (a real tier refuses fetches once half its slots are quarantined)
     blocks = [(7001, (1, 2, 3, 4)), (7002, (5, 6, 7, 8)), (7003, (9, 9, 9, 9))]
     slots = tier.hold_for_load(blocks)
     assert len(slots) == 3 and len(set(slots)) == 3
@@ -85,3 +86,12 @@ def test_a_late_unpin_never_touches_a_newer_entry_of_the_same_hash() -> None:
     assert tier.match(hashes, tokens, 0) == hashes
     tier.check_integrity()
 
+
+
+def test_fetches_are_refused_while_half_the_tier_is_quarantined() -> None:
+    _, tier, _ = _tier(4)
+    slots = tier.hold_for_load([(1, (0,) * 4), (2, (0,) * 4)])
+    tier.finish_load([1, 2], [False, False], quarantine_s=60.0)  # a failing store's reads
+    assert tier.hold_for_load([(3, (0,) * 4)]) == []  # 2 of 4 quarantined: no more fetches
+    tier.check_integrity()
+    assert len(slots) == 2

@@ -1,12 +1,11 @@
 """The KV store's index alone (kv_store.index): reservations, commits, leases, eviction, lapses, namespaces,
-and the rendezvous sharding of worker_runtime.kv_store_client."""
+verification, events."""
 
 from __future__ import annotations
 
 import pytest
 
 from kv_store.index import EVENT_LOG_LENGTH, NamespaceError, StoreIndex
-from worker_runtime.kv_store_client import SeenBlocks, owner
 
 NS = "ns-a"
 BLOCK = 100
@@ -111,16 +110,6 @@ def test_one_namespace_per_store() -> None:
         StoreIndex(BLOCK).bind(NS, BLOCK + 1)  # a block bigger than the store
 
 
-def test_rendezvous_sharding_moves_only_the_leaving_stores_share() -> None:
-    stores = ["s1", "s2", "s3"]
-    placed = {h: owner(stores, h) for h in range(3000)}
-    share = {s: sum(o == s for o in placed.values()) for s in stores}
-    assert all(800 < n < 1200 for n in share.values()), share
-    after = {h: owner(["s1", "s3"], h) for h in range(3000)}
-    moved = [h for h in placed if placed[h] != after[h]]
-    assert moved and all(placed[h] == "s2" for h in moved)
-
-
 def test_events_follow_the_readable_set_and_a_reader_too_far_behind_gets_a_snapshot() -> None:
     clock = Clock()
     index = _index(blocks=2, clock=clock)
@@ -136,14 +125,3 @@ def test_events_follow_the_readable_set_and_a_reader_too_far_behind_gets_a_snaps
     for h in range(10, 10 + 2 * EVENT_LOG_LENGTH + 1):  # past the log's length: the first changes are gone
         index._changed(h, readable=True)
     assert index.changes_since(version) is None
-
-
-def test_the_repeated_put_policy_counts_prompts_and_forgets_the_oldest_blocks() -> None:
-    seen = SeenBlocks(capacity=3)
-    seen.note([1, 2])
-    assert not seen.repeated(1)
-    seen.note([1])
-    assert seen.repeated(1) and not seen.repeated(2)
-    seen.note([3, 4])  # 2 is the oldest: forgotten
-    seen.note([2])
-    assert not seen.repeated(2) and seen.repeated(1) is False  # 1 went when 2 came back: capacity 3

@@ -15,10 +15,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
 import logging
 import time
-from collections import OrderedDict
 from collections.abc import Awaitable, Coroutine, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, TypeVar
@@ -39,6 +37,7 @@ from kv_transfer.errors import TransferError
 from kv_transfer.kv_layout import KVLayout
 from kv_transfer.transfer_engine import TransferEngine
 from tandem.v1 import kvstore_pb2, kvstore_pb2_grpc
+from worker_runtime.kv_store_policy import Backoff, ReadCost, SeenBlocks, owner
 from worker_runtime.metrics import KV_STORE_BLOCKS, KV_STORE_BYTES, KV_STORE_SECONDS, KV_STORES_KNOWN
 
 log = logging.getLogger(__name__)
@@ -46,7 +45,6 @@ T = TypeVar("T")
 PutPolicy = Literal["all", "repeated"]
 PUT_BATCH_BLOCKS = 64
 PUT_IDLE_S = 0.05
-SEEN_CAPACITY = 1 << 16  # block hashes remembered for the "repeated" put policy
 
 
 @dataclass(frozen=True)
@@ -74,34 +72,6 @@ class _Store:
     stub: kvstore_pb2_grpc.KVStoreStub
 
 
-class SeenBlocks:
-    """How many prompts prefilled here named each block (the last `capacity` blocks named are remembered): the
-    "repeated" put policy puts only blocks named more than once."""
-
-    def __init__(self, capacity: int = SEEN_CAPACITY) -> None:
-        self.capacity = capacity
-        self._counts: OrderedDict[int, int] = OrderedDict()
-
-    def note(self, block_hashes: Sequence[int]) -> None:
-        for block_hash in block_hashes:
-            self._counts[block_hash] = self._counts.get(block_hash, 0) + 1
-            self._counts.move_to_end(block_hash)
-        while len(self._counts) > self.capacity:
-            self._counts.popitem(last=False)
-
-    def repeated(self, block_hash: int) -> bool:
-        return self._counts.get(block_hash, 0) > 1
-
-
-def _rank(store_id: str, block_hash: int) -> int:
-    return int.from_bytes(hashlib.blake2b(f"{store_id}/{block_hash}".encode(), digest_size=8).digest(), "little")
-
-
-def owner(store_ids: Sequence[str], block_hash: int) -> str:
-    """The store a block lives in: rendezvous hashing, so a store joining or leaving moves only its share."""
-    return max(store_ids, key=lambda store_id: _rank(store_id, block_hash))
-
-
 class KVStoreClient:
     def __init__(self, engine: AsyncEngine, transfer: TransferEngine, layout: KVLayout,
                  config: KVStoreClientConfig) -> None:
@@ -118,8 +88,8 @@ class KVStoreClient:
         self._seen = SeenBlocks()
         self._tasks: list[asyncio.Task] = []
         self._background: set[asyncio.Task[None]] = set()
-        self._read_blocks = 0  # blocks fetched (hits) and the seconds their fetches took, lookups included
-        self._read_s = 0.0
+        self._cost = ReadCost()
+        self._backoff = Backoff()
 
     async def start(self) -> None:
         """Publish the tier as a segment (guarded, granting nothing: no peer writes into it), read the stores
@@ -134,11 +104,16 @@ class KVStoreClient:
 
     async def close(self) -> None:
         self.tier.collect_exports = False
-        tasks = [*self._tasks, *self._background]
-        for task in tasks:
+        for task in self._tasks:
             task.cancel()
-        if tasks:  # each call in them is bounded by timeout_s: they end
-            await asyncio.wait(tasks, timeout=2 * self.config.timeout_s + 1)
+        if self._tasks:  # each call in them is bounded by timeout_s: they end
+            await asyncio.wait(self._tasks, timeout=2 * self.config.timeout_s + 1)
+        if self._background:  # abandon commits the cancelled puts sent, and reports: bounded too
+            await asyncio.wait(list(self._background), timeout=self.config.timeout_s + 1)
+        for task in self._background:
+            task.cancel()
+        with contextlib.suppress(Exception):
+            await self._etcd.close()
         for store_id, store in self._stores.items():
             await store.channel.close()
             KV_STORES_KNOWN.remove(self.config.worker_id, store_id)
@@ -156,7 +131,7 @@ class KVStoreClient:
         hashes = hash_blocks(prompt[:(len(prompt) - 1) // size * size], size, salted_root(cache_salt))
         if self.config.put == "repeated":  # the last token is always computed: its block is never fetched
             self._seen.note(hashes)
-        if not hashes or not self._stores:
+        if not hashes or not self._stores or self._backoff.paused:
             return 0
         held = await self.engine.remote_kv.cached_prefix_tokens(prompt, cache_salt) // size
         stores = dict(self._stores)  # as discovery left them: it may change them while this waits
@@ -165,28 +140,32 @@ class KVStoreClient:
         started = time.perf_counter()
         try:
             async with asyncio.timeout(self.config.timeout_s):
-                loaded = await self._fetch(stores, prompt, held, hashes[held:])
+                loaded, corrupt = await self._fetch(stores, prompt, held, hashes[held:])
         except (TimeoutError, grpc.RpcError, TransferError, OSError) as e:
             log.debug("fetch from the KV store failed (%s): computing instead", e)
             KV_STORE_BLOCKS.labels(self.config.worker_id, "get", "failed").inc(len(hashes) - held)
-            self._read_s += time.perf_counter() - started  # a failing store costs its reads more (block_cost)
+            self._cost.failed(time.perf_counter() - started, len(hashes) - held)
+            self._backoff.failed()  # a failing store would hold (and quarantine) tier slots at every request
             return 0
         elapsed = time.perf_counter() - started
         KV_STORE_SECONDS.labels(self.config.worker_id, "get").observe(elapsed)
-        if loaded:
-            self._read_blocks += loaded
-            self._read_s += elapsed
+        self._cost.read(elapsed, loaded)
+        if corrupt:
+            self._backoff.failed()
         return loaded
 
     def block_cost(self) -> float:
         """A block read from the store and then loaded from the tier into the pool, in blocks of prefill work, all
         measured here (0.0 until a fetch and a prefill were)."""
         per_block = self.engine.prefill_seconds_per_token * self.block_size
-        if not self._read_blocks or per_block == 0.0:
+        read = self._cost.seconds_per_block
+        if read is None or per_block == 0.0:
             return 0.0
-        return (self._read_s / self._read_blocks + self.tier.load_seconds_per_block()) / per_block
+        return (read + self.tier.load_seconds_per_block()) / per_block
 
-    async def _fetch(self, stores: dict[str, _Store], prompt: Sequence[int], held: int, wanted: list[int]) -> int:
+    async def _fetch(self, stores: dict[str, _Store], prompt: Sequence[int], held: int,
+                     wanted: list[int]) -> tuple[int, int]:
+        """(blocks loaded, blocks that failed their checksum)."""
         shards: dict[str, list[int]] = {}
         for block_hash in wanted:
             shards.setdefault(owner(list(stores), block_hash), []).append(block_hash)
@@ -203,7 +182,7 @@ class KVStoreClient:
             run.append((block_hash, tokens, *reply_hit))
         KV_STORE_BLOCKS.labels(self.config.worker_id, "get", "miss").inc(len(wanted) - len(run))
         if not run:
-            return 0
+            return 0, 0
         slots = await self._hold([(block_hash, tokens) for block_hash, tokens, _, _ in run])
         run = run[:len(slots)]
         landed = [False] * len(run)
@@ -224,7 +203,7 @@ class KVStoreClient:
         KV_STORE_BLOCKS.labels(self.config.worker_id, "get", "hit").inc(leading)
         KV_STORE_BYTES.labels(self.config.worker_id, "get").inc(leading * self.block_bytes)
         KV_STORE_BLOCKS.labels(self.config.worker_id, "get", "corrupt").inc(corrupt)
-        return leading
+        return leading, corrupt
 
     async def _hold(self, blocks: list[tuple[int, tuple[int, ...]]]) -> list[int]:
         """Tier slots for `blocks`; if the caller is cancelled meanwhile, the slots are given back when held."""
@@ -235,7 +214,8 @@ class KVStoreClient:
             def give_back(done: asyncio.Future[list[int]]) -> None:
                 if not done.cancelled() and done.exception() is None:
                     held = done.result()
-                    self.tier.finish_load([h for h, _ in blocks[:len(held)]], [False] * len(held))
+                    self.tier.finish_load([h for h, _ in blocks[:len(held)]], [False] * len(held),
+                                          quarantine_s=0.0)  # nothing was read into them
             hold.add_done_callback(give_back)
             raise
 
@@ -270,6 +250,10 @@ class KVStoreClient:
                 KV_STORE_BLOCKS.labels(self.config.worker_id, "put", "failed").inc(len(exports))
             except Exception:  # a bug here must not end the puts of a serving worker: logged, counted, go on
                 log.exception("put into the KV store failed")
+                KV_STORE_BLOCKS.labels(self.config.worker_id, "put", "failed").inc(len(exports))
+            except asyncio.CancelledError:  # only this task's own cancellation may end the loop
+                if task is None or task.cancelling():
+                    raise
                 KV_STORE_BLOCKS.labels(self.config.worker_id, "put", "failed").inc(len(exports))
             finally:
                 self.tier.unpin([(block_hash, slot) for block_hash, slot, _ in exports])
@@ -333,9 +317,9 @@ class KVStoreClient:
             if store_id is not None:
                 by_store.setdefault(store_id, []).append(block_hash)
         for store_id, hashes in by_store.items():
-            await stores[store_id].stub.Verify(kvstore_pb2.StoreVerifyRequest(namespace=self.namespace,
-                                                                             hashes=hashes),
-                                               timeout=self.config.timeout_s)
+            for i in range(0, len(hashes), MAX_BLOCKS_PER_CALL):
+                await stores[store_id].stub.Verify(kvstore_pb2.StoreVerifyRequest(
+                    namespace=self.namespace, hashes=hashes[i:i + MAX_BLOCKS_PER_CALL]), timeout=self.config.timeout_s)
 
     def _spawn(self, coroutine: Coroutine[Any, Any, None]) -> None:
         """Run `coroutine` on its own (a failure is logged at debug: it only costs a lapse or a miss)."""
@@ -360,6 +344,8 @@ class KVStoreClient:
     async def _discover(self) -> None:
         records = records_from_listing(await bounded(
             self._etcd.get_prefix(kv_stores_prefix(self.config.cluster).encode()), self.config.timeout_s))
+        if set(records) != set(self._stores):
+            self._backoff.reset()  # another set of stores: worth asking again
         for store_id in [s for s in self._stores if self._stores[s].record != records.get(s)]:
             await self._stores.pop(store_id).channel.close()
             KV_STORES_KNOWN.remove(self.config.worker_id, store_id)
@@ -375,8 +361,10 @@ class KVStoreClient:
 async def _all(awaitables: list[Awaitable[T]]) -> list[T]:
     """Like `asyncio.gather`, but returns or raises only once every awaitable has ended (gather raises at the
     first failure and leaves the others running, which may still read or write slots)."""
-    results = await asyncio.gather(*awaitables, return_exceptions=True)
+    results = await asyncio.gather(*awaitables, return_exceptions=True)  # raises if this task is cancelled
     for result in results:
+        if isinstance(result, asyncio.CancelledError):  # a call's channel was closed (the store left etcd)
+            raise ConnectionError("a KV store call was cancelled: its store went away") from result
         if isinstance(result, BaseException):
             raise result
     return results  # type: ignore[return-value]
