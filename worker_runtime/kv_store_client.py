@@ -140,7 +140,7 @@ class KVStoreClient:
         started = time.perf_counter()
         try:
             async with asyncio.timeout(self.config.timeout_s):
-                loaded, corrupt = await self._fetch(stores, prompt, held, hashes[held:])
+                loaded = await self._fetch(stores, prompt, held, hashes[held:])
         except (TimeoutError, grpc.RpcError, TransferError, OSError) as e:
             log.debug("fetch from the KV store failed (%s): computing instead", e)
             KV_STORE_BLOCKS.labels(self.config.worker_id, "get", "failed").inc(len(hashes) - held)
@@ -149,9 +149,7 @@ class KVStoreClient:
             return 0
         elapsed = time.perf_counter() - started
         KV_STORE_SECONDS.labels(self.config.worker_id, "get").observe(elapsed)
-        self._cost.read(elapsed, loaded)
-        if corrupt:
-            self._backoff.failed()
+        self._cost.read(elapsed, loaded)  # corrupt blocks need no pause: the stores drop them (Verify)
         return loaded
 
     def block_cost(self) -> float:
@@ -164,8 +162,7 @@ class KVStoreClient:
         return (read + self.tier.load_seconds_per_block()) / per_block
 
     async def _fetch(self, stores: dict[str, _Store], prompt: Sequence[int], held: int,
-                     wanted: list[int]) -> tuple[int, int]:
-        """(blocks loaded, blocks that failed their checksum)."""
+                     wanted: list[int]) -> int:
         shards: dict[str, list[int]] = {}
         for block_hash in wanted:
             shards.setdefault(owner(list(stores), block_hash), []).append(block_hash)
@@ -182,7 +179,7 @@ class KVStoreClient:
             run.append((block_hash, tokens, *reply_hit))
         KV_STORE_BLOCKS.labels(self.config.worker_id, "get", "miss").inc(len(wanted) - len(run))
         if not run:
-            return 0, 0
+            return 0
         slots = await self._hold([(block_hash, tokens) for block_hash, tokens, _, _ in run])
         run = run[:len(slots)]
         landed = [False] * len(run)
@@ -203,7 +200,7 @@ class KVStoreClient:
         KV_STORE_BLOCKS.labels(self.config.worker_id, "get", "hit").inc(leading)
         KV_STORE_BYTES.labels(self.config.worker_id, "get").inc(leading * self.block_bytes)
         KV_STORE_BLOCKS.labels(self.config.worker_id, "get", "corrupt").inc(corrupt)
-        return leading, corrupt
+        return leading
 
     async def _hold(self, blocks: list[tuple[int, tuple[int, ...]]]) -> list[int]:
         """Tier slots for `blocks`; if the caller is cancelled meanwhile, the slots are given back when held."""
