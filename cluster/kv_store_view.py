@@ -47,10 +47,6 @@ class KVStoreView:
             store_id = self._owner_of[block_hash] = owner(self._listed, block_hash)
         return block_hash in self._held.get(store_id, ())
 
-    @property
-    def blocks(self) -> int:
-        return sum(len(held) for held in self._held.values())
-
     async def start(self) -> None:
         self._task = asyncio.create_task(self._poll(), name="kv-store-view")
 

@@ -84,7 +84,7 @@ class KVStoreServicer(kvstore_pb2_grpc.KVStoreServicer):
 
     async def Commit(self, request: kvstore_pb2.StoreCommitRequest,
                      context: grpc.aio.ServicerContext) -> kvstore_pb2.StoreCommitResponse:
-        await self._check_size(context, "Commit", len(request.blocks), "-")
+        await self._check_size(context, "Commit", len(request.blocks))
         grant = self._reservation_grants.pop(request.tag, None)
         if grant is not None:  # written or not, nothing more may be
             self.transfer.revoke(grant[1])
@@ -107,7 +107,7 @@ class KVStoreServicer(kvstore_pb2_grpc.KVStoreServicer):
 
     async def Verify(self, request: kvstore_pb2.StoreVerifyRequest,
                      context: grpc.aio.ServicerContext) -> kvstore_pb2.StoreVerifyResponse:
-        await self._check_size(context, "Verify", len(request.hashes), "-")
+        await self._check_size(context, "Verify", len(request.hashes))
         size = self.index.block_bytes
 
         def intact(offset: int, checksum: int) -> bool:
@@ -161,8 +161,11 @@ class KVStoreServicer(kvstore_pb2_grpc.KVStoreServicer):
         while self._grant_ends and self._grant_ends[0][0] <= now:
             self.transfer.revoke(heapq.heappop(self._grant_ends)[2])
 
-    async def _check_size(self, context: grpc.aio.ServicerContext, call: str, count: int, engine_id: str) -> None:
-        if count > MAX_BLOCKS_PER_CALL or not engine_id:
+    async def _check_size(self, context: grpc.aio.ServicerContext, call: str, count: int,
+                          engine_id: str | None = None) -> None:
+        """Abort with INVALID_ARGUMENT past MAX_BLOCKS_PER_CALL blocks, or without the caller's engine id where
+        the call grants it something (`engine_id` given: Lookup, Reserve)."""
+        if count > MAX_BLOCKS_PER_CALL or engine_id == "":
             STORE_CALLS.labels(call.lower(), "invalid_argument").inc()
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
                                 f"{call}: at most {MAX_BLOCKS_PER_CALL} blocks, and the caller's engine id, "
