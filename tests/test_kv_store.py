@@ -201,7 +201,36 @@ async def test_decode_workers_that_prefill_themselves_read_the_store_too(tiny_ll
         prefix, writer = await scenario.write([cluster.kv_stores[0].address])
         _, delta, _ = await scenario.read(prefix, writer)
         assert (delta["computed"], delta["cached"], delta["get_hit"]) == (40, 9 * BLOCK, 9), delta
+        await _bad_calls_are_refused(cluster.kv_stores[0].address)
         await assert_pools_clean(cluster)
+
+
+async def _bad_calls_are_refused(address: str) -> None:
+    """Bad input gets INVALID_ARGUMENT, another model's blocks FAILED_PRECONDITION; the store serves on, intact."""
+    async with grpc.aio.insecure_channel(address) as channel:
+        stub = kvstore_pb2_grpc.KVStoreStub(channel)
+        stats = await stub.Stats(kvstore_pb2.StoreStatsRequest(), timeout=10)
+        bad = [
+            (stub.Lookup(kvstore_pb2.StoreLookupRequest(namespace=stats.namespace, engine_id="x",
+                                                        hashes=list(range(5000))), timeout=10), "INVALID_ARGUMENT"),
+            (stub.Lookup(kvstore_pb2.StoreLookupRequest(namespace=stats.namespace, hashes=[1]), timeout=10),
+             "INVALID_ARGUMENT"),
+            (stub.Reserve(kvstore_pb2.StoreReserveRequest(engine_id="x", block_bytes=stats.block_bytes,
+                                                          blocks=[kvstore_pb2.StoreBlock(hash=1)]), timeout=10),
+             "INVALID_ARGUMENT"),
+            (stub.Reserve(kvstore_pb2.StoreReserveRequest(namespace="another-model", engine_id="x",
+                                                          block_bytes=stats.block_bytes,
+                                                          blocks=[kvstore_pb2.StoreBlock(hash=1)]), timeout=10),
+             "FAILED_PRECONDITION"),
+            (stub.Verify(kvstore_pb2.StoreVerifyRequest(namespace="another-model", hashes=[1]), timeout=10),
+             "FAILED_PRECONDITION"),
+        ]
+        for call, code in bad:
+            with pytest.raises(grpc.aio.AioRpcError) as refused:
+                await call
+            assert refused.value.code().name == code, refused.value
+        after = await stub.Stats(kvstore_pb2.StoreStatsRequest(), timeout=10)
+        assert after.readable_blocks == stats.readable_blocks and not after.integrity_error, after
 
 
 async def _lookup(address: str, prefix: list[int]) -> list[kvstore_pb2.StoreHit]:
