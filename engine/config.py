@@ -109,21 +109,39 @@ class ModelConfig:
         return self.num_heads // self.num_kv_heads
 
 
+SpeculativeMethod = Literal["ngram", "draft"]
+SELF_INT4_DRAFT = "self-int4"  # the draft is the target's own weights quantized to int4
+
+
 @dataclass(frozen=True)
 class SpeculativeConfig:
-    """n-gram (prompt lookup) drafts, verified by the model in one step; greedy requests only."""
+    """Drafts verified by the model in one step.
+
+    ngram: prompt-lookup drafts, for plain greedy requests, off above `max_running_seqs` running sequences.
+    draft: a smaller model sharing the tokenizer (`draft_model`: a path, or "self-int4") proposes up to
+    `num_draft_tokens` per step for any sampling params (rejection sampling keeps the target's distribution;
+    greedy stays token-exact); with `adaptive`, each step speculates only with the k (0: off) that the
+    measured acceptance and step costs predict to give the most tokens/s (engine.spec_control).
+    """
 
     num_draft_tokens: int = 4
+    method: SpeculativeMethod = "ngram"
     ngram_max: int = 3
     ngram_min: int = 1
-    # Above this many running sequences the step is compute-bound and drafts cost throughput.
+    # ngram: above this many running sequences the step is compute-bound and drafts cost throughput
     max_running_seqs: int = 4
+    draft_model: str = SELF_INT4_DRAFT
+    adaptive: bool = True
 
     def __post_init__(self) -> None:
         if self.num_draft_tokens < 1:
             raise ValueError("num_draft_tokens must be >= 1")
+        if self.method not in ("ngram", "draft"):
+            raise ValueError(f"speculative method must be ngram or draft, got {self.method!r}")
         if not 1 <= self.ngram_min <= self.ngram_max:
             raise ValueError(f"need 1 <= ngram_min <= ngram_max, got {self.ngram_min}, {self.ngram_max}")
+        if not self.draft_model:
+            raise ValueError(f"draft_model must be a path or {SELF_INT4_DRAFT!r}")
 
 
 @dataclass(frozen=True)

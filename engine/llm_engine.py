@@ -12,14 +12,15 @@ import torch
 from engine.block_manager import BlockManager, KVCacheEvents, salted_root
 from engine.config import EngineConfig
 from engine.detokenizer import IncrementalDetokenizer
+from engine.draft_model import DraftModel
 from engine.errors import InvalidRequestError, PoolIntegrityError
 from engine.kv_cache import KVCachePool
 from engine.kv_hooks import KVStepHook, KVStorageAllocator
 from engine.kv_offload import KVOffloadTier
 from engine.loader.engine_parts import LoadedEngineParts, build_engine_parts
-from engine.model_runner import SequenceResult
+from engine.model_runner import ModelRunner, SequenceResult
 from engine.ngram import propose_ngram_drafts
-from engine.outputs import EngineStats, RequestOutput
+from engine.outputs import EngineStats, RequestOutput, SpecStats
 from engine.prefill_cost import PrefillCost
 from engine.remote_kv import RemoteKV
 from engine.request import EngineRequest, RequestValidator
@@ -29,6 +30,7 @@ from engine.sampling_params import SamplingParams
 from engine.scheduler import ScheduledSequence, Scheduler, SchedulerOutput
 from engine.sequence import Sequence as EngineSequence
 from engine.sequence import SequenceStatus
+from engine.spec_control import SpeculationControl
 from engine.step_pipeline import StepPipeline
 
 log = logging.getLogger(__name__)
@@ -69,6 +71,15 @@ class LLMEngine:
         self.kv_hook: KVStepHook | None = None
         self.prefill_cost = PrefillCost()
         self.pipeline = StepPipeline(self) if self.config.async_scheduling else None
+        self.draft: DraftModel | None = None
+        self.spec_control: SpeculationControl | None = None
+        self.spec_steps = {"on": 0, "probe": 0, "off": 0}
+        self.last_forward_seconds = 0.0
+        spec = self.config.speculative
+        if spec is not None and spec.method == "draft":
+            self.draft = DraftModel.load(self.config, self.parts)
+            self.scheduler.on_release = self.draft.release
+            self.spec_control = SpeculationControl(spec.num_draft_tokens, spec.adaptive)
 
     @property
     def kv_pool(self) -> KVCachePool:
@@ -176,6 +187,9 @@ class LLMEngine:
                 hook.wait_for_save(plan)
         self.num_steps += 1
         self.num_computed_tokens_total += plan.num_tokens
+        if self.spec_control is not None and all(item.samples and item.num_tokens == 1 + len(item.draft_token_ids)
+                                                 for item in plan.scheduled):
+            self.spec_control.observe_target(plan.num_tokens, self.last_forward_seconds)
         outputs = self._commit(plan.scheduled, results)
         if hook is not None:
             hook.step_committed(outputs)
@@ -198,7 +212,8 @@ class LLMEngine:
         else:
             results = self.runner.execute(plan)
         self.forward_ended()
-        self.prefill_cost.observe(plan, time.perf_counter() - started)
+        self.last_forward_seconds = time.perf_counter() - started
+        self.prefill_cost.observe(plan, self.last_forward_seconds)
         return results
 
     def forward_ended(self) -> None:
@@ -210,6 +225,7 @@ class LLMEngine:
 
     def _commit(self, items: Iterable[ScheduledSequence], results: dict[str, SequenceResult]) -> list[RequestOutput]:
         outputs = []
+        proposed, accepted_drafts = self.num_draft_tokens_proposed, self.num_draft_tokens_accepted
         for item in items:
             req = self.requests[item.seq.request_id]
             result = results.get(item.seq.request_id)
@@ -229,11 +245,17 @@ class LLMEngine:
                 outputs.append(req.output())
             if req.seq.is_finished:
                 del self.requests[item.seq.request_id]
+        if self.spec_control is not None:
+            self.spec_control.observe_acceptance(self.num_draft_tokens_proposed - proposed,
+                                                 self.num_draft_tokens_accepted - accepted_drafts)
         return outputs
 
     # -- speculative decoding --------------------------------------------------------------------------
     def _propose_drafts(self) -> None:
         spec = self.config.speculative
+        if self.draft is not None:
+            self._propose_model_drafts()
+            return
         if spec is None or len(self.scheduler.running) > spec.max_running_seqs:
             return
         for seq in self.scheduler.running:
@@ -257,6 +279,38 @@ class LLMEngine:
                     drafts = drafts[:seq.sampling_state.grammar_prefix(drafts)]
                 seq.spec_token_ids = drafts
 
+    def _propose_model_drafts(self) -> None:
+        """Drafts from the draft model for the decoding sequences, as many as the controller predicts pay."""
+        spec, draft, control = self.config.speculative, self.draft, self.spec_control
+        assert spec is not None and draft is not None and control is not None
+        decoding = [seq for seq in self.scheduler.running if not seq.in_prefill]
+        eligible: list[tuple[EngineSequence, int]] = []
+        for seq in decoding:
+            p = seq.params
+            if seq.sampling_state.matcher is not None:  # structured output: plain decoding (see the note in docs)
+                continue
+            room = min(spec.num_draft_tokens, p.max_tokens - seq.num_output_tokens - 1,
+                       self.max_model_len - len(seq.token_ids) - 1)
+            if room > 0:
+                eligible.append((seq, room))
+        decision = control.decide(len(decoding), len(eligible))
+        if eligible:
+            self.spec_steps["off" if decision.k == 0 else "probe" if decision.exploring else "on"] += 1
+        if decision.k == 0:
+            return
+        if decision.max_sequences is not None:  # a probe: the sequences whose draft KV lags least
+            eligible.sort(key=lambda e: len(e[0].token_ids) - draft.computed_tokens(e[0]))
+            eligible = eligible[:decision.max_sequences]
+        assert isinstance(self.runner, ModelRunner)  # a simulated engine takes no draft model (EngineConfig)
+        proposals = draft.propose([(seq, min(room, decision.k)) for seq, room in eligible], self.runner.sampler,
+                                  self.config.max_num_batched_tokens)
+        for rows, seconds in draft.last_step_seconds:
+            control.observe_draft(rows, seconds)
+        for seq, _ in eligible:
+            proposal = proposals.get(seq.request_id)
+            if proposal is not None:
+                seq.spec_token_ids, seq.spec_draft_probs = proposal.token_ids, proposal.probs
+
     # -- health and observation -------------------------------------------------------------------------
     def check_integrity(self) -> None:
         """Raise PoolIntegrityError unless block bookkeeping matches the live sequences exactly
@@ -267,6 +321,8 @@ class LLMEngine:
         self.block_manager.check_integrity(refs)
         if self.offload is not None:
             self.offload.check_integrity()
+        if self.draft is not None:
+            self.draft.check_integrity(self.scheduler.running)
 
     def integrity_error(self) -> str | None:
         """`check_integrity`'s complaint, or None when the pool is consistent."""
@@ -284,7 +340,15 @@ class LLMEngine:
                            preemptions_total=self.scheduler.num_preemptions_total,
                            computed_tokens_total=self.num_computed_tokens_total,
                            prefix_queried_blocks=bm.stats_queried_blocks, prefix_hit_blocks=bm.stats_hit_blocks,
-                           offload=None if self.offload is None else self.offload.stats())
+                           offload=None if self.offload is None else self.offload.stats(),
+                           spec=self._spec_stats())
+
+    def _spec_stats(self) -> SpecStats | None:
+        control = self.spec_control
+        if control is None:
+            return None
+        return SpecStats(dict(self.spec_steps), self.num_draft_tokens_proposed, self.num_draft_tokens_accepted,
+                         control.acceptance or 0.0, control.last.k, control.last.predicted_gain)
 
     def drain_kv_events(self, with_snapshot: bool = False) -> KVCacheEvents:
         """Prefix-cache changes since the last drain (config.record_kv_events), in the pool and in the second tier,

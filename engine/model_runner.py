@@ -20,11 +20,12 @@ from engine.attention.torch_backend import TorchAttention
 from engine.cuda_graphs import CudaGraphDecoder
 from engine.kv_cache import KVCachePool
 from engine.kv_hooks import ObservedAttention
-from engine.logprobs import prompt_token_logprobs
+from engine.logprobs import prompt_token_logprobs, token_logprobs
 from engine.models.llama import LlamaForCausalLM
 from engine.outputs import TokenLogprobs
 from engine.sampler import Sampler
 from engine.scheduler import ScheduledSequence, SchedulerOutput
+from engine.spec_sampling import verify_by_rejection
 from engine.step_program import StepProgram
 
 
@@ -168,16 +169,7 @@ class ModelRunner:
         states and moves their seeded generators and grammar matchers, which nothing else touches meanwhile)."""
         if inputs.awaited:
             raise ValueError("the step's inputs still await tokens: fill_awaited first")
-        observer = self.layer_observer
-        if observer is None and self.graphs is not None and self.graphs.can_run(inputs.attention):
-            hidden = self.graphs.run(inputs.input_ids, inputs.positions, inputs.attention)
-        elif observer is None and self.program is not None and self.program.can_run(inputs.attention):
-            hidden = self.program.run(inputs.input_ids, inputs.positions, inputs.attention)
-        else:
-            attn = self._attention(inputs.attention)
-            if observer is not None:
-                attn = ObservedAttention(attn, observer, self.device.type == "cuda")
-            hidden = self.model(inputs.input_ids, inputs.positions, attn)
+        hidden = self._forward(inputs.input_ids, inputs.positions, inputs.attention, self.layer_observer)
         results: dict[str, SequenceResult] = {}
         if inputs.sample_rows:
             logits = self.model.sampling_logits(hidden.index_select(0, inputs.logits_indices))
@@ -185,6 +177,31 @@ class ModelRunner:
         if inputs.prompt_indices is not None:
             self._add_prompt_logprobs(results, hidden.index_select(0, inputs.prompt_indices), inputs.prompt_rows)
         return results
+
+    def _forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
+                 observer: Callable[[int], None] | None) -> torch.Tensor:
+        if observer is None and self.graphs is not None and self.graphs.can_run(meta):
+            return self.graphs.run(input_ids, positions, meta)
+        if observer is None and self.program is not None and self.program.can_run(meta):
+            return self.program.run(input_ids, positions, meta)
+        attn = self._attention(meta)
+        if observer is not None:
+            attn = ObservedAttention(attn, observer, self.device.type == "cuda")
+        return self.model(input_ids, positions, attn)
+
+    @torch.inference_mode()
+    def logits_at_ends(self, token_ids: list[int], spans: list[SeqSpan]) -> torch.Tensor:
+        """Feed `token_ids` (each span's tokens in turn; single-token spans first) and return the logits
+        [len(spans), V] at each span's last position: a forward with no sampling (a draft model's)."""
+        positions = [p for s in spans for p in range(s.start, s.context_len)]
+        meta = attention_metadata(spans, self.block_size, self.device, self.pool.compute_dtype, self.use_cpu_kernel,
+                                  self.dense_min_queries)
+        hidden = self._forward(self._tensor(token_ids), self._tensor(positions), meta, None)
+        ends, end = [], -1
+        for span in spans:
+            end += span.num_tokens
+            ends.append(end)
+        return self.model.sampling_logits(hidden.index_select(0, self._tensor(ends)))
 
     def _add_prompt_logprobs(self, results: dict[str, SequenceResult], hidden: torch.Tensor,
                              rows: tuple[tuple[ScheduledSequence, int, int], ...]) -> None:
@@ -209,8 +226,17 @@ class ModelRunner:
             for (item, _), token, lp in zip(plain, sampled.token_ids, sampled.logprobs, strict=True):
                 results[item.seq.request_id] = SequenceResult([token], [lp])
         for item, first, count in rows:
-            if count > 1:  # greedy verification of n-gram drafts: keep the agreeing prefix + 1 token
-                tokens = self.sampler.verify_greedy_drafts(logits[first:first + count], item.seq.sampling_state,
-                                                           item.draft_token_ids)
-                results[item.seq.request_id] = SequenceResult(tokens, [None] * len(tokens))
+            if count == 1:
+                continue
+            seq, rows_logits = item.seq, logits[first:first + count]
+            if seq.spec_draft_probs is None:  # greedy verification: keep the agreeing prefix + 1 token
+                tokens = self.sampler.verify_greedy_drafts(rows_logits, seq.sampling_state, item.draft_token_ids)
+            else:  # a draft model's drafts: rejection sampling (engine.spec_sampling)
+                tokens = verify_by_rejection(self.sampler, rows_logits, seq.sampling_state, item.draft_token_ids,
+                                             seq.spec_draft_probs)
+            wanted = seq.params.logprobs
+            found: list[TokenLogprobs | None] = (
+                list(token_logprobs(rows_logits[:len(tokens)], tokens, [wanted] * len(tokens)))
+                if wanted is not None else [None] * len(tokens))
+            results[seq.request_id] = SequenceResult(tokens, found)
         return results

@@ -64,6 +64,18 @@ class OffloadStats:
 
 
 @dataclass(frozen=True)
+class SpecStats:
+    """Speculative decoding with a draft model (engine.spec_control): its decisions and drafts so far."""
+
+    steps: dict[str, int]  # decision -> steps: on (predicted to gain), probe (measuring), off (eligible, not run)
+    draft_tokens_proposed: int
+    draft_tokens_accepted: int
+    acceptance: float  # moving average of accepted / proposed (0 before any draft)
+    draft_length: int  # the k of the last step (0: off)
+    predicted_gain: float  # tokens/s predicted with that k over without
+
+
+@dataclass(frozen=True)
 class EngineStats:
     """Counters and gauges of an engine after a step (for metrics and the Status RPC)."""
 
@@ -78,6 +90,7 @@ class EngineStats:
     prefix_queried_blocks: int = 0  # full prompt blocks looked up in the pool's prefix cache
     prefix_hit_blocks: int = 0  # of those, found there
     offload: OffloadStats | None = None  # the second KV tier's, if the engine has one
+    spec: SpecStats | None = None  # with a draft model
 
 
 @dataclass(frozen=True)

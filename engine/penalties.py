@@ -34,6 +34,11 @@ class PenaltyState:
     def append(self, token_id: int) -> None:
         self.output_counts[token_id] += 1
 
+    @torch.inference_mode()
+    def retract(self, token_id: int) -> None:
+        """Undo one `append` of `token_id`."""
+        self.output_counts[token_id] -= 1
+
 
 def apply_penalties(logits: torch.Tensor, prompt_mask: torch.Tensor | None, output_counts: torch.Tensor,
                     repetition: torch.Tensor | None, frequency: torch.Tensor | None,

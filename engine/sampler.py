@@ -107,6 +107,22 @@ class SequenceSamplingState:
         if self.penalties is not None:
             self.penalties.append(token_id)
 
+    def retract(self, token_ids: Sequence[int]) -> None:
+        """Undo the `append` of `token_ids`, the last tokens appended (in order): speculative decoding
+        appends drafts for a moment to score each position as if the drafts before it were generated."""
+        if self.matcher is not None and token_ids:
+            self.matcher.rollback(len(token_ids))
+        self.num_generated -= len(token_ids)
+        if self.penalties is not None:
+            for token_id in token_ids:
+                self.penalties.retract(token_id)
+
+    @property
+    def depends_on_history(self) -> bool:
+        """Whether the next position's distribution depends on the tokens generated so far (penalties,
+        min_tokens still blocking, a grammar)."""
+        return self.penalties is not None or self.blocks_stop_tokens or self.matcher is not None
+
     @property
     def blocks_stop_tokens(self) -> bool:
         return self.num_generated < self.params.min_tokens and bool(self.min_tokens_blocked)
@@ -140,16 +156,7 @@ class Sampler:
         if all(s.is_plain_greedy for s in states):
             return SamplerOutput(argmax_rows(logits), [None] * batch)
 
-        # logits may come in the model's compute dtype: edited in an fp32 copy, scored (logprobs) in fp32
-        needs_edit = any(s.penalties is not None or s.blocks_stop_tokens or s.params.edits_logits for s in states)
-        x = logits.to(torch.float32, copy=needs_edit)
-        self._penalize(x, states)
-        self._mask_stop_tokens(x, states)
-        self._bias(x, states)
-        self._mask_disallowed(x, states)
-        self._mask_grammar(x, states)
-        self._end_dead_grammars(x, states)
-
+        x = self._processed(logits, states)
         greedy_rows = [i for i, s in enumerate(states) if s.params.is_greedy]
         random_rows = [i for i, s in enumerate(states) if not s.params.is_greedy]
         tokens = torch.empty(batch, dtype=torch.long, device=x.device)
@@ -159,6 +166,48 @@ class Sampler:
             _put(tokens, random_rows, self._sample(_take(x, random_rows), [states[i] for i in random_rows]))
         token_ids = tokens.tolist()
         return SamplerOutput(token_ids, _logprobs(logits, token_ids, states))
+
+    def _processed(self, logits: torch.Tensor, states: Sequence[SequenceSamplingState]) -> torch.Tensor:
+        """The rows' logits after every edit the params ask for (penalties, min_tokens, logit_bias,
+        allowed_token_ids, grammar), in fp32 (a copy wherever one is edited)."""
+        needs_edit = any(s.penalties is not None or s.blocks_stop_tokens or s.params.edits_logits for s in states)
+        x = logits.to(torch.float32, copy=needs_edit)
+        self._penalize(x, states)
+        self._mask_stop_tokens(x, states)
+        self._bias(x, states)
+        self._mask_disallowed(x, states)
+        self._mask_grammar(x, states)
+        self._end_dead_grammars(x, states)
+        return x
+
+    @torch.inference_mode()
+    def distributions(self, logits: torch.Tensor, states: Sequence[SequenceSamplingState]) -> torch.Tensor:
+        """The distribution each row's token is drawn from [B, V] fp32, as `__call__` draws it: one-hot
+        at the processed argmax for greedy rows; else softmax of the processed logits / temperature,
+        filtered by top-k / top-p / min-p (speculative decoding's rejection sampling reads these)."""
+        x = self._processed(logits, states)
+        probs = torch.zeros_like(x)
+        greedy_rows = [i for i, s in enumerate(states) if s.params.is_greedy]
+        random_rows = [i for i, s in enumerate(states) if not s.params.is_greedy]
+        if greedy_rows:
+            best = _take(x, greedy_rows).argmax(dim=-1)
+            probs[_index(greedy_rows, x.device), best] = 1.0
+        if random_rows:
+            _put(probs, random_rows, self._filtered_probs(_take(x, random_rows), [states[i] for i in random_rows]))
+        return probs
+
+    def draw(self, probs: torch.Tensor, state: SequenceSamplingState) -> int:
+        """One token from the distribution `probs` [V] (not necessarily normalized), with the request's
+        own generator when seeded, else the sampler's."""
+        cdf = probs.to(torch.float32).cumsum(dim=-1)
+        total = cdf[-1:]
+        uniform = self.uniforms(1, state)
+        target = torch.minimum(uniform * total, torch.nextafter(total, torch.zeros_like(total)))
+        return int(torch.searchsorted(cdf, target, right=True).clamp_(max=probs.shape[-1] - 1))
+
+    def uniforms(self, count: int, state: SequenceSamplingState) -> torch.Tensor:
+        """`count` draws from U[0, 1), from the request's generator when seeded, else the sampler's."""
+        return torch.rand(count, generator=state.generator or self.generator, device=self.device)
 
     @torch.inference_mode()
     def verify_greedy_drafts(self, logits: torch.Tensor, state: SequenceSamplingState,
@@ -245,11 +294,7 @@ class Sampler:
 
     def _sample(self, x: torch.Tensor, states: Sequence[SequenceSamplingState]) -> torch.Tensor:
         """Token ids [R] sampled from rows x [R, V] by inverse CDF with one uniform per row."""
-        x = x / _floats([s.params.temperature for s in states], x.device).unsqueeze(1)
-        threshold = _filter_thresholds(x, [s.params for s in states])
-        if threshold is not None:
-            x.masked_fill_(x < threshold.unsqueeze(1), -math.inf)
-        cdf = x.softmax(dim=-1).cumsum(dim=-1)
+        cdf = self._filtered_probs(x, states).cumsum(dim=-1)
         total = cdf[:, -1:]
         uniform = torch.rand(len(states), generator=self.generator, device=x.device)
         for j, s in enumerate(states):
@@ -258,6 +303,15 @@ class Sampler:
         # target < total, so the first cdf entry above it belongs to a token of nonzero probability.
         target = torch.minimum(uniform.unsqueeze(1) * total, torch.nextafter(total, torch.zeros_like(total)))
         return torch.searchsorted(cdf, target, right=True).squeeze(1).clamp_(max=x.shape[1] - 1)
+
+    @staticmethod
+    def _filtered_probs(x: torch.Tensor, states: Sequence[SequenceSamplingState]) -> torch.Tensor:
+        """Softmax of rows x [R, V] / temperature after top-k / top-p / min-p."""
+        x = x / _floats([s.params.temperature for s in states], x.device).unsqueeze(1)
+        threshold = _filter_thresholds(x, [s.params for s in states])
+        if threshold is not None:
+            x.masked_fill_(x < threshold.unsqueeze(1), -math.inf)
+        return x.softmax(dim=-1)
 
 
 def _filter_thresholds(x: torch.Tensor, params: Sequence[SamplingParams]) -> torch.Tensor | None:

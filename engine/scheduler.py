@@ -67,6 +67,8 @@ class Scheduler:
         self.waiting: list[Sequence] = []
         self.running: list[Sequence] = []
         self.num_preemptions_total = 0
+        # called with each sequence that gives back its blocks (finished or preempted): a draft model drops its own
+        self.on_release: Callable[[Sequence], None] | None = None
 
     # -- queue ------------------------------------------------------------------------------------------
     def _rank(self, seq: Sequence) -> tuple[float, ...]:
@@ -91,6 +93,8 @@ class Scheduler:
         self.blocks.release(seq.block_table)
         seq.block_table = []
         seq.status = SequenceStatus.FINISHED
+        if self.on_release is not None:
+            self.on_release(seq)
         seq.finish_reason = reason
 
     # -- sequences that do not come through the waiting queue (engine.remote_kv) -------------------------
@@ -118,10 +122,12 @@ class Scheduler:
     def _preempt(self, seq: Sequence) -> None:
         self.running.remove(seq)
         self.blocks.release(seq.block_table)
-        seq.block_table, seq.block_hashes, seq.spec_token_ids = [], [], []
+        seq.block_table, seq.block_hashes, seq.spec_token_ids, seq.spec_draft_probs = [], [], [], None
         seq.num_computed_tokens = 0
         seq.num_preemptions += 1
         self.num_preemptions_total += 1
+        if self.on_release is not None:
+            self.on_release(seq)
         seq.status = SequenceStatus.WAITING
         self.waiting.insert(0, seq)
         self.waiting.sort(key=self._rank)
@@ -248,7 +254,7 @@ class Scheduler:
         known = item.num_tokens - len(item.draft_token_ids)
         num_drafts_accepted = max(len(accepted_token_ids) - 1, 0)
         seq.num_computed_tokens = item.start + known + num_drafts_accepted
-        seq.spec_token_ids = []
+        seq.spec_token_ids, seq.spec_draft_probs = [], None
         for token_id in accepted_token_ids:
             seq.token_ids.append(token_id)
             if on_token is not None:

@@ -7,6 +7,8 @@ import time
 from typing import TYPE_CHECKING, Literal
 
 if TYPE_CHECKING:
+    import torch
+
     from engine.sampler import SequenceSamplingState
     from engine.sampling_params import SamplingParams
 
@@ -45,6 +47,9 @@ class Sequence:
         self.block_table: list[int] = []
         self.block_hashes: list[int] = []
         self.spec_token_ids: list[int] = []  # draft tokens proposed for the next step
+        # the distributions a draft model drew spec_token_ids from [k, V], for rejection sampling; None: the drafts
+        # are verified greedily (n-gram drafts, or a draft model's for a plain greedy request)
+        self.spec_draft_probs: torch.Tensor | None = None
         # async scheduling: a step in flight samples this sequence's next token, not appended yet; the
         # scheduler counts it as known (the token's input row is filled in once it is sampled)
         self.awaiting_token = False

@@ -1,0 +1,243 @@
+"""A draft model for speculative decoding: a smaller model sharing the target's tokenizer (or the target's
+own weights in int4) with its own paged KV pool and prefix cache, proposing k tokens per sequence per step.
+
+Invariants, per sequence it has seen (`DraftState`):
+- its draft KV holds `seq.token_ids[:num_computed]` exactly; writes only go to positions >= num_computed,
+  and only blocks wholly below num_computed are registered in its prefix cache;
+- after a proposal it also holds the drafts fed (`fed`, after `base` tokens), which count once the target
+  has accepted them (`settle`); the rest is overwritten by later steps;
+- its blocks are given back when the target releases the sequence (finished, aborted, preempted).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
+
+import torch
+
+from engine.attention.planning import SeqSpan
+from engine.block_manager import BlockManager, hash_block, hash_blocks
+from engine.config import SELF_INT4_DRAFT, EngineConfig
+from engine.errors import ModelLoadError, PoolIntegrityError
+from engine.loader.engine_parts import LoadedEngineParts, build_engine_parts
+from engine.model_runner import ModelRunner
+from engine.sampler import Sampler, SequenceSamplingState
+from engine.sequence import Sequence as EngineSequence
+from engine.tokenizer import Tokenizer
+
+log = logging.getLogger(__name__)
+# texts whose token ids a draft's tokenizer must give exactly as the target's does
+TOKENIZER_PROBES = ("Hello, world! 1234 ünïcödé\n\tcode: def f(x): return x**2",
+                    "The quick brown fox jumps over the lazy dog.")
+
+
+@dataclass
+class DraftState:
+    block_table: list[int]
+    block_hashes: list[int] = field(default_factory=list)
+    num_computed: int = 0
+    base: int = 0  # len(token_ids) when the last proposal was made
+    fed: tuple[int, ...] = ()  # drafts whose KV that proposal wrote after `base` tokens
+
+
+@dataclass(frozen=True)
+class Proposal:
+    token_ids: list[int]
+    probs: torch.Tensor | None  # [k, V] distributions drawn from; None for plain greedy (argmax drafts)
+
+
+def draft_engine_config(config: EngineConfig, num_blocks: int) -> EngineConfig:
+    """The draft's own engine config: its model (or the target's in int4), a pool of `num_blocks` blocks."""
+    spec = config.speculative
+    assert spec is not None and spec.method == "draft"
+    own = spec.draft_model == SELF_INT4_DRAFT
+    return replace(config, model=config.model if own else spec.draft_model, quantization="int4" if own else None,
+                   speculative=None, num_kv_blocks=num_blocks, kv_offload_bytes=0, record_kv_events=False,
+                   deterministic=False, async_scheduling=False, max_model_len=None)
+
+
+def check_same_tokenizer(target: Tokenizer, draft: Tokenizer, target_vocab: int, draft_vocab: int) -> None:
+    """Refuse a draft whose tokens would not mean the target's (ModelLoadError says what differs)."""
+    if draft_vocab != target_vocab:
+        raise ModelLoadError(f"the draft model's vocabulary has {draft_vocab} rows, the target's {target_vocab}: "
+                             "a draft must share the target's tokenizer")
+    if set(draft.eos_token_ids) != set(target.eos_token_ids):
+        raise ModelLoadError(f"the draft model ends on {draft.eos_token_ids}, the target on {target.eos_token_ids}")
+    for text in TOKENIZER_PROBES:
+        if draft.encode(text) != target.encode(text):
+            raise ModelLoadError(f"the draft model's tokenizer splits {text!r} differently from the target's")
+
+
+class DraftModel:
+    def __init__(self, parts: LoadedEngineParts, enable_prefix_caching: bool) -> None:
+        if not isinstance(parts.runner, ModelRunner):
+            raise ModelLoadError("a draft model needs a real model runner")
+        self.parts = parts
+        self.runner: ModelRunner = parts.runner
+        self.blocks = BlockManager(parts.pool.spec.num_blocks, parts.pool.spec.block_size, enable_prefix_caching)
+        self.states: dict[str, DraftState] = {}
+        self.last_step_seconds: list[tuple[int, float]] = []  # (rows, seconds) of each forward of the last proposal
+
+    @classmethod
+    def load(cls, config: EngineConfig, target: LoadedEngineParts) -> DraftModel:
+        parts = build_engine_parts(draft_engine_config(config, target.pool.spec.num_blocks))
+        check_same_tokenizer(target.tokenizer, parts.tokenizer, target.model.config.vocab_size,
+                             parts.model.config.vocab_size)
+        if parts.pool.spec.block_size != target.pool.spec.block_size:
+            raise ModelLoadError("the draft's KV blocks must be the target's size")
+        log.info("draft model ready: %s (%s), %d KV blocks", parts.model.config.name,
+                 ", ".join(parts.quantized_layers[:1]) or "unquantized", parts.pool.spec.num_blocks)
+        return cls(parts, config.enable_prefix_caching)
+
+    # -- bookkeeping ------------------------------------------------------------------------------------
+    def release(self, seq: EngineSequence) -> None:
+        """Give back the blocks of `seq` (finished, aborted or preempted by the target)."""
+        state = self.states.pop(seq.request_id, None)
+        if state is not None:
+            self.blocks.release(state.block_table)
+
+    def computed_tokens(self, seq: EngineSequence) -> int:
+        """Tokens of `seq` its draft KV holds (0 for a sequence not seen)."""
+        state = self.states.get(seq.request_id)
+        return 0 if state is None else state.num_computed
+
+    def check_integrity(self, running: Sequence[EngineSequence]) -> None:
+        """Raise PoolIntegrityError unless the draft pool's references are exactly those of the states kept,
+        and every state belongs to a running sequence."""
+        live = {seq.request_id for seq in running}
+        stale = set(self.states) - live
+        if stale:
+            raise PoolIntegrityError(f"the draft model holds blocks for sequences not running: {sorted(stale)}")
+        refs: dict[int, int] = {}
+        for state in self.states.values():
+            for block_id in state.block_table:
+                refs[block_id] = refs.get(block_id, 0) + 1
+        self.blocks.check_integrity(refs)
+
+    def _settle(self, seq: EngineSequence, state: DraftState) -> None:
+        """Count the drafts the target kept, and register the full blocks the draft KV now holds."""
+        kept, tokens = 0, seq.token_ids
+        after = tokens[state.base:state.base + len(state.fed)]
+        while kept < len(after) and after[kept] == state.fed[kept]:
+            kept += 1
+        if state.fed:
+            state.num_computed = state.base + kept
+        state.fed = ()
+        # the newest token's position is fed again when nothing after it is computed (its logits start the
+        # drafts): it is never in a registered block
+        state.num_computed = min(state.num_computed, len(tokens) - 1)
+        size = self.blocks.block_size
+        for i in range(len(state.block_hashes), state.num_computed // size):
+            parent = state.block_hashes[-1] if state.block_hashes else seq.root_hash
+            block_hash = hash_block(parent, tokens[i * size:(i + 1) * size])
+            state.block_hashes.append(block_hash)
+            self.blocks.register_full_block(state.block_table[i], block_hash, tokens[i * size:(i + 1) * size])
+
+    def _state_for(self, seq: EngineSequence, num_tokens: int) -> DraftState | None:
+        """`seq`'s state with blocks for `num_tokens` positions (a new one starts from the prefix cache);
+        None when the pool cannot hold them."""
+        state = self.states.get(seq.request_id)
+        if state is None:
+            hashes = hash_blocks(seq.token_ids[:len(seq.token_ids) - 1], self.blocks.block_size, seq.root_hash)
+            hits = self.blocks.peek_cached_prefix(hashes, seq.token_ids)
+            if self.blocks.blocks_needed(num_tokens) - len(hits) + self.blocks.num_evictable_among(hits) \
+                    > self.blocks.num_free_blocks:
+                return None
+            self.blocks.take_cached(hits)
+            state = DraftState(hits, hashes[:len(hits)], len(hits) * self.blocks.block_size)
+            self.states[seq.request_id] = state
+        else:
+            self._settle(seq, state)
+        need = self.blocks.blocks_needed(num_tokens) - len(state.block_table)
+        if need > self.blocks.num_free_blocks:  # the draft pool is full: this sequence's draft KV goes
+            self.release(seq)
+            return None
+        if need > 0:
+            state.block_table.extend(self.blocks.allocate(need))
+        return state
+
+    # -- proposing --------------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def propose(self, seqs: Sequence[tuple[EngineSequence, int]], sampler: Sampler,
+                max_catch_up_tokens: int) -> dict[str, Proposal]:
+        """Drafts for each (sequence, k) in `seqs` (sequences not in prefill, k >= 1). A sequence whose draft KV
+        lags by more than `max_catch_up_tokens` (summed over the batch) or that finds no draft blocks only
+        catches up this step. Draws use each request's own generator when seeded, so drafts for seeded requests
+        do not depend on the batch; the sequences' sampling states are as they were on return."""
+        self.last_step_seconds = []
+        work: list[tuple[EngineSequence, int, DraftState]] = []
+        spans: list[tuple[EngineSequence, DraftState, int]] = []  # catch-up: (seq, state, tokens fed)
+        budget = max_catch_up_tokens
+        for seq, k in seqs:
+            state = self._state_for(seq, len(seq.token_ids) + k - 1)
+            if state is None:
+                continue
+            lag = len(seq.token_ids) - state.num_computed
+            feed = min(lag, max(budget, 1))
+            budget -= feed
+            spans.append((seq, state, feed))
+            if feed == lag:
+                work.append((seq, k, state))
+        if not spans:
+            return {}
+        spans.sort(key=lambda s: s[2] != 1)  # single-token spans first (the attention planner's decode batch)
+        token_ids: list[int] = []
+        seq_spans: list[SeqSpan] = []
+        for seq, state, feed in spans:
+            token_ids.extend(seq.token_ids[state.num_computed:state.num_computed + feed])
+            seq_spans.append(SeqSpan(state.block_table, state.num_computed, feed))
+        logits = self._timed_logits(token_ids, seq_spans)
+        for _, state, feed in spans:
+            state.num_computed += feed
+        drafting = {seq.request_id for seq, _, _ in work}
+        first = {seq.request_id: logits[i] for i, (seq, _, _) in enumerate(spans) if seq.request_id in drafting}
+        return self._draft(work, first, sampler)
+
+    def _draft(self, work: list[tuple[EngineSequence, int, DraftState]], first: dict[str, torch.Tensor],
+               sampler: Sampler) -> dict[str, Proposal]:
+        drafts: dict[str, list[int]] = {seq.request_id: [] for seq, _, _ in work}
+        probs: dict[str, list[torch.Tensor]] = {seq.request_id: [] for seq, _, _ in work}
+        states = {seq.request_id: seq.sampling_state for seq, _, _ in work}
+        try:
+            live = work
+            rows = torch.stack([first[seq.request_id] for seq, _, _ in live]) if live else None
+            while live and rows is not None:
+                q = sampler.distributions(rows, [states[seq.request_id] for seq, _, _ in live])
+                for i, (seq, _, _) in enumerate(live):
+                    token = _pick(q[i], seq.sampling_state, sampler)
+                    drafts[seq.request_id].append(token)
+                    probs[seq.request_id].append(q[i])
+                    seq.sampling_state.append(token)  # the next draft is scored as if this one were generated
+                live = [w for w in live if len(drafts[w[0].request_id]) < w[1]]
+                if not live:
+                    break
+                spans = [SeqSpan(state.block_table, len(seq.token_ids) + len(drafts[seq.request_id]) - 1, 1)
+                         for seq, _, state in live]
+                rows = self._timed_logits([drafts[seq.request_id][-1] for seq, _, _ in live], spans)
+        finally:
+            for seq, _, _ in work:
+                seq.sampling_state.retract(drafts[seq.request_id])
+        out: dict[str, Proposal] = {}
+        for seq, _, state in work:
+            tokens = drafts[seq.request_id]
+            state.base, state.fed = len(seq.token_ids), tuple(tokens[:-1])
+            plain = seq.sampling_state.is_plain_greedy
+            out[seq.request_id] = Proposal(tokens, None if plain else torch.stack(probs[seq.request_id]))
+        return out
+
+    def _timed_logits(self, token_ids: list[int], spans: list[SeqSpan]) -> torch.Tensor:
+        started = time.perf_counter()
+        logits = self.runner.logits_at_ends(token_ids, spans)
+        if self.parts.device.type == "cuda":
+            torch.cuda.current_stream(self.parts.device).synchronize()
+        self.last_step_seconds.append((len(token_ids), time.perf_counter() - started))
+        return logits
+
+
+def _pick(q: torch.Tensor, state: SequenceSamplingState, sampler: Sampler) -> int:
+    if state.params.is_greedy:
+        return int(q.argmax())
+    return sampler.draw(q, state)

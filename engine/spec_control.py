@@ -1,0 +1,149 @@
+"""When to speculate with a draft model, and how far: each step picks the k in 0..max_k (0: off) that the
+measured numbers predict to give the most tokens per second.
+
+Model, per step with `n` decoding sequences of which `b` may speculate:
+- off: n tokens in T(n), the target's forward over n rows;
+- k drafts: (n - b) + b * E(k) tokens in k * D(b) + T(n + b * k), where D(r) is a draft forward over r
+  rows and E(k) = (1 - a^(k + 1)) / (1 - a) the expected tokens per sequence at per-draft acceptance a.
+T and D are moving averages of measured forwards by row count (half-octave buckets, interpolated between
+measured ones; beyond the largest, proportional to rows: pessimistic). a is the moving average of
+accepted / proposed drafts.
+
+Exploring: what is not measured yet is measured by running the option that needs it, at once while at most
+`SMALL_BATCH` sequences decode (a speculative step costs little there). Larger batches trust the pessimistic
+estimates, and while speculation is predicted to lose it is tried again after 64, 128, ... 4096 steps off, on
+at most `PROBE_SEQUENCES` sequences: a changed acceptance or load is noticed at a bounded cost (a probe also
+makes those sequences' draft KV catch up with their whole context).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+_EMA = 0.2  # weight of a new measurement
+_FIRST_RETRY, _LAST_RETRY = 64, 4096  # steps off before speculation is tried again (doubling)
+SMALL_BATCH = 8
+PROBE_SEQUENCES = 2
+
+
+class CostTable:
+    """Seconds of a forward by row count: a moving average per half-octave bucket."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[int, float] = {}
+
+    @staticmethod
+    def bucket(rows: int) -> int:
+        return round(2 * math.log2(max(rows, 1)))
+
+    def observe(self, rows: int, seconds: float) -> None:
+        b = self.bucket(rows)
+        old = self.seconds.get(b)
+        self.seconds[b] = seconds if old is None else (1 - _EMA) * old + _EMA * seconds
+
+    def knows(self, rows: int) -> bool:
+        return self.bucket(rows) in self.seconds
+
+    def estimate(self, rows: int) -> float | None:
+        """Seconds for `rows` rows: the bucket's average, else linear between the nearest measured buckets
+        (beyond the largest, proportional to rows); None before any measurement."""
+        b = self.bucket(rows)
+        if b in self.seconds:
+            return self.seconds[b]
+        lower = max((k for k in self.seconds if k < b), default=None)
+        upper = min((k for k in self.seconds if k > b), default=None)
+        if lower is None and upper is None:
+            return None
+        if upper is None:
+            assert lower is not None
+            return self.seconds[lower] * 2 ** ((b - lower) / 2)
+        if lower is None:
+            return self.seconds[upper]  # costs grow with rows: an upper bound
+        t = (b - lower) / (upper - lower)
+        return (1 - t) * self.seconds[lower] + t * self.seconds[upper]
+
+
+def expected_tokens(acceptance: float, k: int) -> float:
+    """Tokens a sequence gains from one verify step of k drafts (the kept drafts plus one)."""
+    if acceptance >= 1.0:
+        return k + 1.0
+    return (1 - acceptance ** (k + 1)) / (1 - acceptance)
+
+
+@dataclass(frozen=True)
+class Decision:
+    k: int  # drafts per sequence this step; 0: no speculation
+    predicted_gain: float  # predicted tokens/s with k over without (1.0 while exploring or off)
+    exploring: bool
+    max_sequences: int | None = None  # speculate on at most this many sequences (a probe); None: every eligible
+
+
+class SpeculationControl:
+    def __init__(self, max_k: int, adaptive: bool) -> None:
+        self.max_k = max_k
+        self.adaptive = adaptive
+        self.target = CostTable()
+        self.draft = CostTable()
+        self.acceptance: float | None = None
+        self.steps_off = 0
+        self.retry_after = _FIRST_RETRY
+        self.last = Decision(max_k, 1.0, True)
+
+    # -- measurements ------------------------------------------------------------------------------------
+    def observe_target(self, rows: int, seconds: float) -> None:
+        """A target forward of only decoding sequences (no prefill chunk): `rows` rows, drafts included."""
+        self.target.observe(rows, seconds)
+
+    def observe_draft(self, rows: int, seconds: float) -> None:
+        self.draft.observe(rows, seconds)
+
+    def observe_acceptance(self, proposed: int, accepted: int) -> None:
+        if proposed:
+            rate = accepted / proposed
+            self.acceptance = rate if self.acceptance is None else (1 - _EMA) * self.acceptance + _EMA * rate
+
+    # -- the decision ------------------------------------------------------------------------------------
+    def decide(self, num_decoding: int, num_eligible: int) -> Decision:
+        self.last = self._decide(num_decoding, num_eligible)
+        if self.last.k == 0:
+            self.steps_off += 1
+        else:
+            self.steps_off = 0
+            if not self.last.exploring:
+                self.retry_after = _FIRST_RETRY
+        return self.last
+
+    def _decide(self, n: int, b: int) -> Decision:
+        if b == 0:
+            return Decision(0, 1.0, False)
+        if not self.adaptive:
+            return Decision(self.max_k, 1.0, False)
+        if not self.target.knows(n):
+            return Decision(0, 1.0, True)
+        unknown = (self.acceptance is None or not self.draft.knows(b)
+                   or not self.target.knows(n + b * self.max_k))
+        if unknown and n <= SMALL_BATCH:
+            return Decision(self.max_k, 1.0, True)
+        best_k, gain = 0, 1.0
+        if self.acceptance is not None and self.draft.seconds:
+            off_rate = n / self._target(n)
+            for k in range(1, self.max_k + 1):
+                seconds = k * self._draft(b) + self._target(n + b * k)
+                rate = ((n - b) + b * expected_tokens(self.acceptance, k)) / seconds
+                if rate / off_rate > gain:
+                    best_k, gain = k, rate / off_rate
+        if best_k == 0 and self.steps_off >= self.retry_after:
+            self.retry_after = min(2 * self.retry_after, _LAST_RETRY)
+            return Decision(self.max_k, 1.0, True, PROBE_SEQUENCES)
+        return Decision(best_k, gain, False)
+
+    def _target(self, rows: int) -> float:
+        seconds = self.target.estimate(rows)
+        assert seconds is not None
+        return seconds
+
+    def _draft(self, rows: int) -> float:
+        seconds = self.draft.estimate(rows)
+        assert seconds is not None
+        return seconds
