@@ -1,6 +1,7 @@
 """Engine throughput, anchored on Hugging Face transformers `generate` run in the same invocation.
 
     python -m bench.throughput [--model PATH] [--batch-sizes 1 8 32 64] [--skip-hf] [--json out.json]
+    python -m bench.throughput --speculative self-int4 [--batch-sizes 1 2 4 8 32 64]   (bench/speculative.py)
 
 Measures (1) decode at several concurrencies: prefill time, decode-phase tokens/s, overall output
 tokens/s; (2) prefill tokens/s on long prompts; (3) the share of a decode step spent outside the model
@@ -57,6 +58,8 @@ class BenchConfig:
     seed: int = 0
     num_threads: int | None = None
     llama_batched_bench: str | None = None  # llama.cpp's llama-batched-bench binary: an extra anchor
+    speculative: str | None = None  # a draft model or self-int4: the speculative comparison instead (bench/speculative)
+    num_draft_tokens: int = 4
     json_path: str | None = None
 
     def __post_init__(self) -> None:
@@ -454,6 +457,9 @@ def parse_args(argv: Sequence[str] | None = None) -> BenchConfig:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--num-threads", type=int, help="torch intra-op threads (default: torch's)")
     p.add_argument("--llama-batched-bench", help="llama.cpp's llama-batched-bench binary: run it as an anchor")
+    p.add_argument("--speculative", metavar="DRAFT", help="instead: decoding with this draft model (a path, or "
+                   "self-int4) against none, greedy and temperature 0.8 (bench/speculative.py)")
+    p.add_argument("--num-draft-tokens", type=int, default=4, help="with --speculative: most drafts per step")
     p.add_argument("--json", dest="json_path", help="write every result to this JSON file")
     a = p.parse_args(argv)
     return BenchConfig(
@@ -463,13 +469,22 @@ def parse_args(argv: Sequence[str] | None = None) -> BenchConfig:
         profile_batch=a.profile_batch or None, skip_hf=a.skip_hf, quantization=a.quantization,
         deterministic=a.deterministic,
         agreement_tokens=a.agreement_tokens, seed=a.seed, num_threads=a.num_threads,
-        llama_batched_bench=a.llama_batched_bench, json_path=a.json_path)
+        llama_batched_bench=a.llama_batched_bench, speculative=a.speculative,
+        num_draft_tokens=a.num_draft_tokens, json_path=a.json_path)
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     cfg = parse_args(argv)
-    results = run(cfg)
-    print(format_report(results), flush=True)
+    if cfg.speculative is not None:
+        from bench.speculative import format_speculative, run_speculative
+        results = {"machine": machine_info(), "config": asdict(cfg),
+                   "speculative": run_speculative(cfg.model, cfg.speculative, cfg.batch_sizes, cfg.max_tokens,
+                                                  cfg.num_draft_tokens, cfg.seed, cfg.num_threads)}
+        results["machine"]["torch_threads"] = torch.get_num_threads()
+        print(format_speculative(results["speculative"]), flush=True)
+    else:
+        results = run(cfg)
+        print(format_report(results), flush=True)
     if cfg.json_path:
         with open(cfg.json_path, "w") as f:
             json.dump(results, f, indent=2)

@@ -43,6 +43,10 @@ class StepInputs:
     # async scheduling: rows of input_ids whose token the step in flight samples, as (row, item); the token
     # is item.seq.token_ids[item.start + known - 1] once committed (`fill_awaited` puts it in)
     awaited: tuple[tuple[int, ScheduledSequence], ...] = ()
+    # a speculative verify step: every item feeds its newest token and its drafts only (no prompt chunk), and some
+    # have drafts; the step program may take its rows at once. Other steps of several rows stay eager, whose
+    # oneDNN product computes a row alike whatever the row count (async scheduling's exactness rests on it)
+    verifying: bool = False
 
 
 @dataclass(frozen=True)
@@ -86,7 +90,7 @@ class ModelRunner:
         self.layer_observer: Callable[[int], None] | None = None  # set for one step by a KV push hook
         if self.use_flash and cuda_graph_max_batch:
             self.graphs = CudaGraphDecoder(model, pool, cuda_graph_max_batch, max_model_len)
-        # one-token steps as one C call where every kernel of the model has one (engine/step_program.py)
+        # decode steps of a few tokens as one C call where every kernel of the model has one (engine/step_program.py)
         self.program = (StepProgram.build(model, pool, self.shape, pool.compute_dtype)
                         if step_program and self.use_cpu_kernel else None)
 
@@ -142,9 +146,12 @@ class ModelRunner:
         positions = [p for s in spans for p in range(s.start, s.context_len)]
         meta = attention_metadata(spans, self.block_size, self.device, self.pool.compute_dtype, self.use_cpu_kernel,
                                   self.dense_min_queries)
+        items = out.scheduled
+        verifying = (any(item.draft_token_ids for item in items)
+                     and all(item.samples and item.num_tokens == 1 + len(item.draft_token_ids) for item in items))
         return StepInputs(self._tensor(ids), self._tensor(positions), meta, tuple(sample_rows),
                           self._tensor(logits_rows), tuple(prompt_rows),
-                          self._tensor(prompt_indices) if prompt_indices else None, tuple(awaited))
+                          self._tensor(prompt_indices) if prompt_indices else None, tuple(awaited), verifying)
 
     def fill_awaited(self, inputs: StepInputs) -> StepInputs:
         """`inputs` prepared while the step before ran (async scheduling), completed once that step is committed:
@@ -169,7 +176,8 @@ class ModelRunner:
         states and moves their seeded generators and grammar matchers, which nothing else touches meanwhile)."""
         if inputs.awaited:
             raise ValueError("the step's inputs still await tokens: fill_awaited first")
-        hidden = self._forward(inputs.input_ids, inputs.positions, inputs.attention, self.layer_observer)
+        hidden = self._forward(inputs.input_ids, inputs.positions, inputs.attention, self.layer_observer,
+                               inputs.verifying)
         results: dict[str, SequenceResult] = {}
         if inputs.sample_rows:
             logits = self.model.sampling_logits(hidden.index_select(0, inputs.logits_indices))
@@ -179,10 +187,12 @@ class ModelRunner:
         return results
 
     def _forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
-                 observer: Callable[[int], None] | None) -> torch.Tensor:
+                 observer: Callable[[int], None] | None, several_rows: bool) -> torch.Tensor:
+        """The model's hidden states; `several_rows`: the step program may run a step of more than one token."""
         if observer is None and self.graphs is not None and self.graphs.can_run(meta):
             return self.graphs.run(input_ids, positions, meta)
-        if observer is None and self.program is not None and self.program.can_run(meta):
+        if (observer is None and self.program is not None and self.program.can_run(meta)
+                and (several_rows or input_ids.shape[0] == 1)):
             return self.program.run(input_ids, positions, meta)
         attn = self._attention(meta)
         if observer is not None:
@@ -196,7 +206,7 @@ class ModelRunner:
         positions = [p for s in spans for p in range(s.start, s.context_len)]
         meta = attention_metadata(spans, self.block_size, self.device, self.pool.compute_dtype, self.use_cpu_kernel,
                                   self.dense_min_queries)
-        hidden = self._forward(self._tensor(token_ids), self._tensor(positions), meta, None)
+        hidden = self._forward(self._tensor(token_ids), self._tensor(positions), meta, None, True)
         ends, end = [], -1
         for span in spans:
             end += span.num_tokens

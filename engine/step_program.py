@@ -1,5 +1,10 @@
-"""A one-token step of a Llama-family decoder as one C call (engine/kernels/step_program.c): the
-CPU's counterpart of the CUDA graphs in engine/cuda_graphs.py.
+"""A step of a few tokens of a Llama-family decoder as one C call (engine/kernels/step_program.c): the
+CPU's counterpart of the CUDA graphs in engine/cuda_graphs.py. One token in any dtype; in fp32 up to
+`MAX_ROWS` where the runner allows it (a speculative verify, a draft model's steps), each row through
+gemv.c's few-row kernel, which computes every row exactly as the one-row kernel does (the eager path's
+oneDNN product for several rows rounds otherwise: a multi-row program step is not bit-equal to an eager
+one, but to one-row steps). bf16 keeps one row (its few-row kernel is unmeasured against oneDNN on the
+AMX machines that run bf16).
 
 At batch 1 the eager forward makes ~10 calls per layer (norms, linears, RoPE, attention, SiLU·mul)
 through nn.Module, torch and ctypes; with the weights streaming through the caches each call
@@ -36,6 +41,7 @@ from engine.models.llama import MLP, Attention, DecoderLayer, LlamaForCausalLM
 from engine.quant_layers import Int4Linear, Int8Linear
 
 logger = logging.getLogger(__name__)
+MAX_ROWS = {torch.float32: 8, torch.bfloat16: 1}  # rows a program step takes, by activation dtype
 
 OP_RMS_NORM, OP_ROPE, OP_ATTENTION, OP_SILU_MUL, OP_GEMV, OP_INT4, OP_INT8 = range(7)
 _P = ctypes.c_void_p
@@ -43,7 +49,7 @@ _P = ctypes.c_void_p
 
 class _Model(ctypes.Structure):
     _fields_ = [("rms_norm", _P), ("silu_mul", _P), ("rope", _P), ("attention", _P), ("int4_linear", _P),
-                ("int8_linear", _P), ("gemv", _P), ("dt", ctypes.c_int32), ("kv_dt", ctypes.c_int32),
+                ("int8_linear", _P), ("gemv", _P), ("gemm_few", _P), ("dt", ctypes.c_int32), ("kv_dt", ctypes.c_int32),
                 ("heads", ctypes.c_int32), ("kv_heads", ctypes.c_int32), ("head_dim", ctypes.c_int32),
                 ("block_size", ctypes.c_int32), ("qkv_stride", ctypes.c_int64), ("scale", ctypes.c_float),
                 ("softcap", ctypes.c_float), ("cos", _P), ("sin", _P)]
@@ -52,7 +58,7 @@ class _Model(ctypes.Structure):
 class _StepContext(ctypes.Structure):
     _fields_ = [("positions", _P), ("slots", _P), ("tables", _P), ("item_pos0", _P), ("item_seq", _P),
                 ("item_token", _P), ("item_count", _P), ("table_width", ctypes.c_int32),
-                ("num_items", ctypes.c_int32), ("num_threads", ctypes.c_int32), ("unused", ctypes.c_int32)]
+                ("num_items", ctypes.c_int32), ("num_threads", ctypes.c_int32), ("rows", ctypes.c_int32)]
 
 
 class _Op(ctypes.Structure):
@@ -89,7 +95,7 @@ def _address(lib: ctypes.CDLL | None, name: str) -> int:
 
 @dataclass
 class _Buffers:
-    """The activations of one token, reused every step (the program holds their addresses)."""
+    """The activations of up to max_rows tokens, reused every step (the program holds their addresses)."""
 
     residual: torch.Tensor
     x: torch.Tensor  # a layer's output (o_proj, then down_proj)
@@ -117,8 +123,10 @@ class StepProgram:
         assert isinstance(attn0, Attention) and isinstance(mlp0, MLP)
         q_size, kv_size = attn0.q_size, attn0.kv_size
 
+        self.max_rows = MAX_ROWS.get(dtype, 1)
+
         def buffer(width: int) -> torch.Tensor:
-            return torch.zeros(1, width, dtype=dtype)
+            return torch.zeros(self.max_rows, width, dtype=dtype)
 
         self.buffers = _Buffers(buffer(hidden), buffer(hidden), buffer(hidden), buffer(q_size + 2 * kv_size),
                                 buffer(q_size), buffer(2 * mlp0.intermediate), buffer(mlp0.intermediate))
@@ -132,7 +140,8 @@ class StepProgram:
             _address(fused_ops_kernel(), "rms_norm"), _address(fused_ops_kernel(), "silu_mul"),
             _address(fused_ops_kernel(), "rope"), _address(attention_kernel(), "paged_attention"),
             _address(quant_matmul_kernel(), "int4_linear"), _address(quant_matmul_kernel(), "int8_linear"),
-            _address(gemv, "f32_gemv" if dtype == torch.float32 else "bf16_gemv"), DTYPE_CODES[dtype],
+            _address(gemv, "f32_gemv" if dtype == torch.float32 else "bf16_gemv"),
+            _address(gemv, "f32_gemm_few" if dtype == torch.float32 else "bf16_gemm_few"), DTYPE_CODES[dtype],
             DTYPE_CODES[pool.tensor.dtype],
             shape.num_heads, shape.num_kv_heads, shape.head_dim, pool.spec.block_size, q_size + 2 * kv_size,
             shape.scale, shape.softcap, cos.data_ptr(), sin.data_ptr())
@@ -209,24 +218,25 @@ class StepProgram:
             self._linear(mlp.down_proj, b.act, b.x),
         ]
 
-    @staticmethod
-    def can_run(meta: AttentionMetadata) -> bool:
-        """One token, planned for the CPU attention kernel, with nothing for torch's flash path."""
+    def can_run(self, meta: AttentionMetadata) -> bool:
+        """Up to max_rows tokens, planned for the CPU attention kernel, with nothing for torch's flash path."""
         plan = meta.cpu
-        return plan is not None and meta.slot_mapping.shape[0] == 1 and not plan.dense
+        return plan is not None and 1 <= meta.slot_mapping.shape[0] <= self.max_rows and not plan.dense
 
     def run(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
-        """The final norm's output `[1, hidden]` (a fresh tensor), as `model(...)` returns it."""
+        """The final norm's output `[rows, hidden]` (a fresh tensor), as `model(...)` returns it."""
         plan = meta.cpu
         assert plan is not None and positions.dtype == torch.int64 and meta.slot_mapping.dtype == torch.int64
-        self.buffers.residual.copy_(self.model.embed(input_ids))
+        rows = input_ids.shape[0]
+        self.buffers.residual[:rows].copy_(self.model.embed(input_ids))
         c = self._context
         c.positions, c.slots, c.tables = positions.data_ptr(), meta.slot_mapping.data_ptr(), plan.tables.data_ptr()
         c.item_pos0, c.item_seq = plan.item_pos0.data_ptr(), plan.item_seq.data_ptr()
         c.item_token, c.item_count = plan.item_token.data_ptr(), plan.item_count.data_ptr()
         c.table_width, c.num_items, c.num_threads = plan.tables.shape[1], plan.item_seq.numel(), torch.get_num_threads()
+        c.rows = rows
         failed = self._run(ctypes.byref(self._model), ctypes.byref(c), self._ops, len(self._ops))
         if failed:
             raise RuntimeError(f"step program: kernel call {failed - 1} of {len(self._ops)} refused its input "
                                "or found no memory")
-        return self.buffers.normed.clone()
+        return self.buffers.normed[:rows].clone()

@@ -124,9 +124,11 @@ def quant_matmul_kernel() -> ctypes.CDLL | None:
 
 @functools.cache
 def gemv_kernel() -> ctypes.CDLL | None:
-    """One fp32 or bf16 row times a row-major weight of its dtype (gemv.c), or None (callers use torch)."""
+    """One fp32 or bf16 row (or a few) times a row-major weight of its dtype (gemv.c), or None (callers use torch)."""
     return _load_bound("gemv.c", {"f32_gemv": (None, _P, _P, _P, _P, _I32, _I32, _I32),
-                                  "bf16_gemv": (None, _P, _P, _P, _P, _I32, _I32, _I32)})
+                                  "bf16_gemv": (None, _P, _P, _P, _P, _I32, _I32, _I32),
+                                  "f32_gemm_few": (None, _P, _P, _P, _P, _I32, _I32, _I32, _I32),
+                                  "bf16_gemm_few": (None, _P, _P, _P, _P, _I32, _I32, _I32, _I32)})
 
 
 @functools.cache

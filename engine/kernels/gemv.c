@@ -1,5 +1,8 @@
 // y = W x (+ bias) for one row x [K] and a row-major weight W [N, K], fp32 or bf16: the batch-1
 // decode product, where the whole weight streams from memory once per token and nothing is reused.
+// The few-row variant (the step program's small batches: a few decodes, a speculative verify) runs two
+// x rows per pass over each 4-row block of W, the block staying in L1/L2 between passes, so W still
+// streams from memory once; each row's y is computed exactly as the one-row kernel computes it.
 // Four output rows at a time share each load of x and keep four read streams open per thread;
 // threads split the output rows. Each y[n] is one row's dot product in a fixed order (vector lanes,
 // then a fixed tree, then the tail, then the bias), whatever N, the thread count or the other rows.
@@ -83,3 +86,46 @@ static inline uint16_t bf16_result(float v) { return f32_to_bf16(v); }
 
 DEFINE_GEMV(f32_gemv, float, f32, F32_LANES)
 DEFINE_GEMV(bf16_gemv, uint16_t, bf16, BF16_LANES)
+
+// NAME(x [M, K], w, bias, y [M, N], m, n, k, num_threads): DEFINE_GEMV's product for each of the m rows, two
+// x rows per pass (each W vector loaded once for both); an odd last row is paired with itself and its
+// duplicate discarded. Each W block's next-block prefetches are spread over the passes.
+#define DEFINE_GEMM_FEW(NAME, T, P, LANES)                                                                    \
+    void NAME(const T *x, const T *w, const T *bias, T *y, int m, int n, int k, int num_threads) {           \
+        const int body = k - k % LANES, line = 64 / (int)sizeof(T), passes = (m + 1) / 2;                   \
+        const int threads = (int64_t)n * k >= PARALLEL_MIN_WORK ? num_threads : 1;                          \
+        _Pragma("omp parallel for num_threads(threads) schedule(static)")                                    \
+        for (int r0 = 0; r0 < n; r0 += 4) {                                                                  \
+            const int rows = n - r0 < 4 ? n - r0 : 4;                                                        \
+            const T *wr[4];                                                                                  \
+            for (int r = 0; r < 4; r++) wr[r] = w + (int64_t)(r < rows ? r0 + r : r0) * k;                   \
+            for (int pass = 0; pass < passes; pass++) {                                                      \
+                const int i0 = 2 * pass, pair = m - i0 < 2 ? 1 : 2;                                          \
+                const T *xs[2] = {x + (int64_t)i0 * k, x + (int64_t)(i0 + pair - 1) * k};                    \
+                P##_acc acc[4][2];                                                                           \
+                for (int r = 0; r < 4; r++) acc[r][0] = acc[r][1] = P##_acc_zero();                          \
+                for (int j = 0; j < body; j += LANES) {                                                      \
+                    if (j % line == 0 && (j / line) % passes == pass) {                                      \
+                        _Pragma("GCC unroll 4") for (int r = 0; r < 4; r++)                                  \
+                            prefetch_ahead(wr[r] + (int64_t)PREFETCH_ROWS * k + j);                          \
+                    }                                                                                        \
+                    _Pragma("GCC unroll 4") for (int r = 0; r < 4; r++) {                                    \
+                        acc[r][0] = P##_step(acc[r][0], wr[r] + j, xs[0] + j);                               \
+                        acc[r][1] = P##_step(acc[r][1], wr[r] + j, xs[1] + j);                               \
+                    }                                                                                        \
+                }                                                                                            \
+                for (int q = 0; q < pair; q++) {                                                             \
+                    for (int r = 0; r < rows; r++) {                                                         \
+                        float s = P##_acc_sum(acc[r][q]), tail = 0.f;                                        \
+                        for (int j = body; j < k; j++) tail += P##_value(wr[r][j]) * P##_value(xs[q][j]);    \
+                        s += tail;                                                                           \
+                        T *out = y + (int64_t)(i0 + q) * n + r0 + r;                                         \
+                        *out = P##_result(bias != NULL ? s + P##_value(bias[r0 + r]) : s);                   \
+                    }                                                                                        \
+                }                                                                                            \
+            }                                                                                                \
+        }                                                                                                    \
+    }
+
+DEFINE_GEMM_FEW(f32_gemm_few, float, f32, F32_LANES)
+DEFINE_GEMM_FEW(bf16_gemm_few, uint16_t, bf16, BF16_LANES)

@@ -1,10 +1,12 @@
-// A decoder's one-token step as a list of kernel calls run from C: the CPU's counterpart of a CUDA
-// graph. Python builds the list once (engine/step_program.py); each step it fills a StepContext and
+// A decoder's step of a few tokens (one decode, a few decodes, a speculative verify) as a list of kernel
+// calls run from C: the CPU's counterpart of a CUDA graph. Python builds the list once (engine/step_program.py); each step it fills a StepContext and
 // makes one call here instead of ~10 calls per layer through torch and ctypes, whose overhead
 // (~10-30 us a call once the weights streaming through have evicted the interpreter's own data)
 // was a fifth of a batch-1 step. The kernels are the very functions the eager path calls, reached
 // through pointers taken from their own libraries, on the same buffers in the same order: the
-// results are bit for bit those of the eager path.
+// results are bit for bit those of the eager path for one token; with more, every row is computed as
+// it would be alone (linears through gemm_few, gemv's per-row twin), where the eager path's oneDNN
+// product rounds otherwise.
 #include <stdint.h>
 
 typedef void (*rms_norm_fn)(const void *x, void *residual, const void *weight, void *out, int64_t rows, int n,
@@ -22,6 +24,8 @@ typedef int (*int4_fn)(const void *x, const void *packed, const float *scale, co
 typedef int (*int8_fn)(const void *x, const void *q, const float *scale, void *y, int64_t rows, int n, int k, int dt,
                        int num_threads);
 typedef void (*gemv_fn)(const void *x, const void *w, const void *bias, void *y, int n, int k, int num_threads);
+typedef void (*gemm_few_fn)(const void *x, const void *w, const void *bias, void *y, int m, int n, int k,
+                            int num_threads);
 
 // The kernels, from their libraries (engine/kernels/__init__.py), and what every step shares.
 typedef struct {
@@ -32,6 +36,7 @@ typedef struct {
     int4_fn int4_linear;
     int8_fn int8_linear;
     gemv_fn gemv;  // of the activations' dtype (f32_gemv or bf16_gemv)
+    gemm_few_fn gemm_few;  // its few-row twin
     int32_t dt, kv_dt;  // DT_F32 / DT_BF16 of the activations and of the KV cache
     int32_t heads, kv_heads, head_dim, block_size;
     int64_t qkv_stride;  // elements per row of the q|k|v buffer
@@ -39,11 +44,11 @@ typedef struct {
     const float *cos, *sin;  // RoPE tables, fp32 [max_positions, head_dim / 2]
 } Model;
 
-// What changes from step to step: the token's position and the attention plan (CpuAttentionPlan).
+// What changes from step to step: the tokens' count and positions and the attention plan (CpuAttentionPlan).
 typedef struct {
     const int64_t *positions, *slots, *tables, *item_pos0;
     const int32_t *item_seq, *item_token, *item_count;
-    int32_t table_width, num_items, num_threads, unused;
+    int32_t table_width, num_items, num_threads, rows;
 } StepContext;
 
 enum OpKind { OP_RMS_NORM = 0, OP_ROPE = 1, OP_ATTENTION = 2, OP_SILU_MUL = 3, OP_GEMV = 4, OP_INT4 = 5, OP_INT8 = 6 };
@@ -62,35 +67,38 @@ typedef struct {
     float eps, unused2;
 } Op;
 
-// Runs ops[0 .. count) for one token; 0, or the 1-based index of the op that failed (a kernel that
+// Runs ops[0 .. count) for s->rows tokens (activation buffers hold that many rows); 0, or the 1-based index of the op that failed (a kernel that
 // refused its input or found no memory), after which the outputs are undefined.
 int run_step(const Model *m, const StepContext *s, const Op *ops, int count) {
-    const int threads = s->num_threads;
+    const int threads = s->num_threads, rows = s->rows;
     for (int i = 0; i < count; i++) {
         const Op *op = &ops[i];
         int status = 0;
         switch (op->kind) {
             case OP_RMS_NORM:
-                m->rms_norm(op->in, op->aux, op->w[0], op->out, 1, (int)op->n, op->eps, m->dt, threads);
+                m->rms_norm(op->in, op->aux, op->w[0], op->out, rows, (int)op->n, op->eps, m->dt, threads);
                 break;
             case OP_ROPE:
-                m->rope(op->out, 1, m->qkv_stride, m->heads, m->kv_heads, m->head_dim, s->positions, m->cos, m->sin,
+                m->rope(op->out, rows, m->qkv_stride, m->heads, m->kv_heads, m->head_dim, s->positions, m->cos, m->sin,
                         m->dt, threads);
                 break;
             case OP_ATTENTION:
-                status = m->attention(op->in, m->qkv_stride, m->dt, 1, s->slots, op->aux, m->kv_dt, s->tables,
+                status = m->attention(op->in, m->qkv_stride, m->dt, rows, s->slots, op->aux, m->kv_dt, s->tables,
                                       s->table_width, s->item_seq, s->item_token, s->item_count, s->item_pos0,
                                       s->num_items, op->out, m->heads, m->kv_heads, m->head_dim, m->block_size,
                                       m->scale, (int)op->window, m->softcap, threads);
                 break;
-            case OP_SILU_MUL: m->silu_mul(op->in, op->out, 1, (int)op->n, m->dt, threads); break;
-            case OP_GEMV: m->gemv(op->in, op->w[0], op->w[1], op->out, (int)op->n, (int)op->k, threads); break;
+            case OP_SILU_MUL: m->silu_mul(op->in, op->out, rows, (int)op->n, m->dt, threads); break;
+            case OP_GEMV:
+                if (rows == 1) m->gemv(op->in, op->w[0], op->w[1], op->out, (int)op->n, (int)op->k, threads);
+                else m->gemm_few(op->in, op->w[0], op->w[1], op->out, rows, (int)op->n, (int)op->k, threads);
+                break;
             case OP_INT4:
-                status = m->int4_linear(op->in, op->w[0], op->w[1], op->w[2], op->out, 1, (int)op->n, (int)op->k, m->dt,
+                status = m->int4_linear(op->in, op->w[0], op->w[1], op->w[2], op->out, rows, (int)op->n, (int)op->k, m->dt,
                                         threads);
                 break;
             case OP_INT8:
-                status = m->int8_linear(op->in, op->w[0], op->w[1], op->out, 1, (int)op->n, (int)op->k, m->dt,
+                status = m->int8_linear(op->in, op->w[0], op->w[1], op->out, rows, (int)op->n, (int)op->k, m->dt,
                                         threads);
                 break;
             default: status = -1;
