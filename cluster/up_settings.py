@@ -51,6 +51,11 @@ class UpSettings(SecuritySettings):
         "stay exact in bf16 too (CPU only)"))
     async_scheduling: bool = field(default=False, metadata=described(
         "workers schedule the next step while the current one runs"))
+    speculative_model: str | None = field(default=None, metadata=described(
+        "decode (and aggregated) workers speculate with this draft model, or self-int4 (see worker); none: off"))
+    num_speculative_tokens: int = field(default=4, metadata=described("most draft tokens per step (see worker)"))
+    speculative_adaptive: bool = field(default=True, metadata=described(
+        "speculate only as far as predicted to pay (see worker)"))
     simulate: str | None = field(default=None, metadata=described(
         "simulation profile (JSON): every worker runs a simulated engine with its step times (engine.simulated)"))
     prefill_timeout_s: float = field(default=30.0, metadata=described("deadline of one remote prefill"))
@@ -127,6 +132,10 @@ class UpSettings(SecuritySettings):
                 args += [flag, str(value)]
         if self.kv_store and role != "both":
             args += ["--use-kv-store", "true"]
+        if self.speculative_model is not None and role != "prefill":  # a prefill worker decodes nothing
+            args += ["--speculative-model", self.speculative_model,
+                     "--num-speculative-tokens", str(self.num_speculative_tokens),
+                     "--speculative-adaptive", str(self.speculative_adaptive)]
         return args + self.security_args()
 
     def kv_store_args(self, etcd: str) -> list[str]:

@@ -20,7 +20,7 @@ from engine.kv_offload import KVOffloadTier
 from engine.loader.engine_parts import LoadedEngineParts, build_engine_parts
 from engine.model_runner import ModelRunner, SequenceResult
 from engine.ngram import propose_ngram_drafts
-from engine.outputs import EngineStats, RequestOutput, SpecStats
+from engine.outputs import SPEC_DECISIONS, EngineStats, RequestOutput, SpecStats
 from engine.prefill_cost import PrefillCost
 from engine.remote_kv import RemoteKV
 from engine.request import EngineRequest, RequestValidator
@@ -73,7 +73,7 @@ class LLMEngine:
         self.pipeline = StepPipeline(self) if self.config.async_scheduling else None
         self.draft: DraftModel | None = None
         self.spec_control: SpeculationControl | None = None
-        self.spec_steps = {"on": 0, "probe": 0, "off": 0}
+        self.spec_steps = dict.fromkeys(SPEC_DECISIONS, 0)
         self.last_forward_seconds = 0.0
         spec = self.config.speculative
         if spec is not None and spec.method == "draft":

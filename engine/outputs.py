@@ -63,6 +63,9 @@ class OffloadStats:
     writes_finished_on_reuse: int  # copies the engine thread finished itself because the pool reused the block
 
 
+SPEC_DECISIONS = ("on", "probe", "off")  # a speculation controller's decisions (engine.spec_control)
+
+
 @dataclass(frozen=True)
 class SpecStats:
     """Speculative decoding with a draft model (engine.spec_control): its decisions and drafts so far."""

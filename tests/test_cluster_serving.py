@@ -19,7 +19,10 @@ CONFIGS = {"1P+1D": ("--prefill", "1", "--decode", "1"), "2P+1D": ("--prefill", 
            "1P+1D async": ("--prefill", "1", "--decode", "1", "--async-scheduling", "true"),
            # pools of 48 blocks, too small for the workload, and a second KV tier in each worker: the second pass
            # (OpenAI) finds the first pass's prompts in a tier and loads them (the prefill worker pushes them on)
-           "1P+1D offload": ("--prefill", "1", "--decode", "1", "--num-kv-blocks", "48", "--kv-offload-gib", "0.002")}
+           "1P+1D offload": ("--prefill", "1", "--decode", "1", "--num-kv-blocks", "48", "--kv-offload-gib", "0.002"),
+           # every decode step drafts (not left to the adaptive switch): greedy output must not change
+           "1P+1D speculative": ("--prefill", "1", "--decode", "1", "--speculative-model", "self-int4",
+                                 "--speculative-adaptive", "false")}
 
 
 @pytest.fixture(scope="module")
@@ -53,6 +56,9 @@ async def test_cluster_equals_engine_alone(config: str, tiny_llama_dir, jobs, ex
             assert metric(worker_metrics(decode), "tandem_disaggregation_decisions_total", decision="remote") > 0
         for prefill in cluster.role("prefill"):
             assert metric(worker_metrics(prefill), "tandem_prefill_tokens_total", kind="computed") > 0
+        if "--speculative-model" in CONFIGS[config]:
+            decode = worker_metrics(cluster.role("decode")[0])
+            assert metric(decode, "tandem_spec_draft_tokens_total", result="accepted") > 0
         if "--kv-offload-gib" in CONFIGS[config]:  # the tiers served (whichever worker prefilled: timing decides)
             assert sum(metric(worker_metrics(w), "tandem_kv_offload_blocks_total", op="load")
                        for w in cluster.workers) > 0

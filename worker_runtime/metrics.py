@@ -10,7 +10,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from engine.async_engine import AsyncEngine
-from engine.outputs import EngineStats
+from engine.outputs import SPEC_DECISIONS, EngineStats
 
 PREFILL_TOKENS = Counter("tandem_prefill_tokens", "Prompt tokens prefilled here, by whether the prefix cache "
                          "served them (cached) or they were computed", ["worker", "kind"])
@@ -71,6 +71,34 @@ class EngineCollector(Collector):
             preemptions.add_metric([worker_id], stats.preemptions_total)
         yield preemptions
         yield from _prefix_cache_families(engines)
+        yield from _speculation_families(engines)
+
+
+def _speculation_families(engines: list[tuple[str, EngineStats]]) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
+    """Draft-model speculation (engine.spec_control): drafts, decisions, acceptance, the chosen length."""
+    drafts = CounterMetricFamily("tandem_spec_draft_tokens", "Draft tokens the draft model proposed, and of those "
+                                 "the target accepted", labels=["worker", "result"])
+    steps = CounterMetricFamily("tandem_spec_steps", "Steps with sequences that could speculate, by decision: on "
+                                "(predicted to raise tokens/s), probe (measuring what is not known yet), off",
+                                labels=["worker", "decision"])
+    acceptance = GaugeMetricFamily("tandem_spec_acceptance_ratio", "Moving average of accepted / proposed drafts",
+                                   labels=["worker"])
+    length = GaugeMetricFamily("tandem_spec_draft_length", "Drafts per sequence in the last step (0: off)",
+                               labels=["worker"])
+    gain = GaugeMetricFamily("tandem_spec_predicted_gain", "Tokens/s the last decision predicted over not "
+                             "speculating (1: off or measuring)", labels=["worker"])
+    for worker_id, stats in engines:
+        spec = stats.spec
+        if spec is None:
+            continue
+        drafts.add_metric([worker_id, "proposed"], spec.draft_tokens_proposed)
+        drafts.add_metric([worker_id, "accepted"], spec.draft_tokens_accepted)
+        for decision in SPEC_DECISIONS:
+            steps.add_metric([worker_id, decision], spec.steps.get(decision, 0))
+        acceptance.add_metric([worker_id], spec.acceptance)
+        length.add_metric([worker_id], spec.draft_length)
+        gain.add_metric([worker_id], spec.predicted_gain)
+    yield from (drafts, steps, acceptance, length, gain)
 
 
 def _prefix_cache_families(engines: list[tuple[str, EngineStats]]) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:

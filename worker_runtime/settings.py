@@ -9,7 +9,7 @@ from typing import Literal
 from common.security import SecuritySettings
 from common.settings import described
 from common.worker_record import ROLES, WorkerRole
-from engine.config import ComputeDtype, EngineConfig
+from engine.config import ComputeDtype, EngineConfig, SpeculativeConfig
 
 
 @dataclass(frozen=True)
@@ -38,6 +38,14 @@ class WorkerSettings(SecuritySettings):
         "which freed blocks go to the KV store: all, or only those of prompts this worker saw more than once"))
     kv_store_timeout_s: float = field(default=1.0, metadata=described(
         "the most a KV store read delays a prompt (then its blocks are computed), and a put's deadline"))
+    speculative_model: str | None = field(default=None, metadata=described(
+        "speculative decoding with this draft model: a smaller HF folder or .gguf sharing the model's tokenizer, "
+        "or self-int4 (the model's own weights in int4); each step drafts only as far as measured acceptance and "
+        "step costs predict a gain (decode and aggregated workers; not with --async-scheduling); none: off"))
+    num_speculative_tokens: int = field(default=4, metadata=described(
+        "with --speculative-model: most draft tokens per sequence and step"))
+    speculative_adaptive: bool = field(default=True, metadata=described(
+        "with --speculative-model: speculate only as far as predicted to pay (false: every step, all the drafts)"))
     max_num_seqs: int = field(default=64, metadata=described("most sequences in one batch"))
     max_model_len: int | None = field(default=None, metadata=described("context length cap"))
     num_threads: int | None = field(default=None, metadata=described("torch threads on CPU; default: torch's"))
@@ -78,6 +86,12 @@ class WorkerSettings(SecuritySettings):
                              "role (a transfer engine) and a real model")
         if self.kv_store_put not in ("all", "repeated") or not self.kv_store_timeout_s > 0:
             raise ValueError("kv_store_put must be all or repeated, and kv_store_timeout_s > 0")
+        if self.speculative_model is not None and (self.role == "prefill" or self.simulate is not None
+                                                   or self.async_scheduling):
+            raise ValueError("speculative_model is for decode and aggregated workers running a real model without "
+                             "async scheduling")
+        if self.num_speculative_tokens < 1:
+            raise ValueError(f"num_speculative_tokens must be >= 1, got {self.num_speculative_tokens}")
         if self.replicas < 1 or (self.replicas > 1 and (self.simulate is None or self.grpc_port or self.metrics_port)):
             raise ValueError("replicas must be >= 1; more than one needs --simulate and ports 0 (each picks its own)")
 
@@ -99,4 +113,7 @@ class WorkerSettings(SecuritySettings):
                             max_num_seqs=self.max_num_seqs, max_model_len=self.max_model_len,
                             num_threads=self.num_threads, record_kv_events=True, deterministic=self.deterministic,
                             async_scheduling=self.async_scheduling, simulate=self.simulate,
-                            kv_offload_bytes=int(self.kv_offload_gib * (1 << 30)), kv_offload_dir=self.kv_offload_dir)
+                            kv_offload_bytes=int(self.kv_offload_gib * (1 << 30)), kv_offload_dir=self.kv_offload_dir,
+                            speculative=None if self.speculative_model is None else SpeculativeConfig(
+                                num_draft_tokens=self.num_speculative_tokens, method="draft",
+                                draft_model=self.speculative_model, adaptive=self.speculative_adaptive))

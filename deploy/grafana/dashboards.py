@@ -240,6 +240,19 @@ def pools_dashboard() -> dict:
         PanelSpec("Generated tokens per worker", "Tokens each decode (or aggregated) worker generated, per second.",
                   "short", [Query(f"sum by (worker) (rate(tandem_generation_tokens_total{{{NS}}}[{RATE}]))",
                                   "{{worker}}")]),
+        PanelSpec("Speculative decoding: drafts", "Workers with a draft model (--speculative-model): draft tokens "
+                  "proposed and accepted per second, the moving acceptance ratio and the drafts per sequence of "
+                  "the last step (0: off).", "short",
+                  [Query(f"sum by (worker, result) (rate(tandem_spec_draft_tokens_total{{{NS}}}[{RATE}]))",
+                         "{{result}} {{worker}}"),
+                   Query(f"max by (worker) (tandem_spec_acceptance_ratio{{{NS}}})", "acceptance {{worker}}"),
+                   Query(f"max by (worker) (tandem_spec_draft_length{{{NS}}})", "drafts/step {{worker}}")], width=6),
+        PanelSpec("Speculative decoding: decisions", "Steps per second by the controller's decision (on: "
+                  "predicted to raise tokens/s; probe: measuring; off) and the gain it last predicted; off at high "
+                  "concurrency is intended.", "short",
+                  [Query(f"sum by (decision) (rate(tandem_spec_steps_total{{{NS}}}[{RATE}]))", "{{decision}}"),
+                   Query(f"max by (worker) (tandem_spec_predicted_gain{{{NS}}})", "predicted gain {{worker}}")],
+                  width=6),
     ]
     routing = [
         PanelSpec("Prefix cache hit rate", "Share of prefilled prompt tokens the worker's prefix cache served.",
