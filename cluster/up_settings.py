@@ -111,6 +111,10 @@ class UpSettings(SecuritySettings):
             raise ValueError("the planner scales the prefill and decode pools: no aggregated workers with it")
         if self.ray_placement not in PLACEMENT_MODES:
             raise ValueError(f"ray_placement must be one of {PLACEMENT_MODES}, got {self.ray_placement!r}")
+        if self.speculative_model is not None and (self.async_scheduling or self.simulate is not None):
+            raise ValueError("speculative_model runs a real model without async scheduling: drop one of them")
+        if self.num_speculative_tokens < 1:
+            raise ValueError(f"num_speculative_tokens must be >= 1, got {self.num_speculative_tokens}")
         if self.output_format not in OUTPUT_FORMATS:
             raise ValueError(f"output_format must be one of {OUTPUT_FORMATS}, got {self.output_format!r}")
         if not self.ray_worker_cpus >= 0 or (self.ray_max_restarts is not None and self.ray_max_restarts < 0):

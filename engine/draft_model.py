@@ -79,6 +79,7 @@ class DraftModel:
         self.runner: ModelRunner = parts.runner
         self.blocks = BlockManager(parts.pool.spec.num_blocks, parts.pool.spec.block_size, enable_prefix_caching)
         self.states: dict[str, DraftState] = {}
+        self.max_model_len = parts.max_model_len  # positions the draft holds (a draft may know fewer than the target)
         self.last_step_seconds: list[tuple[int, float]] = []  # (rows, seconds) of each forward of the last proposal
 
     @classmethod
@@ -208,9 +209,9 @@ class DraftModel:
                 q = sampler.distributions(rows, [states[seq.request_id] for seq, _, _ in live])
                 for i, (seq, _, _) in enumerate(live):
                     token = _pick(q[i], seq.sampling_state, sampler)
-                    drafts[seq.request_id].append(token)
-                    probs[seq.request_id].append(q[i])
                     seq.sampling_state.append(token)  # the next draft is scored as if this one were generated
+                    drafts[seq.request_id].append(token)  # (after the append: `finally` retracts exactly these)
+                    probs[seq.request_id].append(q[i])
                 live = [w for w in live if len(drafts[w[0].request_id]) < w[1]]
                 if not live:
                     break

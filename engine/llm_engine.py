@@ -75,6 +75,7 @@ class LLMEngine:
         self.spec_control: SpeculationControl | None = None
         self.spec_steps = dict.fromkeys(SPEC_DECISIONS, 0)
         self.last_forward_seconds = 0.0
+        self.spec_step: tuple[int, int, int] | None = None  # (decoding, drafting, k) of this step's drafts
         spec = self.config.speculative
         if spec is not None and spec.method == "draft":
             self.draft = DraftModel.load(self.config, self.parts)
@@ -170,7 +171,9 @@ class LLMEngine:
         return self._step()
 
     def _step(self) -> list[RequestOutput]:
+        proposing = time.perf_counter()
         self._propose_drafts()
+        propose_seconds = time.perf_counter() - proposing
         plan = self.scheduler.schedule()
         self.run_staged_loads()
         if plan.is_empty:
@@ -188,8 +191,10 @@ class LLMEngine:
         self.num_steps += 1
         self.num_computed_tokens_total += plan.num_tokens
         if self.spec_control is not None and all(item.samples and item.num_tokens == 1 + len(item.draft_token_ids)
-                                                 for item in plan.scheduled):
+                                                 for item in plan.scheduled):  # decoding only: no prompt chunk
             self.spec_control.observe_target(plan.num_tokens, self.last_forward_seconds)
+            if self.spec_step is not None:
+                self.spec_control.observe_step(*self.spec_step, propose_seconds + self.last_forward_seconds)
         outputs = self._commit(plan.scheduled, results)
         if hook is not None:
             hook.step_committed(outputs)
@@ -225,7 +230,7 @@ class LLMEngine:
 
     def _commit(self, items: Iterable[ScheduledSequence], results: dict[str, SequenceResult]) -> list[RequestOutput]:
         outputs = []
-        proposed, accepted_drafts = self.num_draft_tokens_proposed, self.num_draft_tokens_accepted
+        tested = accepted_drafts = 0  # draft positions verified this step, and of those kept
         for item in items:
             req = self.requests[item.seq.request_id]
             result = results.get(item.seq.request_id)
@@ -235,8 +240,11 @@ class LLMEngine:
                     req.add_prompt_logprobs(result.prompt_logprobs_start, result.prompt_logprobs)
                 accepted, _ = req.take_tokens(result.token_ids, result.logprobs, texted=True)
             if item.draft_token_ids:
+                kept = max(len(accepted) - 1, 0)
                 self.num_draft_tokens_proposed += len(item.draft_token_ids)
-                self.num_draft_tokens_accepted += max(len(accepted) - 1, 0)
+                self.num_draft_tokens_accepted += kept
+                tested += kept + (kept < len(item.draft_token_ids))
+                accepted_drafts += kept
             self.scheduler.commit(item, accepted)
             if req.seq.finish_reason is not None and not req.seq.is_finished:
                 req.release_held_text()
@@ -246,8 +254,7 @@ class LLMEngine:
             if req.seq.is_finished:
                 del self.requests[item.seq.request_id]
         if self.spec_control is not None:
-            self.spec_control.observe_acceptance(self.num_draft_tokens_proposed - proposed,
-                                                 self.num_draft_tokens_accepted - accepted_drafts)
+            self.spec_control.observe_acceptance(tested, accepted_drafts)
         return outputs
 
     # -- speculative decoding --------------------------------------------------------------------------
@@ -283,14 +290,17 @@ class LLMEngine:
         """Drafts from the draft model for the decoding sequences, as many as the controller predicts pay."""
         spec, draft, control = self.config.speculative, self.draft, self.spec_control
         assert spec is not None and draft is not None and control is not None
+        self.spec_step = None
         decoding = [seq for seq in self.scheduler.running if not seq.in_prefill]
         eligible: list[tuple[EngineSequence, int]] = []
         for seq in decoding:
             p = seq.params
-            if seq.sampling_state.matcher is not None:  # structured output: plain decoding (see the note in docs)
+            # structured output decodes plainly; so do seeded sampled requests: their generator gives one draw per
+            # token, which keeps their tokens independent of the batch and lets a migrated stream resume exactly
+            if seq.sampling_state.matcher is not None or seq.sampling_state.generator is not None:
                 continue
             room = min(spec.num_draft_tokens, p.max_tokens - seq.num_output_tokens - 1,
-                       self.max_model_len - len(seq.token_ids) - 1)
+                       self.max_model_len - len(seq.token_ids) - 1, draft.max_model_len - len(seq.token_ids))
             if room > 0:
                 eligible.append((seq, room))
         decision = control.decide(len(decoding), len(eligible))
@@ -301,6 +311,9 @@ class LLMEngine:
         if decision.max_sequences is not None:  # a probe: the sequences whose draft KV lags least
             eligible.sort(key=lambda e: len(e[0].token_ids) - draft.computed_tokens(e[0]))
             eligible = eligible[:decision.max_sequences]
+        # every decoding sequence must still fit the step's token budget with the drafts (the scheduler would
+        # otherwise drop drafts, or leave the last-ranked sequences out while speculation lasts)
+        eligible = eligible[:max((self.config.max_num_batched_tokens - len(decoding)) // decision.k, 0)]
         assert isinstance(self.runner, ModelRunner)  # a simulated engine takes no draft model (EngineConfig)
         proposals = draft.propose([(seq, min(room, decision.k)) for seq, room in eligible], self.runner.sampler,
                                   self.config.max_num_batched_tokens)
@@ -310,6 +323,8 @@ class LLMEngine:
             proposal = proposals.get(seq.request_id)
             if proposal is not None:
                 seq.spec_token_ids, seq.spec_draft_probs = proposal.token_ids, proposal.probs
+        if proposals:
+            self.spec_step = (len(decoding), len(proposals), decision.k)
 
     # -- health and observation -------------------------------------------------------------------------
     def check_integrity(self) -> None:

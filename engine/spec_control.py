@@ -6,8 +6,11 @@ Model, per step with `n` decoding sequences of which `b` may speculate:
 - k drafts: (n - b) + b * E(k) tokens in k * D(b) + T(n + b * k), where D(r) is a draft forward over r
   rows and E(k) = (1 - a^(k + 1)) / (1 - a) the expected tokens per sequence at per-draft acceptance a.
 T and D are moving averages of measured forwards by row count (half-octave buckets, interpolated between
-measured ones; beyond the largest, proportional to rows: pessimistic). a is the moving average of
-accepted / proposed drafts.
+measured ones; beyond the largest, proportional to rows: pessimistic). What the two leave out (the
+draft's catch-up rows, drawing the drafts, bookkeeping) is measured too: each speculative step's whole
+time over the model's prediction for it, a moving factor per bucket of b that scales later predictions.
+a is the per-position acceptance: kept drafts over the positions tested (the kept ones, plus the first
+rejected one of each sequence; drafts after a rejection are never tested).
 
 Exploring: what is not measured yet is measured by running the option that needs it, at once while at most
 `SMALL_BATCH` sequences decode (a speculative step costs little there). Larger batches trust the pessimistic
@@ -28,10 +31,12 @@ PROBE_SEQUENCES = 2
 
 
 class CostTable:
-    """Seconds of a forward by row count: a moving average per half-octave bucket."""
+    """Seconds of a forward by row count: a moving average per half-octave bucket. `grows_with_rows`: beyond the
+    largest bucket measured a value grows in proportion to rows (seconds), else stays that bucket's (a factor)."""
 
-    def __init__(self) -> None:
+    def __init__(self, grows_with_rows: bool = True) -> None:
         self.seconds: dict[int, float] = {}
+        self.grows_with_rows = grows_with_rows
 
     @staticmethod
     def bucket(rows: int) -> int:
@@ -57,7 +62,7 @@ class CostTable:
             return None
         if upper is None:
             assert lower is not None
-            return self.seconds[lower] * 2 ** ((b - lower) / 2)
+            return self.seconds[lower] * (2 ** ((b - lower) / 2) if self.grows_with_rows else 1.0)
         if lower is None:
             return self.seconds[upper]  # costs grow with rows: an upper bound
         t = (b - lower) / (upper - lower)
@@ -86,6 +91,8 @@ class SpeculationControl:
         self.target = CostTable()
         self.draft = CostTable()
         self.acceptance: float | None = None
+        # by b: a speculative step's measured seconds over the model's prediction (a factor, not seconds)
+        self.overhead = CostTable(grows_with_rows=False)
         self.steps_off = 0
         self.retry_after = _FIRST_RETRY
         self.last = Decision(max_k, 1.0, True)
@@ -98,10 +105,17 @@ class SpeculationControl:
     def observe_draft(self, rows: int, seconds: float) -> None:
         self.draft.observe(rows, seconds)
 
-    def observe_acceptance(self, proposed: int, accepted: int) -> None:
-        if proposed:
-            rate = accepted / proposed
+    def observe_acceptance(self, tested: int, accepted: int) -> None:
+        """`accepted` drafts kept of `tested` positions (the kept ones plus one per sequence that had a rejection)."""
+        if tested:
+            rate = accepted / tested
             self.acceptance = rate if self.acceptance is None else (1 - _EMA) * self.acceptance + _EMA * rate
+
+    def observe_step(self, n: int, b: int, k: int, seconds: float) -> None:
+        """A whole speculative step (drafting and the verify forward) of `b` of `n` decoding sequences, k drafts."""
+        predicted = self._model_seconds(n, b, k)
+        if predicted is not None and predicted > 0:
+            self.overhead.observe(b, seconds / predicted)
 
     # -- the decision ------------------------------------------------------------------------------------
     def decide(self, num_decoding: int, num_eligible: int) -> Decision:
@@ -121,16 +135,18 @@ class SpeculationControl:
             return Decision(self.max_k, 1.0, False)
         if not self.target.knows(n):
             return Decision(0, 1.0, True)
-        unknown = (self.acceptance is None or not self.draft.knows(b)
-                   or not self.target.knows(n + b * self.max_k))
+        verify_measured = any(bucket > CostTable.bucket(n) for bucket in self.target.seconds)
+        unknown = self.acceptance is None or not self.draft.seconds or not verify_measured
         if unknown and n <= SMALL_BATCH:
             return Decision(self.max_k, 1.0, True)
         best_k, gain = 0, 1.0
         if self.acceptance is not None and self.draft.seconds:
-            off_rate = n / self._target(n)
+            off_rate = n / max(self._target(n), 1e-9)
             for k in range(1, self.max_k + 1):
-                seconds = k * self._draft(b) + self._target(n + b * k)
-                rate = ((n - b) + b * expected_tokens(self.acceptance, k)) / seconds
+                seconds = self._model_seconds(n, b, k)
+                assert seconds is not None
+                seconds *= self.overhead.estimate(b) or 1.0
+                rate = ((n - b) + b * expected_tokens(self.acceptance, k)) / max(seconds, 1e-9)
                 if rate / off_rate > gain:
                     best_k, gain = k, rate / off_rate
         if best_k == 0 and self.steps_off >= self.retry_after:
@@ -138,12 +154,12 @@ class SpeculationControl:
             return Decision(self.max_k, 1.0, True, PROBE_SEQUENCES)
         return Decision(best_k, gain, False)
 
+    def _model_seconds(self, n: int, b: int, k: int) -> float | None:
+        """k draft forwards over b rows and the verify forward over n + b * k rows (None: nothing measured)."""
+        draft, target = self.draft.estimate(b), self.target.estimate(n + b * k)
+        return None if draft is None or target is None else k * draft + target
+
     def _target(self, rows: int) -> float:
         seconds = self.target.estimate(rows)
-        assert seconds is not None
-        return seconds
-
-    def _draft(self, rows: int) -> float:
-        seconds = self.draft.estimate(rows)
         assert seconds is not None
         return seconds

@@ -70,3 +70,14 @@ def test_fixed_mode_and_nothing_to_draft() -> None:
     fixed = SpeculationControl(max_k=3, adaptive=False)
     assert fixed.decide(64, 64).k == 3
     assert SpeculationControl(max_k=3, adaptive=True).decide(5, 0).k == 0
+
+
+def test_measured_speculative_steps_correct_the_model() -> None:
+    """Costs the forwards leave out (catch-up rows, drawing drafts) show in whole steps: once measured, a
+    speculation the forwards alone favour is turned off."""
+    control = SpeculationControl(max_k=4, adaptive=True)
+    teach(control, memory_bound, lambda r: 0.4 * memory_bound(r), 0.9, [1, 2, 4, 8, 16, 32, 40])
+    assert control.decide(8, 8).k > 0
+    for _ in range(10):
+        control.observe_step(8, 8, 4, 3 * (4 * 0.4 * memory_bound(8) + memory_bound(40)))
+    assert control.decide(8, 8).k == 0

@@ -115,7 +115,8 @@ def test_default_model_with_self_int4_matches_plain_decoding(default_model_path)
 
 
 def _first_tokens(llm: LLM, prompt: list[int], count: int) -> list[tuple[int, ...]]:
-    params = [SamplingParams(temperature=0.8, max_tokens=3, ignore_eos=True, seed=i) for i in range(count)]
+    """`count` samples, unseeded (a seeded request does not speculate): the engine's own seed makes them repeat."""
+    params = SamplingParams(temperature=0.8, max_tokens=3, ignore_eos=True)
     return [tuple(out.token_ids) for out in llm.generate([prompt] * count, params)]
 
 
@@ -198,10 +199,21 @@ def test_the_distribution_test_catches_a_broken_acceptance_rule(peaked_target_di
     assert worst < ALPHA
 
 
-def test_seeded_sampling_with_speculation_repeats(peaked_target_dir, peaked_draft_dir) -> None:
-    """Every draw of a seeded request (drafts, acceptance, residual) comes from its own generator."""
+def test_sampling_with_speculation_repeats_under_the_engine_seed(peaked_target_dir, peaked_draft_dir) -> None:
     runs = [_speculative_sample(peaked_target_dir, peaked_draft_dir)[1][:200] for _ in range(2)]
     assert runs[0] == runs[1]
+
+
+def test_seeded_requests_decode_plainly(peaked_target_dir, peaked_draft_dir) -> None:
+    """A seeded request keeps its one draw per token (batch-independent, resumable after migration): it is not
+    drafted for, and its tokens are those of an engine without speculation."""
+    params = [SamplingParams(temperature=0.8, max_tokens=8, ignore_eos=True, seed=i) for i in range(20)]
+    plain = LLM(str(peaked_target_dir), dtype="float32", num_kv_blocks=512).generate([PROMPTS[3]] * 20, params)
+    spec = SpeculativeConfig(method="draft", draft_model=str(peaked_draft_dir), num_draft_tokens=3, adaptive=False)
+    llm = LLM(str(peaked_target_dir), dtype="float32", num_kv_blocks=512, speculative=spec)
+    drafted = llm.generate([PROMPTS[3]] * 20, params)
+    assert [o.token_ids for o in drafted] == [o.token_ids for o in plain]
+    assert llm.engine.num_draft_tokens_proposed == 0
 
 
 def test_aborts_and_finished_requests_leave_no_draft_block(tiny_llama_dir) -> None:
