@@ -60,6 +60,7 @@ class BenchConfig:
     llama_batched_bench: str | None = None  # llama.cpp's llama-batched-bench binary: an extra anchor
     speculative: str | None = None  # a draft model or self-int4: the speculative comparison instead (bench/speculative)
     num_draft_tokens: int = 4
+    repeats: int = 3  # with speculative: alternating runs per row
     json_path: str | None = None
 
     def __post_init__(self) -> None:
@@ -460,6 +461,7 @@ def parse_args(argv: Sequence[str] | None = None) -> BenchConfig:
     p.add_argument("--speculative", metavar="DRAFT", help="instead: decoding with this draft model (a path, or "
                    "self-int4) against none, greedy and temperature 0.8 (bench/speculative.py)")
     p.add_argument("--num-draft-tokens", type=int, default=4, help="with --speculative: most drafts per step")
+    p.add_argument("--repeats", type=int, default=3, help="with --speculative: alternating runs per row (median)")
     p.add_argument("--json", dest="json_path", help="write every result to this JSON file")
     a = p.parse_args(argv)
     return BenchConfig(
@@ -470,7 +472,7 @@ def parse_args(argv: Sequence[str] | None = None) -> BenchConfig:
         deterministic=a.deterministic,
         agreement_tokens=a.agreement_tokens, seed=a.seed, num_threads=a.num_threads,
         llama_batched_bench=a.llama_batched_bench, speculative=a.speculative,
-        num_draft_tokens=a.num_draft_tokens, json_path=a.json_path)
+        num_draft_tokens=a.num_draft_tokens, repeats=a.repeats, json_path=a.json_path)
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
@@ -479,7 +481,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         from bench.speculative import format_speculative, run_speculative
         results = {"machine": machine_info(), "config": asdict(cfg),
                    "speculative": run_speculative(cfg.model, cfg.speculative, cfg.batch_sizes, cfg.max_tokens,
-                                                  cfg.num_draft_tokens, cfg.seed, cfg.num_threads)}
+                                                  cfg.num_draft_tokens, cfg.seed, cfg.num_threads, cfg.repeats)}
         results["machine"]["torch_threads"] = torch.get_num_threads()
         print(format_speculative(results["speculative"]), flush=True)
     else:

@@ -75,7 +75,8 @@ class LLMEngine:
         self.spec_control: SpeculationControl | None = None
         self.spec_steps = dict.fromkeys(SPEC_DECISIONS, 0)
         self.last_forward_seconds = 0.0
-        self.spec_step: tuple[int, int, int] | None = None  # (decoding, drafting, k) of this step's drafts
+        # (decoding, drafting, k) of this step's drafts, when they cost what one more such step would
+        self.spec_step: tuple[int, int, int] | None = None
         spec = self.config.speculative
         if spec is not None and spec.method == "draft":
             self.draft = DraftModel.load(self.config, self.parts)
@@ -323,7 +324,10 @@ class LLMEngine:
             proposal = proposals.get(seq.request_id)
             if proposal is not None:
                 seq.spec_token_ids, seq.spec_draft_probs = proposal.token_ids, proposal.probs
-        if proposals:
+        # a step whose draft caught up with more than the tokens of the last verify (a prompt the draft had not
+        # seen, or a sequence back after steps off) is not what a speculative step costs from one to the next
+        steady = bool(draft.last_step_seconds) and draft.last_step_seconds[0][0] <= 2 * len(proposals)
+        if proposals and steady:
             self.spec_step = (len(decoding), len(proposals), decision.k)
 
     # -- health and observation -------------------------------------------------------------------------
