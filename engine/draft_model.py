@@ -1,7 +1,15 @@
-"""A draft model for speculative decoding: a smaller model sharing the target's tokenizer (or the target's
-own weights in int4) with its own paged KV pool and prefix cache, proposing k tokens per sequence per step.
+"""A draft model for speculative decoding, proposing k tokens per sequence per step: a smaller model sharing
+the target's tokenizer, with its own paged KV pool and prefix cache, or the target's own weights in int4
+(`self-int4`), which drafts inside the target's pool.
 
-Invariants, per sequence it has seen (`DraftState`):
+Self-int4 shares the target's geometry, so it attends to the target's KV of the tokens computed so far and
+writes its tentative KV into the sequence's own blocks, at the positions the verify step then overwrites
+(the newest token's and the drafts'): it never catches up on a prompt (a decode worker drafts at once for
+a prompt prefilled elsewhere) and needs no pool of its own. Its KV differs from what it would compute
+alone: that changes which drafts it proposes, never what is emitted (rejection sampling gives the target's
+distribution for any draft distribution). Those positions lie past every block the prefix cache holds.
+
+Invariants of a draft with its own pool, per sequence it has seen (`DraftState`):
 - its draft KV holds `seq.token_ids[:num_computed]` exactly; writes only go to positions >= num_computed,
   and only blocks wholly below num_computed are registered in its prefix cache;
 - after a proposal it also holds the drafts fed (`fed`, after `base` tokens), which count once the target
@@ -59,6 +67,14 @@ def draft_engine_config(config: EngineConfig, num_blocks: int) -> EngineConfig:
                    deterministic=False, async_scheduling=False, max_model_len=None)
 
 
+def self_int4_runner(config: EngineConfig, parts: LoadedEngineParts, target: LoadedEngineParts) -> ModelRunner:
+    """The int4 model of `parts` over the target's pool (it drafts inside the target's blocks)."""
+    program = target.device.type == "cpu" and not config.enforce_eager
+    sampler = Sampler(parts.model.config.vocab_size, target.device)  # unused: the engine's samples the drafts
+    return ModelRunner(parts.model, target.pool, sampler, target.device, config.attention_backend, None,
+                       target.max_model_len, step_program=program)
+
+
 def check_same_tokenizer(target: Tokenizer, draft: Tokenizer, target_vocab: int, draft_vocab: int) -> None:
     """Refuse a draft whose tokens would not mean the target's (ModelLoadError says what differs)."""
     if draft_vocab != target_vocab:
@@ -72,36 +88,50 @@ def check_same_tokenizer(target: Tokenizer, draft: Tokenizer, target_vocab: int,
 
 
 class DraftModel:
-    def __init__(self, parts: LoadedEngineParts, enable_prefix_caching: bool) -> None:
-        if not isinstance(parts.runner, ModelRunner):
-            raise ModelLoadError("a draft model needs a real model runner")
+    def __init__(self, parts: LoadedEngineParts, runner: ModelRunner, enable_prefix_caching: bool,
+                 target_blocks: BlockManager | None = None, max_model_len: int | None = None) -> None:
         self.parts = parts
-        self.runner: ModelRunner = parts.runner
-        self.blocks = BlockManager(parts.pool.spec.num_blocks, parts.pool.spec.block_size, enable_prefix_caching)
-        self.states: dict[str, DraftState] = {}
-        self.max_model_len = parts.max_model_len  # positions the draft holds (a draft may know fewer than the target)
+        self.runner = runner
+        # self-int4: the target's block manager, whose sequences' blocks hold the draft's KV; else None
+        self.target_blocks = target_blocks
+        self.blocks: BlockManager | None = None if target_blocks is not None else BlockManager(
+            parts.pool.spec.num_blocks, parts.pool.spec.block_size, enable_prefix_caching)
+        self.states: dict[str, DraftState] = {}  # a draft with its own pool: its KV of each sequence
+        # positions the draft holds (a draft may know fewer than the target)
+        self.max_model_len = max_model_len or parts.max_model_len
         self.last_step_seconds: list[tuple[int, float]] = []  # (rows, seconds) of each forward of the last proposal
 
     @classmethod
-    def load(cls, config: EngineConfig, target: LoadedEngineParts) -> DraftModel:
-        parts = build_engine_parts(draft_engine_config(config, target.pool.spec.num_blocks))
+    def load(cls, config: EngineConfig, target: LoadedEngineParts, target_blocks: BlockManager) -> DraftModel:
+        spec = config.speculative
+        assert spec is not None
+        shared = spec.draft_model == SELF_INT4_DRAFT
+        parts = build_engine_parts(draft_engine_config(config, 1 if shared else target.pool.spec.num_blocks))
         check_same_tokenizer(target.tokenizer, parts.tokenizer, target.model.config.vocab_size,
                              parts.model.config.vocab_size)
         if parts.pool.spec.block_size != target.pool.spec.block_size:
             raise ModelLoadError("the draft's KV blocks must be the target's size")
+        if shared:
+            log.info("draft model ready: %s in int4, drafting in the target's KV pool", parts.model.config.name)
+            return cls(parts, self_int4_runner(config, parts, target), config.enable_prefix_caching, target_blocks,
+                       target.max_model_len)
+        if not isinstance(parts.runner, ModelRunner):
+            raise ModelLoadError("a draft model needs a real model runner")
         log.info("draft model ready: %s (%s), %d KV blocks", parts.model.config.name,
                  ", ".join(parts.quantized_layers[:1]) or "unquantized", parts.pool.spec.num_blocks)
-        return cls(parts, config.enable_prefix_caching)
+        return cls(parts, parts.runner, config.enable_prefix_caching)
 
     # -- bookkeeping ------------------------------------------------------------------------------------
     def release(self, seq: EngineSequence) -> None:
         """Give back the blocks of `seq` (finished, aborted or preempted by the target)."""
         state = self.states.pop(seq.request_id, None)
-        if state is not None:
+        if state is not None and self.blocks is not None:
             self.blocks.release(state.block_table)
 
     def computed_tokens(self, seq: EngineSequence) -> int:
         """Tokens of `seq` its draft KV holds (0 for a sequence not seen)."""
+        if self.target_blocks is not None:
+            return seq.num_computed_tokens
         state = self.states.get(seq.request_id)
         return 0 if state is None else state.num_computed
 
@@ -116,10 +146,16 @@ class DraftModel:
         for state in self.states.values():
             for block_id in state.block_table:
                 refs[block_id] = refs.get(block_id, 0) + 1
-        self.blocks.check_integrity(refs)
+        if self.blocks is not None:
+            self.blocks.check_integrity(refs)
+
+    def _own_blocks(self) -> BlockManager:
+        assert self.blocks is not None, "a draft sharing the target's pool keeps no blocks of its own"
+        return self.blocks
 
     def _settle(self, seq: EngineSequence, state: DraftState) -> None:
         """Count the drafts the target kept, and register the full blocks the draft KV now holds."""
+        blocks = self._own_blocks()
         kept, tokens = 0, seq.token_ids
         after = tokens[state.base:state.base + len(state.fed)]
         while kept < len(after) and after[kept] == state.fed[kept]:
@@ -130,46 +166,49 @@ class DraftModel:
         # the newest token's position is fed again when nothing after it is computed (its logits start the
         # drafts): it is never in a registered block
         state.num_computed = min(state.num_computed, len(tokens) - 1)
-        size = self.blocks.block_size
+        size = blocks.block_size
         for i in range(len(state.block_hashes), state.num_computed // size):
             parent = state.block_hashes[-1] if state.block_hashes else seq.root_hash
             block_hash = hash_block(parent, tokens[i * size:(i + 1) * size])
             state.block_hashes.append(block_hash)
-            self.blocks.register_full_block(state.block_table[i], block_hash, tokens[i * size:(i + 1) * size])
+            blocks.register_full_block(state.block_table[i], block_hash, tokens[i * size:(i + 1) * size])
 
     def _state_for(self, seq: EngineSequence, num_tokens: int) -> DraftState | None:
         """`seq`'s state with blocks for `num_tokens` positions (a new one starts from the prefix cache);
         None when the pool cannot hold them."""
+        blocks = self._own_blocks()
         state = self.states.get(seq.request_id)
         if state is None:
-            hashes = hash_blocks(seq.token_ids[:len(seq.token_ids) - 1], self.blocks.block_size, seq.root_hash)
-            hits = self.blocks.peek_cached_prefix(hashes, seq.token_ids)
-            if self.blocks.blocks_needed(num_tokens) - len(hits) + self.blocks.num_evictable_among(hits) \
-                    > self.blocks.num_free_blocks:
+            hashes = hash_blocks(seq.token_ids[:len(seq.token_ids) - 1], blocks.block_size, seq.root_hash)
+            hits = blocks.peek_cached_prefix(hashes, seq.token_ids)
+            if blocks.blocks_needed(num_tokens) - len(hits) + blocks.num_evictable_among(hits) \
+                    > blocks.num_free_blocks:
                 return None
-            self.blocks.take_cached(hits)
-            state = DraftState(hits, hashes[:len(hits)], len(hits) * self.blocks.block_size)
+            blocks.take_cached(hits)
+            state = DraftState(hits, hashes[:len(hits)], len(hits) * blocks.block_size)
             self.states[seq.request_id] = state
         else:
             self._settle(seq, state)
-        need = self.blocks.blocks_needed(num_tokens) - len(state.block_table)
-        if need > self.blocks.num_free_blocks:  # the draft pool is full: this sequence's draft KV goes
+        need = blocks.blocks_needed(num_tokens) - len(state.block_table)
+        if need > blocks.num_free_blocks:  # the draft pool is full: this sequence's draft KV goes
             self.release(seq)
             return None
         if need > 0:
-            state.block_table.extend(self.blocks.allocate(need))
+            state.block_table.extend(blocks.allocate(need))
         return state
 
     # -- proposing --------------------------------------------------------------------------------------
     @torch.inference_mode()
     def propose(self, seqs: Sequence[tuple[EngineSequence, int]], sampler: Sampler,
                 max_catch_up_tokens: int) -> dict[str, Proposal]:
-        """Drafts for each (sequence, k) in `seqs` (sequences not in prefill, k >= 1). A sequence whose draft KV
-        lags by more than `max_catch_up_tokens` (summed over the batch) or that finds no draft blocks only
-        catches up this step. Draws use each request's own generator when seeded, so drafts for seeded requests
-        do not depend on the batch; the sequences' sampling states are as they were on return."""
+        """Drafts for each (sequence, k) in `seqs` (sequences not in prefill, k >= 1). With a pool of its own, a
+        sequence whose draft KV lags by more than `max_catch_up_tokens` (summed over the batch) or that finds no
+        draft blocks only catches up this step. Draws use each request's own generator when seeded; the
+        sequences' sampling states are as they were on return."""
         self.last_step_seconds = []
-        work: list[tuple[EngineSequence, int, DraftState]] = []
+        if self.target_blocks is not None:
+            return self._propose_in_target_pool(seqs, sampler, self.target_blocks)
+        work: list[tuple[EngineSequence, int, list[int]]] = []
         spans: list[tuple[EngineSequence, DraftState, int]] = []  # catch-up: (seq, state, tokens fed)
         budget = max_catch_up_tokens
         for seq, k in seqs:
@@ -181,7 +220,7 @@ class DraftModel:
             budget -= feed
             spans.append((seq, state, feed))
             if feed == lag:
-                work.append((seq, k, state))
+                work.append((seq, k, state.block_table))
         if not spans:
             return {}
         spans.sort(key=lambda s: s[2] != 1)  # single-token spans first (the attention planner's decode batch)
@@ -195,10 +234,34 @@ class DraftModel:
             state.num_computed += feed
         drafting = {seq.request_id for seq, _, _ in work}
         first = {seq.request_id: logits[i] for i, (seq, _, _) in enumerate(spans) if seq.request_id in drafting}
-        return self._draft(work, first, sampler)
+        proposals = self._draft(work, first, sampler)
+        for seq, _, _ in work:  # the draft KV now also holds every draft but the last (`_settle` counts the kept)
+            state = self.states[seq.request_id]
+            state.base, state.fed = len(seq.token_ids), tuple(proposals[seq.request_id].token_ids[:-1])
+        return proposals
 
-    def _draft(self, work: list[tuple[EngineSequence, int, DraftState]], first: dict[str, torch.Tensor],
+    def _propose_in_target_pool(self, seqs: Sequence[tuple[EngineSequence, int]], sampler: Sampler,
+                                blocks: BlockManager) -> dict[str, Proposal]:
+        """Self-int4: each sequence's blocks, extended to the verify step's last position where blocks are free
+        (the scheduler then allocates none), take the draft's KV from the newest token's position on."""
+        work: list[tuple[EngineSequence, int, list[int]]] = []
+        for seq, k in seqs:
+            n = len(seq.token_ids)
+            need = blocks.blocks_needed(n + k) - len(seq.block_table)
+            if seq.num_computed_tokens != n - 1 or need > blocks.num_free_blocks:
+                continue
+            if need > 0:
+                seq.block_table.extend(blocks.allocate(need))
+            work.append((seq, k, seq.block_table))
+        if not work:
+            return {}
+        logits = self._timed_logits([seq.token_ids[-1] for seq, _, _ in work],
+                                    [SeqSpan(table, len(seq.token_ids) - 1, 1) for seq, _, table in work])
+        return self._draft(work, {seq.request_id: logits[i] for i, (seq, _, _) in enumerate(work)}, sampler)
+
+    def _draft(self, work: list[tuple[EngineSequence, int, list[int]]], first: dict[str, torch.Tensor],
                sampler: Sampler) -> dict[str, Proposal]:
+        """Draw each (sequence, k, block table)'s drafts, from `first` (the logits after its newest token) on."""
         drafts: dict[str, list[int]] = {seq.request_id: [] for seq, _, _ in work}
         probs: dict[str, list[torch.Tensor]] = {seq.request_id: [] for seq, _, _ in work}
         states = {seq.request_id: seq.sampling_state for seq, _, _ in work}
@@ -215,18 +278,17 @@ class DraftModel:
                 live = [w for w in live if len(drafts[w[0].request_id]) < w[1]]
                 if not live:
                     break
-                spans = [SeqSpan(state.block_table, len(seq.token_ids) + len(drafts[seq.request_id]) - 1, 1)
-                         for seq, _, state in live]
+                spans = [SeqSpan(table, len(seq.token_ids) + len(drafts[seq.request_id]) - 1, 1)
+                         for seq, _, table in live]
                 rows = self._timed_logits([drafts[seq.request_id][-1] for seq, _, _ in live], spans)
         finally:
             for seq, _, _ in work:
                 seq.sampling_state.retract(drafts[seq.request_id])
         out: dict[str, Proposal] = {}
-        for seq, _, state in work:
-            tokens = drafts[seq.request_id]
-            state.base, state.fed = len(seq.token_ids), tuple(tokens[:-1])
+        for seq, _, _ in work:
             plain = seq.sampling_state.is_plain_greedy
-            out[seq.request_id] = Proposal(tokens, None if plain else torch.stack(probs[seq.request_id]))
+            out[seq.request_id] = Proposal(drafts[seq.request_id],
+                                           None if plain else torch.stack(probs[seq.request_id]))
         return out
 
     def _timed_logits(self, token_ids: list[int], spans: list[SeqSpan]) -> torch.Tensor:

@@ -79,7 +79,7 @@ class LLMEngine:
         self.spec_step: tuple[int, int, int] | None = None
         spec = self.config.speculative
         if spec is not None and spec.method == "draft":
-            self.draft = DraftModel.load(self.config, self.parts)
+            self.draft = DraftModel.load(self.config, self.parts, self.block_manager)
             self.scheduler.on_release = self.draft.release
             self.spec_control = SpeculationControl(spec.num_draft_tokens, spec.adaptive)
 

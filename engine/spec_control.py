@@ -10,13 +10,15 @@ measured ones; beyond the largest, proportional to rows: pessimistic). What the 
 draft's catch-up rows, drawing the drafts, bookkeeping) is measured too: each speculative step's whole
 time over the model's prediction for it, a moving factor per bucket of b that scales later predictions.
 a is the per-position acceptance: kept drafts over the positions tested (the kept ones, plus the first
-rejected one of each sequence; drafts after a rejection are never tested).
+rejected one of each sequence; drafts after a rejection are never tested), both sums decayed by
+`_ACCEPTANCE_DECAY` per step, so that one step of few positions moves it little.
 
 Exploring: what is not measured yet is measured by running the option that needs it, at once while at most
 `SMALL_BATCH` sequences decode (a speculative step costs little there). Larger batches trust the pessimistic
-estimates, and while speculation is predicted to lose it is tried again after 64, 128, ... 4096 steps off, on
-at most `PROBE_SEQUENCES` sequences: a changed acceptance or load is noticed at a bounded cost (a probe also
-makes those sequences' draft KV catch up with their whole context).
+estimates, and while speculation is predicted to lose it is tried again after 64, 128, ... 4096 steps off (16 at most
+while the batch is small), on at most `PROBE_SEQUENCES` sequences: a changed acceptance or load is noticed
+at a bounded cost (with a draft of its own pool a probe also makes those sequences' draft KV catch up
+with their whole context).
 """
 
 from __future__ import annotations
@@ -26,6 +28,8 @@ from dataclasses import dataclass
 
 _EMA = 0.2  # weight of a new measurement
 _FIRST_RETRY, _LAST_RETRY = 64, 4096  # steps off before speculation is tried again (doubling)
+_SMALL_BATCH_RETRY = 16
+_ACCEPTANCE_DECAY = 0.9
 SMALL_BATCH = 8
 PROBE_SEQUENCES = 2
 
@@ -91,6 +95,7 @@ class SpeculationControl:
         self.target = CostTable()
         self.draft = CostTable()
         self.acceptance: float | None = None
+        self._kept = self._tested = 0.0  # decayed sums behind `acceptance`
         # by b: a speculative step's measured seconds over the model's prediction (a factor, not seconds)
         self.overhead = CostTable(grows_with_rows=False)
         self.steps_off = 0
@@ -108,8 +113,9 @@ class SpeculationControl:
     def observe_acceptance(self, tested: int, accepted: int) -> None:
         """`accepted` drafts kept of `tested` positions (the kept ones plus one per sequence that had a rejection)."""
         if tested:
-            rate = accepted / tested
-            self.acceptance = rate if self.acceptance is None else (1 - _EMA) * self.acceptance + _EMA * rate
+            self._kept = _ACCEPTANCE_DECAY * self._kept + accepted
+            self._tested = _ACCEPTANCE_DECAY * self._tested + tested
+            self.acceptance = self._kept / self._tested
 
     def observe_step(self, n: int, b: int, k: int, seconds: float) -> None:
         """A whole speculative step (drafting and the verify forward) of `b` of `n` decoding sequences, k drafts."""
@@ -149,7 +155,8 @@ class SpeculationControl:
                 rate = ((n - b) + b * expected_tokens(self.acceptance, k)) / max(seconds, 1e-9)
                 if rate / off_rate > gain:
                     best_k, gain = k, rate / off_rate
-        if best_k == 0 and self.steps_off >= self.retry_after:
+        retry_after = self.retry_after if n > SMALL_BATCH else min(self.retry_after, _SMALL_BATCH_RETRY)
+        if best_k == 0 and self.steps_off >= retry_after:
             self.retry_after = min(2 * self.retry_after, _LAST_RETRY)
             return Decision(self.max_k, 1.0, True, PROBE_SEQUENCES)
         return Decision(best_k, gain, False)

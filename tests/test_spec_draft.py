@@ -54,7 +54,8 @@ def _assert_clean(llm: LLM) -> None:
     engine = llm.engine
     engine.check_integrity()
     assert engine.draft is not None and engine.draft.states == {}
-    assert engine.draft.blocks.num_free_blocks == engine.draft.blocks.num_blocks
+    if engine.draft.blocks is not None:  # a draft with its own pool
+        assert engine.draft.blocks.num_free_blocks == engine.draft.blocks.num_blocks
     assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks
 
 
@@ -62,9 +63,14 @@ def _assert_clean(llm: LLM) -> None:
     {"max_num_batched_tokens": 32},  # chunked prefill
     {"num_kv_blocks": 12, "max_num_batched_tokens": 24, "max_model_len": 190},  # forced preemption
 ])
-def test_greedy_with_a_self_int4_draft_is_token_exact(tiny_llama_dir, config) -> None:
+@pytest.mark.parametrize("own_pool", [False, True], ids=["self-int4", "own-pool"])
+def test_greedy_with_a_draft_is_token_exact(tiny_llama_dir, config, own_pool) -> None:
+    """self-int4 drafts inside the target's pool; a draft given by path (here the target's own checkpoint: every
+    draft is kept) has its own pool and prefix cache, kept in step through rejections and preemption."""
     path = str(tiny_llama_dir)
-    llm = LLM(path, dtype="float32", **{"num_kv_blocks": 64, **config}, speculative=FORCED)
+    spec = SpeculativeConfig(method="draft", num_draft_tokens=3, adaptive=False, draft_model=path) if own_pool \
+        else FORCED
+    llm = LLM(path, dtype="float32", **{"num_kv_blocks": 64, **config}, speculative=spec)
     params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
     for _ in range(2):  # the second round reads both prefix caches
         outputs = llm.generate(PROMPTS, params)
@@ -73,9 +79,10 @@ def test_greedy_with_a_self_int4_draft_is_token_exact(tiny_llama_dir, config) ->
         _assert_clean(llm)
     engine = llm.engine
     assert engine.num_draft_tokens_accepted > 0 and engine.draft is not None
+    assert (engine.draft.blocks is not None) == own_pool
     if "num_kv_blocks" in config and config["num_kv_blocks"] == 12:
         assert engine.scheduler.num_preemptions_total > 0
-    else:
+    elif engine.draft.blocks is not None:
         assert engine.draft.blocks.cached  # the draft's own prefix cache is filled (and read in round 2)
 
 
@@ -224,7 +231,7 @@ def test_aborts_and_finished_requests_leave_no_draft_block(tiny_llama_dir) -> No
         engine.add_request(engine.make_request(f"r{i}", prompt, params))
     for _ in range(4):
         engine.step()
-    assert engine.draft is not None and engine.draft.states  # drafting is under way
+    assert engine.draft is not None and engine.num_draft_tokens_proposed  # drafting is under way
     engine.abort_request("r1")
     engine.abort_request("r4")
     engine.check_integrity()
