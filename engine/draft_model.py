@@ -69,10 +69,11 @@ def draft_engine_config(config: EngineConfig, num_blocks: int) -> EngineConfig:
 
 def self_int4_runner(config: EngineConfig, parts: LoadedEngineParts, target: LoadedEngineParts) -> ModelRunner:
     """The int4 model of `parts` over the target's pool (it drafts inside the target's blocks)."""
-    program = target.device.type == "cpu" and not config.enforce_eager
+    eager, cuda = config.enforce_eager, target.device.type == "cuda"
+    graphs = config.max_num_seqs if cuda and not eager and parts.model.supports_cuda_graphs else None
     sampler = Sampler(parts.model.config.vocab_size, target.device)  # unused: the engine's samples the drafts
-    return ModelRunner(parts.model, target.pool, sampler, target.device, config.attention_backend, None,
-                       target.max_model_len, step_program=program)
+    return ModelRunner(parts.model, target.pool, sampler, target.device, config.attention_backend, graphs,
+                       target.max_model_len, step_program=not cuda and not eager)
 
 
 def check_same_tokenizer(target: Tokenizer, draft: Tokenizer, target_vocab: int, draft_vocab: int) -> None:
@@ -106,7 +107,9 @@ class DraftModel:
         spec = config.speculative
         assert spec is not None
         shared = spec.draft_model == SELF_INT4_DRAFT
-        parts = build_engine_parts(draft_engine_config(config, 1 if shared else target.pool.spec.num_blocks))
+        draft_config = draft_engine_config(config, 1 if shared else target.pool.spec.num_blocks)
+        # self-int4 runs over the target's pool: its own one-block pool gets no CUDA graphs or step program
+        parts = build_engine_parts(replace(draft_config, enforce_eager=True) if shared else draft_config)
         check_same_tokenizer(target.tokenizer, parts.tokenizer, target.model.config.vocab_size,
                              parts.model.config.vocab_size)
         if parts.pool.spec.block_size != target.pool.spec.block_size:

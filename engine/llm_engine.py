@@ -194,7 +194,8 @@ class LLMEngine:
         if self.spec_control is not None and all(item.samples and item.num_tokens == 1 + len(item.draft_token_ids)
                                                  for item in plan.scheduled):  # decoding only: no prompt chunk
             self.spec_control.observe_target(plan.num_tokens, self.last_forward_seconds)
-            if self.spec_step is not None:
+            drafted = [len(item.draft_token_ids) for item in plan.scheduled if item.draft_token_ids]
+            if self.spec_step is not None and drafted == [self.spec_step[2]] * self.spec_step[1]:  # as planned
                 self.spec_control.observe_step(*self.spec_step, propose_seconds + self.last_forward_seconds)
         outputs = self._commit(plan.scheduled, results)
         if hook is not None:
@@ -244,7 +245,8 @@ class LLMEngine:
                 kept = max(len(accepted) - 1, 0)
                 self.num_draft_tokens_proposed += len(item.draft_token_ids)
                 self.num_draft_tokens_accepted += kept
-                tested += kept + (kept < len(item.draft_token_ids))
+                # a rejection tested one more position; a sequence that ended on a kept token tested no more
+                tested += kept + (kept < len(item.draft_token_ids) and req.seq.finish_reason is None)
                 accepted_drafts += kept
             self.scheduler.commit(item, accepted)
             if req.seq.finish_reason is not None and not req.seq.is_finished:
@@ -304,7 +306,7 @@ class LLMEngine:
                        self.max_model_len - len(seq.token_ids) - 1, draft.max_model_len - len(seq.token_ids))
             if room > 0:
                 eligible.append((seq, room))
-        decision = control.decide(len(decoding), len(eligible))
+        decision = control.decide(len(decoding), len(eligible), self.config.max_num_batched_tokens)
         if eligible:
             self.spec_steps["off" if decision.k == 0 else "probe" if decision.exploring else "on"] += 1
         if decision.k == 0:
@@ -312,9 +314,7 @@ class LLMEngine:
         if decision.max_sequences is not None:  # a probe: the sequences whose draft KV lags least
             eligible.sort(key=lambda e: len(e[0].token_ids) - draft.computed_tokens(e[0]))
             eligible = eligible[:decision.max_sequences]
-        # every decoding sequence must still fit the step's token budget with the drafts (the scheduler would
-        # otherwise drop drafts, or leave the last-ranked sequences out while speculation lasts)
-        eligible = eligible[:max((self.config.max_num_batched_tokens - len(decoding)) // decision.k, 0)]
+        eligible = eligible[:control.drafting(len(decoding), len(eligible), decision.k)]
         assert isinstance(self.runner, ModelRunner)  # a simulated engine takes no draft model (EngineConfig)
         proposals = draft.propose([(seq, min(room, decision.k)) for seq, room in eligible], self.runner.sampler,
                                   self.config.max_num_batched_tokens)
@@ -328,7 +328,7 @@ class LLMEngine:
         # seen, or a sequence back after steps off) is not what a speculative step costs from one to the next
         steady = bool(draft.last_step_seconds) and draft.last_step_seconds[0][0] <= 2 * len(proposals)
         if proposals and steady:
-            self.spec_step = (len(decoding), len(proposals), decision.k)
+            self.spec_step = (len(decoding), len(proposals), decision.k)  # checked against the plan that runs
 
     # -- health and observation -------------------------------------------------------------------------
     def check_integrity(self) -> None:

@@ -101,6 +101,7 @@ class SpeculationControl:
         self.steps_off = 0
         self.retry_after = _FIRST_RETRY
         self.last = Decision(max_k, 1.0, True)
+        self.token_budget: int | None = None
 
     # -- measurements ------------------------------------------------------------------------------------
     def observe_target(self, rows: int, seconds: float) -> None:
@@ -124,7 +125,9 @@ class SpeculationControl:
             self.overhead.observe(b, seconds / predicted)
 
     # -- the decision ------------------------------------------------------------------------------------
-    def decide(self, num_decoding: int, num_eligible: int) -> Decision:
+    def decide(self, num_decoding: int, num_eligible: int, token_budget: int | None = None) -> Decision:
+        """`token_budget`: the step's tokens; k drafts go to at most (budget - n) // k sequences (`drafting`)."""
+        self.token_budget = token_budget
         self.last = self._decide(num_decoding, num_eligible)
         if self.last.k == 0:
             self.steps_off += 1
@@ -149,17 +152,26 @@ class SpeculationControl:
         if self.acceptance is not None and self.draft.seconds:
             off_rate = n / max(self._target(n), 1e-9)
             for k in range(1, self.max_k + 1):
-                seconds = self._model_seconds(n, b, k)
+                drafting = self.drafting(n, b, k)
+                if drafting == 0:
+                    break
+                seconds = self._model_seconds(n, drafting, k)
                 assert seconds is not None
-                seconds *= self.overhead.estimate(b) or 1.0
-                rate = ((n - b) + b * expected_tokens(self.acceptance, k)) / max(seconds, 1e-9)
+                seconds *= self.overhead.estimate(drafting) or 1.0
+                rate = ((n - drafting) + drafting * expected_tokens(self.acceptance, k)) / max(seconds, 1e-9)
                 if rate / off_rate > gain:
                     best_k, gain = k, rate / off_rate
-        retry_after = self.retry_after if n > SMALL_BATCH else min(self.retry_after, _SMALL_BATCH_RETRY)
-        if best_k == 0 and self.steps_off >= retry_after:
-            self.retry_after = min(2 * self.retry_after, _LAST_RETRY)
+        small = n <= SMALL_BATCH
+        if best_k == 0 and self.steps_off >= (min(self.retry_after, _SMALL_BATCH_RETRY) if small else self.retry_after):
+            if not small:  # a small batch's cheap probes leave a large batch's back-off alone
+                self.retry_after = min(2 * self.retry_after, _LAST_RETRY)
             return Decision(self.max_k, 1.0, True, PROBE_SEQUENCES)
         return Decision(best_k, gain, False)
+
+    def drafting(self, n: int, b: int, k: int) -> int:
+        """Sequences that get k drafts: every decoding sequence's row and the drafts fit the step's token budget
+        (beyond it the scheduler would drop drafts, or leave the last-ranked sequences out)."""
+        return b if self.token_budget is None else max(min(b, (self.token_budget - n) // k), 0)
 
     def _model_seconds(self, n: int, b: int, k: int) -> float | None:
         """k draft forwards over b rows and the verify forward over n + b * k rows (None: nothing measured)."""

@@ -81,3 +81,10 @@ def test_measured_speculative_steps_correct_the_model() -> None:
     for _ in range(10):
         control.observe_step(8, 8, 4, 3 * (4 * 0.4 * memory_bound(8) + memory_bound(40)))
     assert control.decide(8, 8).k == 0
+
+
+def test_drafts_fit_the_step_token_budget() -> None:
+    control = SpeculationControl(max_k=4, adaptive=False)
+    control.decide(200, 200, token_budget=256)
+    assert control.drafting(200, 200, 4) == 14 and control.drafting(200, 200, 1) == 56
+    assert control.drafting(300, 300, 1) == 0
