@@ -103,7 +103,7 @@ def cluster(tiny_llama_dir) -> Iterator[Cluster]:  # type: ignore[no-untyped-def
     pinned = [f"--{b}-{pool}-workers=1" for b in ("min", "max") for pool in ("prefill", "decode")]
     with tandem_up("--prefill", "1", "--decode", "1", "--model", str(tiny_llama_dir), "--dtype", "float32",
                    "--num-kv-blocks", "128", "--min-remote-prefill-tokens", "16", "--planner", "true", *pinned,
-                   "--kv-offload-gib", "0.01", "--kv-store", "1",
+                   "--kv-offload-gib", "0.01", "--kv-store", "1", "--speculative-model", "self-int4",
                    "--planner-interval-s", "1", "--planner-window-s", "2") as running:
         yield running
 
