@@ -230,7 +230,8 @@ async def _bad_calls_are_refused(address: str) -> None:
                 await call
             assert refused.value.code().name == code, refused.value
         after = await stub.Stats(kvstore_pb2.StoreStatsRequest(), timeout=10)
-        assert after.readable_blocks == stats.readable_blocks and not after.integrity_error, after
+        # nothing dropped (the workers' background puts may still commit blocks meanwhile)
+        assert after.readable_blocks >= stats.readable_blocks and not after.integrity_error, after
 
 
 async def _lookup(address: str, prefix: list[int]) -> list[kvstore_pb2.StoreHit]:
