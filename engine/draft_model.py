@@ -267,12 +267,11 @@ class DraftModel:
         """Draw each (sequence, k, block table)'s drafts, from `first` (the logits after its newest token) on."""
         drafts: dict[str, list[int]] = {seq.request_id: [] for seq, _, _ in work}
         probs: dict[str, list[torch.Tensor]] = {seq.request_id: [] for seq, _, _ in work}
-        states = {seq.request_id: seq.sampling_state for seq, _, _ in work}
         try:
             live = work
             rows = torch.stack([first[seq.request_id] for seq, _, _ in live]) if live else None
             while live and rows is not None:
-                q = sampler.distributions(rows, [states[seq.request_id] for seq, _, _ in live])
+                q = sampler.distributions(rows, [seq.sampling_state for seq, _, _ in live])
                 for i, (seq, _, _) in enumerate(live):
                     token = _pick(q[i], seq.sampling_state, sampler)
                     seq.sampling_state.append(token)  # the next draft is scored as if this one were generated
