@@ -4,11 +4,11 @@ measured at start-up live apart, in `engine.platform`."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Literal
 
-RopeScalingType = Literal["llama3", "linear"]
-Architecture = Literal["llama", "qwen2", "qwen3", "mistral", "mixtral", "qwen3_moe", "gemma2", "gemma3"]
+RopeScalingType = Literal["llama3", "linear", "longrope"]
+Architecture = Literal["llama", "qwen2", "qwen3", "mistral", "mixtral", "qwen3_moe", "gemma2", "gemma3", "phi3"]
 KVCacheDtype = Literal["auto", "bfloat16", "float16", "float32", "fp8_e4m3"]
 SchedulingPolicy = Literal["fcfs", "priority"]
 ComputeDtype = Literal["auto", "float32", "bfloat16", "float16"]
@@ -17,14 +17,27 @@ Quantization = Literal["int8", "int4"]
 
 @dataclass(frozen=True)
 class RopeScaling:
-    """Llama-3 style frequency scaling (long wavelengths slowed by `factor`, a band blended), or
-    linear (every frequency divided by `factor`: Gemma 3's global layers); linear reads no other field."""
+    """Llama-3 style frequency scaling (long wavelengths slowed by `factor`, a band blended), linear
+    (every frequency divided by `factor`: Gemma 3's global layers; reads no other field), or LongRoPE
+    (Phi-3: each frequency divided by its own factor from `short_factor` or `long_factor`, cos and sin
+    multiplied by `attention_factor`).
+
+    LongRoPE's set is chosen once per engine, not per sequence (as vLLM does): `use_long` when the
+    engine's context (max_model_len) exceeds `original_max_position_embeddings` (`for_context`), so a
+    token's KV never depends on how long its sequence grows. transformers instead picks per forward by
+    the longest position in it, which rotates a prompt's KV with one set and its later tokens with the
+    other once the sequence crosses the original length: the two agree for every sequence when the
+    context stays within the original length, and for sequences whose prompt exceeds it."""
 
     factor: float
     low_freq_factor: float = 0.0
     high_freq_factor: float = 0.0
     original_max_position_embeddings: int = 0
     rope_type: RopeScalingType = "llama3"
+    short_factor: tuple[float, ...] = ()  # longrope: one divisor per rotary frequency
+    long_factor: tuple[float, ...] = ()
+    attention_factor: float = 1.0  # longrope: cos and sin are multiplied by it
+    use_long: bool = False  # longrope: the long set is in use (for_context)
 
     def __post_init__(self) -> None:
         if self.factor <= 0:
@@ -33,6 +46,26 @@ class RopeScaling:
                                                and self.original_max_position_embeddings > 0):
             raise ValueError("llama3 rope scaling needs 0 < low_freq_factor < high_freq_factor and "
                              "original_max_position_embeddings > 0")
+        # JSON (the weight cache) gives lists: keep the config hashable and comparable
+        object.__setattr__(self, "short_factor", tuple(float(f) for f in self.short_factor))
+        object.__setattr__(self, "long_factor", tuple(float(f) for f in self.long_factor))
+        if self.rope_type == "longrope" and not (
+                self.short_factor and len(self.short_factor) == len(self.long_factor)
+                and min(self.short_factor + self.long_factor) > 0 and self.original_max_position_embeddings > 0
+                and self.attention_factor > 0):
+            raise ValueError("longrope scaling needs positive short_factor and long_factor of one length, "
+                             "original_max_position_embeddings > 0 and attention_factor > 0")
+
+    def for_context(self, max_model_len: int) -> RopeScaling:
+        """This scaling for an engine whose sequences reach `max_model_len` tokens (LongRoPE picks its set)."""
+        if self.rope_type != "longrope":
+            return self
+        return replace(self, use_long=max_model_len > self.original_max_position_embeddings)
+
+    @property
+    def frequency_divisors(self) -> tuple[float, ...]:
+        """longrope: the divisors in use."""
+        return self.long_factor if self.use_long else self.short_factor
 
 
 MOE_ARCHITECTURES = ("mixtral", "qwen3_moe")
@@ -83,6 +116,7 @@ class ModelConfig:
     attn_logit_softcap: float = 0.0  # > 0: attention scores become cap * tanh(score / cap) (Gemma 2)
     attention_scale: float | None = None  # None: head_dim ** -0.5
     final_logit_softcap: float = 0.0  # > 0: logits become cap * tanh(logit / cap) (Gemma 2)
+    partial_rotary_factor: float = 1.0  # RoPE rotates the first rotary_dim of each head's dims (Phi-4-mini: 0.75)
     name: str = "model"
     eos_token_ids: tuple[int, ...] = field(default_factory=tuple)
 
@@ -100,6 +134,13 @@ class ModelConfig:
                              f"got {self.sliding_windows}")
         if self.attn_logit_softcap < 0 or self.final_logit_softcap < 0:
             raise ValueError("soft-capping values must be >= 0")
+        if not (0 < self.partial_rotary_factor <= 1) or self.rotary_dim < 2 or self.rotary_dim % 2:
+            raise ValueError(f"partial_rotary_factor {self.partial_rotary_factor} of head_dim {self.head_dim} must "
+                             "give an even number of rotated dims >= 2")
+        if (self.rope_scaling is not None and self.rope_scaling.rope_type == "longrope"
+                and 2 * len(self.rope_scaling.short_factor) != self.rotary_dim):
+            raise ValueError(f"longrope needs {self.rotary_dim // 2} factors (one per rotary frequency), got "
+                             f"{len(self.rope_scaling.short_factor)}")
         if (self.moe is not None) != (self.architecture in MOE_ARCHITECTURES):
             raise ValueError(f"architecture {self.architecture!r} {'needs' if self.moe is None else 'takes no'} "
                              "MoE configuration")
@@ -107,6 +148,18 @@ class ModelConfig:
     @property
     def group_size(self) -> int:
         return self.num_heads // self.num_kv_heads
+
+    @property
+    def rotary_dim(self) -> int:
+        """How many of a head's dims RoPE rotates (the first ones; the rest pass through)."""
+        return int(self.head_dim * self.partial_rotary_factor)
+
+    def for_context(self, max_model_len: int) -> ModelConfig:
+        """This config for an engine of context `max_model_len` (RopeScaling.for_context): what the model
+        computes may depend on it, so the weights fingerprint is taken of the result."""
+        if self.rope_scaling is None:
+            return self
+        return replace(self, rope_scaling=self.rope_scaling.for_context(max_model_len))
 
 
 SpeculativeMethod = Literal["ngram", "draft"]

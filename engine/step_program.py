@@ -132,6 +132,8 @@ class StepProgram:
                                 buffer(q_size), buffer(2 * mlp0.intermediate), buffer(mlp0.intermediate))
         rope = attn0.rope
         cos, sin = rope.cos, rope.sin
+        if rope.rotary_dim != rope.head_dim:
+            raise Unsupported("partial rotary (the RoPE kernel rotates whole heads)")
         if cos.dtype != torch.float32 or not cos.is_contiguous() or not sin.is_contiguous():
             raise Unsupported("RoPE tables are not contiguous fp32")
         self._keep: list[object] = [cos, sin]  # whatever the program points into must outlive it

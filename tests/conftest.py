@@ -26,6 +26,8 @@ from transformers import (
     MistralForCausalLM,
     MixtralConfig,
     MixtralForCausalLM,
+    Phi3Config,
+    Phi3ForCausalLM,
     PreTrainedTokenizerFast,
     Qwen2Config,
     Qwen2ForCausalLM,
@@ -114,7 +116,7 @@ def _perturb(model: torch.nn.Module, qk_norms: bool = False, mlp_scale: float = 
                 param.uniform_(-0.5, 0.5)
             elif mlp_scale != 1.0 and ".mlp." in name:
                 param.mul_(mlp_scale)
-            elif qk_scale != 1.0 and name.endswith(("q_proj.weight", "k_proj.weight")):
+            elif qk_scale != 1.0 and name.endswith(("q_proj.weight", "k_proj.weight", "qkv_proj.weight")):
                 param.mul_(qk_scale)
 
 
@@ -217,6 +219,25 @@ def tiny_gemma3_dir(tmp_path_factory: pytest.TempPathFactory) -> pathlib.Path:
                                  "num_hidden_layers": 3})
     return _tiny_checkpoint(tmp_path_factory, "tiny_gemma3", 9, lambda: Gemma3ForCausalLM(config), add_bos=True,
                             all_norms=True, qk_scale=4.0)
+
+
+PHI3_ORIGINAL_CONTEXT = 64  # tiny_phi3_dir's LongRoPE switches sets beyond it
+
+
+@pytest.fixture(scope="session")
+def tiny_phi3_dir(tmp_path_factory: pytest.TempPathFactory) -> pathlib.Path:
+    """Phi-3 (fused qkv_proj and gate_up_proj in the checkpoint): LongRoPE over an original context of
+    PHI3_ORIGINAL_CONTEXT of 512 (attention factor ~1.15), short and long factors far apart; partial rotary
+    (12 of 16 dims, as Phi-4-mini's 0.75); a sliding window of 12 in every layer; q/k/v scaled up so that
+    the window and the factors bite. Treat as read-only."""
+    rope = {"rope_type": "longrope", "short_factor": [1.0, 1.1, 1.4, 2.0, 3.0, 4.5],
+            "long_factor": [1.3, 2.0, 3.5, 6.0, 10.0, 16.0],
+            "original_max_position_embeddings": PHI3_ORIGINAL_CONTEXT, "partial_rotary_factor": 0.75}
+    fields = _common(tie_word_embeddings=False, sliding_window=12, rope_parameters=rope, partial_rotary_factor=0.75,
+                     original_max_position_embeddings=PHI3_ORIGINAL_CONTEXT)
+    config = Phi3Config(**{**fields, "max_position_embeddings": 512})  # type: ignore[arg-type]
+    return _tiny_checkpoint(tmp_path_factory, "tiny_phi3", 10, lambda: Phi3ForCausalLM(config), add_bos=True,
+                            qk_scale=3.0)
 
 
 @pytest.fixture(scope="session")

@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 
 from engine import LLM, SamplingParams, SpeculativeConfig
+from tests.conftest import PHI3_ORIGINAL_CONTEXT
 from tests.support.hf_reference import hf_greedy
 from tests.support.prompts import varied_prompts
 
@@ -72,10 +73,34 @@ def test_sliding_windows_on_the_torch_attention_backend(fixture, request) -> Non
     _check_tiny(str(request.getfixturevalue(fixture)), {"attention_backend": "torch", **TINY_CONFIGS["default"]})
 
 
-def _check_tiny(path: str, config: dict) -> LLM:
+# Phi-3's LongRoPE set is fixed by the context: short within PHI3_ORIGINAL_CONTEXT (prompts and answers stay
+# inside it), long beyond (prompts longer than it, where transformers picks the long set for every token too)
+# (limits, prompt lengths, a pool that cannot hold them all at once)
+PHI3_MODES = {"short": ({"max_model_len": PHI3_ORIGINAL_CONTEXT}, (1, 3, 16, 17, 30, 40, 50, 52), 8),
+              "long": ({"max_model_len": 512}, (65, 70, 90, 130, 150, 200, 250, 300), 32)}
+PHI3_CONFIGS = {**{name: TINY_CONFIGS[name] for name in ("default", "no_prefix_cache", "speculative")},
+                "no_chunked_prefill": {"enable_chunked_prefill": False},
+                "preemption": {"max_num_batched_tokens": 24},  # with the mode's small pool
+                "torch_attention": {"attention_backend": "torch", "max_num_batched_tokens": 32}}
+
+
+@pytest.mark.parametrize("name", list(PHI3_CONFIGS))
+@pytest.mark.parametrize("mode", list(PHI3_MODES))
+def test_phi3_matches_transformers(tiny_phi3_dir, mode, name) -> None:
+    """Phi-3 (fused checkpoint tensors, LongRoPE in both sets with its attention factor, partial rotary,
+    a window in every layer) in every engine configuration, prompts of 1 to 300 tokens together."""
+    limits, lengths, small_pool = PHI3_MODES[mode]
+    config = {**limits, **PHI3_CONFIGS[name], **({"num_kv_blocks": small_pool} if name == "preemption" else {})}
+    llm = _check_tiny(str(tiny_phi3_dir), config, lengths)
+    assert llm.engine.model_config.rope_scaling.use_long == (mode == "long")
+    if name == "preemption":
+        assert llm.engine.scheduler.num_preemptions_total > 0
+
+
+def _check_tiny(path: str, config: dict, lengths: tuple[int, ...] = (1, 3, 16, 17, 40, 90, 150)) -> LLM:
     llm = LLM(path, **{"num_kv_blocks": 64, "dtype": "float32", **config})
     # Repetitive prompts give the n-gram drafter something to propose.
-    prompts = [[(7 * i + j % (5 + i)) % 500 + 3 for j in range(n)] for i, n in enumerate((1, 3, 16, 17, 40, 90, 150))]
+    prompts = [[(7 * i + j % (5 + i)) % 500 + 3 for j in range(n)] for i, n in enumerate(lengths)]
     outputs = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=12, ignore_eos=True))
     for out, prompt in zip(outputs, prompts, strict=True):
         assert out.token_ids == hf_greedy(path, prompt, 12, eos_ids=())

@@ -44,3 +44,14 @@ def test_an_engine_carries_its_checkpoints_fingerprint(tiny_llama_dir: pathlib.P
     assert parts.weights_fingerprint == expected
     other = LLM(str(tiny_qwen2_dir), num_kv_blocks=16, dtype="float32").engine.parts
     assert other.weights_fingerprint != expected
+
+
+def test_longrope_engines_of_other_contexts_do_not_agree(tiny_phi3_dir: pathlib.Path) -> None:
+    """A Phi-3 engine's context picks its LongRoPE set, so its KV: a short-context engine and a long one
+    must refuse each other's KV; engines of the same set agree, whatever their context."""
+    def fingerprint(max_model_len: int) -> str:
+        llm = LLM(str(tiny_phi3_dir), num_kv_blocks=32, dtype="float32", max_model_len=max_model_len)
+        return llm.engine.parts.weights_fingerprint
+
+    short = fingerprint(64)
+    assert short == fingerprint(32) and short != fingerprint(65)

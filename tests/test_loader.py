@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import math
 import os
 import pathlib
 import time
@@ -560,3 +562,42 @@ def test_sliding_windows_as_configs_write_them(tmp_path: pathlib.Path) -> None:
     with pytest.raises(ModelLoadError, match="layer_types"):
         windows(architectures=["Qwen3ForCausalLM"], sliding_window=8, use_sliding_window=True,
                 layer_types=layer_types[:3])
+
+
+def test_phi3_configs_and_fused_tensors(tmp_path: pathlib.Path, tiny_phi3_dir: pathlib.Path) -> None:
+    """Phi-3 as transformers 5 writes it, and as older configs do ("su", factors and the original
+    context at the top level); its fused tensors split into Llama's; misfits refused by name."""
+    config = load_model(tiny_phi3_dir).config
+    scaling = config.rope_scaling
+    assert config.architecture == "phi3" and config.rotary_dim == 12 and config.sliding_windows == (12, 12)
+    assert scaling is not None and scaling.rope_type == "longrope" and scaling.original_max_position_embeddings == 64
+    assert scaling.factor == 8.0 and scaling.attention_factor == pytest.approx(math.sqrt(1 + math.log(8) / math.log(64)))
+    assert not scaling.use_long and config.for_context(65).rope_scaling.use_long  # type: ignore[union-attr]
+    assert not config.for_context(64).rope_scaling.use_long  # type: ignore[union-attr]
+
+    raw = json.loads((tiny_phi3_dir / "config.json").read_text())
+    legacy = {"type": "su", "short_factor": raw["rope_parameters"]["short_factor"],
+              "long_factor": raw["rope_parameters"]["long_factor"], "attention_factor": 1.5}
+    _edit_config(tmp_path / "old", tiny_phi3_dir, rope_parameters=None, rope_scaling=legacy, rope_theta=2e4)
+    old = load_model(tmp_path / "old").config
+    assert old.rope_theta == 2e4 and old.rotary_dim == 12 and old.rope_scaling == dataclasses.replace(
+        scaling, attention_factor=1.5)
+
+    short = {**raw["rope_parameters"], "short_factor": [1.0] * 5, "long_factor": [2.0] * 5}
+    _edit_config(tmp_path / "factors", tiny_phi3_dir, rope_parameters=short)
+    with pytest.raises(ModelLoadError, match="6 factors"):
+        load_model(tmp_path / "factors")
+
+    from safetensors.torch import save_file
+    state = load_file(str(tiny_phi3_dir / "model.safetensors"))
+    assert "model.layers.0.self_attn.qkv_proj.weight" in state
+    loaded = load_model(tiny_phi3_dir).weights
+    q, k, v = state["model.layers.0.self_attn.qkv_proj.weight"].split((64, 32, 32))
+    assert torch.equal(loaded["model.layers.0.self_attn.k_proj.weight"], k)
+    gate, up = state["model.layers.1.mlp.gate_up_proj.weight"].chunk(2)
+    assert torch.equal(loaded["model.layers.1.mlp.up_proj.weight"], up)
+    _edit_config(tmp_path / "cut", tiny_phi3_dir)
+    state["model.layers.1.self_attn.qkv_proj.weight"] = state["model.layers.1.self_attn.qkv_proj.weight"][:100]
+    save_file(state, str(tmp_path / "cut" / "model.safetensors"))
+    with pytest.raises(ModelLoadError, match=r"model.layers.1.self_attn.qkv_proj.weight: shape \(100, 64\)"):
+        load_model(tmp_path / "cut")

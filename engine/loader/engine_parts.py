@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -74,24 +74,8 @@ def build_engine_parts(config: EngineConfig, kv_storage: KVStorageAllocator | No
     if config.deterministic and family.not_batch_invariant is not None:
         raise ModelLoadError(f"deterministic mode does not cover {loaded.config.architecture} yet "
                              f"({family.not_batch_invariant}): run it without --deterministic")
-    fingerprint = weights_fingerprint(loaded.weights, loaded.config, dtype, config.quantization)
-    model = build_model(loaded, platform, dtype)
-    quantized: list[str] = []
-    if config.quantization is not None:
-        from engine.loader.quantized import quantize_loaded_model
-        quantized = quantize_loaded_model(model, config.quantization, loaded.source)
-    if config.deterministic and (platform.is_cuda or fused_ops_kernel() is None):
-        raise ModelLoadError("deterministic mode needs the CPU kernels (a CPU device and a C compiler, "
-                             "TANDEM_DISABLE_C_KERNELS unset)")
     cfg = loaded.config
     max_model_len = min(config.max_model_len or DEFAULT_MAX_MODEL_LEN, cfg.max_position_embeddings)
-    if not platform.is_cuda:
-        pack_linears(model, config.deterministic)
-        if config.deterministic:
-            limits = config.scheduler_config(max_model_len)
-            per_seq = 1 + (config.speculative.num_draft_tokens if config.speculative else 0)  # logits rows per sequence
-            make_batch_invariant(model, limits.max_num_batched_tokens,
-                                   min(limits.max_num_batched_tokens, limits.max_num_seqs * per_seq))
     kv_dtype = resolve_kv_dtype(config.kv_cache_dtype, dtype)
     probe = KVCacheSpec(cfg.num_layers, 1, config.block_size, cfg.num_kv_heads, cfg.head_dim, kv_dtype)
     num_blocks = config.num_kv_blocks or max(config.kv_cache_memory_bytes // probe.bytes_per_block, 1)
@@ -101,6 +85,25 @@ def build_engine_parts(config: EngineConfig, kv_storage: KVStorageAllocator | No
                 f"the KV cache holds {num_blocks * config.block_size} tokens, less than max_model_len "
                 f"{max_model_len}: give more KV memory or a smaller max_model_len")
         max_model_len = num_blocks * config.block_size
+    # what the model computes may depend on its context (LongRoPE's factor set): fixed before the fingerprint
+    cfg = cfg.for_context(max_model_len)
+    loaded = replace(loaded, config=cfg)
+    fingerprint = weights_fingerprint(loaded.weights, loaded.config, dtype, config.quantization)
+    model = build_model(loaded, platform, dtype)
+    quantized: list[str] = []
+    if config.quantization is not None:
+        from engine.loader.quantized import quantize_loaded_model
+        quantized = quantize_loaded_model(model, config.quantization, loaded.source)
+    if config.deterministic and (platform.is_cuda or fused_ops_kernel() is None):
+        raise ModelLoadError("deterministic mode needs the CPU kernels (a CPU device and a C compiler, "
+                             "TANDEM_DISABLE_C_KERNELS unset)")
+    if not platform.is_cuda:
+        pack_linears(model, config.deterministic)
+        if config.deterministic:
+            limits = config.scheduler_config(max_model_len)
+            per_seq = 1 + (config.speculative.num_draft_tokens if config.speculative else 0)  # logits rows per sequence
+            make_batch_invariant(model, limits.max_num_batched_tokens,
+                                   min(limits.max_num_batched_tokens, limits.max_num_seqs * per_seq))
     spec = KVCacheSpec(cfg.num_layers, num_blocks, config.block_size, cfg.num_kv_heads, cfg.head_dim, kv_dtype)
     storage = None if kv_storage is None else kv_storage(tensor_bytes(spec))
     pool = KVCachePool(spec, platform.device, dtype, storage)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import pathlib
 from typing import Any
 
@@ -22,6 +23,7 @@ _ARCHITECTURES: dict[str, Architecture] = {
     "Qwen3MoeForCausalLM": "qwen3_moe",
     "Gemma2ForCausalLM": "gemma2",
     "Gemma3ForCausalLM": "gemma3",
+    "Phi3ForCausalLM": "phi3",
 }
 _GEMMA = ("gemma2", "gemma3")
 # the MLP activation each family must have (transformers' name; gelu_pytorch_tanh is gelu's tanh form)
@@ -29,7 +31,7 @@ _ACTIVATIONS = {arch: ("hidden_activation", "gelu_pytorch_tanh") for arch in _GE
 # Gemma 3's windowed layers: five of every six unless the config lists its layer types
 _GEMMA3_WINDOW_PATTERN = 6
 # the families transformers gives sliding windows
-_WINDOWED = ("mistral", "mixtral", "qwen2", "qwen3", "qwen3_moe", *_GEMMA)
+_WINDOWED = ("mistral", "mixtral", "qwen2", "qwen3", "qwen3_moe", "phi3", *_GEMMA)
 # transformers' defaults for fields a config may leave out, where they change what the model computes
 _DEFAULTS: dict[str, dict[str, Any]] = {
     "mistral": {"sliding_window": 4096},
@@ -79,6 +81,7 @@ def load_hf_config(directory: pathlib.Path) -> ModelConfig:
         hidden = int(raw["hidden_size"])
         num_heads = int(raw["num_attention_heads"])
         rope, local_theta = _gemma3_ropes(raw) if arch == "gemma3" else (_rope_parameters(raw), None)
+        max_positions = int(raw["max_position_embeddings"])
         generation_path = directory / "generation_config.json"
         generation = read_json(generation_path) if generation_path.is_file() else {}
         return ModelConfig(
@@ -90,10 +93,11 @@ def load_hf_config(directory: pathlib.Path) -> ModelConfig:
             num_heads=num_heads,
             num_kv_heads=int(raw.get("num_key_value_heads") or num_heads),
             head_dim=int(raw.get("head_dim") or hidden // num_heads),
-            max_position_embeddings=int(raw["max_position_embeddings"]),
+            max_position_embeddings=max_positions,
             rms_norm_eps=float(raw.get("rms_norm_eps", 1e-6)),
             rope_theta=float(rope.get("rope_theta", 10000.0)),
-            rope_scaling=_rope_scaling(rope, config_path),
+            rope_scaling=_rope_scaling(rope, max_positions, config_path),
+            partial_rotary_factor=float(rope.get("partial_rotary_factor", 1.0)),
             local_rope_theta=local_theta,
             tie_word_embeddings=bool(raw.get("tie_word_embeddings", arch in _GEMMA)),
             attention_bias=arch == "qwen2" or bool(raw.get("attention_bias", False)),
@@ -162,8 +166,9 @@ def _rope_parameters(raw: dict[str, Any]) -> dict[str, Any]:
     """transformers >= 5 writes `rope_parameters`; older configs have `rope_theta` + `rope_scaling`."""
     params = dict(raw.get("rope_scaling") or {})
     params.update(raw.get("rope_parameters") or {})
-    if "rope_theta" in raw and "rope_theta" not in params:
-        params["rope_theta"] = raw["rope_theta"]
+    for key in ("rope_theta", "partial_rotary_factor", "original_max_position_embeddings"):  # older top-level fields
+        if raw.get(key) is not None and key not in params:
+            params[key] = raw[key]
     return params
 
 
@@ -182,20 +187,57 @@ def _gemma3_ropes(raw: dict[str, Any]) -> tuple[dict[str, Any], float]:
     return full, float(local["rope_theta"])
 
 
-def _rope_scaling(rope: dict[str, Any], config_path: pathlib.Path) -> RopeScaling | None:
+def _rope_scaling(rope: dict[str, Any], max_positions: int, config_path: pathlib.Path) -> RopeScaling | None:
     kind = rope.get("rope_type", rope.get("type", "default"))
     if kind in (None, "default"):
         return None
     if kind == "linear":
         return RopeScaling(factor=float(rope["factor"]), rope_type="linear")
+    if kind in ("longrope", "su"):  # "su": the name early Phi-3 configs use
+        return _longrope(rope, max_positions)
     if kind != "llama3":
-        raise ModelLoadError(f"{config_path}: rope scaling type {kind!r} is not supported (llama3 and linear are)")
+        raise ModelLoadError(f"{config_path}: rope scaling type {kind!r} is not supported "
+                             "(llama3, linear and longrope are)")
     return RopeScaling(
         factor=float(rope["factor"]),
         low_freq_factor=float(rope["low_freq_factor"]),
         high_freq_factor=float(rope["high_freq_factor"]),
         original_max_position_embeddings=int(rope["original_max_position_embeddings"]),
     )
+
+
+def _longrope(rope: dict[str, Any], max_positions: int) -> RopeScaling:
+    """LongRoPE as transformers reads it: `factor` defaults to max_position_embeddings over the original
+    length, and `attention_factor` to sqrt(1 + ln(factor) / ln(original)) (1 where factor <= 1)."""
+    original = int(rope.get("original_max_position_embeddings") or max_positions)
+    factor = float(rope.get("factor") or max_positions / original)
+    attention = rope.get("attention_factor")
+    if attention is None:
+        attention = 1.0 if factor <= 1.0 else math.sqrt(1 + math.log(factor) / math.log(original))
+    return RopeScaling(factor=factor, rope_type="longrope", original_max_position_embeddings=original,
+                       short_factor=tuple(rope["short_factor"]), long_factor=tuple(rope["long_factor"]),
+                       attention_factor=float(attention))
+
+
+def split_phi3_fused_weights(config: ModelConfig, weights: dict[str, torch.Tensor]) -> None:
+    """Phi-3 checkpoints hold q/k/v as one `qkv_proj` and gate/up as one `gate_up_proj` (gate first):
+    split them, in place, into the Llama names every loader and check uses (the model fuses them again)."""
+    sizes = (config.num_heads * config.head_dim, config.num_kv_heads * config.head_dim,
+             config.num_kv_heads * config.head_dim)
+    for i in range(config.num_layers):
+        pre = f"model.layers.{i}"
+        for fused, parts, split in ((f"{pre}.self_attn.qkv_proj.weight", "qkv", sizes),
+                                    (f"{pre}.mlp.gate_up_proj.weight", ("gate", "up"), None)):
+            tensor = weights.pop(fused, None)
+            if tensor is None:
+                continue  # check_weights names what is missing
+            rows = split or (tensor.shape[0] // 2,) * 2
+            if tensor.dim() != 2 or tensor.shape[0] != sum(rows):
+                raise ModelLoadError(f"{fused}: shape {tuple(tensor.shape)} does not hold {len(rows)} parts of "
+                                     f"{list(rows)} rows")
+            kind = "self_attn" if "qkv" in fused else "mlp"
+            for part, piece in zip(parts, tensor.split(list(rows)), strict=True):
+                weights[f"{pre}.{kind}.{part}_proj.weight"] = piece.contiguous()
 
 
 def _eos_ids(*values: int | list[int] | None) -> tuple[int, ...]:
@@ -241,4 +283,6 @@ def load_hf(directory: pathlib.Path) -> tuple[ModelConfig, dict[str, torch.Tenso
             weights[name] = tensor.to(torch.float32)
     if config.tie_word_embeddings:
         weights.pop("lm_head.weight", None)
+    if config.architecture == "phi3":
+        split_phi3_fused_weights(config, weights)
     return config, weights

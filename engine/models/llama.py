@@ -106,7 +106,7 @@ class LlamaForCausalLM(nn.Module):
         super().__init__()
         self.config = config
         self.rope = rope = RotaryEmbedding(config.head_dim, config.max_position_embeddings, config.rope_theta,
-                                           config.rope_scaling)
+                                           config.rope_scaling, config.rotary_dim)
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(self._layer(config, i, rope) for i in range(config.num_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)

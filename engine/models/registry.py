@@ -18,6 +18,7 @@ MODEL_CLASSES: dict[str, type[LlamaForCausalLM]] = {
     "qwen3_moe": Qwen3MoeForCausalLM,
     "gemma2": Gemma2ForCausalLM,
     "gemma3": Gemma3ForCausalLM,
+    "phi3": LlamaForCausalLM,  # Llama's layers; the loader splits its fused q/k/v and gate/up tensors
 }
 
 

@@ -1,4 +1,5 @@
-"""Rotary position embedding (half-split / NeoX order, as in HF Llama), with llama3 scaling."""
+"""Rotary position embedding (half-split / NeoX order, as in HF Llama) over a head's first `rotary_dim`
+dims (all of them but for partial rotary), with llama3, linear or LongRoPE scaling."""
 
 from __future__ import annotations
 
@@ -10,8 +11,12 @@ from engine.config import RopeScaling
 from engine.kernels import ops
 
 
-def inverse_frequencies(head_dim: int, theta: float, scaling: RopeScaling | None) -> torch.Tensor:
-    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
+def inverse_frequencies(rotary_dim: int, theta: float, scaling: RopeScaling | None) -> torch.Tensor:
+    """fp32, computed as transformers does (the same operations in the same order: equal bits)."""
+    exponents = torch.arange(0, rotary_dim, 2, dtype=torch.int64).float() / rotary_dim
+    if scaling is not None and scaling.rope_type == "longrope":
+        return 1.0 / (torch.tensor(scaling.frequency_divisors, dtype=torch.float32) * theta ** exponents)
+    inv_freq = 1.0 / (theta ** exponents)
     if scaling is None:
         return inv_freq
     if scaling.rope_type == "linear":
@@ -29,10 +34,12 @@ def inverse_frequencies(head_dim: int, theta: float, scaling: RopeScaling | None
 
 
 class RotaryEmbedding(torch.nn.Module):
-    def __init__(self, head_dim: int, max_positions: int, theta: float, scaling: RopeScaling | None) -> None:
+    def __init__(self, head_dim: int, max_positions: int, theta: float, scaling: RopeScaling | None,
+                 rotary_dim: int | None = None) -> None:
         super().__init__()
         self.head_dim, self.max_positions, self.theta, self.scaling = head_dim, max_positions, theta, scaling
-        self.register_buffer("cos", torch.empty(0), persistent=False)  # [max_positions, head_dim / 2], fp32
+        self.rotary_dim = head_dim if rotary_dim is None else rotary_dim  # the first dims of a head; the rest pass
+        self.register_buffer("cos", torch.empty(0), persistent=False)  # [max_positions, rotary_dim / 2], fp32
         self.register_buffer("sin", torch.empty(0), persistent=False)
         self.build_tables(torch.empty(0).device)  # a no-op under `with torch.device("meta")`
 
@@ -40,17 +47,30 @@ class RotaryEmbedding(torch.nn.Module):
         """(Re)compute the cos/sin tables in fp32 on `device` (they are not part of any checkpoint)."""
         if device.type == "meta":
             return
-        inv_freq = inverse_frequencies(self.head_dim, self.theta, self.scaling)
+        inv_freq = inverse_frequencies(self.rotary_dim, self.theta, self.scaling)
         angles = torch.outer(torch.arange(self.max_positions, dtype=torch.float32), inv_freq).to(device)
         self.cos, self.sin = angles.cos(), angles.sin()
+        if self.scaling is not None and self.scaling.rope_type == "longrope":  # in fp32, as transformers does
+            self.cos, self.sin = self.cos * self.scaling.attention_factor, self.sin * self.scaling.attention_factor
 
     def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """q `[T, Hq*d]`, k `[T, Hk*d]` → rotated copies of the same shapes."""
         cos = self.cos[positions].unsqueeze(1)
         sin = self.sin[positions].unsqueeze(1)
+        if self.rotary_dim != self.head_dim:
+            return self._rotate_part(q, cos, sin), self._rotate_part(k, cos, sin)
         return (ops.rotate_reference(q, cos, sin, self.head_dim), ops.rotate_reference(k, cos, sin, self.head_dim))
+
+    def _rotate_part(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """Partial rotary: each head's first rotary_dim dims rotated, the rest as they are."""
+        heads = x.view(x.shape[0], -1, self.head_dim)
+        rotated = ops.rotate_reference(heads[..., :self.rotary_dim].reshape(x.shape[0], -1), cos, sin, self.rotary_dim)
+        return torch.cat((rotated.view(x.shape[0], -1, self.rotary_dim), heads[..., self.rotary_dim:]),
+                         dim=-1).view(x.shape)
 
     def rotate_in_place(self, positions: torch.Tensor, qkv: torch.Tensor, num_heads: int, num_kv_heads: int) -> bool:
         """Rotate the q and k heads at the front of each row of `qkv` in place, where a fused kernel
         applies (then True); the same values as `forward`."""
+        if self.rotary_dim != self.head_dim:  # the kernel rotates whole heads
+            return False
         return ops.rope_in_place(qkv, num_heads, num_kv_heads, self.head_dim, positions, self.cos, self.sin)
