@@ -120,6 +120,14 @@ def _perturb(model: torch.nn.Module, qk_norms: bool = False, mlp_scale: float = 
                 param.mul_(qk_scale)
 
 
+@pytest.fixture
+def cache_tmp(tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch) -> pathlib.Path:
+    """A private disk cache (engine.disk_cache) for a test that converts files."""
+    directory = tmp_path / "cache"
+    monkeypatch.setenv("TANDEM_CACHE_DIR", str(directory))
+    return directory
+
+
 @pytest.fixture(scope="session")
 def default_model_path() -> pathlib.Path:
     return _default_model_path()

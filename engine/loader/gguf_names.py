@@ -11,6 +11,8 @@ import re
 
 import numpy as np
 
+from engine.loader.tensor_layouts import ROUTER, STACKED_EXPERTS, STACKED_PREFIX
+
 _LAYER_TENSORS = {
     "attn_q": "self_attn.q_proj",
     "attn_k": "self_attn.k_proj",
@@ -24,6 +26,14 @@ _LAYER_TENSORS = {
     "attn_q_norm": "self_attn.q_norm",  # Qwen3
     "attn_k_norm": "self_attn.k_norm",
 }
+# Where a family's GGUF names mean other HF tensors than Llama's (layer part only)
+_GEMMA_NORMS = {"post_attention_norm": "post_attention_layernorm", "ffn_norm": "pre_feedforward_layernorm",
+                "post_ffw_norm": "post_feedforward_layernorm"}
+_FAMILY_TENSORS: dict[str, dict[str, str]] = {
+    "gemma2": _GEMMA_NORMS,
+    "gemma3": _GEMMA_NORMS,
+    "phi3": {"attn_qkv": "self_attn.qkv_proj", "ffn_up": "mlp.gate_up_proj"},  # fused, split at load
+}
 _GLOBAL_TENSORS = {
     "token_embd.weight": "model.embed_tokens.weight",
     "output_norm.weight": "model.norm.weight",
@@ -35,15 +45,22 @@ _LAYER_RE = re.compile(r"^blk\.(\d+)\.([a-z_]+)\.(weight|bias)$")
 PERMUTED_QK_ARCHITECTURES = frozenset({"llama", "mistral"})
 
 
-def gguf_to_hf_name(name: str) -> str | None:
-    """The HF parameter name of a GGUF tensor, or None for tensors the model does not use."""
+def gguf_to_hf_name(name: str, arch: str = "llama") -> str | None:
+    """The HF parameter name of a GGUF tensor of architecture `arch` (stacked experts and their router
+    get the placeholder names tensor_layouts.unstack_experts resolves), or None for tensors the model
+    does not use."""
     if name in _GLOBAL_TENSORS:
         return _GLOBAL_TENSORS[name]
     match = _LAYER_RE.match(name)
-    if match is None or match.group(2) not in _LAYER_TENSORS:
+    if match is None:
         return None
     layer, kind, suffix = match.groups()
-    return f"model.layers.{layer}.{_LAYER_TENSORS[kind]}.{suffix}"
+    if kind == "ffn_gate_inp":
+        return ROUTER.format(layer=layer)
+    if kind.startswith("ffn_") and kind[4:] in STACKED_EXPERTS:
+        return STACKED_PREFIX.format(layer=layer) + kind[4:]
+    module = _FAMILY_TENSORS.get(arch, {}).get(kind) or _LAYER_TENSORS.get(kind)
+    return None if module is None else f"model.layers.{layer}.{module}.{suffix}"
 
 
 def unpermute_qk_rows(rows: np.ndarray, num_heads: int) -> np.ndarray:

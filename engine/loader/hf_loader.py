@@ -13,6 +13,7 @@ from safetensors.torch import load_file
 
 from engine.config import Architecture, ModelConfig, MoEConfig, RopeScaling
 from engine.errors import ModelLoadError
+from engine.loader.tensor_layouts import split_phi3_fused_weights
 
 _ARCHITECTURES: dict[str, Architecture] = {
     "LlamaForCausalLM": "llama",
@@ -217,27 +218,6 @@ def _longrope(rope: dict[str, Any], max_positions: int) -> RopeScaling:
     return RopeScaling(factor=factor, rope_type="longrope", original_max_position_embeddings=original,
                        short_factor=tuple(rope["short_factor"]), long_factor=tuple(rope["long_factor"]),
                        attention_factor=float(attention))
-
-
-def split_phi3_fused_weights(config: ModelConfig, weights: dict[str, torch.Tensor]) -> None:
-    """Phi-3 checkpoints hold q/k/v as one `qkv_proj` and gate/up as one `gate_up_proj` (gate first):
-    split them, in place, into the Llama names every loader and check uses (the model fuses them again)."""
-    sizes = (config.num_heads * config.head_dim, config.num_kv_heads * config.head_dim,
-             config.num_kv_heads * config.head_dim)
-    for i in range(config.num_layers):
-        pre = f"model.layers.{i}"
-        for fused, parts, split in ((f"{pre}.self_attn.qkv_proj.weight", "qkv", sizes),
-                                    (f"{pre}.mlp.gate_up_proj.weight", ("gate", "up"), None)):
-            tensor = weights.pop(fused, None)
-            if tensor is None:
-                continue  # check_weights names what is missing
-            rows = split or (tensor.shape[0] // 2,) * 2
-            if tensor.dim() != 2 or tensor.shape[0] != sum(rows):
-                raise ModelLoadError(f"{fused}: shape {tuple(tensor.shape)} does not hold {len(rows)} parts of "
-                                     f"{list(rows)} rows")
-            kind = "self_attn" if "qkv" in fused else "mlp"
-            for part, piece in zip(parts, tensor.split(list(rows)), strict=True):
-                weights[f"{pre}.{kind}.{part}_proj.weight"] = piece.contiguous()
 
 
 def _eos_ids(*values: int | list[int] | None) -> tuple[int, ...]:
