@@ -110,6 +110,9 @@ class BlockManager:
         self.stats_queried_blocks = 0
         self.record_events = False  # set by a worker that publishes KV events
         self.offload: OffloadTier | None = None  # set by an engine with a second KV tier
+        # a pool block this manager never hands out (the pool's scratch block), standing in a sequence's table for a
+        # block it gave back before its end: read (masked) by attention, never written, never released
+        self.null_block_id = num_blocks
         self._stored: list[int] = []
         self._removed: list[int] = []
 
@@ -200,6 +203,8 @@ class BlockManager:
         Blocks are released tail first so that a sequence's later blocks are evicted before its
         earlier ones (a prefix is useless without the blocks before it)."""
         for block_id in reversed(block_ids):
+            if block_id == self.null_block_id:  # a table entry whose block was given back early (engine.scheduler)
+                continue
             block = self.blocks[block_id]
             assert block.ref_count > 0, f"double free of block {block_id}"
             block.ref_count -= 1

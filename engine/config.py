@@ -150,6 +150,11 @@ class ModelConfig:
         return self.num_heads // self.num_kv_heads
 
     @property
+    def window_of_every_layer(self) -> int:
+        """The widest window when every layer has one (then KV older than it is never read again), else 0."""
+        return max(self.sliding_windows) if self.sliding_windows and min(self.sliding_windows) > 0 else 0
+
+    @property
     def rotary_dim(self) -> int:
         """How many of a head's dims RoPE rotates (the first ones; the rest pass through)."""
         return int(self.head_dim * self.partial_rotary_factor)

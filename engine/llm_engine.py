@@ -50,6 +50,7 @@ class LLMEngine:
         self.block_manager = BlockManager(self.parts.pool.spec.num_blocks, self.config.block_size,
                                           self.config.enable_prefix_caching)
         self.block_manager.record_events = self.config.record_kv_events
+        self.block_manager.null_block_id = self.parts.pool.scratch_block
         self.offload: KVOffloadTier | None = None
         if self.config.kv_offload_bytes:
             capacity = self.config.kv_offload_bytes // self.parts.pool.spec.bytes_per_block
@@ -59,7 +60,8 @@ class LLMEngine:
             self.offload = KVOffloadTier(self.parts.pool, capacity, self.config.kv_offload_dir)
             self.offload.record_events = self.config.record_kv_events
             self.block_manager.offload = self.offload
-        self.scheduler = Scheduler(self.config.scheduler_config(self.max_model_len), self.block_manager)
+        self.scheduler = Scheduler(self.config.scheduler_config(self.max_model_len), self.block_manager,
+                                   self.model_config.window_of_every_layer)
         self.runner = self.parts.runner
         self.validator = RequestValidator(self.tokenizer, self.model_config.vocab_size, self.max_model_len)
         self.requests: dict[str, RequestState] = {}

@@ -37,6 +37,11 @@ if TYPE_CHECKING:
     from engine.llm_engine import LLMEngine
 
 
+# In the block lists `reserve` and `rereserve` return: a block this engine does not need (it lies behind every
+# layer's window for the request's next position), so none is reserved and no KV should be sent for it
+NOT_NEEDED = -1
+
+
 @dataclass(frozen=True)
 class RemotePrefillResult:
     """What another engine's prefill of a request produced besides the KV pages: the first sampled
@@ -81,9 +86,9 @@ class RemoteKV:
 
     # -- one remote prefill -----------------------------------------------------------------------------
     def reserve(self, request: EngineRequest) -> list[int]:
-        """Park `request` with fresh blocks for all its prompt tokens; returns their ids in token order
-        (block i holds tokens [i*block_size, (i+1)*block_size)). OutOfKVBlocksError (nothing kept)
-        when they are not free now."""
+        """Park `request` with fresh blocks for its prompt tokens; returns their ids in token order
+        (block i holds tokens [i*block_size, (i+1)*block_size)), NOT_NEEDED for blocks behind every layer's
+        window (none reserved). OutOfKVBlocksError (nothing kept) when they are not free now."""
         seq = self._engine.start_request(request)
         try:
             self._scheduler.allocate_fresh(seq)
@@ -92,7 +97,11 @@ class RemoteKV:
             raise
         seq.status = SequenceStatus.WAITING_FOR_REMOTE_KV
         self.parked[request.request_id] = seq
-        return list(seq.block_table)
+        return self._wanted(seq)
+
+    def _wanted(self, seq: EngineSequence) -> list[int]:
+        behind = seq.num_blocks_behind_window
+        return [NOT_NEEDED] * behind + seq.block_table[behind:]
 
     def resume(self, request_id: str, result: RemotePrefillResult) -> RequestOutput:
         """The prompt's KV is in the reserved blocks: the request joins the batch (even past
@@ -126,8 +135,8 @@ class RemoteKV:
             raise ValueError(f"detached blocks {key!r} already exist")
         if quarantine_s <= 0:
             raise ValueError(f"quarantine_s must be > 0, got {quarantine_s}")
-        self.detached[key] = _Detached(seq.block_table, self._clock() + quarantine_s)
-        seq.block_table = []
+        self.detached[key] = _Detached(seq.block_table[seq.num_blocks_behind_window:], self._clock() + quarantine_s)
+        seq.block_table, seq.num_blocks_behind_window = [], 0
 
     def rereserve(self, request_id: str) -> list[int]:
         """Fresh blocks for the next attempt of a parked request whose blocks were detached
@@ -136,7 +145,7 @@ class RemoteKV:
         if seq.block_table:
             raise ValueError(f"request {request_id!r} is not parked without blocks")
         self._scheduler.allocate_fresh(seq)
-        return list(seq.block_table)
+        return self._wanted(seq)
 
     def prefill_locally(self, request_id: str) -> None:
         """Give up on remote KV for a parked request (its blocks detached): it is prefilled here,
@@ -172,7 +181,8 @@ class RemoteKV:
 
     def held_block_refs(self) -> dict[int, int]:
         refs: dict[int, int] = {}
-        for block_ids in [s.block_table for s in self.parked.values()] + [d.block_ids for d in self.detached.values()]:
+        held = [s.block_table[s.num_blocks_behind_window:] for s in self.parked.values()]
+        for block_ids in held + [d.block_ids for d in self.detached.values()]:
             for block_id in block_ids:
                 refs[block_id] = refs.get(block_id, 0) + 1
         return refs

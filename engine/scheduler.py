@@ -61,9 +61,14 @@ class SchedulerOutput:
 
 
 class Scheduler:
-    def __init__(self, config: SchedulerConfig, block_manager: BlockManager) -> None:
+    def __init__(self, config: SchedulerConfig, block_manager: BlockManager, window: int = 0) -> None:
+        """`window` > 0: every layer of the model attends to the last `window` positions only, so a running
+        sequence's blocks that lie wholly before the window of its next position are given back as it goes
+        (its table keeps the block manager's null block in their place)."""
         self.config = config
         self.blocks = block_manager
+        self.window = window
+        self.num_blocks_behind_window_total = 0
         self.waiting: list[Sequence] = []
         self.running: list[Sequence] = []
         self.num_preemptions_total = 0
@@ -99,13 +104,24 @@ class Scheduler:
 
     # -- sequences that do not come through the waiting queue (engine.remote_kv) -------------------------
     def allocate_fresh(self, seq: Sequence) -> None:
-        """Give `seq` fresh blocks (no prefix-cache hits) for every one of its tokens, or raise
-        OutOfKVBlocksError and leave it unchanged."""
-        need = self.blocks.blocks_needed(len(seq.token_ids))
+        """Give `seq` fresh blocks (no prefix-cache hits) for its tokens, or raise OutOfKVBlocksError and leave
+        it unchanged; with a window in every layer, only for those the window of its next position reaches
+        (the null block stands for the others: `seq.num_blocks_behind_window` of them)."""
+        total = self.blocks.blocks_needed(len(seq.token_ids))
+        behind = min(self.blocks_behind_window(len(seq.token_ids)), total)
+        need = total - behind
         if need > self.blocks.num_free_blocks:
             raise OutOfKVBlocksError(f"request {seq.request_id!r} needs {need} KV blocks, "
                                      f"{self.blocks.num_free_blocks} are free")
-        seq.block_table = self.blocks.allocate(need)
+        seq.block_table = [self.blocks.null_block_id] * behind + self.blocks.allocate(need)
+        seq.num_blocks_behind_window = behind
+
+    def blocks_behind_window(self, next_position: int) -> int:
+        """How many leading blocks no query at `next_position` or later reads (every layer's window has left
+        them); 0 without a window in every layer."""
+        if not self.window:
+            return 0
+        return max(next_position - self.window + 1, 0) // self.blocks.block_size
 
     def join_running(self, seq: Sequence) -> ScheduledSequence:
         """`seq`'s prompt KV was computed elsewhere into its blocks: it joins the running batch (even
@@ -123,7 +139,7 @@ class Scheduler:
         self.running.remove(seq)
         self.blocks.release(seq.block_table)
         seq.block_table, seq.block_hashes, seq.spec_token_ids, seq.spec_draft_probs = [], [], [], None
-        seq.num_computed_tokens = 0
+        seq.num_computed_tokens = seq.num_blocks_behind_window = 0
         seq.num_preemptions += 1
         self.num_preemptions_total += 1
         if self.on_release is not None:
@@ -212,6 +228,7 @@ class Scheduler:
                 for i, (block_id, block_hash) in enumerate(zip(loaded, offloaded, strict=True), start=len(hits)):
                     self.blocks.register_full_block(block_id, block_hash, seq.token_ids[i * size:(i + 1) * size])
             seq.block_table = hits + fresh
+            seq.num_blocks_behind_window = 0
             seq.block_hashes = hashes[:len(hits) + len(offloaded)]
             seq.num_computed_tokens = computed
             if seq.num_preemptions == 0:
@@ -260,6 +277,22 @@ class Scheduler:
             if on_token is not None:
                 on_token(seq, token_id)
         self._register_full_blocks(seq)
+        if self.window:
+            self._release_behind_window(seq)
+
+    def _release_behind_window(self, seq: Sequence) -> None:
+        """Give back the blocks wholly before the window of `seq`'s next position: every later query (at
+        positions >= num_computed_tokens: drafts, verification and chunks included) attends to positions
+        > its own - window only. Registered blocks stay in the prefix cache until evicted. Runs after the step's
+        KV push has finished (the engine waits for it before committing), so nothing still reads them."""
+        end = min(self.blocks_behind_window(seq.num_computed_tokens), len(seq.block_table))
+        if end <= seq.num_blocks_behind_window:
+            return
+        behind = seq.block_table[seq.num_blocks_behind_window:end]
+        self.blocks.release(behind)
+        seq.block_table[seq.num_blocks_behind_window:end] = [self.blocks.null_block_id] * len(behind)
+        self.num_blocks_behind_window_total += sum(b != self.blocks.null_block_id for b in behind)
+        seq.num_blocks_behind_window = end
 
     def _register_full_blocks(self, seq: Sequence) -> None:
         size = self.blocks.block_size
@@ -270,12 +303,13 @@ class Scheduler:
             parent = seq.block_hashes[-1] if seq.block_hashes else seq.root_hash
             block_hash = hash_block(parent, tokens)
             seq.block_hashes.append(block_hash)
-            self.blocks.register_full_block(seq.block_table[i], block_hash, tokens)
+            if seq.block_table[i] != self.blocks.null_block_id:  # (the chain goes on past a block not held)
+                self.blocks.register_full_block(seq.block_table[i], block_hash, tokens)
 
     def held_block_refs(self) -> dict[int, int]:
         """Block id → number of running or waiting sequences holding it (for integrity checks)."""
         refs: dict[int, int] = {}
         for seq in self.running + self.waiting:
-            for block_id in seq.block_table:
+            for block_id in seq.block_table[seq.num_blocks_behind_window:]:
                 refs[block_id] = refs.get(block_id, 0) + 1
         return refs

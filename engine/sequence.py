@@ -46,6 +46,8 @@ class Sequence:
         self.num_cached_tokens = 0  # prompt tokens served from the prefix cache at first admission
         self.block_table: list[int] = []
         self.block_hashes: list[int] = []
+        # block_table[:num_blocks_behind_window] were given back: every layer's window has left them (engine.scheduler)
+        self.num_blocks_behind_window = 0
         self.spec_token_ids: list[int] = []  # draft tokens proposed for the next step
         # the distributions a draft model drew spec_token_ids from [k, V], for rejection sampling; None: the drafts
         # are verified greedily (n-gram drafts, or a draft model's for a plain greedy request)

@@ -19,6 +19,7 @@ import numpy as np
 
 from engine.config import ModelConfig
 from engine.kv_cache import KVCachePool
+from engine.remote_kv import NOT_NEEDED
 from kv_transfer.datatypes import Notification, Ranges
 from kv_transfer.errors import HandshakeError, TransferError
 from kv_transfer.kv_layout import KVLayout, block_ranges
@@ -134,10 +135,11 @@ class KVConnector:
         return block_ranges(self.layout, peer.layout, layers, local_blocks, remote_blocks)
 
     def expect(self, request_id: str, peer_engine: str, blocks: list[int]) -> KVReceipt:
-        """Decode side: grant `peer_engine` the pages of `blocks` (every layer) for `request_id`'s
-        push and start collecting its notes (call before asking for the push). Closing the receipt
+        """Decode side: grant `peer_engine` the pages of `blocks` (every layer; none for a NOT_NEEDED entry) for
+        `request_id`'s push and start collecting its notes (call before asking for the push). Closing the receipt
         revokes the grant: a late write of an abandoned attempt is refused."""
-        pages = block_ranges(self.layout, self.layout, range(self.layout.num_layers), blocks, blocks)
+        held = [b for b in blocks if b != NOT_NEEDED]
+        pages = block_ranges(self.layout, self.layout, range(self.layout.num_layers), held, held)
         tag = kv_tag(request_id)
         grant = self.transfer.grant(self.segment_name, peer_engine, tag, pages.local_offsets, pages.lengths)
         try:
@@ -145,8 +147,10 @@ class KVConnector:
         except BaseException:
             self.transfer.revoke(grant)
             raise
-        return KVReceipt(subscription, self.layout.num_layers, len(blocks),
-                         on_close=lambda: self.transfer.revoke(grant))
+        receipt = KVReceipt(subscription, self.layout.num_layers, len(blocks),
+                            on_close=lambda: self.transfer.revoke(grant))
+        receipt.landed[:, [i for i, b in enumerate(blocks) if b == NOT_NEEDED]] = True  # nothing comes for them
+        return receipt
 
 
 class KVReceipt:

@@ -8,6 +8,7 @@ import threading
 from dataclasses import dataclass, field
 
 from engine.outputs import RequestOutput
+from engine.remote_kv import NOT_NEEDED
 from engine.scheduler import SchedulerOutput
 from kv_transfer.batch import BatchHandle, NotifySpec
 from kv_transfer.datatypes import Ranges, TransferOp
@@ -54,6 +55,7 @@ class KVPusher:
         self._active: list[_Target] = []
         self._pending_layers: list[int] = []
         self._step_layer_bytes = 0  # bytes of one layer's pages across the step's active targets
+        self.bytes_submitted = 0  # every page's bytes handed to the transfer engine, ever
         self._lock = threading.Lock()
 
     def expect(self, request_id: str, peer: PeerKV, remote_blocks: list[int], timeout_s: float = 30.0) -> None:
@@ -77,11 +79,17 @@ class KVPusher:
                 end = min(-(-end_token // self.block_size), len(target.remote_blocks))
                 if end <= start:
                     continue
-                target.step_blocks = (start, end, item.seq.block_table[start:end], target.remote_blocks[start:end])
+                # blocks the decode side does not need (behind every layer's window there) are not sent
+                pairs = [(local, remote) for local, remote in zip(item.seq.block_table[start:end],
+                                                                  target.remote_blocks[start:end], strict=True)
+                         if remote != NOT_NEEDED]
                 target.next_block = end_token // self.block_size
+                if not pairs:
+                    continue
+                target.step_blocks = (start, end, [p[0] for p in pairs], [p[1] for p in pairs])
                 self._active.append(target)
         self._pending_layers = []
-        self._step_layer_bytes = sum(t.step_blocks[1] - t.step_blocks[0] for t in self._active
+        self._step_layer_bytes = sum(len(t.step_blocks[2]) for t in self._active
                                      if t.step_blocks is not None) * self.connector.layout.block_bytes
         return bool(self._active)
 
@@ -98,6 +106,7 @@ class KVPusher:
             try:
                 ranges = self.connector.ranges(target.peer, layers, local, remote)
                 target.handles.append(self._submit(target, ranges, note))
+                self.bytes_submitted += ranges.total_bytes
             except TransferError as e:
                 target.error = target.error or str(e)
 

@@ -55,12 +55,20 @@ TINY_CONFIGS = {
 }
 
 
+# A model whose every layer has a window gives back the blocks behind it as it goes (engine.scheduler): its
+# preemption test needs a smaller pool (one that still holds the window and two steps' chunks)
+WINDOWED_PREEMPTION_BLOCKS = 6
+
+
 @pytest.mark.parametrize("name", list(TINY_CONFIGS))
 @pytest.mark.parametrize("fixture", ["tiny_llama_dir", "tiny_qwen2_dir", "tiny_qwen3_dir", "tiny_mixtral_dir",
                                      "tiny_qwen3_moe_dir", "tiny_llama3_scaled_dir", "tiny_mistral_window_dir",
                                      "tiny_qwen2_window_dir", "tiny_gemma2_dir", "tiny_gemma3_dir"])
 def test_tiny_checkpoints_match_transformers(fixture, name, request) -> None:
-    llm = _check_tiny(str(request.getfixturevalue(fixture)), TINY_CONFIGS[name])
+    config = TINY_CONFIGS[name]
+    if name == "preemption" and fixture == "tiny_mistral_window_dir":
+        config = {**config, "num_kv_blocks": WINDOWED_PREEMPTION_BLOCKS}
+    llm = _check_tiny(str(request.getfixturevalue(fixture)), config)
     if name == "preemption":
         assert llm.engine.scheduler.num_preemptions_total > 0
 
@@ -75,12 +83,12 @@ def test_sliding_windows_on_the_torch_attention_backend(fixture, request) -> Non
 
 # Phi-3's LongRoPE set is fixed by the context: short within PHI3_ORIGINAL_CONTEXT (prompts and answers stay
 # inside it), long beyond (prompts longer than it, where transformers picks the long set for every token too)
-# (limits, prompt lengths, a pool that cannot hold them all at once)
-PHI3_MODES = {"short": ({"max_model_len": PHI3_ORIGINAL_CONTEXT}, (1, 3, 16, 17, 30, 40, 50, 52), 8),
-              "long": ({"max_model_len": 512}, (65, 70, 90, 130, 150, 200, 250, 300), 32)}
+# (limits, prompt lengths)
+PHI3_MODES = {"short": ({"max_model_len": PHI3_ORIGINAL_CONTEXT}, (1, 3, 16, 17, 30, 40, 50, 52)),
+              "long": ({"max_model_len": 512}, (65, 70, 90, 130, 150, 200, 250, 300))}
 PHI3_CONFIGS = {**{name: TINY_CONFIGS[name] for name in ("default", "no_prefix_cache", "speculative")},
                 "no_chunked_prefill": {"enable_chunked_prefill": False},
-                "preemption": {"max_num_batched_tokens": 24},  # with the mode's small pool
+                "preemption": {"max_num_batched_tokens": 24, "num_kv_blocks": WINDOWED_PREEMPTION_BLOCKS},
                 "torch_attention": {"attention_backend": "torch", "max_num_batched_tokens": 32}}
 
 
@@ -89,8 +97,8 @@ PHI3_CONFIGS = {**{name: TINY_CONFIGS[name] for name in ("default", "no_prefix_c
 def test_phi3_matches_transformers(tiny_phi3_dir, mode, name) -> None:
     """Phi-3 (fused checkpoint tensors, LongRoPE in both sets with its attention factor, partial rotary,
     a window in every layer) in every engine configuration, prompts of 1 to 300 tokens together."""
-    limits, lengths, small_pool = PHI3_MODES[mode]
-    config = {**limits, **PHI3_CONFIGS[name], **({"num_kv_blocks": small_pool} if name == "preemption" else {})}
+    limits, lengths = PHI3_MODES[mode]
+    config = {**limits, **PHI3_CONFIGS[name]}
     llm = _check_tiny(str(tiny_phi3_dir), config, lengths)
     assert llm.engine.model_config.rope_scaling.use_long == (mode == "long")
     if name == "preemption":

@@ -76,6 +76,40 @@ def test_pushed_prefill_decodes_like_transformers(backend: str, etcd: str, defau
         decode.close()
 
 
+@pytest.mark.slow
+def test_a_windowed_models_push_moves_only_the_blocks_the_decode_side_needs(etcd: str,
+                                                                            tiny_mistral_window_dir) -> None:
+    """Every layer of the tiny Mistral attends to its last 8 positions: the decode side reserves only the blocks
+    the window of the prompt's next position reaches (-1 for the others) and the prefill pushes only those,
+    in 16-token chunks that leave the prefill's own blocks behind as it goes; the continuation equals
+    transformers'."""
+    model = str(tiny_mistral_window_dir)
+    prefix = f"/tandem/test-{uuid.uuid4().hex[:8]}"
+    prefill = _engine_peer(etcd, "p-window", "tcp", model, prefix, num_blocks=16, max_batched_tokens=16)
+    decode = _engine_peer(etcd, "d-window", "tcp", model, prefix, num_blocks=16)
+    try:
+        for i, length in enumerate((5, 40, 200)):
+            prompt = [(11 * j + i) % 500 + 3 for j in range(length)]
+            rid = f"w{i}"
+            reserved = decode.call(cmd="reserve", request_id=rid, prompt=prompt, max_tokens=MAX_TOKENS)
+            blocks = reserved["blocks"]
+            behind = max(length - 8 + 1, 0) // 16
+            assert blocks[:behind] == [-1] * behind and min(blocks[behind:]) >= 0 and len(blocks) == -(-length // 16)
+            decode.send(cmd="decode", request_id=rid, peer=prefill.engine_id, timeout=60)
+            assert decode.read(timeout=30)["expecting"] == rid
+            pushed = prefill.call(cmd="prefill", request_id=rid, prompt=prompt, peer_segment=decode.name,
+                                  blocks=blocks, reply_within=120)
+            assert pushed["ok"], pushed
+            block_bytes = 2 * 16 * 2 * 2 * 16 * 4  # layers x block x (k, v) x kv heads x head_dim x fp32
+            assert pushed["bytes"] == (len(blocks) - behind) * block_bytes
+            result = decode.read(timeout=60)
+            assert result["ok"], result
+            assert result["tokens"] == hf_greedy(model, prompt, MAX_TOKENS, eos_ids=(2,))
+    finally:
+        prefill.close()
+        decode.close()
+
+
 def test_handshake_refuses_a_different_block_size_before_moving_bytes(etcd: str, default_model_path) -> None:
     prefix = f"/tandem/test-{uuid.uuid4().hex[:8]}"
     a = _engine_peer(etcd, "hs-a", "tcp", str(default_model_path), prefix, num_blocks=64)

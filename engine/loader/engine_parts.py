@@ -61,6 +61,15 @@ def build_model(loaded: LoadedModel, platform: Platform, dtype: torch.dtype) -> 
     return model
 
 
+def tokens_held_per_sequence(config: EngineConfig, max_model_len: int, window: int) -> int:
+    """The most KV slots one sequence holds at once: all of max_model_len, but for a model whose every layer has
+    a window computed in chunks: its window, the chunks of two steps (the step in flight and the one scheduled
+    beside it, async scheduling) and a block on each side (engine.scheduler gives the blocks behind back)."""
+    if not window or not config.enable_chunked_prefill:
+        return max_model_len
+    return min(max_model_len, window + 2 * config.max_num_batched_tokens + 2 * config.block_size)
+
+
 def build_engine_parts(config: EngineConfig, kv_storage: KVStorageAllocator | None = None) -> LoadedEngineParts:
     """`kv_storage`, when given, allocates the memory the KV pool lives in (see KVCachePool)."""
     started = time.perf_counter()
@@ -79,11 +88,12 @@ def build_engine_parts(config: EngineConfig, kv_storage: KVStorageAllocator | No
     kv_dtype = resolve_kv_dtype(config.kv_cache_dtype, dtype)
     probe = KVCacheSpec(cfg.num_layers, 1, config.block_size, cfg.num_kv_heads, cfg.head_dim, kv_dtype)
     num_blocks = config.num_kv_blocks or max(config.kv_cache_memory_bytes // probe.bytes_per_block, 1)
-    if num_blocks * config.block_size < max_model_len:
+    held = tokens_held_per_sequence(config, max_model_len, cfg.window_of_every_layer)
+    if num_blocks * config.block_size < held:
         if config.max_model_len is not None:
             raise ModelLoadError(
-                f"the KV cache holds {num_blocks * config.block_size} tokens, less than max_model_len "
-                f"{max_model_len}: give more KV memory or a smaller max_model_len")
+                f"the KV cache holds {num_blocks * config.block_size} tokens, less than the {held} one sequence of "
+                f"max_model_len {max_model_len} holds at once: give more KV memory or a smaller max_model_len")
         max_model_len = num_blocks * config.block_size
     # what the model computes may depend on its context (LongRoPE's factor set): fixed before the fingerprint
     cfg = cfg.for_context(max_model_len)

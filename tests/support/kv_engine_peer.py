@@ -2,8 +2,8 @@
 
 Commands (one JSON reply line each; "error" names the exception class on failure):
   connect {segment}                                   → handshake with a peer engine's KV segment
-  reserve {request_id, prompt, max_tokens}            → decode role: {"blocks": [...]}
-  prefill {request_id, prompt, peer_segment, blocks}  → prefill role: push KV, {"first_token": t}
+  reserve {request_id, prompt, max_tokens}            → decode role: {"blocks": [...]} (-1: not needed)
+  prefill {request_id, prompt, peer_segment, blocks}  → prefill role: push KV, {"first_token": t, "bytes": n}
   decode {request_id, peer, timeout}                  → decode role: grant the blocks to `peer` and say
                                                         {"expecting": id}; wait for the KV, decode,
                                                         {"tokens": [...], "layers": [...]}
@@ -25,6 +25,8 @@ from kv_transfer.kv_connector import KVConnector
 from kv_transfer.kv_push import KVPusher
 from tests.support.jsonl import command_loop, reply
 from tests.support.kv_peer import link_secret, refusals
+
+RESERVED: dict[str, list[int]] = {}  # request id -> the blocks `reserve` returned (the decode side's wants)
 
 
 async def serve(args: argparse.Namespace) -> None:
@@ -58,8 +60,10 @@ async def handle(engine: LLMEngine, connector: KVConnector, pusher: KVPusher, cm
     if kind == "reserve":
         params = SamplingParams(max_tokens=cmd["max_tokens"], temperature=0.0)
         request = engine.make_request(cmd["request_id"], cmd["prompt"], params)
-        return {"ok": True, "blocks": engine.remote_kv.reserve(request)}
+        RESERVED[cmd["request_id"]] = engine.remote_kv.reserve(request)
+        return {"ok": True, "blocks": RESERVED[cmd["request_id"]]}
     if kind == "prefill":
+        bytes_before = pusher.bytes_submitted
         peer = await connector.connect(cmd["peer_segment"])
         pusher.expect(cmd["request_id"], peer, cmd["blocks"])
         engine.add_request(engine.make_request(cmd["request_id"], cmd["prompt"],
@@ -70,10 +74,10 @@ async def handle(engine: LLMEngine, connector: KVConnector, pusher: KVPusher, cm
                 if out.request_id == cmd["request_id"] and out.token_ids:
                     first = out.token_ids[0]
         engine.check_integrity()
-        return {"ok": True, "first_token": first}
+        return {"ok": True, "first_token": first, "bytes": pusher.bytes_submitted - bytes_before}
     if kind == "decode":
         rid = cmd["request_id"]
-        receipt = connector.expect(rid, cmd["peer"], list(engine.requests[rid].seq.block_table))
+        receipt = connector.expect(rid, cmd["peer"], RESERVED.pop(rid))
         reply({"ok": True, "expecting": rid})  # the blocks are granted: the push may start
         try:
             first = await receipt.wait(cmd["timeout"])
