@@ -165,3 +165,17 @@ def test_one_row_linears_bench(tmp_path: pathlib.Path, monkeypatch: pytest.Monke
     assert result["dtype"] == dtype
     assert result["weight_bytes"] == sum(n * k for n, k in one_row_linears.SHAPES) * (4 if dtype == "float32" else 2)
     assert all(result[k] > 0 for k in ("c_gemv_ms", "onednn_ms", "mkl_mm_ms", "c_gb_s", "read_gb_s"))
+
+
+def test_window_kv_bench(tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """bench.window_kv runs both modes on its own windowed checkpoint and finds the give-back mode holds fewer."""
+    from bench import window_kv
+
+    out = tmp_path / "window.json"
+    monkeypatch.setattr("sys.argv", ["window_kv", "--layers", "1", "--window", "16", "--requests", "2", "--prompt",
+                                     "96", "--max-tokens", "8", "--pool-blocks", "32", "--out", str(out)])
+    window_kv.main()
+    result = json.loads(out.read_text())
+    kept, given = result["keep_every_block"], result["give_back_behind_window"]
+    assert given["peak_blocks_held"] < kept["peak_blocks_held"] and given["blocks_given_back"] > 0
+    assert kept["generated_tokens"] == given["generated_tokens"] == 16
