@@ -110,8 +110,8 @@ class BlockManager:
         self.stats_queried_blocks = 0
         self.record_events = False  # set by a worker that publishes KV events
         self.offload: OffloadTier | None = None  # set by an engine with a second KV tier
-        # a pool block this manager never hands out (the pool's scratch block), standing in a sequence's table for a
-        # block it gave back before its end: read (masked) by attention, never written, never released
+        # a pool block this manager never hands out (the pool's scratch block, whose values stay finite), standing in
+        # a sequence's table for a block it gave back before its end: read under a mask by attention, never released
         self.null_block_id = num_blocks
         self._stored: list[int] = []
         self._removed: list[int] = []

@@ -109,7 +109,9 @@ class DraftModel:
         shared = spec.draft_model == SELF_INT4_DRAFT
         draft_config = draft_engine_config(config, 1 if shared else target.pool.spec.num_blocks)
         # self-int4 runs over the target's pool: its own one-block pool gets no CUDA graphs or step program
-        parts = build_engine_parts(replace(draft_config, enforce_eager=True) if shared else draft_config)
+        # its context is the target's (LongRoPE's factor set: the draft rotates as the target does)
+        parts = build_engine_parts(replace(draft_config, enforce_eager=True) if shared else draft_config,
+                                   context_of=target.max_model_len)
         check_same_tokenizer(target.tokenizer, parts.tokenizer, target.model.config.vocab_size,
                              parts.model.config.vocab_size)
         if parts.pool.spec.block_size != target.pool.spec.block_size:

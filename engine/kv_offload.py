@@ -433,6 +433,9 @@ class KVOffloadTier:
             if self._on_gpu:
                 torch.cuda.current_stream(self._pool_rows.device).synchronize()
             best = min(best, time.perf_counter() - started)
+        # the scratch block stands for given-back blocks in block tables (engine.scheduler), read under a mask:
+        # it must hold finite values, not whatever the tier slot held
+        self._pool_rows[:, scratch_block].zero_()
         return best
 
     def _record_removed(self, block_hash: int) -> None:

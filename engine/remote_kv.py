@@ -177,7 +177,7 @@ class RemoteKV:
         """An aborted parked request: free the blocks it holds (detached ones stay held)."""
         del self.parked[seq.request_id]
         self._blocks.release(seq.block_table)
-        seq.block_table = []
+        seq.block_table, seq.num_blocks_behind_window = [], 0
 
     def held_block_refs(self) -> dict[int, int]:
         refs: dict[int, int] = {}

@@ -96,7 +96,7 @@ class Scheduler:
         elif seq.status is SequenceStatus.WAITING:
             self.waiting.remove(seq)
         self.blocks.release(seq.block_table)
-        seq.block_table = []
+        seq.block_table, seq.num_blocks_behind_window = [], 0
         seq.status = SequenceStatus.FINISHED
         if self.on_release is not None:
             self.on_release(seq)
@@ -211,24 +211,30 @@ class Scheduler:
             if remaining > budget and not self.config.enable_chunked_prefill:
                 break
             num_tokens = min(remaining, budget)
-            need = self.blocks.blocks_needed(computed + num_tokens) - len(hits)
-            if need + self.blocks.num_evictable_among(hits) > self.blocks.num_free_blocks:
+            # cached blocks behind the window of the first position to compute are neither taken nor loaded: a
+            # prefix longer than the pool is served from its last window
+            behind = self.blocks_behind_window(computed)
+            taken, skipped_loads = hits[behind:], max(behind - len(hits), 0)
+            loads = offloaded[skipped_loads:]
+            need = self.blocks.blocks_needed(computed + num_tokens) - behind - len(taken)
+            if need + self.blocks.num_evictable_among(taken) > self.blocks.num_free_blocks:
                 break
             self.waiting.pop(0)
             if reads_cache:
                 self.blocks.count_lookup(len(hashes), len(hits))
-            self.blocks.take_cached(hits)
+            self.blocks.take_cached(taken)
             fresh = self.blocks.allocate(need)
-            if offload is not None and tier_lookup:
-                loaded = fresh[:len(offloaded)]
+            if offload is not None and tier_lookup and loads:
+                loaded = fresh[:len(loads)]
                 # copied by the engine before the next forward (one may be running now, async scheduling); the
                 # blocks are registered now: whoever finds them reads them in a later forward too
-                offload.stage(offloaded, loaded, len(hashes) - len(hits))
+                offload.stage(loads, loaded, len(hashes) - len(hits))
                 size = self.blocks.block_size
-                for i, (block_id, block_hash) in enumerate(zip(loaded, offloaded, strict=True), start=len(hits)):
+                first = len(hits) + skipped_loads
+                for i, (block_id, block_hash) in enumerate(zip(loaded, loads, strict=True), start=first):
                     self.blocks.register_full_block(block_id, block_hash, seq.token_ids[i * size:(i + 1) * size])
-            seq.block_table = hits + fresh
-            seq.num_blocks_behind_window = 0
+            seq.block_table = [self.blocks.null_block_id] * behind + taken + fresh
+            seq.num_blocks_behind_window = behind
             seq.block_hashes = hashes[:len(hits) + len(offloaded)]
             seq.num_computed_tokens = computed
             if seq.num_preemptions == 0:

@@ -66,22 +66,26 @@ async def test_cluster_equals_engine_alone(config: str, tiny_llama_dir, jobs, ex
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("config", ["aggregated", "1P+1D"])
 @pytest.mark.parametrize("fixture", ["tiny_qwen3_dir", "tiny_qwen3_moe_dir", "tiny_gemma2_dir", "tiny_gemma3_dir",
                                      "tiny_phi3_dir", "tiny_mistral_window_dir"])
-async def test_other_families_through_1p1d_equal_the_engine_alone(fixture: str, jobs, request) -> None:  # type: ignore[no-untyped-def]
+async def test_other_families_through_the_cluster_equal_the_engine_alone(fixture: str, config: str, jobs,  # type: ignore[no-untyped-def]
+                                                                         request) -> None:
     """Other families (Qwen3's per-head q/k norms, Qwen3-MoE's experts, Gemma 2's windows and capped
     scores, Gemma 3's two RoPE bases, Phi-3's LongRoPE and partial rotary, Mistral's window in every layer (the
-    decode worker reserves and receives only the blocks its window needs); each engine alone equals transformers:
-    test_engine_vs_transformers) through a prefill and a decode worker, over gRPC."""
+    decode worker reserves and receives only the blocks its window needs); each engine alone equals
+    transformers: test_engine_vs_transformers) through an aggregated worker, and through a prefill and a
+    decode worker, over gRPC."""
     path = str(request.getfixturevalue(fixture))
     expected = reference(path, jobs)
-    with tandem_up(*CONFIGS["1P+1D"], "--model", path, "--dtype", "float32",
+    with tandem_up(*CONFIGS[config], "--model", path, "--dtype", "float32",
                    "--num-kv-blocks", "256", "--min-remote-prefill-tokens", "8") as cluster:
         got = await gather_limited([run_grpc(cluster.grpc_address, job) for job in jobs])
         for i, (g, e) in enumerate(zip(got, expected, strict=True)):
             assert g == e, f"gRPC request {i} ({jobs[i].kind}, {len(jobs[i].ids)} ids)"
-        decode = cluster.role("decode")[0]
-        assert metric(worker_metrics(decode), "tandem_disaggregation_decisions_total", decision="remote") > 0
+        if config == "1P+1D":
+            decode = cluster.role("decode")[0]
+            assert metric(worker_metrics(decode), "tandem_disaggregation_decisions_total", decision="remote") > 0
         await assert_pools_clean(cluster)
 
 

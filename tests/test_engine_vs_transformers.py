@@ -105,7 +105,7 @@ def test_phi3_matches_transformers(tiny_phi3_dir, mode, name) -> None:
         assert llm.engine.scheduler.num_preemptions_total > 0
 
 
-def _check_tiny(path: str, config: dict, lengths: tuple[int, ...] = (1, 3, 16, 17, 40, 90, 150)) -> LLM:
+def _check_tiny(path: str, config: dict, lengths: tuple[int, ...] = (1, 3, 16, 17, 40, 90, 150, 177)) -> LLM:
     llm = LLM(path, **{"num_kv_blocks": 64, "dtype": "float32", **config})
     # Repetitive prompts give the n-gram drafter something to propose.
     prompts = [[(7 * i + j % (5 + i)) % 500 + 3 for j in range(n)] for i, n in enumerate(lengths)]

@@ -171,13 +171,17 @@ def test_gguf_twin_loads_as_the_safetensors_checkpoint(fixture: str, request: py
 
 def test_gguf_gemma_attention_scale_defaults_to_llama_cpps(tiny_gemma2_dir: pathlib.Path, tmp_path: pathlib.Path,
                                                            cache_tmp: pathlib.Path) -> None:
-    """Without `attention.scale` a Gemma file is scaled as llama.cpp does: 1/sqrt(head_dim)."""
+    """Without `attention.scale` a Gemma file is scaled as llama.cpp does: 1/sqrt(head_dim); without caps, Gemma 2
+    caps as llama.cpp does (50 and 30), and without a window it has llama.cpp's (4096)."""
     state = load_file(str(tiny_gemma2_dir / "model.safetensors"))
     meta = {"layers": 2, "hidden": 64, "heads": 4, "kv_heads": 2, "ffn": 128, "head_dim": 16}
     write_gguf(tmp_path / "g.gguf", "gemma2", meta, convert(state, GEMMA_LAYER, plus_one_norms=True),
                configure=lambda w: w.add_sliding_window(6))
     config = load_gguf(tmp_path / "g.gguf").config
     assert config.attention_scale == 16 ** -0.5 and config.sliding_windows == (6, 0)
+    assert (config.attn_logit_softcap, config.final_logit_softcap) == (50.0, 30.0)
+    write_gguf(tmp_path / "w.gguf", "gemma2", meta, convert(state, GEMMA_LAYER, plus_one_norms=True))
+    assert load_gguf(tmp_path / "w.gguf").config.sliding_windows == (4096, 0)
 
 
 def test_gguf_experts_of_the_wrong_shape_or_family_are_refused(tiny_qwen3_moe_dir: pathlib.Path,

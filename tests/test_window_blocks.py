@@ -69,3 +69,55 @@ def test_a_model_with_a_global_layer_keeps_every_block(tiny_qwen2_window_dir: pa
         assert llm.engine.scheduler.window == 0
         llm.generate([[7] * 100], SamplingParams(temperature=0, max_tokens=30, ignore_eos=True))
         assert llm.engine.scheduler.num_blocks_behind_window_total == 0
+
+
+def _bounded_run(llm: LLM, prompts: list[list[int]], max_tokens: int, max_steps: int = 2000) -> list[list[int]]:
+    """Greedy outputs, submitted together; fails instead of hanging if a request is never admitted."""
+    engine = llm.engine
+    start = engine.num_steps
+    ids = [f"b{start}-{i}" for i in range(len(prompts))]
+    for rid, prompt in zip(ids, prompts, strict=True):
+        engine.add_request(engine.make_request(rid, prompt, SamplingParams(temperature=0, max_tokens=max_tokens,
+                                                                           ignore_eos=True)))
+    outputs: dict[str, list[int]] = {}
+    for _ in range(max_steps):
+        if not engine.has_unfinished_requests():
+            break
+        for out in engine.step():
+            outputs[out.request_id] = out.token_ids
+    assert not engine.has_unfinished_requests(), f"stuck: {engine.scheduler.waiting}"
+    return [outputs[rid] for rid in ids]
+
+
+@pytest.mark.parametrize("tier", [0, 1 << 20], ids=["pool", "second_tier"])
+def test_a_cached_prefix_longer_than_the_pool_is_served_from_its_window(tiny_mistral_window_dir: pathlib.Path,
+                                                                         tier: int) -> None:
+    """A pool of 6 blocks (96 tokens) serves prompts of 150 tokens; run again (whole prompt cached in the pool or
+    the second tier, more than the pool holds), and extended, the cached blocks behind the window are neither
+    taken nor loaded, so the requests are admitted and answer as transformers does."""
+    path = str(tiny_mistral_window_dir)
+    llm = LLM(path, num_kv_blocks=WINDOW - 2, dtype="float32", max_num_batched_tokens=24, kv_offload_bytes=tier)
+    prompt = [(3 * j) % 450 + 11 for j in range(150)]
+    longer = prompt + [(7 * j) % 450 + 5 for j in range(50)]
+    short = prompt[:96]
+    for prompts, max_tokens in (([prompt], 8), ([prompt], 8), ([longer], 8), ([short], 1), ([short + longer[:50]], 8)):
+        got = _bounded_run(llm, prompts, max_tokens)
+        assert got == [hf_greedy(path, p, max_tokens, eos_ids=()) for p in prompts]
+        llm.engine.check_integrity()
+    offload = llm.engine.offload
+    assert (offload.stats().loaded_blocks if offload is not None else llm.engine.block_manager.stats_hit_blocks) > 0
+
+
+def test_a_longrope_draft_rotates_as_its_target(tiny_phi3_dir: pathlib.Path) -> None:
+    """The self-int4 draft of a long-context Phi-3 takes its target's LongRoPE set (its own one-block pool would
+    pick the short one) and so has its drafts accepted."""
+    from engine import SpeculativeConfig
+
+    llm = LLM(str(tiny_phi3_dir), num_kv_blocks=64, dtype="float32", max_model_len=512,
+              speculative=SpeculativeConfig(method="draft", num_draft_tokens=3, adaptive=False))
+    draft = llm.engine.draft
+    assert draft is not None and llm.engine.model_config.rope_scaling.use_long  # type: ignore[union-attr]
+    assert draft.parts.model.config.rope_scaling.use_long  # type: ignore[union-attr]
+    prompt = [(7 * j) % 400 + 9 for j in range(100)]
+    out = llm.generate([prompt], SamplingParams(temperature=0, max_tokens=24, ignore_eos=True))[0]
+    assert out.token_ids == hf_greedy(str(tiny_phi3_dir), prompt, 24, eos_ids=())

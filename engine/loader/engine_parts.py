@@ -70,8 +70,10 @@ def tokens_held_per_sequence(config: EngineConfig, max_model_len: int, window: i
     return min(max_model_len, window + 2 * config.max_num_batched_tokens + 2 * config.block_size)
 
 
-def build_engine_parts(config: EngineConfig, kv_storage: KVStorageAllocator | None = None) -> LoadedEngineParts:
-    """`kv_storage`, when given, allocates the memory the KV pool lives in (see KVCachePool)."""
+def build_engine_parts(config: EngineConfig, kv_storage: KVStorageAllocator | None = None,
+                       context_of: int | None = None) -> LoadedEngineParts:
+    """`kv_storage`, when given, allocates the memory the KV pool lives in (see KVCachePool); `context_of`: the
+    context length whose model this is (a draft model's: its target's), by default its own max_model_len."""
     started = time.perf_counter()
     if config.num_threads is not None:
         torch.set_num_threads(config.num_threads)
@@ -96,7 +98,7 @@ def build_engine_parts(config: EngineConfig, kv_storage: KVStorageAllocator | No
                 f"max_model_len {max_model_len} holds at once: give more KV memory or a smaller max_model_len")
         max_model_len = num_blocks * config.block_size
     # what the model computes may depend on its context (LongRoPE's factor set): fixed before the fingerprint
-    cfg = cfg.for_context(max_model_len)
+    cfg = cfg.for_context(context_of or max_model_len)
     loaded = replace(loaded, config=cfg)
     fingerprint = weights_fingerprint(loaded.weights, loaded.config, dtype, config.quantization)
     model = build_model(loaded, platform, dtype)

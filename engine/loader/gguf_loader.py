@@ -1,10 +1,11 @@
 """Load a GGUF file (llama and Mixtral, mistral, qwen2, qwen3, qwen3moe, gemma2, gemma3, phi3) into fp32
 tensors with Hugging Face names and a ModelConfig.
 
-What llama.cpp's files leave out is taken as llama.cpp takes it: Gemma's windowed-layer pattern (every
-other layer for Gemma 2, five in six for Gemma 3 unless the file lists it), Gemma 3's windowed layers'
-RoPE base (10000 unless given) and Gemma's attention scale (1/sqrt(head_dim), or 1/sqrt(hidden/heads)
-for the 27B models, unless the file gives `attention.scale`)."""
+What llama.cpp's files leave out is taken as llama.cpp takes it: Gemma's window (4096), its windowed-layer
+pattern (every other layer for Gemma 2, five in six for Gemma 3 unless the file lists it), Gemma 2's caps
+(50 on scores, 30 on logits), Gemma 3's windowed layers' RoPE base (10000 unless given) and Gemma's
+attention scale (1/sqrt(head_dim), or 1/sqrt(hidden/heads) for the 27B models, unless the file gives
+`attention.scale`)."""
 
 from __future__ import annotations
 
@@ -31,6 +32,9 @@ _QK_NORM = ("qwen3", "qwen3moe", "gemma3")
 # attention scale is 1/sqrt(hidden / heads) instead of 1/sqrt(head_dim)
 _GEMMA_WINDOW_PATTERN = {"gemma2": 2, "gemma3": 6}
 _GEMMA_27B_LAYERS = {"gemma2": 46, "gemma3": 62}
+_GEMMA_WINDOW = 4096  # llama.cpp's (and transformers') Gemma window where a file gives none
+# llama.cpp's score and logit caps where a Gemma 2 file gives none
+_GEMMA2_CAPS = {"gemma2": (50.0, 30.0)}
 SUPPORTED_TENSOR_TYPES = frozenset({
     GGMLQuantizationType.F32, GGMLQuantizationType.F16, GGMLQuantizationType.BF16,
     GGMLQuantizationType.Q8_0, GGMLQuantizationType.Q4_0, GGMLQuantizationType.Q4_1,
@@ -143,6 +147,7 @@ def _config(fields: _Fields, reader: GGUFReader, path: pathlib.Path) -> ModelCon
         int(v) for v in (fields.get("tokenizer.ggml.eos_token_id"), fields.get("tokenizer.ggml.eot_token_id"))
         if v is not None))
     architecture, moe = _moe(fields, arch, layers, names, path)
+    caps = _GEMMA2_CAPS.get(arch, (0.0, 0.0))
     try:
         return ModelConfig(
             architecture=architecture,
@@ -163,8 +168,8 @@ def _config(fields: _Fields, reader: GGUFReader, path: pathlib.Path) -> ModelCon
             qk_norm=arch in _QK_NORM,
             moe=moe,
             sliding_windows=_sliding_windows(fields, arch, layers),
-            attn_logit_softcap=float(fields.get(f"{arch}.attn_logit_softcapping", 0.0) or 0.0),
-            final_logit_softcap=float(fields.get(f"{arch}.final_logit_softcapping", 0.0) or 0.0),
+            attn_logit_softcap=float(fields.get(f"{arch}.attn_logit_softcapping", caps[0])),
+            final_logit_softcap=float(fields.get(f"{arch}.final_logit_softcapping", caps[1])),
             attention_scale=_attention_scale(fields, arch, layers, hidden, num_heads, head_dim),
             partial_rotary_factor=int(fields.get(f"{arch}.rope.dimension_count", head_dim)) / head_dim,
             name=str(fields.get("general.name", path.stem)),
@@ -199,7 +204,7 @@ def _moe(fields: _Fields, arch: str, layers: int, names: set[str],
 def _sliding_windows(fields: _Fields, arch: str, layers: int) -> tuple[int, ...]:
     """Phi-3: every layer; Gemma: by `attention.sliding_window_pattern` (a period, or a flag per layer),
     else llama.cpp's period. Other files carry no window (llama.cpp's Mistral files have none)."""
-    window = int(fields.get(f"{arch}.attention.sliding_window", 0) or 0)
+    window = int(fields.get(f"{arch}.attention.sliding_window", _GEMMA_WINDOW if arch in _GEMMA else 0) or 0)
     if window <= 0 or arch not in ("phi3", *_GEMMA):
         return ()
     if arch == "phi3":
