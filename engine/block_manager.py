@@ -17,7 +17,7 @@ from __future__ import annotations
 import hashlib
 import struct
 from collections import OrderedDict
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -154,6 +154,29 @@ class BlockManager:
                 break
             hits.append(block_id)
         return hits
+
+    def peek_cached_window(self, block_hashes: Sequence[int], token_ids: Sequence[int],
+                           blocks_behind: Callable[[int], int]) -> list[int | None]:
+        """`peek_cached_prefix` for a model whose every layer has a window: the longest run of leading blocks whose
+        KV need not be computed, because every block a query at its end reads (from `blocks_behind(end)` on) is
+        cached; None for blocks behind that window, cached or not (the hash chain comes from the tokens, so a
+        gap there does not matter)."""
+        if not self.enable_prefix_caching:
+            return []
+        present: list[int | None] = []
+        for i, h in enumerate(block_hashes):
+            block_id = self.cached.get(h)
+            tokens = tuple(token_ids[i * self.block_size:(i + 1) * self.block_size])
+            present.append(block_id if block_id is not None and self.blocks[block_id].token_ids == tokens else None)
+        last_missing = -1  # before block n: the last block not cached
+        best = 0
+        for n in range(1, len(present) + 1):
+            if present[n - 1] is None:
+                last_missing = n - 1
+            elif last_missing < min(blocks_behind(n * self.block_size), n):
+                best = n
+        first = min(blocks_behind(best * self.block_size), best)
+        return [None] * first + present[first:best]
 
     def num_evictable_among(self, block_ids: Iterable[int]) -> int:
         """How many of `block_ids` currently sit in the free list (and so cost a free block to take)."""

@@ -74,7 +74,9 @@ class RemoteKV:
         """Prompt tokens this engine's prefix cache already holds under `cache_salt`, in its pool or its second
         tier (a look, not a lookup: no stats)."""
         hashes = hash_blocks(token_ids, self._blocks.block_size, salted_root(cache_salt))
-        held = len(self._blocks.peek_cached_prefix(hashes, token_ids))
+        window = self._scheduler.window  # then only the blocks within the window of the prefix's end need be held
+        held = len(self._blocks.peek_cached_window(hashes, token_ids, self._scheduler.blocks_behind_window) if window
+                   else self._blocks.peek_cached_prefix(hashes, token_ids))
         offload = self._blocks.offload
         if offload is not None and held < len(hashes):
             held += len(offload.match(hashes[held:], token_ids, held, touch=False))

@@ -200,7 +200,10 @@ class Scheduler:
             # Keep at least the last token to compute: its logits produce the next token.
             hashes = hash_blocks(seq.token_ids[:len(seq.token_ids) - 1], self.blocks.block_size, seq.root_hash)
             reads_cache = not seq.needs_prompt_logits
-            hits = self.blocks.peek_cached_prefix(hashes, seq.token_ids) if reads_cache else []
+            # with a window in every layer, blocks behind the window of the first position to compute may be missing
+            hits = ((self.blocks.peek_cached_window(hashes, seq.token_ids, self.blocks_behind_window) if self.window
+                     else list[int | None](self.blocks.peek_cached_prefix(hashes, seq.token_ids)))
+                    if reads_cache else [])
             offload = self.blocks.offload
             # blocks the pool lacks that the second tier holds: loaded into fresh blocks, not computed
             tier_lookup = reads_cache and len(hits) < len(hashes)
@@ -214,14 +217,16 @@ class Scheduler:
             # cached blocks behind the window of the first position to compute are neither taken nor loaded: a
             # prefix longer than the pool is served from its last window
             behind = self.blocks_behind_window(computed)
-            taken, skipped_loads = hits[behind:], max(behind - len(hits), 0)
+            taken = [block_id for block_id in hits[behind:] if block_id is not None]
+            assert len(taken) == len(hits[behind:]), "every block within the window of `computed` is cached"
+            skipped_loads = max(behind - len(hits), 0)
             loads = offloaded[skipped_loads:]
             need = self.blocks.blocks_needed(computed + num_tokens) - behind - len(taken)
             if need + self.blocks.num_evictable_among(taken) > self.blocks.num_free_blocks:
                 break
             self.waiting.pop(0)
             if reads_cache:
-                self.blocks.count_lookup(len(hashes), len(hits))
+                self.blocks.count_lookup(len(hashes), len(hits))  # blocks not computed: cached, or behind the window
             self.blocks.take_cached(taken)
             fresh = self.blocks.allocate(need)
             if offload is not None and tier_lookup and loads:

@@ -100,12 +100,18 @@ def test_a_cached_prefix_longer_than_the_pool_is_served_from_its_window(tiny_mis
     prompt = [(3 * j) % 450 + 11 for j in range(150)]
     longer = prompt + [(7 * j) % 450 + 5 for j in range(50)]
     short = prompt[:96]
-    for prompts, max_tokens in (([prompt], 8), ([prompt], 8), ([longer], 8), ([short], 1), ([short + longer[:50]], 8)):
+    offload = llm.engine.offload
+    for run, (prompts, max_tokens) in enumerate((([prompt], 8), ([prompt], 8), ([longer], 8), ([short], 1),
+                                                 ([short + longer[:50]], 8))):
+        if offload is not None and run == 1:  # only the second tier holds the prompt now
+            llm.engine.block_manager.reset_prefix_cache()
+        served = llm.engine.block_manager.stats_hit_blocks if offload is None else offload.stats().loaded_blocks
         got = _bounded_run(llm, prompts, max_tokens)
         assert got == [hf_greedy(path, p, max_tokens, eos_ids=()) for p in prompts]
         llm.engine.check_integrity()
-    offload = llm.engine.offload
-    assert (offload.stats().loaded_blocks if offload is not None else llm.engine.block_manager.stats_hit_blocks) > 0
+        if run == 1:  # the cached prompt was served, from the pool or (loaded) from the tier
+            assert (llm.engine.block_manager.stats_hit_blocks if offload is None
+                    else offload.stats().loaded_blocks) > served
 
 
 def test_a_longrope_draft_rotates_as_its_target(tiny_phi3_dir: pathlib.Path) -> None:
@@ -121,3 +127,24 @@ def test_a_longrope_draft_rotates_as_its_target(tiny_phi3_dir: pathlib.Path) -> 
     prompt = [(7 * j) % 400 + 9 for j in range(100)]
     out = llm.generate([prompt], SamplingParams(temperature=0, max_tokens=24, ignore_eos=True))[0]
     assert out.token_ids == hf_greedy(str(tiny_phi3_dir), prompt, 24, eos_ids=())
+
+
+def test_a_windowed_prefix_is_found_after_its_first_blocks_were_evicted(tiny_mistral_window_dir: pathlib.Path) -> None:
+    """The blocks a windowed sequence gave back first are evicted first; its prompt asked again is still served from
+    the cached blocks within the window of the prefix's end (a contiguous match from the first block finds none)."""
+    from engine.block_manager import hash_blocks
+
+    path = str(tiny_mistral_window_dir)
+    llm = LLM(path, num_kv_blocks=12, dtype="float32", max_num_batched_tokens=24)
+    engine = llm.engine
+    prompt = [(11 * j) % 470 + 13 for j in range(150)]
+    other = [(17 * j) % 430 + 29 for j in range(60)]
+    assert _bounded_run(llm, [prompt], 8) == [hf_greedy(path, prompt, 8, eos_ids=())]
+    assert _bounded_run(llm, [other], 8) == [hf_greedy(path, other, 8, eos_ids=())]
+    hashes = hash_blocks(prompt[:-1], BLOCK)
+    assert engine.block_manager.peek_cached_prefix(hashes, prompt) == []  # its first block was evicted
+    assert engine.remote_kv.cached_prefix_tokens(prompt[:-1]) == 144  # what routing sees: the window is held
+    hits_before = engine.block_manager.stats_hit_blocks
+    assert _bounded_run(llm, [prompt], 8) == [hf_greedy(path, prompt, 8, eos_ids=())]
+    assert engine.block_manager.stats_hit_blocks == hits_before + 9  # 144 tokens not computed
+    engine.check_integrity()
