@@ -148,12 +148,19 @@ class BlockManager:
             return []
         hits: list[int] = []
         for i, h in enumerate(block_hashes):
-            block_id = self.cached.get(h)
-            tokens = tuple(token_ids[i * self.block_size:(i + 1) * self.block_size])
-            if block_id is None or self.blocks[block_id].token_ids != tokens:
+            block_id = self._cached_block(i, h, token_ids)
+            if block_id is None:
                 break
             hits.append(block_id)
         return hits
+
+    def _cached_block(self, index: int, block_hash: int, token_ids: Sequence[int]) -> int | None:
+        """The cached block holding block `index` of `token_ids` under `block_hash` (its tokens checked), or None."""
+        block_id = self.cached.get(block_hash)
+        if block_id is None:
+            return None
+        tokens = tuple(token_ids[index * self.block_size:(index + 1) * self.block_size])
+        return block_id if self.blocks[block_id].token_ids == tokens else None
 
     def peek_cached_window(self, block_hashes: Sequence[int], token_ids: Sequence[int],
                            blocks_behind: Callable[[int], int]) -> list[int | None]:
@@ -163,19 +170,15 @@ class BlockManager:
         gap there does not matter)."""
         if not self.enable_prefix_caching:
             return []
-        present: list[int | None] = []
-        for i, h in enumerate(block_hashes):
-            block_id = self.cached.get(h)
-            tokens = tuple(token_ids[i * self.block_size:(i + 1) * self.block_size])
-            present.append(block_id if block_id is not None and self.blocks[block_id].token_ids == tokens else None)
+        present = [self._cached_block(i, h, token_ids) for i, h in enumerate(block_hashes)]
         last_missing = -1  # before block n: the last block not cached
         best = 0
         for n in range(1, len(present) + 1):
             if present[n - 1] is None:
                 last_missing = n - 1
-            elif last_missing < min(blocks_behind(n * self.block_size), n):
+            elif last_missing < blocks_behind(n * self.block_size):  # (blocks_behind(n * size) <= n)
                 best = n
-        first = min(blocks_behind(best * self.block_size), best)
+        first = blocks_behind(best * self.block_size)
         return [None] * first + present[first:best]
 
     def num_evictable_among(self, block_ids: Iterable[int]) -> int:

@@ -302,7 +302,7 @@ class Scheduler:
         behind = seq.block_table[seq.num_blocks_behind_window:end]
         self.blocks.release(behind)
         seq.block_table[seq.num_blocks_behind_window:end] = [self.blocks.null_block_id] * len(behind)
-        self.num_blocks_behind_window_total += sum(b != self.blocks.null_block_id for b in behind)
+        self.num_blocks_behind_window_total += len(behind)  # (entries past num_blocks_behind_window are held)
         seq.num_blocks_behind_window = end
 
     def _register_full_blocks(self, seq: Sequence) -> None:
