@@ -56,37 +56,39 @@ def _compiler() -> tuple[str, str]:
     return compiler, version
 
 
-def _build(source: pathlib.Path, target: pathlib.Path) -> None:
+def _build(source: pathlib.Path, target: pathlib.Path, flags: list[str]) -> None:
     compiler, _ = _compiler()
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
         built = pathlib.Path(tmp) / target.name
-        subprocess.run([compiler, *_FLAGS, str(source), "-o", str(built), "-lm"], check=True,
+        subprocess.run([compiler, *flags, str(source), "-o", str(built), "-lm"], check=True,
                        capture_output=True, timeout=120)
         os.replace(built, target)  # atomic: concurrent builders never see a half-written file
 
 
-def load_kernel(source_name: str) -> ctypes.CDLL | None:
-    """Compile (once, cached on disk) and load `engine/kernels/<source_name>`; None when C kernels are
-    disabled or cannot be built here."""
+def load_kernel(source_name: str, defines: tuple[str, ...] = ()) -> ctypes.CDLL | None:
+    """Compile (once, cached on disk) and load `engine/kernels/<source_name>`, with `-D` for each of
+    `defines`; None when C kernels are disabled or cannot be built here."""
     if c_kernels_disabled():
         return None
     source = _KERNEL_DIR / source_name
+    flags = [*_FLAGS, *(f"-D{name}" for name in defines)]
     try:
-        key = source.read_bytes() + (_KERNEL_DIR / "vec.h").read_bytes() + " ".join(_FLAGS).encode()
+        key = source.read_bytes() + (_KERNEL_DIR / "vec.h").read_bytes() + " ".join(flags).encode()
         digest = hashlib.sha256(key + _cpu_flags().encode() + "\n".join(_compiler()).encode()).hexdigest()[:16]
         target = cache_dir() / "kernels" / f"{source.stem}-{digest}.so"
         if not target.exists():
-            _build(source, target)
+            _build(source, target, flags)
         return ctypes.CDLL(str(target))
     except (OSError, subprocess.SubprocessError) as exc:
         log.warning("C kernel %s unavailable (%s); using the torch path", source_name, exc)
         return None
 
 
-def _load_bound(source_name: str, signatures: dict[str, tuple[type | None, ...]]) -> ctypes.CDLL | None:
-    """`load_kernel(source_name)` with each function's (restype, *argtypes) set, or None."""
-    lib = load_kernel(source_name)
+def _load_bound(source_name: str, signatures: dict[str, tuple[type | None, ...]],
+                defines: tuple[str, ...] = ()) -> ctypes.CDLL | None:
+    """`load_kernel(source_name, defines)` with each function's (restype, *argtypes) set, or None."""
+    lib = load_kernel(source_name, defines)
     if lib is not None:
         for name, (restype, *argtypes) in signatures.items():
             fn = getattr(lib, name)
@@ -101,6 +103,16 @@ def attention_kernel() -> ctypes.CDLL | None:
     return _load_bound("paged_attention.c", {
         "paged_attention": (_I32, _P, _I64, _I32, _I64, _P, _P, _I32, _P, _I32, _P, _P, _P, _P, _I32, _P,
                             _I32, _I32, _I32, _I32, _F32, _I32, _F32, _I32)})
+
+
+@functools.cache
+def flash_prefill_kernel(portable: bool = False) -> ctypes.CDLL | None:
+    """Causal attention of fresh bf16 prompts on AMX tiles (flash_prefill.c), or None. Where the CPU
+    has no AMX its tile operations run as plain C, slowly (the engine calls it only where
+    `flash_prefill_uses_amx()` says 1); `portable` (tests) builds every step as plain C."""
+    return _load_bound("flash_prefill.c", {
+        "flash_prefill": (_I32, _P, _I64, _P, _P, _I32, _P, _I64, _I32, _I32, _I32, _F32, _I32, _I32),
+        "flash_prefill_uses_amx": (_I32,)}, ("TANDEM_PORTABLE_C",) if portable else ())
 
 
 @functools.cache
