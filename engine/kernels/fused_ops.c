@@ -13,11 +13,59 @@
 // out = weight * norm(x) with norm(x) = x * rsqrt(mean(x^2) + eps) computed in fp32 and cast to the
 // activation type; with `residual`: residual += x first (rounded to the activation type), and the
 // norm is taken of that sum. Rows of `n` elements; `out` may not alias `x` or `residual`.
+#if defined(__AVX512F__) && defined(__AVX512DQ__) && defined(__AVX512BF16__)
+#include <immintrin.h>
+#define RMS_NORM_BF16_ROW 1
+static inline __m512 load16_bf16(const uint16_t *p) {
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)p)), 16));
+}
+static inline __m256i bf16_of16(__m512 x) { return (__m256i)_mm512_cvtneps_pbh(x); }  // round to nearest even
+static inline __m512 widen16_bf16(__m256i h) {
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
+
+// One bf16 row of rms_norm below with AVX-512 conversions, n a multiple of 16: the same operations in the
+// same order (the squares summed into 8 lanes chunk by chunk of 8, then hsum8), so the same bits.
+static void rms_norm_row_bf16(const uint16_t *x, uint16_t *residual, const uint16_t *weight, uint16_t *out, int n,
+                              float eps) {
+    __m256 acc = _mm256_setzero_ps();
+    for (int i = 0; i < n; i += 16) {
+        __m512 v = load16_bf16(x + i);
+        if (residual != NULL) {
+            const __m256i summed = bf16_of16(_mm512_add_ps(load16_bf16(residual + i), v));
+            _mm256_storeu_si256((__m256i *)(residual + i), summed);
+            v = widen16_bf16(summed);
+        }
+        const __m256 lo = _mm512_castps512_ps256(v), hi = _mm512_extractf32x8_ps(v, 1);
+        acc = _mm256_add_ps(acc, _mm256_mul_ps(lo, lo));
+        acc = _mm256_add_ps(acc, _mm256_mul_ps(hi, hi));
+    }
+    v8 lanes;
+    memcpy(&lanes, &acc, sizeof lanes);
+    const __m512 inv = _mm512_set1_ps(1.0f / sqrtf(hsum8(lanes) / (float)n + eps));
+    const uint16_t *normed = residual != NULL ? residual : x;
+    for (int i = 0; i < n; i += 16) {
+        const __m512 y = widen16_bf16(bf16_of16(_mm512_mul_ps(load16_bf16(normed + i), inv)));
+        _mm256_storeu_si256((__m256i *)(out + i), bf16_of16(_mm512_mul_ps(load16_bf16(weight + i), y)));
+    }
+}
+#else
+#define RMS_NORM_BF16_ROW 0
+#endif
+
 NO_CONTRACT void rms_norm(const void *x, void *residual, const void *weight, void *out, int64_t rows, int n,
                           float eps, int dt, int num_threads) {
     int threads = rows * n >= PARALLEL_MIN_ELEMENTS ? num_threads : 1;
 #pragma omp parallel for num_threads(threads) schedule(static)
     for (int64_t r = 0; r < rows; r++) {
+#if RMS_NORM_BF16_ROW
+        if (dt == DT_BF16 && n % 16 == 0) {
+            const int64_t at = r * n;
+            rms_norm_row_bf16((const uint16_t *)x + at, residual == NULL ? NULL : (uint16_t *)residual + at,
+                              (const uint16_t *)weight, (uint16_t *)out + at, n, eps);
+            continue;
+        }
+#endif
         float row[n], w[n];
         int64_t at = r * n;
         load_row(row, x, dt, at, n);
