@@ -180,7 +180,11 @@ static void pack_v(const uint16_t *v, int64_t stride, int n, int padded, int dim
 }
 
 // ---- one work item ----------------------------------------------------------------------------------
-static inline void store16_bf16(uint16_t *p, v16 x) {
+static inline void store16_bf16(uint16_t *p, v16 x) {  // rounded to nearest even, as torch casts
+#if USE_AVX512
+    _mm256_storeu_si256((__m256i *)p, (__m256i)_mm512_cvtneps_pbh((__m512)x));
+    return;
+#endif
     v8 lo, hi;
     memcpy(&lo, &x, sizeof lo);
     memcpy(&hi, (const char *)&x + sizeof lo, sizeof hi);
@@ -190,7 +194,8 @@ static inline void store16_bf16(uint16_t *p, v16 x) {
 
 // Folds one query row's scores of a chunk (keys c .. c + 16 ktiles - 1; those outside lo .. pos masked)
 // into its running max and sum: P = exp(scale S - max) as bf16 (0 past the scores, up to CHUNK), the
-// sum of P in fp32 before rounding. Returns the factor the row's O must be multiplied by (1: none).
+// sum of P in fp32 before rounding, kept in 16 lanes (`sum`: lane l adds the keys at l mod 16) and
+// added up once at the end. Returns the factor the row's O must be multiplied by (1: none).
 #if USE_AVX512
 // exp(x) for x <= 0 (an fp32 score minus the row's max): x = n ln2 + r with n = round(x / ln2), exp(r)
 // by Cephes' degree-6 polynomial, times 2^n by scalef (0 below the fp32 range, no clamps needed).
@@ -235,15 +240,15 @@ static inline float fold_row(const float *srow, int c, int ktiles, int pos, int 
         return 1.f;
     }
     const __m512 shift = _mm512_set1_ps(m_new);
-    __m512 total = _mm512_setzero_ps();
+    const float alpha = old == -INFINITY ? 0.f : (old == m_new ? 1.f : expf(old - m_new));
+    __m512 total = _mm512_mul_ps(_mm512_loadu_ps(sum), _mm512_set1_ps(alpha));
     for (int t = 0; t < ktiles; t++) {
         const __m512 p = _mm512_maskz_mov_ps(visible[t], exp_nonpositive16(_mm512_sub_ps(s[t], shift)));
         total = _mm512_add_ps(total, p);
         _mm256_storeu_si256((__m256i *)(prow + 16 * t), (__m256i)_mm512_cvtneps_pbh(p));
     }
     memset(prow + 16 * ktiles, 0, sizeof(uint16_t) * (CHUNK - 16 * ktiles));
-    const float alpha = old == -INFINITY ? 0.f : (old == m_new ? 1.f : expf(old - m_new));
-    *sum = *sum * alpha + _mm512_reduce_add_ps(total);
+    _mm512_storeu_ps(sum, total);
     *max = m_new;
     return alpha;
 }
@@ -266,17 +271,17 @@ static inline float fold_row(const float *srow, int c, int ktiles, int pos, int 
         memset(prow, 0, sizeof(uint16_t) * CHUNK);
         return 1.f;
     }
-    v16 total = {};
+    const float alpha = old == -INFINITY ? 0.f : (old == m_new ? 1.f : expf(old - m_new));
+    v16 total;
+    memcpy(&total, sum, sizeof total);
+    total *= alpha;
     for (int t = 0; t < ktiles; t++) {
         v16 p = exp16(s[t] - m_new);
         total += p;
         store16_bf16(prow + 16 * t, p);
     }
     memset(prow + 16 * ktiles, 0, sizeof(uint16_t) * (CHUNK - 16 * ktiles));
-    float chunk_sum = 0.f;
-    for (int l = 0; l < 16; l++) chunk_sum += total[l];
-    const float alpha = old == -INFINITY ? 0.f : (old == m_new ? 1.f : expf(old - m_new));
-    *sum = *sum * alpha + chunk_sum;
+    memcpy(sum, &total, sizeof total);
     *max = m_new;
     return alpha;
 }
@@ -286,7 +291,7 @@ static inline float fold_row(const float *srow, int c, int ktiles, int pos, int 
 static void attend_rows(Tiles *T, const Shape *sh, const uint16_t *q, int r0, int rows, const uint16_t *kp,
                         const uint16_t *vp, int h, uint16_t *out) {
     const int dim = sh->dim, qtiles = dim / 32;
-    float S[ROWS * CHUNK], O[ROWS * MAX_DIM], maxs[ROWS], sums[ROWS];
+    float S[ROWS * CHUNK], O[ROWS * MAX_DIM], maxs[ROWS], sums[ROWS * 16];
     uint16_t P[ROWS * CHUNK], qpad[ROWS * MAX_DIM];
     const uint16_t *qrows = q + (int64_t)r0 * sh->row_stride + h * dim;
     int64_t qstride = sh->row_stride * 2;
@@ -298,15 +303,12 @@ static void attend_rows(Tiles *T, const Shape *sh, const uint16_t *q, int r0, in
     }
 #define LOAD_Q(t, j) TILE_LOAD(T, t, qrows + 32 * (j), qstride)
     FOR_Q_TILES(qtiles, LOAD_Q);
-    memset(O, 0, sizeof(float) * ROWS * dim);
-    for (int i = 0; i < ROWS; i++) {
-        maxs[i] = -INFINITY;
-        sums[i] = 0.f;
-    }
+    for (int i = 0; i < ROWS; i++) maxs[i] = -INFINITY;
+    memset(sums, 0, sizeof sums);
     const int end = r0 + rows;  // keys visible to some row of the item: first .. end - 1
     int first = sh->window > 0 ? r0 - sh->window + 1 : 0;
     if (first < 0) first = 0;
-    for (int c = first & ~(CHUNK - 1); c < end; c += CHUNK) {
+    for (int c = first & ~(CHUNK - 1), fresh = 1; c < end; c += CHUNK, fresh = 0) {  // O is garbage until fresh's P V
         const int keys = end - c < CHUNK ? end - c : CHUNK, ktiles = (keys + 15) / 16, ptiles = (keys + 31) / 32;
         for (int t = 0; t < ktiles; t++) {  // S[:, 16t ..] = Q K[c + 16t ..]^T
             const uint16_t *kb = kp + (int64_t)(c / 16 + t) * 16 * dim;
@@ -321,8 +323,8 @@ static void attend_rows(Tiles *T, const Shape *sh, const uint16_t *q, int r0, in
         }
         for (int i = 0; i < ROWS; i++) {
             const int pos = r0 + i, lo = sh->window > 0 ? pos - sh->window + 1 : 0;
-            const float alpha = fold_row(S + i * CHUNK, c, ktiles, pos, lo, sh->scale, maxs + i, sums + i, P + i * CHUNK);
-            if (alpha != 1.f) {
+            const float alpha = fold_row(S + i * CHUNK, c, ktiles, pos, lo, sh->scale, maxs + i, sums + 16 * i, P + i * CHUNK);
+            if (alpha != 1.f && !fresh) {
                 float *o = O + i * dim;
                 for (int d = 0; d < dim; d += 16) {
                     v16 x;
@@ -336,7 +338,11 @@ static void attend_rows(Tiles *T, const Shape *sh, const uint16_t *q, int r0, in
         if (ptiles > 1) TILE_LOAD(T, 7, P + 32, CHUNK * 2);
         for (int d = 0; d < dim / 16; d++) {  // O[:, 16d ..] += P V[c .., 16d ..]
             const uint16_t *vb = vp + (int64_t)(c / 32) * 32 * dim + d * 512;
-            TILE_LOAD(T, 0, O + 16 * d, dim * 4);
+            if (fresh) {
+                TILE_ZERO(T, 0);
+            } else {
+                TILE_LOAD(T, 0, O + 16 * d, dim * 4);
+            }
             TILE_LOAD(T, 1, vb, 64);
             TILE_DP(T, 0, 6, 1);
             if (ptiles > 1) {
@@ -347,7 +353,9 @@ static void attend_rows(Tiles *T, const Shape *sh, const uint16_t *q, int r0, in
         }
     }
     for (int i = 0; i < rows; i++) {
-        const float inv = 1.f / sums[i];
+        float total = 0.f;
+        for (int l = 0; l < 16; l++) total += sums[16 * i + l];
+        const float inv = 1.f / total;
         uint16_t *dst = out + (int64_t)(r0 + i) * sh->out_stride + h * dim;
         for (int d = 0; d < dim; d += 16) {
             v16 x;
