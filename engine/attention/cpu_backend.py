@@ -11,11 +11,12 @@ lacks): for many queries at once its blocked matmuls (oneDNN's brgemm, AMX tiles
 the C kernel's vector loops (measured on an AMX Xeon, 8 prompts x 512 tokens, 30 layers: 0.27 s vs
 0.88 s in bf16, 0.71 s vs 0.89 s in fp32; docs/BENCHMARKS.md). Its K/V are the chunk's own rows for a
 fresh prompt (when the cache holds the compute dtype, the values the cache stores), otherwise the
-sequence's blocks gathered from the pool after the write. Where the CPU has AMX, fresh bf16 prompts
-(no cached prefix, K/V their own rows) attend through Tandem's own tile kernel instead
-(engine/kernels/flash_prefill.c), all of a step's in one call per layer: it skips the keys a causal
-query cannot see, which torch's kernel computes within each 512-key block (measured on an AMX Xeon,
-4 prompts x 512 tokens, SmolLM2's 9 heads: see docs/BENCHMARKS.md).
+sequence's blocks gathered from the pool after the write. Where the CPU has AMX and the pool and the
+compute are bf16, those sequences attend through Tandem's own tile kernel instead
+(engine/kernels/flash_prefill.c), all of a step's in one call per layer, K/V read from the pool through
+the block tables: it skips the keys a causal query cannot see, which torch's kernel computes within each
+512-key block (measured on an AMX Xeon, 4 prompts x 512 tokens, SmolLM2's 9 heads: 2.4 vs 4.3 ms a
+layer; docs/BENCHMARKS.md).
 """
 
 from __future__ import annotations
@@ -41,8 +42,8 @@ AMX_PREFILL_DIMS = (32, 64, 96, 128)  # head dims flash_prefill.c takes (whole Q
 
 
 def amx_prefill_supported(pool: KVCachePool, shape: AttentionShape) -> bool:
-    """Fresh prompts of this pool and shape attend on AMX tiles: bf16 compute and cache, a head dim the
-    tile kernel takes, no score cap, and a CPU whose OS grants AMX tile data."""
+    """Long prefill segments of this pool and shape attend on AMX tiles: bf16 compute and cache, a head
+    dim the tile kernel takes, no score cap, and a CPU whose OS grants AMX tile data."""
     if (pool.compute_dtype != torch.bfloat16 or pool.spec.dtype != torch.bfloat16 or shape.softcap
             or shape.head_dim not in AMX_PREFILL_DIMS or shape.num_heads % shape.num_kv_heads):
         return False
@@ -118,12 +119,14 @@ class CpuAttention:
         assert lib is not None, "cpu_attention_supported was checked"
         self.lib: ctypes.CDLL = lib
         self._masks: dict[tuple[int, int], torch.Tensor] = {}  # DensePrefill masks of this step, per window
-        # the step's fresh prompts for the AMX kernel: (their first rows, their lengths), or None
-        self._fresh: tuple[torch.Tensor, torch.Tensor] | None = None
-        fresh = [p for p in self.plan.dense if p.start == 0]
-        if fresh and amx_prefill_supported(pool, shape):
-            self._fresh = (torch.tensor([p.token for p in fresh], dtype=torch.int32),
-                           torch.tensor([p.count for p in fresh], dtype=torch.int32))
+        # the plan's dense sequences for the AMX kernel (first rows, lengths, first positions, table rows), or None
+        self._tiles: tuple[torch.Tensor, ...] | None = None
+        dense = self.plan.dense
+        if dense and amx_prefill_supported(pool, shape):
+            self._tiles = (torch.tensor([p.token for p in dense], dtype=torch.int32),
+                           torch.tensor([p.count for p in dense], dtype=torch.int32),
+                           torch.tensor([p.start for p in dense], dtype=torch.int64),
+                           torch.tensor([p.seq for p in dense], dtype=torch.int32))
 
     def __call__(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         qkv, row_stride = self._packed(q, k, v)
@@ -140,22 +143,27 @@ class CpuAttention:
             self.shape.window(layer), self.shape.softcap, torch.get_num_threads())
         if status != 0:
             raise RuntimeError("the CPU attention kernel refused its inputs (cpu_attention_supported disagrees)")
-        if self._fresh is not None:
-            self._fresh_on_tiles(layer, qkv, row_stride, out)
-        for prefill in plan.dense:  # after the kernel stored every new K/V row
-            if self._fresh is None or prefill.start > 0:
+        # after the kernel stored every new K/V row
+        if self._tiles is not None:
+            self._dense_on_tiles(layer, qkv, row_stride, out, cache)
+        else:
+            for prefill in plan.dense:
                 self._dense(layer, prefill, qkv, out)
         return out
 
-    def _fresh_on_tiles(self, layer: int, qkv: torch.Tensor, row_stride: int, out: torch.Tensor) -> None:
-        """The step's fresh prompts through the AMX tile kernel, into their rows of `out`."""
-        assert self._fresh is not None
-        first, count = self._fresh
+    def _dense_on_tiles(self, layer: int, qkv: torch.Tensor, row_stride: int, out: torch.Tensor,
+                        cache: torch.Tensor) -> None:
+        """The plan's dense sequences through the AMX tile kernel, into their rows of `out`."""
+        assert self._tiles is not None
+        first, count, start, seq = self._tiles
         lib = flash_prefill_kernel()
         assert lib is not None, "amx_prefill_supported was checked"
-        status = lib.flash_prefill(qkv.data_ptr(), row_stride, first.data_ptr(), count.data_ptr(), first.numel(),
-                                   out.data_ptr(), out.stride(0), self.num_heads, self.num_kv_heads, self.head_dim,
-                                   self.shape.scale, self.shape.window(layer), torch.get_num_threads())
+        tables = self.plan.tables
+        status = lib.flash_prefill(qkv.data_ptr(), row_stride, first.data_ptr(), count.data_ptr(), start.data_ptr(),
+                                   seq.data_ptr(), first.numel(), cache.data_ptr(), tables.data_ptr(), tables.shape[1],
+                                   self.pool.spec.block_size, out.data_ptr(), out.stride(0), self.num_heads,
+                                   self.num_kv_heads, self.head_dim, self.shape.scale, self.shape.window(layer),
+                                   torch.get_num_threads())
         if status != 0:
             raise RuntimeError(f"the AMX prefill kernel refused its inputs ({status}; amx_prefill_supported disagrees)")
 

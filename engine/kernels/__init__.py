@@ -107,11 +107,12 @@ def attention_kernel() -> ctypes.CDLL | None:
 
 @functools.cache
 def flash_prefill_kernel(portable: bool = False) -> ctypes.CDLL | None:
-    """Causal attention of fresh bf16 prompts on AMX tiles (flash_prefill.c), or None. Where the CPU
+    """Prefill attention in bf16 on AMX tiles over the KV pool (flash_prefill.c), or None. Where the CPU
     has no AMX its tile operations run as plain C, slowly (the engine calls it only where
     `flash_prefill_uses_amx()` says 1); `portable` (tests) builds every step as plain C."""
     return _load_bound("flash_prefill.c", {
-        "flash_prefill": (_I32, _P, _I64, _P, _P, _I32, _P, _I64, _I32, _I32, _I32, _F32, _I32, _I32),
+        "flash_prefill": (_I32, _P, _I64, _P, _P, _P, _P, _I32, _P, _P, _I32, _I32, _P, _I64, _I32, _I32, _I32, _F32,
+                          _I32, _I32),
         "flash_prefill_uses_amx": (_I32,)}, ("TANDEM_PORTABLE_C",) if portable else ())
 
 

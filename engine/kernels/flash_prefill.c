@@ -1,14 +1,16 @@
-// Causal attention of fresh prompts in bf16 on AMX tiles (flash attention: scores and the weighted
-// sum of V as tile matmuls, the online softmax in fp32 vectors), for the prefill of a step.
+// Prefill attention in bf16 on AMX tiles (flash attention: scores and the weighted sum of V as tile
+// matmuls, the online softmax in fp32 vectors) for the sequences of a step that feed many tokens.
 //
-// Each prompt occupies consecutive rows of the step's [q | k | v] projection (bf16, `row_stride`
-// elements apart: q heads x dim, then kv_heads x dim of K, then of V) and sits at positions 0 .. n-1:
-// its K/V are its own rows. Query row i attends to keys 0 .. i (with a sliding window w > 0, keys
-// i - w + 1 .. i, as transformers masks it). The output rows are written as bf16, `out_stride` apart.
+// A sequence's new tokens are consecutive rows of the step's [q | k | v] projection (bf16, `row_stride`
+// elements apart, q heads x dim first) at positions start .. start + count - 1; its K/V, the cached prefix
+// and the new rows alike, are read from the KV pool (one layer: [blocks][block_size][2][kv_heads][dim],
+// bf16), where the paged kernel stored the step's rows before, through its block table. Query position p
+// attends to keys 0 .. p (with a sliding window w > 0, keys p - w + 1 .. p, as transformers masks it).
+// The output rows are written as bf16, `out_stride` apart.
 //
-// First every (prompt, kv head)'s K and V are packed into the layouts a tile matmul takes as its right
-// operand (pairs of bf16 along the reduced dimension, zero-padded to whole chunks); then each work item
-// (prompt, query head, 16 query rows) walks its visible keys in chunks of 64:
+// First every (sequence, kv head)'s visible K and V are packed into the layouts a tile matmul takes as
+// its right operand (pairs of bf16 along the reduced dimension, zero-padded to whole chunks); then each
+// work item (sequence, query head, 16 query rows) walks its visible keys in chunks of 64:
 //   S = Q K^T (fp32 tiles), masked and scaled; running max m, P = exp(S - m) rounded to bf16, the sum
 //   of P in fp32 (as torch's CPU flash kernel orders it); O = O * exp(m_old - m_new) + P V.
 // and writes O / sum. Causal work is skipped chunk by chunk (torch's kernel computes every key of a
@@ -125,54 +127,71 @@ static void tile_dp(Tiles *T, int c, int a, int b) {
     } while (0)
 
 // ---- packing ----------------------------------------------------------------------------------------
-// K of one (prompt, kv head), per 16-key block: [dim / 2 pairs][16 keys][2]: the right operand of
-// S = Q K^T for dims 32j .. 32j + 31 is the block's pairs 16j .. 16j + 15 (64 bytes a row). Keys n ..
-// padded - 1 are zeros.
-static void pack_k(const uint16_t *k, int64_t stride, int n, int padded, int dim, uint16_t *dst) {
+// Where one sequence's K or V rows of one kv head lie in the pool: key t's row is at
+// base + (table[t / block_size] * block_size + t % block_size) * token_stride.
+typedef struct {
+    const uint16_t *base;  // the layer's pool, offset to K or V of the kv head
+    const int64_t *table;  // the sequence's block table
+    int block_size;
+    int64_t token_stride;  // 2 * kv_heads * dim
+} Rows;
+
+static inline const uint16_t *row_of(const Rows *r, int t) {
+    return r->base + (r->table[t / r->block_size] * r->block_size + t % r->block_size) * r->token_stride;
+}
+
+// Keys first .. first + padded - 1 of K, per 16-key block: [dim / 2 pairs][16 keys][2]: the right operand
+// of S = Q K^T for dims 32j .. 32j + 31 is the block's pairs 16j .. 16j + 15 (64 bytes a row). Keys from
+// n on are zeros.
+static void pack_k(const Rows *k, int first, int n, int padded, int dim, uint16_t *dst) {
     for (int b = 0; b < padded / 16; b++) {
         uint32_t *blk = (uint32_t *)(dst + (int64_t)b * 16 * dim);  // a pair of bf16 is one 32-bit lane
-        const int keys = n - b * 16 < 0 ? 0 : (n - b * 16 < 16 ? n - b * 16 : 16);
+        const int t0 = first + b * 16, keys = n - t0 < 0 ? 0 : (n - t0 < 16 ? n - t0 : 16);
 #if USE_AVX512
-        const __m512i offsets = _mm512_mullo_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
-                                                   _mm512_set1_epi32((int)stride));  // in bf16: any row stride
-        const __mmask16 live = (__mmask16)((1u << keys) - 1u);
-        const uint16_t *base = k + (int64_t)b * 16 * stride;
-        for (int p = 0; p < dim / 2; p++)
-            _mm512_storeu_si512(blk + p * 16, _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), live, offsets,
-                                                                          base + 2 * p, 2));
-#else
-        for (int p = 0; p < dim / 2; p++)
-            for (int key = 0; key < 16; key++) {
+        // 16 keys of one pool block are token_stride apart: one gather per pair of dims
+        if (keys > 0 && t0 / k->block_size == (t0 + keys - 1) / k->block_size) {
+            const __m512i offsets = _mm512_mullo_epi32(
+                _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
+                _mm512_set1_epi32((int)k->token_stride));  // in bf16
+            const __mmask16 live = (__mmask16)((1u << keys) - 1u);
+            const uint16_t *base = row_of(k, t0);
+            for (int p = 0; p < dim / 2; p++)
+                _mm512_storeu_si512(blk + p * 16, _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), live, offsets,
+                                                                              base + 2 * p, 2));
+            continue;
+        }
+#endif
+        for (int key = 0; key < 16; key++) {
+            const uint16_t *row = key < keys ? row_of(k, t0 + key) : NULL;
+            for (int p = 0; p < dim / 2; p++) {
                 uint32_t pair = 0;
-                if (key < keys) memcpy(&pair, k + (int64_t)(b * 16 + key) * stride + 2 * p, sizeof pair);
+                if (row != NULL) memcpy(&pair, row + 2 * p, sizeof pair);
                 blk[p * 16 + key] = pair;
             }
-#endif
+        }
     }
 }
 
-// V of one (prompt, kv head), per 32-key block and 16-dim block: [16 key pairs][16 dims][2]: the right
-// operand of O += P V for those keys and dims. Keys n .. padded - 1 are zeros.
-static void pack_v(const uint16_t *v, int64_t stride, int n, int padded, int dim, uint16_t *dst) {
-    static const uint16_t zeros[16];
+// Keys first .. first + padded - 1 of V, per 32-key block and 16-dim block: [16 key pairs][16 dims][2]:
+// the right operand of O += P V for those keys and dims. Keys from n on are zeros.
+static void pack_v(const Rows *v, int first, int n, int padded, int dim, uint16_t *dst) {
+    static const uint16_t zeros[MAX_DIM];
     for (int b = 0; b < padded / 32; b++)
         for (int p = 0; p < 16; p++) {
-            const int t = b * 32 + 2 * p;
-            const uint16_t *even = t < n ? v + (int64_t)t * stride : zeros;
-            const uint16_t *odd = t + 1 < n ? v + (int64_t)(t + 1) * stride : zeros;
+            const int t = first + b * 32 + 2 * p;
+            const uint16_t *even = t < n ? row_of(v, t) : zeros, *odd = t + 1 < n ? row_of(v, t + 1) : zeros;
             for (int d = 0; d < dim / 16; d++) {
                 uint16_t *row = dst + (int64_t)b * 32 * dim + d * 512 + p * 32;
-                const int at = t < n ? d * 16 : 0, at_odd = t + 1 < n ? d * 16 : 0;
 #if USE_AVX512
                 const __m512i index = _mm512_set_epi16(47, 15, 46, 14, 45, 13, 44, 12, 43, 11, 42, 10, 41, 9, 40, 8,
                                                        39, 7, 38, 6, 37, 5, 36, 4, 35, 3, 34, 2, 33, 1, 32, 0);
-                const __m512i lo = _mm512_castsi256_si512(_mm256_loadu_si256((const __m256i *)(even + at)));
-                const __m512i hi = _mm512_castsi256_si512(_mm256_loadu_si256((const __m256i *)(odd + at_odd)));
+                const __m512i lo = _mm512_castsi256_si512(_mm256_loadu_si256((const __m256i *)(even + d * 16)));
+                const __m512i hi = _mm512_castsi256_si512(_mm256_loadu_si256((const __m256i *)(odd + d * 16)));
                 _mm512_storeu_si512(row, _mm512_permutex2var_epi16(lo, index, hi));
 #else
                 for (int c = 0; c < 16; c++) {
-                    row[c * 2] = even[at + c];
-                    row[c * 2 + 1] = odd[at_odd + c];
+                    row[c * 2] = even[d * 16 + c];
+                    row[c * 2 + 1] = odd[d * 16 + c];
                 }
 #endif
             }
@@ -287,9 +306,10 @@ static inline float fold_row(const float *srow, int c, int ktiles, int pos, int 
 }
 #endif
 
-// Rows r0 .. r0 + rows - 1 of one prompt (n rows, first at q) for query head h.
-static void attend_rows(Tiles *T, const Shape *sh, const uint16_t *q, int r0, int rows, const uint16_t *kp,
-                        const uint16_t *vp, int h, uint16_t *out) {
+// Query rows r0 .. r0 + rows - 1 of one sequence (its first row at q, at position start) for query head
+// h; kp and vp hold its keys from kbase on.
+static void attend_rows(Tiles *T, const Shape *sh, const uint16_t *q, int start, int r0, int rows, int kbase,
+                        const uint16_t *kp, const uint16_t *vp, int h, uint16_t *out) {
     const int dim = sh->dim, qtiles = dim / 32;
     float S[ROWS * CHUNK], O[ROWS * MAX_DIM], maxs[ROWS], sums[ROWS * 16];
     uint16_t P[ROWS * CHUNK], qpad[ROWS * MAX_DIM];
@@ -305,13 +325,13 @@ static void attend_rows(Tiles *T, const Shape *sh, const uint16_t *q, int r0, in
     FOR_Q_TILES(qtiles, LOAD_Q);
     for (int i = 0; i < ROWS; i++) maxs[i] = -INFINITY;
     memset(sums, 0, sizeof sums);
-    const int end = r0 + rows;  // keys visible to some row of the item: first .. end - 1
-    int first = sh->window > 0 ? r0 - sh->window + 1 : 0;
+    const int end = start + r0 + rows;  // keys visible to some row of the item: first .. end - 1
+    int first = sh->window > 0 ? start + r0 - sh->window + 1 : 0;
     if (first < 0) first = 0;
     for (int c = first & ~(CHUNK - 1), fresh = 1; c < end; c += CHUNK, fresh = 0) {  // O is garbage until fresh's P V
         const int keys = end - c < CHUNK ? end - c : CHUNK, ktiles = (keys + 15) / 16, ptiles = (keys + 31) / 32;
         for (int t = 0; t < ktiles; t++) {  // S[:, 16t ..] = Q K[c + 16t ..]^T
-            const uint16_t *kb = kp + (int64_t)(c / 16 + t) * 16 * dim;
+            const uint16_t *kb = kp + (int64_t)((c - kbase) / 16 + t) * 16 * dim;
             TILE_ZERO(T, 0);
 #define SCORE_Q(t, j)                                  \
     do {                                               \
@@ -322,7 +342,7 @@ static void attend_rows(Tiles *T, const Shape *sh, const uint16_t *q, int r0, in
             TILE_STORE(T, 0, S + 16 * t, CHUNK * 4);
         }
         for (int i = 0; i < ROWS; i++) {
-            const int pos = r0 + i, lo = sh->window > 0 ? pos - sh->window + 1 : 0;
+            const int pos = start + r0 + i, lo = sh->window > 0 ? pos - sh->window + 1 : 0;
             const float alpha = fold_row(S + i * CHUNK, c, ktiles, pos, lo, sh->scale, maxs + i, sums + 16 * i, P + i * CHUNK);
             if (alpha != 1.f && !fresh) {
                 float *o = O + i * dim;
@@ -337,7 +357,7 @@ static void attend_rows(Tiles *T, const Shape *sh, const uint16_t *q, int r0, in
         TILE_LOAD(T, 6, P, CHUNK * 2);
         if (ptiles > 1) TILE_LOAD(T, 7, P + 32, CHUNK * 2);
         for (int d = 0; d < dim / 16; d++) {  // O[:, 16d ..] += P V[c .., 16d ..]
-            const uint16_t *vb = vp + (int64_t)(c / 32) * 32 * dim + d * 512;
+            const uint16_t *vb = vp + (int64_t)((c - kbase) / 32) * 32 * dim + d * 512;
             if (fresh) {
                 TILE_ZERO(T, 0);
             } else {
@@ -375,63 +395,78 @@ int flash_prefill_uses_amx(void) {
 #endif
 }
 
-// Attends `num_prompts` fresh prompts: prompt s is rows first[s] .. first[s] + count[s] - 1 of qkv and
-// of out. Returns 0, or -1 for shapes it does not take (dim not 32/64/96/128, heads not a multiple of
-// kv_heads), -2 when memory for the packed K/V cannot be had, -3 where AMX is compiled in but refused.
+// The first key any query of a sequence can see, rounded down to a chunk: where its packed keys begin.
+static inline int first_packed_key(int64_t start, int window) {
+    const int64_t first = window > 0 && start - window + 1 > 0 ? start - window + 1 : 0;
+    return (int)(first & ~(int64_t)(CHUNK - 1));
+}
+
+// Attends `num_seqs` sequences: sequence s feeds rows first[s] .. first[s] + count[s] - 1 of qkv (and of
+// out) at positions start[s] ..; its block table is row seq[s] of `tables` (table_width entries each),
+// over the layer's pool `cache`, which holds every key up to its last position. Returns 0, or -1 for
+// shapes it does not take (dim not 32/64/96/128, heads not a multiple of kv_heads), -2 when memory for
+// the packed K/V cannot be had, -3 where AMX is compiled in but refused.
 int flash_prefill(const uint16_t *qkv, int64_t row_stride, const int32_t *first, const int32_t *count,
-                  int num_prompts, uint16_t *out, int64_t out_stride, int heads, int kv_heads, int dim,
-                  float scale, int window, int num_threads) {
+                  const int64_t *start, const int32_t *seq, int num_seqs, const uint16_t *cache,
+                  const int64_t *tables, int table_width, int block_size, uint16_t *out, int64_t out_stride,
+                  int heads, int kv_heads, int dim, float scale, int window, int num_threads) {
     if (dim % 32 != 0 || dim > MAX_DIM || kv_heads <= 0 || heads % kv_heads != 0) return -1;
 #if HAVE_AMX
     if (!amx_permission()) return -3;
 #endif
     const Shape sh = {heads, kv_heads, heads / kv_heads, dim, window, row_stride, out_stride, scale};
-    int64_t *packed_at = malloc(sizeof(int64_t) * (num_prompts + 1));  // element offset of prompt s's K/V
-    int64_t *items_at = malloc(sizeof(int64_t) * (num_prompts + 1));   // first work item of prompt s
+    int64_t *packed_at = malloc(sizeof(int64_t) * (num_seqs + 1));  // element offset of sequence s's K/V
+    int64_t *items_at = malloc(sizeof(int64_t) * (num_seqs + 1));   // first work item of sequence s
     if (packed_at == NULL || items_at == NULL) {
         free(packed_at);
         free(items_at);
         return -2;
     }
     packed_at[0] = items_at[0] = 0;
-    for (int s = 0; s < num_prompts; s++) {
-        const int64_t padded = (count[s] + CHUNK - 1) / CHUNK * CHUNK;
-        packed_at[s + 1] = packed_at[s] + 2 * padded * kv_heads * dim;
+    for (int s = 0; s < num_seqs; s++) {
+        const int64_t keys = start[s] + count[s] - first_packed_key(start[s], window);
+        packed_at[s + 1] = packed_at[s] + 2 * ((keys + CHUNK - 1) / CHUNK * CHUNK) * kv_heads * dim;
         items_at[s + 1] = items_at[s] + (int64_t)heads * ((count[s] + ROWS - 1) / ROWS);
     }
-    uint16_t *packed = aligned_alloc(64, (size_t)(packed_at[num_prompts] * 2 + 64) / 64 * 64);
+    uint16_t *packed = aligned_alloc(64, (size_t)(packed_at[num_seqs] * 2 + 64) / 64 * 64);
     if (packed == NULL) {
         free(packed_at);
         free(items_at);
         return -2;
     }
-    const int pack_jobs = num_prompts * kv_heads;
+    const int pack_jobs = num_seqs * kv_heads;
+    const int64_t token_stride = 2 * (int64_t)kv_heads * dim;
 #pragma omp parallel num_threads(num_threads)
     {
 #pragma omp for schedule(dynamic, 1)
         for (int job = 0; job < pack_jobs; job++) {
             const int s = job / kv_heads, g = job % kv_heads;
-            const int n = count[s], padded = (n + CHUNK - 1) / CHUNK * CHUNK;
-            const uint16_t *rows = qkv + (int64_t)first[s] * row_stride + (int64_t)heads * dim;
+            const int n = (int)(start[s] + count[s]), kbase = first_packed_key(start[s], window);
+            const int padded = (n - kbase + CHUNK - 1) / CHUNK * CHUNK;
+            const int64_t *table = tables + (int64_t)seq[s] * table_width;
+            const Rows k = {cache + (int64_t)g * dim, table, block_size, token_stride};
+            const Rows v = {cache + (int64_t)(kv_heads + g) * dim, table, block_size, token_stride};
             uint16_t *kp = packed + packed_at[s] + (int64_t)2 * g * padded * dim;
-            pack_k(rows + g * dim, row_stride, n, padded, dim, kp);
-            pack_v(rows + (int64_t)(kv_heads + g) * dim, row_stride, n, padded, dim, kp + (int64_t)padded * dim);
+            pack_k(&k, kbase, n, padded, dim, kp);
+            pack_v(&v, kbase, n, padded, dim, kp + (int64_t)padded * dim);
         }
         Tiles tiles;
         tiles_begin();
-        // the last query blocks of a prompt see the most keys: hand them out first
+        // the last query blocks of a sequence see the most keys: hand them out first
 #pragma omp for schedule(dynamic, 1)
-        for (int64_t item = 0; item < items_at[num_prompts]; item++) {
+        for (int64_t item = 0; item < items_at[num_seqs]; item++) {
             int s = 0;
             while (items_at[s + 1] <= item) s++;
             const int blocks = (count[s] + ROWS - 1) / ROWS;
             const int64_t local = item - items_at[s];
             const int block = blocks - 1 - (int)(local / heads), h = (int)(local % heads);
-            const int n = count[s], padded = (n + CHUNK - 1) / CHUNK * CHUNK, g = h / sh.group;
+            const int n = (int)(start[s] + count[s]), kbase = first_packed_key(start[s], window);
+            const int padded = (n - kbase + CHUNK - 1) / CHUNK * CHUNK, g = h / sh.group;
             const uint16_t *kp = packed + packed_at[s] + (int64_t)2 * g * padded * dim;
             const int r0 = block * ROWS;
-            attend_rows(&tiles, &sh, qkv + (int64_t)first[s] * row_stride, r0, n - r0 < ROWS ? n - r0 : ROWS, kp,
-                        kp + (int64_t)padded * dim, h, out + (int64_t)first[s] * out_stride);
+            attend_rows(&tiles, &sh, qkv + (int64_t)first[s] * row_stride, (int)start[s], r0,
+                        count[s] - r0 < ROWS ? count[s] - r0 : ROWS, kbase, kp, kp + (int64_t)padded * dim, h,
+                        out + (int64_t)first[s] * out_stride);
         }
         tiles_end();
         (void)tiles;
