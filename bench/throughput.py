@@ -4,10 +4,11 @@
     python -m bench.throughput --speculative self-int4 [--batch-sizes 1 2 4 8 32 64]   (bench/speculative.py)
 
 Measures (1) decode at several concurrencies: prefill time, decode-phase tokens/s, overall output
-tokens/s; (2) prefill tokens/s on long prompts; (3) the share of a decode step spent outside the model
-forward (bench/step_profile.py); (4) transformers on the same weights, dtype and prompts; with
-`--quantization`, greedy agreement with the unquantized engine. Prompts are random token ids drawn
-from one seeded stream, so no two runs share a prefix and the prefix cache serves none of them.
+tokens/s; (2) prefill tokens/s on long prompts (the median of --prefill-runs prompt sets); (3) the
+share of a decode step spent outside the model forward (bench/step_profile.py); (4) transformers on
+the same weights, dtype and prompts; with `--quantization`, greedy agreement with the unquantized
+engine. Prompts are random token ids drawn from one seeded stream, so no two runs share a prefix and
+the prefix cache serves none of them.
 """
 
 from __future__ import annotations
@@ -50,6 +51,7 @@ class BenchConfig:
     max_tokens: int = 128
     prefill_len: int = 512
     prefill_prompts: int = 8
+    prefill_runs: int = 3  # prefill measured on this many prompt sets (each engine the same), the median kept
     profile_batch: int | None = 32  # None: no step profile
     skip_hf: bool = False
     quantization: str | None = None
@@ -68,7 +70,7 @@ class BenchConfig:
             sizes = getattr(self, name)
             if sizes is not None and (not sizes or min(sizes) < 1):
                 raise ValueError(f"{name} must be a non-empty list of positive integers, got {sizes}")
-        for name in ("prompt_len", "max_tokens", "prefill_len", "prefill_prompts", "agreement_tokens"):
+        for name in ("prompt_len", "max_tokens", "prefill_len", "prefill_prompts", "prefill_runs", "agreement_tokens"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.profile_batch is not None and (self.profile_batch < 1 or self.max_tokens < 2):
@@ -301,8 +303,15 @@ def _log(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
+def median_prefill(runs: Sequence[Any]) -> dict[str, Any]:
+    """The run of median time among `runs` (an odd count picks a measured run, not an average), with
+    every run's seconds beside it."""
+    chosen = sorted(runs, key=lambda r: r.seconds)[(len(runs) - 1) // 2]
+    return {**asdict(chosen), "runs_s": [r.seconds for r in runs]}
+
+
 def run_engine(cfg: BenchConfig, llm: LLM, source: PromptSource, prompts: dict[int, list[list[int]]],
-               long_prompts: list[list[int]]) -> dict[str, Any]:
+               long_prompts: list[list[list[int]]]) -> dict[str, Any]:
     bench = EngineBench(llm)
     warm = source.take(3, cfg.prompt_len) + source.take(1, cfg.prefill_len)
     bench.drive(warm, SamplingParams(temperature=0, max_tokens=min(8, cfg.max_tokens), ignore_eos=True))
@@ -316,8 +325,8 @@ def run_engine(cfg: BenchConfig, llm: LLM, source: PromptSource, prompts: dict[i
     for b in cfg.batch_sizes:
         _log(f"engine: decode, batch {b}")
         result["decode"].append(asdict(bench.decode(prompts[b], cfg.max_tokens)))
-    _log(f"engine: prefill, {cfg.prefill_prompts} x {cfg.prefill_len} tokens")
-    result["prefill"] = asdict(bench.prefill(long_prompts))
+    _log(f"engine: prefill, {cfg.prefill_prompts} x {cfg.prefill_len} tokens, {cfg.prefill_runs} runs")
+    result["prefill"] = median_prefill([bench.prefill(p) for p in long_prompts])
     result["batch1_floor"] = asdict(batch1_floor(parts.model))
     result["step_profile"] = result["async_step_profile"] = None
     if cfg.profile_batch is not None:
@@ -333,7 +342,7 @@ def run_engine(cfg: BenchConfig, llm: LLM, source: PromptSource, prompts: dict[i
 
 
 def run_hf(cfg: BenchConfig, dtype: torch.dtype, device: torch.device, source: PromptSource,
-           prompts: dict[int, list[list[int]]], long_prompts: list[list[int]]) -> dict[str, Any]:
+           prompts: dict[int, list[list[int]]], long_prompts: list[list[list[int]]]) -> dict[str, Any]:
     from bench.hf_baseline import HFBaseline
 
     _log("transformers: loading")
@@ -343,8 +352,8 @@ def run_hf(cfg: BenchConfig, dtype: torch.dtype, device: torch.device, source: P
     for b in cfg.hf_sizes:
         _log(f"transformers: decode, batch {b}")
         result["decode"].append(asdict(hf.decode(prompts[b], cfg.max_tokens)))
-    _log(f"transformers: prefill, {cfg.prefill_prompts} x {cfg.prefill_len} tokens")
-    result["prefill"] = asdict(hf.prefill(long_prompts))
+    _log(f"transformers: prefill, {cfg.prefill_prompts} x {cfg.prefill_len} tokens, {cfg.prefill_runs} runs")
+    result["prefill"] = median_prefill([hf.prefill(p) for p in long_prompts])
     return result
 
 
@@ -353,7 +362,7 @@ def run(cfg: BenchConfig) -> dict[str, Any]:
     llm = _make_llm(cfg, cfg.quantization)
     source = PromptSource(llm.engine.model_config.vocab_size, cfg.seed)
     prompts = {b: source.take(b, cfg.prompt_len) for b in dict.fromkeys((*cfg.batch_sizes, *cfg.hf_sizes))}
-    long_prompts = source.take(cfg.prefill_prompts, cfg.prefill_len)
+    long_prompts = [source.take(cfg.prefill_prompts, cfg.prefill_len) for _ in range(cfg.prefill_runs)]
     results: dict[str, Any] = {"machine": machine_info(), "config": asdict(cfg)}
     results["engine"] = run_engine(cfg, llm, source, prompts, long_prompts)
     dtype, device = _model_dtype(llm), llm.engine.parts.device
@@ -417,11 +426,12 @@ def format_report(results: dict[str, Any]) -> str:
         lines.append(f"  batch 1: {ms:.1f} ms/token vs the memory floor {floor['floor_ms']:.1f} ms "
                      f"({floor['weight_bytes'] / 1e6:.0f} MB of weights per step at {floor['read_gb_s']:.1f} GB/s "
                      f"read bandwidth; copy {floor['copy_gb_s']:.1f} GB/s): {ms / floor['floor_ms']:.2f}x the floor")
-    lines += ["", "prefill     prompts x len   seconds   tok/s"]
+    lines += ["", "prefill     prompts x len   seconds   tok/s   (median run; every run's seconds)"]
     for name, r in (("engine", eng["prefill"]), ("hf", hf["prefill"] if hf else None)):
         if r is not None:
+            runs = " ".join(f"{t:.2f}" for t in r["runs_s"])
             lines.append(f"  {name:8s} {r['num_prompts']:4d} x {r['prompt_len']:<5d} {r['seconds']:8.2f}  "
-                         f"{r['tok_s']:7.1f}")
+                         f"{r['tok_s']:7.1f}   ({runs})")
     if (p := eng["step_profile"]) is not None:
         lines += ["", f"decode step at batch {p['batch_size']}: {p['step_ms']:.1f} ms, forward+logits "
                   f"{p['forward_ms']:.1f} ms; outside the forward {100 * p['outside_share']:.1f}% = schedule "
@@ -450,6 +460,8 @@ def parse_args(argv: Sequence[str] | None = None) -> BenchConfig:
     p.add_argument("--max-tokens", type=int, default=128)
     p.add_argument("--prefill-len", type=int, default=512)
     p.add_argument("--prefill-prompts", type=int, default=8)
+    p.add_argument("--prefill-runs", type=int, default=3,
+                   help="prefill measured on this many prompt sets, the same for each engine (median kept)")
     p.add_argument("--profile-batch", type=int, default=32, help="batch of the step profile; 0 = none")
     p.add_argument("--skip-hf", action="store_true", help="leave out the transformers baseline")
     p.add_argument("--quantization", choices=["int8", "int4"])
@@ -468,7 +480,8 @@ def parse_args(argv: Sequence[str] | None = None) -> BenchConfig:
         model=a.model, batch_sizes=tuple(a.batch_sizes),
         hf_batch_sizes=tuple(a.hf_batch_sizes) if a.hf_batch_sizes else None, prompt_len=a.prompt_len,
         max_tokens=a.max_tokens, prefill_len=a.prefill_len, prefill_prompts=a.prefill_prompts,
-        profile_batch=a.profile_batch or None, skip_hf=a.skip_hf, quantization=a.quantization,
+        prefill_runs=a.prefill_runs, profile_batch=a.profile_batch or None, skip_hf=a.skip_hf,
+        quantization=a.quantization,
         deterministic=a.deterministic,
         agreement_tokens=a.agreement_tokens, seed=a.seed, num_threads=a.num_threads,
         llama_batched_bench=a.llama_batched_bench, speculative=a.speculative,

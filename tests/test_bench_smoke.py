@@ -59,6 +59,7 @@ def _check_engine(result: dict) -> None:
     pre = eng["prefill"]
     assert (pre["num_prompts"], pre["prompt_len"]) == (2, 32)
     assert math.isclose(pre["tok_s"], 64 / pre["seconds"], rel_tol=1e-9)
+    assert len(pre["runs_s"]) == 3 and sorted(pre["runs_s"])[1] == pre["seconds"]  # the median run
     prof = eng["step_profile"]
     assert prof["batch_size"] == 2 and prof["decode_steps"] == MAX_TOKENS - 1
     assert 0 < prof["forward_ms"] <= prof["step_ms"]
@@ -89,6 +90,7 @@ def test_with_transformers_baseline(tiny_llama_dir: pathlib.Path, tmp_path: path
     _check_decode(hf["decode"], engine=False)
     assert (hf["prefill"]["num_prompts"], hf["prefill"]["prompt_len"]) == (2, 32)
     assert hf["prefill"]["tok_s"] > 0
+    assert len(hf["prefill"]["runs_s"]) == 3 and sorted(hf["prefill"]["runs_s"])[1] == hf["prefill"]["seconds"]
 
 
 def test_quantized_reports_agreement(tiny_llama_dir: pathlib.Path, tmp_path: pathlib.Path) -> None:
