@@ -12,7 +12,14 @@ from typing import Literal, Protocol
 
 import torch
 
-from engine.attention.cpu_backend import DENSE_PREFILL_MIN_QUERIES, CpuAttention, cpu_attention_supported
+from engine.attention.cpu_backend import (
+    AMX_PREFILL_MIN_QUERIES,
+    DENSE_MAX_CONTEXT_PER_QUERY,
+    DENSE_PREFILL_MIN_QUERIES,
+    CpuAttention,
+    amx_prefill_supported,
+    cpu_attention_supported,
+)
 from engine.attention.flash_backend import FlashAttention, flash_attention_supported
 from engine.attention.metadata import AttentionFn, AttentionMetadata, AttentionShape
 from engine.attention.planning import SeqSpan, attention_metadata
@@ -82,10 +89,12 @@ class ModelRunner:
         self.shape = AttentionShape.of(cfg)
         self.use_flash = self._pick_flash(backend)
         self.use_cpu_kernel = self._pick_cpu(backend)
-        # long prompts through torch's flash kernel, except where a row must not depend on how its prompt was
-        # chunked (batch-invariant mode) or the model caps scores (which that kernel cannot)
+        # long prompts through the AMX tiles or torch's flash kernel, except where a row must not depend on how
+        # its prompt was chunked (batch-invariant mode) or the model caps scores (which neither can)
         dense = self.use_cpu_kernel and not batch_invariant and not self.shape.softcap
-        self.dense_min_queries = DENSE_PREFILL_MIN_QUERIES if dense else 0
+        amx = dense and amx_prefill_supported(pool, self.shape)
+        self.dense_min_queries = 0 if not dense else AMX_PREFILL_MIN_QUERIES if amx else DENSE_PREFILL_MIN_QUERIES
+        self.dense_max_context_per_query = 0 if amx else DENSE_MAX_CONTEXT_PER_QUERY
         self.graphs: CudaGraphDecoder | None = None
         self.layer_observer: Callable[[int], None] | None = None  # set for one step by a KV push hook
         if self.use_flash and cuda_graph_max_batch:
@@ -145,7 +154,7 @@ class ModelRunner:
         spans = [SeqSpan(item.seq.block_table, item.start, item.num_tokens) for item in out.scheduled]
         positions = [p for s in spans for p in range(s.start, s.context_len)]
         meta = attention_metadata(spans, self.block_size, self.device, self.pool.compute_dtype, self.use_cpu_kernel,
-                                  self.dense_min_queries)
+                                  self.dense_min_queries, self.dense_max_context_per_query)
         items = out.scheduled
         verifying = (any(item.draft_token_ids for item in items)
                      and all(item.samples and item.num_tokens == 1 + len(item.draft_token_ids) for item in items))
@@ -205,7 +214,7 @@ class ModelRunner:
         [len(spans), V] at each span's last position: a forward with no sampling (a draft model's)."""
         positions = [p for s in spans for p in range(s.start, s.context_len)]
         meta = attention_metadata(spans, self.block_size, self.device, self.pool.compute_dtype, self.use_cpu_kernel,
-                                  self.dense_min_queries)
+                                  self.dense_min_queries, self.dense_max_context_per_query)
         hidden = self._forward(self._tensor(token_ids), self._tensor(positions), meta, None, True)
         ends, end = [], -1
         for span in spans:

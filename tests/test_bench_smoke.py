@@ -181,3 +181,18 @@ def test_window_kv_bench(tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch
     kept, given = result["keep_every_block"], result["give_back_behind_window"]
     assert given["peak_blocks_held"] < kept["peak_blocks_held"] and given["blocks_given_back"] > 0
     assert kept["generated_tokens"] == given["generated_tokens"] == 16
+
+
+def test_prefill_attention_bench_times_every_path() -> None:
+    """bench.prefill_attention times the paged kernel, torch's flash kernel and (where AMX is granted) the
+    tiles on one small step."""
+    from bench.prefill_attention import measure
+    from engine.kernels import flash_prefill_kernel
+
+    lib = flash_prefill_kernel()
+    assert lib is not None
+    result = measure(2, 40, 24, repeats=1)
+    assert result["paged_c_ms"] is not None and result["paged_c_ms"] > 0
+    assert result["torch_flash_ms"] is not None and result["torch_flash_ms"] > 0
+    tiles = result["amx_tiles_ms"]
+    assert (tiles is not None and tiles > 0) if lib.flash_prefill_uses_amx() == 1 else tiles is None

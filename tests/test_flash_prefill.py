@@ -7,13 +7,20 @@ step's long bf16 segments to it exactly where the CPU grants AMX."""
 
 from __future__ import annotations
 
+import pathlib
 from dataclasses import dataclass
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from engine.attention.cpu_backend import DENSE_PREFILL_MIN_QUERIES, CpuAttention, amx_prefill_supported
+from engine.attention.cpu_backend import (
+    AMX_PREFILL_MIN_QUERIES,
+    DENSE_MAX_CONTEXT_PER_QUERY,
+    DENSE_PREFILL_MIN_QUERIES,
+    CpuAttention,
+    amx_prefill_supported,
+)
 from engine.attention.metadata import AttentionShape
 from engine.attention.planning import SeqSpan, attention_metadata
 from engine.kernels import flash_prefill_kernel
@@ -149,16 +156,18 @@ def test_shapes_it_does_not_take_are_refused(heads: int, kv_heads: int, dim: int
 
 
 def test_the_cpu_backend_sends_long_bf16_segments_to_the_tiles_where_amx_is_granted() -> None:
-    """Sequences feeding >= DENSE_PREFILL_MIN_QUERIES tokens (fresh prompts and a chunk after a cached
-    prefix) go to the tile kernel in one call per layer exactly where the CPU grants AMX, with their own
-    rows, positions and block tables: each comes out as fp32 attention over the pool's K/V (the step's
-    rows stored first) within a bf16 step; short segments keep the paged kernel's results bit for bit.
-    Elsewhere (another CPU, fp32, capped scores) the backend never uses it."""
+    """Where the CPU grants AMX, sequences feeding >= AMX_PREFILL_MIN_QUERIES tokens, whatever their cached
+    context (fresh prompts, chunks after a long prefix), go to the tile kernel in one call per layer with
+    their own rows, positions and block tables: each comes out as fp32 attention over the pool's K/V (the
+    step's rows stored first) within a bf16 step; the other segments keep the paged kernel's results bit for
+    bit. Elsewhere (another CPU, fp32, capped scores) the backend never uses it, and torch's flash kernel's
+    rule applies (>= 64 tokens, a context at most 4x that)."""
     lib = flash_prefill_kernel()
     assert lib is not None
+    granted = lib.flash_prefill_uses_amx() == 1
     heads, kv_heads, dim, block = 9, 3, 64, 16
     shape = AttentionShape(heads, kv_heads, dim, dim ** -0.5)
-    shapes = [(0, 70), (0, 1), (32, 80), (0, DENSE_PREFILL_MIN_QUERIES), (5, 20), (0, 130)]
+    shapes = [(0, 70), (0, 1), (32, 80), (0, DENSE_PREFILL_MIN_QUERIES), (5, 20), (300, 16), (0, 15), (0, 130)]
     num_blocks = sum(-(-(s + c) // block) for s, c in shapes) + 2
     pool = KVCachePool(KVCacheSpec(2, num_blocks, block, kv_heads, dim, torch.bfloat16), torch.device("cpu"),
                        torch.bfloat16)
@@ -169,21 +178,23 @@ def test_the_cpu_backend_sends_long_bf16_segments_to_the_tiles_where_amx_is_gran
     spans = [SeqSpan([free.pop() for _ in range(-(-(s + c) // block))], s, c) for s, c in shapes]
     qkv = torch.randn(sum(c for _, c in shapes), (heads + 2 * kv_heads) * dim).to(torch.bfloat16)
     q, k, v = qkv.split((heads * dim, kv_heads * dim, kv_heads * dim), dim=-1)
+    min_queries, max_ratio = ((AMX_PREFILL_MIN_QUERIES, 0) if granted
+                              else (DENSE_PREFILL_MIN_QUERIES, DENSE_MAX_CONTEXT_PER_QUERY))
     outs = {}
-    for dense_min in (0, DENSE_PREFILL_MIN_QUERIES):
+    for dense_min in (0, min_queries):
         pool.tensor.copy_(before)
         meta = attention_metadata(spans, block, pool.tensor.device, torch.bfloat16, cpu_kernel=True,
-                                  dense_min_queries=dense_min)
+                                  dense_min_queries=dense_min, dense_max_context_per_query=max_ratio)
         attention = CpuAttention(pool, shape, meta)
         outs[dense_min] = attention(1, q, k, v)
-    granted = lib.flash_prefill_uses_amx() == 1
-    assert amx_prefill_supported(pool, shape) == granted
-    assert (attention._tiles is not None) == granted
-    dense = [i for i, (s, c) in enumerate(shapes) if c >= DENSE_PREFILL_MIN_QUERIES]
+    dense = [i for i, (s, c) in enumerate(shapes) if c >= min_queries and (not max_ratio or s + c <= max_ratio * c)]
+    assert dense == ([0, 2, 3, 4, 5, 7] if granted else [0, 2, 3, 7])
     assert meta.cpu is not None and [p.seq for p in meta.cpu.dense] == dense
     starts = [sum(c for _, c in shapes[:i]) for i in range(len(shapes))]
     kept = [r for i, (_, c) in enumerate(shapes) if i not in dense for r in range(starts[i], starts[i] + c)]
-    assert torch.equal(outs[0][kept], outs[DENSE_PREFILL_MIN_QUERIES][kept])
+    assert torch.equal(outs[0][kept], outs[min_queries][kept])
+    assert amx_prefill_supported(pool, shape) == granted
+    assert (attention._tiles is not None) == granted
     if granted:
         layer = pool.tensor[1]
         for i in dense:
@@ -194,10 +205,90 @@ def test_the_cpu_backend_sends_long_bf16_segments_to_the_tiles_where_amx_is_gran
             mask = torch.zeros(c, s + c).masked_fill(torch.arange(s + c)[None, :] > torch.arange(s, s + c)[:, None],
                                                      float("-inf"))
             expected = F.scaled_dot_product_attention(qq, kk, vv, attn_mask=mask, scale=dim ** -0.5)
-            torch.testing.assert_close(outs[DENSE_PREFILL_MIN_QUERIES][starts[i]:starts[i] + c].float(),
+            torch.testing.assert_close(outs[min_queries][starts[i]:starts[i] + c].float(),
                                        expected.transpose(0, 1).reshape(c, heads * dim), atol=1.6e-2, rtol=1e-2)
     capped = AttentionShape(heads, kv_heads, dim, dim ** -0.5, softcap=30.0)
     assert not amx_prefill_supported(pool, capped)
     fp32_pool = KVCachePool(KVCacheSpec(2, 4, block, kv_heads, dim, torch.float32), torch.device("cpu"),
                             torch.float32)
     assert not amx_prefill_supported(fp32_pool, shape)
+
+
+def test_the_runner_picks_the_tiles_rule_where_amx_is_granted(head_dim_32_llama_dir: pathlib.Path) -> None:
+    """A bf16 engine on a CPU granting AMX leaves segments of >= AMX_PREFILL_MIN_QUERIES tokens to the tiles
+    whatever their context; elsewhere (fp32 here, or no AMX) torch's flash kernel's rule; deterministic mode
+    neither."""
+    from engine import LLM
+
+    lib = flash_prefill_kernel()
+    assert lib is not None
+    granted = lib.flash_prefill_uses_amx() == 1
+    model = str(head_dim_32_llama_dir)
+    bf16 = LLM(model, num_kv_blocks=64, dtype="bfloat16").engine.runner
+    assert (bf16.dense_min_queries, bf16.dense_max_context_per_query) == (
+        (AMX_PREFILL_MIN_QUERIES, 0) if granted else (DENSE_PREFILL_MIN_QUERIES, DENSE_MAX_CONTEXT_PER_QUERY))
+    fp32 = LLM(model, num_kv_blocks=64, dtype="float32").engine.runner
+    assert (fp32.dense_min_queries, fp32.dense_max_context_per_query) == (DENSE_PREFILL_MIN_QUERIES,
+                                                                          DENSE_MAX_CONTEXT_PER_QUERY)
+    fixed = LLM(model, num_kv_blocks=64, dtype="bfloat16", deterministic=True).engine.runner
+    assert fixed.dense_min_queries == 0
+
+
+@pytest.fixture(scope="module")
+def head_dim_32_llama_dir(tmp_path_factory: pytest.TempPathFactory) -> pathlib.Path:
+    """A tiny Llama whose heads the tile kernel takes (2 heads of 32, one kv head). Treat as read-only."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from tests.conftest import _common, build_tiny_tokenizer
+
+    directory = tmp_path_factory.mktemp("tiny_llama_head_dim_32")
+    torch.manual_seed(5)
+    config = {**_common(tie_word_embeddings=False), "num_attention_heads": 2, "num_key_value_heads": 1,
+              "max_position_embeddings": 512}
+    LlamaForCausalLM(LlamaConfig(**config)).save_pretrained(str(directory))
+    build_tiny_tokenizer(directory, add_bos=True)
+    return directory
+
+
+def _prompt_logprobs(model_dir: pathlib.Path, tiles: bool, monkeypatch: pytest.MonkeyPatch) -> tuple[list, int]:
+    """Every prompt token's logprob from a bf16 engine (chunks of 48 tokens, the prefix cache on: the second
+    round's prompts extend the first's), with the tile kernel or torch's flash / the paged kernel; and how
+    many layer calls the tiles served."""
+    from engine import LLM, SamplingParams
+
+    calls = 0
+    original = CpuAttention._dense_on_tiles
+
+    def counted(self: CpuAttention, *args: object) -> None:
+        nonlocal calls
+        calls += 1
+        original(self, *args)  # type: ignore[arg-type]
+
+    with monkeypatch.context() as patch:
+        patch.setattr(CpuAttention, "_dense_on_tiles", counted)
+        if not tiles:
+            patch.setattr("engine.model_runner.amx_prefill_supported", lambda pool, shape: False)
+            patch.setattr("engine.attention.cpu_backend.amx_prefill_supported", lambda pool, shape: False)
+        llm = LLM(str(model_dir), dtype="bfloat16", num_kv_blocks=128, max_num_batched_tokens=48)
+        generator = torch.Generator().manual_seed(3)
+        first = [torch.randint(4, 200, (n,), generator=generator).tolist() for n in (20, 70, 150, 300)]
+        second = [p + torch.randint(4, 200, (n,), generator=generator).tolist()
+                  for p, n in zip(first, (17, 64, 5, 90), strict=True)]
+        params = SamplingParams(temperature=0, max_tokens=4, prompt_logprobs=0, logprobs=0)
+        outputs = llm.generate(first, params) + llm.generate(second, params)
+    return [[lp.logprob for lp in out.prompt_logprobs[1:]] + [lp.logprob for lp in out.logprobs]
+            for out in outputs], calls
+
+
+def test_a_bf16_engine_on_the_tiles_scores_prompts_as_without_them(head_dim_32_llama_dir: pathlib.Path,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """Through the whole engine (chunked prefill, chunks after cached prefixes from the prefix cache), every
+    prompt token's logprob with the tiles is within bf16 noise of the one without them, and where the CPU
+    grants AMX the tiles served the prefill."""
+    lib = flash_prefill_kernel()
+    assert lib is not None
+    with_tiles, calls = _prompt_logprobs(head_dim_32_llama_dir, True, monkeypatch)
+    without, none = _prompt_logprobs(head_dim_32_llama_dir, False, monkeypatch)
+    assert none == 0 and (calls > 0) == (lib.flash_prefill_uses_amx() == 1)
+    worst = max(abs(a - b) for x, y in zip(with_tiles, without, strict=True) for a, b in zip(x, y, strict=True))
+    assert worst < 0.01, worst

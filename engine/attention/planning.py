@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 import torch
 
-from engine.attention.cpu_backend import CpuAttentionPlan
+from engine.attention.cpu_backend import DENSE_MAX_CONTEXT_PER_QUERY, CpuAttentionPlan
 from engine.attention.metadata import AttentionMetadata, DecodeBatch, Segment
 
 
@@ -33,15 +33,17 @@ def slot_mapping(spans: Sequence[SeqSpan], block_size: int) -> list[int]:
 
 
 def attention_metadata(spans: Sequence[SeqSpan], block_size: int, device: torch.device, dtype: torch.dtype,
-                       cpu_kernel: bool, dense_min_queries: int = 0) -> AttentionMetadata:
-    """For the C kernel, its plan (sequences feeding at least `dense_min_queries` tokens attended by
-    torch's flash kernel; 0: none); otherwise the decode batch and the segments the torch and flash
-    backends read. A leading run of single-token spans is the decode batch."""
+                       cpu_kernel: bool, dense_min_queries: int = 0,
+                       dense_max_context_per_query: int = DENSE_MAX_CONTEXT_PER_QUERY) -> AttentionMetadata:
+    """For the C kernel, its plan (sequences feeding at least `dense_min_queries` tokens, 0: none, with
+    a context at most `dense_max_context_per_query` times that, 0: any, attended by the dense path);
+    otherwise the decode batch and the segments the torch and flash backends read. A leading run of
+    single-token spans is the decode batch."""
     slots = torch.tensor(slot_mapping(spans, block_size), dtype=torch.int64, device=device)
     num_tokens = sum(s.num_tokens for s in spans)
     if cpu_kernel:
         plan = CpuAttentionPlan.build([(list(s.block_table[:-(-s.context_len // block_size)]), s.start, s.num_tokens)
-                                       for s in spans], dense_min_queries)
+                                       for s in spans], dense_min_queries, dense_max_context_per_query)
         return AttentionMetadata(slots, None, (), num_tokens, plan)
     num_decodes = next((i for i, s in enumerate(spans) if s.num_tokens != 1), len(spans))
     decode = _decode_batch(spans[:num_decodes], block_size, device, dtype) if num_decodes else None
