@@ -56,9 +56,7 @@ def measure(sequences: int, cached: int, new: int, repeats: int) -> dict[str, fl
             continue
         meta = attention_metadata(spans, BLOCK, pool.tensor.device, torch.bfloat16, cpu_kernel=True,
                                   dense_min_queries=min_queries, dense_max_context_per_query=0)
-        attention = CpuAttention(pool, shape, meta)
-        if not tiles:
-            attention._tiles = None  # the dense sequences through torch's flash kernel
+        attention = CpuAttention(pool, shape, meta, tiles=tiles)  # without tiles: torch's flash kernel
         result[name] = _ms(lambda run=attention: run(1, q, k, v), repeats)
     return result
 

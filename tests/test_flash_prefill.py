@@ -14,12 +14,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from engine.attention import cpu_backend
 from engine.attention.cpu_backend import (
     AMX_PREFILL_MIN_QUERIES,
     DENSE_MAX_CONTEXT_PER_QUERY,
     DENSE_PREFILL_MIN_QUERIES,
     CpuAttention,
-    amx_prefill_supported,
+    tiles_take,
 )
 from engine.attention.metadata import AttentionShape
 from engine.attention.planning import SeqSpan, attention_metadata
@@ -101,7 +102,15 @@ class Step:
             outs.append(o.transpose(0, 1).reshape(count, self.heads * dim).float())
         return torch.cat(outs)
 
-    def run(self, portable: bool, out: torch.Tensor) -> int:
+    def scratch_size(self, window: int) -> int:
+        lib = flash_prefill_kernel()
+        assert lib is not None
+        count = torch.tensor([c for _, c in self.spans], dtype=torch.int32)
+        start = torch.tensor([s for s, _ in self.spans], dtype=torch.int64)
+        return int(lib.flash_prefill_scratch(count.data_ptr(), start.data_ptr(), len(self.spans), self.kv_heads,
+                                             self.dim, window))
+
+    def run(self, portable: bool, out: torch.Tensor, scratch: torch.Tensor | None = None) -> int:
         lib = flash_prefill_kernel(portable)
         assert lib is not None, "the prefill kernel did not build (a C compiler is needed)"
         counts = [c for _, c in self.spans]
@@ -113,7 +122,17 @@ class Step:
                                  start.data_ptr(), seq.data_ptr(), len(counts), self.cache.data_ptr(),
                                  self.tables.data_ptr(), self.tables.shape[1], self.block, out.data_ptr(),
                                  out.stride(0), self.heads, self.kv_heads, self.dim, self.dim ** -0.5, self.window,
-                                 torch.get_num_threads())
+                                 None if scratch is None else scratch.data_ptr(), torch.get_num_threads())
+
+
+def _refused(status: int, portable: bool) -> bool:
+    """The as-built kernel has AMX compiled in and the OS refused tile data (-3): the engine never calls that
+    build here (flash_prefill_uses_amx() says 0), and the portable build's cases cover the algorithm."""
+    lib = flash_prefill_kernel()
+    if status != -3:
+        return False
+    assert not portable and lib is not None and lib.flash_prefill_uses_amx() == 0
+    return True
 
 
 @pytest.mark.parametrize("portable", [False, True], ids=["as-built", "portable-c"])
@@ -124,7 +143,10 @@ def test_the_kernel_is_as_close_to_fp32_as_torchs_bf16_flash(portable: bool, hea
     step = Step.build(heads, kv_heads, dim, block, spans, window)
     wide = torch.full((step.qkv.shape[0], heads * dim + ROW_PAD), float("nan"), dtype=torch.bfloat16)
     out = wide[:, :heads * dim]
-    assert step.run(portable, out) == 0
+    status = step.run(portable, out)
+    if _refused(status, portable):
+        return
+    assert status == 0
     assert wide[:, heads * dim:].isnan().all(), "the kernel wrote outside its rows' heads"
     reference = step.reference()
     ours = (out.float() - reference).abs()
@@ -143,9 +165,30 @@ def test_tiles_on_amx_and_in_c_agree() -> None:
     outs = []
     for portable in (False, True):
         out = torch.empty(step.qkv.shape[0], step.heads * step.dim, dtype=torch.bfloat16)
-        assert step.run(portable, out) == 0
+        status = step.run(portable, out)
+        if _refused(status, portable):
+            return
+        assert status == 0
         outs.append(out.float())
     torch.testing.assert_close(outs[0], outs[1], atol=1e-2, rtol=1e-2)
+
+
+def test_a_scratch_of_the_reported_size_is_enough_and_serves_every_window() -> None:
+    """The packed K/V fit the size flash_prefill_scratch reports (a canary after it stays untouched), the
+    size without a window bounds every window's, and the results equal the kernel's own allocation's."""
+    step = Step.build(*CASES[4])  # a window, a cached prefix past it
+    size, windowed = step.scratch_size(0), step.scratch_size(step.window)
+    assert 0 < windowed < size
+    canary = 4096
+    scratch = torch.full((windowed + canary,), 7.0, dtype=torch.bfloat16)
+    outs = []
+    for buffer in (scratch, None):
+        out = torch.empty(step.qkv.shape[0], step.heads * step.dim, dtype=torch.bfloat16)
+        status = step.run(True, out, buffer)
+        assert status == 0
+        outs.append(out)
+    assert (scratch[windowed:] == 7.0).all(), "the kernel packed past the size it reported"
+    assert torch.equal(outs[0], outs[1])
 
 
 @pytest.mark.parametrize(("heads", "kv_heads", "dim"), [(4, 4, 48), (6, 4, 64), (4, 4, 256)])
@@ -155,18 +198,33 @@ def test_shapes_it_does_not_take_are_refused(heads: int, kv_heads: int, dim: int
     assert step.run(True, out) == -1
 
 
-def test_the_cpu_backend_sends_long_bf16_segments_to_the_tiles_where_amx_is_granted() -> None:
+@pytest.fixture(params=["as-built", "portable-c"])
+def tiles_on(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> bool:
+    """Whether the engine takes the tile path: as built (where the CPU grants AMX), or forced on with the
+    portable build on every machine, so that the backend's and the runner's glue runs everywhere."""
+    if request.param == "as-built":
+        lib = flash_prefill_kernel()
+        assert lib is not None
+        return bool(lib.flash_prefill_uses_amx() == 1)
+    portable = flash_prefill_kernel(True)
+    monkeypatch.setattr("engine.attention.cpu_backend.flash_prefill_kernel", lambda: portable)
+    monkeypatch.setattr("engine.attention.cpu_backend.amx_prefill_supported", tiles_take)
+    monkeypatch.setattr("engine.model_runner.amx_prefill_supported", tiles_take)
+    return True
+
+
+@pytest.mark.parametrize("window", [0, 40])  # 40: every layer's window, so the step's scratch is sized by it
+def test_the_cpu_backend_sends_long_bf16_segments_to_the_tiles_where_amx_is_granted(tiles_on: bool,
+                                                                                    window: int) -> None:
     """Where the CPU grants AMX, sequences feeding >= AMX_PREFILL_MIN_QUERIES tokens, whatever their cached
     context (fresh prompts, chunks after a long prefix), go to the tile kernel in one call per layer with
     their own rows, positions and block tables: each comes out as fp32 attention over the pool's K/V (the
     step's rows stored first) within a bf16 step; the other segments keep the paged kernel's results bit for
     bit. Elsewhere (another CPU, fp32, capped scores) the backend never uses it, and torch's flash kernel's
     rule applies (>= 64 tokens, a context at most 4x that)."""
-    lib = flash_prefill_kernel()
-    assert lib is not None
-    granted = lib.flash_prefill_uses_amx() == 1
+    granted = tiles_on
     heads, kv_heads, dim, block = 9, 3, 64, 16
-    shape = AttentionShape(heads, kv_heads, dim, dim ** -0.5)
+    shape = AttentionShape(heads, kv_heads, dim, dim ** -0.5, (window, window) if window else ())
     shapes = [(0, 70), (0, 1), (32, 80), (0, DENSE_PREFILL_MIN_QUERIES), (5, 20), (300, 16), (0, 15), (0, 130)]
     num_blocks = sum(-(-(s + c) // block) for s, c in shapes) + 2
     pool = KVCachePool(KVCacheSpec(2, num_blocks, block, kv_heads, dim, torch.bfloat16), torch.device("cpu"),
@@ -193,7 +251,7 @@ def test_the_cpu_backend_sends_long_bf16_segments_to_the_tiles_where_amx_is_gran
     starts = [sum(c for _, c in shapes[:i]) for i in range(len(shapes))]
     kept = [r for i, (_, c) in enumerate(shapes) if i not in dense for r in range(starts[i], starts[i] + c)]
     assert torch.equal(outs[0][kept], outs[min_queries][kept])
-    assert amx_prefill_supported(pool, shape) == granted
+    assert cpu_backend.amx_prefill_supported(pool, shape) == granted
     assert (attention._tiles is not None) == granted
     if granted:
         layer = pool.tensor[1]
@@ -202,27 +260,29 @@ def test_the_cpu_backend_sends_long_bf16_segments_to_the_tiles_where_amx_is_gran
             keys = torch.stack([layer[spans[i].block_table[t // block], t % block] for t in range(s + c)])
             kk, vv = (keys[:, j].transpose(0, 1).repeat_interleave(heads // kv_heads, 0).float() for j in (0, 1))
             qq = q[starts[i]:starts[i] + c].view(c, heads, dim).transpose(0, 1).float()
-            mask = torch.zeros(c, s + c).masked_fill(torch.arange(s + c)[None, :] > torch.arange(s, s + c)[:, None],
-                                                     float("-inf"))
+            keys_at, positions = torch.arange(s + c)[None, :], torch.arange(s, s + c)[:, None]
+            hidden = keys_at > positions
+            if window:
+                hidden |= keys_at <= positions - window
+            mask = torch.zeros(c, s + c).masked_fill(hidden, float("-inf"))
             expected = F.scaled_dot_product_attention(qq, kk, vv, attn_mask=mask, scale=dim ** -0.5)
             torch.testing.assert_close(outs[min_queries][starts[i]:starts[i] + c].float(),
                                        expected.transpose(0, 1).reshape(c, heads * dim), atol=1.6e-2, rtol=1e-2)
     capped = AttentionShape(heads, kv_heads, dim, dim ** -0.5, softcap=30.0)
-    assert not amx_prefill_supported(pool, capped)
+    assert not cpu_backend.amx_prefill_supported(pool, capped)
     fp32_pool = KVCachePool(KVCacheSpec(2, 4, block, kv_heads, dim, torch.float32), torch.device("cpu"),
                             torch.float32)
-    assert not amx_prefill_supported(fp32_pool, shape)
+    assert not cpu_backend.amx_prefill_supported(fp32_pool, shape)
 
 
-def test_the_runner_picks_the_tiles_rule_where_amx_is_granted(head_dim_32_llama_dir: pathlib.Path) -> None:
+def test_the_runner_picks_the_tiles_rule_where_amx_is_granted(head_dim_32_llama_dir: pathlib.Path,
+                                                               tiles_on: bool) -> None:
     """A bf16 engine on a CPU granting AMX leaves segments of >= AMX_PREFILL_MIN_QUERIES tokens to the tiles
     whatever their context; elsewhere (fp32 here, or no AMX) torch's flash kernel's rule; deterministic mode
     neither."""
     from engine import LLM
 
-    lib = flash_prefill_kernel()
-    assert lib is not None
-    granted = lib.flash_prefill_uses_amx() == 1
+    granted = tiles_on
     model = str(head_dim_32_llama_dir)
     bf16 = LLM(model, num_kv_blocks=64, dtype="bfloat16").engine.runner
     assert (bf16.dense_min_queries, bf16.dense_max_context_per_query) == (
@@ -280,15 +340,13 @@ def _prompt_logprobs(model_dir: pathlib.Path, tiles: bool, monkeypatch: pytest.M
             for out in outputs], calls
 
 
-def test_a_bf16_engine_on_the_tiles_scores_prompts_as_without_them(head_dim_32_llama_dir: pathlib.Path,
+def test_a_bf16_engine_on_the_tiles_scores_prompts_as_without_them(head_dim_32_llama_dir: pathlib.Path, tiles_on: bool,
                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
     """Through the whole engine (chunked prefill, chunks after cached prefixes from the prefix cache), every
-    prompt token's logprob with the tiles is within bf16 noise of the one without them, and where the CPU
-    grants AMX the tiles served the prefill."""
-    lib = flash_prefill_kernel()
-    assert lib is not None
+    prompt token's logprob with the tiles is within bf16 noise of the one without them, and the tiles served
+    the prefill wherever the engine takes them (where the CPU grants AMX; everywhere with the portable build)."""
     with_tiles, calls = _prompt_logprobs(head_dim_32_llama_dir, True, monkeypatch)
     without, none = _prompt_logprobs(head_dim_32_llama_dir, False, monkeypatch)
-    assert none == 0 and (calls > 0) == (lib.flash_prefill_uses_amx() == 1)
+    assert none == 0 and (calls > 0) == tiles_on
     worst = max(abs(a - b) for x, y in zip(with_tiles, without, strict=True) for a, b in zip(x, y, strict=True))
     assert worst < 0.01, worst

@@ -36,6 +36,60 @@ def test_rms_norm_and_the_residual_sum(dtype: torch.dtype, rows: int) -> None:
     torch.testing.assert_close(normed, ops.rms_norm_reference(expected_sum, weight, 1e-5), **_close(dtype))
 
 
+def _round_bf16(f: torch.Tensor) -> torch.Tensor:
+    """fp32 to bf16 to nearest even in integers, denormals kept, NaN made quiet (vec.h's f32_to_bf16; torch's own
+    cast may take a vector instruction that flushes denormals)."""
+    bits = f.contiguous().view(torch.int32).to(torch.int64) & 0xFFFFFFFF
+    rounded = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
+    half = torch.where(torch.isnan(f), (bits >> 16) | 0x40, rounded) & 0xFFFF
+    return ((half ^ 0x8000) - 0x8000).to(torch.int16).view(torch.bfloat16)
+
+
+def _rms_norm_as_the_kernel_orders_it(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor,
+                                      eps: float) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """fused_ops.c's bf16 RMSNorm, one fp32 operation at a time in its order: the residual sum rounded to
+    bf16, the squares summed into 8 lanes chunk by chunk of 8, then ((l0+l4)+(l1+l5))+((l2+l6)+(l3+l7)) (the
+    tail past whole chunks added last), 1 / sqrt(sum / n + eps), the normed row rounded, times the weight."""
+    rows, n = x.shape
+    v = x.float()
+    summed = None
+    if residual is not None:
+        summed = _round_bf16(residual.float() + v)
+        v = summed.float()
+    out = torch.empty_like(x)
+    for r in range(rows):
+        acc = torch.zeros(8)
+        for c in range(n // 8):
+            chunk = v[r, 8 * c:8 * c + 8]
+            acc = acc + chunk * chunk
+        total = ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]))
+        for i in range(n // 8 * 8, n):
+            total = total + v[r, i] * v[r, i]
+        inv = torch.tensor(1.0) / torch.sqrt(total / torch.tensor(float(n)) + torch.tensor(eps))
+        y = _round_bf16(v[r] * inv).float()
+        out[r] = _round_bf16(weight.float() * y)
+    return out, summed
+
+
+@pytest.mark.parametrize("n", [576, 24, 20])  # whole 16-lane vectors (AVX-512 where present), and not
+def test_bf16_rms_norm_is_the_same_fp32_operations_bit_for_bit(n: int) -> None:
+    """Both of the kernel's bf16 row paths give exactly the bits of one fixed sequence of fp32 operations,
+    denormals and NaN included."""
+    torch.manual_seed(n)
+    x, residual = torch.randn(5, n).to(torch.bfloat16), torch.randn(5, n).to(torch.bfloat16)
+    x[1, :3] = torch.tensor([1e-39, -3e-40, 5e-41])  # fp32 denormals through the residual sum and the norm
+    residual[1, :3] = 0.0
+    x[2, :2], residual[2, :2] = torch.tensor([1e-30, 2e-30]), torch.tensor([-1e-30, 1e-38])
+    x[3, 5] = float("nan")
+    weight = (1 + 0.1 * torch.randn(n)).to(torch.bfloat16)
+    want_out, want_sum = _rms_norm_as_the_kernel_orders_it(x, residual, weight, 1e-5)
+    out, summed = ops.add_rms_norm(x, residual.clone(), weight, 1e-5)
+    assert want_sum is not None and torch.equal(summed.view(torch.int16), want_sum.view(torch.int16))
+    assert torch.equal(out.view(torch.int16), want_out.view(torch.int16))
+    alone, _ = _rms_norm_as_the_kernel_orders_it(x, None, weight, 1e-5)
+    assert torch.equal(ops.rms_norm(x, weight, 1e-5).view(torch.int16), alone.view(torch.int16))
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("rows", [1, 33])
 def test_silu_mul(dtype: torch.dtype, rows: int) -> None:

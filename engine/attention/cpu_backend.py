@@ -45,11 +45,17 @@ AMX_PREFILL_MIN_QUERIES = 16
 AMX_PREFILL_DIMS = (32, 64, 96, 128)  # head dims flash_prefill.c takes (whole Q tiles, at most four)
 
 
+def tiles_take(pool: KVCachePool, shape: AttentionShape) -> bool:
+    """The tile kernel computes this pool's and shape's attention: bf16 compute and cache, a head dim it
+    takes, no score cap."""
+    return (pool.compute_dtype == torch.bfloat16 and pool.spec.dtype == torch.bfloat16 and not shape.softcap
+            and shape.head_dim in AMX_PREFILL_DIMS and shape.num_heads % shape.num_kv_heads == 0)
+
+
 def amx_prefill_supported(pool: KVCachePool, shape: AttentionShape) -> bool:
-    """Long prefill segments of this pool and shape attend on AMX tiles: bf16 compute and cache, a head
-    dim the tile kernel takes, no score cap, and a CPU whose OS grants AMX tile data."""
-    if (pool.compute_dtype != torch.bfloat16 or pool.spec.dtype != torch.bfloat16 or shape.softcap
-            or shape.head_dim not in AMX_PREFILL_DIMS or shape.num_heads % shape.num_kv_heads):
+    """Long prefill segments of this pool and shape attend on AMX tiles: the tile kernel takes them and
+    the CPU's OS grants AMX tile data (elsewhere its tile operations would run as plain C, slowly)."""
+    if not tiles_take(pool, shape):
         return False
     lib = flash_prefill_kernel()
     return lib is not None and lib.flash_prefill_uses_amx() == 1
@@ -118,7 +124,10 @@ class CpuAttentionPlan:
 
 
 class CpuAttention:
-    def __init__(self, pool: KVCachePool, shape: AttentionShape, metadata: AttentionMetadata) -> None:
+    def __init__(self, pool: KVCachePool, shape: AttentionShape, metadata: AttentionMetadata,
+                 tiles: bool = True) -> None:
+        """`tiles`: the plan's dense sequences may take the AMX tile kernel where it is supported (False:
+        torch's flash kernel, for comparisons)."""
         assert metadata.cpu is not None, "the runner plans CPU attention once per step"
         self.pool, self.meta, self.plan, self.shape = pool, metadata, metadata.cpu, shape
         self.num_heads, self.num_kv_heads, self.head_dim = shape.num_heads, shape.num_kv_heads, shape.head_dim
@@ -128,8 +137,9 @@ class CpuAttention:
         self._masks: dict[tuple[int, int], torch.Tensor] = {}  # DensePrefill masks of this step, per window
         # the plan's dense sequences for the AMX kernel (first rows, lengths, first positions, table rows), or None
         self._tiles: tuple[torch.Tensor, ...] | None = None
+        self._scratch: torch.Tensor | None = None  # their packed K/V, one buffer for every layer of the step
         dense = self.plan.dense
-        if dense and amx_prefill_supported(pool, shape):
+        if dense and tiles and amx_prefill_supported(pool, shape):
             self._tiles = (torch.tensor([p.token for p in dense], dtype=torch.int32),
                            torch.tensor([p.count for p in dense], dtype=torch.int32),
                            torch.tensor([p.start for p in dense], dtype=torch.int64),
@@ -165,12 +175,20 @@ class CpuAttention:
         first, count, start, seq = self._tiles
         lib = flash_prefill_kernel()
         assert lib is not None, "amx_prefill_supported was checked"
+        if self._scratch is None:  # sized for the widest window of the model's layers (0: none), which packs most
+            windows = self.shape.windows
+            widest = 0 if not windows or 0 in windows else max(windows)
+            size = lib.flash_prefill_scratch(count.data_ptr(), start.data_ptr(), first.numel(), self.num_kv_heads,
+                                             self.head_dim, widest)
+            self._scratch = torch.empty(size, dtype=torch.bfloat16)
         tables = self.plan.tables
         status = lib.flash_prefill(qkv.data_ptr(), row_stride, first.data_ptr(), count.data_ptr(), start.data_ptr(),
                                    seq.data_ptr(), first.numel(), cache.data_ptr(), tables.data_ptr(), tables.shape[1],
                                    self.pool.spec.block_size, out.data_ptr(), out.stride(0), self.num_heads,
                                    self.num_kv_heads, self.head_dim, self.shape.scale, self.shape.window(layer),
-                                   torch.get_num_threads())
+                                   self._scratch.data_ptr(), torch.get_num_threads())
+        if status == -2:
+            raise MemoryError("the AMX prefill kernel could not allocate its packed K/V")
         if status != 0:
             raise RuntimeError(f"the AMX prefill kernel refused its inputs ({status}; amx_prefill_supported disagrees)")
 

@@ -112,7 +112,8 @@ def flash_prefill_kernel(portable: bool = False) -> ctypes.CDLL | None:
     `flash_prefill_uses_amx()` says 1); `portable` (tests) builds every step as plain C."""
     return _load_bound("flash_prefill.c", {
         "flash_prefill": (_I32, _P, _I64, _P, _P, _P, _P, _I32, _P, _P, _I32, _I32, _P, _I64, _I32, _I32, _I32, _F32,
-                          _I32, _I32),
+                          _I32, _P, _I32),
+        "flash_prefill_scratch": (_I64, _P, _P, _I32, _I32, _I32, _I32),
         "flash_prefill_uses_amx": (_I32,)}, ("TANDEM_PORTABLE_C",) if portable else ())
 
 

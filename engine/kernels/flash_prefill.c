@@ -401,15 +401,30 @@ static inline int first_packed_key(int64_t start, int window) {
     return (int)(first & ~(int64_t)(CHUNK - 1));
 }
 
+// The bf16 elements of packed K/V that flash_prefill needs for these sequences (its `scratch`): with
+// window 0 the most any window needs.
+int64_t flash_prefill_scratch(const int32_t *count, const int64_t *start, int num_seqs, int kv_heads, int dim,
+                              int window) {
+    int64_t total = 0;
+    for (int s = 0; s < num_seqs; s++) {
+        const int64_t keys = start[s] + count[s] - first_packed_key(start[s], window);
+        total += 2 * ((keys + CHUNK - 1) / CHUNK * CHUNK) * kv_heads * dim;
+    }
+    return total;
+}
+
 // Attends `num_seqs` sequences: sequence s feeds rows first[s] .. first[s] + count[s] - 1 of qkv (and of
 // out) at positions start[s] ..; its block table is row seq[s] of `tables` (table_width entries each),
-// over the layer's pool `cache`, which holds every key up to its last position. Returns 0, or -1 for
-// shapes it does not take (dim not 32/64/96/128, heads not a multiple of kv_heads), -2 when memory for
-// the packed K/V cannot be had, -3 where AMX is compiled in but refused.
+// over the layer's pool `cache`, which holds every key up to its last position. The packed K/V go to
+// `scratch` (at least flash_prefill_scratch elements; a step's layers share one), or
+// to memory of its own where it is NULL. Returns 0, or -1 for shapes it does not take (dim not
+// 32/64/96/128, heads not a multiple of kv_heads), -2 when memory for the packed K/V cannot be had,
+// -3 where AMX is compiled in but refused.
 int flash_prefill(const uint16_t *qkv, int64_t row_stride, const int32_t *first, const int32_t *count,
                   const int64_t *start, const int32_t *seq, int num_seqs, const uint16_t *cache,
                   const int64_t *tables, int table_width, int block_size, uint16_t *out, int64_t out_stride,
-                  int heads, int kv_heads, int dim, float scale, int window, int num_threads) {
+                  int heads, int kv_heads, int dim, float scale, int window, uint16_t *scratch,
+                  int num_threads) {
     if (dim % 32 != 0 || dim > MAX_DIM || kv_heads <= 0 || heads % kv_heads != 0) return -1;
 #if HAVE_AMX
     if (!amx_permission()) return -3;
@@ -428,7 +443,8 @@ int flash_prefill(const uint16_t *qkv, int64_t row_stride, const int32_t *first,
         packed_at[s + 1] = packed_at[s] + 2 * ((keys + CHUNK - 1) / CHUNK * CHUNK) * kv_heads * dim;
         items_at[s + 1] = items_at[s] + (int64_t)heads * ((count[s] + ROWS - 1) / ROWS);
     }
-    uint16_t *packed = aligned_alloc(64, (size_t)(packed_at[num_seqs] * 2 + 64) / 64 * 64);
+    uint16_t *owned = scratch != NULL ? NULL : aligned_alloc(64, (size_t)(packed_at[num_seqs] * 2 + 64) / 64 * 64);
+    uint16_t *packed = scratch != NULL ? scratch : owned;
     if (packed == NULL) {
         free(packed_at);
         free(items_at);
@@ -471,7 +487,7 @@ int flash_prefill(const uint16_t *qkv, int64_t row_stride, const int32_t *first,
         tiles_end();
         (void)tiles;
     }
-    free(packed);
+    free(owned);
     free(packed_at);
     free(items_at);
     return 0;

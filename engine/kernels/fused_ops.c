@@ -13,20 +13,30 @@
 // out = weight * norm(x) with norm(x) = x * rsqrt(mean(x^2) + eps) computed in fp32 and cast to the
 // activation type; with `residual`: residual += x first (rounded to the activation type), and the
 // norm is taken of that sum. Rows of `n` elements; `out` may not alias `x` or `residual`.
-#if defined(__AVX512F__) && defined(__AVX512DQ__) && defined(__AVX512BF16__)
+#if defined(__AVX512F__) && defined(__AVX512DQ__)
 #include <immintrin.h>
 #define RMS_NORM_BF16_ROW 1
 static inline __m512 load16_bf16(const uint16_t *p) {
     return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)p)), 16));
 }
-static inline __m256i bf16_of16(__m512 x) { return (__m256i)_mm512_cvtneps_pbh(x); }  // round to nearest even
+// Rounded to nearest even in integers, NaN kept quiet: f32_to_bf16's bits, denormals included (AVX512-BF16's
+// vcvtneps2bf16 would flush those to zero).
+static inline __m256i bf16_of16(__m512 x) {
+    const __m512i bits = _mm512_castps_si512(x);
+    const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
+    const __m512i rounded = _mm512_add_epi32(bits, _mm512_add_epi32(odd, _mm512_set1_epi32(0x7fff)));
+    const __m512i quiet = _mm512_or_si512(bits, _mm512_set1_epi32(0x400000));
+    const __m512i chosen = _mm512_mask_mov_epi32(rounded, _mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q), quiet);
+    return _mm512_cvtepi32_epi16(_mm512_srli_epi32(chosen, 16));
+}
 static inline __m512 widen16_bf16(__m256i h) {
     return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
 }
 
 // One bf16 row of rms_norm below with AVX-512 conversions, n a multiple of 16: the same operations in the
-// same order (the squares summed into 8 lanes chunk by chunk of 8, then hsum8), so the same bits.
-static void rms_norm_row_bf16(const uint16_t *x, uint16_t *residual, const uint16_t *weight, uint16_t *out, int n,
+// same order (the squares summed into 8 lanes chunk by chunk of 8, then hsum8, no fused multiply-add), so
+// the same bits (tests/test_fused_ops.py checks both against one sequence of fp32 operations).
+NO_CONTRACT static void rms_norm_row_bf16(const uint16_t *x, uint16_t *residual, const uint16_t *weight, uint16_t *out, int n,
                               float eps) {
     __m256 acc = _mm256_setzero_ps();
     for (int i = 0; i < n; i += 16) {
