@@ -19,9 +19,16 @@
 static inline __m512 load16_bf16(const uint16_t *p) {
     return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)p)), 16));
 }
-// Rounded to nearest even in integers, NaN kept quiet: f32_to_bf16's bits, denormals included (AVX512-BF16's
-// vcvtneps2bf16 would flush those to zero).
+// Rounded to nearest even, NaN kept quiet: f32_to_bf16's bits, denormals included. AVX512-BF16's
+// vcvtneps2bf16 gives those bits for every lane but fp32 denormals (which it flushes to zero): it serves
+// vectors without one, integer rounding the rest.
 static inline __m256i bf16_of16(__m512 x) {
+#ifdef __AVX512BF16__
+    const __m512 magnitude = _mm512_abs_ps(x);
+    if (!(_mm512_cmp_ps_mask(magnitude, _mm512_set1_ps(1.17549435e-38f), _CMP_LT_OQ) &
+          _mm512_cmp_ps_mask(magnitude, _mm512_setzero_ps(), _CMP_NEQ_OQ)))
+        return (__m256i)_mm512_cvtneps_pbh(x);
+#endif
     const __m512i bits = _mm512_castps_si512(x);
     const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
     const __m512i rounded = _mm512_add_epi32(bits, _mm512_add_epi32(odd, _mm512_set1_epi32(0x7fff)));
