@@ -79,6 +79,7 @@ def test_bf16_rms_norm_is_the_same_fp32_operations_bit_for_bit(n: int) -> None:
     x, residual = torch.randn(5, n).to(torch.bfloat16), torch.randn(5, n).to(torch.bfloat16)
     x[1, :3] = torch.tensor([1e-39, -3e-40, 5e-41])  # fp32 denormals through the residual sum and the norm
     residual[1, :3] = 0.0
+    assert (x[1, :3] != 0).all(), "the bf16 copy flushed the denormals this case is about"
     x[2, :2], residual[2, :2] = torch.tensor([1e-30, 2e-30]), torch.tensor([-1e-30, 1e-38])
     x[3, 5] = float("nan")
     weight = (1 + 0.1 * torch.randn(n)).to(torch.bfloat16)
