@@ -184,7 +184,8 @@ async def test_a_prefix_computed_on_one_prefill_worker_is_read_from_the_store_by
                 await stub.Reserve(kvstore_pb2.StoreReserveRequest(
                     namespace=stats.namespace, engine_id="gone", block_bytes=stats.block_bytes,
                     blocks=[kvstore_pb2.StoreBlock(hash=h, token_ids=[1]) for h in (11, 12, 13)]), timeout=10)
-                assert (await stub.Stats(kvstore_pb2.StoreStatsRequest(), timeout=10)).reserved_blocks == 3
+                # >= : a worker's own put of the last read's blocks may still hold its reservation here
+                assert (await stub.Stats(kvstore_pb2.StoreStatsRequest(), timeout=10)).reserved_blocks >= 3
                 await asyncio.sleep(2.0)
                 after = await stub.Stats(kvstore_pb2.StoreStatsRequest(), timeout=10)
                 assert (after.reserved_blocks, after.lapsed) == (0, 3) and not after.integrity_error, after
