@@ -36,12 +36,11 @@ DENSE_PREFILL_MIN_QUERIES = 64  # a sequence feeding this many tokens in a step 
 # ... while its context is at most this many times its new tokens: past that the gathered K/V and the mask
 # (context-long) outweigh the gain, and the C kernel, which reads K/V in place, keeps it
 DENSE_MAX_CONTEXT_PER_QUERY = 4
-# With the AMX tile kernel: from this many tokens, whatever the context (measured on an AMX Xeon, 9 heads / 3 kv
-# heads, bf16, against the C kernel: 4 x 16 new tokens after 2000 cached 1.4 vs 3.6 ms, 8 x 16 after 100
-# 0.18 vs 0.46 ms, 4 x 100 after 2000 3.7 vs 22 ms; 8 fresh prompts of 16 tokens 0.10 vs 0.08 ms)
+# With the AMX tile kernel: from this many tokens, whatever the context (bench.prefill_attention on an AMX Xeon,
+# 9 heads / 3 kv heads, bf16, a layer against the paged kernel: 4 x 16 new tokens after 2000 cached 1.15 vs
+# 3.50 ms, 8 x 16 after 100 0.19 vs 0.45 ms, 4 x 100 after 2000 3.61 vs 22.3 ms; 8 fresh prompts of 16 tokens
+# 0.10 vs 0.08 ms)
 AMX_PREFILL_MIN_QUERIES = 16
-
-
 AMX_PREFILL_DIMS = (32, 64, 96, 128)  # head dims flash_prefill.c takes (whole Q tiles, at most four)
 
 
