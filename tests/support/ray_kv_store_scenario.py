@@ -22,6 +22,7 @@ from tandem.v1 import kvstore_pb2, kvstore_pb2_grpc
 from tests.support.cluster import tandem_up
 from tests.support.cluster_workload import Expected, Job, run_grpc
 from tests.support.ray_scenario import NODE_ENV, RAY_PORT, load_jobs, wait_for
+from worker_runtime.kv_store_client import KVStoreClientConfig
 
 KV_STORE_GIB = 0.01
 STATS = ("store_id", "block_bytes", "capacity_blocks", "readable_blocks", "integrity_error")
@@ -63,6 +64,8 @@ async def kv_store_phase(model: str, jobs: list[Job], expected: list[Expected], 
             "the SIGKILLed store's restart")
         out["restarted"] = asdict(restarted)
         out["restarted_at_start"] = await _stats(restarted.address)
+        # the workers read the stores' records from etcd every poll_s: until then they put into the dead one
+        await asyncio.sleep(2.5 * KVStoreClientConfig.poll_s)
         out["equal"].append(await run_grpc(cluster.grpc_address, jobs[1]) == expected[1])
         out["restarted_stats"] = await _until_store_holds(restarted.address, 10)
         stopping = time.monotonic()
