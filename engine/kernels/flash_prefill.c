@@ -401,14 +401,18 @@ static inline int first_packed_key(int64_t start, int window) {
     return (int)(first & ~(int64_t)(CHUNK - 1));
 }
 
+// The keys packed for a sequence from first_packed_key on: up to its last position, padded to whole chunks.
+static inline int padded_keys(int64_t start, int count, int window) {
+    return (int)((start + count - first_packed_key(start, window) + CHUNK - 1) / CHUNK * CHUNK);
+}
+
 // The bf16 elements of packed K/V that flash_prefill needs for these sequences (its `scratch`): with
 // window 0 the most any window needs.
 int64_t flash_prefill_scratch(const int32_t *count, const int64_t *start, int num_seqs, int kv_heads, int dim,
                               int window) {
     int64_t total = 0;
     for (int s = 0; s < num_seqs; s++) {
-        const int64_t keys = start[s] + count[s] - first_packed_key(start[s], window);
-        total += 2 * ((keys + CHUNK - 1) / CHUNK * CHUNK) * kv_heads * dim;
+        total += 2 * (int64_t)padded_keys(start[s], count[s], window) * kv_heads * dim;
     }
     return total;
 }
@@ -439,8 +443,7 @@ int flash_prefill(const uint16_t *qkv, int64_t row_stride, const int32_t *first,
     }
     packed_at[0] = items_at[0] = 0;
     for (int s = 0; s < num_seqs; s++) {
-        const int64_t keys = start[s] + count[s] - first_packed_key(start[s], window);
-        packed_at[s + 1] = packed_at[s] + 2 * ((keys + CHUNK - 1) / CHUNK * CHUNK) * kv_heads * dim;
+        packed_at[s + 1] = packed_at[s] + 2 * (int64_t)padded_keys(start[s], count[s], window) * kv_heads * dim;
         items_at[s + 1] = items_at[s] + (int64_t)heads * ((count[s] + ROWS - 1) / ROWS);
     }
     uint16_t *owned = scratch != NULL ? NULL : aligned_alloc(64, (size_t)(packed_at[num_seqs] * 2 + 64) / 64 * 64);
@@ -458,7 +461,7 @@ int flash_prefill(const uint16_t *qkv, int64_t row_stride, const int32_t *first,
         for (int job = 0; job < pack_jobs; job++) {
             const int s = job / kv_heads, g = job % kv_heads;
             const int n = (int)(start[s] + count[s]), kbase = first_packed_key(start[s], window);
-            const int padded = (n - kbase + CHUNK - 1) / CHUNK * CHUNK;
+            const int padded = padded_keys(start[s], count[s], window);
             const int64_t *table = tables + (int64_t)seq[s] * table_width;
             const Rows k = {cache + (int64_t)g * dim, table, block_size, token_stride};
             const Rows v = {cache + (int64_t)(kv_heads + g) * dim, table, block_size, token_stride};
@@ -476,8 +479,8 @@ int flash_prefill(const uint16_t *qkv, int64_t row_stride, const int32_t *first,
             const int blocks = (count[s] + ROWS - 1) / ROWS;
             const int64_t local = item - items_at[s];
             const int block = blocks - 1 - (int)(local / heads), h = (int)(local % heads);
-            const int n = (int)(start[s] + count[s]), kbase = first_packed_key(start[s], window);
-            const int padded = (n - kbase + CHUNK - 1) / CHUNK * CHUNK, g = h / sh.group;
+            const int kbase = first_packed_key(start[s], window), padded = padded_keys(start[s], count[s], window);
+            const int g = h / sh.group;
             const uint16_t *kp = packed + packed_at[s] + (int64_t)2 * g * padded * dim;
             const int r0 = block * ROWS;
             attend_rows(&tiles, &sh, qkv + (int64_t)first[s] * row_stride, (int)start[s], r0,
