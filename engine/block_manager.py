@@ -43,6 +43,16 @@ def hash_block(parent_hash: int, token_ids: Sequence[int]) -> int:
     return int.from_bytes(digest.digest(), "little", signed=True)
 
 
+def group_key(block_hash: int, group: int) -> int:
+    """The prefix-cache key of a block of layer group `group` (engine.kv_groups) holding the block `block_hash`
+    names: the hash itself for group 0 (what KV events publish), one derived from it for the others."""
+    return block_hash if group == 0 else hash_block(block_hash, (-1, group))
+
+
+def group_keys(block_hashes: Sequence[int], group: int) -> list[int]:
+    return list(block_hashes) if group == 0 else [group_key(h, group) for h in block_hashes]
+
+
 def hash_blocks(token_ids: Sequence[int], block_size: int, parent_hash: int = ROOT_HASH) -> list[int]:
     """Chained hashes of every full block of `token_ids`."""
     hashes = []

@@ -210,7 +210,8 @@ class EngineConfig:
     kv_cache_dtype: KVCacheDtype = "auto"  # auto: the compute dtype
     block_size: int = 16
     kv_cache_memory_bytes: int = 1 << 30
-    num_kv_blocks: int | None = None  # overrides kv_cache_memory_bytes
+    # overrides kv_cache_memory_bytes: as many bytes as this many blocks of every layer (engine.kv_groups)
+    num_kv_blocks: int | None = None
     # a second KV tier of this many bytes (engine.kv_offload): cached blocks are copied there when the pool frees
     # them, so that once the pool evicts them they are loaded back on a prefix hit instead of recomputed; a
     # memory-mapped file in `kv_offload_dir` (default: the temp dir; its space is allocated at start) on a CPU,
@@ -240,6 +241,11 @@ class EngineConfig:
     async_scheduling: bool = False
     # a simulation profile (engine.simulated): the real scheduler and KV bookkeeping, a timing model for the forward
     simulate: str | None = None
+    # a model with both windowed and global layers (Gemma 2/3, Qwen with max_window_layers) keeps its windowed
+    # layers' KV in blocks of their own, given back behind the window (engine.kv_groups). Not yet with what moves
+    # or mirrors whole blocks: KV offload, KV events, draft models, remote KV (workers turn it off); those keep
+    # every layer's KV for every token, as models without this layout do
+    hybrid_kv_cache: bool = True
 
     def __post_init__(self) -> None:
         if self.block_size < 1 or self.block_size & (self.block_size - 1):

@@ -61,7 +61,7 @@ class LLMEngine:
             self.offload.record_events = self.config.record_kv_events
             self.block_manager.offload = self.offload
         self.scheduler = Scheduler(self.config.scheduler_config(self.max_model_len), self.block_manager,
-                                   self.model_config.window_of_every_layer)
+                                   groups=self.parts.kv_groups)
         self.runner = self.parts.runner
         self.validator = RequestValidator(self.tokenizer, self.model_config.vocab_size, self.max_model_len)
         self.requests: dict[str, RequestState] = {}

@@ -6,7 +6,7 @@ The runner owns the model, the KV pool and the sampler; it never decides what ru
 from __future__ import annotations
 
 import importlib.util
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from typing import Literal, Protocol
 
@@ -26,6 +26,7 @@ from engine.attention.planning import SeqSpan, attention_metadata
 from engine.attention.torch_backend import TorchAttention
 from engine.cuda_graphs import CudaGraphDecoder
 from engine.kv_cache import KVCachePool
+from engine.kv_groups import KVGroups
 from engine.kv_hooks import ObservedAttention
 from engine.logprobs import prompt_token_logprobs, token_logprobs
 from engine.models.llama import LlamaForCausalLM
@@ -78,7 +79,9 @@ AttentionBackendName = Literal["auto", "torch", "flash", "cpu"]
 class ModelRunner:
     def __init__(self, model: LlamaForCausalLM, pool: KVCachePool, sampler: Sampler, device: torch.device,
                  backend: AttentionBackendName = "auto", cuda_graph_max_batch: int | None = None,
-                 max_model_len: int = 8192, batch_invariant: bool = False, step_program: bool = False) -> None:
+                 max_model_len: int = 8192, batch_invariant: bool = False, step_program: bool = False,
+                 kv_groups: KVGroups | None = None) -> None:
+        """`kv_groups`: how the model's layers share `pool` (by default one group: a pool layer per model layer)."""
         self.model = model
         self.pool = pool
         self.sampler = sampler
@@ -87,6 +90,11 @@ class ModelRunner:
         cfg = model.config
         self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         self.shape = AttentionShape.of(cfg)
+        self.kv_groups = kv_groups or KVGroups.single(cfg.num_layers, cfg.window_of_every_layer)
+        # each group's attention, by pool layer (its slots): the windows of the model layers placed there
+        self.group_shapes = (tuple(replace(self.shape, windows=self.kv_groups.slot_windows(g, cfg.sliding_windows))
+                                   for g in range(self.kv_groups.num_groups))
+                             if self.kv_groups.is_hybrid else (self.shape,))
         self.use_flash = self._pick_flash(backend)
         self.use_cpu_kernel = self._pick_cpu(backend)
         # long prompts through the AMX tiles or torch's flash kernel, except where a row must not depend on how
@@ -100,8 +108,8 @@ class ModelRunner:
         if self.use_flash and cuda_graph_max_batch:
             self.graphs = CudaGraphDecoder(model, pool, cuda_graph_max_batch, max_model_len)
         # decode steps of a few tokens as one C call where every kernel of the model has one (engine/step_program.py)
-        self.program = (StepProgram.build(model, pool, self.shape, pool.compute_dtype)
-                        if step_program and self.use_cpu_kernel else None)
+        self.program = (StepProgram.build(model, pool, self.shape, pool.compute_dtype)  # (one block table per step)
+                        if step_program and self.use_cpu_kernel and not self.kv_groups.is_hybrid else None)
 
     def _pick_flash(self, backend: AttentionBackendName) -> bool:
         if backend == "torch":
@@ -123,11 +131,30 @@ class ModelRunner:
         return supported
 
     def _attention(self, meta: AttentionMetadata) -> AttentionFn:
+        if not meta.groups:
+            return self._group_attention(self.shape, meta)
+        return _GroupedAttention([self._group_attention(shape, group_meta) for shape, group_meta
+                                  in zip(self.group_shapes, (meta, *meta.groups), strict=True)],
+                                 self.kv_groups.placement)
+
+    def _group_attention(self, shape: AttentionShape, meta: AttentionMetadata) -> AttentionFn:
         if self.use_cpu_kernel:
-            return CpuAttention(self.pool, self.shape, meta)
+            return CpuAttention(self.pool, shape, meta)
         if self.use_flash:
-            return FlashAttention(self.pool, self.shape, meta)
-        return TorchAttention(self.pool, self.shape, meta)
+            return FlashAttention(self.pool, shape, meta)
+        return TorchAttention(self.pool, shape, meta)
+
+    def _metadata(self, spans: list[SeqSpan], group_tables: Sequence[Sequence[list[int]]] = ()) -> AttentionMetadata:
+        """The step's metadata for `spans`; in a hybrid layout with each further group's, from `group_tables`
+        (per span, its tables of groups 1, 2, ...)."""
+        def build(group_spans: list[SeqSpan]) -> AttentionMetadata:
+            return attention_metadata(group_spans, self.block_size, self.device, self.pool.compute_dtype,
+                                      self.use_cpu_kernel, self.dense_min_queries, self.dense_max_context_per_query)
+
+        others = tuple(build([replace(span, block_table=tables[g]) for span, tables in zip(spans, group_tables,
+                                                                                          strict=True)])
+                       for g in range(self.kv_groups.num_groups - 1))
+        return replace(build(spans), groups=others) if others else build(spans)
 
     def prepare(self, out: SchedulerOutput) -> StepInputs:
         ids: list[int] = []
@@ -153,8 +180,7 @@ class ModelRunner:
                     prompt_indices.extend(range(start_token, start_token + count))
         spans = [SeqSpan(item.seq.block_table, item.start, item.num_tokens) for item in out.scheduled]
         positions = [p for s in spans for p in range(s.start, s.context_len)]
-        meta = attention_metadata(spans, self.block_size, self.device, self.pool.compute_dtype, self.use_cpu_kernel,
-                                  self.dense_min_queries, self.dense_max_context_per_query)
+        meta = self._metadata(spans, [item.seq.group_tables for item in out.scheduled])
         items = out.scheduled
         verifying = (any(item.draft_token_ids for item in items)
                      and all(item.samples and item.num_tokens == 1 + len(item.draft_token_ids) for item in items))
@@ -212,9 +238,9 @@ class ModelRunner:
     def logits_at_ends(self, token_ids: list[int], spans: list[SeqSpan]) -> torch.Tensor:
         """Feed `token_ids` (each span's tokens in turn; single-token spans first) and return the logits
         [len(spans), V] at each span's last position: a forward with no sampling (a draft model's)."""
+        assert not self.kv_groups.is_hybrid, "a draft model's forward has one block table per span"
         positions = [p for s in spans for p in range(s.start, s.context_len)]
-        meta = attention_metadata(spans, self.block_size, self.device, self.pool.compute_dtype, self.use_cpu_kernel,
-                                  self.dense_min_queries, self.dense_max_context_per_query)
+        meta = self._metadata(spans)
         hidden = self._forward(self._tensor(token_ids), self._tensor(positions), meta, None, True)
         ends, end = [], -1
         for span in spans:
@@ -259,3 +285,14 @@ class ModelRunner:
                 if wanted is not None else [None] * len(tokens))
             results[seq.request_id] = SequenceResult(tokens, found)
         return results
+
+
+class _GroupedAttention:
+    """A hybrid layout's attention (engine.kv_groups): each model layer through its group's backend, at its slot."""
+
+    def __init__(self, backends: list[AttentionFn], placement: tuple[tuple[int, int], ...]) -> None:
+        self._backends, self._placement = backends, placement
+
+    def __call__(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        group, slot = self._placement[layer]
+        return self._backends[group](slot, q, k, v)

@@ -74,9 +74,8 @@ class RemoteKV:
         """Prompt tokens this engine's prefix cache already holds under `cache_salt`, in its pool or its second
         tier (a look, not a lookup: no stats)."""
         hashes = hash_blocks(token_ids, self._blocks.block_size, salted_root(cache_salt))
-        window = self._scheduler.window  # then only the blocks within the window of the prefix's end need be held
-        held = len(self._blocks.peek_cached_window(hashes, token_ids, self._scheduler.blocks_behind_window) if window
-                   else self._blocks.peek_cached_prefix(hashes, token_ids))
+        # (a windowed group need hold only the blocks within the window of the prefix's end)
+        held = len(self._scheduler.cached_prefix_blocks(hashes, token_ids)[0])
         offload = self._blocks.offload
         if offload is not None and held < len(hashes):
             held += len(offload.match(hashes[held:], token_ids, held, touch=False))
@@ -91,6 +90,9 @@ class RemoteKV:
         """Park `request` with fresh blocks for its prompt tokens; returns their ids in token order
         (block i holds tokens [i*block_size, (i+1)*block_size)), NOT_NEEDED for blocks behind every layer's
         window (none reserved). OutOfKVBlocksError (nothing kept) when they are not free now."""
+        if self._scheduler.groups.is_hybrid:
+            raise ValueError("this engine keeps its windowed layers' KV apart (hybrid_kv_cache): it takes no remote "
+                             "KV; run it with hybrid_kv_cache=False (workers that move KV do)")
         seq = self._engine.start_request(request)
         try:
             self._scheduler.allocate_fresh(seq)

@@ -9,11 +9,13 @@ waiting sequences, reusing cached prefix blocks. Its only product is a `Schedule
 from __future__ import annotations
 
 from collections.abc import Callable
+from collections.abc import Sequence as Seq
 from dataclasses import dataclass, field
 
-from engine.block_manager import BlockManager, hash_block, hash_blocks
+from engine.block_manager import BlockManager, group_key, group_keys, hash_block, hash_blocks
 from engine.config import SchedulerConfig
 from engine.errors import OutOfKVBlocksError
+from engine.kv_groups import KVGroups
 from engine.sequence import FinishReason, Sequence, SequenceStatus
 
 
@@ -61,13 +63,16 @@ class SchedulerOutput:
 
 
 class Scheduler:
-    def __init__(self, config: SchedulerConfig, block_manager: BlockManager, window: int = 0) -> None:
-        """`window` > 0: every layer of the model attends to the last `window` positions only, so a running
-        sequence's blocks that lie wholly before the window of its next position are given back as it goes
+    def __init__(self, config: SchedulerConfig, block_manager: BlockManager, window: int = 0,
+                 groups: KVGroups | None = None) -> None:
+        """`groups`: the pool's layer groups (engine.kv_groups), a table each per sequence; by default one, with
+        `window` > 0 when every layer of the model attends to the last `window` positions only. A windowed group's
+        blocks that lie wholly before the window of a running sequence's next position are given back as it goes
         (its table keeps the block manager's null block in their place)."""
         self.config = config
         self.blocks = block_manager
-        self.window = window
+        self.groups = groups or KVGroups.single(1, window)
+        self.window = self.groups.window  # 0 turns giving back off (bench.window_kv compares both ways)
         self.num_blocks_behind_window_total = 0
         self.waiting: list[Sequence] = []
         self.running: list[Sequence] = []
@@ -95,30 +100,47 @@ class Scheduler:
             self.running.remove(seq)
         elif seq.status is SequenceStatus.WAITING:
             self.waiting.remove(seq)
-        self.blocks.release(seq.block_table)
-        seq.block_table, seq.num_blocks_behind_window = [], 0
+        self._release_tables(seq)
         seq.status = SequenceStatus.FINISHED
         if self.on_release is not None:
             self.on_release(seq)
         seq.finish_reason = reason
 
+    def _windowed(self, group: int) -> bool:
+        """Whether `group` gives back its blocks behind the window."""
+        return self.window > 0 and self.groups.windows[group] > 0
+
+    def _held(self, seq: Sequence) -> list[int]:
+        """Every block `seq` holds, in every group's table."""
+        behind = seq.num_blocks_behind_window
+        return [b for g, table in enumerate(seq.tables) for b in (table[behind:] if self._windowed(g) else table)]
+
+    def _release_tables(self, seq: Sequence) -> None:
+        for table in seq.tables:
+            self.blocks.release(table)
+        seq.block_table, seq.group_tables, seq.num_blocks_behind_window = [], [], 0
+
+    def _set_tables(self, seq: Sequence, tables: list[list[int]], behind: int) -> None:
+        seq.block_table, seq.group_tables, seq.num_blocks_behind_window = tables[0], tables[1:], behind
+
     # -- sequences that do not come through the waiting queue (engine.remote_kv) -------------------------
     def allocate_fresh(self, seq: Sequence) -> None:
         """Give `seq` fresh blocks (no prefix-cache hits) for its tokens, or raise OutOfKVBlocksError and leave
-        it unchanged; with a window in every layer, only for those the window of its next position reaches
-        (the null block stands for the others: `seq.num_blocks_behind_window` of them)."""
+        it unchanged; in a windowed group, only for those the window of its next position reaches (the null
+        block stands for the others: `seq.num_blocks_behind_window` of them)."""
         total = self.blocks.blocks_needed(len(seq.token_ids))
         behind = min(self.blocks_behind_window(len(seq.token_ids)), total)
-        need = total - behind
+        skips = [behind if self._windowed(g) else 0 for g in range(self.groups.num_groups)]
+        need = sum(total - skip for skip in skips)
         if need > self.blocks.num_free_blocks:
             raise OutOfKVBlocksError(f"request {seq.request_id!r} needs {need} KV blocks, "
                                      f"{self.blocks.num_free_blocks} are free")
-        seq.block_table = [self.blocks.null_block_id] * behind + self.blocks.allocate(need)
-        seq.num_blocks_behind_window = behind
+        self._set_tables(seq, [[self.blocks.null_block_id] * skip + self.blocks.allocate(total - skip)
+                               for skip in skips], behind)
 
     def blocks_behind_window(self, next_position: int) -> int:
-        """How many leading blocks no query at `next_position` or later reads (every layer's window has left
-        them); 0 without a window in every layer."""
+        """How many leading blocks of a windowed group no query at `next_position` or later reads (its window
+        has left them); 0 without windowed groups."""
         if not self.window:
             return 0
         return max(next_position - self.window + 1, 0) // self.blocks.block_size
@@ -137,9 +159,9 @@ class Scheduler:
 
     def _preempt(self, seq: Sequence) -> None:
         self.running.remove(seq)
-        self.blocks.release(seq.block_table)
-        seq.block_table, seq.block_hashes, seq.spec_token_ids, seq.spec_draft_probs = [], [], [], None
-        seq.num_computed_tokens = seq.num_blocks_behind_window = 0
+        self._release_tables(seq)
+        seq.block_hashes, seq.spec_token_ids, seq.spec_draft_probs = [], [], None
+        seq.num_computed_tokens = 0
         seq.num_preemptions += 1
         self.num_preemptions_total += 1
         if self.on_release is not None:
@@ -183,16 +205,36 @@ class Scheduler:
     def _reserve(self, seq: Sequence, num_tokens: int, preempted: list[Sequence]) -> bool:
         """Give `seq` blocks for `num_tokens` tokens, preempting lower-ranked sequences if needed.
         Returns False if `seq` itself had to be preempted."""
-        need = self.blocks.blocks_needed(num_tokens) - len(seq.block_table)
+        wanted = self.blocks.blocks_needed(num_tokens)
+        need = sum(max(wanted - len(table), 0) for table in seq.tables)
         while need > self.blocks.num_free_blocks:
             victim = max(self.running, key=self._rank)
             self._preempt(victim)
             preempted.append(victim)
             if victim is seq:
                 return False
-        if need > 0:
-            seq.block_table.extend(self.blocks.allocate(need))
+        for table in seq.tables:
+            if wanted > len(table):
+                table.extend(self.blocks.allocate(wanted - len(table)))
         return True
+
+    def cached_prefix_blocks(self, hashes: Seq[int], token_ids: Seq[int]) -> list[list[int | None]]:
+        """Per group, its blocks of the longest run of leading blocks whose KV need not be computed (every
+        group's lists are as long): a global group's are all cached, a windowed group's are cached from the
+        window of the run's end on, None before it (engine.block_manager.peek_cached_window). A look: no stats."""
+        def hits(group: int, count: int) -> list[int | None]:
+            keys = group_keys(hashes[:count], group)
+            if self._windowed(group):
+                return self.blocks.peek_cached_window(keys, token_ids, self.blocks_behind_window)
+            return list(self.blocks.peek_cached_prefix(keys, token_ids))
+
+        count = len(hashes)
+        while True:  # each group's run within the shortest: a run for every group shortens only
+            found = [hits(g, count) for g in range(self.groups.num_groups)]
+            shortest = min(len(f) for f in found)
+            if shortest == count or self.groups.num_groups == 1:
+                return found
+            count = shortest
 
     def _admit_waiting(self, budget: int, scheduled: list[ScheduledSequence]) -> int:
         while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
@@ -200,11 +242,13 @@ class Scheduler:
             # Keep at least the last token to compute: its logits produce the next token.
             hashes = hash_blocks(seq.token_ids[:len(seq.token_ids) - 1], self.blocks.block_size, seq.root_hash)
             reads_cache = not seq.needs_prompt_logits
-            # with a window in every layer, blocks behind the window of the first position to compute may be missing
-            hits = ((self.blocks.peek_cached_window(hashes, seq.token_ids, self.blocks_behind_window) if self.window
-                     else list[int | None](self.blocks.peek_cached_prefix(hashes, seq.token_ids)))
-                    if reads_cache else [])
+            # a windowed group's blocks behind the window of the first position to compute may be missing
+            group_hits = (self.cached_prefix_blocks(hashes, seq.token_ids) if reads_cache
+                          else [[] for _ in range(self.groups.num_groups)])
+            hits = group_hits[0]
             offload = self.blocks.offload
+            assert offload is None or self.groups.num_groups == 1, "a second tier holds one group's blocks"
+
             # blocks the pool lacks that the second tier holds: loaded into fresh blocks, not computed
             tier_lookup = reads_cache and len(hits) < len(hashes)
             offloaded = (offload.match(hashes[len(hits):], seq.token_ids, len(hits))
@@ -217,20 +261,25 @@ class Scheduler:
             # cached blocks behind the window of the first position to compute are neither taken nor loaded: a
             # prefix longer than the pool is served from its last window
             behind = self.blocks_behind_window(computed)
-            taken = [block_id for block_id in hits[behind:] if block_id is not None]
-            assert len(taken) == len(hits[behind:]), "every block within the window of `computed` is cached"
+            skips = [behind if self._windowed(g) else 0 for g in range(self.groups.num_groups)]
+            taken = [[block_id for block_id in group[skip:] if block_id is not None]
+                     for group, skip in zip(group_hits, skips, strict=True)]
+            assert all(len(t) == len(h[s:]) for t, h, s in zip(taken, group_hits, skips, strict=True)), \
+                "every block within the window of `computed` is cached"
             skipped_loads = max(behind - len(hits), 0)
             loads = offloaded[skipped_loads:]
-            need = self.blocks.blocks_needed(computed + num_tokens) - behind - len(taken)
-            if need + self.blocks.num_evictable_among(taken) > self.blocks.num_free_blocks:
+            total = self.blocks.blocks_needed(computed + num_tokens)
+            needs = [total - skip - len(t) for t, skip in zip(taken, skips, strict=True)]
+            held = [block_id for t in taken for block_id in t]
+            if sum(needs) + self.blocks.num_evictable_among(held) > self.blocks.num_free_blocks:
                 break
             self.waiting.pop(0)
             if reads_cache:
                 self.blocks.count_lookup(len(hashes), len(hits))  # blocks not computed: cached, or behind the window
-            self.blocks.take_cached(taken)
-            fresh = self.blocks.allocate(need)
+            self.blocks.take_cached(held)
+            fresh = [self.blocks.allocate(need) for need in needs]
             if offload is not None and tier_lookup and loads:
-                loaded = fresh[:len(loads)]
+                loaded = fresh[0][:len(loads)]
                 # copied by the engine before the next forward (one may be running now, async scheduling); the
                 # blocks are registered now: whoever finds them reads them in a later forward too
                 offload.stage(loads, loaded, len(hashes) - len(hits))
@@ -238,8 +287,8 @@ class Scheduler:
                 first = len(hits) + skipped_loads
                 for i, (block_id, block_hash) in enumerate(zip(loaded, loads, strict=True), start=first):
                     self.blocks.register_full_block(block_id, block_hash, seq.token_ids[i * size:(i + 1) * size])
-            seq.block_table = [self.blocks.null_block_id] * behind + taken + fresh
-            seq.num_blocks_behind_window = behind
+            self._set_tables(seq, [[self.blocks.null_block_id] * skip + t + f
+                                   for skip, t, f in zip(skips, taken, fresh, strict=True)], behind)
             seq.block_hashes = hashes[:len(hits) + len(offloaded)]
             seq.num_computed_tokens = computed
             if seq.num_preemptions == 0:
@@ -292,17 +341,19 @@ class Scheduler:
             self._release_behind_window(seq)
 
     def _release_behind_window(self, seq: Sequence) -> None:
-        """Give back the blocks wholly before the window of `seq`'s next position: every later query (at
-        positions >= num_computed_tokens: drafts, verification and chunks included) attends to positions
+        """Give back the windowed groups' blocks wholly before the window of `seq`'s next position: every later
+        query (at positions >= num_computed_tokens: drafts, verification and chunks included) attends to positions
         > its own - window only. Registered blocks stay in the prefix cache until evicted. Runs after the step's
         KV push has finished (the engine waits for it before committing), so nothing still reads them."""
-        end = min(self.blocks_behind_window(seq.num_computed_tokens), len(seq.block_table))
-        if end <= seq.num_blocks_behind_window:
+        start, end = seq.num_blocks_behind_window, min(self.blocks_behind_window(seq.num_computed_tokens),
+                                                       len(seq.block_table))
+        if end <= start:
             return
-        behind = seq.block_table[seq.num_blocks_behind_window:end]
-        self.blocks.release(behind)
-        seq.block_table[seq.num_blocks_behind_window:end] = [self.blocks.null_block_id] * len(behind)
-        self.num_blocks_behind_window_total += len(behind)  # (entries past num_blocks_behind_window are held)
+        for group, table in enumerate(seq.tables):
+            if self._windowed(group):
+                self.blocks.release(table[start:end])
+                table[start:end] = [self.blocks.null_block_id] * (end - start)
+                self.num_blocks_behind_window_total += end - start  # (entries past num_blocks_behind_window are held)
         seq.num_blocks_behind_window = end
 
     def _register_full_blocks(self, seq: Sequence) -> None:
@@ -314,13 +365,14 @@ class Scheduler:
             parent = seq.block_hashes[-1] if seq.block_hashes else seq.root_hash
             block_hash = hash_block(parent, tokens)
             seq.block_hashes.append(block_hash)
-            if seq.block_table[i] != self.blocks.null_block_id:  # (the chain goes on past a block not held)
-                self.blocks.register_full_block(seq.block_table[i], block_hash, tokens)
+            for group, table in enumerate(seq.tables):
+                if table[i] != self.blocks.null_block_id:  # (the chain goes on past a block not held)
+                    self.blocks.register_full_block(table[i], group_key(block_hash, group), tokens)
 
     def held_block_refs(self) -> dict[int, int]:
         """Block id → number of running or waiting sequences holding it (for integrity checks)."""
         refs: dict[int, int] = {}
         for seq in self.running + self.waiting:
-            for block_id in seq.block_table[seq.num_blocks_behind_window:]:
+            for block_id in self._held(seq):
                 refs[block_id] = refs.get(block_id, 0) + 1
         return refs

@@ -25,8 +25,8 @@ class SequenceStatus(enum.Enum):
 class Sequence:
     """Token ids, computed-token count and block table of one request.
 
-    Invariants: `num_computed_tokens <= len(token_ids)`; `block_table` covers at least
-    `num_computed_tokens` slots; `block_hashes[i]` is the chained hash of full block i of
+    Invariants: `num_computed_tokens <= len(token_ids)`; `block_table` (and every table of `group_tables`)
+    covers at least `num_computed_tokens` slots; `block_hashes[i]` is the chained hash of full block i of
     `token_ids` and exists only once block i's KV is computed and registered.
     """
 
@@ -44,9 +44,11 @@ class Sequence:
         self.status = SequenceStatus.WAITING
         self.num_computed_tokens = 0
         self.num_cached_tokens = 0  # prompt tokens served from the prefix cache at first admission
-        self.block_table: list[int] = []
+        self.block_table: list[int] = []  # group 0's (engine.kv_groups): the only one but in a hybrid layout
+        self.group_tables: list[list[int]] = []  # a hybrid layout's groups 1, 2, ..., as long as block_table
         self.block_hashes: list[int] = []
-        # block_table[:num_blocks_behind_window] were given back: every layer's window has left them (engine.scheduler)
+        # the first num_blocks_behind_window entries of every windowed group's table were given back: the window
+        # has left them (engine.scheduler); a global group's table holds every block
         self.num_blocks_behind_window = 0
         self.spec_token_ids: list[int] = []  # draft tokens proposed for the next step
         # the distributions a draft model drew spec_token_ids from [k, V], for rejection sampling; None: the drafts
@@ -61,6 +63,11 @@ class Sequence:
         self.num_preemptions = 0
         self.finish_reason: FinishReason | None = None
         self.stop_reason: int | str | None = None
+
+    @property
+    def tables(self) -> list[list[int]]:
+        """Its block table of every group, in group order."""
+        return [self.block_table, *self.group_tables]
 
     @property
     def num_prompt_tokens(self) -> int:

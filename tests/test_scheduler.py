@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from engine.block_manager import BlockManager
+from engine.block_manager import BlockManager, group_key, hash_blocks
 from engine.config import SchedulerConfig
+from engine.kv_groups import KVGroups
 from engine.sampling_params import SamplingParams
 from engine.scheduler import Scheduler
 from engine.sequence import Sequence, SequenceStatus
@@ -87,3 +88,62 @@ def test_finish_releases_blocks_into_the_prefix_cache() -> None:
     sched.add(b)
     assert run_step(sched) == {"b": 2}  # 8 tokens come from the cache
     assert b.num_cached_tokens == 8
+
+
+HYBRID = KVGroups.of(4, (8, 0, 8, 0), hybrid=True)  # two windowed layers (window 8), two global: a group of each
+
+
+def test_a_hybrid_layout_groups_layers_of_one_kind() -> None:
+    assert HYBRID.group_size == 2 and HYBRID.windows == (0, 8)
+    assert HYBRID.placement == ((1, 0), (0, 0), (1, 1), (0, 1))
+    gemma3 = KVGroups.of(26, tuple(0 if (i + 1) % 6 == 0 else 512 for i in range(26)), hybrid=True)
+    assert gemma3.group_size == 4 and gemma3.windows == (0,) + (512,) * 6 and gemma3.num_padded_slots == 2
+    assert sorted(gemma3.placement) == sorted(set(gemma3.placement))  # one slot per layer
+    assert gemma3.slot_windows(0, tuple(0 if (i + 1) % 6 == 0 else 512 for i in range(26))) == (0, 0, 0, 0)
+    assert not KVGroups.of(4, (8, 0, 8, 0), hybrid=False).is_hybrid
+    assert KVGroups.of(4, (8,) * 4, hybrid=True) == KVGroups.single(4, 8)
+
+
+def test_a_hybrid_sequence_gives_back_only_its_windowed_groups_blocks() -> None:
+    blocks = BlockManager(64, 4, True)
+    sched = Scheduler(SchedulerConfig(max_num_batched_tokens=8), blocks, groups=HYBRID)
+    sched.add(make("a", 30))
+    while sched.running or sched.waiting:
+        run_step(sched)
+        seq = sched.running[0]
+        blocks.check_integrity(sched.held_block_refs())
+        held = 64 - blocks.num_free_blocks
+        # global: every block of the context; windowed: those the window of the next position reaches
+        assert held == 2 * len(seq.block_table) - seq.num_blocks_behind_window
+        if seq.num_computed_tokens >= 40:
+            break
+    assert seq.num_blocks_behind_window == sched.blocks_behind_window(seq.num_computed_tokens) > 0
+    assert null_free(seq.block_table, blocks) and not null_free(seq.group_tables[0], blocks)
+    sched.finish(seq, "stop")
+    assert blocks.num_free_blocks == 64
+
+
+def null_free(table: list[int], blocks: BlockManager) -> bool:
+    return blocks.null_block_id not in table
+
+
+def test_a_hybrid_prefix_hit_needs_every_group() -> None:
+    """The global group's blocks 0-9 are cached but the windowed group's last one is not: the run whose window's
+    KV every group holds is one block shorter, in every group."""
+    blocks = BlockManager(64, 4, True)
+    sched = Scheduler(SchedulerConfig(), blocks, groups=HYBRID)
+    tokens = list(range(1, 42))
+    hashes = hash_blocks(tokens, 4)
+    for group, count in ((0, 10), (1, 9)):
+        ids = blocks.allocate(count)
+        for i, (block_id, block_hash) in enumerate(zip(ids, hashes, strict=False)):
+            blocks.register_full_block(block_id, group_key(block_hash, group), tokens[4 * i:4 * i + 4])
+        blocks.release(ids)
+    found = sched.cached_prefix_blocks(hashes[:10], tokens)
+    assert [len(f) for f in found] == [9, 9]
+    assert None not in found[0] and found[1][:sched.blocks_behind_window(36)] == [None] * 7
+    seq = make("b", 41)
+    sched.add(seq)
+    out = sched.schedule()
+    assert out.scheduled[0].start == 36  # 9 blocks served from both groups
+    blocks.check_integrity(sched.held_block_refs())

@@ -1,6 +1,6 @@
 """A model whose every layer has a sliding window gives back the blocks its windows have left behind
 (engine.scheduler): fewer blocks held for the same output, cached ones still found by the prefix cache,
-pools whole. A model with a global layer keeps every block."""
+pools whole. A model with windowed and global layers gives back its windowed layers' blocks (engine.kv_groups)."""
 
 from __future__ import annotations
 
@@ -62,13 +62,62 @@ def test_given_back_blocks_stay_in_the_prefix_cache(tiny_mistral_window_dir: pat
     llm.engine.check_integrity()
 
 
-def test_a_model_with_a_global_layer_keeps_every_block(tiny_qwen2_window_dir: pathlib.Path,
-                                                       tiny_gemma2_dir: pathlib.Path) -> None:
-    for path in (tiny_qwen2_window_dir, tiny_gemma2_dir):
-        llm = LLM(str(path), num_kv_blocks=64, dtype="float32")
-        assert llm.engine.scheduler.window == 0
-        llm.generate([[7] * 100], SamplingParams(temperature=0, max_tokens=30, ignore_eos=True))
-        assert llm.engine.scheduler.num_blocks_behind_window_total == 0
+def _peak_bytes(path: pathlib.Path, prompts: list[list[int]], **config: object) -> tuple[list[list[int]], int, LLM]:
+    """Greedy outputs and the most KV bytes held at once over the run (blocks held x bytes of a pool block)."""
+    outputs, peak, llm = _run(path, prompts, True, **config)
+    return outputs, peak * llm.engine.kv_pool.spec.bytes_per_block, llm
+
+
+@pytest.mark.parametrize("fixture", ["tiny_qwen2_window_dir", "tiny_gemma2_dir", "tiny_gemma3_dir"])
+def test_a_model_with_global_layers_gives_back_its_windowed_layers_blocks(fixture: str,
+                                                                         request: pytest.FixtureRequest) -> None:
+    """Windowed and global layers in one model (engine.kv_groups): the windowed layers' blocks behind the window
+    are given back while the global layers keep theirs, so the same requests hold fewer KV bytes, same output."""
+    path = request.getfixturevalue(fixture)
+    prompts = [[(13 * j + i) % 500 + 3 for j in range(150)] for i in range(4)]
+    hybrid, hybrid_peak, llm = _peak_bytes(path, prompts)
+    kept, kept_peak, kept_llm = _peak_bytes(path, prompts, hybrid_kv_cache=False)
+    assert hybrid == kept == [hf_greedy(str(path), p, 60, eos_ids=()) for p in prompts]
+    groups = llm.engine.parts.kv_groups
+    assert groups.is_hybrid and not kept_llm.engine.parts.kv_groups.is_hybrid
+    assert llm.engine.scheduler.num_blocks_behind_window_total > 0
+    assert kept_llm.engine.scheduler.num_blocks_behind_window_total == 0
+    # same pool bytes both ways; a token behind every window costs only its global layers' KV
+    assert llm.engine.kv_pool.spec.bytes_per_block * llm.engine.block_manager.num_blocks == \
+        kept_llm.engine.kv_pool.spec.bytes_per_block * kept_llm.engine.block_manager.num_blocks
+    num_layers = llm.engine.model_config.num_layers
+    global_share = sum(1 for g, _ in groups.placement if groups.windows[g] == 0) / num_layers
+    print(f"{fixture}: peak KV bytes {hybrid_peak} hybrid, {kept_peak} keeping every block")
+    assert hybrid_peak < kept_peak * (global_share + 0.5 * (1 - global_share))
+
+
+def test_a_hybrid_prefix_is_served_from_every_group(tiny_gemma3_dir: pathlib.Path) -> None:
+    """A prompt asked again is served from the prefix cache of every group (its windowed groups' blocks within
+    the window of the prefix's end), and answers as transformers does."""
+    path = str(tiny_gemma3_dir)
+    llm = LLM(path, num_kv_blocks=20, dtype="float32", max_num_batched_tokens=24)
+    engine = llm.engine
+    assert engine.parts.kv_groups.is_hybrid
+    prompt = [(11 * j) % 470 + 13 for j in range(150)]
+    want = [hf_greedy(path, prompt, 8, eos_ids=())]
+    assert _bounded_run(llm, [prompt], 8) == want
+    hits = engine.block_manager.stats_hit_blocks
+    assert _bounded_run(llm, [prompt], 8) == want
+    assert engine.block_manager.stats_hit_blocks == hits + 9  # every full block of the prompt but the last token's
+    engine.check_integrity()
+
+
+def test_workers_keep_every_block(tiny_gemma2_dir: pathlib.Path) -> None:
+    """What moves whole blocks of every layer (remote KV, the second tier, KV events, drafts) runs without the
+    hybrid layout, and remote KV says so when asked of an engine that has it."""
+    for config in ({"hybrid_kv_cache": False}, {"kv_offload_bytes": 1 << 20}, {"record_kv_events": True}):
+        llm = LLM(str(tiny_gemma2_dir), num_kv_blocks=64, dtype="float32", **config)  # type: ignore[arg-type]
+        assert not llm.engine.parts.kv_groups.is_hybrid, config
+    llm = LLM(str(tiny_gemma2_dir), num_kv_blocks=64, dtype="float32")
+    request = llm.engine.make_request("r", [5] * 40, SamplingParams(temperature=0, max_tokens=4))
+    with pytest.raises(ValueError, match="hybrid_kv_cache"):
+        llm.engine.remote_kv.reserve(request)
+    llm.engine.check_integrity()
 
 
 def _bounded_run(llm: LLM, prompts: list[list[int]], max_tokens: int, max_steps: int = 2000) -> list[list[int]]:

@@ -78,6 +78,8 @@ class AttentionMetadata:
     segments: tuple[Segment, ...]
     num_tokens: int
     cpu: CpuAttentionPlan | None = None
+    # a hybrid KV layout's (engine.kv_groups) groups 1, 2, ...: the same tokens through their own block tables
+    groups: tuple[AttentionMetadata, ...] = ()
 
 
 class AttentionFn(Protocol):

@@ -13,6 +13,7 @@ from engine.errors import ModelLoadError
 from engine.host_memory import keep_freed_buffers
 from engine.kernels import fused_ops_kernel
 from engine.kv_cache import KVCachePool, KVCacheSpec, resolve_kv_dtype, tensor_bytes
+from engine.kv_groups import KVGroups
 from engine.kv_hooks import KVStorageAllocator
 from engine.loader.api import LoadedModel, load_model, load_tokenizer
 from engine.loader.fingerprint import weights_fingerprint
@@ -43,6 +44,7 @@ class LoadedEngineParts:
     load_seconds: float
     quantized_layers: tuple[str, ...]
     weights_fingerprint: str  # engine.loader.fingerprint: what KV peers must share
+    kv_groups: KVGroups  # how the model's layers share the pool's blocks (pool.spec.num_layers is its group_size)
 
     @property
     def device(self) -> torch.device:
@@ -70,6 +72,34 @@ def tokens_held_per_sequence(config: EngineConfig, max_model_len: int, window: i
     return min(max_model_len, window + 2 * config.max_num_batched_tokens + 2 * config.block_size)
 
 
+def blocks_held_per_sequence(config: EngineConfig, max_model_len: int, groups: KVGroups) -> int:
+    """The most blocks one sequence holds at once, in every group's table."""
+    return sum(-(-tokens_held_per_sequence(config, max_model_len, window) // config.block_size)
+               for window in groups.windows)
+
+
+def longest_context(config: EngineConfig, num_blocks: int, groups: KVGroups, max_model_len: int) -> int:
+    """The longest context up to `max_model_len` whose sequence fits `num_blocks` blocks alone (0: none)."""
+    low, high = 0, max_model_len  # blocks_held_per_sequence grows with the context
+    while low < high:
+        mid = (low + high + 1) // 2
+        low, high = (mid, high) if blocks_held_per_sequence(config, mid, groups) <= num_blocks else (low, mid - 1)
+    return low
+
+
+def kv_layout(config: EngineConfig, windows: tuple[int, ...], num_layers: int, kv_storage: bool) -> KVGroups:
+    """The pool's layer groups (engine.kv_groups): a hybrid layout where the model has windowed and global
+    layers and nothing that moves or mirrors whole blocks of every layer runs beside it (logged when refused)."""
+    refusals = {"hybrid_kv_cache=False": not config.hybrid_kv_cache, "a KV offload tier": config.kv_offload_bytes > 0,
+                "KV events": config.record_kv_events, "a draft model": config.speculative is not None,
+                "shared KV storage": kv_storage, "simulation": config.simulate is not None}
+    refused = [name for name, applies in refusals.items() if applies]
+    groups = KVGroups.of(num_layers, windows, hybrid=not refused)
+    if not groups.is_hybrid and KVGroups.of(num_layers, windows, hybrid=True).is_hybrid:
+        log.info("windowed layers keep every block (no hybrid KV layout with %s)", ", ".join(refused))
+    return groups
+
+
 def build_engine_parts(config: EngineConfig, kv_storage: KVStorageAllocator | None = None,
                        context_of: int | None = None) -> LoadedEngineParts:
     """`kv_storage`, when given, allocates the memory the KV pool lives in (see KVCachePool); `context_of`: the
@@ -88,15 +118,18 @@ def build_engine_parts(config: EngineConfig, kv_storage: KVStorageAllocator | No
     cfg = loaded.config
     max_model_len = min(config.max_model_len or DEFAULT_MAX_MODEL_LEN, cfg.max_position_embeddings)
     kv_dtype = resolve_kv_dtype(config.kv_cache_dtype, dtype)
-    probe = KVCacheSpec(cfg.num_layers, 1, config.block_size, cfg.num_kv_heads, cfg.head_dim, kv_dtype)
-    num_blocks = config.num_kv_blocks or max(config.kv_cache_memory_bytes // probe.bytes_per_block, 1)
-    held = tokens_held_per_sequence(config, max_model_len, cfg.window_of_every_layer)
-    if num_blocks * config.block_size < held:
+    groups = kv_layout(config, cfg.sliding_windows, cfg.num_layers, kv_storage is not None)
+    probe = KVCacheSpec(groups.group_size, 1, config.block_size, cfg.num_kv_heads, cfg.head_dim, kv_dtype)
+    # num_kv_blocks counts blocks of every layer: a hybrid layout gets as many bytes, in blocks of one group
+    num_blocks = (config.num_kv_blocks * cfg.num_layers // groups.group_size if config.num_kv_blocks
+                  else max(config.kv_cache_memory_bytes // probe.bytes_per_block, 1))
+    held = blocks_held_per_sequence(config, max_model_len, groups)
+    if num_blocks < held:
         if config.max_model_len is not None:
             raise ModelLoadError(
-                f"the KV cache holds {num_blocks * config.block_size} tokens, less than the {held} one sequence of "
-                f"max_model_len {max_model_len} holds at once: give more KV memory or a smaller max_model_len")
-        max_model_len = num_blocks * config.block_size
+                f"the KV cache holds {num_blocks} blocks, less than the {held} one sequence of max_model_len "
+                f"{max_model_len} holds at once: give more KV memory or a smaller max_model_len")
+        max_model_len = max(longest_context(config, num_blocks, groups, max_model_len), 1)
     # what the model computes may depend on its context (LongRoPE's factor set): fixed before the fingerprint
     cfg = cfg.for_context(context_of or max_model_len)
     loaded = replace(loaded, config=cfg)
@@ -116,20 +149,20 @@ def build_engine_parts(config: EngineConfig, kv_storage: KVStorageAllocator | No
             per_seq = 1 + (config.speculative.num_draft_tokens if config.speculative else 0)  # logits rows per sequence
             make_batch_invariant(model, limits.max_num_batched_tokens,
                                    min(limits.max_num_batched_tokens, limits.max_num_seqs * per_seq))
-    spec = KVCacheSpec(cfg.num_layers, num_blocks, config.block_size, cfg.num_kv_heads, cfg.head_dim, kv_dtype)
+    spec = KVCacheSpec(groups.group_size, num_blocks, config.block_size, cfg.num_kv_heads, cfg.head_dim, kv_dtype)
     storage = None if kv_storage is None else kv_storage(tensor_bytes(spec))
     pool = KVCachePool(spec, platform.device, dtype, storage)
     sampler = Sampler(cfg.vocab_size, platform.device, seed=config.seed)
     graphs = None if config.enforce_eager or not platform.is_cuda or not model.supports_cuda_graphs \
-        else config.max_num_seqs
+        or groups.is_hybrid else config.max_num_seqs
     backend = "cpu" if config.deterministic else config.attention_backend  # the kernel computes rows alike
     runner = ModelRunner(model, pool, sampler, platform.device, backend, graphs, max_model_len,
                          batch_invariant=config.deterministic,
-                         step_program=not config.enforce_eager and platform.device.type == "cpu")
+                         step_program=not config.enforce_eager and platform.device.type == "cpu", kv_groups=groups)
     if not platform.is_cuda:  # from now on a step's activations stay mapped (engine.host_memory); load's
         keep_freed_buffers()  # temporaries, freed above, went back to the system
     seconds = time.perf_counter() - started
     log.info("engine ready in %.1fs: %s on %s, %s, %d KV blocks x %d tokens (%s)", seconds, cfg.name,
              platform.device, dtype, num_blocks, config.block_size, kv_dtype)
     return LoadedEngineParts(platform, model, tokenizer, pool, runner, max_model_len, seconds, tuple(quantized),
-                             fingerprint)
+                             fingerprint, groups)

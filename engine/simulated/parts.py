@@ -20,6 +20,7 @@ import torch
 from engine.config import EngineConfig, ModelConfig
 from engine.errors import ModelLoadError
 from engine.kv_cache import KVCachePool, KVCacheSpec, resolve_kv_dtype, tensor_bytes
+from engine.kv_groups import KVGroups
 from engine.kv_hooks import KVStorageAllocator
 from engine.loader.api import load_tokenizer, resolve_model_path
 from engine.loader.engine_parts import COMPUTE_DTYPES, DEFAULT_MAX_MODEL_LEN, LoadedEngineParts
@@ -78,4 +79,5 @@ def build_simulated_parts(config: EngineConfig, kv_storage: KVStorageAllocator |
     seconds = time.perf_counter() - started
     log.info("simulated engine ready in %.1fs: %s (%s), %d KV blocks x %d tokens", seconds, profile.name,
              profile.source, num_blocks, config.block_size)
-    return LoadedEngineParts(platform, model, tokenizer, pool, runner, max_model_len, seconds, (), fingerprint)
+    return LoadedEngineParts(platform, model, tokenizer, pool, runner, max_model_len, seconds, (), fingerprint,
+                             KVGroups.single(cfg.num_layers, cfg.window_of_every_layer))
