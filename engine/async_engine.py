@@ -19,6 +19,7 @@ from engine.block_manager import KVCacheEvents
 from engine.config import EngineConfig, ModelConfig
 from engine.errors import EngineDeadError, InvalidRequestError
 from engine.kv_cache import KVCachePool
+from engine.kv_groups import KVGroups
 from engine.kv_hooks import KVStepHook, KVStorageAllocator
 from engine.kv_offload import KVOffloadTier
 from engine.llm_engine import LLMEngine
@@ -112,6 +113,11 @@ class AsyncEngine:
     def kv_pool(self) -> KVCachePool:
         """The paged KV pool (for a KV connector to register as a transfer segment)."""
         return self._llm.kv_pool
+
+    @property
+    def kv_groups(self) -> KVGroups:
+        """How the model's layers share the pool's blocks (engine.kv_groups)."""
+        return self._llm.parts.kv_groups
 
     @property
     def prefill_seconds_per_token(self) -> float:

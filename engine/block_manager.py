@@ -43,10 +43,19 @@ def hash_block(parent_hash: int, token_ids: Sequence[int]) -> int:
     return int.from_bytes(digest.digest(), "little", signed=True)
 
 
+def _group_salt(group: int) -> int:
+    digest = hashlib.blake2b(struct.pack("<q", group), digest_size=8, person=b"tandem-group")
+    return int.from_bytes(digest.digest(), "little", signed=True)
+
+
+_GROUP_SALTS = [_group_salt(g) for g in range(64)]  # (engine.kv_groups.MAX_GROUPS, and then some)
+
+
 def group_key(block_hash: int, group: int) -> int:
     """The prefix-cache key of a block of layer group `group` (engine.kv_groups) holding the block `block_hash`
-    names: the hash itself for group 0 (what KV events publish), one derived from it for the others."""
-    return block_hash if group == 0 else hash_block(block_hash, (-1, group))
+    names: the hash itself for group 0 (what KV events publish), a salted one for the others (cheap: it is taken
+    of every block of a waiting prompt at each admission attempt; a key is trusted only with its tokens)."""
+    return block_hash if group == 0 else block_hash ^ _GROUP_SALTS[group]
 
 
 def group_keys(block_hashes: Sequence[int], group: int) -> list[int]:
@@ -68,6 +77,7 @@ class Block:
     ref_count: int = 0
     hash: int | None = None
     token_ids: tuple[int, ...] = field(default=())  # kept with the hash to rule out collisions
+    published: bool = False  # its hash goes out in KV events (group 0's blocks only: engine.kv_groups)
 
 
 @dataclass(frozen=True)
@@ -203,16 +213,19 @@ class BlockManager:
                 del self.free[block_id]
             block.ref_count += 1
 
-    def register_full_block(self, block_id: int, block_hash: int, token_ids: Sequence[int]) -> None:
-        """Make a block whose KV is complete findable by its hash (first writer wins)."""
+    def register_full_block(self, block_id: int, block_hash: int, token_ids: Sequence[int],
+                            publish: bool = True) -> None:
+        """Make a block whose KV is complete findable by its hash (first writer wins); `publish`: its hash goes
+        out in KV events (a hybrid layout's further groups' keys do not: engine.block_manager.group_key)."""
         if not self.enable_prefix_caching or block_hash in self.cached:
             return
         block = self.blocks[block_id]
         assert block.hash is None and block.ref_count > 0, "only a fresh, owned block can be registered"
         block.hash = block_hash
         block.token_ids = tuple(token_ids)
+        block.published = publish
         self.cached[block_hash] = block_id
-        if self.record_events:
+        if self.record_events and publish:
             self._stored.append(block_hash)
             if block_hash in self._removed:  # evicted and cached again since the last drain: it is held
                 self._removed.remove(block_hash)
@@ -232,6 +245,16 @@ class BlockManager:
             block.ref_count = 1
             out.append(block_id)
         return out
+
+    def shortfall(self, tables: Iterable[Sequence[int]], num_blocks: int) -> int:
+        """Blocks it takes to make each of `tables` (a sequence's, one per layer group) `num_blocks` long."""
+        return sum(max(num_blocks - len(table), 0) for table in tables)
+
+    def extend(self, tables: Iterable[list[int]], num_blocks: int) -> None:
+        """Make each of `tables` `num_blocks` long with fresh blocks (NoFreeBlocksError when they run out)."""
+        for table in tables:
+            if num_blocks > len(table):
+                table.extend(self.allocate(num_blocks - len(table)))
 
     def release(self, block_ids: Sequence[int]) -> None:
         """Drop one reference to each block; blocks reaching 0 become free (most recent last).
@@ -258,7 +281,7 @@ class BlockManager:
     def _forget(self, block: Block) -> None:
         assert block.hash is not None
         del self.cached[block.hash]
-        if self.record_events:
+        if self.record_events and block.published:
             self._removed.append(block.hash)
         block.hash = None
         block.token_ids = ()
@@ -270,8 +293,8 @@ class BlockManager:
         return bool(self._stored or self._removed)
 
     def drain_events(self, with_snapshot: bool = False) -> KVCacheEvents:
-        events = KVCacheEvents(tuple(self._stored), tuple(self._removed),
-                               tuple(self.cached) if with_snapshot else None)
+        snapshot = tuple(h for h, b in self.cached.items() if self.blocks[b].published) if with_snapshot else None
+        events = KVCacheEvents(tuple(self._stored), tuple(self._removed), snapshot)
         self._stored.clear()
         self._removed.clear()
         return events

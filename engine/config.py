@@ -242,9 +242,9 @@ class EngineConfig:
     # a simulation profile (engine.simulated): the real scheduler and KV bookkeeping, a timing model for the forward
     simulate: str | None = None
     # a model with both windowed and global layers (Gemma 2/3, Qwen with max_window_layers) keeps its windowed
-    # layers' KV in blocks of their own, given back behind the window (engine.kv_groups). Not yet with what moves
-    # or mirrors whole blocks: KV offload, KV events, draft models, remote KV (workers turn it off); those keep
-    # every layer's KV for every token, as models without this layout do
+    # layers' KV in blocks of their own, given back behind the window (engine.kv_groups). Not yet with a second
+    # tier (and so the cluster KV store): there every layer's KV is kept for every token, as models without this
+    # layout do; KV peers (remote prefill) must agree on it
     hybrid_kv_cache: bool = True
 
     def __post_init__(self) -> None:

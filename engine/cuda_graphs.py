@@ -53,7 +53,8 @@ class CudaGraphDecoder:
             self.graphs[b] = graph
 
     def can_run(self, meta: AttentionMetadata) -> bool:
-        return (not meta.segments and meta.decode is not None and meta.num_tokens <= self.buckets[-1]
+        return (not meta.segments and not meta.groups and meta.decode is not None  # (one block table per step)
+                and meta.num_tokens <= self.buckets[-1]
                 and meta.decode.block_tables.shape[1] <= self.max_blocks)
 
     def run(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:

@@ -62,9 +62,11 @@ def draft_engine_config(config: EngineConfig, num_blocks: int) -> EngineConfig:
     spec = config.speculative
     assert spec is not None and spec.method == "draft"
     own = spec.draft_model == SELF_INT4_DRAFT
+    # (one layer group: a self-int4 draft runs over its target's pool, in its target's layout, and leaves its own
+    # unused; a draft model of its own holds one block table per sequence)
     return replace(config, model=config.model if own else spec.draft_model, quantization="int4" if own else None,
                    speculative=None, num_kv_blocks=num_blocks, kv_offload_bytes=0, record_kv_events=False,
-                   deterministic=False, async_scheduling=False, max_model_len=None)
+                   deterministic=False, async_scheduling=False, max_model_len=None, hybrid_kv_cache=False)
 
 
 def self_int4_runner(config: EngineConfig, parts: LoadedEngineParts, target: LoadedEngineParts) -> ModelRunner:
@@ -73,7 +75,7 @@ def self_int4_runner(config: EngineConfig, parts: LoadedEngineParts, target: Loa
     graphs = config.max_num_seqs if cuda and not eager and parts.model.supports_cuda_graphs else None
     sampler = Sampler(parts.model.config.vocab_size, target.device)  # unused: the engine's samples the drafts
     return ModelRunner(parts.model, target.pool, sampler, target.device, config.attention_backend, graphs,
-                       target.max_model_len, step_program=not cuda and not eager)
+                       target.max_model_len, step_program=not cuda and not eager, kv_groups=target.kv_groups)
 
 
 def check_same_tokenizer(target: Tokenizer, draft: Tokenizer, target_vocab: int, draft_vocab: int) -> None:
@@ -107,7 +109,10 @@ class DraftModel:
         spec = config.speculative
         assert spec is not None
         shared = spec.draft_model == SELF_INT4_DRAFT
-        draft_config = draft_engine_config(config, 1 if shared else target.pool.spec.num_blocks)
+        # a draft of its own gets as many blocks as the target's pool holds blocks of every layer (engine.kv_groups)
+        groups = target.kv_groups
+        own_blocks = -(-target.pool.spec.num_blocks * groups.group_size // len(groups.placement))
+        draft_config = draft_engine_config(config, 1 if shared else own_blocks)
         # self-int4 runs over the target's pool: its own one-block pool gets no CUDA graphs or step program
         # its context is the target's (LongRoPE's factor set: the draft rotates as the target does)
         parts = build_engine_parts(replace(draft_config, enforce_eager=True) if shared else draft_config,
@@ -213,7 +218,7 @@ class DraftModel:
         self.last_step_seconds = []
         if self.target_blocks is not None:
             return self._propose_in_target_pool(seqs, sampler, self.target_blocks)
-        work: list[tuple[EngineSequence, int, list[int]]] = []
+        work: list[tuple[EngineSequence, int, list[list[int]]]] = []
         spans: list[tuple[EngineSequence, DraftState, int]] = []  # catch-up: (seq, state, tokens fed)
         budget = max_catch_up_tokens
         for seq, k in seqs:
@@ -225,7 +230,7 @@ class DraftModel:
             budget -= feed
             spans.append((seq, state, feed))
             if feed == lag:
-                work.append((seq, k, state.block_table))
+                work.append((seq, k, [state.block_table]))
         if not spans:
             return {}
         spans.sort(key=lambda s: s[2] != 1)  # single-token spans first (the attention planner's decode batch)
@@ -234,7 +239,7 @@ class DraftModel:
         for seq, state, feed in spans:
             token_ids.extend(seq.token_ids[state.num_computed:state.num_computed + feed])
             seq_spans.append(SeqSpan(state.block_table, state.num_computed, feed))
-        logits = self._timed_logits(token_ids, seq_spans)
+        logits = self._timed_span_logits(token_ids, seq_spans)
         for _, state, feed in spans:
             state.num_computed += feed
         drafting = {seq.request_id for seq, _, _ in work}
@@ -247,26 +252,26 @@ class DraftModel:
 
     def _propose_in_target_pool(self, seqs: Sequence[tuple[EngineSequence, int]], sampler: Sampler,
                                 blocks: BlockManager) -> dict[str, Proposal]:
-        """Self-int4: each sequence's blocks, extended to the verify step's last position where blocks are free
-        (the scheduler then allocates none), take the draft's KV from the newest token's position on."""
-        work: list[tuple[EngineSequence, int, list[int]]] = []
+        """Self-int4: each sequence's blocks (every layer group's), extended to the verify step's last position where
+        blocks are free (the scheduler then allocates none), take the draft's KV from the newest token's position
+        on."""
+        work: list[tuple[EngineSequence, int, list[list[int]]]] = []
         for seq, k in seqs:
             n = len(seq.token_ids)
-            need = blocks.blocks_needed(n + k) - len(seq.block_table)
-            if seq.num_computed_tokens != n - 1 or need > blocks.num_free_blocks:
+            wanted = blocks.blocks_needed(n + k)
+            if seq.num_computed_tokens != n - 1 or blocks.shortfall(seq.tables, wanted) > blocks.num_free_blocks:
                 continue
-            if need > 0:
-                seq.block_table.extend(blocks.allocate(need))
-            work.append((seq, k, seq.block_table))
+            blocks.extend(seq.tables, wanted)
+            work.append((seq, k, seq.tables))
         if not work:
             return {}
         logits = self._timed_logits([seq.token_ids[-1] for seq, _, _ in work],
-                                    [SeqSpan(table, len(seq.token_ids) - 1, 1) for seq, _, table in work])
+                                    [(tables, len(seq.token_ids) - 1) for seq, _, tables in work])
         return self._draft(work, {seq.request_id: logits[i] for i, (seq, _, _) in enumerate(work)}, sampler)
 
-    def _draft(self, work: list[tuple[EngineSequence, int, list[int]]], first: dict[str, torch.Tensor],
+    def _draft(self, work: list[tuple[EngineSequence, int, list[list[int]]]], first: dict[str, torch.Tensor],
                sampler: Sampler) -> dict[str, Proposal]:
-        """Draw each (sequence, k, block table)'s drafts, from `first` (the logits after its newest token) on."""
+        """Draw each (sequence, k, block tables)'s drafts, from `first` (the logits after its newest token) on."""
         drafts: dict[str, list[int]] = {seq.request_id: [] for seq, _, _ in work}
         probs: dict[str, list[torch.Tensor]] = {seq.request_id: [] for seq, _, _ in work}
         try:
@@ -282,9 +287,9 @@ class DraftModel:
                 live = [w for w in live if len(drafts[w[0].request_id]) < w[1]]
                 if not live:
                     break
-                spans = [SeqSpan(table, len(seq.token_ids) + len(drafts[seq.request_id]) - 1, 1)
-                         for seq, _, table in live]
-                rows = self._timed_logits([drafts[seq.request_id][-1] for seq, _, _ in live], spans)
+                rows = self._timed_logits([drafts[seq.request_id][-1] for seq, _, _ in live],
+                                          [(tables, len(seq.token_ids) + len(drafts[seq.request_id]) - 1)
+                                           for seq, _, tables in live])
         finally:
             for seq, _, _ in work:
                 seq.sampling_state.retract(drafts[seq.request_id])
@@ -295,9 +300,15 @@ class DraftModel:
                                            None if plain else torch.stack(probs[seq.request_id]))
         return out
 
-    def _timed_logits(self, token_ids: list[int], spans: list[SeqSpan]) -> torch.Tensor:
+    def _timed_logits(self, token_ids: list[int], feeds: list[tuple[list[list[int]], int]]) -> torch.Tensor:
+        """The logits after each single token fed: (its sequence's block tables, one per layer group; position)."""
+        return self._timed_span_logits(token_ids, [SeqSpan(tables[0], start, 1) for tables, start in feeds],
+                                       [tables[1:] for tables, _ in feeds])
+
+    def _timed_span_logits(self, token_ids: list[int], spans: list[SeqSpan],
+                           group_tables: list[list[list[int]]] | None = None) -> torch.Tensor:
         started = time.perf_counter()
-        logits = self.runner.logits_at_ends(token_ids, spans)
+        logits = self.runner.logits_at_ends(token_ids, spans, group_tables or [[] for _ in spans])
         if self.parts.device.type == "cuda":
             torch.cuda.current_stream(self.parts.device).synchronize()
         self.last_step_seconds.append((len(token_ids), time.perf_counter() - started))

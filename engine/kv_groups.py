@@ -39,7 +39,8 @@ class KVGroups:
             return KVGroups.single(num_layers, max(sliding_windows) if windowed else 0)
         if not hybrid:
             return KVGroups.single(num_layers)
-        full = [layer for layer in range(num_layers) if layer not in set(windowed)]
+        windowed_set = set(windowed)
+        full = [layer for layer in range(num_layers) if layer not in windowed_set]
         size = _group_size(len(full), len(windowed))
         window = max(sliding_windows)
         windows: list[int] = []
@@ -65,12 +66,31 @@ class KVGroups:
         return max(self.windows)
 
     def slot_windows(self, group: int, sliding_windows: tuple[int, ...]) -> tuple[int, ...]:
-        """Per slot of `group`, the window of the layer there (0 for a slot no layer fills)."""
-        out = [0] * self.group_size
+        """Per slot of `group`, the window of the layer there (the group's for a slot no layer fills)."""
+        out = [self.windows[group]] * self.group_size
         for layer, (g, slot) in enumerate(self.placement):
             if g == group and sliding_windows:
                 out[slot] = sliding_windows[layer]
         return tuple(out)
+
+    def describe(self) -> str:
+        """What two engines exchanging KV must agree on (kv_transfer.kv_layout): "" for one group."""
+        if not self.is_hybrid:
+            return ""
+        return f"size {self.group_size}, windows {list(self.windows)}, placement {[list(p) for p in self.placement]}"
+
+    def padded_slots(self, group: int) -> list[int]:
+        """The slots of `group` no layer fills (their pages are never written)."""
+        filled = {slot for g, slot in self.placement if g == group}
+        return [slot for slot in range(self.group_size) if slot not in filled]
+
+    def layers_by_group(self, layers: list[int]) -> dict[int, list[int]]:
+        """Model layers `layers` as their slots, per group (in the order given)."""
+        out: dict[int, list[int]] = {}
+        for layer in layers:
+            group, slot = self.placement[layer]
+            out.setdefault(group, []).append(slot)
+        return out
 
     @property
     def num_padded_slots(self) -> int:
@@ -78,10 +98,12 @@ class KVGroups:
 
 
 def _group_size(num_full: int, num_windowed: int) -> int:
-    """The layers per group that pads the fewest slots in at most MAX_GROUPS groups (ties: fewer groups)."""
-    def cost(size: int) -> tuple[int, int]:
-        groups = -(-num_full // size) + -(-num_windowed // size)
-        return groups * size, groups
+    """The layers per group that pads the fewest global slots (each costs memory for every token of a context),
+    then the fewest slots (a windowed one costs it within the window only), in at most MAX_GROUPS groups; ties:
+    fewer groups."""
+    def cost(size: int) -> tuple[int, int, int]:
+        full, windowed = -(-num_full // size), -(-num_windowed // size)
+        return full * size - num_full, (full + windowed) * size, full + windowed
 
-    sizes = [s for s in range(1, max(num_full, num_windowed) + 1) if cost(s)[1] <= MAX_GROUPS]
+    sizes = [s for s in range(1, max(num_full, num_windowed) + 1) if cost(s)[2] <= MAX_GROUPS]
     return min(sizes, key=cost)

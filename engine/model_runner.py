@@ -91,6 +91,9 @@ class ModelRunner:
         self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         self.shape = AttentionShape.of(cfg)
         self.kv_groups = kv_groups or KVGroups.single(cfg.num_layers, cfg.window_of_every_layer)
+        if self.kv_groups.group_size != pool.spec.num_layers:
+            raise ValueError(f"a pool of {pool.spec.num_layers} layers does not hold groups of "
+                             f"{self.kv_groups.group_size} (engine.kv_groups)")
         # each group's attention, by pool layer (its slots): the windows of the model layers placed there
         self.group_shapes = (tuple(replace(self.shape, windows=self.kv_groups.slot_windows(g, cfg.sliding_windows))
                                    for g in range(self.kv_groups.num_groups))
@@ -105,7 +108,7 @@ class ModelRunner:
         self.dense_max_context_per_query = 0 if amx else DENSE_MAX_CONTEXT_PER_QUERY
         self.graphs: CudaGraphDecoder | None = None
         self.layer_observer: Callable[[int], None] | None = None  # set for one step by a KV push hook
-        if self.use_flash and cuda_graph_max_batch:
+        if self.use_flash and cuda_graph_max_batch and not self.kv_groups.is_hybrid:  # (one block table per step)
             self.graphs = CudaGraphDecoder(model, pool, cuda_graph_max_batch, max_model_len)
         # decode steps of a few tokens as one C call where every kernel of the model has one (engine/step_program.py)
         self.program = (StepProgram.build(model, pool, self.shape, pool.compute_dtype)  # (one block table per step)
@@ -235,12 +238,13 @@ class ModelRunner:
         return self.model(input_ids, positions, attn)
 
     @torch.inference_mode()
-    def logits_at_ends(self, token_ids: list[int], spans: list[SeqSpan]) -> torch.Tensor:
+    def logits_at_ends(self, token_ids: list[int], spans: list[SeqSpan],
+                       group_tables: Sequence[Sequence[list[int]]] = ()) -> torch.Tensor:
         """Feed `token_ids` (each span's tokens in turn; single-token spans first) and return the logits
-        [len(spans), V] at each span's last position: a forward with no sampling (a draft model's)."""
-        assert not self.kv_groups.is_hybrid, "a draft model's forward has one block table per span"
+        [len(spans), V] at each span's last position: a forward with no sampling (a draft model's). In a hybrid
+        layout `group_tables` holds each span's tables of groups 1, 2, ... (engine.kv_groups)."""
         positions = [p for s in spans for p in range(s.start, s.context_len)]
-        meta = self._metadata(spans)
+        meta = self._metadata(spans, group_tables)
         hidden = self._forward(self._tensor(token_ids), self._tensor(positions), meta, None, True)
         ends, end = [], -1
         for span in spans:

@@ -37,8 +37,8 @@ if TYPE_CHECKING:
     from engine.llm_engine import LLMEngine
 
 
-# In the block lists `reserve` and `rereserve` return: a block this engine does not need (it lies behind every
-# layer's window for the request's next position), so none is reserved and no KV should be sent for it
+# In the block lists `reserve` and `rereserve` return: a block this engine does not need (a windowed group's, behind
+# the window of the request's next position), so none is reserved and no KV should be sent for it
 NOT_NEEDED = -1
 
 
@@ -87,12 +87,10 @@ class RemoteKV:
 
     # -- one remote prefill -----------------------------------------------------------------------------
     def reserve(self, request: EngineRequest) -> list[int]:
-        """Park `request` with fresh blocks for its prompt tokens; returns their ids in token order
-        (block i holds tokens [i*block_size, (i+1)*block_size)), NOT_NEEDED for blocks behind every layer's
-        window (none reserved). OutOfKVBlocksError (nothing kept) when they are not free now."""
-        if self._scheduler.groups.is_hybrid:
-            raise ValueError("this engine keeps its windowed layers' KV apart (hybrid_kv_cache): it takes no remote "
-                             "KV; run it with hybrid_kv_cache=False (workers that move KV do)")
+        """Park `request` with fresh blocks for its prompt tokens; returns their ids in token order (block i holds
+        tokens [i*block_size, (i+1)*block_size)), group after group in a hybrid layout (engine.kv_groups: n blocks
+        of group 0, then n of group 1, ...), NOT_NEEDED for a windowed group's blocks behind the window of the
+        prompt's end (none reserved). OutOfKVBlocksError (nothing kept) when they are not free now."""
         seq = self._engine.start_request(request)
         try:
             self._scheduler.allocate_fresh(seq)
@@ -104,8 +102,8 @@ class RemoteKV:
         return self._wanted(seq)
 
     def _wanted(self, seq: EngineSequence) -> list[int]:
-        behind = seq.num_blocks_behind_window
-        return [NOT_NEEDED] * behind + seq.block_table[behind:]
+        held = set(self._scheduler.held_blocks(seq))
+        return [block_id if block_id in held else NOT_NEEDED for table in seq.tables for block_id in table]
 
     def resume(self, request_id: str, result: RemotePrefillResult) -> RequestOutput:
         """The prompt's KV is in the reserved blocks: the request joins the batch (even past
@@ -139,8 +137,8 @@ class RemoteKV:
             raise ValueError(f"detached blocks {key!r} already exist")
         if quarantine_s <= 0:
             raise ValueError(f"quarantine_s must be > 0, got {quarantine_s}")
-        self.detached[key] = _Detached(seq.block_table[seq.num_blocks_behind_window:], self._clock() + quarantine_s)
-        seq.block_table, seq.num_blocks_behind_window = [], 0
+        self.detached[key] = _Detached(self._scheduler.held_blocks(seq), self._clock() + quarantine_s)
+        seq.block_table, seq.group_tables, seq.num_blocks_behind_window = [], [], 0
 
     def rereserve(self, request_id: str) -> list[int]:
         """Fresh blocks for the next attempt of a parked request whose blocks were detached
@@ -180,12 +178,11 @@ class RemoteKV:
     def drop(self, seq: EngineSequence) -> None:
         """An aborted parked request: free the blocks it holds (detached ones stay held)."""
         del self.parked[seq.request_id]
-        self._blocks.release(seq.block_table)
-        seq.block_table, seq.num_blocks_behind_window = [], 0
+        self._scheduler.release_tables(seq)
 
     def held_block_refs(self) -> dict[int, int]:
         refs: dict[int, int] = {}
-        held = [s.block_table[s.num_blocks_behind_window:] for s in self.parked.values()]
+        held = [self._scheduler.held_blocks(s) for s in self.parked.values()]
         for block_ids in held + [d.block_ids for d in self.detached.values()]:
             for block_id in block_ids:
                 refs[block_id] = refs.get(block_id, 0) + 1

@@ -71,9 +71,11 @@ class Scheduler:
         (its table keeps the block manager's null block in their place)."""
         self.config = config
         self.blocks = block_manager
+        if groups is not None and window:
+            raise ValueError("give the scheduler a window or layer groups, not both")
         self.groups = groups or KVGroups.single(1, window)
         self.window = self.groups.window  # 0 turns giving back off (bench.window_kv compares both ways)
-        self.num_blocks_behind_window_total = 0
+        self.num_blocks_behind_window_total = 0  # blocks given back behind a window, summed over the groups
         self.waiting: list[Sequence] = []
         self.running: list[Sequence] = []
         self.num_preemptions_total = 0
@@ -100,7 +102,7 @@ class Scheduler:
             self.running.remove(seq)
         elif seq.status is SequenceStatus.WAITING:
             self.waiting.remove(seq)
-        self._release_tables(seq)
+        self.release_tables(seq)
         seq.status = SequenceStatus.FINISHED
         if self.on_release is not None:
             self.on_release(seq)
@@ -110,12 +112,13 @@ class Scheduler:
         """Whether `group` gives back its blocks behind the window."""
         return self.window > 0 and self.groups.windows[group] > 0
 
-    def _held(self, seq: Sequence) -> list[int]:
+    def held_blocks(self, seq: Sequence) -> list[int]:
         """Every block `seq` holds, in every group's table."""
         behind = seq.num_blocks_behind_window
         return [b for g, table in enumerate(seq.tables) for b in (table[behind:] if self._windowed(g) else table)]
 
-    def _release_tables(self, seq: Sequence) -> None:
+    def release_tables(self, seq: Sequence) -> None:
+        """Give back every block `seq` holds and empty its tables."""
         for table in seq.tables:
             self.blocks.release(table)
         seq.block_table, seq.group_tables, seq.num_blocks_behind_window = [], [], 0
@@ -159,7 +162,7 @@ class Scheduler:
 
     def _preempt(self, seq: Sequence) -> None:
         self.running.remove(seq)
-        self._release_tables(seq)
+        self.release_tables(seq)
         seq.block_hashes, seq.spec_token_ids, seq.spec_draft_probs = [], [], None
         seq.num_computed_tokens = 0
         seq.num_preemptions += 1
@@ -206,16 +209,13 @@ class Scheduler:
         """Give `seq` blocks for `num_tokens` tokens, preempting lower-ranked sequences if needed.
         Returns False if `seq` itself had to be preempted."""
         wanted = self.blocks.blocks_needed(num_tokens)
-        need = sum(max(wanted - len(table), 0) for table in seq.tables)
-        while need > self.blocks.num_free_blocks:
+        while self.blocks.shortfall(seq.tables, wanted) > self.blocks.num_free_blocks:
             victim = max(self.running, key=self._rank)
             self._preempt(victim)
             preempted.append(victim)
             if victim is seq:
                 return False
-        for table in seq.tables:
-            if wanted > len(table):
-                table.extend(self.blocks.allocate(wanted - len(table)))
+        self.blocks.extend(seq.tables, wanted)
         return True
 
     def cached_prefix_blocks(self, hashes: Seq[int], token_ids: Seq[int]) -> list[list[int | None]]:
@@ -367,12 +367,13 @@ class Scheduler:
             seq.block_hashes.append(block_hash)
             for group, table in enumerate(seq.tables):
                 if table[i] != self.blocks.null_block_id:  # (the chain goes on past a block not held)
-                    self.blocks.register_full_block(table[i], group_key(block_hash, group), tokens)
+                    self.blocks.register_full_block(table[i], group_key(block_hash, group), tokens,
+                                                     publish=group == 0)
 
     def held_block_refs(self) -> dict[int, int]:
         """Block id → number of running or waiting sequences holding it (for integrity checks)."""
         refs: dict[int, int] = {}
         for seq in self.running + self.waiting:
-            for block_id in self._held(seq):
+            for block_id in self.held_blocks(seq):
                 refs[block_id] = refs.get(block_id, 0) + 1
         return refs

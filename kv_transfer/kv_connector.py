@@ -19,6 +19,7 @@ import numpy as np
 
 from engine.config import ModelConfig
 from engine.kv_cache import KVCachePool
+from engine.kv_groups import KVGroups
 from engine.remote_kv import NOT_NEEDED
 from kv_transfer.datatypes import Notification, Ranges
 from kv_transfer.errors import HandshakeError, TransferError
@@ -68,13 +69,18 @@ class PeerKV:
 
 class KVConnector:
     def __init__(self, transfer: TransferEngine, pool: KVCachePool, model: ModelConfig, segment_name: str,
-                 tp_size: int = 1, tp_rank: int = 0, weights: str = "") -> None:
+                 tp_size: int = 1, tp_rank: int = 0, weights: str = "", groups: KVGroups | None = None) -> None:
         """`weights`: the engine's weights fingerprint (LoadedEngineParts.weights_fingerprint); a peer
-        whose differs is refused at the handshake."""
+        whose differs is refused at the handshake. `groups`: how the model's layers share the pool
+        (LoadedEngineParts.kv_groups; by default a pool layer per model layer)."""
         self.transfer = transfer
         self.pool = pool
         self.segment_name = segment_name
-        self.layout = KVLayout.of_pool(pool, model, tp_size, tp_rank, weights)
+        self.groups = groups or KVGroups.single(model.num_layers)
+        if self.groups.group_size != pool.spec.num_layers:
+            raise ValueError(f"a pool of {pool.spec.num_layers} layers does not hold groups of "
+                             f"{self.groups.group_size} (engine.kv_groups)")
+        self.layout = KVLayout.of_pool(pool, model, tp_size, tp_rank, weights, self.groups)
         self._peers: dict[str, PeerKV] = {}
         self._accepted: dict[str, bytes] = {}  # per segment, the published layout that last matched ours
         self._connecting: dict[str, asyncio.Lock] = {}
@@ -135,9 +141,10 @@ class KVConnector:
         return block_ranges(self.layout, peer.layout, layers, local_blocks, remote_blocks)
 
     def expect(self, request_id: str, peer_engine: str, blocks: list[int]) -> KVReceipt:
-        """Decode side: grant `peer_engine` the pages of `blocks` (every layer; none for a NOT_NEEDED entry) for
-        `request_id`'s push and start collecting its notes (call before asking for the push). Closing the receipt
-        revokes the grant: a late write of an abandoned attempt is refused."""
+        """Decode side: grant `peer_engine` the pages of `blocks` (every pool layer; none for a NOT_NEEDED entry) for
+        `request_id`'s push and start collecting its notes (call before asking for the push). In a hybrid layout
+        `blocks` is every group's list in turn (engine.remote_kv.RemoteKV.reserve). Closing the receipt revokes
+        the grant: a late write of an abandoned attempt is refused."""
         held = [b for b in blocks if b != NOT_NEEDED]
         pages = block_ranges(self.layout, self.layout, range(self.layout.num_layers), held, held)
         tag = kv_tag(request_id)
@@ -150,6 +157,10 @@ class KVConnector:
         receipt = KVReceipt(subscription, self.layout.num_layers, len(blocks),
                             on_close=lambda: self.transfer.revoke(grant))
         receipt.landed[:, [i for i, b in enumerate(blocks) if b == NOT_NEEDED]] = True  # nothing comes for them
+        per_group = len(blocks) // self.groups.num_groups
+        for group in range(self.groups.num_groups):  # nor for the slots of a group no layer fills
+            receipt.landed[np.ix_(self.groups.padded_slots(group), range(group * per_group, (group + 1) * per_group))] \
+                = True
         return receipt
 
 

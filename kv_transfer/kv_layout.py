@@ -16,13 +16,14 @@ import numpy as np
 
 from engine.config import ModelConfig
 from engine.kv_cache import KVCachePool
+from engine.kv_groups import KVGroups
 from kv_transfer.datatypes import Ranges
 from kv_transfer.errors import HandshakeError
 
 POOL_LAYOUT = "layer,block,token,kv,head,dim/v1"
 # Fields two engines must agree on before any byte moves (num_blocks may differ: each side has its own).
 _MUST_MATCH = ("model", "weights", "dtype", "block_size", "num_layers", "num_kv_heads", "head_dim", "layout",
-               "tp_size", "tp_rank")
+               "tp_size", "tp_rank", "kv_groups")
 
 
 def model_identity(config: ModelConfig) -> str:
@@ -44,15 +45,18 @@ class KVLayout:
     tp_size: int = 1
     tp_rank: int = 0
     weights: str = ""  # engine.loader.fingerprint: the weights, compute dtype and quantization behind the KV
+    # engine.kv_groups.KVGroups.describe: a hybrid layout's groups ("" for one; num_layers is then its group_size)
+    kv_groups: str = ""
 
     @classmethod
     def of_pool(cls, pool: KVCachePool, model: ModelConfig, tp_size: int = 1, tp_rank: int = 0,
-                weights: str = "") -> KVLayout:
+                weights: str = "", groups: KVGroups | None = None) -> KVLayout:
         spec = pool.spec
         return cls(model=model_identity(model), weights=weights, dtype=str(spec.dtype).removeprefix("torch."),
                    block_size=spec.block_size, num_layers=spec.num_layers, num_kv_heads=spec.num_kv_heads,
                    head_dim=spec.head_dim, num_blocks=spec.num_blocks + 1,
-                   element_size=pool.tensor.element_size(), tp_size=tp_size, tp_rank=tp_rank)
+                   element_size=pool.tensor.element_size(), tp_size=tp_size, tp_rank=tp_rank,
+                   kv_groups="" if groups is None else groups.describe())
 
     @property
     def block_bytes(self) -> int:
@@ -62,7 +66,9 @@ class KVLayout:
     def namespace(self) -> str:
         """What KV blocks of this layout are filed under outside a pool (the cluster KV store): the fields two
         engines must agree on, hashed; equal for every worker whose blocks are interchangeable."""
-        agreed = json.dumps({name: getattr(self, name) for name in _MUST_MATCH}, sort_keys=True)
+        # (a single-group layout's as before kv_groups existed: blocks filed by older workers stay found)
+        agreed = json.dumps({name: getattr(self, name) for name in _MUST_MATCH
+                             if name != "kv_groups" or self.kv_groups}, sort_keys=True)
         return hashlib.sha256(agreed.encode()).hexdigest()[:32]
 
     def check_compatible(self, peer: KVLayout) -> None:

@@ -26,7 +26,9 @@ class _Target:
     timeout_s: float
     next_block: int = 0  # blocks before this were pushed complete (the last partial one is re-pushed)
     error: str | None = None
-    step_blocks: tuple[int, int, list[int], list[int]] | None = None  # (start, end, local ids, remote ids)
+    # this step's blocks, per group with any (engine.kv_groups): (group, start, end in remote_blocks, local ids,
+    # remote ids)
+    step_blocks: list[tuple[int, int, int, list[int], list[int]]] = field(default_factory=list)
     handles: list[BatchHandle] = field(default_factory=list)
 
 
@@ -43,7 +45,9 @@ class KVPusher:
     """Attach with `engine.set_kv_hook(pusher)`; call `expect` before adding each request to push.
 
     As layers finish, their pages go out in groups of at least `min_batch_bytes` (0: one batch
-    per layer): a WRITE per request per group, whose note names the layers and blocks it carries.
+    per layer): a WRITE per request per group, whose note names the layers and blocks it carries. In a
+    hybrid layout (engine.kv_groups) a request's remote blocks are every group's in turn, and a batch's
+    layers are pool layers (slots) of one group: a WRITE per request per group per layer group.
     """
 
     def __init__(self, connector: KVConnector, block_size: int,
@@ -54,7 +58,8 @@ class KVPusher:
         self._targets: dict[str, _Target] = {}
         self._active: list[_Target] = []
         self._pending_layers: list[int] = []
-        self._step_layer_bytes = 0  # bytes of one layer's pages across the step's active targets
+        self._pending_bytes = 0
+        self._group_layer_bytes: list[int] = []  # per group: bytes of one of its layers' pages across the targets
         self.bytes_submitted = 0  # every page's bytes handed to the transfer engine, ever
         self._lock = threading.Lock()
 
@@ -69,46 +74,58 @@ class KVPusher:
     # -- KVStepHook -----------------------------------------------------------------------------------
     def begin_step(self, plan: SchedulerOutput) -> bool:
         self._active = []
+        groups = self.connector.groups
         with self._lock:
             for item in plan.scheduled:
                 target = self._targets.get(item.seq.request_id)
                 if target is None or target.error is not None:
                     continue
+                target.step_blocks = []
+                per_group = len(target.remote_blocks) // groups.num_groups
                 end_token = item.start + item.num_tokens - len(item.draft_token_ids)
                 start = min(target.next_block, item.start // self.block_size)
-                end = min(-(-end_token // self.block_size), len(target.remote_blocks))
+                end = min(-(-end_token // self.block_size), per_group)
                 if end <= start:
                     continue
-                # blocks the decode side does not need (behind every layer's window there) are not sent
-                pairs = [(local, remote) for local, remote in zip(item.seq.block_table[start:end],
-                                                                  target.remote_blocks[start:end], strict=True)
-                         if remote != NOT_NEEDED]
                 target.next_block = end_token // self.block_size
-                if not pairs:
-                    continue
-                target.step_blocks = (start, end, [p[0] for p in pairs], [p[1] for p in pairs])
-                self._active.append(target)
-        self._pending_layers = []
-        self._step_layer_bytes = sum(len(t.step_blocks[2]) for t in self._active
-                                     if t.step_blocks is not None) * self.connector.layout.block_bytes
+                for group, table in enumerate(item.seq.tables):
+                    first = group * per_group
+                    # blocks the decode side does not need (a windowed group's behind the window there) are not sent
+                    pairs = [(local, remote) for local, remote in zip(
+                        table[start:end], target.remote_blocks[first + start:first + end], strict=True)
+                        if remote != NOT_NEEDED]
+                    if pairs:
+                        target.step_blocks.append((group, first + start, first + end, [p[0] for p in pairs],
+                                                   [p[1] for p in pairs]))
+                if target.step_blocks:
+                    self._active.append(target)
+        self._pending_layers, self._pending_bytes = [], 0
+        self._group_layer_bytes = [0] * groups.num_groups
+        for target in self._active:
+            for group, _, _, local, _ in target.step_blocks:
+                self._group_layer_bytes[group] += len(local) * self.connector.layout.block_bytes
         return bool(self._active)
 
     def layer_written(self, layer: int) -> None:
+        """Model layer `layer`'s pages are written: pushed with the layers pending before it once they add up."""
+        groups = self.connector.groups
         self._pending_layers.append(layer)
-        pending_bytes = len(self._pending_layers) * self._step_layer_bytes
-        if not should_flush(layer, self.connector.layout.num_layers, pending_bytes, self.min_batch_bytes):
+        self._pending_bytes += self._group_layer_bytes[groups.placement[layer][0]]
+        if not should_flush(layer, len(groups.placement), self._pending_bytes, self.min_batch_bytes):
             return
-        layers, self._pending_layers = self._pending_layers, []
+        slots = groups.layers_by_group(self._pending_layers)
+        self._pending_layers, self._pending_bytes = [], 0
         for target in self._active:
-            assert target.step_blocks is not None
-            start, end, local, remote = target.step_blocks
-            note = KVPushNote(target.request_id, tuple(layers), start, end)
-            try:
-                ranges = self.connector.ranges(target.peer, layers, local, remote)
-                target.handles.append(self._submit(target, ranges, note))
-                self.bytes_submitted += ranges.total_bytes
-            except TransferError as e:
-                target.error = target.error or str(e)
+            for group, start, end, local, remote in target.step_blocks:
+                if group not in slots:
+                    continue
+                note = KVPushNote(target.request_id, tuple(slots[group]), start, end)
+                try:
+                    ranges = self.connector.ranges(target.peer, slots[group], local, remote)
+                    target.handles.append(self._submit(target, ranges, note))
+                    self.bytes_submitted += ranges.total_bytes
+                except TransferError as e:
+                    target.error = target.error or str(e)
 
     def wait_for_save(self, plan: SchedulerOutput) -> None:
         for target in self._active:
@@ -120,7 +137,7 @@ class KVPusher:
                 finally:
                     handle.release()
             target.handles.clear()
-            target.step_blocks = None
+            target.step_blocks = []
         self._active = []
 
     def step_committed(self, outputs: list[RequestOutput]) -> None:

@@ -50,11 +50,13 @@ class PrefillWorkerServicer(WorkerServicerBase):
             # one token: the first; stop strings and lengths are the decode worker's business
             params = dataclasses.replace(params, max_tokens=1, min_tokens=min(params.min_tokens, 1), stop=())
             engine_request = self.engine.make_request(rid, prompt, params, cache_salt=request.cache_salt)
-            need = -(-len(prompt) // self.block_size)
+            peer = await self.connector.connect(request.decode_segment)  # (a peer of another layout: refused here)
+            groups = self.connector.groups.num_groups  # a hybrid layout's: every group's blocks in turn
+            need = -(-len(prompt) // self.block_size) * groups
             if len(request.decode_block_ids) != need:
-                raise ValueError(f"a {len(prompt)}-token prompt needs {need} blocks of {self.block_size} tokens, "
+                raise ValueError(f"a {len(prompt)}-token prompt needs {need} blocks of {self.block_size} tokens"
+                                 f"{f' ({groups} layer groups)' if groups > 1 else ''}, "
                                  f"{len(request.decode_block_ids)} were given")
-            peer = await self.connector.connect(request.decode_segment)
         except HandshakeError as e:
             await self._fail(context, grpc.StatusCode.FAILED_PRECONDITION, str(e))
         except TransferError as e:

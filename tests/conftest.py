@@ -229,6 +229,17 @@ def tiny_gemma3_dir(tmp_path_factory: pytest.TempPathFactory) -> pathlib.Path:
                             all_norms=True, qk_scale=4.0)
 
 
+@pytest.fixture(scope="session")
+def tiny_gemma3_padded_dir(tmp_path_factory: pytest.TempPathFactory) -> pathlib.Path:
+    """Gemma 3 (text) with nine layers: the fifth global, the others windowed (6), so that its hybrid KV layout
+    (engine.kv_groups: at most 8 groups) has groups of two layers and a slot no layer fills. Treat as read-only."""
+    kinds = ["full_attention" if i == 4 else "sliding_attention" for i in range(9)]
+    config = Gemma3TextConfig(**{**_common(tie_word_embeddings=True, head_dim=16, sliding_window=6,  # type: ignore[arg-type]
+                                           layer_types=kinds), "num_hidden_layers": 9})
+    return _tiny_checkpoint(tmp_path_factory, "tiny_gemma3_padded", 10, lambda: Gemma3ForCausalLM(config),
+                            add_bos=True, all_norms=True, qk_scale=4.0)
+
+
 PHI3_ORIGINAL_CONTEXT = 64  # tiny_phi3_dir's LongRoPE switches sets beyond it
 
 

@@ -68,12 +68,14 @@ async def test_cluster_equals_engine_alone(config: str, tiny_llama_dir, jobs, ex
 @pytest.mark.slow
 @pytest.mark.parametrize("config", ["aggregated", "1P+1D"])
 @pytest.mark.parametrize("fixture", ["tiny_qwen2_dir", "tiny_qwen3_dir", "tiny_mixtral_dir", "tiny_qwen3_moe_dir",
-                                     "tiny_gemma2_dir", "tiny_gemma3_dir", "tiny_phi3_dir", "tiny_mistral_window_dir"])
+                                     "tiny_gemma2_dir", "tiny_gemma3_dir", "tiny_gemma3_padded_dir", "tiny_phi3_dir",
+                                     "tiny_mistral_window_dir"])
 async def test_other_families_through_the_cluster_equal_the_engine_alone(fixture: str, config: str, jobs,  # type: ignore[no-untyped-def]
                                                                          request) -> None:
     """Other families than Llama's (Qwen2's q/k/v biases, Qwen3's per-head q/k norms, Mixtral's and Qwen3-MoE's
     experts, Gemma 2's windows and capped scores, Gemma 3's two RoPE bases, Phi-3's LongRoPE and partial rotary,
     Mistral's window in every layer: the decode worker reserves and receives only the blocks its window needs;
+    Gemma's windowed and global layers in a hybrid KV layout, one with a slot no layer fills: each group's blocks;
     each engine alone equals transformers: test_engine_vs_transformers) through an aggregated worker, and through
     a prefill and a decode worker, over gRPC."""
     path = str(request.getfixturevalue(fixture))

@@ -76,32 +76,47 @@ def test_pushed_prefill_decodes_like_transformers(backend: str, etcd: str, defau
         decode.close()
 
 
+# per windowed checkpoint: its window, and the (layers, windowed) of each group of its KV layout (engine.kv_groups)
+WINDOWED = {"tiny_mistral_window_dir": (8, ((2, True),)),
+            "tiny_gemma3_dir": (6, ((1, False), (1, True), (1, True))),
+            "tiny_gemma3_padded_dir": (6, ((1, False), (2, True), (2, True), (2, True), (2, True)))}
+
+
 @pytest.mark.slow
-def test_a_windowed_models_push_moves_only_the_blocks_the_decode_side_needs(etcd: str,
-                                                                            tiny_mistral_window_dir) -> None:
-    """Every layer of the tiny Mistral attends to its last 8 positions: the decode side reserves only the blocks
-    the window of the prompt's next position reaches (-1 for the others) and the prefill pushes only those,
-    in 16-token chunks that leave the prefill's own blocks behind as it goes; the continuation equals
-    transformers'."""
-    model = str(tiny_mistral_window_dir)
+@pytest.mark.parametrize("fixture", list(WINDOWED))
+def test_a_windowed_models_push_moves_only_the_blocks_the_decode_side_needs(etcd: str, fixture: str,
+                                                                            request: pytest.FixtureRequest) -> None:
+    """The tiny Mistral (every layer windowed: one group) and two tiny Gemma 3 (windowed and global layers: a
+    hybrid layout of three groups of one layer, or of five of two with a slot unfilled) on both sides: the decode
+    side reserves every block of a global group and, of a windowed group, those the window of the prompt's next
+    position reaches (-1 for the others), every group's in turn; the prefill pushes only those, each group's
+    into the same group's, no page of an unfilled slot, in 16-token chunks that leave the prefill's own windowed
+    blocks behind as it goes; the continuation equals transformers'."""
+    model = str(request.getfixturevalue(fixture))
+    window, groups = WINDOWED[fixture]
     prefix = f"/tandem/test-{uuid.uuid4().hex[:8]}"
-    prefill = _engine_peer(etcd, "p-window", "tcp", model, prefix, num_blocks=16, max_batched_tokens=16)
-    decode = _engine_peer(etcd, "d-window", "tcp", model, prefix, num_blocks=16)
+    prefill = _engine_peer(etcd, "p-window", "tcp", model, prefix, num_blocks=24, max_batched_tokens=16)
+    decode = _engine_peer(etcd, "d-window", "tcp", model, prefix, num_blocks=32)
     try:
         for i, length in enumerate((5, 40, 200)):
             prompt = [(11 * j + i) % 500 + 3 for j in range(length)]
             rid = f"w{i}"
             reserved = decode.call(cmd="reserve", request_id=rid, prompt=prompt, max_tokens=MAX_TOKENS)
-            blocks = reserved["blocks"]
-            behind = max(length - 8 + 1, 0) // 16
-            assert blocks[:behind] == [-1] * behind and min(blocks[behind:]) >= 0 and len(blocks) == -(-length // 16)
+            blocks, n = reserved["blocks"], -(-length // 16)
+            behind = max(length - window + 1, 0) // 16
+            assert len(blocks) == len(groups) * n
+            for group, (_, windowed) in enumerate(groups):
+                held = blocks[group * n:(group + 1) * n]
+                skipped = behind if windowed else 0
+                assert held[:skipped] == [-1] * skipped and min(held[skipped:]) >= 0
             decode.send(cmd="decode", request_id=rid, peer=prefill.engine_id, timeout=60)
             assert decode.read(timeout=30)["expecting"] == rid
             pushed = prefill.call(cmd="prefill", request_id=rid, prompt=prompt, peer_segment=decode.name,
                                   blocks=blocks, reply_within=120)
             assert pushed["ok"], pushed
-            block_bytes = 2 * 16 * 2 * 2 * 16 * 4  # layers x block x (k, v) x kv heads x head_dim x fp32
-            assert pushed["bytes"] == (len(blocks) - behind) * block_bytes
+            page = 16 * 2 * 2 * 16 * 4  # a block of one layer: tokens x (k, v) x kv heads x head_dim x fp32
+            assert pushed["bytes"] == sum(layers * (n - (behind if windowed else 0)) for layers, windowed in groups) \
+                * page
             result = decode.read(timeout=60)
             assert result["ok"], result
             assert result["tokens"] == hf_greedy(model, prompt, MAX_TOKENS, eos_ids=(2,))
@@ -177,6 +192,20 @@ def test_block_ranges_coalesce_runs_and_match_the_pool_bytes() -> None:
     assert torch.equal(flat[off:off + b], pool.block_bytes(2, 9))
 
 
+def test_a_single_group_layout_files_its_blocks_where_it_did_before_layer_groups() -> None:
+    """The cluster KV store files blocks under the layout's namespace: a single-group layout's is the hash of the
+    fields agreed before `kv_groups` existed, so blocks filed by older workers stay found."""
+    import hashlib
+    import json
+
+    layout = _layout(10)
+    before = ("model", "weights", "dtype", "block_size", "num_layers", "num_kv_heads", "head_dim", "layout",
+              "tp_size", "tp_rank")
+    agreed = json.dumps({name: getattr(layout, name) for name in before}, sort_keys=True)
+    assert layout.namespace() == hashlib.sha256(agreed.encode()).hexdigest()[:32]
+    assert _layout(10, kv_groups="size 2, windows [0, 8]").namespace() != layout.namespace()
+
+
 def test_layout_mismatch_names_every_difference() -> None:
     ours = _layout(10)
     with pytest.raises(HandshakeError, match=r"dtype: ours 'float32', peer's 'bfloat16'.*tp_size: ours 1, peer's 2"):
@@ -184,6 +213,10 @@ def test_layout_mismatch_names_every_difference() -> None:
     with pytest.raises(HandshakeError, match=r"weights: ours '', peer's 'abc\|float32\|none'"):
         ours.check_compatible(_layout(12, weights="abc|float32|none"))
     ours.check_compatible(_layout(12))  # pool sizes may differ
+    from engine.kv_groups import KVGroups
+    hybrid = KVGroups.of(4, (8, 0, 8, 0), hybrid=True).describe()  # a peer whose windowed layers have their blocks
+    with pytest.raises(HandshakeError, match=r"kv_groups: ours '', peer's 'size 2, windows \[0, 8\], placement"):
+        ours.check_compatible(_layout(12, kv_groups=hybrid))
 
 
 

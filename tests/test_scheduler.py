@@ -100,6 +100,10 @@ def test_a_hybrid_layout_groups_layers_of_one_kind() -> None:
     assert gemma3.group_size == 4 and gemma3.windows == (0,) + (512,) * 6 and gemma3.num_padded_slots == 2
     assert sorted(gemma3.placement) == sorted(set(gemma3.placement))  # one slot per layer
     assert gemma3.slot_windows(0, tuple(0 if (i + 1) % 6 == 0 else 512 for i in range(26))) == (0, 0, 0, 0)
+    # Gemma 3 27B: 10 global layers of 62; groups of 13 would pad fewer slots (65) but 3 of them global ones,
+    # which cost memory for every token of a context: groups of 10, the global one full
+    gemma3_27b = KVGroups.of(62, tuple(0 if (i + 1) % 6 == 0 else 1024 for i in range(62)), hybrid=True)
+    assert gemma3_27b.group_size == 10 and gemma3_27b.num_groups == 7 and gemma3_27b.padded_slots(0) == []
     assert not KVGroups.of(4, (8, 0, 8, 0), hybrid=False).is_hybrid
     assert KVGroups.of(4, (8,) * 4, hybrid=True) == KVGroups.single(4, 8)
 

@@ -64,10 +64,12 @@ def _assert_clean(llm: LLM) -> None:
     {"num_kv_blocks": 12, "max_num_batched_tokens": 24, "max_model_len": 190},  # forced preemption
 ])
 @pytest.mark.parametrize("own_pool", [False, True], ids=["self-int4", "own-pool"])
-def test_greedy_with_a_draft_is_token_exact(tiny_llama_dir, config, own_pool) -> None:
-    """self-int4 drafts inside the target's pool; a draft given by path (here the target's own checkpoint: every
-    draft is kept) has its own pool and prefix cache, kept in step through rejections and preemption."""
-    path = str(tiny_llama_dir)
+@pytest.mark.parametrize("fixture", ["tiny_llama_dir", "tiny_gemma3_dir"])
+def test_greedy_with_a_draft_is_token_exact(fixture, config, own_pool, request) -> None:
+    """self-int4 drafts inside the target's pool (a hybrid layout's every group: Gemma 3, engine.kv_groups); a
+    draft given by path (here the target's own checkpoint: every draft is kept) has its own pool and prefix
+    cache, kept in step through rejections and preemption."""
+    path = str(request.getfixturevalue(fixture))
     spec = SpeculativeConfig(method="draft", num_draft_tokens=3, adaptive=False, draft_model=path) if own_pool \
         else FORCED
     llm = LLM(path, dtype="float32", **{"num_kv_blocks": 64, **config}, speculative=spec)
@@ -80,8 +82,12 @@ def test_greedy_with_a_draft_is_token_exact(tiny_llama_dir, config, own_pool) ->
     engine = llm.engine
     assert engine.num_draft_tokens_accepted > 0 and engine.draft is not None
     assert (engine.draft.blocks is not None) == own_pool
-    if "num_kv_blocks" in config and config["num_kv_blocks"] == 12:
-        assert engine.scheduler.num_preemptions_total > 0
+    assert engine.parts.kv_groups.is_hybrid == (fixture == "tiny_gemma3_dir")
+    if own_pool:  # as many blocks as the target's pool holds blocks of every layer (its blocks of one group, each)
+        groups, target_blocks = engine.parts.kv_groups, engine.block_manager.num_blocks
+        assert engine.draft.blocks.num_blocks == target_blocks * groups.group_size // len(groups.placement)
+    if config.get("num_kv_blocks") == 12 and fixture == "tiny_llama_dir":  # (Gemma 3's hybrid layout holds these
+        assert engine.scheduler.num_preemptions_total > 0             # prompts in the same bytes)
     elif engine.draft.blocks is not None:
         assert engine.draft.blocks.cached  # the draft's own prefix cache is filled (and read in round 2)
 

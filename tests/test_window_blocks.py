@@ -68,7 +68,8 @@ def _peak_bytes(path: pathlib.Path, prompts: list[list[int]], **config: object) 
     return outputs, peak * llm.engine.kv_pool.spec.bytes_per_block, llm
 
 
-@pytest.mark.parametrize("fixture", ["tiny_qwen2_window_dir", "tiny_gemma2_dir", "tiny_gemma3_dir"])
+@pytest.mark.parametrize("fixture", ["tiny_qwen2_window_dir", "tiny_gemma2_dir", "tiny_gemma3_dir",
+                                     "tiny_gemma3_padded_dir"])
 def test_a_model_with_global_layers_gives_back_its_windowed_layers_blocks(fixture: str,
                                                                          request: pytest.FixtureRequest) -> None:
     """Windowed and global layers in one model (engine.kv_groups): the windowed layers' blocks behind the window
@@ -80,6 +81,7 @@ def test_a_model_with_global_layers_gives_back_its_windowed_layers_blocks(fixtur
     assert hybrid == kept == [hf_greedy(str(path), p, 60, eos_ids=()) for p in prompts]
     groups = llm.engine.parts.kv_groups
     assert groups.is_hybrid and not kept_llm.engine.parts.kv_groups.is_hybrid
+    assert groups.num_padded_slots == (1 if fixture == "tiny_gemma3_padded_dir" else 0)
     assert llm.engine.scheduler.num_blocks_behind_window_total > 0
     assert kept_llm.engine.scheduler.num_blocks_behind_window_total == 0
     # same pool bytes both ways; a token behind every window costs only its global layers' KV
@@ -107,17 +109,40 @@ def test_a_hybrid_prefix_is_served_from_every_group(tiny_gemma3_dir: pathlib.Pat
     engine.check_integrity()
 
 
-def test_workers_keep_every_block(tiny_gemma2_dir: pathlib.Path) -> None:
-    """What moves whole blocks of every layer (remote KV, the second tier, KV events, drafts) runs without the
-    hybrid layout, and remote KV says so when asked of an engine that has it."""
-    for config in ({"hybrid_kv_cache": False}, {"kv_offload_bytes": 1 << 20}, {"record_kv_events": True}):
+def test_a_runner_refuses_a_pool_its_groups_do_not_fit(tiny_gemma3_dir: pathlib.Path) -> None:
+    """A hybrid pool (a layer per group here) given to a runner without its groups is refused, not misread."""
+    from engine.model_runner import ModelRunner
+
+    llm = LLM(str(tiny_gemma3_dir), num_kv_blocks=16, dtype="float32")
+    parts = llm.engine.parts
+    with pytest.raises(ValueError, match="does not hold groups of 3"):
+        ModelRunner(parts.model, parts.pool, llm.engine.runner.sampler, parts.device)  # type: ignore[attr-defined]
+
+
+def test_a_second_tier_keeps_one_group(tiny_gemma2_dir: pathlib.Path) -> None:
+    """A second KV tier (and so the cluster KV store) copies blocks of every layer: the layout stays one group."""
+    for config in ({"hybrid_kv_cache": False}, {"kv_offload_bytes": 1 << 20}):
         llm = LLM(str(tiny_gemma2_dir), num_kv_blocks=64, dtype="float32", **config)  # type: ignore[arg-type]
         assert not llm.engine.parts.kv_groups.is_hybrid, config
-    llm = LLM(str(tiny_gemma2_dir), num_kv_blocks=64, dtype="float32")
-    request = llm.engine.make_request("r", [5] * 40, SamplingParams(temperature=0, max_tokens=4))
-    with pytest.raises(ValueError, match="hybrid_kv_cache"):
-        llm.engine.remote_kv.reserve(request)
-    llm.engine.check_integrity()
+
+
+def test_kv_events_name_the_prompts_blocks_once(tiny_gemma3_dir: pathlib.Path) -> None:
+    """A hybrid layout caches each block once per group, under keys of its own: KV events (the router's view)
+    carry the block hashes only, as a single-group engine's would."""
+    from engine.block_manager import hash_blocks
+
+    prompt = [(7 * j) % 300 + 5 for j in range(70)]
+    seen = []
+    for hybrid in (True, False):
+        llm = LLM(str(tiny_gemma3_dir), num_kv_blocks=64, dtype="float32", record_kv_events=True,
+                  hybrid_kv_cache=hybrid)
+        assert llm.engine.parts.kv_groups.is_hybrid == hybrid
+        llm.generate([prompt], SamplingParams(temperature=0, max_tokens=4, ignore_eos=True))
+        events = llm.engine.block_manager.drain_events(with_snapshot=True)
+        assert events.removed == ()
+        seen.append((sorted(events.stored), sorted(events.snapshot or ())))
+    hashes = sorted(hash_blocks(prompt + [0] * 4, BLOCK)[:4])  # the 4 full blocks of the prompt and its answer
+    assert seen[0] == seen[1] == (hashes, hashes)
 
 
 def _bounded_run(llm: LLM, prompts: list[list[int]], max_tokens: int, max_steps: int = 2000) -> list[list[int]]:

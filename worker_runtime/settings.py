@@ -111,8 +111,6 @@ class WorkerSettings(SecuritySettings):
     def engine_config(self) -> EngineConfig:
         return EngineConfig(model=self.model, dtype=self.dtype, num_kv_blocks=self.num_kv_blocks,
                             max_num_seqs=self.max_num_seqs, max_model_len=self.max_model_len,
-                            # every layer's KV for every token: what remote prefill, migration and the KV store move
-                            hybrid_kv_cache=False,
                             num_threads=self.num_threads, record_kv_events=True, deterministic=self.deterministic,
                             async_scheduling=self.async_scheduling, simulate=self.simulate,
                             kv_offload_bytes=int(self.kv_offload_gib * (1 << 30)), kv_offload_dir=self.kv_offload_dir,

@@ -30,7 +30,7 @@ async def engine_with_kv_connector(settings: WorkerSettings, worker_id: str,
     engine = AsyncEngine(settings.engine_config(), kv_storage=storage)
     stack.callback(engine.shutdown)
     connector = KVConnector(transfer, engine.kv_pool, engine.model_config, kv_segment_name(worker_id),
-                            weights=engine.weights_fingerprint)
+                            weights=engine.weights_fingerprint, groups=engine.kv_groups)
     await connector.publish()
     return engine, connector
 

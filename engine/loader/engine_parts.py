@@ -87,12 +87,11 @@ def longest_context(config: EngineConfig, num_blocks: int, groups: KVGroups, max
     return low
 
 
-def kv_layout(config: EngineConfig, windows: tuple[int, ...], num_layers: int, kv_storage: bool) -> KVGroups:
+def kv_layout(config: EngineConfig, windows: tuple[int, ...], num_layers: int) -> KVGroups:
     """The pool's layer groups (engine.kv_groups): a hybrid layout where the model has windowed and global
-    layers and nothing that moves or mirrors whole blocks of every layer runs beside it (logged when refused)."""
+    layers and nothing that keeps or mirrors blocks of every layer runs beside it (logged when refused)."""
     refusals = {"hybrid_kv_cache=False": not config.hybrid_kv_cache, "a KV offload tier": config.kv_offload_bytes > 0,
-                "KV events": config.record_kv_events, "a draft model": config.speculative is not None,
-                "shared KV storage": kv_storage, "simulation": config.simulate is not None}
+                "simulation": config.simulate is not None}
     refused = [name for name, applies in refusals.items() if applies]
     groups = KVGroups.of(num_layers, windows, hybrid=not refused)
     if not groups.is_hybrid and KVGroups.of(num_layers, windows, hybrid=True).is_hybrid:
@@ -118,7 +117,7 @@ def build_engine_parts(config: EngineConfig, kv_storage: KVStorageAllocator | No
     cfg = loaded.config
     max_model_len = min(config.max_model_len or DEFAULT_MAX_MODEL_LEN, cfg.max_position_embeddings)
     kv_dtype = resolve_kv_dtype(config.kv_cache_dtype, dtype)
-    groups = kv_layout(config, cfg.sliding_windows, cfg.num_layers, kv_storage is not None)
+    groups = kv_layout(config, cfg.sliding_windows, cfg.num_layers)
     probe = KVCacheSpec(groups.group_size, 1, config.block_size, cfg.num_kv_heads, cfg.head_dim, kv_dtype)
     # num_kv_blocks counts blocks of every layer: a hybrid layout gets as many bytes, in blocks of one group
     num_blocks = (config.num_kv_blocks * cfg.num_layers // groups.group_size if config.num_kv_blocks

@@ -39,7 +39,7 @@ async def serve(args: argparse.Namespace) -> None:
                           quantization=args.quantization)
     engine = LLMEngine(config, kv_storage=lambda n: transfer.allocate_host_buffer(n, "kv"))
     connector = KVConnector(transfer, engine.parts.pool, engine.model_config, args.name,
-                            weights=engine.parts.weights_fingerprint)
+                            weights=engine.parts.weights_fingerprint, groups=engine.parts.kv_groups)
     await connector.publish()
     pusher = KVPusher(connector, config.block_size)
     engine.set_kv_hook(pusher)
