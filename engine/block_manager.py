@@ -62,6 +62,12 @@ def group_keys(block_hashes: Sequence[int], group: int) -> list[int]:
     return list(block_hashes) if group == 0 else [group_key(h, group) for h in block_hashes]
 
 
+def blocks_behind(next_position: int, window: int, block_size: int) -> int:
+    """How many leading blocks no query at `next_position` or later reads through a window of `window` positions
+    (its own included; 0: no window, every block is read)."""
+    return max(next_position - window + 1, 0) // block_size if window else 0
+
+
 def hash_blocks(token_ids: Sequence[int], block_size: int, parent_hash: int = ROOT_HASH) -> list[int]:
     """Chained hashes of every full block of `token_ids`."""
     hashes = []

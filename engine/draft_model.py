@@ -14,7 +14,9 @@ Invariants of a draft with its own pool, per sequence it has seen (`DraftState`)
   and only blocks wholly below num_computed are registered in its prefix cache;
 - after a proposal it also holds the drafts fed (`fed`, after `base` tokens), which count once the target
   has accepted them (`settle`); the rest is overwritten by later steps;
-- its blocks are given back when the target releases the sequence (finished, aborted, preempted).
+- its blocks are given back when the target releases the sequence (finished, aborted, preempted), and, for a
+  draft whose every layer has a window, as that window leaves them (`num_behind` leading entries of its table
+  are then the pool's null block, as in engine.scheduler).
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from dataclasses import dataclass, field, replace
 import torch
 
 from engine.attention.planning import SeqSpan
-from engine.block_manager import BlockManager, hash_block, hash_blocks
+from engine.block_manager import BlockManager, blocks_behind, hash_block, hash_blocks
 from engine.config import SELF_INT4_DRAFT, EngineConfig
 from engine.errors import ModelLoadError, PoolIntegrityError
 from engine.loader.engine_parts import LoadedEngineParts, build_engine_parts
@@ -49,6 +51,7 @@ class DraftState:
     num_computed: int = 0
     base: int = 0  # len(token_ids) when the last proposal was made
     fed: tuple[int, ...] = ()  # drafts whose KV that proposal wrote after `base` tokens
+    num_behind: int = 0  # block_table[:num_behind] were given back: the draft's window has left them
 
 
 @dataclass(frozen=True)
@@ -100,6 +103,9 @@ class DraftModel:
         self.blocks: BlockManager | None = None if target_blocks is not None else BlockManager(
             parts.pool.spec.num_blocks, parts.pool.spec.block_size, enable_prefix_caching)
         self.states: dict[str, DraftState] = {}  # a draft with its own pool: its KV of each sequence
+        # a draft with its own pool whose every layer has a window: the blocks behind it are given back
+        self.window = parts.kv_groups.window if target_blocks is None else 0
+        self.num_blocks_behind_window_total = 0
         # positions the draft holds (a draft may know fewer than the target)
         self.max_model_len = max_model_len or parts.max_model_len
         self.last_step_seconds: list[tuple[int, float]] = []  # (rows, seconds) of each forward of the last proposal
@@ -154,7 +160,7 @@ class DraftModel:
             raise PoolIntegrityError(f"the draft model holds blocks for sequences not running: {sorted(stale)}")
         refs: dict[int, int] = {}
         for state in self.states.values():
-            for block_id in state.block_table:
+            for block_id in state.block_table[state.num_behind:]:
                 refs[block_id] = refs.get(block_id, 0) + 1
         if self.blocks is not None:
             self.blocks.check_integrity(refs)
@@ -181,7 +187,24 @@ class DraftModel:
             parent = state.block_hashes[-1] if state.block_hashes else seq.root_hash
             block_hash = hash_block(parent, tokens[i * size:(i + 1) * size])
             state.block_hashes.append(block_hash)
-            blocks.register_full_block(state.block_table[i], block_hash, tokens[i * size:(i + 1) * size])
+            if state.block_table[i] != blocks.null_block_id:  # (the chain goes on past a block given back)
+                blocks.register_full_block(state.block_table[i], block_hash, tokens[i * size:(i + 1) * size])
+        self._give_back_behind_window(state)
+
+    def _behind(self, next_position: int) -> int:
+        return blocks_behind(next_position, self.window, self._own_blocks().block_size)
+
+    def _give_back_behind_window(self, state: DraftState) -> None:
+        """Give back the blocks wholly before the window of the next position the draft computes: no later query
+        (at positions >= num_computed) reads them. Registered ones stay in its prefix cache until evicted."""
+        blocks = self._own_blocks()
+        end = min(self._behind(state.num_computed), len(state.block_table))
+        if end <= state.num_behind:
+            return
+        blocks.release(state.block_table[state.num_behind:end])
+        state.block_table[state.num_behind:end] = [blocks.null_block_id] * (end - state.num_behind)
+        self.num_blocks_behind_window_total += end - state.num_behind
+        state.num_behind = end
 
     def _state_for(self, seq: EngineSequence, num_tokens: int) -> DraftState | None:
         """`seq`'s state with blocks for `num_tokens` positions (a new one starts from the prefix cache);
@@ -190,12 +213,19 @@ class DraftModel:
         state = self.states.get(seq.request_id)
         if state is None:
             hashes = hash_blocks(seq.token_ids[:len(seq.token_ids) - 1], blocks.block_size, seq.root_hash)
-            hits = blocks.peek_cached_prefix(hashes, seq.token_ids)
-            if blocks.blocks_needed(num_tokens) - len(hits) + blocks.num_evictable_among(hits) \
+            # with a window in every layer, the cached blocks within the window of the prefix's end suffice
+            hits = (blocks.peek_cached_window(hashes, seq.token_ids, self._behind) if self.window
+                    else list[int | None](blocks.peek_cached_prefix(hashes, seq.token_ids)))
+            behind = self._behind(len(hits) * blocks.block_size)
+            taken = [block_id for block_id in hits[behind:] if block_id is not None]
+            assert len(taken) == len(hits) - behind, "every block within the window of the prefix's end is cached"
+            if blocks.blocks_needed(num_tokens) - len(hits) + blocks.num_evictable_among(taken) \
                     > blocks.num_free_blocks:
                 return None
-            blocks.take_cached(hits)
-            state = DraftState(hits, hashes[:len(hits)], len(hits) * blocks.block_size)
+            blocks.count_lookup(len(hashes), len(hits))  # (blocks not computed: cached, or behind the window)
+            blocks.take_cached(taken)
+            state = DraftState([blocks.null_block_id] * behind + taken, hashes[:len(hits)],
+                               len(hits) * blocks.block_size, num_behind=behind)
             self.states[seq.request_id] = state
         else:
             self._settle(seq, state)

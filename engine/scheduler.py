@@ -12,7 +12,7 @@ from collections.abc import Callable
 from collections.abc import Sequence as Seq
 from dataclasses import dataclass, field
 
-from engine.block_manager import BlockManager, group_key, group_keys, hash_block, hash_blocks
+from engine.block_manager import BlockManager, blocks_behind, group_key, group_keys, hash_block, hash_blocks
 from engine.config import SchedulerConfig
 from engine.errors import OutOfKVBlocksError
 from engine.kv_groups import KVGroups
@@ -144,9 +144,7 @@ class Scheduler:
     def blocks_behind_window(self, next_position: int) -> int:
         """How many leading blocks of a windowed group no query at `next_position` or later reads (its window
         has left them); 0 without windowed groups."""
-        if not self.window:
-            return 0
-        return max(next_position - self.window + 1, 0) // self.blocks.block_size
+        return blocks_behind(next_position, self.window, self.blocks.block_size)
 
     def join_running(self, seq: Sequence) -> ScheduledSequence:
         """`seq`'s prompt KV was computed elsewhere into its blocks: it joins the running batch (even

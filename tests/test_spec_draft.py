@@ -92,6 +92,27 @@ def test_greedy_with_a_draft_is_token_exact(fixture, config, own_pool, request) 
         assert engine.draft.blocks.cached  # the draft's own prefix cache is filled (and read in round 2)
 
 
+def test_a_windowed_draft_of_its_own_gives_back_its_blocks(tiny_mistral_window_dir) -> None:
+    """A draft with its own pool whose every layer has a window (here the target's own checkpoint, window 8) gives
+    back the blocks its window has left, as the target does, and finds its prompts again from the cached blocks
+    within the window of their ends; outputs stay transformers'."""
+    path = str(tiny_mistral_window_dir)
+    llm = LLM(path, dtype="float32", num_kv_blocks=64, max_num_batched_tokens=32,
+              speculative=SpeculativeConfig(method="draft", num_draft_tokens=3, adaptive=False, draft_model=path))
+    draft = llm.engine.draft
+    assert draft is not None and draft.blocks is not None and draft.window == 8
+    params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+    hits = []
+    for _ in range(2):  # the second round reads the draft's prefix cache
+        outputs = llm.generate(PROMPTS, params)
+        for out, prompt in zip(outputs, PROMPTS, strict=True):
+            assert out.token_ids == hf_greedy(path, prompt, 12, eos_ids=())
+        _assert_clean(llm)
+        hits.append(draft.blocks.stats_hit_blocks)
+    assert draft.num_blocks_behind_window_total > 0 and llm.engine.num_draft_tokens_accepted > 0
+    assert hits[1] > hits[0]
+
+
 def test_greedy_with_penalties_bias_and_logprobs_matches_plain_decoding(tiny_llama_dir) -> None:
     """These requests go through rejection sampling (one-hot distributions), not the argmax check."""
     path = str(tiny_llama_dir)
