@@ -49,7 +49,8 @@ def _rms_norm_as_the_kernel_orders_it(x: torch.Tensor, residual: torch.Tensor | 
                                       eps: float) -> tuple[torch.Tensor, torch.Tensor | None]:
     """fused_ops.c's bf16 RMSNorm, one fp32 operation at a time in its order: the residual sum rounded to
     bf16, the squares summed into 8 lanes chunk by chunk of 8, then ((l0+l4)+(l1+l5))+((l2+l6)+(l3+l7)) (the
-    tail past whole chunks added last), 1 / sqrt(sum / n + eps), the normed row rounded, times the weight."""
+    tail past whole chunks added last), 1 / sqrt(sum / n + eps), the normed row rounded, times the weight; with a
+    fp32 weight the normed row is not rounded, the product is (Gemma's order)."""
     rows, n = x.shape
     v = x.float()
     summed = None
@@ -66,15 +67,16 @@ def _rms_norm_as_the_kernel_orders_it(x: torch.Tensor, residual: torch.Tensor | 
         for i in range(n // 8 * 8, n):
             total = total + v[r, i] * v[r, i]
         inv = torch.tensor(1.0) / torch.sqrt(total / torch.tensor(float(n)) + torch.tensor(eps))
-        y = _round_bf16(v[r] * inv).float()
+        y = v[r] * inv if weight.dtype == torch.float32 else _round_bf16(v[r] * inv).float()
         out[r] = _round_bf16(weight.float() * y)
     return out, summed
 
 
+@pytest.mark.parametrize("weight_dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("n", [576, 24, 20])  # whole 16-lane vectors (AVX-512 where present), and not
-def test_bf16_rms_norm_is_the_same_fp32_operations_bit_for_bit(n: int) -> None:
+def test_bf16_rms_norm_is_the_same_fp32_operations_bit_for_bit(n: int, weight_dtype: torch.dtype) -> None:
     """Both of the kernel's bf16 row paths give exactly the bits of one fixed sequence of fp32 operations,
-    denormals and NaN included."""
+    denormals and NaN included, with a bf16 weight and with a fp32 one."""
     torch.manual_seed(n)
     x, residual = torch.randn(5, n).to(torch.bfloat16), torch.randn(5, n).to(torch.bfloat16)
     x[1, :3] = torch.tensor([1e-39, -3e-40, 5e-41])  # fp32 denormals through the residual sum and the norm
@@ -82,13 +84,37 @@ def test_bf16_rms_norm_is_the_same_fp32_operations_bit_for_bit(n: int) -> None:
     assert (x[1, :3] != 0).all(), "the bf16 copy flushed the denormals this case is about"
     x[2, :2], residual[2, :2] = torch.tensor([1e-30, 2e-30]), torch.tensor([-1e-30, 1e-38])
     x[3, 5] = float("nan")
-    weight = (1 + 0.1 * torch.randn(n)).to(torch.bfloat16)
+    weight = (1 + 0.1 * torch.randn(n)).to(weight_dtype)
     want_out, want_sum = _rms_norm_as_the_kernel_orders_it(x, residual, weight, 1e-5)
     out, summed = ops.add_rms_norm(x, residual.clone(), weight, 1e-5)
     assert want_sum is not None and torch.equal(summed.view(torch.int16), want_sum.view(torch.int16))
     assert torch.equal(out.view(torch.int16), want_out.view(torch.int16))
     alone, _ = _rms_norm_as_the_kernel_orders_it(x, None, weight, 1e-5)
     assert torch.equal(ops.rms_norm(x, weight, 1e-5).view(torch.int16), alone.view(torch.int16))
+
+
+@pytest.mark.parametrize("family", ["gemma2", "gemma3"])
+def test_a_fp32_weight_norms_as_transformers_gemma_does_in_bf16(family: str) -> None:
+    """Gemma's norm in a bf16 model: transformers multiplies the fp32 normed row by 1 + w (w held in bf16) in
+    fp32 and casts once. The torch path with the engine's fp32 1 + w gives its bits; the C kernel the same but
+    for its sum's order (within one bf16 step). A bf16 1 + w (as the engine held it before) is further off."""
+    import importlib
+
+    torch.manual_seed(3)
+    modeling = importlib.import_module(f"transformers.models.{family}.modeling_{family}")
+    module = getattr(modeling, f"{family.capitalize()}RMSNorm")(576, eps=1e-6)
+    with torch.no_grad():
+        module.weight.copy_(0.3 * torch.randn(576))
+    module = module.to(torch.bfloat16)
+    x = (3 * torch.randn(40, 576)).to(torch.bfloat16)
+    want = module(x)
+    weight = 1.0 + module.weight.detach().float()  # engine.models.gemma2: fp32_parameters
+    assert torch.equal(ops.rms_norm_reference(x, weight, 1e-6).view(torch.int16), want.view(torch.int16))
+    got = ops.rms_norm(x, weight, 1e-6)
+    steps = (got.float() - want.float()).abs() / want.float().abs().clamp_min(1e-30) * 128
+    assert steps.max() <= 1.0
+    rounded = ops.rms_norm(x, weight.to(torch.bfloat16), 1e-6)
+    assert (rounded.float() - want.float()).abs().mean() > 2 * (got.float() - want.float()).abs().mean()
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

@@ -599,3 +599,22 @@ def test_phi3_configs_and_fused_tensors(tmp_path: pathlib.Path, tiny_phi3_dir: p
     save_file(state, str(tmp_path / "cut" / "model.safetensors"))
     with pytest.raises(ModelLoadError, match=r"model.layers.1.self_attn.qkv_proj.weight: shape \(100, 64\)"):
         load_model(tmp_path / "cut")
+
+
+def test_gemma_norms_stay_fp32_in_a_bf16_model(tiny_gemma3_dir: pathlib.Path) -> None:
+    """A bf16 Gemma keeps every norm's 1 + w in fp32, w rounded to bf16 as transformers' bf16 model holds it
+    (its norms multiply in fp32: engine.kernels.ops.rms_norm); in fp32 the weights are the checkpoint's."""
+    from engine import LLM, SamplingParams
+
+    raw = load_file(str(tiny_gemma3_dir / "model.safetensors"))
+    for dtype in (torch.bfloat16, torch.float32):
+        llm = LLM(str(tiny_gemma3_dir), dtype=str(dtype).removeprefix("torch."), num_kv_blocks=32)
+        model = llm.engine.parts.model
+        norms = {name: p for name, p in model.named_parameters() if name.endswith("norm.weight")}
+        assert len(norms) == 3 * 6 + 1 and all(p.dtype == torch.float32 for p in norms.values())
+        w = raw["model.layers.1.self_attn.q_norm.weight"]
+        assert torch.equal(norms["layers.1.self_attn.q_norm.weight"], 1.0 + w.to(dtype).float())
+        assert model.embed_tokens.weight.dtype == dtype
+        out = llm.generate([[5, 6, 7] * 10], SamplingParams(temperature=0, max_tokens=6, ignore_eos=True))[0]
+        assert len(out.token_ids) == 6
+        llm.engine.check_integrity()

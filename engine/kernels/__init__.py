@@ -122,6 +122,7 @@ def fused_ops_kernel() -> ctypes.CDLL | None:
     """RMSNorm, SiLU-and-multiply, RoPE and row argmax (fused_ops.c), or None (callers use torch)."""
     return _load_bound("fused_ops.c", {
         "rms_norm": (None, _P, _P, _P, _P, _I64, _I32, _F32, _I32, _I32),
+        "rms_norm_fp32_weight": (None, _P, _P, _P, _P, _I64, _I32, _F32, _I32, _I32),
         "silu_mul": (None, _P, _P, _I64, _I32, _I32, _I32),
         "rope": (None, _P, _I64, _I64, _I32, _I32, _I32, _P, _P, _P, _I32, _I32),
         "argmax_rows": (None, _P, _P, _I64, _I32, _I32, _I32)})

@@ -13,6 +13,8 @@
 // out = weight * norm(x) with norm(x) = x * rsqrt(mean(x^2) + eps) computed in fp32 and cast to the
 // activation type; with `residual`: residual += x first (rounded to the activation type), and the
 // norm is taken of that sum. Rows of `n` elements; `out` may not alias `x` or `residual`.
+// rms_norm_fp32_weight: the weight is fp32 and the product is taken in fp32 before the one cast to the
+// activation type (Gemma's order: transformers' Gemma norms compute norm(x) * (1 + w) in fp32).
 #if defined(__AVX512F__) && defined(__AVX512DQ__)
 #include <immintrin.h>
 #define RMS_NORM_BF16_ROW 1
@@ -43,8 +45,8 @@ static inline __m512 widen16_bf16(__m256i h) {
 // One bf16 row of rms_norm below with AVX-512 conversions, n a multiple of 16: the same operations in the
 // same order (the squares summed into 8 lanes chunk by chunk of 8, then hsum8, no fused multiply-add), so
 // the same bits (tests/test_fused_ops.py checks both against one sequence of fp32 operations).
-NO_CONTRACT static void rms_norm_row_bf16(const uint16_t *x, uint16_t *residual, const uint16_t *weight, uint16_t *out, int n,
-                              float eps) {
+NO_CONTRACT static void rms_norm_row_bf16(const uint16_t *x, uint16_t *residual, const void *weight, uint16_t *out, int n,
+                              float eps, int weight_fp32) {
     __m256 acc = _mm256_setzero_ps();
     for (int i = 0; i < n; i += 16) {
         __m512 v = load16_bf16(x + i);
@@ -62,16 +64,18 @@ NO_CONTRACT static void rms_norm_row_bf16(const uint16_t *x, uint16_t *residual,
     const __m512 inv = _mm512_set1_ps(1.0f / sqrtf(hsum8(lanes) / (float)n + eps));
     const uint16_t *normed = residual != NULL ? residual : x;
     for (int i = 0; i < n; i += 16) {
-        const __m512 y = widen16_bf16(bf16_of16(_mm512_mul_ps(load16_bf16(normed + i), inv)));
-        _mm256_storeu_si256((__m256i *)(out + i), bf16_of16(_mm512_mul_ps(load16_bf16(weight + i), y)));
+        const __m512 y = _mm512_mul_ps(load16_bf16(normed + i), inv);
+        const __m512 product = weight_fp32 ? _mm512_mul_ps(_mm512_loadu_ps((const float *)weight + i), y)
+                                           : _mm512_mul_ps(load16_bf16((const uint16_t *)weight + i), widen16_bf16(bf16_of16(y)));
+        _mm256_storeu_si256((__m256i *)(out + i), bf16_of16(product));
     }
 }
 #else
 #define RMS_NORM_BF16_ROW 0
 #endif
 
-NO_CONTRACT void rms_norm(const void *x, void *residual, const void *weight, void *out, int64_t rows, int n,
-                          float eps, int dt, int num_threads) {
+NO_CONTRACT static void rms_norm_rows(const void *x, void *residual, const void *weight, void *out, int64_t rows,
+                                      int n, float eps, int dt, int num_threads, int weight_fp32) {
     int threads = rows * n >= PARALLEL_MIN_ELEMENTS ? num_threads : 1;
 #pragma omp parallel for num_threads(threads) schedule(static)
     for (int64_t r = 0; r < rows; r++) {
@@ -79,7 +83,7 @@ NO_CONTRACT void rms_norm(const void *x, void *residual, const void *weight, voi
         if (dt == DT_BF16 && n % 16 == 0) {
             const int64_t at = r * n;
             rms_norm_row_bf16((const uint16_t *)x + at, residual == NULL ? NULL : (uint16_t *)residual + at,
-                              (const uint16_t *)weight, (uint16_t *)out + at, n, eps);
+                              weight, (uint16_t *)out + at, n, eps, weight_fp32);
             continue;
         }
 #endif
@@ -103,13 +107,23 @@ NO_CONTRACT void rms_norm(const void *x, void *residual, const void *weight, voi
         for (; i < n; i++) sum += row[i] * row[i];
         float inv = 1.0f / sqrtf(sum / (float)n + eps);
         for (i = 0; i < n; i++) row[i] = row[i] * inv;
-        if (dt == DT_BF16) {
+        if (dt == DT_BF16 && !weight_fp32) {
             round_row_bf16(row, n);
         }
-        load_row(w, weight, dt, 0, n);
+        load_row(w, weight, weight_fp32 ? DT_F32 : dt, 0, n);
         for (i = 0; i < n; i++) row[i] = w[i] * row[i];
         store_row(out, dt, at, row, n);
     }
+}
+
+NO_CONTRACT void rms_norm(const void *x, void *residual, const void *weight, void *out, int64_t rows, int n,
+                          float eps, int dt, int num_threads) {
+    rms_norm_rows(x, residual, weight, out, rows, n, eps, dt, num_threads, 0);
+}
+
+NO_CONTRACT void rms_norm_fp32_weight(const void *x, void *residual, const float *weight, void *out, int64_t rows,
+                                      int n, float eps, int dt, int num_threads) {
+    rms_norm_rows(x, residual, weight, out, rows, n, eps, dt, num_threads, 1);
 }
 
 // out[r, :] = silu(x[r, :n]) * x[r, n:2n], silu(g) = g / (1 + exp(-g)) (cast to the activation type

@@ -29,34 +29,47 @@ def _c_kernel(*tensors: torch.Tensor) -> ctypes.CDLL | None:
 def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     x32 = x.float()
     x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
+    if weight.dtype == torch.float32:  # (Gemma's order: the product in fp32, one cast; the same in fp32)
+        return (weight * x32).to(x.dtype)
     return weight * x32.to(x.dtype)
 
 
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """`weight * x / rms(x)` over the last dimension (the statistics in fp32)."""
-    lib = _c_kernel(x, weight)
-    if lib is None:
-        return rms_norm_reference(x, weight, eps)
+def _norm_kernel(x: torch.Tensor, weight: torch.Tensor, *others: torch.Tensor) -> ctypes.CDLL | None:
+    """The fused-ops library for a norm of `x` by `weight`: of one dtype, or a fp32 weight (Gemma's order)."""
+    if weight.dtype == torch.float32 and x.dtype != torch.float32:
+        return _c_kernel(x, *others) if weight.device == x.device and weight.is_contiguous() else None
+    return _c_kernel(x, *others, weight)
+
+
+def _run_norm(lib: ctypes.CDLL, x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor,
+              eps: float) -> torch.Tensor:
     out = torch.empty_like(x)
     rows, n = x.numel() // x.shape[-1], x.shape[-1]
-    lib.rms_norm(x.data_ptr(), None, weight.data_ptr(), out.data_ptr(), rows, n, eps, DTYPE_CODES[x.dtype],
-                 torch.get_num_threads())
+    fn = lib.rms_norm_fp32_weight if weight.dtype != x.dtype else lib.rms_norm
+    fn(x.data_ptr(), None if residual is None else residual.data_ptr(), weight.data_ptr(), out.data_ptr(), rows, n,
+       eps, DTYPE_CODES[x.dtype], torch.get_num_threads())
     return out
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """`weight * x / rms(x)` over the last dimension (the statistics in fp32). A weight in the activations'
+    dtype multiplies the normed row cast to it (Llama's order); a fp32 weight multiplies it in fp32, and the
+    product is cast once (Gemma's)."""
+    lib = _norm_kernel(x, weight)
+    if lib is None:
+        return rms_norm_reference(x, weight, eps)
+    return _run_norm(lib, x, None, weight, eps)
 
 
 def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
                  eps: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """`residual + x` and its RMSNorm: (normed, the new residual). The C path updates `residual`
+    """`residual + x` and its RMSNorm (as `rms_norm`): (normed, the new residual). The C path updates `residual`
     in place; callers must not keep other references to it."""
-    lib = _c_kernel(x, residual, weight)
+    lib = _norm_kernel(x, weight, residual)
     if lib is None:
         summed = residual + x
         return rms_norm_reference(summed, weight, eps), summed
-    out = torch.empty_like(x)
-    rows, n = x.numel() // x.shape[-1], x.shape[-1]
-    lib.rms_norm(x.data_ptr(), residual.data_ptr(), weight.data_ptr(), out.data_ptr(), rows, n, eps,
-                 DTYPE_CODES[x.dtype], torch.get_num_threads())
-    return out, residual
+    return _run_norm(lib, x, residual, weight, eps), residual
 
 
 def silu_mul(x: torch.Tensor) -> torch.Tensor:

@@ -56,7 +56,10 @@ def build_model(loaded: LoadedModel, platform: Platform, dtype: torch.dtype) -> 
         model = model_class(loaded.config.architecture)(loaded.config)  # no init: the checkpoint has every weight
     model = model.to_empty(device=platform.device)
     model.load_hf_weights(loaded.weights)
+    kept = model.fp32_parameters(dtype)
     model = model.to(dtype).eval().requires_grad_(False)
+    for name, value in kept.items():
+        model.get_parameter(name).data = value
     for module in model.modules():  # after the dtype cast: the rotary tables stay fp32
         if isinstance(module, RotaryEmbedding):
             module.build_tables(platform.device)

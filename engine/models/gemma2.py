@@ -2,8 +2,9 @@
 attention's and the MLP's outputs are normed before they join the residual), norms that scale by
 (1 + w), the embedding scaled by sqrt(hidden), attention scaled by `query_pre_attn_scalar`, and
 soft-capped attention scores and logits; even layers attend within a sliding window. The norm's
-(1 + w) is folded into the weight at load (fp32, as transformers computes it), so the Llama norm
-kernels serve."""
+(1 + w) is folded into the weight at load and kept in fp32 whatever the compute dtype, as transformers
+computes it (1 + w, w in the compute dtype, times the normed row in fp32, cast once: the norm kernels' fp32-weight
+order, engine.kernels.ops.rms_norm)."""
 
 from __future__ import annotations
 
@@ -60,6 +61,14 @@ class Gemma2ForCausalLM(LlamaForCausalLM):
         logits = super().compute_logits(hidden)
         cap = self.config.final_logit_softcap
         return torch.tanh(logits / cap) * cap if cap > 0 else logits
+
+    def fp32_parameters(self, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+        """Every norm's 1 + w, with w rounded to `dtype` as transformers' model in that dtype holds it (w read back
+        as (1 + w) - 1: within fp32's step at 1 of the checkpoint's; in fp32 the weights stay as loaded)."""
+        if dtype == torch.float32:
+            return {}
+        return {name: 1.0 + (param.detach().float() - 1.0).to(dtype).float()
+                for name, param in self.named_parameters() if name.endswith("norm.weight")}
 
     def load_hf_weights(self, weights: Mapping[str, torch.Tensor]) -> None:
         """Norm weights w become 1 + w (what Gemma's norm multiplies by)."""

@@ -149,6 +149,10 @@ class LlamaForCausalLM(nn.Module):
             torch.cat([weights[f"{pre}.gate_proj.weight"], weights[f"{pre}.up_proj.weight"]]))
         put(f"layers.{layer}.mlp.down_proj.weight", weights[f"{pre}.down_proj.weight"])
 
+    def fp32_parameters(self, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+        """Parameters (by name) that stay fp32 in a model of compute dtype `dtype`, with their values: none here."""
+        return {}
+
     def load_hf_weights(self, weights: Mapping[str, torch.Tensor]) -> None:
         """Load a Hugging Face-named state dict, merging q/k/v and gate/up into one matrix each."""
         own = dict(self.named_parameters(remove_duplicate=False))
