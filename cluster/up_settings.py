@@ -51,6 +51,8 @@ class UpSettings(SecuritySettings):
         "stay exact in bf16 too (CPU only)"))
     async_scheduling: bool = field(default=False, metadata=described(
         "workers schedule the next step while the current one runs"))
+    hybrid_kv_cache: bool = field(default=True, metadata=described(
+        "workers keep a windowed-and-global model's windowed layers' KV in blocks of their own (see worker)"))
     speculative_model: str | None = field(default=None, metadata=described(
         "decode (and aggregated) workers speculate with this draft model, or self-int4 (see worker); none: off"))
     num_speculative_tokens: int = field(default=4, metadata=described("most draft tokens per step (see worker)"))
@@ -126,7 +128,7 @@ class UpSettings(SecuritySettings):
                 "--min-remote-prefill-tokens", str(self.min_remote_prefill_tokens), "--grace-s", str(self.grace_s),
                 "--prefill-timeout-s", str(self.prefill_timeout_s),
                 "--max-queued-requests", str(self.max_queued_requests), "--deterministic", str(self.deterministic),
-                "--async-scheduling", str(self.async_scheduling)]
+                "--async-scheduling", str(self.async_scheduling), "--hybrid-kv-cache", str(self.hybrid_kv_cache)]
         for flag, value in (("--model", self.model), ("--num-kv-blocks", self.num_kv_blocks),
                             ("--kv-offload-gib", self.kv_offload_gib or None),
                             ("--kv-offload-dir", self.kv_offload_dir),

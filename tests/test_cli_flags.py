@@ -91,6 +91,18 @@ def test_router_and_up_flags_parse_with_their_types() -> None:
     assert (up.prefill, up.decode, up.both, up.num_kv_blocks) == (2, 3, 1, 64)
 
 
+def test_the_hybrid_kv_layout_is_one_setting_for_every_worker_of_a_cluster() -> None:
+    """`tandem up --hybrid-kv-cache false` hands the same layout to every worker it starts (prefill and decode
+    workers of a model must agree on it: the KV handshake compares it), and a worker's engine takes it."""
+    up = parse(UpSettings, ["--prefill", "1", "--decode", "1", "--hybrid-kv-cache", "false"])
+    for role in ("prefill", "decode", "both"):
+        argv = up.worker_args(role, "e:1")
+        assert argv[argv.index("--hybrid-kv-cache") + 1] == "False"
+        worker = parse(WorkerSettings, argv[1:])
+        assert not worker.hybrid_kv_cache and not worker.engine_config().hybrid_kv_cache
+    assert parse(WorkerSettings, ["--etcd", "h:1"]).engine_config().hybrid_kv_cache
+
+
 @pytest.mark.parametrize(("cls", "argv"), [
     (WorkerSettings, ["--etcd", "h:1", "--role", "router"]),
     (WorkerSettings, ["--etcd", "h:1", "--dtype", "fp16"]),

@@ -46,6 +46,14 @@ def test_an_engine_carries_its_checkpoints_fingerprint(tiny_llama_dir: pathlib.P
     assert other.weights_fingerprint != expected
 
 
+def test_a_bf16_gemma_names_its_norm_numerics(tiny_gemma2_dir: pathlib.Path) -> None:
+    """Gemma's bf16 norms multiply by a fp32 1 + w (engine.models.gemma2): its fingerprint says so, so that a peer
+    of a build that computed them otherwise is refused; in fp32 nothing changed and the fingerprint neither."""
+    bf16 = LLM(str(tiny_gemma2_dir), num_kv_blocks=16, dtype="bfloat16").engine.parts.weights_fingerprint
+    fp32 = LLM(str(tiny_gemma2_dir), num_kv_blocks=16, dtype="float32").engine.parts.weights_fingerprint
+    assert bf16.endswith("|bfloat16|none|gemma-norms-fp32") and fp32.endswith("|float32|none")
+
+
 def test_longrope_engines_of_other_contexts_do_not_agree(tiny_phi3_dir: pathlib.Path) -> None:
     """A Phi-3 engine's context picks its LongRoPE set, so its KV: a short-context engine and a long one
     must refuse each other's KV; engines of the same set agree, whatever their context."""

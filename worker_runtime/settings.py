@@ -54,6 +54,10 @@ class WorkerSettings(SecuritySettings):
         "(bf16 too; CPU only)"))
     async_scheduling: bool = field(default=False, metadata=described(
         "schedule the next step while the current one runs (on a CPU it takes cores from the forward)"))
+    hybrid_kv_cache: bool = field(default=True, metadata=described(
+        "a model with windowed and global layers (Gemma 2/3, Qwen with max_window_layers) keeps its windowed "
+        "layers' KV in blocks of their own, given back behind the window (engine.kv_groups; not with a second KV "
+        "tier or the KV store); the prefill and decode workers of a model must agree on it"))
     simulate: str | None = field(default=None, metadata=described(
         "simulation profile (JSON, bench.sim_profile): run no model, take its measured step times (engine.simulated)"))
     replicas: int = field(default=1, metadata=described(
@@ -113,6 +117,7 @@ class WorkerSettings(SecuritySettings):
                             max_num_seqs=self.max_num_seqs, max_model_len=self.max_model_len,
                             num_threads=self.num_threads, record_kv_events=True, deterministic=self.deterministic,
                             async_scheduling=self.async_scheduling, simulate=self.simulate,
+                            hybrid_kv_cache=self.hybrid_kv_cache,
                             kv_offload_bytes=int(self.kv_offload_gib * (1 << 30)), kv_offload_dir=self.kv_offload_dir,
                             speculative=None if self.speculative_model is None else SpeculativeConfig(
                                 num_draft_tokens=self.num_speculative_tokens, method="draft",

@@ -135,7 +135,8 @@ def build_engine_parts(config: EngineConfig, kv_storage: KVStorageAllocator | No
     # what the model computes may depend on its context (LongRoPE's factor set): fixed before the fingerprint
     cfg = cfg.for_context(context_of or max_model_len)
     loaded = replace(loaded, config=cfg)
-    fingerprint = weights_fingerprint(loaded.weights, loaded.config, dtype, config.quantization)
+    fingerprint = weights_fingerprint(loaded.weights, loaded.config, dtype, config.quantization,
+                                      family.kv_numerics if dtype != torch.float32 else "")
     model = build_model(loaded, platform, dtype)
     quantized: list[str] = []
     if config.quantization is not None:

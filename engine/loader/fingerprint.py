@@ -18,11 +18,12 @@ SAMPLES_PER_TENSOR = 4096  # evenly strided elements hashed from each tensor, be
 
 
 def weights_fingerprint(weights: Mapping[str, torch.Tensor], config: ModelConfig, compute_dtype: torch.dtype,
-                        quantization: str | None) -> str:
+                        quantization: str | None, numerics: str = "") -> str:
     """`blake2b` over the model config (RoPE base and scaling, norm eps, windows, caps: numbers the KV
     depends on beyond the shapes) and every checkpoint tensor's name, shape and up to SAMPLES_PER_TENSOR
     of its values (all of a small tensor), then the compute dtype and quantization: e.g.
-    `3f9c...|bfloat16|int4`.
+    `3f9c...|bfloat16|int4`; then `numerics`, where the family's computation changed in a way its KV shows
+    (LlamaForCausalLM.kv_numerics), e.g. `3f9c...|bfloat16|none|gemma-norms-fp32`.
 
     A sample, not every byte, so it costs milliseconds at start-up: a different checkpoint differs in
     nearly every element, and one that differs in a few weights only is not caught."""
@@ -36,4 +37,4 @@ def weights_fingerprint(weights: Mapping[str, torch.Tensor], config: ModelConfig
         digest.update(f"{name}:{tuple(tensor.shape)}:".encode())
         digest.update(sample.numpy().tobytes())
     dtype = str(compute_dtype).removeprefix("torch.")
-    return f"{digest.hexdigest()}|{dtype}|{quantization or 'none'}"
+    return f"{digest.hexdigest()}|{dtype}|{quantization or 'none'}" + (f"|{numerics}" if numerics else "")

@@ -47,6 +47,7 @@ class Gemma2DecoderLayer(DecoderLayer):
 class Gemma2ForCausalLM(LlamaForCausalLM):
     not_batch_invariant = ("torch's tanh-form gelu computes a row's elements on vector or scalar paths by where "
                            "they fall, so a row's bits can depend on the batch")
+    kv_numerics = "gemma-norms-fp32"  # (norms multiply by a fp32 1 + w since 2026-12-07)
     extra_weights: tuple[tuple[str, str], ...] = (("pre_feedforward_layernorm", "pre_feedforward_layernorm"),
                      ("post_feedforward_layernorm", "post_feedforward_layernorm"))
 

@@ -101,6 +101,9 @@ class LlamaForCausalLM(nn.Module):
     # why --deterministic cannot promise batch invariance for this family (None: it can; its linears
     # are all nn.Linear modules, which packing checks, and its other ops are row-invariant)
     not_batch_invariant: str | None = None
+    # a change of the family's computation that its KV shows outside fp32 (engine.loader.fingerprint: peers of
+    # another build refuse each other's KV instead of decoding from KV computed another way); "" for none
+    kv_numerics: str = ""
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
