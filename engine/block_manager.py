@@ -262,6 +262,11 @@ class BlockManager:
             if num_blocks > len(table):
                 table.extend(self.allocate(num_blocks - len(table)))
 
+    def give_back(self, table: list[int], start: int, end: int) -> None:
+        """Release `table[start:end]` and put the null block in their place (a window has left them)."""
+        self.release(table[start:end])
+        table[start:end] = [self.null_block_id] * (end - start)
+
     def release(self, block_ids: Sequence[int]) -> None:
         """Drop one reference to each block; blocks reaching 0 become free (most recent last).
 

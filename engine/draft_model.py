@@ -201,8 +201,7 @@ class DraftModel:
         end = min(self._behind(state.num_computed), len(state.block_table))
         if end <= state.num_behind:
             return
-        blocks.release(state.block_table[state.num_behind:end])
-        state.block_table[state.num_behind:end] = [blocks.null_block_id] * (end - state.num_behind)
+        blocks.give_back(state.block_table, state.num_behind, end)
         self.num_blocks_behind_window_total += end - state.num_behind
         state.num_behind = end
 
@@ -338,7 +337,7 @@ class DraftModel:
     def _timed_span_logits(self, token_ids: list[int], spans: list[SeqSpan],
                            group_tables: list[list[list[int]]] | None = None) -> torch.Tensor:
         started = time.perf_counter()
-        logits = self.runner.logits_at_ends(token_ids, spans, group_tables or [[] for _ in spans])
+        logits = self.runner.logits_at_ends(token_ids, spans, group_tables or ())
         if self.parts.device.type == "cuda":
             torch.cuda.current_stream(self.parts.device).synchronize()
         self.last_step_seconds.append((len(token_ids), time.perf_counter() - started))

@@ -138,7 +138,7 @@ class RemoteKV:
         if quarantine_s <= 0:
             raise ValueError(f"quarantine_s must be > 0, got {quarantine_s}")
         self.detached[key] = _Detached(self._scheduler.held_blocks(seq), self._clock() + quarantine_s)
-        seq.block_table, seq.group_tables, seq.num_blocks_behind_window = [], [], 0
+        seq.drop_tables()
 
     def rereserve(self, request_id: str) -> list[int]:
         """Fresh blocks for the next attempt of a parked request whose blocks were detached

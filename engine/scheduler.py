@@ -121,7 +121,11 @@ class Scheduler:
         """Give back every block `seq` holds and empty its tables."""
         for table in seq.tables:
             self.blocks.release(table)
-        seq.block_table, seq.group_tables, seq.num_blocks_behind_window = [], [], 0
+        seq.drop_tables()
+
+    def _skips(self, behind: int) -> list[int]:
+        """Per group, the leading blocks its table leaves to the null block when `behind` are behind the window."""
+        return [behind if self._windowed(g) else 0 for g in range(self.groups.num_groups)]
 
     def _set_tables(self, seq: Sequence, tables: list[list[int]], behind: int) -> None:
         seq.block_table, seq.group_tables, seq.num_blocks_behind_window = tables[0], tables[1:], behind
@@ -133,7 +137,7 @@ class Scheduler:
         block stands for the others: `seq.num_blocks_behind_window` of them)."""
         total = self.blocks.blocks_needed(len(seq.token_ids))
         behind = min(self.blocks_behind_window(len(seq.token_ids)), total)
-        skips = [behind if self._windowed(g) else 0 for g in range(self.groups.num_groups)]
+        skips = self._skips(behind)
         need = sum(total - skip for skip in skips)
         if need > self.blocks.num_free_blocks:
             raise OutOfKVBlocksError(f"request {seq.request_id!r} needs {need} KV blocks, "
@@ -259,7 +263,7 @@ class Scheduler:
             # cached blocks behind the window of the first position to compute are neither taken nor loaded: a
             # prefix longer than the pool is served from its last window
             behind = self.blocks_behind_window(computed)
-            skips = [behind if self._windowed(g) else 0 for g in range(self.groups.num_groups)]
+            skips = self._skips(behind)
             taken = [[block_id for block_id in group[skip:] if block_id is not None]
                      for group, skip in zip(group_hits, skips, strict=True)]
             assert all(len(t) == len(h[s:]) for t, h, s in zip(taken, group_hits, skips, strict=True)), \
@@ -349,8 +353,7 @@ class Scheduler:
             return
         for group, table in enumerate(seq.tables):
             if self._windowed(group):
-                self.blocks.release(table[start:end])
-                table[start:end] = [self.blocks.null_block_id] * (end - start)
+                self.blocks.give_back(table, start, end)
                 self.num_blocks_behind_window_total += end - start  # (entries past num_blocks_behind_window are held)
         seq.num_blocks_behind_window = end
 

@@ -64,6 +64,10 @@ class Sequence:
         self.finish_reason: FinishReason | None = None
         self.stop_reason: int | str | None = None
 
+    def drop_tables(self) -> None:
+        """Empty its tables (their blocks given back or set apart by the caller)."""
+        self.block_table, self.group_tables, self.num_blocks_behind_window = [], [], 0
+
     @property
     def tables(self) -> list[list[int]]:
         """Its block table of every group, in group order."""
