@@ -58,6 +58,9 @@ class UpSettings(SecuritySettings):
     num_speculative_tokens: int = field(default=4, metadata=described("most draft tokens per step (see worker)"))
     speculative_adaptive: bool = field(default=True, metadata=described(
         "speculate only as far as predicted to pay (see worker)"))
+    tensor_parallel_size: int = field(default=1, metadata=described(
+        "ranks (processes, devices) of each aggregated worker's tensor-parallel group (see worker); above 1 the "
+        "cluster has aggregated workers only (--both, --prefill 0 --decode 0)"))
     simulate: str | None = field(default=None, metadata=described(
         "simulation profile (JSON): every worker runs a simulated engine with its step times (engine.simulated)"))
     prefill_timeout_s: float = field(default=30.0, metadata=described("deadline of one remote prefill"))
@@ -117,6 +120,9 @@ class UpSettings(SecuritySettings):
             raise ValueError("speculative_model runs a real model without async scheduling: drop one of them")
         if self.num_speculative_tokens < 1:
             raise ValueError(f"num_speculative_tokens must be >= 1, got {self.num_speculative_tokens}")
+        if self.tensor_parallel_size < 1 or (self.tensor_parallel_size > 1 and (self.prefill or self.decode)):
+            raise ValueError("tensor_parallel_size must be >= 1; above 1 every worker is aggregated (--both N "
+                             "--prefill 0 --decode 0): the KV transfer of a split pool is not built yet")
         if self.output_format not in OUTPUT_FORMATS:
             raise ValueError(f"output_format must be one of {OUTPUT_FORMATS}, got {self.output_format!r}")
         if not self.ray_worker_cpus >= 0 or (self.ray_max_restarts is not None and self.ray_max_restarts < 0):
@@ -128,7 +134,8 @@ class UpSettings(SecuritySettings):
                 "--min-remote-prefill-tokens", str(self.min_remote_prefill_tokens), "--grace-s", str(self.grace_s),
                 "--prefill-timeout-s", str(self.prefill_timeout_s),
                 "--max-queued-requests", str(self.max_queued_requests), "--deterministic", str(self.deterministic),
-                "--async-scheduling", str(self.async_scheduling), "--hybrid-kv-cache", str(self.hybrid_kv_cache)]
+                "--async-scheduling", str(self.async_scheduling), "--hybrid-kv-cache", str(self.hybrid_kv_cache),
+                "--tensor-parallel-size", str(self.tensor_parallel_size)]
         for flag, value in (("--model", self.model), ("--num-kv-blocks", self.num_kv_blocks),
                             ("--kv-offload-gib", self.kv_offload_gib or None),
                             ("--kv-offload-dir", self.kv_offload_dir),

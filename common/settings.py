@@ -173,3 +173,13 @@ def without_tandem_variables() -> Iterator[None]:
 def update_environment(values: dict[str, str]) -> None:
     """Adopt `values` as this process's variables (a Ray actor takes its driver's settings)."""
     os.environ.update(values)
+
+
+def cuda_visible_devices() -> str | None:
+    """The CUDA devices this process may use (CUDA_VISIBLE_DEVICES), None when unset."""
+    return os.environ.get("CUDA_VISIBLE_DEVICES") or None
+
+
+def environment_with(**values: str) -> dict[str, str]:
+    """This process's environment with `values` set: a child process's (engine.parallel.leader's ranks)."""
+    return {**os.environ, **values}

@@ -30,6 +30,7 @@ class WorkerRecord:
     max_model_len: int = 0  # 0: unknown
     transfer: dict[str, str] = field(default_factory=dict)  # e.g. {"engine_id": ..., "segment": ...}
     tls: bool = False  # its Worker service takes only mutual-TLS calls (common.tls)
+    tensor_parallel_size: int = 1  # the worker is a tensor-parallel group of this many ranks (devices)
 
     def __post_init__(self) -> None:
         if self.role not in ROLES:

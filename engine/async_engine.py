@@ -114,6 +114,14 @@ class AsyncEngine:
         """The paged KV pool (for a KV connector to register as a transfer segment)."""
         return self._llm.kv_pool
 
+    def on_rank_lost(self, callback: Callable[[str], None]) -> bool:
+        """Call `callback(why)` (on a watcher thread) if a tensor-parallel rank of this engine exits; False: one rank
+        (nothing to watch)."""
+        leader = self._llm.parts.tp_leader
+        if leader is not None:
+            leader.on_lost.append(callback)
+        return leader is not None
+
     @property
     def kv_groups(self) -> KVGroups:
         """How the model's layers share the pool's blocks (engine.kv_groups)."""

@@ -246,6 +246,10 @@ class EngineConfig:
     # tier (and so the cluster KV store): there every layer's KV is kept for every token, as models without this
     # layout do; KV peers (remote prefill) must agree on it
     hybrid_kv_cache: bool = True
+    # ranks of a tensor-parallel group (engine.parallel): one process each, this engine's process rank 0; each
+    # holds its share of the heads, MLP columns and vocabulary, and a KV pool of its KV heads of
+    # kv_cache_memory_bytes (num_kv_blocks: blocks alike on every rank)
+    tensor_parallel_size: int = 1
 
     def __post_init__(self) -> None:
         if self.block_size < 1 or self.block_size & (self.block_size - 1):
@@ -273,6 +277,11 @@ class EngineConfig:
                                           or self.kv_offload_bytes):
             raise ValueError("a simulated engine runs no model: no speculative decoding, async scheduling, "
                              "deterministic mode, quantization, KV offload or CUDA device with simulate")
+        if self.tensor_parallel_size < 1:
+            raise ValueError(f"tensor_parallel_size must be >= 1, got {self.tensor_parallel_size}")
+        if self.tensor_parallel_size > 1 and (self.simulate is not None or self.kv_offload_bytes):
+            raise ValueError("tensor parallelism runs a real model in the KV pool alone: no simulate or KV offload "
+                             "tier with tensor_parallel_size > 1")
         if self.deterministic and self.device == "cuda":
             raise ValueError("deterministic (batch-invariant) mode is implemented for CPUs only")
 

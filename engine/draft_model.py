@@ -66,10 +66,12 @@ def draft_engine_config(config: EngineConfig, num_blocks: int) -> EngineConfig:
     assert spec is not None and spec.method == "draft"
     own = spec.draft_model == SELF_INT4_DRAFT
     # (one layer group: a self-int4 draft runs over its target's pool, in its target's layout, and leaves its own
-    # unused; a draft model of its own holds one block table per sequence)
+    # unused; a draft model of its own holds one block table per sequence). A tensor-parallel target's draft runs
+    # whole on rank 0
     return replace(config, model=config.model if own else spec.draft_model, quantization="int4" if own else None,
                    speculative=None, num_kv_blocks=num_blocks, kv_offload_bytes=0, record_kv_events=False,
-                   deterministic=False, async_scheduling=False, max_model_len=None, hybrid_kv_cache=False)
+                   deterministic=False, async_scheduling=False, max_model_len=None, hybrid_kv_cache=False,
+                   tensor_parallel_size=1)
 
 
 def self_int4_runner(config: EngineConfig, parts: LoadedEngineParts, target: LoadedEngineParts) -> ModelRunner:
@@ -115,6 +117,9 @@ class DraftModel:
         spec = config.speculative
         assert spec is not None
         shared = spec.draft_model == SELF_INT4_DRAFT
+        if shared and target.tp_leader is not None:
+            raise ModelLoadError("a self-int4 draft drafts in its target's KV pool, which a tensor-parallel target "
+                                 "splits over its ranks: give a draft model of its own (it runs whole on rank 0)")
         # a draft of its own gets as many blocks as the target's pool holds blocks of every layer (engine.kv_groups)
         groups = target.kv_groups
         own_blocks = -(-target.pool.spec.num_blocks * groups.group_size // len(groups.placement))
@@ -123,7 +128,7 @@ class DraftModel:
         # its context is the target's (LongRoPE's factor set: the draft rotates as the target does)
         parts = build_engine_parts(replace(draft_config, enforce_eager=True) if shared else draft_config,
                                    context_of=target.max_model_len)
-        check_same_tokenizer(target.tokenizer, parts.tokenizer, target.model.config.vocab_size,
+        check_same_tokenizer(target.tokenizer, parts.tokenizer, target.model_config.vocab_size,
                              parts.model.config.vocab_size)
         if parts.pool.spec.block_size != target.pool.spec.block_size:
             raise ModelLoadError("the draft's KV blocks must be the target's size")

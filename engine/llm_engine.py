@@ -45,7 +45,7 @@ class LLMEngine:
             parts = build_simulated_parts(self.config, kv_storage)
         self.parts = parts or build_engine_parts(self.config, kv_storage)
         self.tokenizer = self.parts.tokenizer
-        self.model_config = self.parts.model.config
+        self.model_config = self.parts.model_config
         self.max_model_len = self.parts.max_model_len
         self.block_manager = BlockManager(self.parts.pool.spec.num_blocks, self.config.block_size,
                                           self.config.enable_prefix_caching)
@@ -127,6 +127,9 @@ class LLMEngine:
 
     def set_kv_hook(self, hook: KVStepHook | None) -> None:
         """Plug a KV connector into the step loop (see engine.kv_hooks)."""
+        if hook is not None and self.parts.tp_leader is not None:
+            raise ValueError("a KV connector reads and writes one KV pool; a tensor-parallel engine's is split over "
+                             "its ranks (not yet connected: engine.parallel)")
         self._quiet()
         self.kv_hook = hook
 
@@ -136,6 +139,8 @@ class LLMEngine:
             self.pipeline.close()
         if self.offload is not None:
             self.offload.close()
+        if self.parts.tp_leader is not None:
+            self.parts.tp_leader.close()
 
     def quiesce(self) -> list[RequestOutput]:
         """With async scheduling: finish the step in flight and return the outputs not returned yet, so the

@@ -27,13 +27,17 @@ def token_logprobs(logits: torch.Tensor, token_ids: Sequence[int], num_top: Sequ
             for token, logprob, ids, values, n in zip(token_ids, chosen, top_ids, top_values, num_top, strict=True)]
 
 
+def prompt_row_chunks(rows: int) -> list[tuple[int, int]]:
+    """The (start, stop) runs of `rows` prompt rows whose logits are computed at once (the memory they take)."""
+    return [(start, min(start + PROMPT_ROWS_PER_CHUNK, rows)) for start in range(0, rows, PROMPT_ROWS_PER_CHUNK)]
+
+
 def prompt_token_logprobs(hidden: torch.Tensor, next_token_ids: Sequence[int], num_top: int,
                           compute_logits: Callable[[torch.Tensor], torch.Tensor]) -> list[TokenLogprobs]:
     """For each row of `hidden` (one prompt position), the logprob of the prompt token after it,
     `PROMPT_ROWS_PER_CHUNK` rows of logits at a time."""
     result: list[TokenLogprobs] = []
-    for start in range(0, hidden.shape[0], PROMPT_ROWS_PER_CHUNK):
-        stop = min(start + PROMPT_ROWS_PER_CHUNK, hidden.shape[0])
+    for start, stop in prompt_row_chunks(hidden.shape[0]):
         result += token_logprobs(compute_logits(hidden[start:stop]), next_token_ids[start:stop],
                                  [num_top] * (stop - start))
     return result

@@ -28,9 +28,10 @@ from engine.cuda_graphs import CudaGraphDecoder
 from engine.kv_cache import KVCachePool
 from engine.kv_groups import KVGroups
 from engine.kv_hooks import ObservedAttention
-from engine.logprobs import prompt_token_logprobs, token_logprobs
+from engine.logprobs import prompt_row_chunks, prompt_token_logprobs, token_logprobs
 from engine.models.llama import LlamaForCausalLM
 from engine.outputs import TokenLogprobs
+from engine.parallel.protocol import FollowerStep
 from engine.sampler import Sampler
 from engine.scheduler import ScheduledSequence, SchedulerOutput
 from engine.spec_sampling import verify_by_rejection
@@ -55,6 +56,10 @@ class StepInputs:
     # have drafts; the step program may take its rows at once. Other steps of several rows stay eager, whose
     # oneDNN product computes a row alike whatever the row count (async scheduling's exactness rests on it)
     verifying: bool = False
+    # tensor parallelism: the spans as built (block tables copied: the scheduler may change them before the step
+    # runs) and their further groups' tables, for the other ranks (engine.parallel); empty with one rank
+    spans: tuple[tuple[tuple[int, ...], int, int], ...] = ()
+    group_tables: tuple[tuple[tuple[int, ...], ...], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -80,9 +85,11 @@ class ModelRunner:
     def __init__(self, model: LlamaForCausalLM, pool: KVCachePool, sampler: Sampler, device: torch.device,
                  backend: AttentionBackendName = "auto", cuda_graph_max_batch: int | None = None,
                  max_model_len: int = 8192, batch_invariant: bool = False, step_program: bool = False,
-                 kv_groups: KVGroups | None = None) -> None:
-        """`kv_groups`: how the model's layers share `pool` (by default one group: a pool layer per model layer)."""
+                 kv_groups: KVGroups | None = None, followers: Callable[[FollowerStep], None] | None = None) -> None:
+        """`kv_groups`: how the model's layers share `pool` (by default one group: a pool layer per model layer);
+        `followers`: rank 0 of a tensor-parallel group hands them each step before running it (engine.parallel)."""
         self.model = model
+        self.followers = followers
         self.pool = pool
         self.sampler = sampler
         self.device = device
@@ -187,9 +194,15 @@ class ModelRunner:
         items = out.scheduled
         verifying = (any(item.draft_token_ids for item in items)
                      and all(item.samples and item.num_tokens == 1 + len(item.draft_token_ids) for item in items))
+        shared: tuple[tuple[tuple[int, ...], int, int], ...] = ()
+        shared_groups: tuple[tuple[tuple[int, ...], ...], ...] = ()
+        if self.followers is not None:
+            shared = tuple((tuple(s.block_table), s.start, s.num_tokens) for s in spans)
+            shared_groups = tuple(tuple(tuple(t) for t in item.seq.group_tables) for item in items)
         return StepInputs(self._tensor(ids), self._tensor(positions), meta, tuple(sample_rows),
                           self._tensor(logits_rows), tuple(prompt_rows),
-                          self._tensor(prompt_indices) if prompt_indices else None, tuple(awaited), verifying)
+                          self._tensor(prompt_indices) if prompt_indices else None, tuple(awaited), verifying,
+                          shared, shared_groups)
 
     def fill_awaited(self, inputs: StepInputs) -> StepInputs:
         """`inputs` prepared while the step before ran (async scheduling), completed once that step is committed:
@@ -214,6 +227,12 @@ class ModelRunner:
         states and moves their seeded generators and grammar matchers, which nothing else touches meanwhile)."""
         if inputs.awaited:
             raise ValueError("the step's inputs still await tokens: fill_awaited first")
+        if self.followers is not None:
+            self.followers(FollowerStep(
+                tuple(inputs.input_ids.tolist()), inputs.spans, inputs.group_tables,
+                tuple(inputs.logits_indices.tolist()) if inputs.sample_rows else None,
+                () if inputs.prompt_indices is None else tuple(inputs.prompt_indices.tolist()),
+                tuple(count for _, _, count in inputs.prompt_rows)))
         hidden = self._forward(inputs.input_ids, inputs.positions, inputs.attention, self.layer_observer,
                                inputs.verifying)
         results: dict[str, SequenceResult] = {}
@@ -238,11 +257,30 @@ class ModelRunner:
         return self.model(input_ids, positions, attn)
 
     @torch.inference_mode()
+    def follow(self, step: FollowerStep) -> None:
+        """Run on a tensor-parallel rank other than 0 the step rank 0 runs (`execute_prepared`): the same forward and
+        the same lm_head calls on the same rows, whose collectives meet rank 0's; rank 0 samples from their logits."""
+        spans = [SeqSpan(list(table), start, count) for table, start, count in step.spans]
+        positions = [p for s in spans for p in range(s.start, s.context_len)]
+        meta = self._metadata(spans, [[list(t) for t in tables] for tables in step.group_tables])
+        hidden = self.model(self._tensor(list(step.input_ids)), self._tensor(positions), self._attention(meta))
+        if step.logits_indices is not None:
+            self.model.sampling_logits(hidden.index_select(0, self._tensor(list(step.logits_indices))))
+        if step.prompt_indices:
+            rows, first = hidden.index_select(0, self._tensor(list(step.prompt_indices))), 0
+            for count in step.prompt_counts:
+                for start, stop in prompt_row_chunks(count):
+                    self.model.compute_logits(rows[first + start:first + stop])
+                first += count
+
+    @torch.inference_mode()
     def logits_at_ends(self, token_ids: list[int], spans: list[SeqSpan],
                        group_tables: Sequence[Sequence[list[int]]] = ()) -> torch.Tensor:
         """Feed `token_ids` (each span's tokens in turn; single-token spans first) and return the logits
         [len(spans), V] at each span's last position: a forward with no sampling (a draft model's). In a hybrid
         layout `group_tables` holds each span's tables of groups 1, 2, ... (engine.kv_groups)."""
+        if self.followers is not None:
+            raise NotImplementedError("a tensor-parallel model drafts for no one (its ranks follow sampled steps only)")
         positions = [p for s in spans for p in range(s.start, s.context_len)]
         meta = self._metadata(spans, group_tables)
         hidden = self._forward(self._tensor(token_ids), self._tensor(positions), meta, None, True)

@@ -9,6 +9,7 @@ once), in-flight requests get `grace_s` to finish, then the server stops.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import pathlib
 import re
@@ -27,6 +28,7 @@ from common.tls import bind_port
 from common.wire import MAX_WORKER_MESSAGE_BYTES
 from common.worker_record import WorkerRecord, WorkerRegistration
 from engine.async_engine import AsyncEngine
+from engine.errors import EngineDeadError
 from engine.loader.default_model import default_model_path
 from tandem.v1 import worker_pb2, worker_pb2_grpc
 from worker_runtime.metrics import ENGINES
@@ -67,8 +69,16 @@ async def serve(settings: WorkerSettings, build: RoleBuilder, lifecycle: Lifecyc
     address = f"{settings.host}:{settings.grpc_port}"
     port = bind_port(server, address, tls)
     worker_id = settings.worker_id or f"{settings.role}-{settings.host}-{port}"
+    lost: list[str] = []  # a tensor-parallel rank that exited: the worker drains and deregisters, then fails
     async with AsyncExitStack() as stack:
         parts = await build(settings, worker_id, stack)
+        loop = asyncio.get_running_loop()
+
+        def rank_lost(why: str) -> None:
+            lost.append(why)
+            loop.call_soon_threadsafe(lifecycle.stop.set)
+
+        parts.engine.on_rank_lost(rank_lost)
         worker_pb2_grpc.add_WorkerServicer_to_server(parts.servicer, server)
         health_servicer = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
@@ -86,7 +96,8 @@ async def serve(settings: WorkerSettings, build: RoleBuilder, lifecycle: Lifecyc
         record = WorkerRecord(worker_id=worker_id, role=settings.role, address=f"{settings.host}:{port}",
                               model=served_model_id(settings.model), max_num_seqs=engine.config.max_num_seqs,
                               num_kv_blocks=engine.stats().total_blocks, block_size=engine.config.block_size,
-                              max_model_len=engine.max_model_len, transfer=parts.transfer, tls=tls is not None)
+                              max_model_len=engine.max_model_len, transfer=parts.transfer, tls=tls is not None,
+                              tensor_parallel_size=engine.config.tensor_parallel_size)
         registration = WorkerRegistration(settings.etcd, settings.cluster, record, ttl_s=settings.lease_ttl_s,
                                           access=settings.etcd_access())
         await registration.start()
@@ -100,3 +111,5 @@ async def serve(settings: WorkerSettings, build: RoleBuilder, lifecycle: Lifecyc
         await health_servicer.enter_graceful_shutdown()
         await registration.stop()
         await server.stop(grace=settings.grace_s)
+    if lost:
+        raise EngineDeadError(f"worker {worker_id} stopped: tensor-parallel {lost[0]}")

@@ -9,7 +9,7 @@ from typing import Literal
 from common.security import SecuritySettings
 from common.settings import described
 from common.worker_record import ROLES, WorkerRole
-from engine.config import ComputeDtype, EngineConfig, SpeculativeConfig
+from engine.config import SELF_INT4_DRAFT, ComputeDtype, EngineConfig, SpeculativeConfig
 
 
 @dataclass(frozen=True)
@@ -58,6 +58,10 @@ class WorkerSettings(SecuritySettings):
         "a model with windowed and global layers (Gemma 2/3, Qwen with max_window_layers) keeps its windowed "
         "layers' KV in blocks of their own, given back behind the window (engine.kv_groups; not with a second KV "
         "tier or the KV store); the prefill and decode workers of a model must agree on it"))
+    tensor_parallel_size: int = field(default=1, metadata=described(
+        "ranks of a tensor-parallel group: one process (and device) each, this one rank 0, the worker one endpoint "
+        "and one etcd record; the model's heads, MLP columns and vocabulary are split over them (aggregated "
+        "workers only for now: the KV transfer of a split pool is not built yet)"))
     simulate: str | None = field(default=None, metadata=described(
         "simulation profile (JSON, bench.sim_profile): run no model, take its measured step times (engine.simulated)"))
     replicas: int = field(default=1, metadata=described(
@@ -96,6 +100,12 @@ class WorkerSettings(SecuritySettings):
                              "async scheduling")
         if self.num_speculative_tokens < 1:
             raise ValueError(f"num_speculative_tokens must be >= 1, got {self.num_speculative_tokens}")
+        if self.tensor_parallel_size < 1 or (self.tensor_parallel_size > 1 and (
+                self.role != "both" or self.simulate is not None or self.kv_offload_gib
+                or self.speculative_model == SELF_INT4_DRAFT)):
+            raise ValueError("tensor_parallel_size must be >= 1; above 1 the worker is aggregated (role both), runs a "
+                             "real model, and has no second KV tier or self-int4 draft: a split KV pool is not yet "
+                             "transferred, tiered or drafted in")
         if self.replicas < 1 or (self.replicas > 1 and (self.simulate is None or self.grpc_port or self.metrics_port)):
             raise ValueError("replicas must be >= 1; more than one needs --simulate and ports 0 (each picks its own)")
 
@@ -117,7 +127,7 @@ class WorkerSettings(SecuritySettings):
                             max_num_seqs=self.max_num_seqs, max_model_len=self.max_model_len,
                             num_threads=self.num_threads, record_kv_events=True, deterministic=self.deterministic,
                             async_scheduling=self.async_scheduling, simulate=self.simulate,
-                            hybrid_kv_cache=self.hybrid_kv_cache,
+                            hybrid_kv_cache=self.hybrid_kv_cache, tensor_parallel_size=self.tensor_parallel_size,
                             kv_offload_bytes=int(self.kv_offload_gib * (1 << 30)), kv_offload_dir=self.kv_offload_dir,
                             speculative=None if self.speculative_model is None else SpeculativeConfig(
                                 num_draft_tokens=self.num_speculative_tokens, method="draft",

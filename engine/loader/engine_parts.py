@@ -8,7 +8,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from engine.config import EngineConfig
+from engine.config import EngineConfig, ModelConfig
 from engine.errors import ModelLoadError
 from engine.host_memory import keep_freed_buffers
 from engine.kernels import fused_ops_kernel
@@ -22,6 +22,10 @@ from engine.model_runner import ModelRunner, StepRunner
 from engine.models.llama import LlamaForCausalLM
 from engine.models.registry import model_class
 from engine.models.rope import RotaryEmbedding
+from engine.parallel.group import TPGroup
+from engine.parallel.leader import TPLeader
+from engine.parallel.shard import TPShard
+from engine.parallel.wiring import connect_shard
 from engine.platform import Platform, detect_platform
 from engine.sampler import Sampler
 from engine.tokenizer import Tokenizer
@@ -45,17 +49,38 @@ class LoadedEngineParts:
     quantized_layers: tuple[str, ...]
     weights_fingerprint: str  # engine.loader.fingerprint: what KV peers must share
     kv_groups: KVGroups  # how the model's layers share the pool's blocks (pool.spec.num_layers is its group_size)
+    # tensor parallelism (engine.parallel): the other ranks, and the model's own config (`model.config` is this
+    # rank's shard's: its heads, KV heads, intermediate and vocabulary rows); None with one rank
+    tp_leader: TPLeader | None = None
+    unsharded_config: ModelConfig | None = None
 
     @property
     def device(self) -> torch.device:
         return self.platform.device
 
+    @property
+    def model_config(self) -> ModelConfig:
+        """The model's config (its vocabulary, heads, layers), whatever this rank's shard of it."""
+        return self.unsharded_config or self.model.config
 
-def build_model(loaded: LoadedModel, platform: Platform, dtype: torch.dtype) -> LlamaForCausalLM:
+
+@dataclass(frozen=True)
+class ShardRank:
+    """The engine is one rank of a tensor-parallel group: its shard, its group, and on rank 0 the other ranks."""
+
+    shard: TPShard
+    group: TPGroup
+    leader: TPLeader | None = None
+
+
+def build_model(loaded: LoadedModel, platform: Platform, dtype: torch.dtype,
+                shard: TPShard | None = None) -> LlamaForCausalLM:
+    """The model in `dtype` on the platform's device; with `shard`, that rank's part of it (engine.parallel)."""
+    config = loaded.config if shard is None else shard.local_config(loaded.config)
     with torch.device("meta"):
-        model = model_class(loaded.config.architecture)(loaded.config)  # no init: the checkpoint has every weight
+        model = model_class(config.architecture)(config)  # no init: the checkpoint has every weight
     model = model.to_empty(device=platform.device)
-    model.load_hf_weights(loaded.weights)
+    model.load_hf_weights(loaded.weights if shard is None else shard.weights(loaded.weights, loaded.config))
     kept = model.fp32_parameters(dtype)
     model = model.to(dtype).eval().requires_grad_(False)
     for name, value in kept.items():
@@ -103,9 +128,26 @@ def kv_layout(config: EngineConfig, windows: tuple[int, ...], num_layers: int) -
 
 
 def build_engine_parts(config: EngineConfig, kv_storage: KVStorageAllocator | None = None,
-                       context_of: int | None = None) -> LoadedEngineParts:
+                       context_of: int | None = None, shard_rank: ShardRank | None = None) -> LoadedEngineParts:
     """`kv_storage`, when given, allocates the memory the KV pool lives in (see KVCachePool); `context_of`: the
-    context length whose model this is (a draft model's: its target's), by default its own max_model_len."""
+    context length whose model this is (a draft model's: its target's), by default its own max_model_len.
+    With config.tensor_parallel_size > 1 this is rank 0, which starts the other ranks (engine.tp_follower
+    passes `shard_rank` to build theirs)."""
+    if config.tensor_parallel_size == 1 or shard_rank is not None:
+        return _build(config, kv_storage, context_of, shard_rank)
+    leader = TPLeader(config, detect_platform(config.device).device, context_of)
+    try:
+        parts = _build(config, kv_storage, context_of,
+                       ShardRank(TPShard(0, config.tensor_parallel_size), leader.group, leader))
+        leader.wait_ready()
+    except BaseException:
+        leader.close()
+        raise
+    return replace(parts, tp_leader=leader)
+
+
+def _build(config: EngineConfig, kv_storage: KVStorageAllocator | None, context_of: int | None,
+           shard_rank: ShardRank | None) -> LoadedEngineParts:
     started = time.perf_counter()
     if config.num_threads is not None:
         torch.set_num_threads(config.num_threads)
@@ -118,10 +160,14 @@ def build_engine_parts(config: EngineConfig, kv_storage: KVStorageAllocator | No
         raise ModelLoadError(f"deterministic mode does not cover {loaded.config.architecture} yet "
                              f"({family.not_batch_invariant}): run it without --deterministic")
     cfg = loaded.config
+    shard = None if shard_rank is None else shard_rank.shard
+    if shard is not None:
+        shard.check(cfg)
     max_model_len = min(config.max_model_len or DEFAULT_MAX_MODEL_LEN, cfg.max_position_embeddings)
     kv_dtype = resolve_kv_dtype(config.kv_cache_dtype, dtype)
     groups = kv_layout(config, cfg.sliding_windows, cfg.num_layers)
-    probe = KVCacheSpec(groups.group_size, 1, config.block_size, cfg.num_kv_heads, cfg.head_dim, kv_dtype)
+    kv_heads = cfg.num_kv_heads if shard is None else len(shard.kv_heads(cfg))  # a rank's pool holds its KV heads
+    probe = KVCacheSpec(groups.group_size, 1, config.block_size, kv_heads, cfg.head_dim, kv_dtype)
     # num_kv_blocks counts blocks of every layer: a hybrid layout gets as many bytes, in blocks of one group
     num_blocks = (config.num_kv_blocks * cfg.num_layers // groups.group_size if config.num_kv_blocks
                   else max(config.kv_cache_memory_bytes // probe.bytes_per_block, 1))
@@ -137,11 +183,11 @@ def build_engine_parts(config: EngineConfig, kv_storage: KVStorageAllocator | No
     loaded = replace(loaded, config=cfg)
     fingerprint = weights_fingerprint(loaded.weights, loaded.config, dtype, config.quantization,
                                       family.kv_numerics if dtype != torch.float32 else "")
-    model = build_model(loaded, platform, dtype)
+    model = build_model(loaded, platform, dtype, shard)
     quantized: list[str] = []
-    if config.quantization is not None:
+    if config.quantization is not None:  # (a shard quantizes its own rows: a GGUF's prebuilt blocks hold all rows)
         from engine.loader.quantized import quantize_loaded_model
-        quantized = quantize_loaded_model(model, config.quantization, loaded.source)
+        quantized = quantize_loaded_model(model, config.quantization, loaded.source, prebuilt=shard is None)
     if config.deterministic and (platform.is_cuda or fused_ops_kernel() is None):
         raise ModelLoadError("deterministic mode needs the CPU kernels (a CPU device and a C compiler, "
                              "TANDEM_DISABLE_C_KERNELS unset)")
@@ -152,20 +198,26 @@ def build_engine_parts(config: EngineConfig, kv_storage: KVStorageAllocator | No
             per_seq = 1 + (config.speculative.num_draft_tokens if config.speculative else 0)  # logits rows per sequence
             make_batch_invariant(model, limits.max_num_batched_tokens,
                                    min(limits.max_num_batched_tokens, limits.max_num_seqs * per_seq))
-    spec = KVCacheSpec(groups.group_size, num_blocks, config.block_size, cfg.num_kv_heads, cfg.head_dim, kv_dtype)
+    if shard_rank is not None:  # after packing and quantization: the hooks sit on the final modules
+        connect_shard(model, shard_rank.shard, shard_rank.group, cfg.vocab_size)
+    spec = KVCacheSpec(groups.group_size, num_blocks, config.block_size, kv_heads, cfg.head_dim, kv_dtype)
     storage = None if kv_storage is None else kv_storage(tensor_bytes(spec))
     pool = KVCachePool(spec, platform.device, dtype, storage)
     sampler = Sampler(cfg.vocab_size, platform.device, seed=config.seed)
-    graphs = None if config.enforce_eager or not platform.is_cuda or not model.supports_cuda_graphs \
+    # a rank's forward meets its peers' in collectives, which neither a CUDA graph nor the one-call C program holds
+    fused = not config.enforce_eager and shard is None
+    graphs = None if not fused or not platform.is_cuda or not model.supports_cuda_graphs \
         or groups.is_hybrid else config.max_num_seqs
     backend = "cpu" if config.deterministic else config.attention_backend  # the kernel computes rows alike
     runner = ModelRunner(model, pool, sampler, platform.device, backend, graphs, max_model_len,
-                         batch_invariant=config.deterministic,
-                         step_program=not config.enforce_eager and platform.device.type == "cpu", kv_groups=groups)
+                         batch_invariant=config.deterministic, step_program=fused and platform.device.type == "cpu",
+                         kv_groups=groups,
+                         followers=None if shard_rank is None or shard_rank.leader is None else shard_rank.leader.send)
     if not platform.is_cuda:  # from now on a step's activations stay mapped (engine.host_memory); load's
         keep_freed_buffers()  # temporaries, freed above, went back to the system
     seconds = time.perf_counter() - started
-    log.info("engine ready in %.1fs: %s on %s, %s, %d KV blocks x %d tokens (%s)", seconds, cfg.name,
-             platform.device, dtype, num_blocks, config.block_size, kv_dtype)
+    log.info("engine ready in %.1fs: %s on %s, %s, %d KV blocks x %d tokens (%s)%s", seconds, cfg.name,
+             platform.device, dtype, num_blocks, config.block_size, kv_dtype,
+             "" if shard is None else f", tensor-parallel rank {shard.rank} of {shard.size}")
     return LoadedEngineParts(platform, model, tokenizer, pool, runner, max_model_len, seconds, tuple(quantized),
-                             fingerprint, groups)
+                             fingerprint, groups, unsharded_config=None if shard is None else cfg)

@@ -66,18 +66,19 @@ def _merged(blocks: dict[str, Int4Weights | Int8Weights], config: ModelConfig) -
     return merged
 
 
-def quantize_loaded_model(model: nn.Module, method: QuantMethod, source: pathlib.Path) -> list[str]:
+def quantize_loaded_model(model: nn.Module, method: QuantMethod, source: pathlib.Path,
+                          prebuilt: bool = True) -> list[str]:
     """Quantize `model` in place with `method`, taking prebuilt weights from a GGUF source when it
-    stores them in a matching format. Returns the names of the quantized layers."""
+    stores them in a matching format (and `prebuilt`). Returns the names of the quantized layers."""
     config: ModelConfig = model.config  # type: ignore[assignment]
-    prebuilt: dict[str, Int4Weights | Int8Weights] = {}
-    if method == "int4" and source.suffix == ".gguf":
-        prebuilt = _merged(_gguf_int4_blocks(source, config), config)
-        log.info("int4 from GGUF blocks: %d layers", len(prebuilt))
+    blocks: dict[str, Int4Weights | Int8Weights] = {}
+    if method == "int4" and source.suffix == ".gguf" and prebuilt:
+        blocks = _merged(_gguf_int4_blocks(source, config), config)
+        log.info("int4 from GGUF blocks: %d layers", len(blocks))
     if method == "int8":
         return quantize_model(model, "int8", skip=_is_router)
-    head = {k: v for k, v in prebuilt.items() if k == "lm_head"}
-    body = {k: v for k, v in prebuilt.items() if k != "lm_head"}
+    head = {k: v for k, v in blocks.items() if k == "lm_head"}
+    body = {k: v for k, v in blocks.items() if k != "lm_head"}
     names = quantize_model(model, "int4", skip=lambda n: n == "lm_head" or _is_router(n), prebuilt=body)
     return names + quantize_model(model, "int8", skip=lambda n: n != "lm_head", prebuilt=head)
 

@@ -1,0 +1,123 @@
+"""Rank 0's side of a tensor-parallel group: starts ranks 1..N-1 (engine.tp_follower) as child processes
+that die with it, joins their process group, sends them each step, and watches them: a rank that exits ends the
+group (`lost`; every later step raises EngineDeadError), and whoever serves the engine hears it (`on_lost`)."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+
+import torch
+
+from common.settings import cuda_visible_devices, environment_with
+from engine.config import EngineConfig
+from engine.errors import EngineDeadError, ModelLoadError
+from engine.parallel.group import COLLECTIVE_TIMEOUT, TPGroup, open_store
+from engine.parallel.protocol import FollowerStart, FollowerStep, write_frame
+
+log = logging.getLogger(__name__)
+
+READY_KEY = "tandem/tp/ready/{rank}"  # a rank's engine parts are built: "ok", or why not
+
+
+class TPLeader:
+    def __init__(self, config: EngineConfig, device: torch.device, context_of: int | None) -> None:
+        size = config.tensor_parallel_size
+        self._store = open_store(0, size, 0)
+        self._procs: list[subprocess.Popen[bytes]] = []
+        self._closing = False
+        self.lost: str | None = None
+        self.on_lost: list[Callable[[str], None]] = []
+        for rank in range(1, size):
+            # not common.processes.spawn: its death signal fires when the spawning *thread* ends, and an engine may
+            # be built on a passing thread. A rank ends when its stdin closes instead, which rank 0's exit does
+            proc = subprocess.Popen([sys.executable, "-m", "engine.tp_follower"], stdin=subprocess.PIPE,
+                                    env=_rank_env(rank, device))
+            assert proc.stdin is not None
+            write_frame(proc.stdin, FollowerStart(config, rank, size, self._store.port, context_of))
+            self._procs.append(proc)
+        try:
+            self.group = TPGroup(self._store, 0, size, device)
+        except Exception:
+            self.close()
+            raise
+        self._watcher = threading.Thread(target=self._watch, name="tp-ranks", daemon=True)
+        self._watcher.start()
+
+    @property
+    def pids(self) -> list[int]:
+        return [proc.pid for proc in self._procs]
+
+    def wait_ready(self) -> None:
+        """Return once every rank has built its shard; raise ModelLoadError with a rank's reason if one could not."""
+        deadline = time.monotonic() + COLLECTIVE_TIMEOUT.total_seconds() * 5
+        waiting = set(range(1, len(self._procs) + 1))
+        while waiting:
+            for rank in sorted(waiting):
+                key = READY_KEY.format(rank=rank)
+                if self._store.check([key]):
+                    answer = self._store.get(key).decode()
+                    if answer != "ok":
+                        self.close()
+                        raise ModelLoadError(f"tensor-parallel rank {rank} could not load: {answer}")
+                    waiting.discard(rank)
+            if self.lost is not None or time.monotonic() > deadline:
+                self.close()
+                raise ModelLoadError(f"tensor-parallel ranks {sorted(waiting)} did not load: "
+                                     f"{self.lost or 'timed out'}")
+            time.sleep(0.02)
+
+    def send(self, step: FollowerStep) -> None:
+        """Hand every other rank the step rank 0 is about to run."""
+        self.check()
+        try:
+            for proc in self._procs:
+                assert proc.stdin is not None
+                write_frame(proc.stdin, step)
+        except OSError as exc:
+            raise EngineDeadError(f"a tensor-parallel rank is gone: {self.lost or exc}") from exc
+
+    def check(self) -> None:
+        if self.lost is not None:
+            raise EngineDeadError(f"the tensor-parallel group is broken: {self.lost}")
+
+    def _watch(self) -> None:
+        while not self._closing:
+            for rank, proc in enumerate(self._procs, start=1):
+                code = proc.poll()
+                if code is not None and not self._closing and self.lost is None:
+                    self.lost = f"rank {rank} (pid {proc.pid}) exited with code {code}"
+                    log.error("tensor-parallel %s: the engine serves no more", self.lost)
+                    for callback in self.on_lost:
+                        callback(self.lost)
+            time.sleep(0.1)
+
+    def close(self) -> None:
+        """End the other ranks (their stdin closes; SIGKILL after a grace period)."""
+        self._closing = True
+        for proc in self._procs:
+            if proc.stdin is not None:
+                with contextlib.suppress(OSError):
+                    proc.stdin.close()
+        for proc in self._procs:
+            try:
+                proc.wait(5)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+
+def _rank_env(rank: int, device: torch.device) -> dict[str, str]:
+    """The rank's environment: on CUDA it sees only its own device (the rank-th of those rank 0 may use)."""
+    if device.type != "cuda":
+        return environment_with()
+    visible = cuda_visible_devices()
+    devices = visible.split(",") if visible else [str(i) for i in range(torch.cuda.device_count())]
+    if rank >= len(devices):
+        raise ModelLoadError(f"tensor-parallel rank {rank} has no CUDA device (visible: {devices})")
+    return environment_with(CUDA_VISIBLE_DEVICES=devices[rank])

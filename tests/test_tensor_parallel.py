@@ -1,0 +1,153 @@
+"""Tensor parallelism in the engine (engine.parallel): one process per rank, Gloo between them. Greedy output at
+TP = 2 and 4 (and 3 for the default model) equals TP = 1 and transformers in fp32, token for token."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+import pytest
+import torch
+
+from engine import LLM, SamplingParams
+from engine.config import ModelConfig, MoEConfig
+from engine.errors import EngineDeadError, ModelLoadError
+from engine.parallel.shard import TPShard
+from tests.support.hf_reference import hf_greedy
+
+MAX_NEW = 12
+LENGTHS = (1, 3, 16, 17, 40, 90, 150, 177)  # >= 8 prompts of mixed lengths, chunked by a 32-token budget
+CONFIGS = {
+    "chunked": {"max_num_batched_tokens": 32, "num_kv_blocks": 64},
+    # 12 blocks of 16 tokens hold the longest request but not all at once: preempted and recomputed
+    "preemption": {"num_kv_blocks": 12, "max_num_batched_tokens": 24, "max_model_len": 190},
+}
+
+
+def _prompts() -> list[list[int]]:
+    return [[(7 * i + j % (5 + i)) % 500 + 3 for j in range(n)] for i, n in enumerate(LENGTHS)]
+
+
+def _generate(path: str, tp: int, config: dict) -> tuple[list[list[int]], LLM]:
+    llm = LLM(path, dtype="float32", tensor_parallel_size=tp, **config)
+    outs = llm.generate(_prompts(), SamplingParams(temperature=0, max_tokens=MAX_NEW, ignore_eos=True))
+    return [o.token_ids for o in outs], llm
+
+
+def _config(**fields: object) -> ModelConfig:
+    base: dict[str, object] = dict(architecture="llama", vocab_size=10, hidden_size=8, intermediate_size=12,
+                                   num_layers=1, num_heads=8, num_kv_heads=2, head_dim=4,
+                                   max_position_embeddings=64, rms_norm_eps=1e-5, rope_theta=1e4)
+    return ModelConfig(**{**base, **fields})  # type: ignore[arg-type]
+
+
+def test_a_shard_holds_its_heads_columns_and_vocabulary_rows() -> None:
+    cfg = _config()
+    assert [TPShard(r, 2).query_heads(cfg) for r in range(2)] == [range(0, 4), range(4, 8)]
+    assert [TPShard(r, 2).kv_heads(cfg) for r in range(2)] == [range(0, 1), range(1, 2)]
+    # more ranks than KV heads: each rank holds the one its query heads read
+    assert [TPShard(r, 4).kv_heads(cfg) for r in range(4)] == [range(0, 1), range(0, 1), range(1, 2), range(1, 2)]
+    assert [TPShard(r, 4).vocab_rows(10) for r in range(4)] == [range(0, 3), range(3, 6), range(6, 9), range(9, 10)]
+    local = TPShard(1, 4).local_config(cfg)
+    assert (local.num_heads, local.num_kv_heads, local.intermediate_size, local.vocab_size) == (2, 1, 3, 3)
+    d = cfg.head_dim
+    weights = {"model.layers.0.self_attn.q_proj.weight": torch.arange(32 * 8.).reshape(32, 8),
+               "model.layers.0.self_attn.k_proj.weight": torch.arange(8 * 8.).reshape(8, 8),
+               "model.layers.0.self_attn.o_proj.weight": torch.arange(8 * 32.).reshape(8, 32),
+               "model.layers.0.mlp.down_proj.weight": torch.arange(8 * 12.).reshape(8, 12),
+               "model.embed_tokens.weight": torch.arange(10 * 8.).reshape(10, 8),
+               "model.norm.weight": torch.ones(8)}
+    shard = TPShard(3, 4).weights(weights, cfg)
+    layer = "model.layers.0."
+    for name, part in (("self_attn.q_proj.weight", (slice(6 * d, 8 * d),)),  # query heads 6, 7
+                       ("self_attn.k_proj.weight", (slice(d, 2 * d),)),  # KV head 1, which they read
+                       ("self_attn.o_proj.weight", (slice(None), slice(6 * d, 8 * d))),
+                       ("mlp.down_proj.weight", (slice(None), slice(9, 12)))):
+        assert torch.equal(shard[layer + name], weights[layer + name][part]), name
+    embed = shard["model.embed_tokens.weight"]  # the last rank's one row, then zero padding to 3 rows
+    assert embed.shape == (3, 8) and torch.equal(embed[0], weights["model.embed_tokens.weight"][9])
+    assert not embed[1:].any()
+    assert shard["model.norm.weight"] is weights["model.norm.weight"]
+
+
+def test_a_model_that_does_not_split_is_refused_naming_its_numbers() -> None:
+    with pytest.raises(ModelLoadError, match=r"8 query heads do not split into 3 ranks.*2 KV heads neither"):
+        TPShard(0, 3).check(_config())
+    moe = MoEConfig(num_experts=2, top_k=1, intermediate_size=5, normalize_top_k=True)
+    with pytest.raises(ModelLoadError, match="expert intermediate size 5 does not split into 2"):
+        TPShard(0, 2).check(_config(architecture="mixtral", moe=moe))
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+@pytest.mark.parametrize("tp", [2, 4])
+@pytest.mark.parametrize("fixture", ["tiny_llama_dir", "tiny_qwen2_dir"])
+def test_tensor_parallel_output_equals_one_rank_and_transformers(fixture, tp, name, request) -> None:
+    """Tiny Llama (untied) and Qwen2 (tied, q/k/v biases): 4 query and 2 KV heads, so TP = 4 replicates KV heads."""
+    path = str(request.getfixturevalue(fixture))
+    config = CONFIGS[name]
+    one, single = _generate(path, 1, config)
+    single.engine.close()
+    many, llm = _generate(path, tp, config)
+    try:
+        assert many == one
+        assert many == [hf_greedy(path, p, MAX_NEW, eos_ids=()) for p in _prompts()]
+        leader = llm.engine.parts.tp_leader
+        assert leader is not None and len(leader.pids) == tp - 1
+        assert llm.engine.kv_pool.spec.num_kv_heads == (1 if tp >= 2 else 2)
+        if name == "preemption":
+            assert llm.engine.scheduler.num_preemptions_total > 0
+        llm.engine.check_integrity()
+    finally:
+        llm.engine.close()
+
+
+@pytest.mark.parametrize("fixture", ["tiny_qwen3_dir", "tiny_mixtral_dir", "tiny_gemma2_dir"])
+def test_other_families_split_alike(fixture, request) -> None:
+    """Per-head q/k norms (Qwen3), experts (Mixtral), soft-capped logits and windows (Gemma 2) at TP = 2."""
+    path = str(request.getfixturevalue(fixture))
+    many, llm = _generate(path, 2, CONFIGS["chunked"])
+    try:
+        assert many == [hf_greedy(path, p, MAX_NEW, eos_ids=()) for p in _prompts()]
+    finally:
+        llm.engine.close()
+
+
+def test_a_rank_that_dies_ends_the_engine(tiny_llama_dir) -> None:
+    llm = LLM(str(tiny_llama_dir), dtype="float32", tensor_parallel_size=2, num_kv_blocks=64)
+    leader = llm.engine.parts.tp_leader
+    assert leader is not None
+    heard: list[str] = []
+    leader.on_lost.append(heard.append)
+    try:
+        llm.generate([[5, 6, 7]], SamplingParams(temperature=0, max_tokens=2))
+        os.kill(leader.pids[0], signal.SIGKILL)
+        deadline = time.monotonic() + 10
+        while not heard and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert heard and "rank 1" in heard[0] and str(-signal.SIGKILL) in heard[0]
+        with pytest.raises(EngineDeadError, match="tensor-parallel"):
+            llm.generate([[5, 6, 7]], SamplingParams(temperature=0, max_tokens=2))
+    finally:
+        llm.engine.close()
+
+
+def test_a_rank_that_cannot_load_fails_the_engine_with_its_reason(tiny_llama_dir) -> None:
+    with pytest.raises(ModelLoadError, match="query heads do not split into 3"):
+        LLM(str(tiny_llama_dir), dtype="float32", tensor_parallel_size=3, num_kv_blocks=64)
+
+
+@pytest.mark.slow
+def test_default_model_at_three_ranks_equals_transformers(default_model_path) -> None:
+    """SmolLM2-135M: 9 query heads and 3 KV heads, so TP = 3 (one KV head per rank)."""
+    path = str(default_model_path)
+    llm = LLM(path, dtype="float32", tensor_parallel_size=3, max_num_batched_tokens=64)
+    try:
+        prompts = [llm.tokenizer.encode(t) for t in ("The capital of France is", "Once upon a time",
+                                                      "def fibonacci(n):", "1, 2, 3, 4,", "Hello",
+                                                      "The quick brown fox " * 20, "Water boils at", "Why")]
+        outs = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=MAX_NEW))
+        eos = llm.tokenizer.eos_token_ids
+        assert [o.token_ids for o in outs] == [hf_greedy(path, p, MAX_NEW, eos) for p in prompts]
+    finally:
+        llm.engine.close()
