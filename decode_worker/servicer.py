@@ -95,6 +95,8 @@ class DecodeWorkerServicer(WorkerServicerBase):
                              f"request {request.request_id!r} ran past its {timeout} s deadline")
         except InvalidRequestError as e:  # refused after queueing it (e.g. a resume it cannot replay)
             await self._fail(context, grpc.StatusCode.INVALID_ARGUMENT, str(e))
+        except EngineDeadError as e:  # the engine died mid-stream (a tensor-parallel rank lost): the router migrates
+            await self._fail(context, grpc.StatusCode.UNAVAILABLE, str(e))
         WORKER_REQUESTS.labels(self.worker_id, "Generate", "ok").inc()
 
     async def _start(self, request: worker_pb2.WorkerGenerateRequest, engine_request: EngineRequest,

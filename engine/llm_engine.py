@@ -81,7 +81,12 @@ class LLMEngine:
         self.spec_step: tuple[int, int, int] | None = None
         spec = self.config.speculative
         if spec is not None and spec.method == "draft":
-            self.draft = DraftModel.load(self.config, self.parts, self.block_manager)
+            try:
+                self.draft = DraftModel.load(self.config, self.parts, self.block_manager)
+            except BaseException:
+                if self.parts.tp_leader is not None:  # the other ranks end with the engine that failed to start
+                    self.parts.tp_leader.close()
+                raise
             self.scheduler.on_release = self.draft.release
             self.spec_control = SpeculationControl(spec.num_draft_tokens, spec.adaptive)
 

@@ -4,13 +4,14 @@ TP = 2 and 4 (and 3 for the default model) equals TP = 1 and transformers in fp3
 from __future__ import annotations
 
 import os
+import pathlib
 import signal
 import time
 
 import pytest
 import torch
 
-from engine import LLM, SamplingParams
+from engine import LLM, SamplingParams, SpeculativeConfig
 from engine.config import ModelConfig, MoEConfig
 from engine.errors import EngineDeadError, ModelLoadError
 from engine.parallel.shard import TPShard
@@ -151,3 +152,62 @@ def test_default_model_at_three_ranks_equals_transformers(default_model_path) ->
         assert [o.token_ids for o in outs] == [hf_greedy(path, p, MAX_NEW, eos) for p in prompts]
     finally:
         llm.engine.close()
+
+
+FEATURES = {  # what a step computes or samples beyond the plain greedy loop: alike at one rank and at two
+    "ngram": {"speculative": SpeculativeConfig(num_draft_tokens=3, max_running_seqs=64)},
+    "draft_model": {"speculative": "draft"},  # the tiny Llama drafting for itself, whole on rank 0
+    "async_scheduling": {"async_scheduling": True},
+    "logprobs": {},
+}
+
+
+@pytest.mark.parametrize("feature", list(FEATURES))
+def test_speculation_async_scheduling_sampling_and_logprobs_as_with_one_rank(feature, tiny_llama_dir) -> None:
+    path = str(tiny_llama_dir)
+    config = {**CONFIGS["chunked"], **FEATURES[feature]}
+    if config.get("speculative") == "draft":
+        config["speculative"] = SpeculativeConfig(num_draft_tokens=3, method="draft", draft_model=path,
+                                                  adaptive=False)
+    prompts = _prompts()
+    greedy = [SamplingParams(temperature=0, max_tokens=MAX_NEW, ignore_eos=True)] * len(prompts)
+    if feature == "logprobs":  # seeded sampling, top logprobs of sampled and prompt tokens
+        greedy = [SamplingParams(temperature=0.8, seed=i, max_tokens=MAX_NEW, ignore_eos=True, logprobs=2,
+                                 prompt_logprobs=2) for i in range(len(prompts))]
+    results = []
+    for tp in (1, 2):
+        llm = LLM(path, dtype="float32", tensor_parallel_size=tp, **config)
+        try:
+            results.append(llm.generate(prompts, greedy))
+            if feature in ("ngram", "draft_model"):
+                assert llm.engine.num_draft_tokens_accepted > 0
+        finally:
+            llm.engine.close()
+    one, two = results
+    assert [o.token_ids for o in two] == [o.token_ids for o in one]
+    if feature == "logprobs":
+        for a, b in zip(one, two, strict=True):
+            assert a.logprobs is not None and b.logprobs is not None and a.prompt_logprobs is not None
+            pairs = list(zip(a.logprobs, b.logprobs, strict=True))
+            pairs += list(zip(a.prompt_logprobs[1:], (b.prompt_logprobs or [])[1:], strict=True))
+            for x, y in pairs:
+                assert x is not None and y is not None
+                assert [t for t, _ in x.top] == [t for t, _ in y.top]
+                assert x.logprob == pytest.approx(y.logprob, abs=1e-4)
+    else:
+        assert [o.token_ids for o in two] == [hf_greedy(path, p, MAX_NEW, eos_ids=()) for p in prompts]
+
+
+def test_a_self_int4_draft_is_refused_for_a_split_pool(tiny_llama_dir) -> None:
+    before = _followers()
+    with pytest.raises(ModelLoadError, match="self-int4 draft"):
+        LLM(str(tiny_llama_dir), dtype="float32", tensor_parallel_size=2, num_kv_blocks=64,
+            speculative=SpeculativeConfig(method="draft"))
+    assert _followers() == before  # the rank started for it ended with it
+
+
+def _followers() -> set[int]:
+    """This process's live rank processes."""
+    children = pathlib.Path(f"/proc/{os.getpid()}/task/{os.getpid()}/children").read_text().split()
+    return {int(pid) for pid in children
+            if b"engine.tp_follower" in pathlib.Path(f"/proc/{pid}/cmdline").read_bytes()}

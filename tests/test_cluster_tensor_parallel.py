@@ -1,0 +1,68 @@
+"""Tensor-parallel workers in the cluster (`tandem up --tensor-parallel-size 2`): each is one worker to the router
+(one etcd record, one endpoint) and answers exactly as the engine alone; a rank SIGKILLed mid-burst takes its
+worker out of routing within the lease, and the router's requests finish on the other worker, exactly."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import pathlib
+import signal
+
+import pytest
+
+from tests.support.cluster import assert_pools_clean, fetch, metric, tandem_up, worker_metrics
+from tests.support.cluster_workload import gather_limited, reference, run_grpc, workload
+
+TTL = 2
+AGGREGATED_TP2 = ("--prefill", "0", "--decode", "0", "--tensor-parallel-size", "2", "--dtype", "float32",
+                  "--num-kv-blocks", "256", "--lease-ttl-s", str(TTL))
+
+
+def rank_pids(worker_pid: int) -> list[int]:
+    """The tensor-parallel rank processes a worker started (children of any of its threads)."""
+    pids = []
+    for task in pathlib.Path(f"/proc/{worker_pid}/task").iterdir():
+        for pid in (task / "children").read_text().split():
+            if b"engine.tp_follower" in pathlib.Path(f"/proc/{pid}/cmdline").read_bytes():
+                pids.append(int(pid))
+    return pids
+
+
+def workers_listed(url: str) -> int:
+    return int(json.loads(fetch(f"{url}/health"))["workers"])
+
+
+@pytest.mark.slow
+async def test_tensor_parallel_workers_serve_exactly_and_a_lost_rank_takes_its_worker_out(tiny_llama_dir) -> None:
+    jobs = workload()
+    expected = reference(str(tiny_llama_dir), jobs)
+    with tandem_up("--both", "2", *AGGREGATED_TP2, "--model", str(tiny_llama_dir)) as cluster:
+        workers = cluster.role("both")
+        assert workers_listed(cluster.http_url) == 2  # two groups of two ranks: two workers
+        ranks = {w.worker_id: rank_pids(w.pid) for w in workers}
+        assert all(len(pids) == 1 for pids in ranks.values()), ranks
+        got = await gather_limited([run_grpc(cluster.grpc_address, job) for job in jobs])
+        for i, (g, e) in enumerate(zip(got, expected, strict=True)):
+            assert g == e, f"gRPC request {i} ({jobs[i].kind}, {len(jobs[i].ids)} ids)"
+        await assert_pools_clean(cluster)
+
+        # SIGKILL the second rank of one worker while a burst runs: its requests migrate to the other worker
+        victim, survivor = workers
+        burst = gather_limited([run_grpc(cluster.grpc_address, job) for job in jobs])
+        task = asyncio.ensure_future(burst)
+        while metric(await asyncio.to_thread(worker_metrics, victim), "tandem_running_sequences") < 2:
+            assert not task.done(), "the burst ended before the victim got busy"
+            await asyncio.sleep(0.02)
+        os.kill(ranks[victim.worker_id][0], signal.SIGKILL)
+        got = await task
+        for i, (g, e) in enumerate(zip(got, expected, strict=True)):
+            assert g == e, f"after the kill: gRPC request {i}"
+        deadline = asyncio.get_running_loop().time() + 3 * TTL + 5
+        while workers_listed(cluster.http_url) != 1:
+            assert asyncio.get_running_loop().time() < deadline, "the broken worker is still routed to"
+            await asyncio.sleep(0.1)
+        cluster.workers.remove(victim)
+        assert metric(worker_metrics(survivor), "tandem_generation_tokens_total") > 0
+        await assert_pools_clean(cluster)
