@@ -208,8 +208,10 @@ def test_a_single_group_layout_files_its_blocks_where_it_did_before_layer_groups
 
 def test_layout_mismatch_names_every_difference() -> None:
     ours = _layout(10)
-    with pytest.raises(HandshakeError, match=r"dtype: ours 'float32', peer's 'bfloat16'.*tp_size: ours 1, peer's 2"):
-        ours.check_compatible(_layout(12, dtype="bfloat16", tp_size=2))
+    with pytest.raises(HandshakeError, match=r"dtype: ours 'float32', peer's 'bfloat16'.*KV heads per rank: ours "
+                                             r"\[\(0, 2\)\] \(rank 0 of 1\), peer's \[\(0, 1\)\] \(rank 0 of 2\)"):
+        ours.check_compatible(_layout(12, dtype="bfloat16", tp_size=2, group_heads=((0, 1),)))
+    ours.check_compatible(_layout(12, tp_size=2, group_heads=((0, 1), (1, 1)), num_kv_heads=1))  # another degree
     with pytest.raises(HandshakeError, match=r"weights: ours '', peer's 'abc\|float32\|none'"):
         ours.check_compatible(_layout(12, weights="abc|float32|none"))
     ours.check_compatible(_layout(12))  # pool sizes may differ
