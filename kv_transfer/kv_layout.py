@@ -147,7 +147,7 @@ def _heads_held(ranks_heads: tuple[tuple[int, int], ...]) -> set[int]:
 
 @dataclass(frozen=True)
 class Route:
-    """KV heads [first_head, first_head + num_heads) of the model go from prefill rank `source` to decode rank `dest`."""
+    """Model KV heads [first_head, first_head + num_heads) go from prefill rank `source` to decode rank `dest`."""
 
     source: int
     dest: int

@@ -75,7 +75,7 @@ def test_equal_groups_move_whole_blocks_and_no_rank_sends_another_ranks_heads() 
     one = group(1)
     assert routes(two[0], one[0]) == (Route(0, 0, 0, 2), Route(1, 0, 2, 2))
     assert head_ranges(two[1], one[0], 2, 2, range(LAYERS), [1], [1]).total_bytes == LAYERS * one[0].block_bytes // 2
-    with pytest.raises(ValueError, match="holds KV heads 0..1, not 2..3"):
+    with pytest.raises(ValueError, match=r"holds KV heads 0\.\.1, not 2\.\.3"):
         head_ranges(two[0], one[0], 2, 2, range(LAYERS), [1], [1])
 
 
