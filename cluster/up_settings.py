@@ -59,8 +59,11 @@ class UpSettings(SecuritySettings):
     speculative_adaptive: bool = field(default=True, metadata=described(
         "speculate only as far as predicted to pay (see worker)"))
     tensor_parallel_size: int = field(default=1, metadata=described(
-        "ranks (processes, devices) of each aggregated worker's tensor-parallel group (see worker); above 1 the "
-        "cluster has aggregated workers only (--both, --prefill 0 --decode 0)"))
+        "ranks (processes, devices) of each worker's tensor-parallel group (see worker)"))
+    prefill_tensor_parallel_size: int = field(default=0, metadata=described(
+        "the prefill workers' degree, if other than --tensor-parallel-size (0)"))
+    decode_tensor_parallel_size: int = field(default=0, metadata=described(
+        "the decode workers' degree, if other than --tensor-parallel-size (0)"))
     simulate: str | None = field(default=None, metadata=described(
         "simulation profile (JSON): every worker runs a simulated engine with its step times (engine.simulated)"))
     prefill_timeout_s: float = field(default=30.0, metadata=described("deadline of one remote prefill"))
@@ -120,13 +123,18 @@ class UpSettings(SecuritySettings):
             raise ValueError("speculative_model runs a real model without async scheduling: drop one of them")
         if self.num_speculative_tokens < 1:
             raise ValueError(f"num_speculative_tokens must be >= 1, got {self.num_speculative_tokens}")
-        if self.tensor_parallel_size < 1 or (self.tensor_parallel_size > 1 and (self.prefill or self.decode)):
-            raise ValueError("tensor_parallel_size must be >= 1; above 1 every worker is aggregated (--both N "
-                             "--prefill 0 --decode 0): the KV transfer of a split pool is not built yet")
+        if self.tensor_parallel_size < 1 or min(self.prefill_tensor_parallel_size,
+                                                self.decode_tensor_parallel_size) < 0:
+            raise ValueError("tensor_parallel_size must be >= 1, and the pools' degrees >= 0 (0: that one)")
         if self.output_format not in OUTPUT_FORMATS:
             raise ValueError(f"output_format must be one of {OUTPUT_FORMATS}, got {self.output_format!r}")
         if not self.ray_worker_cpus >= 0 or (self.ray_max_restarts is not None and self.ray_max_restarts < 0):
             raise ValueError("ray_worker_cpus and ray_max_restarts must be >= 0")
+
+    def degree(self, role: str) -> int:
+        """The tensor-parallel degree of `role`'s workers."""
+        own = {"prefill": self.prefill_tensor_parallel_size, "decode": self.decode_tensor_parallel_size}.get(role, 0)
+        return own or self.tensor_parallel_size
 
     def worker_args(self, role: str, etcd: str) -> list[str]:
         args = ["worker", "--role", role, "--etcd", etcd, "--cluster", self.cluster, "--dtype", self.dtype,
@@ -135,7 +143,7 @@ class UpSettings(SecuritySettings):
                 "--prefill-timeout-s", str(self.prefill_timeout_s),
                 "--max-queued-requests", str(self.max_queued_requests), "--deterministic", str(self.deterministic),
                 "--async-scheduling", str(self.async_scheduling), "--hybrid-kv-cache", str(self.hybrid_kv_cache),
-                "--tensor-parallel-size", str(self.tensor_parallel_size)]
+                "--tensor-parallel-size", str(self.degree(role))]
         for flag, value in (("--model", self.model), ("--num-kv-blocks", self.num_kv_blocks),
                             ("--kv-offload-gib", self.kv_offload_gib or None),
                             ("--kv-offload-dir", self.kv_offload_dir),

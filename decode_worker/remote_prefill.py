@@ -23,8 +23,9 @@ import grpc
 
 from common.tls import open_channel
 from engine.async_engine import AsyncEngine
-from engine.errors import OutOfKVBlocksError
+from engine.errors import EngineDeadError, OutOfKVBlocksError
 from engine.outputs import RequestOutput
+from engine.parallel.leader import RankCommandError
 from engine.remote_kv import RemotePrefillResult
 from engine.request import EngineRequest
 from kv_transfer import TransferError
@@ -113,14 +114,17 @@ class RemotePrefiller:
     async def _prefill_on(self, target: worker_pb2.PrefillTarget, request: worker_pb2.WorkerGenerateRequest,
                           blocks: list[int], deadline: float | None, attempt_id: str) -> None:
         try:  # a prefill worker with other weights (or layout) gets no page, whatever its own check did
-            await self.connector.check_peer(kv_segment_name(target.prefill_engine_id))
+            layout = await self.connector.check_peer(kv_segment_name(target.prefill_engine_id))
         except TransferError as e:
             raise self._failed(type(e).__name__, f"{type(e).__name__}: {e}") from e
         timeout = self.timeout_s if deadline is None else min(self.timeout_s, deadline - time.monotonic())
         if timeout <= 0:
             raise RemotePrefillFailed("no time left before the request's deadline")
         started = time.monotonic()
-        receipt = self.connector.expect(attempt_id, target.prefill_engine_id, blocks)
+        try:  # (between tensor-parallel groups: every route's sender granted the rank it writes)
+            receipt = await self.connector.expect_routes(attempt_id, target.prefill_engine_id, blocks, layout)
+        except (TransferError, RankCommandError, EngineDeadError) as e:
+            raise self._failed(type(e).__name__, f"{type(e).__name__}: {e}") from e
         try:
             stub = worker_pb2_grpc.WorkerStub(self._channel(target.prefill_address))
             response = await stub.Prefill(worker_pb2.PrefillRequest(

@@ -25,6 +25,8 @@ from engine.kv_offload import KVOffloadTier
 from engine.llm_engine import LLMEngine
 from engine.openmp import hand_over, take_back
 from engine.outputs import EngineStats, EngineStatus, RequestOutput
+from engine.parallel.protocol import RankPlugin
+from engine.parallel.shard import group_kv_heads
 from engine.request import EngineRequest
 from engine.sampling_params import SamplingParams
 from engine.tokenizer import Tokenizer
@@ -69,11 +71,11 @@ class AsyncEngine:
     request's outputs; `await engine.abort(id)` cancels it and frees its blocks."""
 
     def __init__(self, config: EngineConfig | None = None, engine: LLMEngine | None = None,
-                 kv_storage: KVStorageAllocator | None = None) -> None:
+                 kv_storage: KVStorageAllocator | None = None, rank_plugin: RankPlugin | None = None) -> None:
         from engine.async_remote_kv import AsyncRemoteKV
 
         self._owns_engine = engine is None
-        self._llm = engine or LLMEngine(config, kv_storage=kv_storage)
+        self._llm = engine or LLMEngine(config, kv_storage=kv_storage, rank_plugin=rank_plugin)
         # the model runs on the engine thread: its OpenMP team must be the process's only one (engine.openmp)
         self._handed_over = hand_over()
         self._commands: queue.SimpleQueue[object] = queue.SimpleQueue()
@@ -113,6 +115,26 @@ class AsyncEngine:
     def kv_pool(self) -> KVCachePool:
         """The paged KV pool (for a KV connector to register as a transfer segment)."""
         return self._llm.kv_pool
+
+    async def rank_command(self, body: object, wait: bool = True) -> list[object]:
+        """Hand `body` to the RankServices of every tensor-parallel rank past 0 (engine.parallel.leader's
+        TPLeader.command); their replies in rank order. Nothing to hand it to with one rank."""
+        leader = self._llm.parts.tp_leader
+        if leader is None:
+            return []
+        return await asyncio.to_thread(leader.command, body, wait)
+
+    def send_rank_command(self, body: object) -> None:
+        """`rank_command` without waiting for replies (from any thread; a lost rank is not an error here)."""
+        leader = self._llm.parts.tp_leader
+        if leader is not None and leader.lost is None:
+            with contextlib.suppress(EngineDeadError):
+                leader.command(body, wait=False)
+
+    @property
+    def tensor_parallel_group_heads(self) -> tuple[tuple[int, int], ...]:
+        """Every rank's (first KV head, count) of the model (engine.parallel.shard.group_kv_heads)."""
+        return group_kv_heads(self.model_config, self.config.tensor_parallel_size)
 
     def on_rank_lost(self, callback: Callable[[str], None]) -> bool:
         """Call `callback(why)` (on a watcher thread) if a tensor-parallel rank of this engine exits; False: one rank

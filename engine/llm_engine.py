@@ -21,6 +21,7 @@ from engine.loader.engine_parts import LoadedEngineParts, build_engine_parts
 from engine.model_runner import ModelRunner, SequenceResult
 from engine.ngram import propose_ngram_drafts
 from engine.outputs import SPEC_DECISIONS, EngineStats, RequestOutput, SpecStats
+from engine.parallel.protocol import RankPlugin
 from engine.prefill_cost import PrefillCost
 from engine.remote_kv import RemoteKV
 from engine.request import EngineRequest, RequestValidator
@@ -38,12 +39,14 @@ log = logging.getLogger(__name__)
 
 class LLMEngine:
     def __init__(self, config: EngineConfig | None = None, parts: LoadedEngineParts | None = None,
-                 kv_storage: KVStorageAllocator | None = None) -> None:
+                 kv_storage: KVStorageAllocator | None = None, rank_plugin: RankPlugin | None = None) -> None:
+        """`rank_plugin`: with tensor_parallel_size > 1, what the ranks past 0 run beside their shards
+        (engine.parallel.protocol.RankPlugin)."""
         self.config = config or EngineConfig()
         if parts is None and self.config.simulate is not None:
             from engine.simulated.parts import build_simulated_parts
             parts = build_simulated_parts(self.config, kv_storage)
-        self.parts = parts or build_engine_parts(self.config, kv_storage)
+        self.parts = parts or build_engine_parts(self.config, kv_storage, rank_plugin=rank_plugin)
         self.tokenizer = self.parts.tokenizer
         self.model_config = self.parts.model_config
         self.max_model_len = self.parts.max_model_len
@@ -132,9 +135,6 @@ class LLMEngine:
 
     def set_kv_hook(self, hook: KVStepHook | None) -> None:
         """Plug a KV connector into the step loop (see engine.kv_hooks)."""
-        if hook is not None and self.parts.tp_leader is not None:
-            raise ValueError("a KV connector reads and writes one KV pool; a tensor-parallel engine's is split over "
-                             "its ranks (not yet connected: engine.parallel)")
         self._quiet()
         self.kv_hook = hook
 

@@ -60,6 +60,7 @@ class StepInputs:
     # runs) and their further groups' tables, for the other ranks (engine.parallel); empty with one rank
     spans: tuple[tuple[tuple[int, ...], int, int], ...] = ()
     group_tables: tuple[tuple[tuple[int, ...], ...], ...] = ()
+    request_ids: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -202,7 +203,8 @@ class ModelRunner:
         return StepInputs(self._tensor(ids), self._tensor(positions), meta, tuple(sample_rows),
                           self._tensor(logits_rows), tuple(prompt_rows),
                           self._tensor(prompt_indices) if prompt_indices else None, tuple(awaited), verifying,
-                          shared, shared_groups)
+                          shared, shared_groups,
+                          tuple(item.seq.request_id for item in items) if self.followers is not None else ())
 
     def fill_awaited(self, inputs: StepInputs) -> StepInputs:
         """`inputs` prepared while the step before ran (async scheduling), completed once that step is committed:
@@ -229,7 +231,7 @@ class ModelRunner:
             raise ValueError("the step's inputs still await tokens: fill_awaited first")
         if self.followers is not None:
             self.followers(FollowerStep(
-                tuple(inputs.input_ids.tolist()), inputs.spans, inputs.group_tables,
+                tuple(inputs.input_ids.tolist()), inputs.request_ids, inputs.spans, inputs.group_tables,
                 tuple(inputs.logits_indices.tolist()) if inputs.sample_rows else None,
                 () if inputs.prompt_indices is None else tuple(inputs.prompt_indices.tolist()),
                 tuple(count for _, _, count in inputs.prompt_rows)))
@@ -257,13 +259,17 @@ class ModelRunner:
         return self.model(input_ids, positions, attn)
 
     @torch.inference_mode()
-    def follow(self, step: FollowerStep) -> None:
+    def follow(self, step: FollowerStep, observer: Callable[[int], None] | None = None) -> None:
         """Run on a tensor-parallel rank other than 0 the step rank 0 runs (`execute_prepared`): the same forward and
-        the same lm_head calls on the same rows, whose collectives meet rank 0's; rank 0 samples from their logits."""
+        the same lm_head calls on the same rows, whose collectives meet rank 0's; rank 0 samples from their logits.
+        `observer`: called as each layer's KV is written (a KV push, as `layer_observer` on rank 0)."""
         spans = [SeqSpan(list(table), start, count) for table, start, count in step.spans]
         positions = [p for s in spans for p in range(s.start, s.context_len)]
         meta = self._metadata(spans, [[list(t) for t in tables] for tables in step.group_tables])
-        hidden = self.model(self._tensor(list(step.input_ids)), self._tensor(positions), self._attention(meta))
+        attn = self._attention(meta)
+        if observer is not None:
+            attn = ObservedAttention(attn, observer, self.device.type == "cuda")
+        hidden = self.model(self._tensor(list(step.input_ids)), self._tensor(positions), attn)
         if step.logits_indices is not None:
             self.model.sampling_logits(hidden.index_select(0, self._tensor(list(step.logits_indices))))
         if step.prompt_indices:

@@ -6,17 +6,20 @@ ended or closed the group). It schedules and samples nothing."""
 
 from __future__ import annotations
 
+import importlib
 import logging
+import pickle
 import sys
 import traceback
+from typing import Any
 
 import torch
 
 from engine.loader.engine_parts import ShardRank, build_engine_parts
 from engine.model_runner import ModelRunner
 from engine.parallel.group import TPGroup, open_store
-from engine.parallel.leader import READY_KEY
-from engine.parallel.protocol import FollowerStart, FollowerStep, read_frame
+from engine.parallel.leader import READY_KEY, REPLY_KEY
+from engine.parallel.protocol import FollowerStart, FollowerStep, RankCommand, RankServices, read_frame
 from engine.parallel.shard import TPShard
 from engine.platform import detect_platform
 
@@ -33,9 +36,15 @@ def main() -> int:
     store = open_store(start.rank, start.size, start.store_port)
     group = TPGroup(store, start.rank, start.size, detect_platform(start.config.device).device)
     key = READY_KEY.format(rank=start.rank)
+    services: RankServices | None = None
     try:
-        parts = build_engine_parts(start.config, context_of=start.context_of,
+        if start.plugin is not None:  # (a module named by the layer above, which the engine does not import)
+            services = importlib.import_module(start.plugin.module).start(start.rank, start.plugin.settings)
+        parts = build_engine_parts(start.config, None if services is None else services.kv_storage,
+                                   context_of=start.context_of,
                                    shard_rank=ShardRank(TPShard(start.rank, start.size), group))
+        if services is not None:
+            services.attach(parts)
     except Exception as exc:  # rank 0 reports it as the engine's load error
         traceback.print_exc()
         store.set(key, f"{type(exc).__name__}: {exc}")
@@ -44,10 +53,27 @@ def main() -> int:
     runner = parts.runner
     assert isinstance(runner, ModelRunner)
     with torch.inference_mode():
-        while (step := read_frame(stdin)) is not None:
-            assert isinstance(step, FollowerStep)
-            runner.follow(step)
+        while (message := read_frame(stdin)) is not None:
+            if isinstance(message, FollowerStep):
+                observer = None if services is None else services.begin_step(message)
+                runner.follow(message, observer)
+                if services is not None:
+                    services.end_step()
+            elif isinstance(message, RankCommand):
+                reply = _handle(services, message.body)
+                if message.wants_reply:
+                    store.set(REPLY_KEY.format(seq=message.seq, rank=start.rank), pickle.dumps(reply).hex())
     return 0
+
+
+def _handle(services: RankServices | None, body: Any) -> tuple[str, Any]:
+    if services is None:
+        return "error", "this rank runs no services"
+    try:
+        return "ok", services.handle(body)
+    except Exception as exc:  # the command fails, the rank goes on
+        log.exception("command %s failed", type(body).__name__)
+        return "error", f"{type(exc).__name__}: {exc}"
 
 
 if __name__ == "__main__":

@@ -1,11 +1,16 @@
 """Prefill side: push each layer's freshly written pages to the decode engine's reserved blocks
-while the next layer computes (an `engine.kv_hooks.KVStepHook`)."""
+while the next layer computes (an `engine.kv_hooks.KVStepHook`). A rank of a tensor-parallel prefill group
+pushes the KV heads it holds to the decode ranks that hold them (kv_connector.RoutedPeer)."""
 
 from __future__ import annotations
 
 import logging
 import threading
+from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass, field
+
+import numpy as np
 
 from engine.outputs import RequestOutput
 from engine.remote_kv import NOT_NEEDED
@@ -13,23 +18,37 @@ from engine.scheduler import SchedulerOutput
 from kv_transfer.batch import BatchHandle, NotifySpec
 from kv_transfer.datatypes import Ranges, TransferOp
 from kv_transfer.errors import TransferError
-from kv_transfer.kv_connector import KVConnector, KVPushNote, PeerKV, kv_tag
+from kv_transfer.kv_connector import KVConnector, KVPushNote, PeerKV, RoutedPeer, kv_tag
+from kv_transfer.kv_layout import Route
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class PushItem:
+    """A sequence's part of a step, as the pusher sees it: its block tables (one per layer group) and the tokens
+    whose KV the step writes, [start, end_token)."""
+
+    request_id: str
+    tables: Sequence[Sequence[int]]
+    start: int
+    end_token: int
 
 
 @dataclass
 class _Target:
     request_id: str
-    peer: PeerKV
+    peer: RoutedPeer
     remote_blocks: list[int]
     timeout_s: float
     next_block: int = 0  # blocks before this were pushed complete (the last partial one is re-pushed)
     error: str | None = None
+    error_sent: bool = False  # a rank past 0 (which sends no final note) told the decode side of its error
     # this step's blocks, per group with any (engine.kv_groups): (group, start, end in remote_blocks, local ids,
     # remote ids)
     step_blocks: list[tuple[int, int, int, list[int], list[int]]] = field(default_factory=list)
-    handles: list[BatchHandle] = field(default_factory=list)
+    # this step's batches, each with its note when the decode group's rank 0 gets it only relayed
+    handles: list[tuple[BatchHandle, KVPushNote | None]] = field(default_factory=list)
 
 
 DEFAULT_MIN_BATCH_BYTES = 4 << 20
@@ -61,11 +80,20 @@ class KVPusher:
         self._pending_bytes = 0
         self._group_layer_bytes: list[int] = []  # per group: bytes of one of its layers' pages across the targets
         self.bytes_submitted = 0  # every page's bytes handed to the transfer engine, ever
+        self.bytes_to_rank: Counter[int] = Counter()  # the same, by the decode rank they went to
         self._lock = threading.Lock()
 
-    def expect(self, request_id: str, peer: PeerKV, remote_blocks: list[int], timeout_s: float = 30.0) -> None:
+    @property
+    def source_rank(self) -> int:
+        return self.connector.layout.tp_rank
+
+    def expect(self, request_id: str, peer: PeerKV | RoutedPeer, remote_blocks: list[int],
+               timeout_s: float = 30.0) -> None:
+        """Push `request_id`'s KV into `remote_blocks` of `peer` (a single-rank peer, or this rank's routes into a
+        tensor-parallel decode group: KVConnector.connect_routes)."""
+        routed = peer if isinstance(peer, RoutedPeer) else RoutedPeer(peer, ((0, Route(0, 0, 0, 0), peer),))
         with self._lock:
-            self._targets[request_id] = _Target(request_id, peer, list(remote_blocks), timeout_s)
+            self._targets[request_id] = _Target(request_id, routed, list(remote_blocks), timeout_s)
 
     def forget(self, request_id: str) -> None:
         with self._lock:
@@ -73,22 +101,28 @@ class KVPusher:
 
     # -- KVStepHook -----------------------------------------------------------------------------------
     def begin_step(self, plan: SchedulerOutput) -> bool:
+        return self.begin_items([PushItem(item.seq.request_id, item.seq.tables, item.start,
+                                          item.start + item.num_tokens - len(item.draft_token_ids))
+                                 for item in plan.scheduled])
+
+    def begin_items(self, items: list[PushItem]) -> bool:
+        """`begin_step` of a step given as its sequences' parts (a tensor-parallel rank past 0 sees no plan)."""
         self._active = []
         groups = self.connector.groups
         with self._lock:
-            for item in plan.scheduled:
-                target = self._targets.get(item.seq.request_id)
+            for item in items:
+                target = self._targets.get(item.request_id)
                 if target is None or target.error is not None:
                     continue
                 target.step_blocks = []
                 per_group = len(target.remote_blocks) // groups.num_groups
-                end_token = item.start + item.num_tokens - len(item.draft_token_ids)
+                end_token = item.end_token
                 start = min(target.next_block, item.start // self.block_size)
                 end = min(-(-end_token // self.block_size), per_group)
                 if end <= start:
                     continue
                 target.next_block = end_token // self.block_size
-                for group, table in enumerate(item.seq.tables):
+                for group, table in enumerate(item.tables):
                     first = group * per_group
                     # blocks the decode side does not need (a windowed group's behind the window there) are not sent
                     pairs = [(local, remote) for local, remote in zip(
@@ -119,17 +153,31 @@ class KVPusher:
             for group, start, end, local, remote in target.step_blocks:
                 if group not in slots:
                     continue
-                note = KVPushNote(target.request_id, tuple(slots[group]), start, end)
+                for index, route, dest in target.peer.dests:
+                    note = KVPushNote(target.request_id, tuple(slots[group]), start, end, route=index)
+                    try:
+                        ranges = (self.connector.ranges(dest, slots[group], local, remote) if not route.num_heads
+                                  else self.connector.route_ranges(dest, route, slots[group], local, remote))
+                        handle = self._submit(target, dest, ranges, note)
+                        target.handles.append((handle, note if route.dest != 0 else None))
+                        self.bytes_submitted += ranges.total_bytes
+                        self.bytes_to_rank[route.dest] += ranges.total_bytes
+                    except TransferError as e:
+                        target.error = target.error or str(e)
+
+    def wait_for_save(self, plan: SchedulerOutput | None = None) -> None:
+        for target in self._active:
+            relays: list[BatchHandle] = []
+            for handle, relayed in target.handles:
                 try:
-                    ranges = self.connector.ranges(target.peer, slots[group], local, remote)
-                    target.handles.append(self._submit(target, ranges, note))
-                    self.bytes_submitted += ranges.total_bytes
+                    handle.wait()
+                    if relayed is not None:  # landed in another decode rank: its rank 0 learns it from us
+                        relays.append(self._submit(target, target.peer.first, self._no_ranges(), relayed))
                 except TransferError as e:
                     target.error = target.error or str(e)
-
-    def wait_for_save(self, plan: SchedulerOutput) -> None:
-        for target in self._active:
-            for handle in target.handles:
+                finally:
+                    handle.release()
+            for handle in relays:
                 try:
                     handle.wait()
                 except TransferError as e:
@@ -138,6 +186,9 @@ class KVPusher:
                     handle.release()
             target.handles.clear()
             target.step_blocks = []
+            if target.error is not None and self.source_rank != 0 and not target.error_sent:
+                target.error_sent = True  # (rank 0's final note carries its own error)
+                self._send_note(target, KVPushNote(target.request_id, (), 0, 0, error=target.error))
         self._active = []
 
     def step_committed(self, outputs: list[RequestOutput]) -> None:
@@ -152,14 +203,22 @@ class KVPusher:
             total = len(target.remote_blocks)
             note = KVPushNote(target.request_id, tuple(range(self.connector.layout.num_layers)), 0, total,
                               final=True, first_token_id=first, error=error)
-            empty = self.connector.ranges(target.peer, [], [], [])
-            try:
-                with self._submit(target, empty, note) as handle:
-                    handle.wait()
-            except TransferError as e:
-                log.warning("could not deliver the final KV note of %s: %s", out.request_id, e)
+            self._send_note(target, note)
 
-    def _submit(self, target: _Target, ranges: Ranges, note: KVPushNote) -> BatchHandle:
+    def _send_note(self, target: _Target, note: KVPushNote) -> None:
+        """A note alone to the decode group's rank 0."""
+        try:
+            with self._submit(target, target.peer.first, self._no_ranges(), note) as handle:
+                handle.wait()
+        except TransferError as e:
+            log.warning("could not deliver a KV note of %s: %s", note.request_id, e)
+
+    @staticmethod
+    def _no_ranges() -> Ranges:
+        return Ranges(np.empty(0), np.empty(0), np.empty(0))
+
+    def _submit(self, target: _Target, dest: PeerKV, ranges: Ranges, note: KVPushNote) -> BatchHandle:
         return self.connector.transfer.submit_ranges(
-            TransferOp.WRITE, self.connector.segment_name, target.peer.segment.name, ranges,
-            notify=NotifySpec(kv_tag(target.request_id), note.encode()), timeout_s=target.timeout_s)
+            TransferOp.WRITE, self.connector.segment_name, dest.segment.name, ranges,
+            notify=NotifySpec(kv_tag(target.request_id, self.source_rank), note.encode()),
+            timeout_s=target.timeout_s)

@@ -13,6 +13,7 @@ import grpc
 from engine.async_engine import AsyncEngine
 from engine.errors import EngineDeadError
 from engine.outputs import RequestOutput
+from engine.parallel.leader import RankCommandError
 from kv_transfer import TransferError
 from kv_transfer.errors import HandshakeError
 from kv_transfer.kv_connector import KVConnector
@@ -21,8 +22,9 @@ from tandem.v1 import worker_pb2
 from worker_runtime.convert import logprob_to_proto, prompt_logprobs_to_proto, sampling_from_proto
 from worker_runtime.kv_events import KVEventHub
 from worker_runtime.kv_store_client import KVStoreClient
-from worker_runtime.metrics import PREFILL_TOKENS, WORKER_REQUESTS
+from worker_runtime.metrics import KV_PUSHED_BYTES, PREFILL_TOKENS, WORKER_REQUESTS
 from worker_runtime.servicer_base import WorkerServicerBase
+from worker_runtime.tp_kv_rank import PushExpect, PushForget
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +38,7 @@ class PrefillWorkerServicer(WorkerServicerBase):
         self.connector = connector
         self.pusher = pusher
         self.block_size = engine.config.block_size
+        self._pushed: dict[tuple[int, int], int] = {}  # (source rank, decode rank): bytes counted so far
 
     async def Prefill(self, request: worker_pb2.PrefillRequest,
                       context: grpc.aio.ServicerContext) -> worker_pb2.PrefillResponse:
@@ -50,7 +53,8 @@ class PrefillWorkerServicer(WorkerServicerBase):
             # one token: the first; stop strings and lengths are the decode worker's business
             params = dataclasses.replace(params, max_tokens=1, min_tokens=min(params.min_tokens, 1), stop=())
             engine_request = self.engine.make_request(rid, prompt, params, cache_salt=request.cache_salt)
-            peer = await self.connector.connect(request.decode_segment)  # (a peer of another layout: refused here)
+            # (a peer of another layout: refused here); the decode ranks this rank writes, whatever the degrees
+            peer = await self.connector.connect_routes(request.decode_segment)
             groups = self.connector.groups.num_groups  # a hybrid layout's: every group's blocks in turn
             need = -(-len(prompt) // self.block_size) * groups
             if len(request.decode_block_ids) != need:
@@ -64,7 +68,12 @@ class PrefillWorkerServicer(WorkerServicerBase):
         except ValueError as e:
             await self._fail(context, grpc.StatusCode.INVALID_ARGUMENT, str(e))
         timeout = request.timeout_seconds or None
-        self.pusher.expect(rid, peer, list(request.decode_block_ids), timeout_s=timeout or 30.0)
+        blocks = list(request.decode_block_ids)
+        try:  # the other ranks of a tensor-parallel worker push their KV heads themselves (worker_runtime.tp_kv_rank)
+            await self.engine.rank_command(PushExpect(rid, request.decode_segment, blocks, timeout or 30.0))
+        except (RankCommandError, EngineDeadError) as e:
+            await self._fail(context, grpc.StatusCode.UNAVAILABLE, f"cannot push to {request.decode_segment!r}: {e}")
+        self.pusher.expect(rid, peer, blocks, timeout_s=timeout or 30.0)
         try:
             if self.store is not None and params.prompt_logprobs is None:  # those skip every cache
                 await self.store.fetch(prompt, request.cache_salt)
@@ -81,6 +90,7 @@ class PrefillWorkerServicer(WorkerServicerBase):
             await self._fail(context, grpc.StatusCode.DEADLINE_EXCEEDED, f"prefill of {rid!r} ran past {timeout} s")
         finally:
             self.pusher.forget(rid)
+            await self._forget_on_ranks(rid)
         assert final is not None
         if not final.token_ids:
             await self._fail(context, grpc.StatusCode.ABORTED, f"prefill of {rid!r} was aborted")
@@ -95,6 +105,20 @@ class PrefillWorkerServicer(WorkerServicerBase):
         WORKER_REQUESTS.labels(self.worker_id, "Prefill", "ok").inc()
         return response
 
+    async def _forget_on_ranks(self, rid: str) -> None:
+        """End the other ranks' push of `rid`, and count every rank's bytes by the decode rank they went to."""
+        try:
+            ranks = [self.pusher.bytes_to_rank, *await self.engine.rank_command(PushForget(rid))]
+        except (RankCommandError, EngineDeadError) as e:  # (a lost rank ends the worker: engine.parallel)
+            log.warning("the other ranks did not end the push of %s: %s", rid, e)
+            return
+        for source, pushed in enumerate(ranks):
+            assert isinstance(pushed, dict)
+            for dest, total in pushed.items():
+                seen = self._pushed.get((source, dest), 0)
+                KV_PUSHED_BYTES.labels(self.worker_id, str(source), str(dest)).inc(total - seen)
+                self._pushed[(source, dest)] = total
+
     async def _fail(self, context: grpc.aio.ServicerContext, code: grpc.StatusCode, message: str) -> None:
         WORKER_REQUESTS.labels(self.worker_id, "Prefill", code.name.lower()).inc()
         await context.abort(code, message)
@@ -104,4 +128,5 @@ class PrefillWorkerServicer(WorkerServicerBase):
         """After this returns no more KV of the request is written: the engine drops it between
         steps, and each step waits for its pushes before ending."""
         self.pusher.forget(request.request_id)
+        await self._forget_on_ranks(request.request_id)
         return await super().Abort(request, context)

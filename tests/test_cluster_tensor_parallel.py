@@ -66,3 +66,35 @@ async def test_tensor_parallel_workers_serve_exactly_and_a_lost_rank_takes_its_w
         cluster.workers.remove(victim)
         assert metric(worker_metrics(survivor), "tandem_generation_tokens_total") > 0
         await assert_pools_clean(cluster)
+
+
+# (tandem up flags, the decode ranks each prefill rank must push to: {source rank: {decode ranks}}); the tiny Llama
+# has 2 KV heads: at TP = 4 each is held by two prefill ranks and sent by the first of them only
+MIXED = {"1P(TP=2)+1D(TP=1)": (("--prefill-tensor-parallel-size", "2"), {0: {0}, 1: {0}}),
+         "1P(TP=1)+1D(TP=2)": (("--decode-tensor-parallel-size", "2"), {0: {0, 1}}),
+         "1P(TP=4)+1D(TP=2)": (("--prefill-tensor-parallel-size", "4", "--decode-tensor-parallel-size", "2"),
+                               {0: {0}, 2: {1}})}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("config", list(MIXED))
+async def test_prefill_and_decode_groups_of_different_degrees_move_kv_rank_to_rank(config, tiny_llama_dir) -> None:
+    """Every output equals the engine alone; the remote path was taken; and each prefill rank pushed only its own
+    KV heads, straight to the decode ranks holding them: equal bytes on every link, none through rank 0."""
+    flags, links = MIXED[config]
+    jobs = workload()
+    expected = reference(str(tiny_llama_dir), jobs)
+    with tandem_up("--prefill", "1", "--decode", "1", *flags, "--dtype", "float32", "--num-kv-blocks", "256",
+                   "--min-remote-prefill-tokens", "8", "--model", str(tiny_llama_dir)) as cluster:
+        got = await gather_limited([run_grpc(cluster.grpc_address, job) for job in jobs])
+        for i, (g, e) in enumerate(zip(got, expected, strict=True)):
+            assert g == e, f"gRPC request {i} ({jobs[i].kind}, {len(jobs[i].ids)} ids)"
+        decode, prefill = cluster.role("decode")[0], cluster.role("prefill")[0]
+        assert metric(worker_metrics(decode), "tandem_disaggregation_decisions_total", decision="remote") > 0
+        scraped = worker_metrics(prefill)
+        pushed = {(s, d): metric(scraped, "tandem_kv_pushed_bytes_total", source_rank=str(s), dest_rank=str(d))
+                  for s in range(4) for d in range(2)}
+        sent = {link: total for link, total in pushed.items() if total}
+        assert set(sent) == {(s, d) for s, dests in links.items() for d in dests}, pushed
+        assert len(set(sent.values())) == 1, f"every link carries one KV head's pages alike: {sent}"
+        await assert_pools_clean(cluster)

@@ -14,6 +14,9 @@ from engine.outputs import SPEC_DECISIONS, EngineStats
 
 PREFILL_TOKENS = Counter("tandem_prefill_tokens", "Prompt tokens prefilled here, by whether the prefix cache "
                          "served them (cached) or they were computed", ["worker", "kind"])
+KV_PUSHED_BYTES = Counter("tandem_kv_pushed_bytes", "KV bytes a prefill worker's ranks pushed, by its rank and the "
+                          "decode rank they went to (tensor-parallel groups: each rank sends its own KV heads)",
+                          ["worker", "source_rank", "dest_rank"])
 GENERATED_TOKENS = Counter("tandem_generation_tokens", "Tokens generated (streamed) by this worker", ["worker"])
 WORKER_REQUESTS = Counter("tandem_worker_requests", "Requests ended on this worker, by RPC and outcome",
                           ["worker", "rpc", "outcome"])

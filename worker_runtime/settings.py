@@ -60,8 +60,8 @@ class WorkerSettings(SecuritySettings):
         "tier or the KV store); the prefill and decode workers of a model must agree on it"))
     tensor_parallel_size: int = field(default=1, metadata=described(
         "ranks of a tensor-parallel group: one process (and device) each, this one rank 0, the worker one endpoint "
-        "and one etcd record; the model's heads, MLP columns and vocabulary are split over them (aggregated "
-        "workers only for now: the KV transfer of a split pool is not built yet)"))
+        "and one etcd record; the model's heads, MLP columns and vocabulary are split over them. Between prefill "
+        "and decode workers of any degrees each prefill rank pushes its KV heads to the decode ranks holding them"))
     simulate: str | None = field(default=None, metadata=described(
         "simulation profile (JSON, bench.sim_profile): run no model, take its measured step times (engine.simulated)"))
     replicas: int = field(default=1, metadata=described(
@@ -101,11 +101,10 @@ class WorkerSettings(SecuritySettings):
         if self.num_speculative_tokens < 1:
             raise ValueError(f"num_speculative_tokens must be >= 1, got {self.num_speculative_tokens}")
         if self.tensor_parallel_size < 1 or (self.tensor_parallel_size > 1 and (
-                self.role != "both" or self.simulate is not None or self.kv_offload_gib
-                or self.speculative_model == SELF_INT4_DRAFT)):
-            raise ValueError("tensor_parallel_size must be >= 1; above 1 the worker is aggregated (role both), runs a "
-                             "real model, and has no second KV tier or self-int4 draft: a split KV pool is not yet "
-                             "transferred, tiered or drafted in")
+                self.simulate is not None or self.kv_offload_gib or self.speculative_model == SELF_INT4_DRAFT)):
+            raise ValueError("tensor_parallel_size must be >= 1; above 1 the worker runs a real model, and has no "
+                             "second KV tier (nor the KV store) or self-int4 draft: a split KV pool is not yet tiered "
+                             "or drafted in")
         if self.replicas < 1 or (self.replicas > 1 and (self.simulate is None or self.grpc_port or self.metrics_port)):
             raise ValueError("replicas must be >= 1; more than one needs --simulate and ports 0 (each picks its own)")
 

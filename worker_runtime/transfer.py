@@ -4,6 +4,7 @@ in etcd, and the engine's KV pool published through it as a segment (kv_transfer
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from contextlib import AsyncExitStack
 
 import torch
@@ -11,27 +12,41 @@ import torch
 from common.security import SecuritySettings
 from common.tls import channel_credentials
 from engine.async_engine import AsyncEngine
+from engine.parallel.protocol import RankPlugin
 from kv_transfer import EtcdStore, TransferEngine, TransferEngineConfig
 from kv_transfer.kv_connector import KVConnector
+from kv_transfer.kv_layout import Route
 from kv_transfer.link_tls import LinkTls
 from worker_runtime.kv_store_client import KVStoreClient, KVStoreClientConfig
 from worker_runtime.settings import WorkerSettings
+from worker_runtime.tp_kv_rank import GrantEnd, GrantPages, RankKVSettings
 
 log = logging.getLogger(__name__)
 
 
 async def engine_with_kv_connector(settings: WorkerSettings, worker_id: str,
                                    stack: AsyncExitStack) -> tuple[AsyncEngine, KVConnector]:
-    """The engine, its pool registered as segment `<worker id>.kv` and its layout published."""
+    """The engine, its pool registered as segment `<worker id>.kv` and its layout published. A tensor-parallel
+    worker's other ranks publish theirs as `<worker id>.kv.r<rank>` (worker_runtime.tp_kv_rank)."""
     transfer = await open_transfer_engine(settings, settings.etcd, settings.cluster, worker_id, settings.host,
                                           settings.backends, stack)
     # on CPU the pool lives in shared memory that same-host peers map; on CUDA in device memory
     storage = None if torch.cuda.is_available() else (lambda n: transfer.allocate_host_buffer(n, "kv"))
-    engine = AsyncEngine(settings.engine_config(), kv_storage=storage)
+    size = settings.tensor_parallel_size
+    plugin = None if size == 1 else RankPlugin("worker_runtime.tp_kv_rank", RankKVSettings(settings, worker_id))
+    engine = AsyncEngine(settings.engine_config(), kv_storage=storage, rank_plugin=plugin)
     stack.callback(engine.shutdown)
-    connector = KVConnector(transfer, engine.kv_pool, engine.model_config, kv_segment_name(worker_id),
-                            weights=engine.weights_fingerprint, groups=engine.kv_groups)
+    connector = KVConnector(transfer, engine.kv_pool, engine.model_config, kv_segment_name(worker_id), size, 0,
+                            weights=engine.weights_fingerprint, groups=engine.kv_groups,
+                            group_heads=engine.tensor_parallel_group_heads if size > 1 else ())
     await connector.publish()
+    if size > 1:
+        async def rank_grants(request_id: str, senders: list[tuple[int, str, str]], blocks: list[int],
+                              found: tuple[Route, ...]) -> Callable[[], object]:
+            await engine.rank_command(GrantPages(request_id, senders, blocks, found))
+            return lambda: engine.send_rank_command(GrantEnd(request_id))
+
+        connector.rank_grants = rank_grants
     return engine, connector
 
 

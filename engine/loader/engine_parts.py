@@ -24,6 +24,7 @@ from engine.models.registry import model_class
 from engine.models.rope import RotaryEmbedding
 from engine.parallel.group import TPGroup
 from engine.parallel.leader import TPLeader
+from engine.parallel.protocol import RankPlugin
 from engine.parallel.shard import TPShard
 from engine.parallel.wiring import connect_shard
 from engine.platform import Platform, detect_platform
@@ -128,14 +129,15 @@ def kv_layout(config: EngineConfig, windows: tuple[int, ...], num_layers: int) -
 
 
 def build_engine_parts(config: EngineConfig, kv_storage: KVStorageAllocator | None = None,
-                       context_of: int | None = None, shard_rank: ShardRank | None = None) -> LoadedEngineParts:
+                       context_of: int | None = None, shard_rank: ShardRank | None = None,
+                       rank_plugin: RankPlugin | None = None) -> LoadedEngineParts:
     """`kv_storage`, when given, allocates the memory the KV pool lives in (see KVCachePool); `context_of`: the
     context length whose model this is (a draft model's: its target's), by default its own max_model_len.
     With config.tensor_parallel_size > 1 this is rank 0, which starts the other ranks (engine.tp_follower
-    passes `shard_rank` to build theirs)."""
+    passes `shard_rank` to build theirs), each running `rank_plugin` beside its shard."""
     if config.tensor_parallel_size == 1 or shard_rank is not None:
         return _build(config, kv_storage, context_of, shard_rank)
-    leader = TPLeader(config, detect_platform(config.device).device, context_of)
+    leader = TPLeader(config, detect_platform(config.device).device, context_of, rank_plugin)
     try:
         parts = _build(config, kv_storage, context_of,
                        ShardRank(TPShard(0, config.tensor_parallel_size), leader.group, leader))

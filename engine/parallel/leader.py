@@ -5,7 +5,9 @@ group (`lost`; every later step raises EngineDeadError), and whoever serves the 
 from __future__ import annotations
 
 import contextlib
+import itertools
 import logging
+import pickle
 import subprocess
 import sys
 import threading
@@ -18,19 +20,27 @@ from common.settings import cuda_visible_devices, environment_with
 from engine.config import EngineConfig
 from engine.errors import EngineDeadError, ModelLoadError
 from engine.parallel.group import COLLECTIVE_TIMEOUT, TPGroup, open_store
-from engine.parallel.protocol import FollowerStart, FollowerStep, write_frame
+from engine.parallel.protocol import FollowerStart, FollowerStep, RankCommand, RankPlugin, write_frame
 
 log = logging.getLogger(__name__)
 
 READY_KEY = "tandem/tp/ready/{rank}"  # a rank's engine parts are built: "ok", or why not
+REPLY_KEY = "tandem/tp/reply/{seq}/{rank}"  # a rank's pickled ("ok", value) or ("error", message) to a RankCommand
+
+
+class RankCommandError(RuntimeError):
+    """A rank past 0 could not do what a RankCommand asked (its message says why)."""
 
 
 class TPLeader:
-    def __init__(self, config: EngineConfig, device: torch.device, context_of: int | None) -> None:
+    def __init__(self, config: EngineConfig, device: torch.device, context_of: int | None,
+                 plugin: RankPlugin | None = None) -> None:
         size = config.tensor_parallel_size
         self._store = open_store(0, size, 0)
         self._procs: list[subprocess.Popen[bytes]] = []
         self._closing = False
+        self._send_lock = threading.Lock()  # steps (the engine thread) and commands (any thread) interleave whole
+        self._seq = itertools.count()
         self.lost: str | None = None
         self.on_lost: list[Callable[[str], None]] = []
         for rank in range(1, size):
@@ -39,7 +49,7 @@ class TPLeader:
             proc = subprocess.Popen([sys.executable, "-m", "engine.tp_follower"], stdin=subprocess.PIPE,
                                     env=_rank_env(rank, device))
             assert proc.stdin is not None
-            write_frame(proc.stdin, FollowerStart(config, rank, size, self._store.port, context_of))
+            write_frame(proc.stdin, FollowerStart(config, rank, size, self._store.port, context_of, plugin))
             self._procs.append(proc)
         try:
             self.group = TPGroup(self._store, 0, size, device)
@@ -72,15 +82,40 @@ class TPLeader:
                                      f"{self.lost or 'timed out'}")
             time.sleep(0.02)
 
-    def send(self, step: FollowerStep) -> None:
-        """Hand every other rank the step rank 0 is about to run."""
+    def send(self, step: FollowerStep | RankCommand) -> None:
+        """Hand every other rank the step rank 0 is about to run (or a command)."""
         self.check()
         try:
-            for proc in self._procs:
-                assert proc.stdin is not None
-                write_frame(proc.stdin, step)
+            with self._send_lock:
+                for proc in self._procs:
+                    assert proc.stdin is not None
+                    write_frame(proc.stdin, step)
         except OSError as exc:
             raise EngineDeadError(f"a tensor-parallel rank is gone: {self.lost or exc}") from exc
+
+    def command(self, body: object, wait: bool = True, timeout_s: float = 30.0) -> list[object]:
+        """Hand `body` to every other rank's RankServices (after the step it is running, if any); with `wait`,
+        their replies in rank order (blocks: call it off the event loop). Raises RankCommandError with a rank's
+        reason, EngineDeadError if a rank is gone."""
+        seq = next(self._seq)
+        self.send(RankCommand(seq, body, wait))
+        if not wait:
+            return []
+        replies: list[object] = []
+        deadline = time.monotonic() + timeout_s
+        for rank in range(1, len(self._procs) + 1):
+            key = REPLY_KEY.format(seq=seq, rank=rank)
+            while not self._store.check([key]):
+                self.check()
+                if time.monotonic() > deadline:
+                    raise RankCommandError(f"tensor-parallel rank {rank} did not answer within {timeout_s} s")
+                time.sleep(0.001)
+            status, value = pickle.loads(bytes.fromhex(self._store.get(key).decode()))
+            self._store.delete_key(key)
+            if status != "ok":
+                raise RankCommandError(f"tensor-parallel rank {rank}: {value}")
+            replies.append(value)
+        return replies
 
     def check(self) -> None:
         if self.lost is not None:

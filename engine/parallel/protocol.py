@@ -5,12 +5,23 @@ from __future__ import annotations
 
 import pickle
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import IO, Any
+from typing import IO, Any, Protocol
 
 from engine.config import EngineConfig
+from engine.kv_hooks import KVStorageAllocator
 
 _LENGTH = struct.Struct("<Q")
+
+
+@dataclass(frozen=True)
+class RankPlugin:
+    """What a layer above the engine runs on every rank past 0 beside its shard (the KV transfer of a worker,
+    which engine.parallel may not import): `module`'s `start(rank, settings)` gives the rank's RankServices."""
+
+    module: str
+    settings: Any  # picklable
 
 
 @dataclass(frozen=True)
@@ -20,6 +31,34 @@ class FollowerStart:
     size: int
     store_port: int  # rank 0's rendezvous store on 127.0.0.1
     context_of: int | None  # as engine.loader.engine_parts.build_engine_parts takes it
+    plugin: RankPlugin | None = None
+
+
+@dataclass(frozen=True)
+class RankCommand:
+    """A message for every rank's RankServices (engine.parallel.leader.TPLeader.command), between steps."""
+
+    seq: int
+    body: Any
+    wants_reply: bool
+
+
+class RankServices(Protocol):
+    """A RankPlugin's services on one rank: the memory of its KV pool, and what it does around each step."""
+
+    kv_storage: KVStorageAllocator | None
+
+    def attach(self, parts: Any) -> None:
+        """The rank's engine parts (engine.loader.engine_parts.LoadedEngineParts) are built."""
+
+    def handle(self, body: Any) -> Any:
+        """A RankCommand's body; returns the reply (picklable), or raises (rank 0 raises it again)."""
+
+    def begin_step(self, step: FollowerStep) -> Callable[[int], None] | None:
+        """Before the step's forward: what to call as each layer's KV is written, if anything."""
+
+    def end_step(self) -> None:
+        """After the step's forward."""
 
 
 @dataclass(frozen=True)
@@ -28,6 +67,7 @@ class FollowerStep:
     step's tokens and spans, then the lm_head calls rank 0 makes on its hidden states, in its order."""
 
     input_ids: tuple[int, ...]
+    request_ids: tuple[str, ...]  # per sequence
     spans: tuple[tuple[tuple[int, ...], int, int], ...]  # (block table, start, num_tokens) per sequence
     group_tables: tuple[tuple[tuple[int, ...], ...], ...]  # a hybrid layout's tables of groups 1, 2, ... per span
     logits_indices: tuple[int, ...] | None  # rows sampled from (one lm_head call), None: no sampling this step

@@ -102,3 +102,8 @@ class TPShard:
             raise ModelLoadError(f"{name}: {width} does not split into {self.size} ranks")
         per = width // self.size
         return slice(self.rank * per, (self.rank + 1) * per)
+
+
+def group_kv_heads(config: ModelConfig, size: int) -> tuple[tuple[int, int], ...]:
+    """Every rank's (first KV head, count) in a group of `size` ranks."""
+    return tuple((heads.start, len(heads)) for heads in (TPShard(r, size).kv_heads(config) for r in range(size)))
