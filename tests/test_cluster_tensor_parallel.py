@@ -98,3 +98,42 @@ async def test_prefill_and_decode_groups_of_different_degrees_move_kv_rank_to_ra
         assert set(sent) == {(s, d) for s, dests in links.items() for d in dests}, pushed
         assert len(set(sent.values())) == 1, f"every link carries one KV head's pages alike: {sent}"
         await assert_pools_clean(cluster)
+
+
+@pytest.mark.slow
+async def test_a_rank_killed_mid_push_on_either_side_leaves_exact_answers_and_clean_pools(tiny_llama_dir) -> None:
+    """1 prefill worker of 2 ranks, 2 decode workers of 2 ranks. A prefill rank past 0 SIGKILLed while prompts are
+    pushed: the decode workers fall back to prefilling locally. Then a decode rank past 0 SIGKILLed while its worker
+    decodes: the router migrates its requests to the other decode worker. Every answer stays exact."""
+    bursts = [workload(count=16, seed=300 + i) for i in range(2)]
+    expected = [reference(str(tiny_llama_dir), jobs) for jobs in bursts]
+    with tandem_up("--prefill", "1", "--decode", "2", "--tensor-parallel-size", "2", "--dtype", "float32",
+                   "--num-kv-blocks", "256", "--min-remote-prefill-tokens", "8", "--lease-ttl-s", str(TTL),
+                   "--model", str(tiny_llama_dir)) as cluster:
+        for jobs, want, victim in zip(bursts, expected, (cluster.role("prefill")[0], cluster.role("decode")[0]),
+                                      strict=True):
+            gauge = "tandem_running_sequences"
+            task = asyncio.ensure_future(gather_limited([run_grpc(cluster.grpc_address, job) for job in jobs]))
+            while metric(await asyncio.to_thread(worker_metrics, victim), gauge) < 1:
+                assert not task.done(), f"the burst ended before {victim.worker_id} got busy"
+                await asyncio.sleep(0.01)
+            os.kill(rank_pids(victim.pid)[0], signal.SIGKILL)
+            got = await task
+            for i, (g, e) in enumerate(zip(got, want, strict=True)):
+                assert g == e, f"{victim.role} rank killed: gRPC request {i}"
+            deadline = asyncio.get_running_loop().time() + 3 * TTL + 10
+            while victim.pid in {w.pid for w in cluster.workers} and not _exited(victim.pid):
+                assert asyncio.get_running_loop().time() < deadline, f"{victim.worker_id} outlived its rank"
+                await asyncio.sleep(0.1)
+            cluster.workers.remove(victim)
+        survivor = cluster.role("decode")[0]
+        assert metric(worker_metrics(survivor), "tandem_disaggregation_decisions_total", decision="fallback") > 0
+        await assert_pools_clean(cluster)
+
+
+def _exited(pid: int) -> bool:
+    """The process is gone or a zombie (its parent, tandem up, reaps it later)."""
+    try:
+        return pathlib.Path(f"/proc/{pid}/stat").read_text().split()[2] == "Z"
+    except FileNotFoundError:
+        return True
