@@ -32,7 +32,7 @@ from kv_transfer import TransferError
 from kv_transfer.kv_connector import KVConnector
 from tandem.v1 import worker_pb2, worker_pb2_grpc
 from worker_runtime.convert import logprob_from_proto
-from worker_runtime.metrics import REMOTE_PREFILL_FAILURES
+from worker_runtime.metrics import REMOTE_PREFILL_FAILURES, REMOTE_PREFILL_SECONDS
 from worker_runtime.transfer import kv_segment_name
 
 log = logging.getLogger(__name__)
@@ -132,7 +132,10 @@ class RemotePrefiller:
                 decode_segment=self.connector.segment_name, decode_block_ids=blocks, timeout_seconds=timeout,
                 cache_salt=request.cache_salt),
                 timeout=timeout)
-            first = await receipt.wait(max(timeout - (time.monotonic() - started), 0.5))
+            answered = time.monotonic()
+            first = await receipt.wait(max(timeout - (answered - started), 0.5))
+            REMOTE_PREFILL_SECONDS.labels(self.worker_id, "rpc").observe(answered - started)
+            REMOTE_PREFILL_SECONDS.labels(self.worker_id, "kv_tail").observe(time.monotonic() - answered)
         except grpc.aio.AioRpcError as e:
             raise self._failed(e.code().name.lower(), f"{e.code().name}: {e.details()}") from e
         except TransferError as e:

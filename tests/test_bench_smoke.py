@@ -200,3 +200,19 @@ def test_prefill_attention_bench_times_every_path() -> None:
     assert result["torch_flash_ms"] is not None and result["torch_flash_ms"] > 0
     tiles = result["amx_tiles_ms"]
     assert (tiles is not None and tiles > 0) if lib.flash_prefill_uses_amx() == 1 else tiles is None
+
+
+@pytest.mark.slow
+def test_tp_kv_push_bench_counts_bytes_per_link(tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """bench.tp_kv_push runs equal and mixed degrees: every prefill is remote, and two prefill ranks into one
+    decode rank carry half the single rank's bytes each."""
+    from bench import tp_kv_push
+
+    out = tmp_path / "tp.json"
+    monkeypatch.setattr("sys.argv", ["tp_kv_push", "--configs", "1:1,2:1", "--prompts", "2", "--prompt-tokens", "64",
+                                     "--layers", "2", "--out", str(out)])
+    tp_kv_push.main()
+    one, two = json.loads(out.read_text())["results"]
+    assert one["remote_prefills"] == two["remote_prefills"] == 2
+    assert two["bytes_per_prefill_by_link"] == {"0->0": one["bytes_per_prefill"] / 2,
+                                                 "1->0": one["bytes_per_prefill"] / 2}

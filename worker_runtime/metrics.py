@@ -40,6 +40,12 @@ KV_STORE_SECONDS = Histogram("tandem_kv_store_seconds", "Seconds of one exchange
                              ["worker", "op"], buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25,
                                                         0.5, 1.0, 2.5))
 
+REMOTE_PREFILL_SECONDS = Histogram(
+    "tandem_remote_prefill_seconds", "Decode workers: seconds of a successful remote prefill, by phase: rpc (the "
+    "Prefill call: the prompt computed and its KV pushed layer by layer meanwhile), kv_tail (after it returned, until "
+    "every page and the final note had landed)", ["worker", "phase"],
+    buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0))
+
 
 class EngineCollector(Collector):
     """Gauges and the scheduler's counters of every engine added, read at scrape time (another thread). A
