@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib
 import logging
+import os
 import pickle
 import sys
 import traceback
@@ -63,6 +64,8 @@ def main() -> int:
                 reply = _handle(services, message.body)
                 if message.wants_reply:
                     store.set(REPLY_KEY.format(seq=message.seq, rank=start.rank), pickle.dumps(reply).hex())
+    if services is not None:
+        services.close()
     return 0
 
 
@@ -77,4 +80,10 @@ def _handle(services: RankServices | None, body: Any) -> tuple[str, Any]:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    code = main()
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    # no interpreter teardown: the process group's and the plugin's native threads may still run, and destroying
+    # them at exit aborts the process ("terminate called without an active exception"); everything is closed
+    os._exit(code)

@@ -154,3 +154,8 @@ class RankKV:
     def end_step(self) -> None:
         if self.pusher is not None:
             self.pusher.wait_for_save()
+
+    def close(self) -> None:
+        """Close the transfer engine (its segment leaves etcd) and the store, then the loop."""
+        self._run(self._stack.aclose())
+        self._loop.call_soon_threadsafe(self._loop.stop)

@@ -60,6 +60,9 @@ class RankServices(Protocol):
     def end_step(self) -> None:
         """After the step's forward."""
 
+    def close(self) -> None:
+        """The rank ends (rank 0 closed the group or is gone)."""
+
 
 @dataclass(frozen=True)
 class FollowerStep:
