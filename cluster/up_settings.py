@@ -126,6 +126,9 @@ class UpSettings(SecuritySettings):
         if self.tensor_parallel_size < 1 or min(self.prefill_tensor_parallel_size,
                                                 self.decode_tensor_parallel_size) < 0:
             raise ValueError("tensor_parallel_size must be >= 1, and the pools' degrees >= 0 (0: that one)")
+        if (self.prefill_tensor_parallel_size and not self.prefill) or (self.decode_tensor_parallel_size
+                                                                        and not self.decode):
+            raise ValueError("a pool's tensor-parallel degree is given for a pool of no workers (--prefill / --decode)")
         if self.output_format not in OUTPUT_FORMATS:
             raise ValueError(f"output_format must be one of {OUTPUT_FORMATS}, got {self.output_format!r}")
         if not self.ray_worker_cpus >= 0 or (self.ray_max_restarts is not None and self.ray_max_restarts < 0):

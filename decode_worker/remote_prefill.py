@@ -23,13 +23,12 @@ import grpc
 
 from common.tls import open_channel
 from engine.async_engine import AsyncEngine
-from engine.errors import EngineDeadError, OutOfKVBlocksError
+from engine.errors import EngineDeadError, OutOfKVBlocksError, RankCommandError
 from engine.outputs import RequestOutput
-from engine.parallel.leader import RankCommandError
 from engine.remote_kv import RemotePrefillResult
 from engine.request import EngineRequest
 from kv_transfer import TransferError
-from kv_transfer.kv_connector import KVConnector
+from kv_transfer.kv_connector import KVConnector, rank_name
 from tandem.v1 import worker_pb2, worker_pb2_grpc
 from worker_runtime.convert import logprob_from_proto
 from worker_runtime.metrics import REMOTE_PREFILL_FAILURES, REMOTE_PREFILL_SECONDS
@@ -75,6 +74,7 @@ class RemotePrefiller:
         self._credentials = credentials  # cluster TLS: prefill workers take only mutual-TLS calls
         self._channels: dict[str, grpc.aio.Channel] = {}
         self._background: set[asyncio.Task[None]] = set()
+        self._prefill_ranks: dict[str, int] = {}  # a prefill worker's tensor-parallel degree (its published layout)
 
     async def start(self, request: worker_pb2.WorkerGenerateRequest, engine_request: EngineRequest,
                     deadline: float | None) -> tuple[PrefillDecision, AsyncIterator[RequestOutput]]:
@@ -115,6 +115,7 @@ class RemotePrefiller:
                           blocks: list[int], deadline: float | None, attempt_id: str) -> None:
         try:  # a prefill worker with other weights (or layout) gets no page, whatever its own check did
             layout = await self.connector.check_peer(kv_segment_name(target.prefill_engine_id))
+            self._prefill_ranks[target.prefill_engine_id] = layout.tp_size
         except TransferError as e:
             raise self._failed(type(e).__name__, f"{type(e).__name__}: {e}") from e
         timeout = self.timeout_s if deadline is None else min(self.timeout_s, deadline - time.monotonic())
@@ -183,7 +184,9 @@ class RemotePrefiller:
                 await stub.Abort(worker_pb2.AbortRequest(request_id=attempt_id), timeout=2.0)
                 break
             except grpc.aio.AioRpcError as e:
-                if not self.connector.transfer.link.is_linked(target.prefill_engine_id):
+                ranks = self._prefill_ranks.get(target.prefill_engine_id, 1)  # (every rank of its group may write)
+                if not any(self.connector.transfer.link.is_linked(rank_name(target.prefill_engine_id, r))
+                           for r in range(ranks)):
                     break
                 if loop.time() >= give_up_at:
                     log.warning("prefill worker %s never confirmed the abort of %s (%s): freeing its blocks "

@@ -142,6 +142,8 @@ class AsyncEngine:
         leader = self._llm.parts.tp_leader
         if leader is not None:
             leader.on_lost.append(callback)
+            if leader.lost is not None:  # lost before anyone listened (while the worker was being built)
+                callback(leader.lost)
         return leader is not None
 
     @property

@@ -24,3 +24,7 @@ class OutOfKVBlocksError(TandemError):
 class PoolIntegrityError(TandemError, RuntimeError):
     """The KV block pool's bookkeeping is inconsistent (a leak, a double free, a stale hash). Raised by
     `check_integrity`, never switched off (it does not use `assert`)."""
+
+
+class RankCommandError(TandemError, RuntimeError):
+    """A tensor-parallel rank past 0 could not do what rank 0 asked between steps (engine.parallel.leader)."""

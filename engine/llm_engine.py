@@ -47,6 +47,14 @@ class LLMEngine:
             from engine.simulated.parts import build_simulated_parts
             parts = build_simulated_parts(self.config, kv_storage)
         self.parts = parts or build_engine_parts(self.config, kv_storage, rank_plugin=rank_plugin)
+        try:
+            self._set_up()
+        except BaseException:
+            if self.parts.tp_leader is not None:  # the other ranks end with the engine that failed to start
+                self.parts.tp_leader.close()
+            raise
+
+    def _set_up(self) -> None:
         self.tokenizer = self.parts.tokenizer
         self.model_config = self.parts.model_config
         self.max_model_len = self.parts.max_model_len
@@ -84,12 +92,7 @@ class LLMEngine:
         self.spec_step: tuple[int, int, int] | None = None
         spec = self.config.speculative
         if spec is not None and spec.method == "draft":
-            try:
-                self.draft = DraftModel.load(self.config, self.parts, self.block_manager)
-            except BaseException:
-                if self.parts.tp_leader is not None:  # the other ranks end with the engine that failed to start
-                    self.parts.tp_leader.close()
-                raise
+            self.draft = DraftModel.load(self.config, self.parts, self.block_manager)
             self.scheduler.on_release = self.draft.release
             self.spec_control = SpeculationControl(spec.num_draft_tokens, spec.adaptive)
 

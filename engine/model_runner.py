@@ -31,7 +31,7 @@ from engine.kv_hooks import ObservedAttention
 from engine.logprobs import prompt_row_chunks, prompt_token_logprobs, token_logprobs
 from engine.models.llama import LlamaForCausalLM
 from engine.outputs import TokenLogprobs
-from engine.parallel.protocol import FollowerStep
+from engine.parallel.protocol import FollowerStep, StepFollowers
 from engine.sampler import Sampler
 from engine.scheduler import ScheduledSequence, SchedulerOutput
 from engine.spec_sampling import verify_by_rejection
@@ -86,7 +86,7 @@ class ModelRunner:
     def __init__(self, model: LlamaForCausalLM, pool: KVCachePool, sampler: Sampler, device: torch.device,
                  backend: AttentionBackendName = "auto", cuda_graph_max_batch: int | None = None,
                  max_model_len: int = 8192, batch_invariant: bool = False, step_program: bool = False,
-                 kv_groups: KVGroups | None = None, followers: Callable[[FollowerStep], None] | None = None) -> None:
+                 kv_groups: KVGroups | None = None, followers: StepFollowers | None = None) -> None:
         """`kv_groups`: how the model's layers share `pool` (by default one group: a pool layer per model layer);
         `followers`: rank 0 of a tensor-parallel group hands them each step before running it (engine.parallel)."""
         self.model = model
@@ -229,12 +229,20 @@ class ModelRunner:
         states and moves their seeded generators and grammar matchers, which nothing else touches meanwhile)."""
         if inputs.awaited:
             raise ValueError("the step's inputs still await tokens: fill_awaited first")
-        if self.followers is not None:
-            self.followers(FollowerStep(
-                tuple(inputs.input_ids.tolist()), inputs.request_ids, inputs.spans, inputs.group_tables,
-                tuple(inputs.logits_indices.tolist()) if inputs.sample_rows else None,
-                () if inputs.prompt_indices is None else tuple(inputs.prompt_indices.tolist()),
-                tuple(count for _, _, count in inputs.prompt_rows)))
+        if self.followers is None:
+            return self._run_prepared(inputs)
+        self.followers.send(FollowerStep(
+            tuple(inputs.input_ids.tolist()), inputs.request_ids, inputs.spans, inputs.group_tables,
+            tuple(inputs.logits_indices.tolist()) if inputs.sample_rows else None,
+            () if inputs.prompt_indices is None else tuple(inputs.prompt_indices.tolist()),
+            tuple(count for _, _, count in inputs.prompt_rows)))
+        try:
+            return self._run_prepared(inputs)
+        except BaseException as exc:  # the other ranks are inside this step's collectives: no later step meets them
+            self.followers.abandon(repr(exc))
+            raise
+
+    def _run_prepared(self, inputs: StepInputs) -> dict[str, SequenceResult]:
         hidden = self._forward(inputs.input_ids, inputs.positions, inputs.attention, self.layer_observer,
                                inputs.verifying)
         results: dict[str, SequenceResult] = {}

@@ -7,9 +7,9 @@ ended or closed the group). It schedules and samples nothing."""
 from __future__ import annotations
 
 import importlib
+import json
 import logging
 import os
-import pickle
 import sys
 import traceback
 from typing import Any
@@ -63,7 +63,7 @@ def main() -> int:
             elif isinstance(message, RankCommand):
                 reply = _handle(services, message.body)
                 if message.wants_reply:
-                    store.set(REPLY_KEY.format(seq=message.seq, rank=start.rank), pickle.dumps(reply).hex())
+                    store.set(REPLY_KEY.format(seq=message.seq, rank=start.rank), json.dumps(reply))
     if services is not None:
         services.close()
     return 0

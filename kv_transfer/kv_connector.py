@@ -193,7 +193,7 @@ class KVConnector:
         the grant: a late write of an abandoned attempt is refused. Between tensor-parallel groups (`peer_layout`:
         the prefill group's rank 0's, `check_peer`) every sender writing this rank is granted it, the other ranks'
         grants are made (`expect_routes`) and ended by `ranks_granted`, and the receipt waits for every route."""
-        found = routes(peer_layout, self.layout) if peer_layout is not None else (Route(0, 0, 0, 0),)
+        found = routes(peer_layout or self.layout, self.layout)  # (no layout given: a peer laid out as we are)
         if ranks_granted is None and any(route.dest != 0 for route in found):
             raise HandshakeError("the prefill group routes KV into ranks of ours that were not granted it")
         senders = sorted({route.source for route in found})
@@ -273,8 +273,11 @@ class KVReceipt:
                                 f"{notification.error or note.error}")
         if note.final:
             self.final = note
-        else:
-            self.landed[note.route, list(note.layers), note.block_start:note.block_end] = True
+            return
+        if not 0 <= note.route < self.landed.shape[0]:
+            raise TransferError(f"a KV note of {note.request_id!r} from {notification.peer} names route {note.route}, "
+                                f"of {self.landed.shape[0]}")
+        self.landed[note.route, list(note.layers), note.block_start:note.block_end] = True
 
     async def _next(self, timeout_s: float) -> Notification:
         """The next note from any sender (a sender lost or late raises)."""

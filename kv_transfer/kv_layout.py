@@ -156,12 +156,14 @@ class Route:
 
 
 def routes(prefill: KVLayout, decode: KVLayout) -> tuple[Route, ...]:
-    """Where every decode rank's KV heads come from: the first prefill rank holding each (a head replicated over
-    prefill ranks is sent once), in runs of consecutive heads; decode rank by rank. Both sides compute the same."""
+    """Where every decode rank's KV heads come from, in runs of consecutive heads, decode rank by rank: one prefill
+    rank per head and decode rank (a head replicated over prefill ranks is sent by one of them, the decode ranks
+    that hold it spread over its holders: decode rank d takes holder d mod their number). Both sides compute it."""
     found: list[Route] = []
     for dest, (start, count) in enumerate(decode.ranks_heads):
         for head in range(start, start + count):
-            source = next(r for r, (s, c) in enumerate(prefill.ranks_heads) if s <= head < s + c)
+            holders = [r for r, (s, c) in enumerate(prefill.ranks_heads) if s <= head < s + c]
+            source = holders[dest % len(holders)]
             last = found[-1] if found else None
             if last is not None and (last.source, last.dest) == (source, dest) \
                     and last.first_head + last.num_heads == head:

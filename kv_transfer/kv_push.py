@@ -19,7 +19,7 @@ from kv_transfer.batch import BatchHandle, NotifySpec
 from kv_transfer.datatypes import Ranges, TransferOp
 from kv_transfer.errors import TransferError
 from kv_transfer.kv_connector import KVConnector, KVPushNote, PeerKV, RoutedPeer, kv_tag
-from kv_transfer.kv_layout import Route
+from kv_transfer.kv_layout import routes
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +49,7 @@ class _Target:
     step_blocks: list[tuple[int, int, int, list[int], list[int]]] = field(default_factory=list)
     # this step's batches, each with its note when the decode group's rank 0 gets it only relayed
     handles: list[tuple[BatchHandle, KVPushNote | None]] = field(default_factory=list)
+    bytes_to_rank: Counter[int] = field(default_factory=Counter)  # pushed, by the decode rank they went to
 
 
 DEFAULT_MIN_BATCH_BYTES = 4 << 20
@@ -80,7 +81,7 @@ class KVPusher:
         self._pending_bytes = 0
         self._group_layer_bytes: list[int] = []  # per group: bytes of one of its layers' pages across the targets
         self.bytes_submitted = 0  # every page's bytes handed to the transfer engine, ever
-        self.bytes_to_rank: Counter[int] = Counter()  # the same, by the decode rank they went to
+        self._ended: dict[str, Counter[int]] = {}  # pushes ended by their first token, until forgotten: their bytes
         self._lock = threading.Lock()
 
     @property
@@ -91,13 +92,22 @@ class KVPusher:
                timeout_s: float = 30.0) -> None:
         """Push `request_id`'s KV into `remote_blocks` of `peer` (a single-rank peer, or this rank's routes into a
         tensor-parallel decode group: KVConnector.connect_routes)."""
-        routed = peer if isinstance(peer, RoutedPeer) else RoutedPeer(peer, ((0, Route(0, 0, 0, 0), peer),))
+        if isinstance(peer, PeerKV):  # a single-rank peer: every head this rank holds goes to its one pool
+            found = routes(self.connector.layout, peer.layout)
+            if any(route.dest != 0 for route in found):
+                raise ValueError("a tensor-parallel decode group is reached through KVConnector.connect_routes")
+            peer = RoutedPeer(peer, tuple((i, route, peer) for i, route in enumerate(found)
+                                          if route.source == self.source_rank))
+        routed = peer
         with self._lock:
             self._targets[request_id] = _Target(request_id, routed, list(remote_blocks), timeout_s)
 
-    def forget(self, request_id: str) -> None:
+    def forget(self, request_id: str) -> Counter[int]:
+        """Stop pushing `request_id`; returns the bytes pushed for it, by the decode rank they went to."""
         with self._lock:
-            self._targets.pop(request_id, None)
+            target = self._targets.pop(request_id, None)
+            ended = self._ended.pop(request_id, Counter())
+        return ended if target is None else target.bytes_to_rank
 
     # -- KVStepHook -----------------------------------------------------------------------------------
     def begin_step(self, plan: SchedulerOutput) -> bool:
@@ -156,12 +166,11 @@ class KVPusher:
                 for index, route, dest in target.peer.dests:
                     note = KVPushNote(target.request_id, tuple(slots[group]), start, end, route=index)
                     try:
-                        ranges = (self.connector.ranges(dest, slots[group], local, remote) if not route.num_heads
-                                  else self.connector.route_ranges(dest, route, slots[group], local, remote))
+                        ranges = self.connector.route_ranges(dest, route, slots[group], local, remote)
                         handle = self._submit(target, dest, ranges, note)
                         target.handles.append((handle, note if route.dest != 0 else None))
                         self.bytes_submitted += ranges.total_bytes
-                        self.bytes_to_rank[route.dest] += ranges.total_bytes
+                        target.bytes_to_rank[route.dest] += ranges.total_bytes
                     except TransferError as e:
                         target.error = target.error or str(e)
 
@@ -197,7 +206,9 @@ class KVPusher:
                 target = self._targets.get(out.request_id)
             if target is None or not (out.token_ids or out.finished):
                 continue
-            self.forget(out.request_id)
+            with self._lock:
+                self._targets.pop(out.request_id, None)
+                self._ended[out.request_id] = target.bytes_to_rank
             first = out.token_ids[0] if out.token_ids else None
             error = target.error if first is not None else (target.error or "the prefill ended without a token")
             total = len(target.remote_blocks)

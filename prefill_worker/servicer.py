@@ -11,9 +11,8 @@ import logging
 import grpc
 
 from engine.async_engine import AsyncEngine
-from engine.errors import EngineDeadError
+from engine.errors import EngineDeadError, RankCommandError
 from engine.outputs import RequestOutput
-from engine.parallel.leader import RankCommandError
 from kv_transfer import TransferError
 from kv_transfer.errors import HandshakeError
 from kv_transfer.kv_connector import KVConnector
@@ -38,7 +37,6 @@ class PrefillWorkerServicer(WorkerServicerBase):
         self.connector = connector
         self.pusher = pusher
         self.block_size = engine.config.block_size
-        self._pushed: dict[tuple[int, int], int] = {}  # (source rank, decode rank): bytes counted so far
 
     async def Prefill(self, request: worker_pb2.PrefillRequest,
                       context: grpc.aio.ServicerContext) -> worker_pb2.PrefillResponse:
@@ -70,8 +68,11 @@ class PrefillWorkerServicer(WorkerServicerBase):
         timeout = request.timeout_seconds or None
         blocks = list(request.decode_block_ids)
         try:  # the other ranks of a tensor-parallel worker push their KV heads themselves (worker_runtime.tp_kv_rank)
-            await self.engine.rank_command(PushExpect(rid, request.decode_segment, blocks, timeout or 30.0))
-        except (RankCommandError, EngineDeadError) as e:
+            await self.engine.rank_command(PushExpect(rid, request.decode_segment, tuple(blocks), timeout or 30.0))
+        except BaseException as e:  # (some ranks may have taken it: none keeps it)
+            await asyncio.shield(self._forget(rid))
+            if not isinstance(e, RankCommandError | EngineDeadError):
+                raise
             await self._fail(context, grpc.StatusCode.UNAVAILABLE, f"cannot push to {request.decode_segment!r}: {e}")
         self.pusher.expect(rid, peer, blocks, timeout_s=timeout or 30.0)
         try:
@@ -89,8 +90,7 @@ class PrefillWorkerServicer(WorkerServicerBase):
         except TimeoutError:
             await self._fail(context, grpc.StatusCode.DEADLINE_EXCEEDED, f"prefill of {rid!r} ran past {timeout} s")
         finally:
-            self.pusher.forget(rid)
-            await self._forget_on_ranks(rid)
+            await asyncio.shield(self._forget(rid))
         assert final is not None
         if not final.token_ids:
             await self._fail(context, grpc.StatusCode.ABORTED, f"prefill of {rid!r} was aborted")
@@ -105,19 +105,24 @@ class PrefillWorkerServicer(WorkerServicerBase):
         WORKER_REQUESTS.labels(self.worker_id, "Prefill", "ok").inc()
         return response
 
-    async def _forget_on_ranks(self, rid: str) -> None:
-        """End the other ranks' push of `rid`, and count every rank's bytes by the decode rank they went to."""
+    async def _forget(self, rid: str) -> bool:
+        """End the push of `rid` on every rank and count its bytes by (rank, decode rank); False when the other ranks
+        of a tensor-parallel worker could not be told (their writes may go on)."""
+        pushed: list[dict[int, int]] = [dict(self.pusher.forget(rid))]
         try:
-            ranks = [self.pusher.bytes_to_rank, *await self.engine.rank_command(PushForget(rid))]
+            replies = await self.engine.rank_command(PushForget(rid))
         except (RankCommandError, EngineDeadError) as e:  # (a lost rank ends the worker: engine.parallel)
             log.warning("the other ranks did not end the push of %s: %s", rid, e)
-            return
-        for source, pushed in enumerate(ranks):
-            assert isinstance(pushed, dict)
-            for dest, total in pushed.items():
-                seen = self._pushed.get((source, dest), 0)
-                KV_PUSHED_BYTES.labels(self.worker_id, str(source), str(dest)).inc(total - seen)
-                self._pushed[(source, dest)] = total
+            return False
+        finally:
+            for source, by_dest in enumerate(pushed):
+                for dest, total in by_dest.items():
+                    KV_PUSHED_BYTES.labels(self.worker_id, str(source), str(dest)).inc(total)
+        for source, reply in enumerate(replies, start=1):
+            assert isinstance(reply, dict)
+            for dest, total in reply.items():
+                KV_PUSHED_BYTES.labels(self.worker_id, str(source), str(dest)).inc(total)
+        return True
 
     async def _fail(self, context: grpc.aio.ServicerContext, code: grpc.StatusCode, message: str) -> None:
         WORKER_REQUESTS.labels(self.worker_id, "Prefill", code.name.lower()).inc()
@@ -127,6 +132,10 @@ class PrefillWorkerServicer(WorkerServicerBase):
                     context: grpc.aio.ServicerContext) -> worker_pb2.AbortResponse:
         """After this returns no more KV of the request is written: the engine drops it between
         steps, and each step waits for its pushes before ending."""
-        self.pusher.forget(request.request_id)
-        await self._forget_on_ranks(request.request_id)
+        if not await self._forget(request.request_id):  # the decode side must not reuse the blocks yet
+            await self._fail_abort(context, request.request_id)
         return await super().Abort(request, context)
+
+    async def _fail_abort(self, context: grpc.aio.ServicerContext, rid: str) -> None:
+        WORKER_REQUESTS.labels(self.worker_id, "Abort", "unavailable").inc()
+        await context.abort(grpc.StatusCode.UNAVAILABLE, f"the other tensor-parallel ranks may still push {rid!r}")

@@ -69,11 +69,12 @@ async def test_tensor_parallel_workers_serve_exactly_and_a_lost_rank_takes_its_w
 
 
 # (tandem up flags, the decode ranks each prefill rank must push to: {source rank: {decode ranks}}); the tiny Llama
-# has 2 KV heads: at TP = 4 each is held by two prefill ranks and sent by the first of them only
+# has 2 KV heads: at TP = 4 each is held by two prefill ranks and sent by one of them (decode rank d takes holder
+# d mod 2: rank 0 for head 0 into decode rank 0, rank 3 for head 1 into decode rank 1)
 MIXED = {"1P(TP=2)+1D(TP=1)": (("--prefill-tensor-parallel-size", "2"), {0: {0}, 1: {0}}),
          "1P(TP=1)+1D(TP=2)": (("--decode-tensor-parallel-size", "2"), {0: {0, 1}}),
          "1P(TP=4)+1D(TP=2)": (("--prefill-tensor-parallel-size", "4", "--decode-tensor-parallel-size", "2"),
-                               {0: {0}, 2: {1}})}
+                               {0: {0}, 3: {1}})}
 
 
 @pytest.mark.slow

@@ -281,6 +281,24 @@ def test_gpu_overlay_places_pools_on_gpus() -> None:
         assert c.spec["image"].endswith(f":{VERSION}-cpu") and "nvidia.com/gpu" not in str(c.spec["resources"])
 
 
+def test_tensor_parallel_component_gives_each_rank_a_gpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    """components/tensor-parallel: prefill workers of 2 ranks with 2 GPUs each, decode workers of 1 rank with 1."""
+    degrees = {}
+    for c in tandem_containers("overlays/gpu+tensor-parallel"):
+        if c.spec["args"][0] != "worker":
+            continue
+        for name, value in environment(c).items():
+            monkeypatch.setenv(name, value)
+        settings = settings_from_args(WorkerSettings, _parser().parse_args(command_line(c)))
+        for name in environment(c):
+            monkeypatch.delenv(name)
+        gpus = c.spec["resources"]
+        assert gpus["requests"]["nvidia.com/gpu"] == gpus["limits"]["nvidia.com/gpu"] == str(
+            settings.tensor_parallel_size), c.name
+        degrees[settings.role] = settings.tensor_parallel_size
+    assert degrees == {"prefill": 2, "decode": 1}
+
+
 def test_planner_rbac() -> None:
     docs = render("overlays/gpu")
     [role] = find(docs, "Role", "tandem-planner")

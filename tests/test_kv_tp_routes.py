@@ -79,6 +79,12 @@ def test_equal_groups_move_whole_blocks_and_no_rank_sends_another_ranks_heads() 
         head_ranges(two[0], one[0], 2, 2, range(LAYERS), [1], [1])
 
 
+def test_decode_ranks_holding_a_replicated_head_take_it_from_different_prefill_ranks() -> None:
+    four = group(4, kv_heads=2)  # ranks 0, 1 hold head 0; ranks 2, 3 head 1
+    assert routes(four[0], four[0]) == (Route(0, 0, 0, 1), Route(1, 1, 0, 1), Route(2, 2, 1, 1), Route(3, 3, 1, 1))
+    assert routes(four[0], group(2, kv_heads=2)[0]) == (Route(0, 0, 0, 1), Route(3, 1, 1, 1))
+
+
 def test_the_handshake_accepts_other_degrees_and_refuses_what_it_cannot_map() -> None:
     two, four = group(2), group(4)
     two[1].check_compatible(four[3])  # any degrees of one model: every head is somewhere

@@ -39,6 +39,16 @@ def test_with_gpus_each_worker_takes_one_besides_its_resource() -> None:
         "decode") == ActorPlacement(1.0)  # any: the user's choice, no device reserved
 
 
+def test_a_tensor_parallel_pool_reserves_a_device_and_cpus_per_rank() -> None:
+    degrees = {"prefill": 4, "decode": 1}
+    placement = plan_placement("auto", {**BOTH_POOLS, "GPU": 8.0}, ["prefill", "decode"], 2.0, "n", degrees)
+    assert placement.for_component("prefill") == ActorPlacement(8.0, 4.0, {"prefill": 1.0})
+    assert placement.for_component("decode") == ActorPlacement(2.0, 1.0, {"decode": 1.0})
+    settings = UpSettings(prefill=1, decode=1, tensor_parallel_size=2, prefill_tensor_parallel_size=4)
+    assert [settings.degree(role) for role in ("prefill", "decode", "both")] == [4, 2, 2]
+    assert "--tensor-parallel-size 4" in " ".join(settings.worker_args("prefill", "127.0.0.1:2379"))
+
+
 def test_auto_falls_back_to_gpus_then_anywhere() -> None:
     gpus = plan_placement("auto", {"CPU": 8.0, "GPU": 4.0, "decode": 1.0}, ["prefill", "decode"], 1.0, "n")
     assert gpus.mode == "gpus" and gpus.for_component("prefill") == ActorPlacement(1.0, num_gpus=1.0)

@@ -19,6 +19,7 @@ from engine.kv_hooks import KVStorageAllocator
 from engine.loader.engine_parts import LoadedEngineParts
 from engine.parallel.protocol import FollowerStep
 from engine.parallel.shard import group_kv_heads
+from engine.remote_kv import NOT_NEEDED
 from kv_transfer.kv_connector import KVConnector, rank_name
 from kv_transfer.kv_layout import Route, block_ranges
 from kv_transfer.kv_push import KVPusher, PushItem
@@ -41,13 +42,13 @@ class PushExpect:
 
     request_id: str
     decode_segment: str
-    remote_blocks: list[int]
+    remote_blocks: tuple[int, ...]
     timeout_s: float
 
 
 @dataclass(frozen=True)
 class PushForget:
-    """Prefill: the request is done; the reply is the rank's bytes pushed so far, by decode rank."""
+    """Prefill: the request is done; the reply is the rank's bytes pushed for it, by decode rank ({"0": n, ...})."""
 
     request_id: str
 
@@ -57,8 +58,8 @@ class GrantPages:
     """Decode: let each sender (source rank, its engine, its tag) whose routes end here write `blocks`."""
 
     request_id: str
-    senders: list[tuple[int, str, str]]
-    blocks: list[int]
+    senders: tuple[tuple[int, str, str], ...]
+    blocks: tuple[int, ...]
     routes: tuple[Route, ...]
 
 
@@ -113,12 +114,11 @@ class RankKV:
         if isinstance(body, PushExpect):
             assert self.pusher is not None, "a decode rank pushes nothing"
             routed = self._run(self.connector.connect_routes(body.decode_segment))
-            self.pusher.expect(body.request_id, routed, body.remote_blocks, body.timeout_s)
+            self.pusher.expect(body.request_id, routed, list(body.remote_blocks), body.timeout_s)
             return None
         if isinstance(body, PushForget):
             assert self.pusher is not None
-            self.pusher.forget(body.request_id)
-            return dict(self.pusher.bytes_to_rank)
+            return {str(dest): total for dest, total in self.pusher.forget(body.request_id).items()}
         if isinstance(body, GrantPages):
             return self._grant(body)
         if isinstance(body, GrantEnd):
@@ -132,7 +132,7 @@ class RankKV:
     def _grant(self, body: GrantPages) -> None:
         assert self.connector is not None
         layout = self.connector.layout
-        held = [b for b in body.blocks if b >= 0]
+        held = [b for b in body.blocks if b != NOT_NEEDED]
         pages = block_ranges(layout, layout, range(layout.num_layers), held, held)
         grants: list[Any] = []
         subscriptions: list[Subscription] = []

@@ -43,7 +43,11 @@ async def engine_with_kv_connector(settings: WorkerSettings, worker_id: str,
     if size > 1:
         async def rank_grants(request_id: str, senders: list[tuple[int, str, str]], blocks: list[int],
                               found: tuple[Route, ...]) -> Callable[[], object]:
-            await engine.rank_command(GrantPages(request_id, senders, blocks, found))
+            try:
+                await engine.rank_command(GrantPages(request_id, tuple(senders), tuple(blocks), found))
+            except BaseException:  # (the ranks that granted end it too)
+                engine.send_rank_command(GrantEnd(request_id))
+                raise
             return lambda: engine.send_rank_command(GrantEnd(request_id))
 
         connector.rank_grants = rank_grants

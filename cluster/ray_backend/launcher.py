@@ -117,7 +117,8 @@ def up_on_ray(settings: UpSettings, planner: PlannerSettings | None = None) -> i
                                         "decode": settings.decode, "both": settings.both}
         placement = plan_placement(settings.ray_placement, ray.cluster_resources(),
                                    [c for c, n in counts.items() if n or (planner and c != "both")],
-                                   settings.ray_worker_cpus, ray.get_runtime_context().get_node_id())
+                                   settings.ray_worker_cpus, ray.get_runtime_context().get_node_id(),
+                                   {role: settings.degree(role) for role in ("prefill", "decode", "both")})
         log.info("Ray placement: %s", placement.mode)
         announce = Announcer(settings.output_format)
         with etcd_endpoint(settings.etcd, host) as etcd:

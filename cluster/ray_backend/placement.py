@@ -50,9 +50,12 @@ class ActorPlacement:
 class Placement:
     mode: Literal["resources", "gpus", "any"]  # what "auto" resolved to
     worker_cpus: float
-    worker_gpus: float  # 1 or 0: a worker uses one device
+    worker_gpus: float  # 1 or 0: a worker's rank uses one device
     router: ActorPlacement
     kv_store: ActorPlacement
+    # a pool's tensor-parallel degree (absent: 1): its worker actor runs that many ranks, each with worker_cpus
+    # and a device (Ray gives the actor that many in CUDA_VISIBLE_DEVICES; engine.parallel hands one to each rank)
+    degrees: Mapping[str, int] = field(default_factory=dict)
 
     def for_component(self, component: Component) -> ActorPlacement:
         if component == "router":
@@ -60,11 +63,12 @@ class Placement:
         if component == "kvstore":
             return self.kv_store
         resources = {POOL_RESOURCE[component]: 1.0} if self.mode == "resources" else {}
-        return ActorPlacement(self.worker_cpus, self.worker_gpus, resources)
+        ranks = self.degrees.get(component, 1)
+        return ActorPlacement(self.worker_cpus * ranks, self.worker_gpus * ranks, resources)
 
 
 def plan_placement(mode: PlacementMode, cluster_resources: Mapping[str, float], roles: Iterable[Component],
-                   worker_cpus: float, driver_node: str) -> Placement:
+                   worker_cpus: float, driver_node: str, degrees: Mapping[str, int] | None = None) -> Placement:
     """Raises ValueError when the Ray cluster lacks what `mode` needs (an actor would wait forever)."""
     needed = sorted({POOL_RESOURCE[r] for r in roles if r not in SERVICES})
     missing = [name for name in needed if cluster_resources.get(name, 0.0) < 1.0]
@@ -83,4 +87,5 @@ def plan_placement(mode: PlacementMode, cluster_resources: Mapping[str, float], 
     else:
         router = ActorPlacement(near_node=driver_node)
     kv_store = ActorPlacement(resources={"kvstore": 1.0} if cluster_resources.get("kvstore", 0.0) >= 1.0 else {})
-    return Placement(resolved, worker_cpus, 1.0 if resolved != "any" and has_gpus else 0.0, router, kv_store)
+    return Placement(resolved, worker_cpus, 1.0 if resolved != "any" and has_gpus else 0.0, router, kv_store,
+                     dict(degrees or {}))

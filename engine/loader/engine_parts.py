@@ -183,8 +183,11 @@ def _build(config: EngineConfig, kv_storage: KVStorageAllocator | None, context_
     # what the model computes may depend on its context (LongRoPE's factor set): fixed before the fingerprint
     cfg = cfg.for_context(context_of or max_model_len)
     loaded = replace(loaded, config=cfg)
+    numerics = [family.kv_numerics if dtype != torch.float32 else ""]
+    if shard is not None and config.quantization == "int4" and loaded.source.suffix == ".gguf":
+        numerics.append("int4-requantized")  # a shard quantizes its own rows, not the GGUF's prebuilt int4 blocks
     fingerprint = weights_fingerprint(loaded.weights, loaded.config, dtype, config.quantization,
-                                      family.kv_numerics if dtype != torch.float32 else "")
+                                      "|".join(n for n in numerics if n))
     model = build_model(loaded, platform, dtype, shard)
     quantized: list[str] = []
     if config.quantization is not None:  # (a shard quantizes its own rows: a GGUF's prebuilt blocks hold all rows)
@@ -214,7 +217,7 @@ def _build(config: EngineConfig, kv_storage: KVStorageAllocator | None, context_
     runner = ModelRunner(model, pool, sampler, platform.device, backend, graphs, max_model_len,
                          batch_invariant=config.deterministic, step_program=fused and platform.device.type == "cpu",
                          kv_groups=groups,
-                         followers=None if shard_rank is None or shard_rank.leader is None else shard_rank.leader.send)
+                         followers=None if shard_rank is None else shard_rank.leader)
     if not platform.is_cuda:  # from now on a step's activations stay mapped (engine.host_memory); load's
         keep_freed_buffers()  # temporaries, freed above, went back to the system
     seconds = time.perf_counter() - started

@@ -38,9 +38,19 @@ class TPGroup:
             self.pg = gloo(store, rank, size, options)
 
     def all_reduce(self, tensor: torch.Tensor) -> torch.Tensor:
-        """Sum `tensor` over the ranks, in place (every rank gets the sum; the order of the sum is fixed)."""
-        self.pg.allreduce([tensor]).wait()
-        return tensor
+        """Sum `tensor` over the ranks, in place: every rank gets the same sum, added in rank order whatever the
+        tensor's size. (Two ranks' sum has one order; past two a ring all-reduce would add an element's parts
+        from a rank that depends on where the element falls, so on the batch: the ranks' parts are gathered and
+        added here instead, which keeps a row's result independent of the rows beside it.)"""
+        if self.size <= 2:
+            self.pg.allreduce([tensor]).wait()
+            return tensor
+        parts = [torch.empty_like(tensor) for _ in range(self.size)]
+        self.pg.allgather([parts], [tensor]).wait()
+        total = parts[0]
+        for part in parts[1:]:
+            total += part
+        return tensor.copy_(total)
 
     def gather_columns(self, tensor: torch.Tensor, columns: int) -> torch.Tensor:
         """Rank 0: every rank's `tensor` side by side along the last dim, cut to `columns`; other ranks: `tensor`."""

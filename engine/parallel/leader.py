@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import json
 import logging
-import pickle
 import subprocess
 import sys
 import threading
@@ -18,18 +18,16 @@ import torch
 
 from common.settings import cuda_visible_devices, environment_with
 from engine.config import EngineConfig
-from engine.errors import EngineDeadError, ModelLoadError
+from engine.errors import EngineDeadError, ModelLoadError, RankCommandError
 from engine.parallel.group import COLLECTIVE_TIMEOUT, TPGroup, open_store
 from engine.parallel.protocol import FollowerStart, FollowerStep, RankCommand, RankPlugin, write_frame
 
 log = logging.getLogger(__name__)
 
 READY_KEY = "tandem/tp/ready/{rank}"  # a rank's engine parts are built: "ok", or why not
-REPLY_KEY = "tandem/tp/reply/{seq}/{rank}"  # a rank's pickled ("ok", value) or ("error", message) to a RankCommand
-
-
-class RankCommandError(RuntimeError):
-    """A rank past 0 could not do what a RankCommand asked (its message says why)."""
+# a rank's reply to a RankCommand, JSON ["ok", value] or ["error", message] (never unpickled: the store's port is
+# reachable by whoever reaches this host)
+REPLY_KEY = "tandem/tp/reply/{seq}/{rank}"
 
 
 class TPLeader:
@@ -40,20 +38,21 @@ class TPLeader:
         self._procs: list[subprocess.Popen[bytes]] = []
         self._closing = False
         self._send_lock = threading.Lock()  # steps (the engine thread) and commands (any thread) interleave whole
+        self._lost_lock = threading.Lock()
         self._seq = itertools.count()
         self.lost: str | None = None
         self.on_lost: list[Callable[[str], None]] = []
-        for rank in range(1, size):
-            # not common.processes.spawn: its death signal fires when the spawning *thread* ends, and an engine may
-            # be built on a passing thread. A rank ends when its stdin closes instead, which rank 0's exit does
-            proc = subprocess.Popen([sys.executable, "-m", "engine.tp_follower"], stdin=subprocess.PIPE,
-                                    env=_rank_env(rank, device))
-            assert proc.stdin is not None
-            write_frame(proc.stdin, FollowerStart(config, rank, size, self._store.port, context_of, plugin))
-            self._procs.append(proc)
+        envs = [_rank_env(rank, device) for rank in range(1, size)]  # (refused before any rank starts)
         try:
+            for rank, env in enumerate(envs, start=1):
+                # not common.processes.spawn: its death signal fires when the spawning *thread* ends, and an engine
+                # may be built on a passing thread. A rank ends when its stdin closes instead, which rank 0's exit does
+                proc = subprocess.Popen([sys.executable, "-m", "engine.tp_follower"], stdin=subprocess.PIPE, env=env)
+                self._procs.append(proc)
+                assert proc.stdin is not None
+                write_frame(proc.stdin, FollowerStart(config, rank, size, self._store.port, context_of, plugin))
             self.group = TPGroup(self._store, 0, size, device)
-        except Exception:
+        except BaseException:
             self.close()
             raise
         self._watcher = threading.Thread(target=self._watch, name="tp-ranks", daemon=True)
@@ -90,8 +89,29 @@ class TPLeader:
                 for proc in self._procs:
                     assert proc.stdin is not None
                     write_frame(proc.stdin, step)
-        except OSError as exc:
+        except (OSError, ValueError) as exc:  # (ValueError: the group was closed meanwhile)
             raise EngineDeadError(f"a tensor-parallel rank is gone: {self.lost or exc}") from exc
+
+    def abandon(self, why: str) -> None:
+        """Rank 0 left a step its ranks entered (it raised mid-forward): they wait in a collective no later step
+        may meet, so the group ends and every later step raises EngineDeadError."""
+        deadline = time.monotonic() + 1.0  # a rank that died mid-step is the likely cause: name it if it is
+        while time.monotonic() < deadline and all(proc.poll() is None for proc in self._procs):
+            time.sleep(0.02)
+        dead = [(rank, proc) for rank, proc in enumerate(self._procs, start=1) if proc.poll() is not None]
+        self._mark_lost(f"rank {dead[0][0]} (pid {dead[0][1].pid}) exited with code {dead[0][1].returncode}" if dead
+                        else f"rank 0 left a step: {why}")
+        self.close()
+
+    def _mark_lost(self, why: str) -> None:
+        """The group serves no more: said once, to the log and to every `on_lost` listener."""
+        with self._lost_lock:
+            if self.lost is not None:
+                return
+            self.lost = why
+        log.error("tensor-parallel %s: the engine serves no more", why)
+        for callback in self.on_lost:
+            callback(why)
 
     def command(self, body: object, wait: bool = True, timeout_s: float = 30.0) -> list[object]:
         """Hand `body` to every other rank's RankServices (after the step it is running, if any); with `wait`,
@@ -102,19 +122,22 @@ class TPLeader:
         if not wait:
             return []
         replies: list[object] = []
+        failures: list[str] = []
         deadline = time.monotonic() + timeout_s
-        for rank in range(1, len(self._procs) + 1):
+        for rank in range(1, len(self._procs) + 1):  # (every rank's reply read: none is left in the store)
             key = REPLY_KEY.format(seq=seq, rank=rank)
             while not self._store.check([key]):
                 self.check()
                 if time.monotonic() > deadline:
                     raise RankCommandError(f"tensor-parallel rank {rank} did not answer within {timeout_s} s")
                 time.sleep(0.001)
-            status, value = pickle.loads(bytes.fromhex(self._store.get(key).decode()))
+            status, value = json.loads(self._store.get(key))
             self._store.delete_key(key)
             if status != "ok":
-                raise RankCommandError(f"tensor-parallel rank {rank}: {value}")
+                failures.append(f"tensor-parallel rank {rank}: {value}")
             replies.append(value)
+        if failures:
+            raise RankCommandError("; ".join(failures))
         return replies
 
     def check(self) -> None:
@@ -125,15 +148,12 @@ class TPLeader:
         while not self._closing:
             for rank, proc in enumerate(self._procs, start=1):
                 code = proc.poll()
-                if code is not None and not self._closing and self.lost is None:
-                    self.lost = f"rank {rank} (pid {proc.pid}) exited with code {code}"
-                    log.error("tensor-parallel %s: the engine serves no more", self.lost)
-                    for callback in self.on_lost:
-                        callback(self.lost)
+                if code is not None and not self._closing:
+                    self._mark_lost(f"rank {rank} (pid {proc.pid}) exited with code {code}")
             time.sleep(0.1)
 
     def close(self) -> None:
-        """End the other ranks (their stdin closes; SIGKILL after a grace period)."""
+        """End the other ranks (their stdin closes; SIGKILL after a grace period). Idempotent."""
         self._closing = True
         for proc in self._procs:
             if proc.stdin is not None:

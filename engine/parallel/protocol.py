@@ -43,6 +43,16 @@ class RankCommand:
     wants_reply: bool
 
 
+class StepFollowers(Protocol):
+    """Rank 0's view of the other ranks, for its runner (engine.parallel.leader.TPLeader)."""
+
+    def send(self, step: FollowerStep) -> None:
+        """Hand them the step rank 0 is about to run."""
+
+    def abandon(self, why: str) -> None:
+        """Rank 0 will not finish the step they were sent: end the group."""
+
+
 class RankServices(Protocol):
     """A RankPlugin's services on one rank: the memory of its KV pool, and what it does around each step."""
 

@@ -32,6 +32,7 @@ BUILDS: dict[str, tuple[str, tuple[str, ...]]] = {
     "overlays/gpu+hpa+kv-offload": ("overlays/gpu", ("hpa", "kv-offload")),
     "overlays/gpu+hpa+kv-offload+kv-store": ("overlays/gpu", ("hpa", "kv-offload", "kv-store")),
     "overlays/gpu+kv-offload+kv-store+tls": ("overlays/gpu", ("kv-offload", "kv-store", "tls")),
+    "overlays/gpu+tensor-parallel": ("overlays/gpu", ("tensor-parallel",)),
 }
 WORKLOADS = ("Deployment", "StatefulSet")
 IMAGE = "tandem"  # the repository name (last path part) of Tandem's image in every manifest
