@@ -7,6 +7,7 @@ from __future__ import annotations
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -88,8 +89,10 @@ def tandem_up(*args: str, timeout_s: float = 300.0, stderr: int | None = None,
     reader = threading.Thread(target=read, daemon=True)
     reader.start()
     try:
-        if not ready.wait(timeout_s):
-            raise RuntimeError(f"tandem up did not get ready (exit code {proc.poll()}): {''.join(cluster.output)}")
+        deadline = time.monotonic() + timeout_s
+        while not ready.wait(0.2):  # (a tandem up that exited never gets ready: no need to wait out the deadline)
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"tandem up did not get ready (exit code {proc.poll()}): {''.join(cluster.output)}")
         yield cluster
     finally:
         rc = stop(proc, 60)

@@ -122,7 +122,13 @@ class AsyncEngine:
         leader = self._llm.parts.tp_leader
         if leader is None:
             return []
-        return await asyncio.to_thread(leader.command, body, wait)
+        sent = asyncio.ensure_future(asyncio.to_thread(leader.command, body, wait))
+        try:
+            return await asyncio.shield(sent)
+        except asyncio.CancelledError:  # the thread goes on: let its frame go out before whatever undoes it
+            with contextlib.suppress(Exception):
+                await sent
+            raise
 
     def send_rank_command(self, body: object) -> None:
         """`rank_command` without waiting for replies (from any thread; a lost rank is not an error here)."""

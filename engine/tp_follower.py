@@ -63,10 +63,17 @@ def main() -> int:
             elif isinstance(message, RankCommand):
                 reply = _handle(services, message.body)
                 if message.wants_reply:
-                    store.set(REPLY_KEY.format(seq=message.seq, rank=start.rank), json.dumps(reply))
+                    store.set(REPLY_KEY.format(seq=message.seq, rank=start.rank), _encoded(reply))
     if services is not None:
         services.close()
     return 0
+
+
+def _encoded(reply: tuple[str, Any]) -> str:
+    try:
+        return json.dumps(reply)
+    except (TypeError, ValueError) as exc:  # a reply JSON cannot carry fails the command, not the rank
+        return json.dumps(["error", f"the reply could not be sent: {exc}"])
 
 
 def _handle(services: RankServices | None, body: Any) -> tuple[str, Any]:

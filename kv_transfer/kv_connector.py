@@ -18,7 +18,7 @@ from __future__ import annotations
 import asyncio
 import json
 from collections.abc import Awaitable, Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 
 import numpy as np
 
@@ -62,13 +62,17 @@ class KVPushNote:
     route: int = 0  # between tensor-parallel groups: the index in kv_layout.routes of the heads these pages hold
 
     def encode(self) -> bytes:
-        return json.dumps(asdict(self)).encode()
+        body = asdict(self)
+        if not self.route:  # (as notes were before routes: a single-rank peer of an older build reads them)
+            del body["route"]
+        return json.dumps(body).encode()
 
     @classmethod
     def decode(cls, raw: bytes) -> KVPushNote:
         body = json.loads(raw)
         body["layers"] = tuple(body["layers"])
-        return cls(**body)
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in body.items() if k in known})
 
 
 @dataclass(frozen=True)

@@ -202,13 +202,14 @@ class KVPusher:
 
     def step_committed(self, outputs: list[RequestOutput]) -> None:
         for out in outputs:
-            with self._lock:
-                target = self._targets.get(out.request_id)
-            if target is None or not (out.token_ids or out.finished):
+            if not (out.token_ids or out.finished):
                 continue
-            with self._lock:
-                self._targets.pop(out.request_id, None)
-                self._ended[out.request_id] = target.bytes_to_rank
+            with self._lock:  # (one section: a `forget` between a look-up and a pop would leave `_ended` behind)
+                target = self._targets.pop(out.request_id, None)
+                if target is not None:
+                    self._ended[out.request_id] = target.bytes_to_rank
+            if target is None:
+                continue
             first = out.token_ids[0] if out.token_ids else None
             error = target.error if first is not None else (target.error or "the prefill ended without a token")
             total = len(target.remote_blocks)

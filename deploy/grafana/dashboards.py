@@ -368,6 +368,15 @@ def pools_dashboard() -> dict:
                    Query(f"sum by (reason) (rate(tandem_kv_grant_refused_total{{{NS}}}[{RATE}]))",
                          "refused batch {{reason}} /s")],
                   thresholds=[(KV_TRANSFER_FAILED_RATIO, "red")], width=8),
+        PanelSpec("KV pushed per tensor-parallel link", "Bytes per second prefill workers' ranks pushed, by the "
+                  "sending rank and the decode rank they went to: each rank sends only its KV heads, so the links "
+                  "of a group carry equal shares and none passes through rank 0 (0 -> 0 alone between single-rank "
+                  "workers).", "Bps",
+                  [Query(f"sum by (source_rank, dest_rank) (rate(tandem_kv_pushed_bytes_total{{{NS}}}[{RATE}]))",
+                         "rank {{source_rank}} -> {{dest_rank}}")], width=8),
+        PanelSpec("Remote prefill phases", "Decode workers' successful remote prefills, p50/p90/p99 by phase: rpc "
+                  "(the prompt computed, its KV pushed meanwhile) and kv_tail (after the call, until every page "
+                  "landed).", "s", _histogram_quantiles("tandem_remote_prefill_seconds", by="phase"), width=8),
         PanelSpec("KV links by protection", "Peer-link connections opened or admitted per second, by what protects "
                   "them: tls (mutual TLS, the --tls-* files), sealed (the KV secret, every byte tagged), frames "
                   "(the secret, frames tagged) or open (nothing: only on a trusted network).", "ops",

@@ -99,9 +99,11 @@ class TPLeader:
         while time.monotonic() < deadline and all(proc.poll() is None for proc in self._procs):
             time.sleep(0.02)
         dead = [(rank, proc) for rank, proc in enumerate(self._procs, start=1) if proc.poll() is not None]
-        self._mark_lost(f"rank {dead[0][0]} (pid {dead[0][1].pid}) exited with code {dead[0][1].returncode}" if dead
-                        else f"rank 0 left a step: {why}")
-        self.close()
+        try:
+            self._mark_lost(f"rank {dead[0][0]} (pid {dead[0][1].pid}) exited with code {dead[0][1].returncode}"
+                            if dead else f"rank 0 left a step: {why}")
+        finally:
+            self.close()
 
     def _mark_lost(self, why: str) -> None:
         """The group serves no more: said once, to the log and to every `on_lost` listener."""
@@ -111,7 +113,10 @@ class TPLeader:
             self.lost = why
         log.error("tensor-parallel %s: the engine serves no more", why)
         for callback in self.on_lost:
-            callback(why)
+            try:
+                callback(why)
+            except Exception:  # one listener's failure neither silences the others nor the watcher
+                log.exception("a listener of the lost tensor-parallel group failed")
 
     def command(self, body: object, wait: bool = True, timeout_s: float = 30.0) -> list[object]:
         """Hand `body` to every other rank's RankServices (after the step it is running, if any); with `wait`,
@@ -131,7 +136,10 @@ class TPLeader:
                 if time.monotonic() > deadline:
                     raise RankCommandError(f"tensor-parallel rank {rank} did not answer within {timeout_s} s")
                 time.sleep(0.001)
-            status, value = json.loads(self._store.get(key))
+            try:
+                status, value = json.loads(self._store.get(key))
+            except ValueError as exc:
+                status, value = "error", f"an unreadable reply: {exc}"
             self._store.delete_key(key)
             if status != "ok":
                 failures.append(f"tensor-parallel rank {rank}: {value}")
