@@ -15,9 +15,10 @@ from __future__ import annotations
 import argparse
 import asyncio
 import sys
+from dataclasses import replace
 
 from cluster.launcher import up
-from cluster.planner.settings import PlannerServiceSettings, PlannerSettings, ProfileSettings
+from cluster.planner.settings import PlannerServiceSettings, PlannerSettings, Pool, ProfileSettings
 from cluster.router_settings import RouterSettings
 from cluster.up_settings import UpSettings
 from common.settings import add_settings_flags, apply_ucx_defaults, configure_logging, settings_from_args
@@ -42,12 +43,25 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def planner_for(settings: UpSettings, args: argparse.Namespace) -> PlannerSettings | None:
+    """`tandem up`'s planner (with --planner), counting a worker as its pool's tensor-parallel degree of devices."""
+    if not settings.planner:
+        return None
+    given = settings_from_args(PlannerSettings, args)
+    degrees: dict[Pool, int] = {"prefill": settings.degree("prefill"), "decode": settings.degree("decode")}
+    for pool, devices in degrees.items():
+        if given.worker_devices(pool) not in (1, devices):  # (1: the flag's default, left alone)
+            raise ValueError(f"tandem up counts a {pool} worker as its tensor-parallel degree of devices "
+                             f"({devices}), not --{pool}-worker-devices {given.worker_devices(pool)}")
+    return replace(given, prefill_worker_devices=degrees["prefill"], decode_worker_devices=degrees["decode"])
+
+
 def main(argv: list[str] | None = None) -> None:
     args = _parser().parse_args(argv if argv is None else argv + sys.argv[1:])
     configure_logging()
     if args.command == "up":
         settings = settings_from_args(UpSettings, args)
-        planner = settings_from_args(PlannerSettings, args) if settings.planner else None
+        planner = planner_for(settings, args)
         if settings.ray:  # the actors' nodes have their own network: UCX settings are the user's or the nodes'
             from cluster.ray_backend.launcher import up_on_ray
 

@@ -282,7 +282,8 @@ def test_gpu_overlay_places_pools_on_gpus() -> None:
 
 
 def test_tensor_parallel_component_gives_each_rank_a_gpu(monkeypatch: pytest.MonkeyPatch) -> None:
-    """components/tensor-parallel: prefill workers of 2 ranks with 2 GPUs each, decode workers of 1 rank with 1."""
+    """components/tensor-parallel: prefill workers of 2 ranks with 2 GPUs each, decode workers of 1 rank with 1, and
+    a planner that counts them so."""
     degrees = {}
     for c in tandem_containers("overlays/gpu+tensor-parallel"):
         if c.spec["args"][0] != "worker":
@@ -297,6 +298,9 @@ def test_tensor_parallel_component_gives_each_rank_a_gpu(monkeypatch: pytest.Mon
             settings.tensor_parallel_size), c.name
         degrees[settings.role] = settings.tensor_parallel_size
     assert degrees == {"prefill": 2, "decode": 1}
+    [planner] = [c for c in tandem_containers("overlays/gpu+tensor-parallel") if c.spec["args"][0] == "planner"]
+    env = environment(planner)  # the planner counts a prefill worker as its 2 devices
+    assert (env.get("TANDEM_PREFILL_WORKER_DEVICES"), env.get("TANDEM_DECODE_WORKER_DEVICES", "1")) == ("2", "1")
 
 
 def test_planner_rbac() -> None:

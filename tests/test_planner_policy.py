@@ -151,6 +151,35 @@ def test_the_budget_cuts_the_least_urgent_growth_first() -> None:
     assert sum(d.desired for d in decisions) == 6 and decode(decisions).desired == 5  # wanted 6, prefill kept 1
 
 
+def test_a_device_budget_counts_each_worker_as_its_pools_degree() -> None:
+    """Prefill workers of 2 ranks (tensor-parallel groups, 2 devices each), decode workers of 1, 8 devices: growth
+    is cut where the devices run out although the worker budget has room."""
+    settings = replace(SETTINGS, prefill_worker_devices=2, max_total_devices=8)
+    # both pools miss their targets; decode (4x) keeps its growth, prefill's is cut to fit the devices
+    decisions = Policy(settings, PROFILE).decide(0, obs(ttft=0.9, itl=0.2, streams=40, prompt_tokens_per_s=3000),
+                                                 {"prefill": 2, "decode": 3})
+    assert settings.devices({d.pool: d.desired for d in decisions}) <= 8
+    assert decode(decisions).desired > 3 and prefill(decisions).reason == "budget"
+    assert "budget 10 workers, 8 devices in all" in prefill(decisions).detail
+    with pytest.raises(ValueError, match="max_total_devices must hold both pools' minimums"):
+        replace(SETTINGS, prefill_worker_devices=4, min_prefill_workers=2, max_total_devices=8)
+
+
+def test_a_move_between_pools_of_other_degrees_stays_within_the_devices() -> None:
+    """A prefill worker of 2 devices is paid for with 2 decode workers of 1 device under a device budget."""
+    settings = replace(MOVABLE, prefill_worker_devices=2, max_total_devices=9)
+    policy = Policy(settings, PROFILE)
+    starved = obs(ttft=5.0, itl=0.2, streams=2, prompt_tokens_per_s=4400)
+    policy.decide(0, starved, {"prefill": 1, "decode": 7})
+    decisions = policy.decide(10, starved, {"prefill": 1, "decode": 7})
+    sizes = {d.pool: d.desired for d in decisions}
+    assert prefill(decisions).reason == decode(decisions).reason == "rebalance", decisions
+    # 1 x 2 + 7 = 9 devices. Decode, whose load grows as prefill lets more through, keeps 3 under its bar: it gives
+    # 4 workers (4 devices) for 2 prefill workers (4 devices)
+    assert sizes == {"prefill": 3, "decode": 3} and settings.devices(sizes) == 9
+    assert "gives 4 to prefill (4 of decode's for 2 of prefill's devices)" in decode(decisions).detail
+
+
 # a budget of 8 that either pool may nearly fill: the setting of bench.sim_planner
 MOVABLE = replace(SETTINGS, max_prefill_workers=7, max_decode_workers=7, max_total_workers=8)
 

@@ -49,6 +49,15 @@ def test_a_tensor_parallel_pool_reserves_a_device_and_cpus_per_rank() -> None:
     assert "--tensor-parallel-size 4" in " ".join(settings.worker_args("prefill", "127.0.0.1:2379"))
 
 
+def test_tandem_up_tells_its_planner_each_pools_devices_per_worker() -> None:
+    from cluster.cli import planner_for
+
+    up = UpSettings(prefill=1, decode=1, planner=True, prefill_tensor_parallel_size=2)
+    planner = planner_for(up, cli._parser().parse_args(["up", "--planner", "true", "--prefill", "1",
+                                                        "--prefill-tensor-parallel-size", "2"]))
+    assert planner is not None and (planner.prefill_worker_devices, planner.decode_worker_devices) == (2, 1)
+
+
 def test_auto_falls_back_to_gpus_then_anywhere() -> None:
     gpus = plan_placement("auto", {"CPU": 8.0, "GPU": 4.0, "decode": 1.0}, ["prefill", "decode"], 1.0, "n")
     assert gpus.mode == "gpus" and gpus.for_component("prefill") == ActorPlacement(1.0, num_gpus=1.0)

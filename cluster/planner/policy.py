@@ -175,22 +175,28 @@ class Policy:
         return None
 
     def _within_budget(self, proposals: list[Decision]) -> list[Decision]:
-        """Cut growth (least urgent pool first) until the total fits max_total_workers; growth to a
+        """Cut growth (least urgent pool first) until the total fits max_total_workers and max_total_devices
+        (a worker holds its pool's devices: a tensor-parallel group is one replica of its degree); growth to a
         pool's minimum is never cut (the minimums fit the budget, PlannerSettings checks it)."""
-        excess = sum(d.desired for d in proposals) - self.settings.max_total_workers
+        settings = self.settings
+        wanted = {d.pool: d.desired for d in proposals}
         result = {d.pool: d for d in proposals}
         for d in sorted((d for d in proposals if d.action == "scale_up" and d.reason != "below_min"),
                         key=lambda d: d.urgency):
-            if excess <= 0:
-                break
-            cut = min(excess, d.desired - d.current)
-            excess -= cut
-            desired = d.desired - cut
-            budget_note = f"budget {self.settings.max_total_workers} workers in all; {d.detail}"
+            while wanted[d.pool] > d.current and settings.over_budget(wanted):
+                wanted[d.pool] -= 1
+            if wanted[d.pool] == d.desired:
+                continue
+            desired = wanted[d.pool]
+            budget_note = f"budget {self._budget()} in all; {d.detail}"
             result[d.pool] = (replace(d, desired=desired, detail=budget_note) if desired > d.current
                               else replace(d, desired=d.current, action="hold", reason="budget",
                                            detail=f"wants {d.desired}; {budget_note}"))
         return [result[pool] for pool in POOLS]
+
+    def _budget(self) -> str:
+        s = self.settings
+        return f"{s.max_total_workers} workers" + (f", {s.max_total_devices} devices" if s.max_total_devices else "")
 
     def _rebalance(self, now: float, obs: Observation | None, proposals: list[Decision],
                    decisions: list[Decision]) -> list[Decision]:
@@ -229,9 +235,14 @@ class Policy:
             # the band (down / up) always; times 1 (toward equal use) when the receiver lacks capacity for its
             # load and the move does not undo the last one
             ratio = 1.0 if need_r > r.desired and self._last_move != giver else band
-            k = min(wanted[receiver], g.desired - self.settings.bounds(giver).min)
-            while k > 0 and not self._fits(giver_need(giver, need_g, k), g.desired - k,
-                                           min(up, ratio * need_r / (r.desired + k))):
+            spare = g.desired - self.settings.bounds(giver).min
+            k = min(wanted[receiver], spare)
+            while k > 0 and (self._given(k, receiver, giver) > spare
+                             or not self._fits(giver_need(giver, need_g, k),
+                                               g.desired - self._given(k, receiver, giver),
+                                               min(up, ratio * need_r / (r.desired + k)))
+                             or self.settings.over_budget({receiver: r.desired + k,
+                                                           giver: g.desired - self._given(k, receiver, giver)})):
                 k -= 1
             if k <= 0:
                 continue
@@ -244,15 +255,23 @@ class Policy:
             if shortage > 1:
                 described["decode"] += (f" ({decode_seen:.2f} seen decoding, x{shortage:.2f} for the prefill "
                                         f"pool's shortage)")
-            loads = (f"budget {self.settings.max_total_workers}; load in workers' worth: {described[receiver]}, "
+            loads = (f"budget {self._budget()}; load in workers' worth: {described[receiver]}, "
                      f"{described[giver]}")
+            gives = self._given(k, receiver, giver)
+            trade = "" if gives == k else f" ({gives} of {giver}'s for {k} of {receiver}'s devices)"
             by_pool[receiver] = replace(r, desired=r.desired + k, action="scale_up", reason="rebalance",
-                                        detail=f"takes {k} from {giver}; {loads}")
-            by_pool[giver] = replace(g, desired=g.desired - k, action="scale_down", reason="rebalance",
-                                     detail=f"gives {k} to {receiver}; {loads}")
+                                        detail=f"takes {k} from {giver}{trade}; {loads}")
+            by_pool[giver] = replace(g, desired=g.desired - gives, action="scale_down", reason="rebalance",
+                                     detail=f"gives {gives} to {receiver}{trade}; {loads}")
             self._last_move = receiver
-            break  # the pools' total is unchanged, so one move per decision is the whole rebalance
+            break  # the pools' total (in devices) is unchanged or less, so one move per decision is the whole rebalance
         return [by_pool[pool] for pool in POOLS]
+
+    def _given(self, k: int, receiver: Pool, giver: Pool) -> int:
+        """Workers the giver gives for k of the receiver's: k, or as many devices under a device budget."""
+        if not self.settings.max_total_devices:
+            return k
+        return -(-k * self.settings.worker_devices(receiver) // self.settings.worker_devices(giver))
 
     @staticmethod
     def _fits(need: float, workers: int, utilization: float) -> bool:

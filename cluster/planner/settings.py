@@ -4,6 +4,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -48,6 +49,11 @@ class PlannerSettings:
     min_decode_workers: int = field(default=1, metadata=described("decode pool's lower bound"))
     max_decode_workers: int = field(default=4, metadata=described("decode pool's upper bound"))
     max_total_workers: int = field(default=8, metadata=described("budget: prefill + decode workers at most"))
+    prefill_worker_devices: int = field(default=1, metadata=described(
+        "devices one prefill worker holds: its tensor-parallel degree (a group of N ranks is one replica of N)"))
+    decode_worker_devices: int = field(default=1, metadata=described("devices one decode worker holds (see above)"))
+    max_total_devices: int = field(default=0, metadata=described(
+        "budget: devices the prefill and decode workers hold at most, each worker its pool's devices; 0: none"))
     planner_metrics_port: int = field(default=0, metadata=described("planner's Prometheus /metrics port; 0: any"))
 
     def __post_init__(self) -> None:
@@ -68,6 +74,23 @@ class PlannerSettings:
             raise ValueError("a pool's max workers must be >= its min")
         if self.max_total_workers < self.min_prefill_workers + self.min_decode_workers:
             raise ValueError("max_total_workers must hold both pools' minimums")
+        if min(self.prefill_worker_devices, self.decode_worker_devices) < 1 or self.max_total_devices < 0:
+            raise ValueError("a worker holds >= 1 device, and max_total_devices must be >= 0 (0: no device budget)")
+        if self.max_total_devices and self.max_total_devices < self.devices(
+                {"prefill": self.min_prefill_workers, "decode": self.min_decode_workers}):
+            raise ValueError("max_total_devices must hold both pools' minimums, each worker its pool's devices")
+
+    def worker_devices(self, pool: Pool) -> int:
+        return self.prefill_worker_devices if pool == "prefill" else self.decode_worker_devices
+
+    def devices(self, workers: Mapping[Pool, int]) -> int:
+        """Devices `workers` (per pool) hold."""
+        return sum(n * self.worker_devices(pool) for pool, n in workers.items())
+
+    def over_budget(self, workers: Mapping[Pool, int]) -> bool:
+        """`workers` (per pool) exceed the worker budget or the device budget."""
+        return sum(workers.values()) > self.max_total_workers or bool(
+            self.max_total_devices and self.devices(workers) > self.max_total_devices)
 
     def bounds(self, pool: Pool) -> PoolBounds:
         if pool == "prefill":
