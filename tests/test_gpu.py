@@ -46,3 +46,21 @@ def test_flash_backend_and_cuda_graphs_equal_torch_backend(default_model_path, e
     got = [o.token_ids for o in flash.generate(prompts, params)]
     assert sum(w == g for w, g in zip(want, got, strict=True)) >= len(want) - 2
     flash.engine.check_integrity()
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
+def test_tensor_parallel_over_nccl_equals_one_gpu(tiny_llama_dir) -> None:
+    """Two ranks, one GPU each, NCCL between them (engine.parallel): greedy fp32 output equal to one GPU's and to
+    transformers', with chunked prefill."""
+    lengths = (1, 3, 16, 17, 40, 90, 150, 177)
+    prompts = [[(7 * i + j % (5 + i)) % 500 + 3 for j in range(n)] for i, n in enumerate(lengths)]
+    params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+    outputs = []
+    for tp in (1, 2):
+        llm = LLM(str(tiny_llama_dir), device="cuda", dtype="float32", tensor_parallel_size=tp, num_kv_blocks=64,
+                  max_num_batched_tokens=32)
+        try:
+            outputs.append([o.token_ids for o in llm.generate(prompts, params)])
+        finally:
+            llm.engine.close()
+    assert outputs[0] == outputs[1] == [hf_greedy(str(tiny_llama_dir), p, 12, eos_ids=()) for p in prompts]
