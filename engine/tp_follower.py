@@ -10,12 +10,14 @@ import importlib
 import json
 import logging
 import os
+import signal
 import sys
 import traceback
 from typing import Any
 
 import torch
 
+from common.settings import configure_logging
 from engine.loader.engine_parts import ShardRank, build_engine_parts
 from engine.model_runner import ModelRunner
 from engine.parallel.group import TPGroup, open_store
@@ -28,7 +30,8 @@ log = logging.getLogger(__name__)
 
 
 def main() -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s tp-rank %(process)d %(levelname)s %(message)s")
+    configure_logging()
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C at a terminal is rank 0's to act on: it ends the group
     stdin = sys.stdin.buffer
     start = read_frame(stdin)
     if not isinstance(start, FollowerStart):

@@ -28,6 +28,7 @@ from engine.kv_groups import KVGroups
 from engine.remote_kv import NOT_NEEDED
 from kv_transfer.datatypes import Notification, Ranges
 from kv_transfer.errors import HandshakeError, TransferError
+from kv_transfer.grants import GrantKey
 from kv_transfer.kv_layout import KVLayout, Route, block_ranges, head_ranges, routes
 from kv_transfer.notifications import Subscription
 from kv_transfer.transfer_engine import RemoteSegment, TransferEngine
@@ -186,8 +187,11 @@ class KVConnector:
             self._accepted[peer_segment] = raw
         return layout
 
-    def ranges(self, peer: PeerKV, layers: list[int], local_blocks: list[int], remote_blocks: list[int]) -> Ranges:
-        return block_ranges(self.layout, peer.layout, layers, local_blocks, remote_blocks)
+    def grant_blocks(self, peer_engine: str, tag: str, blocks: list[int]) -> list[GrantKey]:
+        """Let `peer_engine` write every pool layer of `blocks` (none of a NOT_NEEDED entry) in batches tagged `tag`."""
+        held = [b for b in blocks if b != NOT_NEEDED]
+        pages = block_ranges(self.layout, self.layout, range(self.layout.num_layers), held, held)
+        return self.transfer.grant(self.segment_name, peer_engine, tag, pages.local_offsets, pages.lengths)
 
     def expect(self, request_id: str, peer_engine: str, blocks: list[int],
                peer_layout: KVLayout | None = None, ranks_granted: Callable[[], object] | None = None) -> KVReceipt:
@@ -201,7 +205,7 @@ class KVConnector:
         if ranks_granted is None and any(route.dest != 0 for route in found):
             raise HandshakeError("the prefill group routes KV into ranks of ours that were not granted it")
         senders = sorted({route.source for route in found})
-        grants: list = []
+        grants: list[GrantKey] = []
         subscriptions: list[Subscription] = []
 
         def close() -> None:
@@ -210,12 +214,10 @@ class KVConnector:
                 ranks_granted()
 
         try:
-            held = [b for b in blocks if b != NOT_NEEDED]
-            pages = block_ranges(self.layout, self.layout, range(self.layout.num_layers), held, held)
             for source in senders:
                 engine, tag = rank_name(peer_engine, source), kv_tag(request_id, source)
                 if any(route.source == source and route.dest == 0 for route in found):
-                    grants += self.transfer.grant(self.segment_name, engine, tag, pages.local_offsets, pages.lengths)
+                    grants += self.grant_blocks(engine, tag, blocks)
                 subscriptions.append(self.transfer.subscribe(tag, engine))
         except BaseException:
             for sub in subscriptions:

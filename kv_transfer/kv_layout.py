@@ -81,11 +81,10 @@ class KVLayout:
         """Every rank's (first KV head, count) of this layout's group."""
         return self.group_heads or ((0, self.num_kv_heads),)
 
-    def of_rank(self, rank: int, num_blocks: int | None = None) -> KVLayout:
-        """Rank `rank`'s layout in this layout's group (its pool as big as ours unless `num_blocks` says)."""
+    def of_rank(self, rank: int) -> KVLayout:
+        """Rank `rank`'s layout in this layout's group (its pool as big as ours)."""
         start, count = self.ranks_heads[rank]
-        return replace(self, tp_rank=rank, kv_head_start=start, num_kv_heads=count,
-                       num_blocks=self.num_blocks if num_blocks is None else num_blocks)
+        return replace(self, tp_rank=rank, kv_head_start=start, num_kv_heads=count)
 
     @property
     def block_bytes(self) -> int:

@@ -19,9 +19,9 @@ from engine.kv_hooks import KVStorageAllocator
 from engine.loader.engine_parts import LoadedEngineParts
 from engine.parallel.protocol import FollowerStep
 from engine.parallel.shard import group_kv_heads
-from engine.remote_kv import NOT_NEEDED
+from kv_transfer.grants import GrantKey
 from kv_transfer.kv_connector import KVConnector, rank_name
-from kv_transfer.kv_layout import Route, block_ranges
+from kv_transfer.kv_layout import Route
 from kv_transfer.kv_push import KVPusher, PushItem
 from kv_transfer.notifications import Subscription
 from kv_transfer.transfer_engine import TransferEngine
@@ -94,7 +94,7 @@ class RankKV:
             None if torch.cuda.is_available() else (lambda n: self.transfer.allocate_host_buffer(n, "kv")))
         self.connector: KVConnector | None = None
         self.pusher: KVPusher | None = None
-        self._grants: dict[str, tuple[list[Any], list[Subscription]]] = {}
+        self._grants: dict[str, tuple[list[GrantKey], list[Subscription]]] = {}
 
     def _run(self, coroutine: Coroutine[Any, Any, T]) -> T:
         return asyncio.run_coroutine_threadsafe(coroutine, self._loop).result()
@@ -131,16 +131,12 @@ class RankKV:
 
     def _grant(self, body: GrantPages) -> None:
         assert self.connector is not None
-        layout = self.connector.layout
-        held = [b for b in body.blocks if b != NOT_NEEDED]
-        pages = block_ranges(layout, layout, range(layout.num_layers), held, held)
-        grants: list[Any] = []
+        grants: list[GrantKey] = []
         subscriptions: list[Subscription] = []
         try:
             for source, engine, tag in body.senders:
                 if any(route.source == source and route.dest == self.rank for route in body.routes):
-                    grants += self.transfer.grant(self.connector.segment_name, engine, tag, pages.local_offsets,
-                                                  pages.lengths)
+                    grants += self.connector.grant_blocks(engine, tag, list(body.blocks))
                     subscriptions.append(self.transfer.subscribe(tag, engine))
         except BaseException:  # none of it stays (GrantEnd would find nothing to end)
             self.transfer.revoke(grants)
