@@ -32,8 +32,10 @@ from engine.attention.planning import SeqSpan
 from engine.block_manager import BlockManager, blocks_behind, hash_block, hash_blocks
 from engine.config import SELF_INT4_DRAFT, EngineConfig
 from engine.errors import ModelLoadError, PoolIntegrityError
-from engine.loader.engine_parts import LoadedEngineParts, build_engine_parts
+from engine.loader.engine_parts import LoadedEngineParts, ShardRank, build_engine_parts
 from engine.model_runner import ModelRunner
+from engine.parallel.protocol import DraftFollowers, StepFollowers
+from engine.parallel.shard import TPShard
 from engine.sampler import Sampler, SequenceSamplingState
 from engine.sequence import Sequence as EngineSequence
 from engine.tokenizer import Tokenizer
@@ -66,21 +68,36 @@ def draft_engine_config(config: EngineConfig, num_blocks: int) -> EngineConfig:
     assert spec is not None and spec.method == "draft"
     own = spec.draft_model == SELF_INT4_DRAFT
     # (one layer group: a self-int4 draft runs over its target's pool, in its target's layout, and leaves its own
-    # unused; a draft model of its own holds one block table per sequence). A tensor-parallel target's draft runs
-    # whole on rank 0
+    # unused; a draft model of its own holds one block table per sequence). A tensor-parallel target's self-int4
+    # draft is split as the target is, each rank's shard over that rank's pool; a draft model of its own runs whole
+    # on rank 0
     return replace(config, model=config.model if own else spec.draft_model, quantization="int4" if own else None,
                    speculative=None, num_kv_blocks=num_blocks, kv_offload_bytes=0, record_kv_events=False,
                    deterministic=False, async_scheduling=False, max_model_len=None, hybrid_kv_cache=False,
-                   tensor_parallel_size=1)
+                   tensor_parallel_size=config.tensor_parallel_size if own else 1)
 
 
-def self_int4_runner(config: EngineConfig, parts: LoadedEngineParts, target: LoadedEngineParts) -> ModelRunner:
+def load_self_int4(config: EngineConfig, target: LoadedEngineParts, shard_rank: ShardRank | None = None,
+                   followers: StepFollowers | None = None) -> tuple[LoadedEngineParts, ModelRunner]:
+    """The target's weights in int4 (with `shard_rank`: that rank's shard of them, as the target's) and the runner
+    that drafts with them inside the target's pool; `followers`: on rank 0, the ranks that follow its forwards."""
+    # its own one-block pool gets no CUDA graphs or step program; its context is the target's (LongRoPE's factor
+    # set: the draft rotates as the target does)
+    draft_config = replace(draft_engine_config(config, 1), enforce_eager=True)
+    parts = build_engine_parts(draft_config, context_of=target.max_model_len, shard_rank=shard_rank)
+    return parts, self_int4_runner(config, parts, target, followers)
+
+
+def self_int4_runner(config: EngineConfig, parts: LoadedEngineParts, target: LoadedEngineParts,
+                     followers: StepFollowers | None = None) -> ModelRunner:
     """The int4 model of `parts` over the target's pool (it drafts inside the target's blocks)."""
-    eager, cuda = config.enforce_eager, target.device.type == "cuda"
+    # a tensor-parallel rank's forward meets its peers' in collectives: no CUDA graph or one-call C program
+    eager, cuda = config.enforce_eager or config.tensor_parallel_size > 1, target.device.type == "cuda"
     graphs = config.max_num_seqs if cuda and not eager and parts.model.supports_cuda_graphs else None
     sampler = Sampler(parts.model.config.vocab_size, target.device)  # unused: the engine's samples the drafts
     return ModelRunner(parts.model, target.pool, sampler, target.device, config.attention_backend, graphs,
-                       target.max_model_len, step_program=not cuda and not eager, kv_groups=target.kv_groups)
+                       target.max_model_len, step_program=not cuda and not eager, kv_groups=target.kv_groups,
+                       followers=followers)
 
 
 def check_same_tokenizer(target: Tokenizer, draft: Tokenizer, target_vocab: int, draft_vocab: int) -> None:
@@ -116,26 +133,20 @@ class DraftModel:
     def load(cls, config: EngineConfig, target: LoadedEngineParts, target_blocks: BlockManager) -> DraftModel:
         spec = config.speculative
         assert spec is not None
-        shared = spec.draft_model == SELF_INT4_DRAFT
-        if shared and target.tp_leader is not None:
-            raise ModelLoadError("a self-int4 draft drafts in its target's KV pool, which a tensor-parallel target "
-                                 "splits over its ranks: give a draft model of its own (it runs whole on rank 0)")
+        if spec.draft_model == SELF_INT4_DRAFT:
+            leader = target.tp_leader  # (the other ranks build their shards of it as they start: engine.tp_follower)
+            rank0 = None if leader is None else ShardRank(TPShard(0, config.tensor_parallel_size), leader.group)
+            parts, runner = load_self_int4(config, target, rank0, None if leader is None else DraftFollowers(leader))
+            log.info("draft model ready: %s in int4, drafting in the target's KV pool", parts.model.config.name)
+            return cls(parts, runner, config.enable_prefix_caching, target_blocks, target.max_model_len)
         # a draft of its own gets as many blocks as the target's pool holds blocks of every layer (engine.kv_groups)
         groups = target.kv_groups
         own_blocks = -(-target.pool.spec.num_blocks * groups.group_size // len(groups.placement))
-        draft_config = draft_engine_config(config, 1 if shared else own_blocks)
-        # self-int4 runs over the target's pool: its own one-block pool gets no CUDA graphs or step program
-        # its context is the target's (LongRoPE's factor set: the draft rotates as the target does)
-        parts = build_engine_parts(replace(draft_config, enforce_eager=True) if shared else draft_config,
-                                   context_of=target.max_model_len)
+        parts = build_engine_parts(draft_engine_config(config, own_blocks), context_of=target.max_model_len)
         check_same_tokenizer(target.tokenizer, parts.tokenizer, target.model_config.vocab_size,
-                             parts.model.config.vocab_size)
+                             parts.model_config.vocab_size)
         if parts.pool.spec.block_size != target.pool.spec.block_size:
             raise ModelLoadError("the draft's KV blocks must be the target's size")
-        if shared:
-            log.info("draft model ready: %s in int4, drafting in the target's KV pool", parts.model.config.name)
-            return cls(parts, self_int4_runner(config, parts, target), config.enable_prefix_caching, target_blocks,
-                       target.max_model_len)
         if not isinstance(parts.runner, ModelRunner):
             raise ModelLoadError("a draft model needs a real model runner")
         log.info("draft model ready: %s (%s), %d KV blocks", parts.model.config.name,

@@ -8,7 +8,7 @@ from __future__ import annotations
 import importlib.util
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
-from typing import Literal, Protocol
+from typing import Literal, Protocol, TypeVar
 
 import torch
 
@@ -36,6 +36,8 @@ from engine.sampler import Sampler
 from engine.scheduler import ScheduledSequence, SchedulerOutput
 from engine.spec_sampling import verify_by_rejection
 from engine.step_program import StepProgram
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -231,13 +233,18 @@ class ModelRunner:
             raise ValueError("the step's inputs still await tokens: fill_awaited first")
         if self.followers is None:
             return self._run_prepared(inputs)
-        self.followers.send(FollowerStep(
+        return self._led(FollowerStep(
             tuple(inputs.input_ids.tolist()), inputs.request_ids, inputs.spans, inputs.group_tables,
             tuple(inputs.logits_indices.tolist()) if inputs.sample_rows else None,
             () if inputs.prompt_indices is None else tuple(inputs.prompt_indices.tolist()),
-            tuple(count for _, _, count in inputs.prompt_rows)))
+            tuple(count for _, _, count in inputs.prompt_rows)), lambda: self._run_prepared(inputs))
+
+    def _led(self, step: FollowerStep, run: Callable[[], T]) -> T:
+        """Rank 0 of a tensor-parallel group: hand the other ranks `step`, then run it here."""
+        assert self.followers is not None
+        self.followers.send(step)
         try:
-            return self._run_prepared(inputs)
+            return run()
         except BaseException as exc:  # the other ranks are inside this step's collectives: no later step meets them
             self.followers.abandon(repr(exc))
             raise
@@ -268,7 +275,8 @@ class ModelRunner:
 
     @torch.inference_mode()
     def follow(self, step: FollowerStep, observer: Callable[[int], None] | None = None) -> None:
-        """Run on a tensor-parallel rank other than 0 the step rank 0 runs (`execute_prepared`): the same forward and
+        """Run on a tensor-parallel rank other than 0 the step rank 0 runs (`execute_prepared`, or a self-int4 draft's
+        `logits_at_ends`): the same forward and
         the same lm_head calls on the same rows, whose collectives meet rank 0's; rank 0 samples from their logits.
         `observer`: called as each layer's KV is written (a KV push, as `layer_observer` on rank 0)."""
         spans = [SeqSpan(list(table), start, count) for table, start, count in step.spans]
@@ -293,16 +301,23 @@ class ModelRunner:
         """Feed `token_ids` (each span's tokens in turn; single-token spans first) and return the logits
         [len(spans), V] at each span's last position: a forward with no sampling (a draft model's). In a hybrid
         layout `group_tables` holds each span's tables of groups 1, 2, ... (engine.kv_groups)."""
-        if self.followers is not None:
-            raise NotImplementedError("a tensor-parallel model drafts for no one (its ranks follow sampled steps only)")
-        positions = [p for s in spans for p in range(s.start, s.context_len)]
-        meta = self._metadata(spans, group_tables)
-        hidden = self._forward(self._tensor(token_ids), self._tensor(positions), meta, None, True)
         ends, end = [], -1
         for span in spans:
             end += span.num_tokens
             ends.append(end)
-        return self.model.sampling_logits(hidden.index_select(0, self._tensor(ends)))
+
+        def run() -> torch.Tensor:
+            positions = [p for s in spans for p in range(s.start, s.context_len)]
+            meta = self._metadata(spans, group_tables)
+            hidden = self._forward(self._tensor(token_ids), self._tensor(positions), meta, None, True)
+            return self.model.sampling_logits(hidden.index_select(0, self._tensor(ends)))
+
+        if self.followers is None:
+            return run()
+        return self._led(FollowerStep(tuple(token_ids), (), tuple((tuple(s.block_table), s.start, s.num_tokens)
+                                                                  for s in spans),
+                                      tuple(tuple(tuple(t) for t in tables) for tables in group_tables),
+                                      tuple(ends), (), ()), run)
 
     def _add_prompt_logprobs(self, results: dict[str, SequenceResult], hidden: torch.Tensor,
                              rows: tuple[tuple[ScheduledSequence, int, int], ...]) -> None:

@@ -1,8 +1,8 @@
 """A tensor-parallel rank other than 0: `python -m engine.tp_follower`, started by engine.parallel.leader.
 
-It reads a FollowerStart from stdin, joins the group, builds its shard (weights and a KV pool of its KV heads)
-and says so in the group's store, then runs every FollowerStep rank 0 sends until its stdin closes (rank 0
-ended or closed the group). It schedules and samples nothing."""
+It reads a FollowerStart from stdin, joins the group, builds its shard (weights and a KV pool of its KV heads;
+and its shard of a self-int4 draft) and says so in the group's store, then runs every FollowerStep rank 0 sends
+until its stdin closes (rank 0 ended or closed the group). It schedules and samples nothing."""
 
 from __future__ import annotations
 
@@ -18,6 +18,8 @@ from typing import Any
 import torch
 
 from common.settings import configure_logging
+from engine.config import SELF_INT4_DRAFT
+from engine.draft_model import load_self_int4
 from engine.loader.engine_parts import ShardRank, build_engine_parts
 from engine.model_runner import ModelRunner
 from engine.parallel.group import TPGroup, open_store
@@ -44,9 +46,12 @@ def main() -> int:
     try:
         if start.plugin is not None:  # (a module named by the layer above, which the engine does not import)
             services = importlib.import_module(start.plugin.module).start(start.rank, start.plugin.settings)
+        shard_rank = ShardRank(TPShard(start.rank, start.size), group)
         parts = build_engine_parts(start.config, None if services is None else services.kv_storage,
-                                   context_of=start.context_of,
-                                   shard_rank=ShardRank(TPShard(start.rank, start.size), group))
+                                   context_of=start.context_of, shard_rank=shard_rank)
+        spec = start.config.speculative  # a self-int4 draft is split as its target: this rank's shard of it
+        draft = (load_self_int4(start.config, parts, shard_rank)[1]
+                 if spec is not None and spec.method == "draft" and spec.draft_model == SELF_INT4_DRAFT else None)
         if services is not None:
             services.attach(parts)
     except Exception as exc:  # rank 0 reports it as the engine's load error
@@ -58,7 +63,10 @@ def main() -> int:
     assert isinstance(runner, ModelRunner)
     with torch.inference_mode():
         while (message := read_frame(stdin)) is not None:
-            if isinstance(message, FollowerStep):
+            if isinstance(message, FollowerStep) and message.draft:  # (no KV of a draft's is pushed)
+                assert draft is not None, "rank 0 drafts with a self-int4 draft only where every rank has its shard"
+                draft.follow(message)
+            elif isinstance(message, FollowerStep):
                 observer = None if services is None else services.begin_step(message)
                 runner.follow(message, observer)
                 if services is not None:

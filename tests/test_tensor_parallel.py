@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from engine import LLM, SamplingParams, SpeculativeConfig
+from engine.attention.planning import SeqSpan
 from engine.config import ModelConfig, MoEConfig
 from engine.errors import EngineDeadError, ModelLoadError
 from engine.parallel.shard import TPShard
@@ -157,6 +158,8 @@ def test_default_model_at_three_ranks_equals_transformers(default_model_path) ->
 FEATURES = {  # what a step computes or samples beyond the plain greedy loop: alike at one rank and at two
     "ngram": {"speculative": SpeculativeConfig(num_draft_tokens=3, max_running_seqs=64)},
     "draft_model": {"speculative": "draft"},  # the tiny Llama drafting for itself, whole on rank 0
+    # its own weights in int4, split as the target over each rank's pool (the ranks follow its forwards)
+    "self_int4": {"speculative": SpeculativeConfig(num_draft_tokens=3, method="draft", adaptive=False)},
     "async_scheduling": {"async_scheduling": True},
     "logprobs": {},
 }
@@ -174,17 +177,18 @@ def test_speculation_async_scheduling_sampling_and_logprobs_as_with_one_rank(fea
     if feature == "logprobs":  # seeded sampling, top logprobs of sampled and prompt tokens
         greedy = [SamplingParams(temperature=0.8, seed=i, max_tokens=MAX_NEW, ignore_eos=True, logprobs=2,
                                  prompt_logprobs=2) for i in range(len(prompts))]
-    results = []
+    results, accepted = [], []
     for tp in (1, 2):
         llm = LLM(path, dtype="float32", tensor_parallel_size=tp, **config)
         try:
             results.append(llm.generate(prompts, greedy))
-            if feature in ("ngram", "draft_model"):
-                assert llm.engine.num_draft_tokens_accepted > 0
+            accepted.append(llm.engine.num_draft_tokens_accepted)
         finally:
             llm.engine.close()
     one, two = results
     assert [o.token_ids for o in two] == [o.token_ids for o in one]
+    if feature in ("ngram", "draft_model", "self_int4"):  # the drafts are the same at two ranks
+        assert accepted[0] > 0 and accepted[1] == accepted[0]
     if feature == "logprobs":
         for a, b in zip(one, two, strict=True):
             assert a.logprobs is not None and b.logprobs is not None and a.prompt_logprobs is not None
@@ -198,11 +202,11 @@ def test_speculation_async_scheduling_sampling_and_logprobs_as_with_one_rank(fea
         assert [o.token_ids for o in two] == [hf_greedy(path, p, MAX_NEW, eos_ids=()) for p in prompts]
 
 
-def test_a_self_int4_draft_is_refused_for_a_split_pool(tiny_llama_dir) -> None:
+def test_a_draft_that_cannot_load_ends_the_ranks_started(tiny_llama_dir) -> None:
     before = _followers()
-    with pytest.raises(ModelLoadError, match="self-int4 draft"):
+    with pytest.raises(ModelLoadError, match="missing does not exist"):
         LLM(str(tiny_llama_dir), dtype="float32", tensor_parallel_size=2, num_kv_blocks=64,
-            speculative=SpeculativeConfig(method="draft"))
+            speculative=SpeculativeConfig(method="draft", draft_model=str(tiny_llama_dir / "missing")))
     assert _followers() == before  # the rank started for it ended with it
 
 
@@ -211,3 +215,27 @@ def _followers() -> set[int]:
     children = pathlib.Path(f"/proc/{os.getpid()}/task/{os.getpid()}/children").read_text().split()
     return {int(pid) for pid in children
             if b"engine.tp_follower" in pathlib.Path(f"/proc/{pid}/cmdline").read_bytes()}
+
+
+def test_a_self_int4_draft_is_split_as_its_target(tiny_llama_dir) -> None:
+    """Each rank drafts with its shard of the int4 weights over its own pool: the draft's logits at two ranks are
+    the int4 model's at one (to the order of a sum), not the fp32 target's."""
+    spans_tokens = [[5, 9, 13, 200, 7], [11], [40, 41, 42]]
+    found = []
+    for tp in (1, 2):
+        llm = LLM(str(tiny_llama_dir), dtype="float32", tensor_parallel_size=tp, num_kv_blocks=64,
+                  speculative=SpeculativeConfig(num_draft_tokens=3, method="draft", adaptive=False))
+        try:
+            engine, draft = llm.engine, llm.engine.draft
+            assert draft is not None and draft.parts.model.config.num_heads == 4 // tp  # (the tiny Llama's 4)
+            tables = [engine.block_manager.allocate(1) for _ in spans_tokens]
+            spans = [SeqSpan(table, 0, len(tokens)) for table, tokens in zip(tables, spans_tokens, strict=True)]
+            spans.sort(key=lambda s: s.num_tokens != 1)  # (single-token spans first, as the draft feeds them)
+            ids = [t for span in spans for t in spans_tokens[tables.index(span.block_table)]]
+            found.append(draft.runner.logits_at_ends(ids, spans).clone())
+            for table in tables:
+                engine.block_manager.release(table)
+        finally:
+            llm.engine.close()
+    one, two = found
+    assert torch.allclose(two, one, atol=1e-4), (two - one).abs().max()

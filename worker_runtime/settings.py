@@ -9,7 +9,7 @@ from typing import Literal
 from common.security import SecuritySettings
 from common.settings import described
 from common.worker_record import ROLES, WorkerRole
-from engine.config import SELF_INT4_DRAFT, ComputeDtype, EngineConfig, SpeculativeConfig
+from engine.config import ComputeDtype, EngineConfig, SpeculativeConfig
 
 
 @dataclass(frozen=True)
@@ -101,10 +101,9 @@ class WorkerSettings(SecuritySettings):
         if self.num_speculative_tokens < 1:
             raise ValueError(f"num_speculative_tokens must be >= 1, got {self.num_speculative_tokens}")
         if self.tensor_parallel_size < 1 or (self.tensor_parallel_size > 1 and (
-                self.simulate is not None or self.kv_offload_gib or self.speculative_model == SELF_INT4_DRAFT)):
+                self.simulate is not None or self.kv_offload_gib)):
             raise ValueError("tensor_parallel_size must be >= 1; above 1 the worker runs a real model, and has no "
-                             "second KV tier (nor the KV store) or self-int4 draft: a split KV pool is not yet tiered "
-                             "or drafted in")
+                             "second KV tier (nor the KV store): a split KV pool is not yet tiered")
         if self.replicas < 1 or (self.replicas > 1 and (self.simulate is None or self.grpc_port or self.metrics_port)):
             raise ValueError("replicas must be >= 1; more than one needs --simulate and ports 0 (each picks its own)")
 

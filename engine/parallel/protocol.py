@@ -6,7 +6,7 @@ from __future__ import annotations
 import pickle
 import struct
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import IO, Any, Protocol
 
 from engine.config import EngineConfig
@@ -86,6 +86,20 @@ class FollowerStep:
     logits_indices: tuple[int, ...] | None  # rows sampled from (one lm_head call), None: no sampling this step
     prompt_indices: tuple[int, ...]  # rows scoring prompt tokens, in runs of `prompt_counts` (chunked calls each)
     prompt_counts: tuple[int, ...]
+    draft: bool = False  # a self-int4 draft's forward (engine.draft_model), over the same pool: not the target's
+
+
+@dataclass(frozen=True)
+class DraftFollowers:
+    """The same ranks, following the forwards of a self-int4 draft sharded as its target (FollowerStep.draft)."""
+
+    ranks: StepFollowers
+
+    def send(self, step: FollowerStep) -> None:
+        self.ranks.send(replace(step, draft=True))
+
+    def abandon(self, why: str) -> None:
+        self.ranks.abandon(why)
 
 
 def write_frame(stream: IO[bytes], message: Any) -> None:
