@@ -229,7 +229,8 @@ class EngineConfig:
     attention_backend: Literal["auto", "torch", "flash", "cpu"] = "auto"  # cpu: the C kernel (auto on CPU)
     enforce_eager: bool = False  # no CUDA graphs
     seed: int = 0
-    num_threads: int | None = None  # torch intra-op threads on CPU; None = torch's default
+    # torch intra-op threads on CPU, per rank; None = torch's default (a tensor-parallel rank: its share of the cores)
+    num_threads: int | None = None
     record_kv_events: bool = False  # keep prefix-cache changes for drain_kv_events (KV-aware routing)
     # batch-invariant: a request's greedy tokens do not depend on what else is in its batch (any dtype);
     # needs the CPU kernels (checked at load), costs the single-row weight copy's speed-up

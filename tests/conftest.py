@@ -120,6 +120,15 @@ def _perturb(model: torch.nn.Module, qk_norms: bool = False, mlp_scale: float = 
                 param.mul_(qk_scale)
 
 
+@pytest.fixture(autouse=True)
+def _torch_threads_restored() -> Any:
+    """An engine sets this process's torch threads (EngineConfig.num_threads; a tensor-parallel rank 0 its share of
+    the cores): the next test starts with the count this one started with."""
+    count = torch.get_num_threads()
+    yield
+    torch.set_num_threads(count)
+
+
 @pytest.fixture
 def cache_tmp(tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch) -> pathlib.Path:
     """A private disk cache (engine.disk_cache) for a test that converts files."""

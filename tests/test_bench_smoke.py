@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import pathlib
 from collections.abc import Iterator
 
@@ -216,3 +217,19 @@ def test_tp_kv_push_bench_counts_bytes_per_link(tmp_path: pathlib.Path, monkeypa
     assert one["remote_prefills"] == two["remote_prefills"] == 2
     assert two["bytes_per_prefill_by_link"] == {"0->0": one["bytes_per_prefill"] / 2,
                                                  "1->0": one["bytes_per_prefill"] / 2}
+
+
+def test_tp_threads_bench_times_each_engine_with_its_threads(tmp_path: pathlib.Path,
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """bench.tp_threads runs one rank, two ranks of every core and two of their share, and times both passes."""
+    from bench import tp_threads
+
+    out = tmp_path / "threads.json"
+    monkeypatch.setattr("sys.argv", ["tp_threads", "--prompts", "2", "--prompt-tokens", "32", "--new-tokens", "4",
+                                     "--layers", "2", "--out", str(out)])
+    tp_threads.main()
+    results = json.loads(out.read_text())["results"]
+    cores = len(os.sched_getaffinity(0))
+    assert [(r["tensor_parallel_size"], r["threads_per_rank"]) for r in results] == \
+        [(1, cores), (2, cores), (2, max(1, cores // 2))]
+    assert all(r["prefill_tokens_per_s"] > 0 and r["decode_tokens_per_s"] > 0 for r in results)

@@ -48,7 +48,8 @@ class WorkerSettings(SecuritySettings):
         "with --speculative-model: speculate only as far as predicted to pay (false: every step, all the drafts)"))
     max_num_seqs: int = field(default=64, metadata=described("most sequences in one batch"))
     max_model_len: int | None = field(default=None, metadata=described("context length cap"))
-    num_threads: int | None = field(default=None, metadata=described("torch threads on CPU; default: torch's"))
+    num_threads: int | None = field(default=None, metadata=described(
+        "torch threads on CPU (per rank); default: torch's, or with tensor parallelism each rank's share of the cores"))
     deterministic: bool = field(default=False, metadata=described(
         "batch-invariant engine: a request's greedy tokens do not depend on what else is batched with it "
         "(bf16 too; CPU only)"))

@@ -22,7 +22,7 @@ from engine.model_runner import ModelRunner, StepRunner
 from engine.models.llama import LlamaForCausalLM
 from engine.models.registry import model_class
 from engine.models.rope import RotaryEmbedding
-from engine.parallel.group import TPGroup
+from engine.parallel.group import TPGroup, threads_per_rank
 from engine.parallel.leader import TPLeader
 from engine.parallel.protocol import RankPlugin
 from engine.parallel.shard import TPShard
@@ -151,9 +151,12 @@ def build_engine_parts(config: EngineConfig, kv_storage: KVStorageAllocator | No
 def _build(config: EngineConfig, kv_storage: KVStorageAllocator | None, context_of: int | None,
            shard_rank: ShardRank | None) -> LoadedEngineParts:
     started = time.perf_counter()
-    if config.num_threads is not None:
-        torch.set_num_threads(config.num_threads)
     platform = detect_platform(config.device)
+    # a rank of a group on CPU takes its share of the cores unless told
+    threads = config.num_threads or (threads_per_rank(shard_rank.shard.size)
+                                     if shard_rank is not None and not platform.is_cuda else None)
+    if threads is not None:
+        torch.set_num_threads(threads)
     loaded = load_model(config.model)
     tokenizer = load_tokenizer(config.model)
     dtype = platform.default_dtype if config.dtype == "auto" else COMPUTE_DTYPES[config.dtype]

@@ -4,6 +4,7 @@ process may hold several engines), Gloo between CPU processes over 127.0.0.1, NC
 from __future__ import annotations
 
 import datetime
+import os
 from typing import Any
 
 import torch
@@ -12,6 +13,12 @@ import torch.distributed as dist
 # a collective that waits longer than this for a peer fails (a rank that died or hangs ends the step)
 COLLECTIVE_TIMEOUT = datetime.timedelta(seconds=120)
 STORE_HOST = "127.0.0.1"
+
+
+def threads_per_rank(size: int) -> int:
+    """CPU threads for each of `size` ranks sharing this process's CPUs: an equal share, at least one, so the group's
+    threads do not outnumber the cores (by default torch gives every rank all of them)."""
+    return max(1, len(os.sched_getaffinity(0)) // size)
 
 
 def open_store(rank: int, size: int, port: int) -> dist.TCPStore:

@@ -1,0 +1,102 @@
+"""What a tensor-parallel group on one CPU gains from giving each rank its share of the cores, in one run:
+
+    python -m bench.tp_threads [--out FILE.json] [--layers 8] [--prompts 8] [--prompt-tokens 512] [--new-tokens 64]
+
+Three engines on the same random Llama (bench.tp_kv_push's checkpoint: hidden 512, 8 heads, 4 KV heads) and the same
+prompts, `dtype=auto`: one rank with torch's default threads (the anchor); two ranks, each with every core (torch's
+default, what each rank ran before `engine.parallel.group.threads_per_rank`); two ranks with their share (the
+default now). Reported per engine: prompt tokens/s of a prefill-only pass (one token each) and generated tokens/s of
+a decode pass (short prompts, `--new-tokens` each), the median of three timed passes after a warm-up. On a CPU of
+few cores two ranks cannot beat one: what this measures is how much oversubscribed ranks lose, not a TP speed-up.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import pathlib
+import random
+import statistics
+import tempfile
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from bench.throughput import machine_info
+from bench.tp_kv_push import write_checkpoint
+from engine import LLM, SamplingParams
+
+REPEATS = 3
+
+
+def timed(work: Callable[[], int]) -> float:
+    """Tokens per second of `work` (which returns the tokens it handled): the median of REPEATS passes."""
+    rates = []
+    for _ in range(REPEATS):
+        started = time.perf_counter()
+        tokens = work()
+        rates.append(tokens / (time.perf_counter() - started))
+    return statistics.median(rates)
+
+
+def run(model: pathlib.Path, tp: int, num_threads: int | None, prompts: list[list[int]], short: list[list[int]],
+        new_tokens: int) -> dict[str, Any]:
+    torch.set_num_threads(len(os.sched_getaffinity(0)))  # (each engine starts from torch's default)
+    llm = LLM(str(model), tensor_parallel_size=tp, num_threads=num_threads, max_num_batched_tokens=4096,
+              num_kv_blocks=1024, enable_prefix_caching=False)  # (every pass computes its prompts)
+    try:
+        one = SamplingParams(temperature=0, max_tokens=1, ignore_eos=True)
+        many = SamplingParams(temperature=0, max_tokens=new_tokens, ignore_eos=True)
+
+        def prefill() -> int:
+            llm.generate(prompts, one)
+            return sum(len(p) for p in prompts)
+
+        def decode() -> int:
+            return sum(len(o.token_ids) for o in llm.generate(short, many))
+
+        prefill()
+        decode()  # warm-up
+        return {"tensor_parallel_size": tp, "num_threads": num_threads, "threads_per_rank": torch.get_num_threads(),
+                "dtype": str(llm.engine.parts.pool.compute_dtype),
+                "prefill_tokens_per_s": timed(prefill), "decode_tokens_per_s": timed(decode)}
+    finally:
+        llm.engine.close()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=pathlib.Path)
+    parser.add_argument("--layers", type=int, default=8)
+    parser.add_argument("--prompts", type=int, default=8)
+    parser.add_argument("--prompt-tokens", type=int, default=512)
+    parser.add_argument("--new-tokens", type=int, default=64)
+    args = parser.parse_args()
+    rng = random.Random(0)
+    prompts = [[rng.randrange(100, 40000) for _ in range(args.prompt_tokens)] for _ in range(args.prompts)]
+    short = [[rng.randrange(100, 40000) for _ in range(16)] for _ in range(args.prompts)]
+    cores = len(os.sched_getaffinity(0))
+    with tempfile.TemporaryDirectory() as tmp:
+        model = write_checkpoint(pathlib.Path(tmp), args.layers)
+        results = [run(model, tp, threads, prompts, short, args.new_tokens)
+                   for tp, threads in ((1, None), (2, cores), (2, None))]
+    report = {"bench": "tp_threads", "machine": machine_info(), "date": time.strftime("%Y-%m-%d"),
+              "model": f"random Llama, {args.layers} layers, hidden 512, 8 heads, 4 KV heads x 64",
+              "prompts": args.prompts, "prompt_tokens": args.prompt_tokens, "new_tokens": args.new_tokens,
+              "results": results}
+    anchor = results[0]
+    print(f"{'engine':<28} {'threads/rank':>12} {'prefill tok/s':>14} {'x TP=1':>7} {'decode tok/s':>13} {'x TP=1':>7}")
+    for r in results:
+        name = f"TP={r['tensor_parallel_size']}" + ("" if r["num_threads"] is None else ", every core per rank")
+        print(f"{name:<28} {r['threads_per_rank']:>12} {r['prefill_tokens_per_s']:>14.0f} "
+              f"{r['prefill_tokens_per_s'] / anchor['prefill_tokens_per_s']:>7.2f} {r['decode_tokens_per_s']:>13.1f} "
+              f"{r['decode_tokens_per_s'] / anchor['decode_tokens_per_s']:>7.2f}")
+    if args.out:
+        args.out.write_text(json.dumps(report, indent=2))
+
+
+if __name__ == "__main__":
+    main()
