@@ -12,7 +12,9 @@ import logging
 import os
 import signal
 import sys
+import threading
 import traceback
+from concurrent.futures import Future
 from typing import Any
 
 import torch
@@ -72,29 +74,54 @@ def main() -> int:
                 if services is not None:
                     services.end_step()
             elif isinstance(message, RankCommand):
-                reply = _handle(services, message.body)
-                if message.wants_reply:
-                    store.set(REPLY_KEY.format(seq=message.seq, rank=start.rank), _encoded(reply))
+                _command(services, message, Replies(store, start.rank))
     if services is not None:
         services.close()
     return 0
 
 
-def _encoded(reply: tuple[str, Any]) -> str:
-    try:
-        return json.dumps(reply)
-    except (TypeError, ValueError) as exc:  # a reply JSON cannot carry fails the command, not the rank
-        return json.dumps(["error", f"the reply could not be sent: {exc}"])
+class Replies:
+    """Writes commands' replies to the group's store, from the step loop or from a thread that finished one."""
+
+    def __init__(self, store: Any, rank: int) -> None:
+        self._store, self._rank = store, rank
+        self._lock = threading.Lock()
+
+    def put(self, command: RankCommand, reply: tuple[str, Any]) -> None:
+        if not command.wants_reply:
+            return
+        try:
+            encoded = json.dumps(reply)
+        except (TypeError, ValueError) as exc:  # a reply JSON cannot carry fails the command, not the rank
+            encoded = json.dumps(["error", f"the reply could not be sent: {exc}"])
+        with self._lock:
+            self._store.set(REPLY_KEY.format(seq=command.seq, rank=self._rank), encoded)
 
 
-def _handle(services: RankServices | None, body: Any) -> tuple[str, Any]:
+def _command(services: RankServices | None, command: RankCommand, replies: Replies) -> None:
+    """Run `command`; a Future it returns is answered when done, while later steps run."""
     if services is None:
-        return "error", "this rank runs no services"
+        replies.put(command, ("error", "this rank runs no services"))
+        return
     try:
-        return "ok", services.handle(body)
+        value = services.handle(command.body)
     except Exception as exc:  # the command fails, the rank goes on
-        log.exception("command %s failed", type(body).__name__)
-        return "error", f"{type(exc).__name__}: {exc}"
+        replies.put(command, _failure(command, exc))
+        return
+    if not isinstance(value, Future):
+        replies.put(command, ("ok", value))
+        return
+
+    def answer(done: Future[Any]) -> None:
+        exc = done.exception()
+        replies.put(command, ("ok", done.result()) if exc is None else _failure(command, exc))
+
+    value.add_done_callback(answer)
+
+
+def _failure(command: RankCommand, exc: BaseException) -> tuple[str, Any]:
+    log.error("command %s failed", type(command.body).__name__, exc_info=exc)
+    return "error", f"{type(exc).__name__}: {exc}"
 
 
 if __name__ == "__main__":

@@ -13,7 +13,7 @@ import torch
 
 from engine import LLM, SamplingParams, SpeculativeConfig
 from engine.attention.planning import SeqSpan
-from engine.config import ModelConfig, MoEConfig
+from engine.config import EngineConfig, ModelConfig, MoEConfig
 from engine.errors import EngineDeadError, ModelLoadError
 from engine.parallel.shard import TPShard
 from tests.support.hf_reference import hf_greedy
@@ -252,3 +252,53 @@ def test_a_rank_on_a_cpu_takes_its_share_of_the_cores(tiny_llama_dir) -> None:
             assert torch.get_num_threads() == expected  # rank 0's, as this process's
         finally:
             llm.engine.close()
+
+
+def test_a_command_answered_later_leaves_the_rank_stepping(tiny_llama_dir) -> None:
+    """A command whose reply is a Future (a handshake with a decode peer: worker_runtime.tp_kv_rank) does not hold
+    the rank's step loop: the probe answers "hold" only after it ran two more steps, which rank 0 sends meanwhile.
+    A Future that fails fails the command; the rank goes on."""
+    import concurrent.futures
+
+    from engine.errors import RankCommandError
+    from engine.llm_engine import LLMEngine
+    from engine.parallel.protocol import RankPlugin
+    from engine.request import EngineRequest
+
+    config = EngineConfig(model=str(tiny_llama_dir), dtype="float32", tensor_parallel_size=2, num_kv_blocks=64)
+    engine = LLMEngine(config, rank_plugin=RankPlugin("tests.support.rank_probe", None))
+    leader = engine.parts.tp_leader
+    assert leader is not None
+    try:
+        with concurrent.futures.ThreadPoolExecutor(2) as pool:
+            held = pool.submit(leader.command, "hold")
+            failed = pool.submit(leader.command, "fail")
+            for step in range(500):  # (steps until both are answered, however late the threads sent them)
+                if held.done() and failed.done():
+                    break
+                if not engine.has_unfinished_requests():
+                    engine.add_request(EngineRequest(f"r{step}", (5, 6, 7), SamplingParams(
+                        temperature=0, max_tokens=4, ignore_eos=True)))
+                engine.step()
+            assert held.result(timeout=30) == [2]
+            with pytest.raises(RankCommandError, match="failed on purpose"):
+                failed.result(timeout=30)
+        assert leader.command("echo") == ["echo"]
+
+        # a command that times out: its reply, landing later, is deleted from the store by the next command
+        with pytest.raises(RankCommandError, match="did not answer within"):
+            leader.command("hold", timeout_s=0.2)
+        (late,) = leader.late_replies
+        store = torch.distributed.TCPStore("127.0.0.1", leader.store_port, is_master=False, wait_for_workers=False)
+        for step in range(500):
+            if store.check([late]):
+                break
+            if not engine.has_unfinished_requests():
+                engine.add_request(EngineRequest(f"late{step}", (5, 6, 7), SamplingParams(
+                    temperature=0, max_tokens=4, ignore_eos=True)))
+            engine.step()
+        assert store.check([late])
+        assert leader.command("echo") == ["echo"]
+        assert not store.check([late]) and not leader.late_replies
+    finally:
+        engine.close()

@@ -95,6 +95,9 @@ class RankKV:
         self.connector: KVConnector | None = None
         self.pusher: KVPusher | None = None
         self._grants: dict[str, tuple[list[GrantKey], list[Subscription]]] = {}
+        self._lock = threading.Lock()
+        self._connecting: set[str] = set()  # pushes whose handshakes are under way
+        self._forgotten: set[str] = set()  # ... and that were forgotten meanwhile
 
     def _run(self, coroutine: Coroutine[Any, Any, T]) -> T:
         return asyncio.run_coroutine_threadsafe(coroutine, self._loop).result()
@@ -112,12 +115,16 @@ class RankKV:
     def handle(self, body: Any) -> Any:
         assert self.connector is not None
         if isinstance(body, PushExpect):
-            assert self.pusher is not None, "a decode rank pushes nothing"
-            routed = self._run(self.connector.connect_routes(body.decode_segment))
-            self.pusher.expect(body.request_id, routed, list(body.remote_blocks), body.timeout_s)
-            return None
+            # the handshakes run on this rank's loop, not in its step loop (a slow decode peer would hold back every
+            # step of the group); rank 0 adds the request only once every rank answered, so no step of it comes first
+            with self._lock:
+                self._connecting.add(body.request_id)
+            return asyncio.run_coroutine_threadsafe(self._expect(body), self._loop)
         if isinstance(body, PushForget):
             assert self.pusher is not None
+            with self._lock:  # (a handshake still under way registers nothing when it ends)
+                if body.request_id in self._connecting:
+                    self._forgotten.add(body.request_id)
             return {str(dest): total for dest, total in self.pusher.forget(body.request_id).items()}
         if isinstance(body, GrantPages):
             return self._grant(body)
@@ -128,6 +135,23 @@ class RankKV:
                 sub.close()
             return None
         raise ValueError(f"unknown command {type(body).__name__}")
+
+    async def _expect(self, body: PushExpect) -> None:
+        assert self.pusher is not None and self.connector is not None, "a decode rank pushes nothing"
+        rid = body.request_id
+        try:
+            routed = await self.connector.connect_routes(body.decode_segment)
+        except BaseException:
+            with self._lock:
+                self._connecting.discard(rid)
+                self._forgotten.discard(rid)
+            raise
+        with self._lock:  # (a PushForget either came before, and nothing is registered, or comes after and ends it)
+            self._connecting.discard(rid)
+            if rid in self._forgotten:
+                self._forgotten.discard(rid)
+                return
+            self.pusher.expect(rid, routed, list(body.remote_blocks), body.timeout_s)
 
     def _grant(self, body: GrantPages) -> None:
         assert self.connector is not None

@@ -40,6 +40,9 @@ class TPLeader:
         self._send_lock = threading.Lock()  # steps (the engine thread) and commands (any thread) interleave whole
         self._lost_lock = threading.Lock()
         self._seq = itertools.count()
+        # reply keys of commands that timed out: each is deleted once its reply lands (`_sweep_late`)
+        self.late_replies: set[str] = set()
+        self._late_lock = threading.Lock()
         self.lost: str | None = None
         self.on_lost: list[Callable[[str], None]] = []
         envs = [_rank_env(rank, device) for rank in range(1, size)]  # (refused before any rank starts)
@@ -122,6 +125,7 @@ class TPLeader:
         """Hand `body` to every other rank's RankServices (after the step it is running, if any); with `wait`,
         their replies in rank order (blocks: call it off the event loop). Raises RankCommandError with a rank's
         reason, EngineDeadError if a rank is gone."""
+        self._sweep_late()
         seq = next(self._seq)
         self.send(RankCommand(seq, body, wait))
         if not wait:
@@ -129,11 +133,14 @@ class TPLeader:
         replies: list[object] = []
         failures: list[str] = []
         deadline = time.monotonic() + timeout_s
-        for rank in range(1, len(self._procs) + 1):  # (every rank's reply read: none is left in the store)
+        ranks = range(1, len(self._procs) + 1)
+        for rank in ranks:  # (every rank's reply read: none is left in the store)
             key = REPLY_KEY.format(seq=seq, rank=rank)
             while not self._store.check([key]):
                 self.check()
                 if time.monotonic() > deadline:
+                    with self._late_lock:  # (this rank's reply and those not read yet may still come)
+                        self.late_replies.update(REPLY_KEY.format(seq=seq, rank=r) for r in ranks if r >= rank)
                     raise RankCommandError(f"tensor-parallel rank {rank} did not answer within {timeout_s} s")
                 time.sleep(0.001)
             try:
@@ -147,6 +154,18 @@ class TPLeader:
         if failures:
             raise RankCommandError("; ".join(failures))
         return replies
+
+    def _sweep_late(self) -> None:
+        """Delete the replies that came after their commands timed out."""
+        with self._late_lock:
+            for key in [key for key in self.late_replies if self._store.check([key])]:
+                self._store.delete_key(key)
+                self.late_replies.discard(key)
+
+    @property
+    def store_port(self) -> int:
+        """The group's rendezvous store's port on 127.0.0.1 (it also carries the commands' replies)."""
+        return int(self._store.port)
 
     def check(self) -> None:
         if self.lost is not None:

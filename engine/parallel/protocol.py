@@ -62,7 +62,8 @@ class RankServices(Protocol):
         """The rank's engine parts (engine.loader.engine_parts.LoadedEngineParts) are built."""
 
     def handle(self, body: Any) -> Any:
-        """A RankCommand's body; returns the reply (picklable), or raises (rank 0 raises it again)."""
+        """A RankCommand's body; returns the reply (JSON-able), or a concurrent.futures.Future of it (the rank
+        answers once it is done, and runs later steps meanwhile), or raises (rank 0 raises it again)."""
 
     def begin_step(self, step: FollowerStep) -> Callable[[int], None] | None:
         """Before the step's forward: what to call as each layer's KV is written, if anything."""
