@@ -280,9 +280,8 @@ class EngineConfig:
                              "deterministic mode, quantization, KV offload or CUDA device with simulate")
         if self.tensor_parallel_size < 1:
             raise ValueError(f"tensor_parallel_size must be >= 1, got {self.tensor_parallel_size}")
-        if self.tensor_parallel_size > 1 and (self.simulate is not None or self.kv_offload_bytes):
-            raise ValueError("tensor parallelism runs a real model in the KV pool alone: no simulate or KV offload "
-                             "tier with tensor_parallel_size > 1")
+        if self.tensor_parallel_size > 1 and self.simulate is not None:
+            raise ValueError("tensor parallelism runs a real model: no simulate with tensor_parallel_size > 1")
         if self.deterministic and self.device == "cuda":
             raise ValueError("deterministic (batch-invariant) mode is implemented for CPUs only")
 

@@ -33,9 +33,11 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from engine.config import EngineConfig
 from engine.errors import PoolIntegrityError
 from engine.kv_cache import KVCachePool
 from engine.kv_offload_memory import mapped_file, pinned_host, unpin
+from engine.kv_offload_mirror import TierCopy
 from engine.outputs import OffloadStats
 
 
@@ -65,6 +67,16 @@ class _Entry:
     pending: _Write | _Fetch | None  # what fills the slot; None once it is complete (the entry is readable)
     staged: int = 0  # loads into the pool staged and not yet run: the entry is not evicted meanwhile
     pinned: int = 0  # readers outside the engine (exports to the cluster KV store): not evicted meanwhile
+
+
+def offload_capacity(config: EngineConfig, pool: KVCachePool) -> int:
+    """The tier's slots: as many of the pool's blocks as config.kv_offload_bytes holds (every rank of a
+    tensor-parallel group gets as many: its pool's blocks hold as many KV heads as any other rank's)."""
+    capacity = config.kv_offload_bytes // pool.spec.bytes_per_block
+    if capacity < 1:
+        raise ValueError(f"kv_offload_bytes ({config.kv_offload_bytes}) holds no KV block "
+                         f"({pool.spec.bytes_per_block} bytes each)")
+    return capacity
 
 
 class KVOffloadTier:
@@ -112,6 +124,8 @@ class KVOffloadTier:
         self.on_events: Callable[[], None] | None = None  # called (any thread) after a change is recorded
         self._events_stored: set[int] = set()
         self._events_removed: set[int] = set()
+        # a tensor-parallel engine's: each copy decided, in order, for the other ranks' tiers (engine.kv_offload_mirror)
+        self.copies: list[TierCopy] | None = None
         self._probe_load_s = self._measure_load(pool.scratch_block)
         self._writer: threading.Thread | None = None
         if background_writes:
@@ -132,6 +146,8 @@ class KVOffloadTier:
             write = _Write(block_id, block_hash, slot)
             self._index[block_hash] = _Entry(slot, token_ids, write)
             self._pending[block_id] = write
+            if self.copies is not None:
+                self.copies.append(TierCopy(True, block_id, slot))
         if self._writer is not None:
             self._queue.put(write)
 
@@ -178,6 +194,9 @@ class KVOffloadTier:
         staged, self._staged = self._staged, []
         with self._lock:
             slots = [self._index[block_hash].slot for block_hash, _ in staged]
+            if self.copies is not None:
+                self.copies.extend(TierCopy(False, block_id, slot) for slot, (_, block_id) in zip(slots, staged,
+                                                                                                 strict=True))
         try:
             for slot, (_, block_id) in zip(slots, staged, strict=True):
                 self._copy(self._pool_rows[:, block_id], self._slots[slot])
@@ -219,6 +238,14 @@ class KVOffloadTier:
             self._pending.clear()
             self._index = OrderedDict(fetching)
             self._free_slots = [s for s in range(self.capacity_blocks - 1, -1, -1) if s not in held]
+
+    def take_copies(self) -> tuple[TierCopy, ...]:
+        """The copies decided since the last call, in order (for the other ranks: FollowerStep.tier_copies)."""
+        with self._lock:
+            if not self.copies:
+                return ()
+            taken, self.copies = tuple(self.copies), []
+        return taken
 
     def flush(self) -> None:
         """Make every queued copy now, on this thread."""

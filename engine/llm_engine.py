@@ -16,7 +16,7 @@ from engine.draft_model import DraftModel
 from engine.errors import InvalidRequestError, PoolIntegrityError
 from engine.kv_cache import KVCachePool
 from engine.kv_hooks import KVStepHook, KVStorageAllocator
-from engine.kv_offload import KVOffloadTier
+from engine.kv_offload import KVOffloadTier, offload_capacity
 from engine.loader.engine_parts import LoadedEngineParts, build_engine_parts
 from engine.model_runner import ModelRunner, SequenceResult
 from engine.ngram import propose_ngram_drafts
@@ -64,13 +64,13 @@ class LLMEngine:
         self.block_manager.null_block_id = self.parts.pool.scratch_block
         self.offload: KVOffloadTier | None = None
         if self.config.kv_offload_bytes:
-            capacity = self.config.kv_offload_bytes // self.parts.pool.spec.bytes_per_block
-            if capacity < 1:
-                raise ValueError(f"kv_offload_bytes ({self.config.kv_offload_bytes}) holds no KV block "
-                                 f"({self.parts.pool.spec.bytes_per_block} bytes each)")
-            self.offload = KVOffloadTier(self.parts.pool, capacity, self.config.kv_offload_dir)
+            self.offload = KVOffloadTier(self.parts.pool, offload_capacity(self.config, self.parts.pool),
+                                         self.config.kv_offload_dir)
             self.offload.record_events = self.config.record_kv_events
             self.block_manager.offload = self.offload
+            if self.parts.tp_leader is not None:  # the other ranks make its copies in their own tiers
+                self.offload.copies = []
+                self.parts.tp_leader.tier_copies = self.offload.take_copies
         self.scheduler = Scheduler(self.config.scheduler_config(self.max_model_len), self.block_manager,
                                    groups=self.parts.kv_groups)
         self.runner = self.parts.runner

@@ -22,6 +22,8 @@ import torch
 from common.settings import configure_logging
 from engine.config import SELF_INT4_DRAFT
 from engine.draft_model import load_self_int4
+from engine.kv_offload import offload_capacity
+from engine.kv_offload_mirror import TierMirror
 from engine.loader.engine_parts import ShardRank, build_engine_parts
 from engine.model_runner import ModelRunner
 from engine.parallel.group import TPGroup, open_store
@@ -56,6 +58,8 @@ def main() -> int:
                  if spec is not None and spec.method == "draft" and spec.draft_model == SELF_INT4_DRAFT else None)
         if services is not None:
             services.attach(parts)
+        tier = None if not start.config.kv_offload_bytes else TierMirror(
+            parts.pool, offload_capacity(start.config, parts.pool), start.config.kv_offload_dir)
     except Exception as exc:  # rank 0 reports it as the engine's load error
         traceback.print_exc()
         store.set(key, f"{type(exc).__name__}: {exc}")
@@ -65,6 +69,9 @@ def main() -> int:
     assert isinstance(runner, ModelRunner)
     with torch.inference_mode():
         while (message := read_frame(stdin)) is not None:
+            if isinstance(message, FollowerStep) and message.tier_copies:
+                assert tier is not None, "rank 0 copies to and from a KV offload tier only where every rank has one"
+                tier.apply(message.tier_copies)
             if isinstance(message, FollowerStep) and message.draft:  # (no KV of a draft's is pushed)
                 assert draft is not None, "rank 0 drafts with a self-int4 draft only where every rank has its shard"
                 draft.follow(message)
@@ -77,6 +84,8 @@ def main() -> int:
                 _command(services, message, Replies(store, start.rank))
     if services is not None:
         services.close()
+    if tier is not None:
+        tier.close()
     return 0
 
 

@@ -71,8 +71,10 @@ async def test_tensor_parallel_workers_serve_exactly_and_a_lost_rank_takes_its_w
 # (tandem up flags, the decode ranks each prefill rank must push to: {source rank: {decode ranks}}); the tiny Llama
 # has 2 KV heads: at TP = 4 each is held by two prefill ranks and sent by one of them (decode rank d takes holder
 # d mod 2: rank 0 for head 0 into decode rank 0, rank 3 for head 1 into decode rank 1). The TP = 2 decode group
-# drafts with a self-int4 draft split as it is, over the KV pushed into its ranks
-MIXED = {"1P(TP=2)+1D(TP=1)": (("--prefill-tensor-parallel-size", "2"), {0: {0}, 1: {0}}),
+# drafts with a self-int4 draft split as it is, over the KV pushed into its ranks; the TP = 2 prefill group keeps a
+# second KV tier on each rank
+MIXED = {"1P(TP=2)+1D(TP=1) tiered": (("--prefill-tensor-parallel-size", "2", "--kv-offload-gib", "0.02"),
+                                     {0: {0}, 1: {0}}),
          "1P(TP=1)+1D(TP=2) self-int4": (("--decode-tensor-parallel-size", "2", "--speculative-model", "self-int4",
                                           "--speculative-adaptive", "false"), {0: {0, 1}}),
          "1P(TP=4)+1D(TP=2)": (("--prefill-tensor-parallel-size", "4", "--decode-tensor-parallel-size", "2"),
@@ -94,6 +96,8 @@ async def test_prefill_and_decode_groups_of_different_degrees_move_kv_rank_to_ra
             assert g == e, f"gRPC request {i} ({jobs[i].kind}, {len(jobs[i].ids)} ids)"
         decode, prefill = cluster.role("decode")[0], cluster.role("prefill")[0]
         assert metric(worker_metrics(decode), "tandem_disaggregation_decisions_total", decision="remote") > 0
+        if "--kv-offload-gib" in flags:  # the prefill group's second tier took the blocks its requests left
+            assert metric(worker_metrics(prefill), "tandem_kv_offload_blocks_total", op="store") > 0
         if "--speculative-model" in flags:
             assert metric(worker_metrics(decode), "tandem_spec_draft_tokens_total", result="accepted") > 0
         scraped = worker_metrics(prefill)

@@ -302,3 +302,34 @@ def test_a_command_answered_later_leaves_the_rank_stepping(tiny_llama_dir) -> No
         assert not store.check([late]) and not leader.late_replies
     finally:
         engine.close()
+
+
+def _turns(llm: LLM, params: SamplingParams) -> list[list[int]]:
+    """Three ~150-token conversations taking three turns, one request at a time (they evict each other from a
+    small pool): every turn's output."""
+    convs = [[(13 * i + 7 * j) % 480 + 11 for j in range(150)] for i in range(3)]
+    outs = []
+    for turn in range(3):
+        for i, conv in enumerate(convs):
+            out = llm.generate([conv], params)[0].token_ids
+            outs.append(out)
+            convs[i] = conv + out + [(turn * 31 + i * 5 + j) % 470 + 17 for j in range(10)]
+    return outs
+
+
+@pytest.mark.parametrize("async_scheduling", [False, True], ids=["sync", "async"])
+def test_a_kv_offload_tier_keeps_every_ranks_heads(tiny_llama_dir, async_scheduling: bool) -> None:
+    """A pool of 14 blocks holds one conversation: returning turns are loaded from the second tier. Rank 0's tier
+    decides; rank 1 makes the same copies of its KV heads (engine.kv_offload_mirror). Outputs equal one rank's with
+    a pool that holds everything (fp32), and rank 0 loaded blocks from its tier."""
+    params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
+    expected = _turns(LLM(str(tiny_llama_dir), dtype="float32", num_kv_blocks=256), params)
+    llm = LLM(str(tiny_llama_dir), dtype="float32", tensor_parallel_size=2, num_kv_blocks=14, max_model_len=220,
+              kv_offload_bytes=8 << 20, async_scheduling=async_scheduling, max_num_batched_tokens=64)
+    try:
+        assert _turns(llm, params) == expected
+        tier = llm.engine.offload
+        assert tier is not None and tier.stats().loaded_blocks >= 2 * 3 * (150 // 16)
+        llm.engine.check_integrity()
+    finally:
+        llm.engine.close()

@@ -102,9 +102,9 @@ class WorkerSettings(SecuritySettings):
         if self.num_speculative_tokens < 1:
             raise ValueError(f"num_speculative_tokens must be >= 1, got {self.num_speculative_tokens}")
         if self.tensor_parallel_size < 1 or (self.tensor_parallel_size > 1 and (
-                self.simulate is not None or self.kv_offload_gib)):
-            raise ValueError("tensor_parallel_size must be >= 1; above 1 the worker runs a real model, and has no "
-                             "second KV tier (nor the KV store): a split KV pool is not yet tiered")
+                self.simulate is not None or self.use_kv_store)):
+            raise ValueError("tensor_parallel_size must be >= 1; above 1 the worker runs a real model and shares no "
+                             "KV through the cluster KV store (its second tier stays its own)")
         if self.replicas < 1 or (self.replicas > 1 and (self.simulate is None or self.grpc_port or self.metrics_port)):
             raise ValueError("replicas must be >= 1; more than one needs --simulate and ports 0 (each picks its own)")
 

@@ -13,12 +13,14 @@ import sys
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import replace
 
 import torch
 
 from common.settings import cuda_visible_devices, environment_with
 from engine.config import EngineConfig
 from engine.errors import EngineDeadError, ModelLoadError, RankCommandError
+from engine.kv_offload_mirror import TierCopy
 from engine.parallel.group import COLLECTIVE_TIMEOUT, TPGroup, open_store
 from engine.parallel.protocol import FollowerStart, FollowerStep, RankCommand, RankPlugin, write_frame
 
@@ -44,6 +46,8 @@ class TPLeader:
         self.late_replies: set[str] = set()
         self._late_lock = threading.Lock()
         self.lost: str | None = None
+        # what each step also carries: the KV offload tier's copies since the last (engine.kv_offload_mirror)
+        self.tier_copies: Callable[[], tuple[TierCopy, ...]] | None = None
         self.on_lost: list[Callable[[str], None]] = []
         envs = [_rank_env(rank, device) for rank in range(1, size)]  # (refused before any rank starts)
         try:
@@ -89,6 +93,8 @@ class TPLeader:
         self.check()
         try:
             with self._send_lock:
+                if isinstance(step, FollowerStep) and self.tier_copies is not None:  # (in the order steps go out)
+                    step = replace(step, tier_copies=self.tier_copies())
                 for proc in self._procs:
                     assert proc.stdin is not None
                     write_frame(proc.stdin, step)

@@ -11,6 +11,7 @@ from typing import IO, Any, Protocol
 
 from engine.config import EngineConfig
 from engine.kv_hooks import KVStorageAllocator
+from engine.kv_offload_mirror import TierCopy
 
 _LENGTH = struct.Struct("<Q")
 
@@ -88,6 +89,8 @@ class FollowerStep:
     prompt_indices: tuple[int, ...]  # rows scoring prompt tokens, in runs of `prompt_counts` (chunked calls each)
     prompt_counts: tuple[int, ...]
     draft: bool = False  # a self-int4 draft's forward (engine.draft_model), over the same pool: not the target's
+    # copies between the pool and the KV offload tier rank 0 decided since the step before, to make first, in order
+    tier_copies: tuple[TierCopy, ...] = ()
 
 
 @dataclass(frozen=True)
