@@ -251,6 +251,9 @@ class EngineConfig:
     # holds its share of the heads, MLP columns and vocabulary, and a KV pool of its KV heads of
     # kv_cache_memory_bytes (num_kv_blocks: blocks alike on every rank)
     tensor_parallel_size: int = 1
+    # CPU ranks exchange their parts through shared memory (engine.parallel.shm_collectives); False: through Gloo
+    # over 127.0.0.1 alone (a comparison: bench.tp_threads)
+    tensor_parallel_shared_memory: bool = True
 
     def __post_init__(self) -> None:
         if self.block_size < 1 or self.block_size & (self.block_size - 1):

@@ -44,7 +44,8 @@ def main() -> int:
         log.error("expected a FollowerStart on stdin, got %r", type(start).__name__)
         return 2
     store = open_store(start.rank, start.size, start.store_port)
-    group = TPGroup(store, start.rank, start.size, detect_platform(start.config.device).device)
+    group = TPGroup(store, start.rank, start.size, detect_platform(start.config.device).device,
+                    parent_pid=os.getppid())  # (rank 0 started this process)
     key = READY_KEY.format(rank=start.rank)
     services: RankServices | None = None
     try:

@@ -221,7 +221,8 @@ def test_tp_kv_push_bench_counts_bytes_per_link(tmp_path: pathlib.Path, monkeypa
 
 def test_tp_threads_bench_times_each_engine_with_its_threads(tmp_path: pathlib.Path,
                                                              monkeypatch: pytest.MonkeyPatch) -> None:
-    """bench.tp_threads runs one rank, two ranks of every core and two of their share, and times both passes."""
+    """bench.tp_threads runs one rank, two ranks of every core and two of their share (Gloo, then shared memory), and
+    times both passes."""
     from bench import tp_threads
 
     out = tmp_path / "threads.json"
@@ -230,6 +231,6 @@ def test_tp_threads_bench_times_each_engine_with_its_threads(tmp_path: pathlib.P
     tp_threads.main()
     results = json.loads(out.read_text())["results"]
     cores = len(os.sched_getaffinity(0))
-    assert [(r["tensor_parallel_size"], r["threads_per_rank"]) for r in results] == \
-        [(1, cores), (2, cores), (2, max(1, cores // 2))]
+    assert [(r["tensor_parallel_size"], r["threads_per_rank"], r["shared_memory"]) for r in results] == \
+        [(1, cores, False), (2, cores, False), (2, max(1, cores // 2), False), (2, max(1, cores // 2), True)]
     assert all(r["prefill_tokens_per_s"] > 0 and r["decode_tokens_per_s"] > 0 for r in results)

@@ -161,6 +161,7 @@ FEATURES = {  # what a step computes or samples beyond the plain greedy loop: al
     # its own weights in int4, split as the target over each rank's pool (the ranks follow its forwards)
     "self_int4": {"speculative": SpeculativeConfig(num_draft_tokens=3, method="draft", adaptive=False)},
     "async_scheduling": {"async_scheduling": True},
+    "gloo_only": {"tensor_parallel_shared_memory": False},  # every exchange through Gloo, none in shared memory
     "logprobs": {},
 }
 

@@ -162,3 +162,10 @@ def copy_ranges_kernel() -> ctypes.CDLL | None:
 def token_mask_kernel() -> ctypes.CDLL | None:
     """Structured-output bitmasks applied to fp32 logits (token_mask.c), or None (callers use torch)."""
     return _load_bound("token_mask.c", {"apply_token_bitmask": (None, _P, _I64, _P, _P, _I64, _I64, _I64)})
+
+
+@functools.cache
+def shm_sync_kernel() -> ctypes.CDLL | None:
+    """Counters in shared memory for tensor-parallel ranks on one host (shm_sync.c), or None (they use Gloo)."""
+    return _load_bound("shm_sync.c", {"shm_publish": (None, _P, _I64), "shm_set": (None, _P, _I64),
+                                      "shm_wait": (_I32, _P, _I32, _I32, _I64, _P, _P, _I32, _I32, ctypes.c_double)})

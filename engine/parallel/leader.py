@@ -58,7 +58,7 @@ class TPLeader:
                 self._procs.append(proc)
                 assert proc.stdin is not None
                 write_frame(proc.stdin, FollowerStart(config, rank, size, self._store.port, context_of, plugin))
-            self.group = TPGroup(self._store, 0, size, device)
+            self.group = TPGroup(self._store, 0, size, device, config.tensor_parallel_shared_memory, tuple(self.pids))
         except BaseException:
             self.close()
             raise
@@ -120,6 +120,9 @@ class TPLeader:
             if self.lost is not None:
                 return
             self.lost = why
+        group = getattr(self, "group", None)  # (a rank may be lost before the group is made)
+        if group is not None:
+            group.abort()
         log.error("tensor-parallel %s: the engine serves no more", why)
         for callback in self.on_lost:
             try:
