@@ -2,9 +2,10 @@
 where; this rank keeps its own KV heads of the same blocks in the same slots, making the copies rank 0 made.
 
 Rank 0 logs each copy as it decides it (`TierCopy`: a block stored into a slot when the pool frees it, a slot
-loaded into a block on a prefix hit) and sends the log with the next step (FollowerStep.tier_copies); the rank makes
-them, in order, before that step's forward. The order keeps the tier's invariants here: a block is stored before the
-forward that reuses it writes it (rank 0 decided the store when the block was freed, before handing it out again),
+loaded into a block on a prefix hit) and sends the log with its next message to the ranks (FollowerStep.tier_copies,
+RankCommand.tier_copies); the rank makes them, in order, before that step's forward or that command. The order keeps
+the tier's invariants here: a block is stored before anything writes it again (rank 0 decided the store when the
+block was freed, before handing it out again; what writes a block is a step, or a peer granted it by a command),
 and a slot is loaded before a later store overwrites it. A store rank 0 dropped (its tier cleared) is made anyway:
 its slot holds nothing readable until a later store into it, which comes after it in the log."""
 

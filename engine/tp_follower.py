@@ -68,11 +68,12 @@ def main() -> int:
     store.set(key, "ok")
     runner = parts.runner
     assert isinstance(runner, ModelRunner)
+    replies = Replies(store, start.rank)
     with torch.inference_mode():
         while (message := read_frame(stdin)) is not None:
-            if isinstance(message, FollowerStep) and message.tier_copies:
+            if isinstance(message, FollowerStep | RankCommand) and message.tier_copies:
                 assert tier is not None, "rank 0 copies to and from a KV offload tier only where every rank has one"
-                tier.apply(message.tier_copies)
+                tier.apply(message.tier_copies)  # (before a command too: it may let peers write the blocks stored)
             if isinstance(message, FollowerStep) and message.draft:  # (no KV of a draft's is pushed)
                 assert draft is not None, "rank 0 drafts with a self-int4 draft only where every rank has its shard"
                 draft.follow(message)
@@ -82,7 +83,7 @@ def main() -> int:
                 if services is not None:
                     services.end_step()
             elif isinstance(message, RankCommand):
-                _command(services, message, Replies(store, start.rank))
+                _command(services, message, replies)
     if services is not None:
         services.close()
     if tier is not None:
@@ -123,8 +124,10 @@ def _command(services: RankServices | None, command: RankCommand, replies: Repli
         return
 
     def answer(done: Future[Any]) -> None:
-        exc = done.exception()
-        replies.put(command, ("ok", done.result()) if exc is None else _failure(command, exc))
+        try:
+            replies.put(command, ("ok", done.result()))
+        except BaseException as exc:  # (a cancelled one too: rank 0 hears of it rather than waiting it out)
+            replies.put(command, _failure(command, exc))
 
     value.add_done_callback(answer)
 

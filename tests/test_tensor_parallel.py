@@ -334,3 +334,38 @@ def test_a_kv_offload_tier_keeps_every_ranks_heads(tiny_llama_dir, async_schedul
         llm.engine.check_integrity()
     finally:
         llm.engine.close()
+
+
+def test_a_command_carries_the_tier_copies_logged_before_it(tiny_llama_dir) -> None:
+    """A command may open blocks to writes from other workers (a decode group's page grants), so the tier copies
+    rank 0 logged before it (here: the stores of a finished request's blocks, with no step after them) go with it,
+    to be made first; the request asked again is then loaded back from the tier exactly."""
+    from engine.llm_engine import LLMEngine
+    from engine.parallel.protocol import RankPlugin
+    from engine.request import EngineRequest
+
+    config = EngineConfig(model=str(tiny_llama_dir), dtype="float32", tensor_parallel_size=2, num_kv_blocks=14,
+                          max_model_len=220, kv_offload_bytes=8 << 20)
+    engine = LLMEngine(config, rank_plugin=RankPlugin("tests.support.rank_probe", None))
+    leader, tier = engine.parts.tp_leader, engine.offload
+    assert leader is not None and tier is not None
+    params = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
+
+    def run(request_id: str, prompt: list[int]) -> list[int]:
+        engine.add_request(EngineRequest(request_id, tuple(prompt), params))
+        tokens: list[int] = []
+        while engine.has_unfinished_requests():
+            for out in engine.step():
+                tokens = list(out.token_ids)
+        return tokens
+
+    try:
+        prompt = [(11 * j) % 470 + 13 for j in range(150)]
+        first = run("a", prompt)
+        assert tier.copies  # the finished request's blocks, logged, sent with nothing yet
+        assert leader.command("echo") == ["echo"]
+        assert tier.copies == []  # they went with the command
+        run("b", [(17 * j) % 430 + 29 for j in range(170)])  # evicts the first prompt's blocks from the pool
+        assert run("c", prompt) == first and tier.stats().loaded_blocks > 0
+    finally:
+        engine.close()

@@ -7,6 +7,7 @@ with the commands below, between steps (engine.parallel.leader.TPLeader.command)
 from __future__ import annotations
 
 import asyncio
+import itertools
 import threading
 from collections.abc import Callable, Coroutine
 from contextlib import AsyncExitStack
@@ -96,8 +97,9 @@ class RankKV:
         self.pusher: KVPusher | None = None
         self._grants: dict[str, tuple[list[GrantKey], list[Subscription]]] = {}
         self._lock = threading.Lock()
-        self._connecting: set[str] = set()  # pushes whose handshakes are under way
-        self._forgotten: set[str] = set()  # ... and that were forgotten meanwhile
+        self._handshakes = itertools.count()
+        self._under_way: dict[str, set[int]] = {}  # a push's handshakes under way, by number
+        self._forgotten_upto: dict[str, int] = {}  # ... of which those up to this one were forgotten meanwhile
 
     def _run(self, coroutine: Coroutine[Any, Any, T]) -> T:
         return asyncio.run_coroutine_threadsafe(coroutine, self._loop).result()
@@ -118,13 +120,14 @@ class RankKV:
             # the handshakes run on this rank's loop, not in its step loop (a slow decode peer would hold back every
             # step of the group); rank 0 adds the request only once every rank answered, so no step of it comes first
             with self._lock:
-                self._connecting.add(body.request_id)
-            return asyncio.run_coroutine_threadsafe(self._expect(body), self._loop)
+                number = next(self._handshakes)
+                self._under_way.setdefault(body.request_id, set()).add(number)
+            return asyncio.run_coroutine_threadsafe(self._expect(body, number), self._loop)
         if isinstance(body, PushForget):
             assert self.pusher is not None
-            with self._lock:  # (a handshake still under way registers nothing when it ends)
-                if body.request_id in self._connecting:
-                    self._forgotten.add(body.request_id)
+            with self._lock:  # (the push's handshakes still under way register nothing when they end)
+                if body.request_id in self._under_way:
+                    self._forgotten_upto[body.request_id] = max(self._under_way[body.request_id])
             return {str(dest): total for dest, total in self.pusher.forget(body.request_id).items()}
         if isinstance(body, GrantPages):
             return self._grant(body)
@@ -136,22 +139,23 @@ class RankKV:
             return None
         raise ValueError(f"unknown command {type(body).__name__}")
 
-    async def _expect(self, body: PushExpect) -> None:
+    async def _expect(self, body: PushExpect, number: int) -> None:
+        """Handshake `number`: connect, then register the push unless a PushForget of it came meanwhile (a later
+        PushExpect of the same request, a retry, is not forgotten by it)."""
         assert self.pusher is not None and self.connector is not None, "a decode rank pushes nothing"
-        rid = body.request_id
+        rid, routed = body.request_id, None
         try:
             routed = await self.connector.connect_routes(body.decode_segment)
-        except BaseException:
-            with self._lock:
-                self._connecting.discard(rid)
-                self._forgotten.discard(rid)
-            raise
-        with self._lock:  # (a PushForget either came before, and nothing is registered, or comes after and ends it)
-            self._connecting.discard(rid)
-            if rid in self._forgotten:
-                self._forgotten.discard(rid)
-                return
-            self.pusher.expect(rid, routed, list(body.remote_blocks), body.timeout_s)
+        finally:
+            with self._lock:  # (a PushForget either came before, and nothing is registered, or comes after and ends it)
+                under_way = self._under_way[rid]
+                under_way.discard(number)
+                forgotten = number <= self._forgotten_upto.get(rid, -1)
+                if not under_way:
+                    del self._under_way[rid]
+                    self._forgotten_upto.pop(rid, None)
+                if routed is not None and not forgotten:
+                    self.pusher.expect(rid, routed, list(body.remote_blocks), body.timeout_s)
 
     def _grant(self, body: GrantPages) -> None:
         assert self.connector is not None

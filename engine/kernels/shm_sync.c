@@ -40,7 +40,7 @@ int shm_wait(const int64_t *flags, int stride, int size, int64_t target, const i
         for (int r = 0; r < size && ready; r++)
             ready = __atomic_load_n(flags + (int64_t)r * stride, __ATOMIC_ACQUIRE) >= target;
         if (ready) return 0;
-        if (spin < 4096) {
+        if (spin < 1024) {
             CPU_RELAX();
             continue;
         }
@@ -51,7 +51,7 @@ int shm_wait(const int64_t *flags, int stride, int size, int64_t target, const i
             if (parent != 0 && getppid() != (pid_t)parent) return 2;
             if (seconds_since(&start) > timeout_s) return 3;
         }
-        if (spin < 4096 + 2048) {
+        if (spin < 1024 + 512) {
             sched_yield();
         } else {
             struct timespec nap = {0, 20000};

@@ -74,16 +74,18 @@ class TPGroup:
         else:
             path = store.get(SHM_KEY).decode()
         shm = None
-        if path:
-            try:
-                shm = ShmCollectives(path, self.rank, self.size, COLLECTIVE_TIMEOUT.total_seconds(), child_pids,
-                                     parent_pid)
-            except OSError as exc:
-                log.warning("tensor-parallel rank %d cannot map %s: %s", self.rank, path, exc)
-        mapped = torch.tensor([0 if shm is None else 1], dtype=torch.int64)
-        self.pg.allreduce([mapped]).wait()
-        if self.rank == 0 and path:
-            os.unlink(path)
+        try:
+            if path:
+                try:
+                    shm = ShmCollectives(path, self.rank, self.size, COLLECTIVE_TIMEOUT.total_seconds(), child_pids,
+                                         parent_pid)
+                except OSError as exc:
+                    log.warning("tensor-parallel rank %d cannot map %s: %s", self.rank, path, exc)
+            mapped = torch.tensor([0 if shm is None else 1], dtype=torch.int64)
+            self.pg.allreduce([mapped]).wait()
+        finally:  # (a rank that failed meanwhile leaves no file behind either)
+            if self.rank == 0 and path:
+                os.unlink(path)
         return shm if int(mapped) == self.size else None
 
     def abort(self) -> None:

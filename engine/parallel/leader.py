@@ -93,7 +93,9 @@ class TPLeader:
         self.check()
         try:
             with self._send_lock:
-                if isinstance(step, FollowerStep) and self.tier_copies is not None:  # (in the order steps go out)
+                # (in the order messages go out; commands carry them too: one may open blocks whose store is logged
+                # to writes from other workers, as a decode group's page grants do)
+                if self.tier_copies is not None:
                     step = replace(step, tier_copies=self.tier_copies())
                 for proc in self._procs:
                     assert proc.stdin is not None

@@ -42,6 +42,7 @@ class RankCommand:
     seq: int
     body: Any
     wants_reply: bool
+    tier_copies: tuple[TierCopy, ...] = ()  # as FollowerStep's, made before the command
 
 
 class StepFollowers(Protocol):

@@ -35,6 +35,9 @@ def create_file(size: int, slot_bytes: int = SLOT_BYTES) -> str:
     fd, path = tempfile.mkstemp(prefix="tandem-tp-", dir=directory)
     try:
         os.posix_fallocate(fd, 0, _header_bytes(size) + 2 * size * slot_bytes)
+    except BaseException:
+        os.unlink(path)
+        raise
     finally:
         os.close(fd)
     return path
