@@ -245,14 +245,21 @@ def test_a_self_int4_draft_is_split_as_its_target(tiny_llama_dir) -> None:
 def test_a_rank_on_a_cpu_takes_its_share_of_the_cores(tiny_llama_dir) -> None:
     """Unless told (num_threads, per rank), each of N ranks runs cores // N torch threads (at least one): by default
     torch would give every rank all the cores, N times as many threads as cores. (conftest restores the count.)"""
+    from engine.llm_engine import LLMEngine
+    from engine.parallel.protocol import RankPlugin
+
     cores = len(os.sched_getaffinity(0))
     for told, expected in ((None, max(1, cores // 2)), (3, 3)):
         torch.set_num_threads(cores)
-        llm = LLM(str(tiny_llama_dir), dtype="float32", tensor_parallel_size=2, num_kv_blocks=64, num_threads=told)
+        engine = LLMEngine(EngineConfig(model=str(tiny_llama_dir), dtype="float32", tensor_parallel_size=2,
+                                        num_kv_blocks=64, num_threads=told),
+                           rank_plugin=RankPlugin("tests.support.rank_probe", None))
         try:
+            assert engine.parts.tp_leader is not None
             assert torch.get_num_threads() == expected  # rank 0's, as this process's
+            assert engine.parts.tp_leader.command("threads") == [expected]  # rank 1's
         finally:
-            llm.engine.close()
+            engine.close()
 
 
 def test_a_command_answered_later_leaves_the_rank_stepping(tiny_llama_dir) -> None:

@@ -1,10 +1,13 @@
 """A RankPlugin for tests of the rank's command path (engine.tp_follower): `"hold"` is answered only after the rank
-has run two more steps, with the number it ran meanwhile; `"fail"` fails after one; anything else is echoed."""
+has run two more steps, with the number it ran meanwhile; `"fail"` fails after one; `"threads"` is answered with the
+rank's torch threads; anything else is echoed."""
 
 from __future__ import annotations
 
 from concurrent.futures import Future
 from typing import Any
+
+import torch
 
 
 class Probe:
@@ -18,6 +21,8 @@ class Probe:
         pass
 
     def handle(self, body: Any) -> Any:
+        if body == "threads":
+            return torch.get_num_threads()
         if body in ("hold", "fail"):
             reply: Future[Any] = Future()
             self._pending.append((reply, self.steps, 2 if body == "hold" else 1, body == "fail"))
