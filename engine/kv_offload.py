@@ -240,7 +240,8 @@ class KVOffloadTier:
             self._free_slots = [s for s in range(self.capacity_blocks - 1, -1, -1) if s not in held]
 
     def take_copies(self) -> tuple[TierCopy, ...]:
-        """The copies decided since the last call, in order (for the other ranks: FollowerStep.tier_copies)."""
+        """The copies decided since the last call, in order (for the other ranks: the tier_copies of the next message
+        rank 0 sends them, a FollowerStep's or a RankCommand's)."""
         with self._lock:
             if not self.copies:
                 return ()

@@ -125,9 +125,10 @@ def _command(services: RankServices | None, command: RankCommand, replies: Repli
 
     def answer(done: Future[Any]) -> None:
         try:
-            replies.put(command, ("ok", done.result()))
+            reply: tuple[str, Any] = ("ok", done.result())
         except BaseException as exc:  # (a cancelled one too: rank 0 hears of it rather than waiting it out)
-            replies.put(command, _failure(command, exc))
+            reply = _failure(command, exc)
+        replies.put(command, reply)
 
     value.add_done_callback(answer)
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import pathlib
 import signal
 import subprocess
 import sys
@@ -85,6 +86,7 @@ def test_a_rank_waiting_when_rank_0_dies_ends_its_wait(tmp_path) -> None:
         time.sleep(0.05)
     try:
         assert "a peer process is gone" in out.read_text()
-    finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(orphan, signal.SIGKILL)
+    finally:  # (only if that pid is still the rank: it may have ended and been reused)
+        with contextlib.suppress(OSError):
+            if b"tests.support.shm_rank" in pathlib.Path(f"/proc/{orphan}/cmdline").read_bytes():
+                os.kill(orphan, signal.SIGKILL)

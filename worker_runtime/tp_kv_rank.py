@@ -142,9 +142,9 @@ class RankKV:
     async def _expect(self, body: PushExpect, number: int) -> None:
         """Handshake `number`: connect, then register the push unless a PushForget of it came meanwhile (a later
         PushExpect of the same request, a retry, is not forgotten by it)."""
-        assert self.pusher is not None and self.connector is not None, "a decode rank pushes nothing"
-        rid, routed = body.request_id, None
+        pusher, rid, routed = self.pusher, body.request_id, None
         try:
+            assert pusher is not None and self.connector is not None, "a decode rank pushes nothing"
             routed = await self.connector.connect_routes(body.decode_segment)
         finally:
             with self._lock:  # (a PushForget either came before, and nothing is registered, or comes after and ends it)
@@ -154,8 +154,8 @@ class RankKV:
                 if not under_way:
                     del self._under_way[rid]
                     self._forgotten_upto.pop(rid, None)
-                if routed is not None and not forgotten:
-                    self.pusher.expect(rid, routed, list(body.remote_blocks), body.timeout_s)
+                if pusher is not None and routed is not None and not forgotten:
+                    pusher.expect(rid, routed, list(body.remote_blocks), body.timeout_s)
 
     def _grant(self, body: GrantPages) -> None:
         assert self.connector is not None

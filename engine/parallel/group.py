@@ -4,6 +4,7 @@ process may hold several engines), NCCL between CUDA devices; between CPU proces
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import logging
 import os
@@ -63,18 +64,17 @@ class TPGroup:
                             parent_pid: int) -> ShmCollectives | None:
         """Rank 0 makes the file and names it in the store; every rank maps it; then (a Gloo all-reduce, also the
         barrier after which rank 0 unlinks it) every rank uses it, or none does."""
-        path = ""
-        if self.rank == 0:
-            if slot_bytes and shm_sync_kernel() is not None:
-                try:
-                    path = create_file(self.size, slot_bytes)
-                except OSError as exc:
-                    log.warning("tensor-parallel ranks exchange through Gloo: no shared-memory file (%s)", exc)
-            store.set(SHM_KEY, path)
-        else:
-            path = store.get(SHM_KEY).decode()
-        shm = None
+        path, shm = "", None
         try:
+            if self.rank == 0:
+                if slot_bytes and shm_sync_kernel() is not None:
+                    try:
+                        path = create_file(self.size, slot_bytes)
+                    except OSError as exc:
+                        log.warning("no shared-memory file for the tensor-parallel ranks: %s", exc)
+                store.set(SHM_KEY, path)
+            else:
+                path = store.get(SHM_KEY).decode()
             if path:
                 try:
                     shm = ShmCollectives(path, self.rank, self.size, COLLECTIVE_TIMEOUT.total_seconds(), child_pids,
@@ -85,8 +85,14 @@ class TPGroup:
             self.pg.allreduce([mapped]).wait()
         finally:  # (a rank that failed meanwhile leaves no file behind either)
             if self.rank == 0 and path:
-                os.unlink(path)
-        return shm if int(mapped) == self.size else None
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(path)
+        if int(mapped) != self.size:
+            if self.rank == 0 and slot_bytes:
+                log.warning("tensor-parallel ranks exchange through Gloo: %s",
+                            "not every rank could map the shared-memory file" if path else "no shared memory")
+            return None
+        return shm
 
     def abort(self) -> None:
         """A rank is gone: every wait in a shared-memory exchange ends, now and later (Gloo's fail by themselves)."""

@@ -22,7 +22,7 @@ from engine.config import EngineConfig
 from engine.errors import EngineDeadError, ModelLoadError, RankCommandError
 from engine.kv_offload_mirror import TierCopy
 from engine.parallel.group import COLLECTIVE_TIMEOUT, TPGroup, open_store
-from engine.parallel.protocol import FollowerStart, FollowerStep, RankCommand, RankPlugin, write_frame
+from engine.parallel.protocol import FollowerStart, FollowerStep, RankCommand, RankPlugin, encode_frame, write_frame
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +46,7 @@ class TPLeader:
         self.late_replies: set[str] = set()
         self._late_lock = threading.Lock()
         self.lost: str | None = None
-        # what each step also carries: the KV offload tier's copies since the last (engine.kv_offload_mirror)
+        # what each message also carries: the KV offload tier's copies since the last (engine.kv_offload_mirror)
         self.tier_copies: Callable[[], tuple[TierCopy, ...]] | None = None
         self.on_lost: list[Callable[[str], None]] = []
         envs = [_rank_env(rank, device) for rank in range(1, size)]  # (refused before any rank starts)
@@ -96,10 +96,13 @@ class TPLeader:
                 # (in the order messages go out; commands carry them too: one may open blocks whose store is logged
                 # to writes from other workers, as a decode group's page grants do)
                 if self.tier_copies is not None:
+                    if isinstance(step, RankCommand):  # a body that cannot be sent fails before the copies are taken
+                        encode_frame(step)
                     step = replace(step, tier_copies=self.tier_copies())
+                frame = encode_frame(step)
                 for proc in self._procs:
                     assert proc.stdin is not None
-                    write_frame(proc.stdin, step)
+                    write_frame(proc.stdin, frame)
         except (OSError, ValueError) as exc:  # (ValueError: the group was closed meanwhile)
             raise EngineDeadError(f"a tensor-parallel rank is gone: {self.lost or exc}") from exc
 

@@ -90,7 +90,7 @@ class FollowerStep:
     prompt_indices: tuple[int, ...]  # rows scoring prompt tokens, in runs of `prompt_counts` (chunked calls each)
     prompt_counts: tuple[int, ...]
     draft: bool = False  # a self-int4 draft's forward (engine.draft_model), over the same pool: not the target's
-    # copies between the pool and the KV offload tier rank 0 decided since the step before, to make first, in order
+    # copies between the pool and the KV offload tier rank 0 decided since its last message, to make first, in order
     tier_copies: tuple[TierCopy, ...] = ()
 
 
@@ -107,9 +107,14 @@ class DraftFollowers:
         self.ranks.abandon(why)
 
 
-def write_frame(stream: IO[bytes], message: Any) -> None:
+def encode_frame(message: Any) -> bytes:
     data = pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)
-    stream.write(_LENGTH.pack(len(data)) + data)
+    return _LENGTH.pack(len(data)) + data
+
+
+def write_frame(stream: IO[bytes], message: Any | bytes) -> None:
+    """Write `message`, or a frame `encode_frame` made."""
+    stream.write(message if isinstance(message, bytes) else encode_frame(message))
     stream.flush()
 
 

@@ -69,7 +69,11 @@ def main() -> None:
         child = subprocess.Popen(  # (not on this one's pipes: the test reads them to their end)
             [sys.executable, "-m", "tests.support.shm_rank", "1", "2", str(store.port), "orphan", sys.argv[5]],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        TPGroup(store, 0, 2, torch.device("cpu"), child_pids=(child.pid,), slot_bytes=SLOT)
+        group = TPGroup(store, 0, 2, torch.device("cpu"), child_pids=(child.pid,), slot_bytes=SLOT)
+        assert group.shm is not None, "the test is of a shared-memory wait"
+        deadline = time.monotonic() + 30
+        while group.shm.counters()[1] < 1 and time.monotonic() < deadline:  # (rank 1 is in its wait)
+            time.sleep(0.01)
         print(child.pid, flush=True)
         os._exit(0)
     group = TPGroup(open_store(rank, size, port), rank, size, torch.device("cpu"), parent_pid=os.getppid())
