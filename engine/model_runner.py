@@ -27,7 +27,7 @@ from engine.attention.torch_backend import TorchAttention
 from engine.cuda_graphs import CudaGraphDecoder
 from engine.kv_cache import KVCachePool
 from engine.kv_groups import KVGroups
-from engine.kv_hooks import ObservedAttention
+from engine.kv_hooks import LayerObserver, LayerReady, ObservedAttention, cuda_layer_event
 from engine.logprobs import prompt_row_chunks, prompt_token_logprobs, token_logprobs
 from engine.models.llama import LlamaForCausalLM
 from engine.outputs import TokenLogprobs
@@ -76,7 +76,7 @@ class SequenceResult:
 class StepRunner(Protocol):
     """What the engine asks of a runner: this module's ModelRunner, or engine.simulated's."""
 
-    layer_observer: Callable[[int], None] | None  # set for one step by a KV push hook
+    layer_observer: LayerObserver | None  # set for one step by a KV push hook
 
     def execute(self, out: SchedulerOutput) -> dict[str, SequenceResult]: ...
 
@@ -117,7 +117,9 @@ class ModelRunner:
         self.dense_min_queries = 0 if not dense else AMX_PREFILL_MIN_QUERIES if amx else DENSE_PREFILL_MIN_QUERIES
         self.dense_max_context_per_query = 0 if amx else DENSE_MAX_CONTEXT_PER_QUERY
         self.graphs: CudaGraphDecoder | None = None
-        self.layer_observer: Callable[[int], None] | None = None  # set for one step by a KV push hook
+        self.layer_observer: LayerObserver | None = None  # set for one step by a KV push hook
+        # what marks a layer's KV writes on the device for the observer to wait on (None: a CPU's writes are done)
+        self.layer_events: Callable[[], LayerReady] | None = cuda_layer_event if device.type == "cuda" else None
         if self.use_flash and cuda_graph_max_batch and not self.kv_groups.is_hybrid:  # (one block table per step)
             self.graphs = CudaGraphDecoder(model, pool, cuda_graph_max_batch, max_model_len)
         # decode steps of a few tokens as one C call where every kernel of the model has one (engine/step_program.py)
@@ -261,7 +263,7 @@ class ModelRunner:
         return results
 
     def _forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
-                 observer: Callable[[int], None] | None, several_rows: bool) -> torch.Tensor:
+                 observer: LayerObserver | None, several_rows: bool) -> torch.Tensor:
         """The model's hidden states; `several_rows`: the step program may run a step of more than one token."""
         if observer is None and self.graphs is not None and self.graphs.can_run(meta):
             return self.graphs.run(input_ids, positions, meta)
@@ -270,11 +272,11 @@ class ModelRunner:
             return self.program.run(input_ids, positions, meta)
         attn = self._attention(meta)
         if observer is not None:
-            attn = ObservedAttention(attn, observer, self.device.type == "cuda")
+            attn = ObservedAttention(attn, observer, self.layer_events)
         return self.model(input_ids, positions, attn)
 
     @torch.inference_mode()
-    def follow(self, step: FollowerStep, observer: Callable[[int], None] | None = None) -> None:
+    def follow(self, step: FollowerStep, observer: LayerObserver | None = None) -> None:
         """Run on a tensor-parallel rank other than 0 the step rank 0 runs (`execute_prepared`, or a self-int4 draft's
         `logits_at_ends`): the same forward and
         the same lm_head calls on the same rows, whose collectives meet rank 0's; rank 0 samples from their logits.
@@ -284,7 +286,7 @@ class ModelRunner:
         meta = self._metadata(spans, [[list(t) for t in tables] for tables in step.group_tables])
         attn = self._attention(meta)
         if observer is not None:
-            attn = ObservedAttention(attn, observer, self.device.type == "cuda")
+            attn = ObservedAttention(attn, observer, self.layer_events)
         hidden = self.model(self._tensor(list(step.input_ids)), self._tensor(positions), attn)
         if step.logits_indices is not None:
             self.model.sampling_logits(hidden.index_select(0, self._tensor(list(step.logits_indices))))

@@ -8,10 +8,12 @@ import logging
 import threading
 from collections import Counter
 from collections.abc import Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
 
+from engine.kv_hooks import LayerReady
 from engine.outputs import RequestOutput
 from engine.remote_kv import NOT_NEEDED
 from engine.scheduler import SchedulerOutput
@@ -83,6 +85,9 @@ class KVPusher:
         self.bytes_submitted = 0  # every page's bytes handed to the transfer engine, ever
         self._ended: dict[str, Counter[int]] = {}  # pushes ended by their first token, until forgotten: their bytes
         self._lock = threading.Lock()
+        # batches whose layers' writes were still queued on the device: submitted by `_waiter` once they land
+        self._waiter: ThreadPoolExecutor | None = None
+        self._waiting: list[Future[None]] = []
 
     @property
     def source_rank(self) -> int:
@@ -150,8 +155,11 @@ class KVPusher:
                 self._group_layer_bytes[group] += len(local) * self.connector.layout.block_bytes
         return bool(self._active)
 
-    def layer_written(self, layer: int) -> None:
-        """Model layer `layer`'s pages are written: pushed with the layers pending before it once they add up."""
+    def layer_written(self, layer: int, ready: LayerReady | None = None) -> None:
+        """Model layer `layer`'s pages are written (`ready`: queued on the device, landed once it says so): pushed with
+        the layers pending before it once they add up. With `ready` the push waits for the device on a thread of its
+        own, so the engine's thread goes on queueing the forward (its device work lands in order: the last layer's
+        `ready` covers the layers before it)."""
         groups = self.connector.groups
         self._pending_layers.append(layer)
         self._pending_bytes += self._group_layer_bytes[groups.placement[layer][0]]
@@ -159,6 +167,19 @@ class KVPusher:
             return
         slots = groups.layers_by_group(self._pending_layers)
         self._pending_layers, self._pending_bytes = [], 0
+        if ready is None:
+            self._submit_layers(slots)
+            return
+        if self._waiter is None:
+            self._waiter = ThreadPoolExecutor(1, thread_name_prefix="tandem-kv-push")  # (one: batches keep order)
+        self._waiting.append(self._waiter.submit(self._submit_when_ready, ready, slots))
+
+    def _submit_when_ready(self, ready: LayerReady, slots: dict[int, list[int]]) -> None:
+        ready.synchronize()
+        self._submit_layers(slots)
+
+    def _submit_layers(self, slots: dict[int, list[int]]) -> None:
+        """Submit the pages of `slots` (pool layers by layer group) of every active target."""
         for target in self._active:
             for group, start, end, local, remote in target.step_blocks:
                 if group not in slots:
@@ -175,6 +196,9 @@ class KVPusher:
                         target.error = target.error or str(e)
 
     def wait_for_save(self, plan: SchedulerOutput | None = None) -> None:
+        waiting, self._waiting = self._waiting, []
+        for submitted in waiting:  # every batch submitted first (the device work they waited on has landed)
+            submitted.result()
         for target in self._active:
             relays: list[BatchHandle] = []
             for handle, relayed in target.handles:

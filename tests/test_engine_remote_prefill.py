@@ -8,6 +8,7 @@ import pytest
 
 from engine import EngineConfig, LLMEngine, SamplingParams
 from engine.errors import InvalidRequestError, OutOfKVBlocksError
+from engine.kv_hooks import LayerReady
 from engine.outputs import RequestOutput
 from engine.remote_kv import RemotePrefillResult
 from engine.scheduler import SchedulerOutput
@@ -26,7 +27,8 @@ class CopyPagesHook:
         self.block_table = next((list(i.seq.block_table) for i in plan.scheduled if i.seq.request_id == self.rid), [])
         return bool(self.block_table)
 
-    def layer_written(self, layer: int) -> None:
+    def layer_written(self, layer: int, ready: LayerReady | None = None) -> None:
+        assert ready is None  # (a CPU pool: the layer's KV is in it already)
         self.layers_seen.append(layer)
         src, dst = self.src.parts.pool.tensor, self.dst.parts.pool.tensor
         for src_block, dst_block in zip(self.block_table, self.dst_blocks, strict=False):

@@ -41,17 +41,29 @@ def etcd() -> Iterator[str]:
 @pytest.mark.slow
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_pushed_prefill_decodes_like_transformers(backend: str, etcd: str, default_model_path) -> None:
+    _push_and_decode(backend, etcd, str(default_model_path))
+
+
+@pytest.mark.slow
+def test_a_push_waiting_on_device_events_decodes_like_transformers(etcd: str, default_model_path) -> None:
+    """As on a GPU, each layer's KV writes are marked by an event (here a CPU stand-in that lands 2 ms later) which
+    the push waits on off the engine's thread (engine.kv_hooks.ObservedAttention, KVPusher.layer_written): every
+    layer is still pushed whole, and the decode side's output equals transformers'."""
+    _push_and_decode("shm", etcd, str(default_model_path), layer_events=1)
+
+
+def _push_and_decode(backend: str, etcd: str, model: str, layer_events: int = 0) -> None:
     if backend == "nixl":
         from tests.test_kv_transfer_processes import _nixl_available
 
         if not _nixl_available():
             pytest.skip("NIXL is not available here")
-    model = str(default_model_path)
     prefix = f"/tandem/test-{uuid.uuid4().hex[:8]}"
     # The prefill engine runs 40-token chunks, so a long prompt is pushed over several steps (each
     # step re-pushes the block its previous chunk left partly filled); the decode pool is sized
     # differently, so block ids and layer strides differ on the two sides.
-    prefill = _engine_peer(etcd, f"p-{backend}", backend, model, prefix, num_blocks=96, max_batched_tokens=40)
+    prefill = _engine_peer(etcd, f"p-{backend}", backend, model, prefix, num_blocks=96, max_batched_tokens=40,
+                           layer_events=layer_events)
     decode = _engine_peer(etcd, f"d-{backend}", backend, model, prefix, num_blocks=160)
     try:
         tokenizer = load_tokenizer(model)
@@ -71,6 +83,10 @@ def test_pushed_prefill_decodes_like_transformers(backend: str, etcd: str, defau
             assert result["tokens"] == expected, f"prompt {i} ({len(prompt)} tokens)"
             assert result["tokens"][0] == pushed["first_token"]
             assert result["layers"] == list(range(30))
+            if layer_events:  # every push waited on its layers' events, on the pusher's own thread
+                assert pushed["event_waits"] > 0 and pushed["event_threads"] == ["tandem-kv-push_0"], pushed
+            else:
+                assert pushed["event_waits"] == 0
     finally:
         prefill.close()
         decode.close()

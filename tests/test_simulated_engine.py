@@ -107,7 +107,7 @@ def test_a_step_takes_the_profiled_time(tiny_llama_dir, tmp_path) -> None:
         now[0] += seconds
 
     runner.clock, runner.sleep = (lambda: now[0]), sleep
-    runner.layer_observer = lambda layer: layers.append((layer, now[0]))
+    runner.layer_observer = lambda layer, ready: layers.append((layer, now[0]))
     llm.generate([[7] * 100], SamplingParams(temperature=0, max_tokens=3))
     profile = runner.profile
     want = profile.step_seconds(100, 0, 0) + profile.step_seconds(0, 1, 101) + profile.step_seconds(0, 1, 102)

@@ -54,7 +54,7 @@ def test_a_pushing_step_is_held_for_the_real_kvs_bytes_on_the_runners_clock(tiny
         now[0] += seconds
 
     runner.clock, runner.sleep = (lambda: now[0]), sleep
-    runner.layer_observer = lambda layer: None  # as a KV push hook does on a prefill worker
+    runner.layer_observer = lambda layer, ready: None  # as a KV push hook does on a prefill worker
     profile = runner.profile
 
     def held(step_s: float, blocks: int) -> float:  # the closed form: max(T + t, T / L + L t) + latency

@@ -9,14 +9,14 @@ from __future__ import annotations
 import asyncio
 import itertools
 import threading
-from collections.abc import Callable, Coroutine
+from collections.abc import Coroutine
 from contextlib import AsyncExitStack
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import torch
 
-from engine.kv_hooks import KVStorageAllocator
+from engine.kv_hooks import KVStorageAllocator, LayerObserver
 from engine.loader.engine_parts import LoadedEngineParts
 from engine.parallel.protocol import FollowerStep
 from engine.parallel.shard import group_kv_heads
@@ -173,7 +173,7 @@ class RankKV:
             raise
         self._grants[body.request_id] = (grants, subscriptions)
 
-    def begin_step(self, step: FollowerStep) -> Callable[[int], None] | None:
+    def begin_step(self, step: FollowerStep) -> LayerObserver | None:
         if self.pusher is None:
             return None
         items = [PushItem(rid, (table, *groups), start, start + count)

@@ -5,12 +5,11 @@ from __future__ import annotations
 
 import pickle
 import struct
-from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import IO, Any, Protocol
 
 from engine.config import EngineConfig
-from engine.kv_hooks import KVStorageAllocator
+from engine.kv_hooks import KVStorageAllocator, LayerObserver
 from engine.kv_offload_mirror import TierCopy
 
 _LENGTH = struct.Struct("<Q")
@@ -67,7 +66,7 @@ class RankServices(Protocol):
         """A RankCommand's body; returns the reply (JSON-able), or a concurrent.futures.Future of it (the rank
         answers once it is done, and runs later steps meanwhile), or raises (rank 0 raises it again)."""
 
-    def begin_step(self, step: FollowerStep) -> Callable[[int], None] | None:
+    def begin_step(self, step: FollowerStep) -> LayerObserver | None:
         """Before the step's forward: what to call as each layer's KV is written, if anything."""
 
     def end_step(self) -> None:

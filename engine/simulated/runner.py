@@ -24,6 +24,7 @@ from collections.abc import Callable, Collection
 import torch
 
 from engine.kv_cache import KVCacheSpec
+from engine.kv_hooks import LayerObserver
 from engine.logprobs import prompt_token_logprobs
 from engine.model_runner import SequenceResult
 from engine.sampler import Sampler
@@ -72,7 +73,7 @@ class SimulatedRunner:
         self.choices = choices
         self.num_layers = num_layers
         self.avoid = frozenset(avoid)
-        self.layer_observer: Callable[[int], None] | None = None
+        self.layer_observer: LayerObserver | None = None
         self.clock, self.sleep = clock, sleep  # replaceable: a test drives the runner on its own clock
         self.real_kv = real_kv
 
@@ -116,7 +117,7 @@ class SimulatedRunner:
         observer = self.layer_observer
         for layer in range(self.num_layers if observer is not None else 0):
             self._wait_until(started + seconds * (layer + 1) / self.num_layers)
-            observer(layer)  # type: ignore[misc]  # checked above; a layer's pages are "written" now
+            observer(layer, None)  # type: ignore[misc]  # checked above; a layer's pages are "written" now
         if observer is not None:  # a push hook watches: the step ends when the real KV would have landed
             seconds = self.profile.kv_push_seconds(seconds, self.num_layers, self.pushed_layer_bytes(out))
         self._wait_until(started + seconds)

@@ -17,8 +17,11 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import threading
+import time
 
 from engine import EngineConfig, LLMEngine, SamplingParams
+from engine.model_runner import ModelRunner
 from engine.remote_kv import RemotePrefillResult
 from kv_transfer import EtcdStore, TransferEngine, TransferEngineConfig, TransferError
 from kv_transfer.kv_connector import KVConnector
@@ -27,6 +30,18 @@ from tests.support.jsonl import command_loop, reply
 from tests.support.kv_peer import link_secret, refusals
 
 RESERVED: dict[str, list[int]] = {}  # request id -> the blocks `reserve` returned (the decode side's wants)
+EVENT_WAITS: list[str] = []  # the thread of each SlowEvent waited on
+
+
+class SlowEvent:
+    """A layer's writes "queued on a device" (engine.kv_hooks.LayerReady): they take 2 ms to land."""
+
+    def __init__(self) -> None:
+        self._landed_at = time.monotonic() + 0.002
+
+    def synchronize(self) -> None:
+        EVENT_WAITS.append(threading.current_thread().name)
+        time.sleep(max(0.0, self._landed_at - time.monotonic()))
 
 
 async def serve(args: argparse.Namespace) -> None:
@@ -43,6 +58,9 @@ async def serve(args: argparse.Namespace) -> None:
     await connector.publish()
     pusher = KVPusher(connector, config.block_size)
     engine.set_kv_hook(pusher)
+    if args.layer_events:  # as on a GPU: the push waits on each layer's event, off the engine's thread
+        assert isinstance(engine.runner, ModelRunner)
+        engine.runner.layer_events = SlowEvent
     reply({"ready": transfer.engine_id})
     await command_loop(lambda cmd: handle(engine, connector, pusher, cmd), (TransferError, ValueError))
     await transfer.close()
@@ -74,7 +92,10 @@ async def handle(engine: LLMEngine, connector: KVConnector, pusher: KVPusher, cm
                 if out.request_id == cmd["request_id"] and out.token_ids:
                     first = out.token_ids[0]
         engine.check_integrity()
-        return {"ok": True, "first_token": first, "bytes": pusher.bytes_submitted - bytes_before}
+        waits, threads = len(EVENT_WAITS), sorted(set(EVENT_WAITS))
+        EVENT_WAITS.clear()
+        return {"ok": True, "first_token": first, "bytes": pusher.bytes_submitted - bytes_before,
+                "event_waits": waits, "event_threads": threads}
     if kind == "decode":
         rid = cmd["request_id"]
         receipt = connector.expect(rid, cmd["peer"], RESERVED.pop(rid))
@@ -107,6 +128,8 @@ def main() -> None:
     parser.add_argument("--block-size", type=int, default=16)
     parser.add_argument("--max-batched-tokens", type=int, default=2048)
     parser.add_argument("--quantization", choices=("int8", "int4"), default=None)
+    parser.add_argument("--layer-events", type=int, default=0,
+                        help="1: mark each layer's KV writes as a device would (a slow event to wait on)")
     os.environ.setdefault("UCX_NET_DEVICES", "lo")
     os.environ.setdefault("UCX_MODULES", "^ib")
     asyncio.run(serve(parser.parse_args()))
