@@ -40,6 +40,22 @@ from tandem.v1 import inference_pb2 as pb
 from tandem.v1 import inference_pb2_grpc
 
 
+def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    """The flags of the benches on this checkpoint (this one's and bench.tp_threads): output, model and prompts."""
+    parser.add_argument("--out", type=pathlib.Path)
+    parser.add_argument("--layers", type=int, default=8)
+    parser.add_argument("--prompts", type=int, default=8)
+    parser.add_argument("--prompt-tokens", type=int, default=512)
+
+
+def random_prompts(rng: random.Random, count: int, length: int) -> list[list[int]]:
+    return [[rng.randrange(100, 40000) for _ in range(length)] for _ in range(count)]
+
+
+def model_description(layers: int) -> str:
+    return f"random Llama, {layers} layers, hidden 512, 8 heads, 4 KV heads x 64"
+
+
 def write_checkpoint(out: pathlib.Path, layers: int) -> pathlib.Path:
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -98,20 +114,16 @@ def run(model: pathlib.Path, prefill_tp: int, decode_tp: int, warm_up: list[int]
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", type=pathlib.Path)
-    parser.add_argument("--layers", type=int, default=8)
-    parser.add_argument("--prompts", type=int, default=8)
-    parser.add_argument("--prompt-tokens", type=int, default=512)
+    add_model_arguments(parser)
     parser.add_argument("--configs", default="1:1,2:2,2:1,1:2,4:2")
     args = parser.parse_args()
     configs = [tuple(int(x) for x in c.split(":")) for c in args.configs.split(",")]
-    rng = random.Random(0)
-    prompts = [[rng.randrange(100, 40000) for _ in range(args.prompt_tokens)] for _ in range(args.prompts + 1)]
+    prompts = random_prompts(random.Random(0), args.prompts + 1, args.prompt_tokens)
     with tempfile.TemporaryDirectory() as tmp:
         model = write_checkpoint(pathlib.Path(tmp), args.layers)
         results = [run(model, p, d, prompts[0], prompts[1:]) for p, d in configs]
     report = {"bench": "tp_kv_push", "machine": machine_info(), "date": time.strftime("%Y-%m-%d"),
-              "model": f"random Llama, {args.layers} layers, hidden 512, 8 heads, 4 KV heads x 64, fp32",
+              "model": f"{model_description(args.layers)}, fp32",
               "prompts": args.prompts, "prompt_tokens": args.prompt_tokens, "results": results}
     print(f"{'P:D':>5} {'bytes/prefill':>14} {'links (bytes/prefill)':<44} {'rpc ms':>8} {'tail ms':>8} "
           f"{'TTFT ms':>8}")

@@ -30,7 +30,7 @@ from typing import Any
 import torch
 
 from bench.throughput import machine_info
-from bench.tp_kv_push import write_checkpoint
+from bench.tp_kv_push import add_model_arguments, model_description, random_prompts, write_checkpoint
 from engine import LLM, SamplingParams
 
 REPEATS = 3
@@ -85,15 +85,12 @@ def run(model: pathlib.Path, engine: Engine, prompts: list[list[int]], short: li
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", type=pathlib.Path)
-    parser.add_argument("--layers", type=int, default=8)
-    parser.add_argument("--prompts", type=int, default=8)
-    parser.add_argument("--prompt-tokens", type=int, default=512)
+    add_model_arguments(parser)
     parser.add_argument("--new-tokens", type=int, default=64)
     args = parser.parse_args()
     rng = random.Random(0)
-    prompts = [[rng.randrange(100, 40000) for _ in range(args.prompt_tokens)] for _ in range(args.prompts)]
-    short = [[rng.randrange(100, 40000) for _ in range(16)] for _ in range(args.prompts)]
+    prompts = random_prompts(rng, args.prompts, args.prompt_tokens)
+    short = random_prompts(rng, args.prompts, 16)
     cores = len(os.sched_getaffinity(0))
     with tempfile.TemporaryDirectory() as tmp:
         model = write_checkpoint(pathlib.Path(tmp), args.layers)
@@ -102,7 +99,7 @@ def main() -> None:
                    Engine("TP=2, its share, shared memory", 2, None, True))
         results = [run(model, engine, prompts, short, args.new_tokens) for engine in engines]
     report = {"bench": "tp_threads", "machine": machine_info(), "date": time.strftime("%Y-%m-%d"),
-              "model": f"random Llama, {args.layers} layers, hidden 512, 8 heads, 4 KV heads x 64",
+              "model": model_description(args.layers),
               "prompts": args.prompts, "prompt_tokens": args.prompt_tokens, "new_tokens": args.new_tokens,
               "results": results}
     anchor = results[0]
