@@ -37,9 +37,11 @@ log = logging.getLogger(__name__)
 
 # worker statuses a client should see as they are; any other becomes UNAVAILABLE
 _PASS_THROUGH = {grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.RESOURCE_EXHAUSTED,
-                 grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED, grpc.StatusCode.UNIMPLEMENTED}
-# a decode worker failing with these is gone (killed, unreachable, its stream reset): try another
-_WORKER_LOST = {grpc.StatusCode.UNAVAILABLE}
+                 grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.UNIMPLEMENTED}
+# a decode worker failing with these is gone (killed, unreachable, its stream reset): try another. CANCELLED
+# among them: a call the router cancels itself raises CancelledError here, never a status, so a CANCELLED
+# status was the worker's side dropping the call (seen once in CI as a tensor-parallel group died mid-burst)
+_WORKER_LOST = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED}
 _MAX_DECODE_ATTEMPTS = 3
 
 
@@ -267,7 +269,7 @@ class RouterCore:
                     m.RETRIES.labels(code.name.lower()).inc()
                     refused = RouterError(code, f"every decode worker is busy ({worker}: {e.details()})")
                     continue
-                if code in _WORKER_LOST and losses + 1 < _MAX_DECODE_ATTEMPTS and time.monotonic() < deadline:
+                if worker_lost(code) and losses + 1 < _MAX_DECODE_ATTEMPTS and time.monotonic() < deadline:
                     losses += 1
                     (m.MIGRATIONS if streamed else m.RETRIES).labels(code.name.lower()).inc()
                     log.warning("decode worker %s failed (%s) after %d tokens of request %r: %s", worker, code.name,
@@ -275,7 +277,7 @@ class RouterCore:
                     continue
                 if code == grpc.StatusCode.RESOURCE_EXHAUSTED:  # gRPC's own: the request is over a size limit
                     code = grpc.StatusCode.INVALID_ARGUMENT
-                raise RouterError(code if code in _PASS_THROUGH else grpc.StatusCode.UNAVAILABLE,
+                raise RouterError(client_status(code),
                                   f"decode worker {worker}: {e.details()}") from e
             finally:
                 call.cancel()  # no-op once finished; otherwise the workers abort and free the blocks
@@ -327,6 +329,16 @@ def without_prompt_logprobs(sampling: pb.SamplingParameters) -> pb.SamplingParam
     copy.CopyFrom(sampling)
     copy.ClearField("prompt_logprobs")
     return copy
+
+
+def worker_lost(code: grpc.StatusCode) -> bool:
+    """A decode worker's call that ended with `code` lost the worker: the router tries another one."""
+    return code in _WORKER_LOST
+
+
+def client_status(code: grpc.StatusCode) -> grpc.StatusCode:
+    """What a client sees of a worker's final status (after any retries)."""
+    return code if code in _PASS_THROUGH else grpc.StatusCode.UNAVAILABLE
 
 
 def _queue_full(e: grpc.aio.AioRpcError) -> bool:

@@ -12,11 +12,18 @@ import sys
 import pytest
 
 _PROBE = r"""
-import json, os, threading, torch
+import json, os, threading, time, torch
 from engine import openmp
 
 def threads():
     return len(os.listdir("/proc/self/task"))
+
+def settled_threads(expected):
+    # a finished thread's team winds down after its join returns: wait (bounded) for the count to settle
+    deadline = time.monotonic() + 5.0
+    while threads() != expected and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return threads()
 
 def parallel_op():
     x = torch.ones(4_000_000)
@@ -42,7 +49,7 @@ worker.start(); worker.join()
 openmp.take_back(handed)
 parallel_op()
 print(json.dumps(dict(base=base, with_team=with_team, after_hand_over=after_hand_over, single=single,
-                      single_count=single_count, other_thread_count=seen[0], restored=threads(),
+                      single_count=single_count, other_thread_count=seen[0], restored=settled_threads(base + 1),
                       restored_count=torch.get_num_threads())))
 """
 
