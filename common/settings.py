@@ -130,6 +130,25 @@ def etcd_binary_override() -> str | None:
     return os.environ.get("ETCD_BIN") or None
 
 
+def triton_interpreted() -> bool:
+    """`TRITON_INTERPRET=1`: Triton kernels run in Triton's interpreter (on CPU tensors; tests)."""
+    return os.environ.get("TRITON_INTERPRET", "") not in ("", "0")
+
+
+def interpret_triton() -> None:
+    """`TRITON_INTERPRET`, Triton's own: set to 1 so that Triton kernels run in its interpreter on CPU tensors.
+    Read when Triton is imported (it decides then how its library's helpers run), so this refuses once
+    Triton is imported without it; callers use it only in a process with no GPU."""
+    import sys
+
+    if triton_interpreted():
+        return
+    if "triton" in sys.modules:
+        raise RuntimeError("Triton kernels on CPU tensors run in Triton's interpreter, which must be chosen before "
+                           "Triton is imported: set TRITON_INTERPRET=1 in the environment")
+    os.environ["TRITON_INTERPRET"] = "1"
+
+
 # UCX (under NIXL) reads its own variables; unless the operator set them, Tandem keeps it on loopback
 # and off InfiniBand (multi-host RDMA needs both set explicitly, e.g. UCX_NET_DEVICES=mlx5_0:1, UCX_MODULES=).
 _UCX_DEFAULTS = (("UCX_NET_DEVICES", "lo"), ("UCX_MODULES", "^ib"), ("NIXL_LOG_LEVEL", "WARN"))

@@ -226,7 +226,8 @@ class EngineConfig:
     scheduling_policy: SchedulingPolicy = "fcfs"
     quantization: Quantization | None = None
     speculative: SpeculativeConfig | None = None
-    attention_backend: Literal["auto", "torch", "flash", "cpu"] = "auto"  # cpu: the C kernel (auto on CPU)
+    # cpu: the C kernel (auto on CPU); triton: the Triton kernel (auto on CUDA); torch: plain torch, anywhere
+    attention_backend: Literal["auto", "torch", "triton", "cpu"] = "auto"
     enforce_eager: bool = False  # no CUDA graphs
     seed: int = 0
     # torch intra-op threads on CPU, per rank; None = torch's default (a tensor-parallel rank: its share of the cores)
@@ -270,6 +271,11 @@ class EngineConfig:
             raise ValueError(f"max_model_len must be >= 2, got {self.max_model_len}")
         if self.max_num_seqs < 1 or self.max_num_batched_tokens < 1:
             raise ValueError("max_num_seqs and max_num_batched_tokens must be >= 1")
+        if self.attention_backend not in ("auto", "torch", "triton", "cpu"):
+            removed = (" ('flash' needed vllm-flash-attn, which no release installs beside torch 2.13: 'triton' "
+                       "replaces it)") if self.attention_backend == "flash" else ""
+            raise ValueError(f"attention_backend must be auto, torch, triton or cpu, not "
+                             f"{self.attention_backend!r}{removed}")
         if self.deterministic and self.attention_backend not in ("auto", "cpu"):
             raise ValueError("deterministic mode runs the CPU attention kernel: attention_backend must be auto or cpu")
         if self.deterministic and self.quantization is not None:

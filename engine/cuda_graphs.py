@@ -1,74 +1,125 @@
-"""CUDA-graph capture of decode-only steps (flash backend), replayed for padded batch sizes.
+"""CUDA-graph capture of decode-only steps (Triton attention backend), one graph per batch-size bucket, replayed
+for any batch up to the largest bucket (padded up to the next one).
 
-Padding rows write their K/V into the pool's scratch block, which no sequence ever owns, and their
-outputs are dropped. Graphs share one memory pool and static input buffers; a replay only copies
-the step's inputs into those buffers.
+Padding rows write their K/V into the pool's scratch block, which no sequence ever owns, and their outputs are
+dropped. Graphs share one memory pool and static input buffers; a replay only copies the step's inputs into
+those buffers. What captures and replays sits behind `GraphCapture`, so the buffers, padding and bucket choice
+run on CPU in tests (`EagerCapture` replays by running the same forward again over the same buffers).
 """
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
+from typing import Protocol
+
 import torch
 
-from engine.attention.flash_backend import FlashAttention, FlashMetadata
 from engine.attention.metadata import AttentionMetadata, AttentionShape
+from engine.attention.triton_backend import PagedMetadata, TritonAttention
 from engine.kv_cache import KVCachePool
 from engine.models.llama import LlamaForCausalLM
 
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256)
 
 
+def batch_buckets(max_batch: int) -> tuple[int, ...]:
+    """The batch sizes captured for up to `max_batch` sequences: the standard buckets below it, and
+    `max_batch` itself on top (so every decode batch the scheduler can form has a graph)."""
+    if max_batch < 1:
+        raise ValueError(f"CUDA graphs need a batch of >= 1 sequence, got {max_batch}")
+    below = tuple(b for b in BATCH_BUCKETS if b < max_batch)
+    return (*below, max_batch)
+
+
+def bucket_for(num_seqs: int, buckets: tuple[int, ...]) -> int | None:
+    """The smallest bucket holding `num_seqs` sequences (None: more than the largest; run eagerly)."""
+    return next((b for b in buckets if b >= num_seqs), None)
+
+
+Replay = Callable[[], torch.Tensor]
+
+
+class GraphCapture(Protocol):
+    """Turns a forward over static buffers into something that reruns it (and returns its output buffer)."""
+
+    def capture(self, forward: Callable[[], torch.Tensor]) -> Replay: ...
+
+
+class CudaCapture:
+    """torch.cuda.CUDAGraph, every graph in one memory pool (captured largest first, so the smaller ones
+    reuse its memory)."""
+
+    def __init__(self) -> None:
+        self.pool = torch.cuda.graph_pool_handle()
+
+    def capture(self, forward: Callable[[], torch.Tensor]) -> Replay:
+        forward()  # warm-up outside the graph (Triton compiles here)
+        torch.cuda.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self.pool):
+            output = forward()
+
+        def replay() -> torch.Tensor:
+            graph.replay()
+            return output
+        return replay
+
+
+class EagerCapture:
+    """Replays by running the forward again: what a graph replay computes, for tests on CPU."""
+
+    def __init__(self) -> None:
+        self.captured: list[int] = []  # how many forwards were captured (one per bucket)
+
+    def capture(self, forward: Callable[[], torch.Tensor]) -> Replay:
+        self.captured.append(1)
+        return forward
+
+
 class CudaGraphDecoder:
-    def __init__(self, model: LlamaForCausalLM, pool: KVCachePool, max_batch: int, max_model_len: int) -> None:
+    def __init__(self, model: LlamaForCausalLM, pool: KVCachePool, max_batch: int, max_model_len: int,
+                 capture: GraphCapture | None = None) -> None:
         self.model, self.pool = model, pool
         device = pool.tensor.device
-        self.buckets = [b for b in BATCH_BUCKETS if b <= max_batch] or [max_batch]
+        self.buckets = batch_buckets(max_batch)
         n = self.buckets[-1]
         self.max_blocks = -(-max_model_len // pool.spec.block_size)
-        self.max_model_len = max_model_len
         self.input_ids = torch.zeros(n, dtype=torch.int64, device=device)
         self.positions = torch.zeros(n, dtype=torch.int64, device=device)
         self.slots = torch.full((n,), pool.scratch_slot, dtype=torch.int64, device=device)
-        self.seqused = torch.ones(n, dtype=torch.int32, device=device)
+        self.kv_lens = torch.ones(n, dtype=torch.int32, device=device)
         self.tables = torch.full((n, self.max_blocks), pool.scratch_block, dtype=torch.int32, device=device)
-        self.cu_seqlens = torch.arange(n + 1, dtype=torch.int32, device=device)
-        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
-        self.outputs: dict[int, torch.Tensor] = {}
-        self._capture_all()
+        self.q_starts = torch.arange(n, dtype=torch.int32, device=device)
+        self.q_lens = torch.ones(n, dtype=torch.int32, device=device)
+        self.shape = AttentionShape.of(model.config)
+        capture = capture or CudaCapture()
+        with torch.inference_mode():
+            # largest first: a CUDA capture's smaller graphs reuse the largest one's memory
+            self.replays = {b: capture.capture(functools.partial(self._forward, b)) for b in reversed(self.buckets)}
 
     def _forward(self, b: int) -> torch.Tensor:
         meta = AttentionMetadata(slot_mapping=self.slots[:b], decode=None, segments=(), num_tokens=b)
-        flash = FlashMetadata(self.cu_seqlens[: b + 1], self.seqused[:b], self.tables[:b], 1, self.max_model_len)
-        attn = FlashAttention(self.pool, AttentionShape.of(self.model.config), meta, flash)
-        return self.model(self.input_ids[:b], self.positions[:b], attn)
-
-    @torch.inference_mode()
-    def _capture_all(self) -> None:
-        mempool = torch.cuda.graph_pool_handle()
-        for b in reversed(self.buckets):  # largest first, so smaller graphs reuse its memory
-            self._forward(b)  # warm-up outside the graph
-            torch.cuda.synchronize()
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=mempool):
-                self.outputs[b] = self._forward(b)
-            self.graphs[b] = graph
+        paged = PagedMetadata(self.q_starts[:b], self.q_lens[:b], self.kv_lens[:b], self.tables[:b], 1)
+        return self.model(self.input_ids[:b], self.positions[:b], TritonAttention(self.pool, self.shape, meta, paged))
 
     def can_run(self, meta: AttentionMetadata) -> bool:
         return (not meta.segments and not meta.groups and meta.decode is not None  # (one block table per step)
-                and meta.num_tokens <= self.buckets[-1]
+                and bucket_for(meta.num_tokens, self.buckets) is not None
                 and meta.decode.block_tables.shape[1] <= self.max_blocks)
 
     def run(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         assert meta.decode is not None
         n = meta.num_tokens
-        b = next(size for size in self.buckets if size >= n)
+        b = bucket_for(n, self.buckets)
+        assert b is not None, "can_run said no"
         self.input_ids[:n] = input_ids
         self.positions[:n] = positions
         self.slots.fill_(self.pool.scratch_slot)
         self.slots[:n] = meta.slot_mapping
-        self.seqused.fill_(1)
-        self.seqused[:n] = meta.decode.context_lens
+        self.kv_lens.fill_(1)  # padding rows: one key, the scratch slot their own K/V went to
+        self.kv_lens[:n] = meta.decode.context_lens
         self.tables.fill_(self.pool.scratch_block)
         width = meta.decode.block_tables.shape[1]
         self.tables[:n, :width] = meta.decode.block_tables
-        self.graphs[b].replay()
-        return self.outputs[b][:n]
+        return self.replays[b]()[:n]

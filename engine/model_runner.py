@@ -5,13 +5,13 @@ The runner owns the model, the KV pool and the sampler; it never decides what ru
 
 from __future__ import annotations
 
-import importlib.util
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from typing import Literal, Protocol, TypeVar
 
 import torch
 
+from common.settings import triton_interpreted
 from engine.attention.cpu_backend import (
     AMX_PREFILL_MIN_QUERIES,
     DENSE_MAX_CONTEXT_PER_QUERY,
@@ -20,10 +20,10 @@ from engine.attention.cpu_backend import (
     amx_prefill_supported,
     cpu_attention_supported,
 )
-from engine.attention.flash_backend import FlashAttention, flash_attention_supported
 from engine.attention.metadata import AttentionFn, AttentionMetadata, AttentionShape
 from engine.attention.planning import SeqSpan, attention_metadata
 from engine.attention.torch_backend import TorchAttention
+from engine.attention.triton_backend import TritonAttention, triton_attention_problem
 from engine.cuda_graphs import CudaGraphDecoder
 from engine.kv_cache import KVCachePool
 from engine.kv_groups import KVGroups
@@ -81,7 +81,7 @@ class StepRunner(Protocol):
     def execute(self, out: SchedulerOutput) -> dict[str, SequenceResult]: ...
 
 
-AttentionBackendName = Literal["auto", "torch", "flash", "cpu"]
+AttentionBackendName = Literal["auto", "torch", "triton", "cpu"]
 
 
 class ModelRunner:
@@ -108,7 +108,7 @@ class ModelRunner:
         self.group_shapes = (tuple(replace(self.shape, windows=self.kv_groups.slot_windows(g, cfg.sliding_windows))
                                    for g in range(self.kv_groups.num_groups))
                              if self.kv_groups.is_hybrid else (self.shape,))
-        self.use_flash = self._pick_flash(backend)
+        self.use_triton = self._pick_triton(backend)
         self.use_cpu_kernel = self._pick_cpu(backend)
         # long prompts through the AMX tiles or torch's flash kernel, except where a row must not depend on how
         # its prompt was chunked (batch-invariant mode) or the model caps scores (which neither can)
@@ -120,23 +120,26 @@ class ModelRunner:
         self.layer_observer: LayerObserver | None = None  # set for one step by a KV push hook
         # what marks a layer's KV writes on the device for the observer to wait on (None: a CPU's writes are done)
         self.layer_events: Callable[[], LayerReady] | None = cuda_layer_event if device.type == "cuda" else None
-        if self.use_flash and cuda_graph_max_batch and not self.kv_groups.is_hybrid:  # (one block table per step)
+        if self.use_triton and cuda_graph_max_batch and not self.kv_groups.is_hybrid:  # (one block table per step)
             self.graphs = CudaGraphDecoder(model, pool, cuda_graph_max_batch, max_model_len)
         # decode steps of a few tokens as one C call where every kernel of the model has one (engine/step_program.py)
         self.program = (StepProgram.build(model, pool, self.shape, pool.compute_dtype)  # (one block table per step)
                         if step_program and self.use_cpu_kernel and not self.kv_groups.is_hybrid else None)
 
-    def _pick_flash(self, backend: AttentionBackendName) -> bool:
-        if backend == "torch":
+    def _pick_triton(self, backend: AttentionBackendName) -> bool:
+        """The Triton kernel: on CUDA by default where it can serve; asked for, it must (on CPU it runs only in
+        Triton's interpreter, for tests)."""
+        if backend in ("torch", "cpu"):
             return False
-        supported = flash_attention_supported(self.pool) and importlib.util.find_spec("vllm_flash_attn") is not None
-        if backend == "flash" and not supported:
-            raise ValueError("attention_backend='flash' needs CUDA, vllm-flash-attn, a fp16/bf16 KV cache in the "
-                             "compute dtype and a block size that is a multiple of 16")
-        return supported
+        problem = triton_attention_problem(self.pool, self.shape)
+        if problem is None and not self.pool.tensor.is_cuda and not triton_interpreted():
+            problem = "it runs on CUDA (on CPU only in Triton's interpreter, for tests: TRITON_INTERPRET=1)"
+        if backend == "triton" and problem is not None:
+            raise ValueError(f"attention_backend='triton' cannot serve here: {problem}")
+        return backend == "triton" or (problem is None and self.pool.tensor.is_cuda)
 
     def _pick_cpu(self, backend: AttentionBackendName) -> bool:
-        if backend in ("torch", "flash"):
+        if backend in ("torch", "triton"):
             return False
         supported = cpu_attention_supported(self.pool, self.head_dim, self.num_heads)
         if backend == "cpu" and not supported:
@@ -155,8 +158,8 @@ class ModelRunner:
     def _group_attention(self, shape: AttentionShape, meta: AttentionMetadata) -> AttentionFn:
         if self.use_cpu_kernel:
             return CpuAttention(self.pool, shape, meta)
-        if self.use_flash:
-            return FlashAttention(self.pool, shape, meta)
+        if self.use_triton:
+            return TritonAttention(self.pool, shape, meta)
         return TorchAttention(self.pool, shape, meta)
 
     def _metadata(self, spans: list[SeqSpan], group_tables: Sequence[Sequence[list[int]]] = ()) -> AttentionMetadata:

@@ -1,8 +1,6 @@
-"""CUDA paths: torch and FlashAttention backends, CUDA graphs. Skipped without a GPU."""
+"""CUDA paths: the torch and Triton attention backends, CUDA graphs, an fp8 cache. Skipped without a GPU."""
 
 from __future__ import annotations
-
-import importlib.util
 
 import pytest
 import torch
@@ -32,20 +30,39 @@ def test_cuda_torch_backend_matches_transformers(default_model_path, options) ->
     llm.engine.check_integrity()
 
 
-@pytest.mark.skipif(importlib.util.find_spec("vllm_flash_attn") is None, reason="needs vllm-flash-attn")
 @pytest.mark.parametrize("eager", [True, False])
-def test_flash_backend_and_cuda_graphs_equal_torch_backend(default_model_path, eager) -> None:
+def test_triton_backend_and_cuda_graphs_equal_torch_backend(default_model_path, eager) -> None:
     reference = LLM(str(default_model_path), device="cuda", dtype="bfloat16", attention_backend="torch",
                     enforce_eager=True)
-    flash = LLM(str(default_model_path), device="cuda", dtype="bfloat16", attention_backend="flash",
-                enforce_eager=eager, max_num_seqs=16)
-    assert flash.engine.runner.use_flash and (flash.engine.runner.graphs is None) == eager
+    triton = LLM(str(default_model_path), device="cuda", dtype="bfloat16", attention_backend="triton",
+                 enforce_eager=eager, max_num_seqs=16)
+    assert triton.engine.runner.use_triton and (triton.engine.runner.graphs is None) == eager
     prompts = varied_prompts(reference.tokenizer)
     params = SamplingParams(temperature=0, max_tokens=MAX_NEW)
     want = [o.token_ids for o in reference.generate(prompts, params)]
-    got = [o.token_ids for o in flash.generate(prompts, params)]
+    got = [o.token_ids for o in triton.generate(prompts, params)]
     assert sum(w == g for w, g in zip(want, got, strict=True)) >= len(want) - 2
-    flash.engine.check_integrity()
+    triton.engine.check_integrity()
+
+
+def test_auto_picks_triton_and_graphs_on_cuda_and_fp32_equals_transformers(default_model_path) -> None:
+    llm = LLM(str(default_model_path), device="cuda", dtype="float32", max_num_seqs=16)
+    assert llm.engine.runner.use_triton and llm.engine.runner.graphs is not None
+    prompts = varied_prompts(llm.tokenizer)[:8]
+    outs = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=MAX_NEW))
+    expected = [hf_greedy(str(default_model_path), p, MAX_NEW, llm.tokenizer.eos_token_ids) for p in prompts]
+    assert [o.token_ids for o in outs] == expected
+
+
+def test_an_fp8_cache_on_cuda(default_model_path) -> None:
+    llm = LLM(str(default_model_path), device="cuda", dtype="bfloat16", kv_cache_dtype="fp8_e4m3",
+              attention_backend="triton")
+    reference = LLM(str(default_model_path), device="cuda", dtype="bfloat16", attention_backend="triton")
+    prompts = varied_prompts(llm.tokenizer)[:8]
+    params = SamplingParams(temperature=0, max_tokens=MAX_NEW)
+    got = [o.token_ids for o in llm.generate(prompts, params)]
+    want = [o.token_ids for o in reference.generate(prompts, params)]
+    assert sum(g[:4] == w[:4] for g, w in zip(got, want, strict=True)) >= len(want) - 2  # fp8 K/V: early tokens agree
 
 
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
