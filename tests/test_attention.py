@@ -21,6 +21,7 @@ HEADS, KV_HEADS, DIM, BLOCK = 9, 3, 64, 16
 # prefix + 1, a chunk past the kernel's first 64-key chunk (a short window starts there)
 SHAPES = [(0, 1), (16, 1), (39, 1), (15, 1), (31, 1), (100, 1), (0, 37), (20, 19), (0, 70), (16, 2), (90, 20)]
 SHAPE = AttentionShape(HEADS, KV_HEADS, DIM, DIM ** -0.5)
+CPU = torch.device("cpu")
 
 
 @dataclass(frozen=True)
@@ -36,13 +37,13 @@ class Geometry:
                               (0, window) if window else (), softcap)
 
 
-def _step(kv_dtype: torch.dtype, compute: torch.dtype,
-          g: Geometry = Geometry()) -> tuple[KVCachePool, list[SeqSpan], torch.Tensor]:
+def _step(kv_dtype: torch.dtype, compute: torch.dtype, g: Geometry = Geometry(),
+          device: torch.device = CPU) -> tuple[KVCachePool, list[SeqSpan], torch.Tensor]:
     torch.manual_seed(0)
     num_blocks = sum(-(-(start + count) // g.block) for start, count in SHAPES) + 8
     spec = KVCacheSpec(num_layers=2, num_blocks=num_blocks, block_size=g.block, num_kv_heads=g.kv_heads,
                        head_dim=g.dim, dtype=kv_dtype)
-    pool = KVCachePool(spec, torch.device("cpu"), compute)
+    pool = KVCachePool(spec, device, compute)
     pool.tensor.copy_(torch.randn(pool.tensor.shape).to(kv_dtype))  # the cached prefixes (and garbage elsewhere)
     free = torch.randperm(num_blocks).tolist()
     spans = []
@@ -50,7 +51,7 @@ def _step(kv_dtype: torch.dtype, compute: torch.dtype,
         need = -(-(start + count) // g.block)
         spans.append(SeqSpan([free.pop() for _ in range(need)], start, count))
     tokens = sum(c for _, c in SHAPES)
-    qkv = torch.randn(tokens, (g.heads + 2 * g.kv_heads) * g.dim).to(compute)
+    qkv = torch.randn(tokens, (g.heads + 2 * g.kv_heads) * g.dim).to(device, compute)
     return pool, spans, qkv
 
 
@@ -58,10 +59,10 @@ def _dense(pool: KVCachePool, layer: int, spans: list[SeqSpan], q: torch.Tensor,
            g: Geometry = Geometry(), window: int = 0, softcap: float = 0.0) -> torch.Tensor:
     """Each query against keys 0 .. its position (the last `window` of them, with a window), read
     back from the pool after the step's write; scores capped at `softcap` if given."""
-    out, row = torch.empty(q.shape[0], g.heads, g.dim), 0
+    out, row, q = torch.empty(q.shape[0], g.heads, g.dim), 0, q.cpu()
     for span in spans:
-        blocks = torch.tensor(list(span.block_table))
-        kv = pool.gather(layer, blocks).reshape(-1, 2, g.kv_heads, g.dim).float()
+        blocks = torch.tensor(list(span.block_table), device=pool.tensor.device)
+        kv = pool.gather(layer, blocks).reshape(-1, 2, g.kv_heads, g.dim).float().cpu()
         for i in range(span.num_tokens):
             seen = span.start + i + 1
             low = max(0, seen - window) if window else 0

@@ -1,6 +1,7 @@
-"""The Triton paged-attention kernel (engine/attention/triton_kernel.py), run here in Triton's interpreter on CPU
-tensors: the same source a GPU compiles, checked against the dense reference of tests/test_attention.py over one
-step of decodes, fresh prompts and chunks after cached prefixes, in every cache dtype it reads."""
+"""The Triton paged-attention kernel (engine/attention/triton_kernel.py), compiled on a GPU, and without one in
+Triton's interpreter on CPU tensors (the same source), checked against the dense reference of
+tests/test_attention.py over one step of decodes, fresh prompts and chunks after cached prefixes, in every
+cache dtype it reads."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from tests.test_attention import Geometry, _dense, _step
 
 pytestmark = pytest.mark.skipif(not triton_installed(), reason="needs Triton (scripts/setup.sh installs it)")
 
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 EXACT = {"atol": 2e-6, "rtol": 1e-5}
 ROUNDED = {"atol": 2e-2, "rtol": 2e-2}
 
@@ -33,7 +35,7 @@ def _run(pool: KVCachePool, spans, qkv: torch.Tensor, g: Geometry, shape: Attent
 def test_every_cache_dtype_matches_the_dense_reference_and_stores_as_the_torch_backend(
         kv_dtype: torch.dtype, compute: torch.dtype, tolerance: dict[str, float]) -> None:
     g = Geometry()
-    pool, spans, qkv = _step(kv_dtype, compute, g)
+    pool, spans, qkv = _step(kv_dtype, compute, g, DEVICE)
     assert triton_attention_problem(pool, g.shape()) is None
     before = pool.tensor.clone()
     _run(pool, spans, qkv, g, g.shape(), TorchAttention)
@@ -43,16 +45,17 @@ def test_every_cache_dtype_matches_the_dense_reference_and_stores_as_the_torch_b
     assert torch.equal(pool.tensor.view(torch.uint8), stored.view(torch.uint8))  # the same K/V in the same slots
     q = qkv[:, : g.heads * g.dim]
     # the reference reads K/V back from the pool (fp8: as stored), so only the products' rounding differs
-    torch.testing.assert_close(got.float(), _dense(pool, 1, spans, q, g), **tolerance)
+    torch.testing.assert_close(got.float().cpu(), _dense(pool, 1, spans, q, g), **tolerance)
 
 
 # windows shorter than a page, crossing pages, longer than every context; soft-capping alone and with a window
 @pytest.mark.parametrize(("window", "softcap"), [(1, 0.0), (5, 0.0), (20, 0.0), (500, 0.0), (0, 5.0), (20, 5.0)])
 def test_sliding_windows_and_soft_capping(window: int, softcap: float) -> None:
     g = Geometry()
-    pool, spans, qkv = _step(torch.float32, torch.float32, g)
+    pool, spans, qkv = _step(torch.float32, torch.float32, g, DEVICE)
     got = _run(pool, spans, qkv, g, g.shape(window, softcap))
-    torch.testing.assert_close(got, _dense(pool, 1, spans, qkv[:, : g.heads * g.dim], g, window, softcap), **EXACT)
+    torch.testing.assert_close(got.cpu(), _dense(pool, 1, spans, qkv[:, : g.heads * g.dim], g, window, softcap),
+                               **EXACT)
 
 
 # query groups of 1, 2, 4 and 7 heads (a decode's group in one tile, a prefill's rows across tiles), head sizes
@@ -60,14 +63,14 @@ def test_sliding_windows_and_soft_capping(window: int, softcap: float) -> None:
 @pytest.mark.parametrize("g", [Geometry(4, 4, 40, 64), Geometry(8, 4, 72, 16), Geometry(8, 2, 64, 32),
                                Geometry(14, 2, 24, 16), Geometry(16, 4, 128, 32)], ids=str)
 def test_geometries(g: Geometry) -> None:
-    pool, spans, qkv = _step(torch.float32, torch.float32, g)
+    pool, spans, qkv = _step(torch.float32, torch.float32, g, DEVICE)
     got = _run(pool, spans, qkv, g, g.shape())
-    torch.testing.assert_close(got, _dense(pool, 1, spans, qkv[:, : g.heads * g.dim], g), **EXACT)
+    torch.testing.assert_close(got.cpu(), _dense(pool, 1, spans, qkv[:, : g.heads * g.dim], g), **EXACT)
 
 
 def test_the_metadata_lists_decodes_then_segments() -> None:
     g = Geometry()
-    pool, spans, _ = _step(torch.float32, torch.float32, g)
+    pool, spans, _ = _step(torch.float32, torch.float32, g, DEVICE)
     meta = attention_metadata(spans, g.block, pool.tensor.device, torch.float32, cpu_kernel=False)
     paged = PagedMetadata.from_attention(meta)
     assert paged.q_lens.tolist() == [s.num_tokens for s in spans]

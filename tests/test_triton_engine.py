@@ -1,10 +1,12 @@
-"""The engine on the Triton attention backend and its CUDA-graph decoder, run on CPU: the kernel in Triton's
-interpreter, the graphs through `EagerCapture` (the buffers, padding and buckets a GPU replays). Greedy fp32
-output equals transformers token for token; the selection refuses what cannot run, saying what to do."""
+"""The engine on the Triton attention backend and its CUDA-graph decoder, on a GPU where there is one, else on
+CPU: the kernel in Triton's interpreter, the graphs through `EagerCapture` (the buffers, padding and buckets a
+GPU replays). Greedy fp32 output equals transformers token for token; the selection refuses what cannot run,
+saying what to do."""
 
 from __future__ import annotations
 
 import pytest
+import torch
 
 from engine import LLM, SamplingParams
 from engine.attention.triton_backend import triton_installed
@@ -12,6 +14,7 @@ from engine.cuda_graphs import CudaGraphDecoder, EagerCapture, batch_buckets, bu
 from tests.support.hf_reference import hf_greedy
 from tests.test_engine_vs_transformers import _check_tiny
 
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 needs_triton = pytest.mark.skipif(not triton_installed(), reason="needs Triton (scripts/setup.sh installs it)")
 LENGTHS = (1, 3, 16, 17, 40, 90)
 
@@ -20,7 +23,7 @@ LENGTHS = (1, 3, 16, 17, 40, 90)
 @pytest.mark.parametrize("fixture", ["tiny_llama_dir", "tiny_mistral_window_dir", "tiny_gemma2_dir"])
 def test_greedy_output_equals_transformers_with_chunked_prefill_and_cached_prefixes(fixture, request) -> None:  # type: ignore[no-untyped-def]
     # windows (Mistral), soft-capped scores and alternating windows (Gemma 2); a 32-token budget chunks prompts
-    llm = _check_tiny(str(request.getfixturevalue(fixture)), {"attention_backend": "triton",
+    llm = _check_tiny(str(request.getfixturevalue(fixture)), {"attention_backend": "triton", "device": DEVICE,
                                                               "max_num_batched_tokens": 32}, LENGTHS)
     assert llm.engine.runner.use_triton and not llm.engine.runner.use_cpu_kernel
 
@@ -34,7 +37,7 @@ def test_an_fp8_cache_gives_the_torch_backends_tokens(tiny_llama_dir) -> None:  
     outputs = {}
     for backend in ("torch", "triton"):
         llm = LLM(str(tiny_llama_dir), dtype="float32", kv_cache_dtype="fp8_e4m3", num_kv_blocks=64,
-                  attention_backend=backend)
+                  attention_backend=backend, device=DEVICE)
         outputs[backend] = [o.token_ids for o in llm.generate(prompts, params)]
     agree = [t == r for t, r in zip(outputs["triton"], outputs["torch"], strict=True)]
     assert sum(agree) >= len(agree) - 1, agree
@@ -42,7 +45,8 @@ def test_an_fp8_cache_gives_the_torch_backends_tokens(tiny_llama_dir) -> None:  
 
 @needs_triton
 def test_graph_decoder_replays_every_bucket_and_equals_transformers(tiny_llama_dir) -> None:  # type: ignore[no-untyped-def]
-    llm = LLM(str(tiny_llama_dir), dtype="float32", num_kv_blocks=64, attention_backend="triton", max_num_seqs=5)
+    llm = LLM(str(tiny_llama_dir), dtype="float32", num_kv_blocks=64, attention_backend="triton", max_num_seqs=5,
+              device=DEVICE, enforce_eager=True)  # (the engine's own graphs off: these are the test's)
     runner = llm.engine.runner
     capture = EagerCapture()
     graphs = CudaGraphDecoder(runner.model, runner.pool, 5, llm.engine.max_model_len, capture)
@@ -73,15 +77,15 @@ def test_buckets_cover_every_batch_up_to_the_largest() -> None:
 
 
 def test_auto_keeps_the_c_kernel_on_cpu(tiny_llama_dir) -> None:  # type: ignore[no-untyped-def]
-    runner = LLM(str(tiny_llama_dir), dtype="float32", num_kv_blocks=16).engine.runner
+    runner = LLM(str(tiny_llama_dir), dtype="float32", num_kv_blocks=16, device="cpu").engine.runner
     assert runner.use_cpu_kernel and not runner.use_triton and runner.graphs is None
 
 
 @needs_triton
 def test_triton_on_cpu_without_the_interpreter_is_refused(tiny_llama_dir, monkeypatch) -> None:  # type: ignore[no-untyped-def]
-    monkeypatch.delenv("TRITON_INTERPRET")
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     with pytest.raises(ValueError, match=r"runs on CUDA.*TRITON_INTERPRET=1"):
-        LLM(str(tiny_llama_dir), dtype="float32", num_kv_blocks=16, attention_backend="triton")
+        LLM(str(tiny_llama_dir), dtype="float32", num_kv_blocks=16, attention_backend="triton", device="cpu")
 
 
 def test_triton_asked_for_but_not_installed_says_what_to_install(tiny_llama_dir, monkeypatch) -> None:  # type: ignore[no-untyped-def]
