@@ -9,6 +9,7 @@ import uuid
 from collections.abc import Iterator
 
 import pytest
+import torch
 
 from common.etcd.local import running_etcd
 from engine.kv_cache import KVCachePool, KVCacheSpec
@@ -52,7 +53,17 @@ def test_a_push_waiting_on_device_events_decodes_like_transformers(etcd: str, de
     _push_and_decode("shm", etcd, str(default_model_path), layer_events=1)
 
 
-def _push_and_decode(backend: str, etcd: str, model: str, layer_events: int = 0) -> None:
+@pytest.mark.gpu
+@pytest.mark.slow
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("backend", ["tcp", "nixl"])
+def test_two_engines_on_one_gpu_push_and_decode_like_transformers(backend: str, etcd: str,
+                                                                  default_model_path) -> None:
+    """Both pools in one GPU's memory (CUDA segments), the Triton backend and real per-layer CUDA events."""
+    _push_and_decode(backend, etcd, str(default_model_path), device="cuda")
+
+
+def _push_and_decode(backend: str, etcd: str, model: str, layer_events: int = 0, device: str = "cpu") -> None:
     if backend == "nixl":
         from tests.test_kv_transfer_processes import _nixl_available
 
@@ -63,8 +74,8 @@ def _push_and_decode(backend: str, etcd: str, model: str, layer_events: int = 0)
     # step re-pushes the block its previous chunk left partly filled); the decode pool is sized
     # differently, so block ids and layer strides differ on the two sides.
     prefill = _engine_peer(etcd, f"p-{backend}", backend, model, prefix, num_blocks=96, max_batched_tokens=40,
-                           layer_events=layer_events)
-    decode = _engine_peer(etcd, f"d-{backend}", backend, model, prefix, num_blocks=160)
+                           layer_events=layer_events, device=device)
+    decode = _engine_peer(etcd, f"d-{backend}", backend, model, prefix, num_blocks=160, device=device)
     try:
         tokenizer = load_tokenizer(model)
         prompts = [text_of_about(tokenizer, n, seed) for n, seed in ((5, 1), (16, 2), (83, 3), (200, 4))]

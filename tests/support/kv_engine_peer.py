@@ -51,8 +51,10 @@ async def serve(args: argparse.Namespace) -> None:
     # fp32: its outputs are compared with transformers fp32 (bf16 flips near-ties)
     config = EngineConfig(model=args.model, num_kv_blocks=args.num_blocks, block_size=args.block_size,
                           max_num_batched_tokens=args.max_batched_tokens, max_model_len=1024, dtype="float32",
-                          quantization=args.quantization)
-    engine = LLMEngine(config, kv_storage=lambda n: transfer.allocate_host_buffer(n, "kv"))
+                          quantization=args.quantization, device=args.device)
+    # on a GPU the pool is device memory, registered as a CUDA segment; on CPU, the transfer engine's host buffer
+    engine = LLMEngine(config, kv_storage=None if args.device == "cuda"
+                       else lambda n: transfer.allocate_host_buffer(n, "kv"))
     connector = KVConnector(transfer, engine.parts.pool, engine.model_config, args.name,
                             weights=engine.parts.weights_fingerprint, groups=engine.parts.kv_groups)
     await connector.publish()
@@ -128,6 +130,7 @@ def main() -> None:
     parser.add_argument("--block-size", type=int, default=16)
     parser.add_argument("--max-batched-tokens", type=int, default=2048)
     parser.add_argument("--quantization", choices=("int8", "int4"), default=None)
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     parser.add_argument("--layer-events", type=int, default=0,
                         help="1: mark each layer's KV writes as a device would (a slow event to wait on)")
     os.environ.setdefault("UCX_NET_DEVICES", "lo")
