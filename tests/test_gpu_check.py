@@ -1,0 +1,42 @@
+"""bench.gpu_check's parts that need no GPU: how it compares token lists and reads pytest's JUnit file, and its
+refusal without a CUDA device. (scripts/gpu_check.sh runs the whole of it on a GPU.)"""
+
+from __future__ import annotations
+
+import pathlib
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from bench.gpu_check import compare, junit_summary
+
+
+def test_compare_counts_whole_agreements_and_where_the_others_diverge() -> None:
+    got = [[1, 2, 3], [1, 2, 4], [9, 2, 3]]
+    want = [[1, 2, 3], [1, 2, 3], [1, 2, 3]]
+    assert compare(got, want) == {"prompts": 3, "equal": 1, "first_divergence": [2, 0]}
+
+
+def test_junit_summary_lists_failures_and_skips(tmp_path: pathlib.Path) -> None:
+    test = tmp_path / "test_probe.py"
+    test.write_text("import pytest\n"
+                    "def test_ok(): pass\n"
+                    "def test_bad(): assert False\n"
+                    "@pytest.mark.skip(reason='x')\n"
+                    "def test_skipped(): pass\n")
+    xml = tmp_path / "out.xml"
+    subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(test), "--junitxml", str(xml)],
+                   cwd=tmp_path, capture_output=True, timeout=120)
+    summary = junit_summary(str(xml))
+    assert summary["tests"] == 3
+    assert [name.split("::")[-1] for name in summary["failed"]] == ["test_bad"]
+    assert [name.split("::")[-1] for name in summary["skipped"]] == ["test_skipped"]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the refusal is for machines without a GPU")
+def test_without_a_gpu_it_says_so(tmp_path: pathlib.Path) -> None:
+    done = subprocess.run([sys.executable, "-m", "bench.gpu_check", "--json", str(tmp_path / "x.json")],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode != 0 and "needs a CUDA device" in done.stderr
