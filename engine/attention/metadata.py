@@ -70,7 +70,7 @@ class Segment:
 
 @dataclass(frozen=True)
 class AttentionMetadata:
-    """What the step's backend needs: the torch and flash backends read `decode` and `segments`;
+    """What the step's backend needs: the torch and Triton backends read `decode` and `segments`;
     the C backend reads `cpu` (and the runner builds only what its backend reads)."""
 
     slot_mapping: torch.Tensor  # [T] int64: the cache slot each new token's K/V goes to

@@ -37,7 +37,7 @@ def attention_metadata(spans: Sequence[SeqSpan], block_size: int, device: torch.
                        dense_max_context_per_query: int = DENSE_MAX_CONTEXT_PER_QUERY) -> AttentionMetadata:
     """For the C kernel, its plan (sequences feeding at least `dense_min_queries` tokens, 0: none, with
     a context at most `dense_max_context_per_query` times that, 0: any, attended by the dense path);
-    otherwise the decode batch and the segments the torch and flash backends read. A leading run of
+    otherwise the decode batch and the segments the torch and Triton backends read. A leading run of
     single-token spans is the decode batch."""
     slots = torch.tensor(slot_mapping(spans, block_size), dtype=torch.int64, device=device)
     num_tokens = sum(s.num_tokens for s in spans)

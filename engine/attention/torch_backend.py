@@ -1,6 +1,6 @@
 """Paged attention in plain torch, for CPU and CUDA: the reference the C kernel (cpu_backend.py) is
-tested against, and the path wherever no faster backend applies (fp16/fp8 caches, CUDA without
-flash, TANDEM_DISABLE_C_KERNELS=1).
+tested against, and the path wherever no faster backend applies (fp16/fp8 caches on CPU, CUDA without
+Triton, TANDEM_DISABLE_C_KERNELS=1).
 
 Decode: one gather of each sequence's blocks, then grouped-query matmuls per KV head over
 strided views (queries of a KV head's group share one K/V read; K/V are never repeated).
