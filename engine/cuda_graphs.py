@@ -15,8 +15,8 @@ from typing import Protocol
 
 import torch
 
-from engine.attention.metadata import AttentionMetadata, AttentionShape
-from engine.attention.triton_backend import PagedMetadata, TritonAttention
+from engine.attention.metadata import AttentionMetadata, AttentionShape, PagedMetadata
+from engine.attention.triton_backend import TritonAttention
 from engine.kv_cache import KVCachePool
 from engine.models.llama import LlamaForCausalLM
 
@@ -104,12 +104,14 @@ class CudaGraphDecoder:
         return self.model(self.input_ids[:b], self.positions[:b], TritonAttention(self.pool, self.shape, meta, paged))
 
     def can_run(self, meta: AttentionMetadata) -> bool:
-        return (not meta.segments and not meta.groups and meta.decode is not None  # (one block table per step)
+        paged = meta.paged
+        return (paged is not None and paged.max_q_len == 1 and not meta.groups  # decodes only, one table per step
                 and bucket_for(meta.num_tokens, self.buckets) is not None
-                and meta.decode.block_tables.shape[1] <= self.max_blocks)
+                and paged.block_table.shape[1] <= self.max_blocks)
 
     def run(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
-        assert meta.decode is not None
+        paged = meta.paged
+        assert paged is not None
         n = meta.num_tokens
         b = bucket_for(n, self.buckets)
         assert b is not None, "can_run said no"
@@ -118,8 +120,8 @@ class CudaGraphDecoder:
         self.slots.fill_(self.pool.scratch_slot)
         self.slots[:n] = meta.slot_mapping
         self.kv_lens.fill_(1)  # padding rows: one key, the scratch slot their own K/V went to
-        self.kv_lens[:n] = meta.decode.context_lens
+        self.kv_lens[:n] = paged.kv_lens
         self.tables.fill_(self.pool.scratch_block)
-        width = meta.decode.block_tables.shape[1]
-        self.tables[:n, :width] = meta.decode.block_tables
+        width = paged.block_table.shape[1]
+        self.tables[:n, :width] = paged.block_table
         return self.replays[b]()[:n]

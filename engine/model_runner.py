@@ -167,7 +167,8 @@ class ModelRunner:
         (per span, its tables of groups 1, 2, ...)."""
         def build(group_spans: list[SeqSpan]) -> AttentionMetadata:
             return attention_metadata(group_spans, self.block_size, self.device, self.pool.compute_dtype,
-                                      self.use_cpu_kernel, self.dense_min_queries, self.dense_max_context_per_query)
+                                      self.use_cpu_kernel, self.dense_min_queries, self.dense_max_context_per_query,
+                                      paged=self.use_triton)
 
         others = tuple(build([replace(span, block_table=tables[g]) for span, tables in zip(spans, group_tables,
                                                                                           strict=True)])

@@ -11,7 +11,7 @@ import torch
 from engine.attention.metadata import AttentionShape
 from engine.attention.planning import attention_metadata
 from engine.attention.torch_backend import TorchAttention
-from engine.attention.triton_backend import PagedMetadata, TritonAttention, triton_attention_problem, triton_installed
+from engine.attention.triton_backend import TritonAttention, triton_attention_problem, triton_installed
 from engine.kv_cache import KVCachePool, KVCacheSpec
 from tests.test_attention import Geometry, _dense, _step
 
@@ -25,12 +25,14 @@ ROUNDED = {"atol": 2e-2, "rtol": 2e-2}
 def _run(pool: KVCachePool, spans, qkv: torch.Tensor, g: Geometry, shape: AttentionShape,  # type: ignore[no-untyped-def]
          backend: type = TritonAttention) -> torch.Tensor:
     q, k, v = qkv.split((g.heads * g.dim, g.kv_heads * g.dim, g.kv_heads * g.dim), dim=-1)
-    meta = attention_metadata(spans, g.block, pool.tensor.device, pool.compute_dtype, cpu_kernel=False)
+    meta = attention_metadata(spans, g.block, pool.tensor.device, pool.compute_dtype, cpu_kernel=False,
+                              paged=backend is TritonAttention)
     return backend(pool, shape, meta)(1, q, k, v)
 
 
 @pytest.mark.parametrize(("kv_dtype", "compute", "tolerance"), [
     (torch.float32, torch.float32, EXACT), (torch.bfloat16, torch.bfloat16, ROUNDED),
+    (torch.float16, torch.float16, ROUNDED),
     (torch.float8_e4m3fn, torch.float32, EXACT), (torch.float8_e4m3fn, torch.bfloat16, ROUNDED)], ids=str)
 def test_every_cache_dtype_matches_the_dense_reference_and_stores_as_the_torch_backend(
         kv_dtype: torch.dtype, compute: torch.dtype, tolerance: dict[str, float]) -> None:
@@ -68,11 +70,12 @@ def test_geometries(g: Geometry) -> None:
     torch.testing.assert_close(got.cpu(), _dense(pool, 1, spans, qkv[:, : g.heads * g.dim], g), **EXACT)
 
 
-def test_the_metadata_lists_decodes_then_segments() -> None:
+def test_the_metadata_lists_every_sequence_in_token_order() -> None:
     g = Geometry()
     pool, spans, _ = _step(torch.float32, torch.float32, g, DEVICE)
-    meta = attention_metadata(spans, g.block, pool.tensor.device, torch.float32, cpu_kernel=False)
-    paged = PagedMetadata.from_attention(meta)
+    meta = attention_metadata(spans, g.block, pool.tensor.device, torch.float32, cpu_kernel=False, paged=True)
+    paged = meta.paged
+    assert paged is not None and meta.decode is None and meta.segments == ()  # no masks built
     assert paged.q_lens.tolist() == [s.num_tokens for s in spans]
     assert paged.kv_lens.tolist() == [s.context_len for s in spans]
     assert paged.q_starts.tolist() == [sum(s.num_tokens for s in spans[:i]) for i in range(len(spans))]
@@ -82,12 +85,13 @@ def test_the_metadata_lists_decodes_then_segments() -> None:
         assert row[:used] == list(span.block_table[:used])
 
 
-@pytest.mark.parametrize(("block", "dtype", "needle"), [(8, torch.float32, "pages of 16"),
-                                                        (24, torch.float32, "pages of 16"),
-                                                        (16, torch.int8, "fp32, fp16, bf16 or fp8")])
-def test_what_the_kernel_cannot_read_is_named(block: int, dtype: torch.dtype, needle: str) -> None:
-    spec = KVCacheSpec(1, 4, block, 2, 64, torch.float32)
+@pytest.mark.parametrize(("block", "dtype", "dim", "needle"), [
+    (8, torch.float32, 64, "pages of 16"), (24, torch.float32, 64, "pages of 16"),
+    (256, torch.float32, 64, "at most 128 tokens"), (16, torch.int8, 64, "fp32, fp16, bf16 or fp8"),
+    (16, torch.float32, 8, "head sizes of 16 to 256")])
+def test_what_the_kernel_cannot_read_is_named(block: int, dtype: torch.dtype, dim: int, needle: str) -> None:
+    spec = KVCacheSpec(1, 4, block, 2, dim, torch.float32)
     pool = KVCachePool(spec, torch.device("cpu"), torch.float32)
-    pool.spec = KVCacheSpec(1, 4, block, 2, 64, dtype)  # (the check reads only the spec)
-    problem = triton_attention_problem(pool, AttentionShape(4, 2, 64, 0.125))
+    pool.spec = KVCacheSpec(1, 4, block, 2, dim, dtype)  # (the check reads only the spec)
+    problem = triton_attention_problem(pool, AttentionShape(4, 2, dim, 0.125))
     assert problem is not None and needle in problem

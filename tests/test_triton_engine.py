@@ -97,3 +97,27 @@ def test_triton_asked_for_but_not_installed_says_what_to_install(tiny_llama_dir,
 def test_the_removed_flash_backend_names_its_replacement(tiny_llama_dir) -> None:  # type: ignore[no-untyped-def]
     with pytest.raises(ValueError, match="'triton' replaces it"):
         LLM(str(tiny_llama_dir), attention_backend="flash")
+
+
+@needs_triton
+def test_a_step_a_kv_push_observes_runs_eagerly_and_every_layer_is_seen(tiny_llama_dir) -> None:  # type: ignore[no-untyped-def]
+    """With a layer observer (a KV push), decode steps leave the graphs: a replay would write every layer's KV with
+    no moment for the push to see each one. Output unchanged."""
+    llm = LLM(str(tiny_llama_dir), dtype="float32", num_kv_blocks=64, attention_backend="triton", max_num_seqs=4,
+              device=DEVICE, enforce_eager=True)
+    runner = llm.engine.runner
+    graphs = CudaGraphDecoder(runner.model, runner.pool, 4, llm.engine.max_model_len, EagerCapture())
+    replayed: list[int] = []
+    for bucket, replay in list(graphs.replays.items()):
+        graphs.replays[bucket] = lambda replay=replay, bucket=bucket: (replayed.append(bucket), replay())[1]
+    runner.graphs = graphs
+    seen: list[int] = []
+    runner.layer_observer = lambda layer, ready: seen.append(layer)
+    prompts = [[(7 * i + j % (5 + i)) % 500 + 3 for j in range(n)] for i, n in enumerate((3, 17, 40))]
+    outputs = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=6, ignore_eos=True))
+    for out, prompt in zip(outputs, prompts, strict=True):
+        assert out.token_ids == hf_greedy(str(tiny_llama_dir), prompt, 6, eos_ids=())
+    assert replayed == [] and seen and set(seen) == {0, 1} and len(seen) % 2 == 0
+    runner.layer_observer = None
+    llm.generate(prompts[:2], SamplingParams(temperature=0, max_tokens=4, ignore_eos=True))
+    assert replayed  # (the same steps without an observer replay)

@@ -69,15 +69,28 @@ class Segment:
 
 
 @dataclass(frozen=True)
+class PagedMetadata:
+    """The step's sequences as the Triton kernel reads them (int32, on the pool's device): sequence s has queries
+    q_starts[s] .. + q_lens[s] and a context of kv_lens[s] tokens (its queries last) in pages block_table[s]."""
+
+    q_starts: torch.Tensor  # [S]
+    q_lens: torch.Tensor  # [S]
+    kv_lens: torch.Tensor  # [S]
+    block_table: torch.Tensor  # [S, max_blocks], padded with pages never read
+    max_q_len: int
+
+
+@dataclass(frozen=True)
 class AttentionMetadata:
-    """What the step's backend needs: the torch and Triton backends read `decode` and `segments`;
-    the C backend reads `cpu` (and the runner builds only what its backend reads)."""
+    """What the step's backend needs: the torch backend reads `decode` and `segments`, the Triton backend
+    `paged`, the C backend `cpu` (and the runner builds only what its backend reads)."""
 
     slot_mapping: torch.Tensor  # [T] int64: the cache slot each new token's K/V goes to
     decode: DecodeBatch | None
     segments: tuple[Segment, ...]
     num_tokens: int
     cpu: CpuAttentionPlan | None = None
+    paged: PagedMetadata | None = None
     # a hybrid KV layout's (engine.kv_groups) groups 1, 2, ...: the same tokens through their own block tables
     groups: tuple[AttentionMetadata, ...] = ()
 

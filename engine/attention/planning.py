@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import torch
 
 from engine.attention.cpu_backend import DENSE_MAX_CONTEXT_PER_QUERY, CpuAttentionPlan
-from engine.attention.metadata import AttentionMetadata, DecodeBatch, Segment
+from engine.attention.metadata import AttentionMetadata, DecodeBatch, PagedMetadata, Segment
 
 
 @dataclass(frozen=True)
@@ -34,13 +34,16 @@ def slot_mapping(spans: Sequence[SeqSpan], block_size: int) -> list[int]:
 
 def attention_metadata(spans: Sequence[SeqSpan], block_size: int, device: torch.device, dtype: torch.dtype,
                        cpu_kernel: bool, dense_min_queries: int = 0,
-                       dense_max_context_per_query: int = DENSE_MAX_CONTEXT_PER_QUERY) -> AttentionMetadata:
+                       dense_max_context_per_query: int = DENSE_MAX_CONTEXT_PER_QUERY,
+                       paged: bool = False) -> AttentionMetadata:
     """For the C kernel, its plan (sequences feeding at least `dense_min_queries` tokens, 0: none, with
     a context at most `dense_max_context_per_query` times that, 0: any, attended by the dense path);
-    otherwise the decode batch and the segments the torch and Triton backends read. A leading run of
-    single-token spans is the decode batch."""
+    `paged`: the Triton kernel's sequences (no masks); otherwise the decode batch and the segments the
+    torch backend reads. A leading run of single-token spans is the decode batch."""
     slots = torch.tensor(slot_mapping(spans, block_size), dtype=torch.int64, device=device)
     num_tokens = sum(s.num_tokens for s in spans)
+    if paged:
+        return AttentionMetadata(slots, None, (), num_tokens, paged=paged_metadata(spans, block_size, device))
     if cpu_kernel:
         plan = CpuAttentionPlan.build([(list(s.block_table[:-(-s.context_len // block_size)]), s.start, s.num_tokens)
                                        for s in spans], dense_min_queries, dense_max_context_per_query)
@@ -49,6 +52,21 @@ def attention_metadata(spans: Sequence[SeqSpan], block_size: int, device: torch.
     decode = _decode_batch(spans[:num_decodes], block_size, device, dtype) if num_decodes else None
     return AttentionMetadata(slots, decode, _segments(spans[num_decodes:], num_decodes, block_size, device),
                              num_tokens)
+
+
+def paged_metadata(spans: Sequence[SeqSpan], block_size: int, device: torch.device) -> PagedMetadata:
+    """The Triton kernel's view of the step: each span's queries, context and pages, in token order."""
+    starts = [0]
+    for span in spans[:-1]:
+        starts.append(starts[-1] + span.num_tokens)
+    width = max(-(-s.context_len // block_size) for s in spans)
+    # padding pages are never read: a sequence reads pages up to its own context only
+    tables = [list(s.block_table[:width]) + [0] * (width - min(len(s.block_table), width)) for s in spans]
+    q_lens = [s.num_tokens for s in spans]
+
+    def ints(values: list[int] | list[list[int]]) -> torch.Tensor:
+        return torch.tensor(values, dtype=torch.int32, device=device)
+    return PagedMetadata(ints(starts), ints(q_lens), ints([s.context_len for s in spans]), ints(tables), max(q_lens))
 
 
 def _decode_batch(decodes: Sequence[SeqSpan], block_size: int, device: torch.device,

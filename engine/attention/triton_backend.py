@@ -10,12 +10,11 @@ The same kernel runs in Triton's interpreter on CPU tensors, which is how CI wit
 from __future__ import annotations
 
 import importlib.util
-from dataclasses import dataclass
 
 import torch
 
 from common.settings import interpret_triton
-from engine.attention.metadata import AttentionMetadata, AttentionShape
+from engine.attention.metadata import AttentionMetadata, AttentionShape, PagedMetadata
 from engine.kv_cache import KVCachePool
 
 TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float8_e4m3fn)
@@ -35,47 +34,19 @@ def triton_attention_problem(pool: KVCachePool, shape: AttentionShape) -> str | 
         return f"the Triton kernel reads pages of 16, 32, 64 ... tokens, not {page}"
     if pool.spec.dtype not in TRITON_DTYPES:
         return f"the Triton kernel reads fp32, fp16, bf16 or fp8 e4m3 caches, not {pool.spec.dtype}"
+    if page > 128:
+        return f"the Triton kernel holds a page in registers: at most 128 tokens, not {page}"
+    if not 16 <= shape.head_dim <= 256:
+        return f"the Triton kernel's products take head sizes of 16 to 256, not {shape.head_dim}"
     if shape.num_heads % shape.num_kv_heads:
         return f"{shape.num_heads} query heads do not group over {shape.num_kv_heads} KV heads"
+    if pool.tensor.is_cuda:
+        capability = torch.cuda.get_device_capability(pool.tensor.device)
+        if pool.spec.dtype == torch.float8_e4m3fn and capability < (8, 9):
+            return f"an fp8 cache needs a GPU of compute capability 8.9 or more (Ada, Hopper), not {capability}"
+        if torch.bfloat16 in (pool.spec.dtype, pool.compute_dtype) and capability < (8, 0):
+            return f"bf16 needs a GPU of compute capability 8.0 or more (Ampere), not {capability}"
     return None
-
-
-@dataclass(frozen=True)
-class PagedMetadata:
-    """The step's sequences as the kernel reads them (int32, on the pool's device): sequence s has queries
-    q_starts[s] .. + q_lens[s] and a context of kv_lens[s] tokens (its queries last) in pages block_table[s]."""
-
-    q_starts: torch.Tensor  # [S]
-    q_lens: torch.Tensor  # [S]
-    kv_lens: torch.Tensor  # [S]
-    block_table: torch.Tensor  # [S, max_blocks], padded with pages never read
-    max_q_len: int
-
-    @staticmethod
-    def from_attention(meta: AttentionMetadata) -> PagedMetadata:
-        device = meta.slot_mapping.device
-        starts: list[int] = []
-        q_lens: list[int] = []
-        kv_lens: list[torch.Tensor] = []
-        decoding = 0 if meta.decode is None else meta.decode.num_seqs
-        if meta.decode is not None:
-            starts += range(decoding)
-            q_lens += [1] * decoding
-            kv_lens.append(meta.decode.context_lens)
-        for seg in meta.segments:
-            starts.append(seg.token_start)
-            q_lens.append(seg.num_tokens)
-        widths = [meta.decode.block_tables.shape[1]] if meta.decode is not None else []
-        widths += [seg.block_ids.numel() for seg in meta.segments]
-        table = torch.zeros(len(starts), max(widths), dtype=torch.int32, device=device)
-        if meta.decode is not None:
-            table[:decoding, : widths[0]] = meta.decode.block_tables
-        for row, seg in enumerate(meta.segments, start=decoding):
-            table[row, : seg.block_ids.numel()] = seg.block_ids
-        segment_lens = torch.tensor([seg.context_len for seg in meta.segments], dtype=torch.int64, device=device)
-        return PagedMetadata(torch.tensor(starts, dtype=torch.int32, device=device),
-                             torch.tensor(q_lens, dtype=torch.int32, device=device),
-                             torch.cat([*kv_lens, segment_lens]).to(torch.int32), table, max(q_lens))
 
 
 class TritonAttention:
@@ -89,7 +60,10 @@ class TritonAttention:
         self.pool = pool
         self.shape = shape
         self.meta = metadata
-        self.paged = paged or PagedMetadata.from_attention(metadata)
+        given = paged or metadata.paged
+        if given is None:
+            raise ValueError("the Triton backend reads AttentionMetadata.paged (attention_metadata(..., paged=True))")
+        self.paged = given
 
     def __call__(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         shape, paged = self.shape, self.paged

@@ -2,7 +2,7 @@
 speculative verifications) in one launch per layer, K/V read in place from the paged pool through the block
 table (no gather), in the cache's dtype (fp32, fp16, bf16 or fp8 e4m3, converted on load).
 
-Work split: program (s, h, t) computes rows t*BLOCK_M .. of sequence s's queries for KV head h, a row being
+Work split: program (t, s, h) computes rows t*BLOCK_M .. of sequence s's queries for KV head h, a row being
 one (query token, query head of h's group) pair, so a decode packs h's whole query group into one tile and
 K/V are read once per group. It walks the sequence's pages from the first one its window reaches up to its
 last query's position, with an online softmax (running max and sum, rescaled per page).
@@ -30,9 +30,9 @@ def _paged_attention(q_ptr, k_ptr, v_ptr, out_ptr, tables_ptr, q_starts_ptr, q_l
                      stride_qt, stride_qh, stride_ot, stride_oh, stride_kb, stride_kt, stride_kh, stride_table,
                      GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
                      PAGE: tl.constexpr, SOFTCAP: tl.constexpr, DOT: tl.constexpr, PRECISION: tl.constexpr):
-    seq = tl.program_id(0)
-    kv_head = tl.program_id(1)
-    tile = tl.program_id(2)
+    tile = tl.program_id(0)  # (first: the one grid axis past 65535 programs, as a long prompt's tiles can be)
+    seq = tl.program_id(1)
+    kv_head = tl.program_id(2)
     q_len = tl.load(q_lens_ptr + seq)
     if tile * BLOCK_M < q_len * GROUP:  # (tiles past this sequence's rows do nothing)
         q_start = tl.load(q_starts_ptr + seq)
@@ -96,7 +96,7 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     assert k_cache.stride() == v_cache.stride() and q.stride(2) == 1 and out.stride(2) == 1
     assert k_cache.stride(3) == 1 and page & (page - 1) == 0 and page >= 16, "pages of 16, 32, 64 ... tokens"
     group = num_heads // num_kv_heads
-    grid = (num_seqs, num_kv_heads, triton.cdiv(max_q_len * group, BLOCK_M))
+    grid = (triton.cdiv(max_q_len * group, BLOCK_M), num_seqs, num_kv_heads)
     precision = "ieee" if q.dtype == torch.float32 else "tf32"  # fp32: exact products, as the fp32 oracle
     # products in the compute dtype (bf16/fp16 on tensor cores), fp32 in the interpreter (whose bf16 tl.dot is wrong)
     dot = _DOT_DTYPES[q.dtype] if q.is_cuda else tl.float32
