@@ -46,7 +46,10 @@ pip="./.venv/bin/python -m pip --disable-pip-version-check -q"
 # torch in before it is in place would download a multi-GB CUDA build.
 if [ "$gpu" = 1 ]; then
   # the index's Linux wheel is the CUDA build (local CPU wheels in PIP_FIND_LINKS must not win)
-  PIP_FIND_LINKS="${TANDEM_GPU_FIND_LINKS:-}" $pip install "torch==2.13.0" "triton==3.7.1"
+  # (a CPU build already there satisfies ==2.13.0 to pip, whose pins ignore +cpu: replaced by force)
+  if ! ./.venv/bin/python -c "import torch; assert torch.version.cuda" 2>/dev/null; then
+    PIP_FIND_LINKS="${TANDEM_GPU_FIND_LINKS:-}" $pip install --force-reinstall "torch==2.13.0" "triton==3.7.1"
+  fi
   ./.venv/bin/python -c "import torch, triton; assert torch.version.cuda, 'torch is not a CUDA build'"
 else
   $pip install "torch==2.13.0"

@@ -10,13 +10,13 @@ import sys
 import pytest
 import torch
 
-from bench.gpu_check import compare, junit_summary
+from bench.gpu_check import compare, junit_summary, merge
 
 
 def test_compare_counts_whole_agreements_and_where_the_others_diverge() -> None:
-    got = [[1, 2, 3], [1, 2, 4], [9, 2, 3]]
-    want = [[1, 2, 3], [1, 2, 3], [1, 2, 3]]
-    assert compare(got, want) == {"prompts": 3, "equal": 1, "first_divergence": [2, 0]}
+    got = [[1, 2, 3], [1, 2, 4], [9, 2, 3], [1, 2]]  # the last one ended (EOS) where the other went on
+    want = [[1, 2, 3], [1, 2, 3], [1, 2, 3], [1, 2, 3]]
+    assert compare(got, want) == {"prompts": 4, "equal": 1, "first_divergence": [2, 0, 2]}
 
 
 def test_junit_summary_lists_failures_and_skips(tmp_path: pathlib.Path) -> None:
@@ -33,6 +33,14 @@ def test_junit_summary_lists_failures_and_skips(tmp_path: pathlib.Path) -> None:
     assert summary["tests"] == 3
     assert [name.split("::")[-1] for name in summary["failed"]] == ["test_bad"]
     assert [name.split("::")[-1] for name in summary["skipped"]] == ["test_skipped"]
+
+
+def test_merge_keeps_what_each_step_left(tmp_path: pathlib.Path) -> None:
+    (tmp_path / "figures.json").write_text('{"fp32_vs_transformers": {"equal": 16}}')
+    report = merge(tmp_path, {"gpu_tests": 124, "bench": 0}, 400.0)
+    assert report["exit_codes"] == {"gpu_tests": 124, "bench": 0} and report["seconds"] == 400.0
+    assert report["fp32_vs_transformers"] == {"equal": 16}
+    assert report["gpu_tests"] is None and report["triton_tests"] is None  # killed before their JUnit files
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the refusal is for machines without a GPU")
