@@ -40,10 +40,13 @@ def bucket_for(num_seqs: int, buckets: tuple[int, ...]) -> int | None:
 Replay = Callable[[], torch.Tensor]
 
 
+Buffers = Callable[[], tuple[torch.Tensor, ...]]  # the static input buffers as they are now
+
+
 class GraphCapture(Protocol):
     """Turns a forward over static buffers into something that reruns it (and returns its output buffer)."""
 
-    def capture(self, forward: Callable[[], torch.Tensor]) -> Replay: ...
+    def capture(self, forward: Callable[[], torch.Tensor], buffers: Buffers) -> Replay: ...
 
 
 class CudaCapture:
@@ -53,7 +56,7 @@ class CudaCapture:
     def __init__(self) -> None:
         self.pool = torch.cuda.graph_pool_handle()
 
-    def capture(self, forward: Callable[[], torch.Tensor]) -> Replay:
+    def capture(self, forward: Callable[[], torch.Tensor], buffers: Buffers) -> Replay:
         forward()  # warm-up outside the graph (Triton compiles here)
         torch.cuda.synchronize()
         graph = torch.cuda.CUDAGraph()
@@ -67,14 +70,22 @@ class CudaCapture:
 
 
 class EagerCapture:
-    """Replays by running the forward again: what a graph replay computes, for tests on CPU."""
+    """Replays by running the forward again: what a graph replay computes, for tests on CPU. A graph reads the
+    memory its buffers had at capture, so a replay here first checks that every buffer is still that memory
+    (a buffer re-bound instead of copied into would be read stale by a real graph)."""
 
     def __init__(self) -> None:
         self.captured: list[int] = []  # how many forwards were captured (one per bucket)
 
-    def capture(self, forward: Callable[[], torch.Tensor]) -> Replay:
+    def capture(self, forward: Callable[[], torch.Tensor], buffers: Buffers) -> Replay:
         self.captured.append(1)
-        return forward
+        captured = [b.data_ptr() for b in buffers()]
+
+        def replay() -> torch.Tensor:
+            if [b.data_ptr() for b in buffers()] != captured:
+                raise AssertionError("a static buffer of the graphs was re-bound, not copied into")
+            return forward()
+        return replay
 
 
 class CudaGraphDecoder:
@@ -96,7 +107,11 @@ class CudaGraphDecoder:
         capture = capture or CudaCapture()
         with torch.inference_mode():
             # largest first: a CUDA capture's smaller graphs reuse the largest one's memory
-            self.replays = {b: capture.capture(functools.partial(self._forward, b)) for b in reversed(self.buckets)}
+            self.replays = {b: capture.capture(functools.partial(self._forward, b), self._buffers)
+                            for b in reversed(self.buckets)}
+
+    def _buffers(self) -> tuple[torch.Tensor, ...]:
+        return (self.input_ids, self.positions, self.slots, self.kv_lens, self.tables, self.q_starts, self.q_lens)
 
     def _forward(self, b: int) -> torch.Tensor:
         meta = AttentionMetadata(slot_mapping=self.slots[:b], decode=None, segments=(), num_tokens=b)
