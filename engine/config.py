@@ -5,11 +5,13 @@ measured at start-up live apart, in `engine.platform`."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
-from typing import Literal
+from typing import Literal, get_args
 
 RopeScalingType = Literal["llama3", "linear", "longrope"]
 Architecture = Literal["llama", "qwen2", "qwen3", "mistral", "mixtral", "qwen3_moe", "gemma2", "gemma3", "phi3"]
 KVCacheDtype = Literal["auto", "bfloat16", "float16", "float32", "fp8_e4m3"]
+# cpu: the C kernel (auto on CPU); triton: the Triton kernel (auto on CUDA); torch: plain torch, anywhere
+AttentionBackend = Literal["auto", "torch", "triton", "cpu"]
 SchedulingPolicy = Literal["fcfs", "priority"]
 ComputeDtype = Literal["auto", "float32", "bfloat16", "float16"]
 Quantization = Literal["int8", "int4"]
@@ -226,8 +228,7 @@ class EngineConfig:
     scheduling_policy: SchedulingPolicy = "fcfs"
     quantization: Quantization | None = None
     speculative: SpeculativeConfig | None = None
-    # cpu: the C kernel (auto on CPU); triton: the Triton kernel (auto on CUDA); torch: plain torch, anywhere
-    attention_backend: Literal["auto", "torch", "triton", "cpu"] = "auto"
+    attention_backend: AttentionBackend = "auto"
     enforce_eager: bool = False  # no CUDA graphs
     seed: int = 0
     # torch intra-op threads on CPU, per rank; None = torch's default (a tensor-parallel rank: its share of the cores)
@@ -271,7 +272,7 @@ class EngineConfig:
             raise ValueError(f"max_model_len must be >= 2, got {self.max_model_len}")
         if self.max_num_seqs < 1 or self.max_num_batched_tokens < 1:
             raise ValueError("max_num_seqs and max_num_batched_tokens must be >= 1")
-        if self.attention_backend not in ("auto", "torch", "triton", "cpu"):
+        if self.attention_backend not in get_args(AttentionBackend):
             removed = (" ('flash' needed vllm-flash-attn, which no release installs beside torch 2.13: 'triton' "
                        "replaces it)") if self.attention_backend == "flash" else ""
             raise ValueError(f"attention_backend must be auto, torch, triton or cpu, not "

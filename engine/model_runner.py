@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
-from typing import Literal, Protocol, TypeVar
+from typing import Protocol, TypeVar
 
 import torch
 
@@ -24,6 +24,7 @@ from engine.attention.metadata import AttentionFn, AttentionMetadata, AttentionS
 from engine.attention.planning import SeqSpan, attention_metadata
 from engine.attention.torch_backend import TorchAttention
 from engine.attention.triton_backend import TritonAttention, triton_attention_problem
+from engine.config import AttentionBackend
 from engine.cuda_graphs import CudaGraphDecoder
 from engine.kv_cache import KVCachePool
 from engine.kv_groups import KVGroups
@@ -81,12 +82,9 @@ class StepRunner(Protocol):
     def execute(self, out: SchedulerOutput) -> dict[str, SequenceResult]: ...
 
 
-AttentionBackendName = Literal["auto", "torch", "triton", "cpu"]
-
-
 class ModelRunner:
     def __init__(self, model: LlamaForCausalLM, pool: KVCachePool, sampler: Sampler, device: torch.device,
-                 backend: AttentionBackendName = "auto", cuda_graph_max_batch: int | None = None,
+                 backend: AttentionBackend = "auto", cuda_graph_max_batch: int | None = None,
                  max_model_len: int = 8192, batch_invariant: bool = False, step_program: bool = False,
                  kv_groups: KVGroups | None = None, followers: StepFollowers | None = None) -> None:
         """`kv_groups`: how the model's layers share `pool` (by default one group: a pool layer per model layer);
@@ -126,7 +124,7 @@ class ModelRunner:
         self.program = (StepProgram.build(model, pool, self.shape, pool.compute_dtype)  # (one block table per step)
                         if step_program and self.use_cpu_kernel and not self.kv_groups.is_hybrid else None)
 
-    def _pick_triton(self, backend: AttentionBackendName) -> bool:
+    def _pick_triton(self, backend: AttentionBackend) -> bool:
         """The Triton kernel: on CUDA by default where it can serve; asked for, it must (on CPU it runs only in
         Triton's interpreter, for tests)."""
         if backend in ("torch", "cpu"):
@@ -138,7 +136,7 @@ class ModelRunner:
             raise ValueError(f"attention_backend='triton' cannot serve here: {problem}")
         return backend == "triton" or (problem is None and self.pool.tensor.is_cuda)
 
-    def _pick_cpu(self, backend: AttentionBackendName) -> bool:
+    def _pick_cpu(self, backend: AttentionBackend) -> bool:
         if backend in ("torch", "triton"):
             return False
         supported = cpu_attention_supported(self.pool, self.head_dim, self.num_heads)

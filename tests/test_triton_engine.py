@@ -51,9 +51,7 @@ def test_graph_decoder_replays_every_bucket_and_equals_transformers(tiny_llama_d
     capture = EagerCapture()
     graphs = CudaGraphDecoder(runner.model, runner.pool, 5, llm.engine.max_model_len, capture)
     assert graphs.buckets == (1, 2, 4, 5) and len(capture.captured) == 4
-    replayed: list[int] = []
-    for bucket, replay in list(graphs.replays.items()):
-        graphs.replays[bucket] = lambda replay=replay, bucket=bucket: (replayed.append(bucket), replay())[1]
+    replayed = _count_replays(graphs)
     runner.graphs = graphs
     prompts = [[(7 * i + j % (5 + i)) % 500 + 3 for j in range(n)] for i, n in enumerate((*LENGTHS, 5, 33))]
     outputs = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=12, ignore_eos=True))
@@ -61,6 +59,14 @@ def test_graph_decoder_replays_every_bucket_and_equals_transformers(tiny_llama_d
         assert out.token_ids == hf_greedy(str(tiny_llama_dir), prompt, 12, eos_ids=())
     assert set(replayed) >= {4, 5}  # 8 prompts through 5 slots: full decode batches, then padded ones
     llm.engine.check_integrity()
+
+
+def _count_replays(graphs: CudaGraphDecoder) -> list[int]:
+    """The buckets `graphs` replays from now on, in order."""
+    replayed: list[int] = []
+    for bucket, replay in list(graphs.replays.items()):
+        graphs.replays[bucket] = lambda replay=replay, bucket=bucket: (replayed.append(bucket), replay())[1]
+    return replayed
 
 
 def test_buckets_cover_every_batch_up_to_the_largest() -> None:
@@ -107,9 +113,7 @@ def test_a_step_a_kv_push_observes_runs_eagerly_and_every_layer_is_seen(tiny_lla
               device=DEVICE, enforce_eager=True)
     runner = llm.engine.runner
     graphs = CudaGraphDecoder(runner.model, runner.pool, 4, llm.engine.max_model_len, EagerCapture())
-    replayed: list[int] = []
-    for bucket, replay in list(graphs.replays.items()):
-        graphs.replays[bucket] = lambda replay=replay, bucket=bucket: (replayed.append(bucket), replay())[1]
+    replayed = _count_replays(graphs)
     runner.graphs = graphs
     seen: list[int] = []
     runner.layer_observer = lambda layer, ready: seen.append(layer)

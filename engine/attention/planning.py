@@ -59,14 +59,15 @@ def paged_metadata(spans: Sequence[SeqSpan], block_size: int, device: torch.devi
     starts = [0]
     for span in spans[:-1]:
         starts.append(starts[-1] + span.num_tokens)
+    q_lens = [s.num_tokens for s in spans]
     width = max(-(-s.context_len // block_size) for s in spans)
     # padding pages are never read: a sequence reads pages up to its own context only
-    tables = [list(s.block_table[:width]) + [0] * (width - min(len(s.block_table), width)) for s in spans]
-    q_lens = [s.num_tokens for s in spans]
-
-    def ints(values: list[int] | list[list[int]]) -> torch.Tensor:
-        return torch.tensor(values, dtype=torch.int32, device=device)
-    return PagedMetadata(ints(starts), ints(q_lens), ints([s.context_len for s in spans]), ints(tables), max(q_lens))
+    table = [b for s in spans for b in (*s.block_table[:width], *[0] * (width - min(len(s.block_table), width)))]
+    # one copy to the device for all four (views of one tensor)
+    rows = torch.tensor([*starts, *q_lens, *(s.context_len for s in spans), *table], dtype=torch.int32,
+                        device=device)
+    n = len(spans)
+    return PagedMetadata(rows[:n], rows[n:2 * n], rows[2 * n:3 * n], rows[3 * n:].view(n, width), max(q_lens))
 
 
 def _decode_batch(decodes: Sequence[SeqSpan], block_size: int, device: torch.device,
